@@ -1,0 +1,1 @@
+"""The llava-fast benchmark harness, installed as `llava_fast.bench`."""

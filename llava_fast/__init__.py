@@ -1,0 +1,1 @@
+"""llava-fast: a performance-first engine for LLaVA."""

@@ -1,0 +1,33 @@
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter. triton.jit reads this when a kernel is
+# decorated, so it must be set before any llava_fast.kernels module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
+
+
+@pytest.fixture(scope="session")
+def reference_dir():
+    if not os.path.isdir(REFERENCE):
+        pytest.fail(f"shared reference data not found at {REFERENCE} (CI places shared/ beside the clone)")
+    return REFERENCE
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds on the 2-core CPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run on a lent GPU; see issue 7)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
