@@ -17,7 +17,7 @@ setup(
         "llava_fast.train": "train",
         "llava_fast.bench": "bench",
     },
-    package_data={"llava_fast": ["assets/*"]},
+    package_data={"llava_fast": ["assets/*", "assets/tokenizer/*"]},
     install_requires=[
         "torch>=2.4",
         "safetensors>=0.4",

@@ -1,1 +1,28 @@
-"""llava-fast: a performance-first engine for LLaVA."""
+"""llava-fast: a performance-first engine for LLaVA (Visual Instruction Tuning, Liu et al. 2023).
+
+    import llava_fast
+    model = llava_fast.load("llava-1.5-7b-hf", device="cuda", dtype="bfloat16")
+    print(model.generate("What is unusual about this image?", images="extreme_ironing.jpg"))
+"""
+
+import os
+
+import torch
+
+from llava_fast import ops
+
+# Kernel backend: chosen once, here, before any Triton kernel is defined. Triton on a CPU means the
+# interpreter, which triton.jit only honours if TRITON_INTERPRET is set before the kernels are decorated.
+BACKEND = ops.default_backend()
+if BACKEND == "triton" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+ops.use_backend(BACKEND)
+
+from llava_fast.api import LlavaModel, load  # noqa: E402
+from llava_fast.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
+from llava_fast.errors import CheckpointError, ImageError, InputError, LlavaFastError  # noqa: E402
+from llava_fast.image import ImageProcessor  # noqa: E402
+
+__all__ = ["load", "LlavaModel", "ImageProcessor", "LlavaConfig", "TextConfig", "VisionConfig",
+           "LlavaFastError", "CheckpointError", "InputError", "ImageError", "BACKEND"]
+__version__ = "0.1.0"

@@ -1,0 +1,103 @@
+"""Image preprocessing throughput: native (llava_fast._C) vs transformers' CLIPImageProcessor vs our Python path.
+
+    python -m llava_fast.bench.image_preprocess [--batch 32] [--size 640x480] [--image-size 336] [--repeats 7]
+
+Input: `batch` decoded photos of random content as PIL RGB images (what a server holds after decoding),
+the same objects for every path. Each path runs the whole batch `repeats` times after one warm-up run;
+the table shows the median, images/s and the speed-up over CLIPImageProcessor. The native path also runs
+on numpy arrays (no PIL -> numpy copy) and on one thread. All outputs are checked against the Python path
+before timing. Decoding (JPEG -> pixels) is not timed: every path would pay the same Pillow decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+import warnings
+
+import numpy as np
+import PIL.Image
+import torch
+
+from llava_fast.image import ImageProcessor
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: first-use probes, allocator, caches
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def clip_processors(image_size: int):
+    """transformers' CLIPImageProcessor as a user gets it by default, and the PIL one if that differs."""
+    try:
+        import transformers
+    except ImportError:
+        return []
+    size, crop = {"shortest_edge": image_size}, {"height": image_size, "width": image_size}
+    with warnings.catch_warnings():  # 5.x without torchvision warns that it falls back to the PIL backend
+        warnings.simplefilter("ignore")
+        default = transformers.CLIPImageProcessor(size=size, crop_size=crop)
+    found = [(f"CLIPImageProcessor ({getattr(default, 'backend', 'pil')})", default)]
+    pil_class = getattr(transformers, "CLIPImageProcessorPil", None)
+    if pil_class is not None and not isinstance(default, pil_class):
+        found.append(("CLIPImageProcessorPil", pil_class(size=size, crop_size=crop)))
+    return found
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", default="640x480", help="WIDTHxHEIGHT of the input photos")
+    parser.add_argument("--image-size", type=int, default=336, help="CLIP input resolution (336 or 224)")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args(argv)
+    width, height = (int(v) for v in args.size.lower().split("x"))
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(args.batch)]
+    photos = [PIL.Image.fromarray(array) for array in arrays]
+    python = ImageProcessor.clip(args.image_size, backend="python")
+    native = ImageProcessor.clip(args.image_size, backend="auto")
+    reference = python(photos)
+
+    rows = []  # (name, seconds per batch)
+    baseline = None
+    for name, processor in clip_processors(args.image_size):
+        got = torch.from_numpy(np.stack(processor(photos, return_tensors=None)["pixel_values"]))
+        agree = (got - reference).abs().max().item()
+        seconds = median_seconds(lambda: processor(photos, return_tensors="pt"), args.repeats)
+        rows.append((f"{name}  [max diff vs ours {agree:.1e}]", seconds))
+        baseline = baseline or seconds
+    rows.append(("llava-fast Python path", median_seconds(lambda: python(photos), args.repeats)))
+    if native.active_backend == "native":
+        from llava_fast import _C
+
+        assert torch.equal(native(photos), reference), "native output differs from the Python path"
+        threads = torch.get_num_threads()
+        rows.append((f"llava-fast native, PIL input, {threads} threads", median_seconds(lambda: native(photos), args.repeats)))
+        rows.append((f"llava-fast native, numpy input, {threads} threads", median_seconds(lambda: native(arrays), args.repeats)))
+        torch.set_num_threads(1)
+        rows.append(("llava-fast native, PIL input, 1 thread", median_seconds(lambda: native(photos), args.repeats)))
+        torch.set_num_threads(threads)
+        info = _C.build_info()
+        build = f"{info['compiler']}, {info['flags']}, simd {info['simd'] or 'baseline'}"
+    else:
+        build = "not built: native rows skipped"
+
+    print(f"{args.batch} photos {width}x{height} -> {args.image_size}x{args.image_size}, median of {args.repeats}; "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; native: {build}")
+    print(f"{'path':<72} {'ms/batch':>9} {'images/s':>9} {'vs CLIP':>8}")
+    for name, seconds in rows:
+        ratio = f"{baseline / seconds:7.1f}x" if baseline else "      -"
+        print(f"{name:<72} {seconds * 1e3:9.1f} {args.batch / seconds:9.0f} {ratio}")
+
+
+if __name__ == "__main__":
+    main()

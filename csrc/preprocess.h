@@ -1,0 +1,43 @@
+// LLaVA image preprocessing in C++: a batch of decoded (H, W, 3) uint8 images -> (N, 3, OH, OW) pixels.
+// See preprocess.cpp for the arithmetic; llava_fast/image.py holds the Python reference it must match.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace llava_fast {
+
+struct ImageView {  // a C-contiguous (height, width, 3) uint8 image owned by the caller
+  const uint8_t* data;
+  int height;
+  int width;
+};
+
+// Order of Pillow's two resize passes: always horizontal first (Pillow <= 12), or vertical first when the
+// height shrinks by more than twice as many pixels as the width (Pillow >= 13).
+constexpr int kPassOrderHorizontalFirst = 0;
+constexpr int kPassOrderPillow13 = 1;
+
+struct PreprocessParams {
+  int out_height;          // the output window: a center crop of the resized image, zeros (lut[c][0])
+  int out_width;           //   where the window is larger than the image, as transformers pads
+  int shortest_edge;       // resize so the shorter side is this many pixels; 0 leaves the size alone
+  bool pad_to_square;      // LLaVA-1.5's expand2square before resizing
+  uint8_t fill[3];         //   with this colour
+  int pass_order;          // kPassOrderHorizontalFirst or kPassOrderPillow13
+  const void* lut;         // (3, 256) output values for each channel and uint8 level, already rescaled,
+  int lut_element_size;    //   normalised and cast to the output dtype (2 or 4 bytes) by the caller
+};
+
+// (height, width) after the shortest-edge resize, truncating the long side as transformers does.
+void resized_size(int height, int width, int shortest_edge, int* out_height, int* out_width);
+
+// "avx2" or "scalar": the kernels this CPU runs (chosen once, at first use).
+const char* kernel_isa();
+
+// Writes images[i] into out + i * 3 * out_height * out_width elements (NCHW). Runs on `threads` threads;
+// touches no Python state, so the caller can release the GIL around it.
+void preprocess_batch(const std::vector<ImageView>& images, void* out, const PreprocessParams& params,
+                      int threads);
+
+}  // namespace llava_fast

@@ -1,0 +1,368 @@
+"""The API programs embed: `load()` and `LlavaModel` (generate, stream, chat, generate_ids, logits).
+
+    model = llava_fast.load("path/to/llava-1.5-7b-hf", device="cuda", dtype="bfloat16")
+    print(model.generate("What is unusual about this image?", images="extreme_ironing.jpg"))
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from llava_fast.config import LlavaConfig
+from llava_fast.conversation import format_user_turn, get_template
+from llava_fast.errors import CheckpointError, InputError
+from llava_fast.generate import Decoder, Sampling, generate_token_steps
+from llava_fast.image import ImageProcessor
+from llava_fast.loading import load_weights, read_config
+from llava_fast.model import LlavaForCausalLM
+from llava_fast.tokenizer import Tokenizer
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_device_dtype(device=None, dtype=None):
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but no CUDA GPU is available")
+    if dtype is None:
+        # CPUs have no fast half-precision matmul; GPUs want bf16 (fp16 only where bf16 is missing).
+        dtype = torch.float32 if device.type == "cpu" else (
+            torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    elif isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise InputError(f"unknown dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    return device, dtype
+
+
+def _local_dir(path):
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or path.count("/") != 1:
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    try:  # "org/name": a hub id, fetched only when the optional huggingface_hub is installed
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{path!r} is not a local directory; to download it as a hub id, "
+                              "install huggingface_hub (pip install huggingface_hub)") from None
+    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin", "tokenizer.model"])
+
+
+def load(path, *, device=None, dtype=None, vision_tower=None) -> LlavaModel:
+    """Load a LLaVA checkpoint: llava-hf (hub or save_pretrained) or the original LLaVA repo's layout.
+
+    device: "cuda"/"cpu"/torch.device (default cuda when available); dtype: torch dtype or its name
+    (default bfloat16 on GPU, float32 on CPU); vision_tower: the local CLIP directory of an original-layout
+    checkpoint (default: its mm_vision_tower, when that is a local directory).
+    """
+    path = _local_dir(os.fspath(path))
+    device, dtype = resolve_device_dtype(device, dtype)
+    cfg, sources = read_config(path, None if vision_tower is None else os.fspath(vision_tower))
+    tokenizer = Tokenizer.from_dir(path)  # before the weights: a missing tokenizer fails fast
+    net = load_weights(cfg, sources, device, dtype)
+    processor_dir = path if os.path.isfile(os.path.join(path, "preprocessor_config.json")) else (
+        os.path.dirname(sources[0][0]) if cfg.layout == "original" else None)
+    pad = cfg.image_aspect_ratio == "pad"
+    if processor_dir and os.path.isfile(os.path.join(processor_dir, "preprocessor_config.json")):
+        processor = ImageProcessor.from_pretrained(processor_dir, image_aspect_ratio="pad" if pad else None)
+    else:
+        processor = ImageProcessor.clip(image_size=cfg.vision.image_size, pad=pad)
+    if processor.image_size != cfg.vision.image_size:
+        raise CheckpointError(f"{processor_dir}: preprocessor crops to {processor.image_size} px but the vision "
+                              f"tower expects {cfg.vision.image_size} px")
+    return LlavaModel(net, tokenizer, processor)
+
+
+class LlavaModel:
+    """A loaded LLaVA: the network, its tokenizer and image processor, and generation."""
+
+    def __init__(self, net: LlavaForCausalLM, tokenizer: Tokenizer, processor: ImageProcessor):
+        self.net, self.tokenizer, self.processor = net, tokenizer, processor
+        self.config: LlavaConfig = net.cfg
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.config.num_image_tokens
+
+    @property
+    def device(self):
+        return self.net.lm_head.weight.device
+
+    @property
+    def dtype(self):
+        return self.net.lm_head.weight.dtype
+
+    @property
+    def context_length(self) -> int:
+        return self.config.text.max_position_embeddings
+
+    # --------------------------------------------------------------------------------------------------
+    # Prompts and images -> rows of ids
+    # --------------------------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt, num_images=0, *, template=None, system=None) -> list[int]:
+        """A prompt (one user message, or a list of (role, text) messages ending with a user turn) rendered
+        with the chat template and tokenized, image tokens expanded to num_image_tokens each."""
+        tpl = get_template(template or self.config.template)
+        messages = [("user", prompt)] if isinstance(prompt, str) else [tuple(m) for m in prompt]
+        if not messages or messages[-1][0] not in ("user", "human"):
+            raise InputError("a prompt given as messages must end with a user message")
+        first = next(i for i, m in enumerate(messages) if m[0] in ("user", "human"))
+        messages[first] = (messages[first][0], format_user_turn(messages[first][1], num_images))
+        markers = sum(m[1].count("<image>") for m in messages)
+        if markers != num_images:
+            raise InputError(f"the prompt has {markers} <image> markers but {num_images} images were given")
+        text = tpl.render(messages, system=system, add_generation_prompt=True)
+        if self.tokenizer.token_to_id("<image>") == self.image_token_id:
+            # llava-hf: <image> is a special token of the vocabulary, and its processor tokenizes the whole
+            # prompt at once, so no "▁" (29871) follows the image as it does in the original repo's chunks.
+            ids = self.tokenizer.encode(text)
+        else:  # original LLaVA: each text chunk between images tokenized on its own (tokenizer_image_token)
+            ids = self.tokenizer.encode_with_images(text, self.image_token_id)
+        return self.tokenizer.expand_image_tokens(ids, self.image_token_id, self.num_image_tokens)
+
+    def pixel_values(self, images):
+        """A list of images (paths, PIL images, arrays) -> (N, 3, S, S) on the model's device."""
+        return self.processor(list(images), dtype=self.dtype, device=self.device) if images else None
+
+    def _check_rows(self, rows, num_images, max_new_tokens):
+        if not rows:
+            raise InputError("no prompts given")
+        if max_new_tokens < 1 or int(max_new_tokens) != max_new_tokens:
+            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
+        vocab = self.config.text.vocab_size
+        for i, row in enumerate(rows):
+            if not row:
+                raise InputError(f"row {i} is empty")
+            bad = [t for t in row if not (0 <= t < vocab or t == self.image_token_id)]
+            if bad:
+                raise InputError(f"row {i} has token ids outside the vocabulary (size {vocab}): {bad[:5]}")
+            if len(row) + max_new_tokens > self.context_length:
+                raise InputError(f"row {i}: prompt of {len(row)} tokens plus max_new_tokens={max_new_tokens} "
+                                 f"exceeds the context length of {self.context_length} tokens")
+        image_positions = sum(row.count(self.image_token_id) for row in rows)
+        if image_positions != num_images * self.num_image_tokens:
+            raise InputError(f"the rows hold {image_positions} image-token positions but {num_images} images "
+                             f"need {num_images} x {self.num_image_tokens}")
+
+    # --------------------------------------------------------------------------------------------------
+    # Generation
+    # --------------------------------------------------------------------------------------------------
+
+    def _stream_rows(self, rows, pixel_values, *, max_new_tokens, sampling, stop, eos_token_id, decoder=None,
+                     start_pos=None, new_rows=None):
+        """Generate for all rows; yield per step a list of text deltas (one per row). Returns through
+        StopIteration.value the generated ids per row (EOS included when it ended the row)."""
+        if decoder is None:
+            decoder = Decoder(self.net, len(rows), max(len(r) for r in rows) + max_new_tokens)
+        outputs = [_RowOutput(self.tokenizer, stop, eos_token_id) for _ in rows]
+        logits = decoder.prefill(new_rows or rows, pixel_values, start_pos)
+        steps = generate_token_steps(decoder, logits, max_new_tokens, sampling)
+        for tokens in steps:
+            deltas = [out.push(t) if not out.done else "" for out, t in zip(outputs, tokens.tolist())]
+            if all(out.done for out in outputs):
+                steps.close()
+            yield deltas
+        yield [out.finish() for out in outputs]
+        return [out.ids for out in outputs]
+
+    def _prepare(self, prompts, images, template, system):
+        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], tuple))
+        prompt_list = [prompts] if single else list(prompts)
+        if single:
+            image_lists = [_as_image_list(images)]
+        elif images is None:
+            image_lists = [[] for _ in prompt_list]
+        else:
+            if isinstance(images, (str, os.PathLike)) or len(images) != len(prompt_list):
+                raise InputError(f"{len(prompt_list)} prompts need a list of {len(prompt_list)} image entries "
+                                 "(each None, one image, or a list of images)")
+            image_lists = [_as_image_list(x) for x in images]
+        rows = [self.encode_prompt(p, len(ims), template=template, system=system)
+                for p, ims in zip(prompt_list, image_lists)]
+        flat_images = [im for ims in image_lists for im in ims]
+        return single, rows, flat_images
+
+    def _stop_strings(self, stop, template):
+        tpl_stops = get_template(template or self.config.template).stop_strings
+        user = [stop] if isinstance(stop, str) else list(stop or [])
+        return [s for s in dict.fromkeys(user + list(tpl_stops)) if s]
+
+    def generate(self, prompts, images=None, *, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
+                 stop=None, seed=None, template=None, system=None):
+        """Reply to one prompt (str -> str) or a batch (list[str] -> list[str]).
+
+        images: for one prompt, None, an image or a list of images; for a batch, a list with one such entry
+        per prompt. An image is a path, a PIL image or a uint8 array. A prompt without an `<image>` marker
+        and exactly one image gets the marker prepended; any other mismatch raises InputError.
+        """
+        single, rows, flat_images = self._prepare(prompts, images, template, system)
+        sampling = Sampling(temperature, top_p, top_k, seed)
+        self._check_rows(rows, len(flat_images), max_new_tokens)
+        texts = [""] * len(rows)
+        for deltas in self._stream_rows(rows, self.pixel_values(flat_images), max_new_tokens=max_new_tokens,
+                                        sampling=sampling, stop=self._stop_strings(stop, template),
+                                        eos_token_id=self.tokenizer.eos_token_id):
+            texts = [t + d for t, d in zip(texts, deltas)]
+        return texts[0] if single else texts
+
+    def stream(self, prompt, image=None, *, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, stop=None,
+               seed=None, template=None, system=None) -> Iterator[str]:
+        """Yield the reply's text as it is generated, in UTF-8-safe deltas; their concatenation equals
+        generate()'s text for the same arguments."""
+        _, rows, flat_images = self._prepare(prompt, image, template, system)
+        sampling = Sampling(temperature, top_p, top_k, seed)
+        self._check_rows(rows, len(flat_images), max_new_tokens)
+        for deltas in self._stream_rows(rows, self.pixel_values(flat_images), max_new_tokens=max_new_tokens,
+                                        sampling=sampling, stop=self._stop_strings(stop, template),
+                                        eos_token_id=self.tokenizer.eos_token_id):
+            if deltas[0]:
+                yield deltas[0]
+
+    def chat(self, image=None, *, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, stop=None, seed=None,
+             template=None, system=None) -> ChatSession:
+        """A multi-turn conversation about `image` (or none) whose KV cache is kept between turns."""
+        return ChatSession(self, _as_image_list(image), dict(
+            max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_p, top_k, seed),
+            stop=self._stop_strings(stop, template)), template, system)
+
+    def generate_ids(self, rows: Sequence[Sequence[int]], pixel_values=None, *, max_new_tokens, temperature=0.0,
+                     top_p=1.0, top_k=0, seed=None, eos_token_id="default") -> list[list[int]]:
+        """Token-level generation: rows hold image tokens already expanded; returns the new tokens only
+        (ending with EOS where EOS stopped the row). eos_token_id=None disables EOS."""
+        rows = [list(map(int, r)) for r in rows]
+        n_images = 0 if pixel_values is None else int(pixel_values.shape[0])
+        self._check_rows(rows, n_images, max_new_tokens)
+        eos = self.tokenizer.eos_token_id if eos_token_id == "default" else eos_token_id
+        pv = None if pixel_values is None else pixel_values.to(self.device, self.dtype)
+        steps = self._stream_rows(rows, pv, max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_p,
+                                  top_k, seed), stop=[], eos_token_id=eos)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    @torch.inference_mode()
+    def logits(self, input_ids, pixel_values=None) -> torch.Tensor:
+        """Full-sequence logits (B, T, V) in float32 for expanded ids (B, T), as transformers computes them."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        self._check_rows(ids.tolist(), 0 if pixel_values is None else int(pixel_values.shape[0]), 1)
+        pv = None if pixel_values is None else pixel_values.to(self.device, self.dtype)
+        return self.net(ids.to(self.device), pv).float()
+
+
+class ChatSession:
+    """Multi-turn chat. Each turn re-renders the whole conversation with the template, finds the longest
+    prefix whose K/V are already cached, and prefills only the rest: a turn costs its new tokens, and the
+    result equals sending the whole conversation as one prompt (the cache never holds a token the full
+    prompt would not)."""
+
+    def __init__(self, model: LlavaModel, images, generation, template, system):
+        self.model, self.images, self.generation = model, images, generation
+        self.template, self.system = template, system
+        self.messages: list[tuple[str, str]] = []
+        self.decoder: Decoder | None = None
+        self.cached_ids: list[int] = []  # the ids whose K/V sit in the cache, in order
+
+    def ask(self, text: str) -> str:
+        m = self.model
+        if self.messages and "<image>" in text:
+            raise InputError("images belong to the first turn of a chat; start a new chat for another image")
+        messages = self.messages + [("user", text)]
+        ids = m.encode_prompt(messages, len(self.images), template=self.template, system=self.system)
+        max_new = self.generation["max_new_tokens"]
+        m._check_rows([ids], len(self.images), max_new)
+        common = _common_prefix(ids, self.cached_ids)
+        image_end = max((i + 1 for i, t in enumerate(ids) if t == m.image_token_id), default=0)
+        if common < image_end:  # the image's tokens are not all cached: run the vision tower again
+            common = 0
+        common = min(common, len(ids) - 1)  # at least one token to prefill gives the next-token logits
+        need = len(ids) + max_new
+        if self.decoder is None or self.decoder.cache.max_tokens < need:
+            capacity = min(m.context_length, max(2 * need, 256))  # grow geometrically, not every turn
+            old, self.decoder = self.decoder, Decoder(m.net, 1, capacity)
+            if old is not None and common:
+                self.decoder.cache.k[:, :, :, :common] = old.cache.k[:, :, :, :common]
+                self.decoder.cache.v[:, :, :, :common] = old.cache.v[:, :, :, :common]
+        pixel_values = m.pixel_values(self.images) if common == 0 else None
+        steps = m._stream_rows([ids], pixel_values, decoder=self.decoder, start_pos=[common], new_rows=[ids[common:]],
+                               eos_token_id=m.tokenizer.eos_token_id, **self.generation)
+        reply = ""
+        while True:
+            try:
+                reply += next(steps)[0]
+            except StopIteration as done:
+                generated = done.value[0]
+                break
+        # Every generated token but the last was fed back through the decoder, so its K/V is cached.
+        self.cached_ids = ids + generated[:-1]
+        self.messages = messages + [("assistant", reply)]
+        return reply
+
+
+class _RowOutput:
+    """One row's generated ids and text: UTF-8-safe deltas, EOS, and stop strings. Text that could be the
+    start of a stop string is held back until it cannot be, so a stream never shows a partial stop string."""
+
+    def __init__(self, tokenizer, stop, eos_token_id):
+        self.decoder = tokenizer.stream_decoder()
+        self.stop, self.eos = stop, eos_token_id
+        self.ids: list[int] = []
+        self.text, self.emitted, self.done = "", 0, False
+
+    def push(self, token) -> str:
+        self.ids.append(token)
+        if token == self.eos:
+            return self.finish()
+        self.text += self.decoder.push(token)
+        if self._cut_at_stop():
+            return self.finish(flush=False)
+        hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        delta = self.text[self.emitted : len(self.text) - hold]
+        self.emitted += len(delta)
+        return delta
+
+    def _cut_at_stop(self) -> bool:
+        hits = [i for i in (self.text.find(s, max(0, self.emitted - len(s) + 1)) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+        return bool(hits)
+
+    def finish(self, flush=True) -> str:
+        """End the row (EOS, stop string or token budget) and return the text not yet emitted."""
+        if not self.done:
+            self.done = True
+            if flush:
+                self.text += self.decoder.flush()
+                self._cut_at_stop()
+        delta = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return delta
+
+
+def _as_image_list(images):
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]
+
+
+def _common_prefix(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,0 +1,127 @@
+"""`llava-fast`: generate, chat (and, as their issues land, train and bench).
+
+Bad input exits with code 2 and one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from llava_fast.errors import LlavaFastError
+
+
+def _add_model_args(p):
+    p.add_argument("--model", help="checkpoint directory (llava-hf, transformers or original LLaVA layout); "
+                   "default: the built-in random-weight preset")
+    p.add_argument("--preset", default="tiny", help="built-in random-weight model when --model is not given "
+                   "(tiny, llava-1.5-7b, llava-1.5-13b, llava-v1-7b)")
+    p.add_argument("--vision-tower", help="CLIP directory of an original-LLaVA checkpoint")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
+
+
+def _add_sampling_args(p):
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--template", help="chat template (default: the checkpoint's)")
+    p.add_argument("--system", help="system prompt (default: the template's)")
+
+
+def _load(args):
+    import llava_fast
+    from llava_fast.presets import random_model
+
+    if args.model:
+        return llava_fast.load(args.model, device=args.device, dtype=args.dtype, vision_tower=args.vision_tower)
+    print(f"llava-fast: no --model given: using the built-in '{args.preset}' preset with RANDOM weights; "
+          "its text is noise, its speed is real", file=sys.stderr)
+    return random_model(args.preset, device=args.device, dtype=args.dtype)
+
+
+def _sampling(args):
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed, template=args.template, system=args.system)
+
+
+def cmd_generate(args):
+    from llava_fast.presets import BUNDLED_IMAGE
+
+    model = _load(args)
+    image = args.image if args.image is not None else (None if args.model else BUNDLED_IMAGE)
+    if args.no_image:
+        image = None
+    start = time.perf_counter()
+    first = None
+    pieces = []
+    for delta in model.stream(args.prompt, image, **_sampling(args)):
+        first = first or time.perf_counter()
+        pieces.append(delta)
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    end = time.perf_counter()
+    sys.stdout.write("\n")
+    n = len(model.tokenizer.encode("".join(pieces), add_bos=False)) if pieces else 0
+    if first is not None and n > 1:
+        print(f"[{n} tokens; first text after {1e3 * (first - start):.0f} ms; "
+              f"{(n - 1) / max(end - first, 1e-9):.1f} tokens/s after that; device {model.device}, "
+              f"{str(model.dtype).replace('torch.', '')}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args):
+    model = _load(args)
+    session = model.chat(args.image, **_sampling(args))
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("USER: ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("exit", "quit", "/exit"):
+            break
+        print(("ASSISTANT: " if interactive else "") + session.ask(text), flush=True)
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="llava-fast", description="A performance-first engine for LLaVA.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="answer one prompt about an image, streaming to stdout")
+    _add_model_args(g)
+    g.add_argument("--image", help="image file (default with no --model: a bundled example image)")
+    g.add_argument("--no-image", action="store_true", help="text-only prompt")
+    g.add_argument("--prompt", default="What is unusual about this image?")
+    _add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="interactive multi-turn chat about an image (one line per turn)")
+    _add_model_args(c)
+    c.add_argument("--image", help="image file")
+    _add_sampling_args(c)
+    c.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 with one usage line on bad flags
+    try:
+        return args.func(args)
+    except LlavaFastError as e:
+        print(f"llava-fast: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""Model configuration: three dataclasses and the readers for the config.json files people have.
+
+Two families of config.json exist in the wild:
+- llava-hf / transformers (`LlavaForConditionalGeneration`): `text_config` and `vision_config` nested; the hub
+  ships a minimal one (text_config without hidden_size etc.) that relies on LLaMA-7B / CLIP-L-336 defaults.
+- the original LLaVA repo (`LlavaLlamaForCausalLM`): LLaMA fields at top level plus `mm_*` fields; the CLIP
+  tower's own config.json lives in a separate checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+
+from llava_fast.conversation import default_template_for
+from llava_fast.errors import CheckpointError
+
+
+@dataclass
+class VisionConfig:
+    """CLIP ViT. Defaults are CLIP ViT-L/14-336, the tower of LLaVA-1.5 (and transformers' LlavaConfig)."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class TextConfig:
+    """LLaMA. Defaults are LLaMA-7B's, which transformers' LlamaConfig falls back to."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if not self.head_dim:
+            self.head_dim = self.hidden_size // self.num_heads
+
+
+@dataclass
+class LlavaConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    projector_type: str = "mlp2x_gelu"  # or "linear" (LLaVA v1)
+    vision_feature_layer: int = -2  # index into CLIP's hidden states; 0 is the embeddings
+    vision_feature_select_strategy: str = "default"  # "default" drops CLS, "full" keeps it
+    image_token_id: int = 32000
+    image_aspect_ratio: str | None = None  # "pad": LLaVA-1.5's expand-to-square before resizing
+    layout: str = "llava_hf"  # which checkpoint family this came from: "llava_hf" or "original"
+    template: str = "llava_hf"  # default chat template for this checkpoint
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
+
+    @property
+    def num_vision_layers_run(self) -> int:
+        """Encoder layers actually computed: hidden state k is the output of layer k (0 = embeddings),
+        so feature layer -2 of a 24-layer tower is hidden state 23, and layer 24 is never needed."""
+        layer = self.vision_feature_layer
+        n = layer if layer >= 0 else self.vision.num_layers + 1 + layer
+        if not 0 <= n <= self.vision.num_layers:
+            raise CheckpointError(
+                f"vision_feature_layer={layer} is outside the {self.vision.num_layers}-layer vision tower"
+            )
+        return n
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        return cls(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**d.pop("text")), **d)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Readers
+# ------------------------------------------------------------------------------------------------------
+
+_SELECT_STRATEGY = {"default": "default", "patch": "default", "full": "full", "cls_patch": "full"}
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _rope_theta(d):
+    # transformers 5.x moved rope_theta into rope_parameters; older files have it at the top level.
+    params = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise CheckpointError(f"RoPE type {rope_type!r} is not supported (only LLaMA's default RoPE)")
+    return float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+
+
+def text_config_from_dict(d) -> TextConfig:
+    """A LlamaConfig dict (missing fields take LLaMA-7B defaults, as transformers does)."""
+    mt = d.get("model_type", "llama")
+    if mt not in ("llama", "llava", "llava_llama"):
+        raise CheckpointError(f"text model type {mt!r} is not supported: llava-fast runs LLaMA/Vicuna decoders")
+    if d.get("attention_bias") or d.get("mlp_bias"):
+        raise CheckpointError("LLaMA variants with attention or MLP biases are not supported")
+    if d.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"text hidden_act {d['hidden_act']!r} is not supported (LLaMA uses silu)")
+    t = TextConfig()
+    heads = d.get("num_attention_heads", t.num_heads)
+    eos = d.get("eos_token_id", t.eos_token_id)
+    return TextConfig(
+        vocab_size=d.get("vocab_size", t.vocab_size),
+        hidden_size=d.get("hidden_size", t.hidden_size),
+        intermediate_size=d.get("intermediate_size", t.intermediate_size),
+        num_layers=d.get("num_hidden_layers", t.num_layers),
+        num_heads=heads,
+        num_kv_heads=d.get("num_key_value_heads") or heads,
+        head_dim=d.get("head_dim") or 0,
+        rms_norm_eps=d.get("rms_norm_eps", t.rms_norm_eps),
+        rope_theta=_rope_theta(d),
+        max_position_embeddings=d.get("max_position_embeddings", t.max_position_embeddings),
+        bos_token_id=d["bos_token_id"] if d.get("bos_token_id") is not None else t.bos_token_id,
+        eos_token_id=eos[0] if isinstance(eos, list) else (eos if eos is not None else t.eos_token_id),
+        pad_token_id=d.get("pad_token_id"),
+    )
+
+
+def vision_config_from_dict(d) -> VisionConfig:
+    """A CLIPVisionConfig dict, or a CLIPConfig dict with a nested vision_config. Missing fields take the
+    CLIP ViT-L/14-336 values (transformers' LlavaConfig default tower)."""
+    if "vision_config" in d and isinstance(d["vision_config"], dict):
+        d = d["vision_config"]
+    mt = d.get("model_type", "clip_vision_model")
+    if mt not in ("clip_vision_model", "clip"):
+        raise CheckpointError(f"vision model type {mt!r} is not supported: llava-fast runs CLIP ViT towers")
+    v = VisionConfig()
+    act = d.get("hidden_act", v.hidden_act)
+    if act not in ("quick_gelu", "gelu"):
+        raise CheckpointError(f"vision hidden_act {act!r} is not supported (quick_gelu or gelu)")
+    return VisionConfig(
+        hidden_size=d.get("hidden_size", v.hidden_size),
+        intermediate_size=d.get("intermediate_size", v.intermediate_size),
+        num_layers=d.get("num_hidden_layers", v.num_layers),
+        num_heads=d.get("num_attention_heads", v.num_heads),
+        image_size=d.get("image_size", v.image_size),
+        patch_size=d.get("patch_size", v.patch_size),
+        num_channels=d.get("num_channels", v.num_channels),
+        layer_norm_eps=d.get("layer_norm_eps", v.layer_norm_eps),
+        hidden_act=act,
+    )
+
+
+def _feature_layer(value, source):
+    if isinstance(value, list):
+        raise CheckpointError(f"{source}: multi-layer vision features {value} are not supported")
+    return int(value)
+
+
+def _select_strategy(value, source):
+    if value not in _SELECT_STRATEGY:
+        raise CheckpointError(f"{source}: unknown vision feature selection {value!r} "
+                              f"(expected one of {sorted(_SELECT_STRATEGY)})")
+    return _SELECT_STRATEGY[value]
+
+
+def llava_hf_config(d, source="config.json") -> LlavaConfig:
+    """transformers' LlavaConfig (llava-hf hub files and what save_pretrained writes)."""
+    act = d.get("projector_hidden_act", "gelu")
+    if act != "gelu":
+        raise CheckpointError(f"{source}: projector_hidden_act {act!r} is not supported (LLaVA uses gelu)")
+    if d.get("multimodal_projector_bias") is False:
+        raise CheckpointError(f"{source}: projectors without bias are not supported")
+    text_dict = dict(d.get("text_config") or {})
+    if "vocab_size" not in text_dict and "vocab_size" in d:
+        text_dict["vocab_size"] = d["vocab_size"]
+    text = text_config_from_dict(text_dict)
+    if d.get("pad_token_id") is not None and text.pad_token_id is None:
+        text.pad_token_id = d["pad_token_id"]
+    return LlavaConfig(
+        vision=vision_config_from_dict(d.get("vision_config") or {}),
+        text=text,
+        projector_type="mlp2x_gelu",  # transformers' LlavaMultiModalProjector is always Linear-GELU-Linear
+        vision_feature_layer=_feature_layer(d.get("vision_feature_layer", -2), source),
+        vision_feature_select_strategy=_select_strategy(d.get("vision_feature_select_strategy", "default"), source),
+        image_token_id=int(d.get("image_token_index", d.get("image_token_id", 32000))),
+        layout="llava_hf",
+        template=default_template_for(d),
+    )
+
+
+def original_llava_config(d, vision_dict, source="config.json") -> LlavaConfig:
+    """The original LLaVA repo's LlavaLlamaForCausalLM config plus its CLIP tower's config."""
+    projector = d.get("mm_projector_type", "linear")
+    if projector not in ("linear", "mlp2x_gelu"):
+        m = re.fullmatch(r"mlp(\d+)x_gelu", projector)
+        detail = f" (a {m.group(1)}-layer MLP)" if m else ""
+        raise CheckpointError(f"{source}: mm_projector_type {projector!r}{detail} is not supported "
+                              "(linear or mlp2x_gelu)")
+    if d.get("mm_use_im_start_end"):
+        raise CheckpointError(f"{source}: mm_use_im_start_end=true checkpoints (image start/end tokens) "
+                              "are not supported")
+    if d.get("image_aspect_ratio") not in (None, "pad", "square"):
+        raise CheckpointError(f"{source}: image_aspect_ratio {d['image_aspect_ratio']!r} is not supported "
+                              "(anyres needs LLaVA-NeXT)")
+    text = text_config_from_dict(d)
+    vision = vision_config_from_dict(vision_dict)
+    if d.get("mm_hidden_size") not in (None, vision.hidden_size):
+        raise CheckpointError(f"{source}: mm_hidden_size={d['mm_hidden_size']} but the vision tower's "
+                              f"hidden_size is {vision.hidden_size}")
+    return LlavaConfig(
+        vision=vision,
+        text=text,
+        projector_type=projector,
+        vision_feature_layer=_feature_layer(d.get("mm_vision_select_layer", -2), source),
+        vision_feature_select_strategy=_select_strategy(d.get("mm_vision_select_feature", "patch"), source),
+        # No <image> row in the vocabulary: the id after the last real token marks image positions; the
+        # splice replaces those positions before any embedding lookup, so the id never indexes the table.
+        image_token_id=text.vocab_size,
+        image_aspect_ratio="pad" if d.get("image_aspect_ratio") == "pad" else None,
+        layout="original",
+        template=default_template_for(d),
+    )
+
+
+def is_original_llava(d) -> bool:
+    archs = d.get("architectures") or []
+    return "LlavaLlamaForCausalLM" in archs or any(k.startswith("mm_") for k in d)
+
+
+def find_vision_tower_dir(d, checkpoint_dir, vision_tower):
+    """Where an original-layout checkpoint's CLIP tower lives: the vision_tower= argument, else
+    mm_vision_tower when that is a local directory."""
+    candidates = [vision_tower] if vision_tower else []
+    name = d.get("mm_vision_tower") or d.get("vision_tower")
+    if not vision_tower and name:
+        candidates += [name, os.path.join(checkpoint_dir, name)]
+    for c in candidates:
+        if c and os.path.isfile(os.path.join(c, "config.json")):
+            return c
+    if vision_tower:
+        raise CheckpointError(f"vision_tower={vision_tower!r}: no CLIP checkpoint (config.json) there")
+    raise CheckpointError(
+        f"{checkpoint_dir} is an original-LLaVA checkpoint whose CLIP tower ({name!r}) is a separate "
+        "checkpoint; pass vision_tower=<local CLIP directory> (CLI: --vision-tower)"
+    )

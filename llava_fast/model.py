@@ -1,0 +1,254 @@
+"""The whole LLaVA model in one file: CLIP vision tower -> projector -> LLaMA decoder.
+
+References: Liu et al. 2023, "Visual Instruction Tuning" (LLaVA); Liu et al. 2023, "Improved Baselines with
+Visual Instruction Tuning" (LLaVA-1.5: mlp2x_gelu projector, 336 px); Radford et al. 2021 (CLIP);
+Touvron et al. 2023 (LLaMA).
+
+The fusable operations (norms, activations, attention, patch embedding, the projector splice) go through
+`llava_fast.ops`, whose plain-PyTorch versions are the CPU path and the oracle for the Triton kernels; the
+backend switch lives there alone. Parameter names follow transformers' llava-hf layout, so checkpoints map
+onto this module with prefix renames only (see loading.py).
+
+Shapes: B batch, T tokens, C channels, H heads, Hkv key/value heads, D head dim, N images, L patches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llava_fast import ops
+from llava_fast.config import LlavaConfig, TextConfig, VisionConfig
+
+# ------------------------------------------------------------------------------------------------------
+# CLIP vision tower
+# ------------------------------------------------------------------------------------------------------
+
+
+class ClipEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
+        # CLIP's patch conv has no bias; stride = kernel = patch size, so it is a GEMM over 14x14x3 patches.
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(cfg.num_patches + 1, cfg.hidden_size)
+
+
+class ClipAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        C = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
+        self.out_proj = nn.Linear(C, C)
+
+    def forward(self, x):
+        N, T, C = x.shape
+        shape = (N, T, self.num_heads, C // self.num_heads)
+        q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
+        return self.out_proj(ops.vision_attention(q, k, v).reshape(N, T, C))
+
+
+class ClipMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.quick = cfg.hidden_act == "quick_gelu"
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(ops.quick_gelu(h) if self.quick else F.gelu(h))
+
+
+class ClipEncoderLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.eps = cfg.layer_norm_eps
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = ClipAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = ClipMLP(cfg)
+
+    def forward(self, x):  # pre-norm residual block, (N, T, C) -> (N, T, C)
+        x = x + self.self_attn(ops.layer_norm(x, self.layer_norm1.weight, self.layer_norm1.bias, self.eps))
+        return x + self.mlp(ops.layer_norm(x, self.layer_norm2.weight, self.layer_norm2.bias, self.eps))
+
+
+class ClipEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig, num_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(ClipEncoderLayer(cfg) for _ in range(num_layers))
+
+
+class ClipVisionTower(nn.Module):
+    """CLIP ViT up to the feature layer LLaVA reads. Layers after it (and post_layernorm, which only feeds
+    CLIP's pooled output) are never built, so they are never loaded or computed."""
+
+    def __init__(self, cfg: VisionConfig, num_layers_run: int):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = ClipEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: CLIP's spelling
+        self.encoder = ClipEncoder(cfg, num_layers_run)
+
+    def forward(self, pixel_values):  # (N, 3, S, S) -> (N, 1 + L, C)
+        e = self.embeddings
+        x = ops.patch_embed(pixel_values, e.patch_embedding.weight, e.class_embedding, e.position_embedding.weight,
+                            self.pre_layrnorm.weight, self.pre_layrnorm.bias, self.cfg.layer_norm_eps)
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return x
+
+
+class MultiModalProjector(nn.Module):
+    """linear (LLaVA v1): one Linear. mlp2x_gelu (LLaVA-1.5): Linear-GELU-Linear."""
+
+    def __init__(self, vision_size: int, text_size: int, projector_type: str):
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_size, text_size)
+        self.linear_2 = nn.Linear(text_size, text_size) if projector_type == "mlp2x_gelu" else None
+
+    def weights(self):
+        l2 = self.linear_2
+        return self.linear_1.weight, self.linear_1.bias, l2.weight if l2 else None, l2.bias if l2 else None
+
+
+# ------------------------------------------------------------------------------------------------------
+# LLaMA decoder
+# ------------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x, residual=None):  # -> (normed, new residual stream)
+        return ops.rms_norm(x, self.weight, self.eps, residual)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.H, self.Hkv, self.D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        C = cfg.hidden_size
+        self.q_proj = nn.Linear(C, self.H * self.D, bias=False)
+        self.k_proj = nn.Linear(C, self.Hkv * self.D, bias=False)
+        self.v_proj = nn.Linear(C, self.Hkv * self.D, bias=False)
+        self.o_proj = nn.Linear(self.H * self.D, C, bias=False)
+
+    def forward(self, x, rope, cache, start_pos, seq_lens):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.H, self.D)
+        k = self.k_proj(x).view(B, T, self.Hkv, self.D)
+        v = self.v_proj(x).view(B, T, self.Hkv, self.D)
+        if cache is None:  # training / full-sequence logits: positions 0..T-1, causal
+            out = ops.rotary_causal_attention(q, k, v, *rope)
+        else:  # inference: K/V written into the static cache in place
+            out = ops.rotary_cached_attention(q, k, v, *rope, cache[0], cache[1], start_pos, seq_lens)
+        return self.o_proj(out.reshape(B, T, self.H * self.D))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, residual, rope, cache, start_pos, seq_lens):
+        # The residual add is fused into each RMSNorm: x is the last block's output, residual the stream.
+        h, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(h, rope, cache, start_pos, seq_lens)
+        h, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(h), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+# ------------------------------------------------------------------------------------------------------
+# LLaVA
+# ------------------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Static per-layer K/V buffers, allocated once per generate call and written in place.
+
+    k[i], v[i]: (B, Hkv, Tmax, D) for layer i. One allocation holds all layers so decode never reallocates.
+    """
+
+    def __init__(self, cfg: TextConfig, batch_size: int, max_tokens: int, device, dtype):
+        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_tokens, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def max_tokens(self):
+        return self.k.shape[3]
+
+    def layer(self, i):
+        return self.k[i], self.v[i]
+
+
+class LlavaForCausalLM(nn.Module):
+    """The network. Parameter names: vision_tower.*, multi_modal_projector.*, language_model.*, lm_head."""
+
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_tower = ClipVisionTower(cfg.vision, cfg.num_vision_layers_run)
+        self.multi_modal_projector = MultiModalProjector(cfg.vision.hidden_size, cfg.text.hidden_size,
+                                                         cfg.projector_type)
+        self.language_model = LlamaModel(cfg.text)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.rope = None  # (cos, sin) fp32 tables, built by init_rope() once the device is known
+
+    def init_rope(self, device=None):
+        t = self.cfg.text
+        self.rope = ops.rope_tables(t.head_dim, t.max_position_embeddings, t.rope_theta, device=device)
+
+    def image_features(self, pixel_values):
+        """(N, 3, S, S) -> (N, num_image_tokens, Cv): the CLIP hidden state at vision_feature_layer."""
+        dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
+        hidden = self.vision_tower(pixel_values.to(dtype))
+        return hidden[:, 1:] if self.cfg.vision_feature_select_strategy == "default" else hidden
+
+    def embed(self, input_ids, pixel_values=None):
+        """(B, T) ids with image tokens already expanded -> (B, T, C) decoder input."""
+        features = None if pixel_values is None else self.image_features(pixel_values)
+        return ops.splice_image_embeddings(input_ids, self.language_model.embed_tokens.weight, features,
+                                           self.cfg.image_token_id, *self.multi_modal_projector.weights())
+
+    def decode_hidden(self, x, cache=None, start_pos=None, seq_lens=None):
+        """Run the decoder stack on embeddings (B, T, C) -> final-normed hidden states (B, T, C)."""
+        if self.rope is None or self.rope[0].device != x.device:
+            self.init_rope(x.device)
+        residual = None
+        for i, layer in enumerate(self.language_model.layers):
+            x, residual = layer(x, residual, self.rope, None if cache is None else cache.layer(i), start_pos, seq_lens)
+        return self.language_model.norm(x, residual)[0]
+
+    def forward(self, input_ids, pixel_values=None):
+        """Full-sequence logits (B, T, V), no cache (parity tests, training)."""
+        return self.lm_head(self.decode_hidden(self.embed(input_ids, pixel_values)))

@@ -1,0 +1,367 @@
+"""The LLaMA / Vicuna tokenizer: a thin layer over `tokenizers.Tokenizer` that knows LLaVA's image marker and
+decodes a token stream without ever splitting a character.
+
+Loading. `Tokenizer.from_dir` reads `tokenizer.json` (what llava-hf ships) plus the special-token settings in
+`tokenizer_config.json`, `special_tokens_map.json` and `added_tokens.json`. The original LLaVA checkpoints
+(liuhaotian/llava-v1.5-7b) ship only the SentencePiece `tokenizer.model`; we convert it with `tokenizers`
+alone (a 40-line protobuf reader below) into the same BPE that llava-hf's tokenizer.json holds: the same
+vocabulary and merges, merge priority by piece id.
+
+Two ways to tokenize a prompt with images (ids for the vicuna_v1 prompt "... USER: <image>\\nWhat ..."):
+
+    original LLaVA (tokenizer_image_token)   ..., 29901, 29871, IMG, 29871, 13, 5618, ...
+    llava-hf (LlavaProcessor)                ..., 29901, 29871, 32000,      13, 5618, ...
+
+The original repo splits the prompt at each "<image>" and tokenizes every chunk separately; SentencePiece
+prepends its dummy-prefix space "▁" (29871) to every chunk, so the "\\n" after an image arrives as "▁", "\\n".
+llava-hf tokenizes the whole prompt, where `<image>` is an added special token, and this tokenizer.json adds
+the dummy prefix only at the start of the text (Metaspace prepend_scheme "first", i.e. `legacy: false`), so
+no "▁" follows the image. `encode_with_images` reproduces the first, `encode` + `expand_image_tokens` the
+second. Original checkpoints were trained on the first; llava-hf's conversion of the same weights is run on
+the second; each model should be fed its own format.
+
+Known gaps: HF-style BPE (here and in llava-hf) is not identical to SentencePiece in two whitespace cases.
+LLaMA's whitespace pieces ("▁▁", "▁▁▁▁", ...) have score -1e9, so by its scores SentencePiece merges them
+last, whereas id-ordered merges take them first ("a  b": here "▁a","▁▁","b"; SentencePiece should give
+"▁a","▁","▁b"). And Metaspace adds no dummy prefix to a text (or an `encode_with_images` chunk) that already
+starts with a space, where SentencePiece adds one. LLaVA's templates produce neither; a user prompt with a
+double space or "<image> describe" does. (sentencepiece is not installed here to measure against.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import tokenizers
+from tokenizers import AddedToken, decoders, pre_tokenizers
+from tokenizers.models import BPE
+
+from llava_fast.errors import CheckpointError, InputError
+
+IMAGE_MARKER = "<image>"
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback pieces, as ByteFallback reads them
+
+
+class Tokenizer:
+    """LLaMA-family tokenizer. Build with `Tokenizer.from_dir(path)`.
+
+    `backend` is a `tokenizers.Tokenizer`; its post-processor is never used: BOS is added here, from the
+    checkpoint's `add_bos_token`, so a tokenizer.json without a post-processor behaves the same.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, bos_token=None, eos_token=None, pad_token=None,
+                 unk_token=None, add_bos_token=True):
+        self.backend = backend
+        self.bos_token_id = self._special_id("bos_token", bos_token)
+        self.eos_token_id = self._special_id("eos_token", eos_token)
+        self.unk_token_id = self._special_id("unk_token", unk_token)
+        # No pad token named: LLaVA's trainer pads with unk (`tokenizer.pad_token = tokenizer.unk_token`, and
+        # the original configs say pad_token_id 0); without unk, eos. Padding positions are masked anyway.
+        pad_id = self._special_id("pad_token", pad_token)
+        self.pad_token_id = next((i for i in (pad_id, self.unk_token_id, self.eos_token_id) if i is not None), None)
+        self.add_bos_token = bool(add_bos_token) and self.bos_token_id is not None
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        added = backend.get_added_tokens_decoder()
+        self.special_token_ids = frozenset(i for i, token in added.items() if token.special)
+        self._stream_tables_cache = None  # built on the first stream_decoder() call: a scan of the whole vocabulary
+
+    def _special_id(self, what, token):
+        if token is None:
+            return None
+        token_id = self.backend.token_to_id(token)
+        if token_id is None:
+            raise CheckpointError(f"the tokenizer's {what} is {token!r}, which is not in its vocabulary")
+        return token_id
+
+    # ---------------------------------------------------------------------------------------------------
+    # Loading
+    # ---------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dir(cls, path: str) -> "Tokenizer":
+        """Load from a checkpoint directory: tokenizer.json, or failing that tokenizer.model (converted)."""
+        if not os.path.isdir(path):
+            raise CheckpointError(f"tokenizer directory not found: {path}")
+        config = _read_json_if_present(os.path.join(path, "tokenizer_config.json"))
+        special_map = _read_json_if_present(os.path.join(path, "special_tokens_map.json"))
+        json_path, model_path = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer.model")
+        if os.path.isfile(json_path):
+            try:
+                backend = tokenizers.Tokenizer.from_file(json_path)
+            except Exception as e:  # tokenizers raises a bare Exception on malformed files
+                raise CheckpointError(f"cannot read {json_path}: {e}") from e
+        elif os.path.isfile(model_path):
+            # transformers' LlamaTokenizer treated a config without `legacy` as legacy=True when the original
+            # LLaVA repo ran it: every text piece between special tokens gets the dummy prefix.
+            backend = backend_from_sentencepiece(model_path, legacy=config.get("legacy", True))
+        else:
+            raise CheckpointError(
+                f"no tokenizer.json or tokenizer.model in {path}: llava-fast needs one of them "
+                "(tokenizer.json as llava-hf ships it, or the SentencePiece tokenizer.model)")
+        _add_declared_tokens(backend, path, config)
+
+        def named(key, default):
+            # tokenizer_config.json first; an explicit null there defers to special_tokens_map.json
+            # (the original LLaVA checkpoints say pad_token null in one and "<unk>" in the other).
+            value = config.get(key)
+            if value is None:
+                value = special_map.get(key)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if value is None and default is not None and backend.token_to_id(default) is not None:
+                value = default
+            return value
+
+        return cls(backend, bos_token=named("bos_token", "<s>"), eos_token=named("eos_token", "</s>"),
+                   pad_token=named("pad_token", None), unk_token=named("unk_token", "<unk>"),
+                   add_bos_token=config.get("add_bos_token", True))
+
+    # ---------------------------------------------------------------------------------------------------
+    # Encoding and decoding
+    # ---------------------------------------------------------------------------------------------------
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of `text`. Added tokens written in the text ("</s>", llava-hf's "<image>") become their ids."""
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return [self.bos_token_id] + ids if add_bos and self.add_bos_token else ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        ids = list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise InputError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1}); image "
+                             "placeholder ids must be removed or mapped before decoding")
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def encode_with_images(self, text: str, image_token_id: int, add_bos: bool = True) -> list[int]:
+        """Token ids with one `image_token_id` per "<image>" marker, as the original LLaVA's
+        `tokenizer_image_token` builds them: each chunk between markers is tokenized on its own (so each gets
+        the dummy-prefix "▁"), BOS only at the start. Works whether or not "<image>" is in the vocabulary."""
+        ids = [self.bos_token_id] if add_bos and self.add_bos_token else []
+        for index, chunk in enumerate(text.split(IMAGE_MARKER)):
+            if index > 0:
+                ids.append(image_token_id)
+            if chunk:
+                ids.extend(self.backend.encode(chunk, add_special_tokens=False).ids)
+        return ids
+
+    @staticmethod
+    def expand_image_tokens(ids, image_token_id: int, num_image_tokens: int) -> list[int]:
+        """Replace each `image_token_id` by `num_image_tokens` copies: the positions the projected image
+        features fill (576 for CLIP ViT-L/14 at 336 px)."""
+        if num_image_tokens < 1:
+            raise InputError(f"num_image_tokens must be at least 1, got {num_image_tokens}")
+        expanded = []
+        for token_id in ids:
+            if token_id == image_token_id:
+                expanded.extend([image_token_id] * num_image_tokens)
+            else:
+                expanded.append(token_id)
+        return expanded
+
+    def stream_decoder(self, skip_special_tokens: bool = True) -> "IncrementalDecoder":
+        return IncrementalDecoder(self, skip_special_tokens)
+
+    def _stream_tables(self):
+        """(byte-token ids, anchor id, anchor text) for IncrementalDecoder, computed once per tokenizer."""
+        if self._stream_tables_cache is None:
+            decoder_spec = self.backend.decoder.__getstate__().decode() if self.backend.decoder else "none"
+            if "ByteFallback" not in decoder_spec:
+                raise CheckpointError("streaming decode supports SentencePiece byte-fallback tokenizers "
+                                      f"(LLaMA, Vicuna, Mistral); this tokenizer's decoder is {decoder_spec}")
+            vocab = sorted(self.backend.get_vocab(with_added_tokens=False).items(), key=lambda item: item[1])
+            byte_ids = frozenset(i for token, i in vocab if _BYTE_TOKEN.fullmatch(token))
+            # Any plain-letters token decodes to itself and closes byte runs: a safe anchor.
+            anchor_id = next(i for token, i in vocab if token.isascii() and token.isalpha())
+            self._stream_tables_cache = (byte_ids, anchor_id, self.backend.decode([anchor_id]))
+        return self._stream_tables_cache
+
+
+class IncrementalDecoder:
+    """Turns token ids, one at a time, into text deltas whose concatenation (after `flush()`) is exactly
+    `tokenizer.decode(all_ids, skip_special_tokens)`.
+
+    Why holding back is needed: the SentencePiece decoder (Replace "▁"->" ", ByteFallback, Fuse, Strip one
+    leading space) turns each run of byte tokens (<0xE4><0xB8><0xAD> = "中") into one string, and into one
+    U+FFFD per byte if the run as a whole is not valid UTF-8. So a run's text is final only once a non-byte
+    token closes it: a valid "中" can still become "\\ufffd" x 4 if a stray continuation byte follows. We hold
+    the open run (one token of latency for characters spelled in bytes, none otherwise) and emit everything
+    up to and including each non-byte token the moment it arrives. Skipped special tokens are invisible to the
+    decoder (it drops them before joining runs), so they are dropped here too.
+
+    Each step decodes only the held tokens. Decoding a window alone would strip its leading space (the Strip
+    step is meant for the start of the text only), so after the first emitted piece the window is decoded
+    behind an anchor token whose text is then cut off.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self._byte_ids, self._anchor_id, self._anchor_text = tokenizer._stream_tables()
+        self._held: list[int] = []
+        self._started = False  # True once any token has been emitted: no more leading-space stripping
+
+    def push(self, token_id: int) -> str:
+        """Feed one token id; returns the text that became final (often "" while a byte run is open)."""
+        if not 0 <= token_id < self.tokenizer.vocab_size:
+            raise InputError(f"token id {token_id} is outside the vocabulary (0..{self.tokenizer.vocab_size - 1})")
+        if self.skip_special_tokens and token_id in self.tokenizer.special_token_ids:
+            return ""
+        self._held.append(token_id)
+        if token_id in self._byte_ids:
+            return ""
+        return self._emit_held()
+
+    def flush(self) -> str:
+        """End of stream: the held byte run's text (U+FFFD per byte if it is not valid UTF-8)."""
+        return self._emit_held() if self._held else ""
+
+    def _emit_held(self) -> str:
+        backend, skip = self.tokenizer.backend, self.skip_special_tokens
+        if self._started:
+            text = backend.decode([self._anchor_id] + self._held, skip_special_tokens=skip)[len(self._anchor_text):]
+        else:
+            text = backend.decode(self._held, skip_special_tokens=skip)
+        self._held.clear()
+        self._started = True
+        return text
+
+
+# -------------------------------------------------------------------------------------------------------
+# Checkpoint files
+# -------------------------------------------------------------------------------------------------------
+
+
+def _read_json_if_present(path):
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+
+
+def _add_declared_tokens(backend, path, config):
+    """Tokens declared beside the vocabulary (added_tokens.json, tokenizer_config's added_tokens_decoder):
+    add those the backend lacks, at the declared ids; a token at a different id is a broken checkpoint."""
+    declared = {}  # id -> (content, special)
+    for content, token_id in _read_json_if_present(os.path.join(path, "added_tokens.json")).items():
+        declared[int(token_id)] = (content, True)
+    for token_id, spec in config.get("added_tokens_decoder", {}).items():
+        declared[int(token_id)] = (spec["content"], spec.get("special", True))
+    for token_id in sorted(declared):
+        content, special = declared[token_id]
+        existing = backend.token_to_id(content)
+        if existing is None and token_id == backend.get_vocab_size(with_added_tokens=True):
+            backend.add_tokens([AddedToken(content, special=special, normalized=False)])
+        elif existing != token_id:
+            raise CheckpointError(f"{path} declares token {content!r} as id {token_id}, but the vocabulary "
+                                  f"has it at {existing} (size {backend.get_vocab_size(with_added_tokens=True)})")
+
+
+# SentencePiece's ModelProto, the fields we read (sentencepiece/src/sentencepiece_model.proto).
+_PIECES, _TRAINER_SPEC, _NORMALIZER_SPEC = 1, 2, 3
+_PIECE_TEXT, _PIECE_TYPE = 1, 3
+_TYPE_NORMAL, _TYPE_UNKNOWN, _TYPE_CONTROL, _TYPE_USER_DEFINED = 1, 2, 3, 4
+_TRAINER_MODEL_TYPE, _TRAINER_BYTE_FALLBACK, _MODEL_TYPE_BPE = 3, 35, 2
+_NORMALIZER_NAME, _NORMALIZER_ADD_DUMMY_PREFIX, _NORMALIZER_REMOVE_EXTRA_WHITESPACES = 1, 3, 4
+
+
+def _protobuf_fields(buf: bytes):
+    """(field number, value) of one protobuf message: ints for varints, bytes for the rest."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, pos = _varint(buf, pos)
+        elif wire_type == 2:
+            length, pos = _varint(buf, pos)
+            value, pos = buf[pos:pos + length], pos + length
+        elif wire_type in (1, 5):
+            width = 8 if wire_type == 1 else 4
+            value, pos = buf[pos:pos + width], pos + width
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire_type}")
+        yield field, value
+
+
+def _varint(buf, pos):
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def backend_from_sentencepiece(model_path: str, legacy: bool = True) -> tokenizers.Tokenizer:
+    """A `tokenizers.Tokenizer` equivalent to the BPE SentencePiece model at `model_path`.
+
+    Merges: every split of a piece into two pieces that are both in the vocabulary, ranked by the merged
+    piece's id (then the left part's length), which is the ranking llava-hf's tokenizer.json was built with.
+    `legacy` (tokenizer_config.json) decides whether text after a special token gets the dummy prefix too.
+    """
+    try:
+        with open(model_path, "rb") as f:
+            buf = f.read()
+        pieces, trainer, normalizer = [], {}, {}
+        for field, value in _protobuf_fields(buf):
+            if field == _PIECES:
+                piece = dict(_protobuf_fields(value))
+                pieces.append((piece[_PIECE_TEXT].decode("utf-8"), piece.get(_PIECE_TYPE, _TYPE_NORMAL)))
+            elif field == _TRAINER_SPEC:
+                trainer = dict(_protobuf_fields(value))
+            elif field == _NORMALIZER_SPEC:
+                normalizer = dict(_protobuf_fields(value))
+    except (OSError, ValueError, IndexError, KeyError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read the SentencePiece model {model_path}: {e}") from e
+
+    unsupported = []
+    if trainer.get(_TRAINER_MODEL_TYPE, 1) != _MODEL_TYPE_BPE:
+        unsupported.append("a Unigram model (LLaMA's is BPE)")
+    if normalizer.get(_NORMALIZER_NAME, b"nmt_nfkc") != b"identity":
+        unsupported.append(f"text normalization {normalizer.get(_NORMALIZER_NAME, b'nmt_nfkc').decode()!r}")
+    if normalizer.get(_NORMALIZER_REMOVE_EXTRA_WHITESPACES, 1):
+        unsupported.append("remove_extra_whitespaces")
+    if unsupported:
+        raise CheckpointError(f"cannot convert {model_path}: it uses {', '.join(unsupported)}; "
+                              "provide the checkpoint's tokenizer.json instead")
+
+    vocab = {text: i for i, (text, _) in enumerate(pieces)}
+    ranked = []
+    for merged_id, (text, _) in enumerate(pieces):
+        for cut in range(1, len(text)):
+            left, right = text[:cut], text[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((merged_id, cut, left, right))
+    ranked.sort()
+    merges = [(left, right) for _, _, left, right in ranked]
+
+    byte_fallback = bool(trainer.get(_TRAINER_BYTE_FALLBACK, 0))
+    unk = next((text for text, kind in pieces if kind == _TYPE_UNKNOWN), None)
+    backend = tokenizers.Tokenizer(BPE(vocab, merges, unk_token=None if byte_fallback else unk,
+                                       fuse_unk=True, byte_fallback=byte_fallback))
+    add_dummy_prefix = bool(normalizer.get(_NORMALIZER_ADD_DUMMY_PREFIX, 1))
+    prepend_scheme = ("always" if legacy else "first") if add_dummy_prefix else "never"
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_dummy_prefix:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    backend.decoder = decoders.Sequence(steps)
+    # SentencePiece never matches control or user-defined pieces inside text; transformers' slow tokenizer
+    # does, and so do llava-hf's added tokens: make them added tokens (control ones special).
+    backend.add_tokens([AddedToken(text, special=kind in (_TYPE_CONTROL, _TYPE_UNKNOWN), normalized=False)
+                        for text, kind in pieces if kind in (_TYPE_CONTROL, _TYPE_UNKNOWN, _TYPE_USER_DEFINED)])
+    return backend

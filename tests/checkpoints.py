@@ -1,0 +1,231 @@
+"""Tiny random LLaVA checkpoints, written by the tests in every layout llava-fast loads.
+
+transformers builds and saves them (it is the test-only oracle), with the real LLaMA tokenizer from
+../shared/reference/tokenizer so prompts tokenize as they do for real checkpoints. Sizes are small (ViT 32
+wide, LLaMA 64 wide) so a forward pass takes milliseconds on the CPU; the vocabulary is the real 32,064.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
+TOKENIZER_DIR = os.path.join(REFERENCE, "tokenizer")
+IMAGE_DIR = os.path.join(REFERENCE, "images")
+VOCAB = 32064  # llava-hf's padded vocabulary; <image> = 32000, <pad> = 32001
+
+
+def hf_configs(*, gqa=True, image_size=28, text_layers=2, vision_layers=3, max_positions=512):
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=72, num_hidden_layers=vision_layers,
+                              num_attention_heads=4, image_size=image_size, patch_size=14, projection_dim=16,
+                              hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    text = LlamaConfig(hidden_size=64, intermediate_size=136, num_hidden_layers=text_layers, num_attention_heads=4,
+                       num_key_value_heads=2 if gqa else 4, vocab_size=VOCAB, max_position_embeddings=max_positions,
+                       rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=32001)
+    return vision, text
+
+
+def make_hf_model(seed=0, *, feature_layer=-2, strategy="default", **sizes):
+    """A random transformers LlavaForConditionalGeneration (fp32, eval mode)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    vision, text = hf_configs(**sizes)
+    patches = (vision.image_size // vision.patch_size) ** 2
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000,
+                      vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
+                      image_seq_length=patches + (strategy == "full"))
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    # transformers initialises some tensors to constants (LayerNorm, RMSNorm weights 1, biases 0); random
+    # values make a parity test able to catch a swapped or skipped weight.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 32001
+    return model
+
+
+def copy_tokenizer(dst):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(TOKENIZER_DIR, name), os.path.join(dst, name))
+
+
+def write_preprocessor(dst, image_size):
+    cfg = {
+        "crop_size": {"height": image_size, "width": image_size}, "do_center_crop": True, "do_convert_rgb": True,
+        "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "CLIPImageProcessor", "resample": 3, "rescale_factor": 1 / 255,
+        "size": {"shortest_edge": image_size},
+    }
+    with open(os.path.join(dst, "preprocessor_config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+def _canonical_state(model):
+    """transformers' in-memory names (>= 4.52): model.language_model.*, model.vision_tower.vision_model.*,
+    model.multi_modal_projector.*, lm_head.weight; older versions: language_model.model.* etc."""
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def _rename(state, rules):
+    import re
+
+    out = {}
+    for k, v in state.items():
+        for pattern, repl in rules:
+            k2, n = re.subn(pattern, repl, k)
+            if n:
+                k = k2
+                break
+        out[k] = v
+    return out
+
+
+def _write_sharded_safetensors(state, dst, num_shards):
+    from safetensors.torch import save_file
+
+    keys = sorted(state)
+    per = -(-len(keys) // num_shards)
+    weight_map = {}
+    for i in range(num_shards):
+        name = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+        chunk = {k: state[k] for k in keys[i * per : (i + 1) * per]}
+        save_file(chunk, os.path.join(dst, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in chunk})
+    with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+def _to_legacy(model):
+    """Whatever names this transformers version uses in memory -> the llava-hf hub names."""
+    rules = [
+        (r"^model\.language_model\.", "language_model.model."),
+        (r"^lm_head\.", "language_model.lm_head."),
+        (r"^model\.vision_tower\.vision_model\.", "vision_tower.vision_model."),
+        (r"^model\.vision_tower\.", "vision_tower.vision_model."),
+        (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+        (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),
+    ]
+    return _rename(_canonical_state(model), rules)
+
+
+def write_checkpoint(model, dst, layout, *, shards=2):
+    """Write `model` (a transformers Llava model) to dst in one of:
+    - "save_pretrained": transformers' own save_pretrained (whatever the installed version writes);
+    - "hub": llava-hf hub names (language_model.model.*, vision_tower.vision_model.*), sharded + index;
+    - "model_prefix": transformers >= 4.52's in-memory names (model.language_model.*, model.vision_tower.*
+      without vision_model, top-level lm_head.weight), one model.safetensors;
+    - "original": the original LLaVA repo (LlavaLlamaForCausalLM: model.*, lm_head, model.mm_projector.{0,2}),
+      pytorch_model-*.bin shards + index, and the CLIP tower in dst/clip (vision_model.* safetensors).
+    """
+    os.makedirs(dst, exist_ok=True)
+    image_size = model.config.vision_config.image_size
+    if layout == "save_pretrained":
+        model.save_pretrained(dst)
+    elif layout in ("hub", "model_prefix"):
+        legacy = _to_legacy(model)
+        cfg = model.config.to_dict()
+        with open(os.path.join(dst, "config.json"), "w") as f:
+            json.dump(cfg, f)
+        if layout == "hub":
+            _write_sharded_safetensors(legacy, dst, shards)
+        else:
+            from safetensors.torch import save_file
+
+            state = _rename(legacy, [(r"^language_model\.model\.", "model.language_model."),
+                                     (r"^language_model\.lm_head\.", "lm_head."),
+                                     (r"^vision_tower\.vision_model\.", "model.vision_tower."),
+                                     (r"^multi_modal_projector\.", "model.multi_modal_projector.")])
+            save_file(state, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    elif layout == "original":
+        _write_original(model, dst, shards)
+    else:
+        raise ValueError(layout)
+    copy_tokenizer(dst)
+    if layout != "original":  # an original checkpoint's preprocessor config comes with its CLIP tower
+        write_preprocessor(dst, image_size)
+    return dst
+
+
+def _write_original(model, dst, shards):
+    legacy = _to_legacy(model)
+    llm = _rename({k: v for k, v in legacy.items() if not k.startswith("vision_tower.")}, [
+        (r"^language_model\.model\.", "model."),
+        (r"^language_model\.lm_head\.", "lm_head."),
+        (r"^multi_modal_projector\.linear_1\.", "model.mm_projector.0."),
+        (r"^multi_modal_projector\.linear_2\.", "model.mm_projector.2."),
+    ])
+    keys = sorted(llm)
+    per = -(-len(keys) // shards)
+    weight_map = {}
+    for i in range(shards):
+        name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        chunk = {k: llm[k] for k in keys[i * per : (i + 1) * per]}
+        torch.save(chunk, os.path.join(dst, name))
+        weight_map.update({k: name for k in chunk})
+    with open(os.path.join(dst, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    vc, tc = model.config.vision_config, model.config.text_config
+    clip_dir = os.path.join(dst, "clip")
+    os.makedirs(clip_dir, exist_ok=True)
+    from safetensors.torch import save_file
+
+    clip_state = {k.replace("vision_tower.", "", 1): v for k, v in legacy.items() if k.startswith("vision_tower.")}
+    save_file(clip_state, os.path.join(clip_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(clip_dir, "config.json"), "w") as f:
+        json.dump(vc.to_dict(), f)
+    write_preprocessor(clip_dir, vc.image_size)
+    strategy = {"default": "patch", "full": "cls_patch"}[model.config.vision_feature_select_strategy]
+    cfg = {
+        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "bos_token_id": 1, "eos_token_id": 2,
+        "hidden_act": "silu", "hidden_size": tc.hidden_size, "intermediate_size": tc.intermediate_size,
+        "max_position_embeddings": tc.max_position_embeddings, "num_attention_heads": tc.num_attention_heads,
+        "num_hidden_layers": tc.num_hidden_layers, "num_key_value_heads": tc.num_key_value_heads,
+        "rms_norm_eps": tc.rms_norm_eps, "rope_theta": 10000.0, "rope_scaling": None, "vocab_size": tc.vocab_size,
+        "pad_token_id": 0, "tie_word_embeddings": False, "torch_dtype": "float32",
+        "mm_hidden_size": vc.hidden_size, "mm_projector_type": "mlp2x_gelu", "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False, "mm_vision_select_feature": strategy,
+        "mm_vision_select_layer": model.config.vision_feature_layer, "mm_vision_tower": clip_dir,
+        "image_aspect_ratio": "pad", "use_mm_proj": True,
+    }
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+def write_original_linear(model, dst, seed=0):
+    """An original-layout LLaVA v1 checkpoint with a linear projector (transformers has no such model, so
+    the projector weight is drawn here). Returns (weight, bias) of the projector for the oracle."""
+    _write_original(model, dst, 1)
+    copy_tokenizer(dst)
+    g = torch.Generator().manual_seed(seed)
+    vc, tc = model.config.vision_config, model.config.text_config
+    w = torch.randn(tc.hidden_size, vc.hidden_size, generator=g) * 0.2
+    b = torch.randn(tc.hidden_size, generator=g) * 0.02
+    path = os.path.join(dst, "pytorch_model-00001-of-00001.bin")
+    state = torch.load(path, weights_only=True)
+    for k in [k for k in state if k.startswith("model.mm_projector.")]:
+        del state[k]
+    state["model.mm_projector.weight"], state["model.mm_projector.bias"] = w, b
+    torch.save(state, path)
+    with open(os.path.join(dst, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": {k: os.path.basename(path) for k in state}}, f)
+    with open(os.path.join(dst, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["mm_projector_type"] = "linear"
+    cfg["image_aspect_ratio"] = None
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return w, b
+
+
+def random_pixels(n, image_size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, image_size, image_size, generator=g)
