@@ -3,7 +3,68 @@ unrelated PyPI package named `kernels`; we never shadow it). The native extensio
 from `csrc/` by CMake when a C++ toolchain is present; without one the install still succeeds and the
 Python paths are used."""
 
-from setuptools import setup
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    """An extension that CMakeLists.txt (at the repository root) builds; setuptools only places the file.
+    optional=True: if it is not built, setuptools does not copy or require it."""
+
+    def __init__(self, name: str):
+        super().__init__(name, sources=[], optional=True)
+
+
+class CMakeBuild(build_ext):
+    """Configure and build with CMake (+ ninja when present) into setuptools' build directory; the output
+    file lands where setuptools expects it, so `pip install .` packs it and `pip install -e .` copies it
+    next to the sources. Any failure (no compiler, no cmake, no pybind11) is reported and skipped: the
+    package then runs its Python paths and says so at first use. LLAVA_FAST_BUILD_NATIVE=0 skips it."""
+
+    def build_extension(self, ext):
+        if not isinstance(ext, CMakeExtension):
+            return super().build_extension(ext)
+        if os.environ.get("LLAVA_FAST_BUILD_NATIVE", "1") == "0":
+            print("llava-fast: LLAVA_FAST_BUILD_NATIVE=0, not building llava_fast._C")
+            return
+        try:
+            self._cmake_build(ext)
+        except (OSError, ImportError, subprocess.CalledProcessError) as err:
+            message = (f"llava-fast: the native extension llava_fast._C was not built ({err}); the package "
+                       "installs without it and uses its Python paths (slower image preprocessing)")
+            print(message, file=sys.stderr)
+            self.warn(message)
+
+    def _cmake_build(self, ext):
+        import pybind11  # a build requirement (pyproject.toml); missing only without build isolation
+
+        cmake = shutil.which("cmake")
+        if cmake is None:
+            raise OSError("cmake not found")
+        output = Path(self.get_ext_fullpath(ext.name)).resolve()
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        configure = [
+            cmake, "-S", str(ROOT), "-B", str(build_dir),
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DLLAVA_FAST_OUTPUT_DIR={output.parent}",
+            f"-DLLAVA_FAST_EXT_SUFFIX={sysconfig.get_config_var('EXT_SUFFIX')}",
+        ]
+        if shutil.which("ninja") and not (build_dir / "CMakeCache.txt").exists():
+            configure += ["-G", "Ninja"]  # a generator can only be chosen on the first configure
+        subprocess.run(configure, check=True)
+        subprocess.run([cmake, "--build", str(build_dir), "--parallel"], check=True)
+
 
 setup(
     name="llava-fast",
@@ -32,4 +93,6 @@ setup(
         "hub": ["huggingface_hub"],
     },
     entry_points={"console_scripts": ["llava-fast=llava_fast.cli:main"]},
+    ext_modules=[CMakeExtension("llava_fast._C")],
+    cmdclass={"build_ext": CMakeBuild},
 )

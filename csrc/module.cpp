@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <climits>
 #include <string>
 #include <thread>
@@ -39,21 +40,75 @@ bool is_c_contiguous(const py::buffer_info& info) {
   return true;
 }
 
+// The Arrow C data interface structs (https://arrow.apache.org/docs/format/CDataInterface.html), a
+// stable C ABI: Pillow (>= 11.2) exports an image's memory through them without a copy.
+struct ArrowSchema {
+  const char* format;
+  const char* name;
+  const char* metadata;
+  int64_t flags;
+  int64_t n_children;
+  ArrowSchema** children;
+  ArrowSchema* dictionary;
+  void (*release)(ArrowSchema*);
+  void* private_data;
+};
+struct ArrowArray {
+  int64_t length;
+  int64_t null_count;
+  int64_t offset;
+  int64_t n_buffers;
+  int64_t n_children;
+  const void** buffers;
+  ArrowArray** children;
+  ArrowArray* dictionary;
+  void (*release)(ArrowArray*);
+  void* private_data;
+};
+
+void check_size(int64_t h, int64_t w, int shortest_edge, const std::string& where) {
+  if (h <= 0 || w <= 0) throw py::value_error(where + "zero-size image (" + std::to_string(h) + ", " + std::to_string(w) + ")");
+  if (h > INT_MAX / 4 || w > INT_MAX / 4 || h * w > (int64_t(1) << 40))
+    throw py::value_error(where + "image too large (" + std::to_string(h) + ", " + std::to_string(w) + ")");
+  const int64_t long_side = int64_t(shortest_edge) * std::max(h, w) / std::min(h, w);
+  if (shortest_edge > 0 && long_side > INT_MAX / 4)
+    throw py::value_error(where + "aspect ratio too extreme: the resized long side would be " + std::to_string(long_side));
+}
+
+// A PIL RGB image exported as (arrow_schema capsule, arrow_array capsule, height, width): Pillow's RGBX
+// memory, used in place. The capsules stay referenced by the caller's list while we read.
+llava_fast::ImageView arrow_view(const py::tuple& item, size_t index, int shortest_edge) {
+  const std::string where = "image " + std::to_string(index) + ": ";
+  const auto* schema = static_cast<const ArrowSchema*>(PyCapsule_GetPointer(item[0].ptr(), "arrow_schema"));
+  const auto* array = static_cast<const ArrowArray*>(PyCapsule_GetPointer(item[1].ptr(), "arrow_array"));
+  if (schema == nullptr || array == nullptr) {
+    PyErr_Clear();
+    throw py::value_error(where + "expected (arrow_schema, arrow_array, height, width) capsules from a PIL image");
+  }
+  const int64_t h = item[2].cast<int64_t>(), w = item[3].cast<int64_t>();
+  check_size(h, w, shortest_edge, where);
+  const bool rgbx = schema->format != nullptr && std::string(schema->format) == "+w:4" && schema->n_children == 1 &&
+                    std::string(schema->children[0]->format) == "C";
+  if (!rgbx || array->release == nullptr || array->n_children != 1 || array->length != h * w || array->offset != 0 ||
+      array->null_count != 0) {
+    throw py::value_error(where + "the Arrow export is not a contiguous (H*W, 4) uint8 image (format '" +
+                          std::string(schema->format ? schema->format : "?") + "')");
+  }
+  const ArrowArray* bytes = array->children[0];
+  if (bytes->n_buffers != 2 || bytes->offset != 0 || bytes->length != h * w * 4 || bytes->buffers[1] == nullptr)
+    throw py::value_error(where + "the Arrow export's pixel buffer is not one contiguous block");
+  return {static_cast<const uint8_t*>(bytes->buffers[1]), int(h), int(w), 4};
+}
+
 llava_fast::ImageView image_view(const py::buffer_info& info, size_t index, int shortest_edge) {
   const std::string where = "image " + std::to_string(index) + ": ";
   if (info.itemsize != 1 || (info.format != "B" && info.format != "=B" && info.format != "<B" && info.format != "|B"))
     throw py::value_error(where + "expected dtype uint8, got buffer format '" + info.format + "'");
   if (info.ndim != 3 || info.shape[2] != 3)
     throw py::value_error(where + "expected shape (H, W, 3) RGB, got " + shape_string(info));
-  if (info.shape[0] <= 0 || info.shape[1] <= 0) throw py::value_error(where + "zero-size image " + shape_string(info));
+  check_size(info.shape[0], info.shape[1], shortest_edge, where);
   if (!is_c_contiguous(info)) throw py::value_error(where + "array is not C-contiguous (use np.ascontiguousarray)");
-  if (info.shape[0] > INT_MAX / 3 || info.shape[1] > INT_MAX / 3)
-    throw py::value_error(where + "image too large " + shape_string(info));
-  const int64_t h = info.shape[0], w = info.shape[1];
-  const int64_t long_side = shortest_edge * std::max(h, w) / std::min(h, w);
-  if (shortest_edge > 0 && long_side > INT_MAX / 4)
-    throw py::value_error(where + "aspect ratio too extreme: the resized long side would be " + std::to_string(long_side));
-  return {static_cast<const uint8_t*>(info.ptr), int(h), int(w)};
+  return {static_cast<const uint8_t*>(info.ptr), int(info.shape[0]), int(info.shape[1]), 3};
 }
 
 void preprocess_into(const py::list& images, const py::buffer& out, const py::buffer& lut, int shortest_edge,
@@ -98,8 +153,13 @@ void preprocess_into(const py::list& images, const py::buffer& out, const py::bu
   held.reserve(py::len(images));
   for (size_t i = 0; i < py::len(images); ++i) {
     py::handle item = images[i];
+    if (py::isinstance<py::tuple>(item) && py::len(item) == 4) {
+      views.push_back(arrow_view(py::reinterpret_borrow<py::tuple>(item), i, shortest_edge));
+      continue;
+    }
     if (!PyObject_CheckBuffer(item.ptr()))
-      throw py::value_error("image " + std::to_string(i) + ": expected a uint8 (H, W, 3) array, got " +
+      throw py::value_error("image " + std::to_string(i) + ": expected a uint8 (H, W, 3) array or a PIL image's "
+                            "(arrow_schema, arrow_array, height, width), got " +
                             std::string(py::str(py::type::handle_of(item).attr("__name__"))));
     held.push_back(py::reinterpret_borrow<py::buffer>(item).request());
     views.push_back(image_view(held.back(), i, shortest_edge));
@@ -157,12 +217,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("threads") = 1,
         "Pad (pad_fill = RGB colour or None), resize the shortest edge (0: no resize) with Pillow's bicubic, "
         "center-crop to out's (H, W) and write lut[c][level] into out (N, 3, H, W). images: C-contiguous "
-        "uint8 (H, W, 3) arrays; out and lut: buffers of the same 2- or 4-byte element size. pass_order: 0 "
+        "uint8 (H, W, 3) arrays, or (*pil_image.__arrow_c_array__(), height, width) for a PIL RGB image "
+        "(read in place); out and lut: buffers of the same 2- or 4-byte element size. pass_order: 0 "
         "= Pillow <= 12 (horizontal pass first), 1 = Pillow >= 13 (vertical first for tall shrinks).");
   m.def("resized_size", [](int h, int w, int edge) {
     int oh, ow;
     llava_fast::resized_size(h, w, edge, &oh, &ow);
     return py::make_tuple(oh, ow);
   });
+  m.def("use_kernels", &llava_fast::use_kernels, py::arg("name"),
+        "Switch the resize kernels: 'scalar' or 'best' (the default; AVX2 when the CPU has it). For tests.");
   m.def("build_info", &build_info, "How this extension was compiled: compiler, flags, SIMD, threading.");
 }

@@ -3,14 +3,16 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace llava_fast {
 
-struct ImageView {  // a C-contiguous (height, width, 3) uint8 image owned by the caller
+struct ImageView {  // a C-contiguous (height, width, pixel_bytes) uint8 image owned by the caller
   const uint8_t* data;
   int height;
   int width;
+  int pixel_bytes;  // 3: RGB (numpy); 4: RGBX, the 4th byte ignored (Pillow's own memory for RGB images)
 };
 
 // Order of Pillow's two resize passes: always horizontal first (Pillow <= 12), or vertical first when the
@@ -32,8 +34,11 @@ struct PreprocessParams {
 // (height, width) after the shortest-edge resize, truncating the long side as transformers does.
 void resized_size(int height, int width, int shortest_edge, int* out_height, int* out_width);
 
-// "avx2" or "scalar": the kernels this CPU runs (chosen once, at first use).
+// "avx2" or "scalar": the kernels in use (the best this CPU runs, unless use_kernels said otherwise).
 const char* kernel_isa();
+
+// Switch kernels: "scalar" or "best" (for tests; both must give the same bytes). False for other names.
+bool use_kernels(const std::string& name);
 
 // Writes images[i] into out + i * 3 * out_height * out_width elements (NCHW). Runs on `threads` threads;
 // touches no Python state, so the caller can release the GIL around it.

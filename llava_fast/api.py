@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -83,6 +84,7 @@ class LlavaModel:
     def __init__(self, net: LlavaForCausalLM, tokenizer: Tokenizer, processor: ImageProcessor):
         self.net, self.tokenizer, self.processor = net, tokenizer, processor
         self.config: LlavaConfig = net.cfg
+        self.last_stats: dict = {}  # the last generation's token counts and timings (see _stream_rows)
 
     @property
     def image_token_id(self) -> int:
@@ -164,13 +166,23 @@ class LlavaModel:
         if decoder is None:
             decoder = Decoder(self.net, len(rows), max(len(r) for r in rows) + max_new_tokens)
         outputs = [_RowOutput(self.tokenizer, stop, eos_token_id) for _ in rows]
+        start = time.perf_counter()
         logits = decoder.prefill(new_rows or rows, pixel_values, start_pos)
         steps = generate_token_steps(decoder, logits, max_new_tokens, sampling)
-        for tokens in steps:
-            deltas = [out.push(t) if not out.done else "" for out, t in zip(outputs, tokens.tolist())]
+        first = None
+        for n, tokens in enumerate(steps, 1):
+            tokens = tokens.tolist()  # the one host sync per step: EOS and stop strings are checked here
+            first = first or time.perf_counter()
+            deltas = [out.push(t) if not out.done else "" for out, t in zip(outputs, tokens)]
             if all(out.done for out in outputs):
                 steps.close()
             yield deltas
+        end = time.perf_counter()
+        self.last_stats = {
+            "prompt_tokens": sum(map(len, new_rows or rows)), "new_tokens": sum(len(o.ids) for o in outputs),
+            "steps": n, "time_to_first_token_s": first - start,
+            "decode_tokens_per_s": (n - 1) * len(rows) / (end - first) if n > 1 else 0.0,
+        }
         yield [out.finish() for out in outputs]
         return [out.ids for out in outputs]
 

@@ -1,4 +1,4 @@
-"""`llava-fast`: generate, chat (and, as their issues land, train and bench).
+"""`llava-fast`: generate, chat, train, bench.
 
 Bad input exits with code 2 and one line on stderr, never a traceback.
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 from llava_fast.errors import LlavaFastError
 
@@ -49,27 +48,22 @@ def _sampling(args):
 
 
 def cmd_generate(args):
+    import llava_fast
     from llava_fast.presets import BUNDLED_IMAGE
 
     model = _load(args)
     image = args.image if args.image is not None else (None if args.model else BUNDLED_IMAGE)
     if args.no_image:
         image = None
-    start = time.perf_counter()
-    first = None
-    pieces = []
     for delta in model.stream(args.prompt, image, **_sampling(args)):
-        first = first or time.perf_counter()
-        pieces.append(delta)
         sys.stdout.write(delta)
         sys.stdout.flush()
-    end = time.perf_counter()
     sys.stdout.write("\n")
-    n = len(model.tokenizer.encode("".join(pieces), add_bos=False)) if pieces else 0
-    if first is not None and n > 1:
-        print(f"[{n} tokens; first text after {1e3 * (first - start):.0f} ms; "
-              f"{(n - 1) / max(end - first, 1e-9):.1f} tokens/s after that; device {model.device}, "
-              f"{str(model.dtype).replace('torch.', '')}]", file=sys.stderr)
+    s = model.last_stats
+    print(f"[{s['prompt_tokens']} prompt tokens, {s['new_tokens']} new; time to first token "
+          f"{1e3 * s['time_to_first_token_s']:.0f} ms; decode {s['decode_tokens_per_s']:.1f} tokens/s; "
+          f"{model.device}, {str(model.dtype).replace('torch.', '')}, kernels: {llava_fast.ops.BACKEND}]",
+          file=sys.stderr)
     return 0
 
 
@@ -111,7 +105,21 @@ def build_parser():
     return parser
 
 
+# Subcommands whose parsers live with their code (train/, bench/): llava-fast <name> ... -> <module>.main(argv).
+DELEGATED = {"train": "llava_fast.train.cli", "bench": "llava_fast.bench.cli"}
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        try:
+            module = importlib.import_module(DELEGATED[argv[0]])
+        except ModuleNotFoundError:
+            print(f"llava-fast: error: '{argv[0]}' is not available in this build", file=sys.stderr)
+            return 2
+        return module.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 with one usage line on bad flags
     try:

@@ -478,14 +478,23 @@ def _native_unsupported(processor: ImageProcessor) -> str | None:
     return None
 
 
-def _native_array(image) -> np.ndarray:
-    """Any supported image -> C-contiguous (H, W, 3) uint8, without a copy where one is not needed."""
+def _native_input(image):
+    """Any supported image -> what llava_fast._C reads: a PIL RGB image's own memory through the Arrow C
+    data interface (Pillow >= 11.2; no copy, where np.asarray(image) costs 0.5 ms for 640x480 in the
+    calling thread), else a C-contiguous (H, W, 3) uint8 array."""
     if isinstance(image, np.ndarray):
         return rgb_array(image)
     if isinstance(image, PIL.Image.Image) and image.mode == "RGB" and "transparency" not in image.info:
         _check_nonempty(image.width, image.height, "PIL image")
-        return np.asarray(image)
+        try:  # raises for images Pillow keeps in several memory blocks (over 16 MiB)
+            return (*image.__arrow_c_array__(), image.height, image.width)
+        except (AttributeError, ValueError):
+            return np.asarray(image)
     return np.asarray(load_image(image))
+
+
+def _input_size(item) -> tuple[int, int]:
+    return (item[2], item[3]) if isinstance(item, tuple) else item.shape[:2]
 
 
 def _check_out(out: torch.Tensor, shape, dtype: torch.dtype) -> None:
@@ -495,10 +504,10 @@ def _check_out(out: torch.Tensor, shape, dtype: torch.dtype) -> None:
 
 def _preprocess_native(processor: ImageProcessor, images, dtype: torch.dtype, out, device) -> torch.Tensor:
     native = _native_module()
-    arrays = [_native_array(image) for image in images]
+    arrays = [_native_input(image) for image in images]
     sizes = []
     for array in arrays:
-        height, width = array.shape[:2]
+        height, width = _input_size(array)
         if processor.image_aspect_ratio == "pad":
             height = width = max(height, width)
         if processor.do_resize:

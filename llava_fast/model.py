@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 from llava_fast import ops
@@ -223,6 +224,7 @@ class LlavaForCausalLM(nn.Module):
         self.language_model = LlamaModel(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         self.rope = None  # (cos, sin) fp32 tables, built by init_rope() once the device is known
+        self.gradient_checkpointing = False  # training: recompute each decoder layer in backward
 
     def init_rope(self, device=None):
         t = self.cfg.text
@@ -246,9 +248,23 @@ class LlavaForCausalLM(nn.Module):
             self.init_rope(x.device)
         residual = None
         for i, layer in enumerate(self.language_model.layers):
-            x, residual = layer(x, residual, self.rope, None if cache is None else cache.layer(i), start_pos, seq_lens)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, residual = torch.utils.checkpoint.checkpoint(layer, x, residual, self.rope, None, None, None,
+                                                                use_reentrant=False)
+            else:
+                x, residual = layer(x, residual, self.rope, None if cache is None else cache.layer(i), start_pos,
+                                    seq_lens)
         return self.language_model.norm(x, residual)[0]
 
     def forward(self, input_ids, pixel_values=None):
-        """Full-sequence logits (B, T, V), no cache (parity tests, training)."""
+        """Full-sequence logits (B, T, V), no cache (parity tests)."""
         return self.lm_head(self.decode_hidden(self.embed(input_ids, pixel_values)))
+
+    def loss(self, input_ids, labels, pixel_values=None, ignore_index=-100):
+        """Training loss: mean next-token cross-entropy over labels != ignore_index. input_ids/labels (B, T),
+        unshifted (labels[t] is the target at position t, as transformers takes them); the (B*T, V) logits are
+        never materialised on the Triton path (fused linear + cross-entropy)."""
+        hidden = self.decode_hidden(self.embed(input_ids, pixel_values))  # (B, T, C)
+        C = hidden.shape[-1]
+        return ops.linear_cross_entropy(hidden[:, :-1].reshape(-1, C), self.lm_head.weight,
+                                        labels[:, 1:].reshape(-1), ignore_index)
