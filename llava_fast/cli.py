@@ -105,8 +105,9 @@ def build_parser():
     return parser
 
 
-# Subcommands whose parsers live with their code (train/, bench/): llava-fast <name> ... -> <module>.main(argv).
-DELEGATED = {"train": "llava_fast.train.cli", "bench": "llava_fast.bench.cli"}
+# Subcommands whose parsers live with their code (train/, bench/): llava-fast <name> ... -> module.function(argv).
+DELEGATED = {"train": "llava_fast.train.cli:main", "merge-lora": "llava_fast.train.cli:merge_lora_main",
+             "bench": "llava_fast.bench.cli:main"}
 
 
 def main(argv=None):
@@ -114,12 +115,19 @@ def main(argv=None):
     if argv and argv[0] in DELEGATED:
         import importlib
 
+        module_name, function = DELEGATED[argv[0]].split(":")
         try:
-            module = importlib.import_module(DELEGATED[argv[0]])
-        except ModuleNotFoundError:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
             print(f"llava-fast: error: '{argv[0]}' is not available in this build", file=sys.stderr)
             return 2
-        return module.main(argv[1:])
+        try:
+            return getattr(module, function)(argv[1:])
+        except LlavaFastError as e:
+            print(f"llava-fast: error: {e}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 with one usage line on bad flags
     try:
