@@ -36,22 +36,23 @@ class CMakeBuild(build_ext):
         if os.environ.get("LLAVA_FAST_BUILD_NATIVE", "1") == "0":
             print("llava-fast: LLAVA_FAST_BUILD_NATIVE=0, not building llava_fast._C")
             return
+        build_dir = Path(self.build_temp).resolve() / "cmake"
         try:
-            self._cmake_build(ext)
+            self._cmake_build(build_dir)
         except (OSError, ImportError, subprocess.CalledProcessError) as err:
+            shutil.rmtree(build_dir, ignore_errors=True)  # a cache that found no compiler would stick
             message = (f"llava-fast: the native extension llava_fast._C was not built ({err}); the package "
                        "installs without it and uses its Python paths (slower image preprocessing)")
             print(message, file=sys.stderr)
             self.warn(message)
 
-    def _cmake_build(self, ext):
+    def _cmake_build(self, build_dir: Path):
         import pybind11  # a build requirement (pyproject.toml); missing only without build isolation
 
         cmake = shutil.which("cmake")
         if cmake is None:
             raise OSError("cmake not found")
-        output = Path(self.get_ext_fullpath(ext.name)).resolve()
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        output = Path(self.get_ext_fullpath("llava_fast._C")).resolve()
         configure = [
             cmake, "-S", str(ROOT), "-B", str(build_dir),
             "-DCMAKE_BUILD_TYPE=Release",

@@ -186,21 +186,18 @@ py::dict build_info() {
   info["cxx_standard"] = long(__cplusplus);
   info["build_type"] = LLAVA_FAST_BUILD_TYPE;
   info["flags"] = LLAVA_FAST_CXX_FLAGS;
-  std::vector<std::string> simd;
+  std::vector<std::string> baseline;  // instruction sets the whole build may assume (compiler flags)
 #ifdef __SSE4_1__
-  simd.push_back("sse4.1");
+  baseline.push_back("sse4.1");
 #endif
 #ifdef __AVX2__
-  simd.push_back("avx2");
-#endif
-#ifdef __AVX512F__
-  simd.push_back("avx512f");
+  baseline.push_back("avx2");
 #endif
 #ifdef __ARM_NEON
-  simd.push_back("neon");
+  baseline.push_back("neon");
 #endif
-  info["simd"] = simd;
-  info["kernels"] = llava_fast::kernel_isa();  // runtime-dispatched: "avx2" when the CPU has it
+  info["baseline_simd"] = baseline;
+  info["kernels"] = llava_fast::kernel_isa();  // the resize kernels in use: "avx2" (runtime dispatch) or "scalar"
   info["threading"] = "std::thread, one per core asked for, GIL released";
   info["hardware_threads"] = std::thread::hardware_concurrency();
   info["pybind11"] = std::to_string(PYBIND11_VERSION_MAJOR) + "." + std::to_string(PYBIND11_VERSION_MINOR) + "." +

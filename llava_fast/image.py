@@ -446,8 +446,8 @@ def _native_module():
 def _probe_pass_order(native) -> int | None:
     """Which order of Pillow's two resize passes the installed Pillow uses (0: horizontal first, as up to
     Pillow 12; 1: vertical first when the height shrinks by over twice as many pixels as the width, as
-    from 13), or None if neither reproduces it. Probe images are tall shrinks where the orders differ;
-    about 1 ms, once per process."""
+    from 13), or None if neither reproduces it. The first two probes are tall shrinks where the orders
+    give different bytes, the third shrinks just outside the rule; about 1 ms, once per process."""
     rng = np.random.default_rng(2024)
     probes = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((86, 15, 3), (150, 41, 3), (97, 60, 3))]
     edge = 7

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import checkpoints as ck
 import llava_fast
+from llava_fast import ops
 
 LAYOUTS = ["save_pretrained", "hub", "model_prefix", "original"]
 VARIANTS = {  # (GQA, vision_feature_layer, select strategy)
@@ -18,6 +19,15 @@ VARIANTS = {  # (GQA, vision_feature_layer, select strategy)
     "mha-layer-1-full": dict(gqa=False, feature_layer=-1, strategy="full"),
 }
 NEW_TOKENS = 20
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request):
+    """The suite runs on the torch path and again with the Triton kernels (the interpreter on a CPU)."""
+    before = ops.BACKEND
+    ops.use_backend(request.param)
+    yield request.param
+    ops.use_backend(before)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +62,7 @@ def _hf_ids(model, row):  # the oracle's vocabulary marks images with 32000
 
 
 @pytest.mark.parametrize("checkpoint", CASES, indirect=True, ids=[f"{a}-{b}" for a, b in CASES])
-def test_logits_and_greedy_match_transformers(checkpoint):
+def test_logits_and_greedy_match_transformers(checkpoint, backend):
     hf, model = checkpoint
     size = model.config.vision.image_size
     rows, images_per_row = _rows(model)
@@ -102,7 +112,7 @@ def _composed_oracle_logits(hf, w, b, ids, pixel_values, image_token_id):
     return lm_head(lm(inputs_embeds=embeds).last_hidden_state)
 
 
-def test_original_linear_projector_matches_composed_oracle(linear_checkpoint):
+def test_original_linear_projector_matches_composed_oracle(linear_checkpoint, backend):
     hf, w, b, model = linear_checkpoint
     assert model.config.projector_type == "linear" and model.config.layout == "original"
     assert model.image_token_id == 32064  # no <image> row in an original vocabulary: the id after the last

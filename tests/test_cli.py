@@ -1,0 +1,65 @@
+"""The command line: streams to stdout, and bad input is exit code 2 with one line on stderr."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import checkpoints as ck
+
+IMAGE = os.path.join(ck.IMAGE_DIR, "waterview.jpg")
+
+
+def run(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "llava_fast", *args], capture_output=True, text=True, input=stdin,
+                          timeout=300, env={**os.environ, "LLAVA_FAST_KERNELS": "torch"})
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    return ck.write_checkpoint(ck.make_hf_model(seed=4), str(tmp_path_factory.mktemp("cli")), "hub")
+
+
+def test_generate_streams_the_same_text_as_the_api(ckpt_dir):
+    import llava_fast
+
+    r = run("generate", "--model", ckpt_dir, "--image", IMAGE, "--prompt", "Describe it.", "--max-new-tokens", "9",
+            "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    expected = llava_fast.load(ckpt_dir, device="cpu").generate("Describe it.", IMAGE, max_new_tokens=9)
+    assert r.stdout == expected + "\n"
+    assert "tokens/s" in r.stderr
+
+
+def test_generate_default_runs_the_builtin_random_model():
+    r = run("generate", "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    assert "RANDOM weights" in r.stderr and "tokens/s" in r.stderr
+
+
+def test_chat_reads_one_turn_per_line(ckpt_dir):
+    r = run("chat", "--model", ckpt_dir, "--image", IMAGE, "--max-new-tokens", "5", stdin="Hello\nWhat now?\n")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip("\n").split("\n")) >= 2
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--image", "/no/such/image.jpg"], "/no/such/image.jpg"),
+    (["--template", "bogus"], "bogus"),
+    (["--max-new-tokens", "100000"], "context length"),
+    (["--dtype", "float7"], "float7"),
+    (["--prompt", "<image> <image>"], "2 <image> markers"),
+])
+def test_bad_input_is_exit_2_and_one_line(ckpt_dir, args, needle):
+    base = ["generate", "--model", ckpt_dir, "--image", IMAGE, "--device", "cpu"]
+    r = run(*base, *args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llava-fast: error:") and needle in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_checkpoint_is_exit_2(tmp_path):
+    r = run("generate", "--model", str(tmp_path), "--image", IMAGE)
+    assert r.returncode == 2 and "config.json" in r.stderr and "Traceback" not in r.stderr
