@@ -18,6 +18,8 @@ does the same arithmetic in C++ across threads; `ImageProcessor(backend=...)` pi
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import warnings
 from dataclasses import dataclass, field, replace
@@ -497,6 +499,18 @@ def _input_size(item) -> tuple[int, int]:
     return (item[2], item[3]) if isinstance(item, tuple) else item.shape[:2]
 
 
+def _empty_cpu(shape, dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty, backed by 2 MiB pages when large: the first write to a fresh 43 MB batch
+    (32 x 3 x 336 x 336 float32) page-faults 10,000 4 KiB pages, 10 ms on the 2-core VM, a third of the
+    native batch time; transparent huge pages (where the kernel allows them on request) halve that."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes < (8 << 20) or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype)
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(memory, dtype=dtype).view(shape)  # the tensor keeps `memory` alive
+
+
 def _check_out(out: torch.Tensor, shape, dtype: torch.dtype) -> None:
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
         raise ValueError(f"out must be a {dtype} tensor of shape {tuple(shape)}, got {out.dtype} {tuple(out.shape)}")
@@ -528,9 +542,10 @@ def _preprocess_native(processor: ImageProcessor, images, dtype: torch.dtype, ou
     if writes_into_out:
         _check_out(out, shape, dtype)
         pixels = out
+    elif device is not None and torch.device(device).type == "cuda":
+        pixels = torch.empty(shape, dtype=compute_dtype, pin_memory=True)  # so the copy can overlap
     else:
-        pinned = device is not None and torch.device(device).type == "cuda"
-        pixels = torch.empty(shape, dtype=compute_dtype, pin_memory=pinned)
+        pixels = _empty_cpu(shape, compute_dtype)
     levels = torch.arange(256, dtype=torch.uint8).expand(3, 256)  # (3, 256): every uint8 level per channel
     table = processor.rescale_and_normalize(levels).to(compute_dtype).contiguous()
     bits = _OUTPUT_BITS[compute_dtype]

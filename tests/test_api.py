@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import checkpoints as ck
+from conftest import DEVICE
 import llava_fast
 from llava_fast.errors import CheckpointError, ImageError, InputError
 from llava_fast.generate import Sampling, sample_next_token
@@ -26,7 +27,7 @@ def ckpt_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(ckpt_dir):
-    return llava_fast.load(ckpt_dir, device="cpu", dtype="float32")
+    return llava_fast.load(ckpt_dir, device=DEVICE, dtype="float32")
 
 
 def test_load_exposes_model_facts(model):
@@ -213,7 +214,7 @@ def test_checkpoint_with_missing_shard(ckpt_dir, tmp_path):
     bad = _copy(ckpt_dir, tmp_path / "ck")
     os.remove(os.path.join(bad, "model-00002-of-00002.safetensors"))
     with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
-        llava_fast.load(bad, device="cpu")
+        llava_fast.load(bad, device=DEVICE)
 
 
 def test_checkpoint_with_missing_unexpected_and_misshapen_weights(ckpt_dir, tmp_path):
@@ -229,16 +230,16 @@ def test_checkpoint_with_missing_unexpected_and_misshapen_weights(ckpt_dir, tmp_
 
     key = next(k for k in load_file(os.path.join(ckpt_dir, "model-00001-of-00002.safetensors")) if "weight" in k)
     with pytest.raises(CheckpointError, match="missing weights"):
-        llava_fast.load(rewrite(lambda s: s.pop(key), "missing"), device="cpu")
+        llava_fast.load(rewrite(lambda s: s.pop(key), "missing"), device=DEVICE)
     with pytest.raises(CheckpointError, match="unexpected weights.*surprise"):
-        llava_fast.load(rewrite(lambda s: s.update({"surprise.weight": torch.ones(2)}), "extra"), device="cpu")
+        llava_fast.load(rewrite(lambda s: s.update({"surprise.weight": torch.ones(2)}), "extra"), device=DEVICE)
     with pytest.raises(CheckpointError, match="has shape"):
-        llava_fast.load(rewrite(lambda s: s.update({key: torch.ones(3, 3)}), "shape"), device="cpu")
+        llava_fast.load(rewrite(lambda s: s.update({key: torch.ones(3, 3)}), "shape"), device=DEVICE)
     bad = _copy(ckpt_dir, tmp_path / "corrupt")
     with open(os.path.join(bad, "model-00001-of-00002.safetensors"), "r+b") as f:
         f.truncate(200)
     with pytest.raises(CheckpointError, match="model-00001-of-00002.safetensors"):
-        llava_fast.load(bad, device="cpu")
+        llava_fast.load(bad, device=DEVICE)
 
 
 def test_unknown_architecture_and_not_a_checkpoint(ckpt_dir, tmp_path):
@@ -248,12 +249,12 @@ def test_unknown_architecture_and_not_a_checkpoint(ckpt_dir, tmp_path):
     cfg.update(model_type="mistral", architectures=["MistralForCausalLM"])
     json.dump(cfg, open(cfg_path, "w"))
     with pytest.raises(CheckpointError, match="unknown architecture"):
-        llava_fast.load(bad, device="cpu")
+        llava_fast.load(bad, device=DEVICE)
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
-        llava_fast.load(str(tmp_path / "nowhere"), device="cpu")
+        llava_fast.load(str(tmp_path / "nowhere"), device=DEVICE)
     os.remove(os.path.join(bad, "config.json"))
     with pytest.raises(CheckpointError, match="config.json: file not found"):
-        llava_fast.load(bad, device="cpu")
+        llava_fast.load(bad, device=DEVICE)
 
 
 def test_original_checkpoint_needs_its_vision_tower(tmp_path):
@@ -261,16 +262,40 @@ def test_original_checkpoint_needs_its_vision_tower(tmp_path):
     path = ck.write_checkpoint(hf, str(tmp_path / "orig"), "original")
     shutil.move(os.path.join(path, "clip"), str(tmp_path / "clip-elsewhere"))
     with pytest.raises(CheckpointError, match="vision_tower"):
-        llava_fast.load(path, device="cpu")
-    model = llava_fast.load(path, device="cpu", vision_tower=str(tmp_path / "clip-elsewhere"))
+        llava_fast.load(path, device=DEVICE)
+    model = llava_fast.load(path, device=DEVICE, vision_tower=str(tmp_path / "clip-elsewhere"))
     assert model.config.template == "vicuna_v1" and model.processor.image_aspect_ratio == "pad"
     assert model.generate("Describe.", IMAGES[0], max_new_tokens=3)
 
 
 def test_half_precision_load_tracks_float32(ckpt_dir, model):
-    half = llava_fast.load(ckpt_dir, device="cpu", dtype="bfloat16")
+    half = llava_fast.load(ckpt_dir, device=DEVICE, dtype="bfloat16")
     assert half.dtype == torch.bfloat16
     rows = [model.encode_prompt("Describe.", 1)]
     pv = model.pixel_values([IMAGES[0]])
     ref, got = model.logits(rows, pv), half.logits(rows, pv)
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def _stream_ids(model, rows, pv, sync_every, eos):
+    steps = model._stream_rows(rows, pv, max_new_tokens=12, sampling=Sampling(), stop=[], eos_token_id=eos,
+                               sync_every=sync_every)
+    texts = ["" for _ in rows]
+    while True:
+        try:
+            texts = [t + d for t, d in zip(texts, next(steps))]
+        except StopIteration as done:
+            return done.value, texts
+
+
+def test_reading_tokens_back_in_chunks_changes_nothing(model):
+    """On a GPU new tokens are read back every 16 steps; rows that end mid-chunk must end exactly where they
+    would have with a read-back every step."""
+    rows = [model.encode_prompt("Describe it.", 1), model.encode_prompt("Count to ten.", 0)]
+    pv = model.pixel_values([IMAGES[0]])
+    free = model.generate_ids(rows, pv, max_new_tokens=12, eos_token_id=None)
+    eos = free[0][4]  # ends row 0 inside a chunk
+    per_step = _stream_ids(model, rows, pv, 1, eos)
+    assert per_step[0][0] == free[0][: free[0].index(eos) + 1]
+    for every in (3, 5, 16):
+        assert _stream_ids(model, rows, pv, every, eos) == per_step

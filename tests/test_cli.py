@@ -7,13 +7,14 @@ import sys
 import pytest
 
 import checkpoints as ck
+from conftest import DEVICE
 
 IMAGE = os.path.join(ck.IMAGE_DIR, "waterview.jpg")
 
 
 def run(*args, stdin=None):
     return subprocess.run([sys.executable, "-m", "llava_fast", *args], capture_output=True, text=True, input=stdin,
-                          timeout=300, env={**os.environ, "LLAVA_FAST_KERNELS": "torch"})
+                          timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -25,21 +26,21 @@ def test_generate_streams_the_same_text_as_the_api(ckpt_dir):
     import llava_fast
 
     r = run("generate", "--model", ckpt_dir, "--image", IMAGE, "--prompt", "Describe it.", "--max-new-tokens", "9",
-            "--device", "cpu")
+            "--device", DEVICE)
     assert r.returncode == 0, r.stderr
-    expected = llava_fast.load(ckpt_dir, device="cpu").generate("Describe it.", IMAGE, max_new_tokens=9)
+    expected = llava_fast.load(ckpt_dir, device=DEVICE).generate("Describe it.", IMAGE, max_new_tokens=9)
     assert r.stdout == expected + "\n"
     assert "tokens/s" in r.stderr
 
 
 def test_generate_default_runs_the_builtin_random_model():
-    r = run("generate", "--max-new-tokens", "4")
+    r = run("generate", "--max-new-tokens", "4", "--device", DEVICE)
     assert r.returncode == 0, r.stderr
     assert "RANDOM weights" in r.stderr and "tokens/s" in r.stderr
 
 
 def test_chat_reads_one_turn_per_line(ckpt_dir):
-    r = run("chat", "--model", ckpt_dir, "--image", IMAGE, "--max-new-tokens", "5", stdin="Hello\nWhat now?\n")
+    r = run("chat", "--model", ckpt_dir, "--image", IMAGE, "--max-new-tokens", "5", "--device", DEVICE, stdin="Hello\nWhat now?\n")
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip("\n").split("\n")) >= 2
 
@@ -52,7 +53,7 @@ def test_chat_reads_one_turn_per_line(ckpt_dir):
     (["--prompt", "<image> <image>"], "2 <image> markers"),
 ])
 def test_bad_input_is_exit_2_and_one_line(ckpt_dir, args, needle):
-    base = ["generate", "--model", ckpt_dir, "--image", IMAGE, "--device", "cpu"]
+    base = ["generate", "--model", ckpt_dir, "--image", IMAGE, "--device", DEVICE]
     r = run(*base, *args)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import checkpoints as ck
+from conftest import DEVICE
 import llava_fast
 from llava_fast import ops
 
@@ -17,7 +18,7 @@ from llava_fast import ops
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     hf = ck.make_hf_model(seed=21, gqa=True, feature_layer=-2)
-    return llava_fast.load(ck.write_checkpoint(hf, str(tmp_path_factory.mktemp("tri")), "hub"), device="cpu")
+    return llava_fast.load(ck.write_checkpoint(hf, str(tmp_path_factory.mktemp("tri")), "hub"), device=DEVICE)
 
 
 @pytest.fixture

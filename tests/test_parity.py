@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoints as ck
+from conftest import DEVICE
 import llava_fast
 from llava_fast import ops
 
@@ -35,7 +36,7 @@ def checkpoint(tmp_path_factory, request):
     layout, variant = request.param
     hf = ck.make_hf_model(seed=hash(variant) % 1000, **VARIANTS[variant])
     path = ck.write_checkpoint(hf, str(tmp_path_factory.mktemp(f"{layout}-{variant}")), layout)
-    return hf, llava_fast.load(path, device="cpu", dtype="float32")
+    return hf, llava_fast.load(path, device=DEVICE, dtype="float32")
 
 
 CASES = [(layout, variant) for layout in LAYOUTS for variant in VARIANTS]
@@ -71,7 +72,7 @@ def test_logits_and_greedy_match_transformers(checkpoint, backend):
 
     # Logits, row by row (transformers takes the same expanded ids).
     for row, pv in zip(rows, per_row_pixels):
-        ours = model.logits([row], pv if len(pv) else None)
+        ours = model.logits([row], pv if len(pv) else None).cpu()
         with torch.no_grad():
             ref = hf(input_ids=_hf_ids(model, row), pixel_values=pv if len(pv) else None).logits
         assert ours.shape == ref.shape
@@ -96,7 +97,7 @@ def linear_checkpoint(tmp_path_factory):
     hf = ck.make_hf_model(seed=7, gqa=True, feature_layer=-2, strategy="default")
     path = str(tmp_path_factory.mktemp("original-linear"))
     w, b = ck.write_original_linear(hf, path)
-    return hf, w, b, llava_fast.load(path, device="cpu", dtype="float32")
+    return hf, w, b, llava_fast.load(path, device=DEVICE, dtype="float32")
 
 
 def _composed_oracle_logits(hf, w, b, ids, pixel_values, image_token_id):
@@ -125,7 +126,7 @@ def test_original_linear_projector_matches_composed_oracle(linear_checkpoint, ba
         ids = torch.tensor([row])
         with torch.no_grad():
             ref = _composed_oracle_logits(hf, w, b, ids, pv, model.image_token_id)
-        torch.testing.assert_close(model.logits(ids, pv), ref, atol=1e-4, rtol=0)
+        torch.testing.assert_close(model.logits(ids, pv).cpu(), ref, atol=1e-4, rtol=0)
         expected = []  # greedy, no cache: recompute the whole sequence each step
         with torch.no_grad():
             for _ in range(NEW_TOKENS):
@@ -137,7 +138,7 @@ def test_original_linear_projector_matches_composed_oracle(linear_checkpoint, ba
 
 def test_vision_layers_after_feature_layer_are_never_built(tmp_path):
     hf = ck.make_hf_model(seed=1, vision_layers=4, feature_layer=-2)
-    model = llava_fast.load(ck.write_checkpoint(hf, str(tmp_path), "hub"), device="cpu")
+    model = llava_fast.load(ck.write_checkpoint(hf, str(tmp_path), "hub"), device=DEVICE)
     names = dict(model.net.named_parameters())
     assert len(model.net.vision_tower.encoder.layers) == 3  # 4 layers, feature layer -2 = output of layer 3
     assert not any("post_layernorm" in n or "encoder.layers.3." in n for n in names)
