@@ -299,3 +299,26 @@ def test_reading_tokens_back_in_chunks_changes_nothing(model):
     assert per_step[0][0] == free[0][: free[0].index(eos) + 1]
     for every in (3, 5, 16):
         assert _stream_ids(model, rows, pv, every, eos) == per_step
+
+
+def test_legitimately_unused_weights_are_skipped(ckpt_dir, tmp_path):
+    """Older transformers saved CLIP's position_ids and LLaMA's rotary inv_freq buffers: not errors."""
+    from safetensors.torch import load_file, save_file
+
+    path = _copy(ckpt_dir, tmp_path / "buffers")
+    shard = os.path.join(path, "model-00001-of-00002.safetensors")
+    state = load_file(shard)
+    state["vision_tower.vision_model.embeddings.position_ids"] = torch.arange(5).unsqueeze(0)
+    state["language_model.model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.rand(8)
+    save_file(state, shard, metadata={"format": "pt"})
+    index = json.load(open(os.path.join(path, "model.safetensors.index.json")))
+    assert llava_fast.load(path, device=DEVICE).generate("hi", max_new_tokens=2) is not None
+    assert "vision_tower.vision_model.post_layernorm.weight" in index["weight_map"]  # present, and skipped
+
+
+def test_hub_id_without_huggingface_hub_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if not installed
+    with pytest.raises(CheckpointError, match="install huggingface_hub"):
+        llava_fast.load("llava-hf/llava-1.5-7b-hf")
