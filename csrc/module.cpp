@@ -67,12 +67,14 @@ struct ArrowArray {
 };
 
 void check_size(int64_t h, int64_t w, int shortest_edge, const std::string& where) {
-  if (h <= 0 || w <= 0) throw py::value_error(where + "zero-size image (" + std::to_string(h) + ", " + std::to_string(w) + ")");
+  const std::string shape = "(" + std::to_string(h) + ", " + std::to_string(w) + ")";
+  if (h <= 0 || w <= 0) throw py::value_error(where + "zero-size image " + shape);
   if (h > INT_MAX / 4 || w > INT_MAX / 4 || h * w > (int64_t(1) << 40))
-    throw py::value_error(where + "image too large (" + std::to_string(h) + ", " + std::to_string(w) + ")");
+    throw py::value_error(where + "image too large " + shape);
   const int64_t long_side = int64_t(shortest_edge) * std::max(h, w) / std::min(h, w);
   if (shortest_edge > 0 && long_side > INT_MAX / 4)
-    throw py::value_error(where + "aspect ratio too extreme: the resized long side would be " + std::to_string(long_side));
+    throw py::value_error(where + "aspect ratio too extreme: the resized long side would be " +
+                          std::to_string(long_side));
 }
 
 // A PIL RGB image exported as (arrow_schema capsule, arrow_array capsule, height, width): Pillow's RGBX
@@ -210,7 +212,8 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "llava-fast native code: image preprocessing (see csrc/preprocess.cpp).";
   m.def("preprocess_into", &preprocess_into, py::arg("images"), py::arg("out"), py::arg("lut"),
-        py::arg("shortest_edge"), py::arg("pad_fill") = py::none(), py::arg("pass_order") = llava_fast::kPassOrderPillow13,
+        py::arg("shortest_edge"), py::arg("pad_fill") = py::none(),
+        py::arg("pass_order") = llava_fast::kPassOrderPillow13,
         py::arg("threads") = 1,
         "Pad (pad_fill = RGB colour or None), resize the shortest edge (0: no resize) with Pillow's bicubic, "
         "center-crop to out's (H, W) and write lut[c][level] into out (N, 3, H, W). images: C-contiguous "

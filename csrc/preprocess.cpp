@@ -39,7 +39,7 @@
 #include <string>
 #include <thread>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(LLAVA_FAST_NO_AVX2)
 #define LLAVA_FAST_AVX2 1
 #include <immintrin.h>
 #endif
@@ -482,7 +482,8 @@ void run_batch(const std::vector<ImageView>& images, T* out, const PreprocessPar
   const int block_columns = (p.out_width + blocks - 1) / blocks;
   std::vector<WorkItem> items;
   for (int i = 0; i < int(images.size()); ++i)
-    for (int c = 0; c < p.out_width; c += block_columns) items.push_back({i, c, std::min(c + block_columns, p.out_width)});
+    for (int c = 0; c < p.out_width; c += block_columns)
+      items.push_back({i, c, std::min(c + block_columns, p.out_width)});
 
   std::atomic<size_t> next{0};
   std::exception_ptr failure;

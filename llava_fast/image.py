@@ -1,8 +1,9 @@
 """LLaVA's image preprocessing: decoded image -> (N, 3, S, S) normalised pixels for the CLIP vision tower.
 
 The steps are those of transformers' CLIPImageProcessor (the PIL backend, `CLIPImageProcessorPil` in
-transformers 5.x; the 5.x default `CLIPImageProcessor` resizes with torchvision instead and differs from
-PIL's bicubic by a few levels near edges), with LLaVA-1.5's optional pad-to-square in front:
+transformers 5.x, where the default `CLIPImageProcessor` resizes with torchvision's antialiased bicubic,
+which is not bit-identical to PIL's; without torchvision it falls back to the PIL one), with LLaVA-1.5's
+optional pad-to-square in front:
 
     load_image      any supported input -> PIL RGB (alpha composited onto white, as transformers does)
     pad to square   image_aspect_ratio="pad": centre it on a square canvas of the mean colour
@@ -194,9 +195,9 @@ class ImageProcessor:
 
     `processor(images)` returns a float tensor of shape (N, 3, crop_height, crop_width).
     `backend`: "python" is this file's reference path; "native" the C++ extension llava_fast._C (an
-    error if it is not built); "auto" (default) uses native when it is importable and the settings are
-    ones it implements (bicubic, crop, rescale and normalise on), else Python. The environment variable
-    LLAVA_FAST_NATIVE=0 makes "auto" mean Python.
+    error if it is not built); "auto" (default) uses native when it is built and the resample is bicubic
+    (everything else it implements), else Python, warning once if the extension is missing. The
+    environment variable LLAVA_FAST_NATIVE=0 makes "auto" mean Python. Both give identical values.
     """
 
     do_resize: bool = True
@@ -209,7 +210,7 @@ class ImageProcessor:
     do_normalize: bool = True
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
-    do_convert_rgb: bool = True  # kept for config round trips; images always become RGB (the tower needs 3 channels)
+    do_convert_rgb: bool = True  # kept for configs; images always become RGB (the tower takes 3 channels)
     image_aspect_ratio: str | None = None  # None, or "pad" for LLaVA-1.5's expand-to-square
     backend: str = field(default="auto", compare=False)
 
@@ -220,7 +221,9 @@ class ImageProcessor:
         if self.shortest_edge < 1 or len(self.crop_size) != 2 or min(self.crop_size) < 1:
             raise ValueError(f"sizes must be positive: shortest_edge={self.shortest_edge}, crop_size={self.crop_size}")
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or 0.0 in self.image_std:
-            raise ValueError(f"image_mean and image_std need 3 values, std nonzero: {self.image_mean}, {self.image_std}")
+            raise ValueError(
+                f"image_mean and image_std need 3 values, std nonzero: {self.image_mean}, {self.image_std}"
+            )
         if self.image_aspect_ratio not in (None, "pad"):
             raise ValueError(f"image_aspect_ratio must be None or 'pad', got {self.image_aspect_ratio!r}")
         if self.backend not in _BACKENDS:

@@ -65,7 +65,8 @@ def test_reference_images_match_llava_hf_processor(reference_dir, name):
     assert_close(ours(path)[0], oracle_pixels(oracle, PIL.Image.open(path)))
 
 
-# (height, width): lines (1xN resizes to 336 x 336N, so N stays small), tiny, exact fits, one off, portrait, landscape, large.
+# (height, width): lines (1xN resizes to 336 x 336N, so N stays small), tiny, exact fits, one off, portrait,
+# landscape, large.
 SIZES = [(1, 61), (97, 1), (1, 1), (2, 3), (7, 5), (336, 336), (337, 336), (224, 225), (501, 333), (341, 799),
          (1537, 2049)]
 
