@@ -34,7 +34,7 @@ from llava_fast.model import LlavaForCausalLM
 # ------------------------------------------------------------------------------------------------------
 
 # (pattern, replacement) applied in order; the first that matches wins.
-_LLAVA_HF_RULES = [
+LLAVA_HF_RULES = [
     (r"^(?:model\.)?language_model\.lm_head\.", "lm_head."),
     (r"^(?:model\.)?language_model\.model\.", "language_model."),
     (r"^model\.language_model\.", "language_model."),
@@ -42,7 +42,7 @@ _LLAVA_HF_RULES = [
     (r"^model\.vision_tower\.", "vision_tower."),
     (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
 ]
-_ORIGINAL_RULES = [
+ORIGINAL_RULES = [
     (r"^model\.mm_projector\.0\.", "multi_modal_projector.linear_1."),
     (r"^model\.mm_projector\.2\.", "multi_modal_projector.linear_2."),
     (r"^model\.mm_projector\.(weight|bias)$", r"multi_modal_projector.linear_1.\1"),
@@ -50,7 +50,10 @@ _ORIGINAL_RULES = [
     (r"^model\.vision_tower\.vision_tower\.vision_model\.", "vision_tower."),
     (r"^model\.(embed_tokens|layers|norm)\.", r"language_model.\1."),
 ]
-_CLIP_RULES = [(r"^vision_model\.", "vision_tower.")]
+# A CLIP checkpoint: CLIPModel / transformers 4.x CLIPVisionModel save `vision_model.*`; transformers 5.x
+# CLIPVisionModel saves the tower's own names without a prefix.
+CLIP_RULES = [(r"^vision_model\.", "vision_tower."),
+              (r"^(embeddings|pre_layrnorm|encoder|post_layernorm)\.", r"vision_tower.\1.")]
 
 # Weights a checkpoint may legitimately carry that this engine never needs.
 _SKIPPED = [
@@ -69,7 +72,7 @@ def rename_key(key, rules):
     return key
 
 
-def _skip(key, num_vision_layers_run):
+def is_skipped_weight(key, num_vision_layers_run):
     if any(re.search(p, key) for p in _SKIPPED):
         return True
     m = re.match(r"^vision_tower\.encoder\.layers\.(\d+)\.", key)
@@ -145,16 +148,16 @@ def read_config(directory, vision_tower=None):
     if is_original_llava(d):
         vdir = find_vision_tower_dir(d, directory, vision_tower)
         cfg = original_llava_config(d, read_json(os.path.join(vdir, "config.json")), cfg_path)
-        sources = [(f, _ORIGINAL_RULES) for f in weight_files(directory)]
+        sources = [(f, ORIGINAL_RULES) for f in weight_files(directory)]
         # A fine-tuned checkpoint may carry its own tower; the separate CLIP checkpoint fills what it lacks.
-        sources = [(f, _CLIP_RULES) for f in weight_files(vdir)] + sources
+        sources = [(f, CLIP_RULES) for f in weight_files(vdir)] + sources
         return cfg, sources
     archs = d.get("architectures") or []
     if d.get("model_type") == "llava" or "LlavaForConditionalGeneration" in archs:
         if vision_tower:
             raise CheckpointError(f"{directory}: llava-hf checkpoints contain their vision tower; "
                                   "vision_tower= is only for original-LLaVA checkpoints")
-        return llava_hf_config(d, cfg_path), [(f, _LLAVA_HF_RULES) for f in weight_files(directory)]
+        return llava_hf_config(d, cfg_path), [(f, LLAVA_HF_RULES) for f in weight_files(directory)]
     raise CheckpointError(
         f"{cfg_path}: unknown architecture {archs or d.get('model_type')!r}: expected a LLaVA checkpoint "
         "(llava-hf LlavaForConditionalGeneration or original LlavaLlamaForCausalLM)"
@@ -169,7 +172,7 @@ def load_weights(cfg: LlavaConfig, sources, device, dtype) -> LlavaForCausalLM:
     for path, rules in sources:
         for key, tensor in iter_tensors(path):
             name = rename_key(key, rules)
-            if _skip(name, cfg.num_vision_layers_run):
+            if is_skipped_weight(name, cfg.num_vision_layers_run):
                 continue
             if name not in expected:
                 unexpected.append(f"{key} (in {os.path.basename(path)})")

@@ -16,7 +16,10 @@ import torch
 REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
 TOKENIZER_DIR = os.path.join(REFERENCE, "tokenizer")
 IMAGE_DIR = os.path.join(REFERENCE, "images")
-VOCAB = 32064  # llava-hf's padded vocabulary; <image> = 32000, <pad> = 32001
+VOCAB = 32064
+# Where the model-level tests run: the GPU when there is one (the default kernel backend there is Triton,
+# which needs CUDA tensors), else the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # llava-hf's padded vocabulary; <image> = 32000, <pad> = 32001
 
 
 def hf_configs(*, gqa=True, image_size=28, text_layers=2, vision_layers=3, max_positions=512):

@@ -9,10 +9,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-# Where the model-level tests run: the GPU when there is one (the default kernel backend there is Triton,
-# which needs CUDA tensors), else the CPU.
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
 REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import checkpoints as ck
-from conftest import DEVICE
+from checkpoints import DEVICE
 import llava_fast
 from llava_fast.errors import CheckpointError, ImageError, InputError
 from llava_fast.generate import Sampling, sample_next_token
@@ -263,6 +263,11 @@ def test_original_checkpoint_needs_its_vision_tower(tmp_path):
     shutil.move(os.path.join(path, "clip"), str(tmp_path / "clip-elsewhere"))
     with pytest.raises(CheckpointError, match="vision_tower"):
         llava_fast.load(path, device=DEVICE)
+    # transformers 5's CLIPVisionModel.save_pretrained writes the tower's names with no vision_model prefix.
+    from safetensors.torch import load_file, save_file
+
+    clip_weights = str(tmp_path / "clip-elsewhere" / "model.safetensors")
+    save_file({k.removeprefix("vision_model."): v for k, v in load_file(clip_weights).items()}, clip_weights)
     model = llava_fast.load(path, device=DEVICE, vision_tower=str(tmp_path / "clip-elsewhere"))
     assert model.config.template == "vicuna_v1" and model.processor.image_aspect_ratio == "pad"
     assert model.generate("Describe.", IMAGES[0], max_new_tokens=3)

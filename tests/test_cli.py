@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import checkpoints as ck
-from conftest import DEVICE
+from checkpoints import DEVICE
 
 IMAGE = os.path.join(ck.IMAGE_DIR, "waterview.jpg")
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoints as ck
-from conftest import DEVICE
+from checkpoints import DEVICE
 import llava_fast
 from llava_fast import ops
 

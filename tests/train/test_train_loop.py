@@ -1,0 +1,269 @@
+"""The trainer against independent references: transformers' LlavaForConditionalGeneration (loss, gradients,
+loading what we write), the input checkpoint (what each stage may change), and the uninterrupted run (resume).
+"""
+
+import glob
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from trainutil import make_records, write_data
+from safetensors.torch import load_file
+
+import checkpoints as ck
+import llava_fast
+from llava_fast.cli import main as cli_main
+from llava_fast.conversation import get_template
+from llava_fast.train import TrainArgs, train
+from llava_fast.train import checkpoint as ckpt
+from llava_fast.train.data import Collate, EncodingSpec, LlavaDataset, check_records
+from llava_fast.train.trainer import TrainingLoss, trainable_parameters
+
+
+def tensors(directory):
+    out = {}
+    for f in glob.glob(os.path.join(directory, "model*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def run(tiny_ckpt, image_folder, tmp_path, records, name="out", **kw):
+    settings = dict(stage=2, model=tiny_ckpt, data=write_data(tmp_path / "data.json", records),
+                    image_folder=image_folder, output=str(tmp_path / name), batch_size=4, max_steps=3, lr=1e-2,
+                    gradient_checkpointing=False, log_every=1000)
+    settings.update(kw)
+    return train(TrainArgs(**settings))
+
+
+def hf_name(name):  # ours -> transformers' in-memory names
+    if name.startswith(("language_model.", "multi_modal_projector.")):
+        return "model." + name
+    return name
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-checkpointing"])
+def test_loss_and_gradients_match_transformers(tiny_hf, tiny_ckpt, image_folder, checkpointing):
+    base = ckpt.load_base(tiny_ckpt)
+    net = base.net
+    trainable_parameters(net, stage=2, lora=False)
+    net.train().gradient_checkpointing = checkpointing
+    spec = EncodingSpec(base.tokenizer, get_template("vicuna_v1"), net.cfg.image_token_id, net.cfg.num_image_tokens,
+                        512, image_folder)
+    records = make_records(4, turns=2)  # three rows with an image, one text-only; different lengths
+    examples, _ = check_records(records, spec)
+    dataset = LlavaDataset(records, examples, spec, base.processor)
+    batch = Collate(base.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
+    assert len(set(batch.lengths)) > 1 and batch.pixel_values.shape[0] == 3
+
+    loss = TrainingLoss(net)(batch.input_ids, batch.labels, batch.pixel_values, 1.0)
+    loss.backward()
+    mask = torch.arange(batch.input_ids.shape[1])[None] < torch.tensor(batch.lengths)[:, None]
+    tiny_hf.zero_grad(set_to_none=True)
+    ref = tiny_hf(input_ids=batch.input_ids, pixel_values=batch.pixel_values, attention_mask=mask.long(),
+                  labels=batch.labels).loss
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    hf_params = dict(tiny_hf.named_parameters())
+    checked = 0
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None and name.startswith("vision_tower.")
+            continue
+        want = hf_params[hf_name(name)].grad
+        assert want.norm() > 0, name
+        assert (p.grad - want).norm() <= 1e-5 * want.norm(), name
+        checked += 1
+    assert checked == len([n for n in hf_params if not n.startswith("model.vision_tower.")])
+    tiny_hf.zero_grad(set_to_none=True)
+
+
+def test_stage1_changes_only_the_projector(tiny_ckpt, image_folder, tmp_path):
+    result = run(tiny_ckpt, image_folder, tmp_path, make_records(10, text_only_every=5), stage=1)
+    assert result.skipped["text-only record in stage 1 (only the projector trains: nothing to learn)"] == 2
+    before, after = tensors(tiny_ckpt), tensors(str(tmp_path / "out"))
+    assert set(before) == set(after)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in before if k.startswith("multi_modal_projector.")} and len(changed) == 4
+    projector = load_file(str(tmp_path / "out" / "mm_projector.safetensors"))
+    assert set(projector) == changed and all(torch.equal(projector[k], after[k]) for k in changed)
+    # In memory as well, not only in the file: nothing but the projector moved.
+    for name, p in result.net.named_parameters():
+        if not name.startswith("multi_modal_projector."):
+            assert torch.equal(p.detach(), before[ckpt.hub_name(name)]), name
+
+
+@pytest.mark.parametrize("layout", ["hub", "original"])
+def test_stage2_checkpoint_loads_in_transformers_and_llava_fast(tiny_hf, tiny_ckpt, image_folder, tmp_path, layout):
+    from transformers import LlavaForConditionalGeneration
+
+    source = tiny_ckpt if layout == "hub" else ck.write_checkpoint(tiny_hf, str(tmp_path / "original"), "original")
+    result = run(source, image_folder, tmp_path, make_records(8))
+    out = str(tmp_path / "out")
+    before, after = tensors(tiny_ckpt), tensors(out)  # the hub checkpoint: the same weights, llava-hf names
+    assert set(before) == set(after)
+    for k in before:  # vision tower bitwise equal (its unbuilt last layer included); everything else trained
+        assert torch.equal(before[k], after[k]) == k.startswith("vision_tower."), k
+    ours = llava_fast.load(out, device="cpu", dtype="float32")
+    for name, p in result.net.named_parameters():  # the file holds exactly what training produced
+        assert torch.equal(ours.net.get_parameter(name), p.detach()), name
+    hf = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.cat([torch.tensor([[1]]), torch.randint(3, 32000, (1, 5), generator=g),
+                     torch.full((1, ours.num_image_tokens), 32000), torch.randint(3, 32000, (1, 7), generator=g)], 1)
+    pixels = ck.random_pixels(1, 28, seed=3)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=pixels).logits
+    torch.testing.assert_close(ours.logits(ids, pixels), ref, atol=1e-4, rtol=0)
+
+
+def test_tiny_model_overfits_eight_samples(tiny_ckpt, image_folder, tmp_path):
+    result = run(tiny_ckpt, image_folder, tmp_path, make_records(8), batch_size=8, max_steps=60, lr=1e-2,
+                 system="", warmup_ratio=0.1)
+    losses = [loss for _, loss in result.losses]
+    assert losses[0] > 5 and losses[-1] < 0.1
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_ckpt, image_folder, tmp_path):
+    """LoRA with dropout and gradient checkpointing (RNG state matters), accumulation (data position)."""
+    records = make_records(12, turns=2)
+    common = dict(batch_size=2, grad_accum=2, max_steps=6, lr=1e-3, lora_r=4, lora_alpha=8, lora_dropout=0.1,
+                  gradient_checkpointing=True, save_every=3, keep_checkpoints=3)
+    full = run(tiny_ckpt, image_folder, tmp_path, records, "full", **common)
+    assert ckpt.list_checkpoints(str(tmp_path / "full")) == [3]
+    # What a crash after step 4 leaves: checkpoint-3, the log up to step 4, a half-written checkpoint dir.
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", crashed / "checkpoint-3")
+    (crashed / "checkpoint-4.tmp").mkdir()
+    lines = (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()
+    (crashed / "train_log.jsonl").write_text("\n".join(lines[:4]) + "\n")
+    assert ckpt.list_checkpoints(str(crashed)) == [3]
+
+    with pytest.raises(ValueError, match="settings differ.*lr was 0.001, now 0.002"):
+        run(tiny_ckpt, image_folder, tmp_path, records, "crashed", resume=True, **{**common, "lr": 2e-3})
+    resumed = run(tiny_ckpt, image_folder, tmp_path, records, "crashed", resume=True, **common)
+    assert resumed.losses == full.losses[3:]
+    logged = [json.loads(line) for line in (crashed / "train_log.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["loss"], m["lr"]) for m in logged] == \
+        [(m["step"], m["loss"], m["lr"]) for m in map(json.loads, lines)]  # steps 5-6 replaced, not appended
+    a = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
+    b = load_file(str(crashed / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_then_merge_lora_writes_the_same_model(tiny_ckpt, image_folder, tmp_path):
+    result = run(tiny_ckpt, image_folder, tmp_path, make_records(8), lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    out, merged = str(tmp_path / "out"), str(tmp_path / "merged")
+    adapter = load_file(os.path.join(out, "adapter_model.safetensors"))
+    assert all(adapter[k].abs().max() > 0 for k in adapter if k.endswith("lora_B"))
+    assert cli_main(["merge-lora", "--adapter", out, "--output", merged]) == 0
+    before, after = tensors(tiny_ckpt), tensors(merged)
+    linear = ("_proj.weight",)
+    for k in before:  # only the LLM's linear layers and the projector change
+        trained = (k.startswith("language_model.model.layers.") and k.endswith(linear)) or \
+            k.startswith("multi_modal_projector.")
+        assert torch.equal(before[k], after[k]) != trained, k
+    model = llava_fast.load(merged, device="cpu", dtype="float32")
+    ids = torch.cat([torch.tensor([[1, 7, 9]]), torch.full((1, model.num_image_tokens), 32000),
+                     torch.tensor([[11, 13, 400, 500]])], 1)
+    pixels = ck.random_pixels(1, 28, seed=5)
+    with torch.no_grad():
+        want = result.net.eval()(ids, pixels)  # the trained model with its adapters unmerged
+    torch.testing.assert_close(model.logits(ids, pixels), want, atol=2e-5, rtol=1e-5)
+
+
+def test_stage1_from_llama_and_clip_then_stage2_from_its_projector(reference_dir, image_folder, tmp_path):
+    """LLaVA's real starting point: a Vicuna (LlamaForCausalLM, SentencePiece tokenizer without <image>) and a
+    CLIP checkpoint. The vocabulary gains <image> and <pad>, and the result is a llava-hf checkpoint."""
+    from transformers import CLIPVisionModel, LlamaForCausalLM, LlavaForConditionalGeneration
+
+    vision_cfg, text_cfg = ck.hf_configs()
+    text_cfg.vocab_size, text_cfg.pad_token_id = 32000, 0  # Vicuna: no <image>, <pad>; pads with <unk>
+    torch.manual_seed(0)
+    llama, clip = LlamaForCausalLM(text_cfg), CLIPVisionModel(vision_cfg)
+    llama_dir, clip_dir = str(tmp_path / "vicuna"), str(tmp_path / "clip")
+    llama.save_pretrained(llama_dir)
+    clip.save_pretrained(clip_dir)
+    shutil.copy(os.path.join(reference_dir, "tokenizer", "tokenizer.model"), llama_dir)
+    ck.write_preprocessor(clip_dir, 28)
+
+    run(llama_dir, image_folder, tmp_path, make_records(8, text_only_every=0), stage=1, vision_tower=clip_dir)
+    out = str(tmp_path / "out")
+    after = tensors(out)
+    llama_state, clip_state = llama.state_dict(), clip.state_dict()
+    for k, v in clip_state.items():  # every CLIP layer, the unused last one and post_layernorm included
+        assert torch.equal(after["vision_tower.vision_model." + k.removeprefix("vision_model.")], v), k
+    embed = after["language_model.model.embed_tokens.weight"]
+    assert embed.shape[0] == 32064 and torch.equal(embed[:32000], llama_state["model.embed_tokens.weight"])
+    model = llava_fast.load(out, device="cpu", dtype="float32")
+    assert model.tokenizer.token_to_id("<image>") == model.image_token_id == 32000
+    hf = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.cat([torch.tensor([[1, 5, 6]]), torch.full((1, 4), 32000), torch.tensor([[7, 8]])], 1)
+    pixels = ck.random_pixels(1, 28, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(ids, pixels), hf(input_ids=ids, pixel_values=pixels).logits,
+                                   atol=1e-4, rtol=0)
+    # Stage 2 starts from the same LLaMA and CLIP plus the stage-1 projector file.
+    base = ckpt.load_base(llama_dir, vision_tower=clip_dir, projector=os.path.join(out, "mm_projector.safetensors"))
+    for name, p in base.net.multi_modal_projector.named_parameters(prefix="multi_modal_projector"):
+        assert torch.equal(p, after[name])
+
+
+def test_a_crash_while_saving_leaves_no_complete_looking_checkpoint(tiny_ckpt, tmp_path, monkeypatch):
+    base = ckpt.load_base(tiny_ckpt)
+    dst = str(tmp_path / "model")
+    ckpt.save_llava_hf(dst, base, {})
+    llava_fast.load(dst, device="cpu")  # complete
+    real, calls = ckpt.save_tensors, []
+
+    def dies_on_the_third_shard(path, tensors, metadata=None):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError("No space left on device")
+        real(path, tensors, metadata)
+
+    monkeypatch.setattr(ckpt, "save_tensors", dies_on_the_third_shard)
+    changed = {n: p + 1 for n, p in base.net.named_parameters() if n.startswith("multi_modal_projector.")}
+    with pytest.raises(OSError):
+        ckpt.save_llava_hf(dst, base, changed, max_shard_bytes=2**20)
+    assert not os.path.exists(os.path.join(dst, "config.json"))
+    with pytest.raises(llava_fast.CheckpointError):
+        llava_fast.load(dst, device="cpu")
+
+
+def test_cli_user_errors_exit_2_with_one_line(tiny_ckpt, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert cli_main(["train", "--stage", "2", "--model", tiny_ckpt, "--data", str(tmp_path / "nope.json"),
+                     "--output", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.json: file not found" in err[0]
+    data = write_data(tmp_path / "d.json", make_records(2))
+    assert cli_main(["train", "--stage", "2", "--model", tiny_ckpt, "--data", data, "--output", out, "--resume"]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    assert cli_main(["merge-lora", "--adapter", str(tmp_path), "--output", out]) == 2
+    assert "adapter_config.json" in capsys.readouterr().err
+
+
+def test_a_step_does_not_depend_on_how_its_batch_is_cut(tiny_ckpt, image_folder, tmp_path):
+    """The loss is the mean over the global batch's target tokens: 8 x 1, 4 x 2 and 1 x 8 (batch x accumulation)
+    give the same loss and gradient norm; a mean of micro-batch means would not."""
+    records = make_records(8, turns=2)  # rows with different numbers of targets, text-only ones included
+    logs = []
+    for b in (8, 4, 1):
+        run(tiny_ckpt, image_folder, tmp_path, records, f"b{b}", batch_size=b, grad_accum=8 // b, max_steps=1)
+        logs.append(json.loads((tmp_path / f"b{b}" / "train_log.jsonl").read_text()))
+    for m in logs[1:]:
+        assert abs(m["loss"] - logs[0]["loss"]) <= 1e-6 * logs[0]["loss"]
+        assert abs(m["grad_norm"] - logs[0]["grad_norm"]) <= 1e-5 * logs[0]["grad_norm"]
+
+
+def test_throughput_benchmark_runs(capsys):
+    """The GPU benchmark of the training step (train/benchmark.py), on the CPU preset, one layer."""
+    from llava_fast.train import benchmark
+
+    r = benchmark.main(["--preset", "tiny", "--stage", "1", "--layers", "1", "--batch-size", "1", "--text-tokens", "8",
+                        "--steps", "1", "--warmup", "0"])
+    assert r["tokens_per_row"] == 1 + 256 + 8 and r["tokens_per_s"] > 0 and r["projected_hours_8_gpus"] > 0
+    assert "tokens_per_s" in capsys.readouterr().out

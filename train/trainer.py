@@ -1,0 +1,602 @@
+"""The training loop for both LLaVA stages (Liu et al. 2023, "Visual Instruction Tuning"; LLaVA-1.5 recipe).
+
+    stage 1   vision tower and LLM frozen, projector trained          (LLaVA-1.5: lr 1e-3, batch 256, 1 epoch)
+    stage 2   vision tower frozen; projector + LLM trained             (lr 2e-5, batch 128, 1 epoch)
+              or LoRA on the LLM's linear layers + the full projector  (lr 2e-4, projector 2e-5, r 128, alpha 256)
+
+One optimizer step = one global batch of batch_size x grad_accum x processes samples. The loss is the mean
+cross-entropy over every target token of the global batch (not a mean of per-micro-batch means), so it does
+not depend on how the batch is cut into micro-batches or processes: each micro-batch contributes
+sum(CE) / (targets in the global batch), and the target count is all-reduced before the backward passes.
+
+Precision (bf16, the GPU default): the model holds every weight in bf16 and the optimizer updates float32
+master copies of the trained ones (`MasterWeights`); under FSDP the float32 shards are the masters and are
+gathered in bf16. Not autocast: autocast casts torch ops, not the Triton kernels behind `llava_fast.ops`, which
+would then meet bf16 activations and float32 weights (the splice kernel rejects that). The forward and
+backward go through `llava_fast.ops`, so on CUDA they run the Triton kernels (attention, splice, fused linear
+cross-entropy, RMSNorm/SwiGLU backward) and on the CPU the torch references.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from llava_fast.conversation import get_template
+from llava_fast.errors import InputError
+from llava_fast.train import checkpoint as ckpt
+from llava_fast.train.data import (Collate, EncodingSpec, LlavaDataset, StepSampler, check_records, read_records,
+                                   total_steps)
+from llava_fast.train.lora import TARGETS, add_lora
+
+
+@dataclass
+class TrainArgs:
+    """Every setting of a run (the CLI's flags). None means the stage's default."""
+
+    stage: int
+    model: str
+    data: str
+    output: str
+    image_folder: str = "."
+    vision_tower: str | None = None
+    projector: str | None = None
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int | None = None  # per process (LLaVA's per_device_train_batch_size)
+    grad_accum: int = 1
+    lr: float | None = None
+    projector_lr: float | None = None
+    max_length: int | None = None  # default min(2048, the model's context)
+    template: str | None = None
+    system: str | None = None
+    lora_r: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.05
+    seed: int = 42
+    resume: bool = False
+    strict: bool = False
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = True
+    precision: str | None = None  # "bf16" or "fp32"; default bf16 on CUDA, fp32 on the CPU
+    fsdp: bool = False
+    image_aspect_ratio: str | None = None  # "pad" or "square"; default: stage 1 square, stage 2 pad (LLaVA-1.5)
+    workers: int | None = None
+    save_every: int = 0  # optimizer steps between resumable checkpoints; 0: none
+    keep_checkpoints: int = 1
+    log_every: int = 10
+    device: str | None = None
+
+    def resolved(self):
+        """A copy with the stage defaults filled in."""
+        a = TrainArgs(**asdict(self))
+        lora = a.lora_r is not None
+        if a.stage not in (1, 2):
+            raise InputError(f"--stage must be 1 or 2, got {a.stage}")
+        if lora and a.stage != 2:
+            raise InputError("LoRA (--lora-r) trains the LLM, which only stage 2 does")
+        if lora and (a.lora_r < 1 or a.lora_alpha is None):
+            raise InputError("LoRA needs --lora-r R >= 1 and --lora-alpha A")
+        if a.lora_alpha is not None and not lora:
+            raise InputError("--lora-alpha needs --lora-r")
+        if a.max_steps is None and a.epochs <= 0:
+            raise InputError("--epochs must be positive")
+        if a.max_steps is not None and a.max_steps < 1:
+            raise InputError("--max-steps must be at least 1")
+        for name in ("grad_accum", "max_length"):
+            if getattr(a, name) is not None and getattr(a, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+        a.batch_size = a.batch_size or (32 if a.stage == 1 else 16)
+        if a.batch_size < 1:
+            raise InputError("--batch-size must be at least 1")
+        a.lr = a.lr or (1e-3 if a.stage == 1 else 2e-4 if lora else 2e-5)
+        a.projector_lr = a.projector_lr or (2e-5 if lora else a.lr)
+        a.template = a.template or ("plain" if a.stage == 1 else None)
+        a.image_aspect_ratio = a.image_aspect_ratio or ("square" if a.stage == 1 else "pad")
+        if a.precision not in (None, "bf16", "fp32"):
+            raise InputError(f"--precision must be bf16 or fp32, got {a.precision!r}")
+        return a
+
+
+@dataclass
+class TrainResult:
+    net: nn.Module
+    losses: list = field(default_factory=list)  # (step, loss) of this process's run
+    skipped: Counter = field(default_factory=Counter)
+    outputs: list = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Pieces
+# ------------------------------------------------------------------------------------------------------
+
+
+class TrainingLoss(nn.Module):
+    """One micro-batch's share of the step loss. This is the module DDP / FSDP wrap, so their hooks see the
+    whole training forward (LlavaForCausalLM.forward returns logits, not the loss)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, input_ids, labels, pixel_values, scale):
+        loss = self.net.loss(input_ids, labels, pixel_values) * scale
+        if pixel_values is None:
+            # No image: the projector is not in the graph. A zero-weighted term gives its trainable weights a
+            # zero gradient, so every process reduces the same gradients (DDP and FSDP require it).
+            loss = loss + 0.0 * sum(p.sum() for p in self.net.multi_modal_projector.parameters() if p.requires_grad)
+        return loss
+
+
+class MasterWeights:
+    """Float32 master copies of the trained parameters, which the optimizer updates while the model computes in
+    bf16 (Micikevicius et al. 2018, "Mixed Precision Training"). After each backward the bf16 gradients are
+    added into float32 master gradients (accumulation stays float32); after each step the masters are rounded
+    into the model. With float32 parameters (CPU, FSDP's shards) the masters are the parameters themselves."""
+
+    def __init__(self, named_params, dtype):
+        self.names = [n for n, _ in named_params]
+        self.params = [p for _, p in named_params]
+        if dtype == torch.float32:
+            self.masters = self.params
+            return
+        self.masters = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        for p in self.params:
+            p.data = p.data.to(dtype)
+
+    def accumulate_grads(self):
+        for p, m in zip(self.params, self.masters):
+            if m is not p and p.grad is not None:
+                m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
+                p.grad = None
+
+    def copy_to_model(self):
+        with torch.no_grad():
+            for p, m in zip(self.params, self.masters):
+                if m is not p:
+                    p.copy_(m)
+
+    def state_dict(self):
+        return {n: m.detach() for n, m in zip(self.names, self.masters)}
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            for n, m in zip(self.names, self.masters):
+                m.copy_(state[n])
+        self.copy_to_model()
+
+
+def cosine_lr(step, total, warmup, peak):
+    """Linear warmup over `warmup` steps, then cosine decay to 0 at `total` (step counts from 0)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def trainable_parameters(net, stage, lora):
+    """Unfreeze what the stage trains; returns (llm params, projector params) as (name, param) lists."""
+    net.requires_grad_(False)
+    projector = list(net.multi_modal_projector.named_parameters(prefix="multi_modal_projector"))
+    if stage == 1:
+        llm = []
+    elif lora:
+        llm = [(n, p) for n, p in net.named_parameters() if n.endswith((".lora_A", ".lora_B"))]
+    else:
+        llm = list(net.language_model.named_parameters(prefix="language_model")) + \
+            list(net.lm_head.named_parameters(prefix="lm_head"))
+    for _, p in projector + llm:
+        p.requires_grad_(True)
+    return llm, projector
+
+
+_PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12,
+                    "A100": 312e12, "A800": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
+
+
+def peak_flops(device):
+    """Dense bf16 tensor-core peak of the GPU, or None where unknown (no MFU is shown then)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in _PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def step_flops(cfg, row_lengths, num_images, llm_weight_grads, projector_trains):
+    """Model FLOPs of one training step (gradient-checkpointing recomputation not counted, as MFU does not).
+
+    Decoder, per token: 2N forward + 2N input gradients (always: the projector's gradient flows through the
+    whole LLM) + 2N weight gradients when the LLM trains (N = matmul parameters incl. lm_head); attention
+    2*H*D*T per layer per token forward (causal), twice that backward. Vision tower: forward only (frozen, no
+    gradient flows into it). Projector: forward, and weight gradients when it trains.
+    """
+    t, v = cfg.text, cfg.vision
+    C, L, HD, KD = t.hidden_size, t.num_layers, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    n_llm = L * (2 * C * HD + 2 * C * KD + 3 * C * t.intermediate_size) + C * t.vocab_size
+    tokens = sum(row_lengths)
+    attn = sum(2 * L * HD * T * T for T in row_lengths)  # forward, causal
+    flops = tokens * (4 + (2 if llm_weight_grads else 0)) * n_llm + 3 * attn
+    Cv, P = v.hidden_size, v.num_patches + 1
+    n_vis = cfg.num_vision_layers_run * (4 * Cv * Cv + 2 * Cv * v.intermediate_size)
+    flops += num_images * (2 * n_vis * P + 4 * cfg.num_vision_layers_run * Cv * P * P)
+    n_proj = Cv * C + C * C
+    flops += num_images * cfg.num_image_tokens * (4 if projector_trains else 2) * n_proj
+    return flops
+
+
+class Progress:
+    """One status line on stderr: rewritten in place on a terminal, printed every `every` steps otherwise."""
+
+    def __init__(self, total, every, stream=sys.stderr):
+        self.total, self.every, self.stream = total, max(1, every), stream
+        self.tty = stream.isatty()
+
+    def update(self, m, eta_s):
+        line = (f"step {m['step']}/{self.total} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
+                f"{m['tokens_per_s']:,.0f} tok/s | {m['samples_per_s']:.1f} samples/s"
+                + (f" | MFU {100 * m['mfu']:.1f}%" if m.get("mfu") is not None else "")
+                + f" | ETA {_hms(eta_s)}")
+        if self.tty:
+            self.stream.write("\r" + line.ljust(120)[:160])
+            self.stream.flush()
+        elif m["step"] % self.every == 0 or m["step"] == self.total:
+            print(line, file=self.stream, flush=True)
+
+    def close(self):
+        if self.tty:
+            self.stream.write("\n")
+
+
+def _hms(seconds):
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _strip_prefix(name):
+    for prefix in ("module.", "net."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
+
+
+# ------------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------------
+
+
+def _setup_distributed(device_arg):
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device_arg:
+        device = torch.device(device_arg)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda requested but no CUDA GPU is available")
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        return dist, dist.get_rank(), dist.get_world_size(), device
+    return None, 0, 1, device
+
+
+def run_config(a: TrainArgs, world):
+    """The settings a resumed run must share with the run it resumes."""
+    keys = ("stage", "model", "data", "image_folder", "vision_tower", "projector", "epochs", "max_steps", "batch_size",
+            "grad_accum", "lr", "projector_lr", "max_length", "template", "system", "lora_r", "lora_alpha",
+            "lora_dropout", "seed", "warmup_ratio", "weight_decay", "max_grad_norm", "precision", "fsdp",
+            "image_aspect_ratio")
+    d = {k: getattr(a, k) for k in keys}
+    for k in ("model", "data", "image_folder", "vision_tower", "projector"):
+        d[k] = os.path.abspath(d[k]) if d[k] else d[k]
+    d["world_size"] = world
+    return d
+
+
+def train(args: TrainArgs) -> TrainResult:
+    a = args.resolved()
+    dist, rank, world, device = _setup_distributed(a.device)
+    try:
+        return _train(a, dist, rank, world, device)
+    finally:
+        if dist is not None and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(a: TrainArgs, dist, rank, world, device):
+    a.precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
+    lora, main = a.lora_r is not None, rank == 0
+    log = (lambda *m: print("llava-fast train:", *m, file=sys.stderr, flush=True)) if main else (lambda *m: None)
+    existing = _check_output(a, main)
+
+    base = ckpt.load_base(a.model, vision_tower=a.vision_tower, projector=a.projector, device=device,
+                          image_aspect_ratio=a.image_aspect_ratio, seed=a.seed)
+    net, cfg = base.net, base.cfg
+    a.max_length = a.max_length or min(2048, cfg.text.max_position_embeddings)
+    if a.max_length > cfg.text.max_position_embeddings:
+        raise InputError(f"--max-length {a.max_length} exceeds the model's context of "
+                         f"{cfg.text.max_position_embeddings} tokens")
+    a.template = a.template or ("vicuna_v1" if cfg.template == "llava_hf" else cfg.template)
+    if lora:
+        add_lora(net, a.lora_r, a.lora_alpha, a.lora_dropout, seed=a.seed)
+    llm_params, projector_params = trainable_parameters(net, a.stage, lora)
+    dtype = torch.bfloat16 if a.precision == "bf16" and not a.fsdp else torch.float32  # FSDP gathers in bf16
+    for p in net.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    net.gradient_checkpointing = a.gradient_checkpointing
+    net.train()
+    torch.manual_seed(a.seed + rank)  # LoRA dropout draws from here
+
+    records = read_records(a.data)
+    spec = EncodingSpec(base.tokenizer, get_template(a.template), cfg.image_token_id, cfg.num_image_tokens,
+                        a.max_length, a.image_folder, a.system)
+    t0 = time.perf_counter()
+    examples, skipped = _check_records(records, spec, a, dist, rank, world, log)
+    global_batch = a.batch_size * a.grad_accum * world
+    total, steps_per_epoch = total_steps(len(examples), global_batch, a.epochs, a.max_steps)
+    log(f"{len(examples)} records ({sum(e.has_image for e in examples)} with images) checked in "
+        f"{time.perf_counter() - t0:.1f}s; stage {a.stage}{' LoRA' if lora else ''}, template {a.template}; "
+        f"global batch {global_batch} = {a.batch_size} x {a.grad_accum} accumulation x {world} processes; "
+        f"{total} steps ({steps_per_epoch} per epoch, {len(examples) - steps_per_epoch * global_batch} records left "
+        f"out of each epoch's last incomplete batch); {a.precision} on {device}")
+
+    module = TrainingLoss(net)
+    trained = [n for n, _ in llm_params + projector_params]
+    if not a.fsdp:  # DDP must see the final (bf16) parameters
+        masters = MasterWeights([(n, net.get_parameter(n)) for n in trained], dtype)
+    model = _wrap(module, net, a, dist, device)
+    if a.fsdp:  # FSDP replaced the parameters by float32 shards
+        masters = MasterWeights([(n, module.get_parameter(f"net.{n}")) for n in trained], torch.float32)
+    master = dict(zip(masters.names, masters.masters))
+    groups = [{"params": [master[n] for n, _ in params], "lr": lr, "peak_lr": lr}
+              for params, lr in ((llm_params, a.lr), (projector_params, a.projector_lr)) if params]
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=a.weight_decay,
+                                  fused=device.type == "cuda")
+    this_run, start, state = run_config(a, world), 0, {}
+    if a.resume:
+        path = os.path.join(a.output, f"checkpoint-{existing[-1]}")
+        saved = ckpt.read_json(os.path.join(path, "trainer_state.json"))["run"]
+        differs = {k: (saved.get(k), v) for k, v in this_run.items() if saved.get(k) != v}
+        if differs:
+            raise InputError(f"--resume: settings differ from the run in {path}: " +
+                             ", ".join(f"{k} was {old!r}, now {new!r}" for k, (old, new) in differs.items()))
+        state = ckpt.load_state(path, model, optimizer, None if a.fsdp else masters)
+        start = state["step"]
+        log(f"resuming from {path} (step {start} of {total})")
+
+    workers = a.workers if a.workers is not None else (
+        min(8, (os.cpu_count() or 1) // world) if device.type == "cuda" else 0)
+    if workers:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the forked workers tokenize on their own
+    loader = torch.utils.data.DataLoader(
+        LlavaDataset(records, examples, spec, base.processor, strict=a.strict),
+        batch_sampler=StepSampler(examples, a.batch_size, a.grad_accum, world, rank, a.seed, start, total),
+        collate_fn=Collate(base.tokenizer.pad_token_id), num_workers=workers, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(a.seed))  # not the global RNG: resuming must not shift it
+
+    log_path = os.path.join(a.output, "train_log.jsonl")
+    if main:
+        kept = []
+        if a.resume:  # keep the lines up to the checkpoint: the later steps are about to run again
+            with open(log_path) as f:
+                kept = [line for line in f if _logged_step(line) <= start]
+        ckpt.atomic_write(log_path, lambda tmp: open(tmp, "w").write("".join(kept)))
+    log_file = open(log_path, "a") if main else None
+    progress = Progress(total, a.log_every) if main else None
+    stepper = _Stepper(a, model, optimizer, masters, base.tokenizer, dist, world, device, total,
+                       math.ceil(a.warmup_ratio * total))
+    peak = peak_flops(device) if a.precision == "bf16" else None
+    result = TrainResult(net, skipped=skipped)
+    runtime_skipped = Counter(state.get("skipped_in_batches", {}))
+    batches = iter(loader)
+    run_start, run_tokens, run_samples = time.perf_counter(), 0, 0
+    for step in range(start, total):
+        step_start = time.perf_counter()  # data loading counts in the step's time
+        micro = [next(batches) for _ in range(a.grad_accum)]
+        for b in micro:
+            runtime_skipped.update(b.skipped)
+        m = stepper.step(step, micro, step_start)
+        if m is None:
+            log(f"warning: step {step + 1}: every sample of the global batch was dropped; step skipped")
+            continue
+        row_lengths, num_images = m.pop("row_lengths"), m.pop("num_images")
+        m["epoch"] = round((step + 1) / steps_per_epoch, 4)
+        if peak:
+            flops = step_flops(cfg, row_lengths, num_images, a.stage == 2 and not lora, True) * world
+            m["mfu"] = flops / m["step_time_s"] / (peak * world)
+        run_tokens, run_samples = run_tokens + m["tokens"], run_samples + m["samples"]
+        result.losses.append((step + 1, m["loss"]))
+        if main:
+            log_file.write(json.dumps(m) + "\n")
+            log_file.flush()
+            progress.update(m, (time.perf_counter() - run_start) / (step + 1 - start) * (total - step - 1))
+        if a.save_every and (step + 1) % a.save_every == 0 and step + 1 < total:
+            ckpt.save_state(a.output, step + 1, model, optimizer, None if a.fsdp else masters,
+                            {"step": step + 1, "run": this_run, "world_size": world,
+                             "skipped_in_batches": dict(runtime_skipped)}, keep=a.keep_checkpoints)
+    if main:
+        progress.close()
+        log_file.close()
+    run_time = time.perf_counter() - run_start
+
+    result.outputs = _write_outputs(a, base, model, masters, lora, llm_params, projector_params, dist, main)
+    result.skipped = skipped + runtime_skipped
+    log(f"done: {total - start} steps in {_hms(run_time)} ({run_samples} samples, {run_tokens:,} tokens, "
+        f"{run_tokens / max(run_time, 1e-9):,.0f} tokens/s)" +
+        (f"; final loss {result.losses[-1][1]:.4f}" if result.losses else ""))
+    if result.skipped:
+        log("skipped records: " + ", ".join(f"{n} x {r}" for r, n in result.skipped.most_common()))
+    log("wrote " + ", ".join(result.outputs))
+    return result
+
+
+def _logged_step(line):
+    """The step of a train_log.jsonl line; a line torn by a crash counts as past any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def _check_output(a, main):
+    """The checkpoints already in --output (which must hold one to --resume, and none otherwise)."""
+    if os.path.abspath(a.output) == os.path.abspath(a.model):
+        raise InputError("--output must not be the --model directory")
+    existing = ckpt.list_checkpoints(a.output)
+    if not a.resume and (existing or os.path.exists(os.path.join(a.output, "train_log.jsonl"))):
+        raise InputError(f"--output {a.output} already holds a run; pass --resume to continue it, or choose "
+                         "another --output")
+    if a.resume and not existing:
+        raise InputError(f"--resume: no complete checkpoint-STEP directory in {a.output}")
+    if main:
+        os.makedirs(a.output, exist_ok=True)
+    return existing
+
+
+def _check_records(records, spec, a, dist, rank, world, log):
+    """check_records, each process taking every world-th record; everyone gets the whole result."""
+    examples, skipped = check_records(records, spec, indices=range(rank, len(records), world),
+                                      text_only_ok=a.stage == 2)
+    if dist:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (examples, skipped))
+        examples = sorted((e for part, _ in gathered for e in part), key=lambda e: e.index)
+        skipped = sum((c for _, c in gathered), Counter())
+    if skipped and a.strict:
+        raise InputError(f"--strict: {sum(skipped.values())} bad records in {a.data}: " +
+                         ", ".join(f"{n} x {r}" for r, n in skipped.most_common()))
+    if skipped:
+        log(f"warning: skipping {sum(skipped.values())} of {len(records)} records: " +
+            ", ".join(f"{n} x {r}" for r, n in skipped.most_common()))
+    return examples, skipped
+
+
+def _wrap(module, net, a, dist, device):
+    """DDP (replicas), FSDP2 (each decoder layer and the rest sharded), or the module itself."""
+    if a.fsdp:
+        if not dist:
+            raise InputError("--fsdp needs several processes (torchrun --nproc-per-node N ...)")
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if a.precision == "bf16" else None,
+                                      reduce_dtype=torch.float32)
+        for layer in net.language_model.layers:
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(module, mp_policy=policy)
+        return module
+    if dist:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return module
+
+
+class _Stepper:
+    """One optimizer step over a global batch's micro-batches (this process's share)."""
+
+    def __init__(self, a, model, optimizer, masters, tokenizer, dist, world, device, total, warmup):
+        self.a, self.model, self.optimizer, self.masters = a, model, optimizer, masters
+        self.dist, self.world, self.device, self.total, self.warmup = dist, world, device, total, warmup
+        # DDP reduces the gradients once, after the last micro-batch, when they accumulate in float32 parameters;
+        # bf16 gradients are reduced after every micro-batch and accumulated in the float32 masters.
+        self.defer_sync = dist is not None and not a.fsdp and masters.masters is masters.params
+        # Two tokens, one target: a finite loss that a zero scale turns into zero gradients.
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
+        self.dummy = (torch.tensor([[bos, bos]], device=device), torch.tensor([[-100, bos]], device=device))
+
+    def step(self, step, micro, start):
+        """Returns the step's metrics, or None when the global batch has no target (every sample dropped).
+        start: perf_counter() when the step began (before its batches were loaded)."""
+        counts = torch.tensor([sum(b.num_targets for b in micro), sum(b.num_tokens for b in micro),
+                               sum(b.num_samples for b in micro)], dtype=torch.float64, device=self.device)
+        if self.dist:
+            self.dist.all_reduce(counts)
+        targets, tokens, samples = (int(x) for x in counts.tolist())
+        if targets == 0:
+            return None
+        ce_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        row_lengths, num_images = [], 0
+        for k, b in enumerate(micro):
+            if b.num_samples:
+                b = b.to(self.device)
+                ids, labels, pixels, scale = b.input_ids, b.labels, b.pixel_values, b.num_targets * self.world / targets
+                row_lengths += b.lengths
+                num_images += 0 if pixels is None else int(pixels.shape[0])
+            else:  # every sample of this micro-batch dropped: a zero-weighted row keeps the collectives in step
+                (ids, labels), pixels, scale = self.dummy, None, 0.0
+            last = k == len(micro) - 1
+            with self.model.no_sync() if self.defer_sync and not last else contextlib.nullcontext():
+                loss = self.model(ids, labels, pixels, scale)
+                loss.backward()
+            self.masters.accumulate_grads()
+            ce_sum += loss.detach().double() * targets / self.world
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.masters.masters, self.a.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        for g in self.optimizer.param_groups:
+            g["lr"] = cosine_lr(step, self.total, self.warmup, g["peak_lr"])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.masters.copy_to_model()
+        if self.dist:
+            self.dist.all_reduce(ce_sum)
+        loss = float(ce_sum) / targets  # the step's one host sync
+        elapsed = time.perf_counter() - start
+        return {"step": step + 1, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                "grad_norm": float(grad_norm), "tokens": tokens, "samples": samples, "tokens_per_s": tokens / elapsed,
+                "samples_per_s": samples / elapsed, "step_time_s": elapsed, "row_lengths": row_lengths,
+                "num_images": num_images}
+
+
+def _full_trained_state(model, masters, fsdp):
+    """name (ours) -> float32 tensor of every trained parameter, on rank 0 (collective under FSDP)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                     ignore_frozen_params=True))
+        return {_strip_prefix(k): v for k, v in state.items()}
+    return masters.state_dict()
+
+
+def _write_outputs(a, base, model, masters, lora, llm_params, projector_params, dist, main):
+    state = _full_trained_state(model, masters, a.fsdp)
+    outputs = []
+    if main:
+        projector = {n: state[n] for n, _ in projector_params}
+        if lora:
+            adapter = {n: state[n] for n, _ in llm_params}
+            ckpt.save_tensors(os.path.join(a.output, "adapter_model.safetensors"), {**adapter, **projector})
+            ckpt.write_json(os.path.join(a.output, "adapter_config.json"), {
+                "r": a.lora_r, "alpha": a.lora_alpha, "dropout": a.lora_dropout, "target_modules": list(TARGETS),
+                "base_model": os.path.abspath(a.model),
+                "vision_tower": os.path.abspath(a.vision_tower) if a.vision_tower else None,
+                "projector": os.path.abspath(a.projector) if a.projector else None,
+                "image_aspect_ratio": a.image_aspect_ratio})
+            outputs += ["adapter_model.safetensors", "adapter_config.json"]
+        else:
+            ckpt.save_llava_hf(a.output, base, state)
+            outputs.append("llava-hf checkpoint (config.json, model-*.safetensors)")
+        if a.stage == 1:
+            ckpt.save_tensors(os.path.join(a.output, "mm_projector.safetensors"), projector)
+            outputs.append("mm_projector.safetensors")
+        outputs.append("train_log.jsonl")
+    if dist:
+        dist.barrier()
+    return [os.path.join(a.output, o) for o in outputs]
