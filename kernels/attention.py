@@ -566,22 +566,35 @@ def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit inputs
 
 
-def forward_tiles(device, d_pad):
+def forward_tiles(device, d_pad, dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel.
 
     GPU: the fused-attention tutorial's H100 shape (BLOCK_M 128 / BLOCK_N 64, 3 stages), 8 warps once the
     (128, D_PAD) fp32 accumulator is 64 KiB. Untuned; an autotune over these four is the next step.
+    fp32 dots are IEEE, i.e. FMAs without tensor cores, whose operands sit in registers: at 128 x 64 the
+    sm_90 build hits 255 registers with 13 KB of spill loads + stores at D = 128 (10 KB at D = 64) and takes
+    229888 B of shared memory, 2.5 KB under H100's 232448. 64 x 16, 8 warps, 2 stages: 102 registers, 53 KB,
+    no spill (ptxas -v via tests/kernel_compile_check.py); fp32 is the accuracy path, not the fast one.
     Interpreter: 32 / 16, small enough that a 129-token test crosses several blocks and both stages."""
     if device.type != "cuda":
         return 32, 16, 4, 1
+    if dtype == torch.float32:
+        return 64, 16, 8, 2
     return 128, 64, (8 if d_pad >= 128 else 4), 3
 
 
-def backward_tiles(device, d_pad):
+def backward_tiles(device, d_pad, dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) shared by the dK/dV and dQ kernels. The backward holds
-    three accumulators (dK halves, dV or dQ halves) beside P and dP, so tiles are 64 x 64, 2 stages."""
+    three accumulators (dK halves, dV or dQ halves) beside P and dP, so tiles are 64 x 64, 2 stages.
+    fp32 (IEEE FMA dots, see forward_tiles): at 64 x 64 ptxas reports 157 KB (dK/dV, a 14.6 KB stack frame
+    per thread) and 92 KB (dQ) of spill loads + stores at D = 128; 16 x 32, 8 warps, 1 stage: 112 / 76
+    registers, no spill.
+    bf16/fp16 dK/dV at D >= 80 sits at 255 registers and spills 160-356 bytes (8 at D = 64); kept until a
+    GPU can time the spill-free candidates (64 x 32, 8 warps, 2 stages: 178 registers at D = 128)."""
     if device.type != "cuda":
         return 16, 16, 4, 1
+    if dtype == torch.float32:
+        return 16, 32, 8, 1
     return 64, 64, (8 if d_pad >= 128 else 4), 2
 
 
@@ -644,7 +657,7 @@ def _attention_forward(q, k, k_heads_first, v, v_heads_first, cos, sin, start_po
     Hkv = v.shape[1] if v_heads_first else v.shape[2]
     group = H // Hkv
     half_pad, d_pad = _dims(D)
-    block_m, block_n, num_warps, num_stages = forward_tiles(q.device, d_pad)
+    block_m, block_n, num_warps, num_stages = forward_tiles(q.device, d_pad, k.dtype)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, Hkv, T, group, device=q.device, dtype=torch.float32) if store_lse else out
     has_lens = seq_lens is not None
@@ -719,7 +732,7 @@ class FlashAttentionFunction(torch.autograd.Function):
         Hkv = v.shape[2]
         group = H // Hkv
         half_pad, d_pad = _dims(D)
-        block_m, block_n, num_warps, num_stages = backward_tiles(q.device, d_pad)
+        block_m, block_n, num_warps, num_stages = backward_tiles(q.device, d_pad, q.dtype)
         delta = torch.empty_like(lse)
         _backward_delta_kernel[(triton.cdiv(T * group, block_m), B * Hkv)](
             out, dout, delta, *_bth_strides(out, False), *_bth_strides(dout, False), T, Hkv,
