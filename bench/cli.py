@@ -1,0 +1,275 @@
+"""`llava-fast bench [generate|kernels|train|compare|validate] ...` (llava_fast/cli.py delegates here).
+
+    llava-fast bench                                   # generate: tiny on CPU, llava-1.5-7b on CUDA
+    llava-fast bench generate --preset llava-1.5-13b --batch-sizes 1,8 --json r.json --plot r.png
+    llava-fast bench kernels --device cuda
+    llava-fast bench train --preset llava-1.5-7b --batch-sizes 8
+    llava-fast bench compare old.json new.json --fail-on-regression
+    llava-fast bench validate r.json
+
+Each measuring subcommand prints a markdown table and writes the JSON document of bench/SCHEMA.md (default
+bench-results/<kind>-<model>-<device>-<time>.json). Bad arguments raise InputError (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from llava_fast.errors import InputError
+
+SUBCOMMANDS = ("generate", "kernels", "train", "compare", "validate")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises InputError instead of printing usage and exiting."""
+
+    def error(self, message):
+        raise InputError(f"{self.prog}: {message}")
+
+
+def _int_list(text):
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _contexts(text):
+    out = []
+    for x in text.split(","):
+        x = x.strip()
+        if x == "prompt":
+            out.append(x)
+        elif x.isdigit() and int(x) > 0:
+            out.append(int(x))
+        elif x:
+            raise argparse.ArgumentTypeError(f"expected 'prompt' or positive integers, got {x!r}")
+    if not out:
+        raise argparse.ArgumentTypeError("no context given")
+    return out
+
+
+def _names(choices):
+    def parse(text):
+        values = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [v for v in values if v not in choices]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"expected some of {', '.join(choices)}, got {text!r}")
+        return list(dict.fromkeys(values))
+    return parse
+
+
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _model_args(p):
+    p.add_argument("--preset", help="random-weight preset: tiny, llava-1.5-7b, llava-1.5-13b, llava-v1-7b "
+                   "(default: tiny on CPU, llava-1.5-7b on CUDA)")
+    p.add_argument("--model", help="checkpoint directory instead of a preset")
+    p.add_argument("--vision-tower", help="CLIP directory of an original-LLaVA checkpoint")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--batch-sizes", type=_int_list, help="comma-separated, e.g. 1,8,32")
+    p.add_argument("--repeats", type=_positive_int, help="timed repetitions per figure (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default 1)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's, one per core); "
+                   "on a shared host, fewer threads than cores keeps other work from stalling every op")
+    p.add_argument("--json", help="result file (default: bench-results/<kind>-<model>-<device>-<time>.json)")
+
+
+def build_parser():
+    parser = _Parser(prog="llava-fast bench", description="Benchmark llava-fast against its baselines.")
+    sub = parser.add_subparsers(dest="subcommand", parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="end to end: TTFT, prefill and decode tokens/s, vision images/s, memory")
+    _model_args(g)
+    g.add_argument("--contexts", type=_contexts, help="prompt lengths in tokens; 'prompt' = the image + "
+                   "question as is (default: prompt,1024 on CPU; prompt,1024,2048,3072 on CUDA)")
+    g.add_argument("--new-tokens", type=_positive_int, help="tokens generated per run (default 32 CPU, 128 CUDA)")
+    g.add_argument("--backends", type=_names(("triton", "torch")),
+                   help="llava-fast kernel backends to run (default: torch on CPU, triton,torch on CUDA)")
+    g.add_argument("--no-transformers", action="store_true", help="skip the transformers generate() baseline")
+    g.add_argument("--vision-batch", type=_positive_int, help="images per vision-tower call (default 8 CPU, 32 CUDA)")
+    g.add_argument("--plot", help="PNG of decode tokens/s against batch size and context (needs matplotlib)")
+
+    k = sub.add_parser("kernels", help="each Triton kernel against its torch baseline: time, TFLOP/s or GB/s, "
+                       "% of peak")
+    _model_args(k)
+    from llava_fast.bench.kernel_bench import KERNELS
+
+    k.add_argument("--kernels", type=_names(tuple(KERNELS)), help=f"subset of {', '.join(KERNELS)}")
+    k.add_argument("--scale", choices=("small", "full"), help="shapes: 'full' = the preset's real shapes "
+                   "(default on CUDA), 'small' = shapes Triton's CPU interpreter finishes (default on CPU)")
+
+    t = sub.add_parser("train", help="training step: tokens/s, MFU, peak memory of stage-1 and stage-2 steps")
+    _model_args(t)
+    t.add_argument("--stages", type=_names(("1", "2")), default=["1", "2"], help="1, 2 or 1,2 (default)")
+    t.add_argument("--seq-len", type=_positive_int, help="tokens per sample, image included (default: image "
+                   "+ 64 on CPU, 2048 on CUDA)")
+    t.add_argument("--backends", type=_names(("triton", "torch")),
+                   help="kernel backends (default: torch on CPU, triton,torch on CUDA)")
+    t.add_argument("--layers", type=_positive_int, help="decoder layers of the preset (default: all); a 7B's full "
+                   "stage 2 does not fit one 80 GB GPU")
+    t.add_argument("--no-gradient-checkpointing", action="store_true",
+                   help="keep all activations (default on CUDA: recompute each decoder layer)")
+
+    c = sub.add_parser("compare", help="per-figure deltas between two result files, regressions flagged")
+    c.add_argument("a", help="baseline result JSON")
+    c.add_argument("b", help="new result JSON")
+    c.add_argument("--threshold", type=float, default=0.05, help="smallest relative change that counts "
+                   "(default 0.05); a noisier figure needs twice its relative IQR")
+    c.add_argument("--fail-on-regression", action="store_true", help="exit 1 when any regression is flagged")
+
+    v = sub.add_parser("validate", help="check result files against the schema (bench/SCHEMA.md)")
+    v.add_argument("files", nargs="+")
+    return parser
+
+
+def parse(argv):
+    argv = list(argv)
+    if not argv or argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
+        argv = ["generate", *argv]  # generate is the default subcommand
+    return argv, build_parser().parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    argv, args = parse(argv)
+    if args.subcommand == "compare":
+        return cmd_compare(args)
+    if args.subcommand == "validate":
+        return cmd_validate(args)
+    return cmd_measure(args, argv)
+
+
+def _common_settings(args, device_type, defaults):
+    if args.model and args.preset:
+        raise InputError("give --model or --preset, not both")
+    if args.warmup < 0:
+        raise InputError("--warmup must be >= 0")
+    if args.preset is not None:
+        from llava_fast.presets import PRESETS
+
+        if args.preset not in PRESETS:
+            raise InputError(f"unknown preset {args.preset!r}: expected one of {', '.join(PRESETS)}")
+    return {
+        "preset": args.preset or (None if args.model else defaults["preset"]), "model": args.model,
+        "vision_tower": args.vision_tower, "device": device_type, "dtype": args.dtype,
+        "batch_sizes": args.batch_sizes or defaults["batch_sizes"],
+        "repeats": args.repeats or defaults["repeats"], "warmup": args.warmup, "threads": args.threads,
+    }
+
+
+def cmd_measure(args, argv) -> int:
+    from llava_fast.api import resolve_device_dtype
+    from llava_fast.bench import report, schema
+    from llava_fast.bench.device import resolve_device
+    from llava_fast.bench.timing import relative_spread
+
+    device = resolve_device(args.device)
+    resolve_device_dtype(device, args.dtype)  # a bad --dtype fails before anything is built
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.subcommand == "generate":
+        from llava_fast.bench import generate_bench as bench
+
+        defaults = bench.DEFAULTS[device.type]
+        settings = _common_settings(args, str(device), defaults)
+        settings.update(contexts=args.contexts or defaults["contexts"], contexts_explicit=args.contexts is not None,
+                        new_tokens=args.new_tokens or defaults["new_tokens"],
+                        backends=args.backends or defaults["backends"], transformers=not args.no_transformers,
+                        vision_batch=args.vision_batch or defaults["vision_batch"], prompt=bench.PROMPT)
+    elif args.subcommand == "kernels":
+        from llava_fast.bench import kernel_bench as bench
+
+        defaults = bench.DEFAULTS[device.type]
+        settings = _common_settings(args, str(device), defaults)
+        settings.update(kernels=args.kernels or list(bench.KERNELS), scale=args.scale or defaults["scale"])
+    else:
+        from llava_fast.bench import train_bench as bench
+
+        defaults = bench.DEFAULTS[device.type]
+        settings = _common_settings(args, str(device), defaults)
+        settings.update(stages=[int(s) for s in args.stages], seq_len=args.seq_len, layers=args.layers,
+                        backends=args.backends or defaults["backends"],
+                        gradient_checkpointing=(not args.no_gradient_checkpointing) and defaults["checkpointing"])
+    plot = getattr(args, "plot", None)
+    started = time.perf_counter()
+
+    doc = bench.run(settings, argv)
+    settings["wall_s"] = round(time.perf_counter() - started, 1)
+    noisy = max((f for f in doc["figures"] if f.get("stats") and f["stats"]["n"] >= 3),
+                key=lambda f: relative_spread(f["stats"]), default=None)
+    if noisy is not None and relative_spread(noisy["stats"]) > 0.2:
+        doc["notes"].append(f"noisy: {report.figure_key(noisy)} has an interquartile range of "
+                            f"{100 * relative_spread(noisy['stats']):.0f}% of its median; other work on the host "
+                            "likely interfered, rerun on a quiet machine before quoting absolute numbers")
+    if hasattr(os, "getloadavg"):  # other work on the host while it ran: compare with load_average at start
+        doc["device"]["host"]["load_average_end"] = list(os.getloadavg())
+        host = doc["device"]["host"]
+        others = max(host["load_average"][0], host["load_average_end"][0] - host["torch_threads"])  # not ours
+        if device.type == "cpu" and others > 0.5 * host["cores"]:
+            doc["notes"].append(f"the host was busy with other work (1-minute load average "
+                                f"{host['load_average'][0]:.1f} at start, {host['load_average_end'][0]:.1f} at end, "
+                                f"on {host['cores']} cores): "
+                                "absolute CPU figures are slowed by it; ratios of engines measured in the same "
+                                "rounds are the robust figures")
+    if plot:
+        note = report.plot_generate(doc, plot)
+        doc["notes"].append(note or f"plot written to {plot}")
+    errors = schema.validate(doc)
+    if errors:  # a harness bug: never write a file that claims a schema it does not follow
+        raise RuntimeError("result does not match its schema:\n  " + "\n  ".join(errors[:20]))
+    path = report.write_json(doc, args.json or report.default_json_path(doc))
+    print(bench.markdown(doc))
+    print(f"\nresults: {path}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from llava_fast.bench import report, schema
+
+    if not args.threshold >= 0:
+        raise InputError("--threshold must be >= 0")
+    docs = []
+    for path in (args.a, args.b):
+        doc = report.read_json(path)
+        errors = schema.validate(doc)
+        if errors:
+            raise InputError(f"{path} is not a llava-fast bench result: {errors[0]}")
+        docs.append(doc)
+    result = report.compare(*docs, threshold=args.threshold)
+    print(report.compare_markdown(result, args.a, args.b))
+    return 1 if args.fail_on_regression and result["regressions"] else 0
+
+
+def cmd_validate(args) -> int:
+    from llava_fast.bench import report, schema
+
+    bad = 0
+    for path in args.files:
+        errors = schema.validate(report.read_json(path))
+        print(f"{path}: " + ("ok" if not errors else f"{len(errors)} error(s)"))
+        for e in errors[:20]:
+            print(f"  {e}")
+        bad += bool(errors)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

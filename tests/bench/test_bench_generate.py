@@ -1,0 +1,156 @@
+"""`llava-fast bench generate` end to end on the tiny preset (CPU): the CI smoke test.
+
+One real run (2 scenarios, 2 engines, 2 repeats, 6 new tokens) through the `llava-fast` entry point; its
+JSON must validate, and its figures must agree with each other and with the definitions in
+bench/SCHEMA.md (prefill rate x TTFT = tokens, paired speed-ups = ratios of the samples, the transformers
+baseline computing the same logits on the same weights).
+"""
+
+import json
+
+import pytest
+import torch
+
+from llava_fast import ops
+from llava_fast.bench import generate_bench, report, schema
+from llava_fast.cli import main
+from llava_fast.errors import InputError
+
+pytest.importorskip("transformers")
+
+NEW_TOKENS = 4
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("bench") / "generate.json")
+    backend = ops.BACKEND
+    rc = main(["bench", "--device", "cpu", "--batch-sizes", "1,2", "--contexts", "prompt,300",
+               "--new-tokens", str(NEW_TOKENS), "--repeats", "2", "--vision-batch", "1", "--json", path,
+               "--plot", path.replace(".json", ".png")])
+    assert rc == 0
+    assert ops.BACKEND == backend  # the harness restores the kernel backend it found
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_json_matches_schema_and_records_what_ran(result):
+    assert schema.validate(result) == []
+    s = result["settings"]
+    assert s["preset"] == "tiny" and s["device"] == "cpu" and s["dtype"] == "float32"
+    assert s["backends"] == ["torch"]  # the interpreted Triton path never runs by default on a CPU
+    assert s["engines"] == ["llava-fast/torch", "transformers"] and s["baseline"] == "transformers"
+    natural = s["contexts"][0]
+    assert s["contexts"] == [natural, 300] and natural > 256  # 256 image tokens + the templated question
+    assert s["scenarios"] == [{"batch": 1, "context": natural}, {"batch": 2, "context": natural},
+                              {"batch": 1, "context": 300}]
+    assert result["device"]["host"]["cores"] >= 1 and result["software"]["torch"] == torch.__version__
+    assert result["telemetry"]["available"] is False and result["telemetry"]["reason"]
+    assert result["ceilings"]["bandwidth"]["measured"] > 0 and result["ceilings"]["matmul"]["dtype"] == "float32"
+    # matplotlib is optional: without it the plot is a note ("no plot written ..."), not an error
+    assert any("plot" in n for n in result["notes"])
+
+
+def test_every_scenario_has_every_figure_per_engine(result):
+    figs = result["figures"]
+    for sc in result["settings"]["scenarios"]:
+        for engine in result["settings"]["engines"]:
+            for name in ("time_to_first_token", "prefill_throughput", "decode_throughput", "decode_bandwidth",
+                         "decode_bandwidth_pct"):
+                f = report.find_one(figs, name, engine=engine, **sc)
+                assert f is not None, (name, engine, sc)
+                assert f["value"] > 0
+            assert report.find_one(figs, "decode_speedup", engine="llava-fast/torch", baseline="transformers", **sc)
+            assert report.find_one(figs, "ttft_speedup", engine="llava-fast/torch", baseline="transformers", **sc)
+    for engine in result["settings"]["engines"]:
+        assert report.find_one(figs, "vision_throughput", engine=engine, batch=1)["value"] > 0
+    assert report.find_one(figs, "host_peak_rss", scope="process")["value"] > 2**20
+    assert not report.find(figs, "peak_memory")  # CUDA only
+
+
+def test_figures_agree_with_their_definitions(result):
+    figs = result["figures"]
+    for f in report.find(figs, "prefill_throughput"):
+        ttft = report.find_one(figs, "time_to_first_token", **f["labels"])
+        b, c = f["labels"]["batch"], f["labels"]["context"]
+        for rate, ms in zip(f["samples"], ttft["samples"]):
+            assert rate * ms / 1e3 == pytest.approx(b * c)  # tokens = rate x time, sample by sample
+    for sp in report.find(figs, "decode_speedup"):
+        labels = {k: v for k, v in sp["labels"].items() if k != "baseline"}
+        ours = report.find_one(figs, "decode_throughput", **labels)["samples"]
+        theirs = report.find_one(figs, "decode_throughput", **{**labels, "engine": sp["labels"]["baseline"]})["samples"]
+        assert sp["samples"] == pytest.approx([x / y for x, y in zip(ours, theirs)])
+    for sp in report.find(figs, "ttft_speedup"):
+        labels = {k: v for k, v in sp["labels"].items() if k != "baseline"}
+        ours = report.find_one(figs, "time_to_first_token", **labels)["samples"]
+        theirs = report.find_one(figs, "time_to_first_token", **{**labels, "engine": "transformers"})["samples"]
+        assert sp["samples"] == pytest.approx([y / x for x, y in zip(ours, theirs)])
+    measured = result["ceilings"]["bandwidth"]["measured"]
+    for f in report.find(figs, "decode_bandwidth_pct"):
+        assert f["labels"]["peak"] == "measured"
+        bw = report.find_one(figs, "decode_bandwidth", **{k: v for k, v in f["labels"].items() if k != "peak"})
+        assert f["value"] == pytest.approx(100 * bw["value"] / measured)
+
+
+def test_transformers_baseline_computes_the_same_model(result):
+    parity = result["checks"]["transformers_parity"]
+    assert parity["same_argmax"] and parity["max_abs_logit_diff"] < 1e-4
+    agreement = result["checks"]["greedy_agreement"]
+    assert len(agreement) == 3 and all(a["agreement"] == 1.0 for a in agreement)
+
+
+def test_markdown_table_shows_both_engines_and_ratio(result):
+    text = generate_bench.markdown(result)
+    assert "| llava-fast/torch | transformers | llava-fast/torch / transformers |" in text
+    decode = report.find_one(result["figures"], "decode_speedup", engine="llava-fast/torch", batch=1,
+                             context=result["settings"]["contexts"][0])
+    assert report.fmt(decode["value"], "x") in text
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from llava_fast.presets import random_model
+
+    return random_model("tiny", device="cpu")
+
+
+def test_transformers_model_holds_llava_fast_tensors(tiny):
+    """Same weights by construction, and no second copy of them (a 13B would not fit twice)."""
+    hf = generate_bench.build_transformers_model(tiny)
+    theirs = dict(hf.named_parameters())
+    shared = sum(p.data_ptr() in {t.data_ptr() for t in theirs.values()} for p in tiny.net.parameters())
+    assert shared == len(list(tiny.net.parameters()))
+    assert hf.lm_head.weight.data_ptr() == tiny.net.lm_head.weight.data_ptr()
+
+
+def test_prompt_ids_reach_the_requested_context(tiny):
+    model = tiny
+    natural = model.encode_prompt(generate_bench.PROMPT, 1)
+    longer = generate_bench.prompt_ids(model, len(natural) + 37)
+    assert len(longer) == len(natural) + 37
+    assert longer.count(model.image_token_id) == model.num_image_tokens
+    assert longer[-10:] == natural[-10:]  # the question stays last
+    with pytest.raises(InputError, match="shorter than the prompt"):
+        generate_bench.prompt_ids(model, len(natural) - 1)
+    contexts, notes = generate_bench.resolve_contexts(["prompt", 4096], len(natural), 2048, 32, explicit=False)
+    assert contexts == [len(natural)] and notes
+    with pytest.raises(InputError, match="exceeds"):
+        generate_bench.resolve_contexts([4096], len(natural), 2048, 32, explicit=True)
+
+
+def test_decode_bytes_per_step_counts_weights_and_cache(tiny):
+    net = tiny.net
+    t = net.cfg.text
+    weights = 4 * (t.num_layers * (2 * 512 * 512 + 2 * 512 * 256 + 3 * 512 * 1376 + 2 * 512) + 512 + 32064 * 512)
+    kv = 4 * 3 * t.num_layers * 2 * t.num_kv_heads * t.head_dim * (100 + 8 / 2)
+    assert generate_bench.decode_bytes_per_step(net, 3, 100, 8) == int(weights + kv)
+
+
+def test_token_agreement_counts_up_to_first_difference():
+    assert generate_bench.token_agreement([[1, 2, 3, 4]], [[1, 2, 3, 4]]) == 1.0
+    assert generate_bench.token_agreement([[1, 2, 9, 4]], [[1, 2, 3, 4]]) == 0.5  # 4 after the 9 not counted
+    assert generate_bench.token_agreement([[1, 2], [5, 6]], [[1, 2], [0, 6]]) == 0.5
+
+
+def test_unusable_context_is_an_input_error():
+    assert main(["bench", "--device", "cpu", "--contexts", "10", "--no-transformers", "--repeats", "1"]) == 2

@@ -1,0 +1,52 @@
+"""`llava-fast bench train` on the tiny preset (CPU): the trainer's step, timed; MFU from the trainer's count."""
+
+import json
+
+import pytest
+
+from llava_fast.bench import schema, train_bench
+from llava_fast.cli import main
+from llava_fast.presets import preset_config
+
+SEQ_LEN = 264  # BOS + 256 image tokens + 7 text tokens
+
+
+def test_stage_two_adds_the_llm_weight_gradients():
+    """Stage 2 differs from stage 1 by the LLM's weight gradients: 2 FLOPs per matmul parameter per token."""
+    cfg = preset_config("tiny")
+    t = cfg.text
+    n_llm = t.num_layers * (2 * 512 * 512 + 2 * 512 * 256 + 3 * 512 * 1376) + 512 * t.vocab_size
+    tokens = 3 * SEQ_LEN
+    assert train_bench.step_flops(cfg, 3, SEQ_LEN, 2) - train_bench.step_flops(cfg, 3, SEQ_LEN, 1) == 2 * tokens * n_llm
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("train") / "train.json")
+    assert main(["bench", "train", "--device", "cpu", "--seq-len", str(SEQ_LEN), "--repeats", "2", "--warmup", "0",
+                 "--layers", "2", "--json", path]) == 0
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_train_result(result):
+    assert schema.validate(result) == []
+    s = result["settings"]
+    assert s["stages"] == [1, 2] and s["seq_len"] == SEQ_LEN and s["backends"] == ["torch"]
+    assert s["decoder_layers"] == 2 and s["model_name"] == "tiny-2-layers" and s["gradient_checkpointing"] is False
+    peak = result["ceilings"]["matmul"]["measured"]
+    cfg = preset_config("tiny")
+    cfg.text.num_layers = 2
+    for stage in (1, 2):
+        figs = {f["name"]: f for f in result["figures"] if f["labels"].get("stage") == stage}
+        step, tput, mfu = figs["train_step_time"], figs["train_throughput"], figs["train_mfu"]
+        for ms, rate in zip(step["samples"], tput["samples"]):
+            assert rate * ms / 1e3 == pytest.approx(SEQ_LEN)
+        flops = train_bench.step_flops(cfg, 1, SEQ_LEN, stage)
+        assert mfu["value"] == pytest.approx(100 * flops / (step["value"] / 1e3) / 1e12 / peak)
+        assert mfu["labels"]["peak"] == "measured"
+
+
+def test_bad_sequence_length_is_an_input_error():
+    assert main(["bench", "train", "--device", "cpu", "--seq-len", "100"]) == 2  # no room for text after the image
+    assert main(["bench", "train", "--device", "cpu", "--model", "/nonexistent", "--layers", "2"]) == 2
