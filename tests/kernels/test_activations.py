@@ -8,30 +8,17 @@ plain-PyTorch reference makes in the same dtype, plus one ulp at the output's sc
 import pytest
 import torch
 
+from accuracy import BF16, DEVICE, assert_close_to_reference
 from llava_fast import ops
 from llava_fast.kernels import activations
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # 1-D 4097 crosses the 4096-element block by one; the others are odd in every dimension.
 SHAPES = [(5, 123), (3, 77, 129), (4097,), (2, 3, 5, 7)]
-# Triton's interpreter truncates fp32 -> bf16 (the GPU rounds to nearest even), so bf16 runs on a GPU only.
-BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.gpu, id="torch.bfloat16")
 DTYPES = [torch.float32, torch.float16, BF16]
 reference_swiglu = ops.TORCH_OPS["swiglu"]  # the torch oracle even when the triton backend is active
 reference_quick_gelu = ops.TORCH_OPS["quick_gelu"]
 
 
-def assert_close_to_reference(name, actual, same_dtype_reference, fp32_reference):
-    assert actual.dtype == same_dtype_reference.dtype, f"{name}: dtype {actual.dtype}"
-    assert actual.shape == same_dtype_reference.shape, f"{name}: shape {tuple(actual.shape)}"
-    if actual.dtype == torch.float32:
-        torch.testing.assert_close(actual, same_dtype_reference, rtol=1e-5, atol=1e-5, msg=name)
-        return
-    reference = fp32_reference.float()
-    kernel_error = (actual.float() - reference).abs().max().item()
-    torch_error = (same_dtype_reference.float() - reference).abs().max().item()
-    one_ulp = torch.finfo(actual.dtype).eps * reference.abs().max().item()
-    assert kernel_error <= 2 * torch_error + one_ulp, f"{name}: error {kernel_error} vs torch's {torch_error}"
 
 
 def forward_backward(fn, inputs, dout):
