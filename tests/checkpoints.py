@@ -92,18 +92,25 @@ def _rename(state, rules):
     return out
 
 
-def _write_sharded_safetensors(state, dst, num_shards):
+def _write_shards(state, dst, num_shards, kind):
+    """Split state over num_shards files of `kind` ("safetensors" or "bin") plus the index transformers
+    writes beside them."""
     from safetensors.torch import save_file
 
+    prefix, index = ("model", "model.safetensors.index.json") if kind == "safetensors" else (
+        "pytorch_model", "pytorch_model.bin.index.json")
     keys = sorted(state)
     per = -(-len(keys) // num_shards)
     weight_map = {}
     for i in range(num_shards):
-        name = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+        name = f"{prefix}-{i + 1:05d}-of-{num_shards:05d}.{kind}"
         chunk = {k: state[k] for k in keys[i * per : (i + 1) * per]}
-        save_file(chunk, os.path.join(dst, name), metadata={"format": "pt"})
+        if kind == "safetensors":
+            save_file(chunk, os.path.join(dst, name), metadata={"format": "pt"})
+        else:
+            torch.save(chunk, os.path.join(dst, name))
         weight_map.update({k: name for k in chunk})
-    with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
+    with open(os.path.join(dst, index), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
 
 
@@ -139,7 +146,7 @@ def write_checkpoint(model, dst, layout, *, shards=2):
         with open(os.path.join(dst, "config.json"), "w") as f:
             json.dump(cfg, f)
         if layout == "hub":
-            _write_sharded_safetensors(legacy, dst, shards)
+            _write_shards(legacy, dst, shards, "safetensors")
         else:
             from safetensors.torch import save_file
 
@@ -166,16 +173,7 @@ def _write_original(model, dst, shards):
         (r"^multi_modal_projector\.linear_1\.", "model.mm_projector.0."),
         (r"^multi_modal_projector\.linear_2\.", "model.mm_projector.2."),
     ])
-    keys = sorted(llm)
-    per = -(-len(keys) // shards)
-    weight_map = {}
-    for i in range(shards):
-        name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
-        chunk = {k: llm[k] for k in keys[i * per : (i + 1) * per]}
-        torch.save(chunk, os.path.join(dst, name))
-        weight_map.update({k: name for k in chunk})
-    with open(os.path.join(dst, "pytorch_model.bin.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    _write_shards(llm, dst, shards, "bin")
     vc, tc = model.config.vision_config, model.config.text_config
     clip_dir = os.path.join(dst, "clip")
     os.makedirs(clip_dir, exist_ok=True)
