@@ -150,7 +150,7 @@ class LlavaFastEngine:
     def release(self):
         """Free the decoders the model keeps between calls (CUDA-graph workspaces), so a memory
         measurement starts from the weights alone."""
-        getattr(self.model, "_graph_decoders", {}).clear()
+        self.model.release_workspace()
 
     def vision(self, pixel_values):
         ops.use_backend(self.backend)

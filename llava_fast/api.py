@@ -164,6 +164,10 @@ class LlavaModel:
     # Generation
     # --------------------------------------------------------------------------------------------------
 
+    def release_workspace(self):
+        """Free the KV caches and CUDA graphs kept between calls (they are rebuilt on the next call)."""
+        self._graph_decoders.clear()
+
     def _use_cuda_graphs(self):
         # The torch reference path reads lengths on the host, which a graph cannot capture; Triton's does not.
         return self.cuda_graphs and self.device.type == "cuda" and ops.BACKEND == "triton"

@@ -51,6 +51,9 @@ def test_cuda_graph_decode_equals_eager_decode(ckpt_dir, triton_backend, dtype, 
     assert graphed == eager
     again = model.generate_ids(rows, pixels, max_new_tokens=40, eos_token_id=None)  # graph replayed, not recaptured
     assert again == eager
+    model.release_workspace()
+    assert not model._graph_decoders
+    assert model.generate_ids(rows, pixels, max_new_tokens=40, eos_token_id=None) == eager  # recaptured
     sampled = [model.generate("Describe.", ck.IMAGE_DIR + "/waterview.jpg", max_new_tokens=20, temperature=0.9,
                               seed=s) for s in (1, 1)]
     assert sampled[0] == sampled[1]
