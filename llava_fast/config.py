@@ -109,13 +109,16 @@ _SELECT_STRATEGY = {"default": "default", "patch": "default", "full": "full", "c
 
 
 def read_json(path):
+    """A checkpoint's JSON file; any problem reading it is a CheckpointError naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
+        raise CheckpointError(f"cannot read {path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        raise CheckpointError(f"cannot read {path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
 def _rope_theta(d):

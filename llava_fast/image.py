@@ -18,7 +18,6 @@ does the same arithmetic in C++ across threads; `ImageProcessor(backend=...)` pi
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import os
@@ -30,6 +29,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from llava_fast.config import read_json
 from llava_fast.errors import CheckpointError, ImageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -258,7 +258,7 @@ class ImageProcessor:
                 f"no preprocessor config at {config_file}; original LLaVA checkpoints ship none (their vision "
                 "tower is openai/clip-vit-large-patch14-336): use ImageProcessor.clip(336, pad=True)"
             )
-        config = _read_json(config_file)
+        config = read_json(config_file)
         if not isinstance(config, dict):
             raise CheckpointError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
         kind = config.get("image_processor_type", "CLIPImageProcessor")
@@ -271,7 +271,7 @@ class ImageProcessor:
             image_aspect_ratio = config.get("image_aspect_ratio")
             model_config = config_file.parent / "config.json"
             if image_aspect_ratio is None and model_config.is_file():
-                model = _read_json(model_config)
+                model = read_json(model_config)
                 image_aspect_ratio = model.get("image_aspect_ratio") if isinstance(model, dict) else None
             if image_aspect_ratio in ("square", "original"):  # LLaVA's names for "no padding"
                 image_aspect_ratio = None
@@ -371,13 +371,6 @@ class ImageProcessor:
             warn_once(f"{reason}; image preprocessing uses the slower Python path. To build it, install "
                       "with a C++17 compiler present: pip install -e .")
         return reason is None
-
-
-def _read_json(file: Path):
-    try:
-        return json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"cannot read {file}: {err}") from err
 
 
 def _settings_from_config(config: dict) -> dict:

@@ -30,7 +30,6 @@ double space or "<image> describe" does. (sentencepiece is not installed here to
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -38,6 +37,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
+from llava_fast.config import read_json
 from llava_fast.errors import CheckpointError, InputError
 
 IMAGE_MARKER = "<image>"
@@ -241,13 +241,7 @@ class IncrementalDecoder:
 
 
 def _read_json_if_present(path):
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
+    return read_json(path) if os.path.isfile(path) else {}
 
 
 def _add_declared_tokens(backend, path, config):
