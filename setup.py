@@ -81,12 +81,15 @@ setup(
     },
     package_data={"llava_fast": ["assets/*", "assets/tokenizer/*"]},
     install_requires=[
-        "torch>=2.4",
+        # The oldest versions tested: the GPU device image's (torch 2.11, triton 3.6; CI runs the kernel tests and
+        # the sm_90 compile check under triton 3.6 too). Triton 3.6's CPU interpreter needs numpy<2.4 (see
+        # kernels/__init__.py); compiled kernels do not.
+        "torch>=2.11",
         "safetensors>=0.4",
         "tokenizers>=0.15",
         "numpy",
         "pillow>=10",
-        "triton>=3.0; platform_system == 'Linux'",
+        "triton>=3.6; platform_system == 'Linux'",
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "transformers>=4.45"],

@@ -8,9 +8,41 @@ its Triton implementation (same signature, same semantics); `TRITON_OPS` here me
 """
 
 import importlib
+import os
 
 FAMILIES = ("norms", "activations", "attention", "patch_embed", "splice", "cross_entropy")
 
+
+
+def _check_interpreter():
+    """Fail at import, with the fix, where Triton's CPU interpreter cannot run our kernels at all.
+
+    Triton 3.6's interpreter holds a scalar argument as a NumPy array of shape (1,) and reads it as a loop
+    bound through `int(array)`; NumPy 2.4 turned that (deprecated since 1.25) into "TypeError: only
+    0-dimensional arrays can be converted to Python scalars", so every kernel with a `range` over a runtime
+    bound fails (94 interpreter tests). Triton 3.9's interpreter squeezes the array first. Compiled kernels
+    (a GPU, the sm_90 build) never take this path: the device image's triton 3.6 + NumPy 2.5 is fine there.
+    """
+    if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes"):
+        return
+    import inspect
+
+    import numpy
+    import triton
+    from triton.runtime import interpreter
+
+    try:
+        old_index = "int(self.handle.data))" in inspect.getsource(interpreter._patch_lang_tensor)
+    except (AttributeError, OSError, TypeError):  # another interpreter layout: nothing to say
+        return
+    if old_index and tuple(int(x) for x in numpy.__version__.split(".")[:2]) >= (2, 4):
+        raise ImportError(f"Triton {triton.__version__}'s CPU interpreter (TRITON_INTERPRET=1) cannot run with "
+                          f"NumPy {numpy.__version__}: it converts 1-element arrays to loop bounds, which NumPy "
+                          "2.4 made an error. Install numpy<2.4, or a newer Triton (3.9's interpreter is fixed); GPU runs are "
+                          "unaffected.")
+
+
+_check_interpreter()
 TRITON_OPS = {}
 for _family in FAMILIES:
     try:
