@@ -3,7 +3,7 @@
     llava-fast bench                                   # generate: tiny on CPU, llava-1.5-7b on CUDA
     llava-fast bench generate --preset llava-1.5-13b --batch-sizes 1,8 --json r.json --plot r.png
     llava-fast bench kernels --device cuda
-    llava-fast bench train --preset llava-1.5-7b --batch-sizes 8
+    llava-fast bench train --preset llava-1.5-7b --batch-sizes 8 --lora-r 128
     llava-fast bench compare old.json new.json --fail-on-regression
     llava-fast bench validate r.json
 
@@ -113,6 +113,8 @@ def build_parser():
     k.add_argument("--kernels", type=_names(tuple(KERNELS)), help=f"subset of {', '.join(KERNELS)}")
     k.add_argument("--scale", choices=("small", "full"), help="shapes: 'full' = the preset's real shapes "
                    "(default on CUDA), 'small' = shapes Triton's CPU interpreter finishes (default on CPU)")
+    k.add_argument("--seq-len", type=_positive_int, help="tokens T of attention prefill and train, cache length L of "
+                   "decode, rows of the norms (default 2048 at full scale)")
 
     t = sub.add_parser("train", help="training step: tokens/s, MFU, peak memory of stage-1 and stage-2 steps")
     _model_args(t)
@@ -125,6 +127,11 @@ def build_parser():
                    "stage 2 does not fit one 80 GB GPU")
     t.add_argument("--no-gradient-checkpointing", action="store_true",
                    help="keep all activations (default on CUDA: recompute each decoder layer)")
+    t.add_argument("--lora-r", type=_positive_int, help="stage 2 trains LoRA adapters of this rank + the projector "
+                   "(LLaVA-1.5's LoRA recipe: 128) instead of the full LLM")
+    t.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default 2 x rank, the recipe's 256/128)")
+    t.add_argument("--transformers", action="store_true", help="CUDA: also the peak memory of one forward + "
+                   "backward of transformers' LLaVA on the same batch, beside ours")
 
     c = sub.add_parser("compare", help="per-figure deltas between two result files, regressions flagged")
     c.add_argument("a", help="baseline result JSON")
@@ -199,7 +206,8 @@ def cmd_measure(args, argv) -> int:
 
         defaults = bench.DEFAULTS[device.type]
         settings = _common_settings(args, str(device), defaults)
-        settings.update(kernels=args.kernels or list(bench.KERNELS), scale=args.scale or defaults["scale"])
+        settings.update(kernels=args.kernels or list(bench.KERNELS), scale=args.scale or defaults["scale"],
+                        seq_len=args.seq_len)
     else:
         from llava_fast.bench import train_bench as bench
 
@@ -207,7 +215,8 @@ def cmd_measure(args, argv) -> int:
         settings = _common_settings(args, str(device), defaults)
         settings.update(stages=[int(s) for s in args.stages], seq_len=args.seq_len, layers=args.layers,
                         backends=args.backends or defaults["backends"],
-                        gradient_checkpointing=(not args.no_gradient_checkpointing) and defaults["checkpointing"])
+                        gradient_checkpointing=(not args.no_gradient_checkpointing) and defaults["checkpointing"],
+                        lora_r=args.lora_r, lora_alpha=args.lora_alpha, transformers=args.transformers)
     plot = getattr(args, "plot", None)
     started = time.perf_counter()
 

@@ -66,13 +66,15 @@ class Case:
     grad: bool = False  # times forward + backward
 
 
-def _sizes(cfg, scale, batch):
-    """Shapes per kernel: 'full' = the model's real shapes, 'small' = what Triton's interpreter finishes."""
+def _sizes(cfg, scale, batch, seq_len=None):
+    """Shapes per kernel: 'full' = the model's real shapes, 'small' = what Triton's interpreter finishes;
+    `seq_len` replaces the attention kernels' T (prefill, train) and L (decode) and the rows of the norms."""
     t, v = cfg.text, cfg.vision
     full = scale == "full"
+    T = seq_len or (2048 if full else 64)
     return dict(
-        B=batch, T=2048 if full else 64, T_train=2048 if full else 32, L=2048 if full else 128,
-        decode_B=max(batch, 8) if full else 2, rows=(2048 if full else 64) * batch,
+        B=batch, T=T, T_train=seq_len or (2048 if full else 32), L=seq_len or (2048 if full else 128),
+        decode_B=max(batch, 8) if full else 2, rows=T * batch,
         ce_rows=2048 * batch if full else 16, N_img=8 if full else 1, R=cfg.num_image_tokens if full else 16,
         Tv=v.num_patches + 1 if full else 65,
         H=t.num_heads, Hkv=t.num_kv_heads, D=t.head_dim, C=t.hidden_size, I=t.intermediate_size, V=t.vocab_size,
@@ -85,11 +87,11 @@ def _rand(g, *shape, dtype, device, scale=1.0, requires_grad=False):
     return x.requires_grad_(requires_grad)
 
 
-def build_cases(cfg, scale, batch, device, dtype, names):
+def build_cases(cfg, scale, batch, device, dtype, names, seq_len=None):
     from llava_fast import ops
     from llava_fast.kernels import activations, attention, cross_entropy, norms, patch_embed, splice
 
-    s = _sizes(cfg, scale, batch)
+    s = _sizes(cfg, scale, batch, seq_len)
     es = torch.empty((), dtype=dtype).element_size()
     B, T, H, Hkv, D = s["B"], s["T"], s["H"], s["Hkv"], s["D"]
     gqa = H != Hkv
@@ -298,7 +300,8 @@ def run(settings: dict, argv) -> dict:
     try:
         doc["ceilings"] = measure_ceilings(device)
         for batch in settings["batch_sizes"]:
-            for case in build_cases(cfg, settings["scale"], batch, device, dtype, settings["kernels"]):
+            for case in build_cases(cfg, settings["scale"], batch, device, dtype, settings["kernels"],
+                                    settings.get("seq_len")):
                 ours, base, diff = measure_case(case, device, settings["repeats"], settings["warmup"])
                 diffs[f"{case.kernel} {case.shape}"] = diff
                 doc["figures"] += case_figures(case, ours, base, dtype, doc["ceilings"], device)

@@ -40,6 +40,7 @@ FIGURES = {
     "train_mfu": ("%", True, ("stage", "engine", "batch", "seq_len", "peak")),
     "train_peak_memory": ("bytes", False, ("stage", "engine", "batch", "seq_len")),
     "train_speedup": ("x", True, ("stage", "engine", "baseline", "batch", "seq_len")),
+    "train_fwd_bwd_peak_memory": ("bytes", False, ("stage", "engine", "batch", "seq_len")),
 }
 
 _NUM = {"type": "number"}

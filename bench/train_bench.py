@@ -9,11 +9,18 @@ Batches: B samples of seq_len tokens = BOS + one image's tokens + random text; l
 image; pixels random. The data pipeline (JSON, tokenisation, image decoding) is not part of the step.
 
 Full stage-2 fine-tuning of a 7B does not fit one 80 GB GPU (float32 masters, gradients and AdamW moments are
-16 bytes x 7B); `--layers N` measures an N-layer decoder instead (MFU close to the full model's), as the
-trainer's own benchmark (python -m llava_fast.train.benchmark) does. An out-of-memory stage is a note.
+16 bytes x 7B); `--layers N` measures an N-layer decoder instead (MFU close to the full model's), or
+`--lora-r R` trains stage 2 as LLaVA-1.5's LoRA recipe does (adapters on every decoder linear layer + the full
+projector; alpha defaults to 2r, the recipe's 256/128), which fits. An out-of-memory stage is a note.
 
-MFU = model FLOPs (the trainer's `step_flops`: gradient-checkpointing recomputation not counted, PaLM's
-convention) / step time / peak: the datasheet bf16 TFLOP/s of a known GPU (else the measured bf16 matmul);
+The table also projects each stage's wall-clock on 8 GPUs at the measured rate beside the paper's (LLaVA-1.5
+7B on 8 A100s: stage 1 ~3.5 h for 558K samples, stage 2 ~10 h for 665K). `--transformers` adds the peak
+memory of one forward + backward of transformers' LlavaForConditionalGeneration on the same batch (its
+gradient checkpointing; with LoRA it trains the projector only: peft is not a dependency) beside ours
+(`train_fwd_bwd_peak_memory`, CUDA only).
+
+MFU = model FLOPs (the trainer's `step_flops`: gradient-checkpointing recomputation and LoRA adapters not
+counted, PaLM's convention) / step time / peak: the datasheet bf16 TFLOP/s of a known GPU (else the measured bf16 matmul);
 on a CPU the measured fp32 matmul.
 """
 
@@ -35,11 +42,20 @@ DEFAULTS = {
 }
 
 
-def step_flops(cfg, batch: int, seq_len: int, stage: int) -> float:
-    """The trainer's FLOP count of one step: B rows of seq_len tokens, one image each."""
+PAPER = {1: (558_000, 3.5), 2: (665_000, 10.0)}  # LLaVA-1.5 7B: samples per stage, hours on 8 A100s
+
+
+def step_flops(cfg, batch: int, seq_len: int, stage: int, lora: bool = False) -> float:
+    """The trainer's FLOP count of one step: B rows of seq_len tokens, one image each. With LoRA the LLM's
+    weights get no gradients (the adapters' own FLOPs are not counted)."""
     from llava_fast.train.trainer import step_flops as trainer_step_flops
 
-    return trainer_step_flops(cfg, [seq_len] * batch, batch, stage == 2, True)
+    return trainer_step_flops(cfg, [seq_len] * batch, batch, stage == 2 and not lora, True)
+
+
+def projected_hours(stage: int, batch: int, step_ms: float, gpus: int = 8) -> float:
+    """Hours for the paper's stage (PAPER's sample count) on `gpus` GPUs at one step of `batch` per step_ms."""
+    return PAPER[stage][0] / (batch / (step_ms / 1e3) * gpus) / 3600
 
 
 def build_net(settings, device, dtype):
@@ -98,13 +114,22 @@ def run(settings: dict, argv) -> dict:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         doc["notes"].append("llava-fast/triton on a CPU runs in Triton's interpreter: its times are not performance")
     net.gradient_checkpointing = settings["gradient_checkpointing"]
+    settings["stages"] = sorted(settings["stages"])  # LoRA adapters are added before stage 2, after stage 1
+    settings.setdefault("lora_r", None)
+    if settings["lora_r"] and not settings.get("lora_alpha"):
+        settings["lora_alpha"] = 2.0 * settings["lora_r"]
     telemetry = Telemetry(device).start()
     try:
         doc["ceilings"] = measure_ceilings(device)
         for stage in settings["stages"]:
+            if stage == 2 and settings["lora_r"]:
+                add_adapters(net, settings["lora_r"], settings["lora_alpha"], dtype)
             for batch in settings["batch_sizes"]:
                 doc["figures"] += measure_stage(net, stage, batch, seq_len, settings, device, dtype,
                                                 doc["ceilings"], doc["notes"])
+                if settings.get("transformers"):
+                    doc["figures"] += fwd_bwd_memory(net, stage, batch, seq_len, settings, device, dtype,
+                                                     doc["notes"])
     finally:
         telemetry.stop()
         ops.use_backend(previous_backend)
@@ -116,13 +141,22 @@ def run(settings: dict, argv) -> dict:
     return doc
 
 
+def add_adapters(net, r, alpha, dtype):
+    """LLaVA-1.5's LoRA on the decoder's linear layers, the adapters in the compute dtype (float32 masters)."""
+    from llava_fast.train.lora import add_lora
+
+    add_lora(net, r, alpha, 0.0)
+    for p in net.parameters():
+        p.data = p.data.to(dtype)  # add_lora creates the adapters in float32
+
+
 def time_steps(net, stage, ids, labels, pixels, settings, device, dtype):
     """{backend: [seconds per step]} and {backend: peak bytes (CUDA)}: the trainer's step for each backend,
     interleaved (the order rotating per round). The optimizer and float32 masters live only in here."""
     from llava_fast.train.trainer import MasterWeights, trainable_parameters
 
     cuda = device.type == "cuda"
-    llm, projector = trainable_parameters(net, stage, False)
+    llm, projector = trainable_parameters(net, stage, stage == 2 and bool(settings.get("lora_r")))
     masters = MasterWeights(llm + projector, dtype)
     optimizer = torch.optim.AdamW(masters.masters, lr=1e-5, weight_decay=0.0, fused=cuda)
     clock = Clock(device)
@@ -161,6 +195,71 @@ def time_steps(net, stage, ids, labels, pixels, settings, device, dtype):
     return times, memory
 
 
+def _fwd_bwd_peak(fn, device) -> int:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def fwd_bwd_memory(net, stage, batch, seq_len, settings, device, dtype, notes):
+    """`train_fwd_bwd_peak_memory` of one forward + backward, llava-fast beside transformers' LLaVA built with
+    the same shapes (its own random weights, its gradient checkpointing when ours is on). CUDA only."""
+    if device.type != "cuda":
+        notes.append("--transformers: peak memory is measured on CUDA only")
+        return []
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from llava_fast.train.trainer import trainable_parameters
+
+    lora = stage == 2 and bool(settings.get("lora_r"))
+    backend = settings["backends"][0]
+    ops.use_backend(backend)
+    ids, labels, pixels = make_batch(net.cfg, batch, seq_len, device, dtype)
+    trainable_parameters(net, stage, lora)
+    net.train()
+    try:
+        ours = _fwd_bwd_peak(lambda: net.loss(ids, labels, pixels).backward(), device)
+    finally:
+        net.requires_grad_(False).eval()
+        for p in net.parameters():
+            p.grad = None
+    cfg, t, v = net.cfg, net.cfg.text, net.cfg.vision
+    hf_cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                                       num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads,
+                                       image_size=v.image_size, patch_size=v.patch_size, hidden_act=v.hidden_act),
+        text_config=LlamaConfig(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                                num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+                                num_key_value_heads=t.num_kv_heads, vocab_size=t.vocab_size,
+                                max_position_embeddings=t.max_position_embeddings),
+        image_token_index=cfg.image_token_id, vision_feature_layer=cfg.vision_feature_layer,
+        image_seq_length=cfg.num_image_tokens)
+    with torch.device(device):
+        hf = LlavaForConditionalGeneration(hf_cfg).to(dtype)
+    hf.requires_grad_(False)
+    if stage == 2 and not lora:
+        hf.requires_grad_(True)
+        hf.model.vision_tower.requires_grad_(False)
+    hf.model.multi_modal_projector.requires_grad_(True)
+    if settings["gradient_checkpointing"]:  # renamed activation_checkpointing_enable in transformers 5
+        getattr(hf, "activation_checkpointing_enable", hf.gradient_checkpointing_enable)()
+    hf.train()
+
+    def step():
+        hf(input_ids=ids, pixel_values=pixels, labels=labels).loss.backward()
+
+    step()  # warm up
+    hf.zero_grad(set_to_none=True)
+    theirs = _fwd_bwd_peak(step, device)
+    del hf
+    torch.cuda.empty_cache()
+    lab = dict(stage=stage, batch=batch, seq_len=seq_len)
+    return [figure("train_fwd_bwd_peak_memory", "bytes", higher_is_better=False, value=peak_bytes, engine=engine,
+                   **lab) for engine, peak_bytes in ((f"llava-fast/{backend}", ours), ("transformers", theirs))]
+
+
 def measure_stage(net, stage, batch, seq_len, settings, device, dtype, ceilings, notes):
     cuda = device.type == "cuda"
     cfg = net.cfg
@@ -175,7 +274,7 @@ def measure_stage(net, stage, batch, seq_len, settings, device, dtype, ceilings,
         torch.cuda.empty_cache()  # the stage's optimizer state and masters are gone with time_steps' frame
     backends = list(settings["backends"])
 
-    flops = step_flops(cfg, batch, seq_len, stage)
+    flops = step_flops(cfg, batch, seq_len, stage, stage == 2 and bool(settings.get("lora_r")))
     compute_ok = (dtype in (torch.bfloat16, torch.float16)) == cuda
     peak_flops, source = peak(ceilings, "matmul")
     figs = []
@@ -202,8 +301,9 @@ def measure_stage(net, stage, batch, seq_len, settings, device, dtype, ceilings,
 def markdown(doc: dict) -> str:
     s = doc["settings"]
     figs = doc["figures"]
+    lora = f", stage 2 LoRA r={s['lora_r']} alpha={s['lora_alpha']:g}" if s.get("lora_r") else ""
     lines = [f"## llava-fast bench train: {s['model_name']} ({s['dtype']}) on {doc['device']['name']}, "
-             f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}", ""]
+             f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}{lora}", ""]
     lines += [f"- {x}" for x in header_lines(doc)] + [""]
     rows = []
     for f in [f for f in figs if f["name"] == "train_step_time"]:
@@ -211,9 +311,15 @@ def markdown(doc: dict) -> str:
         tput = find_one(figs, "train_throughput", **lab)
         mfu = find_one(figs, "train_mfu", **lab)
         mem = find_one(figs, "train_peak_memory", **lab)
+        hours = projected_hours(lab["stage"], lab["batch"], f["value"])
         rows.append([lab["stage"], lab["engine"], lab["batch"], lab["seq_len"], fmt(f["value"]), fmt(tput["value"]),
-                     fmt(mfu["value"], "%") if mfu else "-", fmt(mem["value"], "bytes") if mem else "-"])
-    lines.append(md_table(["stage", "engine", "batch", "tokens/sample", "step ms", "tokens/s", "MFU", "peak memory"],
-                          rows))
+                     fmt(mfu["value"], "%") if mfu else "-", fmt(mem["value"], "bytes") if mem else "-",
+                     f"{hours:.3g} ({PAPER[lab['stage']][1]:g})"])
+    lines.append(md_table(["stage", "engine", "batch", "tokens/sample", "step ms", "tokens/s", "MFU", "peak memory",
+                           "8-GPU stage hours (paper, 8xA100)"], rows))
+    for f in [f for f in figs if f["name"] == "train_fwd_bwd_peak_memory"]:
+        lab = f["labels"]
+        lines.append(f"forward + backward peak memory, stage {lab['stage']}, batch {lab['batch']}: {lab['engine']} "
+                     f"{fmt(f['value'], 'bytes')}")
     lines += [f"note: {n}" for n in doc["notes"]]
     return "\n".join(lines)

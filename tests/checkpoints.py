@@ -13,7 +13,9 @@ import shutil
 
 import torch
 
-REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
+# LLAVA_FAST_REFERENCE: elsewhere (a GPU machine gets only the repository; bench/gpu_check.py says how)
+REFERENCE = os.environ.get("LLAVA_FAST_REFERENCE") or os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "reference")
 TOKENIZER_DIR = os.path.join(REFERENCE, "tokenizer")
 IMAGE_DIR = os.path.join(REFERENCE, "images")
 VOCAB = 32064

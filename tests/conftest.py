@@ -9,7 +9,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
+# LLAVA_FAST_REFERENCE: elsewhere (a GPU machine gets only the repository; bench/gpu_check.py says how)
+REFERENCE = os.environ.get("LLAVA_FAST_REFERENCE") or os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "reference")
 
 
 @pytest.fixture(scope="session")

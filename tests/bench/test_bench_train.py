@@ -50,3 +50,25 @@ def test_train_result(result):
 def test_bad_sequence_length_is_an_input_error():
     assert main(["bench", "train", "--device", "cpu", "--seq-len", "100"]) == 2  # no room for text after the image
     assert main(["bench", "train", "--device", "cpu", "--model", "/nonexistent", "--layers", "2"]) == 2
+
+
+def test_lora_stage_two(tmp_path, capsys):
+    """Stage 2 with LoRA (the old train/benchmark.py's --lora-r, folded in): adapters + projector train, the LLM's
+    weights get no gradients, so its FLOP count is stage 1's; the table projects the paper's 8-GPU hours."""
+    path = str(tmp_path / "lora.json")
+    assert main(["bench", "train", "--device", "cpu", "--stages", "2", "--lora-r", "4", "--seq-len", str(SEQ_LEN),
+                 "--repeats", "1", "--warmup", "0", "--layers", "1", "--json", path]) == 0
+    with open(path) as f:
+        doc = json.load(f)
+    assert schema.validate(doc) == []
+    assert doc["settings"]["lora_r"] == 4 and doc["settings"]["lora_alpha"] == 8.0
+    cfg = preset_config("tiny")
+    cfg.text.num_layers = 1
+    flops = train_bench.step_flops(cfg, 1, SEQ_LEN, 2, lora=True)
+    assert flops == train_bench.step_flops(cfg, 1, SEQ_LEN, 1) < train_bench.step_flops(cfg, 1, SEQ_LEN, 2)
+    figs = {f["name"]: f for f in doc["figures"]}
+    step_s = figs["train_step_time"]["value"] / 1e3
+    assert figs["train_mfu"]["value"] == pytest.approx(100 * flops / step_s / 1e12 / doc["ceilings"]["matmul"]["measured"])
+    hours = train_bench.projected_hours(2, 1, figs["train_step_time"]["value"])
+    assert hours == pytest.approx(665_000 * step_s / 8 / 3600)
+    assert f"{hours:.3g} (10)" in capsys.readouterr().out
