@@ -14,16 +14,17 @@ the native extension with the image's pybind11 and ninja, or falls back to the P
 
 Parts, each a subprocess with its own time budget (seconds on the GPU / in the dry run); one that does not fit
 in what is left of --budget-s is skipped with a note, one that overruns is stopped and marked so:
-  tests     170 / 40   the GPU-marked tests and the kernel tests on CUDA (bf16, fp16), the whole model's
+  tests     150 / 40   the GPU-marked tests and the kernel tests on CUDA (bf16, fp16), the whole model's
                        Triton-vs-torch parity (tests/test_model_triton.py, tests/test_parity.py with both
-                       backends), CUDA-graph decode == eager (tests/test_gpu.py), the training step on CUDA
-  generate  110 / 50   `llava-fast bench generate`, llava-1.5-7b bf16, batch 1 and 8, one image + 32 text
+                       backends), CUDA-graph decode == eager (tests/test_gpu.py), the training step on CUDA;
+                       8 pytest-xdist workers where installed (the image has it), so Triton compiles in parallel
+  generate  130 / 50   `llava-fast bench generate`, llava-1.5-7b bf16, batch 1 and 8, one image + 32 text
                        tokens, 64 new tokens, llava-fast (triton, torch) and transformers' generate() on the
                        same weights
   kernels    80 / 40   `llava-fast bench kernels`: attention prefill and decode at T = L = 4096 (head dim
                        128), patch embed, splice, RMSNorm, LayerNorm, linear + cross-entropy
   train     100 / 40   `llava-fast bench train`: a stage-1 step and a LoRA (r 128) stage-2 step of the whole
-                       7B, batch 8 x 2048 tokens, gradient checkpointing, both backends
+                       7B, batch 8 x 2048 tokens, gradient checkpointing, the Triton backend
 DIR receives at most 8 files (what a device call returns): gpu_check.log (every part's output),
 gpu_check.json (this summary: parts, test counts, the targets and kernel rates; its own small layout,
 `llava-fast-gpu-check/1`), generate.json, kernels.json, train.json (the bench schema, bench/SCHEMA.md) and
@@ -105,16 +106,21 @@ def plan(out, dry_run):
                                             "--layers", "1", "--seq-len", str(context), "--repeats", "1",
                                             "--warmup", "0", "--json", j("train.json")), "train.json"),
         ]
+    import importlib.util
+
+    if importlib.util.find_spec("xdist"):  # the GPU image has pytest-xdist: Triton's compiles use its 16 cores
+        pytest += ["-n", "8"]
     return [
-        Part("tests", 170, pytest + GPU_TESTS),
-        Part("generate", 110, bench_command("generate", "--preset", preset, "--batch-sizes", "1,8", "--contexts",
+        Part("tests", 150, pytest + GPU_TESTS),
+        Part("generate", 130, bench_command("generate", "--preset", preset, "--batch-sizes", "1,8", "--contexts",
                                             str(context), "--new-tokens", "64", "--repeats", "3",
                                             "--json", j("generate.json")), "generate.json"),
         Part("kernels", 80, bench_command("kernels", "--preset", preset, "--kernels", ",".join(SUMMARY_KERNELS),
                                           "--seq-len", "4096", "--repeats", "20", "--json", j("kernels.json")),
              "kernels.json"),
         Part("train", 100, bench_command("train", "--preset", preset, "--stages", "1,2", "--lora-r", "128",
-                                         "--batch-sizes", "8", "--repeats", "2", "--json", j("train.json")),
+                                         "--batch-sizes", "8", "--backends", "triton", "--repeats", "2",
+                                         "--json", j("train.json")),
              "train.json"),
     ]
 
@@ -144,7 +150,9 @@ def run_part(part, budget_s, log, env):
     log.flush()
 
 
-TEST_LINE = re.compile(r"^(tests/\S.*?) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)(?: |$)")
+OUTCOMES = "PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS"
+TEST_LINE = re.compile(rf"^(tests/\S.*?) ({OUTCOMES})(?: |$)")  # pytest -v
+XDIST_LINE = re.compile(rf"^\[gw\d+\] \[\s*\d+%\] ({OUTCOMES}) (tests/\S.*?)\s*$")  # pytest -v -n N
 
 
 def test_counts(log_text, junit_path):
@@ -164,6 +172,9 @@ def test_counts(log_text, junit_path):
         m = TEST_LINE.match(line)
         if m:
             outcomes[m.group(1)] = m.group(2).lower()
+        m = XDIST_LINE.match(line)
+        if m:
+            outcomes[m.group(2)] = m.group(1).lower()
     counts = {k: sum(v == k for v in outcomes.values()) for k in ("passed", "failed", "skipped", "error")}
     counts["not_passed"] = sorted(t for t, v in outcomes.items() if v in ("failed", "error"))
     return counts
