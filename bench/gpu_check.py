@@ -36,6 +36,7 @@ test failed or a part crashed, 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -104,10 +105,9 @@ def plan(out, dry_run):
                  "kernels.json"),
             Part("train", 40, bench_command("train", "--preset", preset, *cpu, "--stages", "1,2", "--lora-r", "4",
                                             "--layers", "1", "--seq-len", str(context), "--repeats", "1",
-                                            "--warmup", "0", "--json", j("train.json")), "train.json"),
+                                            "--warmup", "0", "--transformers", "--json", j("train.json")),
+                 "train.json"),
         ]
-    import importlib.util
-
     if importlib.util.find_spec("xdist"):  # the GPU image has pytest-xdist: Triton's compiles use its 16 cores
         pytest += ["-n", "8"]
     return [

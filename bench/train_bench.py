@@ -207,7 +207,8 @@ def fwd_bwd_memory(net, stage, batch, seq_len, settings, device, dtype, notes):
     """`train_fwd_bwd_peak_memory` of one forward + backward, llava-fast beside transformers' LLaVA built with
     the same shapes (its own random weights, its gradient checkpointing when ours is on). CUDA only."""
     if device.type != "cuda":
-        notes.append("--transformers: peak memory is measured on CUDA only")
+        note = "--transformers: peak memory is measured on CUDA only"
+        notes.extend([note] if note not in notes else [])
         return []
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
