@@ -76,3 +76,27 @@ def test_counts_from_xdist_lines():
           "[gw1] [100%] FAILED tests/test_gpu.py::test_y[1-bfloat16]"
     assert gpu_check.test_counts(log, "/nonexistent/tests.xml") == dict(
         passed=1, failed=1, skipped=0, error=0, not_passed=["tests/test_gpu.py::test_y[1-bfloat16]"])
+
+
+def test_the_gpu_plan_parses_without_a_gpu(tmp_path):
+    """The GPU run's commands are built here too: their bench arguments parse, their test paths exist, and the
+    budgets fit the 8 minutes (a bad flag would otherwise cost a lent GPU's minutes)."""
+    import os
+
+    from llava_fast.bench.cli import parse
+
+    parts = gpu_check.plan(str(tmp_path), dry_run=False)
+    assert [p.name for p in parts] == ["tests", "generate", "kernels", "train"]
+    assert sum(p.budget_s for p in parts) <= 480
+    for part in parts[1:]:
+        _, args = parse(part.command[part.command.index("bench") + 1:])
+        assert args.json == str(tmp_path / f"{part.name}.json")
+    _, generate = parse(parts[1].command[4:])
+    assert generate.preset == "llava-1.5-7b" and generate.batch_sizes == [1, 8] and generate.contexts == [576 + 32]
+    _, kernels = parse(parts[2].command[4:])
+    assert kernels.seq_len == 4096 and set(kernels.kernels) == set(gpu_check.SUMMARY_KERNELS)
+    _, train = parse(parts[3].command[4:])
+    assert train.stages == ["1", "2"] and train.lora_r == 128
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    for path in gpu_check.GPU_TESTS + gpu_check.DRY_TESTS:
+        assert os.path.exists(os.path.join(root, path)), path
