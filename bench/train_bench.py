@@ -20,8 +20,8 @@ gradient checkpointing; with LoRA it trains the projector only: peft is not a de
 (`train_fwd_bwd_peak_memory`, CUDA only).
 
 MFU = model FLOPs (the trainer's `step_flops`: gradient-checkpointing recomputation and LoRA adapters not
-counted, PaLM's convention) / step time / peak: the datasheet bf16 TFLOP/s of a known GPU (else the measured bf16 matmul);
-on a CPU the measured fp32 matmul.
+counted, PaLM's convention) / step time / peak: the datasheet bf16 TFLOP/s of a known GPU (else the measured
+bf16 matmul); on a CPU the measured fp32 matmul.
 """
 
 from __future__ import annotations
