@@ -204,7 +204,8 @@ def summarize(docs, dry_run=False):
         values["ttft"] = _figure(gen, "time_to_first_token", **b1)
     if ker:
         values["prefill_attention"] = _figure(ker, "kernel_tflops", kernel="attention_prefill", impl="triton")
-        bw, ceiling = _figure(ker, "kernel_bandwidth", kernel="attention_decode", impl="triton"), _measured(ker, "bandwidth")
+        bw = _figure(ker, "kernel_bandwidth", kernel="attention_decode", impl="triton")
+        ceiling = _measured(ker, "bandwidth")
         values["decode_attention"] = 100 * bw / ceiling if bw and ceiling else None
     if tra:
         engine = f"llava-fast/{tra['settings']['backends'][0]}"

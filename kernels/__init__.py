@@ -38,8 +38,8 @@ def _check_interpreter():
     if old_index and tuple(int(x) for x in numpy.__version__.split(".")[:2]) >= (2, 4):
         raise ImportError(f"Triton {triton.__version__}'s CPU interpreter (TRITON_INTERPRET=1) cannot run with "
                           f"NumPy {numpy.__version__}: it converts 1-element arrays to loop bounds, which NumPy "
-                          "2.4 made an error. Install numpy<2.4, or a newer Triton (3.9's interpreter is fixed); GPU runs are "
-                          "unaffected.")
+                          "2.4 made an error. Install numpy<2.4, or a newer Triton (3.9's interpreter is fixed); "
+                          "GPU runs are unaffected.")
 
 
 _check_interpreter()
