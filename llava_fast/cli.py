@@ -65,8 +65,8 @@ def cmd_generate(args):
     s = model.last_stats
     print(f"[{s['prompt_tokens']} prompt tokens, {s['new_tokens']} new; time to first token "
           f"{1e3 * s['time_to_first_token_s']:.0f} ms; decode {s['decode_tokens_per_s']:.1f} tokens/s; "
-          f"{model.device}, {str(model.dtype).replace('torch.', '')}, kernels: {llava_fast.ops.BACKEND}]",
-          file=sys.stderr)
+          f"{model.device}, {str(model.dtype).replace('torch.', '')}, kernels: {llava_fast.ops.BACKEND}"
+          + (f"; compiled in {s['compile_s']:.0f} s" if s.get("compile_s") else "") + "]", file=sys.stderr)
     return 0
 
 

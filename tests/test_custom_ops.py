@@ -116,7 +116,7 @@ def test_fake_tensor_shapes_match_eager():
         eager = run(ids, pixels)
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake = run(mode.from_tensor(ids), mode.from_tensor(pixels))
-    assert fake == eager == (torch.Size([1, 8, 50]), torch.Size([1, 8, 48]), torch.Size([2, 1, 2, 20, 24]))
+    assert fake == eager == (torch.Size([1, 8, 50]), torch.Size([1, 8, 48]), torch.Size([2, 1, 2, 20, 12]))
 
 
 @pytest.mark.parametrize("name", ["rms_norm", "add_rms_norm", "layer_norm", "swiglu", "quick_gelu",
@@ -133,7 +133,7 @@ def test_gradients_through_the_boundary_equal_plain_autograd(name, backend):
     direct = {"add_rms_norm": lambda x, w, eps, r: direct_impl(x, w, eps, r),
               "rms_norm": lambda x, w, eps: direct_impl(x, w, eps)[0],
               "linear_cross_entropy": lambda h, w, labels, ii, *_: direct_impl(h, w, labels, ii)}
-    through_op = public.get(name, getattr(ops, name))
+    through_op = public[name] if name in public else getattr(ops, name)
     plain = direct.get(name, direct_impl)
     leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     results = []
