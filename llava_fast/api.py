@@ -54,14 +54,25 @@ def _local_dir(path):
     return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin", "tokenizer.model"])
 
 
-def load(path, *, device=None, dtype=None, vision_tower=None) -> LlavaModel:
-    """Load a LLaVA checkpoint: llava-hf (hub or save_pretrained) or the original LLaVA repo's layout.
+def load(path, *, device=None, dtype=None, vision_tower=None, mmproj=None) -> LlavaModel:
+    """Load a LLaVA checkpoint: llava-hf (hub or save_pretrained), the original LLaVA repo's layout, or
+    llama.cpp's GGUF (a path ending in .gguf; see gguf.py).
 
     device: "cuda"/"cpu"/torch.device (default cuda when available); dtype: torch dtype or its name
     (default bfloat16 on GPU, float32 on CPU); vision_tower: the local CLIP directory of an original-layout
-    checkpoint (default: its mm_vision_tower, when that is a local directory).
+    checkpoint (default: its mm_vision_tower, when that is a local directory); mmproj: the GGUF holding the
+    CLIP tower and projector of a GGUF text model (without it a GGUF loads text-only and takes no images).
     """
-    path = _local_dir(os.fspath(path))
+    path = os.fspath(path)
+    if path.endswith(".gguf"):
+        from llava_fast.gguf import read_gguf
+
+        device, dtype = resolve_device_dtype(device, dtype)
+        net, tokenizer, processor, _ = read_gguf(path, mmproj, device=device, dtype=dtype)
+        return LlavaModel(net, tokenizer, processor)
+    if mmproj is not None:
+        raise InputError(f"mmproj= goes with a GGUF text model (a .gguf path), not {path}")
+    path = _local_dir(path)
     device, dtype = resolve_device_dtype(device, dtype)
     cfg, sources = read_config(path, None if vision_tower is None else os.fspath(vision_tower))
     tokenizer = Tokenizer.from_dir(path)  # before the weights: a missing tokenizer fails fast
@@ -118,6 +129,7 @@ class LlavaModel:
     def encode_prompt(self, prompt, num_images=0, *, template=None, system=None) -> list[int]:
         """A prompt (one user message, or a list of (role, text) messages ending with a user turn) rendered
         with the chat template and tokenized, image tokens expanded to num_image_tokens each."""
+        self._check_takes_images(num_images)
         tpl = get_template(template or self.config.template)
         messages = [("user", prompt)] if isinstance(prompt, str) else [tuple(m) for m in prompt]
         if not messages or messages[-1][0] not in ("user", "human"):
@@ -140,7 +152,13 @@ class LlavaModel:
         """A list of images (paths, PIL images, arrays) -> (N, 3, S, S) on the model's device."""
         return self.processor(list(images), dtype=self.dtype, device=self.device) if images else None
 
+    def _check_takes_images(self, num_images):
+        if num_images and self.net.vision_tower is None:
+            raise InputError(f"{num_images} images given, but this model is text-only (a GGUF loaded without "
+                             "mmproj=): it has no vision tower")
+
     def _check_rows(self, rows, num_images, max_new_tokens):
+        self._check_takes_images(num_images)
         if not rows:
             raise InputError("no prompts given")
         if max_new_tokens < 1 or int(max_new_tokens) != max_new_tokens:
