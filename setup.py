@@ -83,7 +83,8 @@ setup(
     install_requires=[
         "torch>=2.4",
         "safetensors>=0.4",
-        "tokenizers>=0.15",
+        "tokenizers>=0.22",  # DecodeStream.step with a list of ids
+        "jinja2>=3.1.6",  # checkpoint chat templates (3.1.6: the sandbox fixes transformers also requires)
         "gguf>=0.10",  # llama.cpp's GGUF reader and dequantizers (pure Python + numpy)
         "numpy",
         "pillow>=10",

@@ -7,9 +7,9 @@ In:  text-model.gguf (general.architecture "llama": llama.* hyper-parameters, to
      BF16, Q4_0 ... Q8_0, the K-quants, the IQ types), and optionally mmproj.gguf (general.architecture
      "clip" with clip.has_llava_projector, as llama.cpp's LLaVA image-encoder converter
      tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py writes it: v.* tower, mm.* projector).
-Out: `read_gguf(...)` -> (LlavaForCausalLM with every weight dequantized to the target dtype, Tokenizer,
-     ImageProcessor or None, the file's chat template or None). `llava_fast.load("x.gguf", mmproj=...)`
-     calls it.
+Out: `read_gguf(...)` -> (LlavaForCausalLM with every weight dequantized to the target dtype, Tokenizer
+     with the file's chat template (tokenizer.chat_template), ImageProcessor or None).
+     `llava_fast.load("x.gguf", mmproj=...)` calls it.
 
 What llama.cpp's converters change, and how it is undone here:
 - convert_hf_to_gguf.py permutes the rows of q_proj and k_proj (LlamaModel.permute: within each head,
@@ -38,6 +38,7 @@ import torch
 from llava_fast.config import LlavaConfig, TextConfig, VisionConfig
 from llava_fast.errors import CheckpointError
 from llava_fast.image import ImageProcessor
+from llava_fast.loading import assign_weights, expected_weights
 from llava_fast.model import LlavaForCausalLM
 
 # GGUF llama tensor names -> this engine's (model.py); blk.N.* are per decoder layer.
@@ -129,9 +130,12 @@ def text_config(f: GGUFFile) -> TextConfig:
     if arch != "llama":
         raise CheckpointError(f"{f.path}: architecture {arch!r} is not supported: llava-fast runs LLaMA decoders "
                               "(general.architecture 'llama')")
-    if "rope_freqs.weight" in f.tensors or f.get("llama.rope.scaling.type", "none") not in ("none", None):
-        kind = f.get("llama.rope.scaling.type") or "llama3 rope_freqs"
-        raise CheckpointError(f"{f.path}: RoPE scaling {kind!r} is not supported (only LLaMA's default RoPE)")
+    if "rope_freqs.weight" in f.tensors:  # LLaMA-3.1's per-frequency factors, without the parameters behind them
+        raise CheckpointError(f"{f.path}: RoPE frequency factors (rope_freqs.weight, LLaMA-3.1 scaling) are not "
+                              "supported; load the transformers checkpoint instead")
+    scaling = f.get("llama.rope.scaling.type", "none")
+    if scaling not in ("none", "linear"):
+        raise CheckpointError(f"{f.path}: RoPE scaling {scaling!r} is not supported (none or linear)")
     hidden = int(f.require("llama.embedding_length"))
     heads = int(f.require("llama.attention.head_count"))
     head_dim = int(f.get("llama.attention.key_length", hidden // heads))
@@ -151,6 +155,9 @@ def text_config(f: GGUFFile) -> TextConfig:
         bos_token_id=int(f.get("tokenizer.ggml.bos_token_id", 1)),
         eos_token_id=int(eos) if eos is not None else 2,
         pad_token_id=f.get("tokenizer.ggml.padding_token_id"),
+        rope_scaling={"rope_type": "linear", "factor": float(f.require("llama.rope.scaling.factor"))}
+        if scaling == "linear" else None,
+        tie_word_embeddings="output.weight" not in f.tensors,  # convert_hf_to_gguf writes no output when tied
     )
 
 
@@ -232,20 +239,19 @@ def tokenizer_from_gguf(f: GGUFFile):
         raise CheckpointError(f"{f.path}: tokenizer model {model!r} is not supported ('llama' SentencePiece or "
                               "'gpt2' byte-level BPE)")
 
-    def token(key):
-        token_id = f.get(f"tokenizer.ggml.{key}_token_id")
-        if token_id is None:
-            return None
-        if not 0 <= int(token_id) < len(tokens):
-            raise CheckpointError(f"{f.path}: tokenizer.ggml.{key}_token_id {token_id} is outside the "
-                                  f"vocabulary of {len(tokens)} tokens")
-        return tokens[int(token_id)]
+    def token_id(key):
+        value = f.get(f"tokenizer.ggml.{key}_token_id")
+        return None if value is None else int(value)
 
-    if token("eos") is None:
+    if token_id("eos") is None:
         raise CheckpointError(f"{f.path}: the tokenizer has no end-of-sequence token "
                               "(tokenizer.ggml.eos_token_id): generation could never stop")
-    return Tokenizer(backend, bos_token=token("bos"), eos_token=token("eos"), pad_token=token("padding"),
-                     unk_token=token("unknown"), add_bos_token=bool(add_bos))
+    # A reply ends at EOS or at an end-of-turn id (LLaMA-3's <|eot_id|>, <|eom_id|>).
+    eos_ids = [i for i in (token_id("eos"), token_id("eot"), token_id("eom")) if i is not None]
+    template = f.get("tokenizer.chat_template")
+    return Tokenizer(backend, bos_token_id=token_id("bos"), eos_token_ids=eos_ids, pad_token_id=token_id("padding"),
+                     unk_token_id=token_id("unknown"), add_bos_token=bool(add_bos), chat_template=template,
+                     chat_template_origin=f"{f.path} (tokenizer.chat_template)", source=f.path)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -312,7 +318,7 @@ def _load_tensors(f: GGUFFile, expected, loaded, rename, transform, device, dtyp
 
 
 def read_gguf(path, mmproj=None, *, device, dtype):
-    """Build (net, tokenizer, processor or None, chat template or None) from a text-model GGUF and an
+    """Build (net, tokenizer with the file's chat template, processor or None) from a text-model GGUF and an
     optional mmproj GGUF. Errors: CheckpointError naming the file and the problem."""
     text_file = GGUFFile(os.fspath(path))
     text = text_config(text_file)
@@ -335,7 +341,7 @@ def read_gguf(path, mmproj=None, *, device, dtype):
 
     with torch.device("meta"):
         net = LlavaForCausalLM(cfg)
-    expected, loaded = dict(net.state_dict()), {}
+    expected, loaded = expected_weights(net), {}
     H, Hkv = text.num_heads, text.num_kv_heads
 
     def text_transform(ours, t):
@@ -346,8 +352,6 @@ def read_gguf(path, mmproj=None, *, device, dtype):
         return t
 
     _load_tensors(text_file, expected, loaded, _text_name, text_transform, device, dtype)
-    if "lm_head.weight" not in loaded and "language_model.embed_tokens.weight" in loaded:
-        loaded["lm_head.weight"] = loaded["language_model.embed_tokens.weight"]  # tied: one tensor, shared
     if vision_file is not None:
         shapes = {name: tuple(int(n) for n in reversed(t.shape)) for name, t in vision_file.tensors.items()}
         _load_tensors(vision_file, expected, loaded,
@@ -358,7 +362,7 @@ def read_gguf(path, mmproj=None, *, device, dtype):
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         files = text_file.path + ("" if vision_file is None else f" + {vision_file.path}")
         raise CheckpointError(f"missing tensors in {files}: {shown}")
-    net.load_state_dict(loaded, assign=True, strict=True)
+    assign_weights(net, loaded)  # tied embeddings: lm_head shares embed_tokens' tensor
     net.requires_grad_(False)
     net.init_rope(device)
 
@@ -368,4 +372,4 @@ def read_gguf(path, mmproj=None, *, device, dtype):
         std = vision_file.get("clip.vision.image_std")
         overrides = {} if mean is None or std is None else dict(image_mean=tuple(mean), image_std=tuple(std))
         processor = ImageProcessor.clip(image_size=cfg.vision.image_size, pad=True, **overrides)
-    return net.eval(), tokenizer, processor, text_file.get("tokenizer.chat_template")
+    return net.eval(), tokenizer, processor

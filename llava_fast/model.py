@@ -135,11 +135,11 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.H, self.Hkv, self.D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        C = cfg.hidden_size
-        self.q_proj = nn.Linear(C, self.H * self.D, bias=False)
-        self.k_proj = nn.Linear(C, self.Hkv * self.D, bias=False)
-        self.v_proj = nn.Linear(C, self.Hkv * self.D, bias=False)
-        self.o_proj = nn.Linear(self.H * self.D, C, bias=False)
+        C, bias = cfg.hidden_size, cfg.attention_bias  # biases: Qwen-style LLaMA variants (attention_bias)
+        self.q_proj = nn.Linear(C, self.H * self.D, bias=bias)
+        self.k_proj = nn.Linear(C, self.Hkv * self.D, bias=bias)
+        self.v_proj = nn.Linear(C, self.Hkv * self.D, bias=bias)
+        self.o_proj = nn.Linear(self.H * self.D, C, bias=bias)
 
     def forward(self, x, rope, cache, start_pos, seq_lens):
         B, T, _ = x.shape
@@ -156,9 +156,9 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
@@ -224,12 +224,20 @@ class LlavaForCausalLM(nn.Module):
                                                          cfg.projector_type) if cfg.vision else None
         self.language_model = LlamaModel(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.tie_weights()
         self.rope = None  # (cos, sin) fp32 tables, built by init_rope() once the device is known
         self.gradient_checkpointing = False  # training: recompute each decoder layer in backward
 
+    def tie_weights(self):
+        """tie_word_embeddings: lm_head reads embed_tokens' tensor (one Parameter, one copy in memory, one
+        gradient). Called again after anything that replaces either Parameter (loading with assign=True)."""
+        if self.cfg.text.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
     def init_rope(self, device=None):
         t = self.cfg.text
-        self.rope = ops.rope_tables(t.head_dim, t.max_position_embeddings, t.rope_theta, device=device)
+        self.rope = ops.rope_tables(t.head_dim, t.max_position_embeddings, t.rope_theta, device=device,
+                                    scaling=t.rope_scaling)
 
     def image_features(self, pixel_values):
         """(N, 3, S, S) -> (N, num_image_tokens, Cv): the CLIP hidden state at vision_feature_layer."""
