@@ -54,14 +54,25 @@ def _local_dir(path):
     return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin", "tokenizer.model"])
 
 
-def load(path, *, device=None, dtype=None, vision_tower=None) -> LlavaModel:
-    """Load a LLaVA checkpoint: llava-hf (hub or save_pretrained) or the original LLaVA repo's layout.
+def load(path, *, device=None, dtype=None, vision_tower=None, mmproj=None) -> LlavaModel:
+    """Load a LLaVA checkpoint: llava-hf (hub or save_pretrained), the original LLaVA repo's layout, or
+    llama.cpp's GGUF (a path ending in .gguf; see gguf.py).
 
     device: "cuda"/"cpu"/torch.device (default cuda when available); dtype: torch dtype or its name
     (default bfloat16 on GPU, float32 on CPU); vision_tower: the local CLIP directory of an original-layout
-    checkpoint (default: its mm_vision_tower, when that is a local directory).
+    checkpoint (default: its mm_vision_tower, when that is a local directory); mmproj: the GGUF holding the
+    CLIP tower and projector of a GGUF text model (without it a GGUF loads text-only and takes no images).
     """
-    path = _local_dir(os.fspath(path))
+    path = os.fspath(path)
+    if path.endswith(".gguf"):
+        from llava_fast.gguf import read_gguf
+
+        device, dtype = resolve_device_dtype(device, dtype)
+        net, tokenizer, processor = read_gguf(path, mmproj, device=device, dtype=dtype)
+        return LlavaModel(net, tokenizer, processor)
+    if mmproj is not None:
+        raise InputError(f"mmproj= goes with a GGUF text model (a .gguf path), not {path}")
+    path = _local_dir(path)
     device, dtype = resolve_device_dtype(device, dtype)
     cfg, sources = read_config(path, None if vision_tower is None else os.fspath(vision_tower))
     tokenizer = Tokenizer.from_dir(path)  # before the weights: a missing tokenizer fails fast
@@ -124,6 +135,7 @@ class LlavaModel:
         """A prompt (one user message, or a list of (role, text) messages ending with a user turn) rendered
         with the chat template and tokenized, image tokens expanded to num_image_tokens each. The template is
         the checkpoint's own (chat_template.jinja etc.) unless `template` names one of llava_fast.conversation's."""
+        self._check_takes_images(num_images)
         messages = [("user", prompt)] if isinstance(prompt, str) else [tuple(m) for m in prompt]
         if not messages or messages[-1][0] not in ("user", "human"):
             raise InputError("a prompt given as messages must end with a user message")
@@ -153,13 +165,21 @@ class LlavaModel:
             ids = self.tokenizer.encode(text, add_bos=add_bos)
         else:  # original LLaVA: each text chunk between images tokenized on its own (tokenizer_image_token)
             ids = self.tokenizer.encode_with_images(text, self.image_token_id, add_bos=add_bos)
+        if not num_images:  # nothing to expand (and a text-only model has no image tokens at all)
+            return ids
         return self.tokenizer.expand_image_tokens(ids, self.image_token_id, self.num_image_tokens)
 
     def pixel_values(self, images):
         """A list of images (paths, PIL images, arrays) -> (N, 3, S, S) on the model's device."""
         return self.processor(list(images), dtype=self.dtype, device=self.device) if images else None
 
+    def _check_takes_images(self, num_images):
+        if num_images and self.net.vision_tower is None:
+            raise InputError(f"{num_images} images given, but this model is text-only (a GGUF loaded without "
+                             "mmproj=): it has no vision tower")
+
     def _check_rows(self, rows, num_images, max_new_tokens):
+        self._check_takes_images(num_images)
         if not rows:
             raise InputError("no prompts given")
         if max_new_tokens < 1 or int(max_new_tokens) != max_new_tokens:

@@ -72,7 +72,7 @@ class TextConfig:
 
 @dataclass
 class LlavaConfig:
-    vision: VisionConfig = field(default_factory=VisionConfig)
+    vision: VisionConfig | None = field(default_factory=VisionConfig)  # None: a text-only model (GGUF alone)
     text: TextConfig = field(default_factory=TextConfig)
     projector_type: str = "mlp2x_gelu"  # or "linear" (LLaVA v1)
     vision_feature_layer: int = -2  # index into CLIP's hidden states; 0 is the embeddings
@@ -84,12 +84,16 @@ class LlavaConfig:
 
     @property
     def num_image_tokens(self) -> int:
+        if self.vision is None:
+            return 0
         return self.vision.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
 
     @property
     def num_vision_layers_run(self) -> int:
         """Encoder layers actually computed: hidden state k is the output of layer k (0 = embeddings),
         so feature layer -2 of a 24-layer tower is hidden state 23, and layer 24 is never needed."""
+        if self.vision is None:
+            return 0
         layer = self.vision_feature_layer
         n = layer if layer >= 0 else self.vision.num_layers + 1 + layer
         if not 0 <= n <= self.vision.num_layers:
@@ -104,7 +108,8 @@ class LlavaConfig:
     @classmethod
     def from_dict(cls, d):
         d = dict(d)
-        return cls(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**d.pop("text")), **d)
+        vision = d.pop("vision")
+        return cls(vision=None if vision is None else VisionConfig(**vision), text=TextConfig(**d.pop("text")), **d)
 
 
 # ------------------------------------------------------------------------------------------------------

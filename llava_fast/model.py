@@ -218,9 +218,10 @@ class LlavaForCausalLM(nn.Module):
     def __init__(self, cfg: LlavaConfig):
         super().__init__()
         self.cfg = cfg
-        self.vision_tower = ClipVisionTower(cfg.vision, cfg.num_vision_layers_run)
+        # A text-only model (cfg.vision None: a GGUF loaded without its mmproj) has neither.
+        self.vision_tower = ClipVisionTower(cfg.vision, cfg.num_vision_layers_run) if cfg.vision else None
         self.multi_modal_projector = MultiModalProjector(cfg.vision.hidden_size, cfg.text.hidden_size,
-                                                         cfg.projector_type)
+                                                         cfg.projector_type) if cfg.vision else None
         self.language_model = LlamaModel(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         self.tie_weights()
@@ -247,8 +248,9 @@ class LlavaForCausalLM(nn.Module):
     def embed(self, input_ids, pixel_values=None):
         """(B, T) ids with image tokens already expanded -> (B, T, C) decoder input."""
         features = None if pixel_values is None else self.image_features(pixel_values)
+        projector = self.multi_modal_projector.weights() if features is not None else (None, None)
         return ops.splice_image_embeddings(input_ids, self.language_model.embed_tokens.weight, features,
-                                           self.cfg.image_token_id, *self.multi_modal_projector.weights())
+                                           self.cfg.image_token_id, *projector)
 
     def decode_hidden(self, x, cache=None, start_pos=None, seq_lens=None):
         """Run the decoder stack on embeddings (B, T, C) -> final-normed hidden states (B, T, C)."""

@@ -407,6 +407,14 @@ def backend_from_sentencepiece(model_path: str, legacy: bool = True) -> tokenize
         raise CheckpointError(f"cannot convert {model_path}: it uses {', '.join(unsupported)}; "
                               "provide the checkpoint's tokenizer.json instead")
 
+    return sentencepiece_backend(pieces, byte_fallback=bool(trainer.get(_TRAINER_BYTE_FALLBACK, 0)),
+                                 add_dummy_prefix=bool(normalizer.get(_NORMALIZER_ADD_DUMMY_PREFIX, 1)), legacy=legacy)
+
+
+def sentencepiece_backend(pieces, *, byte_fallback: bool, add_dummy_prefix: bool, legacy: bool) -> tokenizers.Tokenizer:
+    """A `tokenizers.Tokenizer` for a SentencePiece BPE vocabulary given as (piece, type) in id order; types
+    are SentencePiece's (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte), which GGUF's
+    tokenizer.ggml.token_type reuses."""
     vocab = {text: i for i, (text, _) in enumerate(pieces)}
     ranked = []
     for merged_id, (text, _) in enumerate(pieces):
@@ -417,11 +425,9 @@ def backend_from_sentencepiece(model_path: str, legacy: bool = True) -> tokenize
     ranked.sort()
     merges = [(left, right) for _, _, left, right in ranked]
 
-    byte_fallback = bool(trainer.get(_TRAINER_BYTE_FALLBACK, 0))
     unk = next((text for text, kind in pieces if kind == _TYPE_UNKNOWN), None)
     backend = tokenizers.Tokenizer(BPE(vocab, merges, unk_token=None if byte_fallback else unk,
                                        fuse_unk=True, byte_fallback=byte_fallback))
-    add_dummy_prefix = bool(normalizer.get(_NORMALIZER_ADD_DUMMY_PREFIX, 1))
     prepend_scheme = ("always" if legacy else "first") if add_dummy_prefix else "never"
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=False)
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
