@@ -86,13 +86,15 @@ setup(
         # kernels/__init__.py); compiled kernels do not.
         "torch>=2.11",
         "safetensors>=0.4",
-        "tokenizers>=0.15",
+        "tokenizers>=0.22",  # DecodeStream.step with a list of ids
+        "jinja2>=3.1.6",  # checkpoint chat templates (3.1.6: the sandbox fixes transformers also requires)
+        "gguf>=0.10",  # llama.cpp's GGUF reader and dequantizers (pure Python + numpy)
         "numpy",
         "pillow>=10",
         "triton>=3.6; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.45"],
+        "test": ["pytest", "pytest-benchmark", "transformers>=4.45", "accelerate"],  # accelerate: transformers' GGUF loading
         "bench": ["pytest-benchmark", "nvidia-ml-py", "matplotlib"],
         "hub": ["huggingface_hub"],
     },

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from llava_fast.config import LlavaConfig
-from llava_fast.conversation import format_user_turn, get_template
+from llava_fast.conversation import _checked_turns, format_user_turn, get_template
 from llava_fast.errors import CheckpointError, InputError
 from llava_fast import ops
 from llava_fast.compiled import CompiledSteps
@@ -55,16 +55,27 @@ def _local_dir(path):
     return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin", "tokenizer.model"])
 
 
-def load(path, *, device=None, dtype=None, vision_tower=None, compile=False) -> LlavaModel:
-    """Load a LLaVA checkpoint: llava-hf (hub or save_pretrained) or the original LLaVA repo's layout.
+def load(path, *, device=None, dtype=None, vision_tower=None, mmproj=None, compile=False) -> LlavaModel:
+    """Load a LLaVA checkpoint: llava-hf (hub or save_pretrained), the original LLaVA repo's layout, or
+    llama.cpp's GGUF (a path ending in .gguf; see gguf.py).
 
     device: "cuda"/"cpu"/torch.device (default cuda when available); dtype: torch dtype or its name
     (default bfloat16 on GPU, float32 on CPU); vision_tower: the local CLIP directory of an original-layout
-    checkpoint (default: its mm_vision_tower, when that is a local directory); compile: run the decode step
-    and unpadded prefills through torch.compile (llava_fast/compiled.py: faster tokens after a one-time
-    compile of tens of seconds per batch size, reported in last_stats["compile_s"]).
+    checkpoint (default: its mm_vision_tower, when that is a local directory); mmproj: the GGUF holding the
+    CLIP tower and projector of a GGUF text model (without it a GGUF loads text-only and takes no images);
+    compile: run the decode step and unpadded prefills through torch.compile (llava_fast/compiled.py: faster
+    tokens after a one-time compile of tens of seconds per batch size, reported in last_stats["compile_s"]).
     """
-    path = _local_dir(os.fspath(path))
+    path = os.fspath(path)
+    if path.endswith(".gguf"):
+        from llava_fast.gguf import read_gguf
+
+        device, dtype = resolve_device_dtype(device, dtype)
+        net, tokenizer, processor = read_gguf(path, mmproj, device=device, dtype=dtype)
+        return LlavaModel(net.fuse_projections(), tokenizer, processor, compile=compile)
+    if mmproj is not None:
+        raise InputError(f"mmproj= goes with a GGUF text model (a .gguf path), not {path}")
+    path = _local_dir(path)
     device, dtype = resolve_device_dtype(device, dtype)
     cfg, sources = read_config(path, None if vision_tower is None else os.fspath(vision_tower))
     tokenizer = Tokenizer.from_dir(path)  # before the weights: a missing tokenizer fails fast
@@ -119,10 +130,16 @@ class LlavaModel:
     # Prompts and images -> rows of ids
     # --------------------------------------------------------------------------------------------------
 
+    def chat_template(self, template=None):
+        """The checkpoint's own jinja chat template (ChatTemplate) when it ships one and `template` is None;
+        else None, and prompts use the named template `template` (or the config's: llava_fast.conversation)."""
+        return self.tokenizer.chat_template if template is None else None
+
     def encode_prompt(self, prompt, num_images=0, *, template=None, system=None) -> list[int]:
         """A prompt (one user message, or a list of (role, text) messages ending with a user turn) rendered
-        with the chat template and tokenized, image tokens expanded to num_image_tokens each."""
-        tpl = get_template(template or self.config.template)
+        with the chat template and tokenized, image tokens expanded to num_image_tokens each. The template is
+        the checkpoint's own (chat_template.jinja etc.) unless `template` names one of llava_fast.conversation's."""
+        self._check_takes_images(num_images)
         messages = [("user", prompt)] if isinstance(prompt, str) else [tuple(m) for m in prompt]
         if not messages or messages[-1][0] not in ("user", "human"):
             raise InputError("a prompt given as messages must end with a user message")
@@ -131,20 +148,42 @@ class LlavaModel:
         markers = sum(m[1].count("<image>") for m in messages)
         if markers != num_images:
             raise InputError(f"the prompt has {markers} <image> markers but {num_images} images were given")
-        text = tpl.render(messages, system=system, add_generation_prompt=True)
+        jinja = self.chat_template(template)
+        if jinja is None:
+            text = get_template(template or self.config.template).render(messages, system=system,
+                                                                         add_generation_prompt=True)
+        else:
+            turns = ([jinja.message("system", system)] if system is not None else []) + [
+                jinja.message(role, text) for role, text in _checked_turns(messages)]
+            text = jinja.render(turns, add_generation_prompt=True)
+            if text.count("<image>") != num_images:
+                raise InputError(f"the chat template in {jinja.origin} rendered {text.count('<image>')} <image> "
+                                 f"markers for {num_images} images")
+        # As transformers' processors: BOS unless the rendered prompt already starts with it (LLaMA-3's template
+        # writes it; ChatML's starts with <|im_start|>, SmolLM2's BOS, and its tokenizer adds none anyway).
+        bos = self.tokenizer.bos_token
+        add_bos = not (bos and text.startswith(bos))
         if self.tokenizer.token_to_id("<image>") == self.image_token_id:
             # llava-hf: <image> is a special token of the vocabulary, and its processor tokenizes the whole
             # prompt at once, so no "▁" (29871) follows the image as it does in the original repo's chunks.
-            ids = self.tokenizer.encode(text)
+            ids = self.tokenizer.encode(text, add_bos=add_bos)
         else:  # original LLaVA: each text chunk between images tokenized on its own (tokenizer_image_token)
-            ids = self.tokenizer.encode_with_images(text, self.image_token_id)
+            ids = self.tokenizer.encode_with_images(text, self.image_token_id, add_bos=add_bos)
+        if not num_images:  # nothing to expand (and a text-only model has no image tokens at all)
+            return ids
         return self.tokenizer.expand_image_tokens(ids, self.image_token_id, self.num_image_tokens)
 
     def pixel_values(self, images):
         """A list of images (paths, PIL images, arrays) -> (N, 3, S, S) on the model's device."""
         return self.processor(list(images), dtype=self.dtype, device=self.device) if images else None
 
+    def _check_takes_images(self, num_images):
+        if num_images and self.net.vision_tower is None:
+            raise InputError(f"{num_images} images given, but this model is text-only (a GGUF loaded without "
+                             "mmproj=): it has no vision tower")
+
     def _check_rows(self, rows, num_images, max_new_tokens):
+        self._check_takes_images(num_images)
         if not rows:
             raise InputError("no prompts given")
         if max_new_tokens < 1 or int(max_new_tokens) != max_new_tokens:
@@ -254,7 +293,9 @@ class LlavaModel:
         return single, rows, flat_images
 
     def _stop_strings(self, stop, template):
-        tpl_stops = get_template(template or self.config.template).stop_strings
+        # A checkpoint's own template ends replies with its EOS ids alone; the named ones also by a string.
+        named = None if self.chat_template(template) else get_template(template or self.config.template)
+        tpl_stops = named.stop_strings if named else ()
         user = [stop] if isinstance(stop, str) else list(stop or [])
         return [s for s in dict.fromkeys(user + list(tpl_stops)) if s]
 
@@ -272,7 +313,7 @@ class LlavaModel:
         texts = [""] * len(rows)
         for deltas in self._stream_rows(rows, self.pixel_values(flat_images), max_new_tokens=max_new_tokens,
                                         sampling=sampling, stop=self._stop_strings(stop, template),
-                                        eos_token_id=self.tokenizer.eos_token_id):
+                                        eos_token_id=self.tokenizer.eos_token_ids):
             texts = [t + d for t, d in zip(texts, deltas)]
         return texts[0] if single else texts
 
@@ -285,7 +326,7 @@ class LlavaModel:
         self._check_rows(rows, len(flat_images), max_new_tokens)
         for deltas in self._stream_rows(rows, self.pixel_values(flat_images), max_new_tokens=max_new_tokens,
                                         sampling=sampling, stop=self._stop_strings(stop, template),
-                                        eos_token_id=self.tokenizer.eos_token_id, sync_every=1):
+                                        eos_token_id=self.tokenizer.eos_token_ids, sync_every=1):
             if deltas[0]:
                 yield deltas[0]
 
@@ -299,11 +340,12 @@ class LlavaModel:
     def generate_ids(self, rows: Sequence[Sequence[int]], pixel_values=None, *, max_new_tokens, temperature=0.0,
                      top_p=1.0, top_k=0, seed=None, eos_token_id="default") -> list[list[int]]:
         """Token-level generation: rows hold image tokens already expanded; returns the new tokens only
-        (ending with EOS where EOS stopped the row). eos_token_id=None disables EOS."""
+        (ending with EOS where EOS stopped the row). eos_token_id: an id or a list of ids that end a row
+        (default: the tokenizer's eos_token_ids); None disables EOS."""
         rows = [list(map(int, r)) for r in rows]
         n_images = 0 if pixel_values is None else int(pixel_values.shape[0])
         self._check_rows(rows, n_images, max_new_tokens)
-        eos = self.tokenizer.eos_token_id if eos_token_id == "default" else eos_token_id
+        eos = self.tokenizer.eos_token_ids if eos_token_id == "default" else eos_token_id
         pv = None if pixel_values is None else pixel_values.to(self.device, self.dtype)
         steps = self._stream_rows(rows, pv, max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_p,
                                   top_k, seed), stop=[], eos_token_id=eos)
@@ -360,7 +402,7 @@ class ChatSession:
                 self.decoder.cache.v[:, :, :, :common] = old.cache.v[:, :, :, :common]
         pixel_values = m.pixel_values(self.images) if common == 0 else None
         steps = m._stream_rows([ids], pixel_values, decoder=self.decoder, start_pos=[common], new_rows=[ids[common:]],
-                               eos_token_id=m.tokenizer.eos_token_id, **self.generation)
+                               eos_token_id=m.tokenizer.eos_token_ids, **self.generation)
         reply = ""
         while True:
             try:
@@ -376,17 +418,20 @@ class ChatSession:
 
 class _RowOutput:
     """One row's generated ids and text: UTF-8-safe deltas, EOS, and stop strings. Text that could be the
-    start of a stop string is held back until it cannot be, so a stream never shows a partial stop string."""
+    start of a stop string is held back until it cannot be, so a stream never shows a partial stop string.
+    eos_token_id: None, one id, or several (any of them ends the row)."""
 
     def __init__(self, tokenizer, stop, eos_token_id):
         self.decoder = tokenizer.stream_decoder()
-        self.stop, self.eos = stop, eos_token_id
+        self.stop = stop
+        self.eos = frozenset() if eos_token_id is None else frozenset(
+            [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
         self.ids: list[int] = []
         self.text, self.emitted, self.done = "", 0, False
 
     def push(self, token) -> str:
         self.ids.append(token)
-        if token == self.eos:
+        if token in self.eos:
             return self.finish()
         self.text += self.decoder.push(token)
         if self._cut_at_stop():

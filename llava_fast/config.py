@@ -58,6 +58,12 @@ class TextConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int | None = None
+    # None: LLaMA's RoPE. Else {"rope_type": "linear", "factor"} or {"rope_type": "llama3", "factor",
+    # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} (LLaMA-3.1+).
+    rope_scaling: dict | None = None
+    attention_bias: bool = False  # q/k/v/o projections with biases
+    mlp_bias: bool = False  # gate/up/down projections with biases
+    tie_word_embeddings: bool = False  # lm_head shares embed_tokens' tensor (small LMs, e.g. SmolLM2)
 
     def __post_init__(self):
         if not self.head_dim:
@@ -66,7 +72,7 @@ class TextConfig:
 
 @dataclass
 class LlavaConfig:
-    vision: VisionConfig = field(default_factory=VisionConfig)
+    vision: VisionConfig | None = field(default_factory=VisionConfig)  # None: a text-only model (GGUF alone)
     text: TextConfig = field(default_factory=TextConfig)
     projector_type: str = "mlp2x_gelu"  # or "linear" (LLaVA v1)
     vision_feature_layer: int = -2  # index into CLIP's hidden states; 0 is the embeddings
@@ -78,12 +84,16 @@ class LlavaConfig:
 
     @property
     def num_image_tokens(self) -> int:
+        if self.vision is None:
+            return 0
         return self.vision.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
 
     @property
     def num_vision_layers_run(self) -> int:
         """Encoder layers actually computed: hidden state k is the output of layer k (0 = embeddings),
         so feature layer -2 of a 24-layer tower is hidden state 23, and layer 24 is never needed."""
+        if self.vision is None:
+            return 0
         layer = self.vision_feature_layer
         n = layer if layer >= 0 else self.vision.num_layers + 1 + layer
         if not 0 <= n <= self.vision.num_layers:
@@ -98,7 +108,8 @@ class LlavaConfig:
     @classmethod
     def from_dict(cls, d):
         d = dict(d)
-        return cls(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**d.pop("text")), **d)
+        vision = d.pop("vision")
+        return cls(vision=None if vision is None else VisionConfig(**vision), text=TextConfig(**d.pop("text")), **d)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -121,28 +132,52 @@ def read_json(path):
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
-def _rope_theta(d):
-    # transformers 5.x moved rope_theta into rope_parameters; older files have it at the top level.
+_ROPE_SCALING_FIELDS = {"linear": ("factor",),
+                        "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def _rope(d, source):
+    """(rope_theta, rope_scaling) of a LlamaConfig dict. transformers 5.x keeps both in rope_parameters; older
+    files have rope_theta at the top level and rope_scaling beside it ("type" before transformers 4.45)."""
     params = d.get("rope_parameters") or {}
     scaling = d.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise CheckpointError(f"RoPE type {rope_type!r} is not supported (only LLaMA's default RoPE)")
-    return float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+    field_name = "rope_parameters" if params.get("rope_type") else "rope_scaling"
+    spec = params if params.get("rope_type") else scaling
+    rope_type = spec.get("rope_type") or spec.get("type") or "default"
+    theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+    if rope_type == "default":
+        return theta, None
+    if rope_type not in _ROPE_SCALING_FIELDS:
+        raise CheckpointError(f"{source}: {field_name} of type {rope_type!r} is not supported "
+                              f"(default, {', '.join(_ROPE_SCALING_FIELDS)})")
+    missing = [k for k in _ROPE_SCALING_FIELDS[rope_type] if spec.get(k) is None]
+    if missing:
+        raise CheckpointError(f"{source}: {field_name} of type {rope_type!r} lacks {', '.join(missing)}")
+    if spec.get("attention_factor") not in (None, 1, 1.0):
+        raise CheckpointError(f"{source}: {field_name}.attention_factor={spec['attention_factor']} is not supported")
+    return theta, {"rope_type": rope_type, **{k: float(spec[k]) for k in _ROPE_SCALING_FIELDS[rope_type]}}
 
 
-def text_config_from_dict(d) -> TextConfig:
-    """A LlamaConfig dict (missing fields take LLaMA-7B defaults, as transformers does)."""
+def _tied(d, outer=None) -> bool:
+    """transformers ties lm_head to embed_tokens when the text config (else the LLaVA config) says so."""
+    for config in (d, outer or {}):
+        if config.get("tie_word_embeddings") is not None:
+            return bool(config["tie_word_embeddings"])
+    return False
+
+
+def text_config_from_dict(d, source="config.json", outer=None) -> TextConfig:
+    """A LlamaConfig dict (missing fields take LLaMA-7B defaults, as transformers does). `outer`: the LLaVA
+    config around a nested text config (it may say tie_word_embeddings)."""
     mt = d.get("model_type", "llama")
     if mt not in ("llama", "llava", "llava_llama"):
-        raise CheckpointError(f"text model type {mt!r} is not supported: llava-fast runs LLaMA/Vicuna decoders")
-    if d.get("attention_bias") or d.get("mlp_bias"):
-        raise CheckpointError("LLaMA variants with attention or MLP biases are not supported")
+        raise CheckpointError(f"{source}: text model type {mt!r} is not supported: llava-fast runs LLaMA decoders")
     if d.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"text hidden_act {d['hidden_act']!r} is not supported (LLaMA uses silu)")
+        raise CheckpointError(f"{source}: text hidden_act {d['hidden_act']!r} is not supported (LLaMA uses silu)")
     t = TextConfig()
     heads = d.get("num_attention_heads", t.num_heads)
     eos = d.get("eos_token_id", t.eos_token_id)
+    rope_theta, rope_scaling = _rope(d, source)
     return TextConfig(
         vocab_size=d.get("vocab_size", t.vocab_size),
         hidden_size=d.get("hidden_size", t.hidden_size),
@@ -152,11 +187,15 @@ def text_config_from_dict(d) -> TextConfig:
         num_kv_heads=d.get("num_key_value_heads") or heads,
         head_dim=d.get("head_dim") or 0,
         rms_norm_eps=d.get("rms_norm_eps", t.rms_norm_eps),
-        rope_theta=_rope_theta(d),
+        rope_theta=rope_theta,
         max_position_embeddings=d.get("max_position_embeddings", t.max_position_embeddings),
         bos_token_id=d["bos_token_id"] if d.get("bos_token_id") is not None else t.bos_token_id,
-        eos_token_id=eos[0] if isinstance(eos, list) else (eos if eos is not None else t.eos_token_id),
+        eos_token_id=eos[0] if isinstance(eos, list) and eos else (eos if isinstance(eos, int) else t.eos_token_id),
         pad_token_id=d.get("pad_token_id"),
+        rope_scaling=rope_scaling,
+        attention_bias=bool(d.get("attention_bias", False)),
+        mlp_bias=bool(d.get("mlp_bias", False)),
+        tie_word_embeddings=_tied(d, outer),
     )
 
 
@@ -208,7 +247,7 @@ def llava_hf_config(d, source="config.json") -> LlavaConfig:
     text_dict = dict(d.get("text_config") or {})
     if "vocab_size" not in text_dict and "vocab_size" in d:
         text_dict["vocab_size"] = d["vocab_size"]
-    text = text_config_from_dict(text_dict)
+    text = text_config_from_dict(text_dict, f"{source} (text_config)", outer=d)
     if d.get("pad_token_id") is not None and text.pad_token_id is None:
         text.pad_token_id = d["pad_token_id"]
     return LlavaConfig(
@@ -237,7 +276,7 @@ def original_llava_config(d, vision_dict, source="config.json") -> LlavaConfig:
     if d.get("image_aspect_ratio") not in (None, "pad", "square"):
         raise CheckpointError(f"{source}: image_aspect_ratio {d['image_aspect_ratio']!r} is not supported "
                               "(anyres needs LLaVA-NeXT)")
-    text = text_config_from_dict(d)
+    text = text_config_from_dict(d, source)
     vision = vision_config_from_dict(vision_dict)
     if d.get("mm_hidden_size") not in (None, vision.hidden_size):
         raise CheckpointError(f"{source}: mm_hidden_size={d['mm_hidden_size']} but the vision tower's "

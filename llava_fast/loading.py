@@ -164,15 +164,33 @@ def read_config(directory, vision_tower=None):
     )
 
 
+def expected_weights(net: LlavaForCausalLM) -> dict:
+    """Name -> (meta) tensor of every weight a checkpoint must provide. With tied embeddings lm_head is not
+    among them: transformers saves no lm_head then, and ties any it finds to embed_tokens."""
+    expected = dict(net.state_dict())
+    if net.cfg.text.tie_word_embeddings:
+        del expected["lm_head.weight"]
+    return expected
+
+
+def assign_weights(net: LlavaForCausalLM, loaded: dict):
+    """Put the loaded tensors into the meta-built `net` (no copy) and re-tie lm_head to embed_tokens."""
+    if net.cfg.text.tie_word_embeddings:
+        loaded = {**loaded, "lm_head.weight": loaded["language_model.embed_tokens.weight"]}
+    net.load_state_dict(loaded, assign=True, strict=True)
+    net.tie_weights()
+
+
 def load_weights(cfg: LlavaConfig, sources, device, dtype) -> LlavaForCausalLM:
     with torch.device("meta"):
         net = LlavaForCausalLM(cfg)
-    expected = dict(net.state_dict())
+    expected = expected_weights(net)
+    tied_head = "lm_head.weight" if cfg.text.tie_word_embeddings else None
     loaded, unexpected = {}, []
     for path, rules in sources:
         for key, tensor in iter_tensors(path):
             name = rename_key(key, rules)
-            if is_skipped_weight(name, cfg.num_vision_layers_run):
+            if is_skipped_weight(name, cfg.num_vision_layers_run) or name == tied_head:
                 continue
             if name not in expected:
                 unexpected.append(f"{key} (in {os.path.basename(path)})")
@@ -191,7 +209,7 @@ def load_weights(cfg: LlavaConfig, sources, device, dtype) -> LlavaForCausalLM:
     if unexpected:
         shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
         raise CheckpointError(f"unexpected weights (not part of a LLaVA model with this config): {shown}")
-    net.load_state_dict(loaded, assign=True, strict=True)
+    assign_weights(net, loaded)
     net.requires_grad_(False)
     net.init_rope(device)
     return net.eval()

@@ -135,11 +135,11 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.H, self.Hkv, self.D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        C = cfg.hidden_size
-        self.q_proj = nn.Linear(C, self.H * self.D, bias=False)
-        self.k_proj = nn.Linear(C, self.Hkv * self.D, bias=False)
-        self.v_proj = nn.Linear(C, self.Hkv * self.D, bias=False)
-        self.o_proj = nn.Linear(self.H * self.D, C, bias=False)
+        C, bias = cfg.hidden_size, cfg.attention_bias  # biases: Qwen-style LLaMA variants (attention_bias)
+        self.q_proj = nn.Linear(C, self.H * self.D, bias=bias)
+        self.k_proj = nn.Linear(C, self.Hkv * self.D, bias=bias)
+        self.v_proj = nn.Linear(C, self.Hkv * self.D, bias=bias)
+        self.o_proj = nn.Linear(self.H * self.D, C, bias=bias)
         self.qkv_proj = None  # q/k/v as one weight, after fuse_projections()
 
     def forward(self, x, rope, cache, start_pos, seq_lens):
@@ -159,9 +159,9 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.gate_up_proj = None  # gate/up as one weight, after fuse_projections()
 
     def forward(self, x):
@@ -173,21 +173,27 @@ class LlamaMLP(nn.Module):
 
 
 def fuse_linears(module, names, fused_name):
-    """Replace module.<names> (bias-free nn.Linear of one input size) by one Linear module.<fused_name> whose
-    weight is theirs stacked along the output dim; state_dict() still splits it back into the original
-    names, so checkpoints written from a fused model keep the standard layout."""
-    weights = [getattr(module, n).weight for n in names]
-    fused = nn.Linear(weights[0].shape[1], sum(w.shape[0] for w in weights), bias=False, device="meta")
+    """Replace module.<names> (nn.Linear of one input size, all with or all without bias) by one Linear
+    module.<fused_name> whose weight (and bias) is theirs stacked along the output dim; state_dict() still
+    splits it back into the original names, so checkpoints written from a fused model keep the standard
+    layout."""
+    parts = [getattr(module, n) for n in names]
+    weights = [p.weight for p in parts]
+    has_bias = parts[0].bias is not None
+    fused = nn.Linear(weights[0].shape[1], sum(w.shape[0] for w in weights), bias=has_bias, device="meta")
     fused.weight = nn.Parameter(torch.cat([w.detach() for w in weights]), requires_grad=weights[0].requires_grad)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=parts[0].bias.requires_grad)
     sizes = [w.shape[0] for w in weights]
     for n in names:
         delattr(module, n)
     setattr(module, fused_name, fused)
 
     def split_on_save(mod, state_dict, prefix, local_metadata):
-        weight = state_dict.pop(f"{prefix}{fused_name}.weight")
-        for n, part in zip(names, weight.split(sizes)):
-            state_dict[f"{prefix}{n}.weight"] = part
+        for kind in ("weight", "bias") if has_bias else ("weight",):
+            tensor = state_dict.pop(f"{prefix}{fused_name}.{kind}")
+            for n, part in zip(names, tensor.split(sizes)):
+                state_dict[f"{prefix}{n}.{kind}"] = part
 
     module.register_state_dict_post_hook(split_on_save)
 
@@ -246,17 +252,26 @@ class LlavaForCausalLM(nn.Module):
     def __init__(self, cfg: LlavaConfig):
         super().__init__()
         self.cfg = cfg
-        self.vision_tower = ClipVisionTower(cfg.vision, cfg.num_vision_layers_run)
+        # A text-only model (cfg.vision None: a GGUF loaded without its mmproj) has neither.
+        self.vision_tower = ClipVisionTower(cfg.vision, cfg.num_vision_layers_run) if cfg.vision else None
         self.multi_modal_projector = MultiModalProjector(cfg.vision.hidden_size, cfg.text.hidden_size,
-                                                         cfg.projector_type)
+                                                         cfg.projector_type) if cfg.vision else None
         self.language_model = LlamaModel(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.tie_weights()
         self.rope = None  # (cos, sin) fp32 tables, built by init_rope() once the device is known
         self.gradient_checkpointing = False  # training: recompute each decoder layer in backward
 
+    def tie_weights(self):
+        """tie_word_embeddings: lm_head reads embed_tokens' tensor (one Parameter, one copy in memory, one
+        gradient). Called again after anything that replaces either Parameter (loading with assign=True)."""
+        if self.cfg.text.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
     def init_rope(self, device=None):
         t = self.cfg.text
-        self.rope = ops.rope_tables(t.head_dim, t.max_position_embeddings, t.rope_theta, device=device)
+        self.rope = ops.rope_tables(t.head_dim, t.max_position_embeddings, t.rope_theta, device=device,
+                                    scaling=t.rope_scaling)
 
     def fuse_projections(self):
         """Inference conversion: q/k/v into one weight and gate/up into one per decoder layer, so a decode step
@@ -278,8 +293,9 @@ class LlavaForCausalLM(nn.Module):
     def embed(self, input_ids, pixel_values=None):
         """(B, T) ids with image tokens already expanded -> (B, T, C) decoder input."""
         features = None if pixel_values is None else self.image_features(pixel_values)
+        projector = self.multi_modal_projector.weights() if features is not None else (None, None)
         return ops.splice_image_embeddings(input_ids, self.language_model.embed_tokens.weight, features,
-                                           self.cfg.image_token_id, *self.multi_modal_projector.weights())
+                                           self.cfg.image_token_id, *projector)
 
     def decode_hidden(self, x, cache=None, start_pos=None, seq_lens=None):
         """Run the decoder stack on embeddings (B, T, C) -> final-normed hidden states (B, T, C)."""

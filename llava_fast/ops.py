@@ -102,9 +102,35 @@ def splice_image_embeddings_reference(input_ids, embed_weight, image_features, i
 # ------------------------------------------------------------------------------------------------------
 
 
-def rope_tables(head_dim, max_positions, theta, device=None):
-    """cos, sin of shape (max_positions, head_dim // 2), fp32, as LLaMA's default RoPE computes them."""
+def rope_inv_freq(head_dim, theta, scaling=None, device=None):
+    """RoPE's (head_dim // 2,) fp32 inverse frequencies theta^(-2i/D), rescaled as `scaling` says:
+
+    - None: LLaMA's RoPE (Su et al. 2021);
+    - {"rope_type": "linear", "factor": s}: every frequency / s (position interpolation, Chen et al. 2023);
+    - {"rope_type": "llama3", "factor": s, "low_freq_factor": l, "high_freq_factor": h,
+      "original_max_position_embeddings": N} (Meta's LLaMA-3.1 code, as transformers' llama3 RoPE): wavelengths
+      2pi/f longer than N/l are slowed by s, those shorter than N/h kept, and those between interpolated
+      linearly in N/wavelength from one to the other.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    low, high, context = scaling["low_freq_factor"], scaling["high_freq_factor"], scaling[
+        "original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    slowed = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)  # 0 at wavelength N/l, 1 at N/h
+    between = (1 - smooth) * slowed / factor + smooth * slowed
+    in_between = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(in_between, between, slowed)
+
+
+def rope_tables(head_dim, max_positions, theta, device=None, scaling=None):
+    """cos, sin of shape (max_positions, head_dim // 2), fp32, for RoPE with `rope_inv_freq`'s frequencies."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, device)
     freqs = torch.outer(torch.arange(max_positions, device=device, dtype=torch.float32), inv_freq)
     return freqs.cos(), freqs.sin()
 

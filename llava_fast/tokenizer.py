@@ -1,5 +1,7 @@
-"""The LLaMA / Vicuna tokenizer: a thin layer over `tokenizers.Tokenizer` that knows LLaVA's image marker and
-decodes a token stream without ever splitting a character.
+"""The tokenizer: a thin layer over `tokenizers.Tokenizer` (any tokenizer.json it reads: LLaMA's SentencePiece
+BPE with byte fallback, byte-level BPE as in LLaMA-3 or SmolLM2) that knows LLaVA's image marker, the
+checkpoint's special tokens (BOS, every EOS id, pad) and chat template, and decodes a token stream without ever
+splitting a character (StreamDecoder, over tokenizers' DecodeStream).
 
 Loading. `Tokenizer.from_dir` reads `tokenizer.json` (what llava-hf ships) plus the special-token settings in
 `tokenizer_config.json`, `special_tokens_map.json` and `added_tokens.json`. The original LLaVA checkpoints
@@ -30,13 +32,17 @@ double space or "<image> describe" does. (sentencepiece is not installed here to
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from collections.abc import Iterable
 
 import tokenizers
 from tokenizers import AddedToken, decoders, pre_tokenizers
+from tokenizers.decoders import DecodeStream
 from tokenizers.models import BPE
 
+from llava_fast.chat_template import ChatTemplate, read_chat_template
 from llava_fast.config import read_json
 from llava_fast.errors import CheckpointError, InputError
 
@@ -45,35 +51,56 @@ _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback p
 
 
 class Tokenizer:
-    """LLaMA-family tokenizer. Build with `Tokenizer.from_dir(path)`.
+    """A `tokenizers.Tokenizer` plus the checkpoint's special tokens and chat template. Build it with
+    `Tokenizer.from_dir(path)` (a checkpoint directory) or directly from a ready backend and explicit ids:
 
-    `backend` is a `tokenizers.Tokenizer`; its post-processor is never used: BOS is added here, from the
-    checkpoint's `add_bos_token`, so a tokenizer.json without a post-processor behaves the same.
+        Tokenizer(backend, bos_token_id=1, eos_token_ids=[2], pad_token_id=2, add_bos_token=False,
+                  chat_template=template_text, source="model.gguf")
+
+    backend: any `tokenizers.Tokenizer` (SentencePiece-style BPE with byte fallback, byte-level BPE, ...); its
+    post-processor is never used: BOS is added here, per `add_bos_token`. eos_token_ids: every id that ends a
+    reply (LLaMA-3 and ChatML models have several); at least one is required. `source` names where the
+    tokenizer came from, for errors. Raises CheckpointError for an id outside the vocabulary or no EOS.
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer, bos_token=None, eos_token=None, pad_token=None,
-                 unk_token=None, add_bos_token=True):
-        self.backend = backend
-        self.bos_token_id = self._special_id("bos_token", bos_token)
-        self.eos_token_id = self._special_id("eos_token", eos_token)
-        self.unk_token_id = self._special_id("unk_token", unk_token)
+    def __init__(self, backend: tokenizers.Tokenizer, *, bos_token_id: int | None = None,
+                 eos_token_ids: Iterable[int] = (), pad_token_id: int | None = None, unk_token_id: int | None = None,
+                 add_bos_token: bool = True, chat_template: str | None = None, chat_template_origin: str | None = None,
+                 source: str = "the tokenizer"):
+        self.backend, self.source = backend, source
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        for what, token_id in (("bos", bos_token_id), ("pad", pad_token_id), ("unk", unk_token_id),
+                               *(("eos", i) for i in eos_token_ids)):
+            if token_id is not None and not 0 <= token_id < self.vocab_size:
+                raise CheckpointError(f"{source}: the {what} token id {token_id} is outside the vocabulary "
+                                      f"(size {self.vocab_size})")
+        self.eos_token_ids = tuple(dict.fromkeys(int(i) for i in eos_token_ids))
+        if not self.eos_token_ids:
+            raise CheckpointError(f"{source}: the tokenizer names no end-of-sequence token (eos_token in "
+                                  "tokenizer_config.json, eos_token_id in generation_config.json); generation "
+                                  "could never stop")
+        self.bos_token_id, self.unk_token_id = bos_token_id, unk_token_id
         # No pad token named: LLaVA's trainer pads with unk (`tokenizer.pad_token = tokenizer.unk_token`, and
         # the original configs say pad_token_id 0); without unk, eos. Padding positions are masked anyway.
-        pad_id = self._special_id("pad_token", pad_token)
-        self.pad_token_id = next((i for i in (pad_id, self.unk_token_id, self.eos_token_id) if i is not None), None)
-        self.add_bos_token = bool(add_bos_token) and self.bos_token_id is not None
-        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.pad_token_id = next(i for i in (pad_token_id, unk_token_id, self.eos_token_id) if i is not None)
+        self.add_bos_token = bool(add_bos_token) and bos_token_id is not None
         added = backend.get_added_tokens_decoder()
         self.special_token_ids = frozenset(i for i, token in added.items() if token.special)
-        self._stream_tables_cache = None  # built on the first stream_decoder() call: a scan of the whole vocabulary
+        self._fallback_byte_ids = None  # built on the first stream_decoder() call: a scan of the whole vocabulary
+        self.chat_template = None if chat_template is None else ChatTemplate(
+            chat_template, chat_template_origin or source, {
+                name: None if i is None else backend.id_to_token(i) for name, i in (
+                    ("bos_token", bos_token_id), ("eos_token", self.eos_token_id), ("unk_token", unk_token_id),
+                    ("pad_token", pad_token_id))})
 
-    def _special_id(self, what, token):
-        if token is None:
-            return None
-        token_id = self.backend.token_to_id(token)
-        if token_id is None:
-            raise CheckpointError(f"the tokenizer's {what} is {token!r}, which is not in its vocabulary")
-        return token_id
+    @property
+    def eos_token_id(self) -> int:
+        """The first (primary) end-of-sequence id; generation stops on any of `eos_token_ids`."""
+        return self.eos_token_ids[0]
+
+    @property
+    def bos_token(self) -> str | None:
+        return None if self.bos_token_id is None else self.backend.id_to_token(self.bos_token_id)
 
     # ---------------------------------------------------------------------------------------------------
     # Loading
@@ -81,7 +108,10 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str) -> "Tokenizer":
-        """Load from a checkpoint directory: tokenizer.json, or failing that tokenizer.model (converted)."""
+        """Load from a checkpoint directory: tokenizer.json, or failing that tokenizer.model (converted); special
+        tokens from tokenizer_config.json / special_tokens_map.json, extra EOS ids from generation_config.json
+        (else config.json), the chat template from chat_template.jinja / chat_template.json /
+        tokenizer_config.json."""
         if not os.path.isdir(path):
             raise CheckpointError(f"tokenizer directory not found: {path}")
         config = _read_json_if_present(os.path.join(path, "tokenizer_config.json"))
@@ -92,10 +122,12 @@ class Tokenizer:
                 backend = tokenizers.Tokenizer.from_file(json_path)
             except Exception as e:  # tokenizers raises a bare Exception on malformed files
                 raise CheckpointError(f"cannot read {json_path}: {e}") from e
+            source = json_path
         elif os.path.isfile(model_path):
             # transformers' LlamaTokenizer treated a config without `legacy` as legacy=True when the original
             # LLaVA repo ran it: every text piece between special tokens gets the dummy prefix.
             backend = backend_from_sentencepiece(model_path, legacy=config.get("legacy", True))
+            source = model_path
         else:
             raise CheckpointError(
                 f"no tokenizer.json or tokenizer.model in {path}: llava-fast needs one of them "
@@ -112,11 +144,24 @@ class Tokenizer:
                 value = value.get("content")
             if value is None and default is not None and backend.token_to_id(default) is not None:
                 value = default
-            return value
+            if value is None:
+                return None
+            token_id = backend.token_to_id(value)
+            if token_id is None:
+                raise CheckpointError(f"{path}: the tokenizer's {key} is {value!r}, which is not in its vocabulary")
+            return token_id
 
-        return cls(backend, bos_token=named("bos_token", "<s>"), eos_token=named("eos_token", "</s>"),
-                   pad_token=named("pad_token", None), unk_token=named("unk_token", "<unk>"),
-                   add_bos_token=config.get("add_bos_token", True))
+        bos_id = named("bos_token", "<s>")
+        eos_ids = [named("eos_token", "</s>"), *_declared_eos_ids(path)]
+        if "add_bos_token" in config:
+            add_bos = config["add_bos_token"]
+        else:  # byte-level BPE checkpoints say it in tokenizer.json's post-processor; LLaMA's SentencePiece adds it
+            add_bos = source == model_path or _post_processor_starts_with(backend, bos_id)
+        template = read_chat_template(path, config)
+        return cls(backend, bos_token_id=bos_id, eos_token_ids=[i for i in eos_ids if i is not None],
+                   pad_token_id=named("pad_token", None), unk_token_id=named("unk_token", "<unk>"),
+                   add_bos_token=add_bos, chat_template=template and template[0],
+                   chat_template_origin=template and template[1], source=source)
 
     # ---------------------------------------------------------------------------------------------------
     # Encoding and decoding
@@ -167,71 +212,71 @@ class Tokenizer:
                 expanded.append(token_id)
         return expanded
 
-    def stream_decoder(self, skip_special_tokens: bool = True) -> "IncrementalDecoder":
-        return IncrementalDecoder(self, skip_special_tokens)
+    def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special_tokens)
 
-    def _stream_tables(self):
-        """(byte-token ids, anchor id, anchor text) for IncrementalDecoder, computed once per tokenizer."""
-        if self._stream_tables_cache is None:
-            decoder_spec = self.backend.decoder.__getstate__().decode() if self.backend.decoder else "none"
-            if "ByteFallback" not in decoder_spec:
-                raise CheckpointError("streaming decode supports SentencePiece byte-fallback tokenizers "
-                                      f"(LLaMA, Vicuna, Mistral); this tokenizer's decoder is {decoder_spec}")
-            vocab = sorted(self.backend.get_vocab(with_added_tokens=False).items(), key=lambda item: item[1])
-            byte_ids = frozenset(i for token, i in vocab if _BYTE_TOKEN.fullmatch(token))
-            # Any plain-letters token decodes to itself and closes byte runs: a safe anchor.
-            anchor_id = next(i for token, i in vocab if token.isascii() and token.isalpha())
-            self._stream_tables_cache = (byte_ids, anchor_id, self.backend.decode([anchor_id]))
-        return self._stream_tables_cache
+    def fallback_byte_ids(self) -> frozenset:
+        """Ids of SentencePiece byte-fallback pieces ("<0xE4>") when the decoder joins them (ByteFallback),
+        else empty. Computed once per tokenizer."""
+        if self._fallback_byte_ids is None:
+            decoder_spec = self.backend.decoder.__getstate__().decode() if self.backend.decoder else ""
+            byte_ids = ()
+            if "ByteFallback" in decoder_spec:
+                byte_ids = (i for token, i in self.backend.get_vocab(with_added_tokens=False).items()
+                            if _BYTE_TOKEN.fullmatch(token))
+            self._fallback_byte_ids = frozenset(byte_ids)
+        return self._fallback_byte_ids
 
 
-class IncrementalDecoder:
+class StreamDecoder:
     """Turns token ids, one at a time, into text deltas whose concatenation (after `flush()`) is exactly
-    `tokenizer.decode(all_ids, skip_special_tokens)`.
+    `tokenizer.decode(all_ids, skip_special_tokens)`, and never splits a character: a delta holds U+FFFD only
+    where the full decode does (ids that are not valid UTF-8).
 
-    Why holding back is needed: the SentencePiece decoder (Replace "▁"->" ", ByteFallback, Fuse, Strip one
-    leading space) turns each run of byte tokens (<0xE4><0xB8><0xAD> = "中") into one string, and into one
-    U+FFFD per byte if the run as a whole is not valid UTF-8. So a run's text is final only once a non-byte
-    token closes it: a valid "中" can still become "\\ufffd" x 4 if a stray continuation byte follows. We hold
-    the open run (one token of latency for characters spelled in bytes, none otherwise) and emit everything
-    up to and including each non-byte token the moment it arrives. Skipped special tokens are invisible to the
-    decoder (it drops them before joining runs), so they are dropped here too.
+    The incremental decoding is `tokenizers.decoders.DecodeStream`, which works for every decoder (byte-level
+    BPE, SentencePiece byte fallback, WordPiece): it decodes a short window of recent tokens and emits the
+    window's new text once that text does not end in U+FFFD (an unfinished multi-byte character).
 
-    Each step decodes only the held tokens. Decoding a window alone would strip its leading space (the Strip
-    step is meant for the start of the text only), so after the first emitted piece the window is decoded
-    behind an anchor token whose text is then cut off.
+    One case needs holding back on top of it. The SentencePiece decoder (ByteFallback) turns a whole run of
+    byte tokens into U+FFFD per byte if the run as a whole is not valid UTF-8, so a valid "中" (<0xE4><0xB8>
+    <0xAD>) becomes "\ufffd" x 4 if a stray continuation byte follows; DecodeStream would already have
+    emitted "中" (and then fail on a changed prefix). So byte-fallback tokens are held until a non-byte token
+    closes the run and go to DecodeStream together with it (one token of latency for characters spelled in
+    bytes, none otherwise). Byte-level BPE needs no holding: its decoder replaces only the invalid bytes, so
+    emitted text never changes. Skipped special tokens are invisible (the decoder drops them before joining
+    runs), so they neither close a run nor reach DecodeStream.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self._byte_ids, self._anchor_id, self._anchor_text = tokenizer._stream_tables()
+        self._byte_ids = tokenizer.fallback_byte_ids()
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         self._held: list[int] = []
-        self._started = False  # True once any token has been emitted: no more leading-space stripping
+        self._ids: list[int] = []  # every id pushed: flush() decodes them once to emit what DecodeStream held
+        self._emitted = 0  # characters emitted so far
 
     def push(self, token_id: int) -> str:
-        """Feed one token id; returns the text that became final (often "" while a byte run is open)."""
-        if not 0 <= token_id < self.tokenizer.vocab_size:
-            raise InputError(f"token id {token_id} is outside the vocabulary (0..{self.tokenizer.vocab_size - 1})")
-        if self.skip_special_tokens and token_id in self.tokenizer.special_token_ids:
+        """Feed one token id; returns the text that became final (often "" while a character is unfinished)."""
+        tok = self.tokenizer
+        if not 0 <= token_id < tok.vocab_size:
+            raise InputError(f"token id {token_id} is outside the vocabulary (0..{tok.vocab_size - 1})")
+        self._ids.append(token_id)
+        if self.skip_special_tokens and token_id in tok.special_token_ids:
             return ""
-        self._held.append(token_id)
         if token_id in self._byte_ids:
+            self._held.append(token_id)
             return ""
-        return self._emit_held()
+        ids, self._held = self._held + [token_id], []
+        text = self._stream.step(tok.backend, ids) or ""
+        self._emitted += len(text)
+        return text
 
     def flush(self) -> str:
-        """End of stream: the held byte run's text (U+FFFD per byte if it is not valid UTF-8)."""
-        return self._emit_held() if self._held else ""
-
-    def _emit_held(self) -> str:
-        backend, skip = self.tokenizer.backend, self.skip_special_tokens
-        if self._started:
-            text = backend.decode([self._anchor_id] + self._held, skip_special_tokens=skip)[len(self._anchor_text):]
-        else:
-            text = backend.decode(self._held, skip_special_tokens=skip)
-        self._held.clear()
-        self._started = True
+        """End of stream: the text DecodeStream still holds (an unfinished character decodes to U+FFFD)."""
+        full = self.tokenizer.backend.decode(self._ids, skip_special_tokens=self.skip_special_tokens)
+        text = full[self._emitted:]
+        self._emitted = len(full)
         return text
 
 
@@ -242,6 +287,35 @@ class IncrementalDecoder:
 
 def _read_json_if_present(path):
     return read_json(path) if os.path.isfile(path) else {}
+
+
+def _declared_eos_ids(path) -> list[int]:
+    """The EOS ids generation stops on, as transformers' generate() takes them: generation_config.json's
+    eos_token_id (an int or a list: LLaMA-3 Instruct lists 128001, 128008, 128009), else config.json's (or its
+    text_config's)."""
+    generation = _read_json_if_present(os.path.join(path, "generation_config.json"))
+    if "eos_token_id" in generation:
+        eos = generation["eos_token_id"]
+    else:
+        config = _read_json_if_present(os.path.join(path, "config.json"))
+        eos = config.get("eos_token_id", (config.get("text_config") or {}).get("eos_token_id"))
+    eos = eos if isinstance(eos, list) else [eos]
+    return [int(i) for i in eos if isinstance(i, int)]
+
+
+def _post_processor_starts_with(backend, token_id) -> bool:
+    """Whether tokenizer.json's post-processor (TemplateProcessing, possibly inside a Sequence) puts the token
+    `token_id` at the start of a single sequence: how byte-level BPE checkpoints say they add BOS."""
+    if token_id is None or backend.post_processor is None:
+        return False
+    spec = json.loads(backend.post_processor.__getstate__())
+    processors = spec.get("processors", [spec]) if spec.get("type") == "Sequence" else [spec]
+    token = backend.id_to_token(token_id)
+    for processor in processors:
+        single = processor.get("single") if processor.get("type") == "TemplateProcessing" else None
+        if single and "SpecialToken" in single[0]:
+            return single[0]["SpecialToken"].get("id") == token
+    return False
 
 
 def _add_declared_tokens(backend, path, config):
@@ -333,6 +407,14 @@ def backend_from_sentencepiece(model_path: str, legacy: bool = True) -> tokenize
         raise CheckpointError(f"cannot convert {model_path}: it uses {', '.join(unsupported)}; "
                               "provide the checkpoint's tokenizer.json instead")
 
+    return sentencepiece_backend(pieces, byte_fallback=bool(trainer.get(_TRAINER_BYTE_FALLBACK, 0)),
+                                 add_dummy_prefix=bool(normalizer.get(_NORMALIZER_ADD_DUMMY_PREFIX, 1)), legacy=legacy)
+
+
+def sentencepiece_backend(pieces, *, byte_fallback: bool, add_dummy_prefix: bool, legacy: bool) -> tokenizers.Tokenizer:
+    """A `tokenizers.Tokenizer` for a SentencePiece BPE vocabulary given as (piece, type) in id order; types
+    are SentencePiece's (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte), which GGUF's
+    tokenizer.ggml.token_type reuses."""
     vocab = {text: i for i, (text, _) in enumerate(pieces)}
     ranked = []
     for merged_id, (text, _) in enumerate(pieces):
@@ -343,11 +425,9 @@ def backend_from_sentencepiece(model_path: str, legacy: bool = True) -> tokenize
     ranked.sort()
     merges = [(left, right) for _, _, left, right in ranked]
 
-    byte_fallback = bool(trainer.get(_TRAINER_BYTE_FALLBACK, 0))
     unk = next((text for text, kind in pieces if kind == _TYPE_UNKNOWN), None)
     backend = tokenizers.Tokenizer(BPE(vocab, merges, unk_token=None if byte_fallback else unk,
                                        fuse_unk=True, byte_fallback=byte_fallback))
-    add_dummy_prefix = bool(normalizer.get(_NORMALIZER_ADD_DUMMY_PREFIX, 1))
     prepend_scheme = ("always" if legacy else "first") if add_dummy_prefix else "never"
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=False)
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]

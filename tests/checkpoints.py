@@ -24,27 +24,28 @@ VOCAB = 32064
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # llava-hf's padded vocabulary; <image> = 32000, <pad> = 32001
 
 
-def hf_configs(*, gqa=True, image_size=28, text_layers=2, vision_layers=3, max_positions=512):
+def hf_configs(*, gqa=True, image_size=28, text_layers=2, vision_layers=3, max_positions=512, text=None):
+    """(CLIPVisionConfig, LlamaConfig); `text` overrides LlamaConfig fields (vocab_size, rope_scaling, ...)."""
     from transformers import CLIPVisionConfig, LlamaConfig
 
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=72, num_hidden_layers=vision_layers,
                               num_attention_heads=4, image_size=image_size, patch_size=14, projection_dim=16,
                               hidden_act="quick_gelu", layer_norm_eps=1e-5)
-    text = LlamaConfig(hidden_size=64, intermediate_size=136, num_hidden_layers=text_layers, num_attention_heads=4,
-                       num_key_value_heads=2 if gqa else 4, vocab_size=VOCAB, max_position_embeddings=max_positions,
-                       rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=32001)
-    return vision, text
+    fields = dict(hidden_size=64, intermediate_size=136, num_hidden_layers=text_layers, num_attention_heads=4,
+                  num_key_value_heads=2 if gqa else 4, vocab_size=VOCAB, max_position_embeddings=max_positions,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=32001)
+    return vision, LlamaConfig(**{**fields, **(text or {})})
 
 
-def make_hf_model(seed=0, *, feature_layer=-2, strategy="default", **sizes):
+def make_hf_model(seed=0, *, feature_layer=-2, strategy="default", image_token_id=32000, **sizes):
     """A random transformers LlavaForConditionalGeneration (fp32, eval mode)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     vision, text = hf_configs(**sizes)
     patches = (vision.image_size // vision.patch_size) ** 2
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000,
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
                       vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
-                      image_seq_length=patches + (strategy == "full"))
+                      image_seq_length=patches + (strategy == "full"), tie_word_embeddings=text.tie_word_embeddings)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg).eval()
     # transformers initialises some tensors to constants (LayerNorm, RMSNorm weights 1, biases 0); random
@@ -53,13 +54,65 @@ def make_hf_model(seed=0, *, feature_layer=-2, strategy="default", **sizes):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 32001
+    model.generation_config.pad_token_id = text.pad_token_id
     return model
 
 
-def copy_tokenizer(dst):
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(TOKENIZER_DIR, name), os.path.join(dst, name))
+def copy_tokenizer(dst, src=TOKENIZER_DIR):
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+
+
+# SmolLM2-135M-Instruct's chat template (ChatML with a default system prompt), as its tokenizer_config.json and
+# its GGUF's tokenizer.chat_template ship it (HuggingFaceTB/SmolLM2-135M-Instruct, Apache-2.0).
+CHATML_SMOLLM2 = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>'"
+    " + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt"
+    " %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# llava-hf/llava-1.5-7b-hf's chat_template.json (the processor's template: content parts, images first).
+LLAVA_15_HF = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}{% for content in"
+    " message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}"
+    "{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "{{ 'ASSISTANT:' }}{% endif %}")
+BPE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2, as in SmolLM2's vocabulary
+
+
+def write_byte_level_tokenizer(dst, vocab_size=700, eos_ids=(2, 0), chat_template=CHATML_SMOLLM2):
+    """A byte-level BPE tokenizer.json (GPT-2 / SmolLM2 style: ByteLevel pre-tokenizer and decoder, no BOS
+    added) trained with `tokenizers` on LLaVA-Bench text plus CJK and emoji (so some merges hold partial UTF-8
+    characters), SmolLM2's special tokens at 0..2 and "<image>" added after the vocabulary; tokenizer_config.json
+    with the ChatML template and generation_config.json with several EOS ids. Returns the vocabulary size."""
+    import json as _json
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    texts = ["你好，世界！这是一个测试。龘𠮷", "Emoji 😀🎉👍🏽 and flags 🇯🇵", "Crème brûlée, naïve façade, Ångström"] * 20
+    for name in ("qa90_questions.jsonl", "qa90_gpt4_answer.jsonl"):
+        with open(os.path.join(REFERENCE, "llava_bench_coco", name), encoding="utf-8") as f:
+            texts += [_json.loads(line)["text"] for line in f]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=BPE_SPECIALS,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
+    os.makedirs(dst, exist_ok=True)
+    tok.save(os.path.join(dst, "tokenizer.json"))
+    config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+              "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>", "chat_template": chat_template,
+              "model_max_length": 8192}
+    with open(os.path.join(dst, "tokenizer_config.json"), "w") as f:
+        _json.dump(config, f)
+    with open(os.path.join(dst, "generation_config.json"), "w") as f:
+        _json.dump({"bos_token_id": 1, "eos_token_id": list(eos_ids), "pad_token_id": 2}, f)
+    return tok.get_vocab_size(with_added_tokens=True)
 
 
 def write_preprocessor(dst, image_size):
@@ -129,7 +182,7 @@ def _to_legacy(model):
     return _rename(_canonical_state(model), rules)
 
 
-def write_checkpoint(model, dst, layout, *, shards=2):
+def write_checkpoint(model, dst, layout, *, shards=2, tokenizer_dir=TOKENIZER_DIR):
     """Write `model` (a transformers Llava model) to dst in one of:
     - "save_pretrained": transformers' own save_pretrained (whatever the installed version writes);
     - "hub": llava-hf hub names (language_model.model.*, vision_tower.vision_model.*), sharded + index;
@@ -161,7 +214,7 @@ def write_checkpoint(model, dst, layout, *, shards=2):
         _write_original(model, dst, shards)
     else:
         raise ValueError(layout)
-    copy_tokenizer(dst)
+    copy_tokenizer(dst, tokenizer_dir)
     if layout != "original":  # an original checkpoint's preprocessor config comes with its CLIP tower
         write_preprocessor(dst, image_size)
     return dst

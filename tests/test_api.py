@@ -133,7 +133,7 @@ def test_eos_ends_a_row(model, monkeypatch):
     cut = model.generate_ids(rows, pv, max_new_tokens=10, eos_token_id=eos)
     assert cut[0] == free[0][: free[0].index(eos) + 1]  # ends with EOS, nothing after it
     assert cut[1] == (free[1][: free[1].index(eos) + 1] if eos in free[1] else free[1])
-    monkeypatch.setattr(model.tokenizer, "eos_token_id", eos)
+    monkeypatch.setattr(model.tokenizer, "eos_token_ids", (eos,))
     text = model.generate("Describe it.", IMAGES[0], max_new_tokens=10)
     assert text == model.tokenizer.decode(free[0][: free[0].index(eos)])
 

@@ -52,7 +52,8 @@ def test_original_config_with_its_clip_tower(reference_dir):
     ({"mm_hidden_size": 768}, "mm_hidden_size=768"),
     ({"mm_vision_select_feature": "middle"}, "unknown vision feature selection"),
     ({"image_aspect_ratio": "anyres"}, "anyres"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "RoPE type"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling of type .dynamic. is not supported"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks low_freq_factor"),
 ])
 def test_unsupported_original_configs_are_named(reference_dir, change, message):
     d = {**_read(reference_dir, "llava-v1.5-7b-original"), **change}

@@ -37,8 +37,8 @@ import torch.nn as nn
 from llava_fast.config import LlavaConfig, read_json, text_config_from_dict, vision_config_from_dict
 from llava_fast.errors import CheckpointError, InputError
 from llava_fast.image import ImageProcessor
-from llava_fast.loading import (CLIP_RULES, LLAVA_HF_RULES, ORIGINAL_RULES, is_skipped_weight, iter_tensors,
-                                read_config, rename_key, weight_files)
+from llava_fast.loading import (CLIP_RULES, LLAVA_HF_RULES, ORIGINAL_RULES, assign_weights, expected_weights,
+                                is_skipped_weight, iter_tensors, read_config, rename_key, weight_files)
 from llava_fast.model import LlavaForCausalLM
 from llava_fast.tokenizer import Tokenizer
 
@@ -88,12 +88,13 @@ def _from_scratch_config(llama, clip_dir):
 def _load_tensors(net, sources, device, allow_missing=()):
     """Assign every tensor of `sources` (fp32) to the meta-built `net`; names starting with one of
     `allow_missing` may be absent (they keep a fresh initialisation)."""
-    expected = dict(net.state_dict())
+    expected = expected_weights(net)
     loaded, unexpected = {}, []
     for path, rules in sources:
         for key, tensor in iter_tensors(path):
             name = rename_key(key, rules)
-            if is_skipped_weight(name, net.cfg.num_vision_layers_run):
+            tied_head = name == "lm_head.weight" and name not in expected  # ignored, as transformers ties it
+            if is_skipped_weight(name, net.cfg.num_vision_layers_run) or tied_head:
                 continue
             if name not in expected:
                 unexpected.append(key)
@@ -110,7 +111,7 @@ def _load_tensors(net, sources, device, allow_missing=()):
         module.to_empty(device=device, recurse=False)
         module.reset_parameters()
         loaded.update({f"{module_name}.{k}": v.detach().float() for k, v in module.named_parameters()})
-    net.load_state_dict(loaded, assign=True, strict=True)
+    assign_weights(net, loaded)
     return net
 
 
@@ -147,17 +148,20 @@ def _add_image_token(net, tokenizer):
     backend.add_special_tokens([AddedToken("<image>", special=True, normalized=False),
                                 AddedToken("<pad>", special=True, normalized=False)])
     new = -(-(old + 2) // 64) * 64
-    for module in (net.language_model.embed_tokens, net.lm_head):
+    tied = net.cfg.text.tie_word_embeddings
+    for module in (net.language_model.embed_tokens,) + (() if tied else (net.lm_head,)):
         weight = module.weight.data
         extra = weight.mean(0, keepdim=True).expand(new - old, -1)
         module.weight = nn.Parameter(torch.cat([weight, extra]), requires_grad=False)
+    net.tie_weights()
     net.cfg.text.vocab_size = new
     net.cfg.image_token_id = old
     net.cfg.text.pad_token_id = old + 1
-    tok = Tokenizer(backend, bos_token=tokenizer.id_to_token(tokenizer.bos_token_id),
-                    eos_token=tokenizer.id_to_token(tokenizer.eos_token_id), pad_token="<pad>",
-                    unk_token=None if tokenizer.unk_token_id is None else tokenizer.id_to_token(tokenizer.unk_token_id),
-                    add_bos_token=tokenizer.add_bos_token)
+    tok = Tokenizer(backend, bos_token_id=tokenizer.bos_token_id, eos_token_ids=tokenizer.eos_token_ids,
+                    pad_token_id=old + 1, unk_token_id=tokenizer.unk_token_id, add_bos_token=tokenizer.add_bos_token,
+                    chat_template=tokenizer.chat_template and tokenizer.chat_template.text,
+                    chat_template_origin=tokenizer.chat_template and tokenizer.chat_template.origin,
+                    source=tokenizer.source)
     return tok, old
 
 
@@ -283,8 +287,9 @@ def llava_hf_config(cfg: LlavaConfig, dtype: torch.dtype) -> dict:
             "num_attention_heads": t.num_heads, "num_key_value_heads": t.num_kv_heads, "head_dim": t.head_dim,
             "rms_norm_eps": t.rms_norm_eps, "rope_theta": t.rope_theta, "hidden_act": "silu",
             "max_position_embeddings": t.max_position_embeddings, "bos_token_id": t.bos_token_id,
-            "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id, "tie_word_embeddings": False,
-            "attention_bias": False, "mlp_bias": False, "torch_dtype": dtype}
+            "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id,
+            "tie_word_embeddings": t.tie_word_embeddings, "attention_bias": t.attention_bias, "mlp_bias": t.mlp_bias,
+            "rope_scaling": t.rope_scaling, "torch_dtype": dtype}
     vision = {"model_type": "clip_vision_model", "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
               "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads, "image_size": v.image_size,
               "patch_size": v.patch_size, "num_channels": v.num_channels, "layer_norm_eps": v.layer_norm_eps,
@@ -293,7 +298,8 @@ def llava_hf_config(cfg: LlavaConfig, dtype: torch.dtype) -> dict:
             "image_token_index": cfg.image_token_id, "pad_token_id": t.pad_token_id, "projector_hidden_act": "gelu",
             "vision_feature_layer": cfg.vision_feature_layer, "image_seq_length": cfg.num_image_tokens,
             "vision_feature_select_strategy": cfg.vision_feature_select_strategy, "vocab_size": t.vocab_size,
-            "tie_word_embeddings": False, "torch_dtype": dtype, "text_config": text, "vision_config": vision}
+            "tie_word_embeddings": t.tie_word_embeddings, "torch_dtype": dtype, "text_config": text,
+            "vision_config": vision}
 
 
 def save_llava_hf(dst, base: TrainBase, changed: dict, *, max_shard_bytes=5 * 2**30):
@@ -303,7 +309,7 @@ def save_llava_hf(dst, base: TrainBase, changed: dict, *, max_shard_bytes=5 * 2*
     for stale in ("config.json", "model.safetensors.index.json"):  # the old checkpoint stops looking complete
         if os.path.exists(os.path.join(dst, stale)):
             os.remove(os.path.join(dst, stale))
-    expected = set(base.net.state_dict())
+    expected = set(expected_weights(base.net))  # tied embeddings: no lm_head tensor, as transformers saves them
     out, dtypes, shards, size = {}, {}, [], 0
     llm_dtype = None
 
@@ -336,7 +342,7 @@ def save_llava_hf(dst, base: TrainBase, changed: dict, *, max_shard_bytes=5 * 2*
                 mean = tensor.float().mean(0, keepdim=True).to(tensor.dtype)
                 tensor = torch.cat([tensor, mean.expand(base.cfg.text.vocab_size - tensor.shape[0], -1)])
             add(name, tensor)
-    for name in sorted(changed):
+    for name in sorted(n for n in changed if n in expected):
         add(name, changed[name].detach().to("cpu", dtypes.get(name, llm_dtype or torch.float32)))
     flush()
 

@@ -21,12 +21,13 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 class LoraLinear(nn.Module):
-    """A bias-free linear layer (LLaMA's) with a low-rank adapter."""
+    """A linear layer (LLaMA's, bias-free unless attention_bias / mlp_bias) with a low-rank adapter."""
 
-    def __init__(self, weight: nn.Parameter, r: int, alpha: float, dropout: float):
+    def __init__(self, weight: nn.Parameter, r: int, alpha: float, dropout: float, bias: nn.Parameter | None = None):
         super().__init__()
         out_features, in_features = weight.shape
-        self.weight = weight  # the base layer's own parameter, frozen
+        self.weight = weight  # the base layer's own parameters, frozen
+        self.bias = bias
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=weight.device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=weight.device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear (and peft) initialise A
@@ -35,7 +36,7 @@ class LoraLinear(nn.Module):
 
     def forward(self, x):  # (..., in) -> (..., out)
         adapter = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return F.linear(x, self.weight) + adapter * self.scaling
+        return F.linear(x, self.weight, self.bias) + adapter * self.scaling
 
     def merged_weight(self) -> torch.Tensor:
         """W + (alpha / r) B A in float32."""
@@ -63,8 +64,8 @@ def add_lora(net, r: int, alpha: float, dropout: float = 0.0, seed: int = 0) -> 
             base = getattr(parent, attr)
             if isinstance(base, LoraLinear):
                 raise ValueError(f"{name} already has a LoRA adapter")
-            base.weight.requires_grad_(False)
-            setattr(parent, attr, LoraLinear(base.weight, r, alpha, dropout))
+            base.requires_grad_(False)
+            setattr(parent, attr, LoraLinear(base.weight, r, alpha, dropout, base.bias))
             names += [f"{name}.lora_A", f"{name}.lora_B"]
     return names
 
@@ -81,8 +82,9 @@ def merge_lora(net) -> list[str]:
             weight = layer.merged_weight().to(layer.weight.dtype)
         out_features, in_features = weight.shape
         with torch.device("meta"):
-            plain = nn.Linear(in_features, out_features, bias=False)
+            plain = nn.Linear(in_features, out_features, bias=layer.bias is not None)
         plain.weight = nn.Parameter(weight, requires_grad=False)
+        plain.bias = layer.bias
         setattr(parent, attr, plain)
         merged.append(f"{name}.weight")
     return merged

@@ -193,8 +193,8 @@ def trainable_parameters(net, stage, lora):
     elif lora:
         llm = [(n, p) for n, p in net.named_parameters() if n.endswith((".lora_A", ".lora_B"))]
     else:
-        llm = list(net.language_model.named_parameters(prefix="language_model")) + \
-            list(net.lm_head.named_parameters(prefix="lm_head"))
+        # named_parameters lists a shared tensor once: tied embeddings are one parameter, trained as one
+        llm = [(n, p) for n, p in net.named_parameters() if n.startswith(("language_model.", "lm_head."))]
     for _, p in projector + llm:
         p.requires_grad_(True)
     return llm, projector
