@@ -5,7 +5,7 @@
 | module | in -> out |
 | --- | --- |
 | `client.py` | messages -> a reply, through the `openai` client, with retries and back-off |
-| `instruct.py` | captions + boxes -> LLaVA instruction records (conversation / detail / complex); (image, caption) pairs -> stage-1 records |
+| `instruct.py` | captions + boxes -> instruction records (conversation, detail, complex); pairs -> stage-1 records |
 | `answering.py` | a model + questions -> LLaVA's answer JSONL, batched and resumable |
 | `llava_bench.py` | LLaVA-Bench: answers -> GPT-judged reviews -> relative scores |
 | `scienceqa.py` | ScienceQA: problems -> answers -> accuracy by the paper's columns |

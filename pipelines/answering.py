@@ -1,8 +1,10 @@
 """Run a LLaVA model over a benchmark's questions, batched and resumable, writing LLaVA's answer format.
 
-In: a loaded `llava_fast.LlavaModel`, items (question_id, prompt shown to the model, prompt recorded, image
-path or None), sampling settings. Out: one JSON line per question, appended and flushed after every batch:
-{"question_id", "prompt", "text", "answer_id", "model_id", "metadata": {}} (haotian-liu/LLaVA
+In: a function returning a `llava_fast.LlavaModel` (called only when there is something to answer, after
+every image was found, so bad input never waits for a 7B checkpoint to load), items (question_id, prompt
+shown to the model, prompt recorded, image path or None), sampling settings.
+Out: one JSON line per question, appended and flushed after every batch: {"question_id", "prompt", "text",
+"answer_id", "model_id", "metadata": {}} (haotian-liu/LLaVA
 llava/eval/model_vqa.py and model_vqa_science.py write the same fields). Questions already in the output
 are skipped, so an interrupted run continues where it stopped.
 """
@@ -32,7 +34,7 @@ def check_images(items, flag="--images"):
             raise ImageError(f"question {item.question_id!r}: image {item.image} not found (under {flag})")
 
 
-def answer_items(model, items, output, *, model_id, batch_size=8, max_new_tokens=1024, temperature=0.0,
+def answer_items(get_model, items, output, *, model_id, batch_size=8, max_new_tokens=1024, temperature=0.0,
                  template=None, log=print):
     """Answer the items not yet in `output`; returns the number answered now."""
     if batch_size < 1:
@@ -41,6 +43,9 @@ def answer_items(model, items, output, *, model_id, batch_size=8, max_new_tokens
     todo = [item for item in items if item.question_id not in done]
     check_images(todo)
     log(f"answering {len(todo)} questions ({len(items) - len(todo)} already in {output}), batch {batch_size}")
+    if not todo:
+        return 0
+    model = get_model()
     with JsonlAppender(output) as out:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]

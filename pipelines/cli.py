@@ -141,8 +141,8 @@ def eval_main(argv=None):
                                reference=args.reference, answers=args.answers, rule=args.rule, output=args.output,
                                workers=args.workers, retries=args.retries, max_tokens=args.max_tokens, log=_log)
             return 0
-        model, model_id = _load_model(args)
-        llava_bench.answer(model, questions=args.questions, images=args.images, output=args.output,
+        get_model, model_id = _model_loader(args)
+        llava_bench.answer(get_model, questions=args.questions, images=args.images, output=args.output,
                            model_id=model_id, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, template=args.template, log=_log)
         return 0
@@ -154,15 +154,15 @@ def eval_main(argv=None):
         if args.json:
             _write_json(args.json, result)
         return 0
-    model, model_id = _load_model(args)
-    scienceqa.answer(model, problems=args.problems, splits=args.splits, split=args.split, images=args.images,
+    get_model, model_id = _model_loader(args)
+    scienceqa.answer(get_model, problems=args.problems, splits=args.splits, split=args.split, images=args.images,
                      output=args.output, model_id=model_id, batch_size=args.batch_size,
                      max_new_tokens=args.max_new_tokens, template=args.template, log=_log)
     return 0
 
 
-def _load_model(args):
+def _model_loader(args):
     from llava_fast.cli import _load
     from llava_fast.pipelines.answering import model_id_of
 
-    return _load(args), model_id_of(args)
+    return (lambda: _load(args)), model_id_of(args)

@@ -50,7 +50,7 @@ def read_questions(path):
 # ------------------------------------------------------------------------------------------------------
 
 
-def answer(model, *, questions, images, output, model_id, batch_size=8, max_new_tokens=1024, temperature=0.0,
+def answer(get_model, *, questions, images, output, model_id, batch_size=8, max_new_tokens=1024, temperature=0.0,
            template=None, log=print):
     """As llava/eval/model_vqa.py: the question text, the image first ("<image>\\n" + text)."""
     items = []
@@ -58,7 +58,7 @@ def answer(model, *, questions, images, output, model_id, batch_size=8, max_new_
         if not isinstance(q.get("image"), str):
             raise InputError(f"--questions {questions} line {lineno}: no 'image'")
         items.append(Item(q["question_id"], "<image>\n" + q["text"], q["text"], os.path.join(images, q["image"])))
-    return answer_items(model, items, output, model_id=model_id, batch_size=batch_size,
+    return answer_items(get_model, items, output, model_id=model_id, batch_size=batch_size,
                         max_new_tokens=max_new_tokens, temperature=temperature, template=template, log=log)
 
 

@@ -15,7 +15,9 @@ score:  problems + split + answers -> accuracy as llava/eval/eval_science_qa.py 
         a bare letter of A-E; or starts with a letter and ". "; or has exactly one "The answer is X." match;
         else FAILED; a letter beyond the problem's choices is wrong), by the paper's columns: subject
         NAT/SOC/LAN, context TXT (has a hint) / IMG (has an image) / NO (neither), grade G1-6 / G7-12 (the
-        definitions of ScienceQA's tools/evaluate_acc.py).
+        definitions of ScienceQA's tools/evaluate_acc.py). IMG counts every problem with an image;
+        eval_science_qa.py's "IMG-Accuracy" looks for "<image>" in each answer's prompt instead, so a problem
+        left unanswered drops out of its IMG figure (the two agree when every problem has an answer).
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def cqm_prompt(problem) -> str:
     return text.replace("  ", " ").strip()
 
 
-def answer(model, *, problems, splits, split, images, output, model_id, batch_size=8, max_new_tokens=128,
+def answer(get_model, *, problems, splits, split, images, output, model_id, batch_size=8, max_new_tokens=128,
            template=None, log=print):
     items = []
     for pid, problem in load_split(problems, splits, split):
@@ -84,7 +86,7 @@ def answer(model, *, problems, splits, split, images, output, model_id, batch_si
             items.append(Item(pid, "<image>\n" + question, "<image>\n" + question, image))
         else:
             items.append(Item(pid, question, question, None))
-    return answer_items(model, items, output, model_id=model_id, batch_size=batch_size,
+    return answer_items(get_model, items, output, model_id=model_id, batch_size=batch_size,
                         max_new_tokens=max_new_tokens, temperature=0.0, template=template, log=log)
 
 
