@@ -253,7 +253,8 @@ def make_scienceqa(tmp_path, seed, n=260, drop=0.04):
         letter = "ABCDE"[p["answer"] if rng.random() < 0.6 else rng.randrange(len(p["choices"]))]
         text = rng.choice([letter, letter, f"{letter}. {p['choices'][0]}", f"The answer is {letter}.",
                            f"Answer: The answer is {letter}. Because.", f"The answer is {letter}. The answer is A.",
-                           f"({letter}) {p['choices'][0]}", letter.lower(), "E", "", f"{letter}.", "I think B"])
+                           f"({letter}) {p['choices'][0]}", letter.lower(), "E", "", f"{letter}.", "I think B",
+                           f"{letter}.{p['choices'][0]}"])
         prompt = scienceqa.cqm_prompt(p) + "\n" + scienceqa.SINGLE_PRED_PROMPT
         answers.append({"question_id": pid, "prompt": ("<image>\n" if p["image"] else "") + prompt, "text": text,
                         "answer_id": f"x{pid}", "model_id": "m", "metadata": {}})
