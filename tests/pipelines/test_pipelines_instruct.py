@@ -365,3 +365,26 @@ def test_generated_records_load_and_train_in_llava_fast_train(reference_dir, cap
                              output=str(tmp_path / "run"), batch_size=9, max_steps=1, strict=True,
                              gradient_checkpointing=False, log_every=1000))
     assert not result.skipped and len(result.losses) == 1 and np.isfinite(result.losses[0][1])
+
+
+def test_a_prompts_directory_of_ones_own_is_used(caps_boxes, caps_rows, tmp_path, cli):
+    import shutil
+
+    prompts = tmp_path / "prompts"
+    shutil.copytree(instruct.PROMPTS_DIR, prompts)
+    (prompts / "detail_description" / "system_message.txt").write_text("Describe scenes for a museum audio guide.")
+    os.remove(prompts / "detail_description" / "002_caps.txt")
+    os.remove(prompts / "detail_description" / "002_conv.txt")
+    args = ["make-data", "instruct", "--type", "detail", "--captions-boxes", caps_boxes, "--model", "m",
+            "--limit", 1, *FAST]
+    with OpenAIStub(lambda body, n: "A room.") as stub:
+        code, _, err = cli(*args, "--endpoint", stub.url, "--prompts", prompts, "--output", tmp_path / "a.json")
+        assert code == 0, err
+        messages = stub.requests[0]["body"]["messages"]
+        assert messages[0]["content"] == "Describe scenes for a museum audio guide." and len(messages) == 6
+        os.remove(prompts / "detail_description" / "001_conv.txt")
+        code, _, err = cli(*args, "--endpoint", stub.url, "--prompts", prompts, "--output", tmp_path / "b.json")
+        assert code == 2 and "001_caps.txt has no matching 001_conv.txt" in err
+        code, _, err = cli(*args, "--endpoint", stub.url, "--prompts", tmp_path, "--output", tmp_path / "c.json")
+        assert code == 2 and "no detail_description/system_message.txt" in err
+        assert len(stub.requests) == 1
