@@ -161,10 +161,14 @@ def review(client, *, questions, context, reference, answers, rule, output, work
         return dict(record, content=reply.text, tuple=scores)
 
     failed = 0
-    with JsonlAppender(output) as out, ThreadPoolExecutor(max_workers=workers) as pool:
-        for result in pool.map(judge, todo):  # in question order; an EndpointError stops here, earlier kept
-            out.write(result)
-            failed += result["tuple"] is None
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        with JsonlAppender(output) as out:
+            for result in pool.map(judge, todo):  # in question order; an EndpointError stops here, earlier kept
+                out.write(result)
+                failed += result["tuple"] is None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # after an error, the queued questions are not sent
     log(f"review: {len(todo)} reviews -> {output}" + (f"; {failed} without two scores after {retries} retries "
                                                       "(recorded with tuple null)" if failed else ""))
     return {"reviewed": len(todo), "failed": failed, "skipped": len(jobs) - len(todo)}

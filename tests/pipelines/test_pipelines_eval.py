@@ -201,6 +201,24 @@ def test_unparsable_judge_replies_are_asked_again_then_recorded_as_null(bench, o
         assert cli(*args, "--endpoint", stub.url)[0] == 0 and stub.requests == []
 
 
+def test_review_stops_at_a_dead_endpoint_keeps_its_reviews_and_resumes(bench, our_answers, tmp_path, cli):
+    questions = write_lines(tmp_path / "q.jsonl", lines(bench["questions"])[:20])
+    args = ["eval", "llava-bench", "review", "--questions", questions, "--context", bench["caps"], "--reference",
+            bench["reference"], "--answers", our_answers, "--rule", bench["rule"], "--model", "judge", "--output",
+            tmp_path / "reviews.jsonl", "--workers", 2, "--http-retries", 1, "--backoff", "0.01"]
+    with OpenAIStub(lambda body, n: "6 7\nfine" if n < 5 else 502) as stub:
+        code, _, err = cli(*args, "--endpoint", stub.url)
+        assert code == 2 and "HTTP 502" in err
+        assert len(stub.requests) <= 5 + 5 * 2  # queued questions are not sent (all of them: 5 + 15 x 2)
+    kept = lines(tmp_path / "reviews.jsonl")
+    assert 3 <= len(kept) <= 5 and [r["question_id"] for r in kept] == list(range(len(kept)))
+    with OpenAIStub(lambda body, n: "6 7\nfine") as stub:
+        assert cli(*args, "--endpoint", stub.url)[0] == 0
+        assert len(stub.requests) == 20 - len(kept)
+    reviews = lines(tmp_path / "reviews.jsonl")
+    assert reviews[: len(kept)] == kept and [r["question_id"] for r in reviews] == list(range(20))
+
+
 def test_review_bad_input_is_exit_2_before_any_request_and_keeps_the_output(bench, our_answers, tmp_path, cli):
     out = tmp_path / "reviews.jsonl"
     out.write_text('{"question_id": 99, "tuple": [1, 2]}\n')
