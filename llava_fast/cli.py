@@ -1,4 +1,4 @@
-"""`llava-fast`: generate, chat, train, bench, make-data, eval.
+"""`llava-fast`: generate, chat, train, bench.
 
 Bad input exits with code 2 and one line on stderr, never a traceback.
 """
@@ -105,10 +105,10 @@ def build_parser():
     return parser
 
 
-# Subcommands whose parsers live with their code (train/, bench/, pipelines/): llava-fast <name> ... ->
-# module.function(argv).
+# Subcommands whose parsers live with their code (train/, bench/): llava-fast <name> ... -> module.function(argv).
 DELEGATED = {"train": "llava_fast.train.cli:main", "merge-lora": "llava_fast.train.cli:merge_lora_main",
              "bench": "llava_fast.bench.cli:main",
+             # the paper's data and evaluation pipelines (pipelines/)
              "make-data": "llava_fast.pipelines.cli:make_data_main", "eval": "llava_fast.pipelines.cli:eval_main"}
 
 
