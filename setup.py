@@ -91,10 +91,10 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.45", "openai>=1.0"],
+        "test": ["pytest", "pytest-benchmark", "transformers>=4.45", "openai>=1.40"],
         "bench": ["pytest-benchmark", "nvidia-ml-py", "matplotlib"],
         "hub": ["huggingface_hub"],
-        "pipelines": ["openai>=1.0"],  # make-data, eval: any OpenAI-compatible endpoint
+        "pipelines": ["openai>=1.40"],  # make-data, eval: any OpenAI-compatible endpoint
     },
     entry_points={"console_scripts": ["llava-fast=llava_fast.cli:main"]},
     ext_modules=[CMakeExtension("llava_fast._C")],
