@@ -1,4 +1,4 @@
-"""Install llava-fast. `kernels/`, `train/` and `bench/` install as subpackages of `llava_fast` (there is an
+"""Install llava-fast. `kernels/`, `train/`, `bench/` and `pipelines/` install as subpackages of `llava_fast` (there is an
 unrelated PyPI package named `kernels`; we never shadow it). The native extension `llava_fast._C` is built
 from `csrc/` by CMake when a C++ toolchain is present; without one the install still succeeds and the
 Python paths are used."""
@@ -72,14 +72,16 @@ setup(
     version="0.1.0",
     description="A performance-first engine for LLaVA: fast generate(), Triton kernels, a small trainer.",
     python_requires=">=3.10",
-    packages=["llava_fast", "llava_fast.kernels", "llava_fast.train", "llava_fast.bench"],
+    packages=["llava_fast", "llava_fast.kernels", "llava_fast.train", "llava_fast.bench", "llava_fast.pipelines"],
     package_dir={
         "llava_fast": "llava_fast",
         "llava_fast.kernels": "kernels",
         "llava_fast.train": "train",
         "llava_fast.bench": "bench",
+        "llava_fast.pipelines": "pipelines",
     },
-    package_data={"llava_fast": ["assets/*", "assets/tokenizer/*"]},
+    package_data={"llava_fast": ["assets/*", "assets/tokenizer/*"],
+                  "llava_fast.pipelines": ["prompts/*.md", "prompts/*/*.txt"]},
     install_requires=[
         # The oldest versions tested: the GPU device image's (torch 2.11, triton 3.6; CI runs the kernel tests and
         # the sm_90 compile check under triton 3.6 too). Triton 3.6's CPU interpreter needs numpy<2.4 (see
@@ -94,9 +96,11 @@ setup(
         "triton>=3.6; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.45", "accelerate"],  # accelerate: transformers' GGUF loading
+        # accelerate: transformers' GGUF loading (the oracle); openai: the pipelines' and server's test client
+        "test": ["pytest", "pytest-benchmark", "transformers>=4.45", "accelerate", "openai>=1.40"],
         "bench": ["pytest-benchmark", "nvidia-ml-py", "matplotlib"],
         "hub": ["huggingface_hub"],
+        "pipelines": ["openai>=1.40"],  # make-data, eval: any OpenAI-compatible endpoint
     },
     entry_points={"console_scripts": ["llava-fast=llava_fast.cli:main"]},
     ext_modules=[CMakeExtension("llava_fast._C")],

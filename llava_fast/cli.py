@@ -116,7 +116,9 @@ def build_parser():
 
 # Subcommands whose parsers live with their code (train/, bench/): llava-fast <name> ... -> module.function(argv).
 DELEGATED = {"train": "llava_fast.train.cli:main", "merge-lora": "llava_fast.train.cli:merge_lora_main",
-             "bench": "llava_fast.bench.cli:main"}
+             "bench": "llava_fast.bench.cli:main",
+             # the paper's data and evaluation pipelines (pipelines/)
+             "make-data": "llava_fast.pipelines.cli:make_data_main", "eval": "llava_fast.pipelines.cli:eval_main"}
 
 
 def main(argv=None):
