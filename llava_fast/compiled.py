@@ -28,7 +28,8 @@ import torch
 from llava_fast.generate import decode_step, prefill_logits
 
 _COMPILED = {}  # "decode" / "prefill" -> the torch.compile'd function, shared by every model of the process
-_SEEN = set()  # signatures whose graph is already compiled in this process
+_SEEN = set()  # signatures whose graph is already compiled in this process (dynamo reuses a graph for
+# another net of the same shapes: the parameters are graph inputs)
 
 
 def _compiled(kind):
@@ -47,7 +48,7 @@ class CompiledSteps:
     def _call(self, kind, signature, *args):
         from llava_fast import ops
 
-        key = (kind, ops.BACKEND, *signature)
+        key = (kind, ops.BACKEND, repr(args[0].cfg.text), *signature)  # args[0]: the net (its shapes)
         if key in _SEEN:
             return _compiled(kind)(*args)
         start = time.perf_counter()

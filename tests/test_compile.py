@@ -3,8 +3,8 @@ checkpoints (every layout, both variants; tests/test_parity.py holds eager == tr
 
 Greedy ids must be identical: batched rows of different lengths (eager padded prefill, compiled decode at
 batch 3) and single rows (compiled prefill with a dynamic length, compiled decode at batch 1). Inductor on
-2 CPU cores takes tens of seconds per graph, so the graphs are compiled once per variant and reused across
-the layouts (same shapes), and the variants share the single-row graphs' cost only where they must.
+2 CPU cores takes tens of seconds per graph (minutes on a loaded host: ~15 min for this file at load 15), so
+this file is marked slow.
 """
 
 import pytest
@@ -34,11 +34,8 @@ def test_compiled_greedy_equals_eager_on_every_parity_checkpoint(tmp_path_factor
         model.compiled = compiled
         assert model.generate_ids(rows, pixels, max_new_tokens=NEW_TOKENS, eos_token_id=None) == eager_batched
         assert model.generate_ids(rows[1:2], None, max_new_tokens=NEW_TOKENS, eos_token_id=None) == eager_single
-        if layout == LAYOUTS[0]:
-            first_compile_s = compiled.compile_s
-            assert first_compile_s > 0
-    # Later layouts (same shapes) reused the graphs: compile time was paid once, and a new call pays none.
-    assert compiled.compile_s == first_compile_s
+        assert compiled.compile_s > 0
+    # The graphs are cached in the process: a new call pays no compile time.
     model.generate_ids(rows[1:2], None, max_new_tokens=NEW_TOKENS, eos_token_id=None)
     assert model.last_stats["compile_s"] == 0.0
 
