@@ -91,7 +91,8 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.45", "accelerate"],  # accelerate: transformers' GGUF loading
+        "test": ["pytest", "pytest-benchmark", "transformers>=4.45", "accelerate", "sentencepiece"],  # GGUF tests: transformers' GGUF
+        # loading needs accelerate, llama.cpp's convert_hf_to_gguf.py imports sentencepiece
         "bench": ["pytest-benchmark", "nvidia-ml-py", "matplotlib"],
         "hub": ["huggingface_hub"],
     },

@@ -89,19 +89,20 @@ class GGUFFile:
             raise CheckpointError(f"{path}: file not found")
         try:
             self.reader = gguf.GGUFReader(path, "r")
-            self.meta = {name: field.contents() for name, field in self.reader.fields.items()}
         except Exception as e:  # the reader raises ValueError, IndexError, struct or numpy errors on bad bytes
             raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); "
                                   "is it truncated or corrupt?") from None
         self.tensors = {t.name: t for t in self.reader.tensors}
 
     def get(self, key, default=None):
-        return self.meta.get(key, default)
+        """A metadata value as Python (str, int, float, bool, list), converted when first asked for."""
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
 
     def require(self, key):
-        if key not in self.meta:
+        if key not in self.reader.fields:
             raise CheckpointError(f"{self.path}: metadata key {key!r} is missing")
-        return self.meta[key]
+        return self.get(key)
 
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor dequantized to float32 (F16/BF16 widened), in PyTorch's dimension order."""
