@@ -18,6 +18,7 @@ def _add_model_args(p):
     p.add_argument("--preset", default="tiny", help="built-in random-weight model when --model is not given "
                    "(tiny, llava-1.5-7b, llava-1.5-13b, llava-v1-7b)")
     p.add_argument("--vision-tower", help="CLIP directory of an original-LLaVA checkpoint")
+    p.add_argument("--mmproj", help="llama.cpp mmproj GGUF (CLIP tower + projector) for a --model .gguf text model")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
 
@@ -42,7 +43,8 @@ def _load(args):
         print(f"llava-fast: {pypi_models.KNOWN[args.model].note}", file=sys.stderr)
         return llava_fast.load(path, device=args.device, dtype=args.dtype)
     if args.model:
-        return llava_fast.load(args.model, device=args.device, dtype=args.dtype, vision_tower=args.vision_tower)
+        return llava_fast.load(args.model, device=args.device, dtype=args.dtype, vision_tower=args.vision_tower,
+                               mmproj=args.mmproj)
     print(f"llava-fast: no --model given: using the built-in '{args.preset}' preset with RANDOM weights; "
           "its text is noise, its speed is real", file=sys.stderr)
     return random_model(args.preset, device=args.device, dtype=args.dtype)
