@@ -289,7 +289,8 @@ class LlavaModel:
 
     def _stop_strings(self, stop, template):
         # A checkpoint's own template ends replies with its EOS ids alone; the named ones also by a string.
-        tpl_stops = () if self.chat_template(template) else get_template(template or self.config.template).stop_strings
+        named = None if self.chat_template(template) else get_template(template or self.config.template)
+        tpl_stops = named.stop_strings if named else ()
         user = [stop] if isinstance(stop, str) else list(stop or [])
         return [s for s in dict.fromkeys(user + list(tpl_stops)) if s]
 

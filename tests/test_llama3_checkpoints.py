@@ -142,3 +142,17 @@ def test_llama3_config_fields_are_read():
                                "num_attention_heads": 32, "tie_word_embeddings": True})
     assert (t.rope_theta, t.rope_scaling["rope_type"], t.rope_scaling["factor"]) == (500000.0, "llama3", 32.0)
     assert (t.eos_token_id, t.head_dim, t.tie_word_embeddings) == (128001, 64, True)
+
+
+def test_tied_checkpoint_that_also_stores_lm_head_loads_tied(checkpoints, tmp_path):
+    """The hub layout writes language_model.lm_head.weight even when tied; transformers ties it to
+    embed_tokens on load, and so does llava-fast (one tensor, logits equal)."""
+    _, hf, _, _ = checkpoints("tied")
+    path = ck.write_checkpoint(hf, str(tmp_path), "hub")
+    model = llava_fast.load(path, device=DEVICE, dtype="float32")
+    net = model.net
+    assert net.lm_head.weight.data_ptr() == net.language_model.embed_tokens.weight.data_ptr()
+    row = _row(model, 30)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor([row])).logits
+    torch.testing.assert_close(model.logits([row]).cpu(), ref, atol=1e-4, rtol=0)

@@ -75,3 +75,27 @@ def test_cli_answers_with_smollm2(smollm2_gguf):
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "untrained" in r.stderr and "fetching" not in r.stderr
+
+
+def test_smollm2_real_vocabulary_streams_utf8_safely(smollm2_gguf):
+    """The streaming decoder on a real 49,152-token byte-level BPE (SmolLM2's, read from the GGUF): every
+    LLaVA-Bench question and answer plus CJK and emoji, pieces join to the full decode and never hold U+FFFD."""
+    if importlib.util.find_spec("llava_fast.gguf") is None:
+        pytest.skip("the GGUF loader (llava_fast/gguf.py, issue 15's GGUF half) is not in this build")
+    import json
+
+    import checkpoints as ck
+    from llava_fast.gguf import GGUFFile, tokenizer_from_gguf
+
+    tok = tokenizer_from_gguf(GGUFFile(smollm2_gguf[0]))
+    assert tok.vocab_size == 49152 and tok.eos_token_ids[0] == 2 and not tok.add_bos_token
+    texts = ["你好，世界！这是一个测试。龘𠮷", "Emoji 😀🎉👍🏽 and flags 🇯🇵", "Crème brûlée, Ångström"]
+    for name in ("qa90_questions.jsonl", "qa90_gpt4_answer.jsonl"):
+        with open(os.path.join(ck.REFERENCE, "llava_bench_coco", name), encoding="utf-8") as f:
+            texts += [json.loads(line)["text"] for line in f]
+    for text in texts:
+        ids = tok.encode(text)
+        decoder = tok.stream_decoder()
+        pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+        assert "".join(pieces) == tok.decode(ids) == text, text
+        assert not any("\ufffd" in p for p in pieces), text

@@ -93,7 +93,8 @@ def _load_tensors(net, sources, device, allow_missing=()):
     for path, rules in sources:
         for key, tensor in iter_tensors(path):
             name = rename_key(key, rules)
-            if is_skipped_weight(name, net.cfg.num_vision_layers_run) or (name == "lm_head.weight" and name not in expected):
+            tied_head = name == "lm_head.weight" and name not in expected  # ignored, as transformers ties it
+            if is_skipped_weight(name, net.cfg.num_vision_layers_run) or tied_head:
                 continue
             if name not in expected:
                 unexpected.append(key)
