@@ -66,6 +66,7 @@ def test_loads_text_only_with_tied_embeddings_and_metadata(smollm2):
     assert prompt == list(want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want)
 
 
+@pytest.mark.slow
 def test_logits_and_64_greedy_tokens_equal_transformers(smollm2):
     model, hf, _ = smollm2
     ids = model.encode_prompt("Write a short story about a robot who learns to paint.")
@@ -78,6 +79,7 @@ def test_logits_and_64_greedy_tokens_equal_transformers(smollm2):
     assert got == ref and len(got) == 64  # the story outlasts 64 tokens: no EOS on either side
 
 
+@pytest.mark.slow
 def test_fp16_triton_within_the_flash_attention_rule(smollm2, smollm2_path):
     """float16 on the Triton kernels (the interpreter on a CPU) against the float32 logits, allowed 2x the
     error of the plain-PyTorch float16 path; 12 tokens, because the interpreter is slow."""
@@ -104,6 +106,7 @@ def test_answers_through_its_chat_template(smollm2):
     assert "".join(model.stream(QUESTION, max_new_tokens=24)) == reply
 
 
+@pytest.mark.slow
 def test_chat_keeps_the_kv_cache_across_turns(smollm2):
     model = smollm2[0]
     chat = model.chat(max_new_tokens=16)
@@ -141,6 +144,7 @@ def smollm2_llava(smollm2):
     return llava
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["hub", "save_pretrained", "original"])
 def test_smollm2_inside_a_llava_checkpoint(smollm2, smollm2_llava, tmp_path, layout):
     model, _, hf_tokenizer = smollm2
