@@ -96,8 +96,9 @@ setup(
         "triton>=3.6; platform_system == 'Linux'",
     ],
     extras_require={
-        # accelerate: transformers' GGUF loading (the oracle); openai: the pipelines' and server's test client
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.45", "accelerate", "openai>=1.40"],
+        # accelerate: transformers' GGUF loading (the oracle); sentencepiece: llama.cpp's convert_hf_to_gguf.py
+        # imports it; openai: the pipelines' and server's test client
+        "test": ["pytest", "pytest-benchmark", "transformers>=4.45", "accelerate", "sentencepiece", "openai>=1.40"],
         "bench": ["pytest-benchmark", "nvidia-ml-py", "matplotlib"],
         "hub": ["huggingface_hub"],
         "pipelines": ["openai>=1.40"],  # make-data, eval: any OpenAI-compatible endpoint

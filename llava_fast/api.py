@@ -70,6 +70,8 @@ def load(path, *, device=None, dtype=None, vision_tower=None, mmproj=None, compi
     if path.endswith(".gguf"):
         from llava_fast.gguf import read_gguf
 
+        if vision_tower is not None:
+            raise InputError("vision_tower= is for original-LLaVA checkpoints; a GGUF's CLIP tower comes in mmproj=")
         device, dtype = resolve_device_dtype(device, dtype)
         net, tokenizer, processor = read_gguf(path, mmproj, device=device, dtype=dtype)
         return LlavaModel(net.fuse_projections(), tokenizer, processor, compile=compile)

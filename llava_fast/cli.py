@@ -18,6 +18,7 @@ def _add_model_args(p):
     p.add_argument("--preset", default="tiny", help="built-in random-weight model when --model is not given "
                    "(tiny, llava-1.5-7b, llava-1.5-13b, llava-v1-7b)")
     p.add_argument("--vision-tower", help="CLIP directory of an original-LLaVA checkpoint")
+    p.add_argument("--mmproj", help="llama.cpp mmproj GGUF (CLIP tower + projector) for a --model .gguf text model")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step and prefill (faster "
@@ -45,7 +46,7 @@ def _load(args):
         return llava_fast.load(path, device=args.device, dtype=args.dtype)
     if args.model:
         return llava_fast.load(args.model, device=args.device, dtype=args.dtype, vision_tower=args.vision_tower,
-                               compile=args.compile)
+                               mmproj=args.mmproj, compile=args.compile)
     print(f"llava-fast: no --model given: using the built-in '{args.preset}' preset with RANDOM weights; "
           "its text is noise, its speed is real", file=sys.stderr)
     return random_model(args.preset, device=args.device, dtype=args.dtype, compile=args.compile)

@@ -1,0 +1,126 @@
+"""llama.cpp's own GGUF converters, fetched once from PyPI (the llama-cpp-python sdist vendors the llama.cpp
+sources) and run on checkpoints the tests write, so the GGUF loader is checked against files llama.cpp makes,
+not against a writer of ours.
+
+- text model: convert_hf_to_gguf.py on a llava-hf save_pretrained directory (it registers
+  LlavaForConditionalGeneration and converts the LLaMA half), --outtype f32 / f16 / q8_0;
+- image encoder: the LLaVA-1.5 recipe of docs/multimodal/llava.md: tools/mtmd/legacy-models/llava_surgery.py
+  on the original-layout checkpoint (-> llava.projector), then convert_image_encoder_to_gguf.py on a CLIPModel
+  directory plus that projector (-> mmproj-model-f16.gguf).
+
+The converters run in subprocesses with the sdist's own gguf-py first on the path (its writer, not the `gguf`
+the loader reads with). Cache: $LLAVA_FAST_TEST_CACHE or ~/.cache/llava-fast-tests (76 MB sdist, ~20 MB
+unpacked).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+import pytest
+import torch
+
+from test_pypi_models import TEST_CACHE, _registry_reachable
+
+VERSION = "0.3.36"
+_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "tools/mtmd/legacy-models/")
+
+
+def sources() -> str:
+    """The vendored llama.cpp directory (converters + gguf-py), fetched and unpacked once."""
+    root = os.path.join(TEST_CACHE, f"llama.cpp-{VERSION}")
+    if os.path.isfile(os.path.join(root, ".complete")):
+        return root
+    os.makedirs(TEST_CACHE, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=TEST_CACHE) as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                   "--disable-pip-version-check", "--quiet", "--dest", tmp, f"llama-cpp-python=={VERSION}"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        archives = glob.glob(os.path.join(tmp, "llama_cpp_python-*.tar.gz"))
+        if not archives:  # pip may fail preparing metadata after the download; the archive is what we need
+            if not _registry_reachable():
+                pytest.skip("the package registry is unreachable: cannot fetch llama.cpp's converters")
+            raise RuntimeError(f"pip download llama-cpp-python=={VERSION} failed: {done.stderr[-2000:]}")
+        prefix = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/"
+        unpacked = os.path.join(tmp, "llama.cpp")
+        with tarfile.open(archives[0]) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)
+                       and m.name[len(prefix):].startswith(_MEMBERS) and (m.isfile() or m.isdir())]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tar.extractall(unpacked, members=members, filter="data")
+        open(os.path.join(unpacked, ".complete"), "w").close()
+        if not os.path.exists(root):  # another process may have won the race; its copy is as good
+            os.replace(unpacked, root)
+    return root
+
+
+def _run(script, *args):
+    root = sources()
+    env = {**os.environ, "PYTHONPATH": os.path.join(root, "gguf-py")}
+    env.pop("NO_LOCAL_GGUF", None)
+    done = subprocess.run([sys.executable, os.path.join(root, script), *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"{script} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+
+
+def convert_text(hf_dir, outtype, out_path):
+    """convert_hf_to_gguf.py on a llava-hf / LLaMA directory -> out_path."""
+    _run("convert_hf_to_gguf.py", hf_dir, "--outtype", outtype, "--outfile", out_path)
+    return out_path
+
+
+def convert_mmproj(model, original_dir, out_dir):
+    """The LLaVA-1.5 image-encoder recipe: llava_surgery.py on the original-layout checkpoint (single .bin),
+    a CLIPModel directory holding `model`'s tower (transformers LlavaForConditionalGeneration), then
+    convert_image_encoder_to_gguf.py. Returns the mmproj path (f16, as llama.cpp releases them)."""
+    _run("tools/mtmd/legacy-models/llava_surgery.py", "-m", original_dir)
+    clip_dir = os.path.join(out_dir, "clip-full")
+    write_clip_model(model, clip_dir)
+    _run("tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py", "-m", clip_dir, "--llava-projector",
+         os.path.join(original_dir, "llava.projector"), "--output-dir", out_dir)
+    return os.path.join(out_dir, "mmproj-model-f16.gguf")
+
+
+def write_clip_model(model, dst):
+    """A full CLIPModel checkpoint (what the converter reads without --clip-model-is-vision, whose
+    CLIPVisionModel path needs transformers 4.x) with `model`'s vision tower, a one-layer random text tower,
+    and a CLIPProcessor with an 8-token vocabulary."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    vc = model.config.vision_config
+    cfg = CLIPConfig(vision_config=vc.to_dict(), projection_dim=16, text_config=dict(
+        hidden_size=32, intermediate_size=72, num_hidden_layers=1, num_attention_heads=4, vocab_size=8,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    clip = CLIPModel(cfg)
+    tower = {k.split("vision_tower.", 1)[1].removeprefix("vision_model."): v
+             for k, v in model.state_dict().items() if "vision_tower." in k}
+    clip.vision_model.load_state_dict(tower, strict=True)
+    os.makedirs(dst, exist_ok=True)
+    clip.save_pretrained(dst)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "b</w>": 3, "a": 4, "b": 5, "ab</w>": 6, "c</w>": 7}
+    with open(os.path.join(dst, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(dst, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\na b</w>\n")
+    size = vc.image_size
+    CLIPProcessor(image_processor=CLIPImageProcessor(crop_size={"height": size, "width": size},
+                                                     size={"shortest_edge": size}),
+                  tokenizer=CLIPTokenizer(os.path.join(dst, "vocab.json"), os.path.join(dst, "merges.txt"))
+                  ).save_pretrained(dst)
+
+
+def round_to_fp16(model):
+    """Make every weight exactly representable in float16, so the F16 tensors llama.cpp's converters write
+    (all of an F16 file; the mmproj's patch conv and projector always) lose nothing."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    return model
