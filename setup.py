@@ -79,7 +79,7 @@ setup(
         "llava_fast.train": "train",
         "llava_fast.bench": "bench",
     },
-    package_data={"llava_fast": ["assets/*", "assets/tokenizer/*"]},
+    package_data={"llava_fast": ["assets/*", "assets/tokenizer/*"], "llava_fast.bench": ["data/*"]},
     install_requires=[
         "torch>=2.4",
         "safetensors>=0.4",
@@ -89,7 +89,8 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.45"],
+        "test": ["pytest", "pytest-benchmark", "transformers>=4.45", "torchao>=0.12", "gguf>=0.10"],
+        "quant": ["torchao>=0.12"],
         "bench": ["pytest-benchmark", "nvidia-ml-py", "matplotlib"],
         "hub": ["huggingface_hub"],
     },

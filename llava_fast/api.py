@@ -20,6 +20,7 @@ from llava_fast.generate import Decoder, Sampling, batch_bucket, generate_token_
 from llava_fast.image import ImageProcessor
 from llava_fast.loading import load_weights, read_config
 from llava_fast.model import LlavaForCausalLM
+from llava_fast.quantize import parse_scheme, prepare_for_inference
 from llava_fast.tokenizer import Tokenizer
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -54,18 +55,21 @@ def _local_dir(path):
     return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin", "tokenizer.model"])
 
 
-def load(path, *, device=None, dtype=None, vision_tower=None) -> LlavaModel:
+def load(path, *, device=None, dtype=None, vision_tower=None, quantize=None) -> LlavaModel:
     """Load a LLaVA checkpoint: llava-hf (hub or save_pretrained) or the original LLaVA repo's layout.
 
     device: "cuda"/"cpu"/torch.device (default cuda when available); dtype: torch dtype or its name
     (default bfloat16 on GPU, float32 on CPU); vision_tower: the local CLIP directory of an original-layout
-    checkpoint (default: its mm_vision_tower, when that is a local directory).
+    checkpoint (default: its mm_vision_tower, when that is a local directory); quantize: None, "int8wo" or
+    "int4wo-<group>": the language model's linear layers weight-only quantized (llava_fast/quantize.py).
     """
     path = _local_dir(os.fspath(path))
     device, dtype = resolve_device_dtype(device, dtype)
+    if quantize is not None:
+        parse_scheme(quantize)  # a bad scheme fails before the weights are read
     cfg, sources = read_config(path, None if vision_tower is None else os.fspath(vision_tower))
     tokenizer = Tokenizer.from_dir(path)  # before the weights: a missing tokenizer fails fast
-    net = load_weights(cfg, sources, device, dtype)
+    net = prepare_for_inference(load_weights(cfg, sources, device, dtype), quantize)
     processor_dir = path if os.path.isfile(os.path.join(path, "preprocessor_config.json")) else (
         os.path.dirname(sources[0][0]) if cfg.layout == "original" else None)
     pad = cfg.image_aspect_ratio == "pad"
@@ -101,11 +105,11 @@ class LlavaModel:
 
     @property
     def device(self):
-        return self.net.lm_head.weight.device
+        return self.net.language_model.embed_tokens.weight.device  # never quantized, unlike lm_head
 
     @property
     def dtype(self):
-        return self.net.lm_head.weight.dtype
+        return self.net.language_model.embed_tokens.weight.dtype
 
     @property
     def context_length(self) -> int:

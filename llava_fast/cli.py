@@ -19,6 +19,8 @@ def _add_model_args(p):
     p.add_argument("--vision-tower", help="CLIP directory of an original-LLaVA checkpoint")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--quantize", help="weight-only quantization of the language model: int8wo or "
+                   "int4wo-<group> (32, 64, 128, 256); needs torchao")
 
 
 def _add_sampling_args(p):
@@ -36,10 +38,11 @@ def _load(args):
     from llava_fast.presets import random_model
 
     if args.model:
-        return llava_fast.load(args.model, device=args.device, dtype=args.dtype, vision_tower=args.vision_tower)
+        return llava_fast.load(args.model, device=args.device, dtype=args.dtype, vision_tower=args.vision_tower,
+                               quantize=args.quantize)
     print(f"llava-fast: no --model given: using the built-in '{args.preset}' preset with RANDOM weights; "
           "its text is noise, its speed is real", file=sys.stderr)
-    return random_model(args.preset, device=args.device, dtype=args.dtype)
+    return random_model(args.preset, device=args.device, dtype=args.dtype, quantize=args.quantize)
 
 
 def _sampling(args):

@@ -73,7 +73,7 @@ class Decoder:
 
     def __init__(self, net: LlavaForCausalLM, batch_size: int, max_tokens: int, cuda_graph: bool = False):
         self.net = net
-        weight = net.lm_head.weight
+        weight = net.language_model.embed_tokens.weight  # the compute dtype even when lm_head is quantized
         self.device, self.dtype = weight.device, weight.dtype
         self.batch_size = batch_size
         self.cache = KVCache(net.cfg.text, batch_size, max_tokens, self.device, self.dtype)

@@ -59,18 +59,23 @@ def random_init_(net, seed=0):
     return net
 
 
-def random_model(name="tiny", *, device=None, dtype=None, seed=0):
-    """A LlavaModel with the preset's shapes, random weights, the bundled tokenizer and CLIP preprocessing."""
+def random_model(name="tiny", *, device=None, dtype=None, seed=0, quantize=None):
+    """A LlavaModel with the preset's shapes, random weights, the bundled tokenizer and CLIP preprocessing;
+    quantize: as load()'s."""
     from llava_fast.api import LlavaModel, resolve_device_dtype
     from llava_fast.image import ImageProcessor
     from llava_fast.model import LlavaForCausalLM
+    from llava_fast.quantize import parse_scheme, prepare_for_inference
     from llava_fast.tokenizer import Tokenizer
 
     cfg = preset_config(name)
+    if quantize is not None:
+        parse_scheme(quantize)
     device, dtype = resolve_device_dtype(device, dtype)
     with torch.device("meta"):
         net = LlavaForCausalLM(cfg)
     net = random_init_(net.to_empty(device=device).to(dtype), seed)
     net.requires_grad_(False).eval().init_rope(device)
+    net = prepare_for_inference(net, quantize)
     processor = ImageProcessor.clip(image_size=cfg.vision.image_size, pad=cfg.image_aspect_ratio == "pad")
     return LlavaModel(net, Tokenizer.from_dir(BUNDLED_TOKENIZER), processor)
