@@ -270,63 +270,82 @@ std::atomic<RowsFn> g_rows{cpu_has_avx512() ? rows_avx512 : rows_scalar};
 
 // ------------------------------------------------------------------------------------------------------
 // Threads: a pool kept between calls. A decode step makes ~200 calls a few microseconds apart, so waking a
-// sleeping thread each time (~5-50 us on a busy host) would cost as much as the call; workers spin for
-// ~100 us after each call and only then sleep on a condition variable.
+// sleeping thread each time (~5-50 us) would cost as much as the call: workers spin ~100 us after each
+// call (yielding the core now and then), then sleep on a condition variable. Work is split into chunks that
+// every thread claims from one counter, the caller included: on a host with more runnable threads than
+// cores a worker may not be scheduled for milliseconds, and then the caller does its share instead of
+// waiting for it (with a fixed split, one descheduled worker stalled a whole decode step: 10 s per token
+// measured on the 2-core host shared with other jobs).
 // ------------------------------------------------------------------------------------------------------
 
 class Pool {
  public:
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
-      generation_.fetch_add(1);
+  // Runs task(c) for each chunk c in [0, chunks) on up to `threads` threads, the caller among them.
+  void run(int threads, int chunks, const std::function<void(int)>& task) {
+    if (threads <= 1 || chunks <= 1) {
+      for (int c = 0; c < chunks; ++c) task(c);
+      return;
     }
-    wake_.notify_all();
-    for (auto& t : workers_) t.join();
-  }
-
-  // Runs task(i) for i in [0, n): index 0 on the calling thread, the others on workers.
-  void run(int n, const std::function<void(int)>& task) {
-    if (n <= 1) return task(0);
     std::lock_guard<std::mutex> serial(run_mutex_);  // one call at a time (callers may be several threads)
-    while (int(workers_.size()) < n - 1) {
-      const int index = int(workers_.size()) + 1;
-      // The generation the worker has "seen" is read here, not in the thread: a thread that starts late
+    while (int(workers_.size()) < threads - 1) {
+      // The generation a worker has "seen" is read here, not in the thread: a thread that starts late
       // would otherwise read the incremented value below and sleep through its first task.
       const uint64_t start = generation_.load(std::memory_order_acquire);
-      workers_.emplace_back([this, index, start] { work(index, start); });
+      workers_.emplace_back([this, start] { work(start); });
     }
     task_ = &task;
-    active_ = n;
-    pending_.store(n - 1, std::memory_order_relaxed);
+    chunks_ = chunks;
+    done_.store(0, std::memory_order_relaxed);
+    uint64_t gen;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      generation_.fetch_add(1, std::memory_order_release);
+      gen = generation_.load(std::memory_order_relaxed) + 1;
+      ticket_.store(gen << 32, std::memory_order_release);
+      generation_.store(gen, std::memory_order_release);
     }
-    wake_.notify_all();
-    task(0);
-    while (pending_.load(std::memory_order_acquire) != 0) _mm_pause();
+    if (sleepers_.load(std::memory_order_acquire) > 0) wake_.notify_all();
+    while (claim_and_run(gen)) {
+    }
+    for (int spins = 0; done_.load(std::memory_order_acquire) != chunks; ++spins) {
+      if (spins % 64 == 63) std::this_thread::yield();  // a claimed chunk's thread may be off its core
+      _mm_pause();
+    }
   }
 
  private:
-  void work(int index, uint64_t seen) {
+  // Claims the next chunk of call `gen` and runs it; false when that call has no chunk left.
+  bool claim_and_run(uint64_t gen) {
+    uint64_t t = ticket_.load(std::memory_order_acquire);
     for (;;) {
-      auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(100);
+      if ((t >> 32) != gen || int(t & 0xffffffffu) >= chunks_) return false;
+      if (ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) {
+        (*task_)(int(t & 0xffffffffu));
+        done_.fetch_add(1, std::memory_order_acq_rel);
+        return true;
+      }
+    }
+  }
+
+  void work(uint64_t seen) {
+    for (;;) {
+      const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(100);
       uint64_t now;
       int polls = 0;
       while ((now = generation_.load(std::memory_order_acquire)) == seen) {
         _mm_pause();
-        if (++polls % 256 == 0 && std::chrono::steady_clock::now() > spin_until) {
-          std::unique_lock<std::mutex> lock(mutex_);
-          wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+        if (++polls % 64 == 0) {
+          if (std::chrono::steady_clock::now() > spin_until) {
+            std::unique_lock<std::mutex> lock(mutex_);
+            sleepers_.fetch_add(1, std::memory_order_acq_rel);
+            wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+            sleepers_.fetch_sub(1, std::memory_order_acq_rel);
+          } else {
+            std::this_thread::yield();
+          }
         }
       }
       seen = now;
-      if (stop_) return;
-      if (index < active_) {
-        (*task_)(index);
-        pending_.fetch_sub(1, std::memory_order_acq_rel);
+      while (claim_and_run(now)) {
       }
     }
   }
@@ -335,10 +354,10 @@ class Pool {
   std::mutex mutex_, run_mutex_;
   std::condition_variable wake_;
   std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<uint64_t> ticket_{0};  // (generation << 32) | next chunk
+  std::atomic<int> done_{0}, sleepers_{0};
   const std::function<void(int)>* task_ = nullptr;
-  int active_ = 0;
-  bool stop_ = false;
+  int chunks_ = 0;
 };
 
 Pool& pool() {
@@ -415,11 +434,11 @@ void gemv(const GemvArgs& a, int threads) {
     y_buf.resize(M * a.n);
     p.yf = y_buf.data();
   }
-  // Split N into `threads` ranges of whole 4-row blocks; each range gets about the same number of blocks.
+  // Chunks of whole 4-row blocks, 4 per thread (few enough that claiming one costs nothing next to it).
   const RowsFn rows = g_rows.load();
   const int64_t blocks = (a.n + 3) / 4;
-  const int parts = int(std::max<int64_t>(1, std::min<int64_t>(threads, blocks)));
-  pool().run(parts, [&](int i) {
+  const int parts = int(std::max<int64_t>(1, std::min<int64_t>(int64_t(threads) * 4, blocks)));
+  pool().run(threads, parts, [&](int i) {
     const int64_t n0 = std::min(a.n, blocks * i / parts * 4), n1 = std::min(a.n, blocks * (i + 1) / parts * 4);
     rows(p, n0, n1);
     if (p.yf) {  // bfloat16 output: each thread rounds its own range

@@ -34,8 +34,8 @@ struct GemvArgs {
 // Empty when the arguments are usable, else what is wrong (the caller raises it).
 const char* gemv_check(const GemvArgs& args);
 
-// Runs on `threads` threads (a pool kept between calls; its workers spin ~100 us after each call, then
-// sleep), splitting the N rows of W. Touches no Python state.
+// Runs on up to `threads` threads (a pool kept between calls; its workers spin ~100 us after each call, then
+// sleep), which claim chunks of W's N rows from a shared counter. Touches no Python state.
 void gemv(const GemvArgs& args, int threads);
 
 // "avx512" (AVX-512F/BW/VL + AVX512_BF16) or "scalar": the kernels this CPU runs.

@@ -12,6 +12,8 @@ Formats (csrc/gemv.h): F32 and BF16 hold the weight itself; Q8 int8 (N, K) + flo
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -22,6 +24,7 @@ FORMAT_NAMES = {F32: "float32", BF16: "bfloat16", Q8: "int8", Q4: "int4"}
 # the GEMV per row: the GEMV reads W once per call but does only 1 FMA per weight per row.
 MAX_GEMV_ROWS = 8
 _ACT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+THREADS = 0  # GEMV threads; 0: torch.get_num_threads() at each call (see decode_threads)
 
 try:
     from llava_fast import _C
@@ -99,6 +102,29 @@ class GemvLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {FORMAT_NAMES[self.format]}{g}"
 
 
+@contextlib.contextmanager
+def decode_threads(device):
+    """Around a CPU decode step: torch's own ops run on one thread and the GEMV on torch's thread count.
+
+    At batch 1 the torch ops between GEMVs (norms, RoPE, attention over one query) are microseconds long; on
+    several threads their OpenMP workers spin against the GEMV pool's for the same cores. SmolLM2-135M int4,
+    2 threads, busy 2-core host: 0.9 tok/s with both pools, 4-5 tok/s with torch on one thread (same run).
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or not NATIVE or threads == 1:
+        yield
+        return
+    global THREADS
+    saved = THREADS
+    THREADS = saved or threads
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        THREADS = saved
+
+
 def gemv(x, layer: GemvLinear, threads=None):
     """x (..., K) float32/bfloat16 on the CPU -> (..., N) of x's dtype, through the native kernel."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -109,7 +135,7 @@ def gemv(x, layer: GemvLinear, threads=None):
     s, m = layer.scale, layer.minimum
     _C.gemv(x2.data_ptr(), _ACT_DTYPES[x.dtype], M, x2.stride(0), layer.weight.data_ptr(), layer.format, N,
             layer.in_features, layer.group or 0, 0 if s is None else s.data_ptr(), 0 if m is None else m.data_ptr(),
-            y.data_ptr(), N, threads or torch.get_num_threads())
+            y.data_ptr(), N, threads or THREADS or torch.get_num_threads())
     return y.view(*x.shape[:-1], N)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from llava_fast.errors import InputError
+from llava_fast.gemv import decode_threads
 from llava_fast.model import KVCache, LlavaForCausalLM
 
 
@@ -120,11 +121,12 @@ class Decoder:
         return self.static_logits
 
     def _step(self, tokens):
-        x = self.net.embed(tokens.view(-1, 1))
-        ones = torch.ones_like(self.lengths)
-        hidden = self.net.decode_hidden(x, self.cache, self.lengths.clone(), ones)  # (B, 1, C)
-        self.lengths += 1
-        return self.net.lm_head(hidden[:, 0]).float()
+        with decode_threads(self.device):  # CPU: torch ops on one thread, the GEMVs on all (gemv.py)
+            x = self.net.embed(tokens.view(-1, 1))
+            ones = torch.ones_like(self.lengths)
+            hidden = self.net.decode_hidden(x, self.cache, self.lengths.clone(), ones)  # (B, 1, C)
+            self.lengths += 1
+            return self.net.lm_head(hidden[:, 0]).float()
 
     def _capture(self):
         # Warm up on a side stream (compiles the Triton kernels; capture cannot compile), then capture. The
