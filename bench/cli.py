@@ -103,6 +103,8 @@ def build_parser():
     g.add_argument("--backends", type=_names(("triton", "torch")),
                    help="llava-fast kernel backends to run (default: torch on CPU, triton,torch on CUDA)")
     g.add_argument("--no-transformers", action="store_true", help="skip the transformers generate() baseline")
+    g.add_argument("--compile", action="store_true", help="also run each backend with its decode step and prefill "
+                   "torch.compile'd (a column of its own; the compile happens in the warm-up)")
     g.add_argument("--vision-batch", type=_positive_int, help="images per vision-tower call (default 8 CPU, 32 CUDA)")
     g.add_argument("--plot", help="PNG of decode tokens/s against batch size and context (needs matplotlib)")
 
@@ -212,6 +214,7 @@ def cmd_measure(args, argv) -> int:
         settings.update(contexts=args.contexts or defaults["contexts"], contexts_explicit=args.contexts is not None,
                         new_tokens=args.new_tokens or defaults["new_tokens"],
                         backends=args.backends or defaults["backends"], transformers=not args.no_transformers,
+                        compile=args.compile,
                         vision_batch=args.vision_batch or defaults["vision_batch"], prompt=bench.PROMPT)
     elif args.subcommand == "kernels":
         from llava_fast.bench import kernel_bench as bench

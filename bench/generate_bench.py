@@ -1,7 +1,9 @@
 """`llava-fast bench generate`: end-to-end generation, side by side with the torch path and transformers.
 
 Engines, all on the same weights in one process: `llava-fast/triton` and `llava-fast/torch` (the same
-model with `llava_fast.ops` switched between backends) and `transformers` (LlavaForConditionalGeneration
+model with `llava_fast.ops` switched between backends), with `--compile` also `llava-fast/<backend>+compile`
+(the same model with its decode step and prefill torch.compile'd: llava_fast/compiled.py; the compile
+happens in the warm-up runs and is reported as compile_time), and `transformers` (LlavaForConditionalGeneration
 built with the model's exact shapes; its parameters are llava-fast's own tensors, assigned, not copied).
 Every engine gets the same expanded ids (chat template, bundled example image's 576/256 image tokens),
 greedy, the same number of new tokens with EOS disabled.
@@ -124,9 +126,10 @@ class Run:
 
 
 class LlavaFastEngine:
-    def __init__(self, model, backend: str):
+    def __init__(self, model, backend: str, compiled=None):
         self.model, self.net, self.backend = model, model.net, backend
-        self.name = f"llava-fast/{backend}"
+        self.compiled = compiled  # a CompiledSteps, or None for the eager path
+        self.name = f"llava-fast/{backend}" + ("+compile" if compiled is not None else "")
         if backend == "triton" and model.device.type == "cpu":
             # Triton on a CPU is its interpreter, which kernels only honour if this is set before
             # llava_fast.kernels is first imported (ops.use_backend imports it lazily).
@@ -137,6 +140,7 @@ class LlavaFastEngine:
         Its last_stats give the decode time (first token on the host -> last token on the host); the
         first token's wait is the rest of the call, setup included, as transformers' is."""
         ops.use_backend(self.backend)
+        self.model.compiled = self.compiled
         t0 = clock.now()
         tokens = self.model.generate_ids(rows, pixel_values, max_new_tokens=new_tokens, eos_token_id=None)
         total = clock.now() - t0
@@ -381,6 +385,11 @@ def run(settings: dict, argv) -> dict:
         notes.append("llava-fast/triton on a CPU runs in Triton's interpreter: its times are not performance")
 
     engines = [LlavaFastEngine(model, b) for b in settings["backends"]]
+    if settings.get("compile"):
+        from llava_fast.compiled import CompiledSteps
+
+        # First, so the ratio columns read compiled / eager and compiled / transformers.
+        engines = [LlavaFastEngine(model, b, CompiledSteps()) for b in settings["backends"]] + engines
     settings["baseline"] = None
     if settings["transformers"]:
         try:
@@ -389,6 +398,7 @@ def run(settings: dict, argv) -> dict:
         except BaselineUnavailable as e:
             notes.append(f"transformers baseline skipped: {e}")
     settings["engines"] = [e.name for e in engines]
+    settings["decode_weight_bytes"] = decode_bytes_per_step(model.net, 1, 0, 0)  # context 0: no K/V
 
     telemetry = Telemetry(device).start()
     try:
@@ -410,6 +420,10 @@ def run(settings: dict, argv) -> dict:
         telemetry.stop()
         ops.use_backend(previous_backend)
     doc["telemetry"] = telemetry.to_dict()
+    for e in engines:
+        if getattr(e, "compiled", None) is not None:
+            doc["figures"].append(figure("compile_time", "s", higher_is_better=False, value=e.compiled.compile_s,
+                                         engine=e.name))
     doc["figures"] += ratio_figures(doc["figures"], [e.name for e in engines])
     if device.type == "cpu":
         doc["figures"].append(figure("host_peak_rss", "bytes", higher_is_better=False, value=_peak_rss(),
@@ -469,6 +483,8 @@ def scenario_figures(results, net, batch, context, new_tokens, ceilings):
         figs.append(figure("prefill_throughput", "tokens/s", higher_is_better=True,
                            samples=[batch * context / x.ttft_s for x in runs], **labels))
         if new_tokens > 1:
+            # The roofline: a decode step cannot be faster than reading its bytes (weights once per step,
+            # each row's K/V) at the measured bandwidth; decode_bandwidth_pct is the share of it reached.
             rates = [batch * (new_tokens - 1) / x.decode_s for x in runs]
             figs.append(figure("decode_throughput", "tokens/s", higher_is_better=True, samples=rates, **labels))
             gbps = [step_bytes * rate / batch / 1e9 for rate in rates]
@@ -548,6 +564,7 @@ def markdown(doc: dict) -> str:
     headers = ["batch", "context", "metric"] + engines + [f"{a} / {b}" for a, b in pairs]
     rows = []
     metrics = [("decode_throughput", "decode tokens/s", "decode_speedup"),
+               ("decode_bandwidth_pct", "decode, % of the bandwidth roofline", None),
                ("time_to_first_token", "time to first token, ms", "ttft_speedup"),
                ("prefill_throughput", "prefill tokens/s", None),
                ("peak_memory", "peak memory", None)]
@@ -569,6 +586,16 @@ def markdown(doc: dict) -> str:
             row.append(fmt(r["value"], "x") if r else "")
         rows.append(row)
     lines.append(md_table(headers, rows))
+    ceilings = doc.get("ceilings")
+    if ceilings and s.get("decode_weight_bytes") and any(f["name"] == "decode_bandwidth_pct" for f in figs):
+        bw, source = peak(ceilings, "bandwidth")
+        step_mb = s["decode_weight_bytes"] / 1e6
+        lines += ["", f"roofline: {step_mb:.1f} MB of weights read per decode step (+ each row's K/V) at the "
+                      f"{source} {bw:.1f} GB/s = {1e3 * bw / step_mb:.0f} steps/s at most"]
+    compile_times = [f for f in figs if f["name"] == "compile_time"]
+    for f in compile_times:
+        lines.append(f"compile time ({f['labels']['engine']}, all graphs of the run, paid once per process): "
+                     f"{f['value']:.1f} s")
     checks = doc["checks"]
     parity = checks.get("transformers_parity")
     if parity:

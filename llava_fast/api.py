@@ -16,6 +16,7 @@ from llava_fast.config import LlavaConfig
 from llava_fast.conversation import format_user_turn, get_template
 from llava_fast.errors import CheckpointError, InputError
 from llava_fast import ops
+from llava_fast.compiled import CompiledSteps
 from llava_fast.generate import Decoder, Sampling, batch_bucket, generate_token_steps
 from llava_fast.image import ImageProcessor
 from llava_fast.loading import load_weights, read_config
@@ -55,12 +56,14 @@ def _local_dir(path):
     return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin", "tokenizer.model"])
 
 
-def load(path, *, device=None, dtype=None, vision_tower=None, quantize=None) -> LlavaModel:
+def load(path, *, device=None, dtype=None, vision_tower=None, compile=False, quantize=None) -> LlavaModel:
     """Load a LLaVA checkpoint: llava-hf (hub or save_pretrained) or the original LLaVA repo's layout.
 
     device: "cuda"/"cpu"/torch.device (default cuda when available); dtype: torch dtype or its name
     (default bfloat16 on GPU, float32 on CPU); vision_tower: the local CLIP directory of an original-layout
-    checkpoint (default: its mm_vision_tower, when that is a local directory); quantize: None, "int8wo" or
+    checkpoint (default: its mm_vision_tower, when that is a local directory); compile: run the decode step
+    and unpadded prefills through torch.compile (llava_fast/compiled.py: faster tokens after a one-time
+    compile of tens of seconds per batch size, reported in last_stats["compile_s"]); quantize: None, "int8wo" or
     "int4wo-<group>": the language model's linear layers weight-only quantized (llava_fast/quantize.py).
     """
     path = _local_dir(os.fspath(path))
@@ -69,7 +72,8 @@ def load(path, *, device=None, dtype=None, vision_tower=None, quantize=None) -> 
         parse_scheme(quantize)  # a bad scheme fails before the weights are read
     cfg, sources = read_config(path, None if vision_tower is None else os.fspath(vision_tower))
     tokenizer = Tokenizer.from_dir(path)  # before the weights: a missing tokenizer fails fast
-    net = prepare_for_inference(load_weights(cfg, sources, device, dtype), quantize)
+    net = prepare_for_inference(load_weights(cfg, sources, device, dtype).fuse_projections(), quantize,
+                                native_gemv=not compile)
     processor_dir = path if os.path.isfile(os.path.join(path, "preprocessor_config.json")) else (
         os.path.dirname(sources[0][0]) if cfg.layout == "original" else None)
     pad = cfg.image_aspect_ratio == "pad"
@@ -82,18 +86,19 @@ def load(path, *, device=None, dtype=None, vision_tower=None, quantize=None) -> 
     if processor.image_size != cfg.vision.image_size:
         raise CheckpointError(f"{processor_dir}: preprocessor crops to {processor.image_size} px but the vision "
                               f"tower expects {cfg.vision.image_size} px")
-    return LlavaModel(net, tokenizer, processor)
+    return LlavaModel(net, tokenizer, processor, compile=compile)
 
 
 class LlavaModel:
     """A loaded LLaVA: the network, its tokenizer and image processor, and generation."""
 
-    def __init__(self, net: LlavaForCausalLM, tokenizer: Tokenizer, processor: ImageProcessor):
+    def __init__(self, net: LlavaForCausalLM, tokenizer: Tokenizer, processor: ImageProcessor, compile=False):
         self.net, self.tokenizer, self.processor = net, tokenizer, processor
         self.config: LlavaConfig = net.cfg
         self.last_stats: dict = {}  # the last generation's token counts and timings (see _stream_rows)
         self.cuda_graphs = True  # decode as a captured CUDA graph on CUDA with the Triton kernels
         self._graph_decoders: dict[tuple[int, int], Decoder] = {}
+        self.compiled = CompiledSteps() if compile else None  # torch.compile'd decode step and prefill
 
     @property
     def image_token_id(self) -> int:
@@ -173,20 +178,21 @@ class LlavaModel:
         self._graph_decoders.clear()
 
     def _use_cuda_graphs(self):
-        # The torch reference path reads lengths on the host, which a graph cannot capture; Triton's does not.
-        return self.cuda_graphs and self.device.type == "cuda" and ops.BACKEND == "triton"
+        # Triton's decode path and the compiled one never read lengths back to the host, so a graph can hold
+        # them (the eager torch path is sync-free too, but only those two are tested under capture).
+        return self.cuda_graphs and self.device.type == "cuda" and (ops.BACKEND == "triton" or self.compiled)
 
     def _decoder(self, batch_size, max_tokens) -> Decoder:
         """A decoder for this batch: fresh on the CPU; on CUDA with the Triton kernels, one kept per (batch
         bucket, capacity) so its captured CUDA graph is replayed across calls instead of re-captured."""
         if not self._use_cuda_graphs():
-            return Decoder(self.net, batch_size, max_tokens)
+            return Decoder(self.net, batch_size, max_tokens, compiled=self.compiled)
         capacity = min(self.context_length, -(-max_tokens // 512) * 512)
         key = (batch_bucket(batch_size), capacity)
         if key not in self._graph_decoders:
             # One workspace at a time: a 7B cache is 0.5 MiB per token per row (16 GiB at 8 rows x 4k tokens).
             self._graph_decoders.clear()
-            self._graph_decoders[key] = Decoder(self.net, *key, cuda_graph=True)
+            self._graph_decoders[key] = Decoder(self.net, *key, cuda_graph=True, compiled=self.compiled)
         decoder = self._graph_decoders[key]
         decoder.reset()
         return decoder
@@ -209,6 +215,7 @@ class LlavaModel:
         feed += [[self.tokenizer.bos_token_id or 0]] * pad
         starts = None if start_pos is None else list(start_pos) + [0] * pad
         outputs = [_RowOutput(self.tokenizer, stop, eos_token_id) for _ in rows]
+        compile_before = self.compiled.compile_s if self.compiled else 0.0
         start = time.perf_counter()
         logits = decoder.prefill(feed, pixel_values, starts)
         steps = generate_token_steps(decoder, logits, max_new_tokens, sampling)
@@ -229,6 +236,7 @@ class LlavaModel:
             "prompt_tokens": sum(map(len, new_rows or rows)), "new_tokens": sum(len(o.ids) for o in outputs),
             "steps": n, "time_to_first_token_s": first - start,
             "decode_tokens_per_s": (n - 1) * len(rows) / (end - first) if n > 1 else 0.0,
+            "compile_s": (self.compiled.compile_s if self.compiled else 0.0) - compile_before,
         }
         yield [out.finish() for out in outputs]
         return [out.ids for out in outputs]
@@ -350,7 +358,8 @@ class ChatSession:
         need = len(ids) + max_new
         if self.decoder is None or self.decoder.cache.max_tokens < need:
             capacity = min(m.context_length, max(2 * need, 256))  # grow geometrically, not every turn
-            old, self.decoder = self.decoder, Decoder(m.net, 1, capacity, cuda_graph=m._use_cuda_graphs())
+            old, self.decoder = self.decoder, Decoder(m.net, 1, capacity, cuda_graph=m._use_cuda_graphs(),
+                                                    compiled=m.compiled)
             if old is not None and common:
                 self.decoder.cache.k[:, :, :, :common] = old.cache.k[:, :, :, :common]
                 self.decoder.cache.v[:, :, :, :common] = old.cache.v[:, :, :, :common]

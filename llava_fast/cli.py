@@ -19,6 +19,8 @@ def _add_model_args(p):
     p.add_argument("--vision-tower", help="CLIP directory of an original-LLaVA checkpoint")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step and prefill (faster "
+                   "tokens after a one-time compile of tens of seconds)")
     p.add_argument("--quantize", help="weight-only quantization of the language model: int8wo or "
                    "int4wo-<group> (32, 64, 128, 256); needs torchao")
 
@@ -39,10 +41,11 @@ def _load(args):
 
     if args.model:
         return llava_fast.load(args.model, device=args.device, dtype=args.dtype, vision_tower=args.vision_tower,
-                               quantize=args.quantize)
+                               compile=args.compile, quantize=args.quantize)
     print(f"llava-fast: no --model given: using the built-in '{args.preset}' preset with RANDOM weights; "
           "its text is noise, its speed is real", file=sys.stderr)
-    return random_model(args.preset, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    return random_model(args.preset, device=args.device, dtype=args.dtype, compile=args.compile,
+                        quantize=args.quantize)
 
 
 def _sampling(args):
@@ -65,8 +68,8 @@ def cmd_generate(args):
     s = model.last_stats
     print(f"[{s['prompt_tokens']} prompt tokens, {s['new_tokens']} new; time to first token "
           f"{1e3 * s['time_to_first_token_s']:.0f} ms; decode {s['decode_tokens_per_s']:.1f} tokens/s; "
-          f"{model.device}, {str(model.dtype).replace('torch.', '')}, kernels: {llava_fast.ops.BACKEND}]",
-          file=sys.stderr)
+          f"{model.device}, {str(model.dtype).replace('torch.', '')}, kernels: {llava_fast.ops.BACKEND}"
+          + (f"; compiled in {s['compile_s']:.0f} s" if s.get("compile_s") else "") + "]", file=sys.stderr)
     return 0
 
 

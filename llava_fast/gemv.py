@@ -93,7 +93,7 @@ class GemvLinear(nn.Module):
     def forward(self, x):
         rows = x.numel() // x.shape[-1] if x.dim() else 0
         if (NATIVE and x.device.type == "cpu" and 0 < rows <= MAX_GEMV_ROWS and x.dtype in _ACT_DTYPES
-                and x.shape[-1] == self.in_features):
+                and x.shape[-1] == self.in_features and not torch.compiler.is_compiling()):
             return gemv(x, self)
         return F.linear(x, self.dequantized(x.dtype))
 

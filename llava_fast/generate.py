@@ -62,6 +62,23 @@ def sample_next_token(logits, sampling: Sampling, generator):
     return (probs / race).argmax(dim=-1)
 
 
+def decode_step(net: LlavaForCausalLM, cache: KVCache, lengths, tokens):
+    """The one-token decode step: tokens (B,) at positions lengths (B,) -> next-token logits (B, V) fp32;
+    writes their K/V into `cache` and advances `lengths` in place. No host sync, no data-dependent shape:
+    the body torch.compile(fullgraph=True) and a CUDA graph take whole."""
+    x = net.embed(tokens.view(-1, 1))  # (B, 1, C)
+    hidden = net.decode_hidden(x, cache, lengths.clone(), None)  # (B, 1, C)
+    lengths += 1
+    return net.lm_head(hidden[:, 0]).float()
+
+
+def prefill_logits(net: LlavaForCausalLM, cache: KVCache, x, start_pos):
+    """Unpadded prefill: embeddings x (B, T, C), every row T tokens after start_pos (B,) cached ones (None:
+    an empty cache) -> the last token's logits (B, V) fp32, lm_head on B rows only."""
+    hidden = net.decode_hidden(x, cache, start_pos, None)  # (B, T, C)
+    return net.lm_head(hidden[:, -1]).float()
+
+
 class Decoder:
     """One batch's decoding state: the static KV cache and each row's length, allocated once.
 
@@ -69,10 +86,12 @@ class Decoder:
     one-token step is captured as a CUDA graph on its first call and replayed afterwards: a 7B decode step is
     ~1,000 kernel launches, which at ~5 us each would cost as much as the step's own ~5 ms of weight reads.
     The graph bakes in the batch size and cache capacity, so LlavaModel keeps decoders per (batch bucket,
-    capacity) and reuses them across calls (`reset()`).
+    capacity) and reuses them across calls (`reset()`). With `compiled` (llava_fast.compiled.CompiledSteps)
+    the decode step and unpadded prefills run torch.compile'd (and the graph captures the compiled step).
     """
 
-    def __init__(self, net: LlavaForCausalLM, batch_size: int, max_tokens: int, cuda_graph: bool = False):
+    def __init__(self, net: LlavaForCausalLM, batch_size: int, max_tokens: int, cuda_graph: bool = False,
+                 compiled=None):
         self.net = net
         weight = net.language_model.embed_tokens.weight  # the compute dtype even when lm_head is quantized
         self.device, self.dtype = weight.device, weight.dtype
@@ -80,6 +99,7 @@ class Decoder:
         self.cache = KVCache(net.cfg.text, batch_size, max_tokens, self.device, self.dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=self.device)  # tokens cached per row
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        self.compiled = compiled
         self.graph = None
         self.static_tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.static_logits = None
@@ -99,11 +119,20 @@ class Decoder:
         for b, r in enumerate(rows):
             ids[b, : len(r)] = torch.as_tensor(r, dtype=torch.long)
         ids = ids.to(self.device, non_blocking=True)
-        seq_lens = torch.tensor([len(r) for r in rows], dtype=torch.int32).to(self.device, non_blocking=True)
-        if start_pos is not None:
+        if start_pos is None:
+            self.lengths.zero_()
+        else:
             self.lengths.copy_(torch.as_tensor(start_pos, dtype=torch.int32))
         x = self.net.embed(ids, pixel_values)
-        hidden = self.net.decode_hidden(x, self.cache, self.lengths.clone(), seq_lens)  # (B, T, C)
+        # What the host knows picks the attention path: no padding and an empty cache need no masks or syncs.
+        starts = None if start_pos is None else self.lengths.clone()
+        if all(len(r) == T for r in rows):
+            prefill = prefill_logits if self.compiled is None or T < 2 else self.compiled.prefill
+            logits = prefill(self.net, self.cache, x, starts)
+            self.lengths += T
+            return logits
+        seq_lens = torch.tensor([len(r) for r in rows], dtype=torch.int32).to(self.device, non_blocking=True)
+        hidden = self.net.decode_hidden(x, self.cache, starts, seq_lens)  # (B, T, C)
         last = hidden[torch.arange(B, device=self.device), seq_lens.long() - 1]  # (B, C): lm_head on B rows only
         self.lengths += seq_lens
         return self.net.lm_head(last).float()
@@ -121,17 +150,14 @@ class Decoder:
         return self.static_logits
 
     def _step(self, tokens):
+        step = decode_step if self.compiled is None else self.compiled.decode
         with decode_threads(self.device):  # CPU: torch ops on one thread, the GEMVs on all (gemv.py)
-            x = self.net.embed(tokens.view(-1, 1))
-            ones = torch.ones_like(self.lengths)
-            hidden = self.net.decode_hidden(x, self.cache, self.lengths.clone(), ones)  # (B, 1, C)
-            self.lengths += 1
-            return self.net.lm_head(hidden[:, 0]).float()
+            return step(self.net, self.cache, self.lengths, tokens)
 
     def _capture(self):
-        # Warm up on a side stream (compiles the Triton kernels; capture cannot compile), then capture. The
-        # warm-up steps write K/V at each row's next position, which the real step overwrites; lengths are
-        # restored, so the cache state is unchanged.
+        # Warm up on a side stream (compiles the Triton kernels, and the step itself when compiled; capture
+        # cannot compile), then capture. The warm-up steps write K/V at each row's next position, which the
+        # real step overwrites; lengths are restored, so the cache state is unchanged.
         saved = self.lengths.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

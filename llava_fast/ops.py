@@ -1,8 +1,11 @@
-"""The fusable operations of LLaVA, and the one place that picks their implementation.
+"""The fusable operations of LLaVA, registered as torch.library custom ops, and the one place that picks
+their implementation.
 
-Every function here is the plain-PyTorch reference: it is the CPU path, and it is the oracle the Triton
-kernels in `llava_fast.kernels` are tested against. `llava_fast/model.py` calls only these names at the
-points where a fused kernel pays off, so switching the backend never touches the model code.
+Each op has a plain-PyTorch reference here (`<op>_reference`): it is the CPU path, and it is the oracle the
+Triton kernels in `llava_fast.kernels` are tested against. Each op is registered as
+`torch.ops.llava_fast.<op>` (a fake implementation for tracing, an autograd formula for training) whose
+implementation is the active backend's; `llava_fast/model.py` calls only the functions at the end of this
+file (`ops.<op>`), so switching the backend never touches the model code.
 
 Backend: `LLAVA_FAST_KERNELS=triton|torch`, read once at import. Default: triton when CUDA is available,
 torch otherwise. `triton` on a CPU runs the same kernels through Triton's interpreter (TRITON_INTERPRET=1
@@ -16,15 +19,18 @@ from __future__ import annotations
 import math
 import os
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 # ------------------------------------------------------------------------------------------------------
 # Normalisation and activations
 # ------------------------------------------------------------------------------------------------------
 
 
-def rms_norm(x, weight, eps, residual=None):
+def rms_norm_reference(x, weight, eps, residual=None):
     """LLaMA RMSNorm with the residual add fused in front.
 
     Returns (normed, hidden): hidden = x + residual (x itself when residual is None) is the new residual
@@ -36,16 +42,16 @@ def rms_norm(x, weight, eps, residual=None):
     return weight * normed.to(hidden.dtype), hidden
 
 
-def layer_norm(x, weight, bias, eps):
+def layer_norm_reference(x, weight, bias, eps):
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def swiglu(gate, up):
+def swiglu_reference(gate, up):
     """SwiGLU's elementwise half: silu(gate) * up."""
     return F.silu(gate) * up
 
 
-def quick_gelu(x):
+def quick_gelu_reference(x):
     """CLIP's activation: x * sigmoid(1.702 x)."""
     return x * torch.sigmoid(1.702 * x)
 
@@ -55,7 +61,7 @@ def quick_gelu(x):
 # ------------------------------------------------------------------------------------------------------
 
 
-def patch_embed(pixel_values, patch_weight, class_embedding, position_embedding, ln_weight, ln_bias, eps):
+def patch_embed_reference(pixel_values, patch_weight, class_embedding, position_embedding, ln_weight, ln_bias, eps):
     """CLIP's embeddings + pre_layrnorm: the first encoder layer's input.
 
     pixel_values (N, 3, S, S); patch_weight (C, 3, P, P) (CLIP's conv has no bias); class_embedding (C,);
@@ -76,7 +82,7 @@ def project_image_features(features, w1, b1, w2=None, b2=None):
     return x
 
 
-def splice_image_embeddings(input_ids, embed_weight, image_features, image_token_id, w1, b1, w2=None, b2=None):
+def splice_image_embeddings_reference(input_ids, embed_weight, image_features, image_token_id, w1, b1, w2=None, b2=None):
     """The decoder's input embeddings: text rows gathered from the table, image rows projected.
 
     input_ids (B, T); embed_weight (V, C); image_features (K, Nimg, Cv): K images in the order their
@@ -118,43 +124,60 @@ def _sdpa_gqa(q, k, v, mask):
     memory (on the tiny CPU preset that is the difference between 0.9x and 1.0x transformers' decode speed).
     Query rows with no key to attend to (padding) come out as zeros.
     """
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=bool(q.shape[1] != k.shape[1]))
     return out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
 
 
-def rotary_cached_attention(q, k, v, cos, sin, k_cache, v_cache, start_pos, seq_lens):
+def rotary_cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, start_pos=None, seq_lens=None):
     """Causal attention of new tokens against a static KV cache, RoPE applied, K/V written in place.
 
     q (B, T, H, D), k/v (B, T, Hkv, D) not yet rotated; cos/sin (Tmax, D/2) fp32;
     k_cache/v_cache (B, Hkv, Tmax, D), written in place; start_pos (B,) int: tokens already cached per
-    row; seq_lens (B,) int: valid new tokens per row (<= T; the rest of the row is padding).
+    row, None for an empty cache; seq_lens (B,) int: valid new tokens per row (<= T; the rest of the row
+    is padding), None when every row's T tokens are valid.
     Row b's token i sits at position start_pos[b] + i and attends to cache positions [0, start_pos[b] + i].
-    Prefill is start_pos = 0; decode is T = 1, seq_lens = 1. Returns (B, T, H, D); padded query rows are 0.
+    Prefill is start_pos = None; decode is T = 1, seq_lens = None. Returns (B, T, H, D); padded query rows
+    are 0. What the caller knows on the host selects the path, so the two paths the decoder runs every
+    token (decode, unpadded prefill) never read a tensor back to the host and trace whole under
+    torch.compile; only a padded batch (seq_lens given) pays the host syncs of nonzero() and max().
     """
     B, T = q.shape[:2]
-    positions = start_pos.view(B, 1).long() + torch.arange(T, device=q.device).view(1, T)  # (B, T)
+    steps = torch.arange(T, device=q.device).view(1, T)
+    positions = steps.expand(B, T) if start_pos is None else start_pos.view(B, 1).long() + steps  # (B, T)
     q, k = apply_rope(q, cos, sin, positions), apply_rope(k, cos, sin, positions)
-    valid = torch.arange(T, device=q.device).view(1, T) < seq_lens.view(B, 1)  # (B, T)
-    if T == 1 and bool((seq_lens == 1).all()):  # decode: every row writes its one token, no nonzero() needed
-        rows, cols = torch.arange(B, device=q.device), torch.zeros(B, dtype=torch.long, device=q.device)
-    else:
-        rows, cols = valid.nonzero(as_tuple=True)  # the valid tokens; padding never reaches the cache
-    k_cache[rows, :, positions[rows, cols]] = k[rows, cols].to(k_cache.dtype)  # (N, Hkv, D) each side
-    v_cache[rows, :, positions[rows, cols]] = v[rows, cols].to(v_cache.dtype)
-    if T > 1 and not bool(start_pos.any()) and bool((seq_lens == T).all()):
+    if seq_lens is None and start_pos is None:
         # A fresh, unpadded prefill: the keys are exactly the new tokens, so SDPA's causal kernel applies
         # (no (B, T, T) mask to build; 266 -> 2xx ms time to first token at 1024 tokens on the tiny CPU preset).
+        k_cache[:, :, :T] = k.transpose(1, 2).to(k_cache.dtype)  # (B, Hkv, T, D)
+        v_cache[:, :, :T] = v.transpose(1, 2).to(v_cache.dtype)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, enable_gqa=q.shape[2] != k.shape[2])
+                                             is_causal=True, enable_gqa=bool(q.shape[2] != k.shape[2]))
         return out.transpose(1, 2)
-    Tk = int((start_pos + seq_lens).max())
+    if seq_lens is None:  # decode (or a chat turn appended to a cache): every new token is written
+        rows = torch.arange(B, device=q.device).view(B, 1).expand(B, T)
+        k_cache[rows, :, positions] = k.to(k_cache.dtype)  # (B, T, Hkv, D) into (B, Hkv, Tmax, D) at positions
+        v_cache[rows, :, positions] = v.to(v_cache.dtype)
+        # Keys: the whole cache, later positions masked. Cutting it at max(start_pos) + T would need that
+        # number on the host (a sync per token); the masked tail costs Tmax / (start + T) more K/V reads,
+        # 1.0x on the CPU (whose decoders are sized to the request) and small next to the weights elsewhere.
+        Tk = k_cache.shape[2]
+        mask = torch.arange(Tk, device=q.device).view(1, 1, Tk) <= positions.unsqueeze(-1)  # (B, T, Tk)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache, v_cache, attn_mask=mask.unsqueeze(1),
+                                             enable_gqa=bool(q.shape[2] != k.shape[2]))
+        return out.transpose(1, 2)
+    # A padded batch: only the valid tokens are written, padded query rows attend to nothing.
+    valid = steps < seq_lens.view(B, 1)  # (B, T)
+    rows, cols = valid.nonzero(as_tuple=True)
+    k_cache[rows, :, positions[rows, cols]] = k[rows, cols].to(k_cache.dtype)  # (N, Hkv, D) each side
+    v_cache[rows, :, positions[rows, cols]] = v[rows, cols].to(v_cache.dtype)
+    Tk = int((positions[:, :1] + seq_lens.view(B, 1)).max())
     key_pos = torch.arange(Tk, device=q.device).view(1, 1, Tk)
     mask = (key_pos <= positions.unsqueeze(-1)) & valid.unsqueeze(-1)  # (B, T, Tk)
     out = _sdpa_gqa(q.transpose(1, 2), k_cache[:, :, :Tk], v_cache[:, :, :Tk], mask.unsqueeze(1))
     return out.transpose(1, 2)
 
 
-def rotary_causal_attention(q, k, v, cos, sin):
+def rotary_causal_attention_reference(q, k, v, cos, sin):
     """Training attention: RoPE at positions 0..T-1, causal, no cache; differentiable.
 
     q (B, T, H, D), k/v (B, T, Hkv, D). Right padding needs no mask: a valid token never sees a later one.
@@ -166,7 +189,7 @@ def rotary_causal_attention(q, k, v, cos, sin):
     return _sdpa_gqa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal).transpose(1, 2)
 
 
-def vision_attention(q, k, v):
+def vision_attention_reference(q, k, v):
     """Non-causal attention for the CLIP encoder. q/k/v (N, T, H, D) -> (N, T, H, D)."""
     mask = torch.ones(1, 1, dtype=torch.bool, device=q.device)
     return _sdpa_gqa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)
@@ -177,7 +200,7 @@ def vision_attention(q, k, v):
 # ------------------------------------------------------------------------------------------------------
 
 
-def linear_cross_entropy(hidden, lm_head_weight, labels, ignore_index=-100):
+def linear_cross_entropy_reference(hidden, lm_head_weight, labels, ignore_index=-100):
     """Mean next-token cross-entropy of lm_head(hidden) over labels != ignore_index.
 
     hidden (N, C), lm_head_weight (V, C), labels (N,) already shifted. The Triton version never
@@ -188,19 +211,40 @@ def linear_cross_entropy(hidden, lm_head_weight, labels, ignore_index=-100):
 
 
 # ------------------------------------------------------------------------------------------------------
-# Dispatch
+# The op boundary: torch.library custom ops, one name per op, the backend chosen inside
 # ------------------------------------------------------------------------------------------------------
+#
+# Each op above is registered as `torch.ops.llava_fast.<name>` with a fake (meta) implementation, so
+# torch.compile traces through it (shapes only) and a CUDA graph captures the kernels it launches. Its real
+# implementation calls the active backend's: the reference above, or the Triton kernel of
+# `llava_fast.kernels` (the reference where a family has no kernel). `use_backend` only sets BACKEND.
+#
+# Training: the autograd formula of every differentiable op recomputes the op's forward with the backend
+# that ran it (the reference, or the kernel's autograd.Function) and takes its vector-Jacobian product, so
+# the gradients are exactly those the implementation gives without the boundary; the price is one more
+# forward of each op per backward (a custom op's setup_context sees only inputs and outputs, not the
+# kernels' saved statistics). linear_cross_entropy is the exception: its Triton kernel computes the
+# gradients during the forward (it never holds the (N, V) logits), so the op returns them and the backward
+# scales them.
+#
+# Under torch.compile with the torch backend the public functions below call the references themselves:
+# an opaque op would hide their elementwise work from inductor, which fuses it (RoPE, norms, SwiGLU) into
+# a few C++/Triton loops. With the Triton backend the op stays opaque: its kernels are already fused.
 
 OP_NAMES = (
     "rms_norm", "layer_norm", "swiglu", "quick_gelu", "patch_embed", "splice_image_embeddings",
     "rotary_cached_attention", "rotary_causal_attention", "vision_attention", "linear_cross_entropy",
 )
-TORCH_OPS = {name: globals()[name] for name in OP_NAMES}
+TORCH_OPS = {name: globals()[f"{name}_reference"] for name in OP_NAMES}
+BACKENDS = ("torch", "triton")
+BACKEND = "torch"
+_TRITON_OPS = None  # llava_fast.kernels.TRITON_OPS, imported on first use: triton is optional
+_KERNELS_WITHOUT_BACKWARD = {"patch_embed"}  # their backward recomputes through the reference
 
 
 def default_backend():
     requested = os.environ.get("LLAVA_FAST_KERNELS", "").strip().lower()
-    if requested in ("torch", "triton"):
+    if requested in BACKENDS:
         return requested
     if requested:
         raise ValueError(f"LLAVA_FAST_KERNELS={requested!r}: expected 'triton' or 'torch'")
@@ -208,18 +252,306 @@ def default_backend():
 
 
 def use_backend(name):
-    """Rebind this module's op names to the chosen implementation ('torch' or 'triton')."""
+    """Choose the implementation behind every llava_fast op: 'torch' (the references) or 'triton'."""
     global BACKEND
-    if name == "torch":
-        table = TORCH_OPS
-    elif name == "triton":
-        from llava_fast.kernels import TRITON_OPS  # imported only when asked for: triton is optional
-
-        table = {**TORCH_OPS, **TRITON_OPS}  # ops without a kernel yet keep the reference
-    else:
+    if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}: expected 'triton' or 'torch'")
-    globals().update(table)
+    if name == "triton":
+        _triton_ops()  # import now, so a missing triton fails here rather than at the first op
     BACKEND = name
 
 
-BACKEND = "torch"
+def _triton_ops():
+    global _TRITON_OPS
+    if _TRITON_OPS is None:
+        from llava_fast.kernels import TRITON_OPS
+
+        _TRITON_OPS = TRITON_OPS
+    return _TRITON_OPS
+
+
+def implementation(name, backend=None, differentiable=False):
+    """The function behind op `name` for `backend` (default: the active one)."""
+    if (backend or BACKEND) == "triton" and not (differentiable and name in _KERNELS_WITHOUT_BACKWARD):
+        return _triton_ops().get(name, TORCH_OPS[name])
+    return TORCH_OPS[name]
+
+
+def _run(name, *args):
+    # No autograd graph inside an op (its formula is registered below); under no_grad the Triton wrappers
+    # also skip what only a backward needs (the splice's pre-activations, patch_embed's refusal).
+    with torch.no_grad():
+        return implementation(name)(*args)
+
+
+def _register_recompute_autograd(op, name):
+    """Autograd for `op` by recomputation (see above): save the inputs, and in backward rerun the
+    implementation of the backend that ran the forward under autograd and take its VJP."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*(x if isinstance(x, torch.Tensor) else None for x in inputs))
+        ctx.constants = [None if isinstance(x, torch.Tensor) else x for x in inputs]
+        ctx.backend = BACKEND
+
+    def backward(ctx, *grads):
+        inputs = [t if t is not None else c for t, c in zip(ctx.saved_tensors, ctx.constants)]
+        wanted = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and ctx.needs_input_grad[i]]
+        with torch.enable_grad():
+            for i in wanted:
+                inputs[i] = inputs[i].detach().requires_grad_()
+            outs = implementation(name, ctx.backend, differentiable=True)(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        result = [None] * len(inputs)
+        if pairs and wanted:
+            got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                      allow_unused=True)
+            for i, g in zip(wanted, got):
+                result[i] = g
+        return tuple(result)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+@torch.library.custom_op("llava_fast::rms_norm", mutates_args=())
+def _rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return _run("rms_norm", x, weight, eps)[0].contiguous()
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype))
+
+
+@torch.library.custom_op("llava_fast::add_rms_norm", mutates_args=())
+def _add_rms_norm_op(x: Tensor, weight: Tensor, eps: float, residual: Tensor) -> tuple[Tensor, Tensor]:
+    normed, hidden = _run("rms_norm", x, weight, eps, residual)
+    return normed.contiguous(), hidden.contiguous()
+
+
+@_add_rms_norm_op.register_fake
+def _(x, weight, eps, residual):
+    hidden_dtype = torch.promote_types(x.dtype, residual.dtype)
+    return (x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, hidden_dtype)),
+            x.new_empty(x.shape, dtype=hidden_dtype))
+
+
+@torch.library.custom_op("llava_fast::layer_norm", mutates_args=())
+def _layer_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+    return _run("layer_norm", x, weight, bias, eps).contiguous()
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("llava_fast::swiglu", mutates_args=())
+def _swiglu_op(gate: Tensor, up: Tensor) -> Tensor:
+    return _run("swiglu", gate, up).contiguous()
+
+
+@_swiglu_op.register_fake
+def _(gate, up):
+    return gate.new_empty(torch.broadcast_shapes(gate.shape, up.shape),
+                          dtype=torch.promote_types(gate.dtype, up.dtype))
+
+
+@torch.library.custom_op("llava_fast::quick_gelu", mutates_args=())
+def _quick_gelu_op(x: Tensor) -> Tensor:
+    return _run("quick_gelu", x).contiguous()
+
+
+@_quick_gelu_op.register_fake
+def _(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("llava_fast::patch_embed", mutates_args=())
+def _patch_embed_op(pixel_values: Tensor, patch_weight: Tensor, class_embedding: Tensor,
+                    position_embedding: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float) -> Tensor:
+    return _run("patch_embed", pixel_values, patch_weight, class_embedding, position_embedding, ln_weight,
+                ln_bias, eps).contiguous()
+
+
+@_patch_embed_op.register_fake
+def _(pixel_values, patch_weight, class_embedding, position_embedding, ln_weight, ln_bias, eps):
+    patches = (pixel_values.shape[-1] // patch_weight.shape[-1]) ** 2
+    return patch_weight.new_empty(pixel_values.shape[0], 1 + patches, patch_weight.shape[0])
+
+
+@torch.library.custom_op("llava_fast::splice_image_embeddings", mutates_args=())
+def _splice_op(input_ids: Tensor, embed_weight: Tensor, image_features: Optional[Tensor], image_token_id: int,
+               w1: Tensor, b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor]) -> Tensor:
+    return _run("splice_image_embeddings", input_ids, embed_weight, image_features, image_token_id, w1, b1, w2,
+                b2).contiguous()
+
+
+@_splice_op.register_fake
+def _(input_ids, embed_weight, image_features, image_token_id, w1, b1, w2, b2):
+    return embed_weight.new_empty(*input_ids.shape, embed_weight.shape[1])
+
+
+@torch.library.custom_op("llava_fast::rotary_cached_attention", mutates_args=("k_cache", "v_cache"))
+def _rotary_cached_attention_op(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
+                                v_cache: Tensor, start_pos: Optional[Tensor], seq_lens: Optional[Tensor]) -> Tensor:
+    if BACKEND == "triton":  # the kernels take lengths on the device always (no host branch, no sync)
+        B, T = q.shape[:2]
+        start_pos = torch.zeros(B, dtype=torch.int32, device=q.device) if start_pos is None else start_pos
+        seq_lens = torch.full((B,), T, dtype=torch.int32, device=q.device) if seq_lens is None else seq_lens
+    return _run("rotary_cached_attention", q, k, v, cos, sin, k_cache, v_cache, start_pos, seq_lens).contiguous()
+
+
+@_rotary_cached_attention_op.register_fake
+def _(q, k, v, cos, sin, k_cache, v_cache, start_pos, seq_lens):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("llava_fast::rotary_causal_attention", mutates_args=())
+def _rotary_causal_attention_op(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return _run("rotary_causal_attention", q, k, v, cos, sin).contiguous()
+
+
+@_rotary_causal_attention_op.register_fake
+def _(q, k, v, cos, sin):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("llava_fast::vision_attention", mutates_args=())
+def _vision_attention_op(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return _run("vision_attention", q, k, v).contiguous()
+
+
+@_vision_attention_op.register_fake
+def _(q, k, v):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("llava_fast::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy_op(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, ignore_index: int,
+                             grad_hidden_wanted: bool, grad_weight_wanted: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, dloss/dhidden, dloss/dweight); the gradients are empty unless the Triton backend computed
+    them in its forward (the torch backend's backward recomputes)."""
+    empty = hidden.new_empty(0)
+    if BACKEND == "triton" and (grad_hidden_wanted or grad_weight_wanted):
+        from llava_fast.kernels.cross_entropy import MAX_CHUNK_LOGITS_BYTES, linear_cross_entropy_forward
+
+        loss, gh, gw = linear_cross_entropy_forward(hidden.contiguous(), lm_head_weight.contiguous(),
+                                                    labels.contiguous(), ignore_index, MAX_CHUNK_LOGITS_BYTES,
+                                                    grad_hidden_wanted, grad_weight_wanted)
+        return loss, empty if gh is None else gh, lm_head_weight.new_empty(0) if gw is None else gw
+    loss = _run("linear_cross_entropy", hidden, lm_head_weight, labels, ignore_index)
+    return loss.float(), empty, lm_head_weight.new_empty(0)
+
+
+@_linear_cross_entropy_op.register_fake
+def _(hidden, lm_head_weight, labels, ignore_index, grad_hidden_wanted, grad_weight_wanted):
+    triton_grads = BACKEND == "triton"
+    return (hidden.new_empty((), dtype=torch.float32),
+            hidden.new_empty(hidden.shape if triton_grads and grad_hidden_wanted else (0,)),
+            lm_head_weight.new_empty(lm_head_weight.shape if triton_grads and grad_weight_wanted else (0,)))
+
+
+def _linear_cross_entropy_setup(ctx, inputs, output):
+    hidden, weight, labels, ignore_index = inputs[:4]
+    ctx.backend = BACKEND
+    if BACKEND == "triton":
+        ctx.save_for_backward(output[1], output[2])
+    else:
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.ignore_index = ignore_index
+
+
+def _linear_cross_entropy_backward(ctx, grad_loss, _grad_dhidden, _grad_dweight):
+    if ctx.backend == "triton":
+        grad_hidden, grad_weight = (g * grad_loss if g.numel() else None for g in ctx.saved_tensors)
+    else:
+        hidden, weight, labels = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[:2]
+        with torch.enable_grad():
+            h, w = hidden.detach().requires_grad_(wanted[0]), weight.detach().requires_grad_(wanted[1])
+            loss = linear_cross_entropy_reference(h, w, labels, ctx.ignore_index)
+            got = iter(torch.autograd.grad(loss, [t for t, want in zip((h, w), wanted) if want], grad_loss))
+        grad_hidden, grad_weight = (next(got) if want else None for want in wanted)
+    return grad_hidden, grad_weight, None, None, None, None
+
+
+_linear_cross_entropy_op.register_autograd(_linear_cross_entropy_backward, setup_context=_linear_cross_entropy_setup)
+for _op, _name in ((_rms_norm_op, "rms_norm"), (_add_rms_norm_op, "rms_norm"), (_layer_norm_op, "layer_norm"),
+                   (_swiglu_op, "swiglu"), (_quick_gelu_op, "quick_gelu"), (_patch_embed_op, "patch_embed"),
+                   (_splice_op, "splice_image_embeddings"),
+                   (_rotary_causal_attention_op, "rotary_causal_attention"),
+                   (_vision_attention_op, "vision_attention")):
+    _register_recompute_autograd(_op, _name)
+
+
+# ------------------------------------------------------------------------------------------------------
+# What the model calls
+# ------------------------------------------------------------------------------------------------------
+
+
+def _inline_reference():
+    """True while torch.compile traces with the torch backend: call the reference, which inductor fuses."""
+    return BACKEND == "torch" and torch.compiler.is_compiling()
+
+
+def rms_norm(x, weight, eps, residual=None):
+    """LLaMA RMSNorm with the residual add fused in front: (normed, hidden). See rms_norm_reference."""
+    if _inline_reference():
+        return rms_norm_reference(x, weight, eps, residual)
+    if residual is None:
+        return _rms_norm_op(x, weight, eps), x
+    return _add_rms_norm_op(x, weight, eps, residual)
+
+
+def layer_norm(x, weight, bias, eps):
+    """LayerNorm over the last dimension. See layer_norm_reference."""
+    return layer_norm_reference(x, weight, bias, eps) if _inline_reference() else _layer_norm_op(x, weight, bias, eps)
+
+
+def swiglu(gate, up):
+    """silu(gate) * up. See swiglu_reference."""
+    return swiglu_reference(gate, up) if _inline_reference() else _swiglu_op(gate, up)
+
+
+def quick_gelu(x):
+    """x * sigmoid(1.702 x). See quick_gelu_reference."""
+    return quick_gelu_reference(x) if _inline_reference() else _quick_gelu_op(x)
+
+
+def patch_embed(pixel_values, patch_weight, class_embedding, position_embedding, ln_weight, ln_bias, eps):
+    """CLIP's embeddings + pre_layrnorm. See patch_embed_reference."""
+    f = patch_embed_reference if _inline_reference() else _patch_embed_op
+    return f(pixel_values, patch_weight, class_embedding, position_embedding, ln_weight, ln_bias, eps)
+
+
+def splice_image_embeddings(input_ids, embed_weight, image_features, image_token_id, w1, b1, w2=None, b2=None):
+    """The decoder's input embeddings. See splice_image_embeddings_reference."""
+    f = splice_image_embeddings_reference if _inline_reference() else _splice_op
+    return f(input_ids, embed_weight, image_features, image_token_id, w1, b1, w2, b2)
+
+
+def rotary_cached_attention(q, k, v, cos, sin, k_cache, v_cache, start_pos=None, seq_lens=None):
+    """Attention against the static KV cache, written in place. See rotary_cached_attention_reference."""
+    f = rotary_cached_attention_reference if _inline_reference() else _rotary_cached_attention_op
+    return f(q, k, v, cos, sin, k_cache, v_cache, start_pos, seq_lens)
+
+
+def rotary_causal_attention(q, k, v, cos, sin):
+    """Training attention (no cache). See rotary_causal_attention_reference."""
+    f = rotary_causal_attention_reference if _inline_reference() else _rotary_causal_attention_op
+    return f(q, k, v, cos, sin)
+
+
+def vision_attention(q, k, v):
+    """CLIP's non-causal attention. See vision_attention_reference."""
+    return vision_attention_reference(q, k, v) if _inline_reference() else _vision_attention_op(q, k, v)
+
+
+def linear_cross_entropy(hidden, lm_head_weight, labels, ignore_index=-100):
+    """Mean cross-entropy of lm_head(hidden) over labels != ignore_index. See linear_cross_entropy_reference."""
+    if _inline_reference():
+        return linear_cross_entropy_reference(hidden, lm_head_weight, labels, ignore_index)
+    grad = torch.is_grad_enabled()
+    return _linear_cross_entropy_op(hidden, lm_head_weight, labels, ignore_index,
+                                    grad and hidden.requires_grad, grad and lm_head_weight.requires_grad)[0]

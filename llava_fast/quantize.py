@@ -120,12 +120,13 @@ def use_native_gemv(net):
     return net
 
 
-def prepare_for_inference(net, quantize=None):
+def prepare_for_inference(net, quantize=None, native_gemv=True):
     """What load() does after reading the weights: quantize (a scheme name) or, on the CPU, route the float
-    linear layers through the native GEMV. Returns net."""
+    linear layers through the native GEMV (not with compile=True: torch.compile traces F.linear instead; a
+    quantized layer there runs F.linear on its dequantized weight). Returns net."""
     if quantize is not None:
         return quantize_language_model(net, quantize)
-    if net.language_model.embed_tokens.weight.device.type == "cpu" and NATIVE:
+    if native_gemv and net.language_model.embed_tokens.weight.device.type == "cpu" and NATIVE:
         use_native_gemv(net)
     return net
 

@@ -19,6 +19,17 @@ def reference_dir():
     return REFERENCE
 
 
+@pytest.fixture(params=["torch", "triton"])
+def backend(request):
+    """Run the test on the torch path and again with the Triton kernels (the interpreter on a CPU)."""
+    from llava_fast import ops
+
+    before = ops.BACKEND
+    ops.use_backend(request.param)
+    yield request.param
+    ops.use_backend(before)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on the 2-core CPU")

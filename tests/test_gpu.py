@@ -75,9 +75,12 @@ def test_triton_path_tracks_torch_path_in_half_precision(ckpt_dir, dtype, tolera
     assert (got - ref).abs().max() <= tolerance * ref.abs().max()
 
 
-def test_generate_has_no_host_sync_per_token(ckpt_dir, triton_backend):
-    """Read-backs happen once per 16-token chunk on a GPU (plus the first token, for time to first token)."""
-    model = llava_fast.load(ckpt_dir, device="cuda", dtype="bfloat16")
+@pytest.mark.parametrize("compile", [False, True])
+def test_generate_has_no_host_sync_per_token(ckpt_dir, triton_backend, compile):
+    """Read-backs happen once per 16-token chunk on a GPU (plus the first token, for time to first token),
+    eager and with the compiled decode step under the CUDA graph."""
+    model = llava_fast.load(ckpt_dir, device="cuda", dtype="bfloat16", compile=compile)
+    model.generate_ids([[1, 5, 6]], None, max_new_tokens=3, eos_token_id=None)  # compiles outside the count
     rows, pixels = _rows(model)
     calls = []
     real_stack = torch.stack
@@ -93,3 +96,24 @@ def test_generate_has_no_host_sync_per_token(ckpt_dir, triton_backend):
     finally:
         torch.stack = real_stack
     assert calls == [1, 16, 16]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_compiled_cuda_graph_decode_equals_eager(ckpt_dir, backend):
+    """The compiled step captured in the CUDA graph (either backend: the compiled path never syncs)."""
+    before = ops.BACKEND
+    ops.use_backend(backend)
+    try:
+        model = llava_fast.load(ckpt_dir, device="cuda", dtype="bfloat16")
+        rows, pixels = _rows(model)
+        model.cuda_graphs = False
+        eager = model.generate_ids(rows, pixels, max_new_tokens=24, eos_token_id=None)
+        model = llava_fast.load(ckpt_dir, device="cuda", dtype="bfloat16", compile=True)
+        compiled = model.generate_ids(rows, pixels, max_new_tokens=24, eos_token_id=None)
+        assert next(iter(model._graph_decoders.values())).graph is not None
+        assert model.last_stats["compile_s"] > 0
+        assert compiled == eager
+        assert model.generate_ids(rows, pixels, max_new_tokens=24, eos_token_id=None) == eager
+        assert model.last_stats["compile_s"] == 0.0
+    finally:
+        ops.use_backend(before)

@@ -1,7 +1,8 @@
 """The whole model with LLAVA_FAST_KERNELS=triton (the interpreter, on a CPU) against the torch path.
 
 Logits within 1e-3 in float32; greedy ids identical, batched and single. The backend is switched in-process
-(ops.use_backend), exactly as the environment variable does at import. The interpreter is slow, so this runs
+(ops.use_backend), exactly as the environment variable does at import: the same custom ops then run the
+kernels. The interpreter is slow, so this runs
 one checkpoint and short generations; the full parity suite runs with the kernels on a GPU
 (LLAVA_FAST_KERNELS=triton pytest tests/test_parity.py).
 """
@@ -25,7 +26,7 @@ def model(tmp_path_factory):
 def triton_backend():
     before = ops.BACKEND
     ops.use_backend("triton")
-    assert ops.rotary_cached_attention is not ops.TORCH_OPS["rotary_cached_attention"]
+    assert ops.implementation("rotary_cached_attention") is not ops.TORCH_OPS["rotary_cached_attention"]
     yield
     ops.use_backend(before)
 
@@ -61,7 +62,7 @@ def test_triton_training_loss_and_grads_match_torch(model, triton_backend):
     labels = ids.clone()
     labels[:, :6] = -100
     net = model.net
-    params = [net.multi_modal_projector.linear_1.weight, net.language_model.layers[0].mlp.up_proj.weight]
+    params = [net.multi_modal_projector.linear_1.weight, net.language_model.layers[0].mlp.gate_up_proj.weight]
     results = {}
     for backend in ("torch", "triton"):
         ops.use_backend(backend)

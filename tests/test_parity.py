@@ -12,7 +12,6 @@ import torch.nn.functional as F
 import checkpoints as ck
 from checkpoints import DEVICE
 import llava_fast
-from llava_fast import ops
 
 LAYOUTS = ["save_pretrained", "hub", "model_prefix", "original"]
 VARIANTS = {  # (GQA, vision_feature_layer, select strategy)
@@ -20,15 +19,6 @@ VARIANTS = {  # (GQA, vision_feature_layer, select strategy)
     "mha-layer-1-full": dict(gqa=False, feature_layer=-1, strategy="full"),
 }
 NEW_TOKENS = 20
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request):
-    """The suite runs on the torch path and again with the Triton kernels (the interpreter on a CPU)."""
-    before = ops.BACKEND
-    ops.use_backend(request.param)
-    yield request.param
-    ops.use_backend(before)
 
 
 @pytest.fixture(scope="module")
