@@ -80,7 +80,7 @@ setup(
         "llava_fast.bench": "bench",
         "llava_fast.pipelines": "pipelines",
     },
-    package_data={"llava_fast": ["assets/*", "assets/tokenizer/*"],
+    package_data={"llava_fast": ["assets/*", "assets/tokenizer/*"], "llava_fast.bench": ["data/*"],
                   "llava_fast.pipelines": ["prompts/*.md", "prompts/*/*.txt"]},
     install_requires=[
         # The oldest versions tested: the GPU device image's (torch 2.11, triton 3.6; CI runs the kernel tests and
@@ -97,8 +97,10 @@ setup(
     ],
     extras_require={
         # accelerate: transformers' GGUF loading (the oracle); sentencepiece: llama.cpp's convert_hf_to_gguf.py
-        # imports it; openai: the pipelines' and server's test client
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.45", "accelerate", "sentencepiece", "openai>=1.40"],
+        # imports it; openai: the pipelines' and server's test client; torchao: the quantization tests
+        "test": ["pytest", "pytest-benchmark", "transformers>=4.45", "accelerate", "sentencepiece", "openai>=1.40",
+                 "torchao>=0.12"],
+        "quant": ["torchao>=0.12"],
         "bench": ["pytest-benchmark", "nvidia-ml-py", "matplotlib"],
         "hub": ["huggingface_hub"],
         "pipelines": ["openai>=1.40"],  # make-data, eval: any OpenAI-compatible endpoint

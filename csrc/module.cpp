@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "gemv.h"
 #include "preprocess.h"
 
 namespace py = pybind11;
@@ -207,10 +208,24 @@ py::dict build_info() {
   return info;
 }
 
+// Pointers cross as integers (tensor.data_ptr()): one call per linear layer in a decode step, so the
+// binding stays a few hundred nanoseconds. llava_fast/gemv.py checks dtypes, shapes and contiguity first.
+void gemv(uintptr_t x, int x_dtype, int64_t m, int64_t x_stride, uintptr_t w, int format, int64_t n, int64_t k,
+          int64_t group, uintptr_t scales, uintptr_t mins, uintptr_t y, int64_t y_stride, int threads) {
+  const llava_fast::GemvArgs args{reinterpret_cast<const void*>(x), x_dtype, m, x_stride,
+                                  reinterpret_cast<const void*>(w), format, n, k, group,
+                                  reinterpret_cast<const void*>(scales), reinterpret_cast<const void*>(mins),
+                                  reinterpret_cast<void*>(y), y_stride};
+  const std::string problem = llava_fast::gemv_check(args);
+  if (!problem.empty()) throw py::value_error(problem);
+  py::gil_scoped_release no_gil;
+  llava_fast::gemv(args, threads < 1 ? 1 : threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "llava-fast native code: image preprocessing (see csrc/preprocess.cpp).";
+  m.doc() = "llava-fast native code: image preprocessing (csrc/preprocess.cpp), CPU GEMV (csrc/gemv.cpp).";
   m.def("preprocess_into", &preprocess_into, py::arg("images"), py::arg("out"), py::arg("lut"),
         py::arg("shortest_edge"), py::arg("pad_fill") = py::none(),
         py::arg("pass_order") = llava_fast::kPassOrderPillow13,
@@ -227,5 +242,13 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("use_kernels", &llava_fast::use_kernels, py::arg("name"),
         "Switch the resize kernels: 'scalar' or 'best' (the default; AVX2 when the CPU has it). For tests.");
+  m.def("gemv", &gemv, py::arg("x"), py::arg("x_dtype"), py::arg("m"), py::arg("x_stride"), py::arg("w"),
+        py::arg("format"), py::arg("n"), py::arg("k"), py::arg("group"), py::arg("scales"), py::arg("mins"),
+        py::arg("y"), py::arg("y_stride"), py::arg("threads"),
+        "y (M, N) = x (M, K) @ W (N, K)^T for CPU decode, W in one of the formats of csrc/gemv.h; pointers "
+        "as integers (tensor.data_ptr()). Use llava_fast.gemv, which checks the tensors.");
+  m.def("gemv_isa", &llava_fast::gemv_isa, "'avx512' or 'scalar': the GEMV kernels in use.");
+  m.def("gemv_use_kernels", [](const std::string& name) { return llava_fast::gemv_use_kernels(name.c_str()); },
+        "Switch the GEMV kernels: 'scalar' or 'best'. For tests.");
   m.def("build_info", &build_info, "How this extension was compiled: compiler, flags, SIMD, threading.");
 }

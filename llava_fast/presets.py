@@ -59,20 +59,23 @@ def random_init_(net, seed=0):
     return net
 
 
-def random_model(name="tiny", *, device=None, dtype=None, seed=0, compile=False):
+def random_model(name="tiny", *, device=None, dtype=None, seed=0, compile=False, quantize=None):
     """A LlavaModel with the preset's shapes, random weights, the bundled tokenizer and CLIP preprocessing
-    (q/k/v and gate/up fused for inference, as load() does; compile as in load())."""
+    (q/k/v and gate/up fused for inference, as load() does; compile and quantize as in load())."""
     from llava_fast.api import LlavaModel, resolve_device_dtype
     from llava_fast.image import ImageProcessor
     from llava_fast.model import LlavaForCausalLM
+    from llava_fast.quantize import parse_scheme, prepare_for_inference
     from llava_fast.tokenizer import Tokenizer
 
     cfg = preset_config(name)
+    if quantize is not None:
+        parse_scheme(quantize)
     device, dtype = resolve_device_dtype(device, dtype)
     with torch.device("meta"):
         net = LlavaForCausalLM(cfg)
     net = random_init_(net.to_empty(device=device).to(dtype), seed)
     net.requires_grad_(False).eval().init_rope(device)
-    net.fuse_projections()
+    net = prepare_for_inference(net.fuse_projections(), quantize, native_gemv=not compile)
     processor = ImageProcessor.clip(image_size=cfg.vision.image_size, pad=cfg.image_aspect_ratio == "pad")
     return LlavaModel(net, Tokenizer.from_dir(BUNDLED_TOKENIZER), processor, compile=compile)

@@ -1,0 +1,289 @@
+"""`llava-fast bench real`: SmolLM2-135M-Instruct (real weights) on the CPU beside llama.cpp and transformers.
+
+Speed (labels engine, batch=1, context): one process, the same prompt ids for every engine (the
+chat-templated request below, tokenized once by llava-fast), greedy, `new_tokens` tokens with EOS ignored,
+`threads` threads everywhere. Engines: `llava-fast/<format>` for each of float32, bfloat16, int8wo,
+int4wo-32 (the decoder at the token level: Decoder.prefill + `new_tokens - 1` Decoder.step, each token read
+back to the host as a streaming caller does); `llama.cpp/<F32|F16|Q8_0|Q4_0|Q4_1>` (llama-cpp-python's
+Llama.generate with temp 0 on the GGUFs of real_model.py); `transformers/<dtype>` (generate() with a
+streamer stamping each token). `warmup` untimed runs each, then `repeats` rounds, every engine once per
+round in a rotating order; medians. Figures: time_to_first_token, prefill_throughput, decode_throughput,
+decode_bandwidth (weight bytes one decode step reads, as stored, x steps/s; llama.cpp's: its GGUF's tensor
+bytes less the token embedding when it is not also the output) and decode_bandwidth_pct of the measured
+read bandwidth, and decode_speedup of each llava-fast format over its llama.cpp counterpart (paired
+per-round ratios).
+
+Quality (labels engine[, baseline]): perplexity of each llava-fast format on the first `quality_tokens`
+tokens of bench/data/gpl-3.0.txt (the GPL v3 text, see bench/data/README.md), and top1_agreement: the share
+of those positions where the format's greedy next token equals float32's.
+llama.cpp and transformers are optional: a missing one is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from llava_fast.bench.device import Telemetry, device_info, measure_ceilings
+from llava_fast.bench.report import figure, find_one, fmt, header_lines, md_table, new_document
+from llava_fast.bench.timing import summarize
+from llava_fast.errors import InputError
+
+FORMATS = ("float32", "bfloat16", "int8wo", "int4wo-32")
+LLAMA_CPP_FOR = {"float32": "F32", "bfloat16": "F16", "int8wo": "Q8_0", "int4wo-32": "Q4_0"}
+EXTRA_LLAMA_CPP = ("Q4_1",)  # the original download: llama.cpp's int4 with mins, as int4wo-32's math
+TEXT = os.path.join(os.path.dirname(__file__), "data", "gpl-3.0.txt")
+PROMPT = "Here is the start of a licence:\n\n{passage}\n\nWhat is this licence, and what does it allow?"
+PASSAGE_TOKENS = 96
+
+
+def load_text_ids(tokenizer, n=None):
+    with open(TEXT, encoding="utf-8") as f:
+        ids = tokenizer.encode(f.read())
+    if n is not None and len(ids) < n:
+        raise InputError(f"{TEXT} has {len(ids)} tokens, fewer than the {n} asked for")
+    return ids if n is None else ids[:n]
+
+
+def prompt_ids(model):
+    passage = model.tokenizer.decode(load_text_ids(model.tokenizer, PASSAGE_TOKENS + 1)[1:])
+    text = ("<|im_start|>user\n" + PROMPT.format(passage=passage) + "<|im_end|>\n<|im_start|>assistant\n")
+    return model.tokenizer.encode(text)
+
+
+def load_llava(fmt_name, threads):
+    import llava_fast
+    from llava_fast.bench.real_model import llava_dir
+
+    dtype = "bfloat16" if fmt_name == "bfloat16" else "float32"
+    quantize = None if fmt_name in ("float32", "bfloat16") else fmt_name
+    return llava_fast.load(llava_dir(), device="cpu", dtype=dtype, quantize=quantize)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Engines: each a callable ids -> (ttft_s, decode_s, tokens)
+# ------------------------------------------------------------------------------------------------------
+
+
+def llava_engine(model, new_tokens):
+    from llava_fast.generate import Decoder
+
+    def run(ids):
+        t0 = time.perf_counter()
+        decoder = Decoder(model.net, 1, len(ids) + new_tokens)
+        tok = decoder.prefill([ids]).argmax(-1)
+        tokens = [int(tok)]
+        t1 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            tok = decoder.step(tok).argmax(-1)
+            tokens.append(int(tok))
+        return t1 - t0, time.perf_counter() - t1, tokens
+    return run
+
+
+def llama_cpp_engine(path, threads, new_tokens, context):
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=context + new_tokens + 8,
+                          n_batch=512, verbose=False)
+
+    def run(ids):
+        t0 = time.perf_counter()
+        tokens, t1 = [], None
+        for tok in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+            tokens.append(tok)
+            if t1 is None:
+                t1 = time.perf_counter()
+            if len(tokens) == new_tokens:
+                break
+        return t1 - t0, time.perf_counter() - t1, tokens
+    return run, llm
+
+
+def llama_cpp_weight_bytes(path):
+    """Bytes of the GGUF's tensors a decode step reads: all but the token embedding (one row is read), which
+    is counted once more as the output matrix when the model ties them (no output.weight)."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(path).tensors}
+    total = sum(tensors.values())
+    return total if "output.weight" not in tensors else total - tensors.get("token_embd.weight", 0)
+
+
+def transformers_engine(dtype, new_tokens):
+    import transformers
+    from transformers.generation.streamers import BaseStreamer
+
+    from llava_fast.bench.real_model import lm_dir
+
+    transformers.logging.set_verbosity_error()
+    lm = transformers.AutoModelForCausalLM.from_pretrained(lm_dir(), dtype=getattr(torch, dtype)).eval()
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def run(ids):
+        stamps = Stamps()
+        x = torch.tensor([ids])
+        t0 = time.perf_counter()
+        out = lm.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False, streamer=stamps, pad_token_id=0)
+        first = stamps.times[1]  # times[0]: the prompt, handed to the streamer before prefill's token
+        return first - t0, stamps.times[-1] - first, out[0, len(ids):].tolist()
+    return run, lm
+
+
+# ------------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------------
+
+
+def quality(doc, settings):
+    """Perplexity and top-1 agreement of each llava-fast format on the fixed text."""
+    reference_top1 = None
+    n = settings["quality_tokens"]
+    for name in settings["formats"]:
+        model = load_llava(name, settings["threads"])
+        ids = load_text_ids(model.tokenizer, n)
+        with torch.inference_mode():
+            logits = model.logits(torch.tensor([ids]))[0, :-1]  # (n - 1, V) float32
+        nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))
+        top1 = logits.argmax(-1)
+        engine = f"llava-fast/{name}"
+        doc["figures"].append(figure("perplexity", "1", higher_is_better=False, value=float(nll.exp()), engine=engine,
+                                     tokens=n))
+        if reference_top1 is None:
+            reference_top1, reference_name = top1, engine
+        else:
+            agree = float((top1 == reference_top1).float().mean()) * 100
+            doc["figures"].append(figure("top1_agreement", "%", higher_is_better=True, value=agree, engine=engine,
+                                         baseline=reference_name, tokens=n))
+        del model, logits
+
+
+def run(settings, argv):
+    torch.set_num_threads(settings["threads"])
+    doc = new_document("real", "llava-fast bench " + " ".join(argv), settings)
+    doc["device"] = device_info(torch.device("cpu"))
+    doc["ceilings"] = measure_ceilings(torch.device("cpu"))
+    telemetry = Telemetry(torch.device("cpu")).start()
+    try:
+        _measure(doc, settings)
+    finally:
+        telemetry.stop()
+    doc["telemetry"] = telemetry.to_dict()
+    return doc
+
+
+def _measure(doc, settings):
+    from llava_fast.quantize import weight_bytes_per_token
+
+    threads = settings["threads"]
+    bandwidth = doc["ceilings"]["bandwidth"]["measured"]
+    new_tokens = settings["new_tokens"]
+
+    engines, weight_bytes, pairs, outputs = {}, {}, {}, {}
+    ids = None
+    for name in settings["formats"]:
+        model = load_llava(name, threads)
+        ids = ids or prompt_ids(model)
+        engines[f"llava-fast/{name}"] = llava_engine(model, new_tokens)
+        weight_bytes[f"llava-fast/{name}"] = weight_bytes_per_token(model.net)
+    settings["context"] = len(ids)
+    if settings["llama_cpp"]:
+        try:
+            import llama_cpp  # noqa: F401
+
+            from llava_fast.bench.real_model import gguf
+
+            for name in settings["formats"]:
+                pairs[f"llava-fast/{name}"] = f"llama.cpp/{LLAMA_CPP_FOR[name]}"
+            for ggml_type in [LLAMA_CPP_FOR[n] for n in settings["formats"]] + list(EXTRA_LLAMA_CPP):
+                path = gguf(ggml_type)
+                engines[f"llama.cpp/{ggml_type}"], _ = llama_cpp_engine(path, threads, new_tokens, len(ids))
+                weight_bytes[f"llama.cpp/{ggml_type}"] = llama_cpp_weight_bytes(path)
+        except ImportError as e:
+            doc["notes"].append(f"llama.cpp skipped: llama_cpp is not importable ({e}); pip install llama-cpp-python")
+    if settings["transformers"]:
+        try:
+            for dtype in ("float32", "bfloat16"):
+                engines[f"transformers/{dtype}"], lm = transformers_engine(dtype, new_tokens)
+                weight_bytes[f"transformers/{dtype}"] = sum(
+                    p.numel() * p.element_size() for n, p in lm.named_parameters() if "embed_tokens" not in n) + (
+                    lm.lm_head.weight.numel() * lm.lm_head.weight.element_size())
+        except ImportError as e:
+            doc["notes"].append(f"transformers skipped: not importable ({e})")
+
+    names = list(engines)
+    samples = {n: {"ttft": [], "decode": []} for n in names}
+    for n in names:
+        for _ in range(settings["warmup"]):
+            outputs[n] = engines[n](ids)[2]
+    for r in range(settings["repeats"]):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            ttft, decode_s, tokens = engines[n](ids)
+            outputs[n] = tokens
+            samples[n]["ttft"].append(ttft)
+            samples[n]["decode"].append(decode_s)
+    labels = dict(batch=1, context=len(ids))
+    for n in names:
+        s = samples[n]
+        decode = [(new_tokens - 1) / t for t in s["decode"]]
+        f_dec = figure("decode_throughput", "tokens/s", higher_is_better=True, samples=decode, engine=n, **labels)
+        doc["figures"] += [
+            figure("time_to_first_token", "ms", higher_is_better=False, samples=[1e3 * t for t in s["ttft"]],
+                   engine=n, **labels),
+            figure("prefill_throughput", "tokens/s", higher_is_better=True, samples=[len(ids) / t for t in s["ttft"]],
+                   engine=n, **labels),
+            f_dec,
+            figure("decode_bandwidth", "GB/s", higher_is_better=True, value=weight_bytes[n] * f_dec["value"] / 1e9,
+                   engine=n, **labels),
+            figure("decode_bandwidth_pct", "%", higher_is_better=True,
+                   value=100 * weight_bytes[n] * f_dec["value"] / 1e9 / bandwidth, engine=n, peak="measured", **labels),
+        ]
+    for mine, theirs in pairs.items():
+        ratios = [b / a for a, b in zip(samples[mine]["decode"], samples[theirs]["decode"])]
+        doc["figures"].append(figure("decode_speedup", "x", higher_is_better=True, samples=ratios, engine=mine,
+                                     baseline=theirs, **labels))
+        ttft = [b / a for a, b in zip(samples[mine]["ttft"], samples[theirs]["ttft"])]
+        doc["figures"].append(figure("ttft_speedup", "x", higher_is_better=True, samples=ttft, engine=mine,
+                                     baseline=theirs, **labels))
+    ref = outputs.get("llava-fast/float32")
+    if ref is not None:
+        doc["checks"]["greedy_tokens_equal_to_llava_fast_float32"] = {
+            n: sum(a == b for a, b in zip(ref, toks)) / len(ref) for n, toks in outputs.items()}
+    doc["checks"]["weight_bytes_per_token"] = weight_bytes
+    if settings["quality_tokens"]:
+        quality(doc, settings)
+    doc["notes"].append(f"decode_bandwidth_pct: weight bytes per token over the measured read bandwidth "
+                        f"{bandwidth:.1f} GB/s ({doc['ceilings']['bandwidth']['method']})")
+
+
+def markdown(doc) -> str:
+    figs = doc["figures"]
+    rows = []
+    engines = list(dict.fromkeys(f["labels"]["engine"] for f in figs if f["name"] == "decode_throughput"))
+    for e in engines:
+        def v(name, **kw):
+            f = find_one(figs, name, engine=e, **kw)
+            return f["value"] if f else None
+        dec = find_one(figs, "decode_throughput", engine=e)
+        speed = [f for f in figs if f["name"] == "decode_speedup" and f["labels"]["engine"] == e]
+        rows.append([e, fmt(dec["value"]) + f" ({fmt(dec['stats']['q1'])}-{fmt(dec['stats']['q3'])})",
+                     fmt(v("prefill_throughput")), fmt(v("decode_bandwidth_pct")) + " %",
+                     (f"{speed[0]['value']:.2f}x vs {speed[0]['labels']['baseline']}" if speed else ""),
+                     fmt(v("perplexity")) if v("perplexity") else "", fmt(v("top1_agreement")) + " %"
+                     if v("top1_agreement") else ""])
+    table = md_table(["engine", "decode tok/s (IQR)", "prefill tok/s", "% of read roofline", "decode vs llama.cpp",
+                      "perplexity", "top-1 agreement"], rows)
+    return "\n".join(header_lines(doc) + ["", table] + [f"- {n}" for n in doc["notes"]])

@@ -1,0 +1,45 @@
+// Batch-1 (few-row) matrix-vector products for CPU decode: y (M, N) = x (M, K) @ W (N, K)^T, W in one of
+// four weight formats. See gemv.cpp for the kernels; llava_fast/gemv.py holds the torch reference (the
+// dequantized weight through F.linear) that they are tested against, and the packing of each format.
+#pragma once
+
+#include <cstdint>
+
+namespace llava_fast {
+
+enum WeightFormat : int {
+  kWeightF32 = 0,   // w: float (N, K)
+  kWeightBF16 = 1,  // w: bfloat16 bits (N, K); x must be bfloat16 (its products are exact in fp32)
+  kWeightQ8 = 2,    // w: int8 (N, K); scales: float (N,); W[n, k] = scales[n] * w[n, k]
+  kWeightQ4 = 3,    // w: uint8 (N, K / 2), 16 bytes per 32 weights: byte j of a 32-block holds weight j in its
+                    //   low nibble and weight j + 16 in its high nibble; scales, mins: float16 bits
+                    //   (N, K / group); W[n, k] = q * scales[n, g] + mins[n, g] with q in 0..15, g = k / group
+};
+
+enum ActivationDtype : int { kActF32 = 0, kActBF16 = 1 };
+
+struct GemvArgs {
+  const void* x;          // (M, K) activations, row stride x_stride elements, dtype x_dtype
+  int x_dtype;
+  int64_t m, x_stride;
+  const void* w;          // weights, contiguous, layout by format
+  int format;
+  int64_t n, k, group;    // group: Q4's group size (a multiple of 32 dividing k); ignored otherwise
+  const void* scales;     // Q8: float (N,); Q4: float16 (N, K / group)
+  const void* mins;       // Q4: float16 (N, K / group)
+  void* y;                // (M, N) output, row stride y_stride elements, dtype x_dtype
+  int64_t y_stride;
+};
+
+// Empty when the arguments are usable, else what is wrong (the caller raises it).
+const char* gemv_check(const GemvArgs& args);
+
+// Runs on up to `threads` threads (a pool kept between calls; its workers spin ~100 us after each call, then
+// sleep), which claim chunks of W's N rows from a shared counter. Touches no Python state.
+void gemv(const GemvArgs& args, int threads);
+
+// "avx512" (AVX-512F/BW/VL + AVX512_BF16) or "scalar": the kernels this CPU runs.
+const char* gemv_isa();
+bool gemv_use_kernels(const char* name);  // "scalar" or "best", for tests; false for other names
+
+}  // namespace llava_fast

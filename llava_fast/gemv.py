@@ -1,0 +1,146 @@
+"""Batch-1 linear layers for CPU decode: packed weights, the native GEMV (csrc/gemv.cpp), its torch reference.
+
+In: a weight (N, K) in float32 / bfloat16, or quantized by torchao (quantize.py) to int8 rows or int4 groups.
+Out: `GemvLinear`, an nn.Module with nn.Linear's contract (x (..., K) -> (..., N), x's dtype) whose forward
+runs `llava_fast._C.gemv` when x is on the CPU with at most `MAX_GEMV_ROWS` rows, and otherwise F.linear on
+the (dequantized) weight. `reference(x, packed)` is that F.linear path in float32: the oracle of the tests.
+
+Formats (csrc/gemv.h): F32 and BF16 hold the weight itself; Q8 int8 (N, K) + float32 scale (N,); Q4 uint8
+(N, K/2) with the two nibbles of byte j of each 32-block holding weights j and j + 16, float16 scale and min
+(N, K/group): W = q * scale + min, q in 0..15.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+F32, BF16, Q8, Q4 = 0, 1, 2, 3
+FORMAT_NAMES = {F32: "float32", BF16: "bfloat16", Q8: "int8", Q4: "int4"}
+# Above this many rows (prefill), oneDNN's blocked GEMM on the dequantized weight is faster than re-running
+# the GEMV per row: the GEMV reads W once per call but does only 1 FMA per weight per row.
+MAX_GEMV_ROWS = 8
+_ACT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+THREADS = 0  # GEMV threads; 0: torch.get_num_threads() at each call (see decode_threads)
+
+try:
+    from llava_fast import _C
+
+    NATIVE = hasattr(_C, "gemv")
+except ImportError:  # built without a C++ toolchain: the torch path
+    _C, NATIVE = None, False
+
+
+def pack_q4(q, scale, minimum):
+    """q (N, K) integers in 0..15, scale/minimum (N, K/group) -> (packed uint8 (N, K/2), fp16 scale, fp16 min)."""
+    N, K = q.shape
+    blocks = q.to(torch.uint8).view(N, K // 32, 2, 16)  # each 32-block: weights 0..15 and 16..31
+    packed = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(N, K // 2)
+    return packed.contiguous(), scale.to(torch.float16).contiguous(), minimum.to(torch.float16).contiguous()
+
+
+def unpack_q4(packed):
+    """(N, K/2) uint8 -> q (N, K) uint8 in 0..15 (pack_q4's inverse)."""
+    N = packed.shape[0]
+    blocks = packed.view(N, -1, 1, 16)
+    return torch.cat([blocks & 15, blocks >> 4], dim=2).reshape(N, -1)
+
+
+class GemvLinear(nn.Module):
+    """A bias-free linear layer over a packed weight (see the module docstring). Inference only."""
+
+    def __init__(self, fmt, weight, scale=None, minimum=None, group=None, out_dtype=torch.float32):
+        super().__init__()
+        self.format, self.group = fmt, group
+        self.out_features = weight.shape[0]
+        self.in_features = weight.shape[1] * (2 if fmt == Q4 else 1)
+        self.out_dtype = out_dtype  # the compute dtype of the model (activations and the dequantized weight)
+        # Named `weight` so a float layer's state_dict and parameters stay nn.Linear's (bench baselines and
+        # checkpoint writers read them); a quantized layer's `weight` is its packed integer data.
+        if fmt in (F32, BF16):
+            self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        else:
+            self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("scale", None if scale is None else scale.contiguous())
+        self.register_buffer("minimum", None if minimum is None else minimum.contiguous())
+
+    @classmethod
+    def from_float(cls, weight):
+        """Wrap a float32 or bfloat16 (N, K) weight as is (no copy)."""
+        fmt = {torch.float32: F32, torch.bfloat16: BF16}[weight.dtype]
+        return cls(fmt, weight.detach(), out_dtype=weight.dtype)
+
+    @property
+    def nbytes(self):
+        """Bytes one call reads from memory: the packed weight and its scales."""
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.scale, self.minimum) if t is not None)
+
+    def dequantized(self, dtype=None):
+        """The weight as a dense (N, K) tensor of `dtype` (default: the model's compute dtype)."""
+        dtype = dtype or self.out_dtype
+        w = self.weight
+        if self.format in (F32, BF16):
+            return w.to(dtype)
+        if self.format == Q8:
+            return (w.float() * self.scale.view(-1, 1)).to(dtype)
+        q = unpack_q4(w).float().view(self.out_features, -1, self.group)
+        return (q * self.scale.float().unsqueeze(-1) + self.minimum.float().unsqueeze(-1)).reshape(
+            self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x):
+        rows = x.numel() // x.shape[-1] if x.dim() else 0
+        if (NATIVE and x.device.type == "cpu" and 0 < rows <= MAX_GEMV_ROWS and x.dtype in _ACT_DTYPES
+                and x.shape[-1] == self.in_features and not torch.compiler.is_compiling()):
+            return gemv(x, self)
+        return F.linear(x, self.dequantized(x.dtype))
+
+    def extra_repr(self):
+        g = f", group={self.group}" if self.format == Q4 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {FORMAT_NAMES[self.format]}{g}"
+
+
+@contextlib.contextmanager
+def decode_threads(device):
+    """Around a CPU decode step: torch's own ops run on one thread and the GEMV on torch's thread count.
+
+    At batch 1 the torch ops between GEMVs (norms, RoPE, attention over one query) are microseconds long; on
+    several threads their OpenMP workers spin against the GEMV pool's for the same cores. SmolLM2-135M int4,
+    2 threads, busy 2-core host: 0.9 tok/s with both pools, 4-5 tok/s with torch on one thread (same run).
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or not NATIVE or threads == 1:
+        yield
+        return
+    global THREADS
+    saved = THREADS
+    THREADS = saved or threads
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        THREADS = saved
+
+
+def gemv(x, layer: GemvLinear, threads=None):
+    """x (..., K) float32/bfloat16 on the CPU -> (..., N) of x's dtype, through the native kernel."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M, N = x2.shape[0], layer.out_features
+    y = torch.empty(M, N, dtype=x.dtype)
+    s, m = layer.scale, layer.minimum
+    _C.gemv(x2.data_ptr(), _ACT_DTYPES[x.dtype], M, x2.stride(0), layer.weight.data_ptr(), layer.format, N,
+            layer.in_features, layer.group or 0, 0 if s is None else s.data_ptr(), 0 if m is None else m.data_ptr(),
+            y.data_ptr(), N, threads or THREADS or torch.get_num_threads())
+    return y.view(*x.shape[:-1], N)
+
+
+def reference(x, layer: GemvLinear):
+    """The torch oracle: float32 F.linear of x (rounded to bf16 first for a bf16 weight, as the kernel's
+    VDPBF16PS does) on the dequantized weight."""
+    x32 = x.to(torch.bfloat16).float() if layer.format == BF16 else x.float()
+    return F.linear(x32, layer.dequantized(torch.float32))
