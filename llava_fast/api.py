@@ -71,8 +71,8 @@ def load(path, *, device=None, dtype=None, vision_tower=None) -> LlavaModel:
         os.path.dirname(sources[0][0]) if cfg.layout == "original" else None)
     pad = cfg.image_aspect_ratio == "pad"
     if processor_dir and os.path.isfile(os.path.join(processor_dir, "preprocessor_config.json")):
-        # The original config's image_aspect_ratio wins; otherwise the preprocessor config's own (the trainer
-        # writes "pad" there for llava-hf checkpoints it trained with LLaVA-1.5's padding).
+        # The original config's image_aspect_ratio wins; otherwise the preprocessor config's own (do_pad of a
+        # LlavaImageProcessor config, as the trainer writes it for LLaVA-1.5's padding).
         processor = ImageProcessor.from_pretrained(processor_dir, image_aspect_ratio="pad" if pad else "from_config")
     else:
         processor = ImageProcessor.clip(image_size=cfg.vision.image_size, pad=pad)

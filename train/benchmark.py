@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from llava_fast.errors import InputError
 from llava_fast.train.data import Batch
 from llava_fast.train.lora import add_lora
 from llava_fast.train.trainer import (MasterWeights, TrainArgs, TrainingLoss, _Stepper, peak_flops, step_flops,
@@ -185,7 +186,10 @@ def main(argv=None):
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--transformers", action="store_true", help="also measure transformers' forward+backward memory")
     args = p.parse_args(argv)
-    args.text_tokens = args.text_tokens or (64 if args.stage == 1 else 320)
+    if args.text_tokens is None:
+        args.text_tokens = 64 if args.stage == 1 else 320
+    if args.text_tokens < 1:
+        raise InputError(f"--text-tokens must be at least 1, got {args.text_tokens}")
     r = run(args)
     for k, value in r.items():
         print(f"{k:38s} {value:.4g}" if isinstance(value, float) else f"{k:38s} {value}")
