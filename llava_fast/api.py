@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 
@@ -45,14 +46,18 @@ def resolve_device_dtype(device=None, dtype=None):
 def _local_dir(path):
     if os.path.isdir(path):
         return path
-    if os.path.exists(path) or path.count("/") != 1:
+    if os.path.exists(path) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", path):
         raise CheckpointError(f"{path}: not a checkpoint directory")
     try:  # "org/name": a hub id, fetched only when the optional huggingface_hub is installed
         from huggingface_hub import snapshot_download
     except ImportError:
         raise CheckpointError(f"{path!r} is not a local directory; to download it as a hub id, "
                               "install huggingface_hub (pip install huggingface_hub)") from None
-    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin", "tokenizer.model"])
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin", "tokenizer.model"])
+    except Exception as e:  # no network, no such repository, no access: huggingface_hub's own error types
+        raise CheckpointError(f"{path!r} is not a local directory, and downloading it as a hub id failed: "
+                              f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from e
 
 
 def load(path, *, device=None, dtype=None, vision_tower=None) -> LlavaModel:
