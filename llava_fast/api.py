@@ -29,7 +29,10 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 
 def resolve_device_dtype(device=None, dtype=None):
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}: expected 'cpu', 'cuda', 'cuda:N' or a torch.device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' requested but no CUDA GPU is available")
     if dtype is None:
@@ -40,6 +43,8 @@ def resolve_device_dtype(device=None, dtype=None):
         if dtype not in _DTYPES:
             raise InputError(f"unknown dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
         dtype = _DTYPES[dtype]
+    elif dtype not in _DTYPES.values():
+        raise InputError(f"unsupported dtype {dtype!r}: expected torch.float32, float16 or bfloat16 (or its name)")
     return device, dtype
 
 

@@ -217,3 +217,12 @@ def test_bad_prompts_rows_and_pixels(hf_and_model):
     with pytest.raises(InputError, match="eos_token_id must be"):
         model.generate_ids([[1, 2]], max_new_tokens=2, eos_token_id="eos")
     assert model.logits(torch.tensor([1, 15043])).shape == (1, 2, 32064)  # one row as a 1-D tensor
+
+
+def test_bad_load_arguments(tmp_path):
+    with pytest.raises(InputError, match="unknown device 'gpu'"):
+        llava_fast.load(str(tmp_path), device="gpu")
+    with pytest.raises(InputError, match="unsupported dtype torch.int8"):
+        llava_fast.load(str(tmp_path), device="cpu", dtype=torch.int8)
+    with pytest.raises(llava_fast.CheckpointError, match="/no/such: not a checkpoint directory"):
+        llava_fast.load("/no/such")  # "/no/such" is no hub id (org/name) either
