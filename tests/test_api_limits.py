@@ -57,26 +57,26 @@ def test_padded_vocabulary_ids_greedy_match_transformers(padded_favouring, refer
 
     hf, model, ids = padded_favouring
     assert model.config.text.vocab_size == 32064 and model.tokenizer.vocab_size == 32002
-    got = model.generate_ids([ids], max_new_tokens=8, eos_token_id=None)[0]
+    got = model.generate_ids([ids], max_new_tokens=5, eos_token_id=None)[0]
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False, eos_token_id=None,
                           pad_token_id=32001)[0, len(ids):].tolist()
     assert got == ref and got[0] == PADDED_ID  # the id comes back, as transformers returns it
     hf_tok = AutoTokenizer.from_pretrained(f"{reference_dir}/tokenizer")
-    text = model.generate(PROMPT, max_new_tokens=8)
+    text = model.generate(PROMPT, max_new_tokens=5)
     # The padded id decodes to nothing, as in transformers; the rest of the text is unchanged.
     assert text == hf_tok.decode(ref, skip_special_tokens=True) == model.tokenizer.decode(got)
-    assert "".join(model.stream(PROMPT, max_new_tokens=8)) == text
-    assert model.chat(max_new_tokens=8).ask(PROMPT) == text
+    assert "".join(model.stream(PROMPT, max_new_tokens=5)) == text
+    assert model.chat(max_new_tokens=5).ask(PROMPT) == text
 
 
 def test_padded_vocabulary_ids_sampled(padded_favouring):
     _, model, ids = padded_favouring
-    kw = dict(max_new_tokens=10, temperature=1.5, seed=3)
-    got = model.generate_ids([ids], **kw, eos_token_id=None)[0]
+    kw = dict(max_new_tokens=6, temperature=1.5, seed=3)
+    got = model.generate_ids([ids], **kw)[0]
     assert got[0] == PADDED_ID and max(got) < 32064
-    text = model.generate(PROMPT, **kw, stop=[])  # EOS (2) cannot be drawn ahead of 60 logits of margin
-    assert text == model.tokenizer.decode(model.generate_ids([ids], **kw)[0])
+    text = model.generate(PROMPT, **kw, stop=[])  # the same draws: the same ids, ending at EOS if drawn
+    assert text == model.tokenizer.decode(got)
     assert "".join(model.stream(PROMPT, **kw)) == text
     steps = list(model.stream([PROMPT, PROMPT], **kw))  # a batch: each row may draw padded ids too
     assert ["".join(s[i] for s in steps) for i in range(2)] == model.generate([PROMPT, PROMPT], **kw)
@@ -106,20 +106,22 @@ def test_logits_over_exactly_the_whole_context_match_transformers(hf_and_model):
 def test_generation_fills_the_context_and_one_more_is_refused(hf_and_model):
     """prompt + max_new_tokens = context + 1 needs `context` positions: the last new token is never fed back."""
     hf, model = hf_and_model
-    ids = model.encode_prompt(PROMPT)
+    prompt = "Describe it in detail: " + " ".join(["the red bus"] * 13)  # a long prompt, a few new tokens
+    ids = model.encode_prompt(prompt)
     new = CONTEXT + 1 - len(ids)
+    assert 3 <= new <= 12
     got = model.generate_ids([ids], max_new_tokens=new, eos_token_id=None)[0]
     with torch.no_grad():
         ref = hf.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False, eos_token_id=None,
                           pad_token_id=32001)[0, len(ids):].tolist()
     assert got == ref and len(got) == new
-    text = model.generate(PROMPT, max_new_tokens=new, stop=[])
+    text = model.generate(prompt, max_new_tokens=new, stop=[])
     assert text == model.tokenizer.decode(ref[: ref.index(2) + 1] if 2 in ref else ref)
-    assert model.chat(max_new_tokens=new).ask(PROMPT) == text
+    assert model.chat(max_new_tokens=new).ask(prompt) == text
     for call in (lambda: model.generate_ids([ids], max_new_tokens=new + 1),
-                 lambda: model.generate(PROMPT, max_new_tokens=new + 1),
-                 lambda: model.stream(PROMPT, max_new_tokens=new + 1),
-                 lambda: model.chat(max_new_tokens=new + 1).ask(PROMPT)):
+                 lambda: model.generate(prompt, max_new_tokens=new + 1),
+                 lambda: model.stream(prompt, max_new_tokens=new + 1),
+                 lambda: model.chat(max_new_tokens=new + 1).ask(prompt)):
         with pytest.raises(InputError, match=f"needs {CONTEXT + 1} positions, more than the context length"):
             call()
 
@@ -140,11 +142,11 @@ def test_bench_contexts_use_the_same_limit():
 def test_stream_of_a_batch_yields_every_row(hf_and_model):
     _, model = hf_and_model
     prompts = ["Hi", "Write a poem."]
-    steps = list(model.stream(prompts, max_new_tokens=9))
+    steps = list(model.stream(prompts, max_new_tokens=6))
     assert all(isinstance(s, list) and len(s) == 2 for s in steps)
     texts = ["".join(s[i] for s in steps) for i in range(2)]
-    assert texts == model.generate(prompts, max_new_tokens=9)
-    assert texts[1] and texts[1] == model.generate("Write a poem.", max_new_tokens=9)
+    assert texts == model.generate(prompts, max_new_tokens=6)
+    assert texts[1] and texts[1] == model.generate("Write a poem.", max_new_tokens=6)
 
 
 BAD_GENERATION = [
