@@ -77,28 +77,31 @@ def main(argv=None):
     overwrite = args.pop("overwrite")
     if overwrite and args["resume"]:
         raise InputError("--overwrite and --resume contradict each other: continue the run in --output, or replace it")
+    run = TrainArgs(**args)
+    run.resolved()  # bad settings fail before --overwrite clears anything
     if not args["resume"]:
-        check_new_output(args["output"], overwrite, keep_for_resume=True)
-    train(TrainArgs(**args))
+        check_new_output(args["output"], overwrite, training=True)
+    train(run)
     return 0
 
 
-def check_new_output(path, overwrite, keep_for_resume=False):
+def check_new_output(path, overwrite, training=False):
     """Refuse to write into an existing file or non-empty directory unless --overwrite (nothing already done is
-    lost by accident). With --overwrite, a previous training run's resumable state there is removed, so a later
+    lost by accident). With --overwrite, training removes a previous run's resumable state there, so a later
     --resume cannot pick up a checkpoint of the replaced run."""
     if os.path.isfile(path):
         raise InputError(f"--output {path} is a file, not a directory")
     if not os.path.isdir(path) or not os.listdir(path):
         return
     if not overwrite:
-        hint = "; pass --resume to continue the run there," if keep_for_resume else ";"
+        hint = "; pass --resume to continue the run there," if training else ";"
         raise InputError(f"--output {path} already exists and is not empty{hint} pass --overwrite to replace "
                          "it, or choose another --output")
     import re
     import shutil
 
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, process 0 clears it (before the others rendezvous)
+    # Under torchrun, process 0 clears it, before the processes rendezvous.
+    if not training or os.environ.get("RANK", "0") != "0":
         return
     for name in os.listdir(path):
         if re.fullmatch(r"checkpoint-\d+(\.tmp)?", name):
