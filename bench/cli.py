@@ -89,6 +89,7 @@ def _model_args(p):
     p.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's, one per core); "
                    "on a shared host, fewer threads than cores keeps other work from stalling every op")
     p.add_argument("--json", help="result file (default: bench-results/<kind>-<model>-<device>-<time>.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json (or --plot) file")
 
 
 def build_parser():
@@ -207,6 +208,9 @@ def cmd_measure(args, argv) -> int:
     from llava_fast.bench.device import resolve_device
     from llava_fast.bench.timing import relative_spread
 
+    for flag, path in (("--json", args.json), ("--plot", getattr(args, "plot", None))):
+        if path and os.path.exists(path) and not args.overwrite:  # refused before minutes of measuring
+            raise InputError(f"{flag} {path} already exists; pass --overwrite to replace it")
     device = resolve_device(args.device)
     resolve_device_dtype(device, args.dtype)  # a bad --dtype fails before anything is built
     if args.threads:

@@ -40,6 +40,7 @@ from llava_fast.bench.device import Telemetry, device_info, measure_ceilings, pe
 from llava_fast.bench.report import figure, find_one, fmt, header_lines, md_table, new_document
 from llava_fast.bench.timing import Clock, summarize, time_repeats
 from llava_fast.errors import InputError
+from llava_fast.generate import positions_needed
 
 PROMPT = "What is unusual about this image?"
 TRANSFORMERS = "transformers"
@@ -98,10 +99,10 @@ def resolve_contexts(requested, natural: int, limit: int, new_tokens: int, expli
         c = natural if c == "prompt" else int(c)
         if c < natural:
             raise InputError(f"--contexts: {c} is shorter than the prompt ({natural} tokens, image included)")
-        if c + new_tokens > limit:
+        if positions_needed(c, new_tokens) > limit:
             if explicit:
-                raise InputError(f"--contexts: {c} + {new_tokens} new tokens exceeds the model's context of "
-                                 f"{limit} tokens")
+                raise InputError(f"--contexts: {c} + {new_tokens} new tokens needs {positions_needed(c, new_tokens)} "
+                                 f"positions, which exceeds the model's context of {limit} tokens")
             notes.append(f"context {c} skipped: {c} + {new_tokens} new tokens exceeds the model's {limit}")
             continue
         if c not in out:

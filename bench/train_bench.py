@@ -101,7 +101,9 @@ def run(settings: dict, argv) -> dict:
     doc["device"] = device_info(device)
     net, name = build_net(settings, device, dtype)
     cfg = net.cfg
-    seq_len = settings["seq_len"] or (2048 if device.type == "cuda" else cfg.num_image_tokens + 64)
+    seq_len = settings["seq_len"]
+    if seq_len is None:
+        seq_len = 2048 if device.type == "cuda" else cfg.num_image_tokens + 64
     if seq_len <= cfg.num_image_tokens + 1:
         raise InputError(f"--seq-len {seq_len} leaves no text after BOS and {cfg.num_image_tokens} image tokens")
     if seq_len > cfg.text.max_position_embeddings:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 
@@ -17,7 +18,8 @@ from llava_fast.conversation import _checked_turns, format_user_turn, get_templa
 from llava_fast.errors import CheckpointError, InputError
 from llava_fast import ops
 from llava_fast.compiled import CompiledSteps
-from llava_fast.generate import Decoder, Sampling, batch_bucket, generate_token_steps
+from llava_fast.generate import (Decoder, Sampling, batch_bucket, generate_token_steps, is_integer,
+                                 positions_needed)
 from llava_fast.image import ImageProcessor
 from llava_fast.loading import load_weights, read_config
 from llava_fast.model import LlavaForCausalLM
@@ -29,7 +31,10 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 
 def resolve_device_dtype(device=None, dtype=None):
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}: expected 'cpu', 'cuda', 'cuda:N' or a torch.device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' requested but no CUDA GPU is available")
     if dtype is None:
@@ -40,20 +45,26 @@ def resolve_device_dtype(device=None, dtype=None):
         if dtype not in _DTYPES:
             raise InputError(f"unknown dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
         dtype = _DTYPES[dtype]
+    elif dtype not in _DTYPES.values():
+        raise InputError(f"unsupported dtype {dtype!r}: expected torch.float32, float16 or bfloat16 (or its name)")
     return device, dtype
 
 
 def _local_dir(path):
     if os.path.isdir(path):
         return path
-    if os.path.exists(path) or path.count("/") != 1:
+    if os.path.exists(path) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", path):
         raise CheckpointError(f"{path}: not a checkpoint directory")
     try:  # "org/name": a hub id, fetched only when the optional huggingface_hub is installed
         from huggingface_hub import snapshot_download
     except ImportError:
         raise CheckpointError(f"{path!r} is not a local directory; to download it as a hub id, "
                               "install huggingface_hub (pip install huggingface_hub)") from None
-    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin", "tokenizer.model"])
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin", "tokenizer.model"])
+    except Exception as e:  # no network, no such repository, no access: huggingface_hub's own error types
+        raise CheckpointError(f"{path!r} is not a local directory, and downloading it as a hub id failed: "
+                              f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from e
 
 
 def load(path, *, device=None, dtype=None, vision_tower=None, mmproj=None, compile=False, quantize=None
@@ -94,8 +105,8 @@ def load(path, *, device=None, dtype=None, vision_tower=None, mmproj=None, compi
         os.path.dirname(sources[0][0]) if cfg.layout == "original" else None)
     pad = cfg.image_aspect_ratio == "pad"
     if processor_dir and os.path.isfile(os.path.join(processor_dir, "preprocessor_config.json")):
-        # The original config's image_aspect_ratio wins; otherwise the preprocessor config's own (the trainer
-        # writes "pad" there for llava-hf checkpoints it trained with LLaVA-1.5's padding).
+        # The original config's image_aspect_ratio wins; otherwise the preprocessor config's own (do_pad of a
+        # LlavaImageProcessor config, as the trainer writes it for LLaVA-1.5's padding).
         processor = ImageProcessor.from_pretrained(processor_dir, image_aspect_ratio="pad" if pad else "from_config")
     else:
         processor = ImageProcessor.clip(image_size=cfg.vision.image_size, pad=pad)
@@ -103,6 +114,52 @@ def load(path, *, device=None, dtype=None, vision_tower=None, mmproj=None, compi
         raise CheckpointError(f"{processor_dir}: preprocessor crops to {processor.image_size} px but the vision "
                               f"tower expects {cfg.vision.image_size} px")
     return LlavaModel(net, tokenizer, processor, compile=compile)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Checks of the public arguments, run before any work; each error says what was expected
+# ------------------------------------------------------------------------------------------------------
+
+
+def _check_max_new_tokens(value) -> int:
+    if not is_integer(value) or value < 1:
+        raise InputError(f"max_new_tokens must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_text_options(stop, template, system):
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)):
+        raise InputError(f"stop must be a string or a list of strings, got {stop!r:.80}")
+    if template is not None:
+        if not isinstance(template, str):
+            raise InputError(f"template must be a template name (a string), got {template!r:.80}")
+        get_template(template)  # an unknown name lists the known ones
+    if system is not None and not isinstance(system, str):
+        raise InputError(f"system must be a string, got {type(system).__name__}")
+
+
+def _check_prompts(prompts):
+    """One prompt (a string, or a list of (role, text) messages) or a batch (a list of those)."""
+    kinds = (str, list, tuple, dict)
+    if not isinstance(prompts, (str, list, tuple)) or any(not isinstance(p, kinds) for p in prompts):
+        raise InputError("prompts must be a string, a list of (role, text) messages, or a list of those "
+                         f"(a batch); got {prompts!r:.80}")
+
+
+def _check_id_rows(rows, what) -> list[list[int]]:
+    """A (B, T) tensor or a sequence of sequences of token ids -> lists of ints."""
+    if isinstance(rows, torch.Tensor):
+        if rows.dim() not in (1, 2) or rows.dtype.is_floating_point or rows.dtype == torch.bool:
+            raise InputError(f"{what} must be an integer tensor of shape (B, T) or (T,), got {rows.dtype} "
+                             f"{tuple(rows.shape)}")
+        rows = rows.tolist()
+    if not isinstance(rows, (list, tuple)) or any(not isinstance(r, (list, tuple)) for r in rows):
+        raise InputError(f"{what} must be a list of rows of token ids (a list of lists of ints), got {rows!r:.80}")
+    bad = next((t for r in rows for t in r if not is_integer(t)), None)
+    if bad is not None:
+        raise InputError(f"{what} must hold integer token ids, got {bad!r}")
+    return [[int(t) for t in r] for r in rows]
 
 
 class LlavaModel:
@@ -192,12 +249,26 @@ class LlavaModel:
             raise InputError(f"{num_images} images given, but this model is text-only (a GGUF loaded without "
                              "mmproj=): it has no vision tower")
 
-    def _check_rows(self, rows, num_images, max_new_tokens):
+    def _check_pixel_values(self, pixel_values) -> int:
+        """None or a (N, 3, S, S) float tensor at the tower's resolution -> N."""
+        if pixel_values is None:
+            return 0
+        self._check_takes_images(len(pixel_values))
+        size = self.config.vision.image_size
+        if (not isinstance(pixel_values, torch.Tensor) or not pixel_values.dtype.is_floating_point
+                or tuple(pixel_values.shape[1:]) != (3, size, size)):
+            got = (f"{pixel_values.dtype} {tuple(pixel_values.shape)}" if isinstance(pixel_values, torch.Tensor)
+                   else type(pixel_values).__name__)
+            raise InputError(f"pixel_values must be a float tensor of shape (N, 3, {size}, {size}) (see "
+                             f"model.pixel_values), got {got}")
+        return int(pixel_values.shape[0])
+
+    def _check_rows(self, rows, num_images, max_new_tokens=None):
+        """Rows of expanded ids fit the vocabulary, the images and the context: with max_new_tokens (generation)
+        positions_needed() <= context; without (logits) len(row) <= context."""
         self._check_takes_images(num_images)
         if not rows:
             raise InputError("no prompts given")
-        if max_new_tokens < 1 or int(max_new_tokens) != max_new_tokens:
-            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
         vocab = self.config.text.vocab_size
         for i, row in enumerate(rows):
             if not row:
@@ -205,9 +276,13 @@ class LlavaModel:
             bad = [t for t in row if not (0 <= t < vocab or t == self.image_token_id)]
             if bad:
                 raise InputError(f"row {i} has token ids outside the vocabulary (size {vocab}): {bad[:5]}")
-            if len(row) + max_new_tokens > self.context_length:
+            if max_new_tokens is None and len(row) > self.context_length:
+                raise InputError(f"row {i}: {len(row)} tokens exceed the context length of {self.context_length} "
+                                 "tokens")
+            if max_new_tokens is not None and positions_needed(len(row), max_new_tokens) > self.context_length:
                 raise InputError(f"row {i}: prompt of {len(row)} tokens plus max_new_tokens={max_new_tokens} "
-                                 f"exceeds the context length of {self.context_length} tokens")
+                                 f"needs {positions_needed(len(row), max_new_tokens)} positions, more than the "
+                                 f"context length of {self.context_length} tokens")
         image_positions = sum(row.count(self.image_token_id) for row in rows)
         if image_positions != num_images * self.num_image_tokens:
             raise InputError(f"the rows hold {image_positions} image-token positions but {num_images} images "
@@ -242,23 +317,23 @@ class LlavaModel:
         return decoder
 
     def _stream_rows(self, rows, pixel_values, *, max_new_tokens, sampling, stop, eos_token_id, decoder=None,
-                     start_pos=None, new_rows=None, sync_every=None):
-        """Generate for all rows; yield per step a list of text deltas (one per row). Returns through
-        StopIteration.value the generated ids per row (EOS included when it ended the row).
+                     start_pos=None, new_rows=None, sync_every=None, decode=True):
+        """Generate for all rows; yield per step a list of text deltas (one per row; all "" with decode=False).
+        Returns through StopIteration.value the generated ids per row (EOS included when it ended the row).
 
         New tokens stay on the device and are read back every `sync_every` steps (default: every step on the
         CPU, every 16 on a GPU, so the GPU runs ahead of the host). A row that ends mid-chunk ignores the rest
         of its chunk, so the result does not depend on sync_every; only up to sync_every - 1 steps are wasted.
         """
         if decoder is None:
-            decoder = self._decoder(len(rows), max(len(r) for r in rows) + max_new_tokens)
+            decoder = self._decoder(len(rows), positions_needed(max(map(len, rows)), max_new_tokens))
         if sync_every is None:
             sync_every = 1 if self.device.type == "cpu" else 16
         feed = list(new_rows or rows)
         pad = decoder.batch_size - len(feed)  # a CUDA-graph bucket may hold more rows than the batch
-        feed += [[self.tokenizer.bos_token_id or 0]] * pad
+        feed += [[0 if self.tokenizer.bos_token_id is None else self.tokenizer.bos_token_id]] * pad
         starts = None if start_pos is None else list(start_pos) + [0] * pad
-        outputs = [_RowOutput(self.tokenizer, stop, eos_token_id) for _ in rows]
+        outputs = [_RowOutput(self.tokenizer if decode else None, stop, eos_token_id) for _ in rows]
         compile_before = self.compiled.compile_s if self.compiled else 0.0
         start = time.perf_counter()
         logits = decoder.prefill(feed, pixel_values, starts)
@@ -270,7 +345,7 @@ class LlavaModel:
                 continue
             chunk = torch.stack(pending)[:, : len(rows)].tolist()  # the host sync: one per chunk
             pending, n = [], i + 1
-            first = first or time.perf_counter()
+            first = time.perf_counter() if first is None else first
             for step_tokens in chunk:
                 yield [out.push(t) if not out.done else "" for out, t in zip(outputs, step_tokens)]
             if all(out.done for out in outputs):
@@ -286,6 +361,7 @@ class LlavaModel:
         return [out.ids for out in outputs]
 
     def _prepare(self, prompts, images, template, system):
+        _check_prompts(prompts)
         single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], tuple))
         prompt_list = [prompts] if single else list(prompts)
         if single:
@@ -309,6 +385,13 @@ class LlavaModel:
         user = [stop] if isinstance(stop, str) else list(stop or [])
         return [s for s in dict.fromkeys(user + list(tpl_stops)) if s]
 
+    def _generation_settings(self, max_new_tokens, temperature, top_p, top_k, seed, stop, template, system):
+        """Every generation argument checked before any work: (max_new_tokens, Sampling, stop strings)."""
+        max_new_tokens = _check_max_new_tokens(max_new_tokens)
+        sampling = Sampling(temperature, top_p, top_k, seed)
+        _check_text_options(stop, template, system)
+        return max_new_tokens, sampling, self._stop_strings(stop, template)
+
     def generate(self, prompts, images=None, *, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
                  stop=None, seed=None, template=None, system=None):
         """Reply to one prompt (str -> str) or a batch (list[str] -> list[str]).
@@ -316,49 +399,70 @@ class LlavaModel:
         images: for one prompt, None, an image or a list of images; for a batch, a list with one such entry
         per prompt. An image is a path, a PIL image or a uint8 array. A prompt without an `<image>` marker
         and exactly one image gets the marker prepended; any other mismatch raises InputError.
+        max_new_tokens: a positive int; prompt + max_new_tokens may be the context length + 1 (the last new
+        token is never fed back). temperature 0 is greedy; top_k 0 means no cut; all checked up front.
+
+        Ids the model can emit but the tokenizer does not know (llava-hf pads lm_head to 32,064 rows for
+        32,002 tokens) decode to nothing, as transformers decodes them: the text is always
+        `tokenizer.decode(generate_ids(...))`, and sampling is not altered.
         """
+        settings = self._generation_settings(max_new_tokens, temperature, top_p, top_k, seed, stop, template, system)
         single, rows, flat_images = self._prepare(prompts, images, template, system)
-        sampling = Sampling(temperature, top_p, top_k, seed)
-        self._check_rows(rows, len(flat_images), max_new_tokens)
         texts = [""] * len(rows)
-        for deltas in self._stream_rows(rows, self.pixel_values(flat_images), max_new_tokens=max_new_tokens,
-                                        sampling=sampling, stop=self._stop_strings(stop, template),
-                                        eos_token_id=self.tokenizer.eos_token_ids):
+        for deltas in self._run_text(rows, flat_images, settings):
             texts = [t + d for t, d in zip(texts, deltas)]
         return texts[0] if single else texts
 
-    def stream(self, prompt, image=None, *, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, stop=None,
-               seed=None, template=None, system=None) -> Iterator[str]:
-        """Yield the reply's text as it is generated, in UTF-8-safe deltas; their concatenation equals
-        generate()'s text for the same arguments."""
-        _, rows, flat_images = self._prepare(prompt, image, template, system)
-        sampling = Sampling(temperature, top_p, top_k, seed)
+    def _run_text(self, rows, flat_images, settings, sync_every=None):
+        max_new_tokens, sampling, stop = settings
         self._check_rows(rows, len(flat_images), max_new_tokens)
-        for deltas in self._stream_rows(rows, self.pixel_values(flat_images), max_new_tokens=max_new_tokens,
-                                        sampling=sampling, stop=self._stop_strings(stop, template),
-                                        eos_token_id=self.tokenizer.eos_token_ids, sync_every=1):
-            if deltas[0]:
-                yield deltas[0]
+        return self._stream_rows(rows, self.pixel_values(flat_images), max_new_tokens=max_new_tokens,
+                                 sampling=sampling, stop=stop, eos_token_id=self.tokenizer.eos_token_ids,
+                                 sync_every=sync_every)
+
+    def stream(self, prompt, image=None, *, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, stop=None,
+               seed=None, template=None, system=None) -> Iterator:
+        """Yield the reply's text as it is generated, in UTF-8-safe deltas; their concatenation equals
+        generate()'s text for the same arguments.
+
+        A batch (a list of prompts, images as for generate) yields lists of deltas, one string per prompt
+        ("" for a row with nothing new at that step, or that has ended); each row's concatenation equals
+        generate()'s text for it. Arguments are checked here, when stream() is called, not at the first next().
+        """
+        settings = self._generation_settings(max_new_tokens, temperature, top_p, top_k, seed, stop, template, system)
+        single, rows, flat_images = self._prepare(prompt, image, template, system)
+        steps = self._run_text(rows, flat_images, settings, sync_every=1)
+        if single:
+            return (deltas[0] for deltas in steps if deltas[0])
+        return (deltas for deltas in steps if any(deltas))
 
     def chat(self, image=None, *, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, stop=None, seed=None,
              template=None, system=None) -> ChatSession:
         """A multi-turn conversation about `image` (or none) whose KV cache is kept between turns."""
-        return ChatSession(self, _as_image_list(image), dict(
-            max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_p, top_k, seed),
-            stop=self._stop_strings(stop, template)), template, system)
+        max_new_tokens, sampling, stop = self._generation_settings(max_new_tokens, temperature, top_p, top_k,
+                                                                   seed, stop, template, system)
+        return ChatSession(self, _as_image_list(image), dict(max_new_tokens=max_new_tokens, sampling=sampling,
+                                                             stop=stop), template, system)
 
     def generate_ids(self, rows: Sequence[Sequence[int]], pixel_values=None, *, max_new_tokens, temperature=0.0,
                      top_p=1.0, top_k=0, seed=None, eos_token_id="default") -> list[list[int]]:
         """Token-level generation: rows hold image tokens already expanded; returns the new tokens only
         (ending with EOS where EOS stopped the row). eos_token_id: an id or a list of ids that end a row
-        (default: the tokenizer's eos_token_ids); None disables EOS."""
-        rows = [list(map(int, r)) for r in rows]
-        n_images = 0 if pixel_values is None else int(pixel_values.shape[0])
+        (default: the tokenizer's eos_token_ids); None disables EOS. Any id of the model's vocabulary (lm_head
+        rows) may come back, including padded rows the tokenizer does not know: nothing is decoded here."""
+        rows = _check_id_rows(rows, "rows")
+        max_new_tokens = _check_max_new_tokens(max_new_tokens)
+        sampling = Sampling(temperature, top_p, top_k, seed)
+        if not (eos_token_id in ("default", None) or is_integer(eos_token_id) or (
+                isinstance(eos_token_id, (list, tuple)) and eos_token_id and all(map(is_integer, eos_token_id)))):
+            raise InputError(f"eos_token_id must be an int, a non-empty list of ints, None (no EOS) or 'default', "
+                             f"got {eos_token_id!r}")
+        n_images = self._check_pixel_values(pixel_values)
         self._check_rows(rows, n_images, max_new_tokens)
         eos = self.tokenizer.eos_token_ids if eos_token_id == "default" else eos_token_id
         pv = None if pixel_values is None else pixel_values.to(self.device, self.dtype)
-        steps = self._stream_rows(rows, pv, max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_p,
-                                  top_k, seed), stop=[], eos_token_id=eos)
+        steps = self._stream_rows(rows, pv, max_new_tokens=max_new_tokens, sampling=sampling, stop=[],
+                                  eos_token_id=eos, decode=False)
         while True:
             try:
                 next(steps)
@@ -367,13 +471,18 @@ class LlavaModel:
 
     @torch.inference_mode()
     def logits(self, input_ids, pixel_values=None) -> torch.Tensor:
-        """Full-sequence logits (B, T, V) in float32 for expanded ids (B, T), as transformers computes them."""
-        ids = torch.as_tensor(input_ids, dtype=torch.long)
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-        self._check_rows(ids.tolist(), 0 if pixel_values is None else int(pixel_values.shape[0]), 1)
+        """Full-sequence logits (B, T, V) in float32 for expanded ids (B, T), as transformers computes them.
+        T may be the whole context (max_position_embeddings)."""
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        elif isinstance(input_ids, (list, tuple)) and input_ids and not isinstance(input_ids[0], (list, tuple)):
+            input_ids = [input_ids]  # one row as a flat list
+        rows = _check_id_rows(input_ids, "input_ids")
+        if len({len(r) for r in rows}) > 1:
+            raise InputError(f"input_ids rows must have one length, got {sorted({len(r) for r in rows})}")
+        self._check_rows(rows, self._check_pixel_values(pixel_values))
         pv = None if pixel_values is None else pixel_values.to(self.device, self.dtype)
-        return self.net(ids.to(self.device), pv).float()
+        return self.net(torch.tensor(rows, dtype=torch.long, device=self.device), pv).float()
 
 
 class ChatSession:
@@ -391,6 +500,8 @@ class ChatSession:
 
     def ask(self, text: str) -> str:
         m = self.model
+        if not isinstance(text, str):
+            raise InputError(f"a chat turn must be a string, got {type(text).__name__}")
         if self.messages and "<image>" in text:
             raise InputError("images belong to the first turn of a chat; start a new chat for another image")
         messages = self.messages + [("user", text)]
@@ -402,7 +513,7 @@ class ChatSession:
         if common < image_end:  # the image's tokens are not all cached: run the vision tower again
             common = 0
         common = min(common, len(ids) - 1)  # at least one token to prefill gives the next-token logits
-        need = len(ids) + max_new
+        need = positions_needed(len(ids), max_new)
         if self.decoder is None or self.decoder.cache.max_tokens < need:
             capacity = min(m.context_length, max(2 * need, 256))  # grow geometrically, not every turn
             old, self.decoder = self.decoder, Decoder(m.net, 1, capacity, cuda_graph=m._use_cuda_graphs(),
@@ -432,10 +543,10 @@ class _RowOutput:
     eos_token_id: None, one id, or several (any of them ends the row)."""
 
     def __init__(self, tokenizer, stop, eos_token_id):
-        self.decoder = tokenizer.stream_decoder()
+        self.decoder = None if tokenizer is None else tokenizer.stream_decoder()  # None: ids only, no text
         self.stop = stop
         self.eos = frozenset() if eos_token_id is None else frozenset(
-            [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
+            [eos_token_id] if is_integer(eos_token_id) else eos_token_id)
         self.ids: list[int] = []
         self.text, self.emitted, self.done = "", 0, False
 
@@ -443,6 +554,8 @@ class _RowOutput:
         self.ids.append(token)
         if token in self.eos:
             return self.finish()
+        if self.decoder is None:
+            return ""
         self.text += self.decoder.push(token)
         if self._cut_at_stop():
             return self.finish(flush=False)
@@ -461,7 +574,7 @@ class _RowOutput:
         """End the row (EOS, stop string or token budget) and return the text not yet emitted."""
         if not self.done:
             self.done = True
-            if flush:
+            if flush and self.decoder is not None:
                 self.text += self.decoder.flush()
                 self._cut_at_stop()
         delta = self.text[self.emitted :]

@@ -139,17 +139,20 @@ def main(argv=None):
                 raise
             print(f"llava-fast: error: '{argv[0]}' is not available in this build", file=sys.stderr)
             return 2
-        try:
-            return getattr(module, function)(argv[1:])
-        except LlavaFastError as e:
-            print(f"llava-fast: error: {e}", file=sys.stderr)
-            return 2
+        return _run(lambda: getattr(module, function)(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 with one usage line on bad flags
+    return _run(lambda: args.func(args))
+
+
+def _run(command):
+    """Run a subcommand: a user-fixable problem (our errors; a file the system cannot read or write, which
+    names the path) is one line on stderr and exit code 2, never a traceback."""
     try:
-        return args.func(args)
-    except LlavaFastError as e:
-        print(f"llava-fast: error: {e}", file=sys.stderr)
+        return command()
+    except (LlavaFastError, OSError) as e:
+        message = " ".join(str(e).split())  # one line, even for a multi-line message
+        print(f"llava-fast: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -176,6 +176,11 @@ def text_config_from_dict(d, source="config.json", outer=None) -> TextConfig:
         raise CheckpointError(f"{source}: text hidden_act {d['hidden_act']!r} is not supported (LLaMA uses silu)")
     t = TextConfig()
     heads = d.get("num_attention_heads", t.num_heads)
+    kv_heads = heads if d.get("num_key_value_heads") is None else d["num_key_value_heads"]  # null: MHA
+    head_dim = d.get("head_dim")  # null: hidden_size // heads (0 below); an explicit 0 is an error, not "unset"
+    if kv_heads < 1 or heads % kv_heads or (head_dim is not None and head_dim < 1):
+        raise CheckpointError(f"text config: num_key_value_heads={kv_heads} must divide num_attention_heads={heads} "
+                              f"and head_dim={head_dim} must be positive")
     eos = d.get("eos_token_id", t.eos_token_id)
     rope_theta, rope_scaling = _rope(d, source)
     return TextConfig(
@@ -184,8 +189,8 @@ def text_config_from_dict(d, source="config.json", outer=None) -> TextConfig:
         intermediate_size=d.get("intermediate_size", t.intermediate_size),
         num_layers=d.get("num_hidden_layers", t.num_layers),
         num_heads=heads,
-        num_kv_heads=d.get("num_key_value_heads") or heads,
-        head_dim=d.get("head_dim") or 0,
+        num_kv_heads=kv_heads,
+        head_dim=0 if head_dim is None else head_dim,
         rms_norm_eps=d.get("rms_norm_eps", t.rms_norm_eps),
         rope_theta=rope_theta,
         max_position_embeddings=d.get("max_position_embeddings", t.max_position_embeddings),

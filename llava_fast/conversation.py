@@ -16,10 +16,10 @@ leading space (" The image ...") and the closing separator ("</s>"), so a reply 
 `Template.segments` returns these pieces flagged (text, is_reply); the trainer puts loss on reply tokens only.
 The text before reply k is exactly `render(messages[:2k+1])`, the prompt the model sees at inference.
 
-Differences from the original worth knowing: its pretraining preprocess (`preprocess_plain`) replaces the user
-turn by a bare "<image>" with no separator ("<image>{caption}\\n"); `plain` here follows `get_prompt()`
-("{user}\\n{reply}\\n"), so pass the user turn "<image>" and accept the extra "\\n", or build stage-1 rows
-directly. llava-hf's template puts no "</s>" after a reply; the model still ends its replies with EOS.
+The trainer does not always train on `render()`'s text: as the original's train.py, plain rows are
+"<image>{caption}\\n" (preprocess_plain) and llava_v0 rows use "### Human: " lines (train/data.py,
+`training_segments`). llava-hf's template puts no "</s>" after a reply; the model still ends its replies with
+EOS.
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ class Template:
         if self.style == "plain":
             return text + self.sep
         if round_index == 0:  # llama_2; the original strips the leading "<s>" of the first round
-            return f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{text} [/INST]"
+            sys_block = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if system else ""  # none for an empty system prompt
+            return f"[INST] {sys_block}{text} [/INST]"
         return f"{self.sep}[INST] {text} [/INST]"
 
     def _reply_prefix(self):

@@ -8,6 +8,8 @@ tokens it would see alone, so greedy output per row equals running the row by it
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -25,12 +27,16 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0 or int(self.top_k) != self.top_k:
-            raise InputError(f"top_k must be a non-negative integer, got {self.top_k}")
+        # Checked here, before any work: a string or NaN temperature would otherwise fail (or silently
+        # sample garbage) deep inside the first decode step. Zeros are valid settings, never "unset".
+        if not _is_real(self.temperature) or not 0 <= self.temperature < math.inf:
+            raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not is_integer(self.top_k) or self.top_k < 0:
+            raise InputError(f"top_k must be an integer >= 0 (0 = no cut), got {self.top_k!r}")
+        if self.seed is not None and not is_integer(self.seed):
+            raise InputError(f"seed must be an integer or None, got {self.seed!r}")
 
     def generator(self, device):
         if self.temperature == 0:
@@ -41,6 +47,22 @@ class Sampling:
         else:
             g.manual_seed(self.seed)
         return g
+
+
+def is_integer(value) -> bool:
+    """An int (or numpy integer), not a bool and not a float that happens to be whole (5.0)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def positions_needed(prompt_tokens: int, max_new_tokens: int) -> int:
+    """KV-cache positions a generation of max_new_tokens after a prompt uses: the prompt's, plus one per new
+    token fed back. The last new token is sampled from the logits of the position before it and never fed
+    back, so a 512-token context holds a 500-token prompt and 13 new tokens."""
+    return prompt_tokens + max_new_tokens - 1
 
 
 def sample_next_token(logits, sampling: Sampling, generator):

@@ -36,9 +36,11 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
 
-# image_processor_type values whose preprocessing is the one implemented here. LLaVA-NeXT's "anyres"
-# tiling (LlavaNextImageProcessor) and SigLIP's square resize are different pipelines.
+# image_processor_type values whose preprocessing is the one implemented here: CLIP's, and transformers'
+# LlavaImageProcessor (CLIP's steps with LLaVA-1.5's pad-to-square in front when its `do_pad` is true). LLaVA-NeXT's
+# "anyres" tiling (LlavaNextImageProcessor) and SigLIP's square resize are different pipelines.
 _CLIP_PROCESSOR_TYPES = {"CLIPImageProcessor", "CLIPImageProcessorPil", "CLIPImageProcessorFast"}
+LLAVA_PROCESSOR_TYPES = {"LlavaImageProcessor", "LlavaImageProcessorPil", "LlavaImageProcessorFast"}
 _BACKENDS = ("auto", "native", "python")
 
 
@@ -245,10 +247,13 @@ class ImageProcessor:
 
     @classmethod
     def from_pretrained(cls, path, image_aspect_ratio="from_config", backend: str = "auto") -> "ImageProcessor":
-        """Read `<path>/preprocessor_config.json` (a CLIPImageProcessor config, e.g. llava-hf's).
+        """Read `<path>/preprocessor_config.json` (a CLIPImageProcessor config, e.g. llava-hf's, or a
+        LlavaImageProcessor one).
 
-        image_aspect_ratio: "from_config" (default) takes it from preprocessor_config.json or, failing
-        that, from a config.json beside it (original LLaVA checkpoints say "pad" there); or pass None/"pad".
+        image_aspect_ratio: "from_config" (default) takes it from preprocessor_config.json (LlavaImageProcessor's
+        `do_pad`, which transformers honours, or an `image_aspect_ratio` key, which llava-fast wrote before and
+        transformers ignores) or, failing both, from a config.json beside it (original LLaVA checkpoints say
+        "pad" there); or pass None/"pad".
         Raises CheckpointError for a missing, unreadable or malformed config.
         """
         path = Path(path)
@@ -262,13 +267,16 @@ class ImageProcessor:
         if not isinstance(config, dict):
             raise CheckpointError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
         kind = config.get("image_processor_type", "CLIPImageProcessor")
-        if kind not in _CLIP_PROCESSOR_TYPES:
+        if kind not in _CLIP_PROCESSOR_TYPES | LLAVA_PROCESSOR_TYPES:
             raise CheckpointError(
-                f"{config_file}: image_processor_type {kind!r} is not supported (only CLIP's resize + crop: "
-                f"{sorted(_CLIP_PROCESSOR_TYPES)})"
+                f"{config_file}: image_processor_type {kind!r} is not supported (only CLIP's resize + crop, "
+                f"with LLaVA's optional padding: {sorted(_CLIP_PROCESSOR_TYPES | LLAVA_PROCESSOR_TYPES)})"
             )
+        do_pad = config.get("do_pad") if kind in LLAVA_PROCESSOR_TYPES else None
+        if do_pad is not None and not isinstance(do_pad, bool):
+            raise CheckpointError(f"{config_file}: do_pad must be true or false, got {do_pad!r}")
         if image_aspect_ratio == "from_config":
-            image_aspect_ratio = config.get("image_aspect_ratio")
+            image_aspect_ratio = config.get("image_aspect_ratio") if do_pad is None else ("pad" if do_pad else None)
             model_config = config_file.parent / "config.json"
             if image_aspect_ratio is None and model_config.is_file():
                 model = read_json(model_config)

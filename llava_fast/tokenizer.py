@@ -179,10 +179,13 @@ class Tokenizer:
         return [self.bos_token_id] + ids if add_bos and self.add_bos_token else ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Text of `ids`. An id past the tokenizer's vocabulary decodes to nothing, as in transformers and
+        `tokenizers`: a model's lm_head may have more rows than the tokenizer has tokens (llava-hf pads
+        32,002 tokens to 32,064 rows), and a model can emit those ids. A negative id (the original LLaVA's
+        image placeholder -200) is an error."""
         ids = list(ids)
-        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
-            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
-            raise InputError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1}); image "
+        if ids and min(ids) < 0:
+            raise InputError(f"token id {min(ids)} is outside the vocabulary (0..{self.vocab_size - 1}); image "
                              "placeholder ids must be removed or mapped before decoding")
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
@@ -259,8 +262,10 @@ class StreamDecoder:
     def push(self, token_id: int) -> str:
         """Feed one token id; returns the text that became final (often "" while a character is unfinished)."""
         tok = self.tokenizer
-        if not 0 <= token_id < tok.vocab_size:
+        if token_id < 0:
             raise InputError(f"token id {token_id} is outside the vocabulary (0..{tok.vocab_size - 1})")
+        if token_id >= tok.vocab_size:  # a padded lm_head row: nothing, as Tokenizer.decode
+            return ""
         self._ids.append(token_id)
         if self.skip_special_tokens and token_id in tok.special_token_ids:
             return ""

@@ -51,6 +51,7 @@ def test_chat_reads_one_turn_per_line(ckpt_dir):
     (["--max-new-tokens", "100000"], "context length"),
     (["--dtype", "float7"], "float7"),
     (["--prompt", "<image> <image>"], "2 <image> markers"),
+    (["--temperature", "nan"], "temperature must be a finite number"),
 ])
 def test_bad_input_is_exit_2_and_one_line(ckpt_dir, args, needle):
     base = ["generate", "--model", ckpt_dir, "--image", IMAGE, "--device", DEVICE]
@@ -64,3 +65,33 @@ def test_bad_input_is_exit_2_and_one_line(ckpt_dir, args, needle):
 def test_bad_checkpoint_is_exit_2(tmp_path):
     r = run("generate", "--model", str(tmp_path), "--image", IMAGE)
     assert r.returncode == 2 and "config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def in_process(capsys, *args, stdin=None, monkeypatch=None):
+    """llava_fast.cli.main in this process (the code that turns errors into exit code 2 and one stderr line)."""
+    from llava_fast.cli import main
+
+    if stdin is not None:
+        import io
+
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    code = main(list(args))
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+def test_every_subcommand_reports_bad_input_in_one_line(ckpt_dir, tmp_path, capsys, monkeypatch):
+    existing = tmp_path / "r.json"
+    existing.write_text("{}")
+    cases = [
+        (["bench", "generate", "--json", str(existing)], f"--json {existing} already exists; pass --overwrite"),
+        (["bench", "generate", "--model", "/no/such/dir"], "/no/such/dir: not a checkpoint directory"),
+        (["bench", "compare", str(existing), "/no/such.json"], "not a llava-fast bench result"),
+        (["generate", "--model", "/nope", "--no-image"], "/nope: not a checkpoint directory"),
+        (["generate", "--model", ckpt_dir, "--no-image", "--top-k", "-1"], "top_k must be an integer >= 0"),
+        (["chat", "--model", ckpt_dir, "--max-new-tokens", "600", "--device", DEVICE], "context length of 512"),
+        (["merge-lora", "--adapter", str(tmp_path), "--output", str(tmp_path / "o")], "adapter_config.json"),
+    ]
+    for args, needle in cases:
+        code, line = in_process(capsys, *args, stdin="Hello there\n", monkeypatch=monkeypatch)
+        assert code == 2 and line.startswith("llava-fast: error:") and needle in line, (args, line)

@@ -100,11 +100,19 @@ def test_encode_and_decode_match_transformers(tok, hf_tok, corpus):
         assert tok.decode(ids, skip_special_tokens=False) == hf_tok.decode(ids, skip_special_tokens=False), text
 
 
-def test_decode_rejects_ids_outside_the_vocabulary(tok):
+def test_decode_rejects_negative_ids_and_drops_padded_ones(tok, reference_dir):
+    from transformers import AutoTokenizer
+
     with pytest.raises(InputError, match="-200 is outside the vocabulary"):
         tok.decode([1, -200, 15043])
-    with pytest.raises(InputError, match="32002"):
-        tok.decode([32002])
+    # Ids past the tokenizer (llava-hf's lm_head has 32,064 rows, the tokenizer 32,002 tokens) decode to
+    # nothing, as transformers decodes them; also inside a byte run ("中" = <0xE4><0xB8><0xAD>).
+    hf_tok = AutoTokenizer.from_pretrained(f"{reference_dir}/tokenizer")
+    for ids in ([32002], [15043, 32050, 3186], [15043, 231, 32063, 187, 176, 32002]):
+        assert tok.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True)
+        assert "".join(stream(tok, ids, True)) == tok.decode(ids)
+    assert tok.decode([15043, 32050, 3186]) == "Hello world" and tok.decode([32002, 32063]) == ""
+    assert tok.decode([15043, 231, 32063, 187, 176]) == "Hello中"
 
 
 # -------------------------------------------------------------------------------------------------------

@@ -3,11 +3,6 @@
 
 import sys
 
-from llava_fast.errors import LlavaFastError
-from llava_fast.train.cli import main
+from llava_fast.cli import main
 
-try:
-    sys.exit(main(sys.argv[1:]))
-except LlavaFastError as e:
-    print(f"llava-fast: error: {e}", file=sys.stderr)
-    sys.exit(2)
+sys.exit(main(["train", *sys.argv[1:]]))

@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from llava_fast.config import LlavaConfig, read_json, text_config_from_dict, vision_config_from_dict
 from llava_fast.errors import CheckpointError, InputError
-from llava_fast.image import ImageProcessor
+from llava_fast.image import LLAVA_PROCESSOR_TYPES, ImageProcessor
 from llava_fast.loading import (CLIP_RULES, LLAVA_HF_RULES, ORIGINAL_RULES, assign_weights, expected_weights,
                                 is_skipped_weight, iter_tensors, read_config, rename_key, weight_files)
 from llava_fast.model import LlavaForCausalLM
@@ -218,7 +218,9 @@ def load_base(model_dir, *, vision_tower=None, projector=None, device="cpu", ima
     processor_config = read_json(processor_file) if os.path.isfile(processor_file) else None
     pad = (cfg.image_aspect_ratio == "pad") if image_aspect_ratio is None else image_aspect_ratio == "pad"
     if processor_config is not None:
-        processor = ImageProcessor.from_pretrained(processor_dir, image_aspect_ratio="pad" if pad else None)
+        # None: the checkpoint's own setting, the original config's "pad" or else the preprocessor config's
+        setting = "pad" if pad else ("from_config" if image_aspect_ratio is None else None)
+        processor = ImageProcessor.from_pretrained(processor_dir, image_aspect_ratio=setting)
     else:
         processor = ImageProcessor.clip(image_size=cfg.vision.image_size, pad=pad)
     if processor.image_size != cfg.vision.image_size:
@@ -259,7 +261,10 @@ def save_tensors(path, tensors, metadata=None):
 def load_tensors(path):
     from safetensors.torch import load_file
 
-    return load_file(path)
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) on a bad file
+        raise CheckpointError(f"cannot read {path}: {e}") from e
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -358,9 +363,7 @@ def save_llava_hf(dst, base: TrainBase, changed: dict, *, max_shard_bytes=5 * 2*
             os.remove(os.path.join(dst, f))
     write_json(os.path.join(dst, "model.safetensors.index.json"), {"metadata": {}, "weight_map": weight_map})
     _write_tokenizer(dst, base)
-    processor = dict(base.processor_config or _clip_processor_config(base.processor.image_size))
-    processor["image_aspect_ratio"] = base.processor.image_aspect_ratio or "square"
-    write_json(os.path.join(dst, "preprocessor_config.json"), processor)
+    write_json(os.path.join(dst, "preprocessor_config.json"), processor_config(base))
     if base.hf_config is not None:
         config = dict(base.hf_config)
     else:
@@ -387,6 +390,21 @@ def _write_tokenizer(dst, base):
     if tok.unk_token_id is not None:
         config["unk_token"] = tok.id_to_token(tok.unk_token_id)
     write_json(os.path.join(dst, "tokenizer_config.json"), config)
+
+
+def processor_config(base: TrainBase) -> dict:
+    """The preprocessor_config.json transformers reads as the run's image preprocessing: LLaVA-1.5's padding
+    is transformers' LlavaImageProcessor with do_pad (CLIPImageProcessor has no padding, and ignores the
+    image_aspect_ratio key llava-fast used to write: non-square images then differ by up to 3 levels)."""
+    config = dict(base.processor_config or _clip_processor_config(base.processor.image_size))
+    config.pop("image_aspect_ratio", None)
+    pad = base.processor.image_aspect_ratio == "pad"
+    if pad or config.get("image_processor_type") in LLAVA_PROCESSOR_TYPES:
+        config["image_processor_type"] = "LlavaImageProcessor"
+        config["do_pad"] = pad
+    else:
+        config.pop("do_pad", None)
+    return config
 
 
 def _clip_processor_config(image_size):
@@ -490,15 +508,19 @@ def load_state(path, model, optimizer, masters) -> dict:
     dist = _dist()
     rank = dist.get_rank() if dist else 0
     trainer_state = read_json(os.path.join(path, "trainer_state.json"))
-    if masters is None:
-        model_sd, optim_sd = _state_dicts(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=path)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
-    else:
-        state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
-        masters.load_state_dict(state["masters"])
-        optimizer.load_state_dict(state["optim"])
-    _set_rng_state(torch.load(os.path.join(path, f"rng-{rank}.pt"), weights_only=False))
+    try:
+        if masters is None:
+            model_sd, optim_sd = _state_dicts(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            dcp.load(state, checkpoint_id=path)
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                           options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        else:
+            state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+            masters.load_state_dict(state["masters"])
+            optimizer.load_state_dict(state["optim"])
+        _set_rng_state(torch.load(os.path.join(path, f"rng-{rank}.pt"), weights_only=False))
+    except (RuntimeError, KeyError, ValueError, EOFError, OSError) as e:  # a torn file, or another model's state
+        raise CheckpointError(f"--resume: cannot restore the training state in {path}: "
+                              f"{' '.join(str(e).split())[:300]}") from e
     return trainer_state

@@ -3,7 +3,11 @@
     llava-fast train --stage {1,2} --model DIR --data FILE.json --image-folder DIR --output DIR
         [--vision-tower DIR] [--projector FILE] [--epochs E | --max-steps N] [--batch-size B] [--grad-accum G]
         [--lr LR] [--max-length L] [--template NAME] [--lora-r R --lora-alpha A] [--seed S] [--resume] [--strict]
-    llava-fast merge-lora --adapter RUN_DIR --output DIR [--model BASE_DIR]
+        [--overwrite]
+    llava-fast merge-lora --adapter RUN_DIR --output DIR [--model BASE_DIR] [--overwrite]
+
+A non-empty --output is refused unless --overwrite (train: or --resume, to continue the run there). Every
+mismatch (an adapter of another model's shapes, a missing or unreadable file) is an error naming the files.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ def build_parser():
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint-STEP in --output")
+    p.add_argument("--overwrite", action="store_true", help="train into a non-empty --output, replacing the run "
+                   "or checkpoint there")
     p.add_argument("--strict", action="store_true", help="stop on the first bad record instead of skipping it")
     p.add_argument("--warmup-ratio", type=float, default=0.03)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -68,8 +74,40 @@ def main(argv=None):
     from llava_fast.train.trainer import TrainArgs, train
 
     args = vars(build_parser().parse_args(argv))
-    train(TrainArgs(**args))
+    overwrite = args.pop("overwrite")
+    if overwrite and args["resume"]:
+        raise InputError("--overwrite and --resume contradict each other: continue the run in --output, or replace it")
+    run = TrainArgs(**args)
+    run.resolved()  # bad settings fail before --overwrite clears anything
+    if not args["resume"]:
+        check_new_output(args["output"], overwrite, training=True)
+    train(run)
     return 0
+
+
+def check_new_output(path, overwrite, training=False):
+    """Refuse to write into an existing file or non-empty directory unless --overwrite (nothing already done is
+    lost by accident). With --overwrite, training removes a previous run's resumable state there, so a later
+    --resume cannot pick up a checkpoint of the replaced run."""
+    if os.path.isfile(path):
+        raise InputError(f"--output {path} is a file, not a directory")
+    if not os.path.isdir(path) or not os.listdir(path):
+        return
+    if not overwrite:
+        hint = "; pass --resume to continue the run there," if training else ";"
+        raise InputError(f"--output {path} already exists and is not empty{hint} pass --overwrite to replace "
+                         "it, or choose another --output")
+    import re
+    import shutil
+
+    # Under torchrun, process 0 clears it, before the processes rendezvous.
+    if not training or os.environ.get("RANK", "0") != "0":
+        return
+    for name in os.listdir(path):
+        if re.fullmatch(r"checkpoint-\d+(\.tmp)?", name):
+            shutil.rmtree(os.path.join(path, name))
+    if os.path.exists(os.path.join(path, "train_log.jsonl")):
+        os.remove(os.path.join(path, "train_log.jsonl"))
 
 
 def merge_lora_main(argv=None):
@@ -86,6 +124,7 @@ def merge_lora_main(argv=None):
     p.add_argument("--model", help="base checkpoint (default: the one the run trained on)")
     p.add_argument("--vision-tower", help="CLIP directory (default: the run's)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     args = p.parse_args(argv)
     config_path = os.path.join(args.adapter, "adapter_config.json")
     weights_path = os.path.join(args.adapter, "adapter_model.safetensors")
@@ -93,7 +132,18 @@ def merge_lora_main(argv=None):
         raise InputError(f"--adapter {args.adapter}: no adapter_config.json / adapter_model.safetensors "
                          "(the output of a `llava-fast train --lora-r ...` run)")
     config = read_json(config_path)
-    base = ckpt.load_base(args.model or config["base_model"], vision_tower=args.vision_tower or config["vision_tower"],
+    absent = [k for k in ("r", "alpha", "base_model") if not isinstance(config, dict) or k not in config]
+    if absent:
+        raise CheckpointError(f"{config_path}: missing {', '.join(absent)} (not written by `llava-fast train`)")
+    model_dir = args.model or config["base_model"]
+    if not os.path.isdir(model_dir):
+        raise InputError(f"the base model {model_dir} ({'--model' if args.model else 'from ' + config_path}) is "
+                         "not a directory; pass --model BASE_DIR")
+    for other, what in ((model_dir, "the base model"), (args.adapter, "--adapter")):
+        if os.path.abspath(args.output) == os.path.abspath(other):
+            raise InputError(f"--output {args.output} is {what} directory: choose another --output")
+    check_new_output(args.output, args.overwrite)
+    base = ckpt.load_base(model_dir, vision_tower=args.vision_tower or config.get("vision_tower"),
                           device=torch.device(args.device), image_aspect_ratio=config.get("image_aspect_ratio"))
     add_lora(base.net, config["r"], config["alpha"], 0.0)
     adapter = ckpt.load_tensors(weights_path)
@@ -101,8 +151,15 @@ def merge_lora_main(argv=None):
     unknown = sorted(set(adapter) - set(params))
     missing = sorted(n for n in params if n.endswith((".lora_A", ".lora_B")) and n not in adapter)
     if unknown or missing:
-        raise CheckpointError(f"{weights_path} does not fit this base model: unknown {unknown[:3]}, missing "
-                              f"{missing[:3]}")
+        raise CheckpointError(f"{weights_path} does not fit the base model {model_dir}: unknown {unknown[:3]}, "
+                              f"missing {missing[:3]}")
+    misfit = [(n, tuple(t.shape), tuple(params[n].shape)) for n, t in sorted(adapter.items())
+              if t.shape != params[n].shape]
+    if misfit:
+        name, got, want = misfit[0]
+        raise CheckpointError(f"{weights_path} was trained on a model of other shapes than the base model "
+                              f"{model_dir}: {name} is {got} in the adapter, {want} in the base "
+                              f"({len(misfit)} tensors differ)")
     with torch.no_grad():
         for name, tensor in adapter.items():
             params[name].copy_(tensor)

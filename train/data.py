@@ -7,15 +7,29 @@ Record format (LLaVA's, for both stages):
      "conversations": [{"from": "human", "value": "<image>\\nWhat are the colors of the bus?"},
                        {"from": "gpt", "value": "The bus is white and red."}, ...]}
 
-Labels. The prompt text is rendered by the chat template (`Template.segments` gives (text, is_reply) pieces)
-and tokenized once, whole, exactly as inference tokenizes it; each token is labelled with its own id when the
-character it starts at lies in a reply piece (reply text plus its closing separator: "</s>" for vicuna_v1 /
-llava_v1, "\\n" for plain, "###" for llava_v0), and IGNORE_INDEX otherwise. The spans come from the tokenizer's
-character offsets, so no length is ever re-derived by tokenizing pieces apart (the original LLaVA code does
-that and drops samples on a "tokenization mismatch").
+Ids. A row's ids are exactly those of the original LLaVA's preprocessing (llava/train/train.py, pinned against
+llava-torch 1.2.2.post1 in tests/train/test_train_original.py), for every template:
+
+    vicuna_v1, llava_v1, llava_llama_2   conv.get_prompt() (= Template.segments), as preprocess_v1 / _llama_2
+    plain (stage 1, preprocess_plain)    "<image>" + caption + "\\n": no separator after the image, so the
+                                         caption's first word keeps its word-start piece ("▁a" 263, not "a")
+    llava_v0 (preprocess's default path) "{system}\\n\\n### Human: {q}\\n### Assistant: {a}\\n### ...### "
+
+and tokenized as its tokenizer_image_token does: each text chunk between images on its own (each gets the
+dummy-prefix "▁"), whatever the checkpoint's layout. So a llava-hf checkpoint trains on the format the
+LLaVA-1.5 weights were trained on ("USER: ▁<image>▁\\n..."), not on the one llava-hf's processor builds at
+inference (no "▁" after the image); the plain and llava_v0 training formats also differ from their inference
+templates, as they do in the original.
+
+Labels. Each token is labelled with its own id when the character it starts at lies in a reply piece (reply
+text plus its closing separator: "</s>" for vicuna_v1 / llava_v1, " </s>" for llava_llama_2, "\\n" for
+plain, "\\n###" for llava_v0), and IGNORE_INDEX otherwise; the spans come from the tokenizer's character
+offsets, so no length is re-derived by tokenizing pieces apart (the original does that and drops samples on a
+"tokenization mismatch"). These equal the original's labels for every template but llava_v0, whose original
+masking (_mask_targets) is off by the BOS each tokenized piece carries and labels "### Assistant:" headers.
 
 Reference: haotian-liu/LLaVA llava/train/train.py (preprocess_multimodal, preprocess_v1, preprocess_plain,
-LengthGroupedSampler with group_by_modality_length).
+preprocess, LengthGroupedSampler with group_by_modality_length).
 """
 
 from __future__ import annotations
@@ -71,18 +85,38 @@ def conversation_messages(conversations) -> list[tuple[str, str]]:
 
 def _image_first(messages, template: Template):
     """LLaVA's preprocess_multimodal: a single image marker moves to the front of its turn ("<image>\\n" +
-    the rest, stripped), the order inference uses. For `plain` (stage-1 pretraining) the user turn is only
-    its image markers, as preprocess_plain does: the caption is learnt from the image alone."""
+    the rest, stripped, then the whole stripped), the order inference uses. For `plain` (stage-1
+    pretraining) the user turn is only its image markers, as preprocess_plain does: the caption is learnt
+    from the image alone. (The original also collapses several markers into one; we keep them.)"""
     markers = sum(text.count(IMAGE_MARKER) for _, text in messages)
     out = []
     for role, text in messages:
         n = text.count(IMAGE_MARKER)
         if role == "user" and template.style == "plain":
             text = IMAGE_MARKER * n
-        elif role == "user" and n == 1 and markers == 1:
-            text = IMAGE_MARKER + "\n" + text.replace(IMAGE_MARKER, "").strip()
+        elif n == 1 and markers == 1:
+            text = (IMAGE_MARKER + "\n" + text.replace(IMAGE_MARKER, "").strip()).strip()
         out.append((role, text))
     return out
+
+
+def training_segments(messages, template: Template, system=None) -> list[tuple[str, bool]]:
+    """(text, is_reply) pieces of the text the original LLaVA trains on for `template` (see the module
+    docstring): Template.segments, except plain (no separator after the image-only user turn) and
+    single-style llava_v0 (the original's "### Human: " / "### Assistant: " lines of _add_speaker_and_signal)."""
+    if template.style == "plain":
+        return [(text if role == "user" else text + template.sep2, role == "assistant") for role, text in messages]
+    if template.style == "single":
+        system = template.system if system is None else system
+        user, assistant = template.roles
+        pieces = [(f"{system}\n\n###", False)]  # each reply piece ends with the "###" that opens the next line
+        for role, text in messages:
+            if role == "user":
+                pieces.append((f" {user}: {text}\n### {assistant}:", False))
+            else:
+                pieces.append((f" {text}\n###", True))
+        return pieces + [(" ", False)]
+    return template.segments(messages, system=system)
 
 
 def encode_conversation(conversations, tokenizer, template, *, image_token_id=None, system=None):
@@ -90,11 +124,10 @@ def encode_conversation(conversations, tokenizer, template, *, image_token_id=No
 
     conversations: LLaVA's list of {"from": "human"|"gpt", "value"} (or (role, text) pairs); tokenizer: a
     `llava_fast.tokenizer.Tokenizer`; template: a `Template` or its name. input_ids hold one image_token_id
-    per "<image>" (expand with `expand_and_truncate`); labels are IGNORE_INDEX except on the assistant
-    replies and their closing separators. image_token_id defaults to the tokenizer's "<image>" token; when
-    "<image>" is a token of the vocabulary with that id the whole text is tokenized at once (llava-hf, as
-    LlavaProcessor does), otherwise each chunk between images on its own (the original LLaVA's
-    tokenizer_image_token). Raises InputError for a conversation that cannot be trained on.
+    per "<image>" (expand with `expand_and_truncate`) and equal the original LLaVA's preprocessing (module
+    docstring); labels are IGNORE_INDEX except on the assistant replies and their closing separators.
+    image_token_id defaults to the tokenizer's "<image>" token. Raises InputError for a conversation that
+    cannot be trained on.
     """
     template = get_template(template) if isinstance(template, str) else template
     if template.style == "llava_hf":
@@ -106,7 +139,7 @@ def encode_conversation(conversations, tokenizer, template, *, image_token_id=No
         if image_token_id is None:
             raise InputError("the tokenizer has no <image> token: pass image_token_id=")
     messages = _image_first(conversation_messages(conversations), template)
-    segments = template.segments(messages, system=system)
+    segments = training_segments(messages, template, system)
     text = "".join(piece for piece, _ in segments)
     replies, start = [], 0  # character spans [a, b) of the reply pieces
     for piece, is_reply in segments:
@@ -114,13 +147,10 @@ def encode_conversation(conversations, tokenizer, template, *, image_token_id=No
             replies.append((start, start + len(piece)))
         start += len(piece)
 
-    if tokenizer.token_to_id(IMAGE_MARKER) == image_token_id:
-        chunks = [(0, text)]  # "<image>" is an added token: it becomes image_token_id in place
-    else:
-        chunks, start = [], 0
-        for index, chunk in enumerate(text.split(IMAGE_MARKER)):
-            chunks.append((start, chunk))
-            start += len(chunk) + len(IMAGE_MARKER)
+    chunks, start = [], 0  # the original's tokenizer_image_token: each chunk between images on its own
+    for chunk in text.split(IMAGE_MARKER):
+        chunks.append((start, chunk))
+        start += len(chunk) + len(IMAGE_MARKER)
 
     ids = [tokenizer.bos_token_id] if tokenizer.add_bos_token else []
     labels = [IGNORE_INDEX] * len(ids)

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from llava_fast.conversation import get_template
 from llava_fast.errors import InputError
+from llava_fast.generate import is_integer
 from llava_fast.train import checkpoint as ckpt
 from llava_fast.train.data import (Collate, EncodingSpec, LlavaDataset, StepSampler, check_records, read_records,
                                    total_steps)
@@ -86,27 +87,51 @@ class TrainArgs:
             raise InputError(f"--stage must be 1 or 2, got {a.stage}")
         if lora and a.stage != 2:
             raise InputError("LoRA (--lora-r) trains the LLM, which only stage 2 does")
-        if lora and (a.lora_r < 1 or a.lora_alpha is None):
+        if lora and a.lora_alpha is None:
             raise InputError("LoRA needs --lora-r R >= 1 and --lora-alpha A")
         if a.lora_alpha is not None and not lora:
             raise InputError("--lora-alpha needs --lora-r")
-        if a.max_steps is None and a.epochs <= 0:
-            raise InputError("--epochs must be positive")
-        if a.max_steps is not None and a.max_steps < 1:
-            raise InputError("--max-steps must be at least 1")
-        for name in ("grad_accum", "max_length"):
-            if getattr(a, name) is not None and getattr(a, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be at least 1")
-        a.batch_size = a.batch_size or (32 if a.stage == 1 else 16)
-        if a.batch_size < 1:
-            raise InputError("--batch-size must be at least 1")
-        a.lr = a.lr or (1e-3 if a.stage == 1 else 2e-4 if lora else 2e-5)
-        a.projector_lr = a.projector_lr or (2e-5 if lora else a.lr)
-        a.template = a.template or ("plain" if a.stage == 1 else None)
-        a.image_aspect_ratio = a.image_aspect_ratio or ("square" if a.stage == 1 else "pad")
+        # None is "unset" (the stage's default); any given value is checked and kept, zeros included: a
+        # learning rate of 0 is a valid run (it evaluates the loss), a batch size of 0 is an error.
+        _check_number(a.epochs, "--epochs", positive=True)
+        for name in ("max_steps", "grad_accum", "max_length", "batch_size", "lora_r", "log_every", "workers",
+                     "save_every", "keep_checkpoints", "seed"):
+            least = 0 if name in ("workers", "save_every", "keep_checkpoints", "seed") else 1
+            value = getattr(a, name)
+            if value is not None and (not is_integer(value) or value < least):
+                raise InputError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value!r}")
+        for name in ("lr", "projector_lr", "weight_decay", "lora_alpha"):
+            _check_number(getattr(a, name), f"--{name.replace('_', '-')}", positive=name == "lora_alpha")
+        _check_number(a.max_grad_norm, "--max-grad-norm", positive=True)
+        _check_number(a.lora_dropout, "--lora-dropout", below_one=True)
+        _check_number(a.warmup_ratio, "--warmup-ratio")
+        if a.warmup_ratio > 1:
+            raise InputError(f"--warmup-ratio must be in [0, 1], got {a.warmup_ratio!r}")
+        if a.batch_size is None:
+            a.batch_size = 32 if a.stage == 1 else 16
+        if a.lr is None:
+            a.lr = 1e-3 if a.stage == 1 else 2e-4 if lora else 2e-5
+        if a.projector_lr is None:
+            a.projector_lr = 2e-5 if lora else a.lr
+        if a.template is None and a.stage == 1:
+            a.template = "plain"
+        if a.image_aspect_ratio is None:
+            a.image_aspect_ratio = "square" if a.stage == 1 else "pad"
+        if a.image_aspect_ratio not in ("pad", "square"):
+            raise InputError(f"--image-aspect-ratio must be pad or square, got {a.image_aspect_ratio!r}")
         if a.precision not in (None, "bf16", "fp32"):
             raise InputError(f"--precision must be bf16 or fp32, got {a.precision!r}")
         return a
+
+
+def _check_number(value, flag, positive=False, below_one=False):
+    """A finite real number >= 0 (> 0 when positive; < 1 when below_one), or None (unset)."""
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    if not ok or (positive and value == 0) or (below_one and value >= 1):
+        expected = "> 0" if positive else "in [0, 1)" if below_one else ">= 0"
+        raise InputError(f"{flag} must be a finite number {expected}, got {value!r}")
 
 
 @dataclass
@@ -319,7 +344,8 @@ def train(args: TrainArgs) -> TrainResult:
 
 
 def _train(a: TrainArgs, dist, rank, world, device):
-    a.precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if a.precision is None:
+        a.precision = "bf16" if device.type == "cuda" else "fp32"
     lora, main = a.lora_r is not None, rank == 0
     log = (lambda *m: print("llava-fast train:", *m, file=sys.stderr, flush=True)) if main else (lambda *m: None)
     existing = _check_output(a, main)
@@ -327,11 +353,13 @@ def _train(a: TrainArgs, dist, rank, world, device):
     base = ckpt.load_base(a.model, vision_tower=a.vision_tower, projector=a.projector, device=device,
                           image_aspect_ratio=a.image_aspect_ratio, seed=a.seed)
     net, cfg = base.net, base.cfg
-    a.max_length = a.max_length or min(2048, cfg.text.max_position_embeddings)
+    if a.max_length is None:
+        a.max_length = min(2048, cfg.text.max_position_embeddings)
     if a.max_length > cfg.text.max_position_embeddings:
         raise InputError(f"--max-length {a.max_length} exceeds the model's context of "
                          f"{cfg.text.max_position_embeddings} tokens")
-    a.template = a.template or ("vicuna_v1" if cfg.template == "llava_hf" else cfg.template)
+    if a.template is None:
+        a.template = "vicuna_v1" if cfg.template == "llava_hf" else cfg.template
     if lora:
         add_lora(net, a.lora_r, a.lora_alpha, a.lora_dropout, seed=a.seed)
     llm_params, projector_params = trainable_parameters(net, a.stage, lora)

@@ -28,26 +28,29 @@ CONV = [{"from": "human", "value": "What is this?\n<image>"}, {"from": "gpt", "v
         {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Orange."}]
 
 # (template, conversation, system, ids, labelled spans). "<image>" moves to the front of its turn (LLaVA's
-# preprocess_multimodal); plain keeps only the image of the user turn (preprocess_plain).
+# preprocess_multimodal); each chunk between images is tokenized alone, so "▁" (29871) follows the image
+# (tokenizer_image_token); plain keeps only the image of the user turn, with no separator (preprocess_plain);
+# llava_v0 trains on "### Human: " lines (preprocess's default path). tests/train/test_train_original.py
+# checks these against the original code itself.
 PINNED = [
     # " USER: <image>\nWhat is this? ASSISTANT: A cat.</s>USER: Colour? ASSISTANT: Orange.</s>"
     ("vicuna_v1", CONV, "",
-     [1, 3148, 1001, 29901, 29871, IMG, 13, 5618, 338, 445, 29973, 319, 1799, 9047, 13566, 29901, 319, 6635,
+     [1, 3148, 1001, 29901, 29871, IMG, 29871, 13, 5618, 338, 445, 29973, 319, 1799, 9047, 13566, 29901, 319, 6635,
       29889, 2, 11889, 29901, 1530, 473, 29973, 319, 1799, 9047, 13566, 29901, 26048, 29889, 2],
      [[319, 6635, 29889, 2], [26048, 29889, 2]]),  # " A cat.</s>", " Orange.</s>"
-    # "###Human: <image>\nWhat is this?###Assistant: A cat.###Human: Colour?###Assistant: Orange.###"
+    # "\n\n### Human: <image>\nWhat is this?\n### Assistant: A cat.\n### Human: Colour?\n### Assistant: Orange.\n### "
     ("llava_v0", CONV, "",
-     [1, 835, 29950, 7889, 29901, 29871, IMG, 13, 5618, 338, 445, 29973, 2277, 29937, 7900, 22137, 29901, 319,
-      6635, 29889, 2277, 29937, 29950, 7889, 29901, 1530, 473, 29973, 2277, 29937, 7900, 22137, 29901, 26048,
-      29889, 2277, 29937],
-     [[319, 6635, 29889, 2277, 29937], [26048, 29889, 2277, 29937]]),  # " A cat.###", " Orange.###"
-    # "<image>\nA cat.\n"
-    ("plain", CONV[:2], None, [1, IMG, 13, 29909, 6635, 29889, 13], [[29909, 6635, 29889, 13]]),
-    # "[INST] <<SYS>>\n\n<</SYS>>\n\n<image>\nWhat is this? [/INST] A cat. </s><s>[INST] Colour? [/INST] Orange. </s>"
+     [1, 29871, 13, 13, 2277, 29937, 12968, 29901, 29871, IMG, 29871, 13, 5618, 338, 445, 29973, 13, 2277, 29937,
+      4007, 22137, 29901, 319, 6635, 29889, 13, 2277, 29937, 12968, 29901, 1530, 473, 29973, 13, 2277, 29937, 4007,
+      22137, 29901, 26048, 29889, 13, 2277, 29937, 29871],
+     [[319, 6635, 29889, 13, 2277, 29937], [26048, 29889, 13, 2277, 29937]]),  # " A cat.\n###", " Orange.\n###"
+    # "<image>A cat.\n"
+    ("plain", CONV[:2], None, [1, IMG, 319, 6635, 29889, 13], [[319, 6635, 29889, 13]]),
+    # "[INST] <image>\nWhat is this? [/INST] A cat. </s><s>[INST] Colour? [/INST] Orange. </s>" (no <<SYS>>
+    # block for an empty system prompt, as the original's wrap_sys)
     ("llava_llama_2", CONV, "",
-     [1, 518, 25580, 29962, 3532, 14816, 29903, 6778, 13, 13, 29966, 829, 14816, 29903, 6778, 13, 13, IMG, 13,
-      5618, 338, 445, 29973, 518, 29914, 25580, 29962, 319, 6635, 29889, 29871, 2, 1, 29961, 25580, 29962, 1530,
-      473, 29973, 518, 29914, 25580, 29962, 26048, 29889, 29871, 2],
+     [1, 518, 25580, 29962, 29871, IMG, 29871, 13, 5618, 338, 445, 29973, 518, 29914, 25580, 29962, 319, 6635,
+      29889, 29871, 2, 1, 29961, 25580, 29962, 1530, 473, 29973, 518, 29914, 25580, 29962, 26048, 29889, 29871, 2],
      [[319, 6635, 29889, 29871, 2], [26048, 29889, 29871, 2]]),
 ]
 
@@ -78,22 +81,25 @@ LONG = [("human", "<image>\nDescribe the scene in detail, please."),
         ("human", "Anything unusual? Answer in one word."), ("gpt", "No.")]
 
 
-@pytest.mark.parametrize("name", ["vicuna_v1", "llava_v1", "llava_v0", "llava_llama_2", "plain"])
+@pytest.mark.parametrize("name", ["vicuna_v1", "llava_v1", "llava_llama_2"])
 def test_labels_start_where_the_inference_prompt_ends(tok, name):
+    """For the templates whose training text is the inference text (get_prompt), reply k's labels start right
+    after the tokens of its generation prompt. (plain and llava_v0 train on other text, as the original.)"""
     template = get_template(name)
-    messages = LONG if name != "plain" else [("human", "<image>"), LONG[1]]
-    ids, labels = encode_conversation(messages, tok, name)
-    assert ids == tok.encode(template.render(messages, add_generation_prompt=False))
+    ids, labels = encode_conversation(LONG, tok, name)
+
+    def encode(messages, prompt):
+        return tok.encode_with_images(template.render(messages, add_generation_prompt=prompt), IMG)
+
+    assert ids == encode(LONG, False)
     expected = [IGNORE_INDEX] * len(ids)
-    for k in range(len(messages) // 2):
-        prompt = tok.encode(template.render(messages[: 2 * k + 1], add_generation_prompt=True))
-        full = tok.encode(template.render(messages[: 2 * k + 2], add_generation_prompt=False))
+    for k in range(len(LONG) // 2):
+        prompt, full = encode(LONG[: 2 * k + 1], True), encode(LONG[: 2 * k + 2], False)
         assert ids[: len(prompt)] == prompt and ids[: len(full)] == full
         expected[len(prompt) : len(full)] = ids[len(prompt) : len(full)]
     assert labels == expected
-    closing = {"vicuna_v1": [2], "llava_v1": [2], "llava_llama_2": [2], "llava_v0": [2277, 29937], "plain": [13]}
     for span in spans(ids, labels):
-        assert span[-len(closing[name]):] == closing[name]
+        assert span[-1] == 2  # EOS closes every reply
 
 
 def test_original_layout_tokenizes_chunks_apart(tok):
