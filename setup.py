@@ -67,19 +67,23 @@ class CMakeBuild(build_ext):
         subprocess.run([cmake, "--build", str(build_dir), "--parallel"], check=True)
 
 
+# `llava-fast serve`: the HTTP server (llava_fast/serve/); tests drive it with the openai client.
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "pydantic>=2.5", "prometheus_client>=0.20"]
+
 setup(
     name="llava-fast",
     version="0.1.0",
     description="A performance-first engine for LLaVA: fast generate(), Triton kernels, a small trainer.",
     python_requires=">=3.10",
-    packages=["llava_fast", "llava_fast.kernels", "llava_fast.train", "llava_fast.bench"],
+    packages=["llava_fast", "llava_fast.kernels", "llava_fast.train", "llava_fast.bench",
+              "llava_fast.serve"],
     package_dir={
         "llava_fast": "llava_fast",
         "llava_fast.kernels": "kernels",
         "llava_fast.train": "train",
         "llava_fast.bench": "bench",
     },
-    package_data={"llava_fast": ["assets/*", "assets/tokenizer/*"]},
+    package_data={"llava_fast": ["assets/*", "assets/tokenizer/*"], "llava_fast.serve": ["page/*"]},
     install_requires=[
         "torch>=2.4",
         "safetensors>=0.4",
@@ -89,9 +93,10 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.45"],
+        "test": ["pytest", "pytest-benchmark", "transformers>=4.45", "openai>=1.40", "selenium>=4.20", *SERVE],
         "bench": ["pytest-benchmark", "nvidia-ml-py", "matplotlib"],
         "hub": ["huggingface_hub"],
+        "serve": SERVE,
     },
     entry_points={"console_scripts": ["llava-fast=llava_fast.cli:main"]},
     ext_modules=[CMakeExtension("llava_fast._C")],

@@ -108,6 +108,22 @@ class Decoder:
         return self.net.lm_head(last).float()
 
     @torch.inference_mode()
+    def prefill_slot(self, slot, ids, image_features=None, start_pos=0):
+        """Append one row's ids to cache row `slot` after its first start_pos cached tokens, leaving every
+        other row's K/V and length untouched (continuous batching: a request joins while others decode).
+
+        image_features: (N, num_image_tokens, Cv) from net.image_features() for the images among the new ids.
+        Returns the logits of the last token, (1, V). Runs as its own batch of one, outside any CUDA graph.
+        """
+        ids_t = torch.as_tensor([ids], dtype=torch.long).to(self.device, non_blocking=True)  # (1, T)
+        start = torch.tensor([start_pos], dtype=torch.int32, device=self.device)
+        seq_lens = torch.tensor([len(ids)], dtype=torch.int32, device=self.device)
+        x = self.net.embed(ids_t, image_features=image_features)
+        hidden = self.net.decode_hidden(x, self.cache.rows(slot, slot + 1), start, seq_lens)  # (1, T, C)
+        self.lengths[slot] = start_pos + len(ids)
+        return self.net.lm_head(hidden[:, -1]).float()
+
+    @torch.inference_mode()
     def step(self, tokens):
         """tokens (B,) -> logits (B, V) for the next position. With a CUDA graph the returned tensor is the
         graph's static output buffer: read it before the next step."""
