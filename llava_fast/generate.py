@@ -126,7 +126,7 @@ class Decoder:
     @torch.inference_mode()
     def step(self, tokens):
         """tokens (B,) -> logits (B, V) for the next position. With a CUDA graph the returned tensor is the
-        graph's static output buffer: read it before the next step."""
+        graph's static output buffer: read it before the next step. Without one, tokens (n,) steps rows 0..n-1."""
         if not self.cuda_graph:
             return self._step(tokens)
         if self.graph is None:
@@ -136,10 +136,13 @@ class Decoder:
         return self.static_logits
 
     def _step(self, tokens):
+        # Without a graph, tokens may cover only the first n <= B rows (the server steps the slots up to its
+        # highest active one); the other rows' caches and lengths are untouched.
+        n = tokens.shape[0]
+        cache, lengths = (self.cache, self.lengths) if n == self.batch_size else (self.cache.rows(0, n), self.lengths[:n])
         x = self.net.embed(tokens.view(-1, 1))
-        ones = torch.ones_like(self.lengths)
-        hidden = self.net.decode_hidden(x, self.cache, self.lengths.clone(), ones)  # (B, 1, C)
-        self.lengths += 1
+        hidden = self.net.decode_hidden(x, cache, lengths.clone(), torch.ones_like(lengths))  # (n, 1, C)
+        lengths += 1
         return self.net.lm_head(hidden[:, 0]).float()
 
     def _capture(self):
