@@ -93,7 +93,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.45", "openai>=1.40", "selenium>=4.20", *SERVE],
+        "test": ["pytest", "pytest-benchmark", "transformers>=4.45", "openai>=1.40", "httpx>=0.27", "selenium>=4.20", *SERVE],
         "bench": ["pytest-benchmark", "nvidia-ml-py", "matplotlib"],
         "hub": ["huggingface_hub"],
         "serve": SERVE,

@@ -32,7 +32,7 @@ class ServeMetrics:
         self.inter_token_latency = Histogram("llava_fast_inter_token_latency_seconds",
                                              "time between a request's consecutive tokens", registry=r,
                                              buckets=_LATENCY_BUCKETS)
-        self.image_cache_hits = Counter("llava_fast_image_cache_hits", "images whose features were cached",
+        self.image_cache_hits = Counter("llava_fast_image_cache_hits", "images that skipped the vision tower (feature cache or reused prefix)",
                                         registry=r)
         self.image_cache_misses = Counter("llava_fast_image_cache_misses", "images run through the vision tower",
                                           registry=r)

@@ -258,6 +258,7 @@ class Scheduler:
         while common > 0 and not isinstance(keys[common], int) and keys[common][1] != 0:
             common -= 1  # never start mid-image: the splice takes whole images
         first_image = sum(1 for k in keys[:common] if not isinstance(k, int)) // n_img
+        self.metrics.image_cache_hits.inc(first_image)  # images inside the reused prefix skip the tower too
         row = _Row(req, slot, self.model.tokenizer, self.eos)
         self.rows[slot] = row
         self.slot_keys[slot] = []  # overwritten from `common` on; invalid until the prefill succeeds
