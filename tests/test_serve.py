@@ -300,3 +300,47 @@ def test_sigterm_drains_running_requests_and_exits_0(tmp_path):
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def _chromium():
+    """Debian's chromium and chromedriver (CI installs them: apt-get install chromium chromium-driver)."""
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (binary and driver):
+        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+
+
+def test_chat_page_in_a_headless_browser(live, model):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = _chromium()
+    try:
+        browser.get(live.url + "/")
+        WebDriverWait(browser, 30).until(lambda b: "tiny" in b.find_element(By.ID, "model").text)
+        browser.find_element(By.ID, "image").send_keys(os.path.abspath(BUNDLED_IMAGE))
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "preview").is_displayed())
+        tokens = browser.find_element(By.ID, "max-tokens")
+        tokens.clear()
+        tokens.send_keys("6")
+        messages = []
+        for turn, question in enumerate(["What is unusual here?", "And the colours?"]):
+            browser.find_element(By.ID, "question").send_keys(question)
+            browser.find_element(By.ID, "send").click()
+            WebDriverWait(browser, 120).until(
+                lambda b: b.execute_script(f"const a = document.getElementById('answer-{2 * turn}');"
+                                           "return a && a.parentElement.dataset.done;"))
+            answer = browser.find_element(By.ID, f"answer-{2 * turn}")
+            assert answer.get_attribute("class") != "error", answer.text
+            messages.append(user(question, JPEG_URL) if turn == 0 else user(question))
+            expected = alone(model, messages, 6)
+            assert answer.get_property("textContent") == expected and expected
+            messages.append({"role": "assistant", "content": expected})
+    finally:
+        browser.quit()
