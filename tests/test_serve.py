@@ -96,6 +96,15 @@ def test_answers_equal_generate(live, model):
     assert chunks[-2].choices[0].finish_reason == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
     assert len({c.id for c in chunks}) == 1
+    # Seeded sampling draws what generate() draws; a stop string cuts the reply there, as generate() does.
+    sampled = dict(temperature=0.9, top_p=0.9, top_k=50, seed=7)
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, **{
+        k: v for k, v in sampled.items() if k != "top_k"}, extra_body={"top_k": 50})
+    assert r.choices[0].message.content == alone(model, messages, 8, **sampled)
+    stop = expected[len(expected) // 2:][:3]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0, stop=[stop])
+    assert r.choices[0].message.content == alone(model, messages, 12, stop=[stop]) == expected[:expected.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
 
 
 def test_logprobs_match_full_forward(live, model):

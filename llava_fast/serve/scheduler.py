@@ -107,12 +107,12 @@ class FeatureCache:
 class _Row:
     """A request while it holds a slot."""
 
-    def __init__(self, req: Request, slot: int, tokenizer, eos_token_id):
+    def __init__(self, req: Request, slot: int, tokenizer, eos_token_id, device):
         from llava_fast.api import _RowOutput
 
         self.req, self.slot = req, slot
         self.out = _RowOutput(tokenizer, req.stop, eos_token_id)
-        self.generator = req.sampling.generator(torch.device("cpu")) if req.sampling.temperature else None
+        self.generator = req.sampling.generator(device)  # seeded: the same draws as generate() of this request
         self.generated: list[int] = []
         self.last_time = None
 
@@ -193,18 +193,24 @@ class Scheduler:
                         if not req.cancelled:
                             admit.append(req)
                     self.metrics.waiting.set(len(self.waiting))
-                for req in admit:
-                    self._admit(req)
-                self._drop_cancelled()
-                if self.num_running:
-                    self._step()
+                try:
+                    for req in admit:
+                        self._admit(req)
+                    self._drop_cancelled()
+                    if self.num_running:
+                        self._step()
+                except Exception:  # a bug outside the model calls: fail the rows in flight, keep serving
+                    log.exception("scheduler iteration failed")
+                    for row in self.rows:
+                        if row is not None:
+                            self._end(row, error="internal error", keep_cache=False)
                 self.metrics.running.set(self.num_running)
         for row in self.rows:
             if row is not None:
                 self._end(row, error="the server shut down before this request finished")
         with self.cond:
             for req in self.waiting:
-                req.emit(Event("error", error="the server shut down before this request started"))
+                self._emit(req, Event("error", error="the server shut down before this request started"))
             self.waiting.clear()
 
     def _choose_slot(self, keys):
@@ -259,7 +265,7 @@ class Scheduler:
             common -= 1  # never start mid-image: the splice takes whole images
         first_image = sum(1 for k in keys[:common] if not isinstance(k, int)) // n_img
         self.metrics.image_cache_hits.inc(first_image)  # images inside the reused prefix skip the tower too
-        row = _Row(req, slot, self.model.tokenizer, self.eos)
+        row = _Row(req, slot, self.model.tokenizer, self.eos, self.model.device)
         self.rows[slot] = row
         self.slot_keys[slot] = []  # overwritten from `common` on; invalid until the prefill succeeds
         try:
@@ -306,7 +312,7 @@ class Scheduler:
         if req.sampling.temperature == 0:
             token = int(greedy_token if greedy_token is not None else logits.argmax())
         else:
-            token = int(sample_next_token(logits[None].cpu(), req.sampling, row.generator)[0])
+            token = int(sample_next_token(logits[None], req.sampling, row.generator)[0])
         row.generated.append(token)
         delta = row.out.push(token)
         now = time.perf_counter()
@@ -321,7 +327,7 @@ class Scheduler:
         if finish == "length":
             delta += row.out.finish()
         if delta or entries:
-            req.emit(Event("token", text=delta, logprobs=entries))
+            self._emit(req, Event("token", text=delta, logprobs=entries))
         if finish:
             self._end(row, finish_reason=finish)
         elif req.cancelled:
@@ -345,6 +351,14 @@ class Scheduler:
             raw = piece.replace("\u2581", " ").encode()
         return {"token": raw.decode(errors="replace"), "logprob": logprob, "bytes": list(raw), "top_logprobs": []}
 
+    @staticmethod
+    def _emit(req, event):
+        try:
+            req.emit(event)
+        except Exception:  # e.g. the HTTP side's event loop already closed: the row must still be freed
+            log.exception("could not deliver an event")
+            req.cancel()
+
     def _drop_cancelled(self):
         for r in self.rows:
             if r is not None and r.req.cancelled:
@@ -364,6 +378,6 @@ class Scheduler:
         self.decoder.lengths[slot] = len(self.slot_keys[slot])
         usage = dict(prompt_tokens=len(req.ids), completion_tokens=len(row.generated))
         if error is not None:
-            req.emit(Event("error", error=error, **usage))
+            self._emit(req, Event("error", error=error, **usage))
         else:
-            req.emit(Event("done", finish_reason=finish_reason, **usage))
+            self._emit(req, Event("done", finish_reason=finish_reason, **usage))
