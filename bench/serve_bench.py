@@ -22,6 +22,7 @@ small next to a decode step on the CPU).
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 
@@ -204,11 +205,13 @@ def run(settings: dict, argv) -> dict:
         doc["ceilings"] = measure_ceilings(device)
         warm = workload(max(2, settings["warmup"] * 2), settings["seed"] + 1)
         run_one_by_one(model, warm)
+        print(f"bench serve: {len(requests)} requests one by one ...", file=sys.stderr, flush=True)
         base, wall = run_one_by_one(model, requests)
         doc["figures"] += _figures(ONE_BY_ONE, 1, requests, base, wall)
         base_tput = find_one(doc["figures"], "serve_output_throughput", engine=ONE_BY_ONE)["value"]
         for clients in settings["clients"]:
             run_server(model, warm, 1, settings["max_batch"], max_model_len)
+            print(f"bench serve: {len(requests)} requests from {clients} clients ...", file=sys.stderr, flush=True)
             results, wall = run_server(model, requests, clients, settings["max_batch"], max_model_len)
             figs = _figures(SERVER, clients, requests, results, wall)
             tput = find_one(figs, "serve_output_throughput")["value"]

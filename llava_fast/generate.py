@@ -124,6 +124,14 @@ class Decoder:
         return self.net.lm_head(hidden[:, -1]).float()
 
     @torch.inference_mode()
+    def copy_prefix(self, src, dst, n):
+        """Copy cache row src's first n positions into row dst: a request reuses another row's prefix (system
+        prompt + image) without destroying that row's cache (a 600-token 7B prefix is 300 MiB, ~0.1 ms of
+        HBM bandwidth, against ~40 ms to prefill it again)."""
+        self.cache.k[:, dst, :, :n] = self.cache.k[:, src, :, :n]
+        self.cache.v[:, dst, :, :n] = self.cache.v[:, src, :, :n]
+
+    @torch.inference_mode()
     def step(self, tokens):
         """tokens (B,) -> logits (B, V) for the next position. With a CUDA graph the returned tensor is the
         graph's static output buffer: read it before the next step. Without one, tokens (n,) steps rows 0..n-1."""

@@ -247,7 +247,7 @@ def _metric(text, name):
                or line.startswith(name + "{"))
 
 
-def test_repeated_image_is_a_cache_hit(live):
+def test_repeated_image_is_a_cache_hit(live, model):
     client = live.client()
     image = png_data_url(random_image(77))
     before = httpx.get(live.url + "/metrics").text
@@ -256,6 +256,13 @@ def test_repeated_image_is_a_cache_hit(live):
         client.chat.completions.create(model="tiny", max_tokens=2, messages=[
             {"role": "system", "content": system}, user("What?", image)])
     after = httpx.get(live.url + "/metrics").text
+    # The first system prompt + image again, with another question: its K/V prefix is reused (copied from the
+    # row that still holds it, which the second request did not overwrite), and the answer is still exact.
+    messages = [{"role": "system", "content": "First."}, user("Another question?", image)]
+    r = client.chat.completions.create(model="tiny", max_tokens=4, messages=messages, temperature=0)
+    assert r.choices[0].message.content == alone(model, messages, 4)
+    reused = _metric(httpx.get(live.url + "/metrics").text, "llava_fast_cached_prompt_tokens_total")
+    assert reused - _metric(after, "llava_fast_cached_prompt_tokens_total") > model.num_image_tokens
     assert _metric(after, "llava_fast_image_cache_misses_total") - _metric(before, "llava_fast_image_cache_misses_total") == 1
     assert _metric(after, "llava_fast_image_cache_hits_total") - _metric(before, "llava_fast_image_cache_hits_total") == 1
     for name in ("llava_fast_requests_total", "llava_fast_running_rows", "llava_fast_waiting_requests",
@@ -353,3 +360,17 @@ def test_chat_page_in_a_headless_browser(live, model):
             messages.append({"role": "assistant", "content": expected})
     finally:
         browser.quit()
+
+
+def test_feature_cache_is_an_lru_bounded_in_bytes():
+    from llava_fast.serve.scheduler import FeatureCache
+
+    cache = FeatureCache(max_bytes=2 * 4 * 300)  # two (300,) float32 tensors
+    a, b, c = (torch.randn(300) for _ in range(3))
+    cache.put("a", a)
+    cache.put("b", b)
+    assert cache.get("a") is a  # "a" is now the most recent
+    cache.put("c", c)
+    assert cache.get("b") is None and cache.get("a") is a and cache.get("c") is c and cache.bytes == 2400
+    cache.put("huge", torch.randn(1000))  # larger than the whole cache: not kept, nothing evicted
+    assert cache.get("huge") is None and cache.bytes == 2400

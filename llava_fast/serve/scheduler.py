@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llava_fast.api import _common_prefix
 from llava_fast.generate import Decoder, Sampling, sample_next_token
 
 log = logging.getLogger("llava_fast.serve")
@@ -214,19 +215,23 @@ class Scheduler:
             self.waiting.clear()
 
     def _choose_slot(self, keys):
-        """The free slot whose cached tokens share the longest prefix with keys (ties: freed longest ago)."""
-        best, best_common = None, -1
-        for slot, row in enumerate(self.rows):
-            if row is not None:
-                continue
-            cached, common = self.slot_keys[slot], 0
-            for a, b in zip(keys, cached):
-                if a != b:
-                    break
-                common += 1
-            if common > best_common or (common == best_common and self.freed_at[slot] < self.freed_at[best]):
+        """(slot, reused prefix length) for a request: the free slot whose cached tokens share the longest
+        prefix with keys. If taking that slot would destroy cached tokens beyond the shared prefix, the prefix
+        is copied into the least valuable free slot instead (never used, else freed longest ago), so the
+        source keeps serving later requests (one client asking about one image then another keeps both)."""
+        free = [s for s, row in enumerate(self.rows) if row is None]
+        best, best_common = free[0], -1
+        for slot in free:
+            common = _common_prefix(keys, self.slot_keys[slot])
+            if common > best_common:
                 best, best_common = slot, common
-        return best, best_common
+        if best_common == len(self.slot_keys[best]):  # nothing beyond the prefix to lose (e.g. a chat follow-up)
+            return best, best_common
+        victim = min((s for s in free if s != best), default=best,
+                     key=lambda s: (bool(self.slot_keys[s]), self.freed_at[s]))
+        if victim != best and best_common > 0:
+            self.decoder.copy_prefix(best, victim, best_common)
+        return victim, best_common
 
     def _prompt_keys(self, req):
         """The prompt as cache keys: token ids, with each image position as (image hash, index in image)."""
