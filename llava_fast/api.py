@@ -124,8 +124,10 @@ class LlavaModel:
         if not messages or messages[-1][0] not in ("user", "human"):
             raise InputError("a prompt given as messages must end with a user message")
         first = next(i for i, m in enumerate(messages) if m[0] in ("user", "human"))
-        messages[first] = (messages[first][0], format_user_turn(messages[first][1], num_images))
         markers = sum(m[1].count("<image>") for m in messages)
+        if markers == 0:  # no markers anywhere: one image goes in front of the first user turn (LLaVA's CLI)
+            messages[first] = (messages[first][0], format_user_turn(messages[first][1], num_images))
+            markers = messages[first][1].count("<image>")
         if markers != num_images:
             raise InputError(f"the prompt has {markers} <image> markers but {num_images} images were given")
         text = tpl.render(messages, system=system, add_generation_prompt=True)

@@ -73,6 +73,11 @@ def test_generate_takes_openai_messages(model):
     as_messages = model.generate(messages, max_new_tokens=6)
     as_prompt = model.generate("What is shown?", images=BUNDLED_IMAGE, max_new_tokens=6, system="Be brief.")
     assert as_messages == as_prompt and len(as_messages) > 0
+    # An image may sit in a later user turn: its marker stays where its part was.
+    later = [user("Hello."), {"role": "assistant", "content": "Hi."}, user("And this?", JPEG_URL)]
+    as_pairs = model.generate([("user", "Hello."), ("assistant", "Hi."), ("user", "<image>\nAnd this?")],
+                              images=BUNDLED_IMAGE, max_new_tokens=4)
+    assert model.generate(later, max_new_tokens=4) == as_pairs
     with pytest.raises(InputError, match="end with a user message"):
         model.generate([{"role": "assistant", "content": "hi"}])
     with pytest.raises(InputError, match=r"messages\[0\].role"):
