@@ -226,16 +226,18 @@ class Scheduler:
                 best, best_common = slot, common
         if best_common == len(self.slot_keys[best]):  # nothing beyond the prefix to lose (e.g. a chat follow-up)
             return best, best_common
-        # Rows below the highest active one are stepped anyway (parked): any of them is free of cost, so take
-        # the least valuable (never used, else freed longest ago). Above it, take the lowest, so a lone client
-        # does not walk its steps up through all max_batch rows (1-client output tokens/s fell to 0.43x of
-        # one-by-one generate() on the tiny CPU preset when victims went to the least recently used row).
+        # Rows below the highest active one are stepped anyway (parked), and so are the next two: take the least
+        # valuable of those (never used, else freed longest ago). Farther rows are taken only when these are
+        # busy, so a lone client does not walk its steps up through all max_batch rows (1-client output
+        # tokens/s fell to 0.43x of one-by-one generate() on the tiny CPU preset when every prefix copy went to
+        # the least recently used row of all 16), while two rows still alternate and keep each other's prefix.
         hi = max((s + 1 for s, row in enumerate(self.rows) if row is not None), default=0)
-        victim = min((s for s in free if s != best), default=best,
-                     key=lambda s: (s >= hi, s if s >= hi else 0, bool(self.slot_keys[s]), self.freed_at[s]))
-        if victim != best and best_common > 0:
+        victim = min(free, key=lambda s: (s >= hi + 2, bool(self.slot_keys[s]), self.freed_at[s], s))
+        victim_common = _common_prefix(keys, self.slot_keys[victim])
+        if best != victim and best_common > victim_common:
             self.decoder.copy_prefix(best, victim, best_common)
-        return victim, best_common
+            return victim, best_common
+        return victim, victim_common
 
     def _prompt_keys(self, req):
         """The prompt as cache keys: token ids, with each image position as (image hash, index in image)."""
