@@ -67,12 +67,16 @@ class CMakeBuild(build_ext):
         subprocess.run([cmake, "--build", str(build_dir), "--parallel"], check=True)
 
 
+# `llava-fast serve`: the HTTP server (llava_fast/serve/); tests drive it with the openai client.
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "pydantic>=2.5", "prometheus_client>=0.20"]
+
 setup(
     name="llava-fast",
     version="0.1.0",
     description="A performance-first engine for LLaVA: fast generate(), Triton kernels, a small trainer.",
     python_requires=">=3.10",
-    packages=["llava_fast", "llava_fast.kernels", "llava_fast.train", "llava_fast.bench", "llava_fast.pipelines"],
+    packages=["llava_fast", "llava_fast.kernels", "llava_fast.train", "llava_fast.bench", "llava_fast.pipelines",
+              "llava_fast.serve"],
     package_dir={
         "llava_fast": "llava_fast",
         "llava_fast.kernels": "kernels",
@@ -81,7 +85,7 @@ setup(
         "llava_fast.pipelines": "pipelines",
     },
     package_data={"llava_fast": ["assets/*", "assets/tokenizer/*"], "llava_fast.bench": ["data/*"],
-                  "llava_fast.pipelines": ["prompts/*.md", "prompts/*/*.txt"]},
+                  "llava_fast.pipelines": ["prompts/*.md", "prompts/*/*.txt"], "llava_fast.serve": ["page/*"]},
     install_requires=[
         # The oldest versions tested: the GPU device image's (torch 2.11, triton 3.6; CI runs the kernel tests and
         # the sm_90 compile check under triton 3.6 too). Triton 3.6's CPU interpreter needs numpy<2.4 (see
@@ -97,13 +101,15 @@ setup(
     ],
     extras_require={
         # accelerate: transformers' GGUF loading (the oracle); sentencepiece: llama.cpp's convert_hf_to_gguf.py
-        # imports it; openai: the pipelines' and server's test client; torchao: the quantization tests
+        # imports it; openai: the pipelines' and server's test client (openai 3.x brings httpx2, the tests use
+        # httpx); selenium: the chat page's browser test; torchao: the quantization tests
         "test": ["pytest", "pytest-benchmark", "transformers>=4.45", "accelerate", "sentencepiece", "openai>=1.40",
-                 "torchao>=0.12"],
+                 "httpx>=0.27", "selenium>=4.20", "torchao>=0.12", *SERVE],
         "quant": ["torchao>=0.12"],
         "bench": ["pytest-benchmark", "nvidia-ml-py", "matplotlib"],
         "hub": ["huggingface_hub"],
         "pipelines": ["openai>=1.40"],  # make-data, eval: any OpenAI-compatible endpoint
+        "serve": SERVE,
     },
     entry_points={"console_scripts": ["llava-fast=llava_fast.cli:main"]},
     ext_modules=[CMakeExtension("llava_fast._C")],

@@ -1,10 +1,11 @@
-"""`llava-fast bench [generate|kernels|train|compare|validate] ...` (llava_fast/cli.py delegates here).
+"""`llava-fast bench [generate|kernels|train|serve|compare|validate] ...` (llava_fast/cli.py delegates here).
 
     llava-fast bench                                   # generate: tiny on CPU, llava-1.5-7b on CUDA
     llava-fast bench generate --preset llava-1.5-13b --batch-sizes 1,8 --json r.json --plot r.png
     llava-fast bench kernels --device cuda
     llava-fast bench train --preset llava-1.5-7b --batch-sizes 8 --lora-r 128
     llava-fast bench real --threads 2                  # SmolLM2 (real weights) vs llama.cpp, + quantization error
+    llava-fast bench serve --clients 1,4,16,64 --requests 64
     llava-fast bench compare old.json new.json --fail-on-regression
     llava-fast bench validate r.json
 
@@ -21,7 +22,7 @@ import time
 
 from llava_fast.errors import InputError
 
-SUBCOMMANDS = ("generate", "kernels", "train", "real", "compare", "validate")
+SUBCOMMANDS = ("generate", "kernels", "train", "real", "serve", "compare", "validate")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -153,6 +154,14 @@ def build_parser():
     r.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     r.add_argument("--json", help="result file (default: bench-results/real-<model>-<device>-<time>.json)")
 
+    s = sub.add_parser("serve", help="the HTTP server under 1..64 concurrent clients beside one-by-one generate(): "
+                       "requests/s, output tokens/s, TTFT and inter-token latency")
+    _model_args(s)
+    s.add_argument("--clients", type=_int_list, help="concurrent client counts (default 1,4,16,64)")
+    s.add_argument("--requests", type=_positive_int, help="requests in the workload (default 64 CPU, 256 CUDA)")
+    s.add_argument("--max-batch", type=_positive_int, help="the server's KV-cache rows (default 16 CPU, 64 CUDA)")
+    s.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+
     c = sub.add_parser("compare", help="per-figure deltas between two result files, regressions flagged")
     c.add_argument("a", help="baseline result JSON")
     c.add_argument("b", help="new result JSON")
@@ -234,6 +243,14 @@ def cmd_measure(args, argv) -> int:
         settings = _common_settings(args, str(device), defaults)
         settings.update(kernels=args.kernels or list(bench.KERNELS), scale=args.scale or defaults["scale"],
                         seq_len=args.seq_len)
+    elif args.subcommand == "serve":
+        from llava_fast.bench import serve_bench as bench
+
+        defaults = bench.DEFAULTS[device.type]
+        settings = _common_settings(args, str(device), dict(defaults, batch_sizes=None))
+        del settings["batch_sizes"]
+        settings.update(clients=args.clients or defaults["clients"], requests=args.requests or defaults["requests"],
+                        max_batch=args.max_batch or defaults["max_batch"], seed=args.seed)
     else:
         from llava_fast.bench import train_bench as bench
 

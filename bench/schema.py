@@ -12,7 +12,7 @@ import math
 
 from llava_fast.bench.report import SCHEMA_VERSION, figure_key
 
-UNITS = ("ms", "s", "tokens/s", "images/s", "bytes", "GB/s", "TFLOP/s", "%", "x", "1")  # "1": dimensionless
+UNITS = ("ms", "s", "tokens/s", "requests/s", "images/s", "bytes", "GB/s", "TFLOP/s", "%", "x", "1")  # "1": dimensionless
 
 # name -> (unit, higher_is_better, required labels)
 FIGURES = {
@@ -44,6 +44,15 @@ FIGURES = {
     "train_peak_memory": ("bytes", False, ("stage", "engine", "batch", "seq_len")),
     "train_speedup": ("x", True, ("stage", "engine", "baseline", "batch", "seq_len")),
     "train_fwd_bwd_peak_memory": ("bytes", False, ("stage", "engine", "batch", "seq_len")),
+    # serve
+    "serve_request_throughput": ("requests/s", True, ("engine", "clients")),
+    "serve_output_throughput": ("tokens/s", True, ("engine", "clients")),
+    "serve_ttft": ("ms", False, ("engine", "clients", "image")),
+    "serve_ttft_p99": ("ms", False, ("engine", "clients", "image")),
+    "serve_itl_p50": ("ms", False, ("engine", "clients")),
+    "serve_itl_p99": ("ms", False, ("engine", "clients")),
+    "serve_speedup": ("x", True, ("engine", "baseline", "clients")),
+    "serve_ttft_repeated_over_new": ("x", False, ("engine", "clients")),
 }
 
 _NUM = {"type": "number"}
@@ -84,7 +93,7 @@ SCHEMA = {
                  "ceilings", "telemetry", "figures", "checks", "notes"],
     "properties": {
         "schema": {"const": SCHEMA_VERSION},
-        "kind": {"enum": ["generate", "kernels", "train", "real"]},
+        "kind": {"enum": ["generate", "kernels", "train", "real", "serve"]},
         "created_utc": {"type": "string"},
         "command": {"type": "string"},
         "commit": {"type": "object", "required": ["sha", "dirty"],

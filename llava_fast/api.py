@@ -22,6 +22,7 @@ from llava_fast.generate import (Decoder, Sampling, batch_bucket, generate_token
                                  positions_needed)
 from llava_fast.image import ImageProcessor
 from llava_fast.loading import load_weights, read_config
+from llava_fast.messages import is_openai_messages, load_image_url, split_openai_messages
 from llava_fast.model import LlavaForCausalLM
 from llava_fast.quantize import parse_scheme, prepare_for_inference
 from llava_fast.tokenizer import Tokenizer
@@ -211,8 +212,10 @@ class LlavaModel:
         if not messages or messages[-1][0] not in ("user", "human"):
             raise InputError("a prompt given as messages must end with a user message")
         first = next(i for i, m in enumerate(messages) if m[0] in ("user", "human"))
-        messages[first] = (messages[first][0], format_user_turn(messages[first][1], num_images))
         markers = sum(m[1].count("<image>") for m in messages)
+        if markers == 0:  # no markers anywhere: one image goes in front of the first user turn (LLaVA's CLI)
+            messages[first] = (messages[first][0], format_user_turn(messages[first][1], num_images))
+            markers = messages[first][1].count("<image>")
         if markers != num_images:
             raise InputError(f"the prompt has {markers} <image> markers but {num_images} images were given")
         jinja = self.chat_template(template)
@@ -361,6 +364,14 @@ class LlavaModel:
         return [out.ids for out in outputs]
 
     def _prepare(self, prompts, images, template, system):
+        if is_openai_messages(prompts):  # one request in the OpenAI chat format, images inside its parts
+            turns, urls, message_system = split_openai_messages(prompts)
+            if images is not None:
+                raise InputError("pass images inside OpenAI-style messages (image_url parts), not as images=")
+            if message_system is not None and system is not None:
+                raise InputError("give the system prompt either as a system message or as system=, not both")
+            images = [load_image_url(u, local_files=True) for u in urls]
+            prompts, system = turns, (system if message_system is None else message_system)
         _check_prompts(prompts)
         single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], tuple))
         prompt_list = [prompts] if single else list(prompts)
@@ -395,6 +406,10 @@ class LlavaModel:
     def generate(self, prompts, images=None, *, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
                  stop=None, seed=None, template=None, system=None):
         """Reply to one prompt (str -> str) or a batch (list[str] -> list[str]).
+
+        A prompt may also be OpenAI-style chat messages ([{"role": ..., "content": str | parts}], parts
+        {"type": "text"} / {"type": "image_url"} with a data: URL or a local path), as `llava-fast serve`
+        takes them; their images come from the image_url parts and a system message sets the system prompt.
 
         images: for one prompt, None, an image or a list of images; for a batch, a list with one such entry
         per prompt. An image is a path, a PIL image or a uint8 array. A prompt without an `<image>` marker

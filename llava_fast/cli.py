@@ -1,4 +1,4 @@
-"""`llava-fast`: generate, chat, train, bench.
+"""`llava-fast`: generate, chat, serve, train, merge-lora, bench.
 
 Bad input exits with code 2 and one line on stderr, never a traceback.
 """
@@ -6,6 +6,7 @@ Bad input exits with code 2 and one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from llava_fast.errors import LlavaFastError
@@ -101,6 +102,45 @@ def cmd_chat(args):
     return 0
 
 
+def cmd_serve(args):
+    try:
+        from llava_fast.serve.app import ServeConfig, serve
+    except ModuleNotFoundError as e:
+        raise LlavaFastError(f"llava-fast serve needs {e.name}: pip install 'llava-fast[serve]'") from None
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = ServeConfig(
+        model_name=args.served_model_name or (args.model.rstrip("/").split("/")[-1] if args.model else args.preset),
+        max_batch=args.max_batch, max_model_len=args.max_model_len, max_waiting=args.max_waiting,
+        image_cache_mb=args.image_cache_mb, max_image_pixels=args.max_image_pixels,
+        max_images_per_request=args.max_images_per_request, allowed_local_media_path=args.allowed_local_media_path,
+        api_key=args.api_key, max_body_bytes=args.max_body_mb << 20, default_max_tokens=args.default_max_tokens,
+        shutdown_timeout=args.shutdown_timeout)
+    if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
+        raise LlavaFastError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
+    return serve(_load(args), config, host=args.host, port=args.port)
+
+
+def _add_serve_args(s):
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint's directory name)")
+    s.add_argument("--max-batch", type=int, default=16, help="KV-cache rows: requests decoding together")
+    s.add_argument("--max-model-len", type=int, help="tokens per row, prompt + reply (default: the context length)")
+    s.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
+    s.add_argument("--image-cache-mb", type=float, default=256.0, help="memory for cached image features")
+    s.add_argument("--max-image-pixels", type=int, default=64 << 20, help="largest image, width x height")
+    s.add_argument("--max-images-per-request", type=int, default=4)
+    s.add_argument("--allowed-local-media-path", help="directory whose image files requests may name by path or "
+                   "file:// URL (default: none; only data: URLs)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    s.add_argument("--max-body-mb", type=int, default=32, help="largest request body")
+    s.add_argument("--default-max-tokens", type=int, default=256, help="reply length when a request sets none")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to finish "
+                   "after SIGTERM/SIGINT")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="llava-fast", description="A performance-first engine for LLaVA.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,8 +156,19 @@ def build_parser():
     c.add_argument("--image", help="image file")
     _add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching) with a chat page at /")
+    _add_model_args(s)
+    _add_serve_args(s)
+    s.set_defaults(func=cmd_serve)
+    # Listed for --help only: main() hands these to their own parsers before this one runs.
+    for name, text in DELEGATED_HELP.items():
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
+
+DELEGATED_HELP = {"train": "train stage 1 (projector) or stage 2 (LoRA / full) from a data file",
+                  "merge-lora": "fold a LoRA checkpoint into full weights",
+                  "bench": "benchmarks: generate, kernels, train, serve; compare and validate results"}
 
 # Subcommands whose parsers live with their code (train/, bench/): llava-fast <name> ... -> module.function(argv).
 DELEGATED = {"train": "llava_fast.train.cli:main", "merge-lora": "llava_fast.train.cli:merge_lora_main",

@@ -245,6 +245,13 @@ class KVCache:
     def layer(self, i):
         return self.k[i], self.v[i]
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A view of rows [start, stop) sharing this cache's memory: a prefill into it writes those rows only
+        (the server prefills one slot while the other rows keep their K/V)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        return view
+
 
 class LlavaForCausalLM(nn.Module):
     """The network. Parameter names: vision_tower.*, multi_modal_projector.*, language_model.*, lm_head."""
@@ -290,9 +297,11 @@ class LlavaForCausalLM(nn.Module):
         hidden = self.vision_tower(pixel_values.to(dtype))
         return hidden[:, 1:] if self.cfg.vision_feature_select_strategy == "default" else hidden
 
-    def embed(self, input_ids, pixel_values=None):
-        """(B, T) ids with image tokens already expanded -> (B, T, C) decoder input."""
-        features = None if pixel_values is None else self.image_features(pixel_values)
+    def embed(self, input_ids, pixel_values=None, image_features=None):
+        """(B, T) ids with image tokens already expanded -> (B, T, C) decoder input. The images come as
+        pixel_values (N, 3, S, S), or as image_features (N, num_image_tokens, Cv) that image_features()
+        computed earlier (the server's image cache), which skips the vision tower."""
+        features = image_features if pixel_values is None else self.image_features(pixel_values)
         projector = self.multi_modal_projector.weights() if features is not None else (None, None)
         return ops.splice_image_embeddings(input_ids, self.language_model.embed_tokens.weight, features,
                                            self.cfg.image_token_id, *projector)

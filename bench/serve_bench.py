@@ -1,0 +1,260 @@
+"""`llava-fast bench serve`: the HTTP server under N concurrent clients, beside the same requests one by one.
+
+Workload (seeded, the same for every run): `requests` chat requests; prompt lengths drawn uniformly from
+8..128 words, max_tokens uniformly from 16..96 (a chat reply; EOS is left on, random weights rarely emit it); half carry an image drawn from a pool half their number, so
+about half of the image requests repeat an image an earlier request sent (PNG data: URLs of random pixels).
+Greedy, the same system prompt for all (the template's).
+
+Engines, on the same weights in one process:
+  - `generate-one-by-one`: `LlavaModel.stream()` of each request in turn (what a program without a server does).
+  - `llava-fast/serve`: `llava-fast serve`'s app on uvicorn at 127.0.0.1 (a thread of this process; a fresh
+    app per client count, so its image and prefix caches start empty), driven by `clients` concurrent httpx
+    clients, each sending its next request when the last one's stream ended, streaming with usage.
+Figures per engine and client count: requests/s and output tokens/s over the wall time of the whole
+workload; TTFT (request sent -> first content chunk received; for generate(): call -> first text delta)
+p50 (the figure's value, samples kept) and p99, split by image kind (`new`, `repeated`, `none`, `all`);
+inter-token latency p50/p99 (gaps between a stream's consecutive content chunks); `serve_speedup` = output
+tokens/s over one-by-one's; `serve_ttft_repeated_over_new` = TTFT p50 of repeated over new images.
+The clients run in this process too (Python's GIL is shared with the scheduler thread; their work per chunk is
+small next to a decode step on the CPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+
+import numpy as np
+import PIL.Image
+
+from llava_fast.bench.device import Telemetry, command_line, device_info, measure_ceilings
+from llava_fast.bench.report import figure, find_one, fmt, header_lines, md_table, new_document
+from llava_fast.errors import InputError
+
+ONE_BY_ONE, SERVER = "generate-one-by-one", "llava-fast/serve"
+DEFAULTS = {
+    "cpu": dict(preset="tiny", clients=[1, 4, 16, 64], requests=64, max_batch=16, repeats=1, warmup=1),
+    "cuda": dict(preset="llava-1.5-7b", clients=[1, 4, 16, 64], requests=256, max_batch=64, repeats=1, warmup=1),
+}
+WORDS = ("image", "picture", "colour", "person", "left", "right", "unusual", "describe", "what", "where", "why",
+         "the", "a", "of", "in", "is", "this", "that", "detail", "background", "object", "scene", "light")
+
+
+def workload(n, seed):
+    """n requests: (messages, max_tokens, image kind), image kind new/repeated/none in send order."""
+    import base64
+    import io
+
+    rng = np.random.default_rng(seed)
+    with_image = rng.random(n) < 0.5
+    pool = max(1, int(with_image.sum()) // 2)
+    urls = []
+    for i in range(pool):
+        buf = io.BytesIO()
+        size = (int(rng.integers(64, 400)), int(rng.integers(64, 400)))
+        PIL.Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buf, format="PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    seen, out = set(), []
+    for i in range(n):
+        text = " ".join(rng.choice(WORDS, int(rng.integers(8, 129)))) + "?"
+        max_tokens = int(rng.integers(16, 97))
+        if with_image[i]:
+            k = int(rng.integers(pool))
+            kind = "repeated" if k in seen else "new"
+            seen.add(k)
+            content = [{"type": "image_url", "image_url": {"url": urls[k]}}, {"type": "text", "text": text}]
+        else:
+            kind, content = "none", text
+        out.append(([{"role": "user", "content": content}], max_tokens, kind))
+    return out
+
+
+def run_one_by_one(model, requests):
+    """[(ttft_s, [itl_s], tokens)] per request, and the wall time. Runs on a worker thread, as the server's
+    scheduler does: on a 2-core host busy with other work, torch's two OpenMP threads made the main thread's
+    generate() 3-5x slower than the same call on a fresh thread (12.2 s vs 3.4 s for 20 tokens on tiny), which
+    would credit the server with a speedup that is only threading."""
+    results = []
+
+    def work():
+        for messages, max_tokens, _ in requests:
+            t0 = time.perf_counter()
+            stamps = [time.perf_counter() for _ in model.stream(messages, max_new_tokens=max_tokens)]
+            stamps = stamps or [time.perf_counter()]
+            results.append((stamps[0] - t0, list(np.diff(stamps)), model.last_stats["new_tokens"]))
+
+    start = time.perf_counter()
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    if len(results) != len(requests):
+        raise RuntimeError("the one-by-one run failed (see the traceback above)")
+    return results, time.perf_counter() - start
+
+
+async def _client_loop(http, url, queue, results):
+    import json
+
+    while queue:
+        index, (messages, max_tokens, _) = queue.pop(0)
+        body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        t0, stamps, tokens = time.perf_counter(), [], 0
+        async with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"server answered {r.status_code}: {await r.aread()}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    stamps.append(time.perf_counter())
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+        stamps = stamps or [time.perf_counter()]
+        results[index] = (stamps[0] - t0, list(np.diff(stamps)), tokens)
+
+
+def run_server(model, requests, clients, max_batch, max_model_len):
+    import httpx
+    import uvicorn
+
+    from llava_fast.serve.app import ServeConfig, create_app
+
+    config = ServeConfig(model_name="bench", max_batch=max_batch, max_model_len=max_model_len,
+                         max_waiting=len(requests) + clients, max_images_per_request=1)
+    server = uvicorn.Server(uvicorn.Config(create_app(model, config), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the benchmark server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+
+    async def drive():
+        queue, results = list(enumerate(requests)), [None] * len(requests)
+        limits = httpx.Limits(max_connections=clients + 4)
+        async with httpx.AsyncClient(timeout=None, limits=limits) as http:
+            start = time.perf_counter()
+            await asyncio.gather(*(_client_loop(http, url, queue, results) for _ in range(clients)))
+            return results, time.perf_counter() - start
+
+    try:
+        return asyncio.run(drive())
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def _figures(engine, clients, requests, results, wall):
+    figs, labels = [], dict(engine=engine, clients=clients)
+    tokens = sum(r[2] for r in results)
+    figs.append(figure("serve_request_throughput", "requests/s", higher_is_better=True, value=len(results) / wall,
+                       **labels))
+    figs.append(figure("serve_output_throughput", "tokens/s", higher_is_better=True, value=tokens / wall, **labels))
+    for kind in ("all", "new", "repeated", "none"):
+        ttft = [1e3 * r[0] for r, q in zip(results, requests) if kind in ("all", q[2])]
+        if ttft:
+            figs.append(figure("serve_ttft", "ms", higher_is_better=False, samples=ttft, image=kind, **labels))
+            figs.append(figure("serve_ttft_p99", "ms", higher_is_better=False,
+                               value=float(np.percentile(ttft, 99)), image=kind, **labels))
+    itl = [1e3 * x for r in results for x in r[1]]
+    if itl:
+        for q in (50, 99):
+            figs.append(figure(f"serve_itl_p{q}", "ms", higher_is_better=False, value=max(float(np.percentile(itl, q)),
+                                                                                              1e-6), **labels))
+    return figs
+
+
+def run(settings: dict, argv) -> dict:
+    import torch
+
+    from llava_fast.api import resolve_device_dtype
+    from llava_fast.cli import _load
+
+    device, dtype = resolve_device_dtype(settings["device"], settings["dtype"])
+    doc = new_document("serve", command_line(argv), settings)
+    doc["device"] = device_info(device)
+
+    class Args:  # the CLI's loader: --model or the preset, random weights
+        model, preset, vision_tower = settings["model"], settings["preset"], settings["vision_tower"]
+
+    Args.device, Args.dtype = str(device), settings["dtype"]
+    model = _load(Args)
+    settings.update(device=str(device), dtype=str(dtype).replace("torch.", ""),
+                    model_name=settings["model"] or settings["preset"])
+    if max(settings["clients"]) > settings["requests"]:
+        raise InputError(f"--requests {settings['requests']} is fewer than the largest client count")
+    requests = workload(settings["requests"], settings["seed"])
+    from llava_fast.messages import split_openai_messages
+
+    def prompt_tokens(messages):
+        turns, urls, system = split_openai_messages(messages)
+        return len(model.encode_prompt(turns, len(urls), system=system))
+
+    # KV-cache rows as long as the workload needs (a 7B's full 4k context x 64 rows would be 128 GiB).
+    max_model_len = min(model.context_length, max(prompt_tokens(m) + t for m, t, _ in requests))
+    settings.update(max_model_len=max_model_len, kinds={k: sum(q[2] == k for q in requests)
+                                                        for k in ("new", "repeated", "none")})
+    telemetry = Telemetry(device).start()
+    try:
+        doc["ceilings"] = measure_ceilings(device)
+        warm = workload(max(2, settings["warmup"] * 2), settings["seed"] + 1)
+        run_one_by_one(model, warm)
+        print(f"bench serve: {len(requests)} requests one by one ...", file=sys.stderr, flush=True)
+        base, wall = run_one_by_one(model, requests)
+        doc["figures"] += _figures(ONE_BY_ONE, 1, requests, base, wall)
+        base_tput = find_one(doc["figures"], "serve_output_throughput", engine=ONE_BY_ONE)["value"]
+        for clients in settings["clients"]:
+            run_server(model, warm, 1, settings["max_batch"], max_model_len)
+            print(f"bench serve: {len(requests)} requests from {clients} clients ...", file=sys.stderr, flush=True)
+            results, wall = run_server(model, requests, clients, settings["max_batch"], max_model_len)
+            figs = _figures(SERVER, clients, requests, results, wall)
+            tput = find_one(figs, "serve_output_throughput")["value"]
+            figs.append(figure("serve_speedup", "x", higher_is_better=True, value=tput / base_tput, engine=SERVER,
+                               baseline=ONE_BY_ONE, clients=clients))
+            new, rep = find_one(figs, "serve_ttft", image="new"), find_one(figs, "serve_ttft", image="repeated")
+            if new and rep:
+                figs.append(figure("serve_ttft_repeated_over_new", "x", higher_is_better=False,
+                                   value=rep["value"] / new["value"], engine=SERVER, clients=clients))
+            doc["figures"] += figs
+            doc["checks"].setdefault("completion_tokens", {})[str(clients)] = sum(r[2] for r in results)
+        doc["checks"]["completion_tokens"]["one_by_one"] = sum(r[2] for r in base)
+    finally:
+        telemetry.stop()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    doc["telemetry"] = telemetry.to_dict()
+    counts = doc["checks"]["completion_tokens"]
+    if len(set(counts.values())) != 1:
+        doc["notes"].append(f"completion token counts differ between runs: {counts}")
+    return doc
+
+
+def markdown(doc: dict) -> str:
+    s, figs = doc["settings"], doc["figures"]
+    lines = [f"## llava-fast bench serve: {s['model_name']} ({s['dtype']}) on {doc['device']['name']}, "
+             f"{s['requests']} requests ({s['kinds']}), max batch {s['max_batch']}", ""]
+    lines += [f"- {x}" for x in header_lines(doc)] + [""]
+    rows = []
+    for f in [f for f in figs if f["name"] == "serve_output_throughput"]:
+        lab = f["labels"]
+
+        def get(name, **extra):
+            hit = find_one(figs, name, **lab, **extra)
+            return fmt(hit["value"]) if hit else "-"
+
+        speed = find_one(figs, "serve_speedup", clients=lab["clients"])
+        rows.append([lab["engine"], lab["clients"], get("serve_request_throughput"), fmt(f["value"]),
+                     fmt(speed["value"], "x") if speed and lab["engine"] == SERVER else "-",
+                     get("serve_ttft", image="all"), get("serve_ttft_p99", image="all"),
+                     get("serve_ttft", image="new"), get("serve_ttft", image="repeated"),
+                     get("serve_itl_p50"), get("serve_itl_p99")])
+    lines.append(md_table(["engine", "clients", "req/s", "out tok/s", "vs one-by-one", "TTFT p50 ms", "TTFT p99",
+                           "TTFT new img", "TTFT repeated img", "ITL p50 ms", "ITL p99"], rows))
+    lines += [f"note: {n}" for n in doc["notes"]]
+    return "\n".join(lines)

@@ -1,0 +1,381 @@
+"""`llava-fast serve` on the tiny preset, live on 127.0.0.1, driven by the official openai client.
+
+Every answer is checked against `model.generate()` of the same request alone (greedy), which shares no code
+with the scheduler's slot prefill, decode loop and caches; logprobs against a full-sequence forward.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import PIL.Image
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
+openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install -e '.[test]')")
+
+from llava_fast.messages import split_openai_messages  # noqa: E402
+from llava_fast.presets import BUNDLED_IMAGE, random_model  # noqa: E402
+from llava_fast.serve.app import ServeConfig  # noqa: E402
+from llava_fast.errors import InputError  # noqa: E402
+from serve_helpers import LiveServer, free_port, png_data_url, random_image, user  # noqa: E402
+
+with open(BUNDLED_IMAGE, "rb") as _f:
+    JPEG_URL = "data:image/jpeg;base64," + base64.b64encode(_f.read()).decode()
+IMAGES = [JPEG_URL, png_data_url(random_image(1)), png_data_url(random_image(2, 40, 90))]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def live(model, tmp_path_factory):
+    media = tmp_path_factory.mktemp("media")
+    shutil.copy(BUNDLED_IMAGE, media / "ironing.jpg")
+    outside = tmp_path_factory.mktemp("outside")
+    shutil.copy(BUNDLED_IMAGE, outside / "secret.jpg")
+    os.symlink(outside / "secret.jpg", media / "link.jpg")
+    config = ServeConfig(model_name="tiny", max_batch=8, max_model_len=1024, max_waiting=64, image_cache_mb=16,
+                         max_image_pixels=1 << 20, max_images_per_request=2, allowed_local_media_path=str(media),
+                         max_body_bytes=2 << 20)
+    server = LiveServer(model, config).start()
+    server.media, server.outside = media, outside
+    yield server
+    server.stop()
+
+
+def alone(model, messages, max_tokens, **kw):
+    return model.generate(messages, max_new_tokens=max_tokens, **kw)
+
+
+def test_help_lists_every_subcommand():
+    out = subprocess.run([sys.executable, "-m", "llava_fast.cli", "--help"], capture_output=True, text=True).stdout
+    for name in ("generate", "chat", "serve", "train", "merge-lora", "bench"):
+        assert name in out.split("positional arguments")[1], name
+
+
+def test_generate_takes_openai_messages(model):
+    messages = [{"role": "system", "content": "Be brief."}, user("What is shown?", JPEG_URL)]
+    turns, urls, system = split_openai_messages(messages)
+    assert turns == [("user", "<image>\nWhat is shown?")] and urls == [JPEG_URL] and system == "Be brief."
+    as_messages = model.generate(messages, max_new_tokens=6)
+    as_prompt = model.generate("What is shown?", images=BUNDLED_IMAGE, max_new_tokens=6, system="Be brief.")
+    assert as_messages == as_prompt and len(as_messages) > 0
+    # An image may sit in a later user turn: its marker stays where its part was.
+    later = [user("Hello."), {"role": "assistant", "content": "Hi."}, user("And this?", JPEG_URL)]
+    as_pairs = model.generate([("user", "Hello."), ("assistant", "Hi."), ("user", "<image>\nAnd this?")],
+                              images=BUNDLED_IMAGE, max_new_tokens=4)
+    assert model.generate(later, max_new_tokens=4) == as_pairs
+    with pytest.raises(InputError, match="end with a user message"):
+        model.generate([{"role": "assistant", "content": "hi"}])
+    with pytest.raises(InputError, match=r"messages\[0\].role"):
+        model.generate([{"role": "robot", "content": "hi"}])
+
+
+def test_answers_equal_generate(live, model):
+    client = live.client()
+    messages = [{"role": "system", "content": "You answer."}, user("Describe it.", JPEG_URL),
+                {"role": "assistant", "content": "A man ironing."}, user("Where is he?")]
+    expected = alone(model, messages, 12)
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == expected
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12
+    assert r.usage.prompt_tokens == len(model.encode_prompt([("user", "<image>\nDescribe it."),
+                                                             ("assistant", "A man ironing."), ("user", "Where is he?")],
+                                                            1, system="You answer."))
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=12,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert len({c.id for c in chunks}) == 1
+    # Seeded sampling draws what generate() draws; a stop string cuts the reply there, as generate() does.
+    sampled = dict(temperature=0.9, top_p=0.9, top_k=50, seed=7)
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, **{
+        k: v for k, v in sampled.items() if k != "top_k"}, extra_body={"top_k": 50})
+    assert r.choices[0].message.content == alone(model, messages, 8, **sampled)
+    stop = expected[len(expected) // 2:][:3]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0, stop=[stop])
+    assert r.choices[0].message.content == alone(model, messages, 12, stop=[stop]) == expected[:expected.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_logprobs_match_full_forward(live, model):
+    messages = [user("Name a colour.")]
+    r = live.client().chat.completions.create(messages=messages, model="tiny", max_tokens=3, temperature=0,
+                                              logprobs=True, top_logprobs=5)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(e.top_logprobs) == 5 for e in content)
+    ids = model.encode_prompt("Name a colour.")
+    reference = torch.log_softmax(model.logits([ids])[0, -1], -1)
+    top = reference.topk(5)
+    assert content[0].logprob == pytest.approx(float(top.values[0]), abs=1e-3)  # greedy: the top token
+    assert [e.logprob for e in content[0].top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-3)
+    assert content[0].top_logprobs[0].token == content[0].token
+
+
+def test_sixteen_concurrent_clients_get_their_alone_results(live, model):
+    requests = []
+    for i in range(16):
+        images = [IMAGES[i % 3]] if i % 4 != 3 else []
+        text = " ".join(["word"] * (2 + 5 * i)) + f" question {i}?"
+        requests.append(([user(text, *images)], 2 + (i * 5) % 13, i % 2 == 0))
+
+    def run(req):
+        messages, max_tokens, stream = req
+        client = live.client()
+        if stream:
+            chunks = client.chat.completions.create(model="tiny", messages=messages, max_tokens=max_tokens,
+                                                    temperature=0, stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return client.chat.completions.create(model="tiny", messages=messages, max_tokens=max_tokens,
+                                              temperature=0).choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(run, requests))
+    for (messages, max_tokens, _), text in zip(requests, got):
+        assert text == alone(model, messages, max_tokens)
+
+
+def _health(live):
+    return httpx.get(live.url + "/health", timeout=30).json()
+
+
+def test_cancelled_stream_frees_its_slot(live, model):
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", live.url + "/v1/chat/completions",
+                         json={"messages": [user("Tell a long story.")], "max_tokens": 900, "stream": True,
+                               "temperature": 0}) as r:
+            lines = r.iter_lines()
+            while "content" not in next(lines):
+                pass
+            assert _health(live)["running"] == 1
+    deadline = time.monotonic() + 30
+    while _health(live)["running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _health(live)["running"] == 0
+    r = live.client().chat.completions.create(model="tiny", messages=[user("Hi")], max_tokens=4, temperature=0)
+    assert r.choices[0].message.content == alone(model, [user("Hi")], 4)
+
+
+def _bad_inputs(live):
+    big = png_data_url(PIL.Image.new("RGB", (1100, 1000), (9, 99, 199)))  # 1.1 M pixels > the limit of 1 M
+    not_image = "data:image/png;base64," + base64.b64encode(b"this is not an image").decode()
+    ok = [user("Hi")]
+    return [
+        ("malformed JSON", b'{"messages": [', None, "not valid JSON"),
+        ("missing messages", {"model": "tiny"}, "messages", "messages"),
+        ("wrong type", {"messages": ok, "max_tokens": "ten"}, "max_tokens", "max_tokens"),
+        ("wrong content type", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content", "content"),
+        ("unknown role", {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", "role"),
+        ("unknown model", {"messages": ok, "model": "gpt-9"}, "model", "unknown model"),
+        ("bad base64", {"messages": [user("x", "data:image/png;base64,@@@")]}, None, "not valid base64"),
+        ("not an image", {"messages": [user("x", not_image)]}, None, "not a readable image"),
+        ("too many pixels", {"messages": [user("x", big)]}, None, "more than the limit"),
+        ("too many images", {"messages": [user("x", *IMAGES)]}, None, "at most 2"),
+        ("over the context", {"messages": ok, "max_tokens": 1020}, None, "context"),
+        ("n > 1", {"messages": ok, "n": 2}, "n", "n=1"),
+        ("http URL", {"messages": [user("x", "https://example.com/a.jpg")]}, None, "not fetched"),
+        ("outside media dir", {"messages": [user("x", str(live.outside / "secret.jpg"))]}, None, "outside"),
+        (".. escape", {"messages": [user("x", str(live.media / ".." / live.outside.name / "secret.jpg"))]},
+         None, "outside"),
+        ("symlink escape", {"messages": [user("x", f"file://{live.media / 'link.jpg'}")]}, None, "outside"),
+        ("top_logprobs > 20", {"messages": ok, "logprobs": True, "top_logprobs": 30}, "top_logprobs", "20"),
+        ("temperature < 0", {"messages": ok, "temperature": -1}, "temperature", "temperature"),
+        ("marker without image", {"messages": [user("<image> what?")]}, None, "marker"),
+        ("image in assistant turn", {"messages": [{"role": "assistant", "content": [
+            {"type": "image_url", "image_url": {"url": JPEG_URL}}]}, user("x")]}, None, "user messages"),
+    ]
+
+
+def test_every_bad_input_is_a_400_naming_it(live, model):
+    with httpx.Client(timeout=60) as http:
+        for name, body, param, words in _bad_inputs(live):
+            kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
+                else {"json": body}
+            r = http.post(live.url + "/v1/chat/completions", **kw)
+            assert r.status_code == 400, (name, r.text)
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}, name
+            assert words.lower() in error["message"].lower(), (name, error)
+            if param:
+                assert error["param"] == param, (name, error)
+        r = http.post(live.url + "/v1/chat/completions", content=b"x" * (3 << 20),
+                      headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "body" in r.json()["error"]["message"]
+        assert http.get(live.url + "/v1/nothing").status_code == 404
+    # Good requests right after, one of them naming an image inside the allowed directory.
+    for url in (str(live.media / "ironing.jpg"), f"file://{live.media / 'ironing.jpg'}"):
+        r = live.client().chat.completions.create(model="tiny", messages=[user("What?", url)], max_tokens=3,
+                                                  temperature=0)
+        assert r.choices[0].message.content == alone(model, [user("What?", JPEG_URL)], 3)
+
+
+def test_full_queue_is_503_with_retry_after(live):
+    saved, live.scheduler.max_waiting = live.scheduler.max_waiting, 0
+    try:
+        r = httpx.post(live.url + "/v1/chat/completions", json={"messages": [user("Hi")], "max_tokens": 2}, timeout=30)
+    finally:
+        live.scheduler.max_waiting = saved
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "server_busy"
+
+
+def test_unexpected_error_is_a_generic_500_and_serving_goes_on(live, model, caplog):
+    def fault():
+        live.scheduler.fault = None
+        raise RuntimeError("injected fault 1234")
+
+    live.scheduler.fault = fault
+    with caplog.at_level(logging.ERROR, logger="llava_fast.serve"):
+        r = httpx.post(live.url + "/v1/chat/completions", json={"messages": [user("Hi")], "max_tokens": 2},
+                       timeout=30)
+    assert r.status_code == 500 and r.json()["error"]["message"] == "internal error"
+    assert "1234" not in r.text and "injected fault 1234" in caplog.text and "Traceback" in caplog.text
+    r = live.client().chat.completions.create(model="tiny", messages=[user("Hi")], max_tokens=3, temperature=0)
+    assert r.choices[0].message.content == alone(model, [user("Hi")], 3)
+
+
+def _metric(text, name):
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+               or line.startswith(name + "{"))
+
+
+def test_repeated_image_is_a_cache_hit(live, model):
+    client = live.client()
+    image = png_data_url(random_image(77))
+    before = httpx.get(live.url + "/metrics").text
+    # Different system prompts: the second request shares no prefix, so only the feature cache can help.
+    for system in ("First.", "Second, longer system prompt."):
+        client.chat.completions.create(model="tiny", max_tokens=2, messages=[
+            {"role": "system", "content": system}, user("What?", image)])
+    after = httpx.get(live.url + "/metrics").text
+    # The first system prompt + image again, with another question: its K/V prefix is reused (copied from the
+    # row that still holds it, which the second request did not overwrite), and the answer is still exact.
+    messages = [{"role": "system", "content": "First."}, user("Another question?", image)]
+    r = client.chat.completions.create(model="tiny", max_tokens=4, messages=messages, temperature=0)
+    assert r.choices[0].message.content == alone(model, messages, 4)
+    reused = _metric(httpx.get(live.url + "/metrics").text, "llava_fast_cached_prompt_tokens_total")
+    assert reused - _metric(after, "llava_fast_cached_prompt_tokens_total") > model.num_image_tokens
+    assert _metric(after, "llava_fast_image_cache_misses_total") - _metric(before, "llava_fast_image_cache_misses_total") == 1
+    assert _metric(after, "llava_fast_image_cache_hits_total") - _metric(before, "llava_fast_image_cache_hits_total") == 1
+    for name in ("llava_fast_requests_total", "llava_fast_running_rows", "llava_fast_waiting_requests",
+                 "llava_fast_prompt_tokens_total", "llava_fast_generation_tokens_total",
+                 "llava_fast_time_to_first_token_seconds_bucket", "llava_fast_inter_token_latency_seconds_bucket"):
+        assert name in after, name
+    assert 'route="/v1/chat/completions",status="400"' in after or "status" in after
+
+
+def test_models_health_api_key(live):
+    assert [m.id for m in live.client().models.list()] == ["tiny"]
+    assert _health(live)["status"] == "ok"
+    live.config.api_key = "sekret"
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            live.client().models.list()
+        assert [m.id for m in live.client(api_key="sekret").models.list()] == ["tiny"]
+        assert httpx.get(live.url + "/health").status_code == 200  # only /v1/* needs the key
+    finally:
+        live.config.api_key = None
+
+
+def test_sigterm_drains_running_requests_and_exits_0(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llava_fast.cli", "serve", "--preset", "tiny", "--port", str(port),
+                             "--max-model-len", "512", "--max-batch", "2", "--shutdown-timeout", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=120,
+                          json={"messages": [user("Go on.")], "max_tokens": 24, "stream": True}) as r:
+            lines = r.iter_lines()
+            while "content" not in next(lines):
+                pass
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert '"finish_reason": "length"' in "".join(rest) and rest[-1] == "data: [DONE]"
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url + "/health", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _chromium():
+    """Debian's chromium and chromedriver (CI installs them: apt-get install chromium chromium-driver)."""
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (binary and driver):
+        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+
+
+def test_chat_page_in_a_headless_browser(live, model):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = _chromium()
+    try:
+        browser.get(live.url + "/")
+        WebDriverWait(browser, 30).until(lambda b: "tiny" in b.find_element(By.ID, "model").text)
+        browser.find_element(By.ID, "image").send_keys(os.path.abspath(BUNDLED_IMAGE))
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "preview").is_displayed())
+        tokens = browser.find_element(By.ID, "max-tokens")
+        tokens.clear()
+        tokens.send_keys("6")
+        messages = []
+        for turn, question in enumerate(["What is unusual here?", "And the colours?"]):
+            browser.find_element(By.ID, "question").send_keys(question)
+            browser.find_element(By.ID, "send").click()
+            WebDriverWait(browser, 120).until(
+                lambda b: b.execute_script(f"const a = document.getElementById('answer-{2 * turn}');"
+                                           "return a && a.parentElement.dataset.done;"))
+            answer = browser.find_element(By.ID, f"answer-{2 * turn}")
+            assert answer.get_attribute("class") != "error", answer.text
+            messages.append(user(question, JPEG_URL) if turn == 0 else user(question))
+            expected = alone(model, messages, 6)
+            assert answer.get_property("textContent") == expected and expected
+            messages.append({"role": "assistant", "content": expected})
+    finally:
+        browser.quit()
+
+
+def test_feature_cache_is_an_lru_bounded_in_bytes():
+    from llava_fast.serve.scheduler import FeatureCache
+
+    cache = FeatureCache(max_bytes=2 * 4 * 300)  # two (300,) float32 tensors
+    a, b, c = (torch.randn(300) for _ in range(3))
+    cache.put("a", a)
+    cache.put("b", b)
+    assert cache.get("a") is a  # "a" is now the most recent
+    cache.put("c", c)
+    assert cache.get("b") is None and cache.get("a") is a and cache.get("c") is c and cache.bytes == 2400
+    cache.put("huge", torch.randn(1000))  # larger than the whole cache: not kept, nothing evicted
+    assert cache.get("huge") is None and cache.bytes == 2400
