@@ -111,7 +111,7 @@ def build_parser():
     g.add_argument("--plot", help="PNG of decode tokens/s against batch size and context (needs matplotlib)")
 
     k = sub.add_parser("kernels", help="each Triton kernel against its torch baseline: time, TFLOP/s or GB/s, "
-                       "% of peak")
+                       "%% of peak")
     _model_args(k)
     from llava_fast.bench.kernel_bench import KERNELS
 

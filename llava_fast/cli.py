@@ -66,6 +66,8 @@ def cmd_generate(args):
     import llava_fast
     from llava_fast.presets import BUNDLED_IMAGE
 
+    if args.no_image and args.image is not None:
+        raise LlavaFastError("--no-image and --image contradict each other: give one")
     model = _load(args)
     image = args.image if args.image is not None else (None if args.model else BUNDLED_IMAGE)
     if args.no_image:
@@ -102,7 +104,29 @@ def cmd_chat(args):
     return 0
 
 
+def _check_serve_args(args):
+    """Every serve setting checked before the model loads (a 7B load takes a minute): one line, exit 2."""
+    for flag in ("max_batch", "max_model_len", "max_waiting", "max_image_pixels", "max_images_per_request",
+                 "max_body_mb", "default_max_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise LlavaFastError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    for flag in ("image_cache_mb", "shutdown_timeout"):
+        if getattr(args, flag) < 0:
+            raise LlavaFastError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if not 0 <= args.port <= 65535:
+        raise LlavaFastError(f"--port must be in 0..65535, got {args.port}")
+    import socket
+
+    try:  # the address is free now (uvicorn binds it again after the load; a race there is uvicorn's error)
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as e:
+        raise LlavaFastError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+
+
 def cmd_serve(args):
+    _check_serve_args(args)
     try:
         from llava_fast.serve.app import ServeConfig, serve
     except ModuleNotFoundError as e:
@@ -168,7 +192,9 @@ def build_parser():
 
 DELEGATED_HELP = {"train": "train stage 1 (projector) or stage 2 (LoRA / full) from a data file",
                   "merge-lora": "fold a LoRA checkpoint into full weights",
-                  "bench": "benchmarks: generate, kernels, train, serve; compare and validate results"}
+                  "bench": "benchmarks: generate, kernels, train, real, serve; compare and validate results",
+                  "make-data": "the paper's GPT-assisted instruction data (instruct) and stage-1 captions data",
+                  "eval": "LLaVA-Bench (answer, GPT review, summarize) and ScienceQA (answer, score)"}
 
 # Subcommands whose parsers live with their code (train/, bench/): llava-fast <name> ... -> module.function(argv).
 DELEGATED = {"train": "llava_fast.train.cli:main", "merge-lora": "llava_fast.train.cli:merge_lora_main",

@@ -95,3 +95,30 @@ def test_every_subcommand_reports_bad_input_in_one_line(ckpt_dir, tmp_path, caps
     for args, needle in cases:
         code, line = in_process(capsys, *args, stdin="Hello there\n", monkeypatch=monkeypatch)
         assert code == 2 and line.startswith("llava-fast: error:") and needle in line, (args, line)
+
+
+def test_serve_and_generate_flags_are_checked_before_the_model_loads(capsys, monkeypatch):
+    """Settings that can never work fail at once in one line (a 7B load would take a minute first)."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:  # a port some other program holds
+        port = busy.getsockname()[1]
+        cases = [
+            (["serve", "--max-batch", "0"], "--max-batch must be at least 1, got 0"),
+            (["serve", "--max-waiting", "-3"], "--max-waiting must be at least 1, got -3"),
+            (["serve", "--port", "99999"], "--port must be in 0..65535, got 99999"),
+            (["serve", "--port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
+            (["generate", "--no-image", "--image", IMAGE], "--no-image and --image contradict"),
+        ]
+        for args, needle in cases:
+            code, line = in_process(capsys, *args, monkeypatch=monkeypatch)
+            assert code == 2 and line.startswith("llava-fast: error:") and needle in line, (args, line)
+
+
+def test_help_lists_every_subcommand_and_bench_help_renders():
+    r = run("--help")
+    assert r.returncode == 0
+    for name in ("generate", "chat", "serve", "train", "merge-lora", "bench", "make-data", "eval"):
+        assert name in r.stdout, name
+    r = run("bench", "--help")  # a '%' in a subcommand's help once broke argparse's formatting
+    assert r.returncode == 0 and "kernels" in r.stdout, r.stderr

@@ -194,17 +194,23 @@ class Scheduler:
                         if not req.cancelled:
                             admit.append(req)
                     self.metrics.waiting.set(len(self.waiting))
+                admitted = set()
                 try:
                     for req in admit:
                         self._admit(req)
+                        admitted.add(id(req))
                     self._drop_cancelled()
                     if self.num_running:
                         self._step()
                 except Exception:  # a bug outside the model calls: fail the rows in flight, keep serving
                     log.exception("scheduler iteration failed")
+                    in_rows = {id(row.req) for row in self.rows if row is not None}
                     for row in self.rows:
                         if row is not None:
                             self._end(row, error="internal error", keep_cache=False)
+                    for req in admit:  # failed before it had a row: its client still gets an answer (500)
+                        if id(req) not in admitted and id(req) not in in_rows:
+                            self._emit(req, Event("error", error="internal error"))
                 self.metrics.running.set(self.num_running)
         for row in self.rows:
             if row is not None:
@@ -274,7 +280,8 @@ class Scheduler:
         n_img = self.model.num_image_tokens
         while common > 0 and not isinstance(keys[common], int) and keys[common][1] != 0:
             common -= 1  # never start mid-image: the splice takes whole images
-        first_image = sum(1 for k in keys[:common] if not isinstance(k, int)) // n_img
+        # images inside the reused prefix (a text-only model has n_img 0 and no image keys)
+        first_image = sum(1 for k in keys[:common] if not isinstance(k, int)) // n_img if n_img else 0
         self.metrics.image_cache_hits.inc(first_image)  # images inside the reused prefix skip the tower too
         row = _Row(req, slot, self.model.tokenizer, self.eos, self.model.device)
         self.rows[slot] = row
