@@ -16,8 +16,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
+
+from llava_fast.errors import InputError
 
 
 def _log(message):
@@ -42,7 +45,7 @@ def make_data_parser():
     p.add_argument("--prompts", help="prompt directory in haotian-liu/LLaVA's playground/data/prompts layout "
                    "(default: the paper's, packaged with llava-fast)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, help="only the first N input records")
+    p.add_argument("--limit", type=_positive_int, help="only the first N input records")
     p.add_argument("--temperature", type=float, help="sampling temperature (default: the endpoint's)")
     p.add_argument("--max-tokens", type=int, default=2048, help="reply token limit; longer replies are rejected")
     add_endpoint_args(p)
@@ -50,9 +53,20 @@ def make_data_parser():
     c.add_argument("--input", required=True, help="JSONL or CSV with image and caption columns, or a LLaVA "
                    "JSON such as CC-595K's chat.json")
     c.add_argument("--output", required=True)
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--limit", type=int)
+    c.add_argument("--limit", type=_positive_int, help="only the first N input pairs")
     return parser
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def make_data_main(argv=None):
@@ -60,6 +74,8 @@ def make_data_main(argv=None):
 
     args = make_data_parser().parse_args(argv)
     if args.what == "captions":
+        if os.path.exists(args.output) and not args.overwrite:
+            raise InputError(f"--output {args.output} already exists; pass --overwrite to replace it")
         instruct.make_captions(input_path=args.input, output=args.output, seed=args.seed, limit=args.limit,
                                log=_log)
         return 0

@@ -334,6 +334,8 @@ def _pair_of(lineno, row, path):
 
 def make_captions(*, input_path, output, seed=0, limit=None, log=print):
     rows = read_table(input_path, "--input")[: limit if limit is not None else None]
+    if not rows:
+        raise InputError(f"--input {input_path}: no (image, caption) pairs in it")
     records = []
     for lineno, row in rows:
         record_id, image, caption = _pair_of(lineno, row, input_path)

@@ -53,6 +53,8 @@ def load_split(problems_path, splits_path, split):
     if not isinstance(splits, dict) or split not in splits:
         names = ", ".join(splits) if isinstance(splits, dict) else "none"
         raise InputError(f"--split {split!r}: not in {splits_path} (splits: {names})")
+    if not isinstance(splits[split], list) or not all(isinstance(pid, str) for pid in splits[split]):
+        raise InputError(f"--splits {splits_path}: split {split!r} must be a list of problem ids (strings)")
     out = []
     for pid in splits[split]:
         problem = problems.get(pid)

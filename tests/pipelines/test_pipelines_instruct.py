@@ -334,6 +334,22 @@ def test_captions_expand_pairs_from_jsonl_csv_and_llava_json(tmp_path, cli):
     assert code == 2 and "line 3: no 'caption'" in err
 
 
+def test_captions_refuses_a_bad_limit_an_empty_input_and_an_existing_output(cli, tmp_path):
+    (tmp_path / "pairs.csv").write_text("image,caption\na.jpg,a cat\nb.jpg,a dog\n")
+    (tmp_path / "empty.csv").write_text("image,caption\n")
+    out = tmp_path / "out.json"
+    code, _, err = cli("make-data", "captions", "--input", tmp_path / "pairs.csv", "--output", out, "--limit", "-1")
+    assert code == 2 and "expected a positive integer, got '-1'" in err and not out.exists()
+    code, _, err = cli("make-data", "captions", "--input", tmp_path / "empty.csv", "--output", out)
+    assert code == 2 and "no (image, caption) pairs" in err and not out.exists()
+    assert cli("make-data", "captions", "--input", tmp_path / "pairs.csv", "--output", out, "--limit", "1")[0] == 0
+    assert len(json.loads(out.read_text())) == 1
+    code, _, err = cli("make-data", "captions", "--input", tmp_path / "pairs.csv", "--output", out)
+    assert code == 2 and "already exists; pass --overwrite" in err and len(json.loads(out.read_text())) == 1
+    assert cli("make-data", "captions", "--input", tmp_path / "pairs.csv", "--output", out, "--overwrite")[0] == 0
+    assert len(json.loads(out.read_text())) == 2
+
+
 # ------------------------------------------------------------------------------------------------------
 # End to end: generated records train
 # ------------------------------------------------------------------------------------------------------
