@@ -60,7 +60,9 @@ class GemvLinear(nn.Module):
         self.out_dtype = out_dtype  # the compute dtype of the model (activations and the dequantized weight)
         # Named `weight` so a float layer's state_dict and parameters stay nn.Linear's (bench baselines and
         # checkpoint writers read them); a quantized layer's `weight` is its packed integer data.
-        if fmt in (F32, BF16):
+        if fmt in (F32, BF16) and isinstance(weight, nn.Parameter) and weight.is_contiguous():
+            self.weight = weight  # the model's own Parameter: a tied lm_head stays the embedding table itself
+        elif fmt in (F32, BF16):
             self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
         else:
             self.register_buffer("weight", weight.contiguous())
@@ -69,9 +71,10 @@ class GemvLinear(nn.Module):
 
     @classmethod
     def from_float(cls, weight):
-        """Wrap a float32 or bfloat16 (N, K) weight as is (no copy)."""
+        """Wrap a float32 or bfloat16 (N, K) weight as is (no copy; a Parameter stays the same Parameter, so
+        tied embeddings stay one tensor, counted once in parameters())."""
         fmt = {torch.float32: F32, torch.bfloat16: BF16}[weight.dtype]
-        return cls(fmt, weight.detach(), out_dtype=weight.dtype)
+        return cls(fmt, weight, out_dtype=weight.dtype)
 
     @property
     def nbytes(self):
