@@ -165,3 +165,48 @@ def test_smollm2_inside_a_llava_checkpoint(smollm2, smollm2_llava, tmp_path, lay
     torch.testing.assert_close(llava.logits([ours], pixels), want, atol=1e-4, rtol=0)
     text_only = llava.logits([ids])
     torch.testing.assert_close(text_only, model.logits([ids]), atol=1e-4, rtol=0)
+
+
+def test_serve_answers_a_text_only_model_and_refuses_its_images(smollm2):
+    """A text-only model has no image tokens: the server's scheduler must still admit its requests (it once
+    divided by the 0 image tokens per image and never answered), and an image part is a 400."""
+    import base64
+
+    import openai
+
+    from llava_fast.presets import BUNDLED_IMAGE
+    from llava_fast.serve.app import ServeConfig
+    from serve_helpers import LiveServer
+
+    ours = smollm2[0]
+    messages = [{"role": "user", "content": QUESTION}]
+    server = LiveServer(ours, ServeConfig(model_name="smollm2", max_batch=2, max_model_len=256)).start()
+    try:
+        client = server.client()
+        reply = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=12)
+        assert reply.choices[0].finish_reason in ("stop", "length") and reply.choices[0].message.content
+        with open(BUNDLED_IMAGE, "rb") as f:
+            url = "data:image/jpeg;base64," + base64.b64encode(f.read()).decode()
+        with pytest.raises(openai.BadRequestError, match="text-only"):
+            client.chat.completions.create(model="smollm2", max_tokens=4, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}])
+    finally:
+        server.stop()
+
+
+@pytest.mark.xfail(strict=False, reason="known bug (issue 10 note, 2026-11-30): on SmolLM2 the server's greedy reply "
+                   "differs from generate()'s for the same prompt ids, and from run to run ('Bien sûr. The capital "
+                   "of France is Paris', 'La painfulqui, ...'): a race or a state bug in the serving path on real "
+                   "weights; the tiny-preset equality tests in test_serve.py pass")
+def test_serve_text_only_reply_equals_generate(smollm2):
+    from llava_fast.serve.app import ServeConfig
+    from serve_helpers import LiveServer
+
+    ours = smollm2[0]
+    messages = [{"role": "user", "content": QUESTION}]
+    server = LiveServer(ours, ServeConfig(model_name="smollm2", max_batch=2, max_model_len=256)).start()
+    try:
+        reply = server.client().chat.completions.create(model="smollm2", messages=messages, max_tokens=12)
+        assert reply.choices[0].message.content == ours.generate(messages, max_new_tokens=12)
+    finally:
+        server.stop()
