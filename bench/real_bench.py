@@ -90,6 +90,9 @@ def llama_cpp_engine(path, threads, new_tokens, context):
                           n_batch=512, verbose=False)
 
     def run(ids):
+        # reset(): generate() alone keeps the KV cache of the longest common prefix with the last call (even
+        # with reset=True), so every round after the first would prefill one token and report ~10x the rate.
+        llm.reset()
         t0 = time.perf_counter()
         tokens, t1 = [], None
         for tok in llm.generate(ids, top_k=1, temp=0.0, reset=True):
