@@ -449,6 +449,8 @@ void gemv(const GemvArgs& a, int threads) {
   });
 }
 
+void parallel_for(int threads, int chunks, const std::function<void(int)>& task) { pool().run(threads, chunks, task); }
+
 const char* gemv_isa() { return g_rows.load() == rows_avx512 ? "avx512" : "scalar"; }
 
 bool gemv_use_kernels(const char* name) {

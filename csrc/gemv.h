@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 
 namespace llava_fast {
 
@@ -37,6 +38,11 @@ const char* gemv_check(const GemvArgs& args);
 // Runs on up to `threads` threads (a pool kept between calls; its workers spin ~100 us after each call, then
 // sleep), which claim chunks of W's N rows from a shared counter. Touches no Python state.
 void gemv(const GemvArgs& args, int threads);
+
+// Runs task(c) for c in [0, chunks) on up to `threads` threads of the same pool (the caller among them): the
+// native decode step (decode.cpp) splits its attention heads with it, so one set of spinning workers serves
+// both and no second pool fights them for the cores.
+void parallel_for(int threads, int chunks, const std::function<void(int)>& task);
 
 // "avx512" (AVX-512F/BW/VL + AVX512_BF16) or "scalar": the kernels this CPU runs.
 const char* gemv_isa();
