@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "decode.h"
 #include "gemv.h"
 #include "preprocess.h"
 
@@ -222,10 +223,23 @@ void gemv(uintptr_t x, int x_dtype, int64_t m, int64_t x_stride, uintptr_t w, in
   llava_fast::gemv(args, threads < 1 ? 1 : threads);
 }
 
+const void* ptr(uintptr_t p) { return reinterpret_cast<const void*>(p); }
+
+// A linear layer as Python describes it: (w, format, n, k, group, scales, mins, bias), pointers as integers.
+llava_fast::DecodeLinear decode_linear(const py::tuple& t) {
+  if (t.size() != 8) throw py::value_error("decode: a linear layer is (w, format, n, k, group, scales, mins, bias)");
+  llava_fast::DecodeLinear l;
+  l.w = ptr(t[0].cast<uintptr_t>());
+  l.format = t[1].cast<int>();
+  l.n = t[2].cast<int64_t>(), l.k = t[3].cast<int64_t>(), l.group = t[4].cast<int64_t>();
+  l.scales = ptr(t[5].cast<uintptr_t>()), l.mins = ptr(t[6].cast<uintptr_t>()), l.bias = ptr(t[7].cast<uintptr_t>());
+  return l;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "llava-fast native code: image preprocessing (csrc/preprocess.cpp), CPU GEMV (csrc/gemv.cpp).";
+  m.doc() = "llava-fast native code: image preprocessing (csrc/preprocess.cpp), CPU GEMV (csrc/gemv.cpp), the CPU decode step (csrc/decode.cpp).";
   m.def("preprocess_into", &preprocess_into, py::arg("images"), py::arg("out"), py::arg("lut"),
         py::arg("shortest_edge"), py::arg("pad_fill") = py::none(),
         py::arg("pass_order") = llava_fast::kPassOrderPillow13,
@@ -250,5 +264,43 @@ PYBIND11_MODULE(_C, m) {
   m.def("gemv_isa", &llava_fast::gemv_isa, "'avx512' or 'scalar': the GEMV kernels in use.");
   m.def("gemv_use_kernels", [](const std::string& name) { return llava_fast::gemv_use_kernels(name.c_str()); },
         "Switch the GEMV kernels: 'scalar' or 'best'. For tests.");
+  // The native decode step (decode.cpp). llava_fast/native_decode.py builds the description from a model and
+  // keeps its tensors alive; pointers cross as integers, as for gemv.
+  py::class_<llava_fast::DecodeModel>(m, "DecodeModel")
+      .def(py::init([](int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate,
+                       int64_t vocab, int64_t embed_rows, int64_t rope_positions, float eps, int dtype,
+                       uintptr_t embed, uintptr_t final_norm, uintptr_t cos, uintptr_t sin, const py::tuple& lm_head) {
+             auto* d = new llava_fast::DecodeModel();
+             d->hidden = hidden, d->heads = heads, d->kv_heads = kv_heads, d->head_dim = head_dim;
+             d->intermediate = intermediate, d->vocab = vocab, d->embed_rows = embed_rows;
+             d->rope_positions = rope_positions, d->eps = eps, d->dtype = dtype;
+             d->embed = ptr(embed), d->final_norm = ptr(final_norm);
+             d->cos = static_cast<const float*>(ptr(cos)), d->sin = static_cast<const float*>(ptr(sin));
+             d->lm_head = decode_linear(lm_head);
+             return d;
+           }))
+      .def("add_layer", [](llava_fast::DecodeModel& d, uintptr_t input_norm, uintptr_t post_norm, const py::tuple& qkv,
+                           const py::tuple& o, const py::tuple& gate_up, const py::tuple& down) {
+        d.layers.push_back({ptr(input_norm), ptr(post_norm), decode_linear(qkv), decode_linear(o),
+                            decode_linear(gate_up), decode_linear(down)});
+      })
+      .def("check", [](const llava_fast::DecodeModel& d) {
+        const std::string problem = llava_fast::decode_model_check(d);
+        if (!problem.empty()) throw py::value_error(problem);
+      })
+      .def("step", [](const llava_fast::DecodeModel& d, uintptr_t tokens, uintptr_t lengths, int64_t rows, uintptr_t k,
+                      uintptr_t v, int64_t layer_stride, int64_t row_stride, int64_t head_stride, int64_t pos_stride,
+                      int64_t capacity, uintptr_t logits, int threads) {
+        const llava_fast::DecodeCache cache{reinterpret_cast<void*>(k), reinterpret_cast<void*>(v), layer_stride,
+                                            row_stride, head_stride, pos_stride, capacity};
+        std::string problem;
+        {
+          py::gil_scoped_release no_gil;
+          problem = llava_fast::decode_step(d, reinterpret_cast<const int64_t*>(tokens),
+                                            reinterpret_cast<int32_t*>(lengths), rows, cache,
+                                            reinterpret_cast<float*>(logits), threads < 1 ? 1 : threads);
+        }
+        if (!problem.empty()) throw py::value_error(problem);
+      }, "tokens (rows,) int64, lengths (rows,) int32 -> logits (rows, vocab) float32; see csrc/decode.h.");
   m.def("build_info", &build_info, "How this extension was compiled: compiler, flags, SIMD, threading.");
 }

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from llava_fast.errors import InputError
+from llava_fast import native_decode
 from llava_fast.gemv import decode_threads
 from llava_fast.model import KVCache, LlavaForCausalLM
 
@@ -122,6 +123,8 @@ class Decoder:
         self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=self.device)  # tokens cached per row
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self.compiled = compiled
+        # CPU, eager: the decode step of <= native_decode.MAX_ROWS rows as one native call (csrc/decode.cpp)
+        self.native = native_decode.for_model(net) if compiled is None else None
         self.graph = None
         self.static_tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.static_logits = None
@@ -201,6 +204,8 @@ class Decoder:
         n = tokens.shape[0]
         cache, lengths = (self.cache, self.lengths) if n == self.batch_size else (self.cache.rows(0, n), self.lengths[:n])
         step = decode_step if self.compiled is None else self.compiled.decode
+        if self.native is not None and n <= native_decode.MAX_ROWS:
+            step = lambda net, cache, lengths, tokens: self.native(cache, lengths, tokens)  # noqa: E731
         with decode_threads(self.device):  # CPU: torch ops on one thread, the GEMVs on all (gemv.py)
             return step(self.net, cache, lengths, tokens)
 

@@ -1,0 +1,293 @@
+// The CPU decode step of a LLaMA decoder in one native call (formats and contract: decode.h).
+//
+// Why: at batch 1 the torch path runs ~25 small ops per layer, each a Python call and an ATen dispatch of a
+// few microseconds, around four GEMVs. On SmolLM2-135M (30 layers, hidden 576) on the 2-core EPYC this was
+// written on, a float32 step took 60 ms, of which the GEMVs' weight reads were 28 ms: the rest was
+// dispatch, allocation and ops on 576 numbers. llama.cpp runs the whole step natively at 24 ms. Here the
+// same step is one call: the GEMVs are gemv.cpp's kernels on its thread pool, the glue between them runs
+// on the caller's thread over a few KB of L1-resident floats, and attention splits its (row, head) pairs
+// over the same pool once the context makes it worth it.
+//
+// Numerics follow the torch path (llava_fast/generate.py decode_step, ops.py references), which the tests
+// compare against: activations live here as float32, and in a bfloat16 model every value the torch path
+// stores as bfloat16 (residual sums, norm outputs, GEMV outputs, RoPE products, attention output, SwiGLU,
+// logits) is rounded to bfloat16 at the same point, so the two agree to bfloat16 rounding, not bit for bit
+// (summation orders differ). Attention: softmax(q k^T / sqrt(D)) v over positions 0..length (the new token
+// included) in float32, as PyTorch's CPU SDPA accumulates.
+#include "decode.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "gemv.h"
+
+namespace llava_fast {
+namespace {
+
+inline float bf16_bits_to_float(uint16_t b) {
+  const uint32_t u = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float round_to_bf16(float f) {  // round to nearest even, as torch's .to(torch.bfloat16); NaN kept
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return f;
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16_bits(float f) {  // f already representable (round_to_bf16'd) or NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return uint16_t(u >> 16);
+}
+
+// A model's stored values: float32 or bfloat16 arrays read and written as float.
+struct Stored {
+  bool bf16;
+  float get(const void* p, int64_t i) const {
+    return bf16 ? bf16_bits_to_float(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
+  }
+  void put(void* p, int64_t i, float v) const {  // v already rounded to the dtype
+    if (bf16) {
+      static_cast<uint16_t*>(p)[i] = float_to_bf16_bits(v);
+    } else {
+      static_cast<float*>(p)[i] = v;
+    }
+  }
+  float round(float v) const { return bf16 ? round_to_bf16(v) : v; }
+};
+
+// ------------------------------------------------------------------------------------------------------
+// Attention inner loops: q . k_t over the head dim, and out += p * v_t. AVX-512 where the CPU has it.
+// ------------------------------------------------------------------------------------------------------
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+
+float dot_scalar(const float* q, const void* k, bool bf16, int64_t D) {
+  float acc = 0.f;
+  for (int64_t d = 0; d < D; ++d)
+    acc += q[d] * (bf16 ? bf16_bits_to_float(static_cast<const uint16_t*>(k)[d]) : static_cast<const float*>(k)[d]);
+  return acc;
+}
+
+void axpy_scalar(float* out, float p, const void* v, bool bf16, int64_t D) {
+  for (int64_t d = 0; d < D; ++d)
+    out[d] += p * (bf16 ? bf16_bits_to_float(static_cast<const uint16_t*>(v)[d]) : static_cast<const float*>(v)[d]);
+}
+
+AVX512 inline __m512 load16(const void* p, bool bf16, int64_t d, __mmask16 mk) {
+  if (bf16) {
+    const __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(p) + d));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+  }
+  return _mm512_maskz_loadu_ps(mk, static_cast<const float*>(p) + d);
+}
+
+AVX512 inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+}
+
+AVX512 float dot_avx512(const float* q, const void* k, bool bf16, int64_t D) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 16) {
+    const __mmask16 mk = tail_mask(D - d);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q + d), load16(k, bf16, d, mk), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+AVX512 void axpy_avx512(float* out, float p, const void* v, bool bf16, int64_t D) {
+  const __m512 pv = _mm512_set1_ps(p);
+  for (int64_t d = 0; d < D; d += 16) {
+    const __mmask16 mk = tail_mask(D - d);
+    _mm512_mask_storeu_ps(out + d, mk, _mm512_fmadd_ps(pv, load16(v, bf16, d, mk), _mm512_maskz_loadu_ps(mk, out + d)));
+  }
+}
+
+bool has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+
+const bool kAvx512 = has_avx512();
+
+// ------------------------------------------------------------------------------------------------------
+// The step's pieces, each over `rows` rows of float32 activations
+// ------------------------------------------------------------------------------------------------------
+
+// y (rows, n) = x (rows, k) @ W^T (+ bias), rounded to the compute dtype.
+void linear(const DecodeLinear& l, const float* x, int64_t rows, float* y, const Stored& st, int threads) {
+  const GemvArgs a{x, kActF32, rows, l.k, l.w, l.format, l.n, l.k, l.group, l.scales, l.mins, y, l.n};
+  gemv(a, threads);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* yr = y + r * l.n;
+    if (l.bias) {
+      for (int64_t i = 0; i < l.n; ++i) yr[i] = st.round(yr[i] + st.get(l.bias, i));
+    } else if (st.bf16) {
+      for (int64_t i = 0; i < l.n; ++i) yr[i] = round_to_bf16(yr[i]);
+    }
+  }
+}
+
+// residual += x (skipped when x is null: the first layer's stream is the embedding itself), then
+// out = weight * (residual / rms(residual)), as ops.rms_norm_reference.
+void add_rms_norm(const float* x, float* residual, const void* weight, float eps, int64_t rows, int64_t C,
+                  float* out, const Stored& st) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* h = residual + r * C;
+    if (x) {
+      for (int64_t i = 0; i < C; ++i) h[i] = st.round(h[i] + x[r * C + i]);
+    }
+    double sq = 0.0;  // float32 in torch; double here costs nothing at C ~ 1e3 and only reduces error
+    for (int64_t i = 0; i < C; ++i) sq += double(h[i]) * h[i];
+    const float inv = 1.f / std::sqrt(float(sq / double(C)) + eps);
+    for (int64_t i = 0; i < C; ++i) out[r * C + i] = st.round(st.get(weight, i) * st.round(h[i] * inv));
+  }
+}
+
+// Rotate-half RoPE of `count` heads of D at one position, in place (ops.apply_rope).
+void rope(float* x, int64_t count, int64_t D, const float* cos_row, const float* sin_row, const Stored& st) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < count; ++h) {
+    float* xh = x + h * D;
+    for (int64_t i = 0; i < half; ++i) {
+      const float c = st.round(cos_row[i]), s = st.round(sin_row[i]);
+      const float x1 = xh[i], x2 = xh[i + half];
+      xh[i] = st.round(st.round(x1 * c) - st.round(x2 * s));
+      xh[i + half] = st.round(st.round(x2 * c) + st.round(x1 * s));
+    }
+  }
+}
+
+}  // namespace
+
+const char* decode_model_check(const DecodeModel& m) {
+  if (m.hidden < 1 || m.heads < 1 || m.kv_heads < 1 || m.head_dim < 2 || m.intermediate < 1 || m.vocab < 1)
+    return "decode: empty dimension";
+  if (m.head_dim % 2) return "decode: RoPE needs an even head_dim";
+  if (m.heads % m.kv_heads) return "decode: heads must be a multiple of kv_heads";
+  if (m.dtype != kComputeF32 && m.dtype != kComputeBF16) return "decode: compute dtype must be float32 or bfloat16";
+  if (!m.embed || !m.final_norm || !m.cos || !m.sin || m.layers.empty()) return "decode: missing tensor";
+  const int64_t qkv = (m.heads + 2 * m.kv_heads) * m.head_dim, C = m.hidden;
+  auto shape_ok = [](const DecodeLinear& l, int64_t n, int64_t k) { return l.w && l.n == n && l.k == k; };
+  for (const DecodeLayer& L : m.layers) {
+    if (!L.input_norm || !L.post_norm) return "decode: missing norm weight";
+    if (!shape_ok(L.qkv, qkv, C) || !shape_ok(L.o, C, m.heads * m.head_dim) ||
+        !shape_ok(L.gate_up, 2 * m.intermediate, C) || !shape_ok(L.down, C, m.intermediate))
+      return "decode: a layer's linear shapes do not match the model's dimensions";
+    for (const DecodeLinear* l : {&L.qkv, &L.o, &L.gate_up, &L.down}) {
+      static float placeholder;  // gemv_check wants x and y; only the weight's description is checked here
+      const GemvArgs a{&placeholder, kActF32, 1, l->k, l->w, l->format, l->n, l->k, l->group, l->scales, l->mins,
+                       &placeholder, l->n};
+      const char* problem = gemv_check(a);
+      if (*problem) return problem;
+    }
+  }
+  if (!shape_ok(m.lm_head, m.vocab, C)) return "decode: lm_head shape does not match the model";
+  return "";
+}
+
+const char* decode_step(const DecodeModel& m, const int64_t* tokens, int32_t* lengths, int64_t rows,
+                        const DecodeCache& cache, float* logits, int threads) {
+  const int64_t C = m.hidden, H = m.heads, Hkv = m.kv_heads, D = m.head_dim, I = m.intermediate;
+  const int64_t group = H / Hkv, qkv_n = (H + 2 * Hkv) * D;
+  for (int64_t r = 0; r < rows; ++r) {  // checked before anything is written
+    if (tokens[r] < 0 || tokens[r] >= m.embed_rows) return "decode: token id out of the embedding's range";
+    if (lengths[r] < 0 || lengths[r] >= cache.capacity) return "decode: the KV cache is full";
+    if (lengths[r] >= m.rope_positions) return "decode: position beyond the RoPE table";
+  }
+  const Stored st{m.dtype == kComputeBF16};
+  thread_local std::vector<float> residual, normed, qkv, attn, out, gate_up;
+  residual.resize(rows * C), normed.resize(rows * C), out.resize(rows * C);
+  qkv.resize(rows * qkv_n), attn.resize(rows * H * D), gate_up.resize(rows * 2 * I);
+
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < C; ++i) residual[r * C + i] = st.get(m.embed, tokens[r] * C + i);
+
+  const float scale = 1.f / std::sqrt(float(D));
+  int64_t longest = 0;
+  for (int64_t r = 0; r < rows; ++r) longest = std::max<int64_t>(longest, lengths[r] + 1);
+  // Split attention over the pool only when it outweighs a wake-up (~1-2 us): ~64k multiply-adds per layer.
+  const int attn_threads = rows * H * longest * D >= (1 << 16) ? threads : 1;
+  const int64_t kv_elem = st.bf16 ? 2 : 4;
+
+  for (size_t li = 0; li < m.layers.size(); ++li) {
+    const DecodeLayer& L = m.layers[li];
+    add_rms_norm(li ? out.data() : nullptr, residual.data(), L.input_norm, m.eps, rows, C, normed.data(), st);
+    linear(L.qkv, normed.data(), rows, qkv.data(), st, threads);
+
+    char* k_layer = static_cast<char*>(cache.k) + int64_t(li) * cache.layer_stride * kv_elem;
+    char* v_layer = static_cast<char*>(cache.v) + int64_t(li) * cache.layer_stride * kv_elem;
+    for (int64_t r = 0; r < rows; ++r) {  // RoPE, then K/V into the cache at the row's position
+      const int64_t pos = lengths[r];
+      float* q = qkv.data() + r * qkv_n;
+      rope(q, H + Hkv, D, m.cos + pos * (D / 2), m.sin + pos * (D / 2), st);  // q heads, then k heads
+      for (int64_t g = 0; g < Hkv; ++g) {
+        const int64_t at = (r * cache.row_stride + g * cache.head_stride + pos * cache.pos_stride) * kv_elem;
+        for (int64_t d = 0; d < D; ++d) {
+          st.put(k_layer + at, d, q[(H + g) * D + d]);
+          st.put(v_layer + at, d, q[(H + Hkv + g) * D + d]);
+        }
+      }
+    }
+    // The workers see their own (empty) thread_local buffers: hand them this thread's by address.
+    const float* qkv_rows = qkv.data();
+    float* attn_rows = attn.data();
+    parallel_for(attn_threads, int(rows * H), [&](int task) {
+      const int64_t r = task / H, h = task % H, g = h / group, T = lengths[r] + 1;
+      const float* q = qkv_rows + r * qkv_n + h * D;
+      const int64_t base = r * cache.row_stride + g * cache.head_stride;
+      thread_local std::vector<float> scores;
+      scores.resize(T);
+      float top = -INFINITY;
+      for (int64_t t = 0; t < T; ++t) {
+        const void* kt = k_layer + (base + t * cache.pos_stride) * kv_elem;
+        scores[t] = (kAvx512 ? dot_avx512(q, kt, st.bf16, D) : dot_scalar(q, kt, st.bf16, D)) * scale;
+        top = std::max(top, scores[t]);
+      }
+      float total = 0.f;
+      for (int64_t t = 0; t < T; ++t) total += (scores[t] = std::exp(scores[t] - top));
+      float* o = attn_rows + (r * H + h) * D;
+      std::fill(o, o + D, 0.f);
+      for (int64_t t = 0; t < T; ++t) {
+        const void* vt = v_layer + (base + t * cache.pos_stride) * kv_elem;
+        if (kAvx512) {
+          axpy_avx512(o, scores[t], vt, st.bf16, D);
+        } else {
+          axpy_scalar(o, scores[t], vt, st.bf16, D);
+        }
+      }
+      const float inv = 1.f / total;
+      for (int64_t d = 0; d < D; ++d) o[d] = st.round(o[d] * inv);
+    });
+    linear(L.o, attn.data(), rows, out.data(), st, threads);
+
+    add_rms_norm(out.data(), residual.data(), L.post_norm, m.eps, rows, C, normed.data(), st);
+    linear(L.gate_up, normed.data(), rows, gate_up.data(), st, threads);
+    for (int64_t r = 0; r < rows; ++r) {  // SwiGLU: silu(gate) * up, into the first half of the row
+      float* gu = gate_up.data() + r * 2 * I;
+      for (int64_t i = 0; i < I; ++i) {
+        const float g = gu[i];
+        gu[i] = st.round(st.round(g / (1.f + std::exp(-g))) * gu[I + i]);
+      }
+      if (r) std::memmove(gate_up.data() + r * I, gu, I * sizeof(float));  // rows of I for the GEMV
+    }
+    linear(L.down, gate_up.data(), rows, out.data(), st, threads);
+  }
+  add_rms_norm(out.data(), residual.data(), m.final_norm, m.eps, rows, C, normed.data(), st);
+  linear(m.lm_head, normed.data(), rows, logits, st, threads);
+  for (int64_t r = 0; r < rows; ++r) lengths[r] += 1;
+  return "";
+}
+
+}  // namespace llava_fast

@@ -1,0 +1,64 @@
+// The LLaMA decode step on the CPU in one native call: embedding gather, then per decoder layer RMSNorm, the
+// fused q/k/v GEMV, RoPE, the K/V cache write, grouped-query attention over the cache, o_proj, RMSNorm, the
+// fused gate/up GEMV, SwiGLU and down_proj, then the final norm and lm_head. See decode.cpp for why; its
+// reference is llava_fast/generate.py's decode_step (the torch path), which the tests compare it against.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace llava_fast {
+
+enum ComputeDtype : int { kComputeF32 = 0, kComputeBF16 = 1 };
+
+// One linear layer: y = x @ W^T (+ bias), W in a format of gemv.h.
+struct DecodeLinear {
+  const void* w = nullptr;
+  int format = 0;
+  int64_t n = 0, k = 0, group = 0;
+  const void* scales = nullptr;
+  const void* mins = nullptr;
+  const void* bias = nullptr;  // (n,) in the compute dtype, or null
+};
+
+struct DecodeLayer {
+  const void* input_norm;  // (hidden,) compute dtype
+  const void* post_norm;   // (hidden,) compute dtype
+  DecodeLinear qkv;        // n = (heads + 2 * kv_heads) * head_dim: q, k, v stacked
+  DecodeLinear o;          // n = hidden
+  DecodeLinear gate_up;    // n = 2 * intermediate: gate, up stacked
+  DecodeLinear down;       // n = hidden
+};
+
+struct DecodeModel {
+  int64_t hidden = 0, heads = 0, kv_heads = 0, head_dim = 0, intermediate = 0, vocab = 0;
+  int64_t embed_rows = 0;      // rows of the embedding table (token ids must be below it)
+  int64_t rope_positions = 0;  // rows of the cos/sin tables
+  float eps = 1e-6f;
+  int dtype = kComputeF32;     // of the embedding, norms, biases, the KV cache and the rounding of activations
+  const void* embed = nullptr;       // (embed_rows, hidden)
+  const void* final_norm = nullptr;  // (hidden,)
+  const float* cos = nullptr;        // (rope_positions, head_dim / 2) float32
+  const float* sin = nullptr;
+  DecodeLinear lm_head;              // n = vocab
+  std::vector<DecodeLayer> layers;
+};
+
+// The KV cache as generate.KVCache holds it: k/v (layers, rows, kv_heads, capacity, head_dim) in the compute
+// dtype, any strides (a view of some rows is fine); strides in elements.
+struct DecodeCache {
+  void* k = nullptr;
+  void* v = nullptr;
+  int64_t layer_stride = 0, row_stride = 0, head_stride = 0, pos_stride = 0;
+  int64_t capacity = 0;
+};
+
+// Empty when the model description is usable, else what is wrong.
+const char* decode_model_check(const DecodeModel& m);
+
+// tokens (rows,) int64 at positions lengths (rows,) int32 -> logits (rows, vocab) float32; writes each row's
+// K/V at its position and advances lengths by one. Returns "" or what is wrong (then nothing was written).
+const char* decode_step(const DecodeModel& m, const int64_t* tokens, int32_t* lengths, int64_t rows,
+                        const DecodeCache& cache, float* logits, int threads);
+
+}  // namespace llava_fast

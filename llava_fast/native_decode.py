@@ -1,0 +1,137 @@
+"""The CPU decode step in one native call (csrc/decode.cpp), for batches of up to `MAX_ROWS` rows.
+
+In: a LlavaForCausalLM on the CPU in float32 or bfloat16 whose decoder projections are fused (q/k/v and
+gate/up, as load() leaves them) and are GemvLinear layers (any weight format of gemv.py: float32, bfloat16,
+int8, int4) or float nn.Linear layers (with or without bias). Out: `NativeDecodeStep`, called as
+`step(cache, lengths, tokens)` with generate.decode_step's contract: tokens (B,) int64 at positions
+lengths (B,) int32 -> next-token logits (B, V) float32, K/V written into `cache`, lengths advanced by one.
+
+Why: the torch decode step pays Python and ATen dispatch for ~25 small ops per layer; on SmolLM2-135M float32
+(2-core EPYC) that was 32 of a step's 60 ms, the weight reads (the GEMVs) the other 28. The native step runs
+the same math with no dispatch between the GEMVs. Its reference is generate.decode_step (the torch path),
+which tests/test_native_decode.py compares it with: float32 within 1e-4, bfloat16 to bfloat16 rounding.
+
+`for_model(net)` returns None, with the reason in `why_not(net)`, where the native step does not apply (no
+native extension, not on the CPU, a dtype or layer kind it does not know); the Decoder then runs the torch
+path. LLAVA_FAST_NATIVE_DECODE=0 in the environment turns it off (for comparisons).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+from llava_fast import gemv
+from llava_fast.gemv import F32, BF16, GemvLinear
+
+MAX_ROWS = gemv.MAX_GEMV_ROWS  # above this the GEMV's 1 FMA per weight per row loses to oneDNN's GEMM
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def enabled() -> bool:
+    return os.environ.get("LLAVA_FAST_NATIVE_DECODE", "1") != "0"
+
+
+def _linear(layer, dtype):
+    """(w, format, n, k, group, scales, mins, bias) of a GemvLinear or a float nn.Linear, or None."""
+    if isinstance(layer, GemvLinear):
+        if layer.out_dtype != dtype or not layer.weight.is_contiguous():
+            return None
+        s, m = layer.scale, layer.minimum
+        return (layer.weight.data_ptr(), layer.format, layer.out_features, layer.in_features, layer.group or 0,
+                0 if s is None else s.data_ptr(), 0 if m is None else m.data_ptr(), 0), (layer.weight, s, m)
+    if isinstance(layer, nn.Linear) and layer.weight.dtype == dtype and layer.weight.is_contiguous():
+        b = layer.bias
+        if b is not None and (b.dtype != dtype or not b.is_contiguous()):
+            return None
+        fmt = F32 if dtype == torch.float32 else BF16
+        return (layer.weight.data_ptr(), fmt, layer.out_features, layer.in_features, 0, 0, 0,
+                0 if b is None else b.data_ptr()), (layer.weight, b)
+    return None
+
+
+def why_not(net) -> str | None:
+    """Why the native step cannot run this model (None: it can)."""
+    if not gemv.NATIVE or not hasattr(gemv._C, "DecodeModel"):
+        return "the native extension llava_fast._C is not built"
+    emb = net.language_model.embed_tokens.weight
+    if emb.device.type != "cpu":
+        return f"the model is on {emb.device.type}, not the CPU"
+    if emb.dtype not in _DTYPES:
+        return f"compute dtype {emb.dtype} (float32 and bfloat16 only)"
+    for layer in net.language_model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn.qkv_proj is None or mlp.gate_up_proj is None:
+            return "the q/k/v and gate/up projections are not fused (net.fuse_projections())"
+        for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            if _linear(lin, emb.dtype) is None:
+                return f"a decoder projection ({lin!r}) is neither a GemvLinear nor a {emb.dtype} nn.Linear"
+    if _linear(net.lm_head, emb.dtype) is None:
+        return f"lm_head ({net.lm_head!r}) is neither a GemvLinear nor a {emb.dtype} nn.Linear"
+    return None
+
+
+class NativeDecodeStep:
+    """The native decode step of one model; holds every tensor whose address it passed to C++."""
+
+    def __init__(self, net):
+        t = net.cfg.text
+        emb = net.language_model.embed_tokens.weight
+        self.dtype = emb.dtype
+        if net.rope is None or net.rope[0].device != emb.device:
+            net.init_rope(emb.device)
+        cos, sin = (x.contiguous() for x in net.rope)
+        lm_head, keep = _linear(net.lm_head, self.dtype)
+        self._keep = [emb, cos, sin, net.language_model.norm.weight, *keep]
+        self.vocab = net.lm_head.out_features
+        self.model = gemv._C.DecodeModel(
+            t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim, t.intermediate_size, self.vocab,
+            emb.shape[0], cos.shape[0], float(t.rms_norm_eps), _DTYPES[self.dtype], emb.data_ptr(),
+            net.language_model.norm.weight.data_ptr(), cos.data_ptr(), sin.data_ptr(), lm_head)
+        for layer in net.language_model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = []
+            for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+                desc, keep = _linear(lin, self.dtype)
+                linears.append(desc)
+                self._keep += keep
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            self._keep += norms
+            self.model.add_layer(norms[0].data_ptr(), norms[1].data_ptr(), *linears)
+        self.model.check()
+        # The addresses of what the module holds now: a module whose tensors were replaced since (load_state_dict
+        # with assign, .to()) no longer matches, and for_model() builds a new step.
+        self.signature = _signature(net)
+
+    def __call__(self, cache, lengths, tokens):
+        """tokens (B,) at positions lengths (B,) int32 -> logits (B, V) float32; cache rows 0..B-1 of any
+        KVCache view, lengths advanced in place."""
+        B = tokens.shape[0]
+        tokens = tokens.reshape(B).to(torch.int64).contiguous()
+        assert lengths.dtype == torch.int32 and lengths.is_contiguous() and cache.k.dtype == self.dtype
+        k, v = cache.k, cache.v
+        assert k.stride() == v.stride() and k.shape[1] >= B
+        logits = torch.empty(B, self.vocab, dtype=torch.float32)
+        threads = gemv.THREADS or torch.get_num_threads()
+        self.model.step(tokens.data_ptr(), lengths.data_ptr(), B, k.data_ptr(), v.data_ptr(), k.stride(0),
+                        k.stride(1), k.stride(2), k.stride(3), k.shape[3], logits.data_ptr(), threads)
+        return logits
+
+
+def _signature(net):
+    lm = net.language_model
+    return (lm.embed_tokens.weight.data_ptr(), net.lm_head.weight.data_ptr(), lm.norm.weight.data_ptr(),
+            lm.layers[0].self_attn.qkv_proj.weight.data_ptr(), lm.layers[-1].mlp.down_proj.weight.data_ptr())
+
+
+def for_model(net):
+    """The model's NativeDecodeStep (built once and kept on the module), or None where it does not apply."""
+    if not enabled() or why_not(net) is not None:
+        return None
+    step = net.__dict__.get("_native_decode_step")
+    if step is None or step.signature != _signature(net):
+        step = NativeDecodeStep(net)
+        net.__dict__["_native_decode_step"] = step
+    return step

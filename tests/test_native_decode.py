@@ -1,0 +1,159 @@
+"""The native CPU decode step (csrc/decode.cpp via llava_fast/native_decode.py) against its reference, the torch
+decode step (generate.decode_step): logits, the K/V it writes, lengths; every weight format, biases, GQA, tied
+embeddings, llama3 RoPE, ragged rows in a view of some cache rows, and its errors."""
+
+import pytest
+import torch
+
+from llava_fast import gemv, native_decode
+from llava_fast.config import LlavaConfig, TextConfig
+from llava_fast.generate import Decoder, decode_step
+from llava_fast.model import LlavaForCausalLM
+from llava_fast.presets import random_init_
+from llava_fast.quantize import prepare_for_inference
+
+pytestmark = pytest.mark.skipif(not gemv.NATIVE, reason="llava_fast._C not built")
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+def text_net(dtype=torch.float32, quantize=None, seed=0, **text):
+    """A random text-only LLaMA (odd sizes: hidden 72, 3 heads of 24 over 1 KV head, MLP 100, vocab 301),
+    fused and prepared as load() prepares it."""
+    cfg = dict(vocab_size=301, hidden_size=72, intermediate_size=100, num_layers=3, num_heads=3, num_kv_heads=1,
+               max_position_embeddings=256, rms_norm_eps=1e-5)
+    cfg.update(text)
+    net = LlavaForCausalLM(LlavaConfig(vision=None, text=TextConfig(**cfg)))
+    random_init_(net, seed)
+    with torch.no_grad():  # random (not zero) biases and norm weights: they must be read
+        for name, p in net.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.1 + ("norm" in name))
+    net = net.to(dtype).requires_grad_(False).eval()
+    net.init_rope()
+    return prepare_for_inference(net.fuse_projections(), quantize)
+
+
+def prefilled(net, rows, capacity=40):
+    """A Decoder whose rows hold prompts of different lengths (and stale K/V beyond them)."""
+    dec = Decoder(net, len(rows), capacity)
+    dec.cache.k.normal_(), dec.cache.v.normal_()  # stale content must never be read
+    g = torch.Generator().manual_seed(1)
+    ids = [torch.randint(0, net.cfg.text.vocab_size, (n,), generator=g).tolist() for n in rows]
+    for b, r in enumerate(ids):
+        dec.prefill_slot(b, r)
+    return dec
+
+
+def both_steps(net, rows, steps=4, view_rows=None):
+    """Run `steps` decode steps natively and through decode_step from the same state; returns the pairs."""
+    dec = prefilled(net, rows)
+    native = native_decode.for_model(net)
+    assert native is not None, native_decode.why_not(net)
+    n = view_rows or len(rows)
+    cache_ref = type(dec.cache).__new__(type(dec.cache))
+    cache_ref.k, cache_ref.v = dec.cache.k.clone(), dec.cache.v.clone()
+    lengths_ref = dec.lengths.clone()
+    tokens = torch.randint(0, net.cfg.text.vocab_size, (n,), generator=torch.Generator().manual_seed(2))
+    out = []
+    for _ in range(steps):
+        got = native(dec.cache.rows(0, n), dec.lengths[:n], tokens)
+        want = decode_step(net, cache_ref.rows(0, n), lengths_ref[:n], tokens)
+        out.append((got, want))
+        tokens = want.argmax(-1)
+    return out, dec, cache_ref, lengths_ref
+
+
+@pytest.mark.parametrize("text", [
+    {},
+    {"attention_bias": True, "mlp_bias": True},
+    {"tie_word_embeddings": True, "rope_scaling": LLAMA3_ROPE},
+    {"num_heads": 4, "num_kv_heads": 4, "head_dim": 10, "hidden_size": 40},  # MHA, head_dim != hidden / heads
+])
+def test_float32_equals_torch_step(text):
+    net = text_net(**text)
+    pairs, dec, cache_ref, lengths_ref = both_steps(net, [5, 1, 11])
+    for got, want in pairs:
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert want.std() > 1e-2  # logits that carry signal, not a degenerate model
+    assert torch.equal(dec.lengths, lengths_ref)
+    torch.testing.assert_close(dec.cache.k, cache_ref.k, atol=1e-5, rtol=1e-5)  # stale tail untouched too
+    torch.testing.assert_close(dec.cache.v, cache_ref.v, atol=1e-5, rtol=1e-5)
+
+
+def test_steps_only_the_rows_asked_for():
+    # The server steps rows 0..n-1 of a bigger cache: row 2's K/V and length must not move.
+    net = text_net()
+    pairs, dec, cache_ref, lengths_ref = both_steps(net, [4, 9, 7], view_rows=2)
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert dec.lengths.tolist() == [8, 13, 7]
+    assert torch.equal(dec.cache.k[:, 2], cache_ref.k[:, 2])
+
+
+@pytest.mark.parametrize("quantize", ["int8wo", "int4wo-32"])
+def test_quantized_equals_torch_step(quantize):
+    net = text_net(quantize=quantize, hidden_size=96, num_heads=4, num_kv_heads=2, intermediate_size=160)
+    for got, want in both_steps(net, [6, 3])[0]:
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_follows_torch_rounding():
+    net = text_net(dtype=torch.bfloat16, attention_bias=True)
+    pairs, dec, cache_ref, _ = both_steps(net, [5, 8])
+    for got, want in pairs:
+        # Same rounding points, different summation orders: differences of a few bfloat16 ulps of the logits
+        scale = want.abs().max()
+        assert (got - want).abs().max() <= 0.03 * scale
+        assert (got.argmax(-1) == want.argmax(-1)).all()
+    assert (dec.cache.k.float() - cache_ref.k.float()).abs().max() < 0.05
+
+
+def test_decoder_uses_it_and_generate_is_unchanged(monkeypatch):
+    net = text_net(tie_word_embeddings=True)
+    assert Decoder(net, 1, 16).native is not None
+    assert Decoder(net, native_decode.MAX_ROWS + 1, 16).native is not None  # used for steps of <= MAX_ROWS rows
+    monkeypatch.setenv("LLAVA_FAST_NATIVE_DECODE", "0")
+    assert Decoder(net, 1, 16).native is None
+
+    def greedy(native):
+        dec = Decoder(net, 2, 30)
+        dec.native = native_decode.NativeDecodeStep(net) if native else None
+        tok = dec.prefill([[5, 6, 7, 8], [9, 10, 11, 12]]).argmax(-1)
+        out = [tok]
+        for _ in range(12):
+            tok = dec.step(tok).argmax(-1)
+            out.append(tok)
+        return torch.stack(out)
+
+    assert torch.equal(greedy(True), greedy(False))
+
+
+def test_errors_write_nothing():
+    net = text_net()
+    dec = prefilled(net, [3, 39])  # row 1 fills the 40-position cache but its last slot
+    native = native_decode.for_model(net)
+    k, lengths = dec.cache.k.clone(), dec.lengths.clone()
+    with pytest.raises(ValueError, match="token id"):
+        native(dec.cache, dec.lengths, torch.tensor([1, 301]))
+    native(dec.cache, dec.lengths, torch.tensor([1, 2]))  # position 39: the last one
+    k, lengths = dec.cache.k.clone(), dec.lengths.clone()
+    with pytest.raises(ValueError, match="cache is full"):
+        native(dec.cache, dec.lengths, torch.tensor([1, 2]))
+    assert torch.equal(dec.cache.k, k) and torch.equal(dec.lengths, lengths)
+
+
+def test_why_not():
+    assert native_decode.why_not(text_net()) is None
+    net = text_net(dtype=torch.float16)
+    assert "float16" in native_decode.why_not(net) and native_decode.for_model(net) is None
+
+
+def test_rebuilt_when_the_weights_move():
+    net = text_net()
+    first = native_decode.for_model(net)
+    assert native_decode.for_model(net) is first
+    net.lm_head.weight = torch.nn.Parameter(net.lm_head.weight.detach().clone(), requires_grad=False)
+    assert native_decode.for_model(net) is not first
