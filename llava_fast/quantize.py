@@ -27,6 +27,7 @@ InputError naming the pip command. Reference: torchao (https://github.com/pytorc
 
 from __future__ import annotations
 
+import logging
 import re
 
 import torch
@@ -62,11 +63,21 @@ def language_model_linears(net) -> dict[str, nn.Module]:
 
 
 def _torchao_utils():
+    # torchao's first import logs a warning for each CUDA-only library it cannot load on a CPU build of torch
+    # ("Failed to load ..._C_cutlass_90a.abi3.so", "_C_mxfp8") and torch two deprecation notes about its enums:
+    # noise for everyone who quantizes on a CPU, none of it about what we use. Quiet for that import only.
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
     try:
         from torchao.quantization import utils
     except ImportError as e:
         raise InputError(f"quantization needs torchao, which is not importable ({e}); install it with "
                          "`pip install torchao` (or `pip install -e .[quant]` in a llava-fast checkout)") from None
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
     return utils
 
 
