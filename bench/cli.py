@@ -1,10 +1,11 @@
-"""`llava-fast bench [generate|kernels|train|serve|compare|validate] ...` (llava_fast/cli.py delegates here).
+"""`llava-fast bench [generate|kernels|gemv|train|real|serve|compare|validate] ...` (llava_fast/cli.py delegates here).
 
     llava-fast bench                                   # generate: tiny on CPU, llava-1.5-7b on CUDA
     llava-fast bench generate --preset llava-1.5-13b --batch-sizes 1,8 --json r.json --plot r.png
     llava-fast bench kernels --device cuda
     llava-fast bench train --preset llava-1.5-7b --batch-sizes 8 --lora-r 128
     llava-fast bench real --threads 2                  # SmolLM2 (real weights) vs llama.cpp, + quantization error
+    llava-fast bench gemv --threads 2                  # the native CPU GEMV per weight format vs F.linear
     llava-fast bench serve --clients 1,4,16,64 --requests 64
     llava-fast bench compare old.json new.json --fail-on-regression
     llava-fast bench validate r.json
@@ -22,7 +23,7 @@ import time
 
 from llava_fast.errors import InputError
 
-SUBCOMMANDS = ("generate", "kernels", "train", "real", "serve", "compare", "validate")
+SUBCOMMANDS = ("generate", "kernels", "gemv", "train", "real", "serve", "compare", "validate")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -154,6 +155,18 @@ def build_parser():
     r.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     r.add_argument("--json", help="result file (default: bench-results/real-<model>-<device>-<time>.json)")
 
+    gv = sub.add_parser("gemv", help="the native CPU GEMV on one SmolLM2 decode step's 121 linear layers, per weight "
+                        "format: GB/s, %% of the read bandwidth, beside torch's F.linear")
+    from llava_fast.bench.gemv_bench import FORMATS as GEMV_FORMATS
+
+    gv.add_argument("--formats", type=_names(GEMV_FORMATS), default=list(GEMV_FORMATS),
+                    help=f"subset of {', '.join(GEMV_FORMATS)}")
+    gv.add_argument("--rows", type=_positive_int, default=1, help="activation rows M per call (default 1; the "
+                    "GEMV serves M <= 8)")
+    gv.add_argument("--repeats", type=_positive_int, default=5, help="interleaved rounds (median reported)")
+    gv.add_argument("--threads", type=_positive_int, default=2, help="threads of both implementations (default 2)")
+    gv.add_argument("--json", help="result file (default: bench-results/gemv-<model>-<device>-<time>.json)")
+
     s = sub.add_parser("serve", help="the HTTP server under 1..64 concurrent clients beside one-by-one generate(): "
                        "requests/s, output tokens/s, TTFT and inter-token latency")
     _model_args(s)
@@ -188,7 +201,7 @@ def main(argv=None) -> int:
         return cmd_compare(args)
     if args.subcommand == "validate":
         return cmd_validate(args)
-    if args.subcommand == "real":
+    if args.subcommand in ("real", "gemv"):
         return cmd_real(args, argv)
     return cmd_measure(args, argv)
 
@@ -294,16 +307,22 @@ def cmd_measure(args, argv) -> int:
 
 
 def cmd_real(args, argv) -> int:
-    from llava_fast.bench import real_bench, report, schema
+    """`bench real` and `bench gemv`: CPU, SmolLM2's weights, settings of their own."""
+    from llava_fast.bench import gemv_bench, real_bench, report, schema
 
-    if args.warmup < 0 or args.quality_tokens < 0:
-        raise InputError("--warmup and --quality-tokens must be >= 0")
     settings = {"device": "cpu", "dtype": None, "model": "SmolLM2-135M-Instruct", "model_name": "smollm2",
-                "formats": args.formats, "new_tokens": args.new_tokens, "repeats": args.repeats,
-                "warmup": args.warmup, "threads": args.threads, "quality_tokens": args.quality_tokens,
-                "llama_cpp": not args.no_llama_cpp, "transformers": not args.no_transformers}
+                "formats": args.formats, "repeats": args.repeats, "threads": args.threads}
+    if args.subcommand == "gemv":
+        bench = gemv_bench
+        settings.update(warmup=1, rows=args.rows)
+    else:
+        bench = real_bench
+        if args.warmup < 0 or args.quality_tokens < 0:
+            raise InputError("--warmup and --quality-tokens must be >= 0")
+        settings.update(new_tokens=args.new_tokens, warmup=args.warmup, quality_tokens=args.quality_tokens,
+                        llama_cpp=not args.no_llama_cpp, transformers=not args.no_transformers)
     started = time.perf_counter()
-    doc = real_bench.run(settings, argv)
+    doc = bench.run(settings, argv)
     settings["wall_s"] = round(time.perf_counter() - started, 1)
     if hasattr(os, "getloadavg"):
         doc["device"]["host"]["load_average_end"] = list(os.getloadavg())
@@ -311,7 +330,7 @@ def cmd_real(args, argv) -> int:
     if errors:
         raise RuntimeError("result does not match its schema:\n  " + "\n  ".join(errors[:20]))
     path = report.write_json(doc, args.json or report.default_json_path(doc))
-    print(real_bench.markdown(doc))
+    print(bench.markdown(doc))
     print(f"\nresults: {path}")
     return 0
 

@@ -93,7 +93,7 @@ SCHEMA = {
                  "ceilings", "telemetry", "figures", "checks", "notes"],
     "properties": {
         "schema": {"const": SCHEMA_VERSION},
-        "kind": {"enum": ["generate", "kernels", "train", "real", "serve"]},
+        "kind": {"enum": ["generate", "kernels", "gemv", "train", "real", "serve"]},
         "created_utc": {"type": "string"},
         "command": {"type": "string"},
         "commit": {"type": "object", "required": ["sha", "dirty"],

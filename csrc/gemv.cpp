@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cstring>
 #include <functional>
@@ -73,13 +74,29 @@ inline float f16_to_f32(uint16_t h) {  // IEEE half -> float, subnormals include
   return f;
 }
 
-// One call's inputs as the kernels read them: float32 x (and bf16 x for the bf16 format), Q4 group sums.
+// One call's inputs as the kernels read them. The int8 and int4 formats take x quantized to int8 (x_q) in
+// blocks of 32 along K with one float scale per block (x_s = max|x in block| / 127, x_q = round(x / x_s)), as
+// llama.cpp's Q8_0 x Q8 / Q4_1 x Q8_1 dot products do: the weight-times-activation products are then integer
+// (VPDPBUSD: 64 u8 x s8 multiply-adds per instruction) and each block's integer sum is scaled once. Done once
+// per call for all N rows (~1 us at K = 1536); llava_fast/gemv.py `quantize_activations` is its torch twin.
 struct Prepared {
   const GemvArgs* a;
-  const float* xf;       // (M, K) float32, row stride K
+  const float* xf;       // (M, K) float32, row stride K (float32 and scalar kernels)
   const uint16_t* xb;    // (M, K) bf16 bits, row stride K (bf16 format only)
-  const float* xsum;     // (M, K / group) Q4 only
   float* yf;             // (M, N) float32 results (row stride N) when y is bf16; else null
+  // Q8 / Q4: x quantized. B = ceil(K / 32) blocks; kp: padded row length of xq (a multiple of 128), zeros past K.
+  int64_t blocks, kp;
+  const int8_t* xq;      // (M, kp) x_q in K order
+  const float* xs;       // (M, B) x_s per block
+  // Q8, AVX-512: per 64-byte chunk c of a row, 16 int32 lanes (lane l covers k = 64c + 4l .. 64c + 4l + 3):
+  const int32_t* corr8;  // (M, kp / 64, 16) -128 * (sum of the lane's 4 x_q): the offset-binary correction
+  const float* xs8;      // (M, kp / 64, 16) x_s of the lane's block (2c + l / 8)
+  // Q4, AVX-512: per 128-weight chunk c (four 32-blocks, 64 packed bytes):
+  const int8_t* xq4;     // (M, kp / 128, 128) x_q in nibble order: [0, 64) the k the low nibbles hold
+                         //   (block i's weights 0..15 at 16i), [64, 128) the high nibbles' (weights 16..31)
+  const float* xs4;      // (M, kp / 128, 16) x_s of lane l's block (4c + l / 4)
+  const float* xmin;     // (M, K / group) sum over the group's blocks of x_s * sum(x_q): what a group's min
+                         //   multiplies (sum_k min * x_s x_q)
 };
 
 inline void store(const Prepared& p, int64_t m, int64_t n, float v) {
@@ -91,7 +108,8 @@ inline void store(const Prepared& p, int64_t m, int64_t n, float v) {
 }
 
 // ------------------------------------------------------------------------------------------------------
-// Scalar kernels (any CPU; the reference the AVX-512 ones are checked against in tests)
+// Scalar kernels (any CPU; the reference the AVX-512 ones are checked against in tests). Same arithmetic:
+// float products for F32/BF16; for Q8/Q4 an exact integer sum per 32-block, scaled per block.
 // ------------------------------------------------------------------------------------------------------
 
 void rows_scalar(const Prepared& p, int64_t n0, int64_t n1) {
@@ -99,11 +117,11 @@ void rows_scalar(const Prepared& p, int64_t n0, int64_t n1) {
   const int64_t K = a.k;
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t m = 0; m < a.m; ++m) {
-      const float* x = p.xf + m * K;
       float acc = 0.f;
       switch (a.format) {
         case kWeightF32: {
           const float* w = static_cast<const float*>(a.w) + n * K;
+          const float* x = p.xf + m * K;
           for (int64_t k = 0; k < K; ++k) acc += w[k] * x[k];
           break;
         }
@@ -113,9 +131,14 @@ void rows_scalar(const Prepared& p, int64_t n0, int64_t n1) {
           for (int64_t k = 0; k < K; ++k) acc += bf16_to_f32(w[k]) * bf16_to_f32(xb[k]);
           break;
         }
-        case kWeightQ8: {
-          const int8_t* w = static_cast<const int8_t*>(a.w) + n * K;
-          for (int64_t k = 0; k < K; ++k) acc += float(w[k]) * x[k];
+        case kWeightQ8: {  // offset-binary: the weight is u - 128
+          const uint8_t* w = static_cast<const uint8_t*>(a.w) + n * K;
+          const int8_t* xq = p.xq + m * p.kp;
+          for (int64_t b = 0; b < p.blocks; ++b) {
+            int32_t d = 0;
+            for (int64_t k = b * 32; k < std::min(K, b * 32 + 32); ++k) d += (int32_t(w[k]) - 128) * xq[k];
+            acc += p.xs[m * p.blocks + b] * float(d);
+          }
           acc *= static_cast<const float*>(a.scales)[n];
           break;
         }
@@ -124,15 +147,14 @@ void rows_scalar(const Prepared& p, int64_t n0, int64_t n1) {
           const int64_t G = K / a.group;
           const uint16_t* sc = static_cast<const uint16_t*>(a.scales) + n * G;
           const uint16_t* mn = static_cast<const uint16_t*>(a.mins) + n * G;
-          const float* xs = p.xsum + m * G;
-          for (int64_t g = 0; g < G; ++g) {
-            float d = 0.f;
-            for (int64_t b = g * a.group; b < (g + 1) * a.group; b += 32) {
-              const uint8_t* blk = w + b / 2;
-              for (int j = 0; j < 16; ++j) d += float(blk[j] & 15) * x[b + j] + float(blk[j] >> 4) * x[b + 16 + j];
-            }
-            acc += d * f16_to_f32(sc[g]) + f16_to_f32(mn[g]) * xs[g];
+          const int8_t* xq = p.xq + m * p.kp;
+          for (int64_t b = 0; b < p.blocks; ++b) {
+            const uint8_t* blk = w + b * 16;
+            int32_t d = 0;
+            for (int j = 0; j < 16; ++j) d += int32_t(blk[j] & 15) * xq[b * 32 + j] + int32_t(blk[j] >> 4) * xq[b * 32 + 16 + j];
+            acc += (f16_to_f32(sc[b * 32 / a.group]) * p.xs[m * p.blocks + b]) * float(d);
           }
+          for (int64_t g = 0; g < G; ++g) acc += f16_to_f32(mn[g]) * p.xmin[m * G + g];
           break;
         }
       }
@@ -142,131 +164,272 @@ void rows_scalar(const Prepared& p, int64_t n0, int64_t n1) {
 }
 
 // ------------------------------------------------------------------------------------------------------
-// AVX-512 kernels: 4 weight rows at a time, each reused by all M activation rows while it is in L1
+// AVX-512 kernels: one weight row at a time, reused by all M activation rows from L1 (a row is <= 6 KB
+// here), so W is read from memory once per call whatever M is (callers use these for M <= 8: above that
+// oneDNN's blocked GEMM wins). Rows are contiguous, so a thread's rows are one sequential stream; the first
+// version took 4 rows at a time, i.e. 4 interleaved streams of K * 4 bytes (36 cache lines at K = 576),
+// too short for the hardware prefetcher to ramp up on each: 11-13 GB/s where the machine reads ~20 GB/s.
+// Each kernel also prefetches kPrefetch bytes ahead of where it reads (into the next rows).
 // ------------------------------------------------------------------------------------------------------
 
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512dq,fma,f16c")))
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512dq,avx512vnni,fma,f16c")))
+
+#ifndef LLAVA_FAST_PREFETCH
+#define LLAVA_FAST_PREFETCH 1024
+#endif
+constexpr int kPrefetch = LLAVA_FAST_PREFETCH;
 
 AVX512 inline __mmask16 tail16(int64_t left) { return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1); }
+AVX512 inline __mmask64 tail64(int64_t left) { return left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1; }
+AVX512 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + kPrefetch, _MM_HINT_T0); }
 
-template <int R>
-AVX512 void block_f32(const Prepared& p, int64_t n) {
-  const GemvArgs& a = *p.a;
-  const int64_t K = a.k;
-  const float* w = static_cast<const float*>(a.w) + n * K;
-  for (int64_t m = 0; m < a.m; ++m) {
-    const float* x = p.xf + m * K;
-    __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 mk = tail16(K - k);
-      const __m512 xv = _mm512_maskz_loadu_ps(mk, x + k);
-      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w + r * K + k), xv, acc[r]);
-    }
-    for (int r = 0; r < R; ++r) store(p, m, n + r, _mm512_reduce_add_ps(acc[r]));
+// Four accumulators (independent FMA chains), a fixed order whatever the thread count.
+AVX512 float dot_f32(const float* w, const float* x, int64_t K) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    prefetch(w + k), prefetch(w + k + 16), prefetch(w + k + 32), prefetch(w + k + 48);
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
+    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
   }
+  for (; k < K; k += 16) {
+    const __mmask16 mk = tail16(K - k);
+    prefetch(w + k);
+    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w + k), _mm512_maskz_loadu_ps(mk, x + k), a0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+AVX512 inline __m512bh ld(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+
+AVX512 float dot_bf16(const uint16_t* w, const uint16_t* x, int64_t K) {  // K even (checked)
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 128 <= K; k += 128) {
+    prefetch(w + k), prefetch(w + k + 32), prefetch(w + k + 64), prefetch(w + k + 96);
+    a0 = _mm512_dpbf16_ps(a0, ld(w + k), ld(x + k));
+    a1 = _mm512_dpbf16_ps(a1, ld(w + k + 32), ld(x + k + 32));
+    a2 = _mm512_dpbf16_ps(a2, ld(w + k + 64), ld(x + k + 64));
+    a3 = _mm512_dpbf16_ps(a3, ld(w + k + 96), ld(x + k + 96));
+  }
+  for (; k < K; k += 32) {  // pairs never straddle the tail: K is even
+    const int64_t left = K - k;
+    const __mmask32 mk = left >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << left) - 1);
+    prefetch(w + k);
+    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(mk, w + k), (__m512bh)_mm512_maskz_loadu_epi16(mk, x + k));
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+// Sums of 4 vectors -> (sum a0, sum a1, sum a2, sum a3): one shuffle tree for 4 rows instead of 4 reductions.
+AVX512 inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+  const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  const __m512 s = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
 template <int R>
-AVX512 void block_bf16(const Prepared& p, int64_t n) {
-  const GemvArgs& a = *p.a;
-  const int64_t K = a.k;
-  const uint16_t* w = static_cast<const uint16_t*>(a.w) + n * K;
-  for (int64_t m = 0; m < a.m; ++m) {
-    const uint16_t* x = p.xb + m * K;
-    __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 32) {  // K % 2 == 0 (checked): pairs never straddle the tail
-      const int64_t left = K - k;
-      const __mmask32 mk = left >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << left) - 1);
-      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mk, x + k);
-      for (int r = 0; r < R; ++r)
-        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(mk, w + r * K + k), xv);
+AVX512 inline void finish(const Prepared& p, int64_t m, int64_t n, const __m512* acc, const float* row_scale) {
+  if (R == 4) {
+    alignas(16) float out[4];
+    _mm_store_ps(out, reduce4(acc[0], acc[1], acc[2], acc[3]));
+    for (int r = 0; r < 4; ++r) store(p, m, n + r, row_scale ? row_scale[r] * out[r] : out[r]);
+  } else {
+    for (int r = 0; r < R; ++r) {
+      const float v = _mm512_reduce_add_ps(acc[r]);
+      store(p, m, n + r, row_scale ? row_scale[r] * v : v);
     }
-    for (int r = 0; r < R; ++r) store(p, m, n + r, _mm512_reduce_add_ps(acc[r]));
   }
 }
 
+// int8, offset-binary u = w + 128: VPDPBUSD(corr, u, x_q) = sum w * x_q per lane exactly (corr = -128 sum x_q),
+// then one convert and one FMA per 64 weights with the lanes' block scales; the row scale multiplies at the
+// end. R rows at a time share the loads of x_q, corr and the scales and one reduction (int8 rows are short:
+// K bytes, and R consecutive rows are one contiguous stretch of memory, prefetched ahead).
 template <int R>
-AVX512 void block_q8(const Prepared& p, int64_t n) {
+AVX512 void rows_q8(const Prepared& p, int64_t n) {
   const GemvArgs& a = *p.a;
-  const int64_t K = a.k;
-  const int8_t* w = static_cast<const int8_t*>(a.w) + n * K;
-  const float* scales = static_cast<const float*>(a.scales) + n;
+  const int64_t K = a.k, chunks = (K + 63) / 64;
+  const uint8_t* w = static_cast<const uint8_t*>(a.w) + n * K;
   for (int64_t m = 0; m < a.m; ++m) {
-    const float* x = p.xf + m * K;
+    const int8_t* xq = p.xq + m * p.kp;
+    const int32_t* corr = p.corr8 + m * (p.kp / 64) * 16;
+    const float* xs = p.xs8 + m * (p.kp / 64) * 16;
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 mk = tail16(K - k);
-      const __m512 xv = _mm512_maskz_loadu_ps(mk, x + k);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t k = c * 64;
+      const __mmask64 mk = tail64(K - k);
+      const __m512i xv = _mm512_loadu_si512(xq + k), cv = _mm512_loadu_si512(corr + c * 16);
+      const __m512 sv = _mm512_loadu_ps(xs + c * 16);
       for (int r = 0; r < R; ++r) {
-        const __m512i q = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, w + r * K + k));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), xv, acc[r]);
+        if (m == 0) prefetch(w + r * K + k + (R - 1) * K);
+        const __m512i u = _mm512_maskz_loadu_epi8(mk, w + r * K + k);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(cv, u, xv)), sv, acc[r]);
       }
     }
-    for (int r = 0; r < R; ++r) store(p, m, n + r, scales[r] * _mm512_reduce_add_ps(acc[r]));
+    finish<R>(p, m, n, acc, static_cast<const float*>(a.scales) + n);
   }
 }
 
+// int4: 64 packed bytes = 128 weights = four 32-blocks. Low nibbles (AND) and high nibbles (shift, AND) are the
+// unsigned operands of two VPDPBUSD against x_q in nibble order; lane l then holds block (l / 4)'s partial sum,
+// scaled by that block's weight scale (its group's, expanded to lanes by VPERMPS) times x_s. The mins add
+// sum_g min_g * xmin_g, 16 groups per FMA. R rows at a time, as rows_q8.
 template <int R>
-AVX512 void block_q4(const Prepared& p, int64_t n) {
+AVX512 void rows_q4(const Prepared& p, int64_t n, __m512i scale_lanes, int groups_per_chunk, int group_shift) {
   const GemvArgs& a = *p.a;
-  const int64_t K = a.k, G = K / a.group;
-  const uint8_t* w = static_cast<const uint8_t*>(a.w) + n * (K / 2);
+  const int64_t K = a.k, G = K / a.group, half = K / 2, chunks = (half + 63) / 64;
+  const uint8_t* w = static_cast<const uint8_t*>(a.w) + n * half;
   const uint16_t* sc = static_cast<const uint16_t*>(a.scales) + n * G;
   const uint16_t* mn = static_cast<const uint16_t*>(a.mins) + n * G;
-  const __m512i low4 = _mm512_set1_epi32(15);
+  const __m512i low4 = _mm512_set1_epi8(15);
   for (int64_t m = 0; m < a.m; ++m) {
-    const float* x = p.xf + m * K;
-    const float* xs = p.xsum + m * G;
+    const int8_t* xq = p.xq4 + m * p.kp;
+    const float* xs = p.xs4 + m * (p.kp / 128) * 16;
     __m512 acc[R];
-    float bias[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), bias[r] = 0.f;
-    for (int64_t g = 0; g < G; ++g) {
-      __m512 d[R];
-      for (int r = 0; r < R; ++r) d[r] = _mm512_setzero_ps();
-      for (int64_t b = g * a.group; b < (g + 1) * a.group; b += 32) {
-        const __m512 x_lo = _mm512_loadu_ps(x + b), x_hi = _mm512_loadu_ps(x + b + 16);
-        for (int r = 0; r < R; ++r) {
-          const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + r * (K / 2) + b / 2)));
-          d[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low4)), x_lo, d[r]);
-          d[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), x_hi, d[r]);
-        }
-      }
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t byte = c * 64, g0 = (c * 128) >> group_shift;
+      const __mmask64 mk = tail64(half - byte);
+      const __mmask8 ms = __mmask8((1u << std::min<int64_t>(groups_per_chunk, G - g0)) - 1);
+      const __m512i xlo = _mm512_loadu_si512(xq + c * 128), xhi = _mm512_loadu_si512(xq + c * 128 + 64);
+      const __m512 xsv = _mm512_loadu_ps(xs + c * 16);
       for (int r = 0; r < R; ++r) {
-        acc[r] = _mm512_fmadd_ps(d[r], _mm512_set1_ps(_cvtsh_ss(sc[r * G + g])), acc[r]);
-        bias[r] += _cvtsh_ss(mn[r * G + g]) * xs[g];
+        if (m == 0) prefetch(w + r * half + byte + (R - 1) * half);
+        const __m512i v = _mm512_maskz_loadu_epi8(mk, w + r * half + byte);
+        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, low4), xlo);
+        d = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4), xhi);
+        const __m128 s4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16(ms, sc + r * G + g0));
+        const __m512 s = _mm512_mul_ps(_mm512_permutexvar_ps(scale_lanes, _mm512_castps128_ps512(s4)), xsv);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[r]);
       }
     }
-    for (int r = 0; r < R; ++r) store(p, m, n + r, _mm512_reduce_add_ps(acc[r]) + bias[r]);
+    const float* xmin = p.xmin + m * G;
+    for (int64_t g = 0; g < G; g += 16) {
+      const __mmask16 mk = tail16(G - g);
+      const __m512 xm = _mm512_maskz_loadu_ps(mk, xmin + g);
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, mn + r * G + g)), xm, acc[r]);
+    }
+    finish<R>(p, m, n, acc, nullptr);
   }
 }
-
-using BlockFn = void (*)(const Prepared&, int64_t);
 
 AVX512 void rows_avx512(const Prepared& p, int64_t n0, int64_t n1) {
-  BlockFn four, one;
-  switch (p.a->format) {
-    case kWeightF32: four = block_f32<4>, one = block_f32<1>; break;
-    case kWeightBF16: four = block_bf16<4>, one = block_bf16<1>; break;
-    case kWeightQ8: four = block_q8<4>, one = block_q8<1>; break;
-    default: four = block_q4<4>, one = block_q4<1>; break;
+  const GemvArgs& a = *p.a;
+  const int64_t K = a.k, M = a.m;
+  switch (a.format) {
+    case kWeightF32:
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t m = 0; m < M; ++m) store(p, m, n, dot_f32(static_cast<const float*>(a.w) + n * K, p.xf + m * K, K));
+      break;
+    case kWeightBF16:
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t m = 0; m < M; ++m)
+          store(p, m, n, dot_bf16(static_cast<const uint16_t*>(a.w) + n * K, p.xb + m * K, K));
+      break;
+    case kWeightQ8: {
+      int64_t n = n0;
+      for (; n + 4 <= n1; n += 4) rows_q8<4>(p, n);
+      for (; n < n1; ++n) rows_q8<1>(p, n);
+      break;
+    }
+    default: {
+      // Lane l of a chunk belongs to block l / 4, of group (l / 4) * 32 / group counted from the chunk's first.
+      alignas(64) int32_t lanes[16];
+      for (int l = 0; l < 16; ++l) lanes[l] = int32_t((l / 4) * 32 / a.group);
+      const __m512i scale_lanes = _mm512_load_si512(lanes);
+      const int groups_per_chunk = int(std::max<int64_t>(1, 128 / a.group));
+      const int group_shift = __builtin_ctzll(uint64_t(a.group));  // a power of two (checked)
+      int64_t n = n0;
+      for (; n + 4 <= n1; n += 4) rows_q4<4>(p, n, scale_lanes, groups_per_chunk, group_shift);
+      for (; n < n1; ++n) rows_q4<1>(p, n, scale_lanes, groups_per_chunk, group_shift);
+    }
   }
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) four(p, n);
-  for (; n < n1; ++n) one(p, n);
 }
 
+// AVX512_BF16 CPUs (Cooper Lake, Sapphire Rapids and later, Zen 4 and later) all have AVX512_VNNI too.
 bool cpu_has_avx512() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512bf16");
+         __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
 }
 
 using RowsFn = void (*)(const Prepared&, int64_t, int64_t);
 std::atomic<RowsFn> g_rows{cpu_has_avx512() ? rows_avx512 : rows_scalar};
+
+// x quantized per 32-block (see Prepared) into the buffers of every layout the kernels read.
+struct QuantizedX {
+  std::vector<int8_t> xq, xq4;
+  std::vector<float> xs, xs8, xs4, xmin;
+  std::vector<int32_t> corr8;
+
+  void build(Prepared& p) {
+    const GemvArgs& a = *p.a;
+    const int64_t M = a.m, K = a.k, B = (K + 31) / 32, kp = (K + 127) / 128 * 128;
+    p.blocks = B, p.kp = kp;
+    xq.assign(M * kp, 0);
+    xs.assign(M * B, 0.f);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* x = p.xf + m * K;
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t k0 = b * 32, k1 = std::min(K, k0 + 32);
+        float amax = 0.f;
+        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[k]));
+        const float d = amax / 127.f;
+        xs[m * B + b] = d;
+        if (d > 0.f)
+          for (int64_t k = k0; k < k1; ++k) xq[m * kp + k] = int8_t(std::nearbyint(x[k] / d));
+      }
+    }
+    p.xq = xq.data(), p.xs = xs.data();
+    if (a.format == kWeightQ8) {
+      const int64_t chunks = kp / 64;
+      corr8.assign(M * chunks * 16, 0);
+      xs8.assign(M * chunks * 16, 0.f);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t c = 0; c < chunks; ++c)
+          for (int l = 0; l < 16; ++l) {
+            const int64_t k = c * 64 + l * 4, b = k / 32, i = (m * chunks + c) * 16 + l;
+            const int8_t* q = &xq[m * kp + k];
+            corr8[i] = -128 * (int32_t(q[0]) + q[1] + q[2] + q[3]);
+            xs8[i] = b < B ? xs[m * B + b] : 0.f;
+          }
+      p.corr8 = corr8.data(), p.xs8 = xs8.data();
+    } else {
+      const int64_t chunks = kp / 128, G = K / a.group;
+      xq4.assign(M * kp, 0);
+      xs4.assign(M * chunks * 16, 0.f);
+      xmin.assign(M * G, 0.f);
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t c = 0; c < chunks; ++c) {
+          for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < 16; ++j) {
+              xq4[m * kp + c * 128 + 16 * i + j] = xq[m * kp + c * 128 + 32 * i + j];
+              xq4[m * kp + c * 128 + 64 + 16 * i + j] = xq[m * kp + c * 128 + 32 * i + 16 + j];
+            }
+          for (int l = 0; l < 16; ++l) {
+            const int64_t b = c * 4 + l / 4;
+            xs4[(m * chunks + c) * 16 + l] = b < B ? xs[m * B + b] : 0.f;
+          }
+        }
+        for (int64_t b = 0; b < B; ++b) {
+          int32_t s = 0;
+          for (int j = 0; j < 32; ++j) s += xq[m * kp + b * 32 + j];
+          xmin[m * G + b * 32 / a.group] += xs[m * B + b] * float(s);
+        }
+      }
+      p.xq4 = xq4.data(), p.xs4 = xs4.data(), p.xmin = xmin.data();
+    }
+  }
+};
 
 // ------------------------------------------------------------------------------------------------------
 // Threads: a pool kept between calls. A decode step makes ~200 calls a few microseconds apart, so waking a
@@ -380,7 +543,8 @@ const char* gemv_check(const GemvArgs& a) {
     case kWeightQ8:
       return a.scales ? "" : "gemv: int8 weights need scales";
     case kWeightQ4:
-      if (a.group < 32 || a.group % 32 || a.k % a.group) return "gemv: int4 group must be a multiple of 32 dividing K";
+      if (a.group < 32 || (a.group & (a.group - 1)) || a.k % a.group)
+        return "gemv: int4 group must be a power of two >= 32 dividing K";
       return a.scales && a.mins ? "" : "gemv: int4 weights need scales and mins";
     default:
       return "gemv: unknown weight format";
@@ -390,9 +554,11 @@ const char* gemv_check(const GemvArgs& a) {
 void gemv(const GemvArgs& a, int threads) {
   const int64_t M = a.m, K = a.k;
   // x as the kernels read it. thread_local: each calling thread keeps its own buffers, grown once.
-  thread_local std::vector<float> xf_buf, xsum_buf, y_buf;
+  thread_local std::vector<float> xf_buf, y_buf;
   thread_local std::vector<uint16_t> xb_buf;
-  Prepared p{&a, nullptr, nullptr, nullptr, nullptr};
+  thread_local QuantizedX xq_buf;
+  Prepared p{};
+  p.a = &a;
   if (a.format == kWeightBF16) {
     if (a.x_dtype == kActBF16 && a.x_stride == K) {
       p.xb = static_cast<const uint16_t*>(a.x);
@@ -404,11 +570,6 @@ void gemv(const GemvArgs& a, int threads) {
                                                     : f32_to_bf16(static_cast<const float*>(a.x)[m * a.x_stride + k]);
       p.xb = xb_buf.data();
     }
-    if (g_rows.load() == rows_scalar) {  // the scalar kernel reads float x
-      xf_buf.resize(M * K);
-      for (int64_t i = 0; i < M * K; ++i) xf_buf[i] = bf16_to_f32(p.xb[i]);
-      p.xf = xf_buf.data();
-    }
   } else if (a.x_dtype == kActF32 && a.x_stride == K) {
     p.xf = static_cast<const float*>(a.x);
   } else {
@@ -419,27 +580,17 @@ void gemv(const GemvArgs& a, int threads) {
                                                   : static_cast<const float*>(a.x)[m * a.x_stride + k];
     p.xf = xf_buf.data();
   }
-  if (a.format == kWeightQ4) {
-    const int64_t G = K / a.group;
-    xsum_buf.resize(M * G);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t g = 0; g < G; ++g) {
-        float s = 0.f;
-        for (int64_t k = g * a.group; k < (g + 1) * a.group; ++k) s += p.xf[m * K + k];
-        xsum_buf[m * G + g] = s;
-      }
-    p.xsum = xsum_buf.data();
-  }
+  if (a.format == kWeightQ8 || a.format == kWeightQ4) xq_buf.build(p);
   if (a.x_dtype == kActBF16) {
     y_buf.resize(M * a.n);
     p.yf = y_buf.data();
   }
-  // Chunks of whole 4-row blocks, 4 per thread (few enough that claiming one costs nothing next to it).
+  // Contiguous row ranges, 4 per thread (few enough that claiming one costs nothing next to it; several, so a
+  // thread whose core is taken by other work leaves its share to the others), each at least 16 rows.
   const RowsFn rows = g_rows.load();
-  const int64_t blocks = (a.n + 3) / 4;
-  const int parts = int(std::max<int64_t>(1, std::min<int64_t>(int64_t(threads) * 4, blocks)));
+  const int parts = int(std::max<int64_t>(1, std::min<int64_t>(int64_t(threads) * 4, a.n / 16)));
   pool().run(threads, parts, [&](int i) {
-    const int64_t n0 = std::min(a.n, blocks * i / parts * 4), n1 = std::min(a.n, blocks * (i + 1) / parts * 4);
+    const int64_t n0 = a.n * i / parts, n1 = a.n * (i + 1) / parts;
     rows(p, n0, n1);
     if (p.yf) {  // bfloat16 output: each thread rounds its own range
       for (int64_t m = 0; m < M; ++m)

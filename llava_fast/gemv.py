@@ -5,9 +5,14 @@ Out: `GemvLinear`, an nn.Module with nn.Linear's contract (x (..., K) -> (..., N
 runs `llava_fast._C.gemv` when x is on the CPU with at most `MAX_GEMV_ROWS` rows, and otherwise F.linear on
 the (dequantized) weight. `reference(x, packed)` is that F.linear path in float32: the oracle of the tests.
 
-Formats (csrc/gemv.h): F32 and BF16 hold the weight itself; Q8 int8 (N, K) + float32 scale (N,); Q4 uint8
-(N, K/2) with the two nibbles of byte j of each 32-block holding weights j and j + 16, float16 scale and min
-(N, K/group): W = q * scale + min, q in 0..15.
+Formats (csrc/gemv.h): F32 and BF16 hold the weight itself; Q8 uint8 (N, K) holding the int8 weight
+offset-binary (q + 128) + float32 scale (N,): W = (u - 128) * scale; Q4 uint8 (N, K/2) with the two nibbles of
+byte j of each 32-block holding weights j and j + 16, float16 scale and min (N, K/group): W = q * scale + min,
+q in 0..15.
+
+Numerics: F32 and BF16 are F.linear in float32 (x rounded to bf16 for a BF16 weight). Q8 and Q4 multiply the
+dequantized weight by x quantized to int8 in blocks of 32 along K (`quantize_activations`), as llama.cpp's
+Q8_0 / Q4_1 dot products do: the kernel's products are then integer (AVX512_VNNI). `reference` models both.
 """
 
 from __future__ import annotations
@@ -32,6 +37,23 @@ try:
     NATIVE = hasattr(_C, "gemv")
 except ImportError:  # built without a C++ toolchain: the torch path
     _C, NATIVE = None, False
+
+
+def pack_q8(q):
+    """q (N, K) integers in -127..127 -> uint8 (N, K) offset-binary (q + 128), the form VPDPBUSD multiplies."""
+    return (q.to(torch.int16) + 128).to(torch.uint8).contiguous()
+
+
+def quantize_activations(x, block=32):
+    """x (M, K) float -> its int8 block quantization, dequantized, float32 (M, K): what the Q8/Q4 kernels
+    multiply the weight by. Per block of 32 along K (the last one may be shorter): scale = max|x| / 127,
+    x_q = round-half-even(x / scale) (0 where the block is all zero); returns x_q * scale."""
+    M, K = x.shape
+    pad = -K % block
+    xb = F.pad(x.float(), (0, pad)).view(M, -1, block)
+    scale = xb.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(scale > 0, torch.round(xb / scale), torch.zeros(()))
+    return (q * scale).view(M, -1)[:, :K]
 
 
 def pack_q4(q, scale, minimum):
@@ -88,7 +110,7 @@ class GemvLinear(nn.Module):
         if self.format in (F32, BF16):
             return w.to(dtype)
         if self.format == Q8:
-            return (w.float() * self.scale.view(-1, 1)).to(dtype)
+            return ((w.float() - 128) * self.scale.view(-1, 1)).to(dtype)
         q = unpack_q4(w).float().view(self.out_features, -1, self.group)
         return (q * self.scale.float().unsqueeze(-1) + self.minimum.float().unsqueeze(-1)).reshape(
             self.out_features, self.in_features).to(dtype)
@@ -143,7 +165,12 @@ def gemv(x, layer: GemvLinear, threads=None):
 
 
 def reference(x, layer: GemvLinear):
-    """The torch oracle: float32 F.linear of x (rounded to bf16 first for a bf16 weight, as the kernel's
-    VDPBF16PS does) on the dequantized weight."""
-    x32 = x.to(torch.bfloat16).float() if layer.format == BF16 else x.float()
+    """The torch oracle of the kernel: float32 F.linear on the dequantized weight of x as the kernel reads it:
+    rounded to bf16 for a BF16 weight (VDPBF16PS), int8-quantized per 32-block for Q8/Q4 (VPDPBUSD)."""
+    if layer.format == BF16:
+        x32 = x.to(torch.bfloat16).float()
+    elif layer.format in (Q8, Q4):
+        x32 = quantize_activations(x.reshape(-1, x.shape[-1])).view(x.shape)
+    else:
+        x32 = x.float()
     return F.linear(x32, layer.dequantized(torch.float32))

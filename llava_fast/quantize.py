@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from llava_fast.errors import InputError
-from llava_fast.gemv import BF16, F32, NATIVE, Q4, Q8, GemvLinear, pack_q4
+from llava_fast.gemv import BF16, F32, NATIVE, Q4, Q8, GemvLinear, pack_q4, pack_q8
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 SCHEMES_HELP = "int8wo, int4wo-32, int4wo-64, int4wo-128 or int4wo-256"
@@ -87,7 +87,7 @@ def quantize_weight(weight, bits, group=None) -> GemvLinear:
     w = weight.detach().float()
     if bits == 8:
         q, scale, _ = utils.dynamically_quantize_per_channel(w, -127, 127, torch.int8)
-        return GemvLinear(Q8, q, scale.float(), out_dtype=weight.dtype)
+        return GemvLinear(Q8, pack_q8(q), scale.float(), out_dtype=weight.dtype)
     scale, zero = utils.get_groupwise_affine_qparams(w, 4, group, dtype=torch.float32)
     q = utils.groupwise_affine_quantize_tensor_from_qparams(w, scale, zero, 4, group)
     return GemvLinear(Q4, *pack_q4(q, scale, zero - 8 * scale), group=group, out_dtype=weight.dtype)

@@ -1,0 +1,115 @@
+"""The native CPU GEMV (csrc/gemv.cpp) against its torch reference (llava_fast/gemv.py `reference`).
+
+Every weight format (float32, bfloat16, int8 offset-binary, int4 at each group size), odd shapes (N not a
+multiple of 4 or 16, K not a multiple of 32 or 64 where the format allows it), 1, 3 and 8 activation rows,
+float32 and bfloat16 activations, both kernel sets (AVX-512 where the CPU has it, and the scalar fallback),
+and 1 vs 2 threads, which must give bit-identical results (each output's accumulation order is fixed by K).
+The int8/int4 kernels multiply by x quantized to int8 per 32-block (as llama.cpp's Q8_0 dot products do);
+`reference` models that, and a looser check bounds the difference from the plain float F.linear.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llava_fast import gemv as G
+
+needs_native = pytest.mark.skipif(not G.NATIVE, reason="llava_fast._C was not built (no C++ toolchain)")
+
+
+def _layer(fmt, N, K, group=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * 0.05 + 0.01  # an offset: int4's min and the int8 correction matter
+    if fmt == G.F32:
+        return G.GemvLinear.from_float(w)
+    if fmt == G.BF16:
+        return G.GemvLinear.from_float(w.bfloat16())
+    pytest.importorskip("torchao", reason="int8/int4 weights are quantized by torchao (pip install torchao)")
+    from llava_fast.quantize import quantize_weight
+
+    return quantize_weight(w, 8 if fmt == G.Q8 else 4, group)
+
+
+CASES = [(G.F32, 37, 100, None), (G.F32, 19, 1000, None), (G.BF16, 53, 98, None), (G.BF16, 21, 1030, None),
+         (G.Q8, 45, 123, None), (G.Q8, 23, 32 * 5, None), (G.Q8, 6, 200, None), (G.Q4, 29, 96, 32),
+         (G.Q4, 67, 32 * 7, 32), (G.Q4, 22, 256, 64), (G.Q4, 13, 64 * 5, 64), (G.Q4, 17, 128 * 3, 128),
+         (G.Q4, 11, 256 * 3, 256)]
+
+
+@needs_native
+@pytest.mark.parametrize("kernels", ["best", "scalar"])
+@pytest.mark.parametrize("fmt,N,K,group", CASES)
+def test_gemv_matches_the_reference(fmt, N, K, group, kernels):
+    from llava_fast import _C
+
+    layer = _layer(fmt, N, K, group)
+    assert _C.gemv_use_kernels(kernels)
+    gen = torch.Generator().manual_seed(N * K)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            for rows in (1, 3, 8):
+                x = (torch.randn(rows, K, generator=gen) + 0.1).to(dtype)
+                ref = G.reference(x, layer)  # float32
+                out = G.gemv(x, layer, 1)
+                assert out.dtype == dtype and out.shape == (rows, N)
+                assert torch.equal(G.gemv(x, layer, 2), out), (dtype, rows)  # thread count changes no bit
+                # float32 out: summation order only. bfloat16 out: at most one bf16 rounding of the result.
+                tol = 2e-6 * ref.abs().max() if dtype == torch.float32 else (ref.bfloat16().float() - ref).abs().max() * 2
+                assert (out.float() - ref).abs().max() <= tol + 1e-7, (dtype, rows)
+                if fmt in (G.Q8, G.Q4):  # activation quantization: ~0.5% of the output's scale, not more
+                    plain = F.linear(x.float(), layer.dequantized(torch.float32))
+                    err = (out.float() - plain).abs().max() / plain.abs().max()
+                    assert 0 < err < 0.02, (dtype, rows, err)
+    finally:
+        _C.gemv_use_kernels("best")
+
+
+@needs_native
+def test_scalar_and_best_kernels_agree_on_a_long_row():
+    from llava_fast import _C
+
+    for fmt in (G.F32, G.BF16, G.Q8, G.Q4):
+        layer = _layer(fmt, 33, 2048, 64, seed=5)
+        x = torch.randn(2, 2048)
+        outs = []
+        for kernels in ("scalar", "best"):
+            assert _C.gemv_use_kernels(kernels)
+            outs.append(G.gemv(x, layer, 2))
+        _C.gemv_use_kernels("best")
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5 * outs[0].abs().max().item())
+
+
+def test_quantize_activations_by_hand():
+    x = torch.tensor([[127.0, -63.5, 0.5, 1.49] + [0.0] * 28 + [0.0] * 32 + [2.0, -1.0, 0.3]])  # K = 67
+    xd = G.quantize_activations(x)
+    assert xd.shape == x.shape
+    # block 0: scale 1 -> round-half-even: -63.5 -> -64, 0.5 -> 0, 1.49 -> 1; block 1 all zero; block 2 (3
+    # values): scale 2/127.
+    assert xd[0, :4].tolist() == [127.0, -64.0, 0.0, 1.0] and not xd[0, 4:64].any()
+    s = torch.tensor(2.0) / 127
+    assert torch.equal(xd[0, 64:], torch.round(torch.tensor([2.0, -1.0, 0.3]) / s) * s)
+
+
+def test_q8_weights_are_offset_binary():
+    layer = _layer(G.Q8, 8, 64)
+    assert layer.weight.dtype == torch.uint8
+    q = layer.weight.to(torch.int16) - 128
+    assert q.abs().max() == 127  # symmetric per row: each row's largest weight is +-127
+    torch.testing.assert_close(layer.dequantized(torch.float32), q.float() * layer.scale.view(-1, 1))
+
+
+def test_forward_falls_back_to_f_linear_beyond_gemv_rows():
+    for fmt in (G.F32, G.Q8, G.Q4):
+        layer = _layer(fmt, 24, 64, 32)
+        x = torch.randn(2, G.MAX_GEMV_ROWS + 3, 64)  # prefill-sized: F.linear on the dequantized weight
+        torch.testing.assert_close(layer(x), F.linear(x, layer.dequantized(torch.float32)), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_gemv_refuses_a_group_that_is_not_a_power_of_two():
+    from llava_fast import _C
+
+    x, y = torch.randn(1, 96), torch.empty(1, 4)
+    w, s = torch.zeros(4, 48, dtype=torch.uint8), torch.zeros(4, 1, dtype=torch.float16)
+    with pytest.raises(ValueError, match="power of two"):
+        _C.gemv(x.data_ptr(), 0, 1, 96, w.data_ptr(), G.Q4, 4, 96, 96, s.data_ptr(), s.data_ptr(), y.data_ptr(), 4, 1)
