@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "decode.h"
+#include "dequantize.h"
 #include "gemv.h"
 #include "preprocess.h"
 
@@ -264,6 +265,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("gemv_isa", &llava_fast::gemv_isa, "'avx512' or 'scalar': the GEMV kernels in use.");
   m.def("gemv_use_kernels", [](const std::string& name) { return llava_fast::gemv_use_kernels(name.c_str()); },
         "Switch the GEMV kernels: 'scalar' or 'best'. For tests.");
+  m.def("dequantize", [](uintptr_t w, int format, int64_t n, int64_t k, int64_t group, uintptr_t scales,
+                         uintptr_t mins, uintptr_t out, int out_dtype, int threads) {
+    static float placeholder;  // gemv_check wants x and y; only the weight's description is checked
+    const llava_fast::GemvArgs a{&placeholder, llava_fast::kActF32, 1, k, ptr(w), format, n, k, group, ptr(scales),
+                                 ptr(mins), &placeholder, n};
+    const std::string problem = llava_fast::gemv_check(a);
+    if (!problem.empty()) throw py::value_error(problem);
+    if (out_dtype != llava_fast::kActF32 && out_dtype != llava_fast::kActBF16)
+      throw py::value_error("dequantize: out must be float32 or bfloat16");
+    py::gil_scoped_release no_gil;
+    llava_fast::dequantize(a, reinterpret_cast<void*>(out), out_dtype, threads < 1 ? 1 : threads);
+  }, "The dense (N, K) weight of a packed GEMV weight into out (float32 or bfloat16); see csrc/dequantize.h.");
   // The native decode step (decode.cpp). llava_fast/native_decode.py builds the description from a model and
   // keeps its tensors alive; pointers cross as integers, as for gemv.
   py::class_<llava_fast::DecodeModel>(m, "DecodeModel")

@@ -99,7 +99,8 @@ def test_q8_weights_are_offset_binary():
 
 
 def test_forward_falls_back_to_f_linear_beyond_gemv_rows():
-    for fmt in (G.F32, G.Q8, G.Q4):
+    # Float weights; the int8/int4 prefill GEMM (bfloat16 where oneDNN has AVX512_BF16) is tests/test_dequantize.py's
+    for fmt in (G.F32,):
         layer = _layer(fmt, 24, 64, 32)
         x = torch.randn(2, G.MAX_GEMV_ROWS + 3, 64)  # prefill-sized: F.linear on the dequantized weight
         torch.testing.assert_close(layer(x), F.linear(x, layer.dequantized(torch.float32)), rtol=1e-5, atol=1e-5)
