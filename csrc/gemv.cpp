@@ -456,14 +456,31 @@ class Pool {
       const uint64_t start = generation_.load(std::memory_order_acquire);
       workers_.emplace_back([this, start] { work(start); });
     }
+    if (chunks > kMaxChunks) {  // the ticket holds 16 bits of chunk count: run the rest as further calls
+      for (int base = 0; base < chunks; base += kMaxChunks) {
+        const int count = std::min(kMaxChunks, chunks - base);
+        const std::function<void(int)> part = [&task, base](int c) { task(base + c); };
+        run_locked(count, part);
+      }
+      return;
+    }
+    run_locked(chunks, task);
+  }
+
+ private:
+  static constexpr int kMaxChunks = 0xffff;
+
+  void run_locked(int chunks, const std::function<void(int)>& task) {
     task_ = &task;
-    chunks_ = chunks;
     done_.store(0, std::memory_order_relaxed);
     uint64_t gen;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       gen = generation_.load(std::memory_order_relaxed) + 1;
-      ticket_.store(gen << 32, std::memory_order_release);
+      // The chunk count travels in the ticket itself: a worker still polling the previous call's ticket
+      // must never compare it against this call's count (a larger one would let it claim a chunk of the
+      // old ticket, run it as this call's, and count it twice, so the caller returned before a chunk ended).
+      ticket_.store((gen << 32) | (uint64_t(chunks) << 16), std::memory_order_release);
       generation_.store(gen, std::memory_order_release);
     }
     if (sleepers_.load(std::memory_order_acquire) > 0) wake_.notify_all();
@@ -475,14 +492,13 @@ class Pool {
     }
   }
 
- private:
   // Claims the next chunk of call `gen` and runs it; false when that call has no chunk left.
   bool claim_and_run(uint64_t gen) {
     uint64_t t = ticket_.load(std::memory_order_acquire);
     for (;;) {
-      if ((t >> 32) != gen || int(t & 0xffffffffu) >= chunks_) return false;
+      if ((t >> 32) != gen || (t & 0xffffu) >= ((t >> 16) & 0xffffu)) return false;
       if (ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) {
-        (*task_)(int(t & 0xffffffffu));
+        (*task_)(int(t & 0xffffu));
         done_.fetch_add(1, std::memory_order_acq_rel);
         return true;
       }
@@ -517,10 +533,9 @@ class Pool {
   std::mutex mutex_, run_mutex_;
   std::condition_variable wake_;
   std::atomic<uint64_t> generation_{0};
-  std::atomic<uint64_t> ticket_{0};  // (generation << 32) | next chunk
+  std::atomic<uint64_t> ticket_{0};  // (generation << 32) | (chunks << 16) | next chunk
   std::atomic<int> done_{0}, sleepers_{0};
   const std::function<void(int)>* task_ = nullptr;
-  int chunks_ = 0;
 };
 
 Pool& pool() {

@@ -35,9 +35,9 @@ def text_net(dtype=torch.float32, quantize=None, seed=0, **text):
     return prepare_for_inference(net.fuse_projections(), quantize)
 
 
-def prefilled(net, rows, capacity=40):
+def prefilled(net, rows, capacity=None):
     """A Decoder whose rows hold prompts of different lengths (and stale K/V beyond them)."""
-    dec = Decoder(net, len(rows), capacity)
+    dec = Decoder(net, len(rows), capacity or max(40, max(rows) + 8))
     dec.cache.k.normal_(), dec.cache.v.normal_()  # stale content must never be read
     g = torch.Generator().manual_seed(1)
     ids = [torch.randint(0, net.cfg.text.vocab_size, (n,), generator=g).tolist() for n in rows]
@@ -133,7 +133,7 @@ def test_decoder_uses_it_and_generate_is_unchanged(monkeypatch):
 
 def test_errors_write_nothing():
     net = text_net()
-    dec = prefilled(net, [3, 39])  # row 1 fills the 40-position cache but its last slot
+    dec = prefilled(net, [3, 39], capacity=40)  # row 1 fills the 40-position cache but its last slot
     native = native_decode.for_model(net)
     k, lengths = dec.cache.k.clone(), dec.lengths.clone()
     with pytest.raises(ValueError, match="token id"):
@@ -157,3 +157,25 @@ def test_rebuilt_when_the_weights_move():
     assert native_decode.for_model(net) is first
     net.lm_head.weight = torch.nn.Parameter(net.lm_head.weight.detach().clone(), requires_grad=False)
     assert native_decode.for_model(net) is not first
+
+
+def test_long_context_splits_attention_over_the_pool():
+    # rows x heads x context x head_dim >= 64k multiply-adds: attention runs on the GEMV pool's threads,
+    # with chunk counts changing between calls (the pool's ticket must carry each call's own count).
+    net = text_net(max_position_embeddings=700)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pairs, dec, cache_ref, lengths_ref = both_steps(net, [600, 357, 480], steps=3)
+        for got, want in pairs:
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        native = native_decode.for_model(net)
+        for i in range(30):  # 1, 2, 3 rows in turn: 3, 6, 9 attention chunks
+            n = i % 3 + 1
+            tokens = torch.full((n,), 7)
+            lengths = dec.lengths[:n].clone()
+            got = native(dec.cache.rows(0, n), lengths, tokens)
+            want = decode_step(net, dec.cache.rows(0, n), dec.lengths[:n].clone(), tokens)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    finally:
+        torch.set_num_threads(threads)
