@@ -23,8 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from llava_fast.bench.device import Telemetry, device_info, measure_ceilings
-from llava_fast.bench.report import figure, find_one, fmt, header_lines, md_table, new_document
+from llava_fast.bench.report import figure, find_one, fmt, header_lines, md_table
 
 FORMATS = ("float32", "bfloat16", "int8", "int4-32")
 SMOLLM2_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]  # (N, K)
@@ -86,17 +85,9 @@ def run(settings, argv):
 
         raise InputError("bench gemv needs the native extension llava_fast._C, which was not built "
                          "(reinstall with a C++ toolchain and cmake)")
-    torch.set_num_threads(settings["threads"])
-    doc = new_document("gemv", "llava-fast bench " + " ".join(argv), settings)
-    doc["device"] = device_info(torch.device("cpu"))
-    doc["ceilings"] = measure_ceilings(torch.device("cpu"))
-    telemetry = Telemetry(torch.device("cpu")).start()
-    try:
-        _measure(doc, settings)
-    finally:
-        telemetry.stop()
-    doc["telemetry"] = telemetry.to_dict()
-    return doc
+    from llava_fast.bench import real_bench
+
+    return real_bench.run(settings, argv, "gemv", _measure)
 
 
 def _measure(doc, settings):
@@ -150,7 +141,7 @@ def _measure(doc, settings):
         doc["checks"].setdefault("weight_bytes", {})[name] = nbytes
         doc["checks"].setdefault("max_abs_error_vs_reference", {})[name] = max(
             float((y.float() - G.reference(x, l)).abs().max()) for l, x, y in zip(layers[:4], xs, ys))
-        del layers, dense, calls
+        layers = dense = calls = None  # free this format before packing the next
     doc["notes"].append(f"weights: {source}; kernels: {settings['isa']}; {threads} thread(s); % of read bw: over the "
                         "median of x.sum() over 256 MiB float32, probed once per round of the same format; torch's "
                         "GB/s counts the packed bytes, not the float weight it reads")
