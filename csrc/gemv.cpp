@@ -370,6 +370,33 @@ bool cpu_has_avx512() {
 using RowsFn = void (*)(const Prepared&, int64_t, int64_t);
 std::atomic<RowsFn> g_rows{cpu_has_avx512() ? rows_avx512 : rows_scalar};
 
+// The activation quantization of one row with AVX-512: the same IEEE operations as the scalar loop (an exact
+// max, one division per element, round half to even), so the same bytes; ~10x faster (9 us -> <1 us at
+// K = 1536, i.e. ~0.5 ms of a SmolLM2 int4 decode step's 4 ms). xq must be zeroed past K.
+AVX512 inline __mmask16 mask16(int64_t left) { return left <= 0 ? __mmask16(0) : tail16(left); }
+
+AVX512 void quantize_row_avx512(const float* x, int64_t K, int8_t* xq, float* xs) {
+  for (int64_t b = 0, k0 = 0; k0 < K; ++b, k0 += 32) {
+    const __mmask16 m0 = mask16(K - k0), m1 = mask16(K - k0 - 16);
+    const __m512 v0 = _mm512_maskz_loadu_ps(m0, x + k0), v1 = _mm512_maskz_loadu_ps(m1, x + k0 + 16);
+    const float d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1))) / 127.f;
+    xs[b] = d;
+    if (!(d > 0.f)) continue;
+    const __m512 dv = _mm512_set1_ps(d);
+    constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_div_ps(v0, dv), kNearest));
+    const __m512i q1 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_div_ps(v1, dv), kNearest));
+    _mm_mask_storeu_epi8(xq + k0, m0, _mm512_cvtsepi32_epi8(q0));
+    _mm_mask_storeu_epi8(xq + k0 + 16, m1, _mm512_cvtsepi32_epi8(q1));
+  }
+}
+
+// corr[l] = -128 * (sum of the 4 x_q of lane l) for one 64-byte chunk: VPDPBUSD against ones.
+AVX512 void corr_chunk_avx512(const int8_t* xq, int32_t* corr) {
+  const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), _mm512_loadu_si512(xq));
+  _mm512_storeu_si512(corr, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(s, 7)));
+}
+
 // x quantized per 32-block (see Prepared) into the buffers of every layout the kernels read.
 struct QuantizedX {
   std::vector<int8_t> xq, xq4;
@@ -382,7 +409,12 @@ struct QuantizedX {
     p.blocks = B, p.kp = kp;
     xq.assign(M * kp, 0);
     xs.assign(M * B, 0.f);
+    const bool avx512 = g_rows.load() == rows_avx512;
     for (int64_t m = 0; m < M; ++m) {
+      if (avx512) {
+        quantize_row_avx512(p.xf + m * K, K, &xq[m * kp], &xs[m * B]);
+        continue;
+      }
       const float* x = p.xf + m * K;
       for (int64_t b = 0; b < B; ++b) {
         const int64_t k0 = b * 32, k1 = std::min(K, k0 + 32);
@@ -400,13 +432,15 @@ struct QuantizedX {
       corr8.assign(M * chunks * 16, 0);
       xs8.assign(M * chunks * 16, 0.f);
       for (int64_t m = 0; m < M; ++m)
-        for (int64_t c = 0; c < chunks; ++c)
+        for (int64_t c = 0; c < chunks; ++c) {
+          if (avx512) corr_chunk_avx512(&xq[m * kp + c * 64], &corr8[(m * chunks + c) * 16]);
           for (int l = 0; l < 16; ++l) {
             const int64_t k = c * 64 + l * 4, b = k / 32, i = (m * chunks + c) * 16 + l;
             const int8_t* q = &xq[m * kp + k];
-            corr8[i] = -128 * (int32_t(q[0]) + q[1] + q[2] + q[3]);
+            if (!avx512) corr8[i] = -128 * (int32_t(q[0]) + q[1] + q[2] + q[3]);
             xs8[i] = b < B ? xs[m * B + b] : 0.f;
           }
+        }
       p.corr8 = corr8.data(), p.xs8 = xs8.data();
     } else {
       const int64_t chunks = kp / 128, G = K / a.group;
@@ -415,11 +449,10 @@ struct QuantizedX {
       xmin.assign(M * G, 0.f);
       for (int64_t m = 0; m < M; ++m) {
         for (int64_t c = 0; c < chunks; ++c) {
-          for (int i = 0; i < 4; ++i)
-            for (int j = 0; j < 16; ++j) {
-              xq4[m * kp + c * 128 + 16 * i + j] = xq[m * kp + c * 128 + 32 * i + j];
-              xq4[m * kp + c * 128 + 64 + 16 * i + j] = xq[m * kp + c * 128 + 32 * i + 16 + j];
-            }
+          for (int i = 0; i < 4; ++i) {
+            std::memcpy(&xq4[m * kp + c * 128 + 16 * i], &xq[m * kp + c * 128 + 32 * i], 16);
+            std::memcpy(&xq4[m * kp + c * 128 + 64 + 16 * i], &xq[m * kp + c * 128 + 32 * i + 16], 16);
+          }
           for (int l = 0; l < 16; ++l) {
             const int64_t b = c * 4 + l / 4;
             xs4[(m * chunks + c) * 16 + l] = b < B ? xs[m * B + b] : 0.f;
