@@ -228,6 +228,14 @@ AVX512 float dot_bf16(const uint16_t* w, const uint16_t* x, int64_t K) {  // K e
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
+// int8/int4 blocks of R rows: while a block is read (R streams, one line of each per step), the next block
+// is prefetched linearly, one line per line read. Measured on the int8 lm_head (49152 x 576, one thread, CPU
+// time): 17 GB/s, where prefetching kPrefetch bytes ahead of each row's own position gave 8.5 GB/s (those
+// lines were still to be read by the other rows: prefetched twice, the next block's first lines never).
+AVX512 inline void prefetch_next_block(const uint8_t* next_block, int64_t line) {
+  _mm_prefetch(reinterpret_cast<const char*>(next_block + line * 64), _MM_HINT_T0);
+}
+
 // Sums of 4 vectors -> (sum a0, sum a1, sum a2, sum a3): one shuffle tree for 4 rows instead of 4 reductions.
 AVX512 inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
   const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
@@ -273,7 +281,7 @@ AVX512 void rows_q8(const Prepared& p, int64_t n) {
       const __m512i xv = _mm512_loadu_si512(xq + k), cv = _mm512_loadu_si512(corr + c * 16);
       const __m512 sv = _mm512_loadu_ps(xs + c * 16);
       for (int r = 0; r < R; ++r) {
-        if (m == 0) prefetch(w + r * K + k + (R - 1) * K);  // the same place R rows on: the next block
+        if (m == 0) prefetch_next_block(w + R * K, c * R + r);
         const __m512i u = _mm512_maskz_loadu_epi8(mk, w + r * K + k);
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(cv, u, xv)), sv, acc[r]);
       }
@@ -306,7 +314,7 @@ AVX512 void rows_q4(const Prepared& p, int64_t n, __m512i scale_lanes, int group
       const __m512i xlo = _mm512_loadu_si512(xq + c * 128), xhi = _mm512_loadu_si512(xq + c * 128 + 64);
       const __m512 xsv = _mm512_loadu_ps(xs + c * 16);
       for (int r = 0; r < R; ++r) {
-        if (m == 0) prefetch(w + r * half + byte + (R - 1) * half);
+        if (m == 0) prefetch_next_block(w + R * half, c * R + r);
         const __m512i v = _mm512_maskz_loadu_epi8(mk, w + r * half + byte);
         __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, low4), xlo);
         d = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4), xhi);
