@@ -173,14 +173,16 @@ def quality(doc, settings):
         del model, logits
 
 
-def run(settings, argv):
+def run(settings, argv, kind="real", measure=None):
+    """One CPU result document of `kind`: device, ceilings, telemetry around `measure(doc, settings)` (default:
+    this module's engines and quality; bench/gemv_bench.py passes its own)."""
     torch.set_num_threads(settings["threads"])
-    doc = new_document("real", "llava-fast bench " + " ".join(argv), settings)
+    doc = new_document(kind, "llava-fast bench " + " ".join(argv), settings)
     doc["device"] = device_info(torch.device("cpu"))
     doc["ceilings"] = measure_ceilings(torch.device("cpu"))
     telemetry = Telemetry(torch.device("cpu")).start()
     try:
-        _measure(doc, settings)
+        (measure or _measure)(doc, settings)
     finally:
         telemetry.stop()
     doc["telemetry"] = telemetry.to_dict()

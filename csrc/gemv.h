@@ -1,6 +1,9 @@
 // Batch-1 (few-row) matrix-vector products for CPU decode: y (M, N) = x (M, K) @ W (N, K)^T, W in one of
 // four weight formats. See gemv.cpp for the kernels; llava_fast/gemv.py holds the torch reference (the
 // dequantized weight through F.linear) that they are tested against, and the packing of each format.
+// Numerics: kWeightQ8 and kWeightQ4 multiply by x quantized to int8 per block of 32 along K (scale
+// max|x| / 127, round half to even), as llama.cpp's Q8_0 / Q4_1 dot products do; F32 and BF16 use x as is
+// (rounded to bf16 for BF16).
 #pragma once
 
 #include <cstdint>
@@ -11,7 +14,8 @@ namespace llava_fast {
 enum WeightFormat : int {
   kWeightF32 = 0,   // w: float (N, K)
   kWeightBF16 = 1,  // w: bfloat16 bits (N, K); x must be bfloat16 (its products are exact in fp32)
-  kWeightQ8 = 2,    // w: int8 (N, K); scales: float (N,); W[n, k] = scales[n] * w[n, k]
+  kWeightQ8 = 2,    // w: uint8 (N, K) holding int8 weights offset-binary, u = q + 128 (q in -127..127: the
+                    //   unsigned operand of VPDPBUSD); scales: float (N,); W[n, k] = scales[n] * (u[n, k] - 128).
   kWeightQ4 = 3,    // w: uint8 (N, K / 2), 16 bytes per 32 weights: byte j of a 32-block holds weight j in its
                     //   low nibble and weight j + 16 in its high nibble; scales, mins: float16 bits
                     //   (N, K / group); W[n, k] = q * scales[n, g] + mins[n, g] with q in 0..15, g = k / group
@@ -25,7 +29,7 @@ struct GemvArgs {
   int64_t m, x_stride;
   const void* w;          // weights, contiguous, layout by format
   int format;
-  int64_t n, k, group;    // group: Q4's group size (a multiple of 32 dividing k); ignored otherwise
+  int64_t n, k, group;    // group: Q4's group size (a power of two >= 32 dividing k); ignored otherwise
   const void* scales;     // Q8: float (N,); Q4: float16 (N, K / group)
   const void* mins;       // Q4: float16 (N, K / group)
   void* y;                // (M, N) output, row stride y_stride elements, dtype x_dtype
@@ -44,7 +48,7 @@ void gemv(const GemvArgs& args, int threads);
 // both and no second pool fights them for the cores.
 void parallel_for(int threads, int chunks, const std::function<void(int)>& task);
 
-// "avx512" (AVX-512F/BW/VL + AVX512_BF16) or "scalar": the kernels this CPU runs.
+// "avx512" (AVX-512F/BW/VL/DQ + AVX512_BF16 + AVX512_VNNI) or "scalar": the kernels this CPU runs.
 const char* gemv_isa();
 bool gemv_use_kernels(const char* name);  // "scalar" or "best", for tests; false for other names
 
