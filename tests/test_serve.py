@@ -106,6 +106,10 @@ def test_answers_equal_generate(live, model):
     r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, **{
         k: v for k, v in sampled.items() if k != "top_k"}, extra_body={"top_k": 50})
     assert r.choices[0].message.content == alone(model, messages, 8, **sampled)
+    # No temperature: OpenAI's default 1.0 (a sampled reply), not generate()'s greedy 0.
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, seed=11)
+    assert r.choices[0].message.content == alone(model, messages, 8, temperature=1.0, seed=11)
+    assert r.choices[0].message.content != alone(model, messages, 8)
     stop = expected[len(expected) // 2:][:3]
     r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0, stop=[stop])
     assert r.choices[0].message.content == alone(model, messages, 12, stop=[stop]) == expected[:expected.index(stop)]
