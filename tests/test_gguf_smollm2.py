@@ -187,7 +187,7 @@ def test_serve_answers_a_text_only_model_and_refuses_its_images(smollm2):
         assert reply.choices[0].finish_reason in ("stop", "length") and reply.choices[0].message.content
         with open(BUNDLED_IMAGE, "rb") as f:
             url = "data:image/jpeg;base64," + base64.b64encode(f.read()).decode()
-        with pytest.raises(openai.BadRequestError, match="text-only"):
+        with pytest.raises(openai.BadRequestError, match="1 image given, but this model is text-only.*--mmproj"):
             client.chat.completions.create(model="smollm2", max_tokens=4, messages=[{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}])
     finally:

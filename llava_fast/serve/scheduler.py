@@ -356,6 +356,7 @@ class Scheduler:
         temperature and top-k/top-p, as vLLM reports it) and the `top` most likely tokens."""
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         entry = self._token_entry(token, float(logprobs[token]))
+        entry["top_logprobs"] = []  # OpenAI's ChatCompletionTokenLogprob requires it; its TopLogprob entries lack it
         if top:
             values, ids = logprobs.topk(top)
             entry["top_logprobs"] = [self._token_entry(i, v) for i, v in zip(ids.tolist(), values.tolist())]
@@ -367,7 +368,7 @@ class Scheduler:
             raw = bytes([int(piece[3:5], 16)])
         else:
             raw = piece.replace("\u2581", " ").encode()
-        return {"token": raw.decode(errors="replace"), "logprob": logprob, "bytes": list(raw), "top_logprobs": []}
+        return {"token": raw.decode(errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
     @staticmethod
     def _emit(req, event):
