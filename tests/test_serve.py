@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import json
 import logging
 import os
 import shutil
@@ -309,6 +310,33 @@ def test_repeated_image_is_a_cache_hit(live, model):
                  "llava_fast_time_to_first_token_seconds_bucket", "llava_fast_inter_token_latency_seconds_bucket"):
         assert name in after, name
     assert 'route="/v1/chat/completions",status="400"' in after or "status" in after
+
+
+def test_prefix_of_a_running_row_is_reused(live, model):
+    """A request whose system prompt + image a *running* row holds copies that row's prompt K/V (it never
+    changes while the row decodes) instead of prefilling the image again; both answers stay exact."""
+    image = png_data_url(random_image(78, 50, 70))
+    first = [{"role": "system", "content": "Be brief."}, user("Tell a long story about it.", image)]
+    second = [{"role": "system", "content": "Be brief."}, user("What colour?", image)]
+
+    def cached():
+        return _metric(httpx.get(live.url + "/metrics", timeout=30).text, "llava_fast_cached_prompt_tokens_total")
+
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", live.url + "/v1/chat/completions",
+                         json={"messages": first, "max_tokens": 40, "stream": True, "temperature": 0}) as r:
+            lines, text = r.iter_lines(), []
+            while "content" not in (line := next(lines)):
+                pass
+            before = cached()
+            reply = live.client().chat.completions.create(model="tiny", messages=second, max_tokens=5, temperature=0)
+            assert cached() - before > model.num_image_tokens
+            assert reply.choices[0].message.content == alone(model, second, 5)
+            text.append(line)
+            text += list(lines)
+    chunks = [json.loads(x[6:]) for x in text if x.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == alone(
+        model, first, 40)
 
 
 def test_models_health_api_key(live):
