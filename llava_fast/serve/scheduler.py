@@ -18,9 +18,12 @@ Two caches save work for repeated images:
   - image features: CLIP features (before the projector, which is cheap; Cv = 1024 wide instead of the
     decoder's 4096, so 4x more images per MiB on llava-1.5-7b) in an LRU keyed by the hash of the decoded
     pixels and bounded in bytes: a repeated image skips preprocessing and the vision tower.
-  - prefix reuse: a freed slot keeps the K/V of its prompt (and reply); a new request takes the free slot
-    whose cached tokens share the longest prefix with its own (image positions compared by image hash) and
-    prefills only the rest. System prompt + the same image is then prefilled once.
+  - prefix reuse: a freed slot keeps the K/V of its prompt (and reply), and a running row's prompt K/V stays
+    as it is while the row decodes; a new request takes the longest prefix of its own that any row holds
+    (image positions compared by image hash), in place when it is a free row's whole cache, else copied into
+    a free row, and prefills only the rest. System prompt + the same image is then prefilled once.
+Each admission batch is prefilled cheapest first (tokens left after the reused prefix, plus the vision
+tower's work for images the feature cache lacks), so a repeated image does not wait behind a new one.
 Inactive rows inside the stepped range are parked: their length is reset after each step to the end of
 their cached prefix, so the step's write lands on a position no cached prefix holds.
 """
