@@ -312,6 +312,29 @@ def test_repeated_image_is_a_cache_hit(live, model):
     assert 'route="/v1/chat/completions",status="400"' in after or "status" in after
 
 
+def test_image_prefix_outlives_its_row(live, model):
+    """System prompt + image K/V is kept past its row: after every row has been taken by other requests, the
+    same system prompt + image with another question still prefills only the question, and answers exactly."""
+    image = png_data_url(random_image(79, 90, 30))
+    client = live.client()
+
+    def ask(messages, max_tokens):
+        return client.chat.completions.create(model="tiny", messages=messages, max_tokens=max_tokens,
+                                              temperature=0).choices[0].message.content
+
+    def cached():
+        return _metric(httpx.get(live.url + "/metrics", timeout=30).text, "llava_fast_cached_prompt_tokens_total")
+
+    ask([{"role": "system", "content": "Look."}, user("What is it?", image)], 2)
+    others = [[user(f"Other request {i}: " + "words " * (5 + i))] for i in range(live.config.max_batch)]
+    with concurrent.futures.ThreadPoolExecutor(len(others)) as pool:  # together: every row is taken
+        list(pool.map(lambda m: ask(m, 12), others))
+    before = cached()
+    messages = [{"role": "system", "content": "Look."}, user("And its colour?", image)]
+    assert ask(messages, 4) == alone(model, messages, 4)
+    assert cached() - before > model.num_image_tokens
+
+
 def test_prefix_of_a_running_row_is_reused(live, model):
     """A request whose system prompt + image a *running* row holds copies that row's prompt K/V (it never
     changes while the row decodes) instead of prefilling the image again; both answers stay exact."""

