@@ -244,7 +244,8 @@ class Scheduler:
             common = _common_prefix(keys, self.slot_keys[slot])
             if common > source_common:
                 source, source_common = slot, common
-        if self.rows[source] is None and source_common == len(self.slot_keys[source]):
+        kept, kept_common = self._kept_prefix(keys)
+        if self.rows[source] is None and source_common == len(self.slot_keys[source]) >= kept_common:
             return source, source_common  # nothing beyond the prefix to lose (e.g. a chat follow-up)
         # Rows below the highest active one are stepped anyway (parked), and so are the next two: take the least
         # valuable of those (never used, else freed longest ago). Farther rows are taken only when these are
@@ -254,7 +255,6 @@ class Scheduler:
         hi = max((s + 1 for s, row in enumerate(self.rows) if row is not None), default=0)
         victim = min(free, key=lambda s: (s >= hi + 2, bool(self.slot_keys[s]), self.freed_at[s], s))
         victim_common = _common_prefix(keys, self.slot_keys[victim])
-        kept, kept_common = self._kept_prefix(keys)
         if kept_common > max(source_common, victim_common):
             self.decoder.cache.k[:, victim, :, :kept_common] = kept[0, :, :, :kept_common]
             self.decoder.cache.v[:, victim, :, :kept_common] = kept[1, :, :, :kept_common]
