@@ -15,7 +15,7 @@ import torch
 
 from llava_fast.config import LlavaConfig
 from llava_fast.conversation import _checked_turns, format_user_turn, get_template
-from llava_fast.errors import CheckpointError, InputError
+from llava_fast.errors import CheckpointError, InputError, count
 from llava_fast import ops
 from llava_fast.compiled import CompiledSteps
 from llava_fast.generate import (Decoder, Sampling, batch_bucket, generate_token_steps, is_integer,
@@ -217,7 +217,8 @@ class LlavaModel:
             messages[first] = (messages[first][0], format_user_turn(messages[first][1], num_images))
             markers = messages[first][1].count("<image>")
         if markers != num_images:
-            raise InputError(f"the prompt has {markers} <image> markers but {num_images} images were given")
+            raise InputError(f"the prompt has {count(markers, '<image> marker')} but {count(num_images, 'image')} "
+                             f"{'was' if num_images == 1 else 'were'} given")
         jinja = self.chat_template(template)
         if jinja is None:
             text = get_template(template or self.config.template).render(messages, system=system,
@@ -249,8 +250,9 @@ class LlavaModel:
 
     def _check_takes_images(self, num_images):
         if num_images and self.net.vision_tower is None:
-            raise InputError(f"{num_images} images given, but this model is text-only (a GGUF loaded without "
-                             "mmproj=): it has no vision tower")
+            raise InputError(f"{count(num_images, 'image')} given, but this model is text-only: it has no vision "
+                             "tower (for a GGUF language model, load its llama.cpp mmproj file too: --mmproj FILE on "
+                             "the command line, mmproj= in llava_fast.load)")
 
     def _check_pixel_values(self, pixel_values) -> int:
         """None or a (N, 3, S, S) float tensor at the tower's resolution -> N."""

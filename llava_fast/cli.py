@@ -153,7 +153,7 @@ def _add_serve_args(s):
     s.add_argument("--max-batch", type=int, default=16, help="KV-cache rows: requests decoding together")
     s.add_argument("--max-model-len", type=int, help="tokens per row, prompt + reply (default: the context length)")
     s.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
-    s.add_argument("--image-cache-mb", type=float, default=256.0, help="memory for cached image features")
+    s.add_argument("--image-cache-mb", type=float, default=256.0, help="memory for cached image features, and as much again for kept image-prefix K/V")
     s.add_argument("--max-image-pixels", type=int, default=64 << 20, help="largest image, width x height")
     s.add_argument("--max-images-per-request", type=int, default=4)
     s.add_argument("--allowed-local-media-path", help="directory whose image files requests may name by path or "

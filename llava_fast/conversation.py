@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llava_fast.errors import InputError
+from llava_fast.errors import InputError, count
 
 IMAGE_MARKER = "<image>"
 USER, ASSISTANT = "user", "assistant"
@@ -175,7 +175,8 @@ def format_user_turn(text: str, num_images: int) -> str:
     if markers == 0 and num_images == 1:
         return IMAGE_MARKER + "\n" + text
     if markers != num_images:
-        raise InputError(f"the message has {markers} {IMAGE_MARKER} markers but {num_images} images were given")
+        raise InputError(f"the message has {count(markers, IMAGE_MARKER + ' marker')} but {count(num_images, 'image')} "
+                         f"{'was' if num_images == 1 else 'were'} given")
     return text
 
 

@@ -17,3 +17,8 @@ class InputError(LlavaFastError, ValueError):
 
 class ImageError(InputError):
     """An image that cannot be used: missing or unreadable file, corrupt data, unsupported array."""
+
+
+def count(n: int, noun: str) -> str:
+    """'1 image', '2 images', '0 images': a count in an error message, with the noun's plural where it needs one."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlparse
 import PIL.Image
 
 from llava_fast.conversation import IMAGE_MARKER
-from llava_fast.errors import ImageError, InputError
+from llava_fast.errors import ImageError, InputError, count
 from llava_fast.image import load_image
 
 ROLES = ("system", "user", "assistant")
@@ -127,6 +127,13 @@ def load_image_url(url: str, *, allowed_local_media_path=None, max_pixels: int |
 def _decode(stream, what, max_pixels) -> PIL.Image.Image:
     try:
         opened = PIL.Image.open(stream)
+    except PIL.UnidentifiedImageError:  # its message names the stream by repr ("<_io.BytesIO object at 0x...>")
+        data = stream.getvalue()
+        if not data:
+            raise ImageError(f"{what} is empty (0 bytes)") from None
+        raise ImageError(f"{what} is not a readable image: Pillow identifies its {count(len(data), 'byte')} (starting "
+                         f"{data[:16]!r}) as no image format it reads (PNG, JPEG, WebP, GIF, BMP, ...), or they are "
+                         "truncated or corrupt") from None
     except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as err:
         raise ImageError(f"{what} is not a readable image: {err}") from None
     if max_pixels is not None and opened.width * opened.height > max_pixels:

@@ -178,11 +178,11 @@ def test_missing_and_corrupt_images(model, tmp_path):
 
 
 def test_image_count_mismatches(model):
-    with pytest.raises(InputError, match="1 <image> markers but 2 images"):
+    with pytest.raises(InputError, match="has 1 <image> marker but 2 images were given"):
         model.generate("<image>\nWhat is this?", [IMAGES[0], IMAGES[1]], max_new_tokens=2)
-    with pytest.raises(InputError, match="2 <image> markers but 1 images"):
+    with pytest.raises(InputError, match="has 2 <image> markers but 1 image was given"):
         model.generate("<image> and <image>?", IMAGES[0], max_new_tokens=2)
-    with pytest.raises(InputError, match="1 <image> markers but 0 images"):
+    with pytest.raises(InputError, match="has 1 <image> marker but 0 images were given"):
         model.generate("<image>\nWhat is this?", max_new_tokens=2)
     with pytest.raises(InputError, match="2 prompts"):
         model.generate(["a", "b"], [IMAGES[0]], max_new_tokens=2)

@@ -215,9 +215,9 @@ def test_format_user_turn():
     assert format_user_turn(Q1, 0) == Q1
     assert format_user_turn("Compare <image> with <image>", 2) == "Compare <image> with <image>"
     assert format_user_turn("<image>\n" + Q1, 1) == "<image>\n" + Q1
-    with pytest.raises(InputError, match="has 0 <image> markers but 2 images"):
+    with pytest.raises(InputError, match="has 0 <image> markers but 2 images were given"):
         format_user_turn(Q1, 2)
-    with pytest.raises(InputError, match="has 1 <image> markers but 0 images"):
+    with pytest.raises(InputError, match="has 1 <image> marker but 0 images were given"):
         format_user_turn(IMAGE_Q1, 0)
 
 

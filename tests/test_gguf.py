@@ -113,7 +113,7 @@ def test_text_only_gguf_has_no_vision_tower(converted, load_converted):
     with torch.no_grad():
         want = hf(input_ids=torch.tensor([ids])).logits
     torch.testing.assert_close(model.logits([ids]), want, atol=1e-4, rtol=0)
-    with pytest.raises(InputError, match="text-only"):
+    with pytest.raises(InputError, match="^1 image given, but this model is text-only.*--mmproj FILE"):
         model.generate("What is this?", images=ck.random_pixels(1, 28)[0].mul(40).add(128).clamp(0, 255)
                        .to(torch.uint8).permute(1, 2, 0).numpy(), max_new_tokens=2)
     with pytest.raises(InputError, match="text-only"):

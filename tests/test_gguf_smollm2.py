@@ -187,26 +187,41 @@ def test_serve_answers_a_text_only_model_and_refuses_its_images(smollm2):
         assert reply.choices[0].finish_reason in ("stop", "length") and reply.choices[0].message.content
         with open(BUNDLED_IMAGE, "rb") as f:
             url = "data:image/jpeg;base64," + base64.b64encode(f.read()).decode()
-        with pytest.raises(openai.BadRequestError, match="text-only"):
+        with pytest.raises(openai.BadRequestError, match="1 image given, but this model is text-only.*--mmproj"):
             client.chat.completions.create(model="smollm2", max_tokens=4, messages=[{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}])
     finally:
         server.stop()
 
 
-@pytest.mark.xfail(strict=False, reason="known bug (issue 10 note, 2026-11-30): on SmolLM2 the server's greedy reply "
-                   "differs from generate()'s for the same prompt ids, and from run to run ('Bien sûr. The capital "
-                   "of France is Paris', 'La painfulqui, ...'): a race or a state bug in the serving path on real "
-                   "weights; the tiny-preset equality tests in test_serve.py pass")
-def test_serve_text_only_reply_equals_generate(smollm2):
+def test_serve_text_only_replies_equal_generate(smollm2):
+    """Real weights through the server's slot prefill, partial steps, parked rows and prefix reuse: 3 concurrent
+    chats of different lengths on 2 rows (one waits, then reuses a freed row), each reply == generate() alone.
+
+    temperature=0 is passed: OpenAI's (and the server's) default is 1.0, a sampled reply. Without it this test
+    compared a sampled reply with generate()'s greedy one, which read as a serving bug ('Bien sur. The capital
+    of France is Paris' one run, 'La painfulqui, ...' the next) until the scheduler's request showed
+    Sampling(temperature=1.0)."""
+    import concurrent.futures
+
     from llava_fast.serve.app import ServeConfig
     from serve_helpers import LiveServer
 
     ours = smollm2[0]
-    messages = [{"role": "user", "content": QUESTION}]
+    chats = [[{"role": "user", "content": QUESTION}], [{"role": "user", "content": "Name three colors."}],
+             [{"role": "system", "content": "You are terse."}, {"role": "user", "content": QUESTION}]]
+    max_tokens = [12, 7, 9]
     server = LiveServer(ours, ServeConfig(model_name="smollm2", max_batch=2, max_model_len=256)).start()
     try:
-        reply = server.client().chat.completions.create(model="smollm2", messages=messages, max_tokens=12)
-        assert reply.choices[0].message.content == ours.generate(messages, max_new_tokens=12)
+        client = server.client()
+
+        def ask(i):
+            return client.chat.completions.create(model="smollm2", messages=chats[i], max_tokens=max_tokens[i],
+                                                  temperature=0).choices[0].message.content
+
+        with concurrent.futures.ThreadPoolExecutor(len(chats)) as pool:
+            replies = list(pool.map(ask, range(len(chats))))
     finally:
         server.stop()
+    assert replies[0] == "The capital of France is Paris."
+    assert replies == [ours.generate(c, max_new_tokens=n) for c, n in zip(chats, max_tokens)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import json
 import logging
 import os
 import shutil
@@ -106,6 +107,10 @@ def test_answers_equal_generate(live, model):
     r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, **{
         k: v for k, v in sampled.items() if k != "top_k"}, extra_body={"top_k": 50})
     assert r.choices[0].message.content == alone(model, messages, 8, **sampled)
+    # No temperature: OpenAI's default 1.0 (a sampled reply), not generate()'s greedy 0.
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, seed=11)
+    assert r.choices[0].message.content == alone(model, messages, 8, temperature=1.0, seed=11)
+    assert r.choices[0].message.content != alone(model, messages, 8)
     stop = expected[len(expected) // 2:][:3]
     r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0, stop=[stop])
     assert r.choices[0].message.content == alone(model, messages, 12, stop=[stop]) == expected[:expected.index(stop)]
@@ -124,6 +129,11 @@ def test_logprobs_match_full_forward(live, model):
     assert content[0].logprob == pytest.approx(float(top.values[0]), abs=1e-3)  # greedy: the top token
     assert [e.logprob for e in content[0].top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-3)
     assert content[0].top_logprobs[0].token == content[0].token
+    assert all(set(t.to_dict()) == {"token", "logprob", "bytes"} for e in content for t in e.top_logprobs)
+    r = live.client().chat.completions.create(messages=messages, model="tiny", max_tokens=2, temperature=0,
+                                              logprobs=True)
+    assert [set(e.to_dict()) for e in r.choices[0].logprobs.content] == [{"token", "logprob", "bytes", "top_logprobs"}] * 2
+    assert all(e.top_logprobs == [] for e in r.choices[0].logprobs.content)
 
 
 def test_sixteen_concurrent_clients_get_their_alone_results(live, model):
@@ -170,6 +180,29 @@ def test_cancelled_stream_frees_its_slot(live, model):
     assert r.choices[0].message.content == alone(model, [user("Hi")], 4)
 
 
+def test_disconnected_non_streaming_request_is_cancelled(live, model):
+    """A non-streaming client that goes away mid-generation (a 1 s read timeout here) cancels its request: the
+    handler sees the disconnect, the row is freed long before its 1000 tokens, the answer is counted as 499,
+    and the next request completes."""
+    cancelled = 'llava_fast_requests_total{route="/v1/chat/completions",status="499"}'
+
+    def metric(name):
+        return _metric(httpx.get(live.url + "/metrics", timeout=30).text, name)
+
+    generated, cancelled_before = metric("llava_fast_generation_tokens_total"), metric(cancelled)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(live.url + "/v1/chat/completions", json={"messages": [user("Tell a long story.")],
+                                                           "max_tokens": 1000, "temperature": 0},
+                   timeout=httpx.Timeout(30, read=1.0))
+    deadline = time.monotonic() + 30
+    while (_health(live)["running"] or metric(cancelled) == cancelled_before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _health(live)["running"] == 0 and metric(cancelled) == cancelled_before + 1
+    assert 0 < metric("llava_fast_generation_tokens_total") - generated < 1000
+    r = live.client().chat.completions.create(model="tiny", messages=[user("Hi")], max_tokens=4, temperature=0)
+    assert r.choices[0].message.content == alone(model, [user("Hi")], 4)
+
+
 def _bad_inputs(live):
     big = png_data_url(PIL.Image.new("RGB", (1100, 1000), (9, 99, 199)))  # 1.1 M pixels > the limit of 1 M
     not_image = "data:image/png;base64," + base64.b64encode(b"this is not an image").decode()
@@ -182,9 +215,10 @@ def _bad_inputs(live):
         ("unknown role", {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", "role"),
         ("unknown model", {"messages": ok, "model": "gpt-9"}, "model", "unknown model"),
         ("bad base64", {"messages": [user("x", "data:image/png;base64,@@@")]}, None, "not valid base64"),
-        ("not an image", {"messages": [user("x", not_image)]}, None, "not a readable image"),
+        ("not an image", {"messages": [user("x", not_image)]}, None, "20 bytes (starting b'this is not an i')"),
+        ("empty image", {"messages": [user("x", "data:image/png;base64,")]}, None, "empty (0 bytes)"),
         ("too many pixels", {"messages": [user("x", big)]}, None, "more than the limit"),
-        ("too many images", {"messages": [user("x", *IMAGES)]}, None, "at most 2"),
+        ("too many images", {"messages": [user("x", *IMAGES)]}, None, "has 3 images; at most 2"),
         ("over the context", {"messages": ok, "max_tokens": 1020}, None, "context"),
         ("n > 1", {"messages": ok, "n": 2}, "n", "n=1"),
         ("http URL", {"messages": [user("x", "https://example.com/a.jpg")]}, None, "not fetched"),
@@ -210,6 +244,7 @@ def test_every_bad_input_is_a_400_naming_it(live, model):
             error = r.json()["error"]
             assert set(error) == {"message", "type", "param", "code"}, name
             assert words.lower() in error["message"].lower(), (name, error)
+            assert "object at 0x" not in error["message"], (name, error)  # no Python reprs
             if param:
                 assert error["param"] == param, (name, error)
         r = http.post(live.url + "/v1/chat/completions", content=b"x" * (3 << 20),
@@ -275,6 +310,56 @@ def test_repeated_image_is_a_cache_hit(live, model):
                  "llava_fast_time_to_first_token_seconds_bucket", "llava_fast_inter_token_latency_seconds_bucket"):
         assert name in after, name
     assert 'route="/v1/chat/completions",status="400"' in after or "status" in after
+
+
+def test_image_prefix_outlives_its_row(live, model):
+    """System prompt + image K/V is kept past its row: after every row has been taken by other requests, the
+    same system prompt + image with another question still prefills only the question, and answers exactly."""
+    image = png_data_url(random_image(79, 90, 30))
+    client = live.client()
+
+    def ask(messages, max_tokens):
+        return client.chat.completions.create(model="tiny", messages=messages, max_tokens=max_tokens,
+                                              temperature=0).choices[0].message.content
+
+    def cached():
+        return _metric(httpx.get(live.url + "/metrics", timeout=30).text, "llava_fast_cached_prompt_tokens_total")
+
+    ask([{"role": "system", "content": "Look."}, user("What is it?", image)], 2)
+    others = [[user(f"Other request {i}: " + "words " * (5 + i))] for i in range(live.config.max_batch)]
+    with concurrent.futures.ThreadPoolExecutor(len(others)) as pool:  # together: every row is taken
+        list(pool.map(lambda m: ask(m, 12), others))
+    before = cached()
+    messages = [{"role": "system", "content": "Look."}, user("And its colour?", image)]
+    assert ask(messages, 4) == alone(model, messages, 4)
+    assert cached() - before > model.num_image_tokens
+
+
+def test_prefix_of_a_running_row_is_reused(live, model):
+    """A request whose system prompt + image a *running* row holds copies that row's prompt K/V (it never
+    changes while the row decodes) instead of prefilling the image again; both answers stay exact."""
+    image = png_data_url(random_image(78, 50, 70))
+    first = [{"role": "system", "content": "Be brief."}, user("Tell a long story about it.", image)]
+    second = [{"role": "system", "content": "Be brief."}, user("What colour?", image)]
+
+    def cached():
+        return _metric(httpx.get(live.url + "/metrics", timeout=30).text, "llava_fast_cached_prompt_tokens_total")
+
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", live.url + "/v1/chat/completions",
+                         json={"messages": first, "max_tokens": 40, "stream": True, "temperature": 0}) as r:
+            lines, text = r.iter_lines(), []
+            while "content" not in (line := next(lines)):
+                pass
+            before = cached()
+            reply = live.client().chat.completions.create(model="tiny", messages=second, max_tokens=5, temperature=0)
+            assert cached() - before > model.num_image_tokens
+            assert reply.choices[0].message.content == alone(model, second, 5)
+            text.append(line)
+            text += list(lines)
+    chunks = [json.loads(x[6:]) for x in text if x.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == alone(
+        model, first, 40)
 
 
 def test_models_health_api_key(live):

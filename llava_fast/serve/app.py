@@ -28,7 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llava_fast.errors import InputError
+from llava_fast.errors import InputError, count
 from llava_fast.generate import Sampling
 from llava_fast.messages import load_image_url, split_openai_messages
 from llava_fast.serve.metrics import ServeMetrics
@@ -37,6 +37,7 @@ from llava_fast.serve.scheduler import QueueFull, Request, Scheduler, SchedulerS
 
 log = logging.getLogger("llava_fast.serve")
 PAGE = os.path.join(os.path.dirname(__file__), "page", "index.html")
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still connected
 
 
 @dataclass
@@ -181,8 +182,9 @@ def create_app(model, config: ServeConfig | None = None, scheduler: Scheduler | 
     def prepare(body: ChatCompletionRequest) -> dict:
         """Everything that can reject a request, off the event loop: messages, images, tokens, limits."""
         turns, urls, system = split_openai_messages(body.openai_messages())
+        model._check_takes_images(len(urls))  # a text-only model: say so before decoding any image
         if len(urls) > config.max_images_per_request:
-            raise InputError(f"the request has {len(urls)} images; at most {config.max_images_per_request} "
+            raise InputError(f"the request has {count(len(urls), 'image')}; at most {config.max_images_per_request} "
                              "are allowed per request")
         images = [load_image_url(u, allowed_local_media_path=config.allowed_local_media_path,
                                  max_pixels=config.max_image_pixels) for u in urls]
@@ -223,13 +225,20 @@ def create_app(model, config: ServeConfig | None = None, scheduler: Scheduler | 
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         text, logprobs = [], []
         try:
+            check_at = loop.time() + DISCONNECT_POLL_S
             while True:
                 try:
-                    ev = await asyncio.wait_for(events.get(), 0.5)
+                    ev = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    ev = None
+                # Polled on a clock, not only when no token came for a while: a row decoding steadily never
+                # leaves the queue idle, and a gone client's 1000-token request then ran to its end.
+                if loop.time() >= check_at:
+                    check_at = loop.time() + DISCONNECT_POLL_S
                     if await http.is_disconnected():
                         req.cancel()
                         return Response(status_code=499)
+                if ev is None:
                     continue
                 if ev.kind == "token":
                     text.append(ev.text)
