@@ -37,6 +37,7 @@ EXTRA_LLAMA_CPP = ("Q4_1",)  # the original download: llama.cpp's int4 with mins
 TEXT = os.path.join(os.path.dirname(__file__), "data", "gpl-3.0.txt")
 PROMPT = "Here is the start of a licence:\n\n{passage}\n\nWhat is this licence, and what does it allow?"
 PASSAGE_TOKENS = 96
+IDLE_BETWEEN_RUNS_S = 0.5
 
 
 def load_text_ids(tokenizer, n=None):
@@ -236,6 +237,10 @@ def _measure(doc, settings):
     for r in range(settings["repeats"]):
         order = names[r % len(names):] + names[: r % len(names)]
         for n in order:
+            # An idle gap first: the engine before may leave worker threads spinning for a while after its
+            # last token (ggml's threadpool polls, OpenMP spins), which took a core from the next engine's
+            # prefill (llava-fast float32 prefill 274-382 tok/s in rotation against ~430 alone, 2 cores).
+            time.sleep(IDLE_BETWEEN_RUNS_S)
             ttft, decode_s, tokens = engines[n](ids)
             outputs[n] = tokens
             samples[n]["ttft"].append(ttft)
