@@ -205,7 +205,7 @@ class Decoder:
         cache, lengths = (self.cache, self.lengths) if n == self.batch_size else (self.cache.rows(0, n), self.lengths[:n])
         step = decode_step if self.compiled is None else self.compiled.decode
         if self.native is not None and n <= native_decode.MAX_ROWS:
-            step = lambda net, cache, lengths, tokens: self.native(cache, lengths, tokens)  # noqa: E731
+            return self.native(cache, lengths, tokens)  # no torch op inside: torch's thread count stays as is
         with decode_threads(self.device):  # CPU: torch ops on one thread, the GEMVs on all (gemv.py)
             return step(self.net, cache, lengths, tokens)
 
