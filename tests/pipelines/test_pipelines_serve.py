@@ -6,7 +6,9 @@ SmolLM2-135M-Instruct served as generator and judge."""
 
 import importlib.util
 import json
+import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +16,8 @@ import time
 import urllib.request
 
 import pytest
+
+from llava_fast.presets import BUNDLED_IMAGE
 
 pytestmark = pytest.mark.slow
 
@@ -114,6 +118,28 @@ def test_make_data_and_judge_with_smollm2_served(served_smollm2, reference_dir, 
         assert record["image"] and turns and len(turns) % 2 == 0
         assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
         assert "<image>" in turns[0]["value"] and all(t["value"].strip() for t in turns)
+
+    # Detailed descriptions are one free-form paragraph, which SmolLM2 ends on its own: records (2 of 2 seen on
+    # 2026-11-30), and `llava-fast train` accepts them (stage 2, one step on a tiny checkpoint; the COCO
+    # images themselves are not here, so the bundled photo stands in under each record's image name).
+    code, _, err = cli("make-data", "instruct", "--type", "detail", "--captions-boxes", caps, "--endpoint", url,
+                       "--model", model, "--output", tmp_path / "detail.json", "--limit", 2, "--max-tokens", 300,
+                       "--temperature", 0)
+    assert code == 0, err
+    records = json.loads((tmp_path / "detail.json").read_text())
+    assert records, "SmolLM2 wrote no detailed description that parsed"
+    images = tmp_path / "coco"
+    images.mkdir()
+    for record in records:
+        shutil.copy(BUNDLED_IMAGE, images / record["image"])
+    import checkpoints as ck  # tests/ is on sys.path (conftest.py)
+
+    tiny = ck.write_checkpoint(ck.make_hf_model(seed=0), str(tmp_path / "tiny"), "hub")
+    code, _, err = cli("train", "--stage", "2", "--model", tiny, "--data", tmp_path / "detail.json", "--image-folder",
+                       images, "--output", tmp_path / "trained", "--max-steps", 1, "--batch-size", len(records))
+    assert code == 0, err
+    log = [json.loads(line) for line in (tmp_path / "trained" / "train_log.jsonl").read_text().splitlines()]
+    assert any(math.isfinite(entry.get("loss", math.nan)) for entry in log), log
 
     reviews = _review_two_questions(cli, url, model, bench, tmp_path, "--max-tokens", 24, "--retries", 1)
     assert all(r["content"].strip() and r["tuple"] == parse_scores(r["content"]) for r in reviews), reviews
