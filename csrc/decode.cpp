@@ -23,42 +23,21 @@
 #include <cstring>
 #include <vector>
 
+#include "convert.h"
 #include "gemv.h"
 
 namespace llava_fast {
 namespace {
 
-inline float bf16_bits_to_float(uint16_t b) {
-  const uint32_t u = uint32_t(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline float round_to_bf16(float f) {  // round to nearest even, as torch's .to(torch.bfloat16); NaN kept
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return f;
-  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t float_to_bf16_bits(float f) {  // f already representable (round_to_bf16'd) or NaN
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return uint16_t(u >> 16);
-}
-
 // A model's stored values: float32 or bfloat16 arrays read and written as float.
 struct Stored {
   bool bf16;
   float get(const void* p, int64_t i) const {
-    return bf16 ? bf16_bits_to_float(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
+    return bf16 ? bf16_to_f32(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
   }
   void put(void* p, int64_t i, float v) const {  // v already rounded to the dtype
     if (bf16) {
-      static_cast<uint16_t*>(p)[i] = float_to_bf16_bits(v);
+      static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
     } else {
       static_cast<float*>(p)[i] = v;
     }
@@ -75,13 +54,13 @@ struct Stored {
 float dot_scalar(const float* q, const void* k, bool bf16, int64_t D) {
   float acc = 0.f;
   for (int64_t d = 0; d < D; ++d)
-    acc += q[d] * (bf16 ? bf16_bits_to_float(static_cast<const uint16_t*>(k)[d]) : static_cast<const float*>(k)[d]);
+    acc += q[d] * (bf16 ? bf16_to_f32(static_cast<const uint16_t*>(k)[d]) : static_cast<const float*>(k)[d]);
   return acc;
 }
 
 void axpy_scalar(float* out, float p, const void* v, bool bf16, int64_t D) {
   for (int64_t d = 0; d < D; ++d)
-    out[d] += p * (bf16 ? bf16_bits_to_float(static_cast<const uint16_t*>(v)[d]) : static_cast<const float*>(v)[d]);
+    out[d] += p * (bf16 ? bf16_to_f32(static_cast<const uint16_t*>(v)[d]) : static_cast<const float*>(v)[d]);
 }
 
 AVX512 inline __m512 load16(const void* p, bool bf16, int64_t d, __mmask16 mk) {

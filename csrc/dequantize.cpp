@@ -9,6 +9,8 @@
 // Each weight is computed in float32 as gemv.py's `GemvLinear.dequantized` does, then rounded once.
 #include "dequantize.h"
 
+#include "convert.h"
+
 #include <immintrin.h>
 
 #include <cstring>
@@ -16,33 +18,9 @@
 namespace llava_fast {
 namespace {
 
-inline float half_to_float(uint16_t h) {  // IEEE half -> float, subnormals included
-  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, u;
-  if (exp == 0x1f) {
-    u = sign | 0x7f800000u | (mant << 13);
-  } else if (exp == 0) {
-    if (mant == 0) {
-      u = sign;
-    } else {
-      int e = -1;
-      do { mant <<= 1; ++e; } while (!(mant & 0x400u));
-      u = sign | (uint32_t(127 - 15 - e) << 23) | ((mant & 0x3ffu) << 13);
-    }
-  } else {
-    u = sign | ((exp + 127 - 15) << 23) | (mant << 13);
-  }
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 inline void put(void* out, int dtype, int64_t i, float v) {
-  if (dtype == kActBF16) {  // round to nearest even, as torch's .to(torch.bfloat16)
-    uint32_t u;
-    std::memcpy(&u, &v, 4);
-    static_cast<uint16_t*>(out)[i] = (u & 0x7fffffffu) > 0x7f800000u ? uint16_t((u >> 16) | 0x40)
-                                                                     : uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  if (dtype == kActBF16) {
+    static_cast<uint16_t*>(out)[i] = f32_to_bf16(v);
   } else {
     static_cast<float*>(out)[i] = v;
   }
@@ -64,7 +42,7 @@ void rows(const GemvArgs& a, void* out, int dtype, int64_t n0, int64_t n1) {
         const uint16_t* sc = static_cast<const uint16_t*>(a.scales) + n * G;
         const uint16_t* mn = static_cast<const uint16_t*>(a.mins) + n * G;
         for (int64_t b = 0; b < K; b += 32) {
-          const float s = half_to_float(sc[b / a.group]), m = half_to_float(mn[b / a.group]);
+          const float s = f16_to_f32(sc[b / a.group]), m = f16_to_f32(mn[b / a.group]);
           const uint8_t* blk = w + b / 2;
           for (int j = 0; j < 16; ++j) {
             put(out, dtype, n * K + b + j, float(blk[j] & 15) * s + m);
@@ -75,14 +53,8 @@ void rows(const GemvArgs& a, void* out, int dtype, int64_t n0, int64_t n1) {
       }
       default: {  // F32 / BF16: a copy (converted)
         for (int64_t k = 0; k < K; ++k) {
-          float v;
-          if (a.format == kWeightF32) {
-            v = static_cast<const float*>(a.w)[n * K + k];
-          } else {
-            const uint32_t u = uint32_t(static_cast<const uint16_t*>(a.w)[n * K + k]) << 16;
-            std::memcpy(&v, &u, 4);
-          }
-          put(out, dtype, n * K + k, v);
+          put(out, dtype, n * K + k, a.format == kWeightF32 ? static_cast<const float*>(a.w)[n * K + k]
+                                                            : bf16_to_f32(static_cast<const uint16_t*>(a.w)[n * K + k]));
         }
       }
     }

@@ -25,6 +25,8 @@
 // int4) runs where AVX-512 + AVX512_BF16 + AVX512_VNNI is missing (and in tests, as a check).
 #include "gemv.h"
 
+#include "convert.h"
+
 #include <immintrin.h>
 
 #include <algorithm>
@@ -42,45 +44,6 @@
 namespace llava_fast {
 namespace {
 
-// ------------------------------------------------------------------------------------------------------
-// Conversions
-// ------------------------------------------------------------------------------------------------------
-
-inline float bf16_to_f32(uint16_t b) {
-  uint32_t u = uint32_t(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch's .to(torch.bfloat16)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
-
-inline float f16_to_f32(uint16_t h) {  // IEEE half -> float, subnormals included
-  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, u;
-  if (exp == 0x1f) {
-    u = sign | 0x7f800000u | (mant << 13);
-  } else if (exp == 0) {
-    if (mant == 0) {
-      u = sign;
-    } else {  // subnormal: normalise
-      int e = -1;
-      do { mant <<= 1; ++e; } while (!(mant & 0x400u));
-      u = sign | (uint32_t(127 - 15 - e) << 23) | ((mant & 0x3ffu) << 13);
-    }
-  } else {
-    u = sign | ((exp + 127 - 15) << 23) | (mant << 13);
-  }
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 // One call's inputs as the kernels read them. The int8 and int4 formats take x quantized to int8 (x_q) in
 // blocks of 32 along K with one float scale per block (x_s = max|x in block| / 127, x_q = round(x / x_s)), as
