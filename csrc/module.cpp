@@ -12,7 +12,6 @@
 #include <thread>
 #include <vector>
 
-#include "cpu_ops.h"
 #include "decode.h"
 #include "dequantize.h"
 #include "gemv.h"
@@ -278,14 +277,6 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release no_gil;
     llava_fast::dequantize(a, reinterpret_cast<void*>(out), out_dtype, threads < 1 ? 1 : threads);
   }, "The dense (N, K) weight of a packed GEMV weight into out (float32 or bfloat16); see csrc/dequantize.h.");
-  m.def("rms_norm_rows", [](uintptr_t x, int64_t x_stride, uintptr_t residual, int64_t residual_stride,
-                            uintptr_t weight, float eps, int64_t rows, int64_t C, int dtype, uintptr_t normed,
-                            uintptr_t hidden, int threads) {
-    py::gil_scoped_release no_gil;
-    llava_fast::rms_norm_rows(ptr(x), x_stride, residual ? ptr(residual) : nullptr, residual_stride, ptr(weight), eps,
-                              rows, C, dtype, reinterpret_cast<void*>(normed), reinterpret_cast<void*>(hidden),
-                              threads < 1 ? 1 : threads);
-  }, "RMSNorm (+ residual) of rows; see csrc/cpu_ops.h. Use llava_fast.cpu_ops, which checks the tensors.");
   // The native decode step (decode.cpp). llava_fast/native_decode.py builds the description from a model and
   // keeps its tensors alive; pointers cross as integers, as for gemv.
   py::class_<llava_fast::DecodeModel>(m, "DecodeModel")

@@ -307,17 +307,7 @@ def _run(name, *args):
     # No autograd graph inside an op (its formula is registered below); under no_grad the Triton wrappers
     # also skip what only a backward needs (the splice's pre-activations, patch_embed's refusal).
     with torch.no_grad():
-        if BACKEND == "torch" and name in _cpu_ops().OPS:  # CPU: one native pass (llava_fast/cpu_ops.py)
-            out = _cpu_ops().OPS[name](*args)
-            if out is not None:
-                return out
         return implementation(name)(*args)
-
-
-def _cpu_ops():
-    from llava_fast import cpu_ops  # imported late: it reaches the native extension through gemv.py
-
-    return cpu_ops
 
 
 def _register_recompute_autograd(op, name):
