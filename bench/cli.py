@@ -154,6 +154,7 @@ def build_parser():
                    "llama_cpp is not importable)")
     r.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     r.add_argument("--json", help="result file (default: bench-results/real-<model>-<device>-<time>.json)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
     gv = sub.add_parser("gemv", help="the native CPU GEMV on one SmolLM2 decode step's 121 linear layers, per weight "
                         "format: GB/s, %% of the read bandwidth, beside torch's F.linear")
@@ -166,6 +167,7 @@ def build_parser():
     gv.add_argument("--repeats", type=_positive_int, default=5, help="interleaved rounds (median reported)")
     gv.add_argument("--threads", type=_positive_int, default=2, help="threads of both implementations (default 2)")
     gv.add_argument("--json", help="result file (default: bench-results/gemv-<model>-<device>-<time>.json)")
+    gv.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
     s = sub.add_parser("serve", help="the HTTP server under 1..64 concurrent clients beside one-by-one generate(): "
                        "requests/s, output tokens/s, TTFT and inter-token latency")
@@ -224,15 +226,19 @@ def _common_settings(args, device_type, defaults):
     }
 
 
+def _refuse_existing_outputs(args):
+    for flag, path in (("--json", args.json), ("--plot", getattr(args, "plot", None))):
+        if path and os.path.exists(path) and not args.overwrite:  # refused before minutes of measuring
+            raise InputError(f"{flag} {path} already exists; pass --overwrite to replace it")
+
+
 def cmd_measure(args, argv) -> int:
     from llava_fast.api import resolve_device_dtype
     from llava_fast.bench import report, schema
     from llava_fast.bench.device import resolve_device
     from llava_fast.bench.timing import relative_spread
 
-    for flag, path in (("--json", args.json), ("--plot", getattr(args, "plot", None))):
-        if path and os.path.exists(path) and not args.overwrite:  # refused before minutes of measuring
-            raise InputError(f"{flag} {path} already exists; pass --overwrite to replace it")
+    _refuse_existing_outputs(args)
     device = resolve_device(args.device)
     resolve_device_dtype(device, args.dtype)  # a bad --dtype fails before anything is built
     if args.threads:
@@ -310,6 +316,7 @@ def cmd_real(args, argv) -> int:
     """`bench real` and `bench gemv`: CPU, SmolLM2's weights, settings of their own."""
     from llava_fast.bench import gemv_bench, real_bench, report, schema
 
+    _refuse_existing_outputs(args)
     settings = {"device": "cpu", "dtype": None, "model": "SmolLM2-135M-Instruct", "model_name": "smollm2",
                 "formats": args.formats, "repeats": args.repeats, "threads": args.threads}
     if args.subcommand == "gemv":

@@ -36,8 +36,9 @@ class Sampling:
             raise InputError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if not is_integer(self.top_k) or self.top_k < 0:
             raise InputError(f"top_k must be an integer >= 0 (0 = no cut), got {self.top_k!r}")
-        if self.seed is not None and not is_integer(self.seed):
-            raise InputError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and not (is_integer(self.seed) and -2**63 <= self.seed < 2**64):
+            # torch.Generator.manual_seed's range; beyond it a bare "Overflow when unpacking long long"
+            raise InputError(f"seed must be an integer in [-2**63, 2**64) or None, got {self.seed!r}")
 
     def generator(self, device):
         if self.temperature == 0:

@@ -85,6 +85,8 @@ def test_every_subcommand_reports_bad_input_in_one_line(ckpt_dir, tmp_path, caps
     existing.write_text("{}")
     cases = [
         (["bench", "generate", "--json", str(existing)], f"--json {existing} already exists; pass --overwrite"),
+        (["bench", "gemv", "--json", str(existing)], f"--json {existing} already exists; pass --overwrite"),
+        (["bench", "real", "--json", str(existing)], f"--json {existing} already exists; pass --overwrite"),
         (["bench", "generate", "--model", "/no/such/dir"], "/no/such/dir: not a checkpoint directory"),
         (["bench", "compare", str(existing), "/no/such.json"], "not a llava-fast bench result"),
         (["generate", "--model", "/nope", "--no-image"], "/nope: not a checkpoint directory"),

@@ -165,6 +165,14 @@ def test_rebuilt_when_the_weights_move():
     assert native_decode.for_model(net) is first
     net.lm_head.weight = torch.nn.Parameter(net.lm_head.weight.detach().clone(), requires_grad=False)
     assert native_decode.for_model(net) is not first
+    # a weight in the middle of the model, replaced on its own: the step must follow it, not read the old copy
+    second = native_decode.for_model(net)
+    o_proj = net.language_model.layers[1].self_attn.o_proj
+    o_proj.weight = torch.nn.Parameter(o_proj.weight.detach() * 3, requires_grad=False)
+    assert native_decode.for_model(net) is not second
+    pairs = both_steps(net, [4, 2], steps=2)[0]
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_long_context_splits_attention_over_the_pool():
