@@ -180,8 +180,9 @@ def run(settings: dict, argv) -> dict:
     doc = new_document("serve", command_line(argv), settings)
     doc["device"] = device_info(device)
 
-    class Args:  # the CLI's loader: --model or the preset, random weights
+    class Args:  # the CLI's loader: --model or the preset, random weights; eager, unquantized, no mmproj
         model, preset, vision_tower = settings["model"], settings["preset"], settings["vision_tower"]
+        mmproj, compile, quantize = None, False, None
 
     Args.device, Args.dtype = str(device), settings["dtype"]
     model = _load(Args)
