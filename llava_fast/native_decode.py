@@ -1,4 +1,4 @@
-"""The CPU decode step in one native call (csrc/decode.cpp), for batches of up to `MAX_ROWS` rows.
+"""The CPU decode step in one native call (csrc/decode.cpp), for batches of up to `MAX_ROWS` (64) rows.
 
 In: a LlavaForCausalLM on the CPU in float32 or bfloat16 whose decoder projections are fused (q/k/v and
 gate/up, as load() leaves them) and are GemvLinear layers (any weight format of gemv.py: float32, bfloat16,
@@ -26,7 +26,10 @@ import torch.nn as nn
 from llava_fast import gemv
 from llava_fast.gemv import F32, BF16, GemvLinear
 
-MAX_ROWS = gemv.MAX_GEMV_ROWS  # above this the GEMV's 1 FMA per weight per row loses to oneDNN's GEMM
+# Rows per native step. The GEMVs read each weight once for all rows and do one multiply-add per weight per
+# row; tiny preset, 2 cores, ms per step native vs the torch step: 4 rows 9.3 vs 21.8, 16 rows 29.4 vs 75.3,
+# 64 rows 79 vs 118 (float32); int8/int4 at 64 rows 44 vs 100-103. Above this the torch step runs.
+MAX_ROWS = 64
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 

@@ -195,3 +195,13 @@ def test_long_context_splits_attention_over_the_pool():
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_more_rows_than_the_gemv_path():
+    # 12 rows: above gemv.MAX_GEMV_ROWS (the torch step's GEMM switch), still one native step (MAX_ROWS)
+    assert gemv.MAX_GEMV_ROWS < 12 <= native_decode.MAX_ROWS
+    net = text_net(attention_bias=True)
+    pairs, dec, cache_ref, lengths_ref = both_steps(net, [3, 9, 1, 14, 6, 2, 11, 5, 8, 4, 7, 10], steps=2)
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(dec.lengths, lengths_ref)
