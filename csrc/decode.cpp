@@ -165,10 +165,9 @@ const char* decode_model_check(const DecodeModel& m) {
         !shape_ok(L.gate_up, 2 * m.intermediate, C) || !shape_ok(L.down, C, m.intermediate))
       return "decode: a layer's linear shapes do not match the model's dimensions";
     for (const DecodeLinear* l : {&L.qkv, &L.o, &L.gate_up, &L.down}) {
-      static float placeholder;  // gemv_check wants x and y; only the weight's description is checked here
-      const GemvArgs a{&placeholder, kActF32, 1, l->k, l->w, l->format, l->n, l->k, l->group, l->scales, l->mins,
-                       &placeholder, l->n};
-      const char* problem = gemv_check(a);
+      const GemvArgs a{nullptr, kActF32, 1, l->k, l->w, l->format, l->n, l->k, l->group, l->scales, l->mins,
+                       nullptr, l->n};
+      const char* problem = gemv_weight_check(a);
       if (*problem) return problem;
     }
   }

@@ -51,12 +51,6 @@ void rows(const GemvArgs& a, void* out, int dtype, int64_t n0, int64_t n1) {
         }
         break;
       }
-      default: {  // F32 / BF16: a copy (converted)
-        for (int64_t k = 0; k < K; ++k) {
-          put(out, dtype, n * K + k, a.format == kWeightF32 ? static_cast<const float*>(a.w)[n * K + k]
-                                                            : bf16_to_f32(static_cast<const uint16_t*>(a.w)[n * K + k]));
-        }
-      }
     }
   }
 }

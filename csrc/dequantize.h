@@ -6,7 +6,7 @@
 
 namespace llava_fast {
 
-// a.w / format / n / k / group / scales / mins describe the weight (a.x, a.m, a.y are ignored); out: (N, K)
+// a.w / format (kWeightQ8 or kWeightQ4) / n / k / group / scales / mins describe the weight (a.x, a.m, a.y are ignored); out: (N, K)
 // contiguous, out_dtype kActF32 or kActBF16. Rows split over `threads` threads of the GEMV pool.
 void dequantize(const GemvArgs& a, void* out, int out_dtype, int threads);
 

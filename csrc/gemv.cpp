@@ -19,8 +19,8 @@
 // through this kernel) it moves perplexity by +0.06 (int8) and +0.03 (int4-32) over F.linear on the same
 // weights. Before (VPMOVSXBD/VPMOVZXBD + VCVTDQ2PS + FMA per 16 weights) both were compute-bound.
 // All M activation rows reuse a weight row (or block of 4 int8/int4 rows) from L1, so W is read from
-// memory once per call whatever M is (the callers use these for M <= 8 only: above that oneDNN's blocked
-// GEMM wins). Threads split the N rows into contiguous ranges; accumulation order is fixed by K, so results
+// memory once per call whatever M is (GemvLinear uses these for M <= 8, above which oneDNN's blocked GEMM
+// wins; the native decode step for up to 64 rows, where skipping the torch step's dispatch still wins). Threads split the N rows into contiguous ranges; accumulation order is fixed by K, so results
 // do not depend on the thread count. A scalar version of every kernel (same integer arithmetic for int8 and
 // int4) runs where AVX-512 + AVX512_BF16 + AVX512_VNNI is missing (and in tests, as a check).
 #include "gemv.h"
@@ -136,8 +136,7 @@ void rows_scalar(const Prepared& p, int64_t n0, int64_t n1) {
 
 // ------------------------------------------------------------------------------------------------------
 // AVX-512 kernels: one weight row at a time, reused by all M activation rows from L1 (a row is <= 6 KB
-// here), so W is read from memory once per call whatever M is (callers use these for M <= 8: above that
-// oneDNN's blocked GEMM wins). Rows are contiguous, so a thread's rows are one sequential stream; the first
+// here), so W is read from memory once per call whatever M is (see the top of the file for the callers' M). Rows are contiguous, so a thread's rows are one sequential stream; the first
 // version took 4 rows at a time, i.e. 4 interleaved streams of K * 4 bytes (36 cache lines at K = 576),
 // too short for the hardware prefetcher to ramp up on each: 11-13 GB/s where the machine reads ~20 GB/s.
 // Each kernel also prefetches kPrefetch bytes ahead of where it reads (into the next rows).
@@ -554,11 +553,9 @@ Pool& pool() {
 
 }  // namespace
 
-const char* gemv_check(const GemvArgs& a) {
-  if (a.m < 1 || a.n < 1 || a.k < 1) return "gemv: empty shape";
-  if (a.x_dtype != kActF32 && a.x_dtype != kActBF16) return "gemv: x must be float32 or bfloat16";
-  if (a.x_stride < a.k || a.y_stride < a.n) return "gemv: row strides smaller than the rows";
-  if (!a.x || !a.w || !a.y) return "gemv: null pointer";
+const char* gemv_weight_check(const GemvArgs& a) {
+  if (a.n < 1 || a.k < 1) return "gemv: empty shape";
+  if (!a.w) return "gemv: null pointer";
   switch (a.format) {
     case kWeightF32:
       return "";
@@ -573,6 +570,14 @@ const char* gemv_check(const GemvArgs& a) {
     default:
       return "gemv: unknown weight format";
   }
+}
+
+const char* gemv_check(const GemvArgs& a) {
+  if (a.m < 1 || a.n < 1 || a.k < 1) return "gemv: empty shape";
+  if (a.x_dtype != kActF32 && a.x_dtype != kActBF16) return "gemv: x must be float32 or bfloat16";
+  if (a.x_stride < a.k || a.y_stride < a.n) return "gemv: row strides smaller than the rows";
+  if (!a.x || !a.y) return "gemv: null pointer";
+  return gemv_weight_check(a);
 }
 
 void gemv(const GemvArgs& a, int threads) {

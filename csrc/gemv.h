@@ -38,6 +38,8 @@ struct GemvArgs {
 
 // Empty when the arguments are usable, else what is wrong (the caller raises it).
 const char* gemv_check(const GemvArgs& args);
+// The same for the weight's description alone (w, format, n, k, group, scales, mins; x, m and y are not read).
+const char* gemv_weight_check(const GemvArgs& args);
 
 // Runs on up to `threads` threads (a pool kept between calls; its workers spin ~100 us after each call, then
 // sleep), which claim chunks of W's N rows from a shared counter. Touches no Python state.

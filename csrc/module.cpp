@@ -267,11 +267,12 @@ PYBIND11_MODULE(_C, m) {
         "Switch the GEMV kernels: 'scalar' or 'best'. For tests.");
   m.def("dequantize", [](uintptr_t w, int format, int64_t n, int64_t k, int64_t group, uintptr_t scales,
                          uintptr_t mins, uintptr_t out, int out_dtype, int threads) {
-    static float placeholder;  // gemv_check wants x and y; only the weight's description is checked
-    const llava_fast::GemvArgs a{&placeholder, llava_fast::kActF32, 1, k, ptr(w), format, n, k, group, ptr(scales),
-                                 ptr(mins), &placeholder, n};
-    const std::string problem = llava_fast::gemv_check(a);
+    const llava_fast::GemvArgs a{nullptr, llava_fast::kActF32, 1, k, ptr(w), format, n, k, group, ptr(scales),
+                                 ptr(mins), nullptr, n};
+    const std::string problem = llava_fast::gemv_weight_check(a);
     if (!problem.empty()) throw py::value_error(problem);
+    if (format != llava_fast::kWeightQ8 && format != llava_fast::kWeightQ4)
+      throw py::value_error("dequantize: int8 or int4 weights only (float weights need no dequantization)");
     if (out_dtype != llava_fast::kActF32 && out_dtype != llava_fast::kActBF16)
       throw py::value_error("dequantize: out must be float32 or bfloat16");
     py::gil_scoped_release no_gil;

@@ -204,9 +204,9 @@ class Decoder:
         # highest active one); the other rows' caches and lengths are untouched (lengths[:n] is a view).
         n = tokens.shape[0]
         cache, lengths = (self.cache, self.lengths) if n == self.batch_size else (self.cache.rows(0, n), self.lengths[:n])
-        step = decode_step if self.compiled is None else self.compiled.decode
         if self.native is not None and n <= native_decode.MAX_ROWS:
             return self.native(cache, lengths, tokens)  # no torch op inside: torch's thread count stays as is
+        step = decode_step if self.compiled is None else self.compiled.decode
         with decode_threads(self.device):  # CPU: torch ops on one thread, the GEMVs on all (gemv.py)
             return step(self.net, cache, lengths, tokens)
 
