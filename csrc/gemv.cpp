@@ -6,7 +6,8 @@
 // a fraction of that at M = 1 (576 x 1536, 2 threads, a busy host: float32 F.linear ~12 GB/s, bfloat16
 // F.linear ~1.2 GB/s, aten._weight_int8pack_mm ~0.1-1.6 GB/s, torchao's int4 CPU kernel ~0.7 GB/s), so the
 // int8 and int4 models ran slower than float32. These kernels stream each weight once with AVX-512:
-//   float32  16 weights per FMA, 4 independent accumulators;  bfloat16  32 weights per VDPBF16PS (x rounded
+//   float32  16 weights per FMA; above M = 1 a tile of 4 weight rows x 4 x rows (16 FMAs per 8 loads);
+//   bfloat16  32 weights per VDPBF16PS (x rounded
 //            to bf16, fp32 sums); one row at a time, the rows of a thread one sequential stream, prefetched.
 //   int8     64 weights per VPDPBUSD (AVX512_VNNI, u8 x s8 -> int32): the weight stored offset-binary (w + 128)
 //            is the unsigned operand, x quantized to int8 per 32-block the signed one; the accumulator starts
@@ -18,12 +19,14 @@
 // products do the same); llava_fast/gemv.py `reference` models it exactly. On SmolLM2-135M (2,048 tokens,
 // through this kernel) it moves perplexity by +0.06 (int8) and +0.03 (int4-32) over F.linear on the same
 // weights. Before (VPMOVSXBD/VPMOVZXBD + VCVTDQ2PS + FMA per 16 weights) both were compute-bound.
-// All M activation rows reuse a weight row (or block of 4 int8/int4 rows) from L1, so W is read from
+// All M activation rows reuse a weight row (or block of 4 rows) from L1, so W is read from
 // memory once per call whatever M is (GemvLinear uses these for M <= 8, above which oneDNN's blocked GEMM
-// wins; the native decode step for up to 64 rows, where skipping the torch step's dispatch still wins). Threads split the N rows into contiguous ranges; accumulation order is fixed by K, so results
-// do not depend on the thread count. A scalar version of every kernel (same integer arithmetic for int8 and
+// wins; the native decode step for up to 64 rows: the server's batches). Threads split the N rows into
+// contiguous ranges; each output's accumulation order is fixed by K alone (not by M, the tile or the thread
+// count), so a row's result does not depend on what else is in the batch. A scalar version of every kernel (same integer arithmetic for int8 and
 // int4) runs where AVX-512 + AVX512_BF16 + AVX512_VNNI is missing (and in tests, as a check).
 #include "gemv.h"
+
 
 #include "convert.h"
 
@@ -150,25 +153,6 @@ AVX512 inline __mmask16 tail16(int64_t left) { return left >= 16 ? __mmask16(0xf
 AVX512 inline __mmask64 tail64(int64_t left) { return left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1; }
 AVX512 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + kPrefetch, _MM_HINT_T0); }
 
-// Four accumulators (independent FMA chains), a fixed order whatever the thread count.
-AVX512 float dot_f32(const float* w, const float* x, int64_t K) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t k = 0;
-  for (; k + 64 <= K; k += 64) {
-    prefetch(w + k), prefetch(w + k + 16), prefetch(w + k + 32), prefetch(w + k + 48);
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
-    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
-    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
-  }
-  for (; k < K; k += 16) {
-    const __mmask16 mk = tail16(K - k);
-    prefetch(w + k);
-    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w + k), _mm512_maskz_loadu_ps(mk, x + k), a0);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-}
-
 AVX512 inline __m512bh ld(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
 
 AVX512 float dot_bf16(const uint16_t* w, const uint16_t* x, int64_t K) {  // K even (checked)
@@ -206,6 +190,84 @@ AVX512 inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
                                  _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))));
   const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// float32: a tile of NT weight rows x MT activation rows, one accumulator per (row, activation) pair, k in
+// order 16 at a time (masked tail), each sum reduced by reduce4's tree. The order of every sum is therefore
+// the same whatever the tile, M or thread count: a request's logits do not depend on what else is in the batch
+// (the server's rows equal generate() alone, bit for bit). At M = 1 one chain per row still outruns memory
+// (one FMA per 64 bytes, 4 cycles' latency: ~48 GB/s per core at 3 GHz); at M >= 2 the 4 x 4 tile does 16
+// FMAs per 8 loads where one dot product per pair did 1 per 2 loads and a reduction per 32 FMAs (tiny's
+// lm_head 32064 x 512 at M = 16, 2 threads: 51 -> see `llava-fast bench gemv`).
+// Which lines of the next weight block a tile prefetches: the block (NT rows, contiguous) is split over the M / 4
+// tiles that compute on the current one, `per_step` lines per k step, so its reads overlap the whole block's
+// compute. (Issuing the whole next block during the first tile stalled on the core's outstanding misses: those
+// prefetches were the hottest instructions, and a 16-row tiny step took 16 ms.)
+struct NextBlock {
+  const char* base;  // the next block's first byte; null: nothing to prefetch (M = 1 prefetches in its stream)
+  int64_t first, end;  // lines [first, end) of it are this tile's
+  int per_step;
+};
+
+template <int NT, int MT>
+AVX512 void tile_f32(const Prepared& p, int64_t n, int64_t m, const NextBlock& next) {
+  const GemvArgs& a = *p.a;
+  const int64_t K = a.k;
+  const float* w = static_cast<const float*>(a.w) + n * K;
+  const float* x = p.xf + m * K;
+  __m512 acc[NT * MT];
+  #pragma GCC unroll 16
+  for (int i = 0; i < NT * MT; ++i) acc[i] = _mm512_setzero_ps();
+  int64_t line = next.first;
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 mk = tail16(K - k);
+    if (next.base) {
+      for (int i = 0; i < next.per_step && line < next.end; ++i, ++line) _mm_prefetch(next.base + line * 64, _MM_HINT_T0);
+    } else if (MT == 1 && NT == 1) {
+      prefetch(w + k);  // M = 1: kPrefetch bytes ahead in the row stream
+    }
+    __m512 wv[NT];
+    #pragma GCC unroll 4
+    for (int r = 0; r < NT; ++r) wv[r] = _mm512_maskz_loadu_ps(mk, w + r * K + k);
+    #pragma GCC unroll 4
+    for (int c = 0; c < MT; ++c) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mk, x + c * K + k);
+      #pragma GCC unroll 4
+      for (int r = 0; r < NT; ++r) acc[r * MT + c] = _mm512_fmadd_ps(wv[r], xv, acc[r * MT + c]);
+    }
+  }
+  #pragma GCC unroll 4  // constant indices keep acc in registers (else GCC spills all 16 every step)
+  for (int i = 0; i < NT * MT; i += 4) {  // 4 sums per shuffle tree; a short group repeats its last vector
+    const int last = NT * MT - 1;
+    alignas(16) float out[4];
+    _mm_store_ps(out, reduce4(acc[i], acc[std::min(i + 1, last)], acc[std::min(i + 2, last)], acc[std::min(i + 3, last)]));
+    for (int j = 0; j < 4 && i + j <= last; ++j) store(p, m + (i + j) % MT, n + (i + j) / MT, out[j]);
+  }
+}
+
+template <int NT>
+AVX512 void tiles_f32(const Prepared& p, int64_t n, int64_t n1) {  // all M activation rows x weight rows n .. n + NT
+  const int64_t M = p.a->m, K = p.a->k;
+  const int64_t tiles = (M + 3) / 4, steps = (K + 15) / 16;
+  const int64_t next_rows = std::min<int64_t>(NT, n1 - n - NT);  // the block after this one, in this range
+  NextBlock next{nullptr, 0, 0, 0};
+  if (M > 1 && next_rows > 0) {
+    next.base = reinterpret_cast<const char*>(static_cast<const float*>(p.a->w) + (n + NT) * K);
+    next.end = (next_rows * K * 4 + 63) / 64;
+    next.per_step = int((next.end + tiles * steps - 1) / (tiles * steps));
+  }
+  int64_t m = 0;
+  auto advance = [&](int64_t t) {
+    NextBlock b = next;
+    b.first = std::min(next.end, t * steps * next.per_step);
+    return b;
+  };
+  for (; m + 4 <= M; m += 4) tile_f32<NT, 4>(p, n, m, advance(m / 4));
+  switch (M - m) {
+    case 3: tile_f32<NT, 3>(p, n, m, advance(m / 4)); break;
+    case 2: tile_f32<NT, 2>(p, n, m, advance(m / 4)); break;
+    case 1: tile_f32<NT, 1>(p, n, m, advance(m / 4)); break;
+  }
 }
 
 template <int R>
@@ -300,10 +362,13 @@ AVX512 void rows_avx512(const Prepared& p, int64_t n0, int64_t n1) {
   const GemvArgs& a = *p.a;
   const int64_t K = a.k, M = a.m;
   switch (a.format) {
-    case kWeightF32:
-      for (int64_t n = n0; n < n1; ++n)
-        for (int64_t m = 0; m < M; ++m) store(p, m, n, dot_f32(static_cast<const float*>(a.w) + n * K, p.xf + m * K, K));
+    case kWeightF32: {
+      int64_t n = n0;
+      if (M > 1)  // one row at a time at M = 1: one sequential stream for the prefetcher (see above)
+        for (; n + 4 <= n1; n += 4) tiles_f32<4>(p, n, n1);
+      for (; n < n1; ++n) tiles_f32<1>(p, n, n1);
       break;
+    }
     case kWeightBF16:
       for (int64_t n = n0; n < n1; ++n)
         for (int64_t m = 0; m < M; ++m)

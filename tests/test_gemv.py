@@ -65,6 +65,24 @@ def test_gemv_matches_the_reference(fmt, N, K, group, kernels):
 
 
 @needs_native
+@pytest.mark.parametrize("fmt,N,K,group", [(G.F32, 41, 200, None), (G.F32, 8, 1376, None), (G.BF16, 23, 130, None),
+                                           (G.Q8, 21, 160, None), (G.Q4, 19, 128, 32)])
+def test_a_row_gives_the_same_bits_whatever_else_is_in_the_call(fmt, N, K, group):
+    """Batch invariance: the server batches requests, and each must get generate()'s answer alone, bit for bit.
+    The float32 kernel tiles 4 weight rows x up to 4 activation rows above M = 1, so M = 2..17 and 64 cover
+    every tile shape and the weight-row remainder; each row of the call must equal a call with that row alone."""
+    layer = _layer(fmt, N, K, group)
+    gen = torch.Generator().manual_seed(K)
+    for rows in (2, 3, 5, 6, 7, 16, 17, 64):
+        x = torch.randn(rows, K, generator=gen) + 0.1
+        out = G.gemv(x, layer, 2)
+        ref = G.reference(x, layer)
+        assert (out - ref).abs().max() <= 2e-6 * ref.abs().max() + 1e-7, rows
+        for i in {0, rows // 2, rows - 1}:
+            assert torch.equal(G.gemv(x[i:i + 1], layer, 1)[0], out[i]), (rows, i)
+
+
+@needs_native
 def test_scalar_and_best_kernels_agree_on_a_long_row():
     from llava_fast import _C
 

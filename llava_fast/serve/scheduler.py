@@ -351,12 +351,12 @@ class Scheduler:
     def _step(self):
         hi = max(s for s, r in enumerate(self.rows) if r is not None) + 1
         n = self.max_batch if self.decoder.cuda_graph else hi  # a CUDA graph runs its whole batch
-        tokens = torch.zeros(n, dtype=torch.long)
+        tokens = [0] * n  # parked rows feed token 0 (their write lands past their cached prefix)
         for r in self.rows[:n]:
             if r is not None:
                 tokens[r.slot] = r.generated[-1]
         try:
-            logits = self.decoder.step(tokens.to(self.model.device))  # (n, V)
+            logits = self.decoder.step(torch.tensor(tokens, device=self.model.device))  # (n, V)
             lengths = self.decoder.lengths
             lengths.copy_(torch.where(self.active, lengths, self.parked))
         except Exception:
