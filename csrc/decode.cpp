@@ -29,6 +29,10 @@
 namespace llava_fast {
 namespace {
 
+// Rows through the layers at a time: the server's decode batches (<= 64 rows) in one pass; a long prompt in
+// chunks whose activations stay in L2 (64 x 1536 floats = 384 KB per GEMM input on SmolLM2's down_proj).
+constexpr int64_t kChunk = 64;
+
 // A model's stored values: float32 or bfloat16 arrays read and written as float.
 struct Stored {
   bool bf16;
@@ -89,6 +93,72 @@ AVX512 void axpy_avx512(float* out, float p, const void* v, bool bf16, int64_t D
   for (int64_t d = 0; d < D; d += 16) {
     const __mmask16 mk = tail_mask(D - d);
     _mm512_mask_storeu_ps(out + d, mk, _mm512_fmadd_ps(pv, load16(v, bf16, d, mk), _mm512_maskz_loadu_ps(mk, out + d)));
+  }
+}
+
+// e^x for x <= 0 (softmax after subtracting the max), 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes'
+// expf polynomial, times 2^n (VSCALEFPS). Within 2 ulp of std::exp; a scalar exp per score was ~40 cycles, the
+// largest piece of a prefill's attention (tiny preset, 274 tokens: 1.8M of them).
+AVX512 inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));  // e^-87.3 ~ 1e-38: no denormals
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One (row, head) of attention with head_dim = 16 * ND: q and the output held in registers across the keys.
+// keys(t) / values(t): the cache entry of position t. scores: T floats of scratch.
+template <int ND, bool BF16>
+AVX512 void attend_avx512(const float* q, const char* k, const char* v, int64_t pos_bytes, int64_t T, float scale,
+                          float* scores, float* o) {
+  __m512 qv[ND], acc[ND];
+  for (int i = 0; i < ND; ++i) qv[i] = _mm512_loadu_ps(q + 16 * i), acc[i] = _mm512_setzero_ps();
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  for (int64_t t = 0; t < T; ++t) {
+    const char* kt = k + t * pos_bytes;
+    __m512 d = _mm512_mul_ps(qv[0], load16(kt, BF16, 0, 0xffff));
+    for (int i = 1; i < ND; ++i) d = _mm512_fmadd_ps(qv[i], load16(kt, BF16, 16 * i, 0xffff), d);
+    scores[t] = _mm512_reduce_add_ps(d) * scale;
+  }
+  int64_t t = 0;
+  for (; t + 16 <= T; t += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(scores + t));
+  float m = _mm512_reduce_max_ps(top);
+  for (; t < T; ++t) m = std::max(m, scores[t]);
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 total = _mm512_setzero_ps();
+  for (t = 0; t < T; t += 16) {
+    const __mmask16 mk = tail_mask(T - t);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, scores + t), mv));
+    _mm512_mask_storeu_ps(scores + t, mk, e);
+    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(mk, e));
+  }
+  for (t = 0; t < T; ++t) {
+    const __m512 p = _mm512_set1_ps(scores[t]);
+    const char* vt = v + t * pos_bytes;
+    for (int i = 0; i < ND; ++i) acc[i] = _mm512_fmadd_ps(p, load16(vt, BF16, 16 * i, 0xffff), acc[i]);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
+  for (int i = 0; i < ND; ++i) _mm512_storeu_ps(o + 16 * i, _mm512_mul_ps(acc[i], inv));
+}
+
+using AttendFn = void (*)(const float*, const char*, const char*, int64_t, int64_t, float, float*, float*);
+
+// The register-resident kernel for this head_dim and cache dtype, or null (the generic loop runs).
+AttendFn attend_kernel(int64_t D, bool bf16) {
+  switch (D) {
+    case 64: return bf16 ? attend_avx512<4, true> : attend_avx512<4, false>;
+    case 128: return bf16 ? attend_avx512<8, true> : attend_avx512<8, false>;
+    case 32: return bf16 ? attend_avx512<2, true> : attend_avx512<2, false>;
+    case 96: return bf16 ? attend_avx512<6, true> : attend_avx512<6, false>;
+    default: return nullptr;
   }
 }
 
@@ -175,28 +245,30 @@ const char* decode_model_check(const DecodeModel& m) {
   return "";
 }
 
-const char* decode_step(const DecodeModel& m, const int64_t* tokens, int32_t* lengths, int64_t rows,
-                        const DecodeCache& cache, float* logits, int threads) {
+namespace {
+
+// The layers, final norm and lm_head for rows [r0, r0 + rows) of `in` (rows <= kChunk).
+void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64_t rows, const DecodeCache& cache,
+                   float* logits, int64_t& next_logit, int threads) {
   const int64_t C = m.hidden, H = m.heads, Hkv = m.kv_heads, D = m.head_dim, I = m.intermediate;
   const int64_t group = H / Hkv, qkv_n = (H + 2 * Hkv) * D;
-  for (int64_t r = 0; r < rows; ++r) {  // checked before anything is written
-    if (tokens[r] < 0 || tokens[r] >= m.embed_rows) return "decode: token id out of the embedding's range";
-    if (lengths[r] < 0 || lengths[r] >= cache.capacity) return "decode: the KV cache is full";
-    if (lengths[r] >= m.rope_positions) return "decode: position beyond the RoPE table";
-  }
   const Stored st{m.dtype == kComputeBF16};
   thread_local std::vector<float> residual, normed, qkv, attn, out, gate_up;
   residual.resize(rows * C), normed.resize(rows * C), out.resize(rows * C);
   qkv.resize(rows * qkv_n), attn.resize(rows * H * D), gate_up.resize(rows * 2 * I);
+  const int32_t* positions = in.positions + r0;
+  std::vector<int64_t> slots(rows);
+  for (int64_t r = 0; r < rows; ++r) slots[r] = in.slots ? in.slots[r0 + r] : r0 + r;
 
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < C; ++i) residual[r * C + i] = st.get(m.embed, tokens[r] * C + i);
+    for (int64_t i = 0; i < C; ++i)
+      residual[r * C + i] = in.tokens ? st.get(m.embed, in.tokens[r0 + r] * C + i) : st.get(in.embeds, (r0 + r) * C + i);
 
   const float scale = 1.f / std::sqrt(float(D));
-  int64_t longest = 0;
-  for (int64_t r = 0; r < rows; ++r) longest = std::max<int64_t>(longest, lengths[r] + 1);
+  int64_t attended = 0;  // multiply-adds of q . k over the chunk, per head dim
+  for (int64_t r = 0; r < rows; ++r) attended += positions[r] + 1;
   // Split attention over the pool only when it outweighs a wake-up (~1-2 us): ~64k multiply-adds per layer.
-  const int attn_threads = rows * H * longest * D >= (1 << 16) ? threads : 1;
+  const int attn_threads = H * attended * D >= (1 << 16) ? threads : 1;
   const int64_t kv_elem = st.bf16 ? 2 : 4;
 
   for (size_t li = 0; li < m.layers.size(); ++li) {
@@ -207,11 +279,11 @@ const char* decode_step(const DecodeModel& m, const int64_t* tokens, int32_t* le
     char* k_layer = static_cast<char*>(cache.k) + int64_t(li) * cache.layer_stride * kv_elem;
     char* v_layer = static_cast<char*>(cache.v) + int64_t(li) * cache.layer_stride * kv_elem;
     for (int64_t r = 0; r < rows; ++r) {  // RoPE, then K/V into the cache at the row's position
-      const int64_t pos = lengths[r];
+      const int64_t pos = positions[r];
       float* q = qkv.data() + r * qkv_n;
       rope(q, H + Hkv, D, m.cos + pos * (D / 2), m.sin + pos * (D / 2), st);  // q heads, then k heads
       for (int64_t g = 0; g < Hkv; ++g) {
-        const int64_t at = (r * cache.row_stride + g * cache.head_stride + pos * cache.pos_stride) * kv_elem;
+        const int64_t at = (slots[r] * cache.row_stride + g * cache.head_stride + pos * cache.pos_stride) * kv_elem;
         for (int64_t d = 0; d < D; ++d) {
           st.put(k_layer + at, d, q[(H + g) * D + d]);
           st.put(v_layer + at, d, q[(H + Hkv + g) * D + d]);
@@ -221,12 +293,20 @@ const char* decode_step(const DecodeModel& m, const int64_t* tokens, int32_t* le
     // The workers see their own (empty) thread_local buffers: hand them this thread's by address.
     const float* qkv_rows = qkv.data();
     float* attn_rows = attn.data();
+    const AttendFn attend = kAvx512 ? attend_kernel(D, st.bf16) : nullptr;
     parallel_for(attn_threads, int(rows * H), [&](int task) {
-      const int64_t r = task / H, h = task % H, g = h / group, T = lengths[r] + 1;
+      const int64_t r = task / H, h = task % H, g = h / group, T = positions[r] + 1;
       const float* q = qkv_rows + r * qkv_n + h * D;
-      const int64_t base = r * cache.row_stride + g * cache.head_stride;
+      const int64_t base = slots[r] * cache.row_stride + g * cache.head_stride;
       thread_local std::vector<float> scores;
       scores.resize(T);
+      if (attend) {
+        float* o = attn_rows + (r * H + h) * D;
+        attend(q, k_layer + base * kv_elem, v_layer + base * kv_elem, cache.pos_stride * kv_elem, T, scale,
+               scores.data(), o);
+        if (st.bf16) for (int64_t d = 0; d < D; ++d) o[d] = round_to_bf16(o[d]);
+        return;
+      }
       float top = -INFINITY;
       for (int64_t t = 0; t < T; ++t) {
         const void* kt = k_layer + (base + t * cache.pos_stride) * kv_elem;
@@ -262,8 +342,52 @@ const char* decode_step(const DecodeModel& m, const int64_t* tokens, int32_t* le
     }
     linear(L.down, gate_up.data(), rows, out.data(), st, threads);
   }
-  add_rms_norm(out.data(), residual.data(), m.final_norm, m.eps, rows, C, normed.data(), st);
-  linear(m.lm_head, normed.data(), rows, logits, st, threads);
+  // The final norm and lm_head on the wanted rows only (a prompt's last token), gathered to the front.
+  int64_t wanted = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (in.logit_rows) {
+      if (next_logit + wanted >= in.logit_count || in.logit_rows[next_logit + wanted] != r0 + r) continue;
+    }
+    if (wanted != r) {
+      std::memcpy(out.data() + wanted * C, out.data() + r * C, C * sizeof(float));
+      std::memcpy(residual.data() + wanted * C, residual.data() + r * C, C * sizeof(float));
+    }
+    ++wanted;
+  }
+  if (!wanted) return;
+  add_rms_norm(out.data(), residual.data(), m.final_norm, m.eps, wanted, C, normed.data(), st);
+  linear(m.lm_head, normed.data(), wanted, logits + next_logit * m.vocab, st, threads);
+  next_logit += wanted;
+}
+
+}  // namespace
+
+const char* decode_rows(const DecodeModel& m, const DecodeRows& in, const DecodeCache& cache, float* logits,
+                        int threads) {
+  if (in.rows < 1 || !in.positions || (!in.tokens && !in.embeds)) return "decode: no rows";
+  for (int64_t r = 0; r < in.rows; ++r) {  // checked before anything is written
+    if (in.tokens && (in.tokens[r] < 0 || in.tokens[r] >= m.embed_rows))
+      return "decode: token id out of the embedding's range";
+    const int64_t slot = in.slots ? in.slots[r] : r;
+    if (slot < 0 || slot >= cache.rows) return "decode: cache row out of range";
+    if (in.positions[r] < 0 || in.positions[r] >= cache.capacity) return "decode: the KV cache is full";
+    if (in.positions[r] >= m.rope_positions) return "decode: position beyond the RoPE table";
+  }
+  for (int64_t j = 0; in.logit_rows && j < in.logit_count; ++j)
+    if (in.logit_rows[j] < 0 || in.logit_rows[j] >= in.rows || (j && in.logit_rows[j] <= in.logit_rows[j - 1]))
+      return "decode: logit rows must be ascending row indices";
+  int64_t next_logit = 0;
+  for (int64_t r0 = 0; r0 < in.rows; r0 += kChunk)
+    forward_chunk(m, in, r0, std::min(kChunk, in.rows - r0), cache, logits, next_logit, threads);
+  return "";
+}
+
+const char* decode_step(const DecodeModel& m, const int64_t* tokens, int32_t* lengths, int64_t rows,
+                        const DecodeCache& cache, float* logits, int threads) {
+  DecodeRows in;
+  in.rows = rows, in.tokens = tokens, in.positions = lengths;
+  const char* problem = decode_rows(m, in, cache, logits, threads);
+  if (*problem) return problem;
   for (int64_t r = 0; r < rows; ++r) lengths[r] += 1;
   return "";
 }

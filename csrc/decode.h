@@ -51,13 +51,34 @@ struct DecodeCache {
   void* v = nullptr;
   int64_t layer_stride = 0, row_stride = 0, head_stride = 0, pos_stride = 0;
   int64_t capacity = 0;
+  int64_t rows = 0;  // cache rows in this view
+};
+
+// What one call computes: `rows` tokens, each at its own (cache row, position), attending to positions
+// 0..position of its cache row. Every row's K/V of a layer is written before any row of that layer attends, so
+// rows of one cache row at consecutive positions are a causal prefill (a chunk of a prompt), and rows of
+// different cache rows are a batched decode step; a call may mix both.
+struct DecodeRows {
+  int64_t rows = 0;
+  const int64_t* tokens = nullptr;  // (rows,) token ids, or null when embeds are given
+  const void* embeds = nullptr;     // (rows, hidden) input embeddings in the compute dtype (image tokens spliced)
+  const int64_t* slots = nullptr;   // (rows,) cache row of each row; null: row r is cache row r
+  const int32_t* positions = nullptr;  // (rows,)
+  const int64_t* logit_rows = nullptr;  // ascending rows whose logits are wanted; null: all rows
+  int64_t logit_count = 0;
 };
 
 // Empty when the model description is usable, else what is wrong.
 const char* decode_model_check(const DecodeModel& m);
 
-// tokens (rows,) int64 at positions lengths (rows,) int32 -> logits (rows, vocab) float32; writes each row's
-// K/V at its position and advances lengths by one. Returns "" or what is wrong (then nothing was written).
+// logits (logit_count or rows, vocab) float32 of the wanted rows; writes every row's K/V at its position.
+// Rows go through the layers 64 at a time (a prompt's later chunks attend to the K/V its earlier ones wrote).
+// Returns "" or what is wrong (then nothing was written).
+const char* decode_rows(const DecodeModel& m, const DecodeRows& in, const DecodeCache& cache, float* logits,
+                        int threads);
+
+// The decode step: tokens (rows,) int64 of cache rows 0..rows-1 at positions lengths (rows,) int32 -> logits
+// (rows, vocab) float32; lengths advance by one. Returns "" or what is wrong (then nothing was written).
 const char* decode_step(const DecodeModel& m, const int64_t* tokens, int32_t* lengths, int64_t rows,
                         const DecodeCache& cache, float* logits, int threads);
 

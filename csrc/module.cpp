@@ -306,7 +306,7 @@ PYBIND11_MODULE(_C, m) {
                       uintptr_t v, int64_t layer_stride, int64_t row_stride, int64_t head_stride, int64_t pos_stride,
                       int64_t capacity, uintptr_t logits, int threads) {
         const llava_fast::DecodeCache cache{reinterpret_cast<void*>(k), reinterpret_cast<void*>(v), layer_stride,
-                                            row_stride, head_stride, pos_stride, capacity};
+                                            row_stride, head_stride, pos_stride, capacity, rows};
         std::string problem;
         {
           py::gil_scoped_release no_gil;
@@ -315,6 +315,24 @@ PYBIND11_MODULE(_C, m) {
                                             reinterpret_cast<float*>(logits), threads < 1 ? 1 : threads);
         }
         if (!problem.empty()) throw py::value_error(problem);
-      }, "tokens (rows,) int64, lengths (rows,) int32 -> logits (rows, vocab) float32; see csrc/decode.h.");
+      }, "tokens (rows,) int64, lengths (rows,) int32 -> logits (rows, vocab) float32; see csrc/decode.h.")
+      .def("forward", [](const llava_fast::DecodeModel& d, int64_t rows, uintptr_t tokens, uintptr_t embeds,
+                         uintptr_t slots, uintptr_t positions, uintptr_t logit_rows, int64_t logit_count, uintptr_t k,
+                         uintptr_t v, int64_t layer_stride, int64_t row_stride, int64_t head_stride, int64_t pos_stride,
+                         int64_t capacity, int64_t cache_rows, uintptr_t logits, int threads) {
+        const llava_fast::DecodeCache cache{reinterpret_cast<void*>(k), reinterpret_cast<void*>(v), layer_stride,
+                                            row_stride, head_stride, pos_stride, capacity, cache_rows};
+        llava_fast::DecodeRows in;
+        in.rows = rows, in.tokens = reinterpret_cast<const int64_t*>(tokens), in.embeds = ptr(embeds);
+        in.slots = reinterpret_cast<const int64_t*>(slots), in.positions = reinterpret_cast<const int32_t*>(positions);
+        in.logit_rows = reinterpret_cast<const int64_t*>(logit_rows), in.logit_count = logit_count;
+        std::string problem;
+        {
+          py::gil_scoped_release no_gil;
+          problem = llava_fast::decode_rows(d, in, cache, reinterpret_cast<float*>(logits), threads < 1 ? 1 : threads);
+        }
+        if (!problem.empty()) throw py::value_error(problem);
+      }, "Rows at (cache row, position) pairs (tokens or embeddings; 0 for a null pointer) -> logits of the "
+         "wanted rows; see DecodeRows in csrc/decode.h.");
   m.def("build_info", &build_info, "How this extension was compiled: compiler, flags, SIMD, threading.");
 }

@@ -150,6 +150,11 @@ class Decoder:
         else:
             self.lengths.copy_(torch.as_tensor(start_pos, dtype=torch.int32))
         x = self.net.embed(ids, pixel_values)
+        if self.native is not None and self.native.prefills:  # CPU float32: each row natively (rows are independent)
+            logits = torch.cat([self.native.prefill(self.cache, b, int(self.lengths[b]), x[b, :len(r)])
+                                for b, r in enumerate(rows)])
+            self.lengths += torch.tensor([len(r) for r in rows], dtype=torch.int32)
+            return logits
         # What the host knows picks the attention path: no padding and an empty cache need no masks or syncs.
         starts = None if start_pos is None else self.lengths.clone()
         if all(len(r) == T for r in rows):
@@ -175,8 +180,12 @@ class Decoder:
         start = torch.tensor([start_pos], dtype=torch.int32, device=self.device)
         seq_lens = torch.tensor([len(ids)], dtype=torch.int32, device=self.device)
         x = self.net.embed(ids_t, image_features=image_features)
-        hidden = self.net.decode_hidden(x, self.cache.rows(slot, slot + 1), start, seq_lens)  # (1, T, C)
+        if self.native is not None and self.native.prefills:
+            logits = self.native.prefill(self.cache, slot, start_pos, x[0])  # raises before writing anything
+            self.lengths[slot] = start_pos + len(ids)
+            return logits
         self.lengths[slot] = start_pos + len(ids)
+        hidden = self.net.decode_hidden(x, self.cache.rows(slot, slot + 1), start, seq_lens)  # (1, T, C)
         return self.net.lm_head(hidden[:, -1]).float()
 
     @torch.inference_mode()

@@ -71,6 +71,11 @@ def both_steps(net, rows, steps=4, view_rows=None):
     {"attention_bias": True, "mlp_bias": True},
     {"tie_word_embeddings": True, "rope_scaling": LLAMA3_ROPE},
     {"num_heads": 4, "num_kv_heads": 4, "head_dim": 10, "hidden_size": 40},  # MHA, head_dim != hidden / heads
+    # head_dim 32, 64, 128: attention's register-resident kernels (decode.cpp attend_avx512); 24 and 10 above
+    # take the generic loop
+    {"num_heads": 4, "num_kv_heads": 2, "hidden_size": 128},
+    {"num_heads": 3, "num_kv_heads": 1, "hidden_size": 192},
+    {"num_heads": 2, "num_kv_heads": 2, "hidden_size": 256},
 ])
 def test_float32_equals_torch_step(text):
     net = text_net(**text)
@@ -106,8 +111,9 @@ def test_quantized_equals_torch_step(quantize):
             assert (got - want).abs().median() <= 1e-4 * scale
 
 
-def test_bfloat16_follows_torch_rounding():
-    net = text_net(dtype=torch.bfloat16, attention_bias=True)
+@pytest.mark.parametrize("head_dim", [24, 64])
+def test_bfloat16_follows_torch_rounding(head_dim):
+    net = text_net(dtype=torch.bfloat16, attention_bias=True, hidden_size=3 * head_dim)
     pairs, dec, cache_ref, _ = both_steps(net, [5, 8])
     for got, want in pairs:
         # Same rounding points, different summation orders: differences of a few bfloat16 ulps of the logits
@@ -205,3 +211,80 @@ def test_more_rows_than_the_gemv_path():
     for got, want in pairs:
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert torch.equal(dec.lengths, lengths_ref)
+
+
+def _twin_decoders(net, batch, capacity):
+    """Two decoders with the same stale cache contents: one prefills natively, the other through torch."""
+    native, torch_path = Decoder(net, batch, capacity), Decoder(net, batch, capacity)
+    assert native.native is not None and native.native.prefills
+    torch_path.native = None
+    native.cache.k.normal_(), native.cache.v.normal_()
+    torch_path.cache.k.copy_(native.cache.k), torch_path.cache.v.copy_(native.cache.v)
+    return native, torch_path
+
+
+def _assert_same_state(a, b):
+    assert torch.equal(a.lengths, b.lengths)
+    torch.testing.assert_close(a.cache.k, b.cache.k, atol=1e-5, rtol=1e-5)  # written rows; the rest untouched
+    torch.testing.assert_close(a.cache.v, b.cache.v, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("text", [{}, {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True},
+                                  {"num_heads": 4, "num_kv_heads": 2, "hidden_size": 128}])
+def test_native_prefill_equals_torch_prefill(text):
+    """Prompts of 1, 64, 65 and 150 tokens (the native forward takes 64 rows at a time: a later chunk attends to
+    the K/V the earlier ones wrote), after cached prefixes, ragged in one batch, and one row alone."""
+    net = text_net(max_position_embeddings=300, **text)
+    native, ref = _twin_decoders(net, 4, 240)
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(0, 301, (n,), generator=g).tolist() for n in (1, 64, 65, 150)]
+    for start in (None, [0, 5, 17, 80]):
+        got, want = native.prefill(rows, start_pos=start), ref.prefill(rows, start_pos=start)
+        assert want.std() > 1e-2
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        _assert_same_state(native, ref)
+    ids = torch.randint(0, 301, (70,), generator=g).tolist()  # a request joining cache row 2 after 9 cached tokens
+    torch.testing.assert_close(native.prefill_slot(2, ids, start_pos=9), ref.prefill_slot(2, ids, start_pos=9),
+                               atol=1e-4, rtol=1e-4)
+    _assert_same_state(native, ref)
+    for _ in range(3):  # and decoding from there agrees
+        tokens = torch.randint(0, 301, (4,), generator=g)
+        torch.testing.assert_close(native.step(tokens), ref.step(tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_native_prefill_with_image_features():
+    from llava_fast.presets import random_model
+
+    model = random_model("tiny")
+    net = model.net
+    ids = model.encode_prompt("What is in the image?", 1)
+    pixels = torch.randn(1, 3, net.cfg.vision.image_size, net.cfg.vision.image_size, generator=torch.Generator().manual_seed(4))
+    native, ref = _twin_decoders(net, 1, len(ids) + 4)
+    got, want = native.prefill([ids], pixels), ref.prefill([ids], pixels)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    _assert_same_state(native, ref)
+    features = net.image_features(model.pixel_values([model_image()]))
+    torch.testing.assert_close(native.prefill_slot(0, ids, features), ref.prefill_slot(0, ids, features),
+                               atol=1e-4, rtol=1e-4)
+
+
+def model_image():
+    from PIL import Image
+
+    from llava_fast.presets import BUNDLED_IMAGE
+
+    return Image.open(BUNDLED_IMAGE).convert("RGB")
+
+
+def test_native_prefill_only_for_float32_weights_and_errors_write_nothing():
+    assert native_decode.for_model(text_net(dtype=torch.bfloat16)).prefills is False
+    assert native_decode.for_model(text_net(quantize="int8wo")).prefills is False
+    net = text_net()
+    dec = Decoder(net, 2, 20)
+    dec.prefill_slot(0, [1, 2, 3])
+    k, lengths = dec.cache.k.clone(), dec.lengths.clone()
+    with pytest.raises(ValueError, match="cache is full"):
+        dec.prefill_slot(1, list(range(21)))
+    with pytest.raises(ValueError, match="cache is full"):
+        dec.prefill_slot(0, list(range(18)), start_pos=3)
+    assert torch.equal(dec.cache.k, k) and torch.equal(dec.lengths, lengths)
