@@ -129,44 +129,45 @@ async def _drive(url, requests, clients):
         return results, time.perf_counter() - start
 
 
-def _client_process(url, requests, clients, conn):
-    """The child process: report ready (imports done), wait for go, drive the workload, send the results."""
+def _client_main(job):
+    """The child process (`python -c`): read (url, requests, clients) from the pickle file `job`, drive the
+    workload, write ("ok", (results, wall)) or ("error", traceback) back into it."""
+    import pickle
     import traceback
 
-    conn.send("ready")
-    conn.recv()
+    with open(job, "rb") as f:
+        url, requests, clients = pickle.load(f)
     try:
-        conn.send(("ok", asyncio.run(_drive(url, requests, clients))))
+        out = ("ok", asyncio.run(_drive(url, requests, clients)))
     except BaseException:
-        conn.send(("error", traceback.format_exc()))
+        out = ("error", traceback.format_exc())
+    with open(job, "wb") as f:
+        pickle.dump(out, f)
 
 
 def _run_clients(url, requests, clients):
-    """(results, wall seconds) of `clients` concurrent clients in a child process (see the module docstring)."""
-    import multiprocessing
+    """(results, wall seconds) of `clients` concurrent clients in a child process (see the module docstring).
+    A plain `python -c` child, not multiprocessing's spawn: spawn re-imports the caller's __main__, which
+    re-ran a calling script's whole benchmark in the child when the script had no `if __name__` guard."""
+    import os
+    import pickle
+    import subprocess
+    import tempfile
 
-    ctx = multiprocessing.get_context("spawn")  # a fork would copy the server's threads' locks mid-use
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_client_process, args=(url, requests, clients, child), daemon=True)
-    proc.start()
+    fd, job = tempfile.mkstemp(suffix=".pkl", prefix="llava-fast-bench-serve-")
     try:
-        def receive():
-            while not parent.poll(0.5):
-                if not proc.is_alive():
-                    raise RuntimeError(f"the benchmark's client process died (exit code {proc.exitcode})")
-            return parent.recv()
-
-        if receive() != "ready":
-            raise RuntimeError("the benchmark's client process did not start")
-        parent.send("go")
-        status, payload = receive()
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump((url, requests, clients), f)
+        code = f"from llava_fast.bench.serve_bench import _client_main; _client_main({job!r})"
+        done = subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL)
+        with open(job, "rb") as f:
+            status, payload = pickle.load(f) if done.returncode == 0 else ("error", None)
         if status != "ok":
-            raise RuntimeError(f"the benchmark's clients failed:\n{payload}")
+            raise RuntimeError(f"the benchmark's clients failed (exit code {done.returncode})"
+                               + (f":\n{payload}" if payload else ""))
         return payload
     finally:
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
+        os.unlink(job)
 
 
 def run_server(model, requests, clients, max_batch, max_model_len):

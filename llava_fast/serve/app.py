@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -157,6 +158,11 @@ def create_app(model, config: ServeConfig | None = None, scheduler: Scheduler | 
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        # Everything alive now (the model, torch's and the libraries' objects: ~330k) goes to the permanent
+        # generation, so the cyclic GC's full collections stop traversing it: one of them stalled every running
+        # row for 230 ms in a 64-request run (tiny, 2-core CPU; 2.5 ms at most after this). SGLang does the same.
+        gc.collect()
+        gc.freeze()
         if not scheduler.thread.is_alive():
             scheduler.start()
         yield
