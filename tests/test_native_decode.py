@@ -288,3 +288,23 @@ def test_native_prefill_only_for_float32_weights_and_errors_write_nothing():
     with pytest.raises(ValueError, match="cache is full"):
         dec.prefill_slot(0, list(range(18)), start_pos=3)
     assert torch.equal(dec.cache.k, k) and torch.equal(dec.lengths, lengths)
+
+
+@pytest.mark.parametrize("text", [{"num_heads": 4, "num_kv_heads": 2, "hidden_size": 128},  # head_dim 32
+                                  {"num_heads": 2, "num_kv_heads": 1, "hidden_size": 128}])  # head_dim 64
+def test_native_prefill_bits_do_not_depend_on_how_the_prompt_is_split(text):
+    """The server prefills only what follows a reused prefix (scheduler.py), generate() the whole prompt: the
+    K/V and logits must be the same bits, wherever the split falls (attention blocks of 4 rows, 64-row chunks)."""
+    net = text_net(max_position_embeddings=300, **text)
+    ids = torch.randint(0, 301, (150,), generator=torch.Generator().manual_seed(5)).tolist()
+    whole = Decoder(net, 1, 160)
+    want = whole.prefill_slot(0, ids)
+    for split in (1, 37, 64, 66, 149):
+        part = Decoder(net, 1, 160)
+        part.prefill_slot(0, ids[:split])
+        got = part.prefill_slot(0, ids[split:], start_pos=split)
+        assert torch.equal(got, want), split
+        assert torch.equal(part.cache.k[:, :, :, :150], whole.cache.k[:, :, :, :150]), split
+        tokens = torch.tensor([7])
+        assert torch.equal(part.step(tokens), whole.step(tokens)), split  # and a decode step from there
+        whole.lengths.fill_(150)
