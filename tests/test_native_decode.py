@@ -288,3 +288,15 @@ def test_native_prefill_only_for_float32_weights_and_errors_write_nothing():
     with pytest.raises(ValueError, match="cache is full"):
         dec.prefill_slot(0, list(range(18)), start_pos=3)
     assert torch.equal(dec.cache.k, k) and torch.equal(dec.lengths, lengths)
+
+
+@pytest.mark.parametrize("hidden_size", [192, 72])  # head_dim 64 (the register-resident kernel), 24 (generic)
+def test_an_inf_in_the_weights_gives_nan_as_torch_does(hidden_size):
+    """An inf in a q projection makes a NaN attention score; torch's softmax (and the generic loop) turn it into
+    NaN logits. The vectorised exp clamped it to a weight of ~0 and returned plausible finite logits."""
+    net = text_net(hidden_size=hidden_size)
+    with torch.no_grad():
+        net.language_model.layers[1].self_attn.qkv_proj.weight[0, 0] = float("inf")
+    got, want = both_steps(net, [5, 8], steps=1)[0][0]
+    assert want.isnan().all(-1).any()
+    assert torch.equal(got.isnan(), want.isnan())
