@@ -110,6 +110,9 @@ async def _client_loop(http, url, queue, results):
                 if not line.startswith("data: {"):
                     continue
                 chunk = json.loads(line[6:])
+                if "error" in chunk:  # the server's error event (a failed step): its message, not a KeyError
+                    raise RuntimeError(f"request {index}: the server reported an error: "
+                                       f"{chunk['error'].get('message', chunk['error'])}")
                 if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                     stamps.append(time.perf_counter())
                 if chunk.get("usage"):

@@ -100,7 +100,9 @@ AVX512 void axpy_avx512(float* out, float p, const void* v, bool bf16, int64_t D
 // expf polynomial, times 2^n (VSCALEFPS). Within 2 ulp of std::exp; a scalar exp per score was ~40 cycles, the
 // largest piece of a prefill's attention (tiny preset, 274 tokens: 1.8M of them).
 AVX512 inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));  // e^-87.3 ~ 1e-38: no denormals
+  // e^-87.3 ~ 1e-38: no denormals. x second: VMAXPS returns its second operand when either is NaN, so a NaN
+  // score (an inf in q or K) stays NaN, as in torch's softmax, instead of becoming a weight of ~0.
+  x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);

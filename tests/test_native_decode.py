@@ -308,3 +308,15 @@ def test_native_prefill_bits_do_not_depend_on_how_the_prompt_is_split(text):
         tokens = torch.tensor([7])
         assert torch.equal(part.step(tokens), whole.step(tokens)), split  # and a decode step from there
         whole.lengths.fill_(150)
+
+
+@pytest.mark.parametrize("hidden_size", [192, 72])  # head_dim 64 (the register-resident kernel), 24 (generic)
+def test_an_inf_in_the_weights_gives_nan_as_torch_does(hidden_size):
+    """An inf in a q projection makes a NaN attention score; torch's softmax (and the generic loop) turn it into
+    NaN logits. The vectorised exp clamped it to a weight of ~0 and returned plausible finite logits."""
+    net = text_net(hidden_size=hidden_size)
+    with torch.no_grad():
+        net.language_model.layers[1].self_attn.qkv_proj.weight[0, 0] = float("inf")
+    got, want = both_steps(net, [5, 8], steps=1)[0][0]
+    assert want.isnan().all(-1).any()
+    assert torch.equal(got.isnan(), want.isnan())
