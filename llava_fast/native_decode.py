@@ -10,8 +10,9 @@ lengths (B,) int32 -> next-token logits (B, V) float32, K/V written into `cache`
 Why: the torch decode step pays Python and ATen dispatch for ~25 small ops per layer; on SmolLM2-135M float32
 (2-core EPYC) that was 32 of a step's 60 ms, the weight reads (the GEMVs) the other 28. The native step runs
 the same math with no dispatch between the GEMVs. Prefill (float32 weights): `NativeDecodeStep.prefill`, the
-GEMMs on gemv.cpp's 4 x 4 tile kernel, attention with scores and output in registers; SmolLM2-135M 130-token
-prompt 401 -> 536 tok/s, tiny 274 tokens 3059 -> 3229 (interleaved, 2 cores) over the torch prefill. Its reference is generate.decode_step (the torch path),
+GEMMs on gemv.cpp's 4 x 4 tile kernel, attention in blocks of 4 positions with the output in registers;
+SmolLM2-135M 130-token prompt 449 -> 544 tok/s, tiny 274 tokens 2933 -> 3312, 1,024 tokens 2807 -> 3075
+(interleaved, 2 cores) over the torch prefill. Its reference is generate.decode_step (the torch path),
 which tests/test_native_decode.py compares it with: float32 within 1e-4, bfloat16 to bfloat16 rounding.
 
 `for_model(net)` returns None, with the reason in `why_not(net)`, where the native step does not apply (no

@@ -76,6 +76,7 @@ def both_steps(net, rows, steps=4, view_rows=None):
     {"num_heads": 4, "num_kv_heads": 2, "hidden_size": 128},
     {"num_heads": 3, "num_kv_heads": 1, "hidden_size": 192},
     {"num_heads": 2, "num_kv_heads": 2, "hidden_size": 256},
+    {"num_heads": 2, "num_kv_heads": 1, "hidden_size": 192},
 ])
 def test_float32_equals_torch_step(text):
     net = text_net(**text)
@@ -230,7 +231,9 @@ def _assert_same_state(a, b):
 
 
 @pytest.mark.parametrize("text", [{}, {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True},
-                                  {"num_heads": 4, "num_kv_heads": 2, "hidden_size": 128}])
+                                  {"num_heads": 4, "num_kv_heads": 2, "hidden_size": 128},  # head_dim 32
+                                  {"num_heads": 2, "num_kv_heads": 1, "hidden_size": 192},  # 96: blocks of 2
+                                  {"num_heads": 2, "num_kv_heads": 2, "hidden_size": 256}])  # 128
 def test_native_prefill_equals_torch_prefill(text):
     """Prompts of 1, 64, 65 and 150 tokens (the native forward takes 64 rows at a time: a later chunk attends to
     the K/V the earlier ones wrote), after cached prefixes, ragged in one batch, and one row alone."""
