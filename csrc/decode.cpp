@@ -25,6 +25,7 @@
 
 #include "convert.h"
 #include "gemv.h"
+#include "simd.h"
 
 namespace llava_fast {
 namespace {
@@ -116,16 +117,6 @@ AVX512 inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// Sums of 4 vectors -> (sum a0, sum a1, sum a2, sum a3) in one shuffle tree.
-AVX512 inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
-  const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
-  const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
-  const __m512 s = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))),
-                                 _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))));
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
 // Attention of one head for nb <= QB consecutive positions T0 - 1 .. T0 + nb - 2 of one cache row (a block of
 // a prompt's rows; a decode row is a block of one), head_dim = 16 * ND. Keys are read in groups of 4, each
 // group's 4 dot products per query summed by one shuffle tree, and each key (and value) is loaded once for the
@@ -156,7 +147,7 @@ AVX512 void attend_block(const float* q, int64_t q_stride, int nb, const char* k
         for (int j = 0; j < 4; ++j) acc[j] = _mm512_fmadd_ps(qc, kv[j][c], acc[j]);
       }
       alignas(16) float four[4];
-      _mm_store_ps(four, _mm_mul_ps(sum4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale)));
+      _mm_store_ps(four, _mm_mul_ps(reduce4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale)));
       for (int j = 0; j < 4 && t + j < Tmax; ++j) scores[i * Tmax + t + j] = four[j];
     }
   }
@@ -208,18 +199,20 @@ AVX512 void attend_block(const float* q, int64_t q_stride, int nb, const char* k
 using AttendFn = void (*)(const float*, int64_t, int, const char*, const char*, int64_t, int64_t, float, float*, float*,
                           int64_t);
 
-// Rows per attention block for a head_dim: the block's output accumulators (rows x head_dim / 16 vectors)
-// stay within the 32 vector registers.
-int attend_rows(int64_t D) { return D <= 64 ? 4 : 2; }
+// The register-resident kernel for this head_dim and cache dtype and its block's rows (QB: the block's output
+// accumulators, rows x head_dim / 16 vectors, stay within the 32 vector registers); a null fn: the generic loop.
+struct Attend {
+  AttendFn fn;
+  int rows;
+};
 
-// The register-resident kernel for this head_dim and cache dtype, or null (the generic loop runs).
-AttendFn attend_kernel(int64_t D, bool bf16) {
+Attend attend_kernel(int64_t D, bool bf16) {
   switch (D) {
-    case 32: return bf16 ? attend_block<2, true, 4> : attend_block<2, false, 4>;
-    case 64: return bf16 ? attend_block<4, true, 4> : attend_block<4, false, 4>;
-    case 96: return bf16 ? attend_block<6, true, 2> : attend_block<6, false, 2>;
-    case 128: return bf16 ? attend_block<8, true, 2> : attend_block<8, false, 2>;
-    default: return nullptr;
+    case 32: return {bf16 ? attend_block<2, true, 4> : attend_block<2, false, 4>, 4};
+    case 64: return {bf16 ? attend_block<4, true, 4> : attend_block<4, false, 4>, 4};
+    case 96: return {bf16 ? attend_block<6, true, 2> : attend_block<6, false, 2>, 2};
+    case 128: return {bf16 ? attend_block<8, true, 2> : attend_block<8, false, 2>, 2};
+    default: return {nullptr, 1};
   }
 }
 
@@ -318,8 +311,10 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
   residual.resize(rows * C), normed.resize(rows * C), out.resize(rows * C);
   qkv.resize(rows * qkv_n), attn.resize(rows * H * D), gate_up.resize(rows * 2 * I);
   const int32_t* positions = in.positions + r0;
-  std::vector<int64_t> slots(rows);
-  for (int64_t r = 0; r < rows; ++r) slots[r] = in.slots ? in.slots[r0 + r] : r0 + r;
+  thread_local std::vector<int64_t> slot_buf;
+  slot_buf.resize(rows);
+  for (int64_t r = 0; r < rows; ++r) slot_buf[r] = in.slots ? in.slots[r0 + r] : r0 + r;
+  const int64_t* slots = slot_buf.data();  // by address: the pool's workers have their own (empty) thread_locals
 
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t i = 0; i < C; ++i)
@@ -354,14 +349,13 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
     // The workers see their own (empty) thread_local buffers: hand them this thread's by address.
     const float* qkv_rows = qkv.data();
     float* attn_rows = attn.data();
-    const AttendFn attend = kAvx512 ? attend_kernel(D, st.bf16) : nullptr;
-    if (attend) {  // blocks of consecutive positions of one cache row (a prompt's rows), else single rows
-      const int most = attend_rows(D);
+    const Attend attend = kAvx512 ? attend_kernel(D, st.bf16) : Attend{nullptr, 1};
+    if (attend.fn) {  // blocks of consecutive positions of one cache row (a prompt's rows), else single rows
       thread_local std::vector<int64_t> block_start;
       block_start.clear();
       for (int64_t r = 0; r < rows;) {
         int64_t n = 1;
-        while (n < most && r + n < rows && slots[r + n] == slots[r] && positions[r + n] == positions[r] + n) ++n;
+        while (n < attend.rows && r + n < rows && slots[r + n] == slots[r] && positions[r + n] == positions[r] + n) ++n;
         block_start.push_back(r);
         r += n;
       }
@@ -375,7 +369,7 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
         thread_local std::vector<float> scores;
         scores.resize(nb * (T0 + nb - 1));
         float* o = attn_rows + (r * H + h) * D;
-        attend(qkv_rows + r * qkv_n + h * D, qkv_n, nb, k_layer + base * kv_elem, v_layer + base * kv_elem,
+        attend.fn(qkv_rows + r * qkv_n + h * D, qkv_n, nb, k_layer + base * kv_elem, v_layer + base * kv_elem,
                cache.pos_stride * kv_elem, T0, scale, scores.data(), o, H * D);
         if (st.bf16)
           for (int i = 0; i < nb; ++i)

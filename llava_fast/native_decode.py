@@ -97,12 +97,14 @@ class NativeDecodeStep:
             t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim, t.intermediate_size, self.vocab,
             emb.shape[0], cos.shape[0], float(t.rms_norm_eps), _DTYPES[self.dtype], emb.data_ptr(),
             net.language_model.norm.weight.data_ptr(), cos.data_ptr(), sin.data_ptr(), lm_head)
+        formats = [lm_head[1]]
         for layer in net.language_model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears = []
             for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
                 desc, keep = _linear(lin, self.dtype)
                 linears.append(desc)
+                formats.append(desc[1])
                 self._keep += keep
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             self._keep += norms
@@ -111,9 +113,6 @@ class NativeDecodeStep:
         # Prefill runs natively too where every projection is float32: the 4 x 4 tile kernel (gemv.cpp) with no
         # dispatch between its GEMMs beats the torch path's oneDNN GEMMs plus ~25 ops a layer (see prefill()).
         # bfloat16 and int8/int4 keep the torch prefill (their multi-row kernels are GEMVs, not tiled GEMMs).
-        formats = [d[1] for d in [lm_head] + [_linear(lin, self.dtype)[0] for layer in net.language_model.layers
-                                               for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                                                           layer.mlp.gate_up_proj, layer.mlp.down_proj)]]
         self.prefills = self.dtype == torch.float32 and all(f == F32 for f in formats)
         # The addresses of what the module holds now: a module whose tensors were replaced since (load_state_dict
         # with assign, .to()) no longer matches, and for_model() builds a new step.
@@ -132,7 +131,6 @@ class NativeDecodeStep:
         self.model.step(tokens.data_ptr(), lengths.data_ptr(), B, k.data_ptr(), v.data_ptr(), k.stride(0),
                         k.stride(1), k.stride(2), k.stride(3), k.shape[3], logits.data_ptr(), threads)
         return logits
-
 
     def prefill(self, cache, slot, start, embeds):
         """One prompt's rows: embeds (T, C) in the compute dtype (image features spliced in) at positions

@@ -163,6 +163,7 @@ def create_app(model, config: ServeConfig | None = None, scheduler: Scheduler | 
         # row for 230 ms in a 64-request run (tiny, 2-core CPU; 2.5 ms at most after this). SGLang does the same.
         gc.collect()
         gc.freeze()
+        app.state.handoff = _EventHandoff(asyncio.get_running_loop())  # the loop the requests are served on
         if not scheduler.thread.is_alive():
             scheduler.start()
         yield
@@ -246,8 +247,6 @@ def create_app(model, config: ServeConfig | None = None, scheduler: Scheduler | 
         fields = await run_in_threadpool(prepare, body)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        if getattr(app.state, "handoff", None) is None or app.state.handoff.loop is not loop:
-            app.state.handoff = _EventHandoff(loop)
         handoff = app.state.handoff
         req = Request(**fields, emit=lambda ev: handoff.emit(events, ev))
         try:
