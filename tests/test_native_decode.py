@@ -279,9 +279,10 @@ def model_image():
     return Image.open(BUNDLED_IMAGE).convert("RGB")
 
 
-def test_native_prefill_only_for_float32_weights_and_errors_write_nothing():
+def test_native_prefill_only_in_float32_models_and_errors_write_nothing():
     assert native_decode.for_model(text_net(dtype=torch.bfloat16)).prefills is False
-    assert native_decode.for_model(text_net(quantize="int8wo")).prefills is False
+    assert native_decode.for_model(text_net(dtype=torch.bfloat16, quantize="int8wo")).prefills is False
+    assert native_decode.for_model(text_net(quantize="int8wo")).prefills is True
     net = text_net()
     dec = Decoder(net, 2, 20)
     dec.prefill_slot(0, [1, 2, 3])
@@ -311,6 +312,28 @@ def test_native_prefill_bits_do_not_depend_on_how_the_prompt_is_split(text):
         tokens = torch.tensor([7])
         assert torch.equal(part.step(tokens), whole.step(tokens)), split  # and a decode step from there
         whole.lengths.fill_(150)
+
+
+@pytest.mark.parametrize("quantize", ["int8wo", "int4wo-32"])
+def test_quantized_native_prefill_is_its_decode_steps_bit_for_bit(quantize):
+    """A quantized prompt prefilled natively (gemv.cpp's multi-row tiles: 64 rows, then 7) gives the bits of the
+    native decode step fed its tokens one at a time (one row per GEMV): logits and every K/V written."""
+    net = text_net(quantize=quantize, hidden_size=96, num_heads=4, num_kv_heads=2, intermediate_size=160)
+    assert native_decode.for_model(net).prefills
+    ids = torch.randint(0, 301, (71,), generator=torch.Generator().manual_seed(6)).tolist()
+    whole, steps = Decoder(net, 1, 80), Decoder(net, 1, 80)
+    want = whole.prefill([ids])
+    steps.prefill([ids[:1]])
+    for t in ids[1:]:
+        got = steps.step(torch.tensor([t]))
+    assert want.std() > 1e-2
+    assert torch.equal(got, want)
+    assert torch.equal(steps.cache.k[:, :, :, :71], whole.cache.k[:, :, :, :71])
+    assert torch.equal(steps.cache.v[:, :, :, :71], whole.cache.v[:, :, :, :71])
+    ref = Decoder(net, 1, 80)
+    ref.native = None  # the torch prefill (bfloat16 GEMMs on the dequantized weight): close, not the same bits
+    scale = want.abs().max()
+    assert (ref.prefill([ids]) - want).abs().max() <= 5e-2 * scale
 
 
 @pytest.mark.parametrize("hidden_size", [192, 72])  # head_dim 64 (the register-resident kernel), 24 (generic)
