@@ -143,21 +143,20 @@ void rows_scalar(const Prepared& p, int64_t n0, int64_t n1) {
 // here), so W is read from memory once per call whatever M is (see the top of the file for the callers' M). Rows are contiguous, so a thread's rows are one sequential stream; the first
 // version took 4 rows at a time, i.e. 4 interleaved streams of K * 4 bytes (36 cache lines at K = 576),
 // too short for the hardware prefetcher to ramp up on each: 11-13 GB/s where the machine reads ~20 GB/s.
-// Each kernel also prefetches kPrefetch bytes ahead of where it reads (into the next rows).
+// Each kernel also prefetches ahead of where it reads (into the next rows).
 // ------------------------------------------------------------------------------------------------------
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512dq,avx512vnni,fma,f16c")))
 
-constexpr int kPrefetch = 1024;
-
 AVX512 inline __mmask16 tail16(int64_t left) { return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1); }
 AVX512 inline __mmask64 tail64(int64_t left) { return left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1; }
-AVX512 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + kPrefetch, _MM_HINT_T0); }
 
-// bfloat16 rows (1,152 bytes at K = 576) prefetch into L2, 8 KB ahead: measured on a standalone stream of
-// 226 MB (2 threads, medians of 6 interleaved rounds) 24 GB/s with the L1 prefetch above (1 KB ahead; also
-// 2 KB: 23), 26 with none, 27-28 into L2 4 KB ahead, 29-33 into L2 8 KB ahead, where float32 reads 29-32 with
-// its own. The L1 hint made the bf16 GEMV the slowest stream of the four formats (~76% of the roofline).
+// bfloat16 rows (1,152 bytes at K = 576) and float32 ones at M = 1 prefetch into L2, 8 KB ahead. bfloat16,
+// measured on a standalone stream of 226 MB (2 threads, medians of 6 interleaved rounds): 24 GB/s with an L1
+// prefetch 1 KB ahead (2 KB: 23), 26 with none, 27-28 into L2 4 KB ahead, 29-33 into L2 8 KB ahead;
+// the L1 hint had made it the slowest stream of the four formats (~76% of the roofline; SmolLM2 decode 0.98x
+// -> 1.13-1.18x llama.cpp's F16). float32 at M = 1: equal on that stream, SmolLM2 decode 40.9-44.8 -> 42.8-46.2
+// tok/s (two interleaved pairs).
 constexpr int kPrefetchL2 = 8192;
 AVX512 inline void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p) + kPrefetchL2, _MM_HINT_T1); }
 
@@ -184,7 +183,7 @@ AVX512 float dot_bf16(const uint16_t* w, const uint16_t* x, int64_t K) {  // K e
 
 // int8/int4 blocks of R rows: while a block is read (R streams, one line of each per step), the next block
 // is prefetched linearly, one line per line read. Measured on the int8 lm_head (49152 x 576, one thread, CPU
-// time): 17 GB/s, where prefetching kPrefetch bytes ahead of each row's own position gave 8.5 GB/s (those
+// time): 17 GB/s, where prefetching 1 KB ahead of each row's own position gave 8.5 GB/s (those
 // lines were still to be read by the other rows: prefetched twice, the next block's first lines never).
 AVX512 inline void prefetch_next_block(const uint8_t* next_block, int64_t line) {
   _mm_prefetch(reinterpret_cast<const char*>(next_block + line * 64), _MM_HINT_T0);
@@ -224,7 +223,7 @@ AVX512 void tile_f32(const Prepared& p, int64_t n, int64_t m, const NextBlock& n
     if (next.base) {
       for (int i = 0; i < next.per_step && line < next.end; ++i, ++line) _mm_prefetch(next.base + line * 64, _MM_HINT_T0);
     } else if (MT == 1 && NT == 1) {
-      prefetch(w + k);  // M = 1: kPrefetch bytes ahead in the row stream
+      prefetch_l2(w + k);  // M = 1: kPrefetchL2 bytes ahead in the row stream
     }
     __m512 wv[NT];
     #pragma GCC unroll 4
