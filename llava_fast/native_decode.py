@@ -1,6 +1,6 @@
 """The CPU decode step in one native call (csrc/decode.cpp), for batches of up to `MAX_ROWS` (64) rows, and
-the float32 model's prefill (float32, int8 or int4 weights) through the same code (a prompt's tokens as rows of
-one cache row, 64 at a time).
+the float32 model's prefill (float32, int8 or int4 weights; AVX-512 GEMV kernels) through the same code (a
+prompt's tokens as rows of one cache row, 64 at a time).
 
 In: a LlavaForCausalLM on the CPU in float32 or bfloat16 whose decoder projections are fused (q/k/v and
 gate/up, as load() leaves them) and are GemvLinear layers (any weight format of gemv.py: float32, bfloat16,
@@ -117,10 +117,19 @@ class NativeDecodeStep:
         # arithmetic as its decode steps. SmolLM2-135M, 130 tokens, 2 threads, interleaved: int8 569-632 vs
         # 476-477 tok/s, int4-32 544-612 vs 408-630. bfloat16 keeps the torch prefill (its multi-row kernel is
         # a GEMV: 349 vs 716 tok/s).
-        self.prefills = self.dtype == torch.float32 and all(f in (F32, Q8, Q4) for f in formats)
+        self._prefill_weights = self.dtype == torch.float32 and all(f in (F32, Q8, Q4) for f in formats)
         # The addresses of what the module holds now: a module whose tensors were replaced since (load_state_dict
         # with assign, .to()) no longer matches, and for_model() builds a new step.
         self.signature = _signature(net)
+
+    @property
+    def prefills(self):
+        """Whether Decoder prefills run here: a float32 model with float32/int8/int4 projections, and gemv.cpp's
+        AVX-512 kernels in use. The scalar fallback (a CPU without AVX512_BF16 and AVX512_VNNI: AVX2 laptops,
+        Zen 2/3, Ice Lake) has no tiles: SmolLM2-135M 130 tokens at 11 (float32) / 52 (int8) tok/s against the
+        torch prefill's 289 / 501 (2-core EPYC, gemv_use_kernels("scalar")). Read at each call: the kernels can
+        be switched at run time."""
+        return self._prefill_weights and gemv._C.gemv_isa() == "avx512"
 
     def __call__(self, cache, lengths, tokens):
         """tokens (B,) at positions lengths (B,) int32 -> logits (B, V) float32; cache rows 0..B-1 of any

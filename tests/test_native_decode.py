@@ -13,6 +13,9 @@ from llava_fast.presets import random_init_
 from llava_fast.quantize import prepare_for_inference
 
 pytestmark = pytest.mark.skipif(not gemv.NATIVE, reason="llava_fast._C not built")
+# The Decoder prefills natively only with gemv.cpp's AVX-512 kernels (NativeDecodeStep.prefills)
+needs_avx512 = pytest.mark.skipif(not gemv.NATIVE or gemv._C.gemv_isa() != "avx512",
+                                  reason="no native prefill on this CPU: it lacks AVX512_BF16/VNNI (scalar GEMV)")
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
@@ -230,6 +233,7 @@ def _assert_same_state(a, b):
     torch.testing.assert_close(a.cache.v, b.cache.v, atol=1e-5, rtol=1e-5)
 
 
+@needs_avx512
 @pytest.mark.parametrize("text", [{}, {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True},
                                   {"num_heads": 4, "num_kv_heads": 2, "hidden_size": 128},  # head_dim 32
                                   {"num_heads": 2, "num_kv_heads": 1, "hidden_size": 192},  # 96: blocks of 2
@@ -255,6 +259,7 @@ def test_native_prefill_equals_torch_prefill(text):
         torch.testing.assert_close(native.step(tokens), ref.step(tokens), atol=1e-4, rtol=1e-4)
 
 
+@needs_avx512
 def test_native_prefill_with_image_features():
     from llava_fast.presets import random_model
 
@@ -279,6 +284,7 @@ def model_image():
     return Image.open(BUNDLED_IMAGE).convert("RGB")
 
 
+@needs_avx512
 def test_native_prefill_only_in_float32_models_and_errors_write_nothing():
     assert native_decode.for_model(text_net(dtype=torch.bfloat16)).prefills is False
     assert native_decode.for_model(text_net(dtype=torch.bfloat16, quantize="int8wo")).prefills is False
@@ -294,6 +300,26 @@ def test_native_prefill_only_in_float32_models_and_errors_write_nothing():
     assert torch.equal(dec.cache.k, k) and torch.equal(dec.lengths, lengths)
 
 
+def test_no_native_prefill_on_the_scalar_gemv():
+    """Without AVX-512 the GEMV is gemv.cpp's scalar loop, no tiles: SmolLM2 int8 prefill 52 tok/s natively vs the
+    torch path's 501. The Decoder then prefills through torch (the bits of a decoder with native=None) and still
+    steps natively; switching back to the AVX-512 kernels makes the native prefill run again."""
+    net = text_net(quantize="int8wo", hidden_size=128, num_heads=2, num_kv_heads=1, intermediate_size=160)
+    ids = torch.randint(0, 301, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    assert gemv._C.gemv_use_kernels("scalar")
+    try:
+        dec, ref = Decoder(net, 1, 48), Decoder(net, 1, 48)
+        assert dec.native is not None and not dec.native.prefills
+        ref.native = None
+        assert torch.equal(dec.prefill([ids]), ref.prefill([ids]))
+        assert torch.equal(dec.prefill_slot(0, ids[:20]), ref.prefill_slot(0, ids[:20]))
+        assert torch.equal(dec.cache.k, ref.cache.k) and torch.equal(dec.lengths, ref.lengths)
+    finally:
+        assert gemv._C.gemv_use_kernels("best")
+    assert native_decode.for_model(net).prefills is (gemv._C.gemv_isa() == "avx512")
+
+
+@needs_avx512
 @pytest.mark.parametrize("text", [{"num_heads": 4, "num_kv_heads": 2, "hidden_size": 128},  # head_dim 32
                                   {"num_heads": 2, "num_kv_heads": 1, "hidden_size": 128}])  # head_dim 64
 def test_native_prefill_bits_do_not_depend_on_how_the_prompt_is_split(text):
@@ -314,6 +340,7 @@ def test_native_prefill_bits_do_not_depend_on_how_the_prompt_is_split(text):
         whole.lengths.fill_(150)
 
 
+@needs_avx512
 @pytest.mark.parametrize("quantize", ["int8wo", "int4wo-32"])
 def test_quantized_native_prefill_is_its_decode_steps_bit_for_bit(quantize):
     """A quantized prompt prefilled natively (gemv.cpp's multi-row tiles: 64 rows, then 7) gives the bits of the
