@@ -127,8 +127,8 @@ class NativeDecodeStep:
         """Whether Decoder prefills run here: a float32 model with float32/int8/int4 projections, and gemv.cpp's
         AVX-512 kernels in use. The scalar fallback (a CPU without AVX512_BF16 and AVX512_VNNI: AVX2 laptops,
         Zen 2/3, Ice Lake) has no tiles: SmolLM2-135M 130 tokens at 11 (float32) / 52 (int8) tok/s against the
-        torch prefill's 289 / 501 (2-core EPYC, gemv_use_kernels("scalar")). Read at each call: the kernels can
-        be switched at run time."""
+        torch prefill's 289 / 501 (EPYC, one thread each, gemv_use_kernels("scalar")). Read at each call: the
+        kernels can be switched at run time."""
         return self._prefill_weights and gemv._C.gemv_isa() == "avx512"
 
     def __call__(self, cache, lengths, tokens):
