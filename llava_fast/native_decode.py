@@ -1,6 +1,6 @@
 """The CPU decode step in one native call (csrc/decode.cpp), for batches of up to `MAX_ROWS` (64) rows, and
-the float32 model's prefill (float32, int8 or int4 weights; AVX-512 GEMV kernels) through the same code (a
-prompt's tokens as rows of one cache row, 64 at a time).
+the float32 prefill (AVX-512 GEMV kernels) through the same code (a prompt's tokens as rows of one cache row, 64
+at a time).
 
 In: a LlavaForCausalLM on the CPU in float32 or bfloat16 whose decoder projections are fused (q/k/v and
 gate/up, as load() leaves them) and are GemvLinear layers (any weight format of gemv.py: float32, bfloat16,
@@ -10,9 +10,9 @@ lengths (B,) int32 -> next-token logits (B, V) float32, K/V written into `cache`
 
 Why: the torch decode step pays Python and ATen dispatch for ~25 small ops per layer; on SmolLM2-135M float32
 (2-core EPYC) that was 32 of a step's 60 ms, the weight reads (the GEMVs) the other 28. The native step runs
-the same math with no dispatch between the GEMVs. Prefill (float32, int8, int4 weights in a float32 model):
-`NativeDecodeStep.prefill`, the GEMMs on gemv.cpp's 4 x 4 tile kernels, attention in blocks of 4 positions
-with the output in registers; float32 SmolLM2-135M 130-token prompt 449 -> 544 tok/s, tiny 274 tokens 2933 -> 3312, 1,024 tokens 2807 -> 3075
+the same math with no dispatch between the GEMVs. Prefill (float32 weights): `NativeDecodeStep.prefill`, the
+GEMMs on gemv.cpp's 4 x 4 tile kernel, attention in blocks of 4 positions with the output in registers;
+SmolLM2-135M 130-token prompt 449 -> 544 tok/s, tiny 274 tokens 2933 -> 3312, 1,024 tokens 2807 -> 3075
 (interleaved, 2 cores) over the torch prefill. Its reference is generate.decode_step (the torch path),
 which tests/test_native_decode.py compares it with: float32 within 1e-4, bfloat16 to bfloat16 rounding.
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from llava_fast import gemv
-from llava_fast.gemv import BF16, F32, Q4, Q8, GemvLinear
+from llava_fast.gemv import BF16, F32, GemvLinear
 
 # Rows per native step. The GEMVs read each weight once for all rows and do one multiply-add per weight per
 # row; tiny preset, 2 cores, ms per step native vs the torch step: 4 rows 9.3 vs 21.8, 16 rows 29.4 vs 75.3,
@@ -111,24 +111,25 @@ class NativeDecodeStep:
             self._keep += norms
             self.model.add_layer(norms[0].data_ptr(), norms[1].data_ptr(), *linears)
         self.model.check()
-        # Prefill runs natively too in a float32 model whose projections are float32, int8 or int4: the 4 x 4
-        # tiles (gemv.cpp tile_f32 / tile_q4) with no dispatch between their GEMMs beat the torch path's oneDNN
-        # GEMMs plus ~25 ops a layer (see prefill()), and a quantized prompt then goes through the same integer
-        # arithmetic as its decode steps. SmolLM2-135M, 130 tokens, 2 threads, interleaved: int8 569-632 vs
-        # 476-477 tok/s, int4-32 544-612 vs 408-630. bfloat16 keeps the torch prefill (its multi-row kernel is
-        # a GEMV: 349 vs 716 tok/s).
-        self._prefill_weights = self.dtype == torch.float32 and all(f in (F32, Q8, Q4) for f in formats)
+        # Prefill runs natively too where every projection is float32: the 4 x 4 tile kernel (gemv.cpp) with no
+        # dispatch between its GEMMs beats the torch path's oneDNN GEMMs plus ~25 ops a layer (see prefill()).
+        # int8/int4 keep the torch prefill (dequantize, then oneDNN's bfloat16 GEMM): natively, on the int4/int8
+        # tiles, they win only on short prompts. SmolLM2-135M, 2 threads, torch time / native time, medians of 5
+        # interleaved rounds: int8 1.23 / 1.01 / 0.92 / 0.90 at 64 / 130 / 256 / 512 tokens, int4-32 1.06 / 1.00
+        # / 0.86 / 0.80; 7B layer shapes at 128 tokens 0.76 (int8) / 0.82 (int4); a LLaVA prompt carries 576
+        # image tokens. bfloat16 keeps it too (its multi-row kernel is a GEMV: 349 vs 716 tok/s).
+        self._prefill_weights = self.dtype == torch.float32 and all(f == F32 for f in formats)
         # The addresses of what the module holds now: a module whose tensors were replaced since (load_state_dict
         # with assign, .to()) no longer matches, and for_model() builds a new step.
         self.signature = _signature(net)
 
     @property
     def prefills(self):
-        """Whether Decoder prefills run here: a float32 model with float32/int8/int4 projections, and gemv.cpp's
+        """Whether Decoder prefills run here: a float32 model with float32 projections, and gemv.cpp's
         AVX-512 kernels in use. The scalar fallback (a CPU without AVX512_BF16 and AVX512_VNNI: AVX2 laptops,
-        Zen 2/3, Ice Lake) has no tiles: SmolLM2-135M 130 tokens at 11 (float32) / 52 (int8) tok/s against the
-        torch prefill's 289 / 501 (EPYC, one thread each, gemv_use_kernels("scalar")). Read at each call: the
-        kernels can be switched at run time."""
+        Zen 2/3, Ice Lake) has no tiles: SmolLM2-135M float32, 130 tokens, at 11 tok/s against the torch
+        prefill's 289 (EPYC, one thread each, gemv_use_kernels("scalar")). Read at each call: the kernels can be
+        switched at run time."""
         return self._prefill_weights and gemv._C.gemv_isa() == "avx512"
 
     def __call__(self, cache, lengths, tokens):
@@ -149,8 +150,9 @@ class NativeDecodeStep:
         """One prompt's rows: embeds (T, C) in the compute dtype (image features spliced in) at positions
         start..start+T-1 of cache row `slot` -> the last token's logits (1, V) float32; K/V written, causal
         (csrc/decode.h DecodeRows). The reference is the torch prefill (generate.Decoder.prefill_slot's
-        decode_hidden), which tests/test_native_decode.py compares it with; int8/int4 weights: the native decode
-        step fed one token at a time, the same bits (the GEMVs' sums do not depend on the row count)."""
+        decode_hidden), which tests/test_native_decode.py compares it with. It also runs int8/int4 weights (the
+        Decoder does not use it for them: see `prefills`): then the bits of the native decode step fed one token
+        at a time (the GEMVs' sums do not depend on the row count), which the tests check."""
         T = embeds.shape[0]
         embeds = embeds.contiguous()
         assert embeds.dtype == self.dtype and embeds.dim() == 2 and cache.k.dtype == self.dtype

@@ -285,10 +285,10 @@ def model_image():
 
 
 @needs_avx512
-def test_native_prefill_only_in_float32_models_and_errors_write_nothing():
+def test_native_prefill_only_for_float32_weights_and_errors_write_nothing():
     assert native_decode.for_model(text_net(dtype=torch.bfloat16)).prefills is False
-    assert native_decode.for_model(text_net(dtype=torch.bfloat16, quantize="int8wo")).prefills is False
-    assert native_decode.for_model(text_net(quantize="int8wo")).prefills is True
+    assert native_decode.for_model(text_net(quantize="int8wo")).prefills is False
+    assert native_decode.for_model(text_net(quantize="int4wo-32", hidden_size=96, intermediate_size=160)).prefills is False
     net = text_net()
     dec = Decoder(net, 2, 20)
     dec.prefill_slot(0, [1, 2, 3])
@@ -301,10 +301,10 @@ def test_native_prefill_only_in_float32_models_and_errors_write_nothing():
 
 
 def test_no_native_prefill_on_the_scalar_gemv():
-    """Without AVX-512 the GEMV is gemv.cpp's scalar loop, no tiles: SmolLM2 int8 prefill 52 tok/s natively vs the
-    torch path's 501. The Decoder then prefills through torch (the bits of a decoder with native=None) and still
+    """Without AVX-512 the GEMV is gemv.cpp's scalar loop, no tiles: SmolLM2 float32 prefill 11 tok/s natively vs
+    the torch path's 289. The Decoder then prefills through torch (the bits of a decoder with native=None) and still
     steps natively; switching back to the AVX-512 kernels makes the native prefill run again."""
-    net = text_net(quantize="int8wo", hidden_size=128, num_heads=2, num_kv_heads=1, intermediate_size=160)
+    net = text_net(hidden_size=128, num_heads=2, num_kv_heads=1, intermediate_size=160)
     ids = torch.randint(0, 301, (40,), generator=torch.Generator().manual_seed(2)).tolist()
     assert gemv._C.gemv_use_kernels("scalar")
     try:
@@ -343,22 +343,25 @@ def test_native_prefill_bits_do_not_depend_on_how_the_prompt_is_split(text):
 @needs_avx512
 @pytest.mark.parametrize("quantize", ["int8wo", "int4wo-32"])
 def test_quantized_native_prefill_is_its_decode_steps_bit_for_bit(quantize):
-    """A quantized prompt prefilled natively (gemv.cpp's multi-row tiles: 64 rows, then 7) gives the bits of the
-    native decode step fed its tokens one at a time (one row per GEMV): logits and every K/V written."""
+    """NativeDecodeStep.prefill on int8/int4 weights (gemv.cpp's multi-row tiles: 64 rows, then 7) gives the bits of
+    the native decode step fed the tokens one at a time (one row per GEMV): logits and every K/V written. (The
+    Decoder prefills quantized models through torch, see NativeDecodeStep.prefills; the server's batched decode
+    steps rely on these tiles' row-count invariance.)"""
     net = text_net(quantize=quantize, hidden_size=96, num_heads=4, num_kv_heads=2, intermediate_size=160)
-    assert native_decode.for_model(net).prefills
     ids = torch.randint(0, 301, (71,), generator=torch.Generator().manual_seed(6)).tolist()
     whole, steps = Decoder(net, 1, 80), Decoder(net, 1, 80)
-    want = whole.prefill([ids])
-    steps.prefill([ids[:1]])
+    assert whole.native is not None and not whole.native.prefills
+    embeds = net.embed(torch.tensor([ids]))[0]
+    want = whole.native.prefill(whole.cache, 0, 0, embeds)
+    steps.native.prefill(steps.cache, 0, 0, embeds[:1])  # the first token natively too, then decode steps
+    steps.lengths[0] = 1
     for t in ids[1:]:
         got = steps.step(torch.tensor([t]))
     assert want.std() > 1e-2
     assert torch.equal(got, want)
     assert torch.equal(steps.cache.k[:, :, :, :71], whole.cache.k[:, :, :, :71])
     assert torch.equal(steps.cache.v[:, :, :, :71], whole.cache.v[:, :, :, :71])
-    ref = Decoder(net, 1, 80)
-    ref.native = None  # the torch prefill (bfloat16 GEMMs on the dequantized weight): close, not the same bits
+    ref = Decoder(net, 1, 80)  # the torch prefill (bfloat16 GEMMs on the dequantized weight): close, not the same
     scale = want.abs().max()
     assert (ref.prefill([ids]) - want).abs().max() <= 5e-2 * scale
 
