@@ -16,6 +16,7 @@ import llava_fast
 from llava_fast import gemv as G
 from llava_fast.errors import InputError
 from llava_fast.presets import random_model
+from llava_fast.quantize import quantize_weight
 
 pytest.importorskip("torchao", reason="quantization tests need torchao (pip install torchao)")
 
@@ -64,6 +65,19 @@ def test_quantized_tiny_model_generates_and_streams(scheme, bound):
     text = model.generate("Hello", max_new_tokens=6, template="llava_v1")
     assert "".join(model.stream("Hello", max_new_tokens=6, template="llava_v1")) == text
     assert model.last_stats["new_tokens"] == 6
+
+
+def test_int4_schemes_keep_lm_head_int8():
+    """As llama.cpp's Q4_0/Q4_1 files keep output.weight at Q8_0: the decoder's projections int4, lm_head int8, whose
+    error on the same weight is far below int4's."""
+    model = random_model("tiny", device="cpu", quantize="int4wo-32")
+    layer = model.net.language_model.layers[0]
+    assert layer.self_attn.qkv_proj.format == G.Q4 and layer.mlp.down_proj.format == G.Q4
+    assert model.net.lm_head.format == G.Q8
+    w = random_model("tiny", device="cpu").net.lm_head.weight
+    err8 = (model.net.lm_head.dequantized() - w).abs().mean()
+    err4 = (quantize_weight(w, 4, 32).dequantized() - w).abs().mean()
+    assert 0 < err8 < err4 / 8
 
 
 def test_quantized_checkpoint_loads_and_matches_float_greedy_closely(tmp_path):
