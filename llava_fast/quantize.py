@@ -24,7 +24,8 @@ gathers rows), as llama.cpp does with token_embd/output.
 lm_head stays int8 under int4wo-<group>, as llama.cpp keeps its output (or tied token_embd) tensor at Q8_0/Q6_K
 in its Q4_0/Q4_1 files (SmolLM2's: Q8_0). On SmolLM2-135M, whose decoder weights come from a Q4_1 file and so
 re-quantize to int4 at group 32 almost exactly, an int4 lm_head was the model's main error (9% relative on its
-weight; greedy answers such as "The capital of France is L'Etoile"); it costs 11 of a token's ~95 MB of reads.
+weight): with it int8, int4wo-32's perplexity on 2,048 tokens went 20.5 -> 19.7 (float32 19.7) and its top-1
+agreement with float32 83.7% -> 97.0% (`llava-fast bench real`), for 11 of a token's ~95 MB of reads.
 
 Errors: an unknown scheme or a group size that does not fit raises InputError; torchao missing raises
 InputError naming the pip command. Reference: torchao (https://github.com/pytorch/ao).
