@@ -317,11 +317,13 @@ AVX512 void rows_q8(const Prepared& p, int64_t n) {
 // unsigned operands of two VPDPBUSD against x_q in nibble order; lane l then holds block (l / 4)'s partial sum,
 // scaled by that block's weight scale (its group's, expanded to lanes by VPERMPS) times x_s. The mins add
 // sum_g min_g * xmin_g, 16 groups per FMA.
+//
 // A tile of R weight rows x MT <= 4 activation rows: each chunk's nibbles and block scales are unpacked once
 // for the MT rows (one row at a time unpacked them again for every activation row: 7 of 12 instructions per
-// 128 weights per row; SmolLM2's shapes at M = 64, 2 threads: ~124 GFLOP/s, oneDNN's bfloat16 GEMM on a
-// dequantized copy 180-275; this tile measured 131-166 and made the int4 prefill native, +15%). Every
-// output's arithmetic is the same whatever MT: the same bits at any M.
+// 128 weights per row; SmolLM2's shapes at M = 64, 2 threads: ~124 GFLOP/s, this tile 131-166). It serves the
+// multi-row decode steps (server batches); a quantized prefill stays on oneDNN's bfloat16 GEMM over a
+// dequantized copy (180-275 GFLOP/s: native_decode.py `prefills`). Every output's arithmetic is the same
+// whatever MT: the same bits at any M.
 template <int R, int MT>
 AVX512 void tile_q4(const Prepared& p, int64_t n, int64_t m0, __m512i scale_lanes, int groups_per_chunk,
                     int group_shift) {
