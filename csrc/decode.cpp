@@ -97,13 +97,14 @@ AVX512 void axpy_avx512(float* out, float p, const void* v, bool bf16, int64_t D
   }
 }
 
-// e^x for x <= 0 (softmax after subtracting the max), 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes'
-// expf polynomial, times 2^n (VSCALEFPS). Within 2 ulp of std::exp; a scalar exp per score was ~40 cycles, the
-// largest piece of a prefill's attention (tiny preset, 274 tokens: 1.8M of them).
-AVX512 inline __m512 exp_nonpositive(__m512 x) {
-  // e^-87.3 ~ 1e-38: no denormals. x second: VMAXPS returns its second operand when either is NaN, so a NaN
-  // score (an inf in q or K) stays NaN, as in torch's softmax, instead of becoming a weight of ~0.
-  x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);
+// e^x, 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' expf polynomial, times 2^n (VSCALEFPS). Within
+// 2 ulp of std::exp; a scalar exp per score was ~40 cycles, the largest piece of a prefill's attention (tiny
+// preset, 274 tokens: 1.8M of them), and SwiGLU's 75k per 55-row chunk and layer took 6 of a prefill's 70 ms.
+AVX512 inline __m512 exp16(__m512 x) {
+  // e^-87.3 ~ 1e-38: no denormals; above 88.7 the result is inf (2^n overflows; 100 keeps r accurate). x second:
+  // VMAXPS / VMINPS return their second operand when either is NaN, so a NaN (an inf in q or K) stays NaN, as
+  // in torch's softmax, instead of becoming a weight of ~0.
+  x = _mm512_max_ps(_mm512_set1_ps(-87.3f), _mm512_min_ps(_mm512_set1_ps(100.f), x));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
@@ -164,7 +165,7 @@ AVX512 void attend_block(const float* q, int64_t q_stride, int nb, const char* k
     __m512 total = _mm512_setzero_ps();
     for (t = 0; t < T; t += 16) {
       const __mmask16 mk = tail_mask(T - t);
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, si + t), mv));
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, si + t), mv));
       _mm512_mask_storeu_ps(si + t, mk, e);
       total = _mm512_add_ps(total, _mm512_maskz_mov_ps(mk, e));
     }
@@ -242,12 +243,65 @@ void linear(const DecodeLinear& l, const float* x, int64_t rows, float* y, const
   }
 }
 
+// ------------------------------------------------------------------------------------------------------
+// The elementwise glue, 16 lanes at a time where the CPU has AVX-512 (same roundings as the scalar loops:
+// round_bf16_16 is f32_to_bf16's integer rounding, NaN included). Per 274-token tiny prefill (2 cores) the
+// scalar loops took ~10 of ~70 ms on the calling thread while the pool's workers waited: SwiGLU (std::exp) 6.4,
+// the RMSNorms 2.1, RoPE and the K/V writes 0.9.
+// ------------------------------------------------------------------------------------------------------
+
+AVX512 inline __m512 round_bf16_16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v), hi = _mm512_set1_epi32(int(0xffff0000u));
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), hi);
+  const __m512i quiet = _mm512_and_si512(_mm512_or_si512(u, _mm512_set1_epi32(0x400000)), hi);  // NaN stays NaN
+  return _mm512_castsi512_ps(_mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet));
+}
+
+AVX512 inline __m512 rnd16(__m512 v, bool bf16) { return bf16 ? round_bf16_16(v) : v; }
+
+AVX512 inline void store16(void* p, int64_t i, __m512 v, bool bf16, __mmask16 mk) {  // v already rounded
+  if (bf16) {
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, mk, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+  } else {
+    _mm512_mask_storeu_ps(static_cast<float*>(p) + i, mk, v);
+  }
+}
+
+// One row of add_rms_norm (below). The sum of squares in double, as the scalar loop.
+AVX512 void add_rms_norm_row_avx512(const float* x, float* h, const void* weight, float eps, int64_t C, float* out,
+                                    bool bf16) {
+  __m512d sq0 = _mm512_setzero_pd(), sq1 = sq0;
+  for (int64_t i = 0; i < C; i += 16) {
+    const __mmask16 mk = tail_mask(C - i);
+    __m512 v = _mm512_maskz_loadu_ps(mk, h + i);
+    if (x) {
+      v = rnd16(_mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, x + i)), bf16);
+      _mm512_mask_storeu_ps(h + i, mk, v);
+    }
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    sq0 = _mm512_fmadd_pd(lo, lo, sq0), sq1 = _mm512_fmadd_pd(hi, hi, sq1);
+  }
+  const double sq = _mm512_reduce_add_pd(_mm512_add_pd(sq0, sq1));
+  const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(float(sq / double(C)) + eps));
+  for (int64_t i = 0; i < C; i += 16) {
+    const __mmask16 mk = tail_mask(C - i);
+    const __m512 normed = rnd16(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, h + i), inv), bf16);
+    _mm512_mask_storeu_ps(out + i, mk, rnd16(_mm512_mul_ps(load16(weight, bf16, i, mk), normed), bf16));
+  }
+}
+
 // residual += x (skipped when x is null: the first layer's stream is the embedding itself), then
 // out = weight * (residual / rms(residual)), as ops.rms_norm_reference.
 void add_rms_norm(const float* x, float* residual, const void* weight, float eps, int64_t rows, int64_t C,
                   float* out, const Stored& st) {
   for (int64_t r = 0; r < rows; ++r) {
     float* h = residual + r * C;
+    if (kAvx512) {
+      add_rms_norm_row_avx512(x ? x + r * C : nullptr, h, weight, eps, C, out + r * C, st.bf16);
+      continue;
+    }
     if (x) {
       for (int64_t i = 0; i < C; ++i) h[i] = st.round(h[i] + x[r * C + i]);
     }
@@ -258,8 +312,25 @@ void add_rms_norm(const float* x, float* residual, const void* weight, float eps
   }
 }
 
+AVX512 void rope_avx512(float* x, int64_t count, int64_t D, const float* cos_row, const float* sin_row, bool bf16) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; i += 16) {
+    const __mmask16 mk = tail_mask(half - i);
+    const __m512 c = rnd16(_mm512_maskz_loadu_ps(mk, cos_row + i), bf16), s = rnd16(_mm512_maskz_loadu_ps(mk, sin_row + i), bf16);
+    for (int64_t h = 0; h < count; ++h) {
+      float* xh = x + h * D;
+      const __m512 x1 = _mm512_maskz_loadu_ps(mk, xh + i), x2 = _mm512_maskz_loadu_ps(mk, xh + half + i);
+      const __m512 a = rnd16(_mm512_sub_ps(rnd16(_mm512_mul_ps(x1, c), bf16), rnd16(_mm512_mul_ps(x2, s), bf16)), bf16);
+      const __m512 b = rnd16(_mm512_add_ps(rnd16(_mm512_mul_ps(x2, c), bf16), rnd16(_mm512_mul_ps(x1, s), bf16)), bf16);
+      _mm512_mask_storeu_ps(xh + i, mk, a);
+      _mm512_mask_storeu_ps(xh + half + i, mk, b);
+    }
+  }
+}
+
 // Rotate-half RoPE of `count` heads of D at one position, in place (ops.apply_rope).
 void rope(float* x, int64_t count, int64_t D, const float* cos_row, const float* sin_row, const Stored& st) {
+  if (kAvx512) return rope_avx512(x, count, D, cos_row, sin_row, st.bf16);
   const int64_t half = D / 2;
   for (int64_t h = 0; h < count; ++h) {
     float* xh = x + h * D;
@@ -269,6 +340,38 @@ void rope(float* x, int64_t count, int64_t D, const float* cos_row, const float*
       xh[i] = st.round(st.round(x1 * c) - st.round(x2 * s));
       xh[i + half] = st.round(st.round(x2 * c) + st.round(x1 * s));
     }
+  }
+}
+
+// n values (already rounded to the dtype) into a K/V cache position.
+AVX512 void store_row_avx512(void* dst, const float* src, int64_t n, bool bf16) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mk = tail_mask(n - i);
+    store16(dst, i, _mm512_maskz_loadu_ps(mk, src + i), bf16, mk);
+  }
+}
+
+void store_row(void* dst, const float* src, int64_t n, const Stored& st) {
+  if (kAvx512) return store_row_avx512(dst, src, n, st.bf16);
+  for (int64_t i = 0; i < n; ++i) st.put(dst, i, src[i]);
+}
+
+// SwiGLU of one row: out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + e^-g) as torch's F.silu; out may be gate.
+AVX512 void swiglu_row_avx512(const float* gate, const float* up, float* out, int64_t I, bool bf16) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t i = 0; i < I; i += 16) {
+    const __mmask16 mk = tail_mask(I - i);
+    const __m512 g = _mm512_maskz_loadu_ps(mk, gate + i);
+    const __m512 silu = rnd16(_mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))), bf16);
+    _mm512_mask_storeu_ps(out + i, mk, rnd16(_mm512_mul_ps(silu, _mm512_maskz_loadu_ps(mk, up + i)), bf16));
+  }
+}
+
+void swiglu_row(const float* gate, const float* up, float* out, int64_t I, const Stored& st) {
+  if (kAvx512) return swiglu_row_avx512(gate, up, out, I, st.bf16);
+  for (int64_t i = 0; i < I; ++i) {
+    const float g = gate[i];
+    out[i] = st.round(st.round(g / (1.f + std::exp(-g))) * up[i]);
   }
 }
 
@@ -340,10 +443,8 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
       rope(q, H + Hkv, D, m.cos + pos * (D / 2), m.sin + pos * (D / 2), st);  // q heads, then k heads
       for (int64_t g = 0; g < Hkv; ++g) {
         const int64_t at = (slots[r] * cache.row_stride + g * cache.head_stride + pos * cache.pos_stride) * kv_elem;
-        for (int64_t d = 0; d < D; ++d) {
-          st.put(k_layer + at, d, q[(H + g) * D + d]);
-          st.put(v_layer + at, d, q[(H + Hkv + g) * D + d]);
-        }
+        store_row(k_layer + at, q + (H + g) * D, D, st);
+        store_row(v_layer + at, q + (H + Hkv + g) * D, D, st);
       }
     }
     // The workers see their own (empty) thread_local buffers: hand them this thread's by address.
@@ -408,10 +509,7 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
     linear(L.gate_up, normed.data(), rows, gate_up.data(), st, threads);
     for (int64_t r = 0; r < rows; ++r) {  // SwiGLU: silu(gate) * up, into the first half of the row
       float* gu = gate_up.data() + r * 2 * I;
-      for (int64_t i = 0; i < I; ++i) {
-        const float g = gu[i];
-        gu[i] = st.round(st.round(g / (1.f + std::exp(-g))) * gu[I + i]);
-      }
+      swiglu_row(gu, gu + I, gu, I, st);
       if (r) std::memmove(gate_up.data() + r * I, gu, I * sizeof(float));  // rows of I for the GEMV
     }
     linear(L.down, gate_up.data(), rows, out.data(), st, threads);

@@ -6,7 +6,7 @@
 // a fraction of that at M = 1 (576 x 1536, 2 threads, a busy host: float32 F.linear ~12 GB/s, bfloat16
 // F.linear ~1.2 GB/s, aten._weight_int8pack_mm ~0.1-1.6 GB/s, torchao's int4 CPU kernel ~0.7 GB/s), so the
 // int8 and int4 models ran slower than float32. These kernels stream each weight once with AVX-512:
-//   float32  16 weights per FMA; above M = 1 a tile of 4 weight rows x 4 x rows (16 FMAs per 8 loads);
+//   float32  16 weights per FMA; above M = 1 a tile of 4 weight rows x 6 x rows (24 FMAs per 10 loads);
 //   bfloat16  32 weights per VDPBF16PS (x rounded to bf16, fp32 sums); one row at a time, the rows of a
 //            thread one sequential stream, prefetched into L2 8 KB ahead.
 //   int8     64 weights per VPDPBUSD (AVX512_VNNI, u8 x s8 -> int32): the weight stored offset-binary (w + 128)
@@ -203,10 +203,28 @@ struct NextBlock {
 // order 16 at a time (masked tail), each sum reduced by reduce4's tree. The order of every sum is therefore
 // the same whatever the tile, M or thread count: a request's logits do not depend on what else is in the batch
 // (the server's rows equal generate() alone, bit for bit). At M = 1 one chain per row still outruns memory
-// (one FMA per 64 bytes, 4 cycles' latency: ~48 GB/s per core at 3 GHz); at M >= 2 the 4 x 4 tile does 16
-// FMAs per 8 loads where one dot product per pair did 1 per 2 loads and a reduction per 32 FMAs (tiny's
-// lm_head 32064 x 512 at M = 16, 2 threads: 51 -> 100 GFLOP/s; at 64 rows on cache-resident weights
-// 150-178, above oneDNN's F.linear at those shapes).
+// (one FMA per 64 bytes, 4 cycles' latency: ~48 GB/s per core at 3 GHz); above it a 4 x 6 tile does 24 FMAs
+// per 10 loads in 24 + 4 + 1 of the 32 vector registers. History (2 threads, weights from memory): one dot
+// product per pair (1 FMA per 2 loads, a reduction per 32 FMAs) -> a 4 x 4 tile took tiny's lm_head 32064 x
+// 512 at M = 16 from 51 to 100 GFLOP/s; 4 x 4 -> 4 x 6 with the full k steps unmasked took the prefill shapes
+// at M = 55-64 (tiny's 1024/512/2752 x 512, 512 x 1376; SmolLM2's 960/576/3072 x 576, 576 x 1536) from
+// 142-157 to 164-192 GFLOP/s (geometric means, interleaved rounds; 6 x 4, 5 x 5 and 8 x 3 measured 147-181).
+constexpr int kTileRows = 4, kTileCols = 6;  // NT, and MT of the full tiles
+
+// One k step of a tile: 16 k of every (row, activation) pair. mk is a constant 0xffff except in the tail, so
+// the full steps load without masks.
+template <int NT, int MT>
+AVX512 inline void tile_step_f32(const float* w, const float* x, int64_t K, int64_t k, __mmask16 mk, __m512* acc) {
+  __m512 wv[NT];
+  #pragma GCC unroll 8
+  for (int r = 0; r < NT; ++r) wv[r] = _mm512_maskz_loadu_ps(mk, w + r * K + k);
+  #pragma GCC unroll 8
+  for (int c = 0; c < MT; ++c) {
+    const __m512 xv = _mm512_maskz_loadu_ps(mk, x + c * K + k);
+    #pragma GCC unroll 8
+    for (int r = 0; r < NT; ++r) acc[r * MT + c] = _mm512_fmadd_ps(wv[r], xv, acc[r * MT + c]);
+  }
+}
 
 template <int NT, int MT>
 AVX512 void tile_f32(const Prepared& p, int64_t n, int64_t m, const NextBlock& next) {
@@ -215,27 +233,26 @@ AVX512 void tile_f32(const Prepared& p, int64_t n, int64_t m, const NextBlock& n
   const float* w = static_cast<const float*>(a.w) + n * K;
   const float* x = p.xf + m * K;
   __m512 acc[NT * MT];
-  #pragma GCC unroll 16
+  #pragma GCC unroll 32
   for (int i = 0; i < NT * MT; ++i) acc[i] = _mm512_setzero_ps();
   int64_t line = next.first;
-  for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 mk = tail16(K - k);
+  auto prefetch = [&] {
+    for (int i = 0; i < next.per_step && line < next.end; ++i, ++line) _mm_prefetch(next.base + line * 64, _MM_HINT_T0);
+  };
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
     if (next.base) {
-      for (int i = 0; i < next.per_step && line < next.end; ++i, ++line) _mm_prefetch(next.base + line * 64, _MM_HINT_T0);
+      prefetch();
     } else if (MT == 1 && NT == 1) {
       prefetch_l2(w + k);  // M = 1: kPrefetchL2 bytes ahead in the row stream
     }
-    __m512 wv[NT];
-    #pragma GCC unroll 4
-    for (int r = 0; r < NT; ++r) wv[r] = _mm512_maskz_loadu_ps(mk, w + r * K + k);
-    #pragma GCC unroll 4
-    for (int c = 0; c < MT; ++c) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mk, x + c * K + k);
-      #pragma GCC unroll 4
-      for (int r = 0; r < NT; ++r) acc[r * MT + c] = _mm512_fmadd_ps(wv[r], xv, acc[r * MT + c]);
-    }
+    tile_step_f32<NT, MT>(w, x, K, k, __mmask16(0xffff), acc);
   }
-  #pragma GCC unroll 4  // constant indices keep acc in registers (else GCC spills all 16 every step)
+  if (k < K) {
+    if (next.base) prefetch();
+    tile_step_f32<NT, MT>(w, x, K, k, tail16(K - k), acc);
+  }
+  #pragma GCC unroll 8  // constant indices keep acc in registers (else GCC spills them all every step)
   for (int i = 0; i < NT * MT; i += 4) {  // 4 sums per shuffle tree; a short group repeats its last vector
     const int last = NT * MT - 1;
     alignas(16) float out[4];
@@ -244,10 +261,16 @@ AVX512 void tile_f32(const Prepared& p, int64_t n, int64_t m, const NextBlock& n
   }
 }
 
+// All M activation rows x weight rows n .. n + NT, in tiles of MT = kTileCols rows (and MT - 1: see below).
 template <int NT>
-AVX512 void tiles_f32(const Prepared& p, int64_t n, int64_t n1) {  // all M activation rows x weight rows n .. n + NT
+AVX512 void tiles_f32(const Prepared& p, int64_t n, int64_t n1) {
+  constexpr int MB = kTileCols;
   const int64_t M = p.a->m, K = p.a->k;
-  const int64_t tiles = (M + 3) / 4, steps = (K + 15) / 16;
+  // M = q * MB + r: (MB - r) tiles of MB - 1 rows and the rest of MB (55 = 5 x 5 + 5 x 6), not a tile of r
+  // rows (a 4 x 1 tile does 4 FMAs per 5 loads).
+  int64_t smaller = (MB - M % MB) % MB;
+  if (smaller * (MB - 1) > M) smaller = 0;
+  const int64_t tiles = smaller + (M - smaller * (MB - 1) + MB - 1) / MB, steps = (K + 15) / 16;
   const int64_t next_rows = std::min<int64_t>(NT, n1 - n - NT);  // the block after this one, in this range
   NextBlock next{nullptr, 0, 0, 0};
   if (M > 1 && next_rows > 0) {
@@ -255,17 +278,21 @@ AVX512 void tiles_f32(const Prepared& p, int64_t n, int64_t n1) {  // all M acti
     next.end = (next_rows * K * 4 + 63) / 64;
     next.per_step = int((next.end + tiles * steps - 1) / (tiles * steps));
   }
-  int64_t m = 0;
   auto advance = [&](int64_t t) {
     NextBlock b = next;
     b.first = std::min(next.end, t * steps * next.per_step);
     return b;
   };
-  for (; m + 4 <= M; m += 4) tile_f32<NT, 4>(p, n, m, advance(m / 4));
+  int64_t m = 0, t = 0;
+  for (; t < smaller; ++t, m += MB - 1) tile_f32<NT, MB - 1>(p, n, m, advance(t));
+  for (; m + MB <= M; m += MB, ++t) tile_f32<NT, MB>(p, n, m, advance(t));
+  static_assert(MB == 6, "the tail's cases below");
   switch (M - m) {
-    case 3: tile_f32<NT, 3>(p, n, m, advance(m / 4)); break;
-    case 2: tile_f32<NT, 2>(p, n, m, advance(m / 4)); break;
-    case 1: tile_f32<NT, 1>(p, n, m, advance(m / 4)); break;
+    case 5: tile_f32<NT, 5>(p, n, m, advance(t)); break;
+    case 4: tile_f32<NT, 4>(p, n, m, advance(t)); break;
+    case 3: tile_f32<NT, 3>(p, n, m, advance(t)); break;
+    case 2: tile_f32<NT, 2>(p, n, m, advance(t)); break;
+    case 1: tile_f32<NT, 1>(p, n, m, advance(t)); break;
   }
 }
 
@@ -395,7 +422,7 @@ AVX512 void rows_avx512(const Prepared& p, int64_t n0, int64_t n1) {
     case kWeightF32: {
       int64_t n = n0;
       if (M > 1)  // one row at a time at M = 1: one sequential stream for the prefetcher (see above)
-        for (; n + 4 <= n1; n += 4) tiles_f32<4>(p, n, n1);
+        for (; n + kTileRows <= n1; n += kTileRows) tiles_f32<kTileRows>(p, n, n1);
       for (; n < n1; ++n) tiles_f32<1>(p, n, n1);
       break;
     }

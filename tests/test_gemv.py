@@ -69,11 +69,12 @@ def test_gemv_matches_the_reference(fmt, N, K, group, kernels):
                                            (G.Q8, 21, 160, None), (G.Q4, 19, 128, 32)])
 def test_a_row_gives_the_same_bits_whatever_else_is_in_the_call(fmt, N, K, group):
     """Batch invariance: the server batches requests, and each must get generate()'s answer alone, bit for bit.
-    The float32 kernel tiles 4 weight rows x up to 4 activation rows above M = 1, so M = 2..17 and 64 cover
-    every tile shape and the weight-row remainder; each row of the call must equal a call with that row alone."""
+    The float32 kernel tiles 4 weight rows x 6 activation rows above M = 1, tiles of 5 taking up a remainder
+    (55 = 5 x 5 + 5 x 6) where they can, else a tile of 1-5 rows at the end (7 = 6 + 1), so these M cover every
+    tile shape and the weight-row remainder; each row of the call must equal a call with that row alone."""
     layer = _layer(fmt, N, K, group)
     gen = torch.Generator().manual_seed(K)
-    for rows in (2, 3, 5, 6, 7, 16, 17, 64):
+    for rows in (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 16, 17, 55, 64):
         x = torch.randn(rows, K, generator=gen) + 0.1
         out = G.gemv(x, layer, 2)
         ref = G.reference(x, layer)

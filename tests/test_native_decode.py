@@ -217,6 +217,30 @@ def test_more_rows_than_the_gemv_path():
     assert torch.equal(dec.lengths, lengths_ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_of_gates_far_from_zero_equals_torch(dtype):
+    """SwiGLU's vectorised exp (decode.cpp exp16) takes e^-g of either sign: gates beyond +-88 make e^-g underflow
+    or overflow to inf, so silu(g) = g / (1 + e^-g) must come out g or -0 as torch's F.silu gives."""
+    net = text_net(dtype=dtype)
+    I = net.cfg.text.intermediate_size
+    with torch.no_grad():
+        for layer in net.language_model.layers:
+            layer.mlp.gate_up_proj.weight[:I] *= 300
+    gates = []
+    hook = net.language_model.layers[0].mlp.gate_up_proj.register_forward_hook(
+        lambda module, args, out: gates.append(out[..., :I].float().reshape(-1)))
+    try:
+        pairs = both_steps(net, [5, 8], steps=2)[0]
+    finally:
+        hook.remove()
+    gates = torch.cat(gates)
+    assert gates.max() > 100 and gates.min() < -100 and (gates.abs() < 10).any()
+    for got, want in pairs:
+        scale = want.abs().max()
+        tol = 1e-4 if dtype == torch.float32 else 0.03  # bfloat16: as test_bfloat16_follows_torch_rounding
+        assert (got - want).abs().max() <= tol * scale
+
+
 def _twin_decoders(net, batch, capacity):
     """Two decoders with the same stale cache contents: one prefills natively, the other through torch."""
     native, torch_path = Decoder(net, batch, capacity), Decoder(net, batch, capacity)
