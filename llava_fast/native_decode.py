@@ -11,9 +11,11 @@ lengths (B,) int32 -> next-token logits (B, V) float32, K/V written into `cache`
 Why: the torch decode step pays Python and ATen dispatch for ~25 small ops per layer; on SmolLM2-135M float32
 (2-core EPYC) that was 32 of a step's 60 ms, the weight reads (the GEMVs) the other 28. The native step runs
 the same math with no dispatch between the GEMVs. Prefill (float32 weights): `NativeDecodeStep.prefill`, the
-GEMMs on gemv.cpp's 4 x 4 tile kernel, attention in blocks of 4 positions with the output in registers;
+GEMMs on gemv.cpp's tile kernel, attention in blocks of 4 positions with the output in registers;
 SmolLM2-135M 130-token prompt 449 -> 544 tok/s, tiny 274 tokens 2933 -> 3312, 1,024 tokens 2807 -> 3075
-(interleaved, 2 cores) over the torch prefill. Its reference is generate.decode_step (the torch path),
+(interleaved, 2 cores) over the torch prefill with a 4 x 4 tile; then the 4 x 6 tile and the glue (SwiGLU,
+RMSNorm, RoPE, K/V writes) on AVX-512 took tiny's 274 tokens from 78.6 to 62.5 ms (medians of 40 interleaved
+pairs, 2 cores; ~4.4k tok/s). Its reference is generate.decode_step (the torch path),
 which tests/test_native_decode.py compares it with: float32 within 1e-4, bfloat16 to bfloat16 rounding.
 
 `for_model(net)` returns None, with the reason in `why_not(net)`, where the native step does not apply (no
@@ -111,7 +113,7 @@ class NativeDecodeStep:
             self._keep += norms
             self.model.add_layer(norms[0].data_ptr(), norms[1].data_ptr(), *linears)
         self.model.check()
-        # Prefill runs natively too where every projection is float32: the 4 x 4 tile kernel (gemv.cpp) with no
+        # Prefill runs natively too where every projection is float32: the 4 x 6 tile kernel (gemv.cpp) with no
         # dispatch between its GEMMs beats the torch path's oneDNN GEMMs plus ~25 ops a layer (see prefill()).
         # int8/int4 keep the torch prefill (dequantize, then oneDNN's bfloat16 GEMM): natively, on the int4/int8
         # tiles, they win only on short prompts. SmolLM2-135M, 2 threads, torch time / native time, medians of 5
