@@ -263,8 +263,9 @@ def _assert_same_state(a, b):
                                   {"num_heads": 2, "num_kv_heads": 1, "hidden_size": 192},  # 96: blocks of 2
                                   {"num_heads": 2, "num_kv_heads": 2, "hidden_size": 256}])  # 128
 def test_native_prefill_equals_torch_prefill(text):
-    """Prompts of 1, 64, 65 and 150 tokens (the native forward takes 64 rows at a time: a later chunk attends to
-    the K/V the earlier ones wrote), after cached prefixes, ragged in one batch, and one row alone."""
+    """Prompts of 1, 64, 65 and 150 tokens (the native forward takes up to 128 rows at a time, 150 as 75 + 75: a
+    later chunk attends to the K/V the earlier ones wrote), after cached prefixes, ragged in one batch, and one row
+    alone."""
     net = text_net(max_position_embeddings=300, **text)
     native, ref = _twin_decoders(net, 4, 240)
     g = torch.Generator().manual_seed(3)
