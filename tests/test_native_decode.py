@@ -239,12 +239,13 @@ def _assert_same_state(a, b):
                                   {"num_heads": 2, "num_kv_heads": 1, "hidden_size": 192},  # 96: blocks of 2
                                   {"num_heads": 2, "num_kv_heads": 2, "hidden_size": 256}])  # 128
 def test_native_prefill_equals_torch_prefill(text):
-    """Prompts of 1, 64, 65 and 150 tokens (the native forward takes 64 rows at a time: a later chunk attends to
-    the K/V the earlier ones wrote), after cached prefixes, ragged in one batch, and one row alone."""
+    """Prompts of 1, 64, 129 and 150 tokens (the native forward takes up to 128 rows at a time, in equal chunks:
+    a later chunk attends to the K/V the earlier ones wrote), after cached prefixes, ragged in one batch, and one
+    row alone."""
     net = text_net(max_position_embeddings=300, **text)
     native, ref = _twin_decoders(net, 4, 240)
     g = torch.Generator().manual_seed(3)
-    rows = [torch.randint(0, 301, (n,), generator=g).tolist() for n in (1, 64, 65, 150)]
+    rows = [torch.randint(0, 301, (n,), generator=g).tolist() for n in (1, 64, 129, 150)]
     for start in (None, [0, 5, 17, 80]):
         got, want = native.prefill(rows, start_pos=start), ref.prefill(rows, start_pos=start)
         assert want.std() > 1e-2
@@ -326,7 +327,7 @@ def test_no_native_prefill_on_the_scalar_gemv():
                                    "quantize": "int4wo-32"}])  # the int4 prefill GEMM (gemm_q4.cpp)
 def test_native_prefill_bits_do_not_depend_on_how_the_prompt_is_split(text):
     """The server prefills only what follows a reused prefix (scheduler.py), generate() the whole prompt: the
-    K/V and logits must be the same bits, wherever the split falls (attention blocks of 4 rows, 64-row chunks,
+    K/V and logits must be the same bits, wherever the split falls (attention blocks of 4 rows, 75-row chunks,
     the int4 GEMM's micro-tiles of 4 rows)."""
     net = text_net(max_position_embeddings=300, **text)
     ids = torch.randint(0, 301, (150,), generator=torch.Generator().manual_seed(5)).tolist()
