@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "convert.h"
+#include "gemm_q4.h"
 #include "gemv.h"
 #include "simd.h"
 
@@ -31,10 +32,11 @@ namespace llava_fast {
 namespace {
 
 // Rows through the layers at a time: the server's decode batches (<= 64 rows) in one pass; a long prompt in
-// chunks whose GEMM inputs stay in L2 (128 x 1536 floats = 768 KB on SmolLM2's down_proj; Zen 4: 1 MB per core).
-// Each chunk reads every weight once: 128 (tiny's 274 tokens as 3 chunks of 92, not 5 of 55, i.e. 210 instead
-// of 350 MB of float32 layer weights) took its native prefill from 62.0 to 56.6 ms, 1,024 tokens 247 -> 241
-// (medians of 20 / 12 interleaved pairs, 2 cores).
+// chunks of up to 128 rows whose GEMM inputs stay in L2 (128 x 1536 floats = 768 KB at SmolLM2's down_proj;
+// Zen 4: 1 MB per core). Every chunk re-reads the weights (and the int4 GEMM repacks them). SmolLM2, 256
+// tokens, best of 5 per run, 5 interleaved runs, 128 vs 64 rows: int4-32 1409 vs 1270 tok/s, float32 601 vs
+// 576; tiny 274 tokens (3 chunks of 92, not 5 of 55: 210 instead of 350 MB of float32 layer weights) 62.0 ->
+// 56.6 ms, 1,024 tokens 247 -> 241 (native prefill, medians of 20 / 12 interleaved pairs, 2 cores).
 constexpr int64_t kChunk = 128;
 
 // A model's stored values: float32 or bfloat16 arrays read and written as float.
@@ -233,9 +235,16 @@ const bool kAvx512 = has_avx512();
 // ------------------------------------------------------------------------------------------------------
 
 // y (rows, n) = x (rows, k) @ W^T (+ bias), rounded to the compute dtype.
-void linear(const DecodeLinear& l, const float* x, int64_t rows, float* y, const Stored& st, int threads) {
+// Prompt rows of an int4 projection go through the prefill GEMM (gemm_q4.cpp: 2x the int4 GEMV tile's
+// multiply-adds per instruction); everything else through the GEMV.
+void linear(const DecodeLinear& l, const float* x, int64_t rows, float* y, const Stored& st, int threads,
+            bool prompt = false) {
   const GemvArgs a{x, kActF32, rows, l.k, l.w, l.format, l.n, l.k, l.group, l.scales, l.mins, y, l.n};
-  gemv(a, threads);
+  if (prompt && l.format == kWeightQ4) {
+    gemm_q4(a, threads);
+  } else {
+    gemv(a, threads);
+  }
   for (int64_t r = 0; r < rows; ++r) {
     float* yr = y + r * l.n;
     if (l.bias) {
@@ -436,7 +445,7 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
   for (size_t li = 0; li < m.layers.size(); ++li) {
     const DecodeLayer& L = m.layers[li];
     add_rms_norm(li ? out.data() : nullptr, residual.data(), L.input_norm, m.eps, rows, C, normed.data(), st);
-    linear(L.qkv, normed.data(), rows, qkv.data(), st, threads);
+    linear(L.qkv, normed.data(), rows, qkv.data(), st, threads, in.prompt);
 
     char* k_layer = static_cast<char*>(cache.k) + int64_t(li) * cache.layer_stride * kv_elem;
     char* v_layer = static_cast<char*>(cache.v) + int64_t(li) * cache.layer_stride * kv_elem;
@@ -506,16 +515,16 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
       const float inv = 1.f / total;
       for (int64_t d = 0; d < D; ++d) o[d] = st.round(o[d] * inv);
     });
-    linear(L.o, attn.data(), rows, out.data(), st, threads);
+    linear(L.o, attn.data(), rows, out.data(), st, threads, in.prompt);
 
     add_rms_norm(out.data(), residual.data(), L.post_norm, m.eps, rows, C, normed.data(), st);
-    linear(L.gate_up, normed.data(), rows, gate_up.data(), st, threads);
+    linear(L.gate_up, normed.data(), rows, gate_up.data(), st, threads, in.prompt);
     for (int64_t r = 0; r < rows; ++r) {  // SwiGLU: silu(gate) * up, into the first half of the row
       float* gu = gate_up.data() + r * 2 * I;
       swiglu_row(gu, gu + I, gu, I, st);
       if (r) std::memmove(gate_up.data() + r * I, gu, I * sizeof(float));  // rows of I for the GEMV
     }
-    linear(L.down, gate_up.data(), rows, out.data(), st, threads);
+    linear(L.down, gate_up.data(), rows, out.data(), st, threads, in.prompt);
   }
   // The final norm and lm_head on the wanted rows only (a prompt's last token), gathered to the front.
   int64_t wanted = 0;

@@ -348,9 +348,9 @@ AVX512 void rows_q8(const Prepared& p, int64_t n) {
 // A tile of R weight rows x MT <= 4 activation rows: each chunk's nibbles and block scales are unpacked once
 // for the MT rows (one row at a time unpacked them again for every activation row: 7 of 12 instructions per
 // 128 weights per row; SmolLM2's shapes at M = 64, 2 threads: ~124 GFLOP/s, this tile 131-166). It serves the
-// multi-row decode steps (server batches); a quantized prefill stays on oneDNN's bfloat16 GEMM over a
-// dequantized copy (180-275 GFLOP/s: native_decode.py `prefills`). Every output's arithmetic is the same
-// whatever MT: the same bits at any M.
+// multi-row decode steps (server batches); an int4 prefill runs gemm_q4.cpp's outer-product GEMM (2x the
+// multiply-adds per instruction), an int8 one stays on oneDNN's bfloat16 GEMM over a dequantized copy
+// (native_decode.py `prefills`). Every output's arithmetic is the same whatever MT: the same bits at any M.
 template <int R, int MT>
 AVX512 void tile_q4(const Prepared& p, int64_t n, int64_t m0, __m512i scale_lanes, int groups_per_chunk,
                     int group_shift) {
@@ -483,6 +483,18 @@ AVX512 void quantize_row_avx512(const float* x, int64_t K, int8_t* xq, float* xs
   }
 }
 
+void quantize_row_scalar(const float* x, int64_t K, int8_t* xq, float* xs) {
+  for (int64_t b = 0, k0 = 0; k0 < K; ++b, k0 += 32) {
+    const int64_t k1 = std::min(K, k0 + 32);
+    float amax = 0.f;
+    for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[k]));
+    const float d = amax / 127.f;
+    xs[b] = d;
+    if (d > 0.f)
+      for (int64_t k = k0; k < k1; ++k) xq[k] = int8_t(std::nearbyint(x[k] / d));
+  }
+}
+
 // corr[l] = -128 * (sum of the 4 x_q of lane l) for one 64-byte chunk: VPDPBUSD against ones.
 AVX512 void corr_chunk_avx512(const int8_t* xq, int32_t* corr) {
   const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), _mm512_loadu_si512(xq));
@@ -502,22 +514,7 @@ struct QuantizedX {
     xq.assign(M * kp, 0);
     xs.assign(M * B, 0.f);
     const bool avx512 = g_rows.load() == rows_avx512;
-    for (int64_t m = 0; m < M; ++m) {
-      if (avx512) {
-        quantize_row_avx512(p.xf + m * K, K, &xq[m * kp], &xs[m * B]);
-        continue;
-      }
-      const float* x = p.xf + m * K;
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t k0 = b * 32, k1 = std::min(K, k0 + 32);
-        float amax = 0.f;
-        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[k]));
-        const float d = amax / 127.f;
-        xs[m * B + b] = d;
-        if (d > 0.f)
-          for (int64_t k = k0; k < k1; ++k) xq[m * kp + k] = int8_t(std::nearbyint(x[k] / d));
-      }
-    }
+    for (int64_t m = 0; m < M; ++m) quantize_activations_q8(p.xf + m * K, K, &xq[m * kp], &xs[m * B]);
     p.xq = xq.data(), p.xs = xs.data();
     if (a.format == kWeightQ8) {
       const int64_t chunks = kp / 64;
@@ -752,6 +749,14 @@ void gemv(const GemvArgs& a, int threads) {
 }
 
 void parallel_for(int threads, int chunks, const std::function<void(int)>& task) { pool().run(threads, chunks, task); }
+
+void quantize_activations_q8(const float* x, int64_t K, int8_t* xq, float* xs) {
+  if (g_rows.load() == rows_avx512) {
+    quantize_row_avx512(x, K, xq, xs);
+  } else {
+    quantize_row_scalar(x, K, xq, xs);
+  }
+}
 
 const char* gemv_isa() { return g_rows.load() == rows_avx512 ? "avx512" : "scalar"; }
 

@@ -50,6 +50,11 @@ void gemv(const GemvArgs& args, int threads);
 // both and no second pool fights them for the cores.
 void parallel_for(int threads, int chunks, const std::function<void(int)>& task);
 
+// One row of x quantized as the int8 and int4 kernels read it: x_q = round(x / x_s) per block of 32 along K
+// (round half to even), x_s = max|x in block| / 127; xq (K,) must be zeroed by the caller, xs has ceil(K / 32)
+// entries. The same bytes from the AVX-512 and the scalar code.
+void quantize_activations_q8(const float* x, int64_t K, int8_t* xq, float* xs);
+
 // "avx512" (AVX-512F/BW/VL/DQ + AVX512_BF16 + AVX512_VNNI) or "scalar": the kernels this CPU runs.
 const char* gemv_isa();
 bool gemv_use_kernels(const char* name);  // "scalar" or "best", for tests; false for other names

@@ -14,6 +14,7 @@
 
 #include "decode.h"
 #include "dequantize.h"
+#include "gemm_q4.h"
 #include "gemv.h"
 #include "preprocess.h"
 
@@ -224,6 +225,19 @@ void gemv(uintptr_t x, int x_dtype, int64_t m, int64_t x_stride, uintptr_t w, in
   llava_fast::gemv(args, threads < 1 ? 1 : threads);
 }
 
+// The int4 prefill GEMM (gemm_q4.cpp), same arguments as gemv; for tests and benchmarks.
+void gemm_q4(uintptr_t x, int64_t m, int64_t x_stride, uintptr_t w, int64_t n, int64_t k, int64_t group,
+             uintptr_t scales, uintptr_t mins, uintptr_t y, int64_t y_stride, int threads) {
+  const llava_fast::GemvArgs args{reinterpret_cast<const void*>(x), llava_fast::kActF32, m, x_stride,
+                                  reinterpret_cast<const void*>(w), llava_fast::kWeightQ4, n, k, group,
+                                  reinterpret_cast<const void*>(scales), reinterpret_cast<const void*>(mins),
+                                  reinterpret_cast<void*>(y), y_stride};
+  const std::string problem = llava_fast::gemm_q4_check(args);
+  if (!problem.empty()) throw py::value_error(problem);
+  py::gil_scoped_release no_gil;
+  llava_fast::gemm_q4(args, threads < 1 ? 1 : threads);
+}
+
 const void* ptr(uintptr_t p) { return reinterpret_cast<const void*>(p); }
 
 // A linear layer as Python describes it: (w, format, n, k, group, scales, mins, bias), pointers as integers.
@@ -262,6 +276,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("y"), py::arg("y_stride"), py::arg("threads"),
         "y (M, N) = x (M, K) @ W (N, K)^T for CPU decode, W in one of the formats of csrc/gemv.h; pointers "
         "as integers (tensor.data_ptr()). Use llava_fast.gemv, which checks the tensors.");
+  m.def("gemm_q4", &gemm_q4, py::arg("x"), py::arg("m"), py::arg("x_stride"), py::arg("w"), py::arg("n"),
+        py::arg("k"), py::arg("group"), py::arg("scales"), py::arg("mins"), py::arg("y"), py::arg("y_stride"),
+        py::arg("threads"),
+        "y (M, N) float32 = x (M, K) float32 @ W (N, K)^T, W int4 (gemv.h kWeightQ4): the prefill GEMM of "
+        "csrc/gemm_q4.cpp. Pointers as integers; for tests and benchmarks.");
   m.def("gemv_isa", &llava_fast::gemv_isa, "'avx512' or 'scalar': the GEMV kernels in use.");
   m.def("gemv_use_kernels", [](const std::string& name) { return llava_fast::gemv_use_kernels(name.c_str()); },
         "Switch the GEMV kernels: 'scalar' or 'best'. For tests.");
@@ -319,20 +338,25 @@ PYBIND11_MODULE(_C, m) {
       .def("forward", [](const llava_fast::DecodeModel& d, int64_t rows, uintptr_t tokens, uintptr_t embeds,
                          uintptr_t slots, uintptr_t positions, uintptr_t logit_rows, int64_t logit_count, uintptr_t k,
                          uintptr_t v, int64_t layer_stride, int64_t row_stride, int64_t head_stride, int64_t pos_stride,
-                         int64_t capacity, int64_t cache_rows, uintptr_t logits, int threads) {
+                         int64_t capacity, int64_t cache_rows, uintptr_t logits, int threads, bool prompt) {
         const llava_fast::DecodeCache cache{reinterpret_cast<void*>(k), reinterpret_cast<void*>(v), layer_stride,
                                             row_stride, head_stride, pos_stride, capacity, cache_rows};
         llava_fast::DecodeRows in;
         in.rows = rows, in.tokens = reinterpret_cast<const int64_t*>(tokens), in.embeds = ptr(embeds);
         in.slots = reinterpret_cast<const int64_t*>(slots), in.positions = reinterpret_cast<const int32_t*>(positions);
         in.logit_rows = reinterpret_cast<const int64_t*>(logit_rows), in.logit_count = logit_count;
+        in.prompt = prompt;
         std::string problem;
         {
           py::gil_scoped_release no_gil;
           problem = llava_fast::decode_rows(d, in, cache, reinterpret_cast<float*>(logits), threads < 1 ? 1 : threads);
         }
         if (!problem.empty()) throw py::value_error(problem);
-      }, "Rows at (cache row, position) pairs (tokens or embeddings; 0 for a null pointer) -> logits of the "
-         "wanted rows; see DecodeRows in csrc/decode.h.");
+      }, py::arg("rows"), py::arg("tokens"), py::arg("embeds"), py::arg("slots"), py::arg("positions"),
+         py::arg("logit_rows"), py::arg("logit_count"), py::arg("k"), py::arg("v"), py::arg("layer_stride"),
+         py::arg("row_stride"), py::arg("head_stride"), py::arg("pos_stride"), py::arg("capacity"),
+         py::arg("cache_rows"), py::arg("logits"), py::arg("threads"), py::arg("prompt") = false,
+         "Rows at (cache row, position) pairs (tokens or embeddings; 0 for a null pointer) -> logits of the "
+         "wanted rows; see DecodeRows in csrc/decode.h (prompt: int4 projections through the prefill GEMM).");
   m.def("build_info", &build_info, "How this extension was compiled: compiler, flags, SIMD, threading.");
 }

@@ -189,6 +189,21 @@ def gemv(x, layer: GemvLinear, threads=None):
     return y.view(*x.shape[:-1], N)
 
 
+def gemm_q4(x, layer: GemvLinear, threads=None):
+    """x (M, K) float32 on the CPU @ an int4 layer's weight^T -> (M, N) float32 through the prefill GEMM
+    (csrc/gemm_q4.cpp): `reference`'s numbers, in an order of its own (not the GEMV's bits), the same bits for
+    a row whatever the other rows. The native prefill runs it; this entry is for tests and benchmarks."""
+    if layer.format != Q4 or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != layer.in_features:
+        raise ValueError("gemm_q4: x must be float32 (M, K) and the layer int4 with K input features")
+    x = x.contiguous()
+    M, N = x.shape[0], layer.out_features
+    y = torch.empty(M, N, dtype=torch.float32)
+    _C.gemm_q4(x.data_ptr(), M, x.stride(0), layer.weight.data_ptr(), N, layer.in_features, layer.group,
+               layer.scale.data_ptr(), layer.minimum.data_ptr(), y.data_ptr(), N,
+               threads or THREADS or torch.get_num_threads())
+    return y
+
+
 def reference(x, layer: GemvLinear):
     """The torch oracle of the kernel: float32 F.linear on the dequantized weight of x as the kernel reads it:
     rounded to bf16 for a BF16 weight (VDPBF16PS), int8-quantized per 32-block for Q8/Q4 (VPDPBUSD)."""

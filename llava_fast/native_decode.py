@@ -10,12 +10,13 @@ lengths (B,) int32 -> next-token logits (B, V) float32, K/V written into `cache`
 
 Why: the torch decode step pays Python and ATen dispatch for ~25 small ops per layer; on SmolLM2-135M float32
 (2-core EPYC) that was 32 of a step's 60 ms, the weight reads (the GEMVs) the other 28. The native step runs
-the same math with no dispatch between the GEMVs. Prefill (float32 weights): `NativeDecodeStep.prefill`, the
-GEMMs on gemv.cpp's tile kernel, attention in blocks of 4 positions with the output in registers;
-SmolLM2-135M 130-token prompt 449 -> 544 tok/s, tiny 274 tokens 2933 -> 3312, 1,024 tokens 2807 -> 3075
-(interleaved, 2 cores) over the torch prefill with a 4 x 4 tile; then the 4 x 6 tile and the glue (SwiGLU,
-RMSNorm, RoPE, K/V writes) on AVX-512 took tiny's 274 tokens from 78.6 to 62.5 ms (medians of 40 interleaved
-pairs, 2 cores; ~4.4k tok/s). Its reference is generate.decode_step (the torch path),
+the same math with no dispatch between the GEMVs. Prefill (float32 or int4 weights): `NativeDecodeStep.prefill`,
+the GEMMs on gemv.cpp's tile kernel (float32) or gemm_q4.cpp (int4), attention in blocks of 4 positions with the
+output in registers; float32: SmolLM2-135M 130-token prompt 449 -> 544 tok/s, tiny 274 tokens 2933 -> 3312,
+1,024 tokens 2807 -> 3075 (interleaved, 2 cores) over the torch prefill with a 4 x 4 tile; then the 4 x 6 tile
+and the glue (SwiGLU, RMSNorm, RoPE, K/V writes) on AVX-512 took tiny's 274 tokens from 78.6 to 62.5 ms
+(medians of 40 interleaved pairs, 2 cores); int4-32: SmolLM2 746 -> 1133. Its reference is
+generate.decode_step (the torch path),
 which tests/test_native_decode.py compares it with: float32 within 1e-4, bfloat16 to bfloat16 rounding.
 
 `for_model(net)` returns None, with the reason in `why_not(net)`, where the native step does not apply (no
@@ -31,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from llava_fast import gemv
-from llava_fast.gemv import BF16, F32, GemvLinear
+from llava_fast.gemv import BF16, F32, Q4, GemvLinear
 
 # Rows per native step. The GEMVs read each weight once for all rows and do one multiply-add per weight per
 # row; tiny preset, 2 cores, ms per step native vs the torch step: 4 rows 9.3 vs 21.8, 16 rows 29.4 vs 75.3,
@@ -113,21 +114,23 @@ class NativeDecodeStep:
             self._keep += norms
             self.model.add_layer(norms[0].data_ptr(), norms[1].data_ptr(), *linears)
         self.model.check()
-        # Prefill runs natively too where every projection is float32: the 4 x 6 tile kernel (gemv.cpp) with no
-        # dispatch between its GEMMs beats the torch path's oneDNN GEMMs plus ~25 ops a layer (see prefill()).
-        # int8/int4 keep the torch prefill (dequantize, then oneDNN's bfloat16 GEMM): natively, on the int4/int8
-        # tiles, they win only on short prompts. SmolLM2-135M, 2 threads, torch time / native time, medians of 5
-        # interleaved rounds: int8 1.23 / 1.01 / 0.92 / 0.90 at 64 / 130 / 256 / 512 tokens, int4-32 1.06 / 1.00
-        # / 0.86 / 0.80; 7B layer shapes at 128 tokens 0.76 (int8) / 0.82 (int4); a LLaVA prompt carries 576
-        # image tokens. bfloat16 keeps it too (its multi-row kernel is a GEMV: 349 vs 716 tok/s).
-        self._prefill_weights = self.dtype == torch.float32 and all(f == F32 for f in formats)
+        # Prefill runs natively too where every decoder projection is float32 or int4 (lm_head: any format, it
+        # sees one row): float32 on the 4 x 6 tile kernel (gemv.cpp), int4 on the prefill GEMM (gemm_q4.cpp), with
+        # no dispatch between them, beat the torch path's oneDNN GEMMs plus ~25 ops a layer (see prefill()).
+        # int8 keeps the torch prefill (dequantize, then oneDNN's bfloat16 GEMM): natively, on the GEMV's int8
+        # tile, it wins only on short prompts (SmolLM2-135M, 2 threads, torch time / native time, medians of 5
+        # interleaved rounds: 1.23 / 1.01 / 0.92 / 0.90 at 64 / 130 / 256 / 512 tokens; 7B layer shapes at 128
+        # tokens 0.76; a LLaVA prompt carries 576 image tokens). The int4 GEMV tile lost the same way (1.06 / 1.00
+        # / 0.86 / 0.80); the GEMM does 2x its multiply-adds per instruction. bfloat16 keeps the torch prefill too
+        # (its multi-row kernel is a GEMV: 349 vs 716 tok/s).
+        self._prefill_weights = self.dtype == torch.float32 and all(f in (F32, Q4) for f in formats[1:])
         # The addresses of what the module holds now: a module whose tensors were replaced since (load_state_dict
         # with assign, .to()) no longer matches, and for_model() builds a new step.
         self.signature = _signature(net)
 
     @property
     def prefills(self):
-        """Whether Decoder prefills run here: a float32 model with float32 projections, and gemv.cpp's
+        """Whether Decoder prefills run here: a float32 model with float32 or int4 projections, and gemv.cpp's
         AVX-512 kernels in use. The scalar fallback (a CPU without AVX512_BF16 and AVX512_VNNI: AVX2 laptops,
         Zen 2/3, Ice Lake) has no tiles: SmolLM2-135M float32, 130 tokens, at 11 tok/s against the torch
         prefill's 289 (EPYC, one thread each, gemv_use_kernels("scalar")). Read at each call: the kernels can be
@@ -152,9 +155,11 @@ class NativeDecodeStep:
         """One prompt's rows: embeds (T, C) in the compute dtype (image features spliced in) at positions
         start..start+T-1 of cache row `slot` -> the last token's logits (1, V) float32; K/V written, causal
         (csrc/decode.h DecodeRows). The reference is the torch prefill (generate.Decoder.prefill_slot's
-        decode_hidden), which tests/test_native_decode.py compares it with. It also runs int8/int4 weights (the
-        Decoder does not use it for them: see `prefills`): then the bits of the native decode step fed one token
-        at a time (the GEMVs' sums do not depend on the row count), which the tests check."""
+        decode_hidden), which tests/test_native_decode.py compares it with. int4 projections run the prefill GEMM
+        (csrc/gemm_q4.cpp): the same bits however the prompt is split, close to (not the bits of) the decode step
+        fed one token at a time. It also runs int8 weights (the Decoder does not use it for them: see `prefills`):
+        then the bits of the native decode step fed one token at a time (the GEMVs' sums do not depend on the
+        row count), which the tests check."""
         T = embeds.shape[0]
         embeds = embeds.contiguous()
         assert embeds.dtype == self.dtype and embeds.dim() == 2 and cache.k.dtype == self.dtype
@@ -166,7 +171,7 @@ class NativeDecodeStep:
         threads = gemv.THREADS or torch.get_num_threads()
         self.model.forward(T, 0, embeds.data_ptr(), slots.data_ptr(), positions.data_ptr(), last.data_ptr(), 1,
                            k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), k.stride(2), k.stride(3), k.shape[3],
-                           k.shape[1], logits.data_ptr(), threads)
+                           k.shape[1], logits.data_ptr(), threads, prompt=True)
         return logits
 
 

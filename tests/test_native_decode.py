@@ -263,13 +263,13 @@ def _assert_same_state(a, b):
                                   {"num_heads": 2, "num_kv_heads": 1, "hidden_size": 192},  # 96: blocks of 2
                                   {"num_heads": 2, "num_kv_heads": 2, "hidden_size": 256}])  # 128
 def test_native_prefill_equals_torch_prefill(text):
-    """Prompts of 1, 64, 65 and 150 tokens (the native forward takes up to 128 rows at a time, 150 as 75 + 75: a
-    later chunk attends to the K/V the earlier ones wrote), after cached prefixes, ragged in one batch, and one row
-    alone."""
+    """Prompts of 1, 64, 129 and 150 tokens (the native forward takes up to 128 rows at a time, in equal chunks:
+    a later chunk attends to the K/V the earlier ones wrote), after cached prefixes, ragged in one batch, and one
+    row alone."""
     net = text_net(max_position_embeddings=300, **text)
     native, ref = _twin_decoders(net, 4, 240)
     g = torch.Generator().manual_seed(3)
-    rows = [torch.randint(0, 301, (n,), generator=g).tolist() for n in (1, 64, 65, 150)]
+    rows = [torch.randint(0, 301, (n,), generator=g).tolist() for n in (1, 64, 129, 150)]
     for start in (None, [0, 5, 17, 80]):
         got, want = native.prefill(rows, start_pos=start), ref.prefill(rows, start_pos=start)
         assert want.std() > 1e-2
@@ -310,10 +310,10 @@ def model_image():
 
 
 @needs_avx512
-def test_native_prefill_only_for_float32_weights_and_errors_write_nothing():
+def test_native_prefill_only_for_float32_and_int4_weights_and_errors_write_nothing():
     assert native_decode.for_model(text_net(dtype=torch.bfloat16)).prefills is False
     assert native_decode.for_model(text_net(quantize="int8wo")).prefills is False
-    assert native_decode.for_model(text_net(quantize="int4wo-32", hidden_size=96, intermediate_size=160)).prefills is False
+    assert native_decode.for_model(text_net(quantize="int4wo-32", hidden_size=96, intermediate_size=160)).prefills is True
     net = text_net()
     dec = Decoder(net, 2, 20)
     dec.prefill_slot(0, [1, 2, 3])
@@ -346,13 +346,17 @@ def test_no_native_prefill_on_the_scalar_gemv():
 
 @needs_avx512
 @pytest.mark.parametrize("text", [{"num_heads": 4, "num_kv_heads": 2, "hidden_size": 128},  # head_dim 32
-                                  {"num_heads": 2, "num_kv_heads": 1, "hidden_size": 128}])  # head_dim 64
+                                  {"num_heads": 2, "num_kv_heads": 1, "hidden_size": 128},  # head_dim 64
+                                  {"num_heads": 2, "num_kv_heads": 1, "hidden_size": 128, "intermediate_size": 160,
+                                   "quantize": "int4wo-32"}])  # the int4 prefill GEMM (gemm_q4.cpp)
 def test_native_prefill_bits_do_not_depend_on_how_the_prompt_is_split(text):
     """The server prefills only what follows a reused prefix (scheduler.py), generate() the whole prompt: the
-    K/V and logits must be the same bits, wherever the split falls (attention blocks of 4 rows, 64-row chunks)."""
+    K/V and logits must be the same bits, wherever the split falls (attention blocks of 4 rows, 75-row chunks,
+    the int4 GEMM's micro-tiles of 4 rows)."""
     net = text_net(max_position_embeddings=300, **text)
     ids = torch.randint(0, 301, (150,), generator=torch.Generator().manual_seed(5)).tolist()
     whole = Decoder(net, 1, 160)
+    assert whole.native.prefills
     want = whole.prefill_slot(0, ids)
     for split in (1, 37, 64, 66, 149):
         part = Decoder(net, 1, 160)
@@ -366,13 +370,12 @@ def test_native_prefill_bits_do_not_depend_on_how_the_prompt_is_split(text):
 
 
 @needs_avx512
-@pytest.mark.parametrize("quantize", ["int8wo", "int4wo-32"])
-def test_quantized_native_prefill_is_its_decode_steps_bit_for_bit(quantize):
-    """NativeDecodeStep.prefill on int8/int4 weights (gemv.cpp's multi-row tiles: 64 rows, then 7) gives the bits of
+def test_int8_native_prefill_is_its_decode_steps_bit_for_bit():
+    """NativeDecodeStep.prefill on int8 weights (gemv.cpp's multi-row tiles: 64 rows, then 7) gives the bits of
     the native decode step fed the tokens one at a time (one row per GEMV): logits and every K/V written. (The
-    Decoder prefills quantized models through torch, see NativeDecodeStep.prefills; the server's batched decode
+    Decoder prefills int8 models through torch, see NativeDecodeStep.prefills; the server's batched decode
     steps rely on these tiles' row-count invariance.)"""
-    net = text_net(quantize=quantize, hidden_size=96, num_heads=4, num_kv_heads=2, intermediate_size=160)
+    net = text_net(quantize="int8wo", hidden_size=96, num_heads=4, num_kv_heads=2, intermediate_size=160)
     ids = torch.randint(0, 301, (71,), generator=torch.Generator().manual_seed(6)).tolist()
     whole, steps = Decoder(net, 1, 80), Decoder(net, 1, 80)
     assert whole.native is not None and not whole.native.prefills
@@ -387,8 +390,35 @@ def test_quantized_native_prefill_is_its_decode_steps_bit_for_bit(quantize):
     assert torch.equal(steps.cache.k[:, :, :, :71], whole.cache.k[:, :, :, :71])
     assert torch.equal(steps.cache.v[:, :, :, :71], whole.cache.v[:, :, :, :71])
     ref = Decoder(net, 1, 80)  # the torch prefill (bfloat16 GEMMs on the dequantized weight): close, not the same
+    ref.native = None
     scale = want.abs().max()
     assert (ref.prefill([ids]) - want).abs().max() <= 5e-2 * scale
+
+
+@needs_avx512
+def test_int4_native_prefill_agrees_with_its_decode_steps_and_the_torch_prefill():
+    """The Decoder prefills int4 models natively through the GEMM (gemm_q4.cpp), decodes through the GEMV: two
+    summation orders of the same products (W times x quantized per 32-block), so the logits and K/V of a prompt
+    prefilled at once and fed one token at a time agree to float32 rounding, not bit for bit. The torch prefill
+    (bfloat16 GEMMs on the dequantized weight, x not quantized) is close."""
+    net = text_net(quantize="int4wo-32", hidden_size=96, num_heads=4, num_kv_heads=2, intermediate_size=160)
+    ids = torch.randint(0, 301, (71,), generator=torch.Generator().manual_seed(6)).tolist()
+    whole, steps, ref = Decoder(net, 1, 80), Decoder(net, 1, 80), Decoder(net, 1, 80)
+    assert whole.native.prefills
+    ref.native = None
+    want = whole.prefill([ids])
+    steps.native.prefill(steps.cache, 0, 0, net.embed(torch.tensor([ids[:1]]))[0])
+    steps.lengths[0] = 1
+    for t in ids[1:]:
+        got = steps.step(torch.tensor([t]))
+    scale = want.abs().max()
+    assert want.std() > 1e-2
+    assert 0 < (got - want).abs().max() <= 1e-4 * scale
+    torch.testing.assert_close(steps.cache.k[:, :, :, :71], whole.cache.k[:, :, :, :71], atol=1e-4, rtol=1e-4)
+    assert (ref.prefill([ids]) - want).abs().max() <= 5e-2 * scale
+    for _ in range(3):  # decoding on from the GEMM's K/V
+        tokens = torch.randint(0, 301, (1,))
+        torch.testing.assert_close(whole.step(tokens), ref.step(tokens), atol=5e-2 * scale.item(), rtol=0)
 
 
 @pytest.mark.parametrize("hidden_size", [192, 72])  # head_dim 64 (the register-resident kernel), 24 (generic)

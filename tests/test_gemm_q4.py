@@ -1,0 +1,69 @@
+"""The int4 prefill GEMM (csrc/gemm_q4.cpp) against its torch reference (llava_fast/gemv.py `reference`: the
+dequantized weight times x quantized per 32-block, in float32) and against its own scalar loop, bit for bit.
+
+Odd shapes: N not a multiple of the 32-row panel or of 16 (a masked half), K of 3, 7 and 18 blocks, every group
+size; 1 to 70 rows (every micro-tile remainder). Bits: the same row alone, inside any batch, on 1 or 2 threads and
+through the scalar loop (gemv_use_kernels("scalar")) must be identical, because a prompt's K/V must not depend on
+how the server split it into calls."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llava_fast import gemv as G
+
+pytestmark = pytest.mark.skipif(not G.NATIVE or not hasattr(G._C, "gemm_q4"), reason="llava_fast._C not built")
+
+
+def _int4_layer(N, K, group, seed=0):
+    pytest.importorskip("torchao", reason="int4 weights are quantized by torchao (pip install torchao)")
+    from llava_fast.quantize import quantize_weight
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * 0.05 + 0.01  # an offset: the mins matter
+    return quantize_weight(w, 4, group)
+
+
+@pytest.mark.parametrize("N,K,group", [(29, 96, 32), (67, 224, 32), (16, 256, 64), (45, 320, 64), (17, 384, 128),
+                                       (33, 768, 256), (70, 576, 32)])
+def test_gemm_q4_matches_the_reference_and_its_scalar_loop(N, K, group):
+    layer = _int4_layer(N, K, group, seed=N)
+    gen = torch.Generator().manual_seed(K)
+    for rows in (1, 3, 6, 13, 70):
+        x = torch.randn(rows, K, generator=gen) + 0.1
+        out = G.gemm_q4(x, layer, 2)
+        ref = G.reference(x, layer)
+        assert out.shape == (rows, N) and out.dtype == torch.float32
+        # Summation order only: ~1e-7 of the output's scale measured; the activation quantization is in ref.
+        assert (out - ref).abs().max() <= 2e-6 * ref.abs().max(), rows
+        plain = F.linear(x, layer.dequantized(torch.float32))  # and the int8 activations cost < 2%
+        assert 0 < (out - plain).abs().max() / plain.abs().max() < 0.02, rows
+        assert torch.equal(G.gemm_q4(x, layer, 1), out), rows  # threads change no bit
+        assert G._C.gemv_use_kernels("scalar")
+        try:
+            assert torch.equal(G.gemm_q4(x, layer, 1), out), rows  # the scalar loop: the same operations
+        finally:
+            G._C.gemv_use_kernels("best")
+
+
+def test_a_row_gives_the_same_bits_whatever_else_is_in_the_call():
+    layer = _int4_layer(53, 448, 32, seed=3)
+    x = torch.randn(67, 448, generator=torch.Generator().manual_seed(4))
+    whole = G.gemm_q4(x, layer, 2)
+    for start, stop in [(0, 1), (5, 6), (0, 4), (3, 10), (10, 67), (66, 67)]:
+        assert torch.equal(G.gemm_q4(x[start:stop], layer, 2), whole[start:stop]), (start, stop)
+
+
+def test_gemm_q4_refuses_what_it_cannot_run():
+    layer = _int4_layer(8, 64, 32)
+    with pytest.raises(ValueError, match="float32"):
+        G.gemm_q4(torch.randn(2, 64).bfloat16(), layer)
+    with pytest.raises(ValueError, match="K input features"):
+        G.gemm_q4(torch.randn(2, 32), layer)
+    f32 = G.GemvLinear.from_float(torch.randn(8, 64))
+    with pytest.raises(ValueError, match="int4"):
+        G.gemm_q4(torch.randn(2, 64), f32)
+    x, y = torch.randn(2, 64), torch.empty(2, 8)
+    with pytest.raises(ValueError, match="power of two"):  # the native check, past the Python one
+        G._C.gemm_q4(x.data_ptr(), 2, 64, layer.weight.data_ptr(), 8, 64, 48, layer.scale.data_ptr(),
+                     layer.minimum.data_ptr(), y.data_ptr(), 8, 1)
