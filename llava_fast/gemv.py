@@ -193,8 +193,11 @@ def gemm_q4(x, layer: GemvLinear, threads=None):
     """x (M, K) float32 on the CPU @ an int4 layer's weight^T -> (M, N) float32 through the prefill GEMM
     (csrc/gemm_q4.cpp): `reference`'s numbers, in an order of its own (not the GEMV's bits), the same bits for
     a row whatever the other rows. The native prefill runs it; this entry is for tests and benchmarks."""
-    if layer.format != Q4 or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != layer.in_features:
-        raise ValueError("gemm_q4: x must be float32 (M, K) and the layer int4 with K input features")
+    if (not isinstance(x, torch.Tensor) or not isinstance(layer, GemvLinear) or layer.format != Q4
+            or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != layer.in_features
+            or x.shape[0] == 0):
+        raise ValueError("gemm_q4: x must be a float32 CPU tensor (M, K), M >= 1, and the layer an int4 GemvLinear "
+                         "with K input features")
     x = x.contiguous()
     M, N = x.shape[0], layer.out_features
     y = torch.empty(M, N, dtype=torch.float32)
