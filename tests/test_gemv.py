@@ -96,6 +96,19 @@ def test_thread_count_changes_no_bit_where_the_row_ranges_split_unevenly(fmt, gr
 
 
 @needs_native
+@pytest.mark.parametrize("fmt,group", [(G.Q8, None), (G.Q4, 32)])
+def test_a_quantized_layer_traces_under_torch_compile(fmt, group):
+    """compile=True with int8/int4 weights: torch.compile(fullgraph) must trace the layer's prefill GEMM (F.linear
+    on its torch-dequantized weight), not call the native dequantization on raw pointers (a graph break at
+    torch.get_num_threads: generate() raised). The eager backend: the trace without inductor's C++ build."""
+    layer = _layer(fmt, 24, 64, group, seed=3)
+    x = torch.randn(2, 20, 64, generator=torch.Generator().manual_seed(8))  # 40 rows: past the GEMV's 8
+    torch._dynamo.reset()
+    out = torch.compile(layer, backend="eager", fullgraph=True)(x)
+    torch.testing.assert_close(out, F.linear(x, layer.dequantized(torch.float32)), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
 def test_scalar_and_best_kernels_agree_on_a_long_row():
     from llava_fast import _C
 
