@@ -296,18 +296,15 @@ AVX512 void tiles_f32(const Prepared& p, int64_t n, int64_t n1) {
   }
 }
 
+// R <= 4 sums through reduce4's tree, a short group repeating its last vector as tile_f32 does: a row summed
+// alone (a range's last N % 4 rows) gets the bits it gets in a block of 4, and the ranges' ends move with the
+// thread count (_mm512_reduce_add_ps's order differs: 1 vs 2 threads changed an int8 lm_head's logits).
 template <int R>
 AVX512 inline void finish(const Prepared& p, int64_t m, int64_t n, const __m512* acc, const float* row_scale) {
-  if (R == 4) {
-    alignas(16) float out[4];
-    _mm_store_ps(out, reduce4(acc[0], acc[1], acc[2], acc[3]));
-    for (int r = 0; r < 4; ++r) store(p, m, n + r, row_scale ? row_scale[r] * out[r] : out[r]);
-  } else {
-    for (int r = 0; r < R; ++r) {
-      const float v = _mm512_reduce_add_ps(acc[r]);
-      store(p, m, n + r, row_scale ? row_scale[r] * v : v);
-    }
-  }
+  static_assert(R >= 1 && R <= 4, "finish: 1 to 4 rows");
+  alignas(16) float out[4];
+  _mm_store_ps(out, reduce4(acc[0], acc[std::min(1, R - 1)], acc[std::min(2, R - 1)], acc[std::min(3, R - 1)]));
+  for (int r = 0; r < R; ++r) store(p, m, n + r, row_scale ? row_scale[r] * out[r] : out[r]);
 }
 
 // int8, offset-binary u = w + 128: VPDPBUSD(corr, u, x_q) = sum w * x_q per lane exactly (corr = -128 sum x_q),

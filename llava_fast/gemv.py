@@ -114,7 +114,9 @@ class GemvLinear(nn.Module):
         w = self.weight
         if self.format in (F32, BF16):
             return w.to(dtype)
-        if NATIVE and w.device.type == "cpu" and dtype in _ACT_DTYPES:  # one pass (csrc/dequantize.cpp)
+        # One pass (csrc/dequantize.cpp); not while torch.compile traces (compile=True): it cannot trace a call
+        # on raw pointers, and the torch ops below are what it fuses.
+        if NATIVE and w.device.type == "cpu" and dtype in _ACT_DTYPES and not torch.compiler.is_compiling():
             size = self.out_features * self.in_features
             if out is None or out.dtype != dtype or out.numel() < size:
                 out = torch.empty(size, dtype=dtype)
@@ -135,7 +137,7 @@ class GemvLinear(nn.Module):
         if (NATIVE and x.device.type == "cpu" and 0 < rows <= MAX_GEMV_ROWS and x.dtype in _ACT_DTYPES
                 and x.shape[-1] == self.in_features and not torch.compiler.is_compiling()):
             return gemv(x, self)
-        if self.format in (Q8, Q4) and x.device.type == "cpu" and PREFILL_BF16:
+        if self.format in (Q8, Q4) and x.device.type == "cpu" and PREFILL_BF16 and not torch.compiler.is_compiling():
             # Prefill (a GEMM) of a quantized layer: on AVX512_BF16 oneDNN's bfloat16 GEMM runs at 2-2.5x its
             # float32 rate, and the weight is a rounding of 4-8-bit values anyway; x is rounded to bfloat16.
             # The dense weight goes into a buffer kept per thread: a fresh (N, K) tensor each call costs ~1 ms
@@ -193,8 +195,11 @@ def gemm_q4(x, layer: GemvLinear, threads=None):
     """x (M, K) float32 on the CPU @ an int4 layer's weight^T -> (M, N) float32 through the prefill GEMM
     (csrc/gemm_q4.cpp): `reference`'s numbers, in an order of its own (not the GEMV's bits), the same bits for
     a row whatever the other rows. The native prefill runs it; this entry is for tests and benchmarks."""
-    if layer.format != Q4 or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != layer.in_features:
-        raise ValueError("gemm_q4: x must be float32 (M, K) and the layer int4 with K input features")
+    if (not isinstance(x, torch.Tensor) or not isinstance(layer, GemvLinear) or layer.format != Q4
+            or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != layer.in_features
+            or x.shape[0] == 0):
+        raise ValueError("gemm_q4: x must be a float32 CPU tensor (M, K), M >= 1, and the layer an int4 GemvLinear "
+                         "with K input features")
     x = x.contiguous()
     M, N = x.shape[0], layer.out_features
     y = torch.empty(M, N, dtype=torch.float32)

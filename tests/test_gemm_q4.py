@@ -64,6 +64,10 @@ def test_gemm_q4_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match="int4"):
         G.gemm_q4(torch.randn(2, 64), f32)
     x, y = torch.randn(2, 64), torch.empty(2, 8)
+    for bad_x, bad in [(torch.randn(2, 64), torch.nn.Linear(64, 8)), (torch.randn(2, 64), None),
+                   ([[1.0] * 64], layer), (torch.randn(0, 64), layer), (torch.randn(2, 64, device="meta"), layer)]:
+        with pytest.raises(ValueError, match="gemm_q4: x must be a float32 CPU tensor"):  # not AttributeError
+            G.gemm_q4(bad_x, bad)
     with pytest.raises(ValueError, match="power of two"):  # the native check, past the Python one
         G._C.gemm_q4(x.data_ptr(), 2, 64, layer.weight.data_ptr(), 8, 64, 48, layer.scale.data_ptr(),
                      layer.minimum.data_ptr(), y.data_ptr(), 8, 1)

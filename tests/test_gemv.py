@@ -84,6 +84,32 @@ def test_a_row_gives_the_same_bits_whatever_else_is_in_the_call(fmt, N, K, group
 
 
 @needs_native
+@pytest.mark.parametrize("fmt,group", [(G.Q8, None), (G.Q4, 32)])
+def test_thread_count_changes_no_bit_where_the_row_ranges_split_unevenly(fmt, group):
+    """N = 301: 1, 2 and 3 threads cut the rows into 4, 8 and 12 ranges whose ends are not multiples of 4, so
+    a row runs in a block of 4 rows on one count and alone on another: both must sum it in the same order
+    (an int4 model's int8 lm_head gave 1 vs 2 threads different logits)."""
+    layer = _layer(fmt, 301, 96, group, seed=2)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(6)) + 0.1
+    out = G.gemv(x, layer, 1)
+    for threads in (2, 3):
+        assert torch.equal(G.gemv(x, layer, threads), out), threads
+
+
+@needs_native
+@pytest.mark.parametrize("fmt,group", [(G.Q8, None), (G.Q4, 32)])
+def test_a_quantized_layer_traces_under_torch_compile(fmt, group):
+    """compile=True with int8/int4 weights: torch.compile(fullgraph) must trace the layer's prefill GEMM (F.linear
+    on its torch-dequantized weight), not call the native dequantization on raw pointers (a graph break at
+    torch.get_num_threads: generate() raised). The eager backend: the trace without inductor's C++ build."""
+    layer = _layer(fmt, 24, 64, group, seed=3)
+    x = torch.randn(2, 20, 64, generator=torch.Generator().manual_seed(8))  # 40 rows: past the GEMV's 8
+    torch._dynamo.reset()
+    out = torch.compile(layer, backend="eager", fullgraph=True)(x)
+    torch.testing.assert_close(out, F.linear(x, layer.dequantized(torch.float32)), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
 def test_scalar_and_best_kernels_agree_on_a_long_row():
     from llava_fast import _C
 
