@@ -30,7 +30,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <string>
 #include <vector>
 
 #include "convert.h"
@@ -54,11 +53,7 @@ struct QuantizedRows {
     xq.assign(M * kp, 0), xs.assign(M * B, 0.f), xmin.assign(M * G, 0.f);
     for (int64_t m = 0; m < M; ++m) {
       quantize_activations_q8(x + m * x_stride, K, &xq[m * kp], &xs[m * B]);
-      for (int64_t b = 0; b < B; ++b) {
-        int32_t s = 0;
-        for (int j = 0; j < 32; ++j) s += xq[m * kp + b * 32 + j];
-        xmin[m * G + b * 32 / group] += xs[m * B + b] * float(s);
-      }
+      activation_group_sums(&xq[m * kp], &xs[m * B], K, group, &xmin[m * G]);
     }
   }
 };
@@ -225,7 +220,7 @@ void gemm_q4(const GemvArgs& a, int threads) {
   thread_local QuantizedRows x;
   x.build(static_cast<const float*>(a.x), a.x_stride, a.m, a.k, a.group);
   float* y = static_cast<float*>(a.y);
-  if (std::string(gemv_isa()) != "avx512") {
+  if (std::strcmp(gemv_isa(), "avx512") != 0) {
     gemm_q4_scalar(a, x, y);
     return;
   }

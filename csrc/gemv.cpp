@@ -544,11 +544,7 @@ struct QuantizedX {
             xs4[(m * chunks + c) * 16 + l] = b < B ? xs[m * B + b] : 0.f;
           }
         }
-        for (int64_t b = 0; b < B; ++b) {
-          int32_t s = 0;
-          for (int j = 0; j < 32; ++j) s += xq[m * kp + b * 32 + j];
-          xmin[m * G + b * 32 / a.group] += xs[m * B + b] * float(s);
-        }
+        activation_group_sums(&xq[m * kp], &xs[m * B], K, a.group, &xmin[m * G]);
       }
       p.xq4 = xq4.data(), p.xs4 = xs4.data(), p.xmin = xmin.data();
     }
@@ -752,6 +748,14 @@ void quantize_activations_q8(const float* x, int64_t K, int8_t* xq, float* xs) {
     quantize_row_avx512(x, K, xq, xs);
   } else {
     quantize_row_scalar(x, K, xq, xs);
+  }
+}
+
+void activation_group_sums(const int8_t* xq, const float* xs, int64_t K, int64_t group, float* xmin) {
+  for (int64_t b = 0; b < K / 32; ++b) {
+    int32_t s = 0;
+    for (int j = 0; j < 32; ++j) s += xq[b * 32 + j];
+    xmin[b * 32 / group] += xs[b] * float(s);
   }
 }
 

@@ -55,6 +55,10 @@ void parallel_for(int threads, int chunks, const std::function<void(int)>& task)
 // entries. The same bytes from the AVX-512 and the scalar code.
 void quantize_activations_q8(const float* x, int64_t K, int8_t* xq, float* xs);
 
+// What an int4 group's min multiplies, for one quantized row: xmin[g] = sum over the group's 32-blocks b, in
+// order, of x_s[b] * sum(x_q in b) (float); K a multiple of group, group of 32. xmin (K / group,) must be zeroed.
+void activation_group_sums(const int8_t* xq, const float* xs, int64_t K, int64_t group, float* xmin);
+
 // "avx512" (AVX-512F/BW/VL/DQ + AVX512_BF16 + AVX512_VNNI) or "scalar": the kernels this CPU runs.
 const char* gemv_isa();
 bool gemv_use_kernels(const char* name);  // "scalar" or "best", for tests; false for other names

@@ -1,6 +1,6 @@
 """The CPU decode step in one native call (csrc/decode.cpp), for batches of up to `MAX_ROWS` (64) rows, and
-the float32 prefill (AVX-512 GEMV kernels) through the same code (a prompt's tokens as rows of one cache row, up
-to 128 at a time).
+the prefill of float32 models with float32 or int4 projections (AVX-512 kernels) through the same code (a prompt's
+tokens as rows of one cache row, up to 128 at a time).
 
 In: a LlavaForCausalLM on the CPU in float32 or bfloat16 whose decoder projections are fused (q/k/v and
 gate/up, as load() leaves them) and are GemvLinear layers (any weight format of gemv.py: float32, bfloat16,
