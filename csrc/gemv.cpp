@@ -16,7 +16,7 @@
 //            against x_q reordered to match; the group's fp16 scale times the block's x scale multiplies each
 //            block's integer sum; sum_g min_g * (sum over g of x_s x_q) adds the mins (per call, all rows).
 // int8 and int4 therefore compute W . x' with x' = x quantized per 32-block (llama.cpp's Q8_0 / Q4_1 dot
-// products do the same); llava_fast/gemv.py `reference` models it exactly. On SmolLM2-135M (2,048 tokens,
+// products do the same); llava_fast/cpu/gemv.py `reference` models it exactly. On SmolLM2-135M (2,048 tokens,
 // through this kernel) it moves perplexity by +0.06 (int8) and +0.03 (int4-32) over F.linear on the same
 // weights. Before (VPMOVSXBD/VPMOVZXBD + VCVTDQ2PS + FMA per 16 weights) both were compute-bound.
 // All M activation rows reuse a weight row (or block of 4 rows) from L1, so W is read from
@@ -53,7 +53,7 @@ namespace {
 // blocks of 32 along K with one float scale per block (x_s = max|x in block| / 127, x_q = round(x / x_s)), as
 // llama.cpp's Q8_0 x Q8 / Q4_1 x Q8_1 dot products do: the weight-times-activation products are then integer
 // (VPDPBUSD: 64 u8 x s8 multiply-adds per instruction) and each block's integer sum is scaled once. Done once
-// per call for all N rows (~1 us at K = 1536); llava_fast/gemv.py `quantize_activations` is its torch twin.
+// per call for all N rows (~1 us at K = 1536); llava_fast/cpu/gemv.py `quantize_activations` is its torch twin.
 struct Prepared {
   const GemvArgs* a;
   const float* xf;       // (M, K) float32, row stride K (float32 and scalar kernels)
