@@ -21,13 +21,15 @@ import os
 import sys
 import time
 
+from llava_fast.cli import SubcommandParser
 from llava_fast.errors import InputError
 
 SUBCOMMANDS = ("generate", "kernels", "gemv", "train", "real", "serve", "compare", "validate")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises InputError instead of printing usage and exiting."""
+class _Parser(SubcommandParser):
+    """argparse that raises InputError instead of printing usage and exiting (naming the subcommand whose
+    arguments are wrong: SubcommandParser)."""
 
     def error(self, message):
         raise InputError(f"{self.prog}: {message}")

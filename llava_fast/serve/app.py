@@ -32,9 +32,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llava_fast.errors import InputError, count
 from llava_fast.generate import Sampling
+from llava_fast.image.loading import DEFAULT_MAX_IMAGE_PIXELS
 from llava_fast.prompts.messages import load_image_url, split_openai_messages
 from llava_fast.serve.metrics import ServeMetrics
-from llava_fast.serve.protocol import ChatCompletionRequest, Completion, error_body, usage
+from llava_fast.serve.protocol import ChatCompletionRequest, Completion, error_body, json_excerpt, usage
 from llava_fast.serve.scheduler import QueueFull, Request, Scheduler, SchedulerStopped
 
 log = logging.getLogger("llava_fast.serve")
@@ -49,7 +50,7 @@ class ServeConfig:
     max_model_len: int | None = None  # tokens per row (prompt + reply); default the model's context length
     max_waiting: int = 256  # queued requests before 503
     image_cache_mb: float = 256.0
-    max_image_pixels: int = 64 * 1024 * 1024  # width x height, checked before decoding
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # width x height, checked before decoding
     max_images_per_request: int = 4
     allowed_local_media_path: str | None = None
     api_key: str | None = None
@@ -145,7 +146,12 @@ def _validation_message(err: RequestValidationError):
     if first.get("type") == "missing" and not loc:
         return "the request needs a JSON body", None
     param = ".".join(loc) or None
-    return (f"{param}: {first.get('msg')}" if param else str(first.get("msg"))), param
+    if first.get("type") == "value_error":  # our validators' messages (protocol.py) say what was given
+        message = str(first["ctx"]["error"]) if "error" in first.get("ctx", {}) else first.get("msg")
+    else:  # pydantic's own ("Input should be a valid integer") say what is accepted: add what was sent
+        message = f"{first.get('msg')}, got {json_excerpt(first['input'])}" if "input" in first and first.get(
+            "type") != "missing" else first.get("msg")
+    return (f"{param}: {message}" if param else str(message)), param
 
 
 def create_app(model, config: ServeConfig | None = None, scheduler: Scheduler | None = None) -> FastAPI:
@@ -221,7 +227,9 @@ def create_app(model, config: ServeConfig | None = None, scheduler: Scheduler | 
     def prepare(body: ChatCompletionRequest) -> dict:
         """Everything that can reject a request, off the event loop: messages, images, tokens, limits."""
         turns, urls, system = split_openai_messages(body.openai_messages())
-        model._check_takes_images(len(urls))  # a text-only model: say so before decoding any image
+        if urls and model.net.vision_tower is None:  # before decoding any image; in the client's terms
+            raise InputError(f"the model {config.model_name!r} is text-only: it takes no images, but the request "
+                             f"has {count(len(urls), 'image_url part')}; send text parts only")
         if len(urls) > config.max_images_per_request:
             raise InputError(f"the request has {count(len(urls), 'image')}; at most {config.max_images_per_request} "
                              "are allowed per request")
