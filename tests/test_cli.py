@@ -162,6 +162,8 @@ def test_arguments_and_files_are_checked_before_the_model_loads(ckpt_dir, tmp_pa
         (["serve", "--quantize", "int3"], "int3"),
         (["serve", "--preset", "huge"], "unknown preset 'huge'"),
         (["serve", "--dtype", "float7"], "float7"),
+        (["train", "--stage", "1", "--model", ckpt_dir, "--data", "d.json", "--output", str(tmp_path / "run"),
+          "--max-image-pixels", "0"], "--max-image-pixels must be at least 1, got 0"),
     ]
     for args, needle in cases:
         code, line = in_process(capsys, *args, stdin="", monkeypatch=monkeypatch)

@@ -62,6 +62,8 @@ def build_parser():
                    "across the torchrun processes instead of replicating them (DDP)")
     p.add_argument("--image-aspect-ratio", choices=("pad", "square"),
                    help="pad images to square first (default: stage 1 square, stage 2 pad, as LLaVA-1.5)")
+    p.add_argument("--max-image-pixels", type=int, help="largest image file, width x height, read (default "
+                   "67108864 = 8192 x 8192; a larger one is a bad record)")
     p.add_argument("--workers", type=int, help="data loader processes (default 0 on CPU, up to 8 per GPU)")
     p.add_argument("--save-every", type=int, default=0, help="write a resumable checkpoint every N steps")
     p.add_argument("--keep-checkpoints", type=int, default=1, help="resumable checkpoints kept (oldest deleted)")
@@ -75,6 +77,13 @@ def main(argv=None):
 
     args = vars(build_parser().parse_args(argv))
     overwrite = args.pop("overwrite")
+    max_image_pixels = args.pop("max_image_pixels")
+    if max_image_pixels is not None:  # the data loader's processes are forked after this, and inherit it
+        if max_image_pixels < 1:
+            raise InputError(f"--max-image-pixels must be at least 1, got {max_image_pixels}")
+        from llava_fast.image import set_max_image_pixels
+
+        set_max_image_pixels(max_image_pixels)
     if overwrite and args["resume"]:
         raise InputError("--overwrite and --resume contradict each other: continue the run in --output, or replace it")
     run = TrainArgs(**args)
