@@ -224,6 +224,10 @@ def _bad_inputs(live):
         ("temperature NaN", json.dumps({"messages": ok, "temperature": float("nan")}).encode(), "temperature",
          "temperature: must be a number from 0 to 2 (0 = greedy), got nan"),
         ("top_p 0", {"messages": ok, "top_p": 0}, "top_p", "above 0 and at most 1, got 0"),
+        ("detail of a number", {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": JPEG_URL, "detail": 3}}]}]},
+         "messages.0.content.0.image_url.detail", "Input should be a valid string, got 3"),
+        ("seed out of range", {"messages": ok, "seed": 2**70}, "seed", "got 1180591620717411303424"),
         ("max_tokens of a string", {"messages": ok, "max_tokens": "ten"}, "max_tokens",
          'max_tokens: Input should be a valid integer, got "ten"'),
         ("unknown role", {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", "role"),
@@ -259,6 +263,7 @@ def test_every_bad_input_is_a_400_naming_it(live, model):
             assert set(error) == {"message", "type", "param", "code"}, name
             assert words.lower() in error["message"].lower(), (name, error)
             assert "object at 0x" not in error["message"], (name, error)  # no Python reprs
+            assert "--" not in error["message"], (name, error)  # no server flags: the client cannot pass them
             if param:
                 assert error["param"] == param, (name, error)
         r = http.post(live.url + "/v1/chat/completions", content=b"x" * (3 << 20),

@@ -136,11 +136,17 @@ class _Guard:
         await JSONResponse(error_body(message, type_, None, code), status)(scope, None, send)
 
 
-def _validation_message(err: RequestValidationError):
-    first = err.errors()[0]
+def _field_path(error) -> list[str]:
     # pydantic puts union members' type names in the path ("content", "str"); the param is the field path.
-    loc = [str(x) for x in first.get("loc", ()) if isinstance(x, int) or (
+    return [str(x) for x in error.get("loc", ()) if isinstance(x, int) or (
         x != "body" and x.isidentifier() and not x[0].isupper() and x not in ("str", "int", "float", "bool"))]
+
+
+def _validation_message(err: RequestValidationError):
+    # A union reports one error per member; the deepest is the member the value was meant as (a part's "detail"
+    # of 3, not the string member's "Input should be a valid string" for the whole content).
+    first = max(err.errors(), key=lambda e: len(_field_path(e)))
+    loc = _field_path(first)
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     if first.get("type") == "missing" and not loc:

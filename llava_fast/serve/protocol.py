@@ -89,7 +89,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float = 1.0  # 0..2 (_sampling_range)
     top_p: float = 1.0  # (0, 1]
     top_k: StrictInt = Field(default=0, ge=0)  # extension (vLLM's): 0 = no top-k cut
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(default=None, ge=-2**63, lt=2**64)  # torch.Generator's range
     stop: Union[StrictStr, list[StrictStr], None] = None  # at most 4 (_stop_list)
     n: StrictInt = 1
     stream: StrictBool = False
