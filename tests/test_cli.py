@@ -133,7 +133,7 @@ def test_arguments_and_files_are_checked_before_the_model_loads(ckpt_dir, tmp_pa
 
     from llava_fast.image import loading
 
-    def no_load(args):
+    def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
     monkeypatch.setattr("llava_fast.cli._load", no_load)
@@ -165,6 +165,19 @@ def test_arguments_and_files_are_checked_before_the_model_loads(ckpt_dir, tmp_pa
         (["train", "--stage", "1", "--model", ckpt_dir, "--data", "d.json", "--output", str(tmp_path / "run"),
           "--max-image-pixels", "0"], "--max-image-pixels must be at least 1, got 0"),
     ]
+    data = tmp_path / "data.json"
+    data.write_text("[]")
+    train = ["train", "--stage", "2", "--model", ckpt_dir, "--output", str(tmp_path / "run")]
+    cases += [  # the trainer and merge-lora: their base model loads through train.checkpoint, made to fail too
+        (train + ["--data", str(tmp_path / "nope.json")], f"--data {tmp_path / 'nope.json'}: file not found"),
+        (train + ["--data", str(data), "--image-folder", "/no/such/dir"], "--image-folder /no/such/dir: not a "
+         "directory"),
+        (train + ["--data", str(data), "--template", "bogus"], "unknown chat template 'bogus'"),
+        (train + ["--data", str(data), "--device", "bogus"], "unknown device 'bogus'"),
+        (["merge-lora", "--adapter", str(tmp_path), "--output", str(tmp_path / "o"), "--device", "bogus"],
+         "unknown device 'bogus'"),
+    ]
+    monkeypatch.setattr("llava_fast.train.checkpoint.load_base", no_load)
     for args, needle in cases:
         code, line = in_process(capsys, *args, stdin="", monkeypatch=monkeypatch)
         assert code == 2 and line.startswith("llava-fast: error:") and needle in line, (args, line)
