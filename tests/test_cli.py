@@ -88,6 +88,8 @@ def test_every_subcommand_reports_bad_input_in_one_line(ckpt_dir, tmp_path, caps
         (["bench", "gemv", "--json", str(existing)], f"--json {existing} already exists; pass --overwrite"),
         (["bench", "real", "--json", str(existing)], f"--json {existing} already exists; pass --overwrite"),
         (["bench", "generate", "--model", "/no/such/dir"], "/no/such/dir: not a checkpoint directory"),
+        (["bench", "generate", "--json", str(tmp_path)], f"--json {tmp_path} is a directory"),
+        (["bench", "real", "--json", f"{existing}/sub/r.json"], f"{existing} is not a writable directory"),
         (["bench", "compare", str(existing), "/no/such.json"], "not a llava-fast bench result"),
         (["generate", "--model", "/nope", "--no-image"], "/nope: not a checkpoint directory"),
         (["generate", "--model", ckpt_dir, "--no-image", "--top-k", "-1"], "top_k must be an integer >= 0"),
