@@ -371,8 +371,8 @@ class LlavaModel:
                                                                    seed, stop, template, system)
         images = _as_image_list(image)
         self._check_takes_images(len(images))
-        return ChatSession(self, [load_image(im) for im in images], dict(max_new_tokens=max_new_tokens,
-                                                                         sampling=sampling, stop=stop), template, system)
+        generation = dict(max_new_tokens=max_new_tokens, sampling=sampling, stop=stop)
+        return ChatSession(self, [load_image(im) for im in images], generation, template, system)
 
     def generate_ids(self, rows: Sequence[Sequence[int]], pixel_values=None, *, max_new_tokens, temperature=0.0,
                      top_p=1.0, top_k=0, seed=None, eos_token_id="default") -> list[list[int]]:

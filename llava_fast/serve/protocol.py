@@ -70,7 +70,8 @@ class Message(BaseModel):
                 raise ValueError(f'part {i} has type "image_url" but no URL: it needs "image_url": {{"url": '
                                  f'"data:image/...;base64,..."}}, got "image_url": {json_excerpt(image_url)}')
             if kind == "text":
-                raise ValueError(f'part {i} has type "text" but its "text" is {json_excerpt(part.get("text"))}, not a string')
+                raise ValueError(f'part {i} has type "text" but its "text" is {json_excerpt(part.get("text"))}, '
+                                 "not a string")
             raise ValueError(f"part {i} must be {PART_SHAPES}; got {json_excerpt(part)}")
         return content
 
