@@ -21,13 +21,15 @@ import os
 import sys
 import time
 
+from llava_fast.cli import SubcommandParser
 from llava_fast.errors import InputError
 
 SUBCOMMANDS = ("generate", "kernels", "gemv", "train", "real", "serve", "compare", "validate")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises InputError instead of printing usage and exiting."""
+class _Parser(SubcommandParser):
+    """argparse that raises InputError instead of printing usage and exiting (naming the subcommand whose
+    arguments are wrong: SubcommandParser)."""
 
     def error(self, message):
         raise InputError(f"{self.prog}: {message}")
@@ -228,8 +230,16 @@ def _common_settings(args, device_type, defaults):
 
 def _refuse_existing_outputs(args):
     for flag, path in (("--json", args.json), ("--plot", getattr(args, "plot", None))):
+        if path and os.path.isdir(path):
+            raise InputError(f"{flag} {path} is a directory: give a file name")
         if path and os.path.exists(path) and not args.overwrite:  # refused before minutes of measuring
             raise InputError(f"{flag} {path} already exists; pass --overwrite to replace it")
+        if path:  # the file is written after the run: a place it cannot be written would lose the run
+            parent = os.path.dirname(os.path.abspath(path))
+            while not os.path.exists(parent):
+                parent = os.path.dirname(parent)
+            if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+                raise InputError(f"{flag} {path}: cannot write there ({parent} is not a writable directory)")
 
 
 def cmd_measure(args, argv) -> int:

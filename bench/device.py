@@ -92,6 +92,7 @@ def device_info(device: torch.device) -> dict:
         }
     else:
         info["name"] = info["host"]["cpu"]
+    info["last_level_cache_bytes"] = last_level_cache_bytes(device)
     return info
 
 
@@ -191,6 +192,50 @@ def measure_ceilings(device: torch.device, *, repeats: int = 10) -> dict:
                    "datasheet": sheet["bf16_tflops"] if sheet else None},
         "datasheet_model": sheet["model"] if sheet else None,
     }
+
+
+def last_level_cache_bytes(device: torch.device) -> int | None:
+    """The largest cache in front of memory: a GPU's L2; a CPU's highest-level cache as sysfs gives it (the
+    size of one instance, which for a shared L3 is the whole of it); None when unknown."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device.index if device.index is not None else 0)
+        return int(getattr(props, "L2_cache_size", 0)) or None
+    best = (0, None)
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(root):
+            with open(os.path.join(root, entry, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(root, entry, "size")) as f:
+                text = f.read().strip()  # "491520K"
+            units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+            size = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+            best = max(best, (level, size))
+    except (OSError, ValueError):
+        return None
+    return best[1]
+
+
+def measure_read_bandwidth(device: torch.device, cache_bytes: int | None, *, repeats: int = 5) -> dict:
+    """The read rate a decode step is bound by: x.sum() over a buffer at least twice the last-level cache (so
+    it streams from memory, not from the cache), 256 MiB at least on a CPU, 1 GiB on a GPU; bytes = the
+    buffer read once (the sum writes one number). A ceiling dict as measure_ceilings' (best of the repeats).
+    The copy ceiling (read + write) is not it: a copy moves two bytes per byte read, at a different rate."""
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    size = max(2 * (cache_bytes or 0), (1 << 30) if cuda else (256 << 20))
+    x = torch.rand(size // torch.empty((), dtype=dtype).element_size(), device=device, dtype=dtype,
+                   generator=torch.Generator(device=device).manual_seed(0))
+    nbytes = x.numel() * x.element_size()
+    times = time_repeats(x.sum, device=device, repeats=repeats if not cuda else 2 * repeats, warmup=1)
+    del x
+    if cuda:
+        torch.cuda.empty_cache()
+    rates = [nbytes / t / 1e9 for t in times]
+    sheet = datasheet_peaks(torch.cuda.get_device_name(device)) if cuda else None
+    return {"unit": "GB/s", "measured": max(rates), "stats": summarize(rates),
+            "method": f"best of {len(rates)}: sum() over {nbytes / 2**20:.0f} MiB {str(dtype)[6:]}, bytes = read",
+            "datasheet": sheet["bandwidth_gbps"] if sheet else None}
 
 
 def peak(ceilings: dict, which: str) -> tuple[float, str]:

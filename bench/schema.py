@@ -111,7 +111,7 @@ SCHEMA = {
         },
         "settings": {"type": "object", "required": ["device", "dtype", "repeats", "warmup"]},
         "ceilings": {"type": "object", "required": ["bandwidth", "matmul", "datasheet_model"],
-                     "properties": {"bandwidth": _CEILING, "matmul": _CEILING,
+                     "properties": {"bandwidth": _CEILING, "matmul": _CEILING, "read_bandwidth": _CEILING,
                                     "datasheet_model": {"type": ["string", "null"]}},
                      "additionalProperties": False},
         "telemetry": {"type": "object", "required": ["available", "reason", "interval_s", "static", "summary",

@@ -20,7 +20,7 @@ from llava_fast import ops
 from llava_fast.compiled import CompiledSteps
 from llava_fast.generate import (Decoder, RowOutput, Sampling, batch_bucket, common_prefix, generate_token_steps,
                                  is_integer, positions_needed)
-from llava_fast.image import ImageProcessor
+from llava_fast.image import ImageProcessor, load_image
 from llava_fast.prompts.messages import is_openai_messages, load_image_url, split_openai_messages
 from llava_fast.model import LlavaForCausalLM
 from llava_fast.prompts.tokenizer import Tokenizer
@@ -365,11 +365,14 @@ class LlavaModel:
 
     def chat(self, image=None, *, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, stop=None, seed=None,
              template=None, system=None) -> ChatSession:
-        """A multi-turn conversation about `image` (or none) whose KV cache is kept between turns."""
+        """A multi-turn conversation about `image` (or none) whose KV cache is kept between turns. The image is
+        read here, so a missing or bad file fails now, not at the first turn."""
         max_new_tokens, sampling, stop = self._generation_settings(max_new_tokens, temperature, top_p, top_k,
                                                                    seed, stop, template, system)
-        return ChatSession(self, _as_image_list(image), dict(max_new_tokens=max_new_tokens, sampling=sampling,
-                                                             stop=stop), template, system)
+        images = _as_image_list(image)
+        self._check_takes_images(len(images))
+        generation = dict(max_new_tokens=max_new_tokens, sampling=sampling, stop=stop)
+        return ChatSession(self, [load_image(im) for im in images], generation, template, system)
 
     def generate_ids(self, rows: Sequence[Sequence[int]], pixel_values=None, *, max_new_tokens, temperature=0.0,
                      top_p=1.0, top_k=0, seed=None, eos_token_id="default") -> list[list[int]]:

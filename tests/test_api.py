@@ -177,6 +177,12 @@ def test_missing_and_corrupt_images(model, tmp_path):
         model.generate("Describe.", str(truncated), max_new_tokens=2)
 
 
+def test_chat_reads_its_image_when_it_starts(model, tmp_path):
+    """A missing image fails at chat(), not at the first turn (a session that gets no turn never said a word)."""
+    with pytest.raises(ImageError, match="image file not found: .*nope.jpg"):
+        model.chat(str(tmp_path / "nope.jpg"))
+
+
 def test_image_count_mismatches(model):
     with pytest.raises(InputError, match="has 1 <image> marker but 2 images were given"):
         model.generate("<image>\nWhat is this?", [IMAGES[0], IMAGES[1]], max_new_tokens=2)

@@ -88,6 +88,8 @@ def test_every_subcommand_reports_bad_input_in_one_line(ckpt_dir, tmp_path, caps
         (["bench", "gemv", "--json", str(existing)], f"--json {existing} already exists; pass --overwrite"),
         (["bench", "real", "--json", str(existing)], f"--json {existing} already exists; pass --overwrite"),
         (["bench", "generate", "--model", "/no/such/dir"], "/no/such/dir: not a checkpoint directory"),
+        (["bench", "generate", "--json", str(tmp_path)], f"--json {tmp_path} is a directory"),
+        (["bench", "real", "--json", f"{existing}/sub/r.json"], f"{existing} is not a writable directory"),
         (["bench", "compare", str(existing), "/no/such.json"], "not a llava-fast bench result"),
         (["generate", "--model", "/nope", "--no-image"], "/nope: not a checkpoint directory"),
         (["generate", "--model", ckpt_dir, "--no-image", "--top-k", "-1"], "top_k must be an integer >= 0"),
@@ -124,3 +126,77 @@ def test_help_lists_every_subcommand_and_bench_help_renders():
         assert name in r.stdout, name
     r = run("bench", "--help")  # a '%' in a subcommand's help once broke argparse's formatting
     assert r.returncode == 0 and "kernels" in r.stdout, r.stderr
+
+
+def test_arguments_and_files_are_checked_before_the_model_loads(ckpt_dir, tmp_path, capsys, monkeypatch):
+    """Everything a command can check without the weights fails before they load: the load itself is made to fail
+    here, so a check that came after it would report that instead."""
+    import PIL.Image
+
+    from llava_fast.image import loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("llava_fast.cli._load", no_load)
+    # --max-image-pixels sets process-wide state (ours and Pillow's): put both back after the test
+    monkeypatch.setattr(loading, "_max_image_pixels", loading._max_image_pixels)
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", PIL.Image.MAX_IMAGE_PIXELS)
+    big = tmp_path / "big.png"
+    PIL.Image.new("1", (12000, 12000)).save(big)  # 144 M pixels in an 18 kB file
+    small = tmp_path / "small.png"
+    PIL.Image.new("RGB", (30, 20)).save(small)
+    cases = [
+        (["generate", "--max-new-tokens", "100000000"],
+         "--max-new-tokens 100000000 does not fit the context length of 2048 tokens"),
+        (["generate", "--model", ckpt_dir, "--no-image", "--max-new-tokens", "600"], "context length of 512 tokens"),
+        (["chat", "--model", ckpt_dir, "--max-new-tokens", "600"], "context length of 512 tokens"),
+        (["generate", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+        (["chat", "--image", "/no/such/missing.jpg"], "image file not found: /no/such/missing.jpg"),
+        (["generate", "--image", str(big)], "12000x12000 = 144,000,000 pixels, more than the limit of 67,108,864"),
+        (["generate", "--image", str(small), "--max-image-pixels", "599"], "30x20 = 600 pixels, more than the limit "
+         "of 599 pixels"),
+        (["generate", "--max-image-pixels", "0"], "--max-image-pixels must be at least 1, got 0"),
+        (["serve", "--max-image-pixels", "-1"], "--max-image-pixels must be at least 1, got -1"),
+        (["generate", "--top-p", "0"], "top_p must be a number in (0, 1]"),
+        (["chat", "--template", "bogus"], "unknown chat template 'bogus'"),
+        (["generate", "--quantize", "int3"], "int3"),
+        (["serve", "--quantize", "int3"], "int3"),
+        (["serve", "--preset", "huge"], "unknown preset 'huge'"),
+        (["serve", "--dtype", "float7"], "float7"),
+        (["train", "--stage", "1", "--model", ckpt_dir, "--data", "d.json", "--output", str(tmp_path / "run"),
+          "--max-image-pixels", "0"], "--max-image-pixels must be at least 1, got 0"),
+    ]
+    data = tmp_path / "data.json"
+    data.write_text("[]")
+    train = ["train", "--stage", "2", "--model", ckpt_dir, "--output", str(tmp_path / "run")]
+    cases += [  # the trainer and merge-lora: their base model loads through train.checkpoint, made to fail too
+        (train + ["--data", str(tmp_path / "nope.json")], f"--data {tmp_path / 'nope.json'}: file not found"),
+        (train + ["--data", str(data), "--image-folder", "/no/such/dir"], "--image-folder /no/such/dir: not a "
+         "directory"),
+        (train + ["--data", str(data), "--template", "bogus"], "unknown chat template 'bogus'"),
+        (train + ["--data", str(data), "--device", "bogus"], "unknown device 'bogus'"),
+        (["merge-lora", "--adapter", str(tmp_path), "--output", str(tmp_path / "o"), "--device", "bogus"],
+         "unknown device 'bogus'"),
+    ]
+    monkeypatch.setattr("llava_fast.train.checkpoint.load_base", no_load)
+    for args, needle in cases:
+        code, line = in_process(capsys, *args, stdin="", monkeypatch=monkeypatch)
+        assert code == 2 and line.startswith("llava-fast: error:") and needle in line, (args, line)
+
+
+def test_an_unknown_flag_is_reported_by_its_subcommand(capsys):
+    """argparse hands a subcommand's unknown flags to the top-level parser, which showed its own usage."""
+    from llava_fast.cli import main
+
+    for argv, prog, unknown in ((["generate", "--foo"], "llava-fast generate", "--foo"),
+                                (["chat", "--foo", "1"], "llava-fast chat", "--foo 1"),
+                                (["make-data", "captions", "--input", "a", "--output", "b", "--foo"],
+                                 "llava-fast make-data captions", "--foo")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith(f"usage: {prog} ["), err
+        assert err.strip().splitlines()[-1] == f"{prog}: error: unrecognized arguments: {unknown}", err
+    code, line = in_process(capsys, "bench", "generate", "--foo")  # bench words its errors as one line
+    assert code == 2 and line == "llava-fast: error: llava-fast bench generate: unrecognized arguments: --foo", line

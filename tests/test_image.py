@@ -254,6 +254,52 @@ def test_bad_files_raise_image_error_naming_the_path(reference_dir, tmp_path):
     assert load_image(tmp_path / "ok.jpg").size == (1000, 667)
 
 
+@pytest.fixture
+def pixel_limit(monkeypatch):
+    """set_max_image_pixels changes process-wide state (ours and Pillow's): put both back after the test."""
+    from llava_fast.image import loading
+
+    monkeypatch.setattr(loading, "_max_image_pixels", loading._max_image_pixels)
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", PIL.Image.MAX_IMAGE_PIXELS)
+    return loading
+
+
+def _blank_png(path, width, height):
+    PIL.Image.new("1", (width, height)).save(path)  # 1 bit per pixel: 12000 x 12000 is an 18 MB array, 18 kB file
+    return path
+
+
+def test_one_pixel_limit_one_message_and_no_pillow_warning(tmp_path, pixel_limit):
+    """A 144 M-pixel PNG: refused from its header by load_image and the image processor (the paths generate,
+    chat, the pipelines and the trainer's data take) with the same message, and Pillow's
+    DecompressionBombWarning never shows."""
+    import warnings
+
+    big = _blank_png(tmp_path / "big.png", 12000, 12000)
+    message = (f"image file {big} has 12000x12000 = 144,000,000 pixels, more than the limit of 67,108,864 pixels "
+               "(raise it with --max-image-pixels N")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        for read in (load_image, lambda path: ImageProcessor(backend="python")([path]),
+                     lambda path: ImageProcessor()([path])):
+            with pytest.raises(ImageError) as err:
+                read(big)
+            assert str(err.value).startswith(message), str(err.value)
+        # The override: 90 M pixels is over Pillow's warning threshold (89.5 M) and under the raised limit.
+        pixel_limit.set_max_image_pixels(100_000_000)
+        assert pixel_limit.max_image_pixels() == 100_000_000
+        image = pixel_limit.open_image(_blank_png(tmp_path / "ninety.png", 10000, 9000), "ninety.png")
+        assert image.size == (10000, 9000)
+        with pytest.raises(ImageError, match="12000x12000 = 144,000,000 pixels, more than the limit of 100,000,000"):
+            load_image(big)
+    pixel_limit.set_max_image_pixels(4 * 6 - 1)
+    with pytest.raises(ImageError, match=r"6x4 = 24 pixels, more than the limit of 23 pixels"):
+        load_image(_blank_png(tmp_path / "small.png", 6, 4))
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ImageError, match="positive integer"):
+            pixel_limit.set_max_image_pixels(bad)
+
+
 @pytest.mark.parametrize(
     "bad,needle",
     [

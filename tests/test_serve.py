@@ -210,8 +210,26 @@ def _bad_inputs(live):
     return [
         ("malformed JSON", b'{"messages": [', None, "not valid JSON"),
         ("missing messages", {"model": "tiny"}, "messages", "messages"),
-        ("wrong type", {"messages": ok, "max_tokens": "ten"}, "max_tokens", "max_tokens"),
-        ("wrong content type", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content", "content"),
+        ("wrong content type", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content",
+         "must be a string or a non-empty array of content parts"),
+        ("unknown part type", {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"},
+                                                                       {"type": "audio", "audio": "a"}]}]},
+         "messages.0.content", 'part 1 must be {"type": "text"'),
+        ("image part without url", {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"detail": "low"}}]}]}, "messages.0.content",
+         'part 0 has type "image_url" but no URL'),
+        ("text part without text", {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+         "messages.0.content", 'part 0 has type "text" but its "text" is null'),
+        ("stop of a number", {"messages": ok, "stop": ["a", 5]}, "stop", 'up to 4 strings, got ["a", 5]'),
+        ("temperature NaN", json.dumps({"messages": ok, "temperature": float("nan")}).encode(), "temperature",
+         "temperature: must be a number from 0 to 2 (0 = greedy), got nan"),
+        ("top_p 0", {"messages": ok, "top_p": 0}, "top_p", "above 0 and at most 1, got 0"),
+        ("detail of a number", {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": JPEG_URL, "detail": 3}}]}]},
+         "messages.0.content.0.image_url.detail", "Input should be a valid string, got 3"),
+        ("seed out of range", {"messages": ok, "seed": 2**70}, "seed", "got 1180591620717411303424"),
+        ("max_tokens of a string", {"messages": ok, "max_tokens": "ten"}, "max_tokens",
+         'max_tokens: Input should be a valid integer, got "ten"'),
         ("unknown role", {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", "role"),
         ("unknown model", {"messages": ok, "model": "gpt-9"}, "model", "unknown model"),
         ("bad base64", {"messages": [user("x", "data:image/png;base64,@@@")]}, None, "not valid base64"),
@@ -245,6 +263,7 @@ def test_every_bad_input_is_a_400_naming_it(live, model):
             assert set(error) == {"message", "type", "param", "code"}, name
             assert words.lower() in error["message"].lower(), (name, error)
             assert "object at 0x" not in error["message"], (name, error)  # no Python reprs
+            assert "--" not in error["message"], (name, error)  # no server flags: the client cannot pass them
             if param:
                 assert error["param"] == param, (name, error)
         r = http.post(live.url + "/v1/chat/completions", content=b"x" * (3 << 20),
@@ -256,6 +275,16 @@ def test_every_bad_input_is_a_400_naming_it(live, model):
         r = live.client().chat.completions.create(model="tiny", messages=[user("What?", url)], max_tokens=3,
                                                   temperature=0)
         assert r.choices[0].message.content == alone(model, [user("What?", JPEG_URL)], 3)
+
+
+def test_server_errors_speak_to_the_client_not_the_operator():
+    """A client cannot pass the server's command-line flags: its errors say what the request can change."""
+    from llava_fast.errors import ImageError
+    from llava_fast.prompts.messages import load_image_url
+
+    with pytest.raises(ImageError) as err:
+        load_image_url("/tmp/cat.jpg")  # a server started without --allowed-local-media-path
+    assert "--" not in str(err.value) and "data:image/" in str(err.value)
 
 
 def test_full_queue_is_503_with_retry_after(live):
@@ -399,7 +428,11 @@ def test_sigterm_drains_running_requests_and_exits_0(tmp_path):
             proc.send_signal(signal.SIGTERM)
             rest = [line for line in lines if line]
         assert '"finish_reason": "length"' in "".join(rest) and rest[-1] == "data: [DONE]"
-        assert proc.wait(timeout=60) == 0
+        output = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 0, output
+        # A quiet exit: the last line is our own, with no extension's leak report after it.
+        assert "nanobind" not in output and "leaked" not in output, output[-2000:]
+        assert "llava-fast serve: stopped after" in output.rstrip().splitlines()[-1], output[-2000:]
         with pytest.raises(httpx.TransportError):
             httpx.get(url + "/health", timeout=5)
     finally:

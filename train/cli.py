@@ -62,6 +62,8 @@ def build_parser():
                    "across the torchrun processes instead of replicating them (DDP)")
     p.add_argument("--image-aspect-ratio", choices=("pad", "square"),
                    help="pad images to square first (default: stage 1 square, stage 2 pad, as LLaVA-1.5)")
+    p.add_argument("--max-image-pixels", type=int, help="largest image file, width x height, read (default "
+                   "67108864 = 8192 x 8192; a larger one is a bad record)")
     p.add_argument("--workers", type=int, help="data loader processes (default 0 on CPU, up to 8 per GPU)")
     p.add_argument("--save-every", type=int, default=0, help="write a resumable checkpoint every N steps")
     p.add_argument("--keep-checkpoints", type=int, default=1, help="resumable checkpoints kept (oldest deleted)")
@@ -75,14 +77,38 @@ def main(argv=None):
 
     args = vars(build_parser().parse_args(argv))
     overwrite = args.pop("overwrite")
+    max_image_pixels = args.pop("max_image_pixels")
+    if max_image_pixels is not None:  # the data loader's processes are forked after this, and inherit it
+        if max_image_pixels < 1:
+            raise InputError(f"--max-image-pixels must be at least 1, got {max_image_pixels}")
+        from llava_fast.image import set_max_image_pixels
+
+        set_max_image_pixels(max_image_pixels)
     if overwrite and args["resume"]:
         raise InputError("--overwrite and --resume contradict each other: continue the run in --output, or replace it")
     run = TrainArgs(**args)
     run.resolved()  # bad settings fail before --overwrite clears anything
+    _check_inputs(run)
     if not args["resume"]:
         check_new_output(args["output"], overwrite, training=True)
     train(run)
     return 0
+
+
+def _check_inputs(run):
+    """What the run reads, checked before the base model loads (a 7B load takes a minute; the data file was
+    read only after it): the data file and image folder exist, the template and device are known."""
+    from llava_fast.checkpoints.load import resolve_device_dtype
+    from llava_fast.prompts.templates import get_template
+
+    if not os.path.isfile(run.data):
+        raise InputError(f"--data {run.data}: file not found")
+    if not os.path.isdir(run.image_folder):
+        raise InputError(f"--image-folder {run.image_folder}: not a directory")
+    if run.template is not None:
+        get_template(run.template)
+    if run.device is not None:
+        resolve_device_dtype(run.device)
 
 
 def check_new_output(path, overwrite, training=False):
@@ -126,6 +152,9 @@ def merge_lora_main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     args = p.parse_args(argv)
+    from llava_fast.checkpoints.load import resolve_device_dtype
+
+    device, _ = resolve_device_dtype(args.device)  # before the base model loads ("bogus" was a traceback there)
     config_path = os.path.join(args.adapter, "adapter_config.json")
     weights_path = os.path.join(args.adapter, "adapter_model.safetensors")
     if not os.path.isfile(config_path) or not os.path.isfile(weights_path):
@@ -144,7 +173,7 @@ def merge_lora_main(argv=None):
             raise InputError(f"--output {args.output} is {what} directory: choose another --output")
     check_new_output(args.output, args.overwrite)
     base = ckpt.load_base(model_dir, vision_tower=args.vision_tower or config.get("vision_tower"),
-                          device=torch.device(args.device), image_aspect_ratio=config.get("image_aspect_ratio"))
+                          device=device, image_aspect_ratio=config.get("image_aspect_ratio"))
     add_lora(base.net, config["r"], config["alpha"], 0.0)
     adapter = ckpt.load_tensors(weights_path)
     params = dict(base.net.named_parameters())

@@ -5,6 +5,7 @@ shape)."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,70 @@ import PIL.Image
 from llava_fast.errors import ImageError
 
 
-def load_image(image) -> PIL.Image.Image:
+# The largest image, width x height, that every entry point reads from a file or bytes (generate, chat, the
+# Python API, the pipelines, the trainer's data, the server): 64 Mi pixels = 8192 x 8192, a 201 MB RGB array
+# where the tower sees 336 x 336. Checked from the header, before the pixels are decoded. Pillow's own bomb check
+# (a warning at 89 M pixels, an error at 179 M) gives way to it, so one limit gives one message everywhere.
+DEFAULT_MAX_IMAGE_PIXELS = 64 << 20
+_max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
+OVERRIDE_HINT = "--max-image-pixels N on the command line, llava_fast.image.set_max_image_pixels(N) in Python"
+
+
+def set_max_image_pixels(limit: int) -> None:
+    """Set the largest image (width x height) every image file this process reads may have (the CLI's
+    --max-image-pixels calls it). Files over the limit raise ImageError before they are decoded."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ImageError(f"the image pixel limit must be a positive integer, got {limit!r}")
+    global _max_image_pixels
+    _max_image_pixels = limit
+    if PIL.Image.MAX_IMAGE_PIXELS is not None and PIL.Image.MAX_IMAGE_PIXELS < limit:
+        PIL.Image.MAX_IMAGE_PIXELS = limit  # Pillow's refusal (at twice it) must not undercut a raised limit
+
+
+def max_image_pixels() -> int:
+    """The current limit (DEFAULT_MAX_IMAGE_PIXELS unless set_max_image_pixels changed it)."""
+    return _max_image_pixels
+
+
+def check_image_pixels(width: int, height: int, what: str, limit: int | None = None, hint: bool = True) -> None:
+    """ImageError when width x height is over `limit` (default: max_image_pixels()). hint=False leaves out how to
+    raise the limit, for a caller who cannot (a server's client)."""
+    limit = _max_image_pixels if limit is None else limit
+    if width * height > limit:
+        raise ImageError(f"{what} has {width}x{height} = {width * height:,} pixels, more than the limit of "
+                         f"{limit:,} pixels{_hint(hint)}")
+
+
+def _hint(hint: bool) -> str:
+    return f" (raise it with {OVERRIDE_HINT})" if hint else ""
+
+
+def open_image(source, what: str, limit: int | None = None, hint: bool = True) -> PIL.Image.Image:
+    """A file path or binary stream -> its decoded PIL image (any mode), its size checked against the pixel limit
+    (check_image_pixels) from the header, before the pixels are decoded. Raises ImageError naming `what` for an
+    image over the limit; Pillow's own errors (unreadable, corrupt, truncated) are the caller's to word."""
+    limit = _max_image_pixels if limit is None else limit
+    with warnings.catch_warnings():
+        # Pillow warns (DecompressionBombWarning) from its own threshold (89 M pixels) and refuses at twice it;
+        # our limit, checked next, decides, so its warning is not shown and its refusal gets our message. (The
+        # filter is process-wide while it lasts: a thread opening an image then may miss a warning, never an error.)
+        warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+        try:
+            opened = PIL.Image.open(source)
+        except PIL.Image.DecompressionBombError:
+            pillow = 2 * PIL.Image.MAX_IMAGE_PIXELS
+            raise ImageError(f"{what} has more than {pillow:,} pixels, more than the limit of "
+                             f"{min(limit, pillow):,} pixels{_hint(hint)}") from None
+    try:
+        check_image_pixels(opened.width, opened.height, what, limit, hint)
+        opened.load()  # decode now, so a truncated or corrupt file fails here and not mid-batch
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
+
+def load_image(image, max_pixels: int | None = None) -> PIL.Image.Image:
     """Return `image` as a decoded PIL image in mode RGB.
 
     Accepts a file path (str or Path), a PIL image of any mode, or a numpy uint8 array of shape (H, W),
@@ -24,10 +88,12 @@ def load_image(image) -> PIL.Image.Image:
     transformers. No EXIF rotation is applied (neither LLaVA nor CLIPImageProcessor applies one).
 
     Raises ImageError naming the problem (and the path) for a missing, unreadable, corrupt or truncated
-    file, a zero-size image, or an array of the wrong dtype or shape.
+    file, a file whose image is over the pixel limit, a zero-size image, or an array of the wrong dtype or
+    shape. The limit (max_pixels, default max_image_pixels()) guards decoding: it applies to files, checked
+    from their header; a PIL image or array handed over is decoded already.
     """
     if isinstance(image, (str, os.PathLike)):
-        return _to_rgb(_open_image_file(Path(image)))
+        return _to_rgb(_open_image_file(Path(image), max_pixels))
     if isinstance(image, PIL.Image.Image):
         _check_nonempty(image.width, image.height, "PIL image")
         return _to_rgb(image)
@@ -61,18 +127,17 @@ def rgb_array(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _open_image_file(path: Path) -> PIL.Image.Image:
+def _open_image_file(path: Path, max_pixels: int | None) -> PIL.Image.Image:
     if not path.exists():
         raise ImageError(f"image file not found: {path}")
     if not path.is_file():
         raise ImageError(f"image path is not a file: {path}")
     try:
-        with PIL.Image.open(path) as opened:
-            opened.load()  # decode now, so a truncated or corrupt file fails here and not mid-batch
-            image = opened
-    except PIL.Image.DecompressionBombError as err:
-        raise ImageError(f"image file {path} is too large to decode safely: {err}") from err
+        with open_image(path, f"image file {path}", max_pixels) as opened:
+            image = opened  # leaving the block closes the file and keeps the decoded pixels
     except (OSError, SyntaxError, ValueError) as err:  # UnidentifiedImageError is an OSError
+        if isinstance(err, ImageError):
+            raise
         raise ImageError(f"cannot decode image file {path}: {err}") from err
     _check_nonempty(image.width, image.height, f"image file {path}")
     return image

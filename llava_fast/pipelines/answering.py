@@ -39,6 +39,15 @@ def answer_items(get_model, items, output, *, model_id, batch_size=8, max_new_to
     """Answer the items not yet in `output`; returns the number answered now."""
     if batch_size < 1:
         raise InputError("--batch-size must be at least 1")
+    from llava_fast.generate import Sampling
+    from llava_fast.prompts.templates import get_template
+
+    # Before the model loads (they were checked at its first batch): the settings every batch uses.
+    if max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    Sampling(temperature)
+    if template is not None:
+        get_template(template)
     done = done_keys(output, "question_id", "--output (resuming)")
     todo = [item for item in items if item.question_id not in done]
     check_images(todo)

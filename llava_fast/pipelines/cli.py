@@ -20,6 +20,7 @@ import os
 import json
 import sys
 
+from llava_fast.cli import SubcommandParser
 from llava_fast.errors import InputError
 
 
@@ -37,7 +38,7 @@ def make_data_parser():
     from llava_fast.pipelines.client import add_endpoint_args
 
     parser = argparse.ArgumentParser(prog="llava-fast make-data", description="Generate LLaVA training data.")
-    sub = parser.add_subparsers(dest="what", required=True)
+    sub = parser.add_subparsers(dest="what", required=True, parser_class=SubcommandParser)
     p = sub.add_parser("instruct", help="captions + boxes -> instruction data through a chat model (paper, Sec. 3)")
     p.add_argument("--type", required=True, choices=("conversation", "detail", "complex"))
     p.add_argument("--captions-boxes", required=True, help="JSONL of {id, image, captions, instances}")
@@ -103,7 +104,7 @@ def eval_parser():
     from llava_fast.pipelines.client import add_endpoint_args
 
     parser = argparse.ArgumentParser(prog="llava-fast eval", description="The paper's evaluations.")
-    bench_sub = parser.add_subparsers(dest="bench", required=True)
+    bench_sub = parser.add_subparsers(dest="bench", required=True, parser_class=SubcommandParser)
     lb = bench_sub.add_parser("llava-bench", help="LLaVA-Bench: answer, GPT-judged review, relative score")
     lb_sub = lb.add_subparsers(dest="step", required=True)
     a = lb_sub.add_parser("answer", help="the model answers the questions")

@@ -24,6 +24,7 @@ import PIL.Image
 from llava_fast.prompts.templates import IMAGE_MARKER
 from llava_fast.errors import ImageError, InputError, count
 from llava_fast.image import load_image
+from llava_fast.image.loading import open_image
 
 ROLES = ("system", "user", "assistant")
 
@@ -111,8 +112,7 @@ def load_image_url(url: str, *, allowed_local_media_path=None, max_pixels: int |
         path = url
     if not local_files:
         if allowed_local_media_path is None:
-            raise ImageError("local image files are not allowed (start the server with "
-                             "--allowed-local-media-path DIR); send the image as a data: URL")
+            raise ImageError("this server reads no local image files: send the image as a data:image/...;base64 URL")
         root = os.path.realpath(allowed_local_media_path)
         real = os.path.realpath(path)
         if os.path.commonpath([root, real]) != root:
@@ -126,7 +126,9 @@ def load_image_url(url: str, *, allowed_local_media_path=None, max_pixels: int |
 
 def _decode(stream, what, max_pixels) -> PIL.Image.Image:
     try:
-        opened = PIL.Image.open(stream)
+        # the pixel limit as every entry point applies it (image/loading.py); the server's own when it passes one,
+        # and then without the hint to raise it, which is the server operator's flag, not its client's
+        opened = open_image(stream, what, max_pixels, hint=max_pixels is None)
     except PIL.UnidentifiedImageError:  # its message names the stream by repr ("<_io.BytesIO object at 0x...>")
         data = stream.getvalue()
         if not data:
@@ -134,13 +136,8 @@ def _decode(stream, what, max_pixels) -> PIL.Image.Image:
         raise ImageError(f"{what} is not a readable image: Pillow identifies its {count(len(data), 'byte')} (starting "
                          f"{data[:16]!r}) as no image format it reads (PNG, JPEG, WebP, GIF, BMP, ...), or they are "
                          "truncated or corrupt") from None
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as err:
-        raise ImageError(f"{what} is not a readable image: {err}") from None
-    if max_pixels is not None and opened.width * opened.height > max_pixels:
-        raise ImageError(f"{what} has {opened.width}x{opened.height} pixels, more than the limit of "
-                         f"{max_pixels}")
-    try:
-        opened.load()
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as err:
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"{what} cannot be decoded: {err}") from None
     return load_image(opened)

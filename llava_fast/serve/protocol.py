@@ -9,6 +9,7 @@ Unknown fields are ignored, as OpenAI's own server does for fields it does not u
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Literal, Union
@@ -33,10 +34,46 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
+PART_SHAPES = '{"type": "text", "text": "..."} or {"type": "image_url", "image_url": {"url": "data:image/..."}}'
+
+
+def json_excerpt(value, limit=80) -> str:
+    """A value as the caller wrote it (JSON), cut to `limit` characters."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: Union[StrictStr, list[Union[TextPart, ImagePart]]]
     name: StrictStr | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_shape(cls, content):
+        # Checked before pydantic's union: its error for a list with one bad part is the string member's
+        # "Input should be a valid string", which names neither the part nor what is wrong with it.
+        if isinstance(content, str):
+            return content
+        if not isinstance(content, list) or not content:
+            raise ValueError(f"must be a string or a non-empty array of content parts ({PART_SHAPES}), got "
+                             f"{json_excerpt(content)}")
+        for i, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                continue
+            if kind == "image_url":
+                image_url = part.get("image_url")
+                url = image_url.get("url") if isinstance(image_url, dict) else None
+                if isinstance(url, str) and url:
+                    continue
+                raise ValueError(f'part {i} has type "image_url" but no URL: it needs "image_url": {{"url": '
+                                 f'"data:image/...;base64,..."}}, got "image_url": {json_excerpt(image_url)}')
+            if kind == "text":
+                raise ValueError(f'part {i} has type "text" but its "text" is {json_excerpt(part.get("text"))}, '
+                                 "not a string")
+            raise ValueError(f"part {i} must be {PART_SHAPES}; got {json_excerpt(part)}")
+        return content
 
 
 class StreamOptions(BaseModel):
@@ -50,16 +87,27 @@ class ChatCompletionRequest(BaseModel):
     model: StrictStr | None = None
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float = 1.0  # 0..2 (_sampling_range)
+    top_p: float = 1.0  # (0, 1]
     top_k: StrictInt = Field(default=0, ge=0)  # extension (vLLM's): 0 = no top-k cut
-    seed: StrictInt | None = None
-    stop: Union[StrictStr, list[StrictStr], None] = None
+    seed: StrictInt | None = Field(default=None, ge=-2**63, lt=2**64)  # torch.Generator's range
+    stop: Union[StrictStr, list[StrictStr], None] = None  # at most 4 (_stop_list)
     n: StrictInt = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("temperature", "top_p")
+    @classmethod
+    def _sampling_range(cls, value, info):
+        # Our check, not Field(ge=, le=): a NaN (JSON NaN) fails every comparison, and pydantic then said only
+        # "should be less than or equal to 2". `not (a <= x <= b)` is true for NaN, so it fails here by name.
+        if info.field_name == "temperature" and not 0.0 <= value <= 2.0:
+            raise ValueError(f"must be a number from 0 to 2 (0 = greedy), got {value}")
+        if info.field_name == "top_p" and not 0.0 < value <= 1.0:
+            raise ValueError(f"must be a number above 0 and at most 1, got {value}")
+        return value
 
     @field_validator("n")
     @classmethod
@@ -68,12 +116,17 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("only n=1 is supported")
         return n
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
     def _stop_list(cls, stop):
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        # Before pydantic's union, whose error for [..., 5] was the string member's "Input should be a valid string".
+        if stop is None:
+            return []
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise ValueError(f"must be a string or an array of up to 4 strings, got {json_excerpt(stop)}")
         if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
+            raise ValueError(f"at most 4 stop sequences, got {len(stops)}")
         return stops
 
     def openai_messages(self) -> list[dict]:

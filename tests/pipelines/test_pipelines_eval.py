@@ -399,6 +399,13 @@ def test_llava_bench_answer_is_batched_resumable_and_equals_one_by_one(reference
     code, _, err = cli(*args)
     assert code == 2 and questions[3]["image"] in err and len(err.strip().splitlines()) == 1
     assert len(lines(out)) == 2 and len(cli_model) == 2  # kept, nothing appended, no model loaded
+    shutil.copy(os.path.join(reference_dir, "images", "waterview.jpg"), images / questions[3]["image"])
+    for bad, needle in ((["--template", "bogus"], "unknown chat template 'bogus'"),
+                        (["--temperature", "nan"], "temperature must be a finite number"),
+                        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0")):
+        code, _, err = cli(*args, *bad)  # the settings every batch uses: refused before the model loads
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+        assert len(lines(out)) == 2 and len(cli_model) == 2
 
 
 def test_scienceqa_answer_writes_llavas_prompts_and_scores(reference_dir, tmp_path, cli, tiny_model, cli_model):
