@@ -233,5 +233,7 @@ def test_default_template_for(reference_dir):
     assert default_template_for({k: v for k, v in original.items() if k != "mm_projector_type"}) == "llava_v0"
     with pytest.raises(InputError, match="model_type 'llama'.*name one: llava_v0"):
         default_template_for({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
-    with pytest.raises(InputError, match="llava_next"):
-        default_template_for({"model_type": "llava_next", "text_config": {}, "vision_config": {}})
+    # LLaVA-NeXT: the original CLI's conv modes for llava-v1.6-vicuna / -mistral
+    assert default_template_for({"model_type": "llava_next", "text_config": {}, "vision_config": {}}) == "llava_v1"
+    assert default_template_for({"architectures": ["LlavaNextForConditionalGeneration"],
+                                 "text_config": {"model_type": "mistral"}}) == "mistral_instruct"

@@ -1,8 +1,9 @@
 """Model configuration: three dataclasses and the readers for the config.json files people have.
 
 Two families of config.json exist in the wild:
-- llava-hf / transformers (`LlavaForConditionalGeneration`): `text_config` and `vision_config` nested; the hub
-  ships a minimal one (text_config without hidden_size etc.) that relies on LLaMA-7B / CLIP-L-336 defaults.
+- llava-hf / transformers (`LlavaForConditionalGeneration`, LLaVA-NeXT's `LlavaNextForConditionalGeneration`):
+  `text_config` and `vision_config` nested; the hub ships a minimal one (text_config without hidden_size etc.)
+  that relies on LLaMA-7B / CLIP-L-336 defaults.
 - the original LLaVA repo (`LlavaLlamaForCausalLM`): LLaMA fields at top level plus `mm_*` fields; the CLIP
   tower's own config.json lives in a separate checkpoint directory.
 """
@@ -79,14 +80,23 @@ class LlavaConfig:
     vision_feature_select_strategy: str = "default"  # "default" drops CLS, "full" keeps it
     image_token_id: int = 32000
     image_aspect_ratio: str | None = None  # "pad": LLaVA-1.5's expand-to-square before resizing
+    # LLaVA-NeXT (AnyRes, mm_patch_merge_type spatial_unpad): the (height, width) resolutions an image is tiled
+    # at (image/anyres.py); None for LLaVA v1 / 1.5, whose every image is one tile of num_image_tokens features.
+    image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None
     layout: str = "llava_hf"  # which checkpoint family this came from: "llava_hf" or "original"
     template: str = "llava_hf"  # default chat template for this checkpoint
 
     @property
     def num_image_tokens(self) -> int:
+        """Features per tile: every image's count for LLaVA v1 / 1.5, the base tile's for LLaVA-NeXT (whose
+        count depends on the image's size: image/anyres.py num_image_tokens)."""
         if self.vision is None:
             return 0
         return self.vision.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
+
+    @property
+    def anyres(self) -> bool:
+        return self.image_grid_pinpoints is not None
 
     @property
     def num_vision_layers_run(self) -> int:
@@ -109,6 +119,8 @@ class LlavaConfig:
     def from_dict(cls, d):
         d = dict(d)
         vision = d.pop("vision")
+        if d.get("image_grid_pinpoints") is not None:
+            d["image_grid_pinpoints"] = tuple(tuple(p) for p in d["image_grid_pinpoints"])
         return cls(vision=None if vision is None else VisionConfig(**vision), text=TextConfig(**d.pop("text")), **d)
 
 
@@ -265,6 +277,41 @@ def llava_hf_config(d, source="config.json") -> LlavaConfig:
         layout="llava_hf",
         template=default_template_for(d),
     )
+
+
+# transformers' LlavaNextConfig default, LLaVA-1.6's pinpoints (height, width).
+_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def _grid_pinpoints(value, source, tile_size, width_first=False):
+    """image_grid_pinpoints as (height, width) pairs, each a multiple of the tile; width_first: the original
+    repo's (width, height) pairs. The original also allows a string (a Python literal) and a range
+    "(1x1),...,(3x3)", which LLaVA-1.6's checkpoints do not use."""
+    if isinstance(value, str) or not isinstance(value, list) or not value or any(
+            not isinstance(p, (list, tuple)) or len(p) != 2 or not all(isinstance(v, int) for v in p) for p in value):
+        raise CheckpointError(f"{source}: image_grid_pinpoints must be a list of [height, width] pairs, got "
+                              f"{value!r:.120}")
+    pairs = tuple((w, h) if width_first else (h, w) for h, w in ((p[0], p[1]) for p in value))
+    bad = [p for p in pairs if min(p) < tile_size or p[0] % tile_size or p[1] % tile_size]
+    if bad:
+        raise CheckpointError(f"{source}: image_grid_pinpoints {bad} are not multiples of the vision tower's "
+                              f"{tile_size}-px input")
+    return pairs
+
+
+def llava_next_config(d, source="config.json") -> LlavaConfig:
+    """transformers' LlavaNextConfig (llava-hf's llava-v1.6-* and what save_pretrained writes): LlavaConfig's
+    fields plus image_grid_pinpoints and the learned image_newline (mm_patch_merge_type spatial_unpad, the
+    only merge transformers implements)."""
+    cfg = llava_hf_config(d, source)
+    if cfg.vision_feature_select_strategy != "default":
+        # transformers cannot arrange 577-feature tiles on the 24 x 24 grid either (its view() fails).
+        raise CheckpointError(f"{source}: LLaVA-NeXT with vision_feature_select_strategy "
+                              f"{d.get('vision_feature_select_strategy')!r} is not supported (only 'default': the "
+                              "tiles' CLS features cannot be arranged on the patch grid)")
+    cfg.image_grid_pinpoints = _grid_pinpoints(d.get("image_grid_pinpoints", _NEXT_PINPOINTS), source,
+                                               cfg.vision.image_size)
+    return cfg
 
 
 def original_llava_config(d, vision_dict, source="config.json") -> LlavaConfig:

@@ -184,6 +184,9 @@ def default_template_for(config: dict) -> str:
     """The chat template a checkpoint's config.json implies:
 
     - llava-hf (LlavaForConditionalGeneration: model_type "llava" with text_config/vision_config) -> llava_hf
+    - llava-hf LLaVA-NeXT (LlavaNextForConditionalGeneration) -> mistral_instruct for a Mistral backbone,
+      llava_v1 for Vicuna, as the original's CLI picks them for llava-v1.6-mistral / -vicuna (their llava-hf
+      checkpoints ship their own chat template, which is used first)
     - original LLaVA (LlavaLlamaForCausalLM with mm_* fields) and an MLP projector (mm_projector_type
       "mlp2x_gelu": LLaVA-1.5, trained with conv "v1") -> vicuna_v1
     - original LLaVA with a linear projector (LLaVA v0) -> llava_v0. LLaVA-v1 "Lightning" and LLaMA-2 based
@@ -191,6 +194,9 @@ def default_template_for(config: dict) -> str:
       template explicitly for them; a config does not say which.
     """
     architectures = config.get("architectures") or []
+    if config.get("model_type") == "llava_next" or "LlavaNextForConditionalGeneration" in architectures:
+        text_type = (config.get("text_config") or {}).get("model_type", "llama")
+        return "mistral_instruct" if text_type == "mistral" else "llava_v1"
     if "text_config" in config or "vision_config" in config or "LlavaForConditionalGeneration" in architectures:
         if config.get("model_type") == "llava":
             return "llava_hf"
