@@ -36,7 +36,7 @@ def hf_processor():
                    image_grid_pinpoints=ck.NEXT_PINPOINTS)
 
 
-@pytest.fixture(scope="module", params=["llama"])
+@pytest.fixture(scope="module", params=["llama", "mistral"])
 def hf_model(request):
     return ck.make_hf_next_model(seed=7 if request.param == "llama" else 8, text_model=request.param)
 

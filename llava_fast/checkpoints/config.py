@@ -182,13 +182,28 @@ def text_config_from_dict(d, source="config.json", outer=None) -> TextConfig:
     """A LlamaConfig dict (missing fields take LLaMA-7B defaults, as transformers does). `outer`: the LLaVA
     config around a nested text config (it may say tie_word_embeddings)."""
     mt = d.get("model_type", "llama")
-    if mt not in ("llama", "llava", "llava_llama"):
-        raise CheckpointError(f"{source}: text model type {mt!r} is not supported: llava-fast runs LLaMA decoders")
+    if mt not in ("llama", "llava", "llava_llama", "mistral", "llava_mistral"):
+        raise CheckpointError(f"{source}: text model type {mt!r} is not supported: llava-fast runs LLaMA decoders "
+                              "(and Mistral's)")
     if d.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{source}: text hidden_act {d['hidden_act']!r} is not supported (LLaMA uses silu)")
-    t = TextConfig()
+    mistral = mt in ("mistral", "llava_mistral")
+    # Mistral is LLaMA's math with its own defaults for missing fields (transformers' MistralConfig): 8 KV heads,
+    # a 14,336-wide MLP, 131,072 positions, no biases, and a 4,096-token sliding window.
+    t = TextConfig(intermediate_size=14336, num_kv_heads=8, max_position_embeddings=131072) if mistral else TextConfig()
+    max_positions = d.get("max_position_embeddings", t.max_position_embeddings)
+    window = d.get("sliding_window", 4096 if mistral else None)
+    if window is not None and window < max_positions:
+        # Each attention path (CPU native, torch, Triton) attends to every cached position; a window smaller
+        # than the context would change the results past it, so such checkpoints are refused, not run wrong.
+        raise CheckpointError(f"{source}: sliding_window={window} is smaller than the context "
+                              f"(max_position_embeddings={max_positions}); sliding-window attention is not "
+                              "supported (Mistral-7B-Instruct-v0.2, LLaVA-1.6's backbone, has none)")
     heads = d.get("num_attention_heads", t.num_heads)
-    kv_heads = heads if d.get("num_key_value_heads") is None else d["num_key_value_heads"]  # null: MHA
+    if "num_key_value_heads" not in d:
+        kv_heads = t.num_kv_heads if mistral else heads
+    else:
+        kv_heads = heads if d["num_key_value_heads"] is None else d["num_key_value_heads"]  # null: MHA
     head_dim = d.get("head_dim")  # null: hidden_size // heads (0 below); an explicit 0 is an error, not "unset"
     if kv_heads < 1 or heads % kv_heads or (head_dim is not None and head_dim < 1):
         raise CheckpointError(f"text config: num_key_value_heads={kv_heads} must divide num_attention_heads={heads} "
@@ -205,13 +220,13 @@ def text_config_from_dict(d, source="config.json", outer=None) -> TextConfig:
         head_dim=0 if head_dim is None else head_dim,
         rms_norm_eps=d.get("rms_norm_eps", t.rms_norm_eps),
         rope_theta=rope_theta,
-        max_position_embeddings=d.get("max_position_embeddings", t.max_position_embeddings),
+        max_position_embeddings=max_positions,
         bos_token_id=d["bos_token_id"] if d.get("bos_token_id") is not None else t.bos_token_id,
         eos_token_id=eos[0] if isinstance(eos, list) and eos else (eos if isinstance(eos, int) else t.eos_token_id),
         pad_token_id=d.get("pad_token_id"),
         rope_scaling=rope_scaling,
-        attention_bias=bool(d.get("attention_bias", False)),
-        mlp_bias=bool(d.get("mlp_bias", False)),
+        attention_bias=not mistral and bool(d.get("attention_bias", False)),  # MistralConfig has neither
+        mlp_bias=not mistral and bool(d.get("mlp_bias", False)),
         tie_word_embeddings=_tied(d, outer),
     )
 
