@@ -262,6 +262,7 @@ def _write_original(model, dst, shards):
         (r"^language_model\.lm_head\.", "lm_head."),
         (r"^multi_modal_projector\.linear_1\.", "model.mm_projector.0."),
         (r"^multi_modal_projector\.linear_2\.", "model.mm_projector.2."),
+        (r"^image_newline$", "model.image_newline"),
     ])
     _write_shards(llm, dst, shards, "bin")
     vc, tc = model.config.vision_config, model.config.text_config
@@ -287,6 +288,13 @@ def _write_original(model, dst, shards):
         "mm_vision_select_layer": model.config.vision_feature_layer, "mm_vision_tower": clip_dir,
         "image_aspect_ratio": "pad", "use_mm_proj": True,
     }
+    if getattr(model.config, "image_grid_pinpoints", None) is not None:
+        # LLaVA-1.6: the same literal pinpoint list llava-hf's config has, which the original reads as
+        # (width, height) pairs.
+        cfg.update(image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad",
+                   image_grid_pinpoints=model.config.image_grid_pinpoints)
+        if tc.model_type == "mistral":
+            cfg.update(architectures=["LlavaMistralForCausalLM"], model_type="llava_mistral", sliding_window=None)
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(cfg, f)
 

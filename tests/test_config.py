@@ -51,7 +51,10 @@ def test_original_config_with_its_clip_tower(reference_dir):
     ({"mm_use_im_start_end": True}, "mm_use_im_start_end"),
     ({"mm_hidden_size": 768}, "mm_hidden_size=768"),
     ({"mm_vision_select_feature": "middle"}, "unknown vision feature selection"),
-    ({"image_aspect_ratio": "anyres"}, "anyres"),
+    ({"image_aspect_ratio": "anyres"}, "anyres with mm_patch_merge_type 'flat' is not supported"),
+    ({"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad"}, "needs image_grid_pinpoints"),
+    ({"mm_patch_merge_type": "spatial_unpad"}, "spatial_unpad' without image_aspect_ratio anyres"),
+    ({"image_aspect_ratio": "anyres_max_9"}, "image_aspect_ratio 'anyres_max_9' is not supported"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling of type .dynamic. is not supported"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks low_freq_factor"),
 ])
@@ -133,3 +136,15 @@ def test_unsupported_llava_next_configs_are_named(change, message):
 
     with pytest.raises(CheckpointError, match=message):
         llava_next_config({**NEXT_MISTRAL_HUB, **change})
+
+
+def test_original_llava_16_config(reference_dir):
+    """LLaVA-1.6 in the original layout: the pinpoints are (width, height) pairs, swapped on reading, order kept."""
+    d = {**_read(reference_dir, "llava-v1.5-7b-original"), "image_aspect_ratio": "anyres",
+         "mm_patch_merge_type": "spatial_unpad", "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672]]}
+    cfg = original_llava_config(d, CLIP_L_336)
+    assert cfg.image_grid_pinpoints == ((672, 336), (336, 672), (672, 672))
+    assert (cfg.anyres, cfg.image_aspect_ratio, cfg.template) == (True, None, "llava_v1")
+    mistral = original_llava_config({**d, "architectures": ["LlavaMistralForCausalLM"], "model_type": "llava_mistral",
+                                     "sliding_window": None}, CLIP_L_336)
+    assert mistral.template == "mistral_instruct" and mistral.text.num_kv_heads == 32  # the file's, not Mistral's 8

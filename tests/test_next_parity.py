@@ -117,12 +117,7 @@ def test_bad_image_inputs_are_refused(model):
 
 
 def _hf_greedy(hf_model, ids, images):
-    batch = hf_processor()(images, return_tensors="pt")
-    with torch.no_grad():
-        out = hf_model.generate(torch.tensor([ids]), pixel_values=batch["pixel_values"],
-                                image_sizes=batch["image_sizes"], max_new_tokens=NEW_TOKENS, do_sample=False,
-                                eos_token_id=None, pad_token_id=32001)
-    return out[0, len(ids):].tolist()
+    return _hf_greedy_with(hf_model, hf_processor(), ids, images)
 
 
 def test_greedy_text_matches_transformers(hf_model, model):
@@ -161,3 +156,61 @@ def test_server_and_trainer_refuse_what_they_cannot_run_yet(model, checkpoint_di
         create_app(model)
     with pytest.raises(CheckpointError, match="cannot be trained yet"):
         load_base(checkpoint_dirs["hub"])
+
+
+# 100x100: a tie the pinpoints' order breaks (the original's (width, height) reading tiles it 2 x 1, llava-hf's
+# 1 x 2); 55x176: where the original's truncating unpad keeps 14 rows and transformers' rounding one 16.
+ORIGINAL_SIZES = [(100, 100), (55, 176), (300, 1000), (337, 511)]
+
+
+def test_original_layout_matches_the_original_arrangement(hf_model, tmp_path_factory, monkeypatch):
+    """The original layout (LlavaLlamaForCausalLM / LlavaMistralForCausalLM, image_aspect_ratio anyres, the tower
+    beside it) against an oracle that arranges tiles as the original does: transformers' model with the pinpoints
+    read as the original reads them (each literal pair as (width, height), same order) and the original's
+    unpad_image (llava-torch 1.2.2.post1) in place of transformers' rounding one. Logits within 1e-4, then
+    greedy text."""
+    import transformers.models.llava_next.modeling_llava_next as hf_next
+    from original_llava import original_llava
+    from llava_fast.image import anyres
+
+    path = ck.write_checkpoint(hf_model, str(tmp_path_factory.mktemp("next-original")), "original")
+    model = llava_fast.load(path, device=DEVICE, dtype="float32")
+    as_original = [[w, h] for h, w in ck.NEXT_PINPOINTS]  # (height, width) pairs that order the original's way
+    assert model.config.image_grid_pinpoints == tuple(map(tuple, as_original))
+    assert model.config.layout == "original" and model.image_token_id == ck.VOCAB
+    assert anyres.grid_shape(100, 100, model.config.image_grid_pinpoints, 336) == (2, 1)
+    original_unpad = original_llava().unpad_image
+    monkeypatch.setattr(hf_next, "unpad_image", lambda t, size: original_unpad(t, (int(size[1]), int(size[0]))))
+    monkeypatch.setattr(hf_model.config, "image_grid_pinpoints", as_original)
+    processor = NextPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                        image_grid_pinpoints=as_original)
+
+    def hf_ids(row):
+        return [IMAGE_ID if t == model.image_token_id else t for t in row]
+
+    for i, (h, w) in enumerate(ORIGINAL_SIZES):
+        image = random_image(h, w, seed=10 + i)
+        tiles, sizes = model.processor(image)
+        batch = processor(image, return_tensors="pt")
+        torch.testing.assert_close(tiles, batch["pixel_values"][0], atol=0, rtol=0)
+        n = model.image_token_counts(sizes.tolist())[0]
+        row = [1] + _text(3, i) + [model.image_token_id] * n + _text(4, i + 1)
+        ours = model.logits([row], tiles, sizes).cpu()
+        with torch.no_grad():
+            ref = hf_model(input_ids=torch.tensor([hf_ids(row)]), pixel_values=batch["pixel_values"],
+                           image_sizes=batch["image_sizes"]).logits
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+    image = random_image(*ORIGINAL_SIZES[1], seed=20)
+    ids = model.encode_prompt("What is this?", 1, image_sizes=[(image.height, image.width)])
+    expected = _hf_greedy_with(hf_model, processor, hf_ids(ids), [image])
+    assert model.generate("What is this?", images=image, max_new_tokens=NEW_TOKENS) == model.tokenizer.decode(expected)
+
+
+def _hf_greedy_with(hf_model, processor, ids, images):
+    batch = processor(images, return_tensors="pt")
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([ids]), pixel_values=batch["pixel_values"],
+                                image_sizes=batch["image_sizes"], max_new_tokens=NEW_TOKENS, do_sample=False,
+                                eos_token_id=None, pad_token_id=32001)
+    return out[0, len(ids):].tolist()

@@ -304,8 +304,8 @@ def _grid_pinpoints(value, source, tile_size, width_first=False):
     "(1x1),...,(3x3)", which LLaVA-1.6's checkpoints do not use."""
     if isinstance(value, str) or not isinstance(value, list) or not value or any(
             not isinstance(p, (list, tuple)) or len(p) != 2 or not all(isinstance(v, int) for v in p) for p in value):
-        raise CheckpointError(f"{source}: image_grid_pinpoints must be a list of [height, width] pairs, got "
-                              f"{value!r:.120}")
+        pair = "[width, height]" if width_first else "[height, width]"
+        raise CheckpointError(f"{source}: image_grid_pinpoints must be a list of {pair} pairs, got {value!r:.120}")
     pairs = tuple((w, h) if width_first else (h, w) for h, w in ((p[0], p[1]) for p in value))
     bad = [p for p in pairs if min(p) < tile_size or p[0] % tile_size or p[1] % tile_size]
     if bad:
@@ -330,7 +330,9 @@ def llava_next_config(d, source="config.json") -> LlavaConfig:
 
 
 def original_llava_config(d, vision_dict, source="config.json") -> LlavaConfig:
-    """The original LLaVA repo's LlavaLlamaForCausalLM config plus its CLIP tower's config."""
+    """The original LLaVA repo's LlavaLlamaForCausalLM / LlavaMistralForCausalLM config plus its CLIP tower's
+    config. LLaVA-1.6 (image_aspect_ratio "anyres") adds image_grid_pinpoints, as (width, height) pairs, and
+    mm_patch_merge_type "spatial_unpad"."""
     projector = d.get("mm_projector_type", "linear")
     if projector not in ("linear", "mlp2x_gelu"):
         m = re.fullmatch(r"mlp(\d+)x_gelu", projector)
@@ -340,11 +342,28 @@ def original_llava_config(d, vision_dict, source="config.json") -> LlavaConfig:
     if d.get("mm_use_im_start_end"):
         raise CheckpointError(f"{source}: mm_use_im_start_end=true checkpoints (image start/end tokens) "
                               "are not supported")
-    if d.get("image_aspect_ratio") not in (None, "pad", "square"):
-        raise CheckpointError(f"{source}: image_aspect_ratio {d['image_aspect_ratio']!r} is not supported "
-                              "(anyres needs LLaVA-NeXT)")
+    aspect = d.get("image_aspect_ratio")
+    if aspect not in (None, "pad", "square", "anyres"):
+        raise CheckpointError(f"{source}: image_aspect_ratio {aspect!r} is not supported (pad, square or anyres)")
+    merge = d.get("mm_patch_merge_type", "flat")
+    if aspect == "anyres" and merge != "spatial_unpad":
+        raise CheckpointError(f"{source}: image_aspect_ratio anyres with mm_patch_merge_type {merge!r} is not "
+                              "supported (spatial_unpad, LLaVA-1.6's)")
+    if aspect != "anyres" and merge not in ("flat", "spatial"):  # both: one tile's features as they are
+        raise CheckpointError(f"{source}: mm_patch_merge_type {merge!r} without image_aspect_ratio anyres is not "
+                              "supported (flat or spatial)")
     text = text_config_from_dict(d, source)
     vision = vision_config_from_dict(vision_dict)
+    strategy = _select_strategy(d.get("mm_vision_select_feature", "patch"), source)
+    pinpoints = None
+    if aspect == "anyres":
+        if strategy != "default":
+            raise CheckpointError(f"{source}: anyres with mm_vision_select_feature "
+                                  f"{d.get('mm_vision_select_feature')!r} is not supported (only 'patch': the "
+                                  "tiles' CLS features cannot be arranged on the patch grid)")
+        if d.get("image_grid_pinpoints") is None:
+            raise CheckpointError(f"{source}: image_aspect_ratio anyres needs image_grid_pinpoints")
+        pinpoints = _grid_pinpoints(d["image_grid_pinpoints"], source, vision.image_size, width_first=True)
     if d.get("mm_hidden_size") not in (None, vision.hidden_size):
         raise CheckpointError(f"{source}: mm_hidden_size={d['mm_hidden_size']} but the vision tower's "
                               f"hidden_size is {vision.hidden_size}")
@@ -353,11 +372,12 @@ def original_llava_config(d, vision_dict, source="config.json") -> LlavaConfig:
         text=text,
         projector_type=projector,
         vision_feature_layer=_feature_layer(d.get("mm_vision_select_layer", -2), source),
-        vision_feature_select_strategy=_select_strategy(d.get("mm_vision_select_feature", "patch"), source),
+        vision_feature_select_strategy=strategy,
         # No <image> row in the vocabulary: the id after the last real token marks image positions; the
         # splice replaces those positions before any embedding lookup, so the id never indexes the table.
         image_token_id=text.vocab_size,
-        image_aspect_ratio="pad" if d.get("image_aspect_ratio") == "pad" else None,
+        image_aspect_ratio="pad" if aspect == "pad" else None,
+        image_grid_pinpoints=pinpoints,
         layout="original",
         template=default_template_for(d),
     )
@@ -365,7 +385,7 @@ def original_llava_config(d, vision_dict, source="config.json") -> LlavaConfig:
 
 def is_original_llava(d) -> bool:
     archs = d.get("architectures") or []
-    return "LlavaLlamaForCausalLM" in archs or any(k.startswith("mm_") for k in d)
+    return bool({"LlavaLlamaForCausalLM", "LlavaMistralForCausalLM"} & set(archs)) or any(k.startswith("mm_") for k in d)
 
 
 def find_vision_tower_dir(d, checkpoint_dir, vision_tower):

@@ -206,6 +206,7 @@ def default_template_for(config: dict) -> str:
       checkpoints ship their own chat template, which is used first)
     - original LLaVA (LlavaLlamaForCausalLM with mm_* fields) and an MLP projector (mm_projector_type
       "mlp2x_gelu": LLaVA-1.5, trained with conv "v1") -> vicuna_v1
+    - original LLaVA-1.6 (image_aspect_ratio "anyres") -> mistral_instruct (LlavaMistralForCausalLM) or llava_v1
     - original LLaVA with a linear projector (LLaVA v0) -> llava_v0. LLaVA-v1 "Lightning" and LLaMA-2 based
       checkpoints also have a linear projector but were trained with llava_v1 / llava_llama_2: name the
       template explicitly for them; a config does not say which.
@@ -219,6 +220,9 @@ def default_template_for(config: dict) -> str:
             return "llava_hf"
     elif any(key.startswith("mm_") for key in config) or any(
             a.startswith("Llava") and a.endswith("ForCausalLM") for a in architectures):
+        if config.get("image_aspect_ratio") == "anyres":  # LLaVA-1.6, as for llava-hf's above
+            mistral = config.get("model_type") == "llava_mistral" or "LlavaMistralForCausalLM" in architectures
+            return "mistral_instruct" if mistral else "llava_v1"
         projector = config.get("mm_projector_type", "linear")
         return "vicuna_v1" if projector.startswith("mlp") else "llava_v0"
     raise InputError(f"cannot tell the chat template of a config with model_type {config.get('model_type')!r} "
