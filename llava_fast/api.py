@@ -105,7 +105,7 @@ class LlavaModel:
             return [cfg.num_image_tokens] * len(image_sizes)
         P = cfg.vision.image_size // cfg.vision.patch_size
         return [anyres.num_image_tokens(int(h), int(w), cfg.image_grid_pinpoints, cfg.vision.image_size, P,
-                                        cfg.num_image_tokens, exact=cfg.layout != "original")
+                                        cfg.num_image_tokens, exact=cfg.exact_unpad)
                 for h, w in image_sizes]
 
     @property

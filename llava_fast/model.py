@@ -320,7 +320,7 @@ class LlavaForCausalLM(nn.Module):
             rows, cols = anyres.grid_shape(h, w, cfg.image_grid_pinpoints, S)
             grid = tiles[1:].view(rows, cols, P, P, C).permute(0, 2, 1, 3, 4)  # (rows, P, cols, P, C)
             grid = grid.reshape(rows * P, cols * P, C)
-            top, bottom, left, right = anyres.unpadded_window(h, w, rows * P, cols * P, exact=cfg.layout != "original")
+            top, bottom, left, right = anyres.unpadded_window(h, w, rows * P, cols * P, exact=cfg.exact_unpad)
             grid = grid[top:bottom, left:right]  # (H', W', C)
             newline = self.image_newline.to(grid.dtype).expand(grid.shape[0], 1, C)
             grid = torch.cat([grid, newline], dim=1).reshape(-1, C)  # (H' * (W' + 1), C)

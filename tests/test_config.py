@@ -85,8 +85,8 @@ NEXT_MISTRAL_HUB = {
                     "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mistral",
                     "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None,
                     "vocab_size": 32064},
-    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096, "model_type": "clip_vision_model",
-                      "num_attention_heads": 16, "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768,
+    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                      "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768,
                       "vocab_size": 32000},
     "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064,
 }
@@ -104,7 +104,8 @@ def test_llava_next_mistral_hub_config():
     assert LlavaConfig.from_dict(cfg.to_dict()) == cfg
     # A Mistral text config that names nothing takes MistralConfig's defaults, not LLaMA's.
     bare = llava_next_config({**NEXT_MISTRAL_HUB, "text_config": {"model_type": "mistral", "sliding_window": None}})
-    assert (bare.text.num_kv_heads, bare.text.intermediate_size, bare.text.max_position_embeddings) == (8, 14336, 131072)
+    t = bare.text
+    assert (t.num_kv_heads, t.intermediate_size, t.max_position_embeddings) == (8, 14336, 131072)
 
 
 @pytest.mark.parametrize("window,context,refused", [(4096, 32768, True), (None, 32768, False), (32768, 32768, False),

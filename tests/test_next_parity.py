@@ -214,3 +214,18 @@ def _hf_greedy_with(hf_model, processor, ids, images):
                                 image_sizes=batch["image_sizes"], max_new_tokens=NEW_TOKENS, do_sample=False,
                                 eos_token_id=None, pad_token_id=32001)
     return out[0, len(ids):].tolist()
+
+
+def test_stream_and_chat_with_several_images_equal_generate(model):
+    """Two images of different tile counts in one prompt: stream()'s deltas concatenate to generate()'s text, and
+    a chat's turns equal generate() on the whole conversation (the second turn reuses the cached image tokens)."""
+    images = [random_image(*SIZES["small"], seed=30), random_image(*SIZES["wide"], seed=31)]
+    prompt = "Compare <image> and <image>."
+    expected = model.generate(prompt, images=images, max_new_tokens=NEW_TOKENS)
+    assert "".join(model.stream(prompt, images, max_new_tokens=NEW_TOKENS)) == expected
+    chat = model.chat(images, max_new_tokens=NEW_TOKENS)
+    first = chat.ask(prompt)
+    assert first == expected
+    second = chat.ask("And the colours?")
+    messages = [("user", prompt), ("assistant", first), ("user", "And the colours?")]
+    assert second == model.generate(messages, images=images, max_new_tokens=NEW_TOKENS)

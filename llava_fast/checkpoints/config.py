@@ -99,6 +99,12 @@ class LlavaConfig:
         return self.image_grid_pinpoints is not None
 
     @property
+    def exact_unpad(self) -> bool:
+        """How AnyRes unpadding rounds (image/anyres.py unpadded_window): as transformers (llava-hf checkpoints)
+        or truncating, as the original code the original-layout checkpoints were trained with."""
+        return self.layout != "original"
+
+    @property
     def num_vision_layers_run(self) -> int:
         """Encoder layers actually computed: hidden state k is the output of layer k (0 = embeddings),
         so feature layer -2 of a 24-layer tower is hidden state 23, and layer 24 is never needed."""
@@ -385,7 +391,8 @@ def original_llava_config(d, vision_dict, source="config.json") -> LlavaConfig:
 
 def is_original_llava(d) -> bool:
     archs = d.get("architectures") or []
-    return bool({"LlavaLlamaForCausalLM", "LlavaMistralForCausalLM"} & set(archs)) or any(k.startswith("mm_") for k in d)
+    originals = {"LlavaLlamaForCausalLM", "LlavaMistralForCausalLM"}
+    return bool(originals & set(archs)) or any(k.startswith("mm_") for k in d)
 
 
 def find_vision_tower_dir(d, checkpoint_dir, vision_tower):
