@@ -3,6 +3,10 @@
 
     model = llava_fast.load("path/to/llava-1.5-7b-hf", device="cuda", dtype="bfloat16")
     print(model.generate("What is unusual about this image?", images="extreme_ironing.jpg"))
+
+A LLaVA-NeXT (1.6) model takes the same calls; each image becomes its AnyRes tiles (image/anyres.py) and fills
+as many prompt positions as its size implies (image_token_counts), and logits / generate_ids take pixel_values
+with image_sizes as transformers' LlavaNextProcessor returns them.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """`load()`: a checkpoint path -> a ready `LlavaModel` (weights on the device, tokenizer, image processor).
 
 In: a local directory (llava-hf's layout or transformers' save_pretrained, the original LLaVA layout with its
-tower beside it), a hub id when huggingface_hub is installed, or a GGUF file (+ its mmproj). Out: a LlavaModel
-whose linear layers are prepared for inference (projections fused, optionally quantized).
+tower beside it; LLaVA v1, 1.5 and NeXT / 1.6), a hub id when huggingface_hub is installed, or a GGUF file (+ its
+mmproj). Out: a LlavaModel whose linear layers are prepared for inference (projections fused, optionally
+quantized), with CLIP's image processor, or for LLaVA-NeXT the AnyRes one (image/anyres.py).
 """
 
 from __future__ import annotations
