@@ -18,6 +18,8 @@ from checkpoints import DEVICE
 import llava_fast
 from llava_fast.errors import InputError
 
+pytestmark = pytest.mark.slow  # thousands of image positions per prompt: about 5 minutes on the 2-core CPU
+
 NextPil = getattr(transformers, "LlavaNextImageProcessorPil", None) or transformers.LlavaNextImageProcessor
 IMAGE_ID = 32000
 # (height, width): wide (1 x 3 grid), tall (3 x 1), small (upscaled onto 1 x 2), square (2 x 2: 2,928
