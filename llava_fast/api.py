@@ -3,6 +3,10 @@
 
     model = llava_fast.load("path/to/llava-1.5-7b-hf", device="cuda", dtype="bfloat16")
     print(model.generate("What is unusual about this image?", images="extreme_ironing.jpg"))
+
+A LLaVA-NeXT (1.6) model takes the same calls; each image becomes its AnyRes tiles (image/anyres.py) and fills
+as many prompt positions as its size implies (image_token_counts), and logits / generate_ids take pixel_values
+with image_sizes as transformers' LlavaNextProcessor returns them.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from llava_fast import ops
 from llava_fast.compiled import CompiledSteps
 from llava_fast.generate import (Decoder, RowOutput, Sampling, batch_bucket, common_prefix, generate_token_steps,
                                  is_integer, positions_needed)
-from llava_fast.image import ImageProcessor, load_image
+from llava_fast.image import AnyResProcessor, ImageProcessor, anyres, load_image
 from llava_fast.prompts.messages import is_openai_messages, load_image_url, split_openai_messages
 from llava_fast.model import LlavaForCausalLM
 from llava_fast.prompts.tokenizer import Tokenizer
@@ -76,7 +80,8 @@ def _check_id_rows(rows, what) -> list[list[int]]:
 class LlavaModel:
     """A loaded LLaVA: the network, its tokenizer and image processor, and generation."""
 
-    def __init__(self, net: LlavaForCausalLM, tokenizer: Tokenizer, processor: ImageProcessor, compile=False):
+    def __init__(self, net: LlavaForCausalLM, tokenizer: Tokenizer, processor: ImageProcessor | AnyResProcessor,
+                 compile=False):
         self.net, self.tokenizer, self.processor = net, tokenizer, processor
         self.config: LlavaConfig = net.cfg
         self.last_stats: dict = {}  # the last generation's token counts and timings (see _stream_rows)
@@ -90,7 +95,22 @@ class LlavaModel:
 
     @property
     def num_image_tokens(self) -> int:
+        """Image positions per image (LLaVA v1 / 1.5); LLaVA-NeXT's depend on the size: image_token_counts."""
+        if self.config.anyres:
+            raise InputError("a LLaVA-NeXT image fills a number of positions that depends on its size: "
+                             "use image_token_counts(image_sizes)")
         return self.config.num_image_tokens
+
+    def image_token_counts(self, image_sizes) -> list[int]:
+        """Image positions of each image of size (height, width) (LLaVA-NeXT: base tile, unpadded grid and
+        newlines, image/anyres.py; otherwise num_image_tokens each)."""
+        cfg = self.config
+        if not cfg.anyres:
+            return [cfg.num_image_tokens] * len(image_sizes)
+        P = cfg.vision.image_size // cfg.vision.patch_size
+        return [anyres.num_image_tokens(int(h), int(w), cfg.image_grid_pinpoints, cfg.vision.image_size, P,
+                                        cfg.num_image_tokens, exact=cfg.exact_unpad)
+                for h, w in image_sizes]
 
     @property
     def device(self):
@@ -113,11 +133,15 @@ class LlavaModel:
         else None, and prompts use the named template `template` (or the config's: llava_fast.prompts.templates)."""
         return self.tokenizer.chat_template if template is None else None
 
-    def encode_prompt(self, prompt, num_images=0, *, template=None, system=None) -> list[int]:
+    def encode_prompt(self, prompt, num_images=0, *, template=None, system=None, image_sizes=None) -> list[int]:
         """A prompt (one user message, or a list of (role, text) messages ending with a user turn) rendered
-        with the chat template and tokenized, image tokens expanded to num_image_tokens each. The template is
-        the checkpoint's own (chat_template.jinja etc.) unless `template` names one of llava_fast.prompts.templates's."""
+        with the chat template and tokenized, image tokens expanded to num_image_tokens each (LLaVA-NeXT: to
+        each image's count, from image_sizes, its images' (height, width)). The template is the checkpoint's
+        own (chat_template.jinja etc.) unless `template` names one of llava_fast.prompts.templates's."""
         self._check_takes_images(num_images)
+        if self.config.anyres and num_images and (image_sizes is None or len(image_sizes) != num_images):
+            raise InputError(f"a LLaVA-NeXT prompt with {count(num_images, 'image')} needs their sizes "
+                             f"(image_sizes, one (height, width) per image), got {image_sizes!r:.80}")
         messages = [("user", prompt)] if isinstance(prompt, str) else [tuple(m) for m in prompt]
         if not messages or messages[-1][0] not in ("user", "human"):
             raise InputError("a prompt given as messages must end with a user message")
@@ -152,11 +176,23 @@ class LlavaModel:
             ids = self.tokenizer.encode_with_images(text, self.image_token_id, add_bos=add_bos)
         if not num_images:  # nothing to expand (and a text-only model has no image tokens at all)
             return ids
-        return self.tokenizer.expand_image_tokens(ids, self.image_token_id, self.num_image_tokens)
+        counts = self.image_token_counts(image_sizes) if self.config.anyres else self.num_image_tokens
+        return self.tokenizer.expand_image_tokens(ids, self.image_token_id, counts)
 
     def pixel_values(self, images):
         """A list of images (paths, PIL images, arrays) -> (N, 3, S, S) on the model's device."""
+        if self.config.anyres:
+            raise InputError("a LLaVA-NeXT model takes each image as several tiles: use image_inputs(images)")
         return self.processor(list(images), dtype=self.dtype, device=self.device) if images else None
+
+    def image_inputs(self, images):
+        """A list of images -> (pixel_values, image_sizes) on the model's device, (None, None) for none:
+        LLaVA v1 / 1.5 (N, 3, S, S) and None; LLaVA-NeXT the tiles (sum of tiles, 3, S, S) and (N, 2) sizes."""
+        if not images:
+            return None, None
+        if self.config.anyres:
+            return self.processor(list(images), dtype=self.dtype, device=self.device)
+        return self.pixel_values(images), None
 
     def _check_takes_images(self, num_images):
         if num_images and self.net.vision_tower is None:
@@ -169,6 +205,8 @@ class LlavaModel:
         if pixel_values is None:
             return 0
         self._check_takes_images(len(pixel_values))
+        if self.config.anyres:
+            raise InputError("a LLaVA-NeXT model needs image_sizes with pixel_values")
         size = self.config.vision.image_size
         if (not isinstance(pixel_values, torch.Tensor) or not pixel_values.dtype.is_floating_point
                 or tuple(pixel_values.shape[1:]) != (3, size, size)):
@@ -178,9 +216,43 @@ class LlavaModel:
                              f"model.pixel_values), got {got}")
         return int(pixel_values.shape[0])
 
-    def _check_rows(self, rows, num_images, max_new_tokens=None):
+    def _anyres_inputs(self, pixel_values, image_sizes):
+        """LLaVA-NeXT's (pixel_values, image_sizes) as transformers' processor returns them -> (tiles (sum of
+        tiles, 3, S, S), sizes (N, 2) long) on the device. pixel_values (N, max tiles, 3, S, S), zero-padded
+        after each image's own tiles (their count follows from its size), or the tiles already concatenated."""
+        if pixel_values is None:
+            if image_sizes is not None:
+                raise InputError("image_sizes given without pixel_values")
+            return None, None
+        cfg, size = self.config, self.config.vision.image_size
+        try:
+            sizes = torch.as_tensor(image_sizes).long().reshape(-1, 2).cpu()
+        except (TypeError, ValueError, RuntimeError):
+            sizes = None
+        if image_sizes is None or sizes is None or len(sizes) == 0 or bool((sizes < 1).any()):
+            raise InputError(f"image_sizes must be one positive (height, width) per image, got {image_sizes!r:.80}")
+        self._check_takes_images(len(sizes))
+        counts = [anyres.num_tiles(h, w, cfg.image_grid_pinpoints, size) for h, w in sizes.tolist()]
+        if (not isinstance(pixel_values, torch.Tensor) or not pixel_values.dtype.is_floating_point
+                or pixel_values.dim() not in (4, 5) or tuple(pixel_values.shape[-3:]) != (3, size, size)):
+            got = (f"{pixel_values.dtype} {tuple(pixel_values.shape)}" if isinstance(pixel_values, torch.Tensor)
+                   else type(pixel_values).__name__)
+            raise InputError(f"pixel_values must be a float tensor of shape (N, tiles, 3, {size}, {size}) or "
+                             f"(tiles, 3, {size}, {size}), got {got}")
+        if pixel_values.dim() == 5:
+            if len(pixel_values) != len(sizes) or pixel_values.shape[1] < max(counts):
+                raise InputError(f"pixel_values {tuple(pixel_values.shape)} do not hold {len(sizes)} images of "
+                                 f"{counts} tiles (from image_sizes)")
+            pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)])
+        elif len(pixel_values) != sum(counts):
+            raise InputError(f"pixel_values hold {len(pixel_values)} tiles but images of sizes {sizes.tolist()} "
+                             f"have {sum(counts)}")
+        return pixel_values.to(self.device, self.dtype), sizes.to(self.device)
+
+    def _check_rows(self, rows, num_images, max_new_tokens=None, image_sizes=None):
         """Rows of expanded ids fit the vocabulary, the images and the context: with max_new_tokens (generation)
-        positions_needed() <= context; without (logits) len(row) <= context."""
+        positions_needed() <= context; without (logits) len(row) <= context. LLaVA-NeXT: image_sizes, the
+        images' (height, width), give their counts."""
         self._check_takes_images(num_images)
         if not rows:
             raise InputError("no prompts given")
@@ -199,7 +271,12 @@ class LlavaModel:
                                  f"needs {positions_needed(len(row), max_new_tokens)} positions, more than the "
                                  f"context length of {self.context_length} tokens")
         image_positions = sum(row.count(self.image_token_id) for row in rows)
-        if image_positions != num_images * self.num_image_tokens:
+        if self.config.anyres:
+            counts = self.image_token_counts([] if image_sizes is None else image_sizes)
+            if image_positions != sum(counts):
+                raise InputError(f"the rows hold {image_positions} image-token positions but {num_images} images "
+                                 f"of sizes {[tuple(map(int, s)) for s in image_sizes or []]} need {counts}")
+        elif image_positions != num_images * self.num_image_tokens:
             raise InputError(f"the rows hold {image_positions} image-token positions but {num_images} images "
                              f"need {num_images} x {self.num_image_tokens}")
 
@@ -232,7 +309,7 @@ class LlavaModel:
         return decoder
 
     def _stream_rows(self, rows, pixel_values, *, max_new_tokens, sampling, stop, eos_token_id, decoder=None,
-                     start_pos=None, new_rows=None, sync_every=None, decode=True):
+                     start_pos=None, new_rows=None, sync_every=None, decode=True, image_sizes=None):
         """Generate for all rows; yield per step a list of text deltas (one per row; all "" with decode=False).
         Returns through StopIteration.value the generated ids per row (EOS included when it ended the row).
 
@@ -251,7 +328,7 @@ class LlavaModel:
         outputs = [RowOutput(self.tokenizer if decode else None, stop, eos_token_id) for _ in rows]
         compile_before = self.compiled.compile_s if self.compiled else 0.0
         start = time.perf_counter()
-        logits = decoder.prefill(feed, pixel_values, starts)
+        logits = decoder.prefill(feed, pixel_values, starts, image_sizes=image_sizes)
         steps = generate_token_steps(decoder, logits, max_new_tokens, sampling)
         first, n, pending = None, 0, []
         for i, tokens in enumerate(steps):
@@ -296,7 +373,9 @@ class LlavaModel:
                 raise InputError(f"{len(prompt_list)} prompts need a list of {len(prompt_list)} image entries "
                                  "(each None, one image, or a list of images)")
             image_lists = [_as_image_list(x) for x in images]
-        rows = [self.encode_prompt(p, len(ims), template=template, system=system)
+        if self.config.anyres:  # each image's token count depends on its size: decode them now, once
+            image_lists = [[load_image(im) for im in ims] for ims in image_lists]
+        rows = [self.encode_prompt(p, len(ims), template=template, system=system, image_sizes=_sizes(ims))
                 for p, ims in zip(prompt_list, image_lists)]
         flat_images = [im for ims in image_lists for im in ims]
         return single, rows, flat_images
@@ -342,10 +421,11 @@ class LlavaModel:
 
     def _run_text(self, rows, flat_images, settings, sync_every=None):
         max_new_tokens, sampling, stop = settings
-        self._check_rows(rows, len(flat_images), max_new_tokens)
-        return self._stream_rows(rows, self.pixel_values(flat_images), max_new_tokens=max_new_tokens,
+        self._check_rows(rows, len(flat_images), max_new_tokens, image_sizes=_sizes(flat_images))
+        pixel_values, image_sizes = self.image_inputs(flat_images)
+        return self._stream_rows(rows, pixel_values, max_new_tokens=max_new_tokens,
                                  sampling=sampling, stop=stop, eos_token_id=self.tokenizer.eos_token_ids,
-                                 sync_every=sync_every)
+                                 sync_every=sync_every, image_sizes=image_sizes)
 
     def stream(self, prompt, image=None, *, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, stop=None,
                seed=None, template=None, system=None) -> Iterator:
@@ -372,12 +452,14 @@ class LlavaModel:
         images = _as_image_list(image)
         self._check_takes_images(len(images))
         generation = dict(max_new_tokens=max_new_tokens, sampling=sampling, stop=stop)
+        # Decoded now: a missing file fails here, and a NeXT image's size sets its token count.
         return ChatSession(self, [load_image(im) for im in images], generation, template, system)
 
     def generate_ids(self, rows: Sequence[Sequence[int]], pixel_values=None, *, max_new_tokens, temperature=0.0,
-                     top_p=1.0, top_k=0, seed=None, eos_token_id="default") -> list[list[int]]:
+                     top_p=1.0, top_k=0, seed=None, eos_token_id="default", image_sizes=None) -> list[list[int]]:
         """Token-level generation: rows hold image tokens already expanded; returns the new tokens only
-        (ending with EOS where EOS stopped the row). eos_token_id: an id or a list of ids that end a row
+        (ending with EOS where EOS stopped the row). LLaVA-NeXT: pixel_values and image_sizes as for logits().
+        eos_token_id: an id or a list of ids that end a row
         (default: the tokenizer's eos_token_ids); None disables EOS. Any id of the model's vocabulary (lm_head
         rows) may come back, including padded rows the tokenizer does not know: nothing is decoded here."""
         rows = _check_id_rows(rows, "rows")
@@ -387,12 +469,16 @@ class LlavaModel:
                 isinstance(eos_token_id, (list, tuple)) and eos_token_id and all(map(is_integer, eos_token_id)))):
             raise InputError(f"eos_token_id must be an int, a non-empty list of ints, None (no EOS) or 'default', "
                              f"got {eos_token_id!r}")
-        n_images = self._check_pixel_values(pixel_values)
-        self._check_rows(rows, n_images, max_new_tokens)
+        if self.config.anyres:
+            pv, image_sizes = self._anyres_inputs(pixel_values, image_sizes)
+            self._check_rows(rows, 0 if pv is None else len(image_sizes), max_new_tokens,
+                             image_sizes=None if pv is None else image_sizes.tolist())
+        else:
+            self._check_rows(rows, self._check_pixel_values(pixel_values), max_new_tokens)
+            pv = None if pixel_values is None else pixel_values.to(self.device, self.dtype)
         eos = self.tokenizer.eos_token_ids if eos_token_id == "default" else eos_token_id
-        pv = None if pixel_values is None else pixel_values.to(self.device, self.dtype)
         steps = self._stream_rows(rows, pv, max_new_tokens=max_new_tokens, sampling=sampling, stop=[],
-                                  eos_token_id=eos, decode=False)
+                                  eos_token_id=eos, decode=False, image_sizes=image_sizes)
         while True:
             try:
                 next(steps)
@@ -400,9 +486,11 @@ class LlavaModel:
                 return done.value
 
     @torch.inference_mode()
-    def logits(self, input_ids, pixel_values=None) -> torch.Tensor:
+    def logits(self, input_ids, pixel_values=None, image_sizes=None) -> torch.Tensor:
         """Full-sequence logits (B, T, V) in float32 for expanded ids (B, T), as transformers computes them.
-        T may be the whole context (max_position_embeddings)."""
+        T may be the whole context (max_position_embeddings). LLaVA-NeXT: pixel_values and image_sizes as
+        transformers' LlavaNextProcessor returns them ((N, tiles, 3, S, S) zero-padded, (N, 2)), or the tiles
+        concatenated (sum of tiles, 3, S, S)."""
         if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         elif isinstance(input_ids, (list, tuple)) and input_ids and not isinstance(input_ids[0], (list, tuple)):
@@ -410,9 +498,14 @@ class LlavaModel:
         rows = _check_id_rows(input_ids, "input_ids")
         if len({len(r) for r in rows}) > 1:
             raise InputError(f"input_ids rows must have one length, got {sorted({len(r) for r in rows})}")
-        self._check_rows(rows, self._check_pixel_values(pixel_values))
-        pv = None if pixel_values is None else pixel_values.to(self.device, self.dtype)
-        return self.net(torch.tensor(rows, dtype=torch.long, device=self.device), pv).float()
+        if self.config.anyres:
+            pv, image_sizes = self._anyres_inputs(pixel_values, image_sizes)
+            self._check_rows(rows, 0 if pv is None else len(image_sizes),
+                             image_sizes=None if pv is None else image_sizes.tolist())
+        else:
+            self._check_rows(rows, self._check_pixel_values(pixel_values))
+            pv = None if pixel_values is None else pixel_values.to(self.device, self.dtype)
+        return self.net(torch.tensor(rows, dtype=torch.long, device=self.device), pv, image_sizes).float()
 
 
 class ChatSession:
@@ -435,9 +528,11 @@ class ChatSession:
         if self.messages and "<image>" in text:
             raise InputError("images belong to the first turn of a chat; start a new chat for another image")
         messages = self.messages + [("user", text)]
-        ids = m.encode_prompt(messages, len(self.images), template=self.template, system=self.system)
+        sizes = _sizes(self.images)
+        ids = m.encode_prompt(messages, len(self.images), template=self.template, system=self.system,
+                              image_sizes=sizes)
         max_new = self.generation["max_new_tokens"]
-        m._check_rows([ids], len(self.images), max_new)
+        m._check_rows([ids], len(self.images), max_new, image_sizes=sizes)
         common = common_prefix(ids, self.cached_ids)
         image_end = max((i + 1 for i, t in enumerate(ids) if t == m.image_token_id), default=0)
         if common < image_end:  # the image's tokens are not all cached: run the vision tower again
@@ -451,8 +546,9 @@ class ChatSession:
             if old is not None and common:
                 self.decoder.cache.k[:, :, :, :common] = old.cache.k[:, :, :, :common]
                 self.decoder.cache.v[:, :, :, :common] = old.cache.v[:, :, :, :common]
-        pixel_values = m.pixel_values(self.images) if common == 0 else None
+        pixel_values, image_sizes = m.image_inputs(self.images) if common == 0 else (None, None)
         steps = m._stream_rows([ids], pixel_values, decoder=self.decoder, start_pos=[common], new_rows=[ids[common:]],
+                               image_sizes=image_sizes,
                                eos_token_id=m.tokenizer.eos_token_ids, **self.generation)
         reply = ""
         while True:
@@ -465,6 +561,13 @@ class ChatSession:
         self.cached_ids = ids + generated[:-1]
         self.messages = messages + [("assistant", reply)]
         return reply
+
+
+def _sizes(images):
+    """(height, width) of decoded images (LlavaModel._prepare decodes LLaVA-NeXT's), else None."""
+    if images and all(hasattr(im, "height") and hasattr(im, "width") for im in images):
+        return [(im.height, im.width) for im in images]
+    return None
 
 
 def _as_image_list(images):

@@ -134,8 +134,9 @@ class Decoder:
         self.lengths.zero_()
 
     @torch.inference_mode()
-    def prefill(self, rows, pixel_values=None, start_pos=None):
+    def prefill(self, rows, pixel_values=None, start_pos=None, image_sizes=None):
         """Append rows (lists of ids, image tokens expanded) after start_pos[b] cached tokens per row.
+        LLaVA-NeXT: pixel_values are the images' tiles and image_sizes (N, 2) their sizes (model.embed).
 
         Returns the logits of each row's last token, (B, V). start_pos None means an empty cache.
         """
@@ -149,7 +150,7 @@ class Decoder:
             self.lengths.zero_()
         else:
             self.lengths.copy_(torch.as_tensor(start_pos, dtype=torch.int32))
-        x = self.net.embed(ids, pixel_values)
+        x = self.net.embed(ids, pixel_values, image_sizes=image_sizes)
         if self.native is not None and self.native.prefills:  # CPU float32: each row natively (rows are independent)
             logits = torch.cat([self.native.prefill(self.cache, b, int(self.lengths[b]), x[b, :len(r)])
                                 for b, r in enumerate(rows)])

@@ -1,8 +1,8 @@
 """The whole LLaVA model in one file: CLIP vision tower -> projector -> LLaMA decoder.
 
 References: Liu et al. 2023, "Visual Instruction Tuning" (LLaVA); Liu et al. 2023, "Improved Baselines with
-Visual Instruction Tuning" (LLaVA-1.5: mlp2x_gelu projector, 336 px); Radford et al. 2021 (CLIP);
-Touvron et al. 2023 (LLaMA).
+Visual Instruction Tuning" (LLaVA-1.5: mlp2x_gelu projector, 336 px); Liu et al. 2024, "LLaVA-NeXT" (LLaVA-1.6:
+AnyRes tiles, see image/anyres.py); Radford et al. 2021 (CLIP); Touvron et al. 2023 (LLaMA).
 
 The fusable operations (norms, activations, attention, patch embedding, the projector splice) go through
 `llava_fast.ops`, whose plain-PyTorch versions are the CPU path and the oracle for the Triton kernels; the
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from llava_fast import ops
 from llava_fast.checkpoints.config import LlavaConfig, TextConfig, VisionConfig
+from llava_fast.image import anyres
 
 # ------------------------------------------------------------------------------------------------------
 # CLIP vision tower
@@ -254,7 +255,8 @@ class KVCache:
 
 
 class LlavaForCausalLM(nn.Module):
-    """The network. Parameter names: vision_tower.*, multi_modal_projector.*, language_model.*, lm_head."""
+    """The network. Parameter names: vision_tower.*, multi_modal_projector.*, language_model.*, lm_head, and
+    LLaVA-NeXT's image_newline."""
 
     def __init__(self, cfg: LlavaConfig):
         super().__init__()
@@ -263,6 +265,8 @@ class LlavaForCausalLM(nn.Module):
         self.vision_tower = ClipVisionTower(cfg.vision, cfg.num_vision_layers_run) if cfg.vision else None
         self.multi_modal_projector = MultiModalProjector(cfg.vision.hidden_size, cfg.text.hidden_size,
                                                          cfg.projector_type) if cfg.vision else None
+        # LLaVA-NeXT: a learned embedding appended after each row of an image's tile grid (spatial_unpad).
+        self.image_newline = nn.Parameter(torch.empty(cfg.text.hidden_size)) if cfg.anyres and cfg.vision else None
         self.language_model = LlamaModel(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         self.tie_weights()
@@ -297,10 +301,48 @@ class LlavaForCausalLM(nn.Module):
         hidden = self.vision_tower(pixel_values.to(dtype))
         return hidden[:, 1:] if self.cfg.vision_feature_select_strategy == "default" else hidden
 
-    def embed(self, input_ids, pixel_values=None, image_features=None):
+    def anyres_image_embeddings(self, pixel_values, image_sizes):
+        """LLaVA-NeXT: the tiles of N images (sum of tiles, 3, S, S), image i's base tile then its grid
+        row-major, and image_sizes (N, 2) (height, width) -> (sum of image tokens, C) decoder input rows.
+
+        Per image (mm_patch_merge_type spatial_unpad): the base tile's P x P features first; then the grid's
+        tiles put back in place as one (rows * P, cols * P) feature map, cut to the window that saw the image
+        (not the padding around it), with image_newline after each of its rows."""
+        cfg = self.cfg
+        S, P = cfg.vision.image_size, cfg.vision.image_size // cfg.vision.patch_size
+        projected = ops.project_image_features(self.image_features(pixel_values),
+                                               *self.multi_modal_projector.weights())  # (tiles, P * P, C)
+        C = projected.shape[-1]
+        sizes = image_sizes.tolist()
+        counts = [anyres.num_tiles(h, w, cfg.image_grid_pinpoints, S) for h, w in sizes]
+        out = []
+        for tiles, (h, w) in zip(projected.split(counts), sizes):
+            rows, cols = anyres.grid_shape(h, w, cfg.image_grid_pinpoints, S)
+            grid = tiles[1:].view(rows, cols, P, P, C).permute(0, 2, 1, 3, 4)  # (rows, P, cols, P, C)
+            grid = grid.reshape(rows * P, cols * P, C)
+            top, bottom, left, right = anyres.unpadded_window(h, w, rows * P, cols * P, exact=cfg.exact_unpad)
+            grid = grid[top:bottom, left:right]  # (H', W', C)
+            newline = self.image_newline.to(grid.dtype).expand(grid.shape[0], 1, C)
+            grid = torch.cat([grid, newline], dim=1).reshape(-1, C)  # (H' * (W' + 1), C)
+            out.append(torch.cat([tiles[0], grid]))
+        return torch.cat(out)
+
+    def embed(self, input_ids, pixel_values=None, image_features=None, image_sizes=None):
         """(B, T) ids with image tokens already expanded -> (B, T, C) decoder input. The images come as
         pixel_values (N, 3, S, S), or as image_features (N, num_image_tokens, Cv) that image_features()
-        computed earlier (the server's image cache), which skips the vision tower."""
+        computed earlier (the server's image cache), which skips the vision tower.
+
+        LLaVA-NeXT: pixel_values are the images' tiles (sum of tiles, 3, S, S) and image_sizes (N, 2) their
+        sizes, as anyres_image_embeddings takes them."""
+        if self.cfg.anyres and self.vision_tower is not None:
+            if image_features is not None:
+                raise NotImplementedError("precomputed image features of AnyRes images")
+            x = ops.splice_image_embeddings(input_ids, self.language_model.embed_tokens.weight, None,
+                                            self.cfg.image_token_id, None, None)  # (B, T, C), images not yet in
+            if pixel_values is None:
+                return x
+            is_image = (input_ids == self.cfg.image_token_id).unsqueeze(-1)  # (B, T, 1)
+            return x.masked_scatter(is_image, self.anyres_image_embeddings(pixel_values, image_sizes).to(x.dtype))
         features = image_features if pixel_values is None else self.image_features(pixel_values)
         projector = self.multi_modal_projector.weights() if features is not None else (None, None)
         return ops.splice_image_embeddings(input_ids, self.language_model.embed_tokens.weight, features,
@@ -320,9 +362,9 @@ class LlavaForCausalLM(nn.Module):
                                     seq_lens)
         return self.language_model.norm(x, residual)[0]
 
-    def forward(self, input_ids, pixel_values=None):
+    def forward(self, input_ids, pixel_values=None, image_sizes=None):
         """Full-sequence logits (B, T, V), no cache (parity tests)."""
-        return self.lm_head(self.decode_hidden(self.embed(input_ids, pixel_values)))
+        return self.lm_head(self.decode_hidden(self.embed(input_ids, pixel_values, image_sizes=image_sizes)))
 
     def loss(self, input_ids, labels, pixel_values=None, ignore_index=-100):
         """Training loss: mean next-token cross-entropy over labels != ignore_index. input_ids/labels (B, T),

@@ -58,6 +58,36 @@ def make_hf_model(seed=0, *, feature_layer=-2, strategy="default", image_token_i
     return model
 
 
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # LLaVA-1.6's, (height, width)
+
+
+def make_hf_next_model(seed=0, *, feature_layer=-2, image_token_id=32000, text_model="llama", text=None, **sizes):
+    """A random transformers LlavaNextForConditionalGeneration (fp32, eval mode) with the real 336-px tiles and
+    LLaVA-1.6's pinpoints (a 672x672 image is 2,928 positions, so the context holds 4,096); text_model "llama"
+    (Vicuna) or "mistral"."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, MistralConfig
+
+    vision, llama = hf_configs(image_size=336, **{"max_positions": 4096, **sizes}, text=text)
+    if text_model == "mistral":
+        fields = {k: v for k, v in llama.to_dict().items() if k in (
+            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "vocab_size", "max_position_embeddings", "rms_norm_eps", "bos_token_id", "eos_token_id", "pad_token_id")}
+        text_cfg = MistralConfig(**{**fields, "sliding_window": None, **(text or {})})
+    else:
+        text_cfg = llama
+    cfg = LlavaNextConfig(vision_config=vision, text_config=text_cfg, image_token_index=image_token_id,
+                          vision_feature_layer=feature_layer, vision_feature_select_strategy="default",
+                          image_grid_pinpoints=NEXT_PINPOINTS, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 32001
+    return model
+
+
 def copy_tokenizer(dst, src=TOKENIZER_DIR):
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if os.path.isfile(os.path.join(src, name)):
@@ -115,7 +145,8 @@ def write_byte_level_tokenizer(dst, vocab_size=700, eos_ids=(2, 0), chat_templat
     return tok.get_vocab_size(with_added_tokens=True)
 
 
-def write_preprocessor(dst, image_size):
+def write_preprocessor(dst, image_size, grid_pinpoints=None):
+    """A CLIPImageProcessor config, or with grid_pinpoints a LlavaNextImageProcessor one."""
     cfg = {
         "crop_size": {"height": image_size, "width": image_size}, "do_center_crop": True, "do_convert_rgb": True,
         "do_normalize": True, "do_rescale": True, "do_resize": True,
@@ -123,6 +154,8 @@ def write_preprocessor(dst, image_size):
         "image_processor_type": "CLIPImageProcessor", "resample": 3, "rescale_factor": 1 / 255,
         "size": {"shortest_edge": image_size},
     }
+    if grid_pinpoints is not None:
+        cfg.update(image_processor_type="LlavaNextImageProcessor", image_grid_pinpoints=grid_pinpoints, do_pad=True)
     with open(os.path.join(dst, "preprocessor_config.json"), "w") as f:
         json.dump(cfg, f)
 
@@ -177,6 +210,7 @@ def _to_legacy(model):
         (r"^model\.vision_tower\.vision_model\.", "vision_tower.vision_model."),
         (r"^model\.vision_tower\.", "vision_tower.vision_model."),
         (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+        (r"^model\.image_newline$", "image_newline"),
         (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),
     ]
     return _rename(_canonical_state(model), rules)
@@ -208,7 +242,8 @@ def write_checkpoint(model, dst, layout, *, shards=2, tokenizer_dir=TOKENIZER_DI
             state = _rename(legacy, [(r"^language_model\.model\.", "model.language_model."),
                                      (r"^language_model\.lm_head\.", "lm_head."),
                                      (r"^vision_tower\.vision_model\.", "model.vision_tower."),
-                                     (r"^multi_modal_projector\.", "model.multi_modal_projector.")])
+                                     (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+                                     (r"^image_newline$", "model.image_newline")])
             save_file(state, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
     elif layout == "original":
         _write_original(model, dst, shards)
@@ -216,7 +251,7 @@ def write_checkpoint(model, dst, layout, *, shards=2, tokenizer_dir=TOKENIZER_DI
         raise ValueError(layout)
     copy_tokenizer(dst, tokenizer_dir)
     if layout != "original":  # an original checkpoint's preprocessor config comes with its CLIP tower
-        write_preprocessor(dst, image_size)
+        write_preprocessor(dst, image_size, getattr(model.config, "image_grid_pinpoints", None))
     return dst
 
 
@@ -227,6 +262,7 @@ def _write_original(model, dst, shards):
         (r"^language_model\.lm_head\.", "lm_head."),
         (r"^multi_modal_projector\.linear_1\.", "model.mm_projector.0."),
         (r"^multi_modal_projector\.linear_2\.", "model.mm_projector.2."),
+        (r"^image_newline$", "model.image_newline"),
     ])
     _write_shards(llm, dst, shards, "bin")
     vc, tc = model.config.vision_config, model.config.text_config
@@ -252,6 +288,13 @@ def _write_original(model, dst, shards):
         "mm_vision_select_layer": model.config.vision_feature_layer, "mm_vision_tower": clip_dir,
         "image_aspect_ratio": "pad", "use_mm_proj": True,
     }
+    if getattr(model.config, "image_grid_pinpoints", None) is not None:
+        # LLaVA-1.6: the same literal pinpoint list llava-hf's config has, which the original reads as
+        # (width, height) pairs.
+        cfg.update(image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad",
+                   image_grid_pinpoints=model.config.image_grid_pinpoints)
+        if tc.model_type == "mistral":
+            cfg.update(architectures=["LlavaMistralForCausalLM"], model_type="llava_mistral", sliding_window=None)
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(cfg, f)
 

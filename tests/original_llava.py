@@ -9,6 +9,10 @@ the functions the tests compare against, taken from the package's source files w
     preprocess, preprocess_plain, preprocess_v1, preprocess_llama_2, preprocess_multimodal, tokenizer_image_token
                         from llava/train/train.py and llava/mm_utils.py, executed with the torch and transformers
                         installed here
+    select_best_resolution, resize_and_pad_image, divide_to_patches, get_anyres_image_grid_shape,
+    process_anyres_image, unpad_image
+                        AnyRes (LLaVA-1.6) from llava/mm_utils.py and llava/model/llava_arch.py; sizes and
+                        pinpoints there are (width, height)
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import pytest
 VERSION = "1.2.2.post1"
 CACHE = os.path.join(os.environ.get("LLAVA_FAST_TEST_CACHE", os.path.expanduser("~/.cache/llava-fast-tests")),
                      f"llava-torch-{VERSION}")
+_ANYRES_FUNCTIONS = ("select_best_resolution", "resize_and_pad_image", "divide_to_patches",
+                     "get_anyres_image_grid_shape", "process_anyres_image")
 _TRAIN_FUNCTIONS = ("_tokenize_fn", "_mask_targets", "_add_speaker_and_signal", "preprocess_multimodal",
                     "preprocess_llama_2", "preprocess_v1", "preprocess_plain", "preprocess")
 
@@ -55,7 +61,11 @@ def _functions(path, names):
 
 @functools.lru_cache(maxsize=None)
 def original_llava():
+    import ast
     import copy
+    import math
+
+    import PIL.Image
 
     import tokenizers
     import torch
@@ -69,9 +79,11 @@ def original_llava():
     spec.loader.exec_module(conversation_lib)
     ns = {"torch": torch, "transformers": transformers, "tokenizers": tokenizers, "copy": copy,
           "conversation_lib": conversation_lib, "Dict": dict, "Sequence": list, "version": version,
-          "IS_TOKENIZER_GREATER_THAN_0_14": version.parse(tokenizers.__version__) >= version.parse("0.14")}
+          "IS_TOKENIZER_GREATER_THAN_0_14": version.parse(tokenizers.__version__) >= version.parse("0.14"),
+          "ast": ast, "math": math, "Image": PIL.Image}
     exec(open(os.path.join(package, "constants.py"), encoding="utf-8").read(), ns)
-    exec(_functions(os.path.join(package, "mm_utils.py"), ["tokenizer_image_token"]), ns)
+    exec(_functions(os.path.join(package, "mm_utils.py"), ["tokenizer_image_token", *_ANYRES_FUNCTIONS]), ns)
+    exec(_functions(os.path.join(package, "model", "llava_arch.py"), ["unpad_image"]), ns)
     exec(_functions(os.path.join(package, "train", "train.py"), _TRAIN_FUNCTIONS), ns)
     return types.SimpleNamespace(conversation_lib=conversation_lib, **{k: ns[k] for k in (
-        *_TRAIN_FUNCTIONS, "tokenizer_image_token", "IMAGE_TOKEN_INDEX", "IGNORE_INDEX")})
+        *_TRAIN_FUNCTIONS, *_ANYRES_FUNCTIONS, "unpad_image", "tokenizer_image_token", "IMAGE_TOKEN_INDEX", "IGNORE_INDEX")})

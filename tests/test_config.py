@@ -51,7 +51,10 @@ def test_original_config_with_its_clip_tower(reference_dir):
     ({"mm_use_im_start_end": True}, "mm_use_im_start_end"),
     ({"mm_hidden_size": 768}, "mm_hidden_size=768"),
     ({"mm_vision_select_feature": "middle"}, "unknown vision feature selection"),
-    ({"image_aspect_ratio": "anyres"}, "anyres"),
+    ({"image_aspect_ratio": "anyres"}, "anyres with mm_patch_merge_type 'flat' is not supported"),
+    ({"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad"}, "needs image_grid_pinpoints"),
+    ({"mm_patch_merge_type": "spatial_unpad"}, "spatial_unpad' without image_aspect_ratio anyres"),
+    ({"image_aspect_ratio": "anyres_max_9"}, "image_aspect_ratio 'anyres_max_9' is not supported"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling of type .dynamic. is not supported"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks low_freq_factor"),
 ])
@@ -70,3 +73,79 @@ def test_feature_layer_outside_the_tower_is_an_error(reference_dir):
 def test_config_round_trips_through_a_dict(reference_dir):
     cfg = llava_hf_config(_read(reference_dir, "llava-1.5-7b-hf"))
     assert LlavaConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# A config.json in the form of llava-hf's llava-v1.6-mistral-7b-hf: a minimal text_config whose missing fields
+# (hidden_size, layers, heads) take MistralConfig's defaults, sliding_window null as Mistral-7B-Instruct-v0.2's.
+NEXT_MISTRAL_HUB = {
+    "architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next", "ignore_index": -100,
+    "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    "image_token_index": 32000, "projector_hidden_act": "gelu", "use_image_newline_parameter": True,
+    "text_config": {"_name_or_path": "mistralai/Mistral-7B-Instruct-v0.2", "architectures": ["MistralForCausalLM"],
+                    "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mistral",
+                    "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None,
+                    "vocab_size": 32064},
+    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                      "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768,
+                      "vocab_size": 32000},
+    "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064,
+}
+
+
+def test_llava_next_mistral_hub_config():
+    from llava_fast.checkpoints.config import llava_next_config
+
+    cfg = llava_next_config(NEXT_MISTRAL_HUB)
+    t = cfg.text
+    assert (t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads, t.head_dim) == (4096, 32, 32, 8, 128)
+    assert (t.intermediate_size, t.max_position_embeddings, t.rope_theta, t.rms_norm_eps) == (14336, 32768, 1e6, 1e-5)
+    assert cfg.image_grid_pinpoints == ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+    assert cfg.template == "mistral_instruct" and cfg.anyres and cfg.num_image_tokens == 576
+    assert LlavaConfig.from_dict(cfg.to_dict()) == cfg
+    # A Mistral text config that names nothing takes MistralConfig's defaults, not LLaMA's.
+    bare = llava_next_config({**NEXT_MISTRAL_HUB, "text_config": {"model_type": "mistral", "sliding_window": None}})
+    t = bare.text
+    assert (t.num_kv_heads, t.intermediate_size, t.max_position_embeddings) == (8, 14336, 131072)
+
+
+@pytest.mark.parametrize("window,context,refused", [(4096, 32768, True), (None, 32768, False), (32768, 32768, False),
+                                                    ("missing", 32768, True)])
+def test_mistral_sliding_window_smaller_than_the_context_is_refused(window, context, refused):
+    from llava_fast.checkpoints.config import llava_next_config
+
+    text = {**NEXT_MISTRAL_HUB["text_config"], "max_position_embeddings": context}
+    if window == "missing":  # MistralConfig's default window: 4,096
+        del text["sliding_window"]
+    else:
+        text["sliding_window"] = window
+    d = {**NEXT_MISTRAL_HUB, "text_config": text}
+    if refused:
+        with pytest.raises(CheckpointError, match="sliding_window=4096 is smaller than the context"):
+            llava_next_config(d)
+    else:
+        assert llava_next_config(d).text.max_position_embeddings == context
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"vision_feature_select_strategy": "full"}, "only 'default'"),
+    ({"image_grid_pinpoints": [[300, 600]]}, "not multiples of the vision tower's 336-px input"),
+    ({"image_grid_pinpoints": "[(336, 672)]"}, "list of \\[height, width\\] pairs"),
+    ({"text_config": {"model_type": "qwen2"}}, "text model type 'qwen2' is not supported"),
+])
+def test_unsupported_llava_next_configs_are_named(change, message):
+    from llava_fast.checkpoints.config import llava_next_config
+
+    with pytest.raises(CheckpointError, match=message):
+        llava_next_config({**NEXT_MISTRAL_HUB, **change})
+
+
+def test_original_llava_16_config(reference_dir):
+    """LLaVA-1.6 in the original layout: the pinpoints are (width, height) pairs, swapped on reading, order kept."""
+    d = {**_read(reference_dir, "llava-v1.5-7b-original"), "image_aspect_ratio": "anyres",
+         "mm_patch_merge_type": "spatial_unpad", "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672]]}
+    cfg = original_llava_config(d, CLIP_L_336)
+    assert cfg.image_grid_pinpoints == ((672, 336), (336, 672), (672, 672))
+    assert (cfg.anyres, cfg.image_aspect_ratio, cfg.template) == (True, None, "llava_v1")
+    mistral = original_llava_config({**d, "architectures": ["LlavaMistralForCausalLM"], "model_type": "llava_mistral",
+                                     "sliding_window": None}, CLIP_L_336)
+    assert mistral.template == "mistral_instruct" and mistral.text.num_kv_heads == 32  # the file's, not Mistral's 8

@@ -43,6 +43,16 @@ EXPECTED_PROMPTS = {
         "[INST] <<SYS>>\n" + SYSTEM_LLAMA_2 + "\n<</SYS>>\n\n<image>\nWhat is unusual about this image? [/INST]",
         "[INST] <<SYS>>\n" + SYSTEM_LLAMA_2 + "\n<</SYS>>\n\n<image>\nWhat is unusual about this image? [/INST] "
         "A man is ironing clothes on the back of a taxi. </s><s>[INST] Is it safe? [/INST]"),
+    "mistral_instruct": (
+        "[INST] <image>\nWhat is unusual about this image? [/INST]",
+        "[INST] <image>\nWhat is unusual about this image? [/INST] A man is ironing clothes on the back of a taxi. "
+        "</s>[INST] Is it safe? [/INST]"),
+    "chatml_direct": (
+        "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nWhat is unusual about this "
+        "image?<|im_end|><|im_start|>assistant\n",
+        "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nWhat is unusual about this "
+        "image?<|im_end|><|im_start|>assistant\nA man is ironing clothes on the back of a taxi.<|im_end|>"
+        "<|im_start|>user\nIs it safe?<|im_end|><|im_start|>assistant\n"),
     "plain": (
         "<image>\nWhat is unusual about this image?\n",
         "<image>\nWhat is unusual about this image?\nA man is ironing clothes on the back of a taxi.\nIs it safe?\n"),
@@ -55,7 +65,7 @@ EXPECTED_PROMPTS = {
 # How each template closes a reply: the text the model generates after the prompt's role prefix.
 EXPECTED_REPLY = {
     "llava_v0": " {}###", "vicuna_v1": " {}</s>", "llava_v1": " {}</s>", "llava_llama_2": " {} </s>",
-    "plain": "{}\n", "llava_hf": " {} ",
+    "mistral_instruct": " {} </s>", "chatml_direct": "{}<|im_end|>", "plain": "{}\n", "llava_hf": " {} ",
 }
 
 # Pinned ids (image as -200 for the original templates, llava-hf's <image> = 32000 for llava_hf).
@@ -104,7 +114,8 @@ def independent_ids(hf_tok, name, text):
 
 
 def test_templates_and_names():
-    assert list(TEMPLATES) == ["llava_v0", "vicuna_v1", "llava_v1", "llava_llama_2", "plain", "llava_hf"]
+    assert list(TEMPLATES) == ["llava_v0", "vicuna_v1", "llava_v1", "llava_llama_2", "mistral_instruct",
+                               "chatml_direct", "plain", "llava_hf"]
     assert get_template("vicuna_v1").system == SYSTEM_USER
     assert (get_template("vicuna_v1").sep, get_template("vicuna_v1").sep2) == (" ", "</s>")
     assert get_template("llava_v0").sep == "###" and get_template("plain").sep == "\n"
@@ -186,12 +197,12 @@ def test_system_override():
 def test_stop_strings():
     assert {name: t.stop_strings for name, t in TEMPLATES.items()} == {
         "llava_v0": ("###",), "vicuna_v1": ("</s>",), "llava_v1": ("</s>",), "llava_llama_2": ("</s>",),
-        "plain": ("\n",), "llava_hf": ("</s>",)}
+        "mistral_instruct": ("</s>",), "chatml_direct": ("<|im_end|>",), "plain": ("\n",), "llava_hf": ("</s>",)}
 
 
 def test_bad_input():
     with pytest.raises(InputError, match="unknown chat template 'vicuna'.*llava_v0, vicuna_v1, llava_v1, "
-                                         "llava_llama_2, plain, llava_hf"):
+                                         "llava_llama_2, mistral_instruct, chatml_direct, plain, llava_hf"):
         get_template("vicuna")
     template = get_template("vicuna_v1")
     with pytest.raises(InputError, match="no messages"):
@@ -233,5 +244,24 @@ def test_default_template_for(reference_dir):
     assert default_template_for({k: v for k, v in original.items() if k != "mm_projector_type"}) == "llava_v0"
     with pytest.raises(InputError, match="model_type 'llama'.*name one: llava_v0"):
         default_template_for({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
-    with pytest.raises(InputError, match="llava_next"):
-        default_template_for({"model_type": "llava_next", "text_config": {}, "vision_config": {}})
+    # LLaVA-NeXT: the original CLI's conv modes for llava-v1.6-vicuna / -mistral
+    assert default_template_for({"model_type": "llava_next", "text_config": {}, "vision_config": {}}) == "llava_v1"
+    assert default_template_for({"architectures": ["LlavaNextForConditionalGeneration"],
+                                 "text_config": {"model_type": "mistral"}}) == "mistral_instruct"
+
+
+@pytest.mark.parametrize("name", ["llava_v1", "mistral_instruct", "chatml_direct", "vicuna_v1", "llava_llama_2"])
+def test_render_equals_the_original_get_prompt(name):
+    """The original's Conversation.get_prompt() (llava-torch 1.2.2.post1) for one to three rounds, ending with the
+    assistant's empty turn as its CLI renders a prompt, and for whole conversations as its trainer does."""
+    from original_llava import original_llava
+
+    original = original_llava().conversation_lib.conv_templates[name]
+    for messages in CONVERSATIONS:
+        conv = original.copy()
+        for role, text in messages:
+            conv.append_message(conv.roles[0 if role == "user" else 1], text)
+        ends_with_user = messages[-1][0] == "user"
+        if ends_with_user:
+            conv.append_message(conv.roles[1], None)
+        assert get_template(name).render(messages, add_generation_prompt=ends_with_user) == conv.get_prompt(), messages

@@ -190,6 +190,9 @@ def load_base(model_dir, *, vision_tower=None, projector=None, device="cpu", ima
             hf_config, processor_dir = d, model_dir
         else:
             processor_dir = os.path.dirname(sources[0][0])  # the CLIP checkpoint's directory
+    if cfg.anyres:
+        raise CheckpointError(f"{model_dir}: a LLaVA-NeXT (AnyRes) checkpoint cannot be trained yet: the trainer "
+                              "feeds one 336-px tile per image")
     if cfg.projector_type != "mlp2x_gelu":
         raise CheckpointError(f"{model_dir}: a linear projector (LLaVA v1) has no llava-hf layout to write; "
                               "llava-fast trains LLaVA-1.5's mlp2x_gelu projector")

@@ -1,8 +1,9 @@
 """Model configuration: three dataclasses and the readers for the config.json files people have.
 
 Two families of config.json exist in the wild:
-- llava-hf / transformers (`LlavaForConditionalGeneration`): `text_config` and `vision_config` nested; the hub
-  ships a minimal one (text_config without hidden_size etc.) that relies on LLaMA-7B / CLIP-L-336 defaults.
+- llava-hf / transformers (`LlavaForConditionalGeneration`, LLaVA-NeXT's `LlavaNextForConditionalGeneration`):
+  `text_config` and `vision_config` nested; the hub ships a minimal one (text_config without hidden_size etc.)
+  that relies on LLaMA-7B / CLIP-L-336 defaults.
 - the original LLaVA repo (`LlavaLlamaForCausalLM`): LLaMA fields at top level plus `mm_*` fields; the CLIP
   tower's own config.json lives in a separate checkpoint directory.
 """
@@ -79,14 +80,29 @@ class LlavaConfig:
     vision_feature_select_strategy: str = "default"  # "default" drops CLS, "full" keeps it
     image_token_id: int = 32000
     image_aspect_ratio: str | None = None  # "pad": LLaVA-1.5's expand-to-square before resizing
+    # LLaVA-NeXT (AnyRes, mm_patch_merge_type spatial_unpad): the (height, width) resolutions an image is tiled
+    # at (image/anyres.py); None for LLaVA v1 / 1.5, whose every image is one tile of num_image_tokens features.
+    image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None
     layout: str = "llava_hf"  # which checkpoint family this came from: "llava_hf" or "original"
     template: str = "llava_hf"  # default chat template for this checkpoint
 
     @property
     def num_image_tokens(self) -> int:
+        """Features per tile: every image's count for LLaVA v1 / 1.5, the base tile's for LLaVA-NeXT (whose
+        count depends on the image's size: image/anyres.py num_image_tokens)."""
         if self.vision is None:
             return 0
         return self.vision.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
+
+    @property
+    def anyres(self) -> bool:
+        return self.image_grid_pinpoints is not None
+
+    @property
+    def exact_unpad(self) -> bool:
+        """How AnyRes unpadding rounds (image/anyres.py unpadded_window): as transformers (llava-hf checkpoints)
+        or truncating, as the original code the original-layout checkpoints were trained with."""
+        return self.layout != "original"
 
     @property
     def num_vision_layers_run(self) -> int:
@@ -109,6 +125,8 @@ class LlavaConfig:
     def from_dict(cls, d):
         d = dict(d)
         vision = d.pop("vision")
+        if d.get("image_grid_pinpoints") is not None:
+            d["image_grid_pinpoints"] = tuple(tuple(p) for p in d["image_grid_pinpoints"])
         return cls(vision=None if vision is None else VisionConfig(**vision), text=TextConfig(**d.pop("text")), **d)
 
 
@@ -170,13 +188,28 @@ def text_config_from_dict(d, source="config.json", outer=None) -> TextConfig:
     """A LlamaConfig dict (missing fields take LLaMA-7B defaults, as transformers does). `outer`: the LLaVA
     config around a nested text config (it may say tie_word_embeddings)."""
     mt = d.get("model_type", "llama")
-    if mt not in ("llama", "llava", "llava_llama"):
-        raise CheckpointError(f"{source}: text model type {mt!r} is not supported: llava-fast runs LLaMA decoders")
+    if mt not in ("llama", "llava", "llava_llama", "mistral", "llava_mistral"):
+        raise CheckpointError(f"{source}: text model type {mt!r} is not supported: llava-fast runs LLaMA decoders "
+                              "(and Mistral's)")
     if d.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{source}: text hidden_act {d['hidden_act']!r} is not supported (LLaMA uses silu)")
-    t = TextConfig()
+    mistral = mt in ("mistral", "llava_mistral")
+    # Mistral is LLaMA's math with its own defaults for missing fields (transformers' MistralConfig): 8 KV heads,
+    # a 14,336-wide MLP, 131,072 positions, no biases, and a 4,096-token sliding window.
+    t = TextConfig(intermediate_size=14336, num_kv_heads=8, max_position_embeddings=131072) if mistral else TextConfig()
+    max_positions = d.get("max_position_embeddings", t.max_position_embeddings)
+    window = d.get("sliding_window", 4096 if mistral else None)
+    if window is not None and window < max_positions:
+        # Each attention path (CPU native, torch, Triton) attends to every cached position; a window smaller
+        # than the context would change the results past it, so such checkpoints are refused, not run wrong.
+        raise CheckpointError(f"{source}: sliding_window={window} is smaller than the context "
+                              f"(max_position_embeddings={max_positions}); sliding-window attention is not "
+                              "supported (Mistral-7B-Instruct-v0.2, LLaVA-1.6's backbone, has none)")
     heads = d.get("num_attention_heads", t.num_heads)
-    kv_heads = heads if d.get("num_key_value_heads") is None else d["num_key_value_heads"]  # null: MHA
+    if "num_key_value_heads" not in d:
+        kv_heads = t.num_kv_heads if mistral else heads
+    else:
+        kv_heads = heads if d["num_key_value_heads"] is None else d["num_key_value_heads"]  # null: MHA
     head_dim = d.get("head_dim")  # null: hidden_size // heads (0 below); an explicit 0 is an error, not "unset"
     if kv_heads < 1 or heads % kv_heads or (head_dim is not None and head_dim < 1):
         raise CheckpointError(f"text config: num_key_value_heads={kv_heads} must divide num_attention_heads={heads} "
@@ -193,13 +226,13 @@ def text_config_from_dict(d, source="config.json", outer=None) -> TextConfig:
         head_dim=0 if head_dim is None else head_dim,
         rms_norm_eps=d.get("rms_norm_eps", t.rms_norm_eps),
         rope_theta=rope_theta,
-        max_position_embeddings=d.get("max_position_embeddings", t.max_position_embeddings),
+        max_position_embeddings=max_positions,
         bos_token_id=d["bos_token_id"] if d.get("bos_token_id") is not None else t.bos_token_id,
         eos_token_id=eos[0] if isinstance(eos, list) and eos else (eos if isinstance(eos, int) else t.eos_token_id),
         pad_token_id=d.get("pad_token_id"),
         rope_scaling=rope_scaling,
-        attention_bias=bool(d.get("attention_bias", False)),
-        mlp_bias=bool(d.get("mlp_bias", False)),
+        attention_bias=not mistral and bool(d.get("attention_bias", False)),  # MistralConfig has neither
+        mlp_bias=not mistral and bool(d.get("mlp_bias", False)),
         tie_word_embeddings=_tied(d, outer),
     )
 
@@ -267,8 +300,45 @@ def llava_hf_config(d, source="config.json") -> LlavaConfig:
     )
 
 
+# transformers' LlavaNextConfig default, LLaVA-1.6's pinpoints (height, width).
+_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def _grid_pinpoints(value, source, tile_size, width_first=False):
+    """image_grid_pinpoints as (height, width) pairs, each a multiple of the tile; width_first: the original
+    repo's (width, height) pairs. The original also allows a string (a Python literal) and a range
+    "(1x1),...,(3x3)", which LLaVA-1.6's checkpoints do not use."""
+    if isinstance(value, str) or not isinstance(value, list) or not value or any(
+            not isinstance(p, (list, tuple)) or len(p) != 2 or not all(isinstance(v, int) for v in p) for p in value):
+        pair = "[width, height]" if width_first else "[height, width]"
+        raise CheckpointError(f"{source}: image_grid_pinpoints must be a list of {pair} pairs, got {value!r:.120}")
+    pairs = tuple((w, h) if width_first else (h, w) for h, w in ((p[0], p[1]) for p in value))
+    bad = [p for p in pairs if min(p) < tile_size or p[0] % tile_size or p[1] % tile_size]
+    if bad:
+        raise CheckpointError(f"{source}: image_grid_pinpoints {bad} are not multiples of the vision tower's "
+                              f"{tile_size}-px input")
+    return pairs
+
+
+def llava_next_config(d, source="config.json") -> LlavaConfig:
+    """transformers' LlavaNextConfig (llava-hf's llava-v1.6-* and what save_pretrained writes): LlavaConfig's
+    fields plus image_grid_pinpoints and the learned image_newline (mm_patch_merge_type spatial_unpad, the
+    only merge transformers implements)."""
+    cfg = llava_hf_config(d, source)
+    if cfg.vision_feature_select_strategy != "default":
+        # transformers cannot arrange 577-feature tiles on the 24 x 24 grid either (its view() fails).
+        raise CheckpointError(f"{source}: LLaVA-NeXT with vision_feature_select_strategy "
+                              f"{d.get('vision_feature_select_strategy')!r} is not supported (only 'default': the "
+                              "tiles' CLS features cannot be arranged on the patch grid)")
+    cfg.image_grid_pinpoints = _grid_pinpoints(d.get("image_grid_pinpoints", _NEXT_PINPOINTS), source,
+                                               cfg.vision.image_size)
+    return cfg
+
+
 def original_llava_config(d, vision_dict, source="config.json") -> LlavaConfig:
-    """The original LLaVA repo's LlavaLlamaForCausalLM config plus its CLIP tower's config."""
+    """The original LLaVA repo's LlavaLlamaForCausalLM / LlavaMistralForCausalLM config plus its CLIP tower's
+    config. LLaVA-1.6 (image_aspect_ratio "anyres") adds image_grid_pinpoints, as (width, height) pairs, and
+    mm_patch_merge_type "spatial_unpad"."""
     projector = d.get("mm_projector_type", "linear")
     if projector not in ("linear", "mlp2x_gelu"):
         m = re.fullmatch(r"mlp(\d+)x_gelu", projector)
@@ -278,11 +348,28 @@ def original_llava_config(d, vision_dict, source="config.json") -> LlavaConfig:
     if d.get("mm_use_im_start_end"):
         raise CheckpointError(f"{source}: mm_use_im_start_end=true checkpoints (image start/end tokens) "
                               "are not supported")
-    if d.get("image_aspect_ratio") not in (None, "pad", "square"):
-        raise CheckpointError(f"{source}: image_aspect_ratio {d['image_aspect_ratio']!r} is not supported "
-                              "(anyres needs LLaVA-NeXT)")
+    aspect = d.get("image_aspect_ratio")
+    if aspect not in (None, "pad", "square", "anyres"):
+        raise CheckpointError(f"{source}: image_aspect_ratio {aspect!r} is not supported (pad, square or anyres)")
+    merge = d.get("mm_patch_merge_type", "flat")
+    if aspect == "anyres" and merge != "spatial_unpad":
+        raise CheckpointError(f"{source}: image_aspect_ratio anyres with mm_patch_merge_type {merge!r} is not "
+                              "supported (spatial_unpad, LLaVA-1.6's)")
+    if aspect != "anyres" and merge not in ("flat", "spatial"):  # both: one tile's features as they are
+        raise CheckpointError(f"{source}: mm_patch_merge_type {merge!r} without image_aspect_ratio anyres is not "
+                              "supported (flat or spatial)")
     text = text_config_from_dict(d, source)
     vision = vision_config_from_dict(vision_dict)
+    strategy = _select_strategy(d.get("mm_vision_select_feature", "patch"), source)
+    pinpoints = None
+    if aspect == "anyres":
+        if strategy != "default":
+            raise CheckpointError(f"{source}: anyres with mm_vision_select_feature "
+                                  f"{d.get('mm_vision_select_feature')!r} is not supported (only 'patch': the "
+                                  "tiles' CLS features cannot be arranged on the patch grid)")
+        if d.get("image_grid_pinpoints") is None:
+            raise CheckpointError(f"{source}: image_aspect_ratio anyres needs image_grid_pinpoints")
+        pinpoints = _grid_pinpoints(d["image_grid_pinpoints"], source, vision.image_size, width_first=True)
     if d.get("mm_hidden_size") not in (None, vision.hidden_size):
         raise CheckpointError(f"{source}: mm_hidden_size={d['mm_hidden_size']} but the vision tower's "
                               f"hidden_size is {vision.hidden_size}")
@@ -291,11 +378,12 @@ def original_llava_config(d, vision_dict, source="config.json") -> LlavaConfig:
         text=text,
         projector_type=projector,
         vision_feature_layer=_feature_layer(d.get("mm_vision_select_layer", -2), source),
-        vision_feature_select_strategy=_select_strategy(d.get("mm_vision_select_feature", "patch"), source),
+        vision_feature_select_strategy=strategy,
         # No <image> row in the vocabulary: the id after the last real token marks image positions; the
         # splice replaces those positions before any embedding lookup, so the id never indexes the table.
         image_token_id=text.vocab_size,
-        image_aspect_ratio="pad" if d.get("image_aspect_ratio") == "pad" else None,
+        image_aspect_ratio="pad" if aspect == "pad" else None,
+        image_grid_pinpoints=pinpoints,
         layout="original",
         template=default_template_for(d),
     )
@@ -303,7 +391,8 @@ def original_llava_config(d, vision_dict, source="config.json") -> LlavaConfig:
 
 def is_original_llava(d) -> bool:
     archs = d.get("architectures") or []
-    return "LlavaLlamaForCausalLM" in archs or any(k.startswith("mm_") for k in d)
+    originals = {"LlavaLlamaForCausalLM", "LlavaMistralForCausalLM"}
+    return bool(originals & set(archs)) or any(k.startswith("mm_") for k in d)
 
 
 def find_vision_tower_dir(d, checkpoint_dir, vision_tower):

@@ -4,7 +4,8 @@
 | --- | --- | --- | --- |
 | llava-hf hub | LlavaConfig (nested) | `language_model.model.*`, `language_model.lm_head.weight`, `vision_tower.vision_model.*`, `multi_modal_projector.linear_{1,2}.*` | inside |
 | transformers save_pretrained | LlavaConfig | 4.5x: `model.language_model.*`, `model.vision_tower.vision_model.*`, `lm_head.weight`; 5.x: as the hub but `vision_tower.*` without `vision_model` | inside |
-| original LLaVA repo | LlavaLlamaForCausalLM + mm_* | `model.embed_tokens`, `model.layers.*`, `model.norm`, `lm_head`, `model.mm_projector.{0,2}.*` (or `model.mm_projector.*` for linear), `.bin` shards | separate CLIP checkpoint (`vision_model.*`) |
+| llava-hf LLaVA-NeXT | LlavaNextConfig (nested, + image_grid_pinpoints) | as llava-hf, plus `image_newline` (`model.image_newline` from save_pretrained) | inside |
+| original LLaVA repo | LlavaLlamaForCausalLM / LlavaMistralForCausalLM + mm_* | `model.embed_tokens`, `model.layers.*`, `model.norm`, `lm_head`, `model.mm_projector.{0,2}.*` (or `model.mm_projector.*` for linear), LLaVA-1.6's `model.image_newline`, `.bin` shards | separate CLIP checkpoint (`vision_model.*`) |
 
 Every key is renamed to this engine's names (model.py), converted tensor by tensor straight from the
 memory-mapped file to the target device and dtype (peak host memory stays about one model, not two), and
@@ -23,6 +24,7 @@ from llava_fast.checkpoints.config import (
     find_vision_tower_dir,
     is_original_llava,
     llava_hf_config,
+    llava_next_config,
     original_llava_config,
     read_json,
 )
@@ -41,6 +43,7 @@ LLAVA_HF_RULES = [
     (r"^(?:model\.)?vision_tower\.vision_model\.", "vision_tower."),
     (r"^model\.vision_tower\.", "vision_tower."),
     (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+    (r"^model\.image_newline$", "image_newline"),
 ]
 ORIGINAL_RULES = [
     (r"^model\.mm_projector\.0\.", "multi_modal_projector.linear_1."),
@@ -49,6 +52,7 @@ ORIGINAL_RULES = [
     # A fine-tuned original checkpoint that also saved its tower: model.vision_tower.vision_tower.vision_model.*
     (r"^model\.vision_tower\.vision_tower\.vision_model\.", "vision_tower."),
     (r"^model\.(embed_tokens|layers|norm)\.", r"language_model.\1."),
+    (r"^model\.image_newline$", "image_newline"),  # LLaVA-1.6
 ]
 # A CLIP checkpoint: CLIPModel / transformers 4.x CLIPVisionModel save `vision_model.*`; transformers 5.x
 # CLIPVisionModel saves the tower's own names without a prefix.
@@ -153,6 +157,11 @@ def read_config(directory, vision_tower=None):
         sources = [(f, CLIP_RULES) for f in weight_files(vdir)] + sources
         return cfg, sources
     archs = d.get("architectures") or []
+    if d.get("model_type") == "llava_next" or "LlavaNextForConditionalGeneration" in archs:
+        if vision_tower:
+            raise CheckpointError(f"{directory}: llava-hf checkpoints contain their vision tower; "
+                                  "vision_tower= is only for original-LLaVA checkpoints")
+        return llava_next_config(d, cfg_path), [(f, LLAVA_HF_RULES) for f in weight_files(directory)]
     if d.get("model_type") == "llava" or "LlavaForConditionalGeneration" in archs:
         if vision_tower:
             raise CheckpointError(f"{directory}: llava-hf checkpoints contain their vision tower; "
@@ -160,7 +169,8 @@ def read_config(directory, vision_tower=None):
         return llava_hf_config(d, cfg_path), [(f, LLAVA_HF_RULES) for f in weight_files(directory)]
     raise CheckpointError(
         f"{cfg_path}: unknown architecture {archs or d.get('model_type')!r}: expected a LLaVA checkpoint "
-        "(llava-hf LlavaForConditionalGeneration or original LlavaLlamaForCausalLM)"
+        "(llava-hf LlavaForConditionalGeneration or LlavaNextForConditionalGeneration, or original "
+        "LlavaLlamaForCausalLM)"
     )
 
 

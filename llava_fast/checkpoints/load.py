@@ -1,8 +1,9 @@
 """`load()`: a checkpoint path -> a ready `LlavaModel` (weights on the device, tokenizer, image processor).
 
 In: a local directory (llava-hf's layout or transformers' save_pretrained, the original LLaVA layout with its
-tower beside it), a hub id when huggingface_hub is installed, or a GGUF file (+ its mmproj). Out: a LlavaModel
-whose linear layers are prepared for inference (projections fused, optionally quantized).
+tower beside it; LLaVA v1, 1.5 and NeXT / 1.6), a hub id when huggingface_hub is installed, or a GGUF file (+ its
+mmproj). Out: a LlavaModel whose linear layers are prepared for inference (projections fused, optionally
+quantized), with CLIP's image processor, or for LLaVA-NeXT the AnyRes one (image/anyres.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from llava_fast.api import LlavaModel
 from llava_fast.checkpoints.layouts import load_weights, read_config
 from llava_fast.cpu.quantize import parse_scheme, prepare_for_inference
 from llava_fast.errors import CheckpointError, InputError
-from llava_fast.image import ImageProcessor
+from llava_fast.image import AnyResProcessor, ImageProcessor
 from llava_fast.prompts.tokenizer import Tokenizer
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -97,6 +98,14 @@ def load(path, *, device=None, dtype=None, vision_tower=None, mmproj=None, compi
     processor_dir = path if os.path.isfile(os.path.join(path, "preprocessor_config.json")) else (
         os.path.dirname(sources[0][0]) if cfg.layout == "original" else None)
     pad = cfg.image_aspect_ratio == "pad"
+    if cfg.anyres:  # LLaVA-NeXT: the model's pinpoints decide the tiling (the model arranges tiles by them)
+        has_config = processor_dir and os.path.isfile(os.path.join(processor_dir, "preprocessor_config.json"))
+        processor = (AnyResProcessor.from_pretrained(processor_dir, cfg.image_grid_pinpoints) if has_config
+                     else AnyResProcessor.clip(cfg.vision.image_size, cfg.image_grid_pinpoints))
+        if processor.tile_size != cfg.vision.image_size:
+            raise CheckpointError(f"{processor_dir}: preprocessor cuts {processor.tile_size}-px tiles but the "
+                                  f"vision tower expects {cfg.vision.image_size} px")
+        return LlavaModel(net, tokenizer, processor, compile=compile)
     if processor_dir and os.path.isfile(os.path.join(processor_dir, "preprocessor_config.json")):
         # The original config's image_aspect_ratio wins; otherwise the preprocessor config's own (do_pad of a
         # LlavaImageProcessor config, as the trainer writes it for LLaVA-1.5's padding).

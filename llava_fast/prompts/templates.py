@@ -10,6 +10,9 @@ leading space (" The image ...") and the closing separator ("</s>"), so a reply 
     llava_v0    "{system}###Human: {q1}###Assistant:" + " {a1}###" + ...
     llava_llama_2  "[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{q1} [/INST]" + " {a1} </s>"
                    + "<s>[INST] {q2} [/INST]" ...
+    mistral_instruct  "[INST] {q1} [/INST]" + " {a1} </s>" + "[INST] {q2} [/INST]" ...   (LLaVA-1.6 Mistral)
+    chatml_direct  "<|im_start|>system\\n{system}<|im_end|><|im_start|>user\\n{q1}<|im_end|><|im_start|>assistant\\n"
+                   + "{a1}<|im_end|>" + ...   (LLaVA-1.6 34B; no newline after <|im_end|>, as the original has it)
     plain       "{q1}\\n" + "{a1}\\n"            (pretraining; no system, no roles)
     llava_hf    "USER: {q1} ASSISTANT:" + " {a1} " + "USER: {q2} ASSISTANT:" ...
 
@@ -37,7 +40,8 @@ _ROLE_ALIASES = {"user": USER, "human": USER, "assistant": ASSISTANT, "gpt": ASS
 @dataclass(frozen=True)
 class Template:
     """One chat format. `style` picks how turns are joined (the original's SeparatorStyle): "single" (sep after
-    every turn), "two" (sep after user turns, sep2 after replies), "llama_2", "plain", "llava_hf"."""
+    every turn), "two" (sep after user turns, sep2 after replies), "llama_2", "mpt" (roles are whole prefixes,
+    sep after every turn), "plain", "llava_hf"."""
 
     name: str
     style: str
@@ -87,6 +91,8 @@ class Template:
             return system + " " if system else ""
         if self.style == "plain":
             return system
+        if self.style == "mpt":  # ChatML: the original's system string includes this role prefix
+            return f"<|im_start|>system\n{system}{self.sep}" if system else ""
         return ""  # llama_2: the system prompt sits inside the first [INST]
 
     def _user_turn(self, round_index, text, system):
@@ -97,12 +103,16 @@ class Template:
             return f"{user}: {text} "
         if self.style == "plain":
             return text + self.sep
+        if self.style == "mpt":
+            return f"{user}{text}{self.sep}"
         if round_index == 0:  # llama_2; the original strips the leading "<s>" of the first round
             sys_block = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if system else ""  # none for an empty system prompt
             return f"[INST] {sys_block}{text} [/INST]"
         return f"{self.sep}[INST] {text} [/INST]"
 
     def _reply_prefix(self):
+        if self.style == "mpt":
+            return self.roles[1]
         return f"{self.roles[1]}:" if self.style in ("single", "two", "llava_hf") else ""
 
     def _reply(self, text):
@@ -114,6 +124,8 @@ class Template:
             return f" {text} "
         if self.style == "plain":
             return text + self.sep2
+        if self.style == "mpt":
+            return text + self.sep
         return f" {text} {self.sep2}"  # llama_2
 
 
@@ -153,6 +165,11 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
     Template("llava_v1", "two", _VICUNA_SYSTEM_HUMAN, ("USER", "ASSISTANT"), " ", "</s>", ("</s>",)),
     # The original CLI stops llama_2 replies at sep "<s>"; a reply really ends with EOS "</s>".
     Template("llava_llama_2", "llama_2", _LLAVA_LLAMA_2_SYSTEM, ("USER", "ASSISTANT"), "<s>", "</s>", ("</s>",)),
+    # LLaVA-1.6 Mistral: llama_2's [INST] turns with no system prompt and no separator between rounds.
+    Template("mistral_instruct", "llama_2", "", ("USER", "ASSISTANT"), "", "</s>", ("</s>",)),
+    # LLaVA-1.6 34B (Nous-Hermes-2-Yi): ChatML with the original's system prompt.
+    Template("chatml_direct", "mpt", "Answer the questions.", ("<|im_start|>user\n", "<|im_start|>assistant\n"),
+             "<|im_end|>", None, ("<|im_end|>",)),
     # The original leaves plain's sep2 unset (get_prompt would fail on a reply); a reply ends with "\n" in its
     # pretraining data, so sep2 = sep.
     Template("plain", "plain", "", ("", ""), "\n", "\n", ("\n",)),
@@ -184,18 +201,28 @@ def default_template_for(config: dict) -> str:
     """The chat template a checkpoint's config.json implies:
 
     - llava-hf (LlavaForConditionalGeneration: model_type "llava" with text_config/vision_config) -> llava_hf
+    - llava-hf LLaVA-NeXT (LlavaNextForConditionalGeneration) -> mistral_instruct for a Mistral backbone,
+      llava_v1 for Vicuna, as the original's CLI picks them for llava-v1.6-mistral / -vicuna (their llava-hf
+      checkpoints ship their own chat template, which is used first)
     - original LLaVA (LlavaLlamaForCausalLM with mm_* fields) and an MLP projector (mm_projector_type
       "mlp2x_gelu": LLaVA-1.5, trained with conv "v1") -> vicuna_v1
+    - original LLaVA-1.6 (image_aspect_ratio "anyres") -> mistral_instruct (LlavaMistralForCausalLM) or llava_v1
     - original LLaVA with a linear projector (LLaVA v0) -> llava_v0. LLaVA-v1 "Lightning" and LLaMA-2 based
       checkpoints also have a linear projector but were trained with llava_v1 / llava_llama_2: name the
       template explicitly for them; a config does not say which.
     """
     architectures = config.get("architectures") or []
+    if config.get("model_type") == "llava_next" or "LlavaNextForConditionalGeneration" in architectures:
+        text_type = (config.get("text_config") or {}).get("model_type", "llama")
+        return "mistral_instruct" if text_type == "mistral" else "llava_v1"
     if "text_config" in config or "vision_config" in config or "LlavaForConditionalGeneration" in architectures:
         if config.get("model_type") == "llava":
             return "llava_hf"
     elif any(key.startswith("mm_") for key in config) or any(
             a.startswith("Llava") and a.endswith("ForCausalLM") for a in architectures):
+        if config.get("image_aspect_ratio") == "anyres":  # LLaVA-1.6, as for llava-hf's above
+            mistral = config.get("model_type") == "llava_mistral" or "LlavaMistralForCausalLM" in architectures
+            return "mistral_instruct" if mistral else "llava_v1"
         projector = config.get("mm_projector_type", "linear")
         return "vicuna_v1" if projector.startswith("mlp") else "llava_v0"
     raise InputError(f"cannot tell the chat template of a config with model_type {config.get('model_type')!r} "

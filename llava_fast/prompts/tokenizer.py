@@ -202,15 +202,21 @@ class Tokenizer:
         return ids
 
     @staticmethod
-    def expand_image_tokens(ids, image_token_id: int, num_image_tokens: int) -> list[int]:
+    def expand_image_tokens(ids, image_token_id: int, num_image_tokens) -> list[int]:
         """Replace each `image_token_id` by `num_image_tokens` copies: the positions the projected image
-        features fill (576 for CLIP ViT-L/14 at 336 px)."""
-        if num_image_tokens < 1:
+        features fill (576 for CLIP ViT-L/14 at 336 px). A list gives each image's own count, in order
+        (LLaVA-NeXT's depend on the image's size)."""
+        markers = sum(1 for t in ids if t == image_token_id)
+        counts = list(num_image_tokens) if isinstance(num_image_tokens, (list, tuple)) else [num_image_tokens] * markers
+        if len(counts) != markers:
+            raise InputError(f"{markers} image markers but {len(counts)} image-token counts")
+        if any(n < 1 for n in counts):
             raise InputError(f"num_image_tokens must be at least 1, got {num_image_tokens}")
-        expanded = []
+        expanded, image = [], 0
         for token_id in ids:
             if token_id == image_token_id:
-                expanded.extend([image_token_id] * num_image_tokens)
+                expanded.extend([image_token_id] * counts[image])
+                image += 1
             else:
                 expanded.append(token_id)
         return expanded

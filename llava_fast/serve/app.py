@@ -163,6 +163,8 @@ def _validation_message(err: RequestValidationError):
 def create_app(model, config: ServeConfig | None = None, scheduler: Scheduler | None = None) -> FastAPI:
     """The FastAPI app serving `model` (a LlavaModel). The scheduler starts and stops with the app."""
     config = config or ServeConfig()
+    if model.config.anyres:  # the scheduler's image cache and admission count one tile per image
+        raise InputError("LLaVA-NeXT (AnyRes) checkpoints cannot be served yet; use generate/stream/chat")
     scheduler = scheduler or Scheduler(model, max_batch=config.max_batch, max_model_len=config.max_model_len,
                                        max_waiting=config.max_waiting,
                                        image_cache_bytes=int(config.image_cache_mb * (1 << 20)))
