@@ -21,7 +21,7 @@ def _check_interpreter():
     bound through `int(array)`; NumPy 2.4 turned that (deprecated since 1.25) into "TypeError: only
     0-dimensional arrays can be converted to Python scalars", so every kernel with a `range` over a runtime
     bound fails (94 interpreter tests). Triton 3.9's interpreter squeezes the array first. Compiled kernels
-    (a GPU, the sm_90 build) never take this path: the device image's triton 3.6 + NumPy 2.5 is fine there.
+    (a GPU, the sm_90 build) never take this path: triton 3.6 with NumPy 2.5 is fine there.
     """
     if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes"):
         return

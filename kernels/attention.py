@@ -1,5 +1,5 @@
 """Attention for LLaVA in Triton: rotary prefill against a KV cache, split-KV decode, the training
-forward/backward, and the CLIP encoder's non-causal attention. One kernel family (issue 3, families 3 + 4).
+forward/backward, and the CLIP encoder's non-causal attention. One kernel family.
 
 Torch references (the oracle the tests compare against): `llava_fast.ops.rotary_cached_attention`,
 `llava_fast.ops.rotary_causal_attention`, `llava_fast.ops.vision_attention` (and `apply_rope`).

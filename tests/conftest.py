@@ -38,7 +38,7 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run on a lent GPU; see issue 7)")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (bench/gpu_check.py runs these on one)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
