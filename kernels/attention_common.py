@@ -81,6 +81,19 @@ def store_unrotated_halves(row_ptrs, row_mask, x1, x2, positions, cos_ptr, sin_p
 
 
 @triton.jit
+def row_span(start_pos_ptr, seq_lens_ptr, b, T, HAS_LENS: tl.constexpr):
+    """(start, n_new) of batch row b: where its new tokens go in the cache and how many there are, read from
+    device memory (no host sync); (0, T) for a batch without lengths (training, vision)."""
+    if HAS_LENS:
+        start = tl.load(start_pos_ptr + b).to(tl.int32)
+        n_new = tl.load(seq_lens_ptr + b).to(tl.int32)
+    else:
+        start = 0
+        n_new = T
+    return start, n_new
+
+
+@triton.jit
 def attend_kv_block(acc, m_i, l_i, q1, q2, k_base, v_base, stride_kt, stride_vt, n0, key_end, query_pos,
                     qk_scale, HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -144,12 +157,7 @@ def _rope_kv_write_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_kv_heads).to(tl.int64)
     head = pid_bh % num_kv_heads
-    if HAS_LENS:
-        start = tl.load(start_pos_ptr + b).to(tl.int32)
-        n_new = tl.load(seq_lens_ptr + b).to(tl.int32)
-    else:
-        start = 0
-        n_new = T
+    start, n_new = row_span(start_pos_ptr, seq_lens_ptr, b, T, HAS_LENS)
     tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     valid = tok < n_new
     pos = start + tok

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .attention_common import (LOG2_E, attend_kv_block, bth_strides, dot_precision, head_dims,
-                               last_dim_contiguous, load_rotated_halves, write_rotary_kv)
+                               last_dim_contiguous, load_rotated_halves, row_span, write_rotary_kv)
 from .attention_decode import decode_attention
 
 
@@ -49,12 +49,7 @@ def _attention_fwd_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_kv_heads).to(tl.int64)
     kv_head = pid_bh % num_kv_heads
-    if HAS_LENS:
-        start = tl.load(start_pos_ptr + b).to(tl.int32)
-        n_new = tl.load(seq_lens_ptr + b).to(tl.int32)
-    else:
-        start = 0
-        n_new = T
+    start, n_new = row_span(start_pos_ptr, seq_lens_ptr, b, T, HAS_LENS)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     tok = rows // GROUP
