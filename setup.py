@@ -86,7 +86,7 @@ setup(
     package_data={"llava_fast": ["assets/*", "assets/tokenizer/*"], "llava_fast.bench": ["data/*"],
                   "llava_fast.pipelines": ["prompts/*.md", "prompts/*/*.txt"], "llava_fast.serve": ["page/*"]},
     install_requires=[
-        # The oldest versions tested: the GPU device image's (torch 2.11, triton 3.6; CI runs the kernel tests and
+        # The oldest versions supported and tested (torch 2.11, triton 3.6; CI runs the kernel tests and
         # the sm_90 compile check under triton 3.6 too). Triton 3.6's CPU interpreter needs numpy<2.4 (see
         # kernels/__init__.py); compiled kernels do not.
         "torch>=2.11",

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 
+from llava_fast.checkpoints.config import read_json
 from llava_fast.cli import SubcommandParser
 from llava_fast.errors import InputError
 
@@ -359,7 +360,7 @@ def cmd_compare(args) -> int:
         raise InputError("--threshold must be >= 0")
     docs = []
     for path in (args.a, args.b):
-        doc = report.read_json(path)
+        doc = read_json(path, InputError)
         errors = schema.validate(doc)
         if errors:
             raise InputError(f"{path} is not a llava-fast bench result: {errors[0]}")
@@ -370,11 +371,11 @@ def cmd_compare(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from llava_fast.bench import report, schema
+    from llava_fast.bench import schema
 
     bad = 0
     for path in args.files:
-        errors = schema.validate(report.read_json(path))
+        errors = schema.validate(read_json(path, InputError))
         print(f"{path}: " + ("ok" if not errors else f"{len(errors)} error(s)"))
         for e in errors[:20]:
             print(f"  {e}")

@@ -1,16 +1,13 @@
-"""The one prepared check for a lent GPU: tests, generate, kernels and train on one H200 in 8 minutes.
+"""The GPU check: tests, generate, kernels and train on one H200 in 8 minutes.
 
     python bench/gpu_check.py --out DIR              # on the GPU: ~8 min; a short table printed last
     python bench/gpu_check.py --out DIR --dry-run    # the same plumbing on the CPU, tiny preset, < 3 min (CI)
 
-A lent machine (H200; torch 2.11, triton 3.6, transformers 5, no package registry) receives only the
-repository, not the ../shared beside it that the tests read (tokenizer, images). Here, once:
-    cp -r ../shared/reference .ref && echo /.ref/ >> .git/info/exclude
-then one device call with carry [".ref"] (4.6 MB) and the command
-    pip install -q --no-deps --no-build-isolation -e . && \\
-        LLAVA_FAST_REFERENCE=$PWD/.ref PYTHONUNBUFFERED=1 python bench/gpu_check.py --out $OUT
-and timeout_s 600 (the budget below is 480 s; the rest is the install, imports and slack). The install builds
-the native extension with the image's pybind11 and ninja, or falls back to the Python path.
+It needs only the repository (the tests' data is in tests/data) and no package registry: on a machine with
+torch 2.11, triton 3.6, transformers 5, pybind11 and ninja installed,
+    pip install -q --no-deps --no-build-isolation -e . && PYTHONUNBUFFERED=1 python bench/gpu_check.py --out DIR
+within 600 s (the budget below is 480 s; the rest is the install, imports and slack). The install builds the
+native extension, or falls back to the Python path.
 
 Parts, each a subprocess with its own time budget (seconds on the GPU / in the dry run); one that does not fit
 in what is left of --budget-s is skipped with a note, one that overruns is stopped and marked so:
@@ -25,7 +22,7 @@ in what is left of --budget-s is skipped with a note, one that overruns is stopp
                        128), patch embed, splice, RMSNorm, LayerNorm, linear + cross-entropy
   train     100 / 40   `llava-fast bench train`: a stage-1 step and a LoRA (r 128) stage-2 step of the whole
                        7B, batch 8 x 2048 tokens, gradient checkpointing, the Triton backend
-DIR receives at most 8 files (what a device call returns): gpu_check.log (every part's output),
+DIR receives at most 8 files: gpu_check.log (every part's output),
 gpu_check.json (this summary: parts, test counts, the targets and kernel rates; its own small layout,
 `llava-fast-gpu-check/1`), generate.json, kernels.json, train.json (the bench schema, bench/SCHEMA.md) and
 tests.xml (JUnit). The targets and the bytes and FLOPs behind each are in bench/NOTES.md.

@@ -15,7 +15,7 @@ Timing: GPU: CUDA events, inputs rotated over enough copies to exceed twice the 
 On a CPU the Triton kernels run in Triton's interpreter and shapes default to 'small': those numbers check
 that the harness works, they are not performance.
 
-FLOP and byte counts (es = bytes per element; the attention ones follow kernels/attention.py's header):
+FLOP and byte counts (es = bytes per element; the attention ones follow the headers of kernels/attention_*.py):
   attention_prefill  causal, from an empty cache:  FLOPs 2*B*H*T^2*D;  bytes es*B*T*D*(2H + 4Hkv)
   attention_decode   one token against L cached:   FLOPs 4*B*H*L*D;    bytes es*2*B*Hkv*L*D (+ q, out)
   attention_vision   CLIP, non-causal:             FLOPs 4*N*H*T^2*D;  bytes es*4*N*T*H*D
@@ -89,7 +89,8 @@ def _rand(g, *shape, dtype, device, scale=1.0, requires_grad=False):
 
 def build_cases(cfg, scale, batch, device, dtype, names, seq_len=None):
     from llava_fast import ops
-    from llava_fast.kernels import activations, attention, cross_entropy, norms, patch_embed, splice
+    from llava_fast.kernels import (activations, attention_backward, attention_prefill, cross_entropy, norms,
+                                    patch_embed, splice)
 
     s = _sizes(cfg, scale, batch, seq_len)
     es = torch.empty((), dtype=dtype).element_size()
@@ -121,7 +122,7 @@ def build_cases(cfg, scale, batch, device, dtype, names, seq_len=None):
 
     cases["attention_prefill"] = Case(
         "attention_prefill", f"B={B} T={T} H={H} Hkv={Hkv} D={D}", prefill_inputs,
-        lambda q, k, v, kc, vc, st, ln: attention.rotary_cached_attention(q, k, v, cos, sin, kc, vc, st, ln),
+        lambda q, k, v, kc, vc, st, ln: attention_prefill.rotary_cached_attention(q, k, v, cos, sin, kc, vc, st, ln),
         prefill_sdpa, "RoPE + cache write + SDPA (causal)", 2 * B * H * T * T * D, es * B * T * D * (2 * H + 4 * Hkv),
         "compute")
 
@@ -142,7 +143,7 @@ def build_cases(cfg, scale, batch, device, dtype, names, seq_len=None):
 
     cases["attention_decode"] = Case(
         "attention_decode", f"B={Bd} L={L} H={H} Hkv={Hkv} D={D}", decode_inputs,
-        lambda q, k, v, kc, vc, st, ln: attention.rotary_cached_attention(q, k, v, cos, sin, kc, vc, st, ln),
+        lambda q, k, v, kc, vc, st, ln: attention_prefill.rotary_cached_attention(q, k, v, cos, sin, kc, vc, st, ln),
         decode_sdpa, "RoPE + cache write + SDPA", 4 * Bd * H * L * D, es * (2 * Bd * Hkv * L * D + 2 * Bd * H * D),
         "memory")
 
@@ -150,7 +151,7 @@ def build_cases(cfg, scale, batch, device, dtype, names, seq_len=None):
     cases["attention_vision"] = Case(
         "attention_vision", f"N={N} T={Tv} H={Hv} D={Dv}",
         lambda g: tuple(_rand(g, N, Tv, Hv, Dv, **kw) for _ in range(3)),
-        attention.vision_attention,
+        attention_backward.vision_attention,
         lambda q, k, v: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                                        v.transpose(1, 2)).transpose(1, 2),
         "SDPA", 4 * N * Hv * Tv * Tv * Dv, es * 4 * N * Tv * Hv * Dv, "compute")
@@ -163,7 +164,7 @@ def build_cases(cfg, scale, batch, device, dtype, names, seq_len=None):
         return q, k, v, _rand(g, B, Tt, H, D, **kw)
 
     def train_ours(q, k, v, dout):
-        out = attention.rotary_causal_attention(q, k, v, cos, sin)
+        out = attention_backward.rotary_causal_attention(q, k, v, cos, sin)
         return torch.autograd.grad(out, (q, k, v), dout)
 
     def train_sdpa(q, k, v, dout):

@@ -75,18 +75,6 @@ def write_json(doc: dict, path: str) -> str:
     return path
 
 
-def read_json(path: str) -> dict:
-    from llava_fast.errors import InputError
-
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not a JSON file ({e})") from None
-
-
 # ------------------------------------------------------------------------------------------------------
 # Markdown
 # ------------------------------------------------------------------------------------------------------

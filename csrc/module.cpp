@@ -281,6 +281,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("threads"),
         "y (M, N) float32 = x (M, K) float32 @ W (N, K)^T, W int4 (gemv.h kWeightQ4): the prefill GEMM of "
         "csrc/gemm_q4.cpp. Pointers as integers; for tests and benchmarks.");
+  // gemv.h's weight formats and activation dtypes by name: llava_fast/cpu/gemv.py reads the numbers from here.
+  py::dict weight_formats, activation_dtypes;
+  weight_formats["float32"] = int(llava_fast::kWeightF32);
+  weight_formats["bfloat16"] = int(llava_fast::kWeightBF16);
+  weight_formats["int8"] = int(llava_fast::kWeightQ8);
+  weight_formats["int4"] = int(llava_fast::kWeightQ4);
+  activation_dtypes["float32"] = int(llava_fast::kActF32);
+  activation_dtypes["bfloat16"] = int(llava_fast::kActBF16);
+  m.attr("WEIGHT_FORMATS") = weight_formats;
+  m.attr("ACTIVATION_DTYPES") = activation_dtypes;
   m.def("gemv_isa", &llava_fast::gemv_isa, "'avx512' or 'scalar': the GEMV kernels in use.");
   m.def("gemv_use_kernels", [](const std::string& name) { return llava_fast::gemv_use_kernels(name.c_str()); },
         "Switch the GEMV kernels: 'scalar' or 'best'. For tests.");

@@ -105,7 +105,7 @@ def _block_sizes(device, C, weight_dtype):
     GPU: 16 rows x the full C row. At C = 1024 the fp32 accumulator is 16K values = 64 registers/thread
     over 8 warps, and one weight tile is 64 KB of shared memory (BLOCK_K * 1024 * itemsize), so two pipeline
     stages fit in H100's 228 KB. The rows of one image (577 at 336 px) make 37 programs; the 1.2 MB weight
-    is re-read from L2 by each. Not yet measured on a GPU: no GPU was lent when this was written.
+    is re-read from L2 by each. Not yet measured on a GPU.
     Interpreter: the cost is per program and per loop step, so bigger tiles keep the tests fast.
     """
     if device.type != "cuda":

@@ -158,8 +158,8 @@ def _gemm_config(device, dtype):
 
     GPU: 128 x 128 x 64 16-bit tiles, 8 warps, 3 stages (96 KB of shared memory) is the usual H100 shape
     for a 4096-wide GEMM; R = 576 rows per image gives 5 x 32 = 160 programs per image for 132 SMs.
-    fp32 (IEEE dot) halves BLOCK_K to keep shared memory the same. Not yet measured on a GPU: no GPU was lent
-    when this was written. Interpreter: small tiles, the test shapes are tiny.
+    fp32 (IEEE dot) halves BLOCK_K to keep shared memory the same. Not yet measured on a GPU.
+    Interpreter: small tiles, the test shapes are tiny.
     """
     if device.type != "cuda":
         return 16, 32, 32, 4, 4, 1

@@ -300,13 +300,7 @@ def main(argv=None):
         import importlib
 
         module_name, function = DELEGATED[argv[0]].split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
-            print(f"llava-fast: error: '{argv[0]}' is not available in this build", file=sys.stderr)
-            return 2
+        module = importlib.import_module(module_name)
         return _run(lambda: getattr(module, function)(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 with one usage line on bad flags

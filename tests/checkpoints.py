@@ -1,7 +1,7 @@
 """Tiny random LLaVA checkpoints, written by the tests in every layout llava-fast loads.
 
 transformers builds and saves them (it is the test-only oracle), with the real LLaMA tokenizer from
-../shared/reference/tokenizer so prompts tokenize as they do for real checkpoints. Sizes are small (ViT 32
+tests/data/tokenizer so prompts tokenize as they do for real checkpoints. Sizes are small (ViT 32
 wide, LLaMA 64 wide) so a forward pass takes milliseconds on the CPU; the vocabulary is the real 32,064.
 """
 
@@ -13,9 +13,7 @@ import shutil
 
 import torch
 
-# LLAVA_FAST_REFERENCE: elsewhere (a GPU machine gets only the repository; bench/gpu_check.py says how)
-REFERENCE = os.environ.get("LLAVA_FAST_REFERENCE") or os.path.join(
-    os.path.dirname(__file__), "..", "..", "shared", "reference")
+REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")  # tests/data/README.md: sources
 TOKENIZER_DIR = os.path.join(REFERENCE, "tokenizer")
 IMAGE_DIR = os.path.join(REFERENCE, "images")
 VOCAB = 32064

@@ -9,16 +9,14 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-# LLAVA_FAST_REFERENCE: elsewhere (a GPU machine gets only the repository; bench/gpu_check.py says how)
-REFERENCE = os.environ.get("LLAVA_FAST_REFERENCE") or os.path.join(
-    os.path.dirname(__file__), "..", "..", "shared", "reference")
+# Real data this project did not write (tokenizer, LLaVA's images, configs, LLaVA-Bench, the paper's prompts);
+# tests/data/README.md gives each file's source and licence.
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
 @pytest.fixture(scope="session")
 def reference_dir():
-    if not os.path.isdir(REFERENCE):
-        pytest.fail(f"shared reference data not found at {REFERENCE} (CI places shared/ beside the clone)")
-    return REFERENCE
+    return DATA
 
 
 @pytest.fixture(params=["torch", "triton"])
@@ -40,7 +38,7 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run on a lent GPU; see issue 7)")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (bench/gpu_check.py runs these on one)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)

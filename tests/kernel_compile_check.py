@@ -177,10 +177,10 @@ def _lengths(B):
 
 
 def prefill(dtype, T, D, group, B=1, H=32):
-    from llava_fast.kernels import attention
+    from llava_fast.kernels import attention_prefill
     Hkv = H // group
     cos = sin = _empty(TMAX, D // 2, dtype=torch.float32)
-    attention.rotary_cached_attention(_empty(B, T, H, D, dtype=dtype), _empty(B, T, Hkv, D, dtype=dtype),
+    attention_prefill.rotary_cached_attention(_empty(B, T, H, D, dtype=dtype), _empty(B, T, Hkv, D, dtype=dtype),
                                       _empty(B, T, Hkv, D, dtype=dtype), cos, sin,
                                       _empty(B, Hkv, TMAX, D, dtype=dtype), _empty(B, Hkv, TMAX, D, dtype=dtype),
                                       _lengths(B), _lengths(B))
@@ -192,7 +192,7 @@ def decode(dtype, B, D, group, H=32):
 
 def attention_training(dtype, T, D, group, B=1, H=32, causal=True):
     """Forward with the lse, then the backward: causal + RoPE (decoder) or neither (CLIP)."""
-    from llava_fast.kernels.attention import FlashAttentionFunction
+    from llava_fast.kernels.attention_backward import FlashAttentionFunction
     Hkv = H // group
     cos = sin = _empty(TMAX, D // 2, dtype=torch.float32)
     q, k, v = _empty(B, T, H, D, dtype=dtype), _empty(B, T, Hkv, D, dtype=dtype), _empty(B, T, Hkv, D, dtype=dtype)

@@ -1,4 +1,4 @@
-"""Edges of the public API (issue 13): ids past the tokenizer, the exact context limits, stream() of a batch,
+"""Edges of the public API: ids past the tokenizer, the exact context limits, stream() of a batch,
 and every public argument checked up front with an InputError that says what was expected.
 
 Oracles: transformers' LlavaForConditionalGeneration (ids, logits) and tokenizer (decode), on tiny random

@@ -1,4 +1,4 @@
-"""The real llava-1.5 config files (../shared/reference/configs) read into the shapes LLaVA-1.5-7B has."""
+"""The real llava-1.5 config files (tests/data/configs) read into the shapes LLaVA-1.5-7B has."""
 
 import json
 import os

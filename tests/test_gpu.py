@@ -1,6 +1,6 @@
 """What only a GPU shows: CUDA-graph decode, and the Triton path in bf16/fp16 against the torch path.
 
-Marked `gpu`: skipped without CUDA (conftest), run when a GPU is lent (issue 7).
+Marked `gpu`: skipped without CUDA (conftest), run on a machine with a CUDA GPU (bench/gpu_check.py runs them).
 """
 
 import pytest

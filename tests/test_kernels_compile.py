@@ -1,7 +1,7 @@
 """Every Triton kernel compiles for H100 (sm_90) at the launch configurations its launchers choose on a GPU,
 within H100's shared memory: checked on a CPU, in a subprocess without the interpreter (how: see
 kernel_compile_check.py). The interpreter tests check the arithmetic at CPU tile sizes; this catches what
-only the GPU build shows (compile errors, shared-memory overflow, heavy register spills) before a GPU is lent.
+only the GPU build shows (compile errors, shared-memory overflow, heavy register spills) on a machine without a GPU.
 The wider sweep (every head dim, GQA group, batch and length; ~5 min): python tests/kernel_compile_check.py --all
 """
 

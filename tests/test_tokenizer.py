@@ -1,7 +1,7 @@
 """llava_fast.prompts.tokenizer against transformers' LlamaTokenizer (which builds its own BPE pipeline from the same
 vocabulary), llava-hf's LlavaProcessor, and LLaVA's tokenizer_image_token restated on transformers' tokenizer.
 
-Real data: ../shared/reference/tokenizer (LLaMA's tokenizer.model and its llava-hf style tokenizer.json with
+Real data: tests/data/tokenizer (LLaMA's tokenizer.model and its llava-hf style tokenizer.json with
 <image> = 32000, <pad> = 32001) and the LLaVA-Bench questions and GPT-4 answers as a text corpus.
 """
 

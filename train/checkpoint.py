@@ -38,7 +38,8 @@ from llava_fast.checkpoints.config import LlavaConfig, read_json, text_config_fr
 from llava_fast.errors import CheckpointError, InputError
 from llava_fast.image import LLAVA_PROCESSOR_TYPES, ImageProcessor
 from llava_fast.checkpoints.layouts import (CLIP_RULES, LLAVA_HF_RULES, ORIGINAL_RULES, assign_weights, expected_weights,
-                                is_skipped_weight, iter_tensors, read_config, rename_key, weight_files)
+                                iter_tensors, read_config, read_weights, rename_key, weight_files)
+from llava_fast.checkpoints.load import checkpoint_image_processor
 from llava_fast.model import LlavaForCausalLM
 from llava_fast.prompts.tokenizer import Tokenizer
 
@@ -89,23 +90,7 @@ def _load_tensors(net, sources, device, allow_missing=()):
     """Assign every tensor of `sources` (fp32) to the meta-built `net`; names starting with one of
     `allow_missing` may be absent (they keep a fresh initialisation)."""
     expected = expected_weights(net)
-    loaded, unexpected = {}, []
-    for path, rules in sources:
-        for key, tensor in iter_tensors(path):
-            name = rename_key(key, rules)
-            tied_head = name == "lm_head.weight" and name not in expected  # ignored, as transformers ties it
-            if is_skipped_weight(name, net.cfg.num_vision_layers_run) or tied_head:
-                continue
-            if name not in expected:
-                unexpected.append(key)
-                continue
-            if tuple(tensor.shape) != tuple(expected[name].shape):
-                raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, but the config implies "
-                                      f"{tuple(expected[name].shape)}")
-            loaded[name] = tensor.to(device=device, dtype=torch.float32, copy=True)
-    missing = sorted(n for n in set(expected) - set(loaded) if not n.startswith(tuple(allow_missing)))
-    if missing or unexpected:
-        raise CheckpointError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    loaded = read_weights(net, sources, device, torch.float32, allow_missing)
     for module_name in sorted({n.rsplit(".", 1)[0] for n in expected if n not in loaded}):
         module = net.get_submodule(module_name)  # fresh: built on the device with nn.Linear's own initialisation
         module.to_empty(device=device, recurse=False)
@@ -219,16 +204,7 @@ def load_base(model_dir, *, vision_tower=None, projector=None, device="cpu", ima
 
     processor_file = os.path.join(processor_dir, "preprocessor_config.json")
     processor_config = read_json(processor_file) if os.path.isfile(processor_file) else None
-    pad = (cfg.image_aspect_ratio == "pad") if image_aspect_ratio is None else image_aspect_ratio == "pad"
-    if processor_config is not None:
-        # None: the checkpoint's own setting, the original config's "pad" or else the preprocessor config's
-        setting = "pad" if pad else ("from_config" if image_aspect_ratio is None else None)
-        processor = ImageProcessor.from_pretrained(processor_dir, image_aspect_ratio=setting)
-    else:
-        processor = ImageProcessor.clip(image_size=cfg.vision.image_size, pad=pad)
-    if processor.image_size != cfg.vision.image_size:
-        raise CheckpointError(f"{processor_file}: crops to {processor.image_size} px but the vision tower expects "
-                              f"{cfg.vision.image_size} px")
+    processor = checkpoint_image_processor(processor_dir, cfg, image_aspect_ratio)
     return TrainBase(net, tokenizer, processor, sources, hf_config, model_dir, processor_config, resized_from)
 
 

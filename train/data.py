@@ -34,7 +34,6 @@ preprocess, LengthGroupedSampler with group_by_modality_length).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import Counter
@@ -43,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from llava_fast.prompts.templates import IMAGE_MARKER, Template, get_template
+from llava_fast.checkpoints.config import read_json
 from llava_fast.errors import ImageError, InputError
 
 IGNORE_INDEX = -100
@@ -212,16 +212,7 @@ class EncodingSpec:
 
 def read_records(path):
     """The JSON list of records (or JSON lines, one record per line)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".jsonl"):
-                records = [json.loads(line) for line in f if line.strip()]
-            else:
-                records = json.load(f)
-    except FileNotFoundError:
-        raise InputError(f"--data {path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"--data {path}: not valid JSON ({e})") from None
+    records = read_json(path, InputError, "--data", lines=path.endswith(".jsonl"))
     if not isinstance(records, list):
         raise InputError(f"--data {path}: expected a JSON list of records, got {type(records).__name__}")
     return records

@@ -137,17 +137,20 @@ class LlavaConfig:
 _SELECT_STRATEGY = {"default": "default", "patch": "default", "full": "full", "cls_patch": "full"}
 
 
-def read_json(path):
-    """A checkpoint's JSON file; any problem reading it is a CheckpointError naming the file."""
+def read_json(path, error=CheckpointError, what=None, lines=False):
+    """A JSON file (lines: a JSON-lines file, as a list of its non-blank lines' values). Any problem reading
+    it raises `error` (a checkpoint's file: CheckpointError; a user's input: InputError) naming the file, and
+    `what` (the flag that named it) when given. Every JSON file llava-fast reads goes through here."""
+    label = f"{what} {path}" if what else f"cannot read {path}"
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            return [json.loads(line) for line in f if line.strip()] if lines else json.load(f)
     except FileNotFoundError:
-        raise CheckpointError(f"cannot read {path}: file not found") from None
+        raise error(f"{label}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: not valid JSON ({e})") from None
+        raise error(f"{label}: not valid JSON ({e})") from None
     except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
+        raise error(f"{label}: {e}") from None
 
 
 _ROPE_SCALING_FIELDS = {"linear": ("factor",),

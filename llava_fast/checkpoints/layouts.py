@@ -191,16 +191,18 @@ def assign_weights(net: LlavaForCausalLM, loaded: dict):
     net.tie_weights()
 
 
-def load_weights(cfg: LlavaConfig, sources, device, dtype) -> LlavaForCausalLM:
-    with torch.device("meta"):
-        net = LlavaForCausalLM(cfg)
+def read_weights(net: LlavaForCausalLM, sources, device, dtype, allow_missing=()) -> dict:
+    """Name -> tensor of every weight of the meta-built `net`, read from `sources` ((file, rename rules)
+    pairs): renamed, checked against the shapes the config implies, floating tensors cast to `dtype` on
+    `device`. Names starting with one of `allow_missing` may be absent (the caller initialises them); any
+    other missing weight, or one the model does not have, is a CheckpointError naming it."""
     expected = expected_weights(net)
-    tied_head = "lm_head.weight" if cfg.text.tie_word_embeddings else None
+    tied_head = "lm_head.weight" if net.cfg.text.tie_word_embeddings else None  # transformers ties any it finds
     loaded, unexpected = {}, []
     for path, rules in sources:
         for key, tensor in iter_tensors(path):
             name = rename_key(key, rules)
-            if is_skipped_weight(name, cfg.num_vision_layers_run) or name == tied_head:
+            if is_skipped_weight(name, net.cfg.num_vision_layers_run) or name == tied_head:
                 continue
             if name not in expected:
                 unexpected.append(f"{key} (in {os.path.basename(path)})")
@@ -211,7 +213,7 @@ def load_weights(cfg: LlavaConfig, sources, device, dtype) -> LlavaForCausalLM:
             target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
             loaded[name] = tensor.to(device=device, dtype=target_dtype, copy=True)
             del tensor
-    missing = sorted(set(expected) - set(loaded))
+    missing = sorted(n for n in set(expected) - set(loaded) if not n.startswith(tuple(allow_missing)))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         files = ", ".join(sorted({os.path.basename(p) for p, _ in sources}))
@@ -219,7 +221,13 @@ def load_weights(cfg: LlavaConfig, sources, device, dtype) -> LlavaForCausalLM:
     if unexpected:
         shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
         raise CheckpointError(f"unexpected weights (not part of a LLaVA model with this config): {shown}")
-    assign_weights(net, loaded)
+    return loaded
+
+
+def load_weights(cfg: LlavaConfig, sources, device, dtype) -> LlavaForCausalLM:
+    with torch.device("meta"):
+        net = LlavaForCausalLM(cfg)
+    assign_weights(net, read_weights(net, sources, device, dtype))
     net.requires_grad_(False)
     net.init_rope(device)
     return net.eval()

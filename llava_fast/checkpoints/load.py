@@ -97,22 +97,31 @@ def load(path, *, device=None, dtype=None, vision_tower=None, mmproj=None, compi
                                 native_gemv=not compile)
     processor_dir = path if os.path.isfile(os.path.join(path, "preprocessor_config.json")) else (
         os.path.dirname(sources[0][0]) if cfg.layout == "original" else None)
-    pad = cfg.image_aspect_ratio == "pad"
-    if cfg.anyres:  # LLaVA-NeXT: the model's pinpoints decide the tiling (the model arranges tiles by them)
+    return LlavaModel(net, tokenizer, checkpoint_image_processor(processor_dir, cfg), compile=compile)
+
+
+def checkpoint_image_processor(processor_dir, cfg, image_aspect_ratio=None):
+    """The image processor of a checkpoint: from processor_dir's preprocessor_config.json when there is one,
+    else CLIP's defaults at the vision tower's size. LLaVA-NeXT (cfg.anyres): an AnyResProcessor on the model's
+    pinpoints (the model arranges tiles by them). image_aspect_ratio "pad" or "square" overrides the
+    checkpoint; None keeps its setting: the original config's "pad" wins, otherwise the preprocessor config's
+    own (do_pad of a LlavaImageProcessor config, as the trainer writes it for LLaVA-1.5's padding)."""
+    if cfg.anyres:
         has_config = processor_dir and os.path.isfile(os.path.join(processor_dir, "preprocessor_config.json"))
         processor = (AnyResProcessor.from_pretrained(processor_dir, cfg.image_grid_pinpoints) if has_config
                      else AnyResProcessor.clip(cfg.vision.image_size, cfg.image_grid_pinpoints))
         if processor.tile_size != cfg.vision.image_size:
             raise CheckpointError(f"{processor_dir}: preprocessor cuts {processor.tile_size}-px tiles but the "
                                   f"vision tower expects {cfg.vision.image_size} px")
-        return LlavaModel(net, tokenizer, processor, compile=compile)
-    if processor_dir and os.path.isfile(os.path.join(processor_dir, "preprocessor_config.json")):
-        # The original config's image_aspect_ratio wins; otherwise the preprocessor config's own (do_pad of a
-        # LlavaImageProcessor config, as the trainer writes it for LLaVA-1.5's padding).
-        processor = ImageProcessor.from_pretrained(processor_dir, image_aspect_ratio="pad" if pad else "from_config")
+        return processor
+    pad = (cfg.image_aspect_ratio == "pad") if image_aspect_ratio is None else image_aspect_ratio == "pad"
+    config_file = os.path.join(processor_dir, "preprocessor_config.json") if processor_dir else None
+    if config_file and os.path.isfile(config_file):
+        setting = "pad" if pad else ("from_config" if image_aspect_ratio is None else None)
+        processor = ImageProcessor.from_pretrained(processor_dir, image_aspect_ratio=setting)
     else:
         processor = ImageProcessor.clip(image_size=cfg.vision.image_size, pad=pad)
     if processor.image_size != cfg.vision.image_size:
-        raise CheckpointError(f"{processor_dir}: preprocessor crops to {processor.image_size} px but the vision "
+        raise CheckpointError(f"{config_file}: preprocessor crops to {processor.image_size} px but the vision "
                               f"tower expects {cfg.vision.image_size} px")
-    return LlavaModel(net, tokenizer, processor, compile=compile)
+    return processor

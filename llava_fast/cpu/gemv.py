@@ -24,12 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-F32, BF16, Q8, Q4 = 0, 1, 2, 3
-FORMAT_NAMES = {F32: "float32", BF16: "bfloat16", Q8: "int8", Q4: "int4"}
 # Above this many rows (prefill), oneDNN's blocked GEMM on the dequantized weight is faster than re-running
 # the GEMV per row: the GEMV reads W once per call but does only 1 FMA per weight per row.
 MAX_GEMV_ROWS = 8
-_ACT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # Quantized layers' prefill GEMM in bfloat16 where oneDNN has AVX512_BF16 (see GemvLinear.forward)
 PREFILL_BF16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
 _PREFILL_SCRATCH = threading.local()  # .weight: the dense bfloat16 weight of the last quantized prefill GEMM
@@ -41,6 +38,13 @@ try:
     NATIVE = hasattr(_C, "gemv")
 except ImportError:  # built without a C++ toolchain: the torch path
     _C, NATIVE = None, False
+
+# The weight formats and activation dtypes are defined once, in csrc/gemv.h, and read from the extension.
+# Without it no native code reads the numbers; the torch path only needs them distinct.
+_FORMAT_IDS = _C.WEIGHT_FORMATS if NATIVE else {"float32": 0, "bfloat16": 1, "int8": 2, "int4": 3}
+F32, BF16, Q8, Q4 = (_FORMAT_IDS[name] for name in ("float32", "bfloat16", "int8", "int4"))
+FORMAT_NAMES = {format_id: name for name, format_id in _FORMAT_IDS.items()}
+_ACT_DTYPES = {getattr(torch, name): dtype_id for name, dtype_id in _C.ACTIVATION_DTYPES.items()} if NATIVE else {}
 
 
 def pack_q8(q):

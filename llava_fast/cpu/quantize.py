@@ -15,8 +15,8 @@ int4: `get_groupwise_affine_qparams` / `groupwise_affine_quantize_tensor_from_qp
 float-domain zero point, W = (q - 8) * scale + zero, i.e. min = zero - 8 * scale). The matmuls are ours
 (csrc/gemv.cpp), because torchao 0.18's CPU paths dequantize the whole weight each call (int8) or run aten's
 int4 kernel at <1 GB/s at batch 1: both slower than the unquantized model (measurements in gemv.cpp).
-On a GPU the same layers run F.linear on the dequantized weight (correct, not fast: no GPU has been lent to
-tune a kernel).
+On a GPU the same layers run F.linear on the dequantized weight (correct, not fast: not yet measured or
+tuned on a GPU).
 
 Tied embeddings: lm_head gets its own quantized copy and the embedding keeps the compute-dtype table (it
 gathers rows), as llama.cpp does with token_embd/output.

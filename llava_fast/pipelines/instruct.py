@@ -238,7 +238,7 @@ def rejected_path(output):
 def _existing_records(output):
     if not os.path.exists(output):
         return []
-    records = read_json(output, "--output (resuming)")
+    records = read_json(output, InputError, "--output (resuming)")
     if not isinstance(records, list):
         raise InputError(f"--output {output} exists and is not a JSON list of records; move it away or pick "
                          "another --output")

@@ -116,7 +116,7 @@ def _by_question_id(path, flag):
 def review(client, *, questions, context, reference, answers, rule, output, workers=4, retries=3,
            max_tokens=1024, log=print):
     """Judge every question not yet in `output`; returns {"reviewed", "failed", "skipped"}."""
-    rules = read_json(rule, "--rule")
+    rules = read_json(rule, InputError, "--rule")
     if not isinstance(rules, dict):
         raise InputError(f"--rule {rule}: expected a JSON object of rules")
     contexts = {}

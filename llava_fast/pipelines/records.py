@@ -12,8 +12,8 @@ import csv
 import json
 import os
 
-from llava_fast.checkpoints.config import read_json as read_checkpoint_json
-from llava_fast.errors import CheckpointError, InputError
+from llava_fast.checkpoints.config import read_json
+from llava_fast.errors import InputError
 
 
 def read_jsonl(path, what="input"):
@@ -40,19 +40,11 @@ def read_jsonl(path, what="input"):
     return rows
 
 
-def read_json(path, what="input"):
-    """A whole JSON file; InputError naming the flag and the file (config.read_json reads it)."""
-    try:
-        return read_checkpoint_json(path)
-    except CheckpointError as e:
-        raise InputError(f"{what}: {e}") from None
-
-
 def read_table(path, what="input"):
     """Rows (line number, dict) of a JSON-lines, CSV, or JSON-list file, chosen by the extension (.csv, .json;
     anything else is read as JSON lines). For CSV the line number is the row's first line."""
     if path.endswith(".json"):
-        data = read_json(path, what)
+        data = read_json(path, InputError, what)
         if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
             raise InputError(f"{what} {path}: expected a JSON list of objects")
         return [(i + 1, x) for i, x in enumerate(data)]  # "line" = position in the list, 1-based

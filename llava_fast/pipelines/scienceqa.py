@@ -46,8 +46,8 @@ COLUMNS = {
 
 def load_split(problems_path, splits_path, split):
     """[(pid, problem), ...] of one split, in pid_splits.json's order."""
-    problems = read_json(problems_path, "--problems")
-    splits = read_json(splits_path, "--splits")
+    problems = read_json(problems_path, InputError, "--problems")
+    splits = read_json(splits_path, InputError, "--splits")
     if not isinstance(problems, dict):
         raise InputError(f"--problems {problems_path}: expected ScienceQA's problems.json (an object of problems)")
     if not isinstance(splits, dict) or split not in splits:

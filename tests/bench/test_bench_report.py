@@ -200,7 +200,7 @@ def test_compare_cli_exit_codes(tmp_path, capsys):
     assert "REGRESSION" in out and "-50.0%" in out
     assert bench_main(["compare", str(a), str(b), "--fail-on-regression"]) == 1
     assert bench_main(["compare", str(a), str(a), "--fail-on-regression"]) == 0
-    with pytest.raises(InputError, match="no such file"):
+    with pytest.raises(InputError, match="file not found"):
         bench_main(["compare", str(a), str(tmp_path / "missing.json")])
     (tmp_path / "junk.json").write_text("{}")
     with pytest.raises(InputError, match="not a llava-fast bench result"):

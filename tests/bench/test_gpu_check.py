@@ -80,7 +80,7 @@ def test_counts_from_xdist_lines():
 
 def test_the_gpu_plan_parses_without_a_gpu(tmp_path):
     """The GPU run's commands are built here too: their bench arguments parse, their test paths exist, and the
-    budgets fit the 8 minutes (a bad flag would otherwise cost a lent GPU's minutes)."""
+    budgets fit the 8 minutes (a bad flag would otherwise be found only on the GPU, after its install and start)."""
     import os
 
     from llava_fast.bench.cli import parse

@@ -1,6 +1,6 @@
-"""Attention kernels (llava_fast.kernels.attention) against the torch references in llava_fast.ops:
-prefill and decode with a KV cache (outputs and cache contents), the training forward/backward, and the
-CLIP encoder's attention.
+"""Attention kernels (llava_fast.kernels.attention_prefill, _decode, _backward and their shared
+attention_common) against the torch references in llava_fast.ops: prefill and decode with a KV cache
+(outputs and cache contents), the training forward/backward, and the CLIP encoder's attention.
 
 Tolerances follow the flash-attention rule: the kernel's error against an fp32 reference may be at most
 2x the error the plain-PyTorch reference makes in the same dtype, plus one ulp at the output's scale.
@@ -14,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from llava_fast import ops
-from llava_fast.kernels import attention
+from llava_fast.kernels import attention_backward, attention_common, attention_decode, attention_prefill
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton's interpreter gets tl.dot on bf16 wrong, so bf16 runs on a GPU only.
@@ -58,7 +58,7 @@ def check_cached_attention(q, k, v, k_cache, v_cache, cos, sin, start_pos, seq_l
     seq_lens = torch.tensor(seq_lens, device=DEVICE)
     caches = {name: (k_cache.clone(), v_cache.clone()) for name in ("kernel", "torch")}
     caches["fp32"] = (k_cache.float(), v_cache.float())
-    out = attention.rotary_cached_attention(q, k, v, cos, sin, *caches["kernel"], start_pos, seq_lens)
+    out = attention_prefill.rotary_cached_attention(q, k, v, cos, sin, *caches["kernel"], start_pos, seq_lens)
     same_dtype = reference_cached(q, k, v, cos, sin, *caches["torch"], start_pos, seq_lens)
     fp32 = reference_cached(q.float(), k.float(), v.float(), cos, sin, *caches["fp32"], start_pos, seq_lens)
     assert_close_to_reference("out", out, same_dtype, fp32)
@@ -116,8 +116,8 @@ def test_decode_split_merge_any_split_count(num_splits):
     q, k, v, k_cache, v_cache, cos, sin = make_cached_inputs(2, 1, 4, 1, 64, 48, torch.float32)
     start_pos, seq_lens = torch.tensor([39, 6], device=DEVICE), torch.tensor([1, 1], device=DEVICE)
     expected = reference_cached(q, k, v, cos, sin, k_cache.clone(), v_cache.clone(), start_pos, seq_lens)
-    attention.write_rotary_kv(k, v, cos, sin, k_cache, v_cache, start_pos, seq_lens)
-    out = attention.decode_attention(q, cos, sin, k_cache, v_cache, start_pos, seq_lens, num_splits=num_splits)
+    attention_common.write_rotary_kv(k, v, cos, sin, k_cache, v_cache, start_pos, seq_lens)
+    out = attention_decode.decode_attention(q, cos, sin, k_cache, v_cache, start_pos, seq_lens, num_splits=num_splits)
     assert_close_to_reference("out", out, expected, expected)
 
 
@@ -150,11 +150,11 @@ def test_decode_launch_has_no_host_sync_and_fixed_shapes():
     for lengths in ([0, 5, 9], [63, 1, 40]):
         start_pos = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
         with RecordHostSyncs() as record:
-            attention.rotary_cached_attention(q, k, v, cos, sin, k_cache, v_cache, start_pos, seq_lens)
+            attention_prefill.rotary_cached_attention(q, k, v, cos, sin, k_cache, v_cache, start_pos, seq_lens)
         assert record.syncs == [], f"decode synchronised with the host via {record.syncs}"
         records.append(record.created)
     assert records[0] == records[1], "decode buffers (and so the grid) changed with the lengths' values"
-    num_splits = attention.decode_num_splits(B, Hkv, cache_len, q.device)  # a function of shapes alone
+    num_splits = attention_decode.decode_num_splits(B, Hkv, cache_len, q.device)  # a function of shapes alone
     assert (B, H, num_splits, D) in records[0], "partial outputs are (B, H, num_splits, D)"
     # The recorder does catch syncs: the reference reads lengths on the host.
     with RecordHostSyncs() as record:
@@ -167,15 +167,15 @@ def test_prefill_has_no_host_sync():
     q, k, v, k_cache, v_cache, cos, sin = make_cached_inputs(2, 5, 4, 2, 64, 16, torch.float32)
     start_pos, seq_lens = torch.tensor([3, 0], device=DEVICE), torch.tensor([5, 2], device=DEVICE)
     with RecordHostSyncs() as record:
-        attention.rotary_cached_attention(q, k, v, cos, sin, k_cache, v_cache, start_pos, seq_lens)
+        attention_prefill.rotary_cached_attention(q, k, v, cos, sin, k_cache, v_cache, start_pos, seq_lens)
     assert record.syncs == []
 
 
 def test_decode_num_splits_depends_on_shapes_only():
     cpu = torch.device("cpu")
-    assert attention.decode_num_splits(1, 8, 4096, cpu) == 4
-    assert attention.decode_num_splits(1, 8, 20, cpu) == 2  # never more splits than 16-key blocks
-    assert attention.decode_num_splits(1, 8, 8, cpu) == 1
+    assert attention_decode.decode_num_splits(1, 8, 4096, cpu) == 4
+    assert attention_decode.decode_num_splits(1, 8, 20, cpu) == 2  # never more splits than 16-key blocks
+    assert attention_decode.decode_num_splits(1, 8, 8, cpu) == 1
 
 
 def run_with_grads(fn, inputs, dout, *extra):
@@ -209,7 +209,7 @@ def test_training_attention_forward_backward(dtype, case):
     B, T, H, Hkv, D = TRAINING_CASES[case]
     cos, sin = ops.rope_tables(D, T + 5, ROPE_THETA, device=DEVICE)
     q, k, v = randn(B, T, H, D, dtype=dtype), randn(B, T, Hkv, D, dtype=dtype), randn(B, T, Hkv, D, dtype=dtype)
-    check_forward_backward(attention.rotary_causal_attention, reference_causal, q, k, v, cos, sin)
+    check_forward_backward(attention_backward.rotary_causal_attention, reference_causal, q, k, v, cos, sin)
 
 
 def test_training_attention_strided_inputs():
@@ -220,25 +220,27 @@ def test_training_attention_strided_inputs():
     q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
     q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
     cos, sin = ops.rope_tables(D, T, ROPE_THETA, device=DEVICE)
-    check_forward_backward(attention.rotary_causal_attention, reference_causal, q, k, v, cos, sin)
+    check_forward_backward(attention_backward.rotary_causal_attention, reference_causal, q, k, v, cos, sin)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_vision_attention_forward_backward(dtype):
     torch.manual_seed(0)
     q, k, v = (randn(2, 37, 2, 64, dtype=dtype) for _ in range(3))
-    check_forward_backward(attention.vision_attention, reference_vision, q, k, v)
+    check_forward_backward(attention_backward.vision_attention, reference_vision, q, k, v)
 
 
 def test_vision_attention_clip_length():
     """CLIP ViT-L/14 at 336 px: 577 tokens (a 1-key tail block after 36 full ones), D = 64, fp16."""
     torch.manual_seed(0)
     q, k, v = (randn(1, 577, 1, 64, dtype=torch.float16) for _ in range(3))
-    out = attention.vision_attention(q, k, v)
+    out = attention_backward.vision_attention(q, k, v)
     assert_close_to_reference("out", out, reference_vision(q, k, v),
                               reference_vision(q.float(), k.float(), v.float()))
 
 
 def test_triton_ops_match_contract():
-    assert set(attention.TRITON_OPS) == {"rotary_cached_attention", "rotary_causal_attention", "vision_attention"}
-    assert set(attention.TRITON_OPS) <= set(ops.OP_NAMES)
+    families = (attention_common, attention_prefill, attention_decode, attention_backward)
+    names = [name for family in families for name in family.TRITON_OPS]
+    assert sorted(names) == ["rotary_cached_attention", "rotary_causal_attention", "vision_attention"]  # once each
+    assert set(names) <= set(ops.OP_NAMES)

@@ -1,4 +1,4 @@
-"""encode_conversation on the real LLaMA tokenizer (../shared/reference/tokenizer): labels exactly on the
+"""encode_conversation on the real LLaMA tokenizer (tests/data/tokenizer): labels exactly on the
 assistant replies and their closing separators, for every template, multi-turn.
 
 Two independent checks: ids pinned literally (decoded in the comments), and a derivation through what

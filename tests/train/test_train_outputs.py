@@ -1,4 +1,4 @@
-"""What `llava-fast train` and `merge-lora` write and refuse (issue 13):
+"""What `llava-fast train` and `merge-lora` write and refuse:
 
 - every preprocessor_config.json they write is read by transformers (AutoImageProcessor, the oracle) as the
   preprocessing llava-fast applies, padding included, on the bundled non-square photos;
