@@ -166,6 +166,9 @@ def build_parser():
                     "GEMV serves M <= 8)")
     gv.add_argument("--repeats", type=_positive_int, default=5, help="interleaved rounds (median reported)")
     gv.add_argument("--threads", type=_positive_int, default=2, help="threads of both implementations (default 2)")
+    gv.add_argument("--isa", type=lambda s: [x for x in s.split(",") if x], default=None,
+                    help="CPU kernel tables to run side by side, comma-separated (avx512, avx2, scalar, or a variant "
+                    "such as avx2_maddubs; default: the one in use)")
     gv.add_argument("--json", help="result file (default: bench-results/gemv-<model>-<device>-<time>.json)")
     gv.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
@@ -321,7 +324,7 @@ def cmd_real(args, argv) -> int:
                 "formats": args.formats, "repeats": args.repeats, "threads": args.threads}
     if args.subcommand == "gemv":
         bench = gemv_bench
-        settings.update(warmup=1, rows=args.rows)
+        settings.update(warmup=1, rows=args.rows, isa=args.isa)
     else:
         bench = real_bench
         if args.warmup < 0 or args.quality_tokens < 0:

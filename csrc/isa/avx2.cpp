@@ -12,9 +12,9 @@
 //             w's sign (VPSIGNB) by VPMADDUBSW (pairs: |w| <= 128, |x_q| <= 127, 2 * 128 * 127 < 2^15: never
 //             saturates) then VPMADDWD against ones, or one VPDPBUSD with AVX-VNNI: 8 exact int32 partial sums,
 //             converted and scaled by the block's x_s (one FMA), two accumulators alternating by block.
-//   int4      per 32-block: 16 bytes, low nibbles (weights 0..15) and high nibbles (16..31) side by side are 32
-//             unsigned weights in K order against x_q as stored; scale = fp16 scale x x_s per block, the mins'
-//             sum_g min_g * xmin_g added after the reduction, in group order.
+//   int4      per two 32-blocks: 32 bytes, low nibbles and high nibbles against x_q reordered to match (once per
+//             call), lanes 0-3 / 4-7 one block's partial sums each, scaled by fp16 scale x x_s per lane; the
+//             mins' sum_g min_g * xmin_g added after the reduction, in group order.
 // int4 GEMM panel and dequantization: bit for bit the scalar reference (fixed operations per output/weight).
 #include <immintrin.h>
 
@@ -167,25 +167,82 @@ void gemv_q8(const GemvRows& p, int64_t n0, int64_t n1) {
 
 // ---- int4 ------------------------------------------------------------------------------------------------
 
+// x_q in the order the int4 kernel reads it (gemv_prepare, once per call): per 64 weights (two 32-blocks b, b + 1),
+// [b's k 0..15 | b+1's k 0..15 | b's k 16..31 | b+1's k 16..31], matching the low and the high nibbles of the two
+// blocks' 32 packed bytes; and per 64 weights 8 lanes of x_s (lanes 0-3: block b's, 4-7: block b + 1's, which is
+// where VPMADDWD / VPDPBUSD leave each block's partial sums).
+struct Q4Layout {
+  const int8_t* xq;  // (M, kp)
+  const float* xs;   // (M, kp / 64, 8)
+};
+
+size_t q4_layout_bytes(const GemvRows& p) {
+  return p.a->format == kWeightQ4 ? 64 + size_t(p.a->m) * (p.kp + p.kp / 64 * 32) : 0;
+}
+
+void q4_prepare(const GemvRows& p, void* scratch) {
+  if (p.a->format != kWeightQ4) return;
+  const int64_t M = p.a->m, kp = p.kp, B = p.blocks, chunks = kp / 64;
+  int8_t* xq = static_cast<int8_t*>(scratch) + 64;
+  float* xs = reinterpret_cast<float*>(xq + M * kp);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int8_t* src = p.xq + m * kp + c * 64;
+      int8_t* dst = xq + m * kp + c * 64;
+      std::memcpy(dst, src, 16), std::memcpy(dst + 16, src + 32, 16);
+      std::memcpy(dst + 32, src + 16, 16), std::memcpy(dst + 48, src + 48, 16);
+      for (int l = 0; l < 8; ++l) {
+        const int64_t b = 2 * c + l / 4;
+        xs[(m * chunks + c) * 8 + l] = b < B ? p.xs[m * B + b] : 0.f;
+      }
+    }
+  *static_cast<Q4Layout*>(scratch) = Q4Layout{xq, xs};
+}
+
+// 64 weights per step: 32 packed bytes, AND / SHIFT+AND give two blocks' low and high nibbles, two u8 x s8 dot
+// products against x_q in the layout above; lanes 0-3 hold block b's partial sums, 4-7 block b + 1's, scaled by
+// (weight scale x x_s) per lane (before: one 32-block per step, 16 bytes, ~12 instructions: 1.4 GB/s where the
+// AVX-512 table read 3.0 on the same loaded host).
 void gemv_q4(const GemvRows& p, int64_t n0, int64_t n1) {
   const GemvArgs& a = *p.a;
-  const int64_t K = a.k, B = p.blocks, G = K / a.group, per_group = a.group / 32;
+  const Q4Layout& x = *static_cast<const Q4Layout*>(p.layout);
+  const int64_t K = a.k, B = p.blocks, G = K / a.group, per_group = a.group / 32, chunks = (B + 1) / 2;
   const __m256i low4 = _mm256_set1_epi8(15);
+  const __m256i halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = static_cast<const uint8_t*>(a.w) + n * (K / 2);
     const uint16_t* sc = static_cast<const uint16_t*>(a.scales) + n * G;
     const uint16_t* mn = static_cast<const uint16_t*>(a.mins) + n * G;
     for (int64_t m = 0; m < a.m; ++m) {
-      const int8_t* xq = p.xq + m * p.kp;
-      const float* xs = p.xs + m * B;
-      __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (int64_t b = 0; b < B; ++b) {
-        if (m == 0 && (b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + b * 16) + 1024, _MM_HINT_T0);
-        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 16));
-        const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low4);
-        const __m256i d = dot_u8s8(q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * 32)));
-        const float s = _cvtsh_ss(sc[b / per_group]) * xs[b];
-        acc[b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(s), acc[b & 1]);
+      const int8_t* xq = x.xq + m * p.kp;
+      const float* xs = x.xs + m * (p.kp / 64) * 8;
+      __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // alternating by chunk: two FMA chains
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t b = 2 * c;
+        if (m == 0 && (c & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + b * 16) + 1024, _MM_HINT_T0);
+        const __m256i v = b + 1 < B ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 16))
+                                    : _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 16)));
+        const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c * 64));
+        const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c * 64 + 32));
+#if LLAVA_FAST_AVX2_VNNI
+        const __m256i d = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, xlo), hi, xhi);
+#else  // pair sums <= 2 x 15 x 127 each, their sum < 2^15: one VPMADDWD for both halves
+        const __m256i d = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi)),
+                                            _mm256_set1_epi16(1));
+#endif
+        // The two blocks' weight scales, one per 4 lanes: adjacent float16s when group = 32 (an odd B's last
+        // chunk: block b's alone, the other lanes multiply zeros), else one group's.
+        __m128i h2;
+        if (per_group == 1) {
+          int32_t two = sc[b];
+          if (b + 1 < B) std::memcpy(&two, sc + b, 4);
+          h2 = _mm_cvtsi32_si128(two);
+        } else {
+          h2 = _mm_set1_epi16(short(sc[b / per_group]));
+        }
+        const __m256 ws = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(h2)), halves);
+        acc[c & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(ws, _mm256_loadu_ps(xs + c * 8)), acc[c & 1]);
       }
       float sum = hsum8(_mm256_add_ps(acc[0], acc[1]));
       const float* xmin = p.xmin + m * G;
@@ -387,7 +444,7 @@ const KernelTable* avx2_kernels() {
 #endif
   static const KernelTable table{
       "avx2", LLAVA_FAST_AVX2_VNNI ? "avx2_vnni" : "avx2_maddubs",
-      gemv_f32, gemv_bf16, gemv_q8, gemv_q4, nullptr, nullptr,
+      gemv_f32, gemv_bf16, gemv_q8, gemv_q4, q4_layout_bytes, q4_prepare,
       quantize_row_q8,
       gemm_q4_panel,
       dequantize_rows,
