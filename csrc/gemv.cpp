@@ -290,6 +290,8 @@ Pool& pool() {
 }  // namespace
 
 const char* gemv_weight_check(const GemvArgs& a) {
+  const char* isa = kernels_env_problem();  // LLAVA_FAST_CPU_ISA names a table this CPU cannot run
+  if (*isa) return isa;
   if (a.n < 1 || a.k < 1) return "gemv: empty shape";
   if (!a.w) return "gemv: null pointer";
   switch (a.format) {

@@ -206,6 +206,7 @@ py::dict build_info() {
 #endif
   info["baseline_simd"] = baseline;
   info["kernels"] = llava_fast::kernel_isa();  // the resize kernels in use: "avx2" (runtime dispatch) or "scalar"
+  info["cpu_isa"] = llava_fast::kernels().variant;  // the GEMV / decode kernel table in use (csrc/isa/)
   info["threading"] = "std::thread, one per core asked for, GIL released";
   info["hardware_threads"] = std::thread::hardware_concurrency();
   info["pybind11"] = std::to_string(PYBIND11_VERSION_MAJOR) + "." + std::to_string(PYBIND11_VERSION_MINOR) + "." +
@@ -283,12 +284,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("threads"),
         "y (M, N) float32 = x (M, K) float32 @ W (N, K)^T, W int4 (gemv.h kWeightQ4): the prefill GEMM of "
         "csrc/gemm_q4.cpp. Pointers as integers; for tests and benchmarks.");
-  // The CPU kernel tables (csrc/isa/kernels.h). LLAVA_FAST_CPU_ISA names one at import; a name this CPU cannot
-  // run is an ImportError naming the missing feature (the package then says so and runs its torch paths).
-  {
-    const std::string problem = llava_fast::kernels_env_problem();
-    if (!problem.empty()) throw py::import_error(problem);
-  }
+  // The CPU kernel tables (csrc/isa/kernels.h). LLAVA_FAST_CPU_ISA names one; a name this CPU cannot run does not
+  // fail the import (the image preprocessing needs no table) but every kernel call (gemv, gemm_q4, dequantize,
+  // DecodeModel.check/step/forward) raises ValueError naming the missing feature, and cpu_isa_problem() says it.
+  m.def("cpu_isa_problem", [] { return std::string(llava_fast::kernels_env_problem()); },
+        "'' or what is wrong with LLAVA_FAST_CPU_ISA (an unknown table, or one this CPU cannot run: what it lacks).");
   m.def("cpu_isa", [] { return std::string(llava_fast::kernels().name); },
         "The family of the CPU kernel table in use: 'avx512', 'avx2', 'neon' or 'scalar'.");
   m.def("cpu_isa_variant", [] { return std::string(llava_fast::kernels().variant); },
