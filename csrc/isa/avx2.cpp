@@ -19,6 +19,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "kernels.h"
@@ -435,6 +436,136 @@ void dequantize_rows(const GemvArgs& a, void* out, int dtype, int64_t n0, int64_
   }
 }
 
+// ---- decode glue (decode.cpp: the scalar references; the same roundings, float32 sums in 8 lanes) ------------
+
+inline __m256 load8(const void* p, bool bf16, int64_t i, int64_t left) {  // 8 values as float32, zeros past left
+  if (bf16) {
+    alignas(16) uint16_t t[8] = {};
+    const uint16_t* src = static_cast<const uint16_t*>(p) + i;
+    if (left >= 8) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))), 16));
+    std::memcpy(t, src, std::max<int64_t>(left, 0) * 2);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(t))), 16));
+  }
+  const float* src = static_cast<const float*>(p) + i;
+  return left >= 8 ? _mm256_loadu_ps(src) : _mm256_maskload_ps(src, tail_mask8(left));
+}
+
+inline __m256 loadf(const float* p, int64_t left) { return left >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, tail_mask8(left)); }
+inline void storef(float* p, __m256 v, int64_t left) {
+  if (left >= 8) {
+    _mm256_storeu_ps(p, v);
+  } else {
+    _mm256_maskstore_ps(p, tail_mask8(left), v);
+  }
+}
+
+// v rounded to the nearest bfloat16 (even on ties), NaN kept: f32_to_bf16's integer arithmetic, 8 lanes.
+inline __m256 round_bf16_8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v), hi = _mm256_set1_epi32(int(0xffff0000u));
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), hi);
+  const __m256i quiet = _mm256_and_si256(_mm256_or_si256(u, _mm256_set1_epi32(0x400000)), hi);
+  return _mm256_castsi256_ps(_mm256_blendv_epi8(r, quiet, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q))));
+}
+
+inline __m256 rnd8(__m256 v, bool bf16) { return bf16 ? round_bf16_8(v) : v; }
+
+// e^x, 8 lanes: avx512.cpp's exp16 (Cephes' polynomial, within 2 ulp of std::exp); 2^n as two exponent-field
+// factors so n up to 145 (x <= 100) overflows to inf as VSCALEFPS does.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.3f), _mm256_min_ps(_mm256_set1_ps(100.f), x));  // NaN stays NaN (x second)
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i ni = _mm256_cvtps_epi32(n), n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+  const __m256 f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, _mm256_set1_epi32(127)), 23));
+  const __m256 f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, _mm256_set1_epi32(127)), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, f1), f2);
+}
+
+void add_rms_norm_row(const float* x, float* h, const void* weight, float eps, int64_t C, float* out, bool bf16) {
+  __m256d sq0 = _mm256_setzero_pd(), sq1 = sq0;
+  for (int64_t i = 0; i < C; i += 8) {
+    __m256 v = loadf(h + i, C - i);
+    if (x) {
+      v = rnd8(_mm256_add_ps(v, loadf(x + i, C - i)), bf16);
+      storef(h + i, v, C - i);
+    }
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+    sq0 = _mm256_fmadd_pd(lo, lo, sq0), sq1 = _mm256_fmadd_pd(hi, hi, sq1);
+  }
+  const __m256d s = _mm256_add_pd(sq0, sq1);
+  __m128d s2 = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+  const double sq = _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)));
+  const __m256 inv = _mm256_set1_ps(1.f / std::sqrt(float(sq / double(C)) + eps));
+  for (int64_t i = 0; i < C; i += 8) {
+    const __m256 normed = rnd8(_mm256_mul_ps(loadf(h + i, C - i), inv), bf16);
+    storef(out + i, rnd8(_mm256_mul_ps(load8(weight, bf16, i, C - i), normed), bf16), C - i);
+  }
+}
+
+void rope(float* x, int64_t count, int64_t D, const float* cos_row, const float* sin_row, bool bf16) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; i += 8) {
+    const int64_t left = half - i;
+    const __m256 c = rnd8(loadf(cos_row + i, left), bf16), s = rnd8(loadf(sin_row + i, left), bf16);
+    for (int64_t h = 0; h < count; ++h) {
+      float* xh = x + h * D;
+      const __m256 x1 = loadf(xh + i, left), x2 = loadf(xh + half + i, left);
+      const __m256 a = rnd8(_mm256_sub_ps(rnd8(_mm256_mul_ps(x1, c), bf16), rnd8(_mm256_mul_ps(x2, s), bf16)), bf16);
+      const __m256 b = rnd8(_mm256_add_ps(rnd8(_mm256_mul_ps(x2, c), bf16), rnd8(_mm256_mul_ps(x1, s), bf16)), bf16);
+      storef(xh + i, a, left);
+      storef(xh + half + i, b, left);
+    }
+  }
+}
+
+void store_row(void* dst, const float* src, int64_t n, bool bf16) {  // values already rounded to the dtype
+  if (!bf16) {
+    std::memcpy(dst, src, n * 4);
+    return;
+  }
+  uint16_t* out = static_cast<uint16_t*>(dst);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i u = _mm256_srli_epi32(_mm256_castps_si256(_mm256_loadu_ps(src + i)), 16);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(u, u), 0x08)));
+  }
+  for (; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, src + i, 4);
+    out[i] = uint16_t(u >> 16);
+  }
+}
+
+void swiglu_row(const float* gate, const float* up, float* out, int64_t I, bool bf16) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  for (int64_t i = 0; i < I; i += 8) {
+    const __m256 g = loadf(gate + i, I - i);
+    const __m256 silu = rnd8(_mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)))), bf16);
+    storef(out + i, rnd8(_mm256_mul_ps(silu, loadf(up + i, I - i)), bf16), I - i);
+  }
+}
+
+float attn_dot(const float* q, const void* k, bool bf16, int64_t D) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(loadf(q + d, D - d), load8(k, bf16, d, D - d), acc);
+  return hsum8(acc);
+}
+
+void attn_axpy(float* out, float p, const void* v, bool bf16, int64_t D) {
+  const __m256 pv = _mm256_set1_ps(p);
+  for (int64_t d = 0; d < D; d += 8) storef(out + d, _mm256_fmadd_ps(pv, load8(v, bf16, d, D - d), loadf(out + d, D - d)), D - d);
+}
+
 }  // namespace
 
 #if LLAVA_FAST_AVX2_VNNI
@@ -448,9 +579,8 @@ const KernelTable* avx2_kernels() {
       quantize_row_q8,
       gemm_q4_panel,
       dequantize_rows,
-      // The decode glue: the scalar loops for now (the GEMVs are ~95% of a decode step's time).
-      add_rms_norm_row_scalar, rope_scalar, store_row_scalar, swiglu_row_scalar,
-      attn_dot_scalar, attn_axpy_scalar, attend_kernel_none};
+      add_rms_norm_row, rope, store_row, swiglu_row, attn_dot, attn_axpy,
+      attend_kernel_none};  // no register-blocked attention: 16 ymm registers hold too few keys x head_dim
   return &table;
 }
 
