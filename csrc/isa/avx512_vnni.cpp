@@ -391,7 +391,7 @@ inline void put16(void* out, int dtype, int64_t i, __m512 v) {
   }
 }
 
-void rows_avx512(const GemvArgs& a, void* out, int dtype, int64_t n0, int64_t n1) {
+void dequantize_rows(const GemvArgs& a, void* out, int dtype, int64_t n0, int64_t n1) {
   const int64_t K = a.k;
   if (a.format == kWeightQ8 && K % 16 == 0) {
     const __m512i offset = _mm512_set1_epi32(128);
@@ -431,7 +431,7 @@ const KernelTable* avx512_vnni_kernels() {
   static const KernelTable table{
       "avx512", "avx512_vnni",
       nullptr, gemv_bf16, gemv_q8, gemv_q4, layout_bytes, prepare,
-      nullptr, gemm_q4_panel, rows_avx512,
+      nullptr, gemm_q4_panel, dequantize_rows,
       nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
   return &table;
 }
