@@ -1,5 +1,5 @@
-"""Install llava-fast. `kernels/`, `train/`, `bench/` and `pipelines/` install as subpackages of `llava_fast` (there is an
-unrelated PyPI package named `kernels`; we never shadow it). The native extension `llava_fast._C` is built
+"""Install llava-fast. `kernels/`, `train/` and `bench/` install as subpackages of `llava_fast` (there is an unrelated
+PyPI package named `kernels`; we never shadow it). The native extension `llava_fast._C` is built
 from `csrc/` by CMake when a C++ toolchain is present; without one the install still succeeds and the
 Python paths are used."""
 
@@ -75,14 +75,13 @@ setup(
     version="0.1.0",
     description="A performance-first engine for LLaVA: fast generate(), Triton kernels, a small trainer.",
     python_requires=">=3.10",
-    packages=["llava_fast", "llava_fast.kernels", "llava_fast.train", "llava_fast.bench", "llava_fast.pipelines",
-              "llava_fast.serve"],
+    packages=["llava_fast", "llava_fast.checkpoints", "llava_fast.cpu", "llava_fast.image", "llava_fast.prompts",
+              "llava_fast.serve", "llava_fast.pipelines", "llava_fast.kernels", "llava_fast.train", "llava_fast.bench"],
     package_dir={
         "llava_fast": "llava_fast",
         "llava_fast.kernels": "kernels",
         "llava_fast.train": "train",
         "llava_fast.bench": "bench",
-        "llava_fast.pipelines": "pipelines",
     },
     package_data={"llava_fast": ["assets/*", "assets/tokenizer/*"], "llava_fast.bench": ["data/*"],
                   "llava_fast.pipelines": ["prompts/*.md", "prompts/*/*.txt"], "llava_fast.serve": ["page/*"]},

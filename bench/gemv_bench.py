@@ -39,7 +39,7 @@ def float_weights():
     path = os.path.join(real_model.cache_dir(), "llava")
     if os.path.isfile(os.path.join(path, "config.json")):
         import llava_fast
-        from llava_fast.gemv import GemvLinear
+        from llava_fast.cpu.gemv import GemvLinear
 
         net = llava_fast.load(path, device="cpu", dtype="float32").net
         weights = [m.weight.detach() for m in net.modules() if isinstance(m, GemvLinear)]
@@ -50,8 +50,8 @@ def float_weights():
 
 def pack(weights, fmt_name):
     """The GemvLinear layers of one format, and each one's torch F.linear weight (compute dtype)."""
-    from llava_fast.gemv import GemvLinear
-    from llava_fast.quantize import quantize_weight
+    from llava_fast.cpu.gemv import GemvLinear
+    from llava_fast.cpu.quantize import quantize_weight
 
     if fmt_name == "float32":
         layers = [GemvLinear.from_float(w) for w in weights]
@@ -65,7 +65,7 @@ def pack(weights, fmt_name):
 
 
 def _native_calls(layers, xs, ys, threads):
-    from llava_fast.gemv import _ACT_DTYPES
+    from llava_fast.cpu.gemv import _ACT_DTYPES
 
     ptr = lambda t: 0 if t is None else t.data_ptr()
     return [(x.data_ptr(), _ACT_DTYPES[x.dtype], x.shape[0], x.shape[1], ptr(l.weight), l.format, l.out_features,
@@ -84,7 +84,7 @@ def _time(fn):
 
 
 def run(settings, argv):
-    from llava_fast import gemv as G
+    from llava_fast.cpu import gemv as G
 
     if not G.NATIVE:
         from llava_fast.errors import InputError
@@ -98,7 +98,7 @@ def run(settings, argv):
 
 def _measure(doc, settings):
     from llava_fast import _C
-    from llava_fast import gemv as G
+    from llava_fast.cpu import gemv as G
 
     threads, M, rounds = settings["threads"], settings["rows"], settings["repeats"]
     weights, source = float_weights()

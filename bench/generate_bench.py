@@ -230,7 +230,7 @@ def build_transformers_model(model):
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     except ImportError:
         raise BaselineUnavailable("transformers is not installed (pip install transformers)") from None
-    from llava_fast.loading import LLAVA_HF_RULES, rename_key
+    from llava_fast.checkpoints.layouts import LLAVA_HF_RULES, rename_key
 
     cfg = model.config
     v, t = cfg.vision, cfg.text
@@ -361,7 +361,7 @@ def token_agreement(a, b) -> float:
 
 def run(settings: dict, argv) -> dict:
     """Run the benchmark; returns the result document (see bench/SCHEMA.md)."""
-    from llava_fast.api import resolve_device_dtype
+    from llava_fast.checkpoints.load import resolve_device_dtype
     from llava_fast.bench.device import command_line
     from llava_fast.presets import BUNDLED_IMAGE
 

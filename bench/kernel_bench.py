@@ -272,7 +272,7 @@ def measure_case(case, device, repeats, warmup, seed=0):
 
 
 def run(settings: dict, argv) -> dict:
-    from llava_fast.api import resolve_device_dtype
+    from llava_fast.checkpoints.load import resolve_device_dtype
     from llava_fast.bench.device import Telemetry, command_line
     from llava_fast.presets import preset_config
 
@@ -283,7 +283,7 @@ def run(settings: dict, argv) -> dict:
     doc = new_document("kernels", command_line(argv), settings)
     doc["device"] = device_info(device)
     if settings["model"]:
-        from llava_fast.loading import read_config
+        from llava_fast.checkpoints.layouts import read_config
 
         cfg, _ = read_config(settings["model"], settings.get("vision_tower"))
         name = os.path.basename(os.path.normpath(settings["model"]))

@@ -196,7 +196,7 @@ def run(settings, argv, kind="real", measure=None):
 
 
 def _measure(doc, settings):
-    from llava_fast.quantize import weight_bytes_per_token
+    from llava_fast.cpu.quantize import weight_bytes_per_token
 
     threads = settings["threads"]
     bandwidth = doc["ceilings"]["bandwidth"]["measured"]

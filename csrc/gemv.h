@@ -1,5 +1,5 @@
 // Batch-1 (few-row) matrix-vector products for CPU decode: y (M, N) = x (M, K) @ W (N, K)^T, W in one of
-// four weight formats. See gemv.cpp for the kernels; llava_fast/gemv.py holds the torch reference (the
+// four weight formats. See gemv.cpp for the kernels; llava_fast/cpu/gemv.py holds the torch reference (the
 // dequantized weight through F.linear) that they are tested against, and the packing of each format.
 // Numerics: kWeightQ8 and kWeightQ4 multiply by x quantized to int8 per block of 32 along K (scale
 // max|x| / 127, round half to even), as llama.cpp's Q8_0 / Q4_1 dot products do; F32 and BF16 use x as is

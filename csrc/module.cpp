@@ -215,7 +215,7 @@ py::dict build_info() {
 }
 
 // Pointers cross as integers (tensor.data_ptr()): one call per linear layer in a decode step, so the
-// binding stays a few hundred nanoseconds. llava_fast/gemv.py checks dtypes, shapes and contiguity first.
+// binding stays a few hundred nanoseconds. llava_fast/cpu/gemv.py checks dtypes, shapes and contiguity first.
 void gemv(uintptr_t x, int x_dtype, int64_t m, int64_t x_stride, uintptr_t w, int format, int64_t n, int64_t k,
           int64_t group, uintptr_t scales, uintptr_t mins, uintptr_t y, int64_t y_stride, int threads) {
   const llava_fast::GemvArgs args{reinterpret_cast<const void*>(x), x_dtype, m, x_stride,
@@ -278,7 +278,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("format"), py::arg("n"), py::arg("k"), py::arg("group"), py::arg("scales"), py::arg("mins"),
         py::arg("y"), py::arg("y_stride"), py::arg("threads"),
         "y (M, N) = x (M, K) @ W (N, K)^T for CPU decode, W in one of the formats of csrc/gemv.h; pointers "
-        "as integers (tensor.data_ptr()). Use llava_fast.gemv, which checks the tensors.");
+        "as integers (tensor.data_ptr()). Use llava_fast.cpu.gemv, which checks the tensors.");
   m.def("gemm_q4", &gemm_q4, py::arg("x"), py::arg("m"), py::arg("x_stride"), py::arg("w"), py::arg("n"),
         py::arg("k"), py::arg("group"), py::arg("scales"), py::arg("mins"), py::arg("y"), py::arg("y_stride"),
         py::arg("threads"),
@@ -326,7 +326,7 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release no_gil;
     llava_fast::dequantize(a, reinterpret_cast<void*>(out), out_dtype, threads < 1 ? 1 : threads);
   }, "The dense (N, K) weight of a packed GEMV weight into out (float32 or bfloat16); see csrc/dequantize.h.");
-  // The native decode step (decode.cpp). llava_fast/native_decode.py builds the description from a model and
+  // The native decode step (decode.cpp). llava_fast/cpu/native_decode.py builds the description from a model and
   // keeps its tensors alive; pointers cross as integers, as for gemv.
   py::class_<llava_fast::DecodeModel>(m, "DecodeModel")
       .def(py::init([](int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate,

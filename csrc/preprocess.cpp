@@ -5,7 +5,7 @@
 //   - separable: one pass along each axis with a uint8 intermediate. Pillow <= 12 always runs the
 //     horizontal pass first; Pillow 13 runs the vertical one first when the height shrinks by more than
 //     twice as many pixels as the width. The order changes the rounding (up to ~15 levels on noise), so
-//     the caller says which Pillow to follow (llava_fast/image.py probes the installed one).
+//     the caller says which Pillow to follow (llava_fast/image/ probes the installed one).
 //   - output pixel x samples input around center = (x + 0.5) * scale, scale = in / out; on a downscale the
 //     filter is stretched by scale (support 2 * scale), which is Pillow's antialiasing;
 //   - Keys cubic with a = -0.5, weights normalised to sum 1 in double, then rounded (half away from zero)

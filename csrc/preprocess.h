@@ -1,5 +1,5 @@
 // LLaVA image preprocessing in C++: a batch of decoded (H, W, 3) uint8 images -> (N, 3, OH, OW) pixels.
-// See preprocess.cpp for the arithmetic; llava_fast/image.py holds the Python reference it must match.
+// See preprocess.cpp for the arithmetic; llava_fast/image/ holds the Python reference it must match.
 #pragma once
 
 #include <cstdint>

@@ -18,8 +18,9 @@ if BACKEND == "triton" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 ops.use_backend(BACKEND)
 
-from llava_fast.api import LlavaModel, load  # noqa: E402
-from llava_fast.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
+from llava_fast.api import LlavaModel  # noqa: E402
+from llava_fast.checkpoints.load import load  # noqa: E402
+from llava_fast.checkpoints.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
 from llava_fast.errors import CheckpointError, ImageError, InputError, LlavaFastError  # noqa: E402
 from llava_fast.image import ImageProcessor  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""The API programs embed: `load()` and `LlavaModel` (generate, stream, chat, generate_ids, logits).
+"""The API programs embed: `LlavaModel` (generate, stream, chat, generate_ids, logits); `load()`
+(llava_fast/checkpoints/load.py) returns one.
 
     model = llava_fast.load("path/to/llava-1.5-7b-hf", device="cuda", dtype="bfloat16")
     print(model.generate("What is unusual about this image?", images="extreme_ironing.jpg"))
@@ -7,114 +8,23 @@
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Iterator, Sequence
 
 import torch
 
-from llava_fast.config import LlavaConfig
-from llava_fast.conversation import _checked_turns, format_user_turn, get_template
-from llava_fast.errors import CheckpointError, InputError, count
+from llava_fast.checkpoints.config import LlavaConfig
+from llava_fast.prompts.templates import _checked_turns, format_user_turn, get_template
+from llava_fast.errors import InputError, count
 from llava_fast import ops
 from llava_fast.compiled import CompiledSteps
-from llava_fast.generate import (Decoder, Sampling, batch_bucket, generate_token_steps, is_integer,
-                                 positions_needed)
+from llava_fast.generate import (Decoder, RowOutput, Sampling, batch_bucket, common_prefix, generate_token_steps,
+                                 is_integer, positions_needed)
 from llava_fast.image import ImageProcessor
-from llava_fast.loading import load_weights, read_config
-from llava_fast.messages import is_openai_messages, load_image_url, split_openai_messages
+from llava_fast.prompts.messages import is_openai_messages, load_image_url, split_openai_messages
 from llava_fast.model import LlavaForCausalLM
-from llava_fast.quantize import parse_scheme, prepare_for_inference
-from llava_fast.tokenizer import Tokenizer
+from llava_fast.prompts.tokenizer import Tokenizer
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def resolve_device_dtype(device=None, dtype=None):
-    try:
-        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (RuntimeError, TypeError):
-        raise InputError(f"unknown device {device!r}: expected 'cpu', 'cuda', 'cuda:N' or a torch.device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' requested but no CUDA GPU is available")
-    if dtype is None:
-        # CPUs have no fast half-precision matmul; GPUs want bf16 (fp16 only where bf16 is missing).
-        dtype = torch.float32 if device.type == "cpu" else (
-            torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    elif isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise InputError(f"unknown dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
-        dtype = _DTYPES[dtype]
-    elif dtype not in _DTYPES.values():
-        raise InputError(f"unsupported dtype {dtype!r}: expected torch.float32, float16 or bfloat16 (or its name)")
-    return device, dtype
-
-
-def _local_dir(path):
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", path):
-        raise CheckpointError(f"{path}: not a checkpoint directory")
-    try:  # "org/name": a hub id, fetched only when the optional huggingface_hub is installed
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise CheckpointError(f"{path!r} is not a local directory; to download it as a hub id, "
-                              "install huggingface_hub (pip install huggingface_hub)") from None
-    try:
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin", "tokenizer.model"])
-    except Exception as e:  # no network, no such repository, no access: huggingface_hub's own error types
-        raise CheckpointError(f"{path!r} is not a local directory, and downloading it as a hub id failed: "
-                              f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from e
-
-
-def load(path, *, device=None, dtype=None, vision_tower=None, mmproj=None, compile=False, quantize=None
-         ) -> LlavaModel:
-    """Load a LLaVA checkpoint: llava-hf (hub or save_pretrained), the original LLaVA repo's layout, or
-    llama.cpp's GGUF (a path ending in .gguf; see gguf.py).
-
-    device: "cuda"/"cpu"/torch.device (default cuda when available); dtype: torch dtype or its name
-    (default bfloat16 on GPU, float32 on CPU); vision_tower: the local CLIP directory of an original-layout
-    checkpoint (default: its mm_vision_tower, when that is a local directory); mmproj: the GGUF holding the
-    CLIP tower and projector of a GGUF text model (without it a GGUF loads text-only and takes no images);
-    compile: run the decode step and unpadded prefills through torch.compile (llava_fast/compiled.py: faster
-    tokens after a one-time compile of tens of seconds per batch size, reported in last_stats["compile_s"]);
-    quantize: None, "int8wo" or "int4wo-<group>": the language model's linear layers weight-only quantized
-    (llava_fast/quantize.py).
-    """
-    path = os.fspath(path)
-    if quantize is not None:
-        parse_scheme(quantize)  # a bad scheme fails before the weights are read
-    if path.endswith(".gguf"):
-        from llava_fast.gguf import read_gguf
-
-        if vision_tower is not None:
-            raise InputError("vision_tower= is for original-LLaVA checkpoints; a GGUF's CLIP tower comes in mmproj=")
-        device, dtype = resolve_device_dtype(device, dtype)
-        net, tokenizer, processor = read_gguf(path, mmproj, device=device, dtype=dtype)
-        net = prepare_for_inference(net.fuse_projections(), quantize, native_gemv=not compile)
-        return LlavaModel(net, tokenizer, processor, compile=compile)
-    if mmproj is not None:
-        raise InputError(f"mmproj= goes with a GGUF text model (a .gguf path), not {path}")
-    path = _local_dir(path)
-    device, dtype = resolve_device_dtype(device, dtype)
-    cfg, sources = read_config(path, None if vision_tower is None else os.fspath(vision_tower))
-    tokenizer = Tokenizer.from_dir(path)  # before the weights: a missing tokenizer fails fast
-    net = prepare_for_inference(load_weights(cfg, sources, device, dtype).fuse_projections(), quantize,
-                                native_gemv=not compile)
-    processor_dir = path if os.path.isfile(os.path.join(path, "preprocessor_config.json")) else (
-        os.path.dirname(sources[0][0]) if cfg.layout == "original" else None)
-    pad = cfg.image_aspect_ratio == "pad"
-    if processor_dir and os.path.isfile(os.path.join(processor_dir, "preprocessor_config.json")):
-        # The original config's image_aspect_ratio wins; otherwise the preprocessor config's own (do_pad of a
-        # LlavaImageProcessor config, as the trainer writes it for LLaVA-1.5's padding).
-        processor = ImageProcessor.from_pretrained(processor_dir, image_aspect_ratio="pad" if pad else "from_config")
-    else:
-        processor = ImageProcessor.clip(image_size=cfg.vision.image_size, pad=pad)
-    if processor.image_size != cfg.vision.image_size:
-        raise CheckpointError(f"{processor_dir}: preprocessor crops to {processor.image_size} px but the vision "
-                              f"tower expects {cfg.vision.image_size} px")
-    return LlavaModel(net, tokenizer, processor, compile=compile)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -200,13 +110,13 @@ class LlavaModel:
 
     def chat_template(self, template=None):
         """The checkpoint's own jinja chat template (ChatTemplate) when it ships one and `template` is None;
-        else None, and prompts use the named template `template` (or the config's: llava_fast.conversation)."""
+        else None, and prompts use the named template `template` (or the config's: llava_fast.prompts.templates)."""
         return self.tokenizer.chat_template if template is None else None
 
     def encode_prompt(self, prompt, num_images=0, *, template=None, system=None) -> list[int]:
         """A prompt (one user message, or a list of (role, text) messages ending with a user turn) rendered
         with the chat template and tokenized, image tokens expanded to num_image_tokens each. The template is
-        the checkpoint's own (chat_template.jinja etc.) unless `template` names one of llava_fast.conversation's."""
+        the checkpoint's own (chat_template.jinja etc.) unless `template` names one of llava_fast.prompts.templates's."""
         self._check_takes_images(num_images)
         messages = [("user", prompt)] if isinstance(prompt, str) else [tuple(m) for m in prompt]
         if not messages or messages[-1][0] not in ("user", "human"):
@@ -338,7 +248,7 @@ class LlavaModel:
         pad = decoder.batch_size - len(feed)  # a CUDA-graph bucket may hold more rows than the batch
         feed += [[0 if self.tokenizer.bos_token_id is None else self.tokenizer.bos_token_id]] * pad
         starts = None if start_pos is None else list(start_pos) + [0] * pad
-        outputs = [_RowOutput(self.tokenizer if decode else None, stop, eos_token_id) for _ in rows]
+        outputs = [RowOutput(self.tokenizer if decode else None, stop, eos_token_id) for _ in rows]
         compile_before = self.compiled.compile_s if self.compiled else 0.0
         start = time.perf_counter()
         logits = decoder.prefill(feed, pixel_values, starts)
@@ -525,7 +435,7 @@ class ChatSession:
         ids = m.encode_prompt(messages, len(self.images), template=self.template, system=self.system)
         max_new = self.generation["max_new_tokens"]
         m._check_rows([ids], len(self.images), max_new)
-        common = _common_prefix(ids, self.cached_ids)
+        common = common_prefix(ids, self.cached_ids)
         image_end = max((i + 1 for i, t in enumerate(ids) if t == m.image_token_id), default=0)
         if common < image_end:  # the image's tokens are not all cached: run the vision tower again
             common = 0
@@ -554,63 +464,9 @@ class ChatSession:
         return reply
 
 
-class _RowOutput:
-    """One row's generated ids and text: UTF-8-safe deltas, EOS, and stop strings. Text that could be the
-    start of a stop string is held back until it cannot be, so a stream never shows a partial stop string.
-    eos_token_id: None, one id, or several (any of them ends the row)."""
-
-    def __init__(self, tokenizer, stop, eos_token_id):
-        self.decoder = None if tokenizer is None else tokenizer.stream_decoder()  # None: ids only, no text
-        self.stop = stop
-        self.eos = frozenset() if eos_token_id is None else frozenset(
-            [eos_token_id] if is_integer(eos_token_id) else eos_token_id)
-        self.ids: list[int] = []
-        self.text, self.emitted, self.done = "", 0, False
-
-    def push(self, token) -> str:
-        self.ids.append(token)
-        if token in self.eos:
-            return self.finish()
-        if self.decoder is None:
-            return ""
-        self.text += self.decoder.push(token)
-        if self._cut_at_stop():
-            return self.finish(flush=False)
-        hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        delta = self.text[self.emitted : len(self.text) - hold]
-        self.emitted += len(delta)
-        return delta
-
-    def _cut_at_stop(self) -> bool:
-        hits = [i for i in (self.text.find(s, max(0, self.emitted - len(s) + 1)) for s in self.stop) if i >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-        return bool(hits)
-
-    def finish(self, flush=True) -> str:
-        """End the row (EOS, stop string or token budget) and return the text not yet emitted."""
-        if not self.done:
-            self.done = True
-            if flush and self.decoder is not None:
-                self.text += self.decoder.flush()
-                self._cut_at_stop()
-        delta = self.text[self.emitted :]
-        self.emitted = len(self.text)
-        return delta
-
-
 def _as_image_list(images):
     if images is None:
         return []
     if isinstance(images, (list, tuple)):
         return list(images)
     return [images]
-
-
-def _common_prefix(a, b):
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -40,7 +40,7 @@ def _add_sampling_args(p):
 
 def _load(args):
     import llava_fast
-    from llava_fast import pypi_models
+    from llava_fast.checkpoints import pypi_models
     from llava_fast.presets import random_model
 
     if pypi_models.is_known(args.model):

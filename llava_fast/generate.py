@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from llava_fast.errors import InputError
-from llava_fast import native_decode
-from llava_fast.gemv import decode_threads
+from llava_fast.cpu import native_decode
+from llava_fast.cpu.gemv import decode_threads
 from llava_fast.model import KVCache, LlavaForCausalLM
 
 
@@ -254,3 +254,58 @@ def batch_bucket(batch_size):
     while bucket < batch_size:
         bucket *= 2
     return bucket
+
+
+class RowOutput:
+    """One row's generated ids and text: UTF-8-safe deltas, EOS, and stop strings. Text that could be the
+    start of a stop string is held back until it cannot be, so a stream never shows a partial stop string.
+    eos_token_id: None, one id, or several (any of them ends the row)."""
+
+    def __init__(self, tokenizer, stop, eos_token_id):
+        self.decoder = None if tokenizer is None else tokenizer.stream_decoder()  # None: ids only, no text
+        self.stop = stop
+        self.eos = frozenset() if eos_token_id is None else frozenset(
+            [eos_token_id] if is_integer(eos_token_id) else eos_token_id)
+        self.ids: list[int] = []
+        self.text, self.emitted, self.done = "", 0, False
+
+    def push(self, token) -> str:
+        self.ids.append(token)
+        if token in self.eos:
+            return self.finish()
+        if self.decoder is None:
+            return ""
+        self.text += self.decoder.push(token)
+        if self._cut_at_stop():
+            return self.finish(flush=False)
+        hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        delta = self.text[self.emitted : len(self.text) - hold]
+        self.emitted += len(delta)
+        return delta
+
+    def _cut_at_stop(self) -> bool:
+        hits = [i for i in (self.text.find(s, max(0, self.emitted - len(s) + 1)) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+        return bool(hits)
+
+    def finish(self, flush=True) -> str:
+        """End the row (EOS, stop string or token budget) and return the text not yet emitted."""
+        if not self.done:
+            self.done = True
+            if flush and self.decoder is not None:
+                self.text += self.decoder.flush()
+                self._cut_at_stop()
+        delta = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return delta
+
+
+def common_prefix(a, b) -> int:
+    """The length of the longest common prefix of two sequences (the KV-cache positions two prompts share)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

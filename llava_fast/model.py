@@ -20,7 +20,7 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 
 from llava_fast import ops
-from llava_fast.config import LlavaConfig, TextConfig, VisionConfig
+from llava_fast.checkpoints.config import LlavaConfig, TextConfig, VisionConfig
 
 # ------------------------------------------------------------------------------------------------------
 # CLIP vision tower

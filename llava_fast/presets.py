@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from llava_fast.config import LlavaConfig, TextConfig, VisionConfig
+from llava_fast.checkpoints.config import LlavaConfig, TextConfig, VisionConfig
 from llava_fast.errors import InputError
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
@@ -62,11 +62,12 @@ def random_init_(net, seed=0):
 def random_model(name="tiny", *, device=None, dtype=None, seed=0, compile=False, quantize=None):
     """A LlavaModel with the preset's shapes, random weights, the bundled tokenizer and CLIP preprocessing
     (q/k/v and gate/up fused for inference, as load() does; compile and quantize as in load())."""
-    from llava_fast.api import LlavaModel, resolve_device_dtype
+    from llava_fast.api import LlavaModel
+    from llava_fast.checkpoints.load import resolve_device_dtype
     from llava_fast.image import ImageProcessor
     from llava_fast.model import LlavaForCausalLM
-    from llava_fast.quantize import parse_scheme, prepare_for_inference
-    from llava_fast.tokenizer import Tokenizer
+    from llava_fast.cpu.quantize import parse_scheme, prepare_for_inference
+    from llava_fast.prompts.tokenizer import Tokenizer
 
     cfg = preset_config(name)
     if quantize is not None:

@@ -16,7 +16,7 @@ import torch
 import checkpoints as ck
 from checkpoints import DEVICE
 import llava_fast
-from llava_fast.tokenizer import Tokenizer
+from llava_fast.prompts.tokenizer import Tokenizer
 
 IMAGE = os.path.join(ck.IMAGE_DIR, "waterview.jpg")
 TEXTS = ["Hello world", "你好，世界！龘𠮷 and 😀🎉👍🏽 🇯🇵", "  two  spaces\n\n\ttab", "Crème brûlée <|im_end|> end",

@@ -1,4 +1,4 @@
-"""llava_fast.chat_template against transformers' apply_chat_template on real templates: SmolLM2's ChatML
+"""llava_fast.prompts.chat_template against transformers' apply_chat_template on real templates: SmolLM2's ChatML
 (string content) and llava-hf's llava-1.5 template (content parts, images first, `{% generation %}` blocks);
 where a checkpoint keeps its template; and the errors a bad template gives."""
 
@@ -9,9 +9,9 @@ import shutil
 import pytest
 
 import checkpoints as ck
-from llava_fast.chat_template import ChatTemplate
+from llava_fast.prompts.chat_template import ChatTemplate
 from llava_fast.errors import CheckpointError, InputError
-from llava_fast.tokenizer import Tokenizer
+from llava_fast.prompts.tokenizer import Tokenizer
 
 SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
 CONVERSATIONS = [

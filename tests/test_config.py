@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from llava_fast.config import LlavaConfig, llava_hf_config, original_llava_config
+from llava_fast.checkpoints.config import LlavaConfig, llava_hf_config, original_llava_config
 from llava_fast.errors import CheckpointError
 from llava_fast.model import LlavaForCausalLM
 

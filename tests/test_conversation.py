@@ -1,4 +1,4 @@
-"""llava_fast.conversation: exact prompt strings of every template (written out here from the original
+"""llava_fast.prompts.templates: exact prompt strings of every template (written out here from the original
 repo's conversation.py semantics and llava-hf's chat template), the token ids they produce on the real
 tokenizer (computed independently with transformers' LlamaTokenizer, and pinned), segments, stop strings."""
 
@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from llava_fast.conversation import TEMPLATES, default_template_for, format_user_turn, get_template
+from llava_fast.prompts.templates import TEMPLATES, default_template_for, format_user_turn, get_template
 from llava_fast.errors import InputError
-from llava_fast.tokenizer import Tokenizer
+from llava_fast.prompts.tokenizer import Tokenizer
 
 SYSTEM_USER = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                "helpful, detailed, and polite answers to the user's questions.")

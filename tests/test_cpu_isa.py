@@ -51,7 +51,7 @@ def test_a_table_this_build_cannot_run_is_a_clear_error():
                 _C.use_cpu_isa(t["name"])
     # Forced by the environment: the import still works (image preprocessing needs no table), every kernel
     # call raises with the reason.
-    code = ("import torch; from llava_fast import _C, gemv as G; print(_C.cpu_isa_problem())\n"
+    code = ("import torch; from llava_fast import _C; from llava_fast.cpu import gemv as G; print(_C.cpu_isa_problem())\n"
             "try:\n    G.gemv(torch.randn(1, 64), G.GemvLinear.from_float(torch.randn(8, 64)), 1)\n"
             "except ValueError as e:\n    print('raised', e)")
     out = _in_child(code, other).splitlines()

@@ -92,7 +92,7 @@ def test_cached_attention_declares_its_cache_writes():
 
 def test_fake_tensor_shapes_match_eager():
     """The whole model (vision tower, splice, decoder with a cache) traced with fake tensors."""
-    from llava_fast.config import LlavaConfig, TextConfig, VisionConfig
+    from llava_fast.checkpoints.config import LlavaConfig, TextConfig, VisionConfig
     from llava_fast.model import KVCache, LlavaForCausalLM
 
     cfg = LlavaConfig(vision=VisionConfig(hidden_size=32, intermediate_size=40, num_layers=2, num_heads=4,

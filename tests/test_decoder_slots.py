@@ -12,10 +12,10 @@ server runs (the native GEMV for <= 8 rows where it is built); every logit withi
 import pytest
 import torch
 
-from llava_fast.config import LlavaConfig, TextConfig
+from llava_fast.checkpoints.config import LlavaConfig, TextConfig
 from llava_fast.generate import Decoder
 from llava_fast.model import LlavaForCausalLM
-from llava_fast.quantize import prepare_for_inference
+from llava_fast.cpu.quantize import prepare_for_inference
 
 VOCAB = 97
 

@@ -1,4 +1,4 @@
-"""The int4 prefill GEMM (csrc/gemm_q4.cpp) against its torch reference (llava_fast/gemv.py `reference`: the
+"""The int4 prefill GEMM (csrc/gemm_q4.cpp) against its torch reference (llava_fast/cpu/gemv.py `reference`: the
 dequantized weight times x quantized per 32-block, in float32) and against its own scalar loop, bit for bit.
 
 Odd shapes: N not a multiple of the 32-row panel or of 16 (a masked half), K of 3, 7 and 18 blocks, every group
@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llava_fast import gemv as G
+from llava_fast.cpu import gemv as G
 
 pytestmark = pytest.mark.skipif(not G.NATIVE or not hasattr(G._C, "gemm_q4"), reason="llava_fast._C not built")
 
 
 def _int4_layer(N, K, group, seed=0):
     pytest.importorskip("torchao", reason="int4 weights are quantized by torchao (pip install torchao)")
-    from llava_fast.quantize import quantize_weight
+    from llava_fast.cpu.quantize import quantize_weight
 
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(N, K, generator=g) * 0.05 + 0.01  # an offset: the mins matter

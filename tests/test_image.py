@@ -1,4 +1,4 @@
-"""The reference preprocessing path (llava_fast/image.py, backend="python") against transformers.
+"""The reference preprocessing path (llava_fast/image/, backend="python") against transformers.
 
 Oracle: transformers' PIL-backed CLIP processor. In transformers 5.x the class named `CLIPImageProcessor` is
 the torchvision backend (torchvision's antialiased bicubic, which differs from PIL's by a few levels), and

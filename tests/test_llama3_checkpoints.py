@@ -12,7 +12,7 @@ import checkpoints as ck
 from checkpoints import DEVICE
 import llava_fast
 from llava_fast import ops
-from llava_fast.config import text_config_from_dict
+from llava_fast.checkpoints.config import text_config_from_dict
 from llava_fast.errors import CheckpointError
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -1,16 +1,16 @@
-"""The native CPU decode step (csrc/decode.cpp via llava_fast/native_decode.py) against its reference, the torch
+"""The native CPU decode step (csrc/decode.cpp via llava_fast/cpu/native_decode.py) against its reference, the torch
 decode step (generate.decode_step): logits, the K/V it writes, lengths; every weight format, biases, GQA, tied
 embeddings, llama3 RoPE, ragged rows in a view of some cache rows, and its errors."""
 
 import pytest
 import torch
 
-from llava_fast import gemv, native_decode
-from llava_fast.config import LlavaConfig, TextConfig
+from llava_fast.cpu import gemv, native_decode
+from llava_fast.checkpoints.config import LlavaConfig, TextConfig
 from llava_fast.generate import Decoder, decode_step
 from llava_fast.model import LlavaForCausalLM
 from llava_fast.presets import random_init_
-from llava_fast.quantize import prepare_for_inference
+from llava_fast.cpu.quantize import prepare_for_inference
 
 pytestmark = pytest.mark.skipif(not gemv.NATIVE, reason="llava_fast._C not built")
 # The Decoder prefills natively only with gemv.cpp's AVX-512 kernels (NativeDecodeStep.prefills)

@@ -15,7 +15,7 @@ import PIL.Image
 import pytest
 import torch
 
-from llava_fast import image as image_module
+from llava_fast.image import native as image_module
 from llava_fast.errors import ImageError
 from llava_fast.image import ImageProcessor
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from llava_fast import pypi_models
+from llava_fast.checkpoints import pypi_models
 from llava_fast.errors import CheckpointError, InputError
 
 TEST_CACHE = os.environ.get("LLAVA_FAST_TEST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
@@ -66,8 +66,8 @@ def test_unknown_names_and_failed_fetches_are_clear_errors(tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_cli_answers_with_smollm2(smollm2_gguf):
-    if importlib.util.find_spec("llava_fast.gguf") is None:
-        pytest.skip("the GGUF loader (llava_fast/gguf.py, issue 15's GGUF half) is not in this build")
+    if importlib.util.find_spec("llava_fast.checkpoints.gguf") is None:
+        pytest.skip("the GGUF loader (llava_fast/checkpoints/gguf.py, issue 15's GGUF half) is not in this build")
     env = {**os.environ, "LLAVA_FAST_CACHE": TEST_CACHE, "LLAVA_FAST_KERNELS": "torch"}
     r = subprocess.run([sys.executable, "-m", "llava_fast", "generate", "--model", "smollm2", "--no-image",
                         "--prompt", "What is the capital of France?", "--max-new-tokens", "16", "--device", "cpu"],
@@ -80,12 +80,12 @@ def test_cli_answers_with_smollm2(smollm2_gguf):
 def test_smollm2_real_vocabulary_streams_utf8_safely(smollm2_gguf):
     """The streaming decoder on a real 49,152-token byte-level BPE (SmolLM2's, read from the GGUF): every
     LLaVA-Bench question and answer plus CJK and emoji, pieces join to the full decode and never hold U+FFFD."""
-    if importlib.util.find_spec("llava_fast.gguf") is None:
-        pytest.skip("the GGUF loader (llava_fast/gguf.py, issue 15's GGUF half) is not in this build")
+    if importlib.util.find_spec("llava_fast.checkpoints.gguf") is None:
+        pytest.skip("the GGUF loader (llava_fast/checkpoints/gguf.py, issue 15's GGUF half) is not in this build")
     import json
 
     import checkpoints as ck
-    from llava_fast.gguf import GGUFFile, tokenizer_from_gguf
+    from llava_fast.checkpoints.gguf import GGUFFile, tokenizer_from_gguf
 
     tok = tokenizer_from_gguf(GGUFFile(smollm2_gguf[0]))
     assert tok.vocab_size == 49152 and tok.eos_token_ids[0] == 2 and not tok.add_bos_token

@@ -1,4 +1,4 @@
-"""Weight-only quantization (llava_fast/quantize.py) and the native CPU GEMV it runs on (csrc/gemv.cpp).
+"""Weight-only quantization (llava_fast/cpu/quantize.py) and the native CPU GEMV it runs on (csrc/gemv.cpp).
 
 The GEMV kernels themselves are tested in tests/test_gemv.py. Quantized models: load, generate, stream and CLI on the tiny preset and a llava-hf checkpoint;
 error bounds on real weights (SmolLM2-135M-Instruct, fetched once via pip) against the float32 model.
@@ -13,10 +13,10 @@ import torch
 
 import checkpoints as ck
 import llava_fast
-from llava_fast import gemv as G
+from llava_fast.cpu import gemv as G
 from llava_fast.errors import InputError
 from llava_fast.presets import random_model
-from llava_fast.quantize import quantize_weight
+from llava_fast.cpu.quantize import quantize_weight
 
 pytest.importorskip("torchao", reason="quantization tests need torchao (pip install torchao)")
 
@@ -28,7 +28,7 @@ def test_q4_packing_round_trips():
 
 
 def test_quantized_weights_are_close_to_the_float_weight():
-    from llava_fast.quantize import quantize_weight
+    from llava_fast.cpu.quantize import quantize_weight
 
     w = torch.randn(64, 128) * 0.05
     for bits, group, bound in ((8, None, 0.01), (4, 32, 0.15), (4, 128, 0.2)):
@@ -45,7 +45,7 @@ def test_bad_schemes_raise_input_error(scheme, needle):
 
 
 def test_missing_torchao_names_the_pip_command(monkeypatch):
-    from llava_fast.quantize import quantize_language_model
+    from llava_fast.cpu.quantize import quantize_language_model
 
     net = random_model("tiny", device="cpu").net
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # import fails as if not installed

@@ -25,7 +25,7 @@ import torch
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
 openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install -e '.[test]')")
 
-from llava_fast.messages import split_openai_messages  # noqa: E402
+from llava_fast.prompts.messages import split_openai_messages  # noqa: E402
 from llava_fast.presets import BUNDLED_IMAGE, random_model  # noqa: E402
 from llava_fast.serve.app import ServeConfig  # noqa: E402
 from llava_fast.errors import InputError  # noqa: E402

@@ -1,4 +1,4 @@
-"""llava_fast.tokenizer against transformers' LlamaTokenizer (which builds its own BPE pipeline from the same
+"""llava_fast.prompts.tokenizer against transformers' LlamaTokenizer (which builds its own BPE pipeline from the same
 vocabulary), llava-hf's LlavaProcessor, and LLaVA's tokenizer_image_token restated on transformers' tokenizer.
 
 Real data: ../shared/reference/tokenizer (LLaMA's tokenizer.model and its llava-hf style tokenizer.json with
@@ -13,7 +13,7 @@ import shutil
 import pytest
 
 from llava_fast.errors import CheckpointError, InputError
-from llava_fast.tokenizer import Tokenizer, backend_from_sentencepiece
+from llava_fast.prompts.tokenizer import Tokenizer, backend_from_sentencepiece
 
 VICUNA_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                  "helpful, detailed, and polite answers to the user's questions. USER: <image>\n"

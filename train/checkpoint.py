@@ -34,13 +34,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from llava_fast.config import LlavaConfig, read_json, text_config_from_dict, vision_config_from_dict
+from llava_fast.checkpoints.config import LlavaConfig, read_json, text_config_from_dict, vision_config_from_dict
 from llava_fast.errors import CheckpointError, InputError
 from llava_fast.image import LLAVA_PROCESSOR_TYPES, ImageProcessor
-from llava_fast.loading import (CLIP_RULES, LLAVA_HF_RULES, ORIGINAL_RULES, assign_weights, expected_weights,
+from llava_fast.checkpoints.layouts import (CLIP_RULES, LLAVA_HF_RULES, ORIGINAL_RULES, assign_weights, expected_weights,
                                 is_skipped_weight, iter_tensors, read_config, rename_key, weight_files)
 from llava_fast.model import LlavaForCausalLM
-from llava_fast.tokenizer import Tokenizer
+from llava_fast.prompts.tokenizer import Tokenizer
 
 _LLAMA_RULES = [(r"^model\.(embed_tokens|layers|norm)\.", r"language_model.\1."), (r"^lm_head\.", "lm_head.")]
 _PROJECTOR_RULES = ORIGINAL_RULES[:3] + [(r"^mm_projector\.(weight|bias)$", r"multi_modal_projector.linear_1.\1"),

@@ -113,7 +113,7 @@ def check_new_output(path, overwrite, training=False):
 def merge_lora_main(argv=None):
     import torch
 
-    from llava_fast.config import read_json
+    from llava_fast.checkpoints.config import read_json
     from llava_fast.train import checkpoint as ckpt
     from llava_fast.train.lora import add_lora, merge_lora
 

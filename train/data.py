@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llava_fast.conversation import IMAGE_MARKER, Template, get_template
+from llava_fast.prompts.templates import IMAGE_MARKER, Template, get_template
 from llava_fast.errors import ImageError, InputError
 
 IGNORE_INDEX = -100
@@ -123,7 +123,7 @@ def encode_conversation(conversations, tokenizer, template, *, image_token_id=No
     """The training row of one conversation: (input_ids, labels), two lists of equal length.
 
     conversations: LLaVA's list of {"from": "human"|"gpt", "value"} (or (role, text) pairs); tokenizer: a
-    `llava_fast.tokenizer.Tokenizer`; template: a `Template` or its name. input_ids hold one image_token_id
+    `llava_fast.prompts.tokenizer.Tokenizer`; template: a `Template` or its name. input_ids hold one image_token_id
     per "<image>" (expand with `expand_and_truncate`) and equal the original LLaVA's preprocessing (module
     docstring); labels are IGNORE_INDEX except on the assistant replies and their closing separators.
     image_token_id defaults to the tokenizer's "<image>" token. Raises InputError for a conversation that

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from llava_fast.conversation import get_template
+from llava_fast.prompts.templates import get_template
 from llava_fast.errors import InputError
 from llava_fast.generate import is_integer
 from llava_fast.train import checkpoint as ckpt

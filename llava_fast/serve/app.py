@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llava_fast.errors import InputError, count
 from llava_fast.generate import Sampling
-from llava_fast.messages import load_image_url, split_openai_messages
+from llava_fast.prompts.messages import load_image_url, split_openai_messages
 from llava_fast.serve.metrics import ServeMetrics
 from llava_fast.serve.protocol import ChatCompletionRequest, Completion, error_body, usage
 from llava_fast.serve.scheduler import QueueFull, Request, Scheduler, SchedulerStopped

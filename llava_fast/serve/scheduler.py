@@ -42,8 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llava_fast.api import _common_prefix
-from llava_fast.generate import Decoder, Sampling, sample_next_token
+from llava_fast.generate import Decoder, RowOutput, Sampling, common_prefix, sample_next_token
 
 log = logging.getLogger("llava_fast.serve")
 
@@ -116,10 +115,9 @@ class _Row:
     """A request while it holds a slot."""
 
     def __init__(self, req: Request, slot: int, tokenizer, eos_token_id, device):
-        from llava_fast.api import _RowOutput
 
         self.req, self.slot = req, slot
-        self.out = _RowOutput(tokenizer, req.stop, eos_token_id)
+        self.out = RowOutput(tokenizer, req.stop, eos_token_id)
         self.generator = req.sampling.generator(device)  # seeded: the same draws as generate() of this request
         self.generated: list[int] = []
         self.last_time = None
@@ -241,7 +239,7 @@ class Scheduler:
         free = [s for s, row in enumerate(self.rows) if row is None]
         source, source_common = free[0], -1
         for slot in free + [s for s, row in enumerate(self.rows) if row is not None]:  # free rows win ties
-            common = _common_prefix(keys, self.slot_keys[slot])
+            common = common_prefix(keys, self.slot_keys[slot])
             if common > source_common:
                 source, source_common = slot, common
         kept, kept_common = self._kept_prefix(keys)
@@ -254,7 +252,7 @@ class Scheduler:
         # the least recently used row of all 16), while two rows still alternate and keep each other's prefix.
         hi = max((s + 1 for s, row in enumerate(self.rows) if row is not None), default=0)
         victim = min(free, key=lambda s: (s >= hi + 2, bool(self.slot_keys[s]), self.freed_at[s], s))
-        victim_common = _common_prefix(keys, self.slot_keys[victim])
+        victim_common = common_prefix(keys, self.slot_keys[victim])
         if kept_common > max(source_common, victim_common):
             self.decoder.cache.k[:, victim, :, :kept_common] = kept[0, :, :, :kept_common]
             self.decoder.cache.v[:, victim, :, :kept_common] = kept[1, :, :, :kept_common]
@@ -269,7 +267,7 @@ class Scheduler:
         keys; (None, 0) when none shares any."""
         best, best_common = None, 0
         for held, kv in self.prefixes.entries.items():
-            common = _common_prefix(keys, held)
+            common = common_prefix(keys, held)
             if common > best_common:
                 best, best_common = held, common
         return (self.prefixes.get(best), best_common) if best is not None else (None, 0)
@@ -298,7 +296,7 @@ class Scheduler:
         plus num_image_tokens for each image the feature cache lacks (the vision tower's work is of that
         order: 0.7 s for one image against 2.1 s to prefill 328 tokens, tiny preset on the 2-core CPU)."""
         keys = self._prompt_keys(req)
-        cached = max([_common_prefix(keys, held) for held in self.slot_keys] + [self._kept_prefix(keys)[1]])
+        cached = max([common_prefix(keys, held) for held in self.slot_keys] + [self._kept_prefix(keys)[1]])
         missing = sum(self.features.entries.get(k) is None for k in req.image_keys)
         return len(keys) - cached + missing * self.model.num_image_tokens
 

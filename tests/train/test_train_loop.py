@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import checkpoints as ck
 import llava_fast
 from llava_fast.cli import main as cli_main
-from llava_fast.conversation import get_template
+from llava_fast.prompts.templates import get_template
 from llava_fast.train import TrainArgs, train
 from llava_fast.train import checkpoint as ckpt
 from llava_fast.train.data import Collate, EncodingSpec, LlavaDataset, check_records

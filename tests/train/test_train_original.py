@@ -9,7 +9,7 @@ import copy
 
 import pytest
 
-from llava_fast.tokenizer import Tokenizer
+from llava_fast.prompts.tokenizer import Tokenizer
 from llava_fast.train import IGNORE_INDEX, encode_conversation
 from original_llava import original_llava
 

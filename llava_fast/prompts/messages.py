@@ -21,7 +21,7 @@ from urllib.parse import unquote, urlparse
 
 import PIL.Image
 
-from llava_fast.conversation import IMAGE_MARKER
+from llava_fast.prompts.templates import IMAGE_MARKER
 from llava_fast.errors import ImageError, InputError, count
 from llava_fast.image import load_image
 

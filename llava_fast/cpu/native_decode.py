@@ -31,8 +31,8 @@ import os
 import torch
 import torch.nn as nn
 
-from llava_fast import gemv
-from llava_fast.gemv import BF16, F32, Q4, GemvLinear
+from llava_fast.cpu import gemv
+from llava_fast.cpu.gemv import BF16, F32, Q4, GemvLinear
 
 # Rows per native step. The GEMVs read each weight once for all rows and do one multiply-add per weight per
 # row; tiny preset, 2 cores, ms per step native vs the torch step: 4 rows 9.3 vs 21.8, 16 rows 29.4 vs 75.3,

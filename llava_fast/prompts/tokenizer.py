@@ -42,8 +42,8 @@ from tokenizers import AddedToken, decoders, pre_tokenizers
 from tokenizers.decoders import DecodeStream
 from tokenizers.models import BPE
 
-from llava_fast.chat_template import ChatTemplate, read_chat_template
-from llava_fast.config import read_json
+from llava_fast.prompts.chat_template import ChatTemplate, read_chat_template
+from llava_fast.checkpoints.config import read_json
 from llava_fast.errors import CheckpointError, InputError
 
 IMAGE_MARKER = "<image>"

@@ -27,7 +27,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from llava_fast.config import read_json
+from llava_fast.checkpoints.config import read_json
 from llava_fast.errors import CheckpointError, InputError
 
 IMAGE_MARKER = "<image>"

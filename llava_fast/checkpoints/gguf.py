@@ -37,10 +37,10 @@ import os
 import numpy as np
 import torch
 
-from llava_fast.config import LlavaConfig, TextConfig, VisionConfig
+from llava_fast.checkpoints.config import LlavaConfig, TextConfig, VisionConfig
 from llava_fast.errors import CheckpointError
 from llava_fast.image import ImageProcessor
-from llava_fast.loading import assign_weights, expected_weights
+from llava_fast.checkpoints.layouts import assign_weights, expected_weights
 from llava_fast.model import LlavaForCausalLM
 
 # GGUF llama tensor names -> this engine's (model.py); blk.N.* are per decoder layer.
@@ -215,7 +215,7 @@ def tokenizer_from_gguf(f: GGUFFile):
     from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
     from tokenizers.models import BPE
 
-    from llava_fast.tokenizer import Tokenizer, sentencepiece_backend
+    from llava_fast.prompts.tokenizer import Tokenizer, sentencepiece_backend
 
     model = f.get("tokenizer.ggml.model")
     tokens = f.get("tokenizer.ggml.tokens")

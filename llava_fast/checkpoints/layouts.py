@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from llava_fast.config import (
+from llava_fast.checkpoints.config import (
     LlavaConfig,
     find_vision_tower_dir,
     is_original_llava,

@@ -12,7 +12,7 @@ import csv
 import json
 import os
 
-from llava_fast.config import read_json as read_checkpoint_json
+from llava_fast.checkpoints.config import read_json as read_checkpoint_json
 from llava_fast.errors import CheckpointError, InputError
 
 
