@@ -144,10 +144,21 @@ inline __m256i load32_tail(const uint8_t* p, int64_t left, uint8_t fill) {  // 3
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(t));
 }
 
+// With AVX-VNNI the offset-binary byte u is VPDPBUSD's unsigned operand as stored, the accumulator starting at
+// -128 x (the lane's 4 x_q summed), exact (as the AVX-512 table does): 3 instructions fewer per 32 weights than
+// the sign trick. The starting values, per 32-block 8 int32 (gemv_prepare, once per call):
+struct Q8Layout {
+  const int32_t* corr;  // (M, B, 8)
+};
+
 void gemv_q8(const GemvRows& p, int64_t n0, int64_t n1) {
   const GemvArgs& a = *p.a;
   const int64_t K = a.k, B = p.blocks;
+#if LLAVA_FAST_AVX2_VNNI
+  const int32_t* corr_rows = static_cast<const Q8Layout*>(p.layout)->corr;
+#else
   const __m256i flip = _mm256_set1_epi8(char(0x80));
+#endif
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = static_cast<const uint8_t*>(a.w) + n * K;
     for (int64_t m = 0; m < a.m; ++m) {
@@ -156,9 +167,15 @@ void gemv_q8(const GemvRows& p, int64_t n0, int64_t n1) {
       __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
       for (int64_t b = 0; b < B; ++b) {
         if (m == 0 && (b & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + b * 32) + 1024, _MM_HINT_T0);
-        const __m256i sw = _mm256_xor_si256(load32_tail(w + b * 32, K - b * 32, 0x80), flip);  // u - 128
+        const __m256i u = load32_tail(w + b * 32, K - b * 32, 0x80);  // 0x80: weight 0 past K
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * 32));
+#if LLAVA_FAST_AVX2_VNNI
+        const __m256i corr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr_rows + (m * B + b) * 8));
+        const __m256i d = _mm256_dpbusd_avx_epi32(corr, u, xv);
+#else
+        const __m256i sw = _mm256_xor_si256(u, flip);  // u - 128
         const __m256i d = dot_u8s8(_mm256_sign_epi8(sw, sw), _mm256_sign_epi8(xv, sw));
+#endif
         acc[b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(xs[b]), acc[b & 1]);
       }
       gemv_store(p, m, n, hsum8(_mm256_add_ps(acc[0], acc[1])) * static_cast<const float*>(a.scales)[n]);
@@ -177,12 +194,26 @@ struct Q4Layout {
   const float* xs;   // (M, kp / 64, 8)
 };
 
-size_t q4_layout_bytes(const GemvRows& p) {
-  return p.a->format == kWeightQ4 ? 64 + size_t(p.a->m) * (p.kp + p.kp / 64 * 32) : 0;
+size_t layout_bytes(const GemvRows& p) {
+  if (p.a->format == kWeightQ8) return LLAVA_FAST_AVX2_VNNI ? 64 + size_t(p.a->m) * p.blocks * 32 : 0;
+  return 64 + size_t(p.a->m) * (p.kp + p.kp / 64 * 32);
 }
 
-void q4_prepare(const GemvRows& p, void* scratch) {
-  if (p.a->format != kWeightQ4) return;
+void prepare(const GemvRows& p, void* scratch) {
+  if (p.a->format == kWeightQ8) {
+#if LLAVA_FAST_AVX2_VNNI
+    int32_t* corr = reinterpret_cast<int32_t*>(static_cast<char*>(scratch) + 64);
+    const int64_t M = p.a->m, B = p.blocks;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; b < B; ++b)
+        for (int l = 0; l < 8; ++l) {
+          const int8_t* q = p.xq + m * p.kp + b * 32 + 4 * l;  // zeros past K
+          corr[(m * B + b) * 8 + l] = -128 * (int32_t(q[0]) + q[1] + q[2] + q[3]);
+        }
+    *static_cast<Q8Layout*>(scratch) = Q8Layout{corr};
+#endif
+    return;
+  }
   const int64_t M = p.a->m, kp = p.kp, B = p.blocks, chunks = kp / 64;
   int8_t* xq = static_cast<int8_t*>(scratch) + 64;
   float* xs = reinterpret_cast<float*>(xq + M * kp);
@@ -575,7 +606,7 @@ const KernelTable* avx2_kernels() {
 #endif
   static const KernelTable table{
       "avx2", LLAVA_FAST_AVX2_VNNI ? "avx2_vnni" : "avx2_maddubs",
-      gemv_f32, gemv_bf16, gemv_q8, gemv_q4, q4_layout_bytes, q4_prepare,
+      gemv_f32, gemv_bf16, gemv_q8, gemv_q4, layout_bytes, prepare,
       quantize_row_q8,
       gemm_q4_panel,
       dequantize_rows,
