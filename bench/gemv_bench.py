@@ -102,11 +102,13 @@ def _measure(doc, settings):
 
     threads, M, rounds = settings["threads"], settings["rows"], settings["repeats"]
     weights, source = float_weights()
-    isas = settings.get("isa") or [_C.cpu_isa_variant()]
+    forced = bool(settings.get("isa"))  # --isa: tables side by side, each an impl "llava-fast[<table>]"
+    isas = settings["isa"] if forced else [_C.cpu_isa_variant()]
     for isa in isas:  # a table this CPU cannot run: the error names the missing feature
         _C.use_cpu_isa(isa)
     _C.use_cpu_isa("best")
-    settings.update(source=source, isa=isas, layers=len(weights))
+    settings.update(source=source, isa=isas, isa_forced=forced, layers=len(weights))
+    _impl = lambda isa: impl_name(isa, forced)
     probe = torch.rand(READ_PROBE_BYTES // 4)
     shape = f"{len(weights)} GEMVs, M={M}"
     gen = torch.Generator().manual_seed(1)
@@ -120,7 +122,8 @@ def _measure(doc, settings):
 
         def ours(isa):
             def run_set():
-                _C.use_cpu_isa(isa)
+                if forced:
+                    _C.use_cpu_isa(isa)
                 for c in calls:
                     gemv(*c)
             return run_set
@@ -163,14 +166,15 @@ def _measure(doc, settings):
                         "GB/s counts the packed bytes, not the float weight it reads")
 
 
-def _impl(isa):
-    return f"llava-fast[{isa}]"
+def impl_name(isa, forced):
+    """The impl label of llava-fast's GEMV: "llava-fast" (the table in use), or per table with --isa."""
+    return f"llava-fast[{isa}]" if forced else "llava-fast"
 
 
 def markdown(doc) -> str:
     figs = doc["figures"]
-    isas = doc["settings"]["isa"]
-    isas = isas if isinstance(isas, list) else [isas]
+    isas, forced = doc["settings"]["isa"], doc["settings"].get("isa_forced", False)
+    isas = [isas] if isinstance(isas, str) else isas  # documents written before --isa: one table's name
     rows = []
     for name in doc["settings"]["formats"]:
         def v(fig, impl):
@@ -178,7 +182,7 @@ def markdown(doc) -> str:
             return f["value"] if f else None
         read = find_one(figs, "kernel_bandwidth", kernel="read", dtype=name)
         for isa in isas:
-            impl = _impl(isa)
+            impl = impl_name(isa, forced)
             speed = find_one(figs, "kernel_speedup", kernel="gemv_set", dtype=name, impl=impl)
             best = find_one(figs, "kernel_time", kernel="gemv_set", dtype=name, impl=impl)["stats"]["min"]
             rows.append([name, isa, fmt(doc["checks"]["weight_bytes"][name] / 1e6), fmt(read["value"]),
