@@ -156,6 +156,9 @@ def build_parser():
     r.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp (skipped anyway when "
                    "llama_cpp is not importable)")
     r.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    r.add_argument("--isa", type=lambda s: [x for x in s.split(",") if x], default=None,
+                   help="CPU kernel tables to run side by side, comma-separated (avx512, avx2, scalar, or a variant "
+                   "such as avx2_maddubs), each an engine of its own; default: the one in use")
     r.add_argument("--json", help="result file (default: bench-results/real-<model>-<device>-<time>.json)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
@@ -169,6 +172,9 @@ def build_parser():
                     "GEMV serves M <= 8)")
     gv.add_argument("--repeats", type=_positive_int, default=5, help="interleaved rounds (median reported)")
     gv.add_argument("--threads", type=_positive_int, default=2, help="threads of both implementations (default 2)")
+    gv.add_argument("--isa", type=lambda s: [x for x in s.split(",") if x], default=None,
+                    help="CPU kernel tables to run side by side, comma-separated (avx512, avx2, scalar, or a variant "
+                    "such as avx2_maddubs; default: the one in use)")
     gv.add_argument("--json", help="result file (default: bench-results/gemv-<model>-<device>-<time>.json)")
     gv.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
@@ -332,13 +338,13 @@ def cmd_real(args, argv) -> int:
                 "formats": args.formats, "repeats": args.repeats, "threads": args.threads}
     if args.subcommand == "gemv":
         bench = gemv_bench
-        settings.update(warmup=1, rows=args.rows)
+        settings.update(warmup=1, rows=args.rows, isa=args.isa)
     else:
         bench = real_bench
         if args.warmup < 0 or args.quality_tokens < 0:
             raise InputError("--warmup and --quality-tokens must be >= 0")
         settings.update(new_tokens=args.new_tokens, warmup=args.warmup, quality_tokens=args.quality_tokens,
-                        llama_cpp=not args.no_llama_cpp, transformers=not args.no_transformers)
+                        llama_cpp=not args.no_llama_cpp, transformers=not args.no_transformers, isa=args.isa)
     started = time.perf_counter()
     doc = bench.run(settings, argv)
     settings["wall_s"] = round(time.perf_counter() - started, 1)

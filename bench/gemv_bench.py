@@ -12,7 +12,9 @@ the packed weight bytes and as % of the read bandwidth measured in the same roun
 256 MiB of float32 at the same thread count: a pure read stream). Beside it, torch's `F.linear` on the same
 weights in the compute dtype (float32 for int8/int4: the dequantized weight), its rate counted over the same
 packed bytes ("effective" GB/s, like for like). Rounds interleave every implementation and the read probe;
-figures are medians, speedups paired per-round ratios.
+figures are medians, speedups paired per-round ratios. `--isa avx2,scalar` runs those kernel tables
+(csrc/isa/; `llava_fast._C.cpu_isa_tables()` lists them) side by side in the same rounds, each as its own
+row: how the AVX2 table a CPU without AVX-512 runs compares on this machine's memory system.
 """
 
 from __future__ import annotations
@@ -100,7 +102,13 @@ def _measure(doc, settings):
 
     threads, M, rounds = settings["threads"], settings["rows"], settings["repeats"]
     weights, source = float_weights()
-    settings.update(source=source, isa=_C.gemv_isa(), layers=len(weights))
+    forced = bool(settings.get("isa"))  # --isa: tables side by side, each an impl "llava-fast[<table>]"
+    isas = settings["isa"] if forced else [_C.cpu_isa_variant()]
+    for isa in isas:  # a table this CPU cannot run: the error names the missing feature
+        _C.use_cpu_isa(isa)
+    _C.use_cpu_isa("best")
+    settings.update(source=source, isa=isas, isa_forced=forced, layers=len(weights))
+    _impl = lambda isa: impl_name(isa, forced)
     probe = torch.rand(READ_PROBE_BYTES // 4)
     shape = f"{len(weights)} GEMVs, M={M}"
     gen = torch.Generator().manual_seed(1)
@@ -112,15 +120,20 @@ def _measure(doc, settings):
         calls, gemv = _native_calls(layers, xs, ys, threads), _C.gemv
         nbytes = sum(l.nbytes for l in layers)
 
-        def ours():
-            for c in calls:
-                gemv(*c)
+        def ours(isa):
+            def run_set():
+                if forced:
+                    _C.use_cpu_isa(isa)
+                for c in calls:
+                    gemv(*c)
+            return run_set
 
         def theirs():
             for x, w in zip(xs, dense):
                 F.linear(x, w)
 
-        impls = {"llava-fast": ours, "torch": theirs}
+        impls = {_impl(isa): ours(isa) for isa in isas}
+        impls["torch"] = theirs
         for fn in impls.values():  # warm-up: the pool's threads, torch's kernels, pages touched
             fn()
         times, read_bw = {k: [] for k in impls}, []
@@ -140,34 +153,45 @@ def _measure(doc, settings):
                                               impl=impl, **labels),
                                figure("kernel_pct_of_peak", "%", higher_is_better=True, value=100 * gbps / f_read["value"],
                                       bound="memory", peak="measured read", impl=impl, **labels)]
-        doc["figures"].append(figure("kernel_speedup", "x", higher_is_better=True, impl="llava-fast", baseline="torch",
-                                     samples=[b / a for a, b in zip(times["llava-fast"], times["torch"])], **labels))
+        for isa in isas:
+            doc["figures"].append(figure("kernel_speedup", "x", higher_is_better=True, impl=_impl(isa), baseline="torch",
+                                         samples=[b / a for a, b in zip(times[_impl(isa)], times["torch"])], **labels))
+        _C.use_cpu_isa("best")
         doc["checks"].setdefault("weight_bytes", {})[name] = nbytes
         doc["checks"].setdefault("max_abs_error_vs_reference", {})[name] = max(
             float((y.float() - G.reference(x, l)).abs().max()) for l, x, y in zip(layers[:4], xs, ys))
         layers = dense = calls = None  # free this format before packing the next
-    doc["notes"].append(f"weights: {source}; kernels: {settings['isa']}; {threads} thread(s); % of read bw: over the "
+    doc["notes"].append(f"weights: {source}; kernel tables: {', '.join(isas)}; {threads} thread(s); % of read bw: over the "
                         "median of x.sum() over 256 MiB float32, probed once per round of the same format; torch's "
                         "GB/s counts the packed bytes, not the float weight it reads")
 
 
+def impl_name(isa, forced):
+    """The impl label of llava-fast's GEMV: "llava-fast" (the table in use), or per table with --isa."""
+    return f"llava-fast[{isa}]" if forced else "llava-fast"
+
+
 def markdown(doc) -> str:
     figs = doc["figures"]
+    isas, forced = doc["settings"]["isa"], doc["settings"].get("isa_forced", False)
+    isas = [isas] if isinstance(isas, str) else isas  # documents written before --isa: one table's name
     rows = []
     for name in doc["settings"]["formats"]:
         def v(fig, impl):
             f = find_one(figs, fig, kernel="gemv_set", dtype=name, impl=impl)
             return f["value"] if f else None
-        speed = find_one(figs, "kernel_speedup", kernel="gemv_set", dtype=name)
         read = find_one(figs, "kernel_bandwidth", kernel="read", dtype=name)
-        best = find_one(figs, "kernel_time", kernel="gemv_set", dtype=name, impl="llava-fast")["stats"]["min"]
-        rows.append([name, fmt(doc["checks"]["weight_bytes"][name] / 1e6), fmt(read["value"]),
-                     fmt(v("kernel_time", "llava-fast")),
-                     fmt(v("kernel_bandwidth", "llava-fast")), fmt(v("kernel_pct_of_peak", "llava-fast")) + " %",
-                     fmt(doc["checks"]["weight_bytes"][name] / best / 1e6),
-                     fmt(v("kernel_time", "torch")), fmt(v("kernel_bandwidth", "torch")),
-                     f"{speed['value']:.2f}x" if speed else ""])
-    table = md_table(["format", "MB read", "read bw GB/s", "llava-fast ms", "GB/s", "% of read bw",
+        for isa in isas:
+            impl = impl_name(isa, forced)
+            speed = find_one(figs, "kernel_speedup", kernel="gemv_set", dtype=name, impl=impl)
+            best = find_one(figs, "kernel_time", kernel="gemv_set", dtype=name, impl=impl)["stats"]["min"]
+            rows.append([name, isa, fmt(doc["checks"]["weight_bytes"][name] / 1e6), fmt(read["value"]),
+                         fmt(v("kernel_time", impl)),
+                         fmt(v("kernel_bandwidth", impl)), fmt(v("kernel_pct_of_peak", impl)) + " %",
+                         fmt(doc["checks"]["weight_bytes"][name] / best / 1e6),
+                         fmt(v("kernel_time", "torch")), fmt(v("kernel_bandwidth", "torch")),
+                         f"{speed['value']:.2f}x" if speed else ""])
+    table = md_table(["format", "kernels", "MB read", "read bw GB/s", "llava-fast ms", "GB/s", "% of read bw",
                       "best round GB/s", "torch F.linear ms",
                       "torch GB/s (effective)", "speedup"], rows)
     return "\n".join(header_lines(doc) + ["", table] + [f"- {n}" for n in doc["notes"]])

@@ -68,10 +68,15 @@ def load_llava(fmt_name, threads):
 # ------------------------------------------------------------------------------------------------------
 
 
-def llava_engine(model, new_tokens):
+def llava_engine(model, new_tokens, isa=None):
+    """isa: the CPU kernel table to switch to before each run (`bench real --isa`), or None: the one in use."""
     from llava_fast.generate import Decoder
 
     def run(ids):
+        if isa is not None:
+            from llava_fast import _C
+
+            _C.use_cpu_isa(isa)
         t0 = time.perf_counter()
         decoder = Decoder(model.net, 1, len(ids) + new_tokens)
         tok = decoder.prefill([ids]).argmax(-1)
@@ -204,11 +209,16 @@ def _measure(doc, settings):
 
     engines, weight_bytes, pairs, outputs = {}, {}, {}, {}
     ids = None
+    isas = settings.get("isa") or [None]  # --isa: CPU kernel tables side by side (else the one in use)
+    ours = {}  # engine name -> format
     for name in settings["formats"]:
         model = load_llava(name, threads)
         ids = ids or prompt_ids(model)
-        engines[f"llava-fast/{name}"] = llava_engine(model, new_tokens)
-        weight_bytes[f"llava-fast/{name}"] = weight_bytes_per_token(model.net)
+        for isa in isas:
+            engine = f"llava-fast/{name}" if isa is None else f"llava-fast[{isa}]/{name}"
+            engines[engine] = llava_engine(model, new_tokens, isa)
+            weight_bytes[engine] = weight_bytes_per_token(model.net)
+            ours[engine] = name
     settings["context"] = len(ids)
     if settings["llama_cpp"]:
         try:
@@ -216,8 +226,8 @@ def _measure(doc, settings):
 
             from llava_fast.bench.real_model import gguf
 
-            for name in settings["formats"]:
-                pairs[f"llava-fast/{name}"] = f"llama.cpp/{LLAMA_CPP_FOR[name]}"
+            for engine, name in ours.items():
+                pairs[engine] = f"llama.cpp/{LLAMA_CPP_FOR[name]}"
             for ggml_type in [LLAMA_CPP_FOR[n] for n in settings["formats"]] + list(EXTRA_LLAMA_CPP):
                 path = gguf(ggml_type)
                 engines[f"llama.cpp/{ggml_type}"], _ = llama_cpp_engine(path, threads, new_tokens, len(ids))
@@ -277,7 +287,7 @@ def _measure(doc, settings):
         ttft = [b / a for a, b in zip(samples[mine]["ttft"], samples[theirs]["ttft"])]
         doc["figures"].append(figure("ttft_speedup", "x", higher_is_better=True, samples=ttft, engine=mine,
                                      baseline=theirs, **labels))
-    ref = outputs.get("llava-fast/float32")
+    ref = next((outputs[e] for e, name in ours.items() if name == "float32"), None)
     if ref is not None:
         doc["checks"]["greedy_tokens_equal_to_llava_fast_float32"] = {
             n: sum(a == b for a, b in zip(ref, toks)) / len(ref) for n, toks in outputs.items()}

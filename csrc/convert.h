@@ -1,5 +1,7 @@
 // Scalar conversions between float32 and the 16-bit formats the native code reads and writes (bfloat16 weights,
 // activations and KV cache; float16 int4 scales and mins), shared by gemv.cpp, decode.cpp and dequantize.cpp.
+// static: every file gets its own copy, so none compiled with a table's ISA flags (csrc/isa/) can be the one
+// the linker keeps for the others.
 #pragma once
 
 #include <cstdint>
@@ -7,14 +9,14 @@
 
 namespace llava_fast {
 
-inline float bf16_to_f32(uint16_t b) {
+static inline float bf16_to_f32(uint16_t b) {
   uint32_t u = uint32_t(b) << 16;
   float f;
   std::memcpy(&f, &u, 4);
   return f;
 }
 
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch's .to(torch.bfloat16)
+static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch's .to(torch.bfloat16)
   uint32_t u;
   std::memcpy(&u, &f, 4);
   if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN
@@ -22,7 +24,7 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch's .to
   return uint16_t(u >> 16);
 }
 
-inline float f16_to_f32(uint16_t h) {  // IEEE half -> float, subnormals included
+static inline float f16_to_f32(uint16_t h) {  // IEEE half -> float, subnormals included
   const uint32_t sign = uint32_t(h & 0x8000u) << 16;
   uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, u;
   if (exp == 0x1f) {
@@ -44,6 +46,6 @@ inline float f16_to_f32(uint16_t h) {  // IEEE half -> float, subnormals include
 }
 
 // f rounded to the nearest bfloat16 (even on ties), as a float: what a bfloat16 tensor would hold.
-inline float round_to_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+static inline float round_to_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
 }  // namespace llava_fast

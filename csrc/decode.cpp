@@ -16,8 +16,6 @@
 // included) in float32, as PyTorch's CPU SDPA accumulates.
 #include "decode.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -26,7 +24,8 @@
 #include "convert.h"
 #include "gemm_q4.h"
 #include "gemv.h"
-#include "simd.h"
+#include "isa/kernels.h"
+#include "isa/reference.h"
 
 namespace llava_fast {
 namespace {
@@ -55,180 +54,70 @@ struct Stored {
   float round(float v) const { return bf16 ? round_to_bf16(v) : v; }
 };
 
+}  // namespace
+
 // ------------------------------------------------------------------------------------------------------
-// Attention inner loops: q . k_t over the head dim, and out += p * v_t. AVX-512 where the CPU has it.
+// The scalar references of the table's decode kernels (csrc/isa/kernels.h); the vector tables round the same
+// way (bfloat16 round-to-nearest-even, NaN kept) but sum in their own order and use their own exp.
 // ------------------------------------------------------------------------------------------------------
 
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
-
-float dot_scalar(const float* q, const void* k, bool bf16, int64_t D) {
+float attn_dot_scalar(const float* q, const void* k, bool bf16, int64_t D) {
   float acc = 0.f;
   for (int64_t d = 0; d < D; ++d)
     acc += q[d] * (bf16 ? bf16_to_f32(static_cast<const uint16_t*>(k)[d]) : static_cast<const float*>(k)[d]);
   return acc;
 }
 
-void axpy_scalar(float* out, float p, const void* v, bool bf16, int64_t D) {
+void attn_axpy_scalar(float* out, float p, const void* v, bool bf16, int64_t D) {
   for (int64_t d = 0; d < D; ++d)
     out[d] += p * (bf16 ? bf16_to_f32(static_cast<const uint16_t*>(v)[d]) : static_cast<const float*>(v)[d]);
 }
 
-AVX512 inline __m512 load16(const void* p, bool bf16, int64_t d, __mmask16 mk) {
-  if (bf16) {
-    const __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(p) + d));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+AttendKernel attend_kernel_none(int64_t, bool) { return {nullptr, 1}; }
+
+// One row of add_rms_norm (below): h += x (x null: not), out = weight * (h / rms(h)), as ops.rms_norm_reference.
+void add_rms_norm_row_scalar(const float* x, float* h, const void* weight, float eps, int64_t C, float* out, bool bf16) {
+  const Stored st{bf16};
+  if (x) {
+    for (int64_t i = 0; i < C; ++i) h[i] = st.round(h[i] + x[i]);
   }
-  return _mm512_maskz_loadu_ps(mk, static_cast<const float*>(p) + d);
+  double sq = 0.0;  // float32 in torch; double here costs nothing at C ~ 1e3 and only reduces error
+  for (int64_t i = 0; i < C; ++i) sq += double(h[i]) * h[i];
+  const float inv = 1.f / std::sqrt(float(sq / double(C)) + eps);
+  for (int64_t i = 0; i < C; ++i) out[i] = st.round(st.get(weight, i) * st.round(h[i] * inv));
 }
 
-AVX512 inline __mmask16 tail_mask(int64_t left) {
-  return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
-}
-
-AVX512 float dot_avx512(const float* q, const void* k, bool bf16, int64_t D) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; d += 16) {
-    const __mmask16 mk = tail_mask(D - d);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q + d), load16(k, bf16, d, mk), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
-
-AVX512 void axpy_avx512(float* out, float p, const void* v, bool bf16, int64_t D) {
-  const __m512 pv = _mm512_set1_ps(p);
-  for (int64_t d = 0; d < D; d += 16) {
-    const __mmask16 mk = tail_mask(D - d);
-    _mm512_mask_storeu_ps(out + d, mk, _mm512_fmadd_ps(pv, load16(v, bf16, d, mk), _mm512_maskz_loadu_ps(mk, out + d)));
-  }
-}
-
-// e^x, 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' expf polynomial, times 2^n (VSCALEFPS). Within
-// 2 ulp of std::exp; a scalar exp per score was ~40 cycles, the largest piece of a prefill's attention (tiny
-// preset, 274 tokens: 1.8M of them), and SwiGLU's 75k per 55-row chunk and layer took 6 of a prefill's 70 ms.
-AVX512 inline __m512 exp16(__m512 x) {
-  // e^-87.3 ~ 1e-38: no denormals; above 88.7 the result is inf (2^n overflows; 100 keeps r accurate). x second:
-  // VMAXPS / VMINPS return their second operand when either is NaN, so a NaN (an inf in q or K) stays NaN, as
-  // in torch's softmax, instead of becoming a weight of ~0.
-  x = _mm512_max_ps(_mm512_set1_ps(-87.3f), _mm512_min_ps(_mm512_set1_ps(100.f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-// Attention of one head for nb <= QB consecutive positions T0 - 1 .. T0 + nb - 2 of one cache row (a block of
-// a prompt's rows; a decode row is a block of one), head_dim = 16 * ND. Keys are read in groups of 4, each
-// group's 4 dot products per query summed by one shuffle tree, and each key (and value) is loaded once for the
-// whole block. Every query's arithmetic is the same whatever block it is in, so a row's result does not depend
-// on how its prompt was split (a server prefix reuse) or batched. Before, one (row, head) at a time with a full
-// reduction per key: attention was 19% of a 1,024-token prefill (tiny preset, perf).
-template <int ND, bool BF16, int QB>
-AVX512 void attend_block(const float* q, int64_t q_stride, int nb, const char* k, const char* v, int64_t pos_bytes,
-                         int64_t T0, float scale, float* scores, float* o, int64_t o_stride) {
-  const int64_t Tmax = T0 + nb - 1;
-  for (int64_t t = 0; t < Tmax; t += 4) {  // scores[i * Tmax + t] = q_i . k_t * scale
-    __m512 kv[4][ND];
-    #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      const bool valid = t + j < Tmax;  // never read past the block's last key
-      #pragma GCC unroll 8
-      for (int c = 0; c < ND; ++c) kv[j][c] = valid ? load16(k + (t + j) * pos_bytes, BF16, 16 * c, 0xffff) : _mm512_setzero_ps();
-    }
-    for (int i = 0; i < nb; ++i) {
-      const float* qi = q + i * q_stride;
-      __m512 acc[4];
-      #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) acc[j] = _mm512_mul_ps(_mm512_loadu_ps(qi), kv[j][0]);
-      #pragma GCC unroll 8
-      for (int c = 1; c < ND; ++c) {
-        const __m512 qc = _mm512_loadu_ps(qi + 16 * c);
-        #pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) acc[j] = _mm512_fmadd_ps(qc, kv[j][c], acc[j]);
-      }
-      alignas(16) float four[4];
-      _mm_store_ps(four, _mm_mul_ps(reduce4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale)));
-      for (int j = 0; j < 4 && t + j < Tmax; ++j) scores[i * Tmax + t + j] = four[j];
+// Rotate-half RoPE of `count` heads of D at one position, in place (ops.apply_rope).
+void rope_scalar(float* x, int64_t count, int64_t D, const float* cos_row, const float* sin_row, bool bf16) {
+  const Stored st{bf16};
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < count; ++h) {
+    float* xh = x + h * D;
+    for (int64_t i = 0; i < half; ++i) {
+      const float c = st.round(cos_row[i]), s = st.round(sin_row[i]);
+      const float x1 = xh[i], x2 = xh[i + half];
+      xh[i] = st.round(st.round(x1 * c) - st.round(x2 * s));
+      xh[i + half] = st.round(st.round(x2 * c) + st.round(x1 * s));
     }
   }
-  float inv[QB];
-  for (int i = 0; i < nb; ++i) {  // softmax of query i over its T0 + i keys
-    float* si = scores + i * Tmax;
-    const int64_t T = T0 + i;
-    __m512 top = _mm512_set1_ps(-INFINITY);
-    int64_t t = 0;
-    for (; t + 16 <= T; t += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(si + t));
-    float m = _mm512_reduce_max_ps(top);
-    for (; t < T; ++t) m = std::max(m, si[t]);
-    const __m512 mv = _mm512_set1_ps(m);
-    __m512 total = _mm512_setzero_ps();
-    for (t = 0; t < T; t += 16) {
-      const __mmask16 mk = tail_mask(T - t);
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, si + t), mv));
-      _mm512_mask_storeu_ps(si + t, mk, e);
-      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(mk, e));
-    }
-    inv[i] = 1.f / _mm512_reduce_add_ps(total);
-  }
-  __m512 acc[QB][ND];
-  #pragma GCC unroll 4
-  for (int i = 0; i < QB; ++i)
-    #pragma GCC unroll 8
-    for (int c = 0; c < ND; ++c) acc[i][c] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < Tmax; ++t) {  // out_i += p_i[t] v_t, t in order, for the queries that see key t
-    __m512 vt[ND];
-    #pragma GCC unroll 8
-    for (int c = 0; c < ND; ++c) vt[c] = load16(v + t * pos_bytes, BF16, 16 * c, 0xffff);
-    #pragma GCC unroll 4
-    for (int i = 0; i < QB; ++i) {
-      if (i >= nb || t >= T0 + i) continue;
-      const __m512 p = _mm512_set1_ps(scores[i * Tmax + t]);
-      #pragma GCC unroll 8
-      for (int c = 0; c < ND; ++c) acc[i][c] = _mm512_fmadd_ps(p, vt[c], acc[i][c]);
-    }
-  }
-  #pragma GCC unroll 4
-  for (int i = 0; i < QB; ++i) {
-    if (i >= nb) continue;
-    const __m512 s = _mm512_set1_ps(inv[i]);
-    #pragma GCC unroll 8
-    for (int c = 0; c < ND; ++c) _mm512_storeu_ps(o + i * o_stride + 16 * c, _mm512_mul_ps(acc[i][c], s));
+}
+
+// n values (already rounded to the dtype) into a K/V cache position.
+void store_row_scalar(void* dst, const float* src, int64_t n, bool bf16) {
+  const Stored st{bf16};
+  for (int64_t i = 0; i < n; ++i) st.put(dst, i, src[i]);
+}
+
+// SwiGLU of one row: out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + e^-g) as torch's F.silu; out may be gate.
+void swiglu_row_scalar(const float* gate, const float* up, float* out, int64_t I, bool bf16) {
+  const Stored st{bf16};
+  for (int64_t i = 0; i < I; ++i) {
+    const float g = gate[i];
+    out[i] = st.round(st.round(g / (1.f + std::exp(-g))) * up[i]);
   }
 }
 
-using AttendFn = void (*)(const float*, int64_t, int, const char*, const char*, int64_t, int64_t, float, float*, float*,
-                          int64_t);
-
-// The register-resident kernel for this head_dim and cache dtype and its block's rows (QB: the block's output
-// accumulators, rows x head_dim / 16 vectors, stay within the 32 vector registers); a null fn: the generic loop.
-struct Attend {
-  AttendFn fn;
-  int rows;
-};
-
-Attend attend_kernel(int64_t D, bool bf16) {
-  switch (D) {
-    case 32: return {bf16 ? attend_block<2, true, 4> : attend_block<2, false, 4>, 4};
-    case 64: return {bf16 ? attend_block<4, true, 4> : attend_block<4, false, 4>, 4};
-    case 96: return {bf16 ? attend_block<6, true, 2> : attend_block<6, false, 2>, 2};
-    case 128: return {bf16 ? attend_block<8, true, 2> : attend_block<8, false, 2>, 2};
-    default: return {nullptr, 1};
-  }
-}
-
-bool has_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-}
-
-const bool kAvx512 = has_avx512();
+namespace {
 
 // ------------------------------------------------------------------------------------------------------
 // The step's pieces, each over `rows` rows of float32 activations
@@ -255,137 +144,14 @@ void linear(const DecodeLinear& l, const float* x, int64_t rows, float* y, const
   }
 }
 
-// ------------------------------------------------------------------------------------------------------
-// The elementwise glue, 16 lanes at a time where the CPU has AVX-512 (same roundings as the scalar loops:
-// round_bf16_16 is f32_to_bf16's integer rounding, NaN included). Per 274-token tiny prefill (2 cores) the
-// scalar loops took ~10 of ~70 ms on the calling thread while the pool's workers waited: SwiGLU (std::exp) 6.4,
-// the RMSNorms 2.1, RoPE and the K/V writes 0.9.
-// ------------------------------------------------------------------------------------------------------
-
-AVX512 inline __m512 round_bf16_16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v), hi = _mm512_set1_epi32(int(0xffff0000u));
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), hi);
-  const __m512i quiet = _mm512_and_si512(_mm512_or_si512(u, _mm512_set1_epi32(0x400000)), hi);  // NaN stays NaN
-  return _mm512_castsi512_ps(_mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet));
-}
-
-AVX512 inline __m512 rnd16(__m512 v, bool bf16) { return bf16 ? round_bf16_16(v) : v; }
-
-AVX512 inline void store16(void* p, int64_t i, __m512 v, bool bf16, __mmask16 mk) {  // v already rounded
-  if (bf16) {
-    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, mk, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
-  } else {
-    _mm512_mask_storeu_ps(static_cast<float*>(p) + i, mk, v);
-  }
-}
-
-// One row of add_rms_norm (below). The sum of squares in double, as the scalar loop.
-AVX512 void add_rms_norm_row_avx512(const float* x, float* h, const void* weight, float eps, int64_t C, float* out,
-                                    bool bf16) {
-  __m512d sq0 = _mm512_setzero_pd(), sq1 = sq0;
-  for (int64_t i = 0; i < C; i += 16) {
-    const __mmask16 mk = tail_mask(C - i);
-    __m512 v = _mm512_maskz_loadu_ps(mk, h + i);
-    if (x) {
-      v = rnd16(_mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, x + i)), bf16);
-      _mm512_mask_storeu_ps(h + i, mk, v);
-    }
-    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-    sq0 = _mm512_fmadd_pd(lo, lo, sq0), sq1 = _mm512_fmadd_pd(hi, hi, sq1);
-  }
-  const double sq = _mm512_reduce_add_pd(_mm512_add_pd(sq0, sq1));
-  const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(float(sq / double(C)) + eps));
-  for (int64_t i = 0; i < C; i += 16) {
-    const __mmask16 mk = tail_mask(C - i);
-    const __m512 normed = rnd16(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, h + i), inv), bf16);
-    _mm512_mask_storeu_ps(out + i, mk, rnd16(_mm512_mul_ps(load16(weight, bf16, i, mk), normed), bf16));
-  }
-}
-
 // residual += x (skipped when x is null: the first layer's stream is the embedding itself), then
-// out = weight * (residual / rms(residual)), as ops.rms_norm_reference.
+// out = weight * (residual / rms(residual)), row by row.
 void add_rms_norm(const float* x, float* residual, const void* weight, float eps, int64_t rows, int64_t C,
                   float* out, const Stored& st) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* h = residual + r * C;
-    if (kAvx512) {
-      add_rms_norm_row_avx512(x ? x + r * C : nullptr, h, weight, eps, C, out + r * C, st.bf16);
-      continue;
-    }
-    if (x) {
-      for (int64_t i = 0; i < C; ++i) h[i] = st.round(h[i] + x[r * C + i]);
-    }
-    double sq = 0.0;  // float32 in torch; double here costs nothing at C ~ 1e3 and only reduces error
-    for (int64_t i = 0; i < C; ++i) sq += double(h[i]) * h[i];
-    const float inv = 1.f / std::sqrt(float(sq / double(C)) + eps);
-    for (int64_t i = 0; i < C; ++i) out[r * C + i] = st.round(st.get(weight, i) * st.round(h[i] * inv));
-  }
+  const auto row = kernels().add_rms_norm_row;
+  for (int64_t r = 0; r < rows; ++r) row(x ? x + r * C : nullptr, residual + r * C, weight, eps, C, out + r * C, st.bf16);
 }
 
-AVX512 void rope_avx512(float* x, int64_t count, int64_t D, const float* cos_row, const float* sin_row, bool bf16) {
-  const int64_t half = D / 2;
-  for (int64_t i = 0; i < half; i += 16) {
-    const __mmask16 mk = tail_mask(half - i);
-    const __m512 c = rnd16(_mm512_maskz_loadu_ps(mk, cos_row + i), bf16), s = rnd16(_mm512_maskz_loadu_ps(mk, sin_row + i), bf16);
-    for (int64_t h = 0; h < count; ++h) {
-      float* xh = x + h * D;
-      const __m512 x1 = _mm512_maskz_loadu_ps(mk, xh + i), x2 = _mm512_maskz_loadu_ps(mk, xh + half + i);
-      const __m512 a = rnd16(_mm512_sub_ps(rnd16(_mm512_mul_ps(x1, c), bf16), rnd16(_mm512_mul_ps(x2, s), bf16)), bf16);
-      const __m512 b = rnd16(_mm512_add_ps(rnd16(_mm512_mul_ps(x2, c), bf16), rnd16(_mm512_mul_ps(x1, s), bf16)), bf16);
-      _mm512_mask_storeu_ps(xh + i, mk, a);
-      _mm512_mask_storeu_ps(xh + half + i, mk, b);
-    }
-  }
-}
-
-// Rotate-half RoPE of `count` heads of D at one position, in place (ops.apply_rope).
-void rope(float* x, int64_t count, int64_t D, const float* cos_row, const float* sin_row, const Stored& st) {
-  if (kAvx512) return rope_avx512(x, count, D, cos_row, sin_row, st.bf16);
-  const int64_t half = D / 2;
-  for (int64_t h = 0; h < count; ++h) {
-    float* xh = x + h * D;
-    for (int64_t i = 0; i < half; ++i) {
-      const float c = st.round(cos_row[i]), s = st.round(sin_row[i]);
-      const float x1 = xh[i], x2 = xh[i + half];
-      xh[i] = st.round(st.round(x1 * c) - st.round(x2 * s));
-      xh[i + half] = st.round(st.round(x2 * c) + st.round(x1 * s));
-    }
-  }
-}
-
-// n values (already rounded to the dtype) into a K/V cache position.
-AVX512 void store_row_avx512(void* dst, const float* src, int64_t n, bool bf16) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mk = tail_mask(n - i);
-    store16(dst, i, _mm512_maskz_loadu_ps(mk, src + i), bf16, mk);
-  }
-}
-
-void store_row(void* dst, const float* src, int64_t n, const Stored& st) {
-  if (kAvx512) return store_row_avx512(dst, src, n, st.bf16);
-  for (int64_t i = 0; i < n; ++i) st.put(dst, i, src[i]);
-}
-
-// SwiGLU of one row: out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + e^-g) as torch's F.silu; out may be gate.
-AVX512 void swiglu_row_avx512(const float* gate, const float* up, float* out, int64_t I, bool bf16) {
-  const __m512 one = _mm512_set1_ps(1.f);
-  for (int64_t i = 0; i < I; i += 16) {
-    const __mmask16 mk = tail_mask(I - i);
-    const __m512 g = _mm512_maskz_loadu_ps(mk, gate + i);
-    const __m512 silu = rnd16(_mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))), bf16);
-    _mm512_mask_storeu_ps(out + i, mk, rnd16(_mm512_mul_ps(silu, _mm512_maskz_loadu_ps(mk, up + i)), bf16));
-  }
-}
-
-void swiglu_row(const float* gate, const float* up, float* out, int64_t I, const Stored& st) {
-  if (kAvx512) return swiglu_row_avx512(gate, up, out, I, st.bf16);
-  for (int64_t i = 0; i < I; ++i) {
-    const float g = gate[i];
-    out[i] = st.round(st.round(g / (1.f + std::exp(-g))) * up[i]);
-  }
-}
 
 }  // namespace
 
@@ -435,6 +201,7 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
     for (int64_t i = 0; i < C; ++i)
       residual[r * C + i] = in.tokens ? st.get(m.embed, in.tokens[r0 + r] * C + i) : st.get(in.embeds, (r0 + r) * C + i);
 
+  const KernelTable& kt = kernels();
   const float scale = 1.f / std::sqrt(float(D));
   int64_t attended = 0;  // multiply-adds of q . k over the chunk, per head dim
   for (int64_t r = 0; r < rows; ++r) attended += positions[r] + 1;
@@ -452,17 +219,17 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
     for (int64_t r = 0; r < rows; ++r) {  // RoPE, then K/V into the cache at the row's position
       const int64_t pos = positions[r];
       float* q = qkv.data() + r * qkv_n;
-      rope(q, H + Hkv, D, m.cos + pos * (D / 2), m.sin + pos * (D / 2), st);  // q heads, then k heads
+      kt.rope(q, H + Hkv, D, m.cos + pos * (D / 2), m.sin + pos * (D / 2), st.bf16);  // q heads, then k heads
       for (int64_t g = 0; g < Hkv; ++g) {
         const int64_t at = (slots[r] * cache.row_stride + g * cache.head_stride + pos * cache.pos_stride) * kv_elem;
-        store_row(k_layer + at, q + (H + g) * D, D, st);
-        store_row(v_layer + at, q + (H + Hkv + g) * D, D, st);
+        kt.store_row(k_layer + at, q + (H + g) * D, D, st.bf16);
+        kt.store_row(v_layer + at, q + (H + Hkv + g) * D, D, st.bf16);
       }
     }
     // The workers see their own (empty) thread_local buffers: hand them this thread's by address.
     const float* qkv_rows = qkv.data();
     float* attn_rows = attn.data();
-    const Attend attend = kAvx512 ? attend_kernel(D, st.bf16) : Attend{nullptr, 1};
+    const AttendKernel attend = kt.attend_kernel(D, st.bf16);
     if (attend.fn) {  // blocks of consecutive positions of one cache row (a prompt's rows), else single rows
       thread_local std::vector<int64_t> block_start;
       block_start.clear();
@@ -496,8 +263,8 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
       scores.resize(T);
       float top = -INFINITY;
       for (int64_t t = 0; t < T; ++t) {
-        const void* kt = k_layer + (base + t * cache.pos_stride) * kv_elem;
-        scores[t] = (kAvx512 ? dot_avx512(q, kt, st.bf16, D) : dot_scalar(q, kt, st.bf16, D)) * scale;
+        const void* key = k_layer + (base + t * cache.pos_stride) * kv_elem;
+        scores[t] = kt.attn_dot(q, key, st.bf16, D) * scale;
         top = std::max(top, scores[t]);
       }
       float total = 0.f;
@@ -506,11 +273,7 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
       std::fill(o, o + D, 0.f);
       for (int64_t t = 0; t < T; ++t) {
         const void* vt = v_layer + (base + t * cache.pos_stride) * kv_elem;
-        if (kAvx512) {
-          axpy_avx512(o, scores[t], vt, st.bf16, D);
-        } else {
-          axpy_scalar(o, scores[t], vt, st.bf16, D);
-        }
+        kt.attn_axpy(o, scores[t], vt, st.bf16, D);
       }
       const float inv = 1.f / total;
       for (int64_t d = 0; d < D; ++d) o[d] = st.round(o[d] * inv);
@@ -521,7 +284,7 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
     linear(L.gate_up, normed.data(), rows, gate_up.data(), st, threads, in.prompt);
     for (int64_t r = 0; r < rows; ++r) {  // SwiGLU: silu(gate) * up, into the first half of the row
       float* gu = gate_up.data() + r * 2 * I;
-      swiglu_row(gu, gu + I, gu, I, st);
+      kt.swiglu_row(gu, gu + I, gu, I, st.bf16);
       if (r) std::memmove(gate_up.data() + r * I, gu, I * sizeof(float));  // rows of I for the GEMV
     }
     linear(L.down, gate_up.data(), rows, out.data(), st, threads, in.prompt);

@@ -7,13 +7,13 @@
 // writes each weight once. Output in bfloat16 lets the prefill GEMM run on AVX512_BF16 (2-2.5x float32's
 // rate on the 2-core EPYC this was written on: 85-110 vs 160-250 GFLOP/s at 130 x 576 x 960..3072).
 // Each weight is computed in float32 as gemv.py's `GemvLinear.dequantized` does, then rounded once.
+//
+// Here: the threading and the scalar reference; the tables' rows are in csrc/isa/ (bit for bit the same).
 #include "dequantize.h"
 
 #include "convert.h"
-
-#include <immintrin.h>
-
-#include <cstring>
+#include "isa/kernels.h"
+#include "isa/reference.h"
 
 namespace llava_fast {
 namespace {
@@ -26,7 +26,9 @@ inline void put(void* out, int dtype, int64_t i, float v) {
   }
 }
 
-void rows(const GemvArgs& a, void* out, int dtype, int64_t n0, int64_t n1) {
+}  // namespace
+
+void dequantize_rows_scalar(const GemvArgs& a, void* out, int dtype, int64_t n0, int64_t n1) {
   const int64_t K = a.k;
   for (int64_t n = n0; n < n1; ++n) {
     switch (a.format) {
@@ -55,66 +57,11 @@ void rows(const GemvArgs& a, void* out, int dtype, int64_t n0, int64_t n1) {
   }
 }
 
-// AVX-512 (+ AVX512_BF16 for the rounding, VCVTNEPS2BF16: round to nearest even as torch): 16 weights per
-// step. The scalar loop above runs at ~1-2 ns per weight, as long as the bfloat16 GEMM it feeds on SmolLM2.
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,f16c")))
-
-AVX512 inline void put16(void* out, int dtype, int64_t i, __m512 v) {
-  if (dtype == kActBF16) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i), (__m256i)_mm512_cvtneps_pbh(v));
-  } else {
-    _mm512_storeu_ps(static_cast<float*>(out) + i, v);
-  }
-}
-
-AVX512 void rows_avx512(const GemvArgs& a, void* out, int dtype, int64_t n0, int64_t n1) {
-  const int64_t K = a.k;
-  if (a.format == kWeightQ8 && K % 16 == 0) {
-    const __m512i offset = _mm512_set1_epi32(128);
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* w = static_cast<const uint8_t*>(a.w) + n * K;
-      const __m512 s = _mm512_set1_ps(static_cast<const float*>(a.scales)[n]);
-      for (int64_t k = 0; k < K; k += 16) {
-        const __m512i q = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + k))), offset);
-        put16(out, dtype, n * K + k, _mm512_mul_ps(_mm512_cvtepi32_ps(q), s));
-      }
-    }
-    return;
-  }
-  if (a.format == kWeightQ4) {
-    const __m512i low4 = _mm512_set1_epi32(15);
-    const int64_t G = K / a.group;
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* w = static_cast<const uint8_t*>(a.w) + n * (K / 2);
-      const uint16_t* sc = static_cast<const uint16_t*>(a.scales) + n * G;
-      const uint16_t* mn = static_cast<const uint16_t*>(a.mins) + n * G;
-      for (int64_t b = 0; b < K; b += 32) {
-        const __m512 s = _mm512_set1_ps(_cvtsh_ss(sc[b / a.group])), m = _mm512_set1_ps(_cvtsh_ss(mn[b / a.group]));
-        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + b / 2)));
-        // q * s + m as a multiply and an add (not a fused multiply-add): the same roundings as the torch path
-        put16(out, dtype, n * K + b, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low4)), s), m));
-        put16(out, dtype, n * K + b + 16, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), s), m));
-      }
-    }
-    return;
-  }
-  rows(a, out, dtype, n0, n1);
-}
-
-bool cpu_has_avx512_bf16() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-}
-
-const bool kAvx512 = cpu_has_avx512_bf16();
-
-}  // namespace
-
 void dequantize(const GemvArgs& a, void* out, int out_dtype, int threads) {
+  const auto rows = kernels().dequantize_rows;
   const int chunks = int(a.n < int64_t(threads) * 8 ? a.n : int64_t(threads) * 8);
   parallel_for(threads, chunks < 1 ? 1 : chunks, [&](int c) {
-    (kAvx512 ? rows_avx512 : rows)(a, out, out_dtype, a.n * c / chunks, a.n * (c + 1) / chunks);
+    rows(a, out, out_dtype, a.n * c / chunks, a.n * (c + 1) / chunks);
   });
 }
 

@@ -52,15 +52,17 @@ void parallel_for(int threads, int chunks, const std::function<void(int)>& task)
 
 // One row of x quantized as the int8 and int4 kernels read it: x_q = round(x / x_s) per block of 32 along K
 // (round half to even), x_s = max|x in block| / 127; xq (K,) must be zeroed by the caller, xs has ceil(K / 32)
-// entries. The same bytes from the AVX-512 and the scalar code.
+// entries. The same bytes from every kernel table.
 void quantize_activations_q8(const float* x, int64_t K, int8_t* xq, float* xs);
 
 // What an int4 group's min multiplies, for one quantized row: xmin[g] = sum over the group's 32-blocks b, in
 // order, of x_s[b] * sum(x_q in b) (float); K a multiple of group, group of 32. xmin (K / group,) must be zeroed.
 void activation_group_sums(const int8_t* xq, const float* xs, int64_t K, int64_t group, float* xmin);
 
-// "avx512" (AVX-512F/BW/VL/DQ + AVX512_BF16 + AVX512_VNNI) or "scalar": the kernels this CPU runs.
+// The family of the kernel table in use ("avx512", "avx2", "neon" or "scalar"; csrc/isa/kernels.h).
 const char* gemv_isa();
-bool gemv_use_kernels(const char* name);  // "scalar" or "best", for tests; false for other names
+// Switch the table: "best", a family or a variant (csrc/isa/kernels.h use_kernels_named); false when the name is
+// unknown or the CPU cannot run it. For tests.
+bool gemv_use_kernels(const char* name);
 
 }  // namespace llava_fast

@@ -16,6 +16,8 @@
 #include "dequantize.h"
 #include "gemm_q4.h"
 #include "gemv.h"
+#include "isa/cpu_features.h"
+#include "isa/kernels.h"
 #include "preprocess.h"
 
 namespace py = pybind11;
@@ -204,6 +206,7 @@ py::dict build_info() {
 #endif
   info["baseline_simd"] = baseline;
   info["kernels"] = llava_fast::kernel_isa();  // the resize kernels in use: "avx2" (runtime dispatch) or "scalar"
+  info["cpu_isa"] = llava_fast::kernels().variant;  // the GEMV / decode kernel table in use (csrc/isa/)
   info["threading"] = "std::thread, one per core asked for, GIL released";
   info["hardware_threads"] = std::thread::hardware_concurrency();
   info["pybind11"] = std::to_string(PYBIND11_VERSION_MAJOR) + "." + std::to_string(PYBIND11_VERSION_MINOR) + "." +
@@ -291,9 +294,35 @@ PYBIND11_MODULE(_C, m) {
   activation_dtypes["bfloat16"] = int(llava_fast::kActBF16);
   m.attr("WEIGHT_FORMATS") = weight_formats;
   m.attr("ACTIVATION_DTYPES") = activation_dtypes;
-  m.def("gemv_isa", &llava_fast::gemv_isa, "'avx512' or 'scalar': the GEMV kernels in use.");
+  // The CPU kernel tables (csrc/isa/kernels.h). LLAVA_FAST_CPU_ISA names one; a name this CPU cannot run does not
+  // fail the import (the image preprocessing needs no table) but every kernel call (gemv, gemm_q4, dequantize,
+  // DecodeModel.check/step/forward) raises ValueError naming the missing feature, and cpu_isa_problem() says it.
+  m.def("cpu_isa_problem", [] { return std::string(llava_fast::kernels_env_problem()); },
+        "'' or what is wrong with LLAVA_FAST_CPU_ISA (an unknown table, or one this CPU cannot run: what it lacks).");
+  m.def("cpu_isa", [] { return std::string(llava_fast::kernels().name); },
+        "The family of the CPU kernel table in use: 'avx512', 'avx2', 'neon' or 'scalar'.");
+  m.def("cpu_isa_variant", [] { return std::string(llava_fast::kernels().variant); },
+        "The exact table in use, e.g. 'avx2_vnni' (AVX2 with AVX-VNNI) or 'avx512_core' (AVX-512 without VNNI/BF16).");
+  m.def("cpu_isa_tables", [] {
+    llava_fast::KernelChoice choices[16];
+    const int n = llava_fast::kernel_choices(choices, 16);
+    py::list out;
+    for (int i = 0; i < n; ++i)
+      out.append(py::dict(py::arg("name") = choices[i].name,
+                          py::arg("family") = choices[i].table ? choices[i].table->name : "",
+                          py::arg("usable") = choices[i].table != nullptr && !*choices[i].missing,
+                          py::arg("missing") = choices[i].missing));
+    return out;
+  }, "Every kernel table of this build, best first: name, family, usable here, and what the CPU lacks if not.");
+  m.def("use_cpu_isa", [](const std::string& name) {
+    const std::string problem = llava_fast::use_kernels_named(name.c_str());
+    if (!problem.empty()) throw py::value_error(problem);
+  }, py::arg("name"),
+        "Switch the CPU kernels: 'best' (the probe's choice, or LLAVA_FAST_CPU_ISA's), a family ('avx2': its best "
+        "variant here) or a variant ('avx2_maddubs'). ValueError naming the missing feature. For tests and benchmarks.");
+  m.def("gemv_isa", &llava_fast::gemv_isa, "The CPU kernel family in use (as cpu_isa()).");
   m.def("gemv_use_kernels", [](const std::string& name) { return llava_fast::gemv_use_kernels(name.c_str()); },
-        "Switch the GEMV kernels: 'scalar' or 'best'. For tests.");
+        "Switch the CPU kernels as use_cpu_isa, returning False instead of raising. For tests.");
   m.def("dequantize", [](uintptr_t w, int format, int64_t n, int64_t k, int64_t group, uintptr_t scales,
                          uintptr_t mins, uintptr_t out, int out_dtype, int threads) {
     const llava_fast::GemvArgs a{nullptr, llava_fast::kActF32, 1, k, ptr(w), format, n, k, group, ptr(scales),

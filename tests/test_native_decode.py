@@ -13,9 +13,9 @@ from llava_fast.presets import random_init_
 from llava_fast.cpu.quantize import prepare_for_inference
 
 pytestmark = pytest.mark.skipif(not gemv.NATIVE, reason="llava_fast._C not built")
-# The Decoder prefills natively only with gemv.cpp's AVX-512 kernels (NativeDecodeStep.prefills)
-needs_avx512 = pytest.mark.skipif(not gemv.NATIVE or gemv._C.gemv_isa() != "avx512",
-                                  reason="no native prefill on this CPU: it lacks AVX512_BF16/VNNI (scalar GEMV)")
+# The Decoder prefills natively only with the AVX-512 or AVX2 kernel tables (NativeDecodeStep.prefills)
+needs_native_prefill = pytest.mark.skipif(not gemv.NATIVE or gemv._C.cpu_isa() not in ("avx512", "avx2"),
+                                  reason="no native prefill with this CPU's kernel table (scalar or neon)")
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
@@ -257,7 +257,7 @@ def _assert_same_state(a, b):
     torch.testing.assert_close(a.cache.v, b.cache.v, atol=1e-5, rtol=1e-5)
 
 
-@needs_avx512
+@needs_native_prefill
 @pytest.mark.parametrize("text", [{}, {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True},
                                   {"num_heads": 4, "num_kv_heads": 2, "hidden_size": 128},  # head_dim 32
                                   {"num_heads": 2, "num_kv_heads": 1, "hidden_size": 192},  # 96: blocks of 2
@@ -284,7 +284,7 @@ def test_native_prefill_equals_torch_prefill(text):
         torch.testing.assert_close(native.step(tokens), ref.step(tokens), atol=1e-4, rtol=1e-4)
 
 
-@needs_avx512
+@needs_native_prefill
 def test_native_prefill_with_image_features():
     from llava_fast.presets import random_model
 
@@ -309,7 +309,7 @@ def model_image():
     return Image.open(BUNDLED_IMAGE).convert("RGB")
 
 
-@needs_avx512
+@needs_native_prefill
 def test_native_prefill_only_for_float32_and_int4_weights_and_errors_write_nothing():
     assert native_decode.for_model(text_net(dtype=torch.bfloat16)).prefills is False
     assert native_decode.for_model(text_net(quantize="int8wo")).prefills is False
@@ -326,9 +326,9 @@ def test_native_prefill_only_for_float32_and_int4_weights_and_errors_write_nothi
 
 
 def test_no_native_prefill_on_the_scalar_gemv():
-    """Without AVX-512 the GEMV is gemv.cpp's scalar loop, no tiles: SmolLM2 float32 prefill 11 tok/s natively vs
-    the torch path's 289. The Decoder then prefills through torch (the bits of a decoder with native=None) and still
-    steps natively; switching back to the AVX-512 kernels makes the native prefill run again."""
+    """With the scalar kernel table the GEMV has no tiles: SmolLM2 float32 prefill 11 tok/s natively vs the torch
+    path's 289. The Decoder then prefills through torch (the bits of a decoder with native=None) and still steps
+    natively; switching back to the best table (AVX-512 or AVX2) makes the native prefill run again."""
     net = text_net(hidden_size=128, num_heads=2, num_kv_heads=1, intermediate_size=160)
     ids = torch.randint(0, 301, (40,), generator=torch.Generator().manual_seed(2)).tolist()
     assert gemv._C.gemv_use_kernels("scalar")
@@ -341,10 +341,10 @@ def test_no_native_prefill_on_the_scalar_gemv():
         assert torch.equal(dec.cache.k, ref.cache.k) and torch.equal(dec.lengths, ref.lengths)
     finally:
         assert gemv._C.gemv_use_kernels("best")
-    assert native_decode.for_model(net).prefills is (gemv._C.gemv_isa() == "avx512")
+    assert native_decode.for_model(net).prefills is (gemv._C.cpu_isa() in ("avx512", "avx2"))
 
 
-@needs_avx512
+@needs_native_prefill
 @pytest.mark.parametrize("text", [{"num_heads": 4, "num_kv_heads": 2, "hidden_size": 128},  # head_dim 32
                                   {"num_heads": 2, "num_kv_heads": 1, "hidden_size": 128},  # head_dim 64
                                   {"num_heads": 2, "num_kv_heads": 1, "hidden_size": 128, "intermediate_size": 160,
@@ -375,7 +375,7 @@ def test_native_prefill_bits_do_not_depend_on_how_the_prompt_is_split(text):
         gemv.THREADS = threads
 
 
-@needs_avx512
+@needs_native_prefill
 def test_int8_native_prefill_is_its_decode_steps_bit_for_bit():
     """NativeDecodeStep.prefill on int8 weights (gemv.cpp's multi-row tiles: 64 rows, then 7) gives the bits of
     the native decode step fed the tokens one at a time (one row per GEMV): logits and every K/V written. (The
@@ -401,7 +401,7 @@ def test_int8_native_prefill_is_its_decode_steps_bit_for_bit():
     assert (ref.prefill([ids]) - want).abs().max() <= 5e-2 * scale
 
 
-@needs_avx512
+@needs_native_prefill
 def test_int4_native_prefill_agrees_with_its_decode_steps_and_the_torch_prefill():
     """The Decoder prefills int4 models natively through the GEMM (gemm_q4.cpp), decodes through the GEMV: two
     summation orders of the same products (W times x quantized per 32-block), so the logits and K/V of a prompt

@@ -130,12 +130,13 @@ class NativeDecodeStep:
 
     @property
     def prefills(self):
-        """Whether Decoder prefills run here: a float32 model with float32 or int4 projections, and gemv.cpp's
-        AVX-512 kernels in use. The scalar fallback (a CPU without AVX512_BF16 and AVX512_VNNI: AVX2 laptops,
-        Zen 2/3, Ice Lake) has no tiles: SmolLM2-135M float32, 130 tokens, at 11 tok/s against the torch
-        prefill's 289 (EPYC, one thread each, gemv_use_kernels("scalar")). Read at each call: the kernels can be
-        switched at run time."""
-        return self._prefill_weights and gemv._C.gemv_isa() == "avx512"
+        """Whether Decoder prefills run here: a float32 model with float32 or int4 projections, and the AVX-512 or
+        AVX2 kernel table in use (csrc/isa/). The scalar table has no tiles: SmolLM2-135M float32, 130 tokens, at
+        11 tok/s against the torch prefill's 289 (EPYC, one thread each, gemv_use_kernels("scalar")). The AVX2
+        table forced on a Sapphire Rapids host (2 threads, loaded): native prefill float32 67 tok/s, int4-32 130,
+        where the torch path gave 20 and 13 (bench real --isa). NEON: not measured (emulated only), so not here.
+        Read at each call: the kernels can be switched at run time."""
+        return self._prefill_weights and gemv._C.cpu_isa() in ("avx512", "avx2")
 
     def __call__(self, cache, lengths, tokens):
         """tokens (B,) at positions lengths (B,) int32 -> logits (B, V) float32; cache rows 0..B-1 of any

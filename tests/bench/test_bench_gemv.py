@@ -29,3 +29,11 @@ def test_bench_gemv_writes_a_valid_document(tmp_path, monkeypatch, capsys):
     assert doc["checks"]["weight_bytes"]["int8"] == (40 + 70) * 64 + 24 * 96 + 4 * (40 + 24 + 70)  # u8 weights + f32 row scales
     table = capsys.readouterr().out
     assert "| int4-32 |" in table and "% of read bw" in table
+    # --isa: kernel tables side by side in the same rounds, one impl each
+    assert cli.main(["gemv", "--repeats", "2", "--formats", "int4-32", "--isa", "scalar,best", "--json",
+                     str(tmp_path / "isa.json")]) == 0
+    doc = json.loads((tmp_path / "isa.json").read_text())
+    assert schema.validate(doc) == [] and doc["settings"]["isa"] == ["scalar", "best"]
+    impls = {f["labels"]["impl"] for f in doc["figures"] if f["name"] == "kernel_time"}
+    assert impls == {"llava-fast[scalar]", "llava-fast[best]", "torch"}
+    assert "| int4-32 | scalar |" in capsys.readouterr().out

@@ -1,0 +1,618 @@
+// The AVX2 table (kernels.h): AVX2 + FMA + F16C, x86-64-v3 (Haswell and later, Zen 1 and later; every Intel
+// client chip, which has no AVX-512). Compiled with exactly those flags, and a second time as avx2_vnni.cpp with
+// AVX-VNNI added (Alder Lake and later, Zen 5; this file then names its table avx2_vnni).
+//
+// GEMV (gemv.cpp: the algorithm and the scalar reference). Every output on its own (a weight row against one x
+// row), so its bits depend on K alone: the same whatever M, the thread count or the split of the rows.
+//   float32   2 (float32) or 4 (bfloat16) accumulators of 8 lanes along K, then one fixed tree (hsum8); at M = 1
+//             the row stream is prefetched into L2 8 KB ahead (as the AVX-512 table: the rows of a thread are one
+//             sequential stream). bfloat16 weights are widened (a shift of the 16 bits) and multiplied with x
+//             rounded to bfloat16 and widened once per call: the products are exact, as VDPBF16PS's.
+//   int8      per 32-block: the offset-binary byte u XOR 0x80 is the signed weight w; |w| (unsigned) times x_q with
+//             w's sign (VPSIGNB) by VPMADDUBSW (pairs: |w| <= 128, |x_q| <= 127, 2 * 128 * 127 < 2^15: never
+//             saturates) then VPMADDWD against ones, or one VPDPBUSD with AVX-VNNI: 8 exact int32 partial sums,
+//             converted and scaled by the block's x_s (one FMA), two accumulators alternating by block.
+//   int4      per two 32-blocks: 32 bytes, low nibbles and high nibbles against x_q reordered to match (once per
+//             call), lanes 0-3 / 4-7 one block's partial sums each, scaled by fp16 scale x x_s per lane; the
+//             mins' sum_g min_g * xmin_g added after the reduction, in group order.
+// int4 GEMM panel and dequantization: bit for bit the scalar reference (fixed operations per output/weight).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "kernels.h"
+#include "reference.h"
+
+#ifndef LLAVA_FAST_AVX2_VNNI
+#define LLAVA_FAST_AVX2_VNNI 0
+#endif
+
+namespace llava_fast {
+namespace {
+
+constexpr int kPrefetchL2 = 8192;  // see avx512_common.h: measured 8 KB ahead into L2 as the best stream
+
+inline float hsum8(__m256 v) {  // one fixed tree: (0+4, 1+5, 2+6, 3+7), then pairs, then the two halves
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline __m256i tail_mask8(int64_t left) {  // lanes < left set
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::min<int64_t>(left, 8))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// 8 exact int32 sums of 4 products u8 (unsigned, <= 128) x s8 each: VPDPBUSD with AVX-VNNI, else VPMADDUBSW (no
+// saturation for the operands used here, see the top) + VPMADDWD.
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if LLAVA_FAST_AVX2_VNNI
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// ---- float32 ---------------------------------------------------------------------------------------------
+
+// Weight row n against x rows m0 .. m0 + MT - 1; 2 accumulators per pair (k mod 16 < 8, >= 8).
+template <int MT>
+void tile_f32(const GemvRows& p, int64_t n, int64_t m0) {
+  const GemvArgs& a = *p.a;
+  const int64_t K = a.k;
+  const float* w = static_cast<const float*>(a.w) + n * K;
+  const float* x = p.xf + m0 * K;
+  __m256 acc[MT][2];
+  for (int j = 0; j < MT; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    if (MT == 1 && a.m == 1) _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetchL2, _MM_HINT_T1);
+    const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
+    #pragma GCC unroll 4
+    for (int j = 0; j < MT; ++j) {
+      acc[j][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + j * K + k), acc[j][0]);
+      acc[j][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + j * K + k + 8), acc[j][1]);
+    }
+  }
+  if (k < K) {  // the tail as one more step with zeros past K (adding +0 changes no sum)
+    const __m256i m0v = tail_mask8(K - k), m1v = tail_mask8(K - k - 8);
+    const __m256 w0 = _mm256_maskload_ps(w + k, m0v), w1 = _mm256_maskload_ps(w + k + 8, m1v);
+    for (int j = 0; j < MT; ++j) {
+      acc[j][0] = _mm256_fmadd_ps(w0, _mm256_maskload_ps(x + j * K + k, m0v), acc[j][0]);
+      acc[j][1] = _mm256_fmadd_ps(w1, _mm256_maskload_ps(x + j * K + k + 8, m1v), acc[j][1]);
+    }
+  }
+  for (int j = 0; j < MT; ++j) gemv_store(p, m0 + j, n, hsum8(_mm256_add_ps(acc[j][0], acc[j][1])));
+}
+
+void gemv_f32(const GemvRows& p, int64_t n0, int64_t n1) {
+  const int64_t M = p.a->m;
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) tile_f32<4>(p, n, m);
+    switch (M - m) {
+      case 3: tile_f32<3>(p, n, m); break;
+      case 2: tile_f32<2>(p, n, m); break;
+      case 1: tile_f32<1>(p, n, m); break;
+    }
+  }
+}
+
+// ---- bfloat16 --------------------------------------------------------------------------------------------
+
+inline __m256 widen_bf16(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
+
+void gemv_bf16(const GemvRows& p, int64_t n0, int64_t n1) {
+  const GemvArgs& a = *p.a;
+  const int64_t K = a.k;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* w = static_cast<const uint16_t*>(a.w) + n * K;
+    for (int64_t m = 0; m < a.m; ++m) {
+      const float* x = p.xbf + m * K;
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      int64_t k = 0;
+      for (; k + 32 <= K; k += 32) {
+        if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetchL2, _MM_HINT_T1);
+        #pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) {
+          const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 8 * i));
+          acc[i] = _mm256_fmadd_ps(widen_bf16(h), _mm256_loadu_ps(x + k + 8 * i), acc[i]);
+        }
+      }
+      if (k < K) {  // the tail: zeros past K
+        alignas(32) uint16_t wt[32] = {};
+        std::memcpy(wt, w + k, (K - k) * 2);
+        for (int i = 0; i < 4; ++i) {
+          const __m128i h = _mm_load_si128(reinterpret_cast<const __m128i*>(wt + 8 * i));
+          acc[i] = _mm256_fmadd_ps(widen_bf16(h), _mm256_maskload_ps(x + k + 8 * i, tail_mask8(K - k - 8 * i)), acc[i]);
+        }
+      }
+      gemv_store(p, m, n, hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))));
+    }
+  }
+}
+
+// ---- int8 ------------------------------------------------------------------------------------------------
+
+inline __m256i load32_tail(const uint8_t* p, int64_t left, uint8_t fill) {  // 32 bytes, `fill` past `left`
+  if (left >= 32) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  alignas(32) uint8_t t[32];
+  std::memset(t, fill, 32);
+  std::memcpy(t, p, left);
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(t));
+}
+
+// With AVX-VNNI the offset-binary byte u is VPDPBUSD's unsigned operand as stored, the accumulator starting at
+// -128 x (the lane's 4 x_q summed), exact (as the AVX-512 table does): 3 instructions fewer per 32 weights than
+// the sign trick. The starting values, per 32-block 8 int32 (gemv_prepare, once per call):
+struct Q8Layout {
+  const int32_t* corr;  // (M, B, 8)
+};
+
+void gemv_q8(const GemvRows& p, int64_t n0, int64_t n1) {
+  const GemvArgs& a = *p.a;
+  const int64_t K = a.k, B = p.blocks;
+#if LLAVA_FAST_AVX2_VNNI
+  const int32_t* corr_rows = static_cast<const Q8Layout*>(p.layout)->corr;
+#else
+  const __m256i flip = _mm256_set1_epi8(char(0x80));
+#endif
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w = static_cast<const uint8_t*>(a.w) + n * K;
+    for (int64_t m = 0; m < a.m; ++m) {
+      const int8_t* xq = p.xq + m * p.kp;  // zeros past K
+      const float* xs = p.xs + m * B;
+      __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t b = 0; b < B; ++b) {
+        if (m == 0 && (b & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + b * 32) + 1024, _MM_HINT_T0);
+        const __m256i u = load32_tail(w + b * 32, K - b * 32, 0x80);  // 0x80: weight 0 past K
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * 32));
+#if LLAVA_FAST_AVX2_VNNI
+        const __m256i corr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr_rows + (m * B + b) * 8));
+        const __m256i d = _mm256_dpbusd_avx_epi32(corr, u, xv);
+#else
+        const __m256i sw = _mm256_xor_si256(u, flip);  // u - 128
+        const __m256i d = dot_u8s8(_mm256_sign_epi8(sw, sw), _mm256_sign_epi8(xv, sw));
+#endif
+        acc[b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(xs[b]), acc[b & 1]);
+      }
+      gemv_store(p, m, n, hsum8(_mm256_add_ps(acc[0], acc[1])) * static_cast<const float*>(a.scales)[n]);
+    }
+  }
+}
+
+// ---- int4 ------------------------------------------------------------------------------------------------
+
+// x_q in the order the int4 kernel reads it (gemv_prepare, once per call): per 64 weights (two 32-blocks b, b + 1),
+// [b's k 0..15 | b+1's k 0..15 | b's k 16..31 | b+1's k 16..31], matching the low and the high nibbles of the two
+// blocks' 32 packed bytes; and per 64 weights 8 lanes of x_s (lanes 0-3: block b's, 4-7: block b + 1's, which is
+// where VPMADDWD / VPDPBUSD leave each block's partial sums).
+struct Q4Layout {
+  const int8_t* xq;  // (M, kp)
+  const float* xs;   // (M, kp / 64, 8)
+};
+
+size_t layout_bytes(const GemvRows& p) {
+  if (p.a->format == kWeightQ8) return LLAVA_FAST_AVX2_VNNI ? 64 + size_t(p.a->m) * p.blocks * 32 : 0;
+  return 64 + size_t(p.a->m) * (p.kp + p.kp / 64 * 32);
+}
+
+void prepare(const GemvRows& p, void* scratch) {
+  if (p.a->format == kWeightQ8) {
+#if LLAVA_FAST_AVX2_VNNI
+    int32_t* corr = reinterpret_cast<int32_t*>(static_cast<char*>(scratch) + 64);
+    const int64_t M = p.a->m, B = p.blocks;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; b < B; ++b)
+        for (int l = 0; l < 8; ++l) {
+          const int8_t* q = p.xq + m * p.kp + b * 32 + 4 * l;  // zeros past K
+          corr[(m * B + b) * 8 + l] = -128 * (int32_t(q[0]) + q[1] + q[2] + q[3]);
+        }
+    *static_cast<Q8Layout*>(scratch) = Q8Layout{corr};
+#endif
+    return;
+  }
+  const int64_t M = p.a->m, kp = p.kp, B = p.blocks, chunks = kp / 64;
+  int8_t* xq = static_cast<int8_t*>(scratch) + 64;
+  float* xs = reinterpret_cast<float*>(xq + M * kp);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int8_t* src = p.xq + m * kp + c * 64;
+      int8_t* dst = xq + m * kp + c * 64;
+      std::memcpy(dst, src, 16), std::memcpy(dst + 16, src + 32, 16);
+      std::memcpy(dst + 32, src + 16, 16), std::memcpy(dst + 48, src + 48, 16);
+      for (int l = 0; l < 8; ++l) {
+        const int64_t b = 2 * c + l / 4;
+        xs[(m * chunks + c) * 8 + l] = b < B ? p.xs[m * B + b] : 0.f;
+      }
+    }
+  *static_cast<Q4Layout*>(scratch) = Q4Layout{xq, xs};
+}
+
+// 64 weights per step: 32 packed bytes, AND / SHIFT+AND give two blocks' low and high nibbles, two u8 x s8 dot
+// products against x_q in the layout above; lanes 0-3 hold block b's partial sums, 4-7 block b + 1's, scaled by
+// (weight scale x x_s) per lane (before: one 32-block per step, 16 bytes, ~12 instructions: 1.4 GB/s where the
+// AVX-512 table read 3.0 on the same loaded host).
+void gemv_q4(const GemvRows& p, int64_t n0, int64_t n1) {
+  const GemvArgs& a = *p.a;
+  const Q4Layout& x = *static_cast<const Q4Layout*>(p.layout);
+  const int64_t K = a.k, B = p.blocks, G = K / a.group, per_group = a.group / 32, chunks = (B + 1) / 2;
+  const __m256i low4 = _mm256_set1_epi8(15);
+  const __m256i halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w = static_cast<const uint8_t*>(a.w) + n * (K / 2);
+    const uint16_t* sc = static_cast<const uint16_t*>(a.scales) + n * G;
+    const uint16_t* mn = static_cast<const uint16_t*>(a.mins) + n * G;
+    for (int64_t m = 0; m < a.m; ++m) {
+      const int8_t* xq = x.xq + m * p.kp;
+      const float* xs = x.xs + m * (p.kp / 64) * 8;
+      __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // alternating by chunk: two FMA chains
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t b = 2 * c;
+        if (m == 0 && (c & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + b * 16) + 1024, _MM_HINT_T0);
+        const __m256i v = b + 1 < B ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 16))
+                                    : _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 16)));
+        const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c * 64));
+        const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c * 64 + 32));
+#if LLAVA_FAST_AVX2_VNNI
+        const __m256i d = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, xlo), hi, xhi);
+#else  // pair sums <= 2 x 15 x 127 each, their sum < 2^15: one VPMADDWD for both halves
+        const __m256i d = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi)),
+                                            _mm256_set1_epi16(1));
+#endif
+        // The two blocks' weight scales, one per 4 lanes: adjacent float16s when group = 32 (an odd B's last
+        // chunk: block b's alone, the other lanes multiply zeros), else one group's.
+        __m128i h2;
+        if (per_group == 1) {
+          int32_t two = sc[b];
+          if (b + 1 < B) std::memcpy(&two, sc + b, 4);
+          h2 = _mm_cvtsi32_si128(two);
+        } else {
+          h2 = _mm_set1_epi16(short(sc[b / per_group]));
+        }
+        const __m256 ws = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(h2)), halves);
+        acc[c & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(ws, _mm256_loadu_ps(xs + c * 8)), acc[c & 1]);
+      }
+      float sum = hsum8(_mm256_add_ps(acc[0], acc[1]));
+      const float* xmin = p.xmin + m * G;
+      for (int64_t g = 0; g < G; ++g) sum += _cvtsh_ss(mn[g]) * xmin[g];
+      gemv_store(p, m, n, sum);
+    }
+  }
+}
+
+// ---- activation quantization (the scalar reference's bytes: exact max, one IEEE division each, ties to even) --
+
+void quantize_row_q8(const float* x, int64_t K, int8_t* xq, float* xs) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int64_t b = 0, k0 = 0; k0 < K; ++b, k0 += 32) {
+    const int64_t left = K - k0;
+    __m256 v[4];
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_maskload_ps(x + k0 + 8 * i, tail_mask8(left - 8 * i));
+    __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+                              _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float d = _mm_cvtss_f32(m4) / 127.f;
+    xs[b] = d;
+    if (!(d > 0.f)) continue;
+    const __m256 dv = _mm256_set1_ps(d);
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i)
+      q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_div_ps(v[i], dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    // int32 -> int8 (|q| <= 127: no saturation); packs work per 128-bit lane, the permute restores K order.
+    const __m256i w16 = _mm256_packs_epi32(q[0], q[1]), w16b = _mm256_packs_epi32(q[2], q[3]);
+    const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w16, w16b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    if (left >= 32) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + k0), bytes);
+    } else {
+      alignas(32) int8_t t[32];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(t), bytes);
+      std::memcpy(xq + k0, t, left);
+    }
+  }
+}
+
+// ---- int4 prefill GEMM panel (gemm_q4.cpp; layout: kernels.h) -------------------------------------------------
+
+void pack_panel(const GemvArgs& a, int64_t n0, uint8_t* w, float* scales, float* mins) {
+  const int64_t K = a.k, B = K / 32, G = K / a.group, half = K / 2, rows = std::min<int64_t>(kQ4Panel, a.n - n0);
+  const uint8_t* src = static_cast<const uint8_t*>(a.w) + n0 * half;
+  const __m128i low4 = _mm_set1_epi8(15);
+  for (int64_t b = 0; b < B; ++b) {
+    uint8_t* out = w + b * 8 * 128;
+    for (int64_t r = 0; r < kQ4Panel; ++r) {
+      // Row r's 16 bytes: 32-bit word j holds k = 4j .. 4j + 3 (low nibbles) and 16 + 4j .. (high nibbles).
+      const __m128i blk = r < rows ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + r * half + b * 16)) : _mm_setzero_si128();
+      alignas(16) uint32_t lo[4], hi[4];
+      _mm_store_si128(reinterpret_cast<__m128i*>(lo), _mm_and_si128(blk, low4));
+      _mm_store_si128(reinterpret_cast<__m128i*>(hi), _mm_and_si128(_mm_srli_epi16(blk, 4), low4));
+      for (int j = 0; j < 4; ++j) {
+        std::memcpy(out + j * 128 + r * 4, &lo[j], 4);
+        std::memcpy(out + (4 + j) * 128 + r * 4, &hi[j], 4);
+      }
+    }
+  }
+  const uint16_t* sc = static_cast<const uint16_t*>(a.scales) + n0 * G;
+  const uint16_t* mn = static_cast<const uint16_t*>(a.mins) + n0 * G;
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t r = 0; r < kQ4Panel; ++r) {
+      scales[g * kQ4Panel + r] = r < rows ? _cvtsh_ss(sc[r * G + g]) : 0.f;
+      mins[g * kQ4Panel + r] = r < rows ? _cvtsh_ss(mn[r * G + g]) : 0.f;
+    }
+}
+
+// MR x rows against outputs n0 + 16h .. n0 + 16h + 15 (two vectors): per block 2 x MR integer sums of 8 dot steps.
+template <int MR>
+void panel_tile(const uint8_t* w, const float* scales, const float* mins, const QuantizedRows& x, int64_t m0, int h,
+                int64_t n_valid, float* y, int64_t y_stride) {
+  const int64_t B = x.B, G = x.G, per_group = x.group / 32, kp = x.kp;
+  __m256 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t g = b / per_group;
+    const __m256 s0 = _mm256_loadu_ps(scales + g * kQ4Panel + 16 * h), s1 = _mm256_loadu_ps(scales + g * kQ4Panel + 16 * h + 8);
+    const uint8_t* wb = w + b * 8 * 128 + 64 * h;
+    __m256i d[MR][2];
+    for (int i = 0; i < MR; ++i) d[i][0] = d[i][1] = _mm256_setzero_si256();
+    #pragma GCC unroll 8
+    for (int s = 0; s < 8; ++s) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + s * 128));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + s * 128 + 32));
+      #pragma GCC unroll 4
+      for (int i = 0; i < MR; ++i) {
+        int32_t four;
+        std::memcpy(&four, &x.xq[(m0 + i) * kp + b * 32 + (s < 4 ? 4 * s : 16 + 4 * (s - 4))], 4);
+        const __m256i xv = _mm256_set1_epi32(four);
+        d[i][0] = _mm256_add_epi32(d[i][0], dot_u8s8(w0, xv));
+        d[i][1] = _mm256_add_epi32(d[i][1], dot_u8s8(w1, xv));
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xs = _mm256_set1_ps(x.xs[(m0 + i) * B + b]);
+      acc[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i][0]), _mm256_mul_ps(s0, xs), acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i][1]), _mm256_mul_ps(s1, xs), acc[i][1]);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256 m0v = _mm256_loadu_ps(mins + g * kQ4Panel + 16 * h), m1v = _mm256_loadu_ps(mins + g * kQ4Panel + 16 * h + 8);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xm = _mm256_set1_ps(x.xmin[(m0 + i) * G + g]);
+      acc[i][0] = _mm256_fmadd_ps(m0v, xm, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(m1v, xm, acc[i][1]);
+    }
+  }
+  const int64_t first = 16 * h;
+  for (int i = 0; i < MR; ++i) {
+    float* yr = y + (m0 + i) * y_stride;
+    if (n_valid >= first + 16) {
+      _mm256_storeu_ps(yr + first, acc[i][0]);
+      _mm256_storeu_ps(yr + first + 8, acc[i][1]);
+    } else {
+      _mm256_maskstore_ps(yr + first, tail_mask8(n_valid - first), acc[i][0]);
+      _mm256_maskstore_ps(yr + first + 8, tail_mask8(n_valid - first - 8), acc[i][1]);
+    }
+  }
+}
+
+void gemm_q4_panel(const GemvArgs& a, const QuantizedRows& x, int64_t n0, float* y, int64_t y_stride, uint8_t* panel) {
+  const int64_t G = a.k / a.group, M = a.m, n_valid = std::min<int64_t>(kQ4Panel, a.n - n0);
+  uint8_t* w = panel;
+  float* scales = reinterpret_cast<float*>(panel + (a.k / 32) * 8 * 128);
+  float* mins = scales + G * kQ4Panel;
+  pack_panel(a, n0, w, scales, mins);
+  float* yp = y + n0;
+  for (int h = 0; h < 2 && 16 * h < n_valid; ++h) {
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) panel_tile<2>(w, scales, mins, x, m, h, n_valid, yp, y_stride);
+    if (m < M) panel_tile<1>(w, scales, mins, x, m, h, n_valid, yp, y_stride);
+  }
+}
+
+// ---- dequantization (dequantize.cpp; bit for bit its scalar loop) --------------------------------------------
+
+// float32 -> bfloat16 bits, round to nearest even, NaN kept quiet: f32_to_bf16's integer arithmetic, 8 lanes.
+inline __m128i to_bf16(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+  const __m256i packed = _mm256_packus_epi32(r, r);  // lanes 0-3 and 4-7 in each 128-bit half
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+}
+
+inline void put8(void* out, int dtype, int64_t i, __m256 v) {
+  if (dtype == kActBF16) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i), to_bf16(v));
+  } else {
+    _mm256_storeu_ps(static_cast<float*>(out) + i, v);
+  }
+}
+
+void dequantize_rows(const GemvArgs& a, void* out, int dtype, int64_t n0, int64_t n1) {
+  const int64_t K = a.k;
+  if (a.format == kWeightQ8) {
+    if (K % 8) return dequantize_rows_scalar(a, out, dtype, n0, n1);
+    const __m256i offset = _mm256_set1_epi32(128);
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* w = static_cast<const uint8_t*>(a.w) + n * K;
+      const __m256 s = _mm256_set1_ps(static_cast<const float*>(a.scales)[n]);
+      for (int64_t k = 0; k < K; k += 8) {
+        const __m256i q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k))), offset);
+        put8(out, dtype, n * K + k, _mm256_mul_ps(_mm256_cvtepi32_ps(q), s));
+      }
+    }
+    return;
+  }
+  const int64_t G = K / a.group;
+  const __m256i low4 = _mm256_set1_epi32(15);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w = static_cast<const uint8_t*>(a.w) + n * (K / 2);
+    const uint16_t* sc = static_cast<const uint16_t*>(a.scales) + n * G;
+    const uint16_t* mn = static_cast<const uint16_t*>(a.mins) + n * G;
+    for (int64_t b = 0; b < K; b += 32) {
+      const __m256 s = _mm256_set1_ps(_cvtsh_ss(sc[b / a.group])), m = _mm256_set1_ps(_cvtsh_ss(mn[b / a.group]));
+      for (int half = 0; half < 2; ++half) {  // bytes 0..7, 8..15 of the block
+        const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + b / 2 + 8 * half)));
+        // q * s + m as a multiply and an add (not fused): the scalar loop's and the torch path's roundings
+        put8(out, dtype, n * K + b + 8 * half, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q, low4)), s), m));
+        put8(out, dtype, n * K + b + 16 + 8 * half, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)), s), m));
+      }
+    }
+  }
+}
+
+// ---- decode glue (decode.cpp: the scalar references; the same roundings, float32 sums in 8 lanes) ------------
+
+inline __m256 load8(const void* p, bool bf16, int64_t i, int64_t left) {  // 8 values as float32, zeros past left
+  if (bf16) {
+    alignas(16) uint16_t t[8] = {};
+    const uint16_t* src = static_cast<const uint16_t*>(p) + i;
+    if (left >= 8) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))), 16));
+    std::memcpy(t, src, std::max<int64_t>(left, 0) * 2);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(t))), 16));
+  }
+  const float* src = static_cast<const float*>(p) + i;
+  return left >= 8 ? _mm256_loadu_ps(src) : _mm256_maskload_ps(src, tail_mask8(left));
+}
+
+inline __m256 loadf(const float* p, int64_t left) { return left >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, tail_mask8(left)); }
+inline void storef(float* p, __m256 v, int64_t left) {
+  if (left >= 8) {
+    _mm256_storeu_ps(p, v);
+  } else {
+    _mm256_maskstore_ps(p, tail_mask8(left), v);
+  }
+}
+
+// v rounded to the nearest bfloat16 (even on ties), NaN kept: f32_to_bf16's integer arithmetic, 8 lanes.
+inline __m256 round_bf16_8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v), hi = _mm256_set1_epi32(int(0xffff0000u));
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), hi);
+  const __m256i quiet = _mm256_and_si256(_mm256_or_si256(u, _mm256_set1_epi32(0x400000)), hi);
+  return _mm256_castsi256_ps(_mm256_blendv_epi8(r, quiet, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q))));
+}
+
+inline __m256 rnd8(__m256 v, bool bf16) { return bf16 ? round_bf16_8(v) : v; }
+
+// e^x, 8 lanes: avx512.cpp's exp16 (Cephes' polynomial, within 2 ulp of std::exp); 2^n as two exponent-field
+// factors so n up to 145 (x <= 100) overflows to inf as VSCALEFPS does.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.3f), _mm256_min_ps(_mm256_set1_ps(100.f), x));  // NaN stays NaN (x second)
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i ni = _mm256_cvtps_epi32(n), n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+  const __m256 f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, _mm256_set1_epi32(127)), 23));
+  const __m256 f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, _mm256_set1_epi32(127)), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, f1), f2);
+}
+
+void add_rms_norm_row(const float* x, float* h, const void* weight, float eps, int64_t C, float* out, bool bf16) {
+  __m256d sq0 = _mm256_setzero_pd(), sq1 = sq0;
+  for (int64_t i = 0; i < C; i += 8) {
+    __m256 v = loadf(h + i, C - i);
+    if (x) {
+      v = rnd8(_mm256_add_ps(v, loadf(x + i, C - i)), bf16);
+      storef(h + i, v, C - i);
+    }
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+    sq0 = _mm256_fmadd_pd(lo, lo, sq0), sq1 = _mm256_fmadd_pd(hi, hi, sq1);
+  }
+  const __m256d s = _mm256_add_pd(sq0, sq1);
+  __m128d s2 = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+  const double sq = _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)));
+  const __m256 inv = _mm256_set1_ps(1.f / std::sqrt(float(sq / double(C)) + eps));
+  for (int64_t i = 0; i < C; i += 8) {
+    const __m256 normed = rnd8(_mm256_mul_ps(loadf(h + i, C - i), inv), bf16);
+    storef(out + i, rnd8(_mm256_mul_ps(load8(weight, bf16, i, C - i), normed), bf16), C - i);
+  }
+}
+
+void rope(float* x, int64_t count, int64_t D, const float* cos_row, const float* sin_row, bool bf16) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; i += 8) {
+    const int64_t left = half - i;
+    const __m256 c = rnd8(loadf(cos_row + i, left), bf16), s = rnd8(loadf(sin_row + i, left), bf16);
+    for (int64_t h = 0; h < count; ++h) {
+      float* xh = x + h * D;
+      const __m256 x1 = loadf(xh + i, left), x2 = loadf(xh + half + i, left);
+      const __m256 a = rnd8(_mm256_sub_ps(rnd8(_mm256_mul_ps(x1, c), bf16), rnd8(_mm256_mul_ps(x2, s), bf16)), bf16);
+      const __m256 b = rnd8(_mm256_add_ps(rnd8(_mm256_mul_ps(x2, c), bf16), rnd8(_mm256_mul_ps(x1, s), bf16)), bf16);
+      storef(xh + i, a, left);
+      storef(xh + half + i, b, left);
+    }
+  }
+}
+
+void store_row(void* dst, const float* src, int64_t n, bool bf16) {  // values already rounded to the dtype
+  if (!bf16) {
+    std::memcpy(dst, src, n * 4);
+    return;
+  }
+  uint16_t* out = static_cast<uint16_t*>(dst);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i u = _mm256_srli_epi32(_mm256_castps_si256(_mm256_loadu_ps(src + i)), 16);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(u, u), 0x08)));
+  }
+  for (; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, src + i, 4);
+    out[i] = uint16_t(u >> 16);
+  }
+}
+
+void swiglu_row(const float* gate, const float* up, float* out, int64_t I, bool bf16) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  for (int64_t i = 0; i < I; i += 8) {
+    const __m256 g = loadf(gate + i, I - i);
+    const __m256 silu = rnd8(_mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)))), bf16);
+    storef(out + i, rnd8(_mm256_mul_ps(silu, loadf(up + i, I - i)), bf16), I - i);
+  }
+}
+
+float attn_dot(const float* q, const void* k, bool bf16, int64_t D) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(loadf(q + d, D - d), load8(k, bf16, d, D - d), acc);
+  return hsum8(acc);
+}
+
+void attn_axpy(float* out, float p, const void* v, bool bf16, int64_t D) {
+  const __m256 pv = _mm256_set1_ps(p);
+  for (int64_t d = 0; d < D; d += 8) storef(out + d, _mm256_fmadd_ps(pv, load8(v, bf16, d, D - d), loadf(out + d, D - d)), D - d);
+}
+
+}  // namespace
+
+#if LLAVA_FAST_AVX2_VNNI
+const KernelTable* avx2_vnni_kernels() {
+#else
+const KernelTable* avx2_kernels() {
+#endif
+  static const KernelTable table{
+      "avx2", LLAVA_FAST_AVX2_VNNI ? "avx2_vnni" : "avx2_maddubs",
+      gemv_f32, gemv_bf16, gemv_q8, gemv_q4, layout_bytes, prepare,
+      quantize_row_q8,
+      gemm_q4_panel,
+      dequantize_rows,
+      add_rms_norm_row, rope, store_row, swiglu_row, attn_dot, attn_axpy,
+      attend_kernel_none};  // no register-blocked attention: 16 ymm registers hold too few keys x head_dim
+  return &table;
+}
+
+}  // namespace llava_fast

@@ -1,0 +1,355 @@
+// llava_fast_kernel_tests: every kernel table this CPU runs, checked against the scalar table (csrc/isa/kernels.h).
+// Built by CMake with -DLLAVA_FAST_BUILD_TESTS=ON (no Python needed: -DLLAVA_FAST_PYTHON=OFF); run by
+// csrc/tests/run_kernel_tests.sh natively and, cross-compiled, under qemu-aarch64.
+//
+// What must hold (kernels.h, "Contract"):
+//   exact     activation quantization (bytes and scales), the int4 GEMM panel, dequantization (float32 and
+//             bfloat16), K/V stores and RoPE (elementwise, the same operations);
+//   within    GEMV (float32, bfloat16, int8, int4 at every group size; float32 and bfloat16 x and y),
+//   1e-5      RMSNorm, SwiGLU, attention: |table - scalar| <= 1e-5 x max|scalar| (+ a bfloat16 output's
+//             rounding: one bfloat16 ulp of max|scalar|);
+//   invariant in every table, a GEMV row and an int4 GEMM row give the same bits alone as in a call of 65 rows,
+//             and 1 and 3 threads give the same bits.
+// Shapes are odd on purpose: K not a multiple of any block (1, 33, 100, 1000), N with every remainder mod 4 and
+// mod 32, 1 and 65 rows. Exits 0 only when every check of every table holds; prints one line per table.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "convert.h"
+#include "dequantize.h"
+#include "gemm_q4.h"
+#include "gemv.h"
+#include "isa/kernels.h"
+
+namespace lf = llava_fast;
+
+namespace {
+
+std::mt19937 rng(1234);
+
+std::vector<float> randn(size_t n, float shift = 0.1f) {
+  std::normal_distribution<float> d(0.f, 1.f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng) + shift;
+  return v;
+}
+
+uint16_t random_f16(float min_exp, float max_exp, bool positive) {  // |value| in [2^min_exp, 2^max_exp)
+  std::uniform_int_distribution<int> e(int(min_exp) + 15, int(max_exp) + 14), m(0, 1023), s(0, 1);
+  return uint16_t(((positive ? 0 : s(rng)) << 15) | (e(rng) << 10) | m(rng));
+}
+
+struct Weight {
+  int format;
+  int64_t n, k, group;
+  std::vector<float> f32, q8_scales;
+  std::vector<uint16_t> bf16, q4_scales, q4_mins;
+  std::vector<uint8_t> bytes;
+
+  Weight(int format_, int64_t n_, int64_t k_, int64_t group_) : format(format_), n(n_), k(k_), group(group_) {
+    std::uniform_int_distribution<int> u8(1, 255), byte(0, 255);
+    switch (format) {
+      case lf::kWeightF32: f32 = randn(n * k, 0.f); break;
+      case lf::kWeightBF16:
+        for (float v : randn(n * k, 0.f)) bf16.push_back(lf::f32_to_bf16(v));
+        break;
+      case lf::kWeightQ8:
+        bytes.resize(n * k);
+        for (auto& b : bytes) b = uint8_t(u8(rng));
+        for (float v : randn(n, 0.f)) q8_scales.push_back(0.01f + std::fabs(v) * 0.01f);
+        break;
+      case lf::kWeightQ4:
+        bytes.resize(n * k / 2);
+        for (auto& b : bytes) b = uint8_t(byte(rng));
+        for (int64_t i = 0; i < n * (k / group); ++i) {
+          q4_scales.push_back(random_f16(-8, -4, true));
+          q4_mins.push_back(random_f16(-6, -2, false));
+        }
+        break;
+    }
+  }
+
+  lf::GemvArgs args(const void* x, int x_dtype, int64_t m, void* y) const {
+    const void* w = format == lf::kWeightF32 ? static_cast<const void*>(f32.data())
+                  : format == lf::kWeightBF16 ? static_cast<const void*>(bf16.data()) : bytes.data();
+    const void* scales = format == lf::kWeightQ8 ? static_cast<const void*>(q8_scales.data())
+                       : format == lf::kWeightQ4 ? static_cast<const void*>(q4_scales.data()) : nullptr;
+    return lf::GemvArgs{x, x_dtype, m, k, w, format, n, k, group, scales,
+                        format == lf::kWeightQ4 ? q4_mins.data() : nullptr, y, n};
+  }
+};
+
+const char* kFormatNames[] = {"f32", "bf16", "int8", "int4"};
+
+struct Checks {
+  std::string table;
+  int run = 0, failed = 0;
+
+  void expect(bool ok, const std::string& what) {
+    ++run;
+    if (!ok) {
+      ++failed;
+      if (failed <= 20) std::printf("  FAIL [%s] %s\n", table.c_str(), what.c_str());
+    }
+  }
+};
+
+float max_abs(const std::vector<float>& v) {
+  float m = 0.f;
+  for (float x : v) m = std::max(m, std::fabs(x));
+  return m;
+}
+
+// |a - b| <= rel x max|b| + abs, elementwise; "" or where it fails.
+std::string close(const std::vector<float>& a, const std::vector<float>& b, float rel, float abs = 0.f) {
+  const float tol = rel * max_abs(b) + abs;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (!(std::fabs(a[i] - b[i]) <= tol))
+      return "at " + std::to_string(i) + ": " + std::to_string(a[i]) + " vs " + std::to_string(b[i]) + " (tol " + std::to_string(tol) + ")";
+  return "";
+}
+
+template <typename T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+bool use(const char* name) { return *lf::use_kernels_named(name) == 0; }
+
+// y (m, n) float32 of gemv through the active table; x float32 (or rounded to bfloat16 when bf16_io).
+std::vector<float> run_gemv(const Weight& w, const std::vector<float>& x, int64_t m, bool bf16_io, int threads) {
+  std::vector<float> y(m * w.n);
+  if (!bf16_io) {
+    lf::gemv(w.args(x.data(), lf::kActF32, m, y.data()), threads);
+    return y;
+  }
+  std::vector<uint16_t> xb(x.size()), yb(m * w.n);
+  for (size_t i = 0; i < x.size(); ++i) xb[i] = lf::f32_to_bf16(x[i]);
+  lf::gemv(w.args(xb.data(), lf::kActBF16, m, yb.data()), threads);
+  for (size_t i = 0; i < yb.size(); ++i) y[i] = lf::bf16_to_f32(yb[i]);
+  return y;
+}
+
+void check_gemv(Checks& c, const char* table) {
+  struct Case { int format; int64_t n, k, group; };
+  std::vector<Case> cases;
+  for (int64_t k : {1, 33, 100, 1000}) cases.push_back({lf::kWeightF32, 37, k, 0});
+  for (int64_t k : {2, 34, 98, 1030}) cases.push_back({lf::kWeightBF16, 21, k, 0});
+  for (int64_t k : {1, 31, 123, 160, 1000}) cases.push_back({lf::kWeightQ8, 45, k, 0});
+  for (int64_t g : {32, 64, 128, 256}) {
+    cases.push_back({lf::kWeightQ4, 29, g, g});
+    cases.push_back({lf::kWeightQ4, 67, g * 3, g});
+    cases.push_back({lf::kWeightQ4, 6, g * 5, g});
+  }
+  for (const Case& cs : cases) {
+    const Weight w(cs.format, cs.n, cs.k, cs.group);
+    for (int64_t m : {1, 3, 65}) {
+      const std::vector<float> x = randn(m * cs.k);
+      for (bool bf16_io : {false, true}) {
+        const std::string what = std::string("gemv ") + kFormatNames[cs.format] + " N=" + std::to_string(cs.n) +
+                                 " K=" + std::to_string(cs.k) + " group=" + std::to_string(cs.group) + " M=" +
+                                 std::to_string(m) + (bf16_io ? " bf16 x/y" : " f32 x/y");
+        use("scalar");
+        const std::vector<float> ref = run_gemv(w, x, m, bf16_io, 1);
+        use(table);
+        const std::vector<float> out = run_gemv(w, x, m, bf16_io, 1);
+        // float32 y: summation order only. bfloat16 y: plus at most one bfloat16 rounding apart (2^-8 relative).
+        const std::string diff = close(out, ref, bf16_io ? 1.f / 128 : 1e-5f, 1e-6f);
+        c.expect(diff.empty(), what + ": vs scalar " + diff);
+        c.expect(same_bits(run_gemv(w, x, m, bf16_io, 3), out), what + ": 3 threads changed bits");
+        if (m > 1) {  // batch invariance: each row alone gives the bits it gets in the call
+          for (int64_t r : {int64_t(0), m / 2, m - 1}) {
+            const std::vector<float> xr(x.begin() + r * cs.k, x.begin() + (r + 1) * cs.k);
+            const std::vector<float> alone = run_gemv(w, xr, 1, bf16_io, 1);
+            c.expect(same_bits(alone, std::vector<float>(out.begin() + r * cs.n, out.begin() + (r + 1) * cs.n)),
+                     what + ": row " + std::to_string(r) + " alone differs from the batch");
+          }
+        }
+      }
+    }
+  }
+}
+
+void check_quantize(Checks& c, const char* table) {
+  for (int64_t K : {1, 31, 32, 33, 95, 100, 576, 1000}) {
+    std::vector<float> x = randn(K);
+    if (K > 40) x[7] = 0.5f * (x[3] = 127.f);  // an exact tie after scaling (x_s = 1): 63.5 rounds to 64
+    if (K > 70) std::fill(x.begin() + 64, x.begin() + 70, 0.f);  // part of a block zero
+    const int64_t B = (K + 31) / 32;
+    std::vector<int8_t> q_ref(K, 0), q(K, 0);
+    std::vector<float> s_ref(B), s(B);
+    use("scalar");
+    lf::quantize_activations_q8(x.data(), K, q_ref.data(), s_ref.data());
+    use(table);
+    lf::quantize_activations_q8(x.data(), K, q.data(), s.data());
+    c.expect(same_bits(q, q_ref) && same_bits(s, s_ref), "quantize_row_q8 K=" + std::to_string(K) + ": bytes differ");
+  }
+}
+
+void check_gemm_q4(Checks& c, const char* table) {
+  for (int64_t g : {32, 64, 128, 256})
+    for (int64_t n : {1, 33, 70}) {
+      const int64_t K = g == 32 ? 96 : g * 2;
+      const Weight w(lf::kWeightQ4, n, K, g);
+      for (int64_t m : {1, 2, 3, 65}) {
+        const std::vector<float> x = randn(m * K);
+        std::vector<float> ref(m * n), out(m * n), out3(m * n);
+        const std::string what = "gemm_q4 N=" + std::to_string(n) + " K=" + std::to_string(K) + " group=" +
+                                 std::to_string(g) + " M=" + std::to_string(m);
+        use("scalar");
+        lf::gemm_q4(w.args(x.data(), lf::kActF32, m, ref.data()), 1);
+        use(table);
+        lf::gemm_q4(w.args(x.data(), lf::kActF32, m, out.data()), 1);
+        lf::gemm_q4(w.args(x.data(), lf::kActF32, m, out3.data()), 3);
+        c.expect(same_bits(out, ref), what + ": not bit for bit scalar's " + close(out, ref, 0.f));
+        c.expect(same_bits(out3, out), what + ": 3 threads changed bits");
+        if (m > 1) {
+          std::vector<float> alone(n);
+          lf::gemm_q4(w.args(x.data() + (m - 1) * K, lf::kActF32, 1, alone.data()), 1);
+          c.expect(same_bits(alone, std::vector<float>(out.end() - n, out.end())), what + ": last row alone differs");
+        }
+      }
+    }
+}
+
+void check_dequantize(Checks& c, const char* table) {
+  struct Case { int format; int64_t n, k, group; };
+  for (const Case& cs : {Case{lf::kWeightQ8, 5, 100, 0}, Case{lf::kWeightQ8, 7, 64, 0}, Case{lf::kWeightQ4, 9, 96, 32},
+                         Case{lf::kWeightQ4, 3, 256, 128}, Case{lf::kWeightQ4, 4, 512, 256}}) {
+    const Weight w(cs.format, cs.n, cs.k, cs.group);
+    for (int dtype : {lf::kActF32, lf::kActBF16}) {
+      const size_t bytes = cs.n * cs.k * (dtype == lf::kActF32 ? 4 : 2);
+      std::vector<uint8_t> ref(bytes), out(bytes);
+      use("scalar");
+      lf::dequantize(w.args(nullptr, 0, 1, nullptr), ref.data(), dtype, 1);
+      use(table);
+      lf::dequantize(w.args(nullptr, 0, 1, nullptr), out.data(), dtype, 2);
+      c.expect(same_bits(out, ref), std::string("dequantize ") + kFormatNames[cs.format] + " K=" + std::to_string(cs.k) +
+                                        (dtype == lf::kActF32 ? " f32" : " bf16") + ": not bit for bit scalar's");
+    }
+  }
+}
+
+// The decode glue and attention, table entry against scalar entry.
+void check_decode_kernels(Checks& c, const lf::KernelTable& t, const lf::KernelTable& s) {
+  for (bool bf16 : {false, true}) {
+    const std::string dt = bf16 ? " bf16" : " f32";
+    auto rounded = [&](std::vector<float> v) {
+      if (bf16)
+        for (auto& x : v) x = lf::round_to_bf16(x);
+      return v;
+    };
+    const float ulp = bf16 ? 1.f / 128 : 0.f;
+    for (int64_t C : {1, 17, 576, 1000}) {
+      const std::vector<float> x = rounded(randn(C)), h0 = rounded(randn(C)), wf = rounded(randn(C));
+      std::vector<uint16_t> wb(C);
+      for (int64_t i = 0; i < C; ++i) wb[i] = lf::f32_to_bf16(wf[i]);
+      const void* weight = bf16 ? static_cast<const void*>(wb.data()) : wf.data();
+      std::vector<float> h_ref = h0, h = h0, o_ref(C), o(C);
+      s.add_rms_norm_row(x.data(), h_ref.data(), weight, 1e-6f, C, o_ref.data(), bf16);
+      t.add_rms_norm_row(x.data(), h.data(), weight, 1e-6f, C, o.data(), bf16);
+      c.expect(same_bits(h, h_ref), "add_rms_norm_row C=" + std::to_string(C) + dt + ": residual differs");
+      c.expect(close(o, o_ref, 1e-5f + ulp).empty(), "add_rms_norm_row C=" + std::to_string(C) + dt + ": " + close(o, o_ref, 1e-5f + ulp));
+      // SwiGLU (exp differs by a few ulp between tables)
+      const std::vector<float> gate = randn(C, 0.f), up = randn(C, 0.f);
+      std::vector<float> g_ref(C), g(C);
+      s.swiglu_row(gate.data(), up.data(), g_ref.data(), C, bf16);
+      t.swiglu_row(gate.data(), up.data(), g.data(), C, bf16);
+      c.expect(close(g, g_ref, 1e-5f + ulp).empty(), "swiglu_row C=" + std::to_string(C) + dt + ": " + close(g, g_ref, 1e-5f + ulp));
+      // K/V store: exact
+      std::vector<uint8_t> kv_ref(C * 4), kv(C * 4);
+      s.store_row(kv_ref.data(), x.data(), C, bf16);
+      t.store_row(kv.data(), x.data(), C, bf16);
+      c.expect(same_bits(kv, kv_ref), "store_row n=" + std::to_string(C) + dt + ": differs");
+    }
+    for (int64_t D : {2, 34, 64, 96, 128}) {  // RoPE: elementwise, exact
+      const int64_t heads = 3;
+      const std::vector<float> x0 = rounded(randn(heads * D)), cs = randn(D / 2), sn = randn(D / 2);
+      std::vector<float> r_ref = x0, r = x0;
+      s.rope(r_ref.data(), heads, D, cs.data(), sn.data(), bf16);
+      t.rope(r.data(), heads, D, cs.data(), sn.data(), bf16);
+      c.expect(same_bits(r, r_ref), "rope D=" + std::to_string(D) + dt + ": differs");
+    }
+    // Attention of one head over T keys: the table's dot/axpy loop and its block kernel, against scalar's loop.
+    for (int64_t D : {32, 64, 96, 128, 40}) {
+      for (int64_t T0 : {1, 7, 70}) {
+        const int nb = 3;  // queries at positions T0 - 1 .. T0 + 1
+        const int64_t Tmax = T0 + nb - 1, elem = bf16 ? 2 : 4;
+        const std::vector<float> q = randn(nb * D), kf = rounded(randn(Tmax * D)), vf = rounded(randn(Tmax * D));
+        std::vector<uint8_t> kc(Tmax * D * elem), vc(Tmax * D * elem);
+        for (int64_t t = 0; t < Tmax; ++t) {
+          s.store_row(kc.data() + t * D * elem, kf.data() + t * D, D, bf16);
+          s.store_row(vc.data() + t * D * elem, vf.data() + t * D, D, bf16);
+        }
+        const float scale = 1.f / std::sqrt(float(D));
+        auto attend_rows = [&](const lf::KernelTable& k) {  // the generic per-row loop of decode.cpp
+          std::vector<float> o(nb * D, 0.f);
+          for (int i = 0; i < nb; ++i) {
+            const int64_t T = T0 + i;
+            std::vector<float> sc(T);
+            float top = -INFINITY, total = 0.f;
+            for (int64_t t = 0; t < T; ++t) top = std::max(top, sc[t] = k.attn_dot(&q[i * D], kc.data() + t * D * elem, bf16, D) * scale);
+            for (int64_t t = 0; t < T; ++t) total += (sc[t] = std::exp(sc[t] - top));
+            for (int64_t t = 0; t < T; ++t) k.attn_axpy(&o[i * D], sc[t], vc.data() + t * D * elem, bf16, D);
+            for (int64_t d = 0; d < D; ++d) o[i * D + d] /= total;
+          }
+          return o;
+        };
+        const std::vector<float> ref = attend_rows(s);
+        const std::string what = "attention D=" + std::to_string(D) + " T0=" + std::to_string(T0) + dt;
+        c.expect(close(attend_rows(t), ref, 1e-5f).empty(), what + " (rows): " + close(attend_rows(t), ref, 1e-5f));
+        const lf::AttendKernel block = t.attend_kernel(D, bf16);
+        if (block.fn) {
+          std::vector<float> o(nb * D), scores(nb * Tmax);
+          for (int i = 0; i < nb; i += block.rows) {
+            const int n = std::min(block.rows, nb - i);
+            block.fn(&q[i * D], D, n, reinterpret_cast<const char*>(kc.data()), reinterpret_cast<const char*>(vc.data()),
+                     D * elem, T0 + i, scale, scores.data(), &o[i * D], D);
+          }
+          c.expect(close(o, ref, 1e-5f).empty(), what + " (block kernel): " + close(o, ref, 1e-5f));
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  lf::KernelChoice choices[16];
+  const int n = lf::kernel_choices(choices, 16);
+  const lf::KernelTable* scalar = lf::scalar_kernels();
+  int failed_tables = 0, tested = 0;
+  std::printf("llava_fast kernel tables (best first):\n");
+  for (int i = 0; i < n; ++i) {
+    const lf::KernelChoice& ch = choices[i];
+    if (!ch.table || *ch.missing) {
+      std::printf("  %-14s skipped: missing %s\n", ch.name, ch.missing);
+      continue;
+    }
+    Checks c{ch.name};
+    // A name this CPU cannot run must be refused with the missing feature named.
+    for (int j = 0; j < n; ++j)
+      if (choices[j].table && *choices[j].missing) {
+        const std::string why = lf::use_kernels_named(choices[j].name);
+        c.expect(why.find(choices[j].missing) != std::string::npos, std::string("refusal of ") + choices[j].name + ": '" + why + "'");
+      }
+    c.expect(*lf::use_kernels_named("no-such-isa") != 0, "an unknown name was accepted");
+    check_quantize(c, ch.name);
+    check_gemv(c, ch.name);
+    check_gemm_q4(c, ch.name);
+    check_dequantize(c, ch.name);
+    check_decode_kernels(c, *ch.table, *scalar);
+    ++tested;
+    if (c.failed) ++failed_tables;
+    std::printf("  %-14s %s: %d checks, %d failed\n", ch.name, c.failed ? "FAIL" : "ok", c.run, c.failed);
+  }
+  lf::use_kernels_named("best");
+  std::printf("%d tables tested, %d failed\n", tested, failed_tables);
+  return failed_tables || tested == 0 ? 1 : 0;
+}

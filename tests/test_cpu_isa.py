@@ -1,0 +1,58 @@
+"""The CPU kernel tables (csrc/isa/): which one runs, forcing a lower one with LLAVA_FAST_CPU_ISA, and the errors
+for names this build or CPU cannot run. The kernels themselves are checked table against table by the C++ driver
+(csrc/tests/run_kernel_tests.sh) and by the native-path tests run with each table forced (.ci/run)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+_C = pytest.importorskip("llava_fast._C")
+
+FAMILIES = {"avx512", "avx2", "neon", "scalar"}
+
+
+def _in_child(code, isa):
+    env = dict(os.environ, LLAVA_FAST_CPU_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_the_best_usable_table_runs_and_scalar_is_always_there():
+    tables = _C.cpu_isa_tables()
+    assert tables[-1] == {"name": "scalar", "family": "scalar", "usable": True, "missing": ""}
+    best = next(t for t in tables if t["usable"])
+    assert _C.cpu_isa() == best["family"] in FAMILIES and _C.cpu_isa_variant() == best["name"]
+    for t in tables:  # an unusable table says what is missing
+        assert t["usable"] == (t["missing"] == "")
+
+
+def test_a_forced_table_runs_and_best_stays_capped_by_it():
+    code = ("from llava_fast import _C; _C.use_cpu_isa('best'); "
+            "print(_C.cpu_isa(), _C.cpu_isa_variant(), repr(_C.cpu_isa_problem()))")
+    assert _in_child(code, "scalar") == "scalar scalar ''"
+    usable = [t for t in _C.cpu_isa_tables() if t["usable"]]
+    for t in usable:
+        assert _in_child(code, t["name"]) == f"{t['family']} {t['name']} ''"
+
+
+def test_a_table_this_build_cannot_run_is_a_clear_error():
+    other = "neon" if _C.cpu_isa() != "neon" else "avx2"
+    with pytest.raises(ValueError, match=f"'{other}' are not built for this architecture"):
+        _C.use_cpu_isa(other)
+    with pytest.raises(ValueError, match="'sse9' are unknown; use .*scalar"):
+        _C.use_cpu_isa("sse9")
+    assert _C.gemv_use_kernels("sse9") is False
+    for t in _C.cpu_isa_tables():
+        if not t["usable"]:
+            with pytest.raises(ValueError, match=f"cannot run here: missing {t['missing']}"):
+                _C.use_cpu_isa(t["name"])
+    # Forced by the environment: the import still works (image preprocessing needs no table), every kernel
+    # call raises with the reason.
+    code = ("import torch; from llava_fast import _C; from llava_fast.cpu import gemv as G; print(_C.cpu_isa_problem())\n"
+            "try:\n    G.gemv(torch.randn(1, 64), G.GemvLinear.from_float(torch.randn(8, 64)), 1)\n"
+            "except ValueError as e:\n    print('raised', e)")
+    out = _in_child(code, other).splitlines()
+    assert out[0].startswith(f"LLAVA_FAST_CPU_ISA={other}: CPU kernels '{other}' are not built") and out[1] == "raised " + out[0]
