@@ -56,3 +56,32 @@ def test_a_table_this_build_cannot_run_is_a_clear_error():
             "except ValueError as e:\n    print('raised', e)")
     out = _in_child(code, other).splitlines()
     assert out[0].startswith(f"LLAVA_FAST_CPU_ISA={other}: CPU kernels '{other}' are not built") and out[1] == "raised " + out[0]
+
+
+def test_the_public_name_and_a_forced_table_the_cpu_lacks_fail_before_any_work():
+    import llava_fast
+
+    assert llava_fast.cpu_isa() == _C.cpu_isa()
+    other = "neon" if _C.cpu_isa() != "neon" else "avx2"
+    env = dict(os.environ, LLAVA_FAST_CPU_ISA=other)
+    out = subprocess.run([sys.executable, "-m", "llava_fast", "generate", "--max-new-tokens", "2"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and f"LLAVA_FAST_CPU_ISA={other}" in out.stderr, out.stderr
+    code = ("import llava_fast\ntry:\n    llava_fast.random_model('tiny')\n"
+            "except llava_fast.InputError as e:\n    print('InputError', e)")
+    assert _in_child(code, other).startswith(f"InputError LLAVA_FAST_CPU_ISA={other}: ")
+
+
+def test_without_a_simd_table_the_torch_path_decodes(monkeypatch):
+    """The probe's own choice of scalar (a CPU with no SIMD table) leaves decoding to the torch path, which is
+    faster there; a forced scalar table still runs the native step (it is the reference the others match)."""
+    import llava_fast
+    from llava_fast.cpu import isa, native_decode
+
+    net = llava_fast.random_model("tiny").net
+    monkeypatch.setattr(isa, "cpu_isa", lambda: "scalar")
+    monkeypatch.delenv("LLAVA_FAST_CPU_ISA", raising=False)
+    assert "scalar only" in native_decode.why_not(net)
+    monkeypatch.setenv("LLAVA_FAST_CPU_ISA", "scalar")
+    assert native_decode.why_not(net) is None

@@ -15,6 +15,7 @@ import torch
 
 from llava_fast.api import LlavaModel
 from llava_fast.checkpoints.layouts import load_weights, read_config
+from llava_fast.cpu import isa
 from llava_fast.cpu.quantize import parse_scheme, prepare_for_inference
 from llava_fast.errors import CheckpointError, InputError
 from llava_fast.image import AnyResProcessor, ImageProcessor
@@ -31,6 +32,8 @@ def resolve_device_dtype(device=None, dtype=None):
         raise InputError(f"unknown device {device!r}: expected 'cpu', 'cuda', 'cuda:N' or a torch.device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' requested but no CUDA GPU is available")
+    if device.type == "cpu":
+        isa.check()  # a forced kernel table this CPU cannot run fails here, before any weights are read
     if dtype is None:
         # CPUs have no fast half-precision matmul; GPUs want bf16 (fp16 only where bf16 is missing).
         dtype = torch.float32 if device.type == "cpu" else (
