@@ -234,8 +234,11 @@ def create_app(model, config: ServeConfig | None = None, scheduler: Scheduler | 
                              f"than the {scheduler.max_model_len}-token context")
         if body.top_logprobs and not body.logprobs:
             raise InputError("top_logprobs needs logprobs: true")
+        if body.min_tokens > max_tokens:
+            raise InputError(f"min_tokens ({body.min_tokens}) must be at most max_tokens ({max_tokens})")
         return dict(ids=ids, images=images, image_keys=keys, max_tokens=max_tokens,
-                    sampling=Sampling(body.temperature, body.top_p, body.top_k, body.seed),
+                    sampling=Sampling(body.temperature, body.top_p, body.top_k, body.seed,
+                                      min_tokens=body.min_tokens, ignore_eos=body.ignore_eos),
                     stop=model._stop_strings(body.stop, None), logprobs=body.logprobs,
                     top_logprobs=body.top_logprobs or 0)
 

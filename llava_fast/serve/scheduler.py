@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llava_fast.generate import Decoder, RowOutput, Sampling, common_prefix, sample_next_token
+from llava_fast.generate import Decoder, RowOutput, Sampling, common_prefix, sample_next_token, suppress_eos
 
 log = logging.getLogger("llava_fast.serve")
 
@@ -117,7 +117,7 @@ class _Row:
     def __init__(self, req: Request, slot: int, tokenizer, eos_token_id, device):
 
         self.req, self.slot = req, slot
-        self.out = RowOutput(tokenizer, req.stop, eos_token_id)
+        self.out = RowOutput(tokenizer, req.stop, req.sampling.eos_for_row(eos_token_id))
         self.generator = req.sampling.generator(device)  # seeded: the same draws as generate() of this request
         self.generated: list[int] = []
         self.last_time = None
@@ -139,7 +139,7 @@ class Scheduler:
         self.features = FeatureCache(image_cache_bytes)
         self.prefixes = FeatureCache(image_cache_bytes)  # keys tuple -> K and V stacked, (2, L, Hkv, P, D)
         self.decoder = Decoder(model.net, max_batch, self.max_model_len, cuda_graph=model._use_cuda_graphs())
-        self.eos = model.tokenizer.eos_token_id
+        self.eos = model.tokenizer.eos_token_ids  # any of them ends a row (as generate() ends it)
         self.rows: list[_Row | None] = [None] * max_batch
         self.slot_keys: list[list] = [[] for _ in range(max_batch)]  # the tokens whose K/V each slot holds
         self.freed_at = [0.0] * max_batch
@@ -371,10 +371,13 @@ class Scheduler:
     def _push(self, row, logits, greedy_token=None):
         """Sample row's next token from its logits (V,), emit it, and end the row when it is done."""
         req = row.req
+        allowed = logits  # logprobs stay the model's (before min_tokens' mask, as before temperature)
+        if len(row.generated) < req.sampling.min_tokens:
+            allowed, greedy_token = suppress_eos(logits[None], self.eos)[0], None
         if req.sampling.temperature == 0:
-            token = int(greedy_token if greedy_token is not None else logits.argmax())
+            token = int(greedy_token if greedy_token is not None else allowed.argmax())
         else:
-            token = int(sample_next_token(logits[None], req.sampling, row.generator)[0])
+            token = int(sample_next_token(allowed[None], req.sampling, row.generator)[0])
         row.generated.append(token)
         delta = row.out.push(token)
         now = time.perf_counter()
@@ -384,7 +387,7 @@ class Scheduler:
             self.metrics.inter_token_latency.observe(now - row.last_time)
         row.last_time = now
         self.metrics.generation_tokens.inc()
-        entries = self._logprobs(logits, token, req.top_logprobs) if req.logprobs and token != self.eos else None
+        entries = self._logprobs(logits, token, req.top_logprobs) if req.logprobs and token not in row.out.eos else None
         finish = "stop" if row.out.done else ("length" if len(row.generated) >= req.max_tokens else None)
         if finish == "length":
             delta += row.out.finish()
