@@ -107,7 +107,7 @@ def cmd_chat(args):
 def _check_serve_args(args):
     """Every serve setting checked before the model loads (a 7B load takes a minute): one line, exit 2."""
     for flag in ("max_batch", "max_model_len", "max_waiting", "max_image_pixels", "max_images_per_request",
-                 "max_body_mb", "default_max_tokens"):
+                 "max_body_mb", "default_max_tokens", "max_batched_tokens"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise LlavaFastError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
@@ -116,6 +116,9 @@ def _check_serve_args(args):
             raise LlavaFastError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if not 0 <= args.port <= 65535:
         raise LlavaFastError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_batched_tokens is not None and args.max_batched_tokens <= args.max_batch:
+        raise LlavaFastError(f"--max-batched-tokens ({args.max_batched_tokens}) must be more than --max-batch "
+                             f"({args.max_batch}): each decoding row takes one token of it first")
     import socket
 
     try:  # the address is free now (uvicorn binds it again after the load; a race there is uvicorn's error)
@@ -140,7 +143,7 @@ def cmd_serve(args):
         image_cache_mb=args.image_cache_mb, max_image_pixels=args.max_image_pixels,
         max_images_per_request=args.max_images_per_request, allowed_local_media_path=args.allowed_local_media_path,
         api_key=args.api_key, max_body_bytes=args.max_body_mb << 20, default_max_tokens=args.default_max_tokens,
-        shutdown_timeout=args.shutdown_timeout)
+        shutdown_timeout=args.shutdown_timeout, max_batched_tokens=args.max_batched_tokens)
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         raise LlavaFastError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
     return serve(_load(args), config, host=args.host, port=args.port)
@@ -161,6 +164,9 @@ def _add_serve_args(s):
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     s.add_argument("--max-body-mb", type=int, default=32, help="largest request body")
     s.add_argument("--default-max-tokens", type=int, default=256, help="reply length when a request sets none")
+    s.add_argument("--max-batched-tokens", type=int, help="tokens per scheduler iteration, as vLLM's "
+                   "max_num_batched_tokens: one per decoding row first, the rest for slices of new prompts "
+                   "(chunked prefill; default 256 on CPU, 2048 on GPU)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to finish "
                    "after SIGTERM/SIGINT")
 

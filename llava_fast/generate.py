@@ -200,15 +200,23 @@ class Decoder:
         Returns the logits of the last token, (1, V). Runs as its own batch of one, outside any CUDA graph.
         """
         ids_t = torch.as_tensor([ids], dtype=torch.long).to(self.device, non_blocking=True)  # (1, T)
-        start = torch.tensor([start_pos], dtype=torch.int32, device=self.device)
-        seq_lens = torch.tensor([len(ids)], dtype=torch.int32, device=self.device)
-        x = self.net.embed(ids_t, image_features=image_features)
+        x = self.net.embed(ids_t, image_features=image_features)  # (1, T, C)
+        return self.prefill_embeddings(slot, x[0], start_pos)
+
+    @torch.inference_mode()
+    def prefill_embeddings(self, slot, x, start_pos):
+        """prefill_slot on embeddings x (T, C) (net.embed's output, images spliced in): a prompt entered in
+        chunks (the server's chunked prefill) is this call on consecutive slices of its embeddings, each after
+        the positions the previous slices filled. Returns the logits of the last position, (1, V)."""
+        T = x.shape[0]
         if self.native is not None and self.native.prefills:
-            logits = self.native.prefill(self.cache, slot, start_pos, x[0])  # raises before writing anything
-            self.lengths[slot] = start_pos + len(ids)
+            logits = self.native.prefill(self.cache, slot, start_pos, x)  # raises before writing anything
+            self.lengths[slot] = start_pos + T
             return logits
-        self.lengths[slot] = start_pos + len(ids)
-        hidden = self.net.decode_hidden(x, self.cache.rows(slot, slot + 1), start, seq_lens)  # (1, T, C)
+        start = torch.tensor([start_pos], dtype=torch.int32, device=self.device)
+        seq_lens = torch.tensor([T], dtype=torch.int32, device=self.device)
+        self.lengths[slot] = start_pos + T
+        hidden = self.net.decode_hidden(x[None], self.cache.rows(slot, slot + 1), start, seq_lens)  # (1, T, C)
         return self.net.lm_head(hidden[:, -1]).float()
 
     @torch.inference_mode()

@@ -56,6 +56,7 @@ class ServeConfig:
     max_body_bytes: int = 32 * 1024 * 1024
     default_max_tokens: int = 256  # when a request names no max_tokens (capped by the room left in the row)
     shutdown_timeout: float = 30.0
+    max_batched_tokens: int | None = None  # tokens per scheduler iteration (chunked prefill); None: the default
 
 
 class _BodyTooLarge(Exception):
@@ -153,7 +154,8 @@ def create_app(model, config: ServeConfig | None = None, scheduler: Scheduler | 
     config = config or ServeConfig()
     scheduler = scheduler or Scheduler(model, max_batch=config.max_batch, max_model_len=config.max_model_len,
                                        max_waiting=config.max_waiting,
-                                       image_cache_bytes=int(config.image_cache_mb * (1 << 20)))
+                                       image_cache_bytes=int(config.image_cache_mb * (1 << 20)),
+                                       max_batched_tokens=config.max_batched_tokens)
     metrics = scheduler.metrics
 
     @contextlib.asynccontextmanager

@@ -5,14 +5,21 @@ In:  `Request`s (prompt ids with image tokens expanded, decoded images keyed by 
 Out: `Event`s through each request's `emit`: "token" (a text delta and, when asked, that token's logprobs),
      then exactly one "done" (finish_reason "stop"/"length", token counts) or "error".
 
-The loop (after vLLM's and Orca's iteration-level scheduling, Yu et al. 2022):
-  1. admit: each waiting request takes a free slot (a row of the KV cache allocated once: max_batch rows of
-     max_model_len tokens) and is prefilled there alone (`Decoder.prefill_slot`), while the other rows keep
-     their K/V; its first token is sampled from that prefill.
-  2. step: one decode step for rows [0, highest active slot] together; each row samples its own next token.
-  3. a row that ends (EOS, stop string, max_tokens) or is cancelled (client gone) frees its slot at once.
+The loop (after vLLM's and Orca's iteration-level scheduling, Yu et al. 2022), one iteration per decode step:
+  1. admit: each waiting request takes a free slot (a row of the KV cache: max_batch rows of max_model_len
+     tokens) and the longest cached prefix of its prompt (below); it is then a prefilling row.
+  2. chunked prefill: the iteration's token budget (max_batched_tokens, vLLM's max_num_batched_tokens) goes to
+     the decoding rows first, one token each; what is left goes to the prefilling rows in admission order: a
+     row's images the feature cache lacks go through the vision tower (counted as num_image_tokens tokens
+     each), then its prompt enters its slot in slices of the budget (`Decoder.prefill_embeddings`), the other
+     rows keeping their K/V. When its last slice is in, its first token is sampled and it decodes. A new
+     image's 576 tokens thus no longer stall every decoding row for the whole prefill: each step waits for at
+     most one budget's worth of prefill (ITL p99 at 16 clients: see bench/serve_bench.py).
+  3. step: one decode step for rows [0, highest decoding slot] together; each row samples its own next token.
+  4. a row that ends (EOS, stop string, max_tokens) or is cancelled (client gone) frees its slot at once.
 Rows never pad each other: each row attends only to its own positions (see generate.py), so a row's greedy
-output equals `generate()` of the same request alone, whatever else shares the batch.
+output equals `generate()` of the same request alone, whatever else shares the batch and however its prompt
+was sliced (tests/test_serve_chunked.py).
 
 Two caches save work for repeated images:
   - image features: CLIP features (before the projector, which is cheap; Cv = 1024 wide instead of the
@@ -26,10 +33,11 @@ Two caches save work for repeated images:
     (system prompt + image) is kept in an LRU bounded in bytes (the same budget as the features, each), so a
     repeated image finds its prefix after every row that held it has been reused (16 clients on 16 rows
     leave no spare rows to keep prefixes in): it is copied into the new row like a row's prefix.
-Each admission batch is prefilled cheapest first (tokens left after the reused prefix, plus the vision
+Each admission batch is queued for prefill cheapest first (tokens left after the reused prefix, plus the vision
 tower's work for images the feature cache lacks), so a repeated image does not wait behind a new one.
-Inactive rows inside the stepped range are parked: their length is reset after each step to the end of
-their cached prefix, so the step's write lands on a position no cached prefix holds.
+Rows inside the stepped range that are not decoding (free, or prefilling) are parked: their length is reset
+after each step to the end of what their slot holds, so the step's write lands on a position no cached prefix
+holds (a prefilling row's next slice overwrites it).
 """
 
 from __future__ import annotations
@@ -42,9 +50,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llava_fast.errors import InputError
 from llava_fast.generate import Decoder, RowOutput, Sampling, common_prefix, sample_next_token, suppress_eos
 
 log = logging.getLogger("llava_fast.serve")
+
+
+def default_max_batched_tokens(device) -> int:
+    """Tokens per iteration (decode rows + prefill slices) when the server is given none. CPU: 256, so a slice
+    costs about what a 16-row decode step does (tiny preset, 2 cores: ~70 ms for 256 prompt tokens natively
+    against ~30 ms per step), which keeps inter-token latency p99 within ~3x its p50 while a 576-token image
+    prompt enters in 3 slices; a GPU runs 2,048 (vLLM's default) in about a decode step's time."""
+    return 256 if torch.device(device).type == "cpu" else 2048
 
 
 class QueueFull(Exception):
@@ -121,6 +138,12 @@ class _Row:
         self.generator = req.sampling.generator(device)  # seeded: the same draws as generate() of this request
         self.generated: list[int] = []
         self.last_time = None
+        # Prefill state: the prompt's positions [start, position) are in the slot; embeddings (T, C) hold
+        # positions start.. once the images from first_image on have their features (None before).
+        self.keys: list = []
+        self.start = self.position = self.first_image = 0
+        self.embeddings = None
+        self.decoding = False
 
 
 class Scheduler:
@@ -128,14 +151,19 @@ class Scheduler:
     allocated once; max_waiting bounds the queue; image_cache_bytes bounds the feature LRU."""
 
     def __init__(self, model, *, max_batch=16, max_model_len=None, max_waiting=256, image_cache_bytes=256 << 20,
-                 metrics=None):
+                 max_batched_tokens=None, metrics=None):
         from llava_fast.serve.metrics import ServeMetrics
 
         self.model = model
         self.max_batch = max_batch
+        self.max_batched_tokens = max_batched_tokens or default_max_batched_tokens(model.device)
+        if self.max_batched_tokens <= max_batch:
+            raise InputError(f"max_batched_tokens ({self.max_batched_tokens}) must be more than max_batch "
+                             f"({max_batch}): the decoding rows take one token each of it first")
         self.max_model_len = min(max_model_len or model.context_length, model.context_length)
         self.max_waiting = max_waiting
         self.metrics = metrics or ServeMetrics()
+        self.metrics.max_batched_tokens.set(self.max_batched_tokens)
         self.features = FeatureCache(image_cache_bytes)
         self.prefixes = FeatureCache(image_cache_bytes)  # keys tuple -> K and V stacked, (2, L, Hkv, P, D)
         self.decoder = Decoder(model.net, max_batch, self.max_model_len, cuda_graph=model._use_cuda_graphs())
@@ -146,6 +174,7 @@ class Scheduler:
         self.parked = torch.zeros(max_batch, dtype=torch.int32, device=model.device)  # free rows' lengths
         self.active = torch.zeros(max_batch, dtype=torch.bool, device=model.device)
         self.waiting: collections.deque[Request] = collections.deque()
+        self.prefilling: list[_Row] = []  # rows whose prompt is entering their slot, in admission order
         self.cond = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="llava-fast-scheduler", daemon=True)
@@ -210,7 +239,8 @@ class Scheduler:
                         self._admit(req)
                         admitted.add(id(req))
                     self._drop_cancelled()
-                    if self.num_running:
+                    self._prefill_chunks()
+                    if any(row is not None and row.decoding for row in self.rows):
                         self._step()
                 except Exception:  # a bug outside the model calls: fail the rows in flight, keep serving
                     log.exception("scheduler iteration failed")
@@ -301,7 +331,8 @@ class Scheduler:
         return len(keys) - cached + missing * self.model.num_image_tokens
 
     def _image_features(self, req, first_image):
-        """CLIP features (K, num_image_tokens, Cv) of the request's images from first_image on."""
+        """(CLIP features (K, num_image_tokens, Cv) of the request's images from first_image on, how many of
+        them went through the vision tower)."""
         out, missing = [None] * (len(req.images) - first_image), []
         for i, key in enumerate(req.image_keys[first_image:]):
             out[i] = self.features.get(key)
@@ -314,7 +345,7 @@ class Scheduler:
             for i, features in zip(missing, computed):
                 out[i] = features
                 self.features.put(req.image_keys[first_image + i], features)
-        return torch.stack(out) if out else None
+        return (torch.stack(out) if out else None), len(missing)
 
     def _admit(self, req):
         keys = self._prompt_keys(req)
@@ -327,31 +358,66 @@ class Scheduler:
         first_image = sum(1 for k in keys[:common] if not isinstance(k, int)) // n_img if n_img else 0
         self.metrics.image_cache_hits.inc(first_image)  # images inside the reused prefix skip the tower too
         row = _Row(req, slot, self.model.tokenizer, self.eos, self.model.device)
+        row.keys, row.start, row.position, row.first_image = keys, common, common, first_image
         self.rows[slot] = row
-        self.slot_keys[slot] = []  # overwritten from `common` on; invalid until the prefill succeeds
-        try:
-            if self.fault is not None:
-                self.fault()
-            features = self._image_features(req, first_image) if len(req.images) > first_image else None
-            logits = self.decoder.prefill_slot(slot, req.ids[common:], features, start_pos=common)
-        except Exception:
-            log.exception("prefill failed")
-            self.decoder.lengths[slot] = 0
-            self._end(row, error="internal error")
-            return
-        self.slot_keys[slot] = keys
-        self._keep_prefix(slot, keys)
-        self.active[slot] = True
+        self.slot_keys[slot] = keys[:common]  # grows as the prompt's slices go in
+        self.parked[slot] = common  # a step while this row prefills writes past what its slot holds
+        self.decoder.lengths[slot] = common
+        self.prefilling.append(row)
         self.metrics.prompt_tokens.inc(len(req.ids))
         self.metrics.cached_prompt_tokens.inc(common)
-        self._push(row, logits[0])
+
+    def _prefill_chunks(self):
+        """Spend what the decoding rows leave of this iteration's token budget on the prefilling rows, in
+        admission order; a row whose whole prompt is in samples its first token and starts decoding."""
+        decoding = sum(1 for row in self.rows if row is not None and row.decoding)
+        left = self.max_batched_tokens - decoding
+        for row in list(self.prefilling):
+            if left <= 0:
+                break
+            req, slot = row.req, row.slot
+            try:
+                if self.fault is not None:
+                    self.fault()
+                if row.embeddings is None:
+                    features, towered = (self._image_features(req, row.first_image)
+                                         if len(req.images) > row.first_image else (None, 0))
+                    ids = torch.as_tensor([req.ids[row.start:]], dtype=torch.long, device=self.model.device)
+                    row.embeddings = self.model.net.embed(ids, image_features=features)[0]  # (T, C)
+                    left -= towered * self.model.num_image_tokens
+                    if left <= 0:
+                        break
+                n = min(left, len(req.ids) - row.position)
+                x = row.embeddings[row.position - row.start: row.position - row.start + n]
+                logits = self.decoder.prefill_embeddings(slot, x, row.position)
+            except Exception:
+                log.exception("prefill failed")
+                self.prefilling.remove(row)
+                self.parked[slot] = self.decoder.lengths[slot] = 0
+                self._end(row, error="internal error")
+                continue
+            left -= n
+            row.position += n
+            self.parked[slot] = row.position
+            # The positions in so far are final: a request with the same system prompt + image arriving now
+            # copies them from here instead of prefilling them again.
+            self.slot_keys[slot] = row.keys[:row.position]
+            self.metrics.prefill_chunks.inc()
+            if row.position < len(req.ids):
+                continue
+            self.prefilling.remove(row)
+            row.embeddings, row.decoding = None, True
+            self.slot_keys[slot] = row.keys
+            self._keep_prefix(slot, row.keys)
+            self.active[slot] = True
+            self._push(row, logits[0])
 
     def _step(self):
-        hi = max(s for s, r in enumerate(self.rows) if r is not None) + 1
+        hi = max(s for s, r in enumerate(self.rows) if r is not None and r.decoding) + 1
         n = self.max_batch if self.decoder.cuda_graph else hi  # a CUDA graph runs its whole batch
-        tokens = [0] * n  # parked rows feed token 0 (their write lands past their cached prefix)
+        tokens = [0] * n  # parked rows feed token 0 (their write lands past what their slot holds)
         for r in self.rows[:n]:
-            if r is not None:
+            if r is not None and r.decoding:
                 tokens[r.slot] = r.generated[-1]
         try:
             logits = self.decoder.step(torch.tensor(tokens, device=self.model.device))  # (n, V)
@@ -365,7 +431,7 @@ class Scheduler:
             return
         greedy = logits.argmax(dim=-1).tolist()
         for r in list(self.rows[:n]):
-            if r is not None:
+            if r is not None and r.decoding:
                 self._push(r, logits[r.slot], greedy[r.slot])
 
     def _push(self, row, logits, greedy_token=None):
@@ -384,7 +450,7 @@ class Scheduler:
         if row.last_time is None:
             self.metrics.time_to_first_token.observe(now - req.arrival)
         else:
-            self.metrics.inter_token_latency.observe(now - row.last_time)
+            self.metrics.observe_inter_token(now - row.last_time)
         row.last_time = now
         self.metrics.generation_tokens.inc()
         entries = self._logprobs(logits, token, req.top_logprobs) if req.logprobs and token not in row.out.eos else None
@@ -432,6 +498,8 @@ class Scheduler:
 
     def _end(self, row, finish_reason=None, error=None, keep_cache=True):
         slot, req = row.slot, row.req
+        if row in self.prefilling:  # cancelled (or failed) before its prompt was all in
+            self.prefilling.remove(row)
         self.rows[slot] = None
         self.active[slot] = False
         self.freed_at[slot] = time.monotonic()
