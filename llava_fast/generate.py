@@ -138,12 +138,14 @@ class Decoder:
     """
 
     def __init__(self, net: LlavaForCausalLM, batch_size: int, max_tokens: int, cuda_graph: bool = False,
-                 compiled=None):
+                 compiled=None, cache: KVCache | None = None):
         self.net = net
         weight = net.language_model.embed_tokens.weight  # the compute dtype even when lm_head is quantized
         self.device, self.dtype = weight.device, weight.dtype
         self.batch_size = batch_size
-        self.cache = KVCache(net.cfg.text, batch_size, max_tokens, self.device, self.dtype)
+        # cache: storage of the caller's (the server's, resident only where written: serve/kv_memory.py)
+        self.cache = cache if cache is not None else KVCache(net.cfg.text, batch_size, max_tokens, self.device,
+                                                             self.dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=self.device)  # tokens cached per row
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self.compiled = compiled

@@ -57,6 +57,7 @@ class ServeConfig:
     default_max_tokens: int = 256  # when a request names no max_tokens (capped by the room left in the row)
     shutdown_timeout: float = 30.0
     max_batched_tokens: int | None = None  # tokens per scheduler iteration (chunked prefill); None: the default
+    kv_cache_memory: int | None = None  # bytes of K/V the server may hold (CPU); None: 4 GiB or RAM / 4
 
 
 class _BodyTooLarge(Exception):
@@ -155,7 +156,8 @@ def create_app(model, config: ServeConfig | None = None, scheduler: Scheduler | 
     scheduler = scheduler or Scheduler(model, max_batch=config.max_batch, max_model_len=config.max_model_len,
                                        max_waiting=config.max_waiting,
                                        image_cache_bytes=int(config.image_cache_mb * (1 << 20)),
-                                       max_batched_tokens=config.max_batched_tokens)
+                                       max_batched_tokens=config.max_batched_tokens,
+                                       kv_cache_memory=config.kv_cache_memory)
     metrics = scheduler.metrics
 
     @contextlib.asynccontextmanager

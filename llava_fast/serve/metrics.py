@@ -49,6 +49,12 @@ class ServeMetrics:
                                       registry=r)
         self.max_batched_tokens = Gauge("llava_fast_max_batched_tokens", "token budget of one iteration: one per "
                                         "decoding row, the rest for prefill slices", registry=r)
+        self.kv_cache_budget_bytes = Gauge("llava_fast_kv_cache_budget_bytes", "KV-cache memory the server may "
+                                           "hold (--kv-cache-memory; on a GPU the dense cache's size)", registry=r)
+        self.kv_cache_held_bytes = Gauge("llava_fast_kv_cache_held_bytes", "KV-cache memory reserved by running "
+                                         "rows plus cached prefixes of free rows (whole blocks)", registry=r)
+        self.kv_cache_live_tokens = Gauge("llava_fast_kv_cache_live_tokens", "positions whose K/V running rows "
+                                          "hold now", registry=r)
         self.image_cache_hits = Counter("llava_fast_image_cache_hits", "images that skipped the vision tower (feature cache or reused prefix)",
                                         registry=r)
         self.image_cache_misses = Counter("llava_fast_image_cache_misses", "images run through the vision tower",

@@ -51,7 +51,9 @@ from dataclasses import dataclass, field
 import torch
 
 from llava_fast.errors import InputError
-from llava_fast.generate import Decoder, RowOutput, Sampling, common_prefix, sample_next_token, suppress_eos
+from llava_fast.generate import (Decoder, RowOutput, Sampling, common_prefix, positions_needed, sample_next_token,
+                                 suppress_eos)
+from llava_fast.serve.kv_memory import KVMemory, default_kv_cache_memory
 
 log = logging.getLogger("llava_fast.serve")
 
@@ -151,7 +153,7 @@ class Scheduler:
     allocated once; max_waiting bounds the queue; image_cache_bytes bounds the feature LRU."""
 
     def __init__(self, model, *, max_batch=16, max_model_len=None, max_waiting=256, image_cache_bytes=256 << 20,
-                 max_batched_tokens=None, metrics=None):
+                 max_batched_tokens=None, kv_cache_memory=None, metrics=None):
         from llava_fast.serve.metrics import ServeMetrics
 
         self.model = model
@@ -166,7 +168,17 @@ class Scheduler:
         self.metrics.max_batched_tokens.set(self.max_batched_tokens)
         self.features = FeatureCache(image_cache_bytes)
         self.prefixes = FeatureCache(image_cache_bytes)  # keys tuple -> K and V stacked, (2, L, Hkv, P, D)
-        self.decoder = Decoder(model.net, max_batch, self.max_model_len, cuda_graph=model._use_cuda_graphs())
+        self.kv = None  # CPU: K/V resident only where written, under a budget (kv_memory.py); GPU: dense
+        if model.device.type == "cpu":
+            self.kv = KVMemory(model.net.cfg.text, max_batch, self.max_model_len,
+                               model.net.language_model.embed_tokens.weight.dtype,
+                               kv_cache_memory or default_kv_cache_memory())
+            if self.kv.budget_blocks < 1:
+                raise InputError(f"kv_cache_memory ({self.kv.budget_bytes} bytes) holds no block of "
+                                 f"{self.kv.block_tokens} tokens ({self.kv.block_bytes} bytes)")
+            log.info(self.kv.describe())
+        self.decoder = Decoder(model.net, max_batch, self.max_model_len, cuda_graph=model._use_cuda_graphs(),
+                               cache=None if self.kv is None else self.kv.cache)
         self.eos = model.tokenizer.eos_token_ids  # any of them ends a row (as generate() ends it)
         self.rows: list[_Row | None] = [None] * max_batch
         self.slot_keys: list[list] = [[] for _ in range(max_batch)]  # the tokens whose K/V each slot holds
@@ -178,7 +190,8 @@ class Scheduler:
         self.cond = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="llava-fast-scheduler", daemon=True)
-        self.fault = None  # tests: a callable run before each admission, to inject an unexpected error
+        self.fault = None  # tests: a callable run before each prefill slice, to inject an unexpected error
+        self._report_kv()
 
     # ------------------------------------------------------------------------------------------------
     # The outside: submit, counts, start/stop (any thread)
@@ -189,6 +202,12 @@ class Scheduler:
         return self
 
     def submit(self, req: Request):
+        if self.kv is not None:
+            need = positions_needed(len(req.ids), req.max_tokens)
+            if self.kv.blocks(need) > self.kv.budget_blocks:
+                raise InputError(f"the prompt ({len(req.ids)} tokens) and max_tokens ({req.max_tokens}) need "
+                                 f"{need} positions of KV cache, more than the server's whole kv-cache-memory "
+                                 f"holds ({self.kv.budget_tokens})")
         with self.cond:
             if self.stopping:
                 raise SchedulerStopped("the server is shutting down")
@@ -235,8 +254,13 @@ class Scheduler:
                 # behind a new image's tower + full prefill that arrived just before it.
                 admit.sort(key=self._prefill_cost)
                 try:
-                    for req in admit:
-                        self._admit(req)
+                    for i, req in enumerate(admit):
+                        if not self._admit(req):  # no KV-cache memory for it yet: it and the rest wait
+                            with self.cond:
+                                self.waiting.extendleft(sorted(admit[i:], key=lambda r: r.arrival, reverse=True))
+                                self.metrics.waiting.set(len(self.waiting))
+                            admitted.update(id(r) for r in admit[i:])
+                            break
                         admitted.add(id(req))
                     self._drop_cancelled()
                     self._prefill_chunks()
@@ -252,6 +276,7 @@ class Scheduler:
                         if id(req) not in admitted and id(req) not in in_rows:
                             self._emit(req, Event("error", error="internal error"))
                 self.metrics.running.set(self.num_running)
+                self._report_kv()
         for row in self.rows:
             if row is not None:
                 self._end(row, error="the server shut down before this request finished")
@@ -348,6 +373,13 @@ class Scheduler:
         return (torch.stack(out) if out else None), len(missing)
 
     def _admit(self, req):
+        """Give req a slot and start its prefill; False (nothing changed) when the KV-cache budget cannot hold
+        it until running rows end."""
+        need = positions_needed(len(req.ids), req.max_tokens)
+        if self.kv is not None:
+            running = sum(self.kv.held[r.slot] for r in self.rows if r is not None)
+            if running + self.kv.blocks(need) > self.kv.budget_blocks:
+                return False
         keys = self._prompt_keys(req)
         slot, common = self._choose_slot(keys)
         common = min(common, len(keys) - 1)  # at least one new token gives the next-token logits
@@ -357,6 +389,8 @@ class Scheduler:
         # images inside the reused prefix (a text-only model has n_img 0 and no image keys)
         first_image = sum(1 for k in keys[:common] if not isinstance(k, int)) // n_img if n_img else 0
         self.metrics.image_cache_hits.inc(first_image)  # images inside the reused prefix skip the tower too
+        if self.kv is not None:
+            self._make_room(slot, need)
         row = _Row(req, slot, self.model.tokenizer, self.eos, self.model.device)
         row.keys, row.start, row.position, row.first_image = keys, common, common, first_image
         self.rows[slot] = row
@@ -366,6 +400,32 @@ class Scheduler:
         self.prefilling.append(row)
         self.metrics.prompt_tokens.inc(len(req.ids))
         self.metrics.cached_prompt_tokens.inc(common)
+        return True
+
+    def _make_room(self, slot, need):
+        """Reserve `need` positions for slot: its pages past them (an older request's) go back to the system,
+        then free rows' cached K/V, least recently freed first, until the reservation fits the budget."""
+        self.kv.release(slot, keep_tokens=need)
+        free = sorted((s for s, row in enumerate(self.rows) if row is None and s != slot and self.kv.held[s]),
+                      key=lambda s: self.freed_at[s])
+        while not self.kv.fits(slot, need):
+            victim = free.pop(0)  # _admit checked that the running rows leave room, so one is left
+            self.kv.release(victim, 0)
+            self.slot_keys[victim] = []
+            self.parked[victim] = self.decoder.lengths[victim] = 0
+        self.kv.reserve(slot, need)
+
+    def _report_kv(self):
+        m = self.metrics
+        if self.kv is None:
+            k = self.decoder.cache.k
+            m.kv_cache_budget_bytes.set(2 * k.numel() * k.element_size())
+            m.kv_cache_held_bytes.set(2 * k.numel() * k.element_size())
+        else:
+            m.kv_cache_budget_bytes.set(self.kv.budget_bytes)
+            m.kv_cache_held_bytes.set(self.kv.reserved_bytes)
+        m.kv_cache_live_tokens.set(sum(len(r.keys) + len(r.generated) - 1 if r.decoding else r.position
+                                       for r in self.rows if r is not None))
 
     def _prefill_chunks(self):
         """Spend what the decoding rows leave of this iteration's token budget on the prefilling rows, in
@@ -508,6 +568,11 @@ class Scheduler:
             self.slot_keys[slot] = self.slot_keys[slot] + row.generated[:-1]
         else:
             self.slot_keys[slot] = []
+        if self.kv is not None:  # what it wrote stays (prefix reuse) and counts, until room is needed
+            if self.slot_keys[slot]:
+                self.kv.hold_written(slot, len(self.slot_keys[slot]))
+            else:
+                self.kv.release(slot, 0)
         self.parked[slot] = len(self.slot_keys[slot])
         self.decoder.lengths[slot] = len(self.slot_keys[slot])
         usage = dict(prompt_tokens=len(req.ids), completion_tokens=len(row.generated))
