@@ -33,6 +33,16 @@ class _Parser(argparse.ArgumentParser):
         raise InputError(f"{self.prog}: {message}")
 
 
+def _bytes(text):
+    from llava_fast.cli import parse_bytes
+    from llava_fast.errors import LlavaFastError
+
+    try:
+        return parse_bytes(text, "--kv-cache-memory")
+    except LlavaFastError as err:
+        raise InputError(str(err)) from None
+
+
 def _int_list(text):
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -182,6 +192,9 @@ def build_parser():
     s.add_argument("--against-model", metavar="NAME", help="the model id requests to --against name (default: the "
                    "first of its /v1/models)")
     s.add_argument("--text-only", action="store_true", help="no image requests (for text models)")
+    s.add_argument("--max-batched-tokens", type=_positive_int, help="the server's token budget per iteration "
+                   "(llava-fast serve --max-batched-tokens)")
+    s.add_argument("--kv-cache-memory", help="the server's KV-cache budget (llava-fast serve --kv-cache-memory)")
 
     c = sub.add_parser("compare", help="per-figure deltas between two result files, regressions flagged")
     c.add_argument("a", help="baseline result JSON")
@@ -281,7 +294,9 @@ def cmd_measure(args, argv) -> int:
         clients = args.clients or (bench.AGAINST_CLIENTS if args.against else defaults["clients"])
         settings.update(clients=clients, requests=args.requests or defaults["requests"],
                         max_batch=args.max_batch or defaults["max_batch"], seed=args.seed, against=args.against,
-                        against_model=args.against_model, text_only=args.text_only)
+                        against_model=args.against_model, text_only=args.text_only,
+                        max_batched_tokens=args.max_batched_tokens,
+                        kv_cache_memory=args.kv_cache_memory and _bytes(args.kv_cache_memory))
     else:
         from llava_fast.bench import train_bench as bench
 

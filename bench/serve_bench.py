@@ -197,13 +197,16 @@ def _run_clients(url, requests, clients, model=None, failures_ok=False):
         os.unlink(job)
 
 
-def run_server(model, requests, clients, max_batch, max_model_len, failures_ok=False):
+def run_server(model, requests, clients, max_batch, max_model_len, failures_ok=False, **serve_settings):
+    """(results, wall seconds) of the workload from `clients` clients against a fresh llava-fast server in this
+    process; serve_settings: further ServeConfig fields (max_batched_tokens, kv_cache_memory)."""
     import uvicorn
 
     from llava_fast.serve.app import ServeConfig, create_app
 
     config = ServeConfig(model_name="bench", max_batch=max_batch, max_model_len=max_model_len,
-                         max_waiting=len(requests) + clients, max_images_per_request=1)
+                         max_waiting=len(requests) + clients, max_images_per_request=1,
+                         **{k: v for k, v in serve_settings.items() if v is not None})
     server = uvicorn.Server(uvicorn.Config(create_app(model, config), host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -219,6 +222,10 @@ def run_server(model, requests, clients, max_batch, max_model_len, failures_ok=F
     finally:
         server.should_exit = True
         thread.join(60)
+
+
+def _serve_settings(settings):
+    return {k: settings.get(k) for k in ("max_batched_tokens", "kv_cache_memory")}
 
 
 def _figures(engine, clients, requests, results, wall):
@@ -303,9 +310,10 @@ def _run_beside_one_by_one(doc, model, requests, warm, max_model_len):
     doc["figures"] += _figures(ONE_BY_ONE, 1, requests, base, wall)
     base_tput = find_one(doc["figures"], "serve_output_throughput", engine=ONE_BY_ONE)["value"]
     for clients in settings["clients"]:
-        run_server(model, warm, 1, settings["max_batch"], max_model_len)
+        run_server(model, warm, 1, settings["max_batch"], max_model_len, **_serve_settings(settings))
         print(f"bench serve: {len(requests)} requests from {clients} clients ...", file=sys.stderr, flush=True)
-        results, wall = run_server(model, requests, clients, settings["max_batch"], max_model_len)
+        results, wall = run_server(model, requests, clients, settings["max_batch"], max_model_len,
+                                   **_serve_settings(settings))
         figs = _figures(SERVER, clients, requests, results, wall)
         tput = find_one(figs, "serve_output_throughput")["value"]
         figs.append(figure("serve_speedup", "x", higher_is_better=True, value=tput / base_tput, engine=SERVER,
@@ -338,7 +346,7 @@ def _run_against(doc, model, requests, warm, max_model_len):
     s = doc["settings"]
     other = s["against"] = s["against"].rstrip("/")
     s["against_model"] = s.get("against_model") or _first_model_id(other)
-    run_server(model, warm, 1, s["max_batch"], max_model_len, failures_ok=True)
+    run_server(model, warm, 1, s["max_batch"], max_model_len, failures_ok=True, **_serve_settings(s))
     _run_clients(other, warm, 1, s["against_model"], failures_ok=True)  # its warm-up (e.g. compiling) too
     tokens, failures = doc["checks"].setdefault("completion_tokens", {}), doc["checks"].setdefault("failures", {})
     for clients in s["clients"]:
@@ -347,7 +355,8 @@ def _run_against(doc, model, requests, warm, max_model_len):
             print(f"bench serve: {len(requests)} requests from {clients} clients to {engine} ...", file=sys.stderr,
                   flush=True)
             if engine == SERVER:
-                results, wall = run_server(model, requests, clients, s["max_batch"], max_model_len, failures_ok=True)
+                results, wall = run_server(model, requests, clients, s["max_batch"], max_model_len, failures_ok=True,
+                                           **_serve_settings(s))
             else:
                 results, wall = _run_clients(other, requests, clients, s["against_model"], failures_ok=True)
             figs[engine] = _figures(engine, clients, requests, results, wall)
