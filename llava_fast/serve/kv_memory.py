@@ -24,7 +24,7 @@ Accounting (what admission decides by; all in blocks of block_tokens positions, 
 What this is not (the native side's part of paging; csrc/decode.cpp is shared by the kernel layer): a row's
 positions are still one contiguous range of its own row, so two rows cannot share a prefix's blocks (prefix
 reuse copies them), and a row's address range is max_model_len long. Blocks shared between rows need the
-native attention to read K/V through a block table; see bench/NOTES.md ("Paged KV cache: the native side").
+native attention to read K/V through a block table: what that needs is written at the end of this file.
 """
 
 from __future__ import annotations
@@ -123,3 +123,27 @@ class KVMemory:
         return (f"KV cache: budget {self.budget_bytes / gib:.2f} GiB = {self.budget_tokens} tokens "
                 f"({self.bytes_per_token / 1024:.1f} KiB per token, blocks of {self.block_tokens}), "
                 f"resident only where written; {self.rows} rows of up to {self.capacity} positions")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Block tables: what the native side needs (csrc/decode.cpp; the Python side keeps this module's accounting)
+# ------------------------------------------------------------------------------------------------------------
+# Today a row's K/V for layer l, head h are one contiguous range of its own row:
+#     addr(l, row, h, pos) = base + l*s0 + row*s1 + h*s2 + pos*s3          (DecodeModel.step / .forward take s0..s3)
+# Paged, they live in blocks of BT positions taken from one pool per tensor, (L, NB, Hkv, BT, D), and a block table
+# int32 (B, max_blocks) maps a row's j-th block of positions to a pool block:
+#     addr(l, row, h, pos) = base + l*s0 + table[row, pos / BT]*s1 + h*s2 + (pos % BT)*s3
+# 1. DecodeModel.step(tokens, lengths, B, k, v, s0..s3, ...) gains (block_table ptr, table row stride, BT); the new
+#    token's K/V write goes to addr(l, row, h, lengths[row]); attention visits the row's blocks in position order,
+#    positions within a block contiguous as now. Visiting them in the same order keeps each row's sums, and so the
+#    greedy-equals-generate() guarantee, bit for bit (tests/test_native_decode.py compares against the torch step).
+# 2. DecodeModel.forward (prefill: per-token `slots` and `positions` already) resolves each token's K/V address
+#    through the table the same way; its attention in groups of 4 positions needs BT % 4 == 0.
+# 3. BT: a whole number of pages per (block, head) so a freed block can be given back with madvise (BT = 16 at
+#    D = 64 float32 is one page; 32 in bfloat16), and a multiple of 4 (above).
+# 4. The Python side then: a block allocator (free list + reference counts) in place of KVMemory.held; a prompt's
+#    prefix shared by reference (rows only append, so full prefix blocks are never written again; the partial last
+#    block is copied), image-prefix LRU entries holding block references instead of stacked copies
+#    (Scheduler.prefixes), admission by free blocks exactly as now, and the torch reference attention
+#    (ops.rotary_cached_attention_reference) gathering k_pool[table] for the tests. The Triton decode attention reads
+#    the same table on the GPU.
