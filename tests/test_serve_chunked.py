@@ -109,3 +109,5 @@ def test_many_clients_with_odd_prompts_match_generate(live, model):
 def test_budget_must_exceed_the_rows(model):
     with pytest.raises(InputError, match="max_batched_tokens"):
         Scheduler(model, max_batch=8, max_model_len=64, max_batched_tokens=8)
+    assert Scheduler(model, max_batch=8, max_model_len=64).max_batched_tokens == 128  # the CPU default
+    assert Scheduler(model, max_batch=100, max_model_len=64).max_batched_tokens == 200  # room beside 100 rows

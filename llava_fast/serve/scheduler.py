@@ -160,7 +160,8 @@ class Scheduler:
 
         self.model = model
         self.max_batch = max_batch
-        self.max_batched_tokens = max_batched_tokens or default_max_batched_tokens(model.device)
+        # A default leaves the prefill at least as many tokens as max_batch decoding rows take (--max-batch 128).
+        self.max_batched_tokens = max_batched_tokens or max(default_max_batched_tokens(model.device), 2 * max_batch)
         if self.max_batched_tokens <= max_batch:
             raise InputError(f"max_batched_tokens ({self.max_batched_tokens}) must be more than max_batch "
                              f"({max_batch}): the decoding rows take one token each of it first")
