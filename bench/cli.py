@@ -36,6 +36,16 @@ class _Parser(SubcommandParser):
         raise InputError(f"{self.prog}: {message}")
 
 
+def _bytes(text):
+    from llava_fast.cli import parse_bytes
+    from llava_fast.errors import LlavaFastError
+
+    try:
+        return parse_bytes(text, "--kv-cache-memory")
+    except LlavaFastError as err:
+        raise InputError(str(err)) from None
+
+
 def _int_list(text):
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -185,6 +195,15 @@ def build_parser():
     s.add_argument("--requests", type=_positive_int, help="requests in the workload (default 64 CPU, 256 CUDA)")
     s.add_argument("--max-batch", type=_positive_int, help="the server's KV-cache rows (default 16 CPU, 64 CUDA)")
     s.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    s.add_argument("--against", metavar="URL", help="also drive this OpenAI-compatible server (vLLM, llama.cpp, "
+                   "another llava-fast; e.g. http://127.0.0.1:8011) with the same workload, one engine at a time, "
+                   "instead of one-by-one generate(); default client counts 1,4,8,16")
+    s.add_argument("--against-model", metavar="NAME", help="the model id requests to --against name (default: the "
+                   "first of its /v1/models)")
+    s.add_argument("--text-only", action="store_true", help="no image requests (for text models)")
+    s.add_argument("--max-batched-tokens", type=_positive_int, help="the server's token budget per iteration "
+                   "(llava-fast serve --max-batched-tokens)")
+    s.add_argument("--kv-cache-memory", help="the server's KV-cache budget (llava-fast serve --kv-cache-memory)")
 
     c = sub.add_parser("compare", help="per-figure deltas between two result files, regressions flagged")
     c.add_argument("a", help="baseline result JSON")
@@ -285,8 +304,16 @@ def cmd_measure(args, argv) -> int:
         defaults = bench.DEFAULTS[device.type]
         settings = _common_settings(args, str(device), dict(defaults, batch_sizes=None))
         del settings["batch_sizes"]
-        settings.update(clients=args.clients or defaults["clients"], requests=args.requests or defaults["requests"],
-                        max_batch=args.max_batch or defaults["max_batch"], seed=args.seed)
+        if args.against_model and not args.against:
+            raise InputError("--against-model needs --against URL")
+        if args.against and not args.against.startswith(("http://", "https://")):
+            raise InputError(f"--against must be an http:// or https:// URL, got {args.against!r}")
+        clients = args.clients or (bench.AGAINST_CLIENTS if args.against else defaults["clients"])
+        settings.update(clients=clients, requests=args.requests or defaults["requests"],
+                        max_batch=args.max_batch or defaults["max_batch"], seed=args.seed, against=args.against,
+                        against_model=args.against_model, text_only=args.text_only,
+                        max_batched_tokens=args.max_batched_tokens,
+                        kv_cache_memory=args.kv_cache_memory and _bytes(args.kv_cache_memory))
     else:
         from llava_fast.bench import train_bench as bench
 

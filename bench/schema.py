@@ -53,6 +53,12 @@ FIGURES = {
     "serve_itl_p99": ("ms", False, ("engine", "clients")),
     "serve_speedup": ("x", True, ("engine", "baseline", "clients")),
     "serve_ttft_repeated_over_new": ("x", False, ("engine", "clients")),
+    # --against: llava-fast's figure over the other server's, at the same client count
+    "serve_ratio_output_throughput": ("x", True, ("engine", "baseline", "clients")),
+    "serve_ratio_ttft_p50": ("x", False, ("engine", "baseline", "clients")),
+    "serve_ratio_ttft_p99": ("x", False, ("engine", "baseline", "clients")),
+    "serve_ratio_itl_p50": ("x", False, ("engine", "baseline", "clients")),
+    "serve_ratio_itl_p99": ("x", False, ("engine", "baseline", "clients")),
 }
 
 _NUM = {"type": "number"}

@@ -1,20 +1,28 @@
 """`llava-fast bench serve`: the HTTP server under N concurrent clients, beside the same requests one by one.
 
 Workload (seeded, the same for every run): `requests` chat requests; prompt lengths drawn uniformly from
-8..128 words, max_tokens uniformly from 16..96 (a chat reply; EOS is left on, random weights rarely emit it); half carry an image drawn from a pool half their number, so
-about half of the image requests repeat an image an earlier request sent (PNG data: URLs of random pixels).
-Greedy, the same system prompt for all (the template's).
+8..128 words, max_tokens uniformly from 16..96 (a chat reply), sent with `ignore_eos` (vLLM's extension) so
+every engine produces exactly max_tokens tokens; half carry an image drawn from a pool half their number, so
+about half of the image requests repeat an image an earlier request sent (PNG data: URLs of random pixels;
+`--text-only` drops them, for text models). Greedy, the same system prompt for all (the template's).
 
 Engines, on the same weights in one process:
   - `generate-one-by-one`: `LlavaModel.stream()` of each request in turn (what a program without a server does).
   - `llava-fast/serve`: `llava-fast serve`'s app on uvicorn at 127.0.0.1 (a thread of this process; a fresh
     app per client count, so its image and prefix caches start empty), driven by `clients` concurrent httpx
     clients, each sending its next request when the last one's stream ended, streaming with usage.
+  - with `--against URL`, instead of one-by-one: the server at URL (any OpenAI-compatible server: vLLM,
+    llama.cpp's server, another llava-fast), driven by the same clients with the same workload, one engine at
+    a time (llava-fast first, then the other, at each client count; default counts 1, 4, 8, 16). Requests name
+    `--against-model` (default: the first id of the server's /v1/models). A request the server fails (an HTTP
+    error, an error event) is counted and its first message kept: that engine's row says so.
 Figures per engine and client count: requests/s and output tokens/s over the wall time of the whole
 workload; TTFT (request sent -> first content chunk received; for generate(): call -> first text delta)
 p50 (the figure's value, samples kept) and p99, split by image kind (`new`, `repeated`, `none`, `all`);
 inter-token latency p50/p99 (gaps between a stream's consecutive content chunks); `serve_speedup` = output
-tokens/s over one-by-one's; `serve_ttft_repeated_over_new` = TTFT p50 of repeated over new images.
+tokens/s over one-by-one's; `serve_ttft_repeated_over_new` = TTFT p50 of repeated over new images; with
+--against, `serve_ratio_*` = llava-fast's figure over the other server's (output tokens/s: higher is better;
+TTFT and ITL: lower is better).
 The clients run in a child process, as a load generator does (vLLM's benchmark_serving, or any real client):
 in this process their SSE reading and JSON parsing held the GIL that the scheduler thread needs between its
 native steps (1.5 CPU-s of a 11.5-s run of 64 requests from 16 clients, tiny preset, 2-core CPU).
@@ -39,17 +47,19 @@ DEFAULTS = {
     "cpu": dict(preset="tiny", clients=[1, 4, 16, 64], requests=64, max_batch=16, repeats=1, warmup=1),
     "cuda": dict(preset="llava-1.5-7b", clients=[1, 4, 16, 64], requests=256, max_batch=64, repeats=1, warmup=1),
 }
+AGAINST_CLIENTS = [1, 4, 8, 16]
 WORDS = ("image", "picture", "colour", "person", "left", "right", "unusual", "describe", "what", "where", "why",
          "the", "a", "of", "in", "is", "this", "that", "detail", "background", "object", "scene", "light")
 
 
-def workload(n, seed):
-    """n requests: (messages, max_tokens, image kind), image kind new/repeated/none in send order."""
+def workload(n, seed, images=True):
+    """n requests: (messages, max_tokens, image kind), image kind new/repeated/none in send order. images=False:
+    the same prompts and lengths, none with an image."""
     import base64
     import io
 
     rng = np.random.default_rng(seed)
-    with_image = rng.random(n) < 0.5
+    with_image = (rng.random(n) < 0.5) & images
     pool = max(1, int(with_image.sum()) // 2)
     urls = []
     for i in range(pool):
@@ -82,7 +92,7 @@ def run_one_by_one(model, requests):
     def work():
         for messages, max_tokens, _ in requests:
             t0 = time.perf_counter()
-            stamps = [time.perf_counter() for _ in model.stream(messages, max_new_tokens=max_tokens)]
+            stamps = [time.perf_counter() for _ in model.stream(messages, max_new_tokens=max_tokens, ignore_eos=True)]
             stamps = stamps or [time.perf_counter()]
             results.append((stamps[0] - t0, list(np.diff(stamps)), model.last_stats["new_tokens"]))
 
@@ -95,40 +105,50 @@ def run_one_by_one(model, requests):
     return results, time.perf_counter() - start
 
 
-async def _client_loop(http, url, queue, results):
+async def _one_request(http, url, index, messages, max_tokens, model):
+    """(ttft_s, [itl_s], tokens) of one streamed request, or the error message (str) of a failed one."""
     import json
 
-    while queue:
-        index, (messages, max_tokens, _) = queue.pop(0)
-        body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}}
-        t0, stamps, tokens = time.perf_counter(), [], 0
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    if model is not None:
+        body["model"] = model
+    t0, stamps, tokens = time.perf_counter(), [], None
+    try:
         async with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
-                raise RuntimeError(f"server answered {r.status_code}: {await r.aread()}")
+                return f"request {index}: the server answered {r.status_code}: {(await r.aread())[:300]!r}"
             async for line in r.aiter_lines():
                 if not line.startswith("data: {"):
                     continue
                 chunk = json.loads(line[6:])
                 if "error" in chunk:  # the server's error event (a failed step): its message, not a KeyError
-                    raise RuntimeError(f"request {index}: the server reported an error: "
-                                       f"{chunk['error'].get('message', chunk['error'])}")
-                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    return (f"request {index}: the server reported an error: "
+                            f"{chunk['error'].get('message', chunk['error'])}")
+                if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                     stamps.append(time.perf_counter())
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
-        stamps = stamps or [time.perf_counter()]
-        results[index] = (stamps[0] - t0, list(np.diff(stamps)), tokens)
+    except Exception as err:  # connection refused or reset, a broken stream: the row says so
+        return f"request {index}: {type(err).__name__}: {err}"
+    stamps = stamps or [time.perf_counter()]
+    return stamps[0] - t0, list(np.diff(stamps)), len(stamps) if tokens is None else tokens
 
 
-async def _drive(url, requests, clients):
+async def _client_loop(http, url, queue, results, model):
+    while queue:
+        index, (messages, max_tokens, _) = queue.pop(0)
+        results[index] = await _one_request(http, url, index, messages, max_tokens, model)
+
+
+async def _drive(url, requests, clients, model=None):
     import httpx
 
     queue, results = list(enumerate(requests)), [None] * len(requests)
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=None, limits=limits) as http:
         start = time.perf_counter()
-        await asyncio.gather(*(_client_loop(http, url, queue, results) for _ in range(clients)))
+        await asyncio.gather(*(_client_loop(http, url, queue, results, model) for _ in range(clients)))
         return results, time.perf_counter() - start
 
 
@@ -139,17 +159,18 @@ def _client_main(job):
     import traceback
 
     with open(job, "rb") as f:
-        url, requests, clients = pickle.load(f)
+        url, requests, clients, model = pickle.load(f)
     try:
-        out = ("ok", asyncio.run(_drive(url, requests, clients)))
+        out = ("ok", asyncio.run(_drive(url, requests, clients, model)))
     except BaseException:
         out = ("error", traceback.format_exc())
     with open(job, "wb") as f:
         pickle.dump(out, f)
 
 
-def _run_clients(url, requests, clients):
+def _run_clients(url, requests, clients, model=None, failures_ok=False):
     """(results, wall seconds) of `clients` concurrent clients in a child process (see the module docstring).
+    A failed request's result is its error message; unless failures_ok, the first one raises RuntimeError.
     A plain `python -c` child, not multiprocessing's spawn: spawn re-imports the caller's __main__, which
     re-ran a calling script's whole benchmark in the child when the script had no `if __name__` guard."""
     import os
@@ -160,7 +181,7 @@ def _run_clients(url, requests, clients):
     fd, job = tempfile.mkstemp(suffix=".pkl", prefix="llava-fast-bench-serve-")
     try:
         with os.fdopen(fd, "wb") as f:
-            pickle.dump((url, requests, clients), f)
+            pickle.dump((url, requests, clients, model), f)
         code = f"from llava_fast.bench.serve_bench import _client_main; _client_main({job!r})"
         done = subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL)
         with open(job, "rb") as f:
@@ -168,18 +189,24 @@ def _run_clients(url, requests, clients):
         if status != "ok":
             raise RuntimeError(f"the benchmark's clients failed (exit code {done.returncode})"
                                + (f":\n{payload}" if payload else ""))
+        failed = [r for r in payload[0] if isinstance(r, str)]
+        if failed and not failures_ok:
+            raise RuntimeError(f"{len(failed)} of {len(requests)} requests failed; the first: {failed[0]}")
         return payload
     finally:
         os.unlink(job)
 
 
-def run_server(model, requests, clients, max_batch, max_model_len):
+def run_server(model, requests, clients, max_batch, max_model_len, failures_ok=False, **serve_settings):
+    """(results, wall seconds) of the workload from `clients` clients against a fresh llava-fast server in this
+    process; serve_settings: further ServeConfig fields (max_batched_tokens, kv_cache_memory)."""
     import uvicorn
 
     from llava_fast.serve.app import ServeConfig, create_app
 
     config = ServeConfig(model_name="bench", max_batch=max_batch, max_model_len=max_model_len,
-                         max_waiting=len(requests) + clients, max_images_per_request=1)
+                         max_waiting=len(requests) + clients, max_images_per_request=1,
+                         **{k: v for k, v in serve_settings.items() if v is not None})
     server = uvicorn.Server(uvicorn.Config(create_app(model, config), host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -191,14 +218,23 @@ def run_server(model, requests, clients, max_batch, max_model_len):
     url = f"http://127.0.0.1:{port}"
 
     try:
-        return _run_clients(url, requests, clients)
+        return _run_clients(url, requests, clients, failures_ok=failures_ok)
     finally:
         server.should_exit = True
         thread.join(60)
 
 
+def _serve_settings(settings):
+    return {k: settings.get(k) for k in ("max_batched_tokens", "kv_cache_memory")}
+
+
 def _figures(engine, clients, requests, results, wall):
+    """Figures over the requests that succeeded (a failed one's result is its error message)."""
     figs, labels = [], dict(engine=engine, clients=clients)
+    requests = [q for r, q in zip(results, requests) if not isinstance(r, str)]
+    results = [r for r in results if not isinstance(r, str)]
+    if not results:
+        return figs
     tokens = sum(r[2] for r in results)
     figs.append(figure("serve_request_throughput", "requests/s", higher_is_better=True, value=len(results) / wall,
                        **labels))
@@ -237,7 +273,8 @@ def run(settings: dict, argv) -> dict:
                     model_name=settings["model"] or settings["preset"])
     if max(settings["clients"]) > settings["requests"]:
         raise InputError(f"--requests {settings['requests']} is fewer than the largest client count")
-    requests = workload(settings["requests"], settings["seed"])
+    images = not settings.get("text_only")
+    requests = workload(settings["requests"], settings["seed"], images)
     from llava_fast.prompts.messages import split_openai_messages
 
     def prompt_tokens(messages):
@@ -251,39 +288,136 @@ def run(settings: dict, argv) -> dict:
     telemetry = Telemetry(device).start()
     try:
         doc["ceilings"] = measure_ceilings(device)
-        warm = workload(max(2, settings["warmup"] * 2), settings["seed"] + 1)
-        run_one_by_one(model, warm)
-        print(f"bench serve: {len(requests)} requests one by one ...", file=sys.stderr, flush=True)
-        base, wall = run_one_by_one(model, requests)
-        doc["figures"] += _figures(ONE_BY_ONE, 1, requests, base, wall)
-        base_tput = find_one(doc["figures"], "serve_output_throughput", engine=ONE_BY_ONE)["value"]
-        for clients in settings["clients"]:
-            run_server(model, warm, 1, settings["max_batch"], max_model_len)
-            print(f"bench serve: {len(requests)} requests from {clients} clients ...", file=sys.stderr, flush=True)
-            results, wall = run_server(model, requests, clients, settings["max_batch"], max_model_len)
-            figs = _figures(SERVER, clients, requests, results, wall)
-            tput = find_one(figs, "serve_output_throughput")["value"]
-            figs.append(figure("serve_speedup", "x", higher_is_better=True, value=tput / base_tput, engine=SERVER,
-                               baseline=ONE_BY_ONE, clients=clients))
-            new, rep = find_one(figs, "serve_ttft", image="new"), find_one(figs, "serve_ttft", image="repeated")
-            if new and rep:
-                figs.append(figure("serve_ttft_repeated_over_new", "x", higher_is_better=False,
-                                   value=rep["value"] / new["value"], engine=SERVER, clients=clients))
-            doc["figures"] += figs
-            doc["checks"].setdefault("completion_tokens", {})[str(clients)] = sum(r[2] for r in results)
-        doc["checks"]["completion_tokens"]["one_by_one"] = sum(r[2] for r in base)
+        warm = workload(max(2, settings["warmup"] * 2), settings["seed"] + 1, images)
+        if settings.get("against"):
+            _run_against(doc, model, requests, warm, max_model_len)
+        else:
+            _run_beside_one_by_one(doc, model, requests, warm, max_model_len)
     finally:
         telemetry.stop()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     doc["telemetry"] = telemetry.to_dict()
-    counts = doc["checks"]["completion_tokens"]
-    if len(set(counts.values())) != 1:
-        doc["notes"].append(f"completion token counts differ between runs: {counts}")
     return doc
 
 
+def _run_beside_one_by_one(doc, model, requests, warm, max_model_len):
+    """One-by-one generate() of the workload, then llava-fast's server at each client count."""
+    settings = doc["settings"]
+    run_one_by_one(model, warm)
+    print(f"bench serve: {len(requests)} requests one by one ...", file=sys.stderr, flush=True)
+    base, wall = run_one_by_one(model, requests)
+    doc["figures"] += _figures(ONE_BY_ONE, 1, requests, base, wall)
+    base_tput = find_one(doc["figures"], "serve_output_throughput", engine=ONE_BY_ONE)["value"]
+    for clients in settings["clients"]:
+        run_server(model, warm, 1, settings["max_batch"], max_model_len, **_serve_settings(settings))
+        print(f"bench serve: {len(requests)} requests from {clients} clients ...", file=sys.stderr, flush=True)
+        results, wall = run_server(model, requests, clients, settings["max_batch"], max_model_len,
+                                   **_serve_settings(settings))
+        figs = _figures(SERVER, clients, requests, results, wall)
+        tput = find_one(figs, "serve_output_throughput")["value"]
+        figs.append(figure("serve_speedup", "x", higher_is_better=True, value=tput / base_tput, engine=SERVER,
+                           baseline=ONE_BY_ONE, clients=clients))
+        new, rep = find_one(figs, "serve_ttft", image="new"), find_one(figs, "serve_ttft", image="repeated")
+        if new and rep:
+            figs.append(figure("serve_ttft_repeated_over_new", "x", higher_is_better=False,
+                               value=rep["value"] / new["value"], engine=SERVER, clients=clients))
+        doc["figures"] += figs
+        doc["checks"].setdefault("completion_tokens", {})[str(clients)] = sum(r[2] for r in results)
+    doc["checks"]["completion_tokens"]["one_by_one"] = sum(r[2] for r in base)
+    counts = doc["checks"]["completion_tokens"]
+    if len(set(counts.values())) != 1:
+        doc["notes"].append(f"completion token counts differ between runs: {counts}")
+
+
+def _first_model_id(url):
+    import httpx
+
+    try:
+        r = httpx.get(url + "/v1/models", timeout=30)
+        return r.json()["data"][0]["id"]
+    except Exception as err:
+        raise InputError(f"--against {url}: could not read a model id from {url}/v1/models ({type(err).__name__}: "
+                         f"{err}); name it with --against-model") from None
+
+
+def _run_against(doc, model, requests, warm, max_model_len):
+    """llava-fast's server, then the other server, at each client count: the same requests, one engine at a time."""
+    s = doc["settings"]
+    other = s["against"] = s["against"].rstrip("/")
+    s["against_model"] = s.get("against_model") or _first_model_id(other)
+    run_server(model, warm, 1, s["max_batch"], max_model_len, failures_ok=True, **_serve_settings(s))
+    _run_clients(other, warm, 1, s["against_model"], failures_ok=True)  # its warm-up (e.g. compiling) too
+    tokens, failures = doc["checks"].setdefault("completion_tokens", {}), doc["checks"].setdefault("failures", {})
+    for clients in s["clients"]:
+        figs = {}
+        for engine in (SERVER, other):
+            print(f"bench serve: {len(requests)} requests from {clients} clients to {engine} ...", file=sys.stderr,
+                  flush=True)
+            if engine == SERVER:
+                results, wall = run_server(model, requests, clients, s["max_batch"], max_model_len, failures_ok=True,
+                                           **_serve_settings(s))
+            else:
+                results, wall = _run_clients(other, requests, clients, s["against_model"], failures_ok=True)
+            figs[engine] = _figures(engine, clients, requests, results, wall)
+            doc["figures"] += figs[engine]
+            tokens[f"{engine} x{clients}"] = sum(r[2] for r in results if not isinstance(r, str))
+            failed = [r for r in results if isinstance(r, str)]
+            doc["checks"].setdefault("failed_requests", {})[f"{engine} x{clients}"] = len(failed)
+            if failed:
+                failures[f"{engine} x{clients}"] = f"{len(failed)} of {len(results)} failed; the first: {failed[0]}"
+        for name, ratio in (("serve_output_throughput", "serve_ratio_output_throughput"),
+                            ("serve_ttft", "serve_ratio_ttft_p50"), ("serve_ttft_p99", "serve_ratio_ttft_p99"),
+                            ("serve_itl_p50", "serve_ratio_itl_p50"), ("serve_itl_p99", "serve_ratio_itl_p99")):
+            extra = {"image": "all"} if name.startswith("serve_ttft") else {}
+            ours, theirs = (find_one(figs[e], name, **extra) for e in (SERVER, other))
+            if ours and theirs and theirs["value"] > 0:
+                doc["figures"].append(figure(ratio, "x", higher_is_better=name == "serve_output_throughput",
+                                             value=ours["value"] / theirs["value"], engine=SERVER, baseline=other,
+                                             clients=clients))
+    per_clients = {}
+    for key, n in tokens.items():
+        per_clients.setdefault(key.rsplit(" x", 1)[1], set()).add(n)
+    if any(len(v) > 1 for v in per_clients.values()):
+        doc["notes"].append(f"the engines produced different token counts (ignore_eos not honoured, or failed "
+                            f"requests): {tokens}")
+
+
+def _against_markdown(doc):
+    s, figs = doc["settings"], doc["figures"]
+    other = s["against"]
+    lines = [f"## llava-fast bench serve --against {other} ({s['against_model']}): {s['model_name']} "
+             f"({s['dtype']}) on {doc['device']['name']}, {s['requests']} requests ({s['kinds']}), "
+             f"max batch {s['max_batch']}, ignore_eos", ""]
+    lines += [f"- {x}" for x in header_lines(doc)] + [""]
+    rows = []
+    for clients in s["clients"]:
+        for engine in (SERVER, other):
+            def get(name, **extra):
+                hit = find_one(figs, name, engine=engine, clients=clients, **extra)
+                return fmt(hit["value"]) if hit else "-"
+
+            failure = doc["checks"].get("failures", {}).get(f"{engine} x{clients}")
+            rows.append([clients, engine, get("serve_output_throughput"), get("serve_ttft", image="all"),
+                         get("serve_ttft_p99", image="all"), get("serve_itl_p50"), get("serve_itl_p99"),
+                         f"FAILED: {failure}" if failure else "all ok"])
+
+        def ratio(name):
+            hit = find_one(figs, name, clients=clients)
+            return fmt(hit["value"], "x") if hit else "-"
+
+        rows.append([clients, "llava-fast / other", ratio("serve_ratio_output_throughput"),
+                     ratio("serve_ratio_ttft_p50"), ratio("serve_ratio_ttft_p99"), ratio("serve_ratio_itl_p50"),
+                     ratio("serve_ratio_itl_p99"), ""])
+    lines.append(md_table(["clients", "engine", "out tok/s", "TTFT p50 ms", "TTFT p99", "ITL p50 ms", "ITL p99",
+                           "requests"], rows))
+    lines += [f"note: {n}" for n in doc["notes"]]
+    return "\n".join(lines)
+
+
 def markdown(doc: dict) -> str:
+    if doc["settings"].get("against"):
+        return _against_markdown(doc)
     s, figs = doc["settings"], doc["figures"]
     lines = [f"## llava-fast bench serve: {s['model_name']} ({s['dtype']}) on {doc['device']['name']}, "
              f"{s['requests']} requests ({s['kinds']}), max batch {s['max_batch']}", ""]

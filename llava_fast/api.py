@@ -325,11 +325,12 @@ class LlavaModel:
         pad = decoder.batch_size - len(feed)  # a CUDA-graph bucket may hold more rows than the batch
         feed += [[0 if self.tokenizer.bos_token_id is None else self.tokenizer.bos_token_id]] * pad
         starts = None if start_pos is None else list(start_pos) + [0] * pad
-        outputs = [RowOutput(self.tokenizer if decode else None, stop, eos_token_id) for _ in rows]
+        outputs = [RowOutput(self.tokenizer if decode else None, stop, sampling.eos_for_row(eos_token_id))
+                   for _ in rows]
         compile_before = self.compiled.compile_s if self.compiled else 0.0
         start = time.perf_counter()
         logits = decoder.prefill(feed, pixel_values, starts, image_sizes=image_sizes)
-        steps = generate_token_steps(decoder, logits, max_new_tokens, sampling)
+        steps = generate_token_steps(decoder, logits, max_new_tokens, sampling, eos_token_id)
         first, n, pending = None, 0, []
         for i, tokens in enumerate(steps):
             pending.append(tokens)
@@ -387,15 +388,18 @@ class LlavaModel:
         user = [stop] if isinstance(stop, str) else list(stop or [])
         return [s for s in dict.fromkeys(user + list(tpl_stops)) if s]
 
-    def _generation_settings(self, max_new_tokens, temperature, top_p, top_k, seed, stop, template, system):
+    def _generation_settings(self, max_new_tokens, temperature, top_p, top_k, seed, stop, template, system,
+                             min_tokens=0, ignore_eos=False):
         """Every generation argument checked before any work: (max_new_tokens, Sampling, stop strings)."""
         max_new_tokens = _check_max_new_tokens(max_new_tokens)
-        sampling = Sampling(temperature, top_p, top_k, seed)
+        sampling = Sampling(temperature, top_p, top_k, seed, min_tokens=min_tokens, ignore_eos=ignore_eos)
+        if sampling.min_tokens > max_new_tokens:
+            raise InputError(f"min_tokens ({min_tokens}) must be at most max_new_tokens ({max_new_tokens})")
         _check_text_options(stop, template, system)
         return max_new_tokens, sampling, self._stop_strings(stop, template)
 
     def generate(self, prompts, images=None, *, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
-                 stop=None, seed=None, template=None, system=None):
+                 stop=None, seed=None, template=None, system=None, min_tokens=0, ignore_eos=False):
         """Reply to one prompt (str -> str) or a batch (list[str] -> list[str]).
 
         A prompt may also be OpenAI-style chat messages ([{"role": ..., "content": str | parts}], parts
@@ -407,12 +411,15 @@ class LlavaModel:
         and exactly one image gets the marker prepended; any other mismatch raises InputError.
         max_new_tokens: a positive int; prompt + max_new_tokens may be the context length + 1 (the last new
         token is never fed back). temperature 0 is greedy; top_k 0 means no cut; all checked up front.
+        min_tokens: EOS cannot end a reply shorter than this (its logits are -inf until then); ignore_eos: EOS
+        does not end a reply at all (it runs to max_new_tokens or a stop string), as vLLM's extensions do.
 
         Ids the model can emit but the tokenizer does not know (llava-hf pads lm_head to 32,064 rows for
         32,002 tokens) decode to nothing, as transformers decodes them: the text is always
         `tokenizer.decode(generate_ids(...))`, and sampling is not altered.
         """
-        settings = self._generation_settings(max_new_tokens, temperature, top_p, top_k, seed, stop, template, system)
+        settings = self._generation_settings(max_new_tokens, temperature, top_p, top_k, seed, stop, template, system,
+                                             min_tokens, ignore_eos)
         single, rows, flat_images = self._prepare(prompts, images, template, system)
         texts = [""] * len(rows)
         for deltas in self._run_text(rows, flat_images, settings):
@@ -428,7 +435,7 @@ class LlavaModel:
                                  sync_every=sync_every, image_sizes=image_sizes)
 
     def stream(self, prompt, image=None, *, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, stop=None,
-               seed=None, template=None, system=None) -> Iterator:
+               seed=None, template=None, system=None, min_tokens=0, ignore_eos=False) -> Iterator:
         """Yield the reply's text as it is generated, in UTF-8-safe deltas; their concatenation equals
         generate()'s text for the same arguments.
 
@@ -436,7 +443,8 @@ class LlavaModel:
         ("" for a row with nothing new at that step, or that has ended); each row's concatenation equals
         generate()'s text for it. Arguments are checked here, when stream() is called, not at the first next().
         """
-        settings = self._generation_settings(max_new_tokens, temperature, top_p, top_k, seed, stop, template, system)
+        settings = self._generation_settings(max_new_tokens, temperature, top_p, top_k, seed, stop, template, system,
+                                             min_tokens, ignore_eos)
         single, rows, flat_images = self._prepare(prompt, image, template, system)
         steps = self._run_text(rows, flat_images, settings, sync_every=1)
         if single:

@@ -187,7 +187,7 @@ def cmd_chat(args):
 def _check_serve_args(args):
     """Every serve setting checked before the model loads (a 7B load takes a minute): one line, exit 2."""
     for flag in ("max_batch", "max_model_len", "max_waiting", "max_images_per_request",
-                 "max_body_mb", "default_max_tokens"):
+                 "max_body_mb", "default_max_tokens", "max_batched_tokens"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise LlavaFastError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
@@ -209,6 +209,11 @@ def _check_serve_args(args):
         raise LlavaFastError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
     if not 0 <= args.port <= 65535:
         raise LlavaFastError(f"--port must be in 0..65535, got {args.port}")
+    if args.kv_cache_memory is not None:
+        args.kv_cache_memory = parse_bytes(args.kv_cache_memory, "--kv-cache-memory")
+    if args.max_batched_tokens is not None and args.max_batched_tokens <= args.max_batch:
+        raise LlavaFastError(f"--max-batched-tokens ({args.max_batched_tokens}) must be more than --max-batch "
+                             f"({args.max_batch}): each decoding row takes one token of it first")
     import socket
 
     try:  # the address is free now (uvicorn binds it again after the load; a race there is uvicorn's error)
@@ -216,6 +221,21 @@ def _check_serve_args(args):
             pass
     except OSError as e:
         raise LlavaFastError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+
+
+_UNITS = {"": 1 << 30, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000 ** 4, "tib": 1 << 40}
+
+
+def parse_bytes(text: str, flag: str) -> int:
+    """'2GiB', '512MiB', '1.5G', '3' (GiB) -> bytes; anything else is one clear error."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match and match.group(2).lower()
+    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise LlavaFastError(f"{flag} must be a positive size such as 2GiB, 512MiB or 3 (GiB), got {text!r}")
+    return int(float(match.group(1)) * _UNITS[unit])
 
 
 def cmd_serve(args):
@@ -234,7 +254,8 @@ def cmd_serve(args):
         image_cache_mb=args.image_cache_mb, max_image_pixels=max_image_pixels(),
         max_images_per_request=args.max_images_per_request, allowed_local_media_path=args.allowed_local_media_path,
         api_key=args.api_key, max_body_bytes=args.max_body_mb << 20, default_max_tokens=args.default_max_tokens,
-        shutdown_timeout=args.shutdown_timeout)
+        shutdown_timeout=args.shutdown_timeout, max_batched_tokens=args.max_batched_tokens,
+        kv_cache_memory=args.kv_cache_memory)
     return serve(_load(args), config, host=args.host, port=args.port)
 
 
@@ -252,6 +273,12 @@ def _add_serve_args(s):
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     s.add_argument("--max-body-mb", type=int, default=32, help="largest request body")
     s.add_argument("--default-max-tokens", type=int, default=256, help="reply length when a request sets none")
+    s.add_argument("--max-batched-tokens", type=int, help="tokens per scheduler iteration, as vLLM's "
+                   "max_num_batched_tokens: one per decoding row first, the rest for slices of new prompts "
+                   "(chunked prefill; default 128 on CPU, 2048 on GPU, at least twice --max-batch)")
+    s.add_argument("--kv-cache-memory", help="KV-cache memory the server may hold, e.g. 2GiB, 512MiB (a bare "
+                   "number is GiB; default 4GiB, or a quarter of RAM when less); memory is used only as tokens are "
+                   "cached, and requests wait in the queue while it is full")
     s.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to finish "
                    "after SIGTERM/SIGINT")
 

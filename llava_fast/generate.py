@@ -26,6 +26,11 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k cut
     seed: int | None = None
+    # vLLM's extensions that benchmarks use: EOS ids cannot be drawn before min_tokens new tokens (their logits
+    # are -inf), and with ignore_eos an EOS id is a token like any other (the row runs to its token budget, so
+    # two engines under test produce the same number of tokens). Stop strings still end a row either way.
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
     def __post_init__(self):
         # Checked here, before any work: a string or NaN temperature would otherwise fail (or silently
@@ -39,6 +44,14 @@ class Sampling:
         if self.seed is not None and not (is_integer(self.seed) and -2**63 <= self.seed < 2**64):
             # torch.Generator.manual_seed's range; beyond it a bare "Overflow when unpacking long long"
             raise InputError(f"seed must be an integer in [-2**63, 2**64) or None, got {self.seed!r}")
+        if not is_integer(self.min_tokens) or self.min_tokens < 0:
+            raise InputError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise InputError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+
+    def eos_for_row(self, eos_token_ids):
+        """The ids that end a row under these settings: none with ignore_eos."""
+        return None if self.ignore_eos else eos_token_ids
 
     def generator(self, device):
         if self.temperature == 0:
@@ -65,6 +78,16 @@ def positions_needed(prompt_tokens: int, max_new_tokens: int) -> int:
     token fed back. The last new token is sampled from the logits of the position before it and never fed
     back, so a 512-token context holds a 500-token prompt and 13 new tokens."""
     return prompt_tokens + max_new_tokens - 1
+
+
+def suppress_eos(logits, eos_token_ids):
+    """logits (B, V) with every EOS id at -inf (a copy): min_tokens' rule, applied before sampling."""
+    ids = [eos_token_ids] if is_integer(eos_token_ids) else list(eos_token_ids or ())
+    if not ids:
+        return logits
+    logits = logits.clone()
+    logits[:, ids] = float("-inf")
+    return logits
 
 
 def sample_next_token(logits, sampling: Sampling, generator):
@@ -115,12 +138,14 @@ class Decoder:
     """
 
     def __init__(self, net: LlavaForCausalLM, batch_size: int, max_tokens: int, cuda_graph: bool = False,
-                 compiled=None):
+                 compiled=None, cache: KVCache | None = None):
         self.net = net
         weight = net.language_model.embed_tokens.weight  # the compute dtype even when lm_head is quantized
         self.device, self.dtype = weight.device, weight.dtype
         self.batch_size = batch_size
-        self.cache = KVCache(net.cfg.text, batch_size, max_tokens, self.device, self.dtype)
+        # cache: storage of the caller's (the server's, resident only where written: serve/kv_memory.py)
+        self.cache = cache if cache is not None else KVCache(net.cfg.text, batch_size, max_tokens, self.device,
+                                                             self.dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=self.device)  # tokens cached per row
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self.compiled = compiled
@@ -178,15 +203,23 @@ class Decoder:
         Returns the logits of the last token, (1, V). Runs as its own batch of one, outside any CUDA graph.
         """
         ids_t = torch.as_tensor([ids], dtype=torch.long).to(self.device, non_blocking=True)  # (1, T)
-        start = torch.tensor([start_pos], dtype=torch.int32, device=self.device)
-        seq_lens = torch.tensor([len(ids)], dtype=torch.int32, device=self.device)
-        x = self.net.embed(ids_t, image_features=image_features)
+        x = self.net.embed(ids_t, image_features=image_features)  # (1, T, C)
+        return self.prefill_embeddings(slot, x[0], start_pos)
+
+    @torch.inference_mode()
+    def prefill_embeddings(self, slot, x, start_pos):
+        """prefill_slot on embeddings x (T, C) (net.embed's output, images spliced in): a prompt entered in
+        chunks (the server's chunked prefill) is this call on consecutive slices of its embeddings, each after
+        the positions the previous slices filled. Returns the logits of the last position, (1, V)."""
+        T = x.shape[0]
         if self.native is not None and self.native.prefills:
-            logits = self.native.prefill(self.cache, slot, start_pos, x[0])  # raises before writing anything
-            self.lengths[slot] = start_pos + len(ids)
+            logits = self.native.prefill(self.cache, slot, start_pos, x)  # raises before writing anything
+            self.lengths[slot] = start_pos + T
             return logits
-        self.lengths[slot] = start_pos + len(ids)
-        hidden = self.net.decode_hidden(x, self.cache.rows(slot, slot + 1), start, seq_lens)  # (1, T, C)
+        start = torch.tensor([start_pos], dtype=torch.int32, device=self.device)
+        seq_lens = torch.tensor([T], dtype=torch.int32, device=self.device)
+        self.lengths[slot] = start_pos + T
+        hidden = self.net.decode_hidden(x[None], self.cache.rows(slot, slot + 1), start, seq_lens)  # (1, T, C)
         return self.net.lm_head(hidden[:, -1]).float()
 
     @torch.inference_mode()
@@ -238,15 +271,22 @@ class Decoder:
         self.lengths.copy_(saved)  # capture records without running; restore in case a warm-up side effect leaked
 
 
-def generate_token_steps(decoder: Decoder, first_logits, max_new_tokens, sampling: Sampling):
+def generate_token_steps(decoder: Decoder, first_logits, max_new_tokens, sampling: Sampling, eos_token_ids=None):
     """Yield the (B,) tensor of new tokens at each step, max_new_tokens times at most, without reading them
-    back to the host; the caller stops early by closing the generator (EOS, stop strings)."""
+    back to the host; the caller stops early by closing the generator (EOS, stop strings). The first
+    sampling.min_tokens tokens are never one of eos_token_ids."""
+
+    def pick(logits, i):
+        if i < sampling.min_tokens:
+            logits = suppress_eos(logits, eos_token_ids)
+        return sample_next_token(logits, sampling, generator)
+
     generator = sampling.generator(decoder.device)
-    tokens = sample_next_token(first_logits, sampling, generator)
+    tokens = pick(first_logits, 0)
     for i in range(max_new_tokens):
         yield tokens
         if i + 1 < max_new_tokens:
-            tokens = sample_next_token(decoder.step(tokens), sampling, generator)
+            tokens = pick(decoder.step(tokens), i + 1)
 
 
 def batch_bucket(batch_size):

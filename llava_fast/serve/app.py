@@ -57,6 +57,8 @@ class ServeConfig:
     max_body_bytes: int = 32 * 1024 * 1024
     default_max_tokens: int = 256  # when a request names no max_tokens (capped by the room left in the row)
     shutdown_timeout: float = 30.0
+    max_batched_tokens: int | None = None  # tokens per scheduler iteration (chunked prefill); None: the default
+    kv_cache_memory: int | None = None  # bytes of K/V the server may hold (CPU); None: 4 GiB or RAM / 4
 
 
 class _BodyTooLarge(Exception):
@@ -167,7 +169,9 @@ def create_app(model, config: ServeConfig | None = None, scheduler: Scheduler | 
         raise InputError("LLaVA-NeXT (AnyRes) checkpoints cannot be served yet; use generate/stream/chat")
     scheduler = scheduler or Scheduler(model, max_batch=config.max_batch, max_model_len=config.max_model_len,
                                        max_waiting=config.max_waiting,
-                                       image_cache_bytes=int(config.image_cache_mb * (1 << 20)))
+                                       image_cache_bytes=int(config.image_cache_mb * (1 << 20)),
+                                       max_batched_tokens=config.max_batched_tokens,
+                                       kv_cache_memory=config.kv_cache_memory)
     metrics = scheduler.metrics
 
     @contextlib.asynccontextmanager
@@ -254,8 +258,11 @@ def create_app(model, config: ServeConfig | None = None, scheduler: Scheduler | 
                              f"than the {scheduler.max_model_len}-token context")
         if body.top_logprobs and not body.logprobs:
             raise InputError("top_logprobs needs logprobs: true")
+        if body.min_tokens > max_tokens:
+            raise InputError(f"min_tokens ({body.min_tokens}) must be at most max_tokens ({max_tokens})")
         return dict(ids=ids, images=images, image_keys=keys, max_tokens=max_tokens,
-                    sampling=Sampling(body.temperature, body.top_p, body.top_k, body.seed),
+                    sampling=Sampling(body.temperature, body.top_p, body.top_k, body.seed,
+                                      min_tokens=body.min_tokens, ignore_eos=body.ignore_eos),
                     stop=model._stop_strings(body.stop, None), logprobs=body.logprobs,
                     top_logprobs=body.top_logprobs or 0)
 

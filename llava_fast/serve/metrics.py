@@ -5,10 +5,15 @@ In: the scheduler and the HTTP routes update them. Out: `render()` -> the text e
 
 from __future__ import annotations
 
+import collections
+import threading
+
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Seconds: decode steps take ~1 ms (7B on an H100) to ~100 ms (tiny on a busy CPU); TTFT adds queueing.
+RECENT_GAPS = 4096
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48)
 
 
@@ -32,10 +37,37 @@ class ServeMetrics:
         self.inter_token_latency = Histogram("llava_fast_inter_token_latency_seconds",
                                              "time between a request's consecutive tokens", registry=r,
                                              buckets=_LATENCY_BUCKETS)
+        # The histogram's buckets double, so a quantile read from them is only known within 2x; these are exact
+        # over the most recent gaps (what a dashboard and `bench serve` compare: p99 against p50).
+        self.recent_inter_token_latency = Gauge("llava_fast_recent_inter_token_latency_seconds",
+                                                f"inter-token latency quantiles over the last {RECENT_GAPS} gaps",
+                                                ["quantile"], registry=r)
+        self._recent_gaps = collections.deque(maxlen=RECENT_GAPS)
+        self._recent_lock = threading.Lock()
+        self.prefill_chunks = Counter("llava_fast_prefill_chunks", "prompt slices prefilled between decode steps "
+                                      "(chunked prefill; a prompt within one iteration's budget is one slice)",
+                                      registry=r)
+        self.max_batched_tokens = Gauge("llava_fast_max_batched_tokens", "token budget of one iteration: one per "
+                                        "decoding row, the rest for prefill slices", registry=r)
+        self.kv_cache_budget_bytes = Gauge("llava_fast_kv_cache_budget_bytes", "KV-cache memory the server may "
+                                           "hold (--kv-cache-memory; on a GPU the dense cache's size)", registry=r)
+        self.kv_cache_held_bytes = Gauge("llava_fast_kv_cache_held_bytes", "KV-cache memory reserved by running "
+                                         "rows plus cached prefixes of free rows (whole blocks)", registry=r)
+        self.kv_cache_live_tokens = Gauge("llava_fast_kv_cache_live_tokens", "positions whose K/V running rows "
+                                          "hold now", registry=r)
         self.image_cache_hits = Counter("llava_fast_image_cache_hits", "images that skipped the vision tower (feature cache or reused prefix)",
                                         registry=r)
         self.image_cache_misses = Counter("llava_fast_image_cache_misses", "images run through the vision tower",
                                           registry=r)
 
+    def observe_inter_token(self, seconds: float):
+        self.inter_token_latency.observe(seconds)
+        with self._recent_lock:
+            self._recent_gaps.append(seconds)
+
     def render(self) -> bytes:
+        with self._recent_lock:
+            gaps = np.array(self._recent_gaps)
+        for q in ("0.5", "0.99"):
+            self.recent_inter_token_latency.labels(q).set(float(np.quantile(gaps, float(q))) if gaps.size else 0.0)
         return generate_latest(self.registry)

@@ -97,6 +97,9 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # vLLM's sampling extensions (benchmarks send them so every engine produces the same token count):
+    ignore_eos: StrictBool = False  # EOS does not end the reply (max_tokens or a stop string does)
+    min_tokens: StrictInt = Field(default=0, ge=0)  # EOS cannot end a reply shorter than this
 
     @field_validator("temperature", "top_p")
     @classmethod

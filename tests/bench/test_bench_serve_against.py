@@ -1,0 +1,76 @@
+"""`llava-fast bench serve --against URL`: a second llava-fast server, started here on 127.0.0.1, is the "other"
+OpenAI-compatible server; the same seeded workload goes to both, one engine at a time, with ignore_eos, so both
+produce exactly the workload's max_tokens. A server that fails requests is a row that says so."""
+
+import json
+
+import pytest
+
+from llava_fast.bench import cli, schema, serve_bench
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("fastapi", reason="the server extra is not installed")
+
+
+@pytest.fixture(scope="module")
+def other():
+    from llava_fast.presets import random_model
+    from llava_fast.serve.app import ServeConfig
+    from serve_helpers import LiveServer
+
+    server = LiveServer(random_model("tiny"), ServeConfig(model_name="the-other", max_batch=4)).start()
+    yield server
+    server.stop()
+
+
+def test_against_another_server_one_table(tmp_path, capsys, other):
+    out = tmp_path / "against.json"
+    assert cli.main(["serve", "--requests", "4", "--clients", "1,3", "--against", other.url + "/",
+                     "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert schema.validate(doc) == [] and doc["kind"] == "serve"
+    assert doc["settings"]["against_model"] == "the-other"  # read from its /v1/models
+    expected_tokens = sum(max_tokens for _, max_tokens, _ in serve_bench.workload(4, 0))
+    for engine in ("llava-fast/serve", other.url):
+        for clients in (1, 3):
+            assert doc["checks"]["completion_tokens"][f"{engine} x{clients}"] == expected_tokens
+            throughput = [f for f in doc["figures"] if f["name"] == "serve_output_throughput"
+                          and f["labels"] == {"engine": engine, "clients": clients}]
+            assert len(throughput) == 1 and throughput[0]["value"] > 0
+    assert not doc["checks"]["failures"]
+    ratios = {(f["name"], f["labels"]["clients"]): f["value"] for f in doc["figures"]
+              if f["name"].startswith("serve_ratio_")}
+    assert len(ratios) == 10 and all(v > 0 for v in ratios.values())
+    ours = {f["labels"]["clients"]: f["value"] for f in doc["figures"] if f["name"] == "serve_output_throughput"
+            and f["labels"]["engine"] == "llava-fast/serve"}
+    theirs = {f["labels"]["clients"]: f["value"] for f in doc["figures"] if f["name"] == "serve_output_throughput"
+              and f["labels"]["engine"] == other.url}
+    assert ratios["serve_ratio_output_throughput", 3] == pytest.approx(ours[3] / theirs[3])
+    printed = capsys.readouterr().out
+    assert f"| 3 | {other.url} |" in printed and "| 3 | llava-fast / other |" in printed and "FAILED" not in printed
+
+
+def test_a_server_that_fails_requests_is_a_row_that_says_so(tmp_path, capsys, other):
+    other.config.api_key = "secret"  # every request to it is now a 401
+    try:
+        out = tmp_path / "failing.json"
+        assert cli.main(["serve", "--requests", "3", "--clients", "2", "--against", other.url,
+                         "--against-model", "the-other", "--json", str(out)]) == 0
+    finally:
+        other.config.api_key = None
+    doc = json.loads(out.read_text())
+    assert schema.validate(doc) == []
+    assert doc["checks"]["failed_requests"] == {"llava-fast/serve x2": 0, f"{other.url} x2": 3}
+    assert not [f for f in doc["figures"] if f["labels"].get("engine") == other.url]  # no figures from nothing
+    assert "401" in doc["checks"]["failures"][f"{other.url} x2"]
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| 2 | {other.url} |"))
+    assert "FAILED: 3 of 3 failed" in row and "401" in row
+
+
+def test_against_needs_a_url():
+    from llava_fast.errors import InputError
+
+    with pytest.raises(InputError, match="--against must be an http"):
+        cli.main(["serve", "--against", "localhost:8000"])
+    with pytest.raises(InputError, match="--against-model needs --against"):
+        cli.main(["serve", "--against-model", "x"])

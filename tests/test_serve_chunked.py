@@ -1,0 +1,113 @@
+"""Chunked prefill in `llava-fast serve`: a prompt enters its KV-cache row in slices of the iteration's token
+budget, between the decode steps of the rows already running, and every row's greedy reply still equals
+`generate()` of that request alone (which prefills the whole prompt in one call, with no scheduler)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
+
+from llava_fast.errors import InputError  # noqa: E402
+from llava_fast.presets import random_model  # noqa: E402
+from llava_fast.serve.app import ServeConfig  # noqa: E402
+from llava_fast.serve.scheduler import Scheduler  # noqa: E402
+from serve_helpers import LiveServer, png_data_url, random_image, user  # noqa: E402
+
+BUDGET = 37  # odd, so slices end mid-image and mid-word: 4 rows decoding leave 33 tokens per slice
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def live(model):
+    config = ServeConfig(model_name="tiny", max_batch=4, max_model_len=1024, max_batched_tokens=BUDGET)
+    server = LiveServer(model, config).start()
+    yield server
+    server.stop()
+
+
+def _metric(live, name):
+    text = httpx.get(live.url + "/metrics", timeout=30).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def _stream(live, messages, max_tokens, stamps=None):
+    """(text, time sent, times of the content chunks) of one streamed greedy request."""
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    text, times, sent = [], [], time.perf_counter()
+    with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=300) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                content = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
+                if content:
+                    text.append(content)
+                    times.append(time.perf_counter())
+    return "".join(text), sent, times
+
+
+def test_image_prompt_enters_in_slices_while_others_decode(live, model):
+    texts = [[user("Tell me a long story about the sea, " + "and the waves " * i)] for i in range(3)]
+    image = png_data_url(random_image(31, 120, 80))
+    image_request = [{"role": "system", "content": "Answer."}, user("What is in this image? " * 3, image)]
+    prompt_tokens = len(model.encode_prompt([("user", "<image>\n" + "What is in this image? " * 3)], 1,
+                                            system="Answer."))
+    assert prompt_tokens > 6 * BUDGET  # the image prompt needs many slices
+    chunks_before = _metric(live, "llava_fast_prefill_chunks_total")
+    started = threading.Event()
+
+    def text_row(messages):
+        started.set()
+        return _stream(live, messages, 60)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        running = [pool.submit(text_row, m) for m in texts]
+        started.wait()
+        time.sleep(1.0)  # the text rows are decoding now (the tiny preset prefills them within ~0.1 s)
+        image_text, image_sent, image_times = pool.submit(_stream, live, image_request, 12).result()
+        rows = [f.result() for f in running]
+    assert image_text == model.generate(image_request, max_new_tokens=12)
+    for messages, (text, _, times) in zip(texts, rows):
+        assert text == model.generate(messages, max_new_tokens=60)
+    # The image prompt went in as several slices, and the text rows kept receiving tokens meanwhile.
+    slices = _metric(live, "llava_fast_prefill_chunks_total") - chunks_before
+    assert slices >= 3 + prompt_tokens // BUDGET
+    during = [sum(image_sent < t < image_times[0] for t in times) for _, _, times in rows]
+    assert max(during) >= 3, during
+    # /metrics reports exact recent ITL quantiles and the budget.
+    text = httpx.get(live.url + "/metrics", timeout=30).text
+    p50 = float(next(x for x in text.splitlines() if x.startswith('llava_fast_recent_inter_token_latency_seconds{quantile="0.5"}')).split()[-1])
+    p99 = float(next(x for x in text.splitlines() if x.startswith('llava_fast_recent_inter_token_latency_seconds{quantile="0.99"}')).split()[-1])
+    assert 0 < p50 <= p99
+    assert f"llava_fast_max_batched_tokens {float(BUDGET)}" in text
+
+
+def test_many_clients_with_odd_prompts_match_generate(live, model):
+    images = [png_data_url(random_image(40 + i, 50 + 13 * i, 40 + 7 * i)) for i in range(3)]
+    requests = []
+    for i in range(10):
+        content = " ".join(["word"] * (1 + 9 * i)) + f" number {i}?"
+        messages = [user(content, images[i % 3])] if i % 3 != 2 else [user(content)]
+        requests.append((messages, 3 + (7 * i) % 11))
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda r: _stream(live, *r)[0], requests))
+    for (messages, max_tokens), text in zip(requests, got):
+        assert text == model.generate(messages, max_new_tokens=max_tokens)
+
+
+def test_budget_must_exceed_the_rows(model):
+    with pytest.raises(InputError, match="max_batched_tokens"):
+        Scheduler(model, max_batch=8, max_model_len=64, max_batched_tokens=8)
+    assert Scheduler(model, max_batch=8, max_model_len=64).max_batched_tokens == 128  # the CPU default
+    assert Scheduler(model, max_batch=100, max_model_len=64).max_batched_tokens == 200  # room beside 100 rows
