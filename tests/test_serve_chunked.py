@@ -21,6 +21,7 @@ from llava_fast.serve.scheduler import Scheduler  # noqa: E402
 from serve_helpers import LiveServer, png_data_url, random_image, user  # noqa: E402
 
 BUDGET = 37  # odd, so slices end mid-image and mid-word: 4 rows decoding leave 33 tokens per slice
+TEXT_TOKENS = 200
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +42,11 @@ def _metric(live, name):
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
-def _stream(live, messages, max_tokens, stamps=None):
-    """(text, time sent, times of the content chunks) of one streamed greedy request."""
-    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+def _stream(live, messages, max_tokens, first_chunk=None, ignore_eos=False):
+    """(text, time sent, times of the content chunks) of one streamed greedy request; `first_chunk` (an Event) is
+    set when its first text arrives."""
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": ignore_eos}
     text, times, sent = [], [], time.perf_counter()
     with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=300) as r:
         assert r.status_code == 200
@@ -54,6 +57,8 @@ def _stream(live, messages, max_tokens, stamps=None):
                 if content:
                     text.append(content)
                     times.append(time.perf_counter())
+                    if first_chunk is not None:
+                        first_chunk.set()
     return "".join(text), sent, times
 
 
@@ -65,21 +70,20 @@ def test_image_prompt_enters_in_slices_while_others_decode(live, model):
                                             system="Answer."))
     assert prompt_tokens > 6 * BUDGET  # the image prompt needs many slices
     chunks_before = _metric(live, "llava_fast_prefill_chunks_total")
-    started = threading.Event()
-
-    def text_row(messages):
-        started.set()
-        return _stream(live, messages, 60)
+    # The text rows run long enough (200 tokens, EOS ignored) to still be decoding through every slice of the
+    # image prompt, which is sent once each of them has its first text: on a quiet machine the tiny preset
+    # decodes 60 tokens of 3 rows in ~0.3 s, so a fixed wait could see them finished before the image arrived.
+    decoding = [threading.Event() for _ in texts]
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        running = [pool.submit(text_row, m) for m in texts]
-        started.wait()
-        time.sleep(1.0)  # the text rows are decoding now (the tiny preset prefills them within ~0.1 s)
+        running = [pool.submit(_stream, live, m, TEXT_TOKENS, e, True) for m, e in zip(texts, decoding)]
+        for event in decoding:
+            assert event.wait(120)
         image_text, image_sent, image_times = pool.submit(_stream, live, image_request, 12).result()
         rows = [f.result() for f in running]
     assert image_text == model.generate(image_request, max_new_tokens=12)
     for messages, (text, _, times) in zip(texts, rows):
-        assert text == model.generate(messages, max_new_tokens=60)
+        assert text == model.generate(messages, max_new_tokens=TEXT_TOKENS, ignore_eos=True)
     # The image prompt went in as several slices, and the text rows kept receiving tokens meanwhile.
     slices = _metric(live, "llava_fast_prefill_chunks_total") - chunks_before
     assert slices >= 3 + prompt_tokens // BUDGET
