@@ -202,6 +202,15 @@ class MasterWeights:
         self.copy_to_model()
 
 
+def make_optimizer(groups, weight_decay, device, sharded=False):
+    """AdamW (betas 0.9/0.999, eps 1e-8), fused: one kernel per parameter for the whole update, on CUDA and on
+    the CPU. The CPU's default for-loop AdamW makes ~10 passes over each float32 tensor (p, grad, m, v); on
+    the tiny preset's stage 2 (50M trained parameters) the fused one is several times faster. Sharded
+    (DTensor) parameters on the CPU keep the for-loop implementation."""
+    fused = device.type == "cuda" or (device.type == "cpu" and not sharded)
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, fused=fused)
+
+
 def cosine_lr(step, total, warmup, peak):
     """Linear warmup over `warmup` steps, then cosine decay to 0 at `total` (step counts from 0)."""
     if step < warmup:
@@ -394,8 +403,7 @@ def _train(a: TrainArgs, dist, rank, world, device):
     master = dict(zip(masters.names, masters.masters))
     groups = [{"params": [master[n] for n, _ in params], "lr": lr, "peak_lr": lr}
               for params, lr in ((llm_params, a.lr), (projector_params, a.projector_lr)) if params]
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=a.weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = make_optimizer(groups, a.weight_decay, device, sharded=a.fsdp)
     this_run, start, state = run_config(a, world), 0, {}
     if a.resume:
         path = os.path.join(a.output, f"checkpoint-{existing[-1]}")
