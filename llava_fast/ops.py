@@ -291,9 +291,14 @@ class _TargetRowsLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # Scaled in place (the tensors are this op's own; a (V, C) copy would be 65 MiB on the tiny preset),
+        # which is why a second backward through the same graph is refused, as the Triton kernel's is.
+        if getattr(ctx, "used", False):
+            raise RuntimeError("linear_cross_entropy: backward twice through the same loss is not supported")
+        ctx.used = True
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (None if grad_hidden is None else grad_hidden * grad_loss,
-                None if grad_weight is None else grad_weight * grad_loss, None, None, None)
+        return (None if grad_hidden is None else grad_hidden.mul_(grad_loss),
+                None if grad_weight is None else grad_weight.mul_(grad_loss), None, None, None)
 
 
 def linear_cross_entropy_target_rows(hidden, lm_head_weight, labels, ignore_index=-100,
