@@ -34,6 +34,7 @@ import contextlib
 import copy
 import ctypes
 import gc
+import sys
 
 import torch
 
@@ -278,6 +279,9 @@ def measure_row(source, mode, stage, lora, precision, settings, device, peak_tfl
     ours, theirs = (summarize(times[n])["median"] for n in ENGINES)
     figs.append(figure("train_speedup", "x", higher_is_better=True, value=theirs / ours, engine="llava-fast",
                        baseline="transformers", **lab))
+    print(f"bench train --against: stage {mode} {precision}: llava-fast {1e3 * ours:.0f} ms, transformers "
+          f"{1e3 * theirs:.0f} ms per step ({theirs / ours:.2f}x); peak memory {memory['llava-fast'] / 2**20:.0f} vs "
+          f"{memory['transformers'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
     losses = {name: engines[name].losses[:2] for name in ENGINES}
     del engines
     _trim_heap()

@@ -51,6 +51,27 @@ def swiglu_reference(gate, up):
     return F.silu(gate) * up
 
 
+class _SwiGLUSavingInputs(torch.autograd.Function):
+    """swiglu_reference for eager training, saving only gate and up: autograd through the reference also keeps
+    silu(gate), one more (B, T, intermediate) tensor per decoder layer until backward (7 MiB per layer at
+    B*T = 1280 on the tiny preset, float32). Backward recomputes sigmoid(gate), in float32:
+        d_up = g * silu(gate),  d_gate = g * up * s * (1 + gate * (1 - s)),  s = sigmoid(gate)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        g32, gate32 = grad.float(), gate.float()
+        s = torch.sigmoid(gate32)
+        d_up = (g32 * gate32 * s).to(up.dtype)
+        d_gate = (g32 * up.float() * s * (1 + gate32 * (1 - s))).to(gate.dtype)
+        return d_gate, d_up
+
+
 def quick_gelu_reference(x):
     """CLIP's activation: x * sigmoid(1.702 x)."""
     return x * torch.sigmoid(1.702 * x)
@@ -203,19 +224,29 @@ def rotary_cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, start
     return out.transpose(1, 2)
 
 
+def _rope_from_zero(x, cos, sin):
+    """apply_rope at positions 0..T-1, as x * [c, c] + [x2, x1] * [-s, s] (the same products and sums): the
+    tables are sliced, not gathered per row, and each product runs over whole contiguous rows instead of the
+    halves' strided views; forward + backward 1.5x faster than apply_rope at (4, 320, 8, 64) on the CPU."""
+    T = x.shape[1]
+    c, s = cos[:T], sin[:T]
+    cos_full = torch.cat([c, c], -1).view(1, T, 1, -1).to(x.dtype)  # (1, T, 1, D)
+    sin_signed = torch.cat([-s, s], -1).view(1, T, 1, -1).to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos_full + torch.cat([x2, x1], dim=-1) * sin_signed
+
+
 def rotary_causal_attention_reference(q, k, v, cos, sin):
     """Training attention: RoPE at positions 0..T-1, causal, no cache; differentiable.
 
     q (B, T, H, D), k/v (B, T, Hkv, D). Right padding needs no mask: a valid token never sees a later one.
     """
-    B, T = q.shape[:2]
-    positions = torch.arange(T, device=q.device).expand(B, T)
-    q, k = apply_rope(q, cos, sin, positions), apply_rope(k, cos, sin, positions)
+    q, k = _rope_from_zero(q, cos, sin), _rope_from_zero(k, cos, sin)
     # is_causal rather than a (T, T) mask: SDPA's flash kernel (the CPU's too) then skips the masked blocks
     # and needs no mask in backward; 1.4x faster forward + backward than the masked call at B 4, H 8, T 320
     # on the CPU. Every row attends to at least itself, so no row needs _sdpa_gqa's all-masked fix-up.
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                         enable_gqa=bool(q.shape[2] != k.shape[2]))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=True, enable_gqa=bool(q.shape[2] != k.shape[2]))
     return out.transpose(1, 2)
 
 
@@ -612,6 +643,8 @@ def layer_norm(x, weight, bias, eps):
 
 def swiglu(gate, up):
     """silu(gate) * up. See swiglu_reference."""
+    if BACKEND == "torch" and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return _SwiGLUSavingInputs.apply(gate, up)
     return swiglu_reference(gate, up) if _inline_reference() else _swiglu_op(gate, up)
 
 

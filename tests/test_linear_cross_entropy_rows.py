@@ -58,3 +58,39 @@ def test_public_op_uses_it_on_the_torch_backend_and_no_target_is_nan():
     h = hidden.clone().requires_grad_()
     loss = ops.linear_cross_entropy(h, weight, labels)
     assert torch.isnan(loss) and torch.isnan(ops.linear_cross_entropy_reference(hidden, weight, labels))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_swiglu_matches_the_reference(dtype):
+    """The eager-training SwiGLU (saves gate and up only) against autograd through swiglu_reference."""
+    g = torch.Generator().manual_seed(5)
+    gate, up, grad = (torch.randn(3, 7, 37, generator=g) * 3 for _ in range(3))
+
+    def run(fn, dt):
+        a, b = (t.to(dt).clone().requires_grad_() for t in (gate, up))
+        out = fn(a, b)
+        out.backward(grad.to(dt))
+        return [t.double() for t in (out, a.grad, b.grad)]
+
+    exact = run(ops.swiglu_reference, torch.float64)
+    ref = run(ops.swiglu_reference, dtype)
+    ops.use_backend("torch")
+    got = run(ops.swiglu, dtype)
+    for gt, r, e in zip(got, ref, exact):
+        if dtype == torch.float32:
+            torch.testing.assert_close(gt, r, atol=1e-5, rtol=1e-5)
+        else:
+            assert (gt - e).abs().max() <= 2 * (r - e).abs().max() + 1e-6
+
+
+def test_training_rope_equals_apply_rope():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 11, h, 16, generator=g) for h in (4, 2, 2))
+    cos, sin = ops.rope_tables(16, 32, 10000.0)
+    positions = torch.arange(11).expand(2, 11)
+    assert torch.equal(ops._rope_from_zero(q, cos, sin), ops.apply_rope(q, cos, sin, positions))
+    got = ops.rotary_causal_attention_reference(q, k, v, cos, sin)
+    qr, kr = ops.apply_rope(q, cos, sin, positions), ops.apply_rope(k, cos, sin, positions)
+    mask = torch.ones(11, 11, dtype=torch.bool).tril()
+    want = ops._sdpa_gqa(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
