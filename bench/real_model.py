@@ -125,8 +125,8 @@ def _llama_cpp_sources() -> str:
     if not os.path.isfile(os.path.join(root, "convert_hf_to_gguf.py")):
         with tempfile.TemporaryDirectory() as tmp:
             sdist = os.environ.get("LLAVA_FAST_LLAMA_CPP_SDIST")  # a local copy of the sdist skips the fetch
-            if not sdist:  # (pip also builds the sdist's metadata: minutes)
-                _pip_download(["--no-binary", ":all:", LLAMA_CPP_SDIST], tmp)
+            if not sdist:  # the sdist only (":all:" would build CMake from source for pip's metadata step)
+                _pip_download(["--no-binary", "llama-cpp-python", LLAMA_CPP_SDIST], tmp)
                 sdist = glob.glob(os.path.join(tmp, "*.tar.gz"))[0]
             with tarfile.open(sdist) as t:
                 t.extractall(tmp, filter="data")

@@ -18,7 +18,8 @@ import torch
 
 import checkpoints as ck
 import llava_fast
-from llava_fast import ops, pypi_models
+from llava_fast import ops
+from llava_fast.checkpoints import pypi_models
 from llava_fast.errors import CheckpointError
 from test_pypi_models import TEST_CACHE, _registry_reachable
 
