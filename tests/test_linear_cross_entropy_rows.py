@@ -61,26 +61,23 @@ def test_public_op_uses_it_on_the_torch_backend_and_no_target_is_nan():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_training_swiglu_matches_the_reference(dtype):
-    """The eager-training SwiGLU (saves gate and up only) against autograd through swiglu_reference."""
+def test_training_swiglu_equals_the_reference(dtype):
+    """The eager-training SwiGLU (saves gate and up only) against autograd through swiglu_reference: the same
+    ops in the same order, so equal bit for bit, in bfloat16 too."""
     g = torch.Generator().manual_seed(5)
     gate, up, grad = (torch.randn(3, 7, 37, generator=g) * 3 for _ in range(3))
 
-    def run(fn, dt):
-        a, b = (t.to(dt).clone().requires_grad_() for t in (gate, up))
+    def run(fn):
+        a, b = (t.to(dtype).clone().requires_grad_() for t in (gate, up))
         out = fn(a, b)
-        out.backward(grad.to(dt))
-        return [t.double() for t in (out, a.grad, b.grad)]
+        out.backward(grad.to(dtype))
+        return out, a.grad, b.grad
 
-    exact = run(ops.swiglu_reference, torch.float64)
-    ref = run(ops.swiglu_reference, dtype)
     ops.use_backend("torch")
-    got = run(ops.swiglu, dtype)
-    for gt, r, e in zip(got, ref, exact):
-        if dtype == torch.float32:
-            torch.testing.assert_close(gt, r, atol=1e-5, rtol=1e-5)
-        else:
-            assert (gt - e).abs().max() <= 2 * (r - e).abs().max() + 1e-6
+    got, want = run(ops.swiglu), run(ops.swiglu_reference)
+    assert got[1].abs().max() > 0.5
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
 
 
 def test_training_rope_equals_apply_rope():
