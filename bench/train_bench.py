@@ -17,7 +17,8 @@ The table also projects each stage's wall-clock on 8 GPUs at the measured rate b
 7B on 8 A100s: stage 1 ~3.5 h for 558K samples, stage 2 ~10 h for 665K). `--transformers` adds the peak
 memory of one forward + backward of transformers' LlavaForConditionalGeneration on the same batch (its
 gradient checkpointing; with LoRA it trains the projector only: peft is not a dependency) beside ours
-(`train_fwd_bwd_peak_memory`, CUDA only).
+(`train_fwd_bwd_peak_memory`, CUDA only). `--against transformers` (bench/train_against.py) instead runs whole
+optimizer steps of both trainers side by side, for stage 1, stage 2 full and LoRA in float32 and bfloat16.
 
 MFU = model FLOPs (the trainer's `step_flops`: gradient-checkpointing recomputation and LoRA adapters not
 counted, PaLM's convention) / step time / peak: the datasheet bf16 TFLOP/s of a known GPU (else the measured
@@ -133,8 +134,7 @@ def run(settings: dict, argv) -> dict:
 
             ops.use_backend(settings["backends"][0])
             run_against(doc, net, settings, device)
-            settings["stages"] = []
-        for stage in settings["stages"]:
+        for stage in [] if settings.get("against") else settings["stages"]:
             if stage == 2 and settings["lora_r"]:
                 add_adapters(net, settings["lora_r"], settings["lora_alpha"], dtype)
             for batch in settings["batch_sizes"]:
