@@ -149,6 +149,11 @@ def build_parser():
     t.add_argument("--lora-r", type=_positive_int, help="stage 2 trains LoRA adapters of this rank + the projector "
                    "(LLaVA-1.5's LoRA recipe: 128) instead of the full LLM")
     t.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default 2 x rank, the recipe's 256/128)")
+    t.add_argument("--against", choices=("transformers",), help="the same steps through transformers' "
+                   "LlavaForConditionalGeneration (peft for LoRA), interleaved, one table: stage 1, stage 2 full, "
+                   "stage 2 LoRA x --precisions (default batch 4, LoRA r 16)")
+    t.add_argument("--precisions", type=_names(("float32", "bfloat16")),
+                   help="--against: the precisions of its rows (default float32,bfloat16)")
     t.add_argument("--transformers", action="store_true", help="CUDA: also the peak memory of one forward + "
                    "backward of transformers' LLaVA on the same batch, beside ours")
 
@@ -318,7 +323,21 @@ def cmd_measure(args, argv) -> int:
         from llava_fast.bench import train_bench as bench
 
         defaults = bench.DEFAULTS[device.type]
+        if args.against:
+            defaults = dict(defaults, batch_sizes=[4], checkpointing=False)
+            if args.batch_sizes and len(args.batch_sizes) > 1:
+                raise InputError("--against measures one batch size")
+            if args.precisions and args.dtype:
+                raise InputError("give --precisions or --dtype with --against, not both")
+            if args.dtype not in (None, "float32", "bfloat16"):
+                raise InputError(f"--against runs float32 or bfloat16, got --dtype {args.dtype}")
+            if args.lora_r is None:
+                args.lora_r = 16
+        elif args.precisions:
+            raise InputError("--precisions applies to --against")
         settings = _common_settings(args, str(device), defaults)
+        settings.update(against=args.against,
+                        precisions=args.precisions or ([args.dtype] if args.dtype else ["float32", "bfloat16"]))
         settings.update(stages=[int(s) for s in args.stages], seq_len=args.seq_len, layers=args.layers,
                         backends=args.backends or defaults["backends"],
                         gradient_checkpointing=(not args.no_gradient_checkpointing) and defaults["checkpointing"],

@@ -17,7 +17,8 @@ The table also projects each stage's wall-clock on 8 GPUs at the measured rate b
 7B on 8 A100s: stage 1 ~3.5 h for 558K samples, stage 2 ~10 h for 665K). `--transformers` adds the peak
 memory of one forward + backward of transformers' LlavaForConditionalGeneration on the same batch (its
 gradient checkpointing; with LoRA it trains the projector only: peft is not a dependency) beside ours
-(`train_fwd_bwd_peak_memory`, CUDA only).
+(`train_fwd_bwd_peak_memory`, CUDA only). `--against transformers` (bench/train_against.py) instead runs whole
+optimizer steps of both trainers side by side, for stage 1, stage 2 full and LoRA in float32 and bfloat16.
 
 MFU = model FLOPs (the trainer's `step_flops`: gradient-checkpointing recomputation and LoRA adapters not
 counted, PaLM's convention) / step time / peak: the datasheet bf16 TFLOP/s of a known GPU (else the measured
@@ -58,25 +59,26 @@ def projected_hours(stage: int, batch: int, step_ms: float, gpus: int = 8) -> fl
     return PAPER[stage][0] / (batch / (step_ms / 1e3) * gpus) / 3600
 
 
-def build_net(settings, device, dtype):
-    """(net, name): the preset (optionally with `layers` decoder layers) with random weights, or a checkpoint."""
+def build_net(settings, device, dtype, fused=True):
+    """(net, name): the preset (optionally with `layers` decoder layers) with random weights, or a checkpoint.
+    fused=False keeps q/k/v and gate/up as separate layers, as the trainer (and LoRA) has them."""
     from llava_fast.bench.generate_bench import load_model
     from llava_fast.errors import InputError
     from llava_fast.model import LlavaForCausalLM
     from llava_fast.presets import preset_config, random_init_
 
-    if not settings.get("layers"):
+    if not settings.get("layers") and not (fused is False and settings["model"] is None):
         model, name = load_model(settings["preset"], settings["model"], device, dtype, settings.get("vision_tower"))
         return model.net, name
     if settings["model"]:
         raise InputError("--layers applies to a preset, not to --model")
     cfg = preset_config(settings["preset"])
-    cfg.text.num_layers = settings["layers"]
+    cfg.text.num_layers = settings.get("layers") or cfg.text.num_layers
     with torch.device("meta"):
         net = LlavaForCausalLM(cfg)
     net = random_init_(net.to_empty(device=device).to(dtype), seed=0)
     net.requires_grad_(False).eval().init_rope(device)
-    return net, f"{settings['preset']}-{settings['layers']}-layers"
+    return net, settings["preset"] + (f"-{settings['layers']}-layers" if settings.get("layers") else "")
 
 
 def make_batch(cfg, batch, seq_len, device, dtype, seed=0):
@@ -99,7 +101,11 @@ def run(settings: dict, argv) -> dict:
     previous_backend = ops.BACKEND
     doc = new_document("train", command_line(argv), settings)
     doc["device"] = device_info(device)
-    net, name = build_net(settings, device, dtype)
+    if settings.get("against"):
+        if settings["model"]:
+            raise InputError("--against builds both engines from a preset's shapes (--preset, --layers), not --model")
+        dtype = torch.float32  # the source weights; each row casts its own copy
+    net, name = build_net(settings, device, dtype, fused=not settings.get("against"))
     cfg = net.cfg
     seq_len = settings["seq_len"]
     if seq_len is None:
@@ -123,7 +129,12 @@ def run(settings: dict, argv) -> dict:
     telemetry = Telemetry(device).start()
     try:
         doc["ceilings"] = measure_ceilings(device)
-        for stage in settings["stages"]:
+        if settings.get("against"):
+            from llava_fast.bench.train_against import run_against
+
+            ops.use_backend(settings["backends"][0])
+            run_against(doc, net, settings, device)
+        for stage in [] if settings.get("against") else settings["stages"]:
             if stage == 2 and settings["lora_r"]:
                 add_adapters(net, settings["lora_r"], settings["lora_alpha"], dtype)
             for batch in settings["batch_sizes"]:
@@ -250,13 +261,13 @@ def fwd_bwd_memory(net, stage, batch, seq_len, settings, device, dtype, notes):
         getattr(hf, "activation_checkpointing_enable", hf.gradient_checkpointing_enable)()
     hf.train()
 
-    def step():
-        hf(input_ids=ids, pixel_values=pixels, labels=labels).loss.backward()
+    def step(model=hf):
+        model(input_ids=ids, pixel_values=pixels, labels=labels).loss.backward()
 
     step()  # warm up
     hf.zero_grad(set_to_none=True)
     theirs = _fwd_bwd_peak(step, device)
-    del hf
+    del hf, step
     torch.cuda.empty_cache()
     lab = dict(stage=stage, batch=batch, seq_len=seq_len)
     return [figure("train_fwd_bwd_peak_memory", "bytes", higher_is_better=False, value=peak_bytes, engine=engine,
@@ -303,6 +314,10 @@ def measure_stage(net, stage, batch, seq_len, settings, device, dtype, ceilings,
 
 def markdown(doc: dict) -> str:
     s = doc["settings"]
+    if s.get("against"):
+        from llava_fast.bench.train_against import markdown as against_markdown
+
+        return against_markdown(doc)
     figs = doc["figures"]
     lora = f", stage 2 LoRA r={s['lora_r']} alpha={s['lora_alpha']:g}" if s.get("lora_r") else ""
     lines = [f"## llava-fast bench train: {s['model_name']} ({s['dtype']}) on {doc['device']['name']}, "

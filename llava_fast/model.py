@@ -366,11 +366,12 @@ class LlavaForCausalLM(nn.Module):
         """Full-sequence logits (B, T, V), no cache (parity tests)."""
         return self.lm_head(self.decode_hidden(self.embed(input_ids, pixel_values, image_sizes=image_sizes)))
 
-    def loss(self, input_ids, labels, pixel_values=None, ignore_index=-100):
+    def loss(self, input_ids, labels, pixel_values=None, ignore_index=-100, image_features=None):
         """Training loss: mean next-token cross-entropy over labels != ignore_index. input_ids/labels (B, T),
         unshifted (labels[t] is the target at position t, as transformers takes them); the (B*T, V) logits are
-        never materialised on the Triton path (fused linear + cross-entropy)."""
-        hidden = self.decode_hidden(self.embed(input_ids, pixel_values))  # (B, T, C)
+        never materialised (fused linear + cross-entropy). The images as pixel_values or, for a frozen
+        tower, as the image_features it gave before (see embed)."""
+        hidden = self.decode_hidden(self.embed(input_ids, pixel_values, image_features))  # (B, T, C)
         C = hidden.shape[-1]
         return ops.linear_cross_entropy(hidden[:, :-1].reshape(-1, C), self.lm_head.weight,
                                         labels[:, 1:].reshape(-1), ignore_index)

@@ -65,6 +65,8 @@ def build_parser():
     p.add_argument("--max-image-pixels", type=int, help="largest image file, width x height, read (default "
                    "67108864 = 8192 x 8192; a larger one is a bad record)")
     p.add_argument("--workers", type=int, help="data loader processes (default 0 on CPU, up to 8 per GPU)")
+    p.add_argument("--cache-image-features", action="store_true", help="keep the frozen vision tower's features "
+                   "of each image in host memory, so later epochs skip the tower (same losses)")
     p.add_argument("--save-every", type=int, default=0, help="write a resumable checkpoint every N steps")
     p.add_argument("--keep-checkpoints", type=int, default=1, help="resumable checkpoints kept (oldest deleted)")
     p.add_argument("--log-every", type=int, default=10, help="progress lines every N steps (when not a terminal)")

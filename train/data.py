@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -295,7 +295,9 @@ class LlavaDataset(torch.utils.data.Dataset):
             if self.strict:
                 raise ImageError(f"record {record.get('id', self.examples[i].index)!r}: {e}") from None
             return {"skipped": "unreadable image", "id": record.get("id")}
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels}
+        keys = [(self.examples[i].index, k) for k in range(len(pixels))] if pixels is not None else []
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels,
+                "image_keys": keys}
 
 
 @dataclass
@@ -311,17 +313,18 @@ class Batch:
     num_targets: int
     lengths: list  # tokens per row
     skipped: list  # reasons of the samples dropped from this batch
+    image_keys: list = field(default_factory=list)  # (record index, image number) of each pixel_values image
 
     def pin_memory(self):  # DataLoader(pin_memory=True) calls this on batch types it does not know
         pv = None if self.pixel_values is None else self.pixel_values.pin_memory()
         return Batch(self.input_ids.pin_memory(), self.labels.pin_memory(), pv, self.num_samples, self.num_tokens,
-                     self.num_targets, self.lengths, self.skipped)
+                     self.num_targets, self.lengths, self.skipped, self.image_keys)
 
     def to(self, device):
         nb = device.type == "cuda"
         pv = None if self.pixel_values is None else self.pixel_values.to(device, non_blocking=nb)
         return Batch(self.input_ids.to(device, non_blocking=nb), self.labels.to(device, non_blocking=nb), pv,
-                     self.num_samples, self.num_tokens, self.num_targets, self.lengths, self.skipped)
+                     self.num_samples, self.num_tokens, self.num_targets, self.lengths, self.skipped, self.image_keys)
 
 
 class Collate:
@@ -342,7 +345,8 @@ class Collate:
         pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
         lengths = [len(s["input_ids"]) for s in samples]
         return Batch(ids, labels, torch.cat(pixels) if pixels else None, len(samples), sum(lengths),
-                     int((labels[:, 1:] != IGNORE_INDEX).sum()), lengths, skipped)
+                     int((labels[:, 1:] != IGNORE_INDEX).sum()), lengths, skipped,
+                     [k for s in samples for k in s.get("image_keys", [])])
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -1,0 +1,352 @@
+"""`llava-fast bench train --against transformers`: llava-fast's training step beside what a user would
+otherwise write, one table.
+
+The alternative is a plain transformers loop: `LlavaForConditionalGeneration` (its default SDPA attention), the
+loss from `labels`, `loss.backward()`, gradient clipping at 1.0, `torch.optim.AdamW`; LoRA through `peft`
+(adapters on the decoder's q/k/v/o/gate/up/down, as LLaVA-1.5's recipe, plus the full projector); bfloat16 as
+torch.autocast(bfloat16) over float32 weights, the mixed precision the transformers docs teach. llava-fast runs
+its trainer's step (`trainable_parameters`, `MasterWeights`, `LlavaForCausalLM.loss`, AdamW): in bfloat16 the
+model holds bf16 weights and the optimizer float32 masters.
+
+Same for both: the weights (transformers' model gets llava-fast's random weights, and peft's lora_A the same
+draw, so the first-step losses agree to float tolerance; the table shows both), the batch (B rows of BOS +
+image tokens + random text, random pixels), the optimizer's settings, the trained parameters per row:
+
+    stage 1        the projector (vision tower and LLM frozen)
+    stage 2 full   projector + LLM (vision tower frozen)
+    stage 2 LoRA   projector + LoRA adapters (r, alpha) on the LLM's linear layers
+
+Timing: the rows' two engines alternate step by step, the order rotating per round (a shared host's noise
+hits both alike); the median step is reported. tokens/s counts every position, image tokens included.
+
+Peak memory: on the CPU the growth of the resident set (VmHWM, reset through /proc/self/clear_refs) from
+just before the engine's model is built to the end of its first steps (weights, gradients, optimizer state,
+activations), with freed heap returned to the OS (malloc_trim) first, so that one engine's freed memory does
+not hide the other's; on CUDA torch.cuda.max_memory_allocated over the same span.
+
+MFU: the trainer's model FLOPs (`step_flops`, every position's logits counted, LoRA's adapters not) / step
+time / the measured matmul peak of the row's dtype on this device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import gc
+import sys
+
+import torch
+
+from llava_fast.bench.report import figure, find_one, fmt, header_lines, md_table
+from llava_fast.bench.timing import Clock, summarize, time_repeats
+
+LORA_TARGETS_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+MODES = (("1", 1, False), ("2", 2, False), ("2-lora", 2, True))  # (row label, stage, LoRA)
+PRECISIONS = ("float32", "bfloat16")
+ENGINES = ("llava-fast", "transformers")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Memory: resident-set peaks on the CPU, allocator peaks on CUDA
+# ------------------------------------------------------------------------------------------------------
+
+
+def _trim_heap():
+    """Return freed heap pages to the OS (glibc), so that a later peak counts the memory it touches anew."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class PeakMemory:
+    """Bytes of peak growth over a span: `with PeakMemory(device) as m: ...; m.bytes`."""
+
+    def __init__(self, device):
+        self.device, self.bytes = device, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            _trim_heap()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
+            self.base = _status_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.bytes = _status_kib("VmHWM") * 1024 - self.base
+        return False
+
+
+# ------------------------------------------------------------------------------------------------------
+# The two engines: a model, its optimizer, and one step
+# ------------------------------------------------------------------------------------------------------
+
+
+class Engine:
+    """One trainer's state for one row; step() runs one optimizer step and returns the loss (a float)."""
+
+    def __init__(self, name, step_fn, state):
+        self.name, self._step, self.state = name, step_fn, state
+        self.losses = []
+
+    def step(self):
+        loss = self._step()
+        self.losses.append(float(loss))
+
+
+def build_llava_fast(source, stage, lora, dtype, settings):
+    """The trainer's step on a copy of `source` (float32): frozen weights and the model in `dtype`, float32
+    masters of the trained ones (the parameters themselves in float32), AdamW over the masters."""
+    from llava_fast.train.lora import add_lora
+    from llava_fast.train.trainer import MasterWeights, make_optimizer, trainable_parameters
+
+    net = copy.deepcopy(source)
+    if lora:
+        add_lora(net, settings["lora_r"], settings["lora_alpha"], 0.0, seed=0)
+    llm, projector = trainable_parameters(net, stage, lora)
+    for p in net.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    masters = MasterWeights(llm + projector, dtype)
+    optimizer = make_optimizer([{"params": masters.masters, "lr": settings["lr"]}], 0.0, source.lm_head.weight.device)
+    net.train()
+    ids, labels, pixels = settings["batch"]
+    pixels = pixels.to(dtype)
+
+    def step():
+        loss = net.loss(ids, labels, pixels)
+        loss.backward()
+        masters.accumulate_grads()
+        torch.nn.utils.clip_grad_norm_(masters.masters, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        masters.copy_to_model()
+        return loss.detach()
+
+    return Engine("llava-fast", step, (net, masters, optimizer))
+
+
+def hf_name(name):
+    """llava-fast's parameter name -> transformers' LlavaForConditionalGeneration module path."""
+    for ours, theirs in (("language_model.", "model.language_model."), ("vision_tower.", "model.vision_tower."),
+                         ("multi_modal_projector.", "model.multi_modal_projector.")):
+        if name.startswith(ours):
+            return theirs + name[len(ours):]
+    return name  # lm_head.weight
+
+
+def transformers_model(source):
+    """transformers' LlavaForConditionalGeneration with `source`'s weights (float32, SDPA attention)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from llava_fast.train.checkpoint import llava_hf_config
+
+    config = LlavaConfig(**llava_hf_config(source.cfg, torch.float32))
+    with torch.device(source.lm_head.weight.device):
+        hf = LlavaForConditionalGeneration(config)
+    state = {hf_name(n): t for n, t in source.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    # CLIP's post_layernorm is not on LLaVA's feature path (the features are a hidden state before it)
+    missing = [n for n in missing if not (n == "lm_head.weight" and config.tie_word_embeddings)
+               and ".post_layernorm." not in n]
+    if missing or unexpected:
+        raise RuntimeError(f"weight names do not map: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return hf
+
+
+def build_transformers(source, stage, lora, dtype, settings):
+    """A plain transformers loop (peft for LoRA); bfloat16 as autocast over float32 weights."""
+    hf = transformers_model(source)
+    hf.requires_grad_(False)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        hf = get_peft_model(hf, LoraConfig(r=settings["lora_r"], lora_alpha=settings["lora_alpha"], lora_dropout=0.0,
+                                           target_modules=LORA_TARGETS_REGEX))
+        _copy_lora_a(hf, settings)
+    elif stage == 2:
+        hf.model.language_model.requires_grad_(True)
+        hf.lm_head.requires_grad_(True)
+    base = hf.get_base_model() if lora else hf
+    base.model.multi_modal_projector.requires_grad_(True)
+    params = [p for p in hf.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=0.0)
+    hf.train()
+    ids, labels, pixels = settings["batch"]
+    device = ids.device
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+    def step():
+        with autocast:
+            loss = hf(input_ids=ids, pixel_values=pixels, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return Engine("transformers", step, (hf, optimizer))
+
+
+def _copy_lora_a(peft_model, settings):
+    """peft's lora_A <- the draw llava-fast's add_lora makes (seed 0), so both runs follow the same path
+    (lora_B starts at zero in both)."""
+    from llava_fast.train.lora import LoraLinear, add_lora
+
+    probe = copy.deepcopy(settings["source"])
+    add_lora(probe, settings["lora_r"], settings["lora_alpha"], 0.0, seed=0)
+    ours = {n: m.lora_A for n, m in probe.named_modules() if isinstance(m, LoraLinear)}
+    copied = 0
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+                key = name[name.index("language_model."):]
+                module.lora_A["default"].weight.copy_(ours[key])
+                copied += 1
+    if copied != len(ours):
+        raise RuntimeError(f"peft adapted {copied} layers, llava-fast {len(ours)}")
+
+
+BUILDERS = {"llava-fast": build_llava_fast, "transformers": build_transformers}
+
+
+# ------------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------------
+
+
+def matmul_peak_tflops(device, dtype):
+    """Best-of-5 TFLOP/s of a 2048^3 matmul in `dtype` on `device` (bf16 on the CPU runs on AMX where present)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    n = 2048
+    a = torch.randn(n, n, device=device, generator=g).to(dtype)
+    b = torch.randn(n, n, device=device, generator=g).to(dtype)
+    times = time_repeats(lambda: a @ b, device=device, repeats=5, warmup=2)
+    return 2 * n**3 / min(times) / 1e12
+
+
+def measure_row(source, mode, stage, lora, precision, settings, device, peak_tflops):
+    """Build both engines (peak memory of each from before its build through its first steps), then their
+    steps interleaved. Returns the row's figures and each engine's losses of steps 1 and 2."""
+    from llava_fast.bench.train_bench import step_flops
+
+    dtype = getattr(torch, precision)
+    batch, seq_len = settings["batch"][0].shape
+    warmup = max(2, settings["warmup"])  # steps 1 and 2: their losses are the comparison's check
+    engines, memory = {}, {}
+    for name in ENGINES:  # step 1 (the loss compared) and the warm-up steps, inside the memory span
+        with PeakMemory(device) as m:
+            engine = BUILDERS[name](source, stage, lora, dtype, settings)
+            for _ in range(warmup):
+                engine.step()
+        engines[name], memory[name] = engine, m.bytes
+    clock, times = Clock(device), {name: [] for name in ENGINES}
+    for r in range(settings["repeats"]):
+        order = ENGINES[r % 2:] + ENGINES[: r % 2]
+        for name in order:
+            t0 = clock.now()
+            engines[name].step()
+            times[name].append(clock.now() - t0)
+    flops = step_flops(source.cfg, batch, seq_len, stage, lora)
+    lab = dict(stage=mode, batch=batch, seq_len=seq_len, precision=precision)
+    figs = []
+    for name in ENGINES:
+        e = dict(lab, engine=name)
+        figs.append(figure("train_step_time", "ms", higher_is_better=False,
+                           samples=[1e3 * t for t in times[name]], **e))
+        figs.append(figure("train_throughput", "tokens/s", higher_is_better=True,
+                           samples=[batch * seq_len / t for t in times[name]], **e))
+        figs.append(figure("train_mfu", "%", higher_is_better=True, peak="measured",
+                           value=100 * flops / summarize(times[name])["median"] / 1e12 / peak_tflops, **e))
+        figs.append(figure("train_peak_memory", "bytes", higher_is_better=False, value=max(memory[name], 0), **e))
+    ours, theirs = (summarize(times[n])["median"] for n in ENGINES)
+    figs.append(figure("train_speedup", "x", higher_is_better=True, value=theirs / ours, engine="llava-fast",
+                       baseline="transformers", **lab))
+    print(f"bench train --against: stage {mode} {precision}: llava-fast {1e3 * ours:.0f} ms, transformers "
+          f"{1e3 * theirs:.0f} ms per step ({theirs / ours:.2f}x); peak memory {memory['llava-fast'] / 2**20:.0f} vs "
+          f"{memory['transformers'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+    losses = {name: engines[name].losses[:2] for name in ENGINES}
+    del engines
+    _trim_heap()
+    return figs, losses
+
+
+def run_against(doc, net, settings, device):
+    """Every row (stage 1, stage 2 full, stage 2 LoRA) x precision, both engines; fills doc in place."""
+    import importlib.util
+
+    from llava_fast.bench.train_bench import make_batch
+    from llava_fast.errors import InputError
+
+    absent = [m for m in ("transformers", "peft") if importlib.util.find_spec(m) is None]
+    if absent:
+        raise InputError(f"--against transformers needs {' and '.join(absent)} (pip install {' '.join(absent)})")
+    source = net.float()
+    source.requires_grad_(False)
+    batch = settings["batch_sizes"][0]
+    settings["batch"] = make_batch(source.cfg, batch, settings["seq_len"], device, torch.float32)
+    settings["source"] = source
+    settings.setdefault("lr", 1e-5)
+    checks = doc["checks"].setdefault("first_step_loss", {})
+    try:
+        for precision in settings["precisions"]:
+            peak = matmul_peak_tflops(device, getattr(torch, precision))
+            doc["checks"].setdefault("matmul_tflops", {})[precision] = peak
+            for mode, stage, lora in MODES:
+                if stage not in settings["stages"]:
+                    continue
+                figs, losses = measure_row(source, mode, stage, lora, precision, settings, device, peak)
+                doc["figures"] += figs
+                checks[f"{mode}/{precision}"] = losses
+    finally:
+        del settings["batch"], settings["source"]
+
+
+def markdown(doc):
+    s = doc["settings"]
+    figs = doc["figures"]
+    lines = [f"## llava-fast bench train --against transformers: {s['model_name']} on {doc['device']['name']}, "
+             f"batch {s['batch_sizes'][0]} x {s['seq_len']} tokens, LoRA r={s['lora_r']} alpha={s['lora_alpha']:g}, "
+             f"gradient checkpointing off, AdamW", ""]
+    lines += [f"- {x}" for x in header_lines(doc)] + [""]
+    names = {"1": "stage 1 (projector)", "2": "stage 2 full", "2-lora": "stage 2 LoRA"}
+    rows = []
+    for f in figs:
+        if f["name"] != "train_speedup":
+            continue
+        lab = {k: f["labels"][k] for k in ("stage", "precision", "batch", "seq_len")}
+        cells = {}
+        for engine in ENGINES:
+            cells[engine] = {n: find_one(figs, n, engine=engine, **lab) for n in
+                             ("train_step_time", "train_throughput", "train_mfu", "train_peak_memory")}
+        peaks = [cells[engine]["train_peak_memory"]["value"] for engine in ENGINES]
+        mem = peaks[0] / max(1, peaks[1])
+        loss = doc["checks"]["first_step_loss"][f"{lab['stage']}/{lab['precision']}"]
+        for engine in ENGINES:
+            c = cells[engine]
+            ours = engine == "llava-fast"
+            rows.append([names[lab["stage"]], lab["precision"], engine, fmt(c["train_step_time"]["value"]),
+                         fmt(c["train_throughput"]["value"]), fmt(c["train_mfu"]["value"], "%"),
+                         fmt(c["train_peak_memory"]["value"], "bytes"), f"{loss[engine][0]:.5f}",
+                         fmt(f["value"], "x") if ours else "", f"{mem:.2f}x" if ours else ""])
+    lines.append(md_table(["row", "precision", "engine", "step ms", "tokens/s", "MFU", "peak memory", "step-1 loss",
+                           "tokens/s vs transformers", "memory vs transformers"], rows))
+    lines += [f"note: {n}" for n in doc["notes"]]
+    return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""`llava-fast bench train --against transformers` (CPU, a 1-layer tiny preset): the comparison itself.
+Both engines start from the same weights, so their losses agree at step 1 (and, having taken the same AdamW
+step, at step 2); the table has every row (stage 1, stage 2 full, stage 2 LoRA x float32, bfloat16) with
+every column."""
+
+import json
+
+import pytest
+
+from llava_fast.bench import schema
+from llava_fast.cli import main
+
+SEQ_LEN = 264  # BOS + 256 image tokens + 7 text tokens
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    pytest.importorskip("peft")
+    path = str(tmp_path_factory.mktemp("against") / "against.json")
+    assert main(["bench", "train", "--device", "cpu", "--against", "transformers", "--layers", "1", "--batch-sizes",
+                 "2", "--seq-len", str(SEQ_LEN), "--repeats", "1", "--warmup", "0", "--lora-r", "4",
+                 "--json", path]) == 0
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_losses_match(result):
+    losses = result["checks"]["first_step_loss"]
+    assert sorted(losses) == sorted(f"{m}/{p}" for m in ("1", "2", "2-lora") for p in ("float32", "bfloat16"))
+    for row, pair in losses.items():
+        ours, theirs = pair["llava-fast"], pair["transformers"]
+        assert ours[0] > 5  # log(32064) ~ 10.4: random weights, a real loss
+        rel = 1e-4 if row.endswith("float32") else 2e-2  # bf16 weights vs autocast: a rounding apart
+        assert ours[0] == pytest.approx(theirs[0], rel=rel), row
+        assert ours[1] == pytest.approx(theirs[1], rel=10 * rel), row
+        assert ours[1] != ours[0]  # the step changed the trained weights
+
+
+def test_table_has_every_row(result, capsys):
+    assert schema.validate(result) == []
+    figs = result["figures"]
+    for mode in ("1", "2", "2-lora"):
+        for precision in ("float32", "bfloat16"):
+            lab = dict(stage=mode, precision=precision, batch=2, seq_len=SEQ_LEN)
+            for engine in ("llava-fast", "transformers"):
+                got = {f["name"]: f for f in figs if f["labels"] == dict(lab, engine=engine)
+                       or f["labels"] == dict(lab, engine=engine, peak="measured")}
+                assert set(got) == {"train_step_time", "train_throughput", "train_mfu", "train_peak_memory"}
+                step_s = got["train_step_time"]["value"] / 1e3
+                assert got["train_throughput"]["value"] == pytest.approx(2 * SEQ_LEN / step_s, rel=1e-6)
+                assert got["train_peak_memory"]["value"] > 0 and got["train_mfu"]["value"] > 0
+            speedup = [f for f in figs if f["name"] == "train_speedup" and f["labels"]["stage"] == mode
+                       and f["labels"]["precision"] == precision]
+            assert len(speedup) == 1
+
+
+def test_bad_against_arguments_are_input_errors():
+    assert main(["bench", "train", "--device", "cpu", "--against", "transformers", "--dtype", "float16"]) == 2
+    assert main(["bench", "train", "--device", "cpu", "--precisions", "float32"]) == 2
+    assert main(["bench", "train", "--device", "cpu", "--against", "transformers", "--batch-sizes", "1,2"]) == 2
