@@ -102,9 +102,9 @@ setup(
         # accelerate: transformers' GGUF loading (the oracle); sentencepiece: llama.cpp's convert_hf_to_gguf.py
         # imports it; openai: the pipelines' and server's test client (openai 3.x brings httpx2, the tests use
         # httpx); selenium: the chat page's browser test; torchao: the quantization tests; peft: the LoRA
-        # baseline of `bench train --against transformers` and its test
+        # baseline of `bench train --against transformers` and its test; ruff: the linter CI runs first
         "test": ["pytest", "pytest-benchmark", "transformers>=4.45", "accelerate", "sentencepiece", "openai>=1.40",
-                 "httpx>=0.27", "selenium>=4.20", "torchao>=0.12", "peft>=0.13", *SERVE],
+                 "httpx>=0.27", "selenium>=4.20", "torchao>=0.12", "peft>=0.13", "ruff>=0.6", *SERVE],
         "quant": ["torchao>=0.12"],
         "bench": ["pytest-benchmark", "nvidia-ml-py", "matplotlib"],
         "hub": ["huggingface_hub"],

@@ -274,10 +274,10 @@ def _refuse_existing_outputs(args):
 
 
 def cmd_measure(args, argv) -> int:
-    from llava_fast.checkpoints.load import resolve_device_dtype
     from llava_fast.bench import report, schema
     from llava_fast.bench.device import resolve_device
     from llava_fast.bench.timing import relative_spread
+    from llava_fast.checkpoints.load import resolve_device_dtype
 
     _refuse_existing_outputs(args)
     device = resolve_device(args.device)

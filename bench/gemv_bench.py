@@ -67,10 +67,13 @@ def pack(weights, fmt_name):
 def _native_calls(layers, xs, ys, threads):
     from llava_fast.cpu.gemv import _ACT_DTYPES
 
-    ptr = lambda t: 0 if t is None else t.data_ptr()
-    return [(x.data_ptr(), _ACT_DTYPES[x.dtype], x.shape[0], x.shape[1], ptr(l.weight), l.format, l.out_features,
-             l.in_features, l.group or 0, ptr(l.scale), ptr(l.minimum), y.data_ptr(), l.out_features, threads)
-            for l, x, y in zip(layers, xs, ys)]
+    def ptr(t):
+        return 0 if t is None else t.data_ptr()
+
+    return [(x.data_ptr(), _ACT_DTYPES[x.dtype], x.shape[0], x.shape[1], ptr(layer.weight), layer.format,
+             layer.out_features, layer.in_features, layer.group or 0, ptr(layer.scale), ptr(layer.minimum),
+             y.data_ptr(), layer.out_features, threads)
+            for layer, x, y in zip(layers, xs, ys)]
 
 
 def _time(fn):
@@ -108,19 +111,23 @@ def _measure(doc, settings):
         _C.use_cpu_isa(isa)
     _C.use_cpu_isa("best")
     settings.update(source=source, isa=isas, isa_forced=forced, layers=len(weights))
-    _impl = lambda isa: impl_name(isa, forced)
+
+    def _impl(isa):
+        return impl_name(isa, forced)
+
     probe = torch.rand(READ_PROBE_BYTES // 4)
     shape = f"{len(weights)} GEMVs, M={M}"
     gen = torch.Generator().manual_seed(1)
     for name in settings["formats"]:  # one format's weights in memory at a time
         layers, dense = pack(weights, name)
         dtype = layers[0].out_dtype
-        xs = [torch.randn(M, l.in_features, generator=gen).to(dtype) for l in layers]
-        ys = [torch.empty(M, l.out_features, dtype=dtype) for l in layers]
+        xs = [torch.randn(M, layer.in_features, generator=gen).to(dtype) for layer in layers]
+        ys = [torch.empty(M, layer.out_features, dtype=dtype) for layer in layers]
         calls, gemv = _native_calls(layers, xs, ys, threads), _C.gemv
-        nbytes = sum(l.nbytes for l in layers)
+        nbytes = sum(layer.nbytes for layer in layers)
 
-        def ours(isa):
+        # The closures below run only in this format's rounds; their defaults bind this format's data.
+        def ours(isa, calls=calls, gemv=gemv):
             def run_set():
                 if forced:
                     _C.use_cpu_isa(isa)
@@ -128,7 +135,7 @@ def _measure(doc, settings):
                     gemv(*c)
             return run_set
 
-        def theirs():
+        def theirs(xs=xs, dense=dense):
             for x, w in zip(xs, dense):
                 F.linear(x, w)
 
@@ -146,24 +153,28 @@ def _measure(doc, settings):
                         impl="torch.sum", shape="256 MiB", dtype=name)  # the probes of this format's rounds
         doc["figures"].append(f_read)
         for impl, ts in times.items():
-            f_time = figure("kernel_time", "ms", higher_is_better=False, samples=[1e3 * t for t in ts], impl=impl,
-                            **labels)
+            f_time = figure("kernel_time", "ms", higher_is_better=False, samples=[1e3 * t for t in ts],
+                            impl=impl, **labels)
             gbps = nbytes / (f_time["value"] / 1e3) / 1e9
             doc["figures"] += [f_time, figure("kernel_bandwidth", "GB/s", higher_is_better=True, value=gbps,
                                               impl=impl, **labels),
-                               figure("kernel_pct_of_peak", "%", higher_is_better=True, value=100 * gbps / f_read["value"],
-                                      bound="memory", peak="measured read", impl=impl, **labels)]
+                               figure("kernel_pct_of_peak", "%", higher_is_better=True,
+                                      value=100 * gbps / f_read["value"], bound="memory", peak="measured read",
+                                      impl=impl, **labels)]
         for isa in isas:
-            doc["figures"].append(figure("kernel_speedup", "x", higher_is_better=True, impl=_impl(isa), baseline="torch",
-                                         samples=[b / a for a, b in zip(times[_impl(isa)], times["torch"])], **labels))
+            doc["figures"].append(figure("kernel_speedup", "x", higher_is_better=True, impl=_impl(isa),
+                                         baseline="torch",
+                                         samples=[b / a for a, b in zip(times[_impl(isa)], times["torch"])],
+                                         **labels))
         _C.use_cpu_isa("best")
         doc["checks"].setdefault("weight_bytes", {})[name] = nbytes
         doc["checks"].setdefault("max_abs_error_vs_reference", {})[name] = max(
-            float((y.float() - G.reference(x, l)).abs().max()) for l, x, y in zip(layers[:4], xs, ys))
-        layers = dense = calls = None  # free this format before packing the next
-    doc["notes"].append(f"weights: {source}; kernel tables: {', '.join(isas)}; {threads} thread(s); % of read bw: over the "
-                        "median of x.sum() over 256 MiB float32, probed once per round of the same format; torch's "
-                        "GB/s counts the packed bytes, not the float weight it reads")
+            float((y.float() - G.reference(x, layer)).abs().max()) for layer, x, y in zip(layers[:4], xs, ys))
+        # Free this format before packing the next: theirs (also in impls and fn) holds dense in its defaults.
+        layers = dense = calls = impls = theirs = fn = None
+    doc["notes"].append(f"weights: {source}; kernel tables: {', '.join(isas)}; {threads} thread(s); % of read bw: "
+                        "over the median of x.sum() over 256 MiB float32, probed once per round of the same format; "
+                        "torch's GB/s counts the packed bytes, not the float weight it reads")
 
 
 def impl_name(isa, forced):
@@ -177,7 +188,7 @@ def markdown(doc) -> str:
     isas = [isas] if isinstance(isas, str) else isas  # documents written before --isa: one table's name
     rows = []
     for name in doc["settings"]["formats"]:
-        def v(fig, impl):
+        def v(fig, impl, name=name):
             f = find_one(figs, fig, kernel="gemv_set", dtype=name, impl=impl)
             return f["value"] if f else None
         read = find_one(figs, "kernel_bandwidth", kernel="read", dtype=name)

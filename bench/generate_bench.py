@@ -322,14 +322,14 @@ def measure_scenario(engines, rows, pixel_values, new_tokens, repeats, warmup, d
 
     if cuda:
         for engine in list(active):
-            attempt(engine, lambda: footprint(engine))
+            attempt(engine, lambda engine=engine: footprint(engine))
     for _ in range(warmup):
         for engine in list(active):
-            attempt(engine, lambda: engine.run(rows, pixel_values, new_tokens, clock))
+            attempt(engine, lambda engine=engine: engine.run(rows, pixel_values, new_tokens, clock))
     for r in range(repeats):
         for engine in active[r % len(active):] + active[: r % len(active)] if active else []:
             if engine in active:
-                run = attempt(engine, lambda: engine.run(rows, pixel_values, new_tokens, clock))
+                run = attempt(engine, lambda engine=engine: engine.run(rows, pixel_values, new_tokens, clock))
                 if run is not None:
                     results[engine.name]["runs"].append(run)
     return results
@@ -361,8 +361,8 @@ def token_agreement(a, b) -> float:
 
 def run(settings: dict, argv) -> dict:
     """Run the benchmark; returns the result document (see bench/SCHEMA.md)."""
-    from llava_fast.checkpoints.load import resolve_device_dtype
     from llava_fast.bench.device import command_line
+    from llava_fast.checkpoints.load import resolve_device_dtype
     from llava_fast.presets import BUNDLED_IMAGE
 
     device, dtype = resolve_device_dtype(settings["device"], settings["dtype"])
@@ -526,7 +526,8 @@ def vision_figures(engines, pixels_one, n_images, repeats, device, notes):
                                         dtype=pixels_one.dtype, generator=g)
     for engine in engines:
         try:
-            times = time_repeats(lambda: engine.vision(pv), device=device, repeats=repeats, warmup=1)
+            times = time_repeats(lambda engine=engine: engine.vision(pv), device=device, repeats=repeats,
+                                 warmup=1)
         except Exception as e:
             if not (_is_oom(e) or engine.name == TRANSFORMERS):
                 raise

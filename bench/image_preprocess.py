@@ -76,7 +76,7 @@ def main(argv=None) -> None:
     for name, processor in clip_processors(args.image_size):
         got = torch.from_numpy(np.stack(processor(photos, return_tensors=None)["pixel_values"]))
         agree = (got - reference).abs().max().item()
-        seconds = median_seconds(lambda: processor(photos, return_tensors="pt"), args.repeats)
+        seconds = median_seconds(lambda processor=processor: processor(photos, return_tensors="pt"), args.repeats)
         rows.append((f"{name}  [max diff vs ours {agree:.1e}]", seconds))
         baseline = baseline or seconds
     rows.append(("llava-fast Python path", median_seconds(lambda: python(photos), args.repeats)))

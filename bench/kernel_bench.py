@@ -89,8 +89,15 @@ def _rand(g, *shape, dtype, device, scale=1.0, requires_grad=False):
 
 def build_cases(cfg, scale, batch, device, dtype, names, seq_len=None):
     from llava_fast import ops
-    from llava_fast.kernels import (activations, attention_backward, attention_prefill, cross_entropy, norms,
-                                    patch_embed, splice)
+    from llava_fast.kernels import (
+        activations,
+        attention_backward,
+        attention_prefill,
+        cross_entropy,
+        norms,
+        patch_embed,
+        splice,
+    )
 
     s = _sizes(cfg, scale, batch, seq_len)
     es = torch.empty((), dtype=dtype).element_size()
@@ -273,8 +280,8 @@ def measure_case(case, device, repeats, warmup, seed=0):
 
 
 def run(settings: dict, argv) -> dict:
-    from llava_fast.checkpoints.load import resolve_device_dtype
     from llava_fast.bench.device import Telemetry, command_line
+    from llava_fast.checkpoints.load import resolve_device_dtype
     from llava_fast.presets import preset_config
 
     device, dtype = resolve_device_dtype(settings["device"], settings["dtype"])

@@ -28,7 +28,6 @@ import torch
 
 from llava_fast.bench.device import Telemetry, device_info, measure_ceilings, measure_read_bandwidth
 from llava_fast.bench.report import figure, find_one, fmt, header_lines, md_table, new_document
-from llava_fast.bench.timing import summarize
 from llava_fast.errors import InputError
 
 FORMATS = ("float32", "bfloat16", "int8wo", "int4wo-32")
@@ -303,7 +302,7 @@ def markdown(doc) -> str:
     rows = []
     engines = list(dict.fromkeys(f["labels"]["engine"] for f in figs if f["name"] == "decode_throughput"))
     for e in engines:
-        def v(name, **kw):
+        def v(name, e=e, **kw):
             f = find_one(figs, name, engine=e, **kw)
             return f["value"] if f else None
         dec = find_one(figs, "decode_throughput", engine=e)

@@ -10,8 +10,8 @@ Out (all cached there):
   CLIP tower + projector (seed 0): the vision side is untrained, the language model is real.
 - `lm_dir()`: the same language model alone (LlamaForCausalLM), the input of llama.cpp's converter.
 - `gguf(fmt)`: F32 / F16 / Q8_0 by llama.cpp's own convert_hf_to_gguf.py (from the llama-cpp-python sdist,
-  fetched with `pip download --no-binary`, or $LLAVA_FAST_LLAMA_CPP_SDIST), Q4_0 by llama.cpp's quantizer (llama_cpp.llama_model_quantize)
-  from the F32 file, Q4_1 the original download. Same weights in every format.
+  fetched with `pip download --no-binary`, or $LLAVA_FAST_LLAMA_CPP_SDIST), Q4_0 by llama.cpp's quantizer
+  (llama_cpp.llama_model_quantize) from the F32 file, Q4_1 the original download. Same weights in every format.
 transformers, gguf and llama-cpp-python are bench-side dependencies only (never imported by llava_fast).
 """
 
@@ -55,8 +55,8 @@ def original_gguf() -> str:
 
 def _transformers():
     try:
-        import transformers  # noqa: F401
         import gguf  # noqa: F401
+        import transformers  # noqa: F401
     except ImportError as e:
         raise InputError(f"building the SmolLM2 checkpoint needs transformers and gguf ({e}); "
                          "pip install transformers gguf") from None

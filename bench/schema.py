@@ -12,7 +12,8 @@ import math
 
 from llava_fast.bench.report import SCHEMA_VERSION, figure_key
 
-UNITS = ("ms", "s", "tokens/s", "requests/s", "images/s", "bytes", "GB/s", "TFLOP/s", "%", "x", "1")  # "1": dimensionless
+# "1": dimensionless
+UNITS = ("ms", "s", "tokens/s", "requests/s", "images/s", "bytes", "GB/s", "TFLOP/s", "%", "x", "1")
 
 # name -> (unit, higher_is_better, required labels)
 FIGURES = {

@@ -62,7 +62,7 @@ def workload(n, seed, images=True):
     with_image = (rng.random(n) < 0.5) & images
     pool = max(1, int(with_image.sum()) // 2)
     urls = []
-    for i in range(pool):
+    for _ in range(pool):
         buf = io.BytesIO()
         size = (int(rng.integers(64, 400)), int(rng.integers(64, 400)))
         PIL.Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buf, format="PNG")
@@ -266,6 +266,7 @@ def run(settings: dict, argv) -> dict:
     class Args:  # the CLI's loader: --model or the preset, random weights; eager, unquantized, no mmproj
         model, preset, vision_tower = settings["model"], settings["preset"], settings["vision_tower"]
         mmproj, compile, quantize = None, False, None
+        max_image_pixels = None  # the default limit
 
     Args.device, Args.dtype = str(device), settings["dtype"]
     model = _load(Args)
@@ -393,7 +394,7 @@ def _against_markdown(doc):
     rows = []
     for clients in s["clients"]:
         for engine in (SERVER, other):
-            def get(name, **extra):
+            def get(name, engine=engine, clients=clients, **extra):
                 hit = find_one(figs, name, engine=engine, clients=clients, **extra)
                 return fmt(hit["value"]) if hit else "-"
 
@@ -402,7 +403,7 @@ def _against_markdown(doc):
                          get("serve_ttft_p99", image="all"), get("serve_itl_p50"), get("serve_itl_p99"),
                          f"FAILED: {failure}" if failure else "all ok"])
 
-        def ratio(name):
+        def ratio(name, clients=clients):
             hit = find_one(figs, name, clients=clients)
             return fmt(hit["value"], "x") if hit else "-"
 
@@ -426,7 +427,7 @@ def markdown(doc: dict) -> str:
     for f in [f for f in figs if f["name"] == "serve_output_throughput"]:
         lab = f["labels"]
 
-        def get(name, **extra):
+        def get(name, lab=lab, **extra):
             hit = find_one(figs, name, **lab, **extra)
             return fmt(hit["value"]) if hit else "-"
 

@@ -93,8 +93,8 @@ def make_batch(cfg, batch, seq_len, device, dtype, seed=0):
 
 
 def run(settings: dict, argv) -> dict:
-    from llava_fast.checkpoints.load import resolve_device_dtype
     from llava_fast.bench.device import Telemetry, command_line
+    from llava_fast.checkpoints.load import resolve_device_dtype
     from llava_fast.errors import InputError
 
     device, dtype = resolve_device_dtype(settings["device"], settings["dtype"])

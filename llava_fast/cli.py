@@ -241,8 +241,8 @@ def parse_bytes(text: str, flag: str) -> int:
 def cmd_serve(args):
     _check_serve_args(args)
     try:
-        from llava_fast.serve.app import ServeConfig, serve
         from llava_fast.image import max_image_pixels
+        from llava_fast.serve.app import ServeConfig, serve
     except ModuleNotFoundError as e:
         raise LlavaFastError(f"llava-fast serve needs {e.name}: pip install 'llava-fast[serve]'") from None
     import logging
@@ -266,7 +266,8 @@ def _add_serve_args(s):
     s.add_argument("--max-batch", type=int, default=16, help="KV-cache rows: requests decoding together")
     s.add_argument("--max-model-len", type=int, help="tokens per row, prompt + reply (default: the context length)")
     s.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
-    s.add_argument("--image-cache-mb", type=float, default=256.0, help="memory for cached image features, and as much again for kept image-prefix K/V")
+    s.add_argument("--image-cache-mb", type=float, default=256.0,
+                   help="memory for cached image features, and as much again for kept image-prefix K/V")
     s.add_argument("--max-images-per-request", type=int, default=4)
     s.add_argument("--allowed-local-media-path", help="directory whose image files requests may name by path or "
                    "file:// URL (default: none; only data: URLs)")

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from llava_fast.errors import InputError
 from llava_fast.cpu import native_decode
 from llava_fast.cpu.gemv import decode_threads
+from llava_fast.errors import InputError
 from llava_fast.model import KVCache, LlavaForCausalLM
 
 
@@ -246,7 +246,8 @@ class Decoder:
         # Without a graph, tokens may cover only the first n <= B rows (the server steps the slots up to its
         # highest active one); the other rows' caches and lengths are untouched (lengths[:n] is a view).
         n = tokens.shape[0]
-        cache, lengths = (self.cache, self.lengths) if n == self.batch_size else (self.cache.rows(0, n), self.lengths[:n])
+        cache, lengths = ((self.cache, self.lengths) if n == self.batch_size
+                          else (self.cache.rows(0, n), self.lengths[:n]))
         if self.native is not None and n <= native_decode.MAX_ROWS:
             return self.native(cache, lengths, tokens)  # no torch op inside: torch's thread count stays as is
         step = decode_step if self.compiled is None else self.compiled.decode

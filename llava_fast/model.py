@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from llava_fast import ops
 from llava_fast.checkpoints.config import LlavaConfig, TextConfig, VisionConfig
@@ -184,7 +184,8 @@ def fuse_linears(module, names, fused_name):
     fused = nn.Linear(weights[0].shape[1], sum(w.shape[0] for w in weights), bias=has_bias, device="meta")
     fused.weight = nn.Parameter(torch.cat([w.detach() for w in weights]), requires_grad=weights[0].requires_grad)
     if has_bias:
-        fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=parts[0].bias.requires_grad)
+        fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]),
+                                  requires_grad=parts[0].bias.requires_grad)
     sizes = [w.shape[0] for w in weights]
     for n in names:
         delattr(module, n)
@@ -246,7 +247,7 @@ class KVCache:
     def layer(self, i):
         return self.k[i], self.v[i]
 
-    def rows(self, start: int, stop: int) -> "KVCache":
+    def rows(self, start: int, stop: int) -> KVCache:
         """A view of rows [start, stop) sharing this cache's memory: a prefill into it writes those rows only
         (the server prefills one slot while the other rows keep their K/V)."""
         view = KVCache.__new__(KVCache)

@@ -19,8 +19,6 @@ from __future__ import annotations
 import math
 import os
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -101,7 +99,8 @@ def project_image_features(features, w1, b1, w2=None, b2=None):
     return x
 
 
-def splice_image_embeddings_reference(input_ids, embed_weight, image_features, image_token_id, w1, b1, w2=None, b2=None):
+def splice_image_embeddings_reference(input_ids, embed_weight, image_features, image_token_id, w1, b1, w2=None,
+                                      b2=None):
     """The decoder's input embeddings: text rows gathered from the table, image rows projected.
 
     input_ids (B, T); embed_weight (V, C); image_features (K, Nimg, Cv): K images in the order their
@@ -463,7 +462,7 @@ def _(x, weight, eps, residual):
 
 
 @torch.library.custom_op("llava_fast::layer_norm", mutates_args=())
-def _layer_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+def _layer_norm_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     return _run("layer_norm", x, weight, bias, eps).contiguous()
 
 
@@ -507,8 +506,8 @@ def _(pixel_values, patch_weight, class_embedding, position_embedding, ln_weight
 
 
 @torch.library.custom_op("llava_fast::splice_image_embeddings", mutates_args=())
-def _splice_op(input_ids: Tensor, embed_weight: Tensor, image_features: Optional[Tensor], image_token_id: int,
-               w1: Tensor, b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor]) -> Tensor:
+def _splice_op(input_ids: Tensor, embed_weight: Tensor, image_features: Tensor | None, image_token_id: int,
+               w1: Tensor, b1: Tensor | None, w2: Tensor | None, b2: Tensor | None) -> Tensor:
     return _run("splice_image_embeddings", input_ids, embed_weight, image_features, image_token_id, w1, b1, w2,
                 b2).contiguous()
 
@@ -520,7 +519,7 @@ def _(input_ids, embed_weight, image_features, image_token_id, w1, b1, w2, b2):
 
 @torch.library.custom_op("llava_fast::rotary_cached_attention", mutates_args=("k_cache", "v_cache"))
 def _rotary_cached_attention_op(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
-                                v_cache: Tensor, start_pos: Optional[Tensor], seq_lens: Optional[Tensor]) -> Tensor:
+                                v_cache: Tensor, start_pos: Tensor | None, seq_lens: Tensor | None) -> Tensor:
     if BACKEND == "triton":  # the kernels take lengths on the device always (no host branch, no sync)
         B, T = q.shape[:2]
         start_pos = torch.zeros(B, dtype=torch.int32, device=q.device) if start_pos is None else start_pos

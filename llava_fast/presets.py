@@ -64,9 +64,9 @@ def random_model(name="tiny", *, device=None, dtype=None, seed=0, compile=False,
     (q/k/v and gate/up fused for inference, as load() does; compile and quantize as in load())."""
     from llava_fast.api import LlavaModel
     from llava_fast.checkpoints.load import resolve_device_dtype
+    from llava_fast.cpu.quantize import parse_scheme, prepare_for_inference
     from llava_fast.image import ImageProcessor
     from llava_fast.model import LlavaForCausalLM
-    from llava_fast.cpu.quantize import parse_scheme, prepare_for_inference
     from llava_fast.prompts.tokenizer import Tokenizer
 
     cfg = preset_config(name)

@@ -120,7 +120,8 @@ def write_byte_level_tokenizer(dst, vocab_size=700, eos_ids=(2, 0), chat_templat
 
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    texts = ["你好，世界！这是一个测试。龘𠮷", "Emoji 😀🎉👍🏽 and flags 🇯🇵", "Crème brûlée, naïve façade, Ångström"] * 20
+    texts = ["你好，世界！这是一个测试。龘𠮷", "Emoji 😀🎉👍🏽 and flags 🇯🇵",
+             "Crème brûlée, naïve façade, Ångström"] * 20
     for name in ("qa90_questions.jsonl", "qa90_gpt4_answer.jsonl"):
         with open(os.path.join(REFERENCE, "llava_bench_coco", name), encoding="utf-8") as f:
             texts += [_json.loads(line)["text"] for line in f]

@@ -25,7 +25,6 @@ import tempfile
 
 import pytest
 import torch
-
 from test_pypi_models import TEST_CACHE, _registry_reachable
 
 VERSION = "0.3.36"

@@ -59,14 +59,13 @@ def _functions(path, names):
     return "\n\n".join(found[n] for n in names)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def original_llava():
     import ast
     import copy
     import math
 
     import PIL.Image
-
     import tokenizers
     import torch
     import transformers
@@ -86,4 +85,5 @@ def original_llava():
     exec(_functions(os.path.join(package, "model", "llava_arch.py"), ["unpad_image"]), ns)
     exec(_functions(os.path.join(package, "train", "train.py"), _TRAIN_FUNCTIONS), ns)
     return types.SimpleNamespace(conversation_lib=conversation_lib, **{k: ns[k] for k in (
-        *_TRAIN_FUNCTIONS, *_ANYRES_FUNCTIONS, "unpad_image", "tokenizer_image_token", "IMAGE_TOKEN_INDEX", "IGNORE_INDEX")})
+        *_TRAIN_FUNCTIONS, *_ANYRES_FUNCTIONS, "unpad_image", "tokenizer_image_token", "IMAGE_TOKEN_INDEX",
+        "IGNORE_INDEX")})

@@ -7,11 +7,11 @@ import PIL.Image
 import pytest
 import torch
 import transformers
-
 from checkpoints import TOKENIZER_DIR
+from original_llava import original_llava
+
 from llava_fast.image import anyres
 from llava_fast.image.anyres import LLAVA_NEXT_PINPOINTS, AnyResProcessor
-from original_llava import original_llava
 
 NextPil = getattr(transformers, "LlavaNextImageProcessorPil", None) or transformers.LlavaNextImageProcessor
 CLIPPil = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor

@@ -7,11 +7,11 @@ import json
 import os
 import shutil
 
+import checkpoints as ck
 import pytest
 import torch
-
-import checkpoints as ck
 from checkpoints import DEVICE
+
 import llava_fast
 from llava_fast.errors import CheckpointError, ImageError, InputError
 from llava_fast.generate import Sampling, sample_next_token

@@ -8,11 +8,11 @@ checkpoints with a 64-position context so a whole-context forward takes millisec
 
 import math
 
+import checkpoints as ck
 import pytest
 import torch
-
-import checkpoints as ck
 from checkpoints import DEVICE
+
 import llava_fast
 from llava_fast.errors import InputError
 

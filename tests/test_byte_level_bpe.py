@@ -10,11 +10,11 @@ import json
 import os
 import random
 
+import checkpoints as ck
 import pytest
 import torch
-
-import checkpoints as ck
 from checkpoints import DEVICE
+
 import llava_fast
 from llava_fast.prompts.tokenizer import Tokenizer
 

@@ -6,11 +6,11 @@ import json
 import os
 import shutil
 
+import checkpoints as ck
 import pytest
 
-import checkpoints as ck
-from llava_fast.prompts.chat_template import ChatTemplate
 from llava_fast.errors import CheckpointError, InputError
+from llava_fast.prompts.chat_template import ChatTemplate
 from llava_fast.prompts.tokenizer import Tokenizer
 
 SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
@@ -93,7 +93,7 @@ def _tokenizer_dir(tmp_path, **files):
 
 
 def test_where_a_checkpoint_keeps_its_template(tmp_path):
-    config = json.loads((open(os.path.join(ck.TOKENIZER_DIR, "tokenizer_config.json")).read()))
+    config = json.loads(open(os.path.join(ck.TOKENIZER_DIR, "tokenizer_config.json")).read())
     assert Tokenizer.from_dir(ck.TOKENIZER_DIR).chat_template is None
     listed = {**config, "chat_template": [{"name": "tool_use", "template": "T"},
                                           {"name": "default", "template": ck.CHATML_SMOLLM2}]}

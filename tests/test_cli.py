@@ -4,9 +4,8 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 import checkpoints as ck
+import pytest
 from checkpoints import DEVICE
 
 IMAGE = os.path.join(ck.IMAGE_DIR, "waterview.jpg")
@@ -40,7 +39,8 @@ def test_generate_default_runs_the_builtin_random_model():
 
 
 def test_chat_reads_one_turn_per_line(ckpt_dir):
-    r = run("chat", "--model", ckpt_dir, "--image", IMAGE, "--max-new-tokens", "5", "--device", DEVICE, stdin="Hello\nWhat now?\n")
+    r = run("chat", "--model", ckpt_dir, "--image", IMAGE, "--max-new-tokens", "5", "--device", DEVICE,
+            stdin="Hello\nWhat now?\n")
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip("\n").split("\n")) >= 2
 

@@ -7,12 +7,12 @@ batch 3) and single rows (compiled prefill with a dynamic length, compiled decod
 this file is marked slow.
 """
 
-import pytest
-
 import checkpoints as ck
+import pytest
+from test_parity import CASES, LAYOUTS, VARIANTS, _rows
+
 import llava_fast
 from llava_fast.compiled import CompiledSteps
-from test_parity import CASES, LAYOUTS, VARIANTS, _rows
 
 NEW_TOKENS = 12
 

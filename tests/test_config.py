@@ -67,7 +67,7 @@ def test_unsupported_original_configs_are_named(reference_dir, change, message):
 def test_feature_layer_outside_the_tower_is_an_error(reference_dir):
     d = {**_read(reference_dir, "llava-1.5-7b-hf"), "vision_feature_layer": -30}
     with pytest.raises(CheckpointError, match="vision_feature_layer=-30"):
-        llava_hf_config(d).num_vision_layers_run
+        _ = llava_hf_config(d).num_vision_layers_run
 
 
 def test_config_round_trips_through_a_dict(reference_dir):
@@ -86,8 +86,8 @@ NEXT_MISTRAL_HUB = {
                     "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None,
                     "vocab_size": 32064},
     "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
-                      "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768,
-                      "vocab_size": 32000},
+                      "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+                      "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
     "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064,
 }
 

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from llava_fast.prompts.templates import TEMPLATES, default_template_for, format_user_turn, get_template
 from llava_fast.errors import InputError
+from llava_fast.prompts.templates import TEMPLATES, default_template_for, format_user_turn, get_template
 from llava_fast.prompts.tokenizer import Tokenizer
 
 SYSTEM_USER = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "

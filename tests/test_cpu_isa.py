@@ -51,11 +51,13 @@ def test_a_table_this_build_cannot_run_is_a_clear_error():
                 _C.use_cpu_isa(t["name"])
     # Forced by the environment: the import still works (image preprocessing needs no table), every kernel
     # call raises with the reason.
-    code = ("import torch; from llava_fast import _C; from llava_fast.cpu import gemv as G; print(_C.cpu_isa_problem())\n"
+    code = ("import torch; from llava_fast import _C; from llava_fast.cpu import gemv as G; "
+            "print(_C.cpu_isa_problem())\n"
             "try:\n    G.gemv(torch.randn(1, 64), G.GemvLinear.from_float(torch.randn(8, 64)), 1)\n"
             "except ValueError as e:\n    print('raised', e)")
     out = _in_child(code, other).splitlines()
-    assert out[0].startswith(f"LLAVA_FAST_CPU_ISA={other}: CPU kernels '{other}' are not built") and out[1] == "raised " + out[0]
+    assert out[0].startswith(f"LLAVA_FAST_CPU_ISA={other}: CPU kernels '{other}' are not built")
+    assert out[1] == "raised " + out[0]
 
 
 def test_the_public_name_and_a_forced_table_the_cpu_lacks_fail_before_any_work():
@@ -74,14 +76,18 @@ def test_the_public_name_and_a_forced_table_the_cpu_lacks_fail_before_any_work()
 
 
 def test_without_a_simd_table_the_torch_path_decodes(monkeypatch):
-    """The probe's own choice of scalar (a CPU with no SIMD table) leaves decoding to the torch path, which is
-    faster there; a forced scalar table still runs the native step (it is the reference the others match)."""
+    """A CPU whose best table is scalar (no SIMD table) leaves decoding to the torch path, which is faster there;
+    scalar forced on a CPU with a SIMD table still runs the native step (it is the reference the others match)."""
     import llava_fast
     from llava_fast.cpu import isa, native_decode
 
     net = llava_fast.random_model("tiny").net
-    monkeypatch.setattr(isa, "cpu_isa", lambda: "scalar")
-    monkeypatch.delenv("LLAVA_FAST_CPU_ISA", raising=False)
+    assert isa.best_for_this_cpu() == _C.cpu_isa_tables()[0]["family"] or not _C.cpu_isa_tables()[0]["usable"]
+    monkeypatch.setattr(isa, "best_for_this_cpu", lambda: "scalar")
     assert "scalar only" in native_decode.why_not(net)
-    monkeypatch.setenv("LLAVA_FAST_CPU_ISA", "scalar")
-    assert native_decode.why_not(net) is None
+    monkeypatch.undo()
+    assert _C.gemv_use_kernels("scalar")
+    try:
+        assert native_decode.why_not(net) is None or isa.best_for_this_cpu() == "scalar"
+    finally:
+        _C.gemv_use_kernels("best")

@@ -149,6 +149,7 @@ def test_gradients_through_the_boundary_equal_plain_autograd(name, backend):
 
 def test_fused_projections_give_the_split_logits(tmp_path):
     import checkpoints as ck
+
     import llava_fast
 
     hf = ck.make_hf_model(seed=5, gqa=True)

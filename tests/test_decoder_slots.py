@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from llava_fast.checkpoints.config import LlavaConfig, TextConfig
+from llava_fast.cpu.quantize import prepare_for_inference
 from llava_fast.generate import Decoder
 from llava_fast.model import LlavaForCausalLM
-from llava_fast.cpu.quantize import prepare_for_inference
 
 VOCAB = 97
 
@@ -68,7 +68,7 @@ def test_slot_prefill_partial_steps_and_prefix_copy_equal_a_full_forward(net):
     def check():
         for slot, logits in next_logits.items():
             torch.testing.assert_close(logits, full_logits(net, seqs[slot]), atol=1e-4, rtol=1e-4,
-                                       msg=lambda m: f"row {slot} after {len(seqs[slot])} tokens: {m}")
+                                       msg=lambda m, slot=slot: f"row {slot} after {len(seqs[slot])} tokens: {m}")
 
     check()
     # Steps over 3 rows (n < batch), then over row 0 alone (rows 1 and 2 wait: their lengths stay), then row 1

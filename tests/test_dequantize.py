@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from llava_fast.cpu import gemv
-from llava_fast.cpu.gemv import GemvLinear, Q4, Q8
+from llava_fast.cpu.gemv import Q4, Q8, GemvLinear
 from llava_fast.cpu.quantize import quantize_weight
 
 pytestmark = pytest.mark.skipif(not gemv.NATIVE, reason="llava_fast._C not built")

@@ -54,7 +54,8 @@ def test_gemv_matches_the_reference(fmt, N, K, group, kernels):
                 assert out.dtype == dtype and out.shape == (rows, N)
                 assert torch.equal(G.gemv(x, layer, 2), out), (dtype, rows)  # thread count changes no bit
                 # float32 out: summation order only. bfloat16 out: at most one bf16 rounding of the result.
-                tol = 2e-6 * ref.abs().max() if dtype == torch.float32 else (ref.bfloat16().float() - ref).abs().max() * 2
+                tol = (2e-6 * ref.abs().max() if dtype == torch.float32
+                       else (ref.bfloat16().float() - ref).abs().max() * 2)
                 assert (out.float() - ref).abs().max() <= tol + 1e-7, (dtype, rows)
                 if fmt in (G.Q8, G.Q4):  # activation quantization: ~0.5% of the output's scale, not more
                     plain = F.linear(x.float(), layer.dequantized(torch.float32))

@@ -1,4 +1,5 @@
-"""GGUF loading (llava_fast/checkpoints/gguf.py) against files written by llama.cpp's own converters (tests/llama_cpp.py).
+"""GGUF loading (llava_fast/checkpoints/gguf.py) against files written by llama.cpp's own converters
+(tests/llama_cpp.py).
 
 A tiny random LLaVA (transformers) is converted to text-model GGUFs in F32, F16 and Q8_0 plus an mmproj. Its
 weights are first rounded to float16 values, so F32 and F16 files hold them exactly and the oracle is the
@@ -9,14 +10,13 @@ naming the file and the problem.
 """
 
 import os
-import shutil
 
+import checkpoints as ck
+import llama_cpp
 import numpy as np
 import pytest
 import torch
 
-import checkpoints as ck
-import llama_cpp
 import llava_fast
 from llava_fast.errors import CheckpointError, InputError
 from llava_fast.prompts.tokenizer import Tokenizer

@@ -13,15 +13,15 @@ import json
 import os
 import sys
 
+import checkpoints as ck
 import pytest
 import torch
+from test_pypi_models import TEST_CACHE, _registry_reachable
 
-import checkpoints as ck
 import llava_fast
 from llava_fast import ops
 from llava_fast.checkpoints import pypi_models
 from llava_fast.errors import CheckpointError
-from test_pypi_models import TEST_CACHE, _registry_reachable
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "kernels"))
 from accuracy import assert_close_to_reference  # noqa: E402
@@ -115,7 +115,8 @@ def test_chat_keeps_the_kv_cache_across_turns(smollm2):
     assert "Paris" in first
     cached = len(chat.cached_ids)
     second = chat.ask("And what is the capital of Germany?")
-    full = model.encode_prompt([("user", QUESTION), ("assistant", first), ("user", "And what is the capital of Germany?")])
+    full = model.encode_prompt([("user", QUESTION), ("assistant", first),
+                                ("user", "And what is the capital of Germany?")])
     # Only the tokens after the cached prefix were prefilled, and the reply equals a one-shot prompt's.
     assert model.last_stats["prompt_tokens"] == len(full) - min(cached, len(full) - 1) < len(full) // 2 + 20
     assert second == model.generate([("user", QUESTION), ("assistant", first),
@@ -174,10 +175,10 @@ def test_serve_answers_a_text_only_model_and_refuses_its_images(smollm2):
     import base64
 
     import openai
+    from serve_helpers import LiveServer
 
     from llava_fast.presets import BUNDLED_IMAGE
     from llava_fast.serve.app import ServeConfig
-    from serve_helpers import LiveServer
 
     ours = smollm2[0]
     messages = [{"role": "user", "content": QUESTION}]
@@ -208,8 +209,9 @@ def test_serve_text_only_replies_equal_generate(smollm2):
     Sampling(temperature=1.0)."""
     import concurrent.futures
 
-    from llava_fast.serve.app import ServeConfig
     from serve_helpers import LiveServer
+
+    from llava_fast.serve.app import ServeConfig
 
     ours = smollm2[0]
     chats = [[{"role": "user", "content": QUESTION}], [{"role": "user", "content": "Name three colors."}],

@@ -3,10 +3,10 @@
 Marked `gpu`: skipped without CUDA (conftest), run on a machine with a CUDA GPU (bench/gpu_check.py runs them).
 """
 
+import checkpoints as ck
 import pytest
 import torch
 
-import checkpoints as ck
 import llava_fast
 from llava_fast import ops
 

@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
 from kernel_compile_check import H100_MAX_SHARED
 
 CHECK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_compile_check.py")

@@ -5,11 +5,11 @@ tied checkpoint shares one tensor, and the trainer keeps it tied and saves it as
 
 import os
 
+import checkpoints as ck
 import pytest
 import torch
-
-import checkpoints as ck
 from checkpoints import DEVICE
+
 import llava_fast
 from llava_fast import ops
 from llava_fast.checkpoints.config import text_config_from_dict

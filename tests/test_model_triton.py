@@ -7,11 +7,11 @@ one checkpoint and short generations; the full parity suite runs with the kernel
 (LLAVA_FAST_KERNELS=triton pytest tests/test_parity.py).
 """
 
+import checkpoints as ck
 import pytest
 import torch
-
-import checkpoints as ck
 from checkpoints import DEVICE
+
 import llava_fast
 from llava_fast import ops
 

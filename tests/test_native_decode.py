@@ -5,12 +5,12 @@ embeddings, llama3 RoPE, ragged rows in a view of some cache rows, and its error
 import pytest
 import torch
 
-from llava_fast.cpu import gemv, native_decode
 from llava_fast.checkpoints.config import LlavaConfig, TextConfig
+from llava_fast.cpu import gemv, native_decode
+from llava_fast.cpu.quantize import prepare_for_inference
 from llava_fast.generate import Decoder, decode_step
 from llava_fast.model import LlavaForCausalLM
 from llava_fast.presets import random_init_
-from llava_fast.cpu.quantize import prepare_for_inference
 
 pytestmark = pytest.mark.skipif(not gemv.NATIVE, reason="llava_fast._C not built")
 # The Decoder prefills natively only with the AVX-512 or AVX2 kernel tables (NativeDecodeStep.prefills)
@@ -222,13 +222,13 @@ def test_swiglu_of_gates_far_from_zero_equals_torch(dtype):
     """SwiGLU's vectorised exp (decode.cpp exp16) takes e^-g of either sign: gates beyond +-88 make e^-g underflow
     or overflow to inf, so silu(g) = g / (1 + e^-g) must come out g or -0 as torch's F.silu gives."""
     net = text_net(dtype=dtype)
-    I = net.cfg.text.intermediate_size
+    intermediate = net.cfg.text.intermediate_size
     with torch.no_grad():
         for layer in net.language_model.layers:
-            layer.mlp.gate_up_proj.weight[:I] *= 300
+            layer.mlp.gate_up_proj.weight[:intermediate] *= 300
     gates = []
     hook = net.language_model.layers[0].mlp.gate_up_proj.register_forward_hook(
-        lambda module, args, out: gates.append(out[..., :I].float().reshape(-1)))
+        lambda module, args, out: gates.append(out[..., :intermediate].float().reshape(-1)))
     try:
         pairs = both_steps(net, [5, 8], steps=2)[0]
     finally:
@@ -291,7 +291,8 @@ def test_native_prefill_with_image_features():
     model = random_model("tiny")
     net = model.net
     ids = model.encode_prompt("What is in the image?", 1)
-    pixels = torch.randn(1, 3, net.cfg.vision.image_size, net.cfg.vision.image_size, generator=torch.Generator().manual_seed(4))
+    pixels = torch.randn(1, 3, net.cfg.vision.image_size, net.cfg.vision.image_size,
+                         generator=torch.Generator().manual_seed(4))
     native, ref = _twin_decoders(net, 1, len(ids) + 4)
     got, want = native.prefill([ids], pixels), ref.prefill([ids], pixels)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -313,7 +314,8 @@ def model_image():
 def test_native_prefill_only_for_float32_and_int4_weights_and_errors_write_nothing():
     assert native_decode.for_model(text_net(dtype=torch.bfloat16)).prefills is False
     assert native_decode.for_model(text_net(quantize="int8wo")).prefills is False
-    assert native_decode.for_model(text_net(quantize="int4wo-32", hidden_size=96, intermediate_size=160)).prefills is True
+    assert native_decode.for_model(text_net(quantize="int4wo-32", hidden_size=96,
+                                            intermediate_size=160)).prefills is True
     net = text_net()
     dec = Decoder(net, 2, 20)
     dec.prefill_slot(0, [1, 2, 3])

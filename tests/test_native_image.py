@@ -1,7 +1,7 @@
 """The native preprocessing (llava_fast._C, csrc/) against transformers' PIL-backed CLIP processor and our
 Python path.
 
-The issue allows 2/255 per pixel before normalisation; the native resize reproduces Pillow's fixed-point
+A tolerance of 2/255 per pixel before normalisation would be common; the native resize reproduces Pillow's fixed-point
 arithmetic, so these tests expect and check 0 levels: any difference means a real divergence from Pillow.
 After normalisation the native values equal the Python path's bit for bit (same table, same casts).
 """
@@ -15,9 +15,9 @@ import PIL.Image
 import pytest
 import torch
 
-from llava_fast.image import native as image_module
 from llava_fast.errors import ImageError
 from llava_fast.image import ImageProcessor
+from llava_fast.image import native as image_module
 
 native = pytest.importorskip("llava_fast._C", reason="native extension not built (no C++ compiler at install)")
 transformers = pytest.importorskip("transformers")

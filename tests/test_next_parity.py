@@ -7,14 +7,14 @@ transformers' save_pretrained layout and in the llava-hf hub names; greedy text 
 a batch whose rows have different tile counts) equal to transformers' generate on the same ids.
 """
 
+import checkpoints as ck
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 import transformers
-
-import checkpoints as ck
 from checkpoints import DEVICE
+
 import llava_fast
 from llava_fast.errors import InputError
 
@@ -89,7 +89,7 @@ def test_two_images_in_one_prompt_and_text_only(hf_model, model):
 
 def test_every_layout_loads_the_same_model(hf_model, checkpoint_dirs):
     image = random_image(*SIZES["odd"], seed=3)
-    for layout, path in checkpoint_dirs.items():
+    for _layout, path in checkpoint_dirs.items():
         _compare_logits(hf_model, llava_fast.load(path, device=DEVICE, dtype="float32"), [image], seed=5)
 
 
@@ -173,6 +173,7 @@ def test_original_layout_matches_the_original_arrangement(hf_model, tmp_path_fac
     greedy text."""
     import transformers.models.llava_next.modeling_llava_next as hf_next
     from original_llava import original_llava
+
     from llava_fast.image import anyres
 
     path = ck.write_checkpoint(hf_model, str(tmp_path_factory.mktemp("next-original")), "original")

@@ -5,12 +5,12 @@ different lengths (the oracle runs each row alone). The original-LLaVA linear pr
 model, so its oracle is composed from transformers' CLIPVisionModel and LlamaForCausalLM.
 """
 
+import checkpoints as ck
 import pytest
 import torch
 import torch.nn.functional as F
-
-import checkpoints as ck
 from checkpoints import DEVICE
+
 import llava_fast
 
 LAYOUTS = ["save_pretrained", "hub", "model_prefix", "original"]

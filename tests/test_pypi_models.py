@@ -80,6 +80,7 @@ def test_smollm2_real_vocabulary_streams_utf8_safely(smollm2_gguf):
     import json
 
     import checkpoints as ck
+
     from llava_fast.checkpoints.gguf import GGUFFile, tokenizer_from_gguf
 
     tok = tokenizer_from_gguf(GGUFFile(smollm2_gguf[0]))

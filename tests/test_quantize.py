@@ -1,22 +1,23 @@
 """Weight-only quantization (llava_fast/cpu/quantize.py) and the native CPU GEMV it runs on (csrc/gemv.cpp).
 
-The GEMV kernels themselves are tested in tests/test_gemv.py. Quantized models: load, generate, stream and CLI on the tiny preset and a llava-hf checkpoint;
-error bounds on real weights (SmolLM2-135M-Instruct, fetched once via pip) against the float32 model.
+The GEMV kernels themselves are tested in tests/test_gemv.py. Quantized models: load, generate, stream and CLI on
+the tiny preset and a llava-hf checkpoint; error bounds on real weights (SmolLM2-135M-Instruct, fetched once via
+pip) against the float32 model.
 """
 
 import os
 import subprocess
 import sys
 
+import checkpoints as ck
 import pytest
 import torch
 
-import checkpoints as ck
 import llava_fast
 from llava_fast.cpu import gemv as G
+from llava_fast.cpu.quantize import quantize_weight
 from llava_fast.errors import InputError
 from llava_fast.presets import random_model
-from llava_fast.cpu.quantize import quantize_weight
 
 pytest.importorskip("torchao", reason="quantization tests need torchao (pip install torchao)")
 
@@ -94,8 +95,9 @@ def test_quantized_checkpoint_loads_and_matches_float_greedy_closely(tmp_path):
 
 
 def test_cli_quantize_flag():
-    run = lambda *a: subprocess.run([sys.executable, "-m", "llava_fast", *a], capture_output=True, text=True,
-                                    timeout=300)
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "llava_fast", *a], capture_output=True, text=True, timeout=300)
+
     r = run("generate", "--quantize", "int4wo-32", "--no-image", "--prompt", "Hi", "--max-new-tokens", "3",
             "--device", "cpu")
     assert r.returncode == 0, r.stderr

@@ -20,7 +20,6 @@ import time
 import urllib.request
 
 import pytest
-
 from test_pypi_models import TEST_CACHE, _registry_reachable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +72,8 @@ def _run_block(language, code, env=None, timeout=600):
         assert language == "bash", language
         command = ["bash", "-euo", "pipefail", "-c", code]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"exit {done.returncode}\nstdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, (f"exit {done.returncode}\nstdout:\n{done.stdout[-3000:]}\n"
+                                  f"stderr:\n{done.stderr[-3000:]}")
     return done.stdout
 
 

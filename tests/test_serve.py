@@ -25,11 +25,12 @@ import torch
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
 openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install -e '.[test]')")
 
-from llava_fast.prompts.messages import split_openai_messages  # noqa: E402
-from llava_fast.presets import BUNDLED_IMAGE, random_model  # noqa: E402
-from llava_fast.serve.app import ServeConfig  # noqa: E402
-from llava_fast.errors import InputError  # noqa: E402
 from serve_helpers import LiveServer, free_port, png_data_url, random_image, user  # noqa: E402
+
+from llava_fast.errors import InputError  # noqa: E402
+from llava_fast.presets import BUNDLED_IMAGE, random_model  # noqa: E402
+from llava_fast.prompts.messages import split_openai_messages  # noqa: E402
+from llava_fast.serve.app import ServeConfig  # noqa: E402
 
 with open(BUNDLED_IMAGE, "rb") as _f:
     JPEG_URL = "data:image/jpeg;base64," + base64.b64encode(_f.read()).decode()
@@ -132,7 +133,8 @@ def test_logprobs_match_full_forward(live, model):
     assert all(set(t.to_dict()) == {"token", "logprob", "bytes"} for e in content for t in e.top_logprobs)
     r = live.client().chat.completions.create(messages=messages, model="tiny", max_tokens=2, temperature=0,
                                               logprobs=True)
-    assert [set(e.to_dict()) for e in r.choices[0].logprobs.content] == [{"token", "logprob", "bytes", "top_logprobs"}] * 2
+    assert ([set(e.to_dict()) for e in r.choices[0].logprobs.content]
+            == [{"token", "logprob", "bytes", "top_logprobs"}] * 2)
     assert all(e.top_logprobs == [] for e in r.choices[0].logprobs.content)
 
 
@@ -332,8 +334,8 @@ def test_repeated_image_is_a_cache_hit(live, model):
     assert r.choices[0].message.content == alone(model, messages, 4)
     reused = _metric(httpx.get(live.url + "/metrics").text, "llava_fast_cached_prompt_tokens_total")
     assert reused - _metric(after, "llava_fast_cached_prompt_tokens_total") > model.num_image_tokens
-    assert _metric(after, "llava_fast_image_cache_misses_total") - _metric(before, "llava_fast_image_cache_misses_total") == 1
-    assert _metric(after, "llava_fast_image_cache_hits_total") - _metric(before, "llava_fast_image_cache_hits_total") == 1
+    for counter in ("llava_fast_image_cache_misses_total", "llava_fast_image_cache_hits_total"):
+        assert _metric(after, counter) - _metric(before, counter) == 1, counter
     for name in ("llava_fast_requests_total", "llava_fast_running_rows", "llava_fast_waiting_requests",
                  "llava_fast_prompt_tokens_total", "llava_fast_generation_tokens_total",
                  "llava_fast_time_to_first_token_seconds_bucket", "llava_fast_inter_token_latency_seconds_bucket"):
@@ -473,7 +475,7 @@ def test_chat_page_in_a_headless_browser(live, model):
             browser.find_element(By.ID, "question").send_keys(question)
             browser.find_element(By.ID, "send").click()
             WebDriverWait(browser, 120).until(
-                lambda b: b.execute_script(f"const a = document.getElementById('answer-{2 * turn}');"
+                lambda b, turn=turn: b.execute_script(f"const a = document.getElementById('answer-{2 * turn}');"
                                            "return a && a.parentElement.dataset.done;"))
             answer = browser.find_element(By.ID, f"answer-{2 * turn}")
             assert answer.get_attribute("class") != "error", answer.text

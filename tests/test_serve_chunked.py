@@ -14,11 +14,12 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
 
+from serve_helpers import LiveServer, png_data_url, random_image, user  # noqa: E402
+
 from llava_fast.errors import InputError  # noqa: E402
 from llava_fast.presets import random_model  # noqa: E402
 from llava_fast.serve.app import ServeConfig  # noqa: E402
 from llava_fast.serve.scheduler import Scheduler  # noqa: E402
-from serve_helpers import LiveServer, png_data_url, random_image, user  # noqa: E402
 
 BUDGET = 37  # odd, so slices end mid-image and mid-word: 4 rows decoding leave 33 tokens per slice
 TEXT_TOKENS = 200
@@ -82,7 +83,7 @@ def test_image_prompt_enters_in_slices_while_others_decode(live, model):
         image_text, image_sent, image_times = pool.submit(_stream, live, image_request, 12).result()
         rows = [f.result() for f in running]
     assert image_text == model.generate(image_request, max_new_tokens=12)
-    for messages, (text, _, times) in zip(texts, rows):
+    for messages, (text, _, _) in zip(texts, rows):
         assert text == model.generate(messages, max_new_tokens=TEXT_TOKENS, ignore_eos=True)
     # The image prompt went in as several slices, and the text rows kept receiving tokens meanwhile.
     slices = _metric(live, "llava_fast_prefill_chunks_total") - chunks_before
@@ -91,8 +92,9 @@ def test_image_prompt_enters_in_slices_while_others_decode(live, model):
     assert max(during) >= 3, during
     # /metrics reports exact recent ITL quantiles and the budget.
     text = httpx.get(live.url + "/metrics", timeout=30).text
-    p50 = float(next(x for x in text.splitlines() if x.startswith('llava_fast_recent_inter_token_latency_seconds{quantile="0.5"}')).split()[-1])
-    p99 = float(next(x for x in text.splitlines() if x.startswith('llava_fast_recent_inter_token_latency_seconds{quantile="0.99"}')).split()[-1])
+    itl = "llava_fast_recent_inter_token_latency_seconds"
+    p50 = float(next(x for x in text.splitlines() if x.startswith(itl + '{quantile="0.5"}')).split()[-1])
+    p99 = float(next(x for x in text.splitlines() if x.startswith(itl + '{quantile="0.99"}')).split()[-1])
     assert 0 < p50 <= p99
     assert f"llava_fast_max_batched_tokens {float(BUDGET)}" in text
 

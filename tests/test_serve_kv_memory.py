@@ -17,12 +17,13 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 if not sys.platform.startswith("linux"):
     pytest.skip("resident sizes are asked of the kernel with Linux's mincore()", allow_module_level=True)
 
+from serve_helpers import LiveServer, png_data_url, random_image, user  # noqa: E402
+
 from llava_fast.generate import positions_needed  # noqa: E402
 from llava_fast.presets import preset_config, random_model  # noqa: E402
 from llava_fast.serve.app import ServeConfig  # noqa: E402
 from llava_fast.serve.kv_memory import KVMemory  # noqa: E402
 from llava_fast.serve.scheduler import Scheduler  # noqa: E402
-from serve_helpers import LiveServer, png_data_url, random_image, user  # noqa: E402
 
 
 def resident_bytes(tensor) -> int:
@@ -141,7 +142,7 @@ def test_a_request_larger_than_the_whole_budget_is_a_400(tight, model):
 
 @pytest.mark.parametrize("value", ["lots", "0", "-1GiB", "2XB"])
 def test_bad_kv_cache_memory_is_one_line_exit_2(value):
-    done = subprocess.run([sys.executable, "-m", "llava_fast.cli", "serve", f"--kv-cache-memory={value}", "--port", "0"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "llava_fast.cli", "serve", f"--kv-cache-memory={value}", "--port",
+                           "0"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--kv-cache-memory" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr

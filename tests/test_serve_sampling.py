@@ -13,10 +13,11 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
 
+from serve_helpers import LiveServer, png_data_url, random_image, user  # noqa: E402
+
 from llava_fast.errors import InputError  # noqa: E402
 from llava_fast.presets import random_model  # noqa: E402
 from llava_fast.serve.app import ServeConfig  # noqa: E402
-from serve_helpers import LiveServer, png_data_url, random_image, user  # noqa: E402
 
 PROMPT = "Describe the picture in detail, please."
 IMAGE = png_data_url(random_image(5, 70, 50))

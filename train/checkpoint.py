@@ -35,11 +35,21 @@ import torch
 import torch.nn as nn
 
 from llava_fast.checkpoints.config import LlavaConfig, read_json, text_config_from_dict, vision_config_from_dict
+from llava_fast.checkpoints.layouts import (
+    CLIP_RULES,
+    LLAVA_HF_RULES,
+    ORIGINAL_RULES,
+    assign_weights,
+    expected_weights,
+    iter_tensors,
+    read_config,
+    read_weights,
+    rename_key,
+    weight_files,
+)
+from llava_fast.checkpoints.load import checkpoint_image_processor
 from llava_fast.errors import CheckpointError, InputError
 from llava_fast.image import LLAVA_PROCESSOR_TYPES, ImageProcessor
-from llava_fast.checkpoints.layouts import (CLIP_RULES, LLAVA_HF_RULES, ORIGINAL_RULES, assign_weights, expected_weights,
-                                iter_tensors, read_config, read_weights, rename_key, weight_files)
-from llava_fast.checkpoints.load import checkpoint_image_processor
 from llava_fast.model import LlavaForCausalLM
 from llava_fast.prompts.tokenizer import Tokenizer
 

@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llava_fast.prompts.templates import IMAGE_MARKER, Template, get_template
 from llava_fast.checkpoints.config import read_json
 from llava_fast.errors import ImageError, InputError
+from llava_fast.prompts.templates import IMAGE_MARKER, Template, get_template
 
 IGNORE_INDEX = -100
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}

@@ -31,12 +31,19 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from llava_fast.prompts.templates import get_template
 from llava_fast.errors import InputError
 from llava_fast.generate import is_integer
+from llava_fast.prompts.templates import get_template
 from llava_fast.train import checkpoint as ckpt
-from llava_fast.train.data import (Collate, EncodingSpec, LlavaDataset, StepSampler, check_records, read_records,
-                                   total_steps)
+from llava_fast.train.data import (
+    Collate,
+    EncodingSpec,
+    LlavaDataset,
+    StepSampler,
+    check_records,
+    read_records,
+    total_steps,
+)
 from llava_fast.train.lora import TARGETS, add_lora
 
 

@@ -15,8 +15,8 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 
-from llava_fast.prompts.templates import default_template_for
 from llava_fast.errors import CheckpointError
+from llava_fast.prompts.templates import default_template_for
 
 
 @dataclass

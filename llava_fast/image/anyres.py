@@ -131,11 +131,11 @@ class AnyResProcessor:
         object.__setattr__(self, "grid_pinpoints", pinpoints)
 
     @classmethod
-    def clip(cls, image_size: int = 336, grid_pinpoints=LLAVA_NEXT_PINPOINTS) -> "AnyResProcessor":
+    def clip(cls, image_size: int = 336, grid_pinpoints=LLAVA_NEXT_PINPOINTS) -> AnyResProcessor:
         return cls(ImageProcessor.clip(image_size=image_size, backend="python"), grid_pinpoints)
 
     @classmethod
-    def from_pretrained(cls, path, grid_pinpoints=None) -> "AnyResProcessor":
+    def from_pretrained(cls, path, grid_pinpoints=None) -> AnyResProcessor:
         """Read `<path>/preprocessor_config.json`: a LlavaNextImageProcessor config (its image_grid_pinpoints,
         unless `grid_pinpoints` is given, as an original checkpoint's config.json gives them) or a CLIP one
         (which then needs `grid_pinpoints`)."""

@@ -1,4 +1,5 @@
-"""CLIP's image preprocessing (LLaVA v1 and 1.5): decoded image -> (N, 3, S, S) normalised pixels for the CLIP vision tower.
+"""CLIP's image preprocessing (LLaVA v1 and 1.5): decoded image -> (N, 3, S, S) normalised pixels for the CLIP
+vision tower.
 
 The steps are those of transformers' CLIPImageProcessor (the PIL backend, `CLIPImageProcessorPil` in
 transformers 5.x, where the default `CLIPImageProcessor` resizes with torchvision's antialiased bicubic,
@@ -85,7 +86,7 @@ class ImageProcessor:
     # --- construction -------------------------------------------------------------------------------
 
     @classmethod
-    def clip(cls, image_size: int = 336, pad: bool = False, **overrides) -> "ImageProcessor":
+    def clip(cls, image_size: int = 336, pad: bool = False, **overrides) -> ImageProcessor:
         """OpenAI CLIP's preprocessing at `image_size` (336 for LLaVA-1.5's ViT-L/14-336, 224 for LLaVA-1's
         ViT-L/14); pad=True adds LLaVA-1.5's pad-to-square (the original checkpoints' image_aspect_ratio)."""
         settings = dict(
@@ -97,7 +98,7 @@ class ImageProcessor:
         return cls(**settings)
 
     @classmethod
-    def from_pretrained(cls, path, image_aspect_ratio="from_config", backend: str = "auto") -> "ImageProcessor":
+    def from_pretrained(cls, path, image_aspect_ratio="from_config", backend: str = "auto") -> ImageProcessor:
         """Read `<path>/preprocessor_config.json` (a CLIPImageProcessor config, e.g. llava-hf's, or a
         LlavaImageProcessor one).
 
@@ -152,7 +153,7 @@ class ImageProcessor:
     def pad_colour(self) -> tuple[int, int, int]:
         return mean_colour(self.image_mean)
 
-    def with_backend(self, backend: str) -> "ImageProcessor":
+    def with_backend(self, backend: str) -> ImageProcessor:
         return replace(self, backend=backend)
 
     @property

@@ -13,7 +13,6 @@ import PIL.Image
 
 from llava_fast.errors import ImageError
 
-
 # The largest image, width x height, that every entry point reads from a file or bytes (generate, chat, the
 # Python API, the pipelines, the trainer's data, the server): 64 Mi pixels = 8192 x 8192, a 201 MB RGB array
 # where the tower sees 336 x 336. Checked from the header, before the pixels are decoded. Pillow's own bomb check

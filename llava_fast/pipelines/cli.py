@@ -16,8 +16,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import sys
 
 from llava_fast.cli import SubcommandParser

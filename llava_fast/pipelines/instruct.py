@@ -36,7 +36,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from llava_fast.errors import InputError
-from llava_fast.pipelines.records import read_jsonl, read_table, write_json_atomic, write_jsonl_atomic, read_json
+from llava_fast.pipelines.records import read_json, read_jsonl, read_table, write_json_atomic, write_jsonl_atomic
 
 PROMPTS_DIR = os.path.join(os.path.dirname(__file__), "prompts")
 TYPES = {"conversation": "conversation", "detail": "detail_description", "complex": "complex_reasoning"}

@@ -21,10 +21,10 @@ from urllib.parse import unquote, urlparse
 
 import PIL.Image
 
-from llava_fast.prompts.templates import IMAGE_MARKER
 from llava_fast.errors import ImageError, InputError, count
 from llava_fast.image import load_image
 from llava_fast.image.loading import open_image
+from llava_fast.prompts.templates import IMAGE_MARKER
 
 ROLES = ("system", "user", "assistant")
 

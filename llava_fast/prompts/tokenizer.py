@@ -42,9 +42,9 @@ from tokenizers import AddedToken, decoders, pre_tokenizers
 from tokenizers.decoders import DecodeStream
 from tokenizers.models import BPE
 
-from llava_fast.prompts.chat_template import ChatTemplate, read_chat_template
 from llava_fast.checkpoints.config import read_json
 from llava_fast.errors import CheckpointError, InputError
+from llava_fast.prompts.chat_template import ChatTemplate, read_chat_template
 
 IMAGE_MARKER = "<image>"
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback pieces, as ByteFallback reads them
@@ -107,7 +107,7 @@ class Tokenizer:
     # ---------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_dir(cls, path: str) -> "Tokenizer":
+    def from_dir(cls, path: str) -> Tokenizer:
         """Load from a checkpoint directory: tokenizer.json, or failing that tokenizer.model (converted); special
         tokens from tokenizer_config.json / special_tokens_map.json, extra EOS ids from generation_config.json
         (else config.json), the chat template from chat_template.jinja / chat_template.json /
@@ -221,7 +221,7 @@ class Tokenizer:
                 expanded.append(token_id)
         return expanded
 
-    def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
+    def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens)
 
     def fallback_byte_ids(self) -> frozenset:

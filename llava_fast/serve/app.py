@@ -24,7 +24,8 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -115,10 +116,12 @@ class _Guard:
             headers = dict(scope["headers"])
             length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.config.max_body_bytes:
-                return await self._error(scope, send_counted, 413, f"request body over {self.config.max_body_bytes} bytes")
+                return await self._error(scope, send_counted, 413,
+                                         f"request body over {self.config.max_body_bytes} bytes")
             key = self.config.api_key
             if key and scope["path"].startswith("/v1/") and headers.get(b"authorization") != f"Bearer {key}".encode():
-                return await self._error(scope, send_counted, 401, "missing or wrong API key (Authorization: Bearer ...)",
+                return await self._error(scope, send_counted, 401,
+                                         "missing or wrong API key (Authorization: Bearer ...)",
                                          "authentication_error", "invalid_api_key")
             seen = 0
 

@@ -55,8 +55,8 @@ class ServeMetrics:
                                          "rows plus cached prefixes of free rows (whole blocks)", registry=r)
         self.kv_cache_live_tokens = Gauge("llava_fast_kv_cache_live_tokens", "positions whose K/V running rows "
                                           "hold now", registry=r)
-        self.image_cache_hits = Counter("llava_fast_image_cache_hits", "images that skipped the vision tower (feature cache or reused prefix)",
-                                        registry=r)
+        self.image_cache_hits = Counter("llava_fast_image_cache_hits", "images that skipped the vision tower "
+                                        "(feature cache or reused prefix)", registry=r)
         self.image_cache_misses = Counter("llava_fast_image_cache_misses", "images run through the vision tower",
                                           registry=r)
 

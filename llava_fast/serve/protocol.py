@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
@@ -45,7 +45,7 @@ def json_excerpt(value, limit=80) -> str:
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: Union[StrictStr, list[Union[TextPart, ImagePart]]]
+    content: StrictStr | list[TextPart | ImagePart]
     name: StrictStr | None = None
 
     @field_validator("content", mode="before")
@@ -91,7 +91,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: float = 1.0  # (0, 1]
     top_k: StrictInt = Field(default=0, ge=0)  # extension (vLLM's): 0 = no top-k cut
     seed: StrictInt | None = Field(default=None, ge=-2**63, lt=2**64)  # torch.Generator's range
-    stop: Union[StrictStr, list[StrictStr], None] = None  # at most 4 (_stop_list)
+    stop: StrictStr | list[StrictStr] | None = None  # at most 4 (_stop_list)
     n: StrictInt = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None

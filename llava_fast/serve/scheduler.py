@@ -52,8 +52,15 @@ from dataclasses import dataclass, field
 import torch
 
 from llava_fast.errors import InputError
-from llava_fast.generate import (Decoder, RowOutput, Sampling, common_prefix, positions_needed, sample_next_token,
-                                 suppress_eos)
+from llava_fast.generate import (
+    Decoder,
+    RowOutput,
+    Sampling,
+    common_prefix,
+    positions_needed,
+    sample_next_token,
+    suppress_eos,
+)
 from llava_fast.serve.kv_memory import KVMemory, default_kv_cache_memory
 
 log = logging.getLogger("llava_fast.serve")
@@ -324,7 +331,7 @@ class Scheduler:
         """(K/V (2, L, Hkv, P, D), shared length) of the kept image prefix sharing the longest prefix with
         keys; (None, 0) when none shares any."""
         best, best_common = None, 0
-        for held, kv in self.prefixes.entries.items():
+        for held in self.prefixes.entries:
             common = common_prefix(keys, held)
             if common > best_common:
                 best, best_common = held, common

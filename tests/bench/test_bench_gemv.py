@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from llava_fast.cpu import gemv as G
 from llava_fast.bench import cli, gemv_bench, real_model, schema
+from llava_fast.cpu import gemv as G
 
 
 @pytest.mark.skipif(not G.NATIVE, reason="llava_fast._C was not built (no C++ toolchain)")
@@ -26,7 +26,8 @@ def test_bench_gemv_writes_a_valid_document(tmp_path, monkeypatch, capsys):
                  and f["labels"]["impl"] == impl]
             assert len(f) == 1 and f[0]["stats"]["n"] == 2
         assert doc["checks"]["max_abs_error_vs_reference"][fmt] < 1e-4
-    assert doc["checks"]["weight_bytes"]["int8"] == (40 + 70) * 64 + 24 * 96 + 4 * (40 + 24 + 70)  # u8 weights + f32 row scales
+    # u8 weights + f32 row scales
+    assert doc["checks"]["weight_bytes"]["int8"] == (40 + 70) * 64 + 24 * 96 + 4 * (40 + 24 + 70)
     table = capsys.readouterr().out
     assert "| int4-32 |" in table and "% of read bw" in table
     # --isa: kernel tables side by side in the same rounds, one impl each

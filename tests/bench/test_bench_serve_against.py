@@ -14,9 +14,10 @@ pytest.importorskip("fastapi", reason="the server extra is not installed")
 
 @pytest.fixture(scope="module")
 def other():
+    from serve_helpers import LiveServer
+
     from llava_fast.presets import random_model
     from llava_fast.serve.app import ServeConfig
-    from serve_helpers import LiveServer
 
     server = LiveServer(random_model("tiny"), ServeConfig(model_name="the-other", max_batch=4)).start()
     yield server

@@ -10,8 +10,8 @@ import math
 
 import pytest
 import torch
-
 from accuracy import BF16, DEVICE, assert_close_to_reference
+
 from llava_fast import ops
 from llava_fast.kernels import cross_entropy
 

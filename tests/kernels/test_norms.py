@@ -7,8 +7,8 @@ plain-PyTorch reference makes in the same dtype, plus one ulp at the output's sc
 
 import pytest
 import torch
-
 from accuracy import BF16, DEVICE, assert_close_to_reference
+
 from llava_fast import ops
 from llava_fast.kernels import norms
 

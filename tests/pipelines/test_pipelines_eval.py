@@ -254,7 +254,7 @@ def make_scienceqa(tmp_path, seed, n=260, drop=0.04):
         problems[str(3 * i + 1)] = {
             "question": f"Which {rng.choice(WORDS)} is {rng.choice(WORDS)} in case {i}?",
             "choices": [f"{rng.choice(WORDS)} {j}" for j in range(k)], "answer": rng.randrange(k),
-            "hint": rng.choice(["", "", "Read the  text about the  {}.".format(rng.choice(WORDS))]),
+            "hint": rng.choice(["", "", f"Read the  text about the  {rng.choice(WORDS)}."]),
             "image": rng.choice([None, None, "image.png"]), "subject": rng.choice(subjects),
             "grade": f"grade{rng.randint(1, 12)}", "lecture": "", "solution": ""}
     pids = list(problems)

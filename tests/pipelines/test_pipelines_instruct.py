@@ -357,6 +357,7 @@ def test_captions_refuses_a_bad_limit_an_empty_input_and_an_existing_output(cli,
 
 def test_generated_records_load_and_train_in_llava_fast_train(reference_dir, caps_boxes, caps_rows, tmp_path, cli):
     import checkpoints as ck
+
     from llava_fast.train import TrainArgs, train
 
     outputs = []

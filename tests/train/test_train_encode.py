@@ -10,8 +10,8 @@ import random
 
 import pytest
 
-from llava_fast.prompts.templates import get_template
 from llava_fast.errors import InputError
+from llava_fast.prompts.templates import get_template
 from llava_fast.prompts.tokenizer import Tokenizer
 from llava_fast.train import IGNORE_INDEX, encode_conversation, expand_and_truncate
 from llava_fast.train.data import conversation_messages

@@ -4,11 +4,11 @@ Accuracy rule (flash-attention's): against a float32 torch reference, the Triton
 gradient may be off by at most twice what the torch bf16 step is off by (plus a small floor).
 """
 
+import checkpoints as ck
 import pytest
 import torch
 from trainutil import make_records, write_data
 
-import checkpoints as ck
 from llava_fast import ops
 from llava_fast.train import TrainArgs, train
 from llava_fast.train import checkpoint as ckpt

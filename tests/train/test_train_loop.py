@@ -7,12 +7,12 @@ import json
 import os
 import shutil
 
+import checkpoints as ck
 import pytest
 import torch
-from trainutil import make_records, write_data
 from safetensors.torch import load_file
+from trainutil import make_records, write_data
 
-import checkpoints as ck
 import llava_fast
 from llava_fast.cli import main as cli_main
 from llava_fast.prompts.templates import get_template

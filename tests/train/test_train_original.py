@@ -8,10 +8,10 @@ per piece). A few rows are also pinned literally, so the test fails even if the 
 import copy
 
 import pytest
+from original_llava import original_llava
 
 from llava_fast.prompts.tokenizer import Tokenizer
 from llava_fast.train import IGNORE_INDEX, encode_conversation
-from original_llava import original_llava
 
 IMG = 32000
 TEMPLATES = ["plain", "vicuna_v1", "llava_v1", "llava_v0", "llava_llama_2"]
@@ -73,7 +73,7 @@ def test_rows_equal_the_original_preprocessing(oracle, tokenizers, template, con
         assert labels == want_labels
 
 
-# Pinned: the stage-1 row ("a cat on a mat": "▁a" 263 right after the image, no "\n" between), and
+# Pinned: a stage-1 row ("a cat on a mat": "▁a" 263 right after the image, no "\n" between), and
 # the image-1-turn rows, decoded in the comments; the labels are the reply tokens (from reply_start below).
 PINNED = {
     # <s> <image> a cat on a mat \n
@@ -100,4 +100,5 @@ def test_pinned_rows(tokenizers, template):
     assert ids == want
     reply_start = {"plain": 2, "vicuna_v1": len(want) - 4, "llava_v0": len(want) - 7}[template]
     reply_end = len(want) - (1 if template == "llava_v0" else 0)
-    assert labels == [IGNORE_INDEX] * reply_start + want[reply_start:reply_end] + [IGNORE_INDEX] * (len(want) - reply_end)
+    assert labels == ([IGNORE_INDEX] * reply_start + want[reply_start:reply_end]
+                      + [IGNORE_INDEX] * (len(want) - reply_end))

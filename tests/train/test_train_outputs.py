@@ -14,13 +14,13 @@ import subprocess
 import sys
 import types
 
+import checkpoints as ck
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 from trainutil import make_records, write_data
 
-import checkpoints as ck
 import llava_fast
 from llava_fast.cli import main as cli_main
 from llava_fast.errors import InputError
@@ -156,7 +156,8 @@ def test_merge_lora_missing_and_broken_files(runs, tmp_path, cli_here):
     (adapter / "adapter_model.safetensors").write_bytes(b"not safetensors")
     r = cli_here("merge-lora", "--adapter", str(adapter), "--output", str(tmp_path / "o"))
     assert_one_line_error(r, str(tmp_path / "gone"), "--model")
-    r = cli_here("merge-lora", "--adapter", str(adapter), "--model", config["base_model"], "--output", str(tmp_path / "o"))
+    r = cli_here("merge-lora", "--adapter", str(adapter), "--model", config["base_model"], "--output",
+                 str(tmp_path / "o"))
     assert_one_line_error(r, "adapter_model.safetensors")
     json.dump({"r": 2}, open(adapter / "adapter_config.json", "w"))
     r = cli_here("merge-lora", "--adapter", str(adapter), "--output", str(tmp_path / "o"))
