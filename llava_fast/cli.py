@@ -12,7 +12,16 @@ import sys
 from llava_fast.errors import LlavaFastError
 
 
-class SubcommandParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with one line on stderr for a bad command line ("llava-fast generate: error: argument --seed:
+    invalid int value: 'abc'"), exit 2, as every other bad input gets; argparse's default prints the whole usage
+    block (4-22 lines) before it. `--help` still shows the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class SubcommandParser(OneLineParser):
     """A subcommand's parser that refuses an argument it does not know itself, with its own usage and name
     ("llava-fast generate: error: unrecognized arguments: --foo"). Plain argparse hands a subcommand's unknown
     arguments back to the top-level parser, whose error showed the top-level usage, as if the subcommand
@@ -92,6 +101,22 @@ def _context_length(args):
     return None  # a hub id: its config comes with the download
 
 
+def _check_gguf_vision(args, image):
+    """--mmproj belongs to a GGUF text model, and a GGUF text model without one takes no image: both known from
+    the command line alone, before the load."""
+    path = _model_path(args)
+    gguf = bool(path) and path.endswith(".gguf")
+    if args.mmproj is not None:
+        if not gguf:
+            raise LlavaFastError(f"--mmproj goes with a --model .gguf text model (or smollm2), not "
+                                 f"{args.model or 'the built-in preset'}")
+        if not os.path.isfile(args.mmproj):
+            raise LlavaFastError(f"--mmproj {args.mmproj}: file not found")
+    elif gguf and image is not None:
+        raise LlavaFastError(f"--image given, but --model {args.model} is a GGUF text model with no vision tower: "
+                             "pass its llama.cpp mmproj file with --mmproj FILE, or drop --image")
+
+
 def _check_before_loading(args, image):
     """Every generate/chat argument that can be checked without the weights, checked before they load (7B: a
     minute; SmolLM2: 8 s): the limits, sampling, template, device and dtype, quantization, the image file
@@ -106,6 +131,7 @@ def _check_before_loading(args, image):
     _apply_image_limit(args)
     if args.max_new_tokens < 1:
         raise LlavaFastError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    _check_gguf_vision(args, image)
     Sampling(args.temperature, args.top_p, args.top_k, args.seed)
     if args.template is not None:
         get_template(args.template)
@@ -285,7 +311,7 @@ def _add_serve_args(s):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="llava-fast", description="A performance-first engine for LLaVA.")
+    parser = OneLineParser(prog="llava-fast", description="A performance-first engine for LLaVA.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=SubcommandParser)
     g = sub.add_parser("generate", help="answer one prompt about an image, streaming to stdout")
     _add_model_args(g)

@@ -12,14 +12,14 @@ mismatch (an adapter of another model's shapes, a missing or unreadable file) is
 
 from __future__ import annotations
 
-import argparse
 import os
 
+from llava_fast.cli import SubcommandParser
 from llava_fast.errors import CheckpointError, InputError
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="llava-fast train", description="Train LLaVA: stage 1 (projector) or stage 2 "
+    p = SubcommandParser(prog="llava-fast train", description="Train LLaVA: stage 1 (projector) or stage 2 "
                                 "(projector + LLM, or LoRA). Multi-GPU: torchrun --nproc-per-node N -m "
                                 "llava_fast.train ...")
     p.add_argument("--stage", type=int, required=True, choices=(1, 2))
@@ -145,7 +145,7 @@ def merge_lora_main(argv=None):
     from llava_fast.train import checkpoint as ckpt
     from llava_fast.train.lora import add_lora, merge_lora
 
-    p = argparse.ArgumentParser(prog="llava-fast merge-lora", description="Fold a LoRA run's adapters into its "
+    p = SubcommandParser(prog="llava-fast merge-lora", description="Fold a LoRA run's adapters into its "
                                 "base model and write a full llava-hf checkpoint.")
     p.add_argument("--adapter", required=True, help="the --output directory of a LoRA training run")
     p.add_argument("--output", required=True, help="directory for the merged checkpoint")

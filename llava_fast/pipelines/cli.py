@@ -37,7 +37,7 @@ def _write_json(path, obj):
 def make_data_parser():
     from llava_fast.pipelines.client import add_endpoint_args
 
-    parser = argparse.ArgumentParser(prog="llava-fast make-data", description="Generate LLaVA training data.")
+    parser = SubcommandParser(prog="llava-fast make-data", description="Generate LLaVA training data.")
     sub = parser.add_subparsers(dest="what", required=True, parser_class=SubcommandParser)
     p = sub.add_parser("instruct", help="captions + boxes -> instruction data through a chat model (paper, Sec. 3)")
     p.add_argument("--type", required=True, choices=("conversation", "detail", "complex"))
@@ -103,7 +103,7 @@ def _add_answer_args(p, max_new_tokens):
 def eval_parser():
     from llava_fast.pipelines.client import add_endpoint_args
 
-    parser = argparse.ArgumentParser(prog="llava-fast eval", description="The paper's evaluations.")
+    parser = SubcommandParser(prog="llava-fast eval", description="The paper's evaluations.")
     bench_sub = parser.add_subparsers(dest="bench", required=True, parser_class=SubcommandParser)
     lb = bench_sub.add_parser("llava-bench", help="LLaVA-Bench: answer, GPT-judged review, relative score")
     lb_sub = lb.add_subparsers(dest="step", required=True)
