@@ -23,7 +23,8 @@ def _in_child(code, isa):
 def test_the_best_usable_table_runs_and_scalar_is_always_there():
     tables = _C.cpu_isa_tables()
     assert tables[-1] == {"name": "scalar", "family": "scalar", "usable": True, "missing": ""}
-    best = next(t for t in tables if t["usable"])
+    forced = os.environ.get("LLAVA_FAST_CPU_ISA")  # .ci/run runs this file again with lower tables forced
+    best = next(t for t in tables if t["usable"] and (not forced or forced in (t["name"], t["family"])))
     assert _C.cpu_isa() == best["family"] in FAMILIES and _C.cpu_isa_variant() == best["name"]
     for t in tables:  # an unusable table says what is missing
         assert t["usable"] == (t["missing"] == "")
