@@ -178,7 +178,7 @@ def test_missing_and_corrupt_images(model, tmp_path):
 
 
 def test_chat_reads_its_image_when_it_starts(model, tmp_path):
-    """A missing image fails at chat(), not at the first turn (a chat that never gets a turn would otherwise say nothing at all)."""
+    """A missing image fails at chat(), not at the first turn (a chat that never gets a turn would say nothing)."""
     with pytest.raises(ImageError, match="image file not found: .*nope.jpg"):
         model.chat(str(tmp_path / "nope.jpg"))
 
