@@ -11,7 +11,7 @@ namespace llava_fast {
 // Empty when the arguments are usable (gemv_check, an int4 weight, float32 x), else what is wrong.
 const char* gemm_q4_check(const GemvArgs& args);
 
-// Runs on up to `threads` threads of gemv.cpp's pool; the scalar reference where gemv_isa() is "scalar".
+// Runs on up to `threads` threads of gemv.cpp's pool; the scalar reference where cpu_isa() is "scalar".
 void gemm_q4(const GemvArgs& args, int threads);
 
 }  // namespace llava_fast

@@ -387,7 +387,6 @@ void activation_group_sums(const int8_t* xq, const float* xs, int64_t K, int64_t
   }
 }
 
-const char* gemv_isa() { return kernels().name; }
 
 bool gemv_use_kernels(const char* name) { return *use_kernels_named(name) == 0; }
 

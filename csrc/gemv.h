@@ -59,8 +59,6 @@ void quantize_activations_q8(const float* x, int64_t K, int8_t* xq, float* xs);
 // order, of x_s[b] * sum(x_q in b) (float); K a multiple of group, group of 32. xmin (K / group,) must be zeroed.
 void activation_group_sums(const int8_t* xq, const float* xs, int64_t K, int64_t group, float* xmin);
 
-// The family of the kernel table in use ("avx512", "avx2", "neon" or "scalar"; csrc/isa/kernels.h).
-const char* gemv_isa();
 // Switch the table: "best", a family or a variant (csrc/isa/kernels.h use_kernels_named); false when the name is
 // unknown or the CPU cannot run it. For tests.
 bool gemv_use_kernels(const char* name);

@@ -320,7 +320,6 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("name"),
         "Switch the CPU kernels: 'best' (the probe's choice, or LLAVA_FAST_CPU_ISA's), a family ('avx2': its best "
         "variant here) or a variant ('avx2_maddubs'). ValueError naming the missing feature. For tests and benchmarks.");
-  m.def("gemv_isa", &llava_fast::gemv_isa, "The CPU kernel family in use (as cpu_isa()).");
   m.def("gemv_use_kernels", [](const std::string& name) { return llava_fast::gemv_use_kernels(name.c_str()); },
         "Switch the CPU kernels as use_cpu_isa, returning False instead of raising. For tests.");
   m.def("dequantize", [](uintptr_t w, int format, int64_t n, int64_t k, int64_t group, uintptr_t scales,
