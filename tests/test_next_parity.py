@@ -149,15 +149,11 @@ def test_greedy_text_matches_transformers(hf_model, model):
     assert got == [model.tokenizer.decode(e) for e in expected]
 
 
-def test_server_and_trainer_refuse_what_they_cannot_run_yet(model, checkpoint_dirs):
-    from llava_fast.errors import CheckpointError
+def test_server_refuses_what_it_cannot_run_yet(model):
     from llava_fast.serve.app import create_app
-    from llava_fast.train.checkpoint import load_base
 
     with pytest.raises(InputError, match="cannot be served yet"):
         create_app(model)
-    with pytest.raises(CheckpointError, match="cannot be trained yet"):
-        load_base(checkpoint_dirs["hub"])
 
 
 # 100x100: a tie the pinpoints' order breaks (the original's (width, height) reading tiles it 2 x 1, llava-hf's
