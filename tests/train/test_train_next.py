@@ -42,6 +42,13 @@ def next_ckpt(next_hf, tmp_path_factory):
     return ck.write_checkpoint(next_hf, str(tmp_path_factory.mktemp("tiny-next")), "hub")
 
 
+@pytest.fixture(scope="module")
+def mistral_next(tmp_path_factory):
+    """(transformers model, checkpoint) of a Mistral-backbone NeXT (LLaVA-1.6-Mistral's mistral_instruct)."""
+    hf = ck.make_hf_next_model(seed=4, image_size=TILE, pinpoints=PINPOINTS, text_model="mistral")
+    return hf, ck.write_checkpoint(hf, str(tmp_path_factory.mktemp("tiny-next-mistral")), "hub")
+
+
 def records():
     """Four records: one image, two images in one turn, an image in the second turn, one image; the test
     images (conftest) are 40x30, 28x28, 33x50 and 64x20 (w x h): 3- to 4-tile grids of different shapes."""
@@ -75,7 +82,7 @@ def hf_pixels(image_folder, batch):
 def one_batch(next_ckpt, image_folder):
     base = ckpt.load_base(next_ckpt)
     cfg = base.net.cfg
-    template = get_template("llava_v1")  # the trainer's default for a Vicuna NeXT checkpoint
+    template = get_template(cfg.template)  # the trainer's default: llava_v1 (Vicuna), mistral_instruct (Mistral)
     spec = EncodingSpec(base.tokenizer, template, cfg.image_token_id, cfg.num_image_tokens, 512, image_folder,
                         image_token_count=_image_token_count(cfg))
     recs = records()
@@ -155,10 +162,14 @@ def run(next_ckpt, image_folder, tmp_path, name, **kw):
     return train(TrainArgs(**{**settings, **kw}))
 
 
-def test_first_step_loss_equals_transformers(next_hf, next_ckpt, image_folder, tmp_path):
+@pytest.mark.parametrize("backbone", ["vicuna", "mistral"])
+def test_first_step_loss_equals_transformers(next_hf, next_ckpt, mistral_next, image_folder, tmp_path, backbone):
     """train()'s logged loss of step 1 (before any update) is transformers' loss on the same batch; with the
     feature cache over two epochs the run is the same run."""
-    _, batch = one_batch(next_ckpt, image_folder)
+    if backbone == "mistral":
+        next_hf, next_ckpt = mistral_next
+    base, batch = one_batch(next_ckpt, image_folder)
+    assert base.cfg.template == {"vicuna": "llava_v1", "mistral": "mistral_instruct"}[backbone]
     hf_pixel_values, hf_sizes = hf_pixels(image_folder, batch)
     with torch.no_grad():
         ref = next_hf(input_ids=batch.input_ids, pixel_values=hf_pixel_values, image_sizes=hf_sizes,
