@@ -79,17 +79,32 @@ def hf_pixels(image_folder, batch):
     return out["pixel_values"], out["image_sizes"]
 
 
+def next_spec(base, image_folder):
+    """The trainer's encoding of the base's records; the template is its default for the checkpoint: llava_v1
+    (Vicuna), mistral_instruct (Mistral)."""
+    cfg = base.net.cfg
+    return EncodingSpec(base.tokenizer, get_template(cfg.template), cfg.image_token_id, cfg.num_image_tokens, 512,
+                        image_folder, image_token_count=_image_token_count(cfg))
+
+
 def one_batch(next_ckpt, image_folder):
     base = ckpt.load_base(next_ckpt)
-    cfg = base.net.cfg
-    template = get_template(cfg.template)  # the trainer's default: llava_v1 (Vicuna), mistral_instruct (Mistral)
-    spec = EncodingSpec(base.tokenizer, template, cfg.image_token_id, cfg.num_image_tokens, 512, image_folder,
-                        image_token_count=_image_token_count(cfg))
+    spec = next_spec(base, image_folder)
     recs = records()
     examples, skipped = check_records(recs, spec)
     assert not skipped and len(examples) == 4
     dataset = LlavaDataset(recs, examples, spec, base.processor)
     return base, Collate(base.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
+
+
+def test_unreadable_and_missing_images_are_counted_when_records_are_checked(next_ckpt, image_folder):
+    """A NeXT record's positions depend on its images' sizes, so their headers are read when the records are
+    checked: a corrupt or missing file skips the record there, with its reason."""
+    spec = next_spec(ckpt.load_base(next_ckpt), image_folder)
+    bad = [dict(records()[0], image="corrupt.jpg"), dict(records()[0], image="absent.png"), records()[3]]
+    examples, skipped = check_records(bad, spec)
+    assert [e.index for e in examples] == [2]
+    assert skipped == {"unreadable image": 1, "missing image file": 1}
 
 
 def hf_name(name):  # ours -> transformers' in-memory names
