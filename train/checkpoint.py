@@ -186,9 +186,16 @@ def load_base(model_dir, *, vision_tower=None, projector=None, device="cpu", ima
         else:
             processor_dir = os.path.dirname(sources[0][0])  # the CLIP checkpoint's directory
     if cfg.anyres and cfg.layout != "llava_hf":
-        raise CheckpointError(f"{model_dir}: training a LLaVA-NeXT checkpoint in the original layout is not "
-                              "supported (its config has no llava-hf form to write back); train its llava-hf "
-                              "conversion (LlavaNextForConditionalGeneration)")
+        # The trainer writes llava-hf checkpoints, and an original NeXT's llava-hf form is not the same model:
+        # transformers rounds when unpadding where the original truncates (a 176x55 image gets 16 feature rows,
+        # not 14), so writing one would silently change what the trained weights see.
+        architecture = (d.get("architectures") or ["LlavaLlamaForCausalLM"])[0]
+        raise CheckpointError(f"{model_dir}: a LLaVA-NeXT checkpoint in the original layout ({architecture}, "
+                              "image_aspect_ratio anyres) cannot be trained: llava-fast trains and writes NeXT in "
+                              "the llava-hf layout (LlavaNextForConditionalGeneration). Train the llava-hf "
+                              "conversion instead: llava-hf/llava-v1.6-mistral-7b-hf or llava-hf/llava-v1.6-vicuna-"
+                              "7b-hf for liuhaotian's 7B checkpoints, or the output of transformers' "
+                              "convert_llava_next_weights_to_hf.py for others")
     if cfg.projector_type != "mlp2x_gelu":
         raise CheckpointError(f"{model_dir}: a linear projector (LLaVA v1) has no llava-hf layout to write; "
                               "llava-fast trains LLaVA-1.5's mlp2x_gelu projector")

@@ -246,7 +246,16 @@ def test_full_and_merged_lora_checkpoints_load_in_transformers_and_llava_fast(ne
     assert_loads_with_equal_logits(merged, image_folder)
 
 
-def test_original_layout_next_is_refused(next_hf, tmp_path):
+def test_original_layout_next_is_refused_with_what_to_train_instead(next_hf, image_folder, tmp_path, capsys):
+    """Its llava-hf form unpads by rounding where the original truncates (a different model on some image
+    sizes), so the trainer refuses it and names the llava-hf checkpoints to train instead."""
     source = ck.write_checkpoint(next_hf, str(tmp_path / "original"), "original")
-    with pytest.raises(CheckpointError, match="original layout"):
+    with pytest.raises(CheckpointError, match=r"original layout \(LlavaLlamaForCausalLM, image_aspect_ratio anyres\)"
+                                              r".*llava-hf/llava-v1.6-mistral-7b-hf.*convert_llava_next_weights_to_hf"):
         ckpt.load_base(source)
+    data = write_data(tmp_path / "data.json", records())
+    assert cli_main(["train", "--stage", "2", "--model", source, "--data", data, "--image-folder", image_folder,
+                     "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Train the llava-hf conversion instead" in err[0]
+    assert not os.path.exists(tmp_path / "out" / "config.json")
