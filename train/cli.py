@@ -197,6 +197,6 @@ def merge_lora_main(argv=None):
             params[name].copy_(tensor)
     changed = {n: base.net.get_parameter(n) for n in merge_lora(base.net)}
     changed.update({n: adapter[n] for n in adapter if n.startswith("multi_modal_projector.")})
-    ckpt.save_llava_hf(args.output, base, changed)
+    ckpt.save_checkpoint(args.output, base, changed)
     print(f"llava-fast merge-lora: wrote {args.output}")
     return 0

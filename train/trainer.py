@@ -748,8 +748,8 @@ def _write_outputs(a, base, model, masters, lora, llm_params, projector_params, 
                 "image_aspect_ratio": a.image_aspect_ratio})
             outputs += ["adapter_model.safetensors", "adapter_config.json"]
         else:
-            ckpt.save_llava_hf(a.output, base, state)
-            outputs.append("llava-hf checkpoint (config.json, model-*.safetensors)")
+            layout = ckpt.save_checkpoint(a.output, base, state)
+            outputs.append(f"{layout} checkpoint (config.json, model-*.safetensors)")
         if a.stage == 1:
             ckpt.save_tensors(os.path.join(a.output, "mm_projector.safetensors"), projector)
             outputs.append("mm_projector.safetensors")

@@ -19,7 +19,6 @@ from trainutil import write_data
 
 import llava_fast
 from llava_fast.cli import main as cli_main
-from llava_fast.errors import CheckpointError
 from llava_fast.prompts.templates import get_template
 from llava_fast.train import TrainArgs, train
 from llava_fast.train import checkpoint as ckpt
@@ -246,16 +245,55 @@ def test_full_and_merged_lora_checkpoints_load_in_transformers_and_llava_fast(ne
     assert_loads_with_equal_logits(merged, image_folder)
 
 
-def test_original_layout_next_is_refused_with_what_to_train_instead(next_hf, image_folder, tmp_path, capsys):
-    """Its llava-hf form unpads by rounding where the original truncates (a different model on some image
-    sizes), so the trainer refuses it and names the llava-hf checkpoints to train instead."""
+def original_tensors(directory):
+    out = {}
+    for f in glob.glob(os.path.join(directory, "pytorch_model*.bin")):
+        out.update(torch.load(f, map_location="cpu", weights_only=True))
+    return out or tensors(directory)
+
+
+def test_original_layout_next_trains_and_is_written_back_in_its_own_layout(next_hf, image_folder, tmp_path):
+    """Its llava-hf form would unpad by rounding where the original truncates (another model on some image
+    sizes), so the run writes the original layout back: the input's names, config and tokenizer, the CLIP tower
+    left where the config points. llava-fast loads it with the trained model's logits, on an image size (294x49)
+    where the two unpaddings differ with these 28-px tiles; a merged LoRA run is written the same way."""
+    from llava_fast.api import LlavaModel
+    from llava_fast.image import anyres
+
     source = ck.write_checkpoint(next_hf, str(tmp_path / "original"), "original")
-    with pytest.raises(CheckpointError, match=r"original layout \(LlavaLlamaForCausalLM, image_aspect_ratio anyres\)"
-                                              r".*llava-hf/llava-v1.6-mistral-7b-hf.*convert_llava_next_weights_to_hf"):
-        ckpt.load_base(source)
-    data = write_data(tmp_path / "data.json", records())
-    assert cli_main(["train", "--stage", "2", "--model", source, "--data", data, "--image-folder", image_folder,
-                     "--output", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Train the llava-hf conversion instead" in err[0]
-    assert not os.path.exists(tmp_path / "out" / "config.json")
+    result = run(source, image_folder, tmp_path, "full")
+    out = str(tmp_path / "full")
+    assert ckpt.read_json(os.path.join(out, "config.json")) == ckpt.read_json(os.path.join(source, "config.json"))
+    before, after = original_tensors(source), tensors(out)
+    assert set(before) == set(after) and "model.image_newline" in after and "model.mm_projector.0.weight" in after
+    assert not os.path.exists(os.path.join(out, "preprocessor_config.json"))
+    for k in ("model.image_newline", "model.mm_projector.2.weight", "model.layers.0.self_attn.q_proj.weight"):
+        assert not torch.equal(before[k], after[k]), k
+    ours = llava_fast.load(out, device="cpu", dtype="float32")
+    loaded = ours.net.state_dict()
+    for name, p in result.net.named_parameters():  # the file holds exactly what training produced
+        assert torch.equal(loaded[name], p.detach()), name
+
+    grid = anyres.grid_shape(49, 294, ours.config.image_grid_pinpoints, TILE)
+    windows = [anyres.unpadded_window(49, 294, grid[0] * 2, grid[1] * 2, exact=e) for e in (True, False)]
+    assert windows[0] != windows[1] and not ours.config.exact_unpad
+    images = [PIL.Image.fromarray(torch.randint(0, 256, (49, 294, 3), dtype=torch.uint8).numpy()),
+              PIL.Image.open(os.path.join(image_folder, "img2.png")).convert("RGB")]
+    pixel_values, sizes = ours.processor(images)
+    row = [1, 5, 6]
+    for n in ours.image_token_counts(sizes.tolist()):
+        row += [ours.image_token_id] * n + [7, 8]
+    trained = LlavaModel(result.net.eval(), ours.tokenizer, ours.processor)
+    # equal weights (above); the loaded model may sum in another order (its CPU kernels), hence float32's noise
+    torch.testing.assert_close(ours.logits([row], pixel_values, sizes), trained.logits([row], pixel_values, sizes),
+                               atol=1e-5, rtol=0)
+
+    run(source, image_folder, tmp_path, "lora", lora_r=2, lora_alpha=4.0, lr=5e-2)
+    merged = str(tmp_path / "merged")
+    assert cli_main(["merge-lora", "--adapter", str(tmp_path / "lora"), "--output", merged]) == 0
+    assert ckpt.read_json(os.path.join(merged, "config.json")) == ckpt.read_json(os.path.join(source, "config.json"))
+    after = tensors(merged)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(".self_attn." in k for k in changed) and any(k.startswith("model.mm_projector.") for k in changed)
+    assert "model.image_newline" not in changed  # LoRA leaves it
+    assert llava_fast.load(merged, device="cpu", dtype="float32").config.anyres
