@@ -120,6 +120,27 @@ llava_fast::ImageView image_view(const py::buffer_info& info, size_t index, int 
   return {static_cast<const uint8_t*>(info.ptr), int(info.shape[0]), int(info.shape[1]), 3};
 }
 
+// Each image as a view: a PIL image's Arrow export or a uint8 (H, W, 3) buffer, whose buffer_info goes to `held`.
+std::vector<llava_fast::ImageView> image_views(const py::list& images, int shortest_edge,
+                                               std::vector<py::buffer_info>& held) {
+  std::vector<llava_fast::ImageView> views;
+  held.reserve(py::len(images));
+  for (size_t i = 0; i < py::len(images); ++i) {
+    py::handle item = images[i];
+    if (py::isinstance<py::tuple>(item) && py::len(item) == 4) {
+      views.push_back(arrow_view(py::reinterpret_borrow<py::tuple>(item), i, shortest_edge));
+      continue;
+    }
+    if (!PyObject_CheckBuffer(item.ptr()))
+      throw py::value_error("image " + std::to_string(i) + ": expected a uint8 (H, W, 3) array or a PIL image's "
+                            "(arrow_schema, arrow_array, height, width), got " +
+                            std::string(py::str(py::type::handle_of(item).attr("__name__"))));
+    held.push_back(py::reinterpret_borrow<py::buffer>(item).request());
+    views.push_back(image_view(held.back(), i, shortest_edge));
+  }
+  return views;
+}
+
 void preprocess_into(const py::list& images, const py::buffer& out, const py::buffer& lut, int shortest_edge,
                      py::object pad_fill, int pass_order, int threads) {
   py::buffer_info out_info = out.request(/*writable=*/true);
@@ -158,21 +179,7 @@ void preprocess_into(const py::list& images, const py::buffer& out, const py::bu
   }
 
   std::vector<py::buffer_info> held;  // keeps every image buffer alive and unmoved while the GIL is released
-  std::vector<llava_fast::ImageView> views;
-  held.reserve(py::len(images));
-  for (size_t i = 0; i < py::len(images); ++i) {
-    py::handle item = images[i];
-    if (py::isinstance<py::tuple>(item) && py::len(item) == 4) {
-      views.push_back(arrow_view(py::reinterpret_borrow<py::tuple>(item), i, shortest_edge));
-      continue;
-    }
-    if (!PyObject_CheckBuffer(item.ptr()))
-      throw py::value_error("image " + std::to_string(i) + ": expected a uint8 (H, W, 3) array or a PIL image's "
-                            "(arrow_schema, arrow_array, height, width), got " +
-                            std::string(py::str(py::type::handle_of(item).attr("__name__"))));
-    held.push_back(py::reinterpret_borrow<py::buffer>(item).request());
-    views.push_back(image_view(held.back(), i, shortest_edge));
-  }
+  const std::vector<llava_fast::ImageView> views = image_views(images, shortest_edge, held);
   py::gil_scoped_release no_gil;
   llava_fast::preprocess_batch(views, out_info.ptr, params, threads < 1 ? 1 : threads);
 }
@@ -194,20 +201,7 @@ void preprocess_tiles_into(const py::list& images, const py::list& placements, c
     throw py::value_error("pass_order must be 0 (horizontal first, Pillow <= 12) or 1 (Pillow >= 13)");
 
   std::vector<py::buffer_info> held;  // keeps every image buffer alive and unmoved while the GIL is released
-  std::vector<llava_fast::ImageView> views;
-  held.reserve(py::len(images));
-  for (size_t i = 0; i < py::len(images); ++i) {
-    py::handle item = images[i];
-    if (py::isinstance<py::tuple>(item) && py::len(item) == 4) {
-      views.push_back(arrow_view(py::reinterpret_borrow<py::tuple>(item), i, 0));
-      continue;
-    }
-    if (!PyObject_CheckBuffer(item.ptr()))
-      throw py::value_error("image " + std::to_string(i) + ": expected a uint8 (H, W, 3) array or a PIL image's "
-                            "(arrow_schema, arrow_array, height, width)");
-    held.push_back(py::reinterpret_borrow<py::buffer>(item).request());
-    views.push_back(image_view(held.back(), i, 0));
-  }
+  const std::vector<llava_fast::ImageView> views = image_views(images, 0, held);
 
   const int64_t out_elements = out_info.size;
   std::vector<llava_fast::Placement> laid;
