@@ -139,15 +139,20 @@ def test_too_many_images_is_a_400_naming_the_limit(live):
 
 def test_llava_1_5_serves_two_images_interleaved_with_text():
     model = random_model("tiny")
+    tower_batches = []  # images per vision-tower call
+    model.net.vision_tower.register_forward_hook(lambda module, args, out: tower_batches.append(len(args[0])))
     config = ServeConfig(model_name="tiny", max_batch=2, max_model_len=2048, max_batched_tokens=97,
                          max_images_per_request=3)
     server = LiveServer(model, config).start()
     try:
         a, b = png_data_url(random_image(41, 70, 50)), png_data_url(random_image(42, 40, 90))
-        requests = [[user("First", a, "then", b, "which is brighter?")], [user(b, "and", a, "?")],
-                    [user(a, "twice:", a)]]
+        twice = [user(a, "twice:", a)]
+        got = [ask(server, twice).choices[0].message.content]
+        assert tower_batches == [1]  # an image repeated within a request runs once
+        requests = [[user("First", a, "then", b, "which is brighter?")], [user(b, "and", a, "?")]]
         with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
-            got = list(pool.map(lambda m: ask(server, m).choices[0].message.content, requests))
-        assert got == [alone(model, m) for m in requests]
+            got += list(pool.map(lambda m: ask(server, m).choices[0].message.content, requests))
+        assert tower_batches == [1, 1]  # then only b is new
+        assert got == [alone(model, m) for m in [twice] + requests]
     finally:
         server.stop()

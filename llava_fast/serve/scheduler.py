@@ -382,21 +382,24 @@ class Scheduler:
         the vision tower)."""
         images, keys = req.images[first_image:], req.image_keys[first_image:]
         out = [self.features.get(key) for key in keys]
-        missing = [i for i, features in enumerate(out) if features is None]
+        missing = {}  # key -> index of its first occurrence: an image repeated within the request runs once
+        for i, features in enumerate(out):
+            if features is None:
+                missing.setdefault(keys[i], i)
         self.metrics.image_cache_hits.inc(len(out) - len(missing))
         self.metrics.image_cache_misses.inc(len(missing))
         if missing:
-            pixel_values, sizes = self.model.image_inputs([images[i] for i in missing])  # all tiles, one batch
-            computed = self.model.net.image_features(pixel_values)  # (tiles, L, Cv)
+            pixel_values, sizes = self.model.image_inputs([images[i] for i in missing.values()])  # all tiles
+            computed = self.model.net.image_features(pixel_values)  # (tiles, L, Cv), one batch
             cfg = self.model.config
             tiles = [1] * len(missing) if sizes is None else [
                 anyres.num_tiles(h, w, cfg.image_grid_pinpoints, cfg.vision.image_size) for h, w in sizes.tolist()]
-            for i, features in zip(missing, computed.split(tiles)):
-                out[i] = features
-                self.features.put(keys[i], features)
+            for key, features in zip(missing, computed.split(tiles)):
+                self.features.put(key, features)
+                out = [features if k == key else f for k, f in zip(keys, out)]
         sizes = (torch.tensor([(im.height, im.width) for im in images], dtype=torch.long)
                  if self.model.config.anyres else None)
-        towered = sum(req.image_tokens[first_image + i] for i in missing)
+        towered = sum(req.image_tokens[first_image + i] for i in missing.values())
         return (torch.cat(out) if out else None), sizes, towered
 
     def _admit(self, req):
