@@ -137,6 +137,16 @@ def test_too_many_images_is_a_400_naming_the_limit(live):
     assert "has 3 images; at most 2 are allowed per request" in r.json()["error"]["message"]
 
 
+def test_prompt_length_counts_each_images_positions(live, next_model):
+    # Two images within the limit whose 2,182 + 2,376 positions overflow the 4,096-token rows.
+    body = {"messages": [user(image_url("wide", 6), image_url("tall", 6), "Both?")], "max_tokens": 4}
+    r = httpx.post(live.url + "/v1/chat/completions", json=body, timeout=60)
+    ids = next_model.encode_prompt([("user", "<image>\n<image>\nBoth?")], 2, image_sizes=[(300, 1000), (900, 300)])
+    assert r.status_code == 400
+    assert f"the prompt has {len(ids)} tokens and max_tokens is 4" in r.json()["error"]["message"]
+    assert len(ids) > 2182 + 2376
+
+
 def test_llava_1_5_serves_two_images_interleaved_with_text():
     model = random_model("tiny")
     tower_batches = []  # images per vision-tower call

@@ -394,9 +394,10 @@ class Scheduler:
             cfg = self.model.config
             tiles = [1] * len(missing) if sizes is None else [
                 anyres.num_tiles(h, w, cfg.image_grid_pinpoints, cfg.vision.image_size) for h, w in sizes.tolist()]
-            for key, features in zip(missing, computed.split(tiles)):
+            fresh = dict(zip(missing, computed.split(tiles)))
+            for key, features in fresh.items():
                 self.features.put(key, features)
-                out = [features if k == key else f for k, f in zip(keys, out)]
+            out = [fresh[k] if f is None else f for k, f in zip(keys, out)]
         sizes = (torch.tensor([(im.height, im.width) for im in images], dtype=torch.long)
                  if self.model.config.anyres else None)
         towered = sum(req.image_tokens[first_image + i] for i in missing.values())
