@@ -71,11 +71,6 @@ def live(next_model, tower_calls):
     server.stop()
 
 
-def _metric(live, name):
-    text = httpx.get(live.url + "/metrics", timeout=30).text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
-
-
 def ask(live, messages, max_tokens=NEW_TOKENS, **kw):
     return live.client().chat.completions.create(model=live.config.model_name, messages=messages,
                                                  max_tokens=max_tokens, temperature=0, **kw)
@@ -101,7 +96,7 @@ def test_concurrent_clients_with_different_tile_counts_get_their_alone_results(l
          user("Now", image_url("small", 2), "?")],
         [user(image_url("odd"), "Odd size?")],
     ]
-    chunks_before = _metric(live, "llava_fast_prefill_chunks_total")
+    chunks_before = live.metric("llava_fast_prefill_chunks_total")
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
         replies = list(pool.map(lambda m: ask(live, m), requests))
     expected = [alone(next_model, m) for m in requests]
@@ -110,7 +105,7 @@ def test_concurrent_clients_with_different_tile_counts_get_their_alone_results(l
     # Every image prompt went in as several slices of the budget (4 rows decoding leave it 247 tokens at least).
     prompt_tokens = sum(r.usage.prompt_tokens for r in replies)
     assert prompt_tokens > 12000
-    assert _metric(live, "llava_fast_prefill_chunks_total") - chunks_before >= prompt_tokens / BUDGET
+    assert live.metric("llava_fast_prefill_chunks_total") - chunks_before >= prompt_tokens / BUDGET
 
 
 def test_two_images_first_token_logprobs_equal_a_full_forward(live, next_model):
