@@ -244,8 +244,9 @@ def create_app(model, config: ServeConfig | None = None, scheduler: Scheduler | 
             raise InputError(f"the model {config.model_name!r} is text-only: it takes no images, but the request "
                              f"has {count(len(urls), 'image_url part')}; send text parts only")
         if len(urls) > config.max_images_per_request:
-            raise InputError(f"the request has {count(len(urls), 'image')}; at most {config.max_images_per_request} "
-                             "are allowed per request")
+            limit = config.max_images_per_request
+            raise InputError(f"the request has {count(len(urls), 'image')}; at most {limit} "
+                             f"{'is' if limit == 1 else 'are'} allowed per request")
         images = [load_image_url(u, allowed_local_media_path=config.allowed_local_media_path,
                                  max_pixels=config.max_image_pixels) for u in urls]
         keys = [hashlib.blake2b(np.asarray(im).tobytes(), digest_size=16, key=str(im.size).encode()).hexdigest()
