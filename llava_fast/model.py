@@ -342,6 +342,8 @@ class LlavaForCausalLM(nn.Module):
                                             self.cfg.image_token_id, None, None)  # (B, T, C), images not yet in
             if pixel_values is None and image_features is None:
                 return x
+            if image_sizes is None:
+                raise ValueError("LLaVA-NeXT images need their image_sizes")
             is_image = (input_ids == self.cfg.image_token_id).unsqueeze(-1)  # (B, T, 1)
             images = self.anyres_image_embeddings(pixel_values, image_sizes, image_features)
             return x.masked_scatter(is_image, images.to(x.dtype))
