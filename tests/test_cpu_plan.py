@@ -78,7 +78,8 @@ def test_switching_the_table_makes_a_new_plan_and_keeps_it():
 def test_torch_decodes_under_compile_the_environment_switch_and_a_scalar_only_cpu(monkeypatch):
     net = text_net()
     made = plan.make(net, compile=True)
-    assert (made.decode, made.prefill, made.compile) == ("torch", "torch", True) and "compile" in made.decode_why
+    assert (made.decode, made.prefill, made.compile, made.gemv) == ("torch", "torch", True, True)
+    assert "compile" in made.decode_why  # eager calls outside the traced steps still take the GEMV
     monkeypatch.setenv("LLAVA_FAST_NATIVE_DECODE", "0")
     made = plan.make(net)
     assert made.decode == "torch" and "LLAVA_FAST_NATIVE_DECODE=0" in made.decode_why

@@ -42,7 +42,7 @@ class CpuPlan:
     decode_why: str
     prefill: str  # "native" or "torch"
     prefill_why: str
-    gemv: bool  # the torch path's linear layers run the native GEMV at few rows (else F.linear)
+    gemv: bool  # GemvLinear layers run the native GEMV at few rows outside torch.compile (else F.linear)
     prefill_bf16: bool  # the torch prefill multiplies dequantized int8/int4 weights in bfloat16 (oneDNN)
     threads: int  # the native kernels' threads; the torch ops of a torch decode step run on one (decode_threads)
     compile: bool  # made for torch.compile'd steps
@@ -81,18 +81,18 @@ def make(net, compile=False) -> CpuPlan:
         decode, decode_why = "torch", "the best table is scalar: the torch path decodes faster"
     else:
         decode, decode_why = "native", f"one native call per step on the {table} table"
-    native_weights = [p for p in projections if p != "float32" and not p.startswith("int4")]
+    unsupported = [p for p in projections if p != "float32" and not p.startswith("int4")]
     if decode != "native":
         prefill, prefill_why = "torch", "the native step does not run"
-    elif emb.dtype != torch.float32 or native_weights:
-        what = f"{native_weights[0]} weights" if emb.dtype == torch.float32 else f"a {emb.dtype} model"
+    elif emb.dtype != torch.float32 or unsupported:
+        what = f"{unsupported[0]} weights" if emb.dtype == torch.float32 else f"a {emb.dtype} model"
         prefill, prefill_why = "torch", f"{what}: the native prefill takes float32 models with float32 or int4 weights"
     elif family not in ("avx512", "avx2"):
         prefill, prefill_why = "torch", f"the {table} table has no tiles: the torch prefill is faster"
     else:
         prefill, prefill_why = "native", f"tiles of the {table} table"
     return CpuPlan(table=table, weights=weights, decode=decode, decode_why=decode_why, prefill=prefill,
-                   prefill_why=prefill_why, gemv=gemv.NATIVE and on_cpu and not compile,
+                   prefill_why=prefill_why, gemv=gemv.NATIVE and on_cpu,
                    prefill_bf16=gemv.PREFILL_BF16 and on_cpu, threads=torch.get_num_threads(), compile=compile)
 
 
