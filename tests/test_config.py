@@ -108,9 +108,9 @@ def test_llava_next_mistral_hub_config():
     assert (t.num_kv_heads, t.intermediate_size, t.max_position_embeddings) == (8, 14336, 131072)
 
 
-@pytest.mark.parametrize("window,context,refused", [(4096, 32768, True), (None, 32768, False), (32768, 32768, False),
-                                                    ("missing", 32768, True)])
-def test_mistral_sliding_window_smaller_than_the_context_is_refused(window, context, refused):
+@pytest.mark.parametrize("window,context,kept", [(4096, 32768, 4096), (None, 32768, None), (32768, 32768, None),
+                                                 ("missing", 32768, 4096), (7, 512, 7), (600, 512, None)])
+def test_mistral_sliding_window_is_kept_when_shorter_than_the_context(window, context, kept):
     from llava_fast.checkpoints.config import llava_next_config
 
     text = {**NEXT_MISTRAL_HUB["text_config"], "max_position_embeddings": context}
@@ -118,12 +118,18 @@ def test_mistral_sliding_window_smaller_than_the_context_is_refused(window, cont
         del text["sliding_window"]
     else:
         text["sliding_window"] = window
-    d = {**NEXT_MISTRAL_HUB, "text_config": text}
-    if refused:
-        with pytest.raises(CheckpointError, match="sliding_window=4096 is smaller than the context"):
-            llava_next_config(d)
-    else:
-        assert llava_next_config(d).text.max_position_embeddings == context
+    cfg = llava_next_config({**NEXT_MISTRAL_HUB, "text_config": text})
+    assert (cfg.text.sliding_window, cfg.text.max_position_embeddings) == (kept, context)
+    assert LlavaConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("window", [0, -3, "4096", 7.5, True])
+def test_a_sliding_window_that_is_not_a_positive_count_is_refused(window):
+    from llava_fast.checkpoints.config import llava_next_config
+
+    text = {**NEXT_MISTRAL_HUB["text_config"], "sliding_window": window}
+    with pytest.raises(CheckpointError, match="sliding_window=.* must be a positive number of tokens or null"):
+        llava_next_config({**NEXT_MISTRAL_HUB, "text_config": text})
 
 
 @pytest.mark.parametrize("change,message", [
