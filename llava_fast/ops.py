@@ -264,9 +264,13 @@ def rotary_causal_attention_reference(q, k, v, cos, sin, window=0):
 
 
 def vision_attention_reference(q, k, v):
-    """Non-causal attention for the CLIP encoder. q/k/v (N, T, H, D) -> (N, T, H, D)."""
-    mask = torch.ones(1, 1, dtype=torch.bool, device=q.device)
-    return _sdpa_gqa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)
+    """Non-causal attention for the CLIP encoder. q/k/v (N, T, H, D) -> (N, T, H, D).
+
+    No mask: every query sees every key. An all-true mask argument kept SDPA off its CPU flash kernel: 0.20 s
+    against 0.13 s (medians of 3 interleaved) for 5 LLaVA-NeXT tiles of 577 tokens, 4 heads of 64 (Xeon, 2 cores,
+    loaded)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
 
 
 # ------------------------------------------------------------------------------------------------------
