@@ -16,7 +16,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from llava_fast.errors import CheckpointError
-from llava_fast.prompts.templates import default_template_for
+from llava_fast.prompts.templates import checkpoint_name, default_template_for
 
 
 @dataclass
@@ -390,7 +390,7 @@ def original_llava_config(d, vision_dict, source="config.json") -> LlavaConfig:
         image_aspect_ratio="pad" if aspect == "pad" else None,
         image_grid_pinpoints=pinpoints,
         layout="original",
-        template=default_template_for(d),
+        template=default_template_for(d, checkpoint_name(source)),
     )
 
 
