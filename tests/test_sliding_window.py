@@ -2,7 +2,7 @@
 LlavaForConditionalGeneration) with a window of 7 tokens: full-sequence logits, and greedy text through every
 attention path that generate() takes (the torch prefill and decode, the native CPU prefill and decode step, the
 Triton kernels), with prompts shorter and longer than the window, of odd lengths, batched and alone, so prefill
-and decode both cross the window's edge.
+and decode both cross the window's edge; the server's replies equal generate()'s.
 """
 
 import checkpoints as ck
@@ -95,3 +95,31 @@ def test_greedy_matches_transformers(hf_model, checkpoint_dir, path, monkeypatch
             assert model.generate_ids([row], pv, max_new_tokens=NEW_TOKENS, eos_token_id=None)[0] == expected
     finally:
         ops.use_backend(before)
+
+
+def test_server_replies_equal_generate(checkpoint_dir, monkeypatch):
+    """The server decodes its rows with the same attention paths (a slot of the static cache each, prompts entered
+    in slices of an odd token budget): concurrent greedy replies, with and without an image, equal generate() of
+    each request alone, so the window is applied there too."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
+    import concurrent.futures
+
+    from serve_helpers import LiveServer, png_data_url, random_image, user
+
+    from llava_fast.serve.app import ServeConfig
+
+    model = llava_fast.load(checkpoint_dir, device=DEVICE, dtype="float32")
+    config = ServeConfig(model_name="window", max_batch=4, max_model_len=512, max_batched_tokens=11)
+    server = LiveServer(model, config).start()
+    try:
+        requests = [[user("Tell me about this picture in some detail please.", png_data_url(random_image(1, 40, 30)))],
+                    [user("A question without an image, long enough to pass the window twice over.")],
+                    [user("Short?")]]
+        with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+            replies = list(pool.map(lambda m: server.client().chat.completions.create(
+                model="window", messages=m, max_tokens=NEW_TOKENS, temperature=0).choices[0].message.content,
+                requests))
+    finally:
+        server.stop()
+    expected = [model.generate(m, max_new_tokens=NEW_TOKENS) for m in requests]
+    assert replies == expected and len(set(expected)) == len(expected)
