@@ -92,8 +92,8 @@ def _positive_int(text):
 
 
 def _model_args(p):
-    p.add_argument("--preset", help="random-weight preset: tiny, llava-1.5-7b, llava-1.5-13b, llava-v1-7b "
-                   "(default: tiny on CPU, llava-1.5-7b on CUDA)")
+    p.add_argument("--preset", help="random-weight preset: tiny, llava-1.5-7b, llava-1.5-13b, llava-v1-7b, and "
+                   "LLaVA-NeXT's tiny-next, llava-v1.6-mistral-7b (default: tiny on CPU, llava-1.5-7b on CUDA)")
     p.add_argument("--model", help="checkpoint directory instead of a preset")
     p.add_argument("--vision-tower", help="CLIP directory of an original-LLaVA checkpoint")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -289,7 +289,7 @@ def cmd_measure(args, argv) -> int:
     if args.subcommand == "generate":
         from llava_fast.bench import generate_bench as bench
 
-        defaults = bench.DEFAULTS[device.type]
+        defaults = bench.defaults_for(device.type, args.preset)
         settings = _common_settings(args, str(device), defaults)
         settings.update(contexts=args.contexts or defaults["contexts"], contexts_explicit=args.contexts is not None,
                         new_tokens=args.new_tokens or defaults["new_tokens"],

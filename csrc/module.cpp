@@ -412,6 +412,8 @@ PYBIND11_MODULE(_C, m) {
         d.layers.push_back({ptr(input_norm), ptr(post_norm), decode_linear(qkv), decode_linear(o),
                             decode_linear(gate_up), decode_linear(down)});
       })
+      .def_readwrite("sliding_window", &llava_fast::DecodeModel::sliding_window,
+                     "> 0: each position attends to its last sliding_window positions (Mistral); 0: to all")
       .def("check", [](const llava_fast::DecodeModel& d) {
         const std::string problem = llava_fast::decode_model_check(d);
         if (!problem.empty()) throw py::value_error(problem);

@@ -142,6 +142,7 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(C, self.Hkv * self.D, bias=bias)
         self.o_proj = nn.Linear(self.H * self.D, C, bias=bias)
         self.qkv_proj = None  # q/k/v as one weight, after fuse_projections()
+        self.window = cfg.sliding_window or 0  # Mistral: each position sees the last `window` keys; 0: all
 
     def forward(self, x, rope, cache, start_pos, seq_lens):
         B, T, _ = x.shape
@@ -151,9 +152,9 @@ class LlamaAttention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q, k, v = q.view(B, T, self.H, self.D), k.view(B, T, self.Hkv, self.D), v.view(B, T, self.Hkv, self.D)
         if cache is None:  # training / full-sequence logits: positions 0..T-1, causal
-            out = ops.rotary_causal_attention(q, k, v, *rope)
+            out = ops.rotary_causal_attention(q, k, v, *rope, self.window)
         else:  # inference: K/V written into the static cache in place
-            out = ops.rotary_cached_attention(q, k, v, *rope, cache[0], cache[1], start_pos, seq_lens)
+            out = ops.rotary_cached_attention(q, k, v, *rope, cache[0], cache[1], start_pos, seq_lens, self.window)
         return self.o_proj(out.reshape(B, T, self.H * self.D))
 
 

@@ -288,6 +288,34 @@ def test_native_prefill_equals_torch_prefill(text):
 
 
 @needs_native_prefill
+@pytest.mark.parametrize("text", [{"sliding_window": 7},  # head_dim 24: the generic per-row loop
+                                  {"sliding_window": 1, "num_heads": 2, "num_kv_heads": 1, "hidden_size": 128},  # 64
+                                  {"sliding_window": 37, "num_heads": 2, "num_kv_heads": 1, "hidden_size": 192},  # 96
+                                  {"sliding_window": 130, "num_heads": 4, "num_kv_heads": 2, "hidden_size": 128}])
+def test_sliding_window_prefill_and_steps_equal_torch(text):
+    """Mistral's sliding window natively: prompts of 1, 6, 64, 129 and 150 tokens, fresh and after cached prefixes,
+    ragged in one batch (a 150-token prompt is two chunks; rows before and past the window's edge in one attention
+    block of 4 or 2 rows), then decode steps from there, against the torch path (whose window test_sliding_window.py
+    checks against transformers). The window must change the logits: without it the comparison proves nothing."""
+    net = text_net(max_position_embeddings=300, **text)
+    assert net.language_model.layers[0].self_attn.window == text["sliding_window"]
+    native, ref = _twin_decoders(net, 5, 240)
+    g = torch.Generator().manual_seed(6)
+    rows = [torch.randint(0, 301, (n,), generator=g).tolist() for n in (1, 6, 64, 129, 150)]
+    for start in (None, [0, 9, 5, 17, 80]):
+        got, want = native.prefill(rows, start_pos=start), ref.prefill(rows, start_pos=start)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        _assert_same_state(native, ref)
+    for _ in range(3):
+        tokens = torch.randint(0, 301, (5,), generator=g)
+        torch.testing.assert_close(native.step(tokens), ref.step(tokens), atol=1e-4, rtol=1e-4)
+    for layer in ref.net.language_model.layers:  # the same model without its window: other logits
+        layer.self_attn.window = 0
+    ref.reset()
+    assert (ref.prefill(rows) - native.prefill(rows)).abs().max() > 1e-3
+
+
+@needs_native_prefill
 def test_native_prefill_with_image_features():
     from llava_fast.presets import random_model
 

@@ -16,7 +16,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from llava_fast.errors import CheckpointError
-from llava_fast.prompts.templates import default_template_for
+from llava_fast.prompts.templates import checkpoint_name, default_template_for
 
 
 @dataclass
@@ -65,6 +65,9 @@ class TextConfig:
     attention_bias: bool = False  # q/k/v/o projections with biases
     mlp_bias: bool = False  # gate/up/down projections with biases
     tie_word_embeddings: bool = False  # lm_head shares embed_tokens' tensor (small LMs, e.g. SmolLM2)
+    # Mistral's sliding-window attention: a token at position p attends to keys in (p - window, p]. None: every
+    # earlier key (a window at least as long as the context changes nothing and is stored as None).
+    sliding_window: int | None = None
 
     def __post_init__(self):
         if not self.head_dim:
@@ -203,12 +206,10 @@ def text_config_from_dict(d, source="config.json", outer=None) -> TextConfig:
     t = TextConfig(intermediate_size=14336, num_kv_heads=8, max_position_embeddings=131072) if mistral else TextConfig()
     max_positions = d.get("max_position_embeddings", t.max_position_embeddings)
     window = d.get("sliding_window", 4096 if mistral else None)
-    if window is not None and window < max_positions:
-        # Each attention path (CPU native, torch, Triton) attends to every cached position; a window smaller
-        # than the context would change the results past it, so such checkpoints are refused, not run wrong.
-        raise CheckpointError(f"{source}: sliding_window={window} is smaller than the context "
-                              f"(max_position_embeddings={max_positions}); sliding-window attention is not "
-                              "supported (Mistral-7B-Instruct-v0.2, LLaVA-1.6's backbone, has none)")
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise CheckpointError(f"{source}: sliding_window={window!r} must be a positive number of tokens or null")
+    if window is not None and window >= max_positions:
+        window = None  # no position can see past it
     heads = d.get("num_attention_heads", t.num_heads)
     if "num_key_value_heads" not in d:
         kv_heads = t.num_kv_heads if mistral else heads
@@ -238,6 +239,7 @@ def text_config_from_dict(d, source="config.json", outer=None) -> TextConfig:
         attention_bias=not mistral and bool(d.get("attention_bias", False)),  # MistralConfig has neither
         mlp_bias=not mistral and bool(d.get("mlp_bias", False)),
         tie_word_embeddings=_tied(d, outer),
+        sliding_window=window,
     )
 
 
@@ -389,7 +391,7 @@ def original_llava_config(d, vision_dict, source="config.json") -> LlavaConfig:
         image_aspect_ratio="pad" if aspect == "pad" else None,
         image_grid_pinpoints=pinpoints,
         layout="original",
-        template=default_template_for(d),
+        template=default_template_for(d, checkpoint_name(source)),
     )
 
 

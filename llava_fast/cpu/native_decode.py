@@ -101,6 +101,7 @@ class NativeDecodeStep:
             t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim, t.intermediate_size, self.vocab,
             emb.shape[0], cos.shape[0], float(t.rms_norm_eps), _DTYPES[self.dtype], emb.data_ptr(),
             net.language_model.norm.weight.data_ptr(), cos.data_ptr(), sin.data_ptr(), lm_head)
+        self.model.sliding_window = t.sliding_window or 0
         for layer in net.language_model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears = []
