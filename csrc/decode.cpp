@@ -234,7 +234,53 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
     const float* qkv_rows = qkv.data();
     float* attn_rows = attn.data();
     const AttendKernel attend = kt.attend_kernel(D, st.bf16);
-    if (attend.fn) {  // blocks of consecutive positions of one cache row (a prompt's rows), else single rows
+    if (attend.many) {  // runs of rows sharing a cache row and first key, times the query heads of a KV head
+      // Rows per call: as many as keep the scores (rows x group x keys floats) within ~1 MB of L2 (2,945 keys,
+      // 4 heads per KV head: 21 rows), at least 4 (attend_block's blocks), at most the chunk. A row past the start
+      // of a sliding window has its own first key and goes alone, as in the block path below.
+      int64_t keys_max = 1;
+      for (int64_t r = 0; r < rows; ++r) keys_max = std::max<int64_t>(keys_max, positions[r] + 1);
+      const int64_t per_call = std::max<int64_t>(4, std::min<int64_t>(kChunk, (int64_t(1) << 18) / (group * keys_max)));
+      thread_local std::vector<int64_t> run_start;
+      run_start.clear();
+      for (int64_t r = 0; r < rows;) {
+        int64_t n = 1;
+        while (n < per_call && r + n < rows && slots[r + n] == slots[r] && positions[r + n] == positions[r] + n &&
+               first_key(positions[r + n]) == first_key(positions[r]) && first_key(positions[r]) == 0)
+          ++n;
+        run_start.push_back(r);
+        r += n;
+      }
+      run_start.push_back(rows);
+      const int64_t* starts = run_start.data();
+      const int64_t runs = int64_t(run_start.size()) - 1;
+      parallel_for(attn_threads, int(runs * Hkv), [&](int task) {
+        const int64_t b = task / Hkv, g = task % Hkv, r = starts[b], nr = starts[b + 1] - r;
+        const int64_t lo = first_key(positions[r]);
+        const int n = int(nr * group);
+        thread_local std::vector<const float*> qs;
+        thread_local std::vector<float*> os;
+        thread_local std::vector<int64_t> lens;
+        thread_local std::vector<float> scratch;
+        qs.resize(n), os.resize(n), lens.resize(n);
+        int64_t Tmax = 0;
+        for (int64_t i = 0; i < nr; ++i)
+          for (int64_t j = 0; j < group; ++j) {
+            const int64_t h = g * group + j, at = i * group + j;
+            qs[at] = qkv_rows + (r + i) * qkv_n + h * D;
+            os[at] = attn_rows + ((r + i) * H + h) * D;
+            lens[at] = positions[r + i] + 1 - lo;
+            Tmax = std::max(Tmax, lens[at]);
+          }
+        scratch.resize(n * (Tmax + 1));
+        const int64_t base = slots[r] * cache.row_stride + g * cache.head_stride + lo * cache.pos_stride;
+        attend.many(qs.data(), lens.data(), os.data(), n, k_layer + base * kv_elem, v_layer + base * kv_elem,
+                    cache.pos_stride * kv_elem, scale, scratch.data());
+        if (st.bf16)
+          for (int i = 0; i < n; ++i)
+            for (int64_t d = 0; d < D; ++d) os[i][d] = round_to_bf16(os[i][d]);
+      });
+    } else if (attend.fn) {  // blocks of consecutive positions of one cache row (a prompt's rows), else single rows
       // The block kernel's rows share their first key (its causal mask trims only their ends), so a row past
       // the start of a sliding window, whose first key is its own, goes alone, its keys from that first key.
       thread_local std::vector<int64_t> block_start;

@@ -291,12 +291,114 @@ void attend_block(const float* q, int64_t q_stride, int nb, const char* k, const
   }
 }
 
+// attend_block for many queries of one KV head (kernels.h AttendManyFn: a prompt chunk's rows times the query
+// heads of their GQA group). attend_block's blocks of 2-4 queries each read all T keys and values again: at
+// 2,945 keys (head_dim 128, bfloat16) 1.5 MB of K/V per 2 queries per head, streamed from L2/L3 at every block,
+// which made attention about half of a LLaVA-NeXT prefill. Here the keys are read once per group of 4 for all
+// queries (scores to `scratch`), and the values in tiles of kTileKeys, converted to float32 once per tile and
+// kept in L1 while every block of QB queries accumulates over them. Per query the arithmetic is attend_block's:
+// the same score sums, the same softmax, out += p v_t in key order from zero (the partial sums wait in o between
+// tiles), then times 1 / total: bit for bit.
+constexpr int64_t kTileKeys = 32;  // 32 keys x head_dim 128 x 4 bytes = 16 KB of float32 values in L1
+
+template <int ND, bool BF16, int QB>
+void attend_many(const float* const* q, const int64_t* lens, float* const* o, int n, const char* k, const char* v,
+                 int64_t pos_bytes, float scale, float* scratch) {
+  int64_t Tmax = 0;
+  for (int i = 0; i < n; ++i) Tmax = std::max(Tmax, lens[i]);
+  float* scores = scratch;             // (n, Tmax)
+  float* inv = scratch + n * Tmax;     // (n)
+  for (int64_t t = 0; t < Tmax; t += 4) {  // scores[i * Tmax + t] = q_i . k_t * scale
+    __m512 kv[4][ND];
+    #pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const bool valid = t + j < Tmax;
+      #pragma GCC unroll 8
+      for (int c = 0; c < ND; ++c) kv[j][c] = valid ? load16(k + (t + j) * pos_bytes, BF16, 16 * c, 0xffff) : _mm512_setzero_ps();
+    }
+    for (int i = 0; i < n; ++i) {
+      if (t >= lens[i]) continue;
+      const float* qi = q[i];
+      __m512 acc[4];
+      #pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) acc[j] = _mm512_mul_ps(_mm512_loadu_ps(qi), kv[j][0]);
+      #pragma GCC unroll 8
+      for (int c = 1; c < ND; ++c) {
+        const __m512 qc = _mm512_loadu_ps(qi + 16 * c);
+        #pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) acc[j] = _mm512_fmadd_ps(qc, kv[j][c], acc[j]);
+      }
+      alignas(16) float four[4];
+      _mm_store_ps(four, _mm_mul_ps(reduce4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale)));
+      for (int j = 0; j < 4 && t + j < Tmax; ++j) scores[i * Tmax + t + j] = four[j];
+    }
+  }
+  for (int i = 0; i < n; ++i) {  // softmax of query i over its lens[i] keys, as attend_block
+    float* si = scores + i * Tmax;
+    const int64_t T = lens[i];
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    int64_t t = 0;
+    for (; t + 16 <= T; t += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(si + t));
+    float m = _mm512_reduce_max_ps(top);
+    for (; t < T; ++t) m = std::max(m, si[t]);
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 total = _mm512_setzero_ps();
+    for (t = 0; t < T; t += 16) {
+      const __mmask16 mk = tail_mask(T - t);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, si + t), mv));
+      _mm512_mask_storeu_ps(si + t, mk, e);
+      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(mk, e));
+    }
+    inv[i] = 1.f / _mm512_reduce_add_ps(total);
+  }
+  alignas(64) float tile[kTileKeys * 16 * ND];
+  for (int64_t t0 = 0; t0 < Tmax; t0 += kTileKeys) {
+    const int64_t t1 = std::min(Tmax, t0 + kTileKeys);
+    for (int64_t t = t0; t < t1; ++t)
+      #pragma GCC unroll 8
+      for (int c = 0; c < ND; ++c) _mm512_store_ps(tile + (t - t0) * 16 * ND + 16 * c, load16(v + t * pos_bytes, BF16, 16 * c, 0xffff));
+    for (int i0 = 0; i0 < n; i0 += QB) {
+      const int nb = std::min(QB, n - i0);
+      int64_t end = t0;  // the block's last key in this tile, + 1
+      for (int i = 0; i < nb; ++i) end = std::max(end, std::min(t1, lens[i0 + i]));
+      if (end == t0) continue;
+      __m512 acc[QB][ND];
+      #pragma GCC unroll 4
+      for (int i = 0; i < QB; ++i)
+        #pragma GCC unroll 8
+        for (int c = 0; c < ND; ++c) acc[i][c] = t0 && i < nb ? _mm512_loadu_ps(o[i0 + i] + 16 * c) : _mm512_setzero_ps();
+      for (int64_t t = t0; t < end; ++t) {
+        __m512 vt[ND];
+        #pragma GCC unroll 8
+        for (int c = 0; c < ND; ++c) vt[c] = _mm512_load_ps(tile + (t - t0) * 16 * ND + 16 * c);
+        #pragma GCC unroll 4
+        for (int i = 0; i < QB; ++i) {
+          if (i >= nb || t >= lens[i0 + i]) continue;
+          const __m512 p = _mm512_set1_ps(scores[(i0 + i) * Tmax + t]);
+          #pragma GCC unroll 8
+          for (int c = 0; c < ND; ++c) acc[i][c] = _mm512_fmadd_ps(p, vt[c], acc[i][c]);
+        }
+      }
+      #pragma GCC unroll 4
+      for (int i = 0; i < QB; ++i)
+        if (i < nb)
+          #pragma GCC unroll 8
+          for (int c = 0; c < ND; ++c) _mm512_storeu_ps(o[i0 + i] + 16 * c, acc[i][c]);
+    }
+  }
+  for (int i = 0; i < n; ++i) {
+    const __m512 s = _mm512_set1_ps(inv[i]);
+    #pragma GCC unroll 8
+    for (int c = 0; c < ND; ++c) _mm512_storeu_ps(o[i] + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(o[i] + 16 * c), s));
+  }
+}
+
 AttendKernel attend_kernel(int64_t D, bool bf16) {
   switch (D) {
-    case 32: return {bf16 ? attend_block<2, true, 4> : attend_block<2, false, 4>, 4};
-    case 64: return {bf16 ? attend_block<4, true, 4> : attend_block<4, false, 4>, 4};
-    case 96: return {bf16 ? attend_block<6, true, 2> : attend_block<6, false, 2>, 2};
-    case 128: return {bf16 ? attend_block<8, true, 2> : attend_block<8, false, 2>, 2};
+    case 32: return {bf16 ? attend_block<2, true, 4> : attend_block<2, false, 4>, 4, bf16 ? attend_many<2, true, 4> : attend_many<2, false, 4>};
+    case 64: return {bf16 ? attend_block<4, true, 4> : attend_block<4, false, 4>, 4, bf16 ? attend_many<4, true, 4> : attend_many<4, false, 4>};
+    case 96: return {bf16 ? attend_block<6, true, 2> : attend_block<6, false, 2>, 2, bf16 ? attend_many<6, true, 2> : attend_many<6, false, 2>};
+    case 128: return {bf16 ? attend_block<8, true, 2> : attend_block<8, false, 2>, 2, bf16 ? attend_many<8, true, 2> : attend_many<8, false, 2>};
     default: return {nullptr, 1};
   }
 }

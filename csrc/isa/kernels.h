@@ -76,10 +76,18 @@ using GemvRowsFn = void (*)(const GemvRows& p, int64_t n0, int64_t n1);
 using AttendFn = void (*)(const float* q, int64_t q_stride, int nb, const char* k, const char* v, int64_t pos_bytes,
                           int64_t T0, float scale, float* scores, float* o, int64_t o_stride);
 
+// Many queries of one cache row and KV head that share their first key (a prompt chunk's rows, times the
+// query heads of a GQA group): query i (at q[i], out o[i]) sees keys 0 .. lens[i] - 1. Each key and value is
+// read once per call instead of once per block of AttendFn, and every query's arithmetic is AttendFn's alone
+// (bit for bit). scratch: n * (max(lens) + 1) floats.
+using AttendManyFn = void (*)(const float* const* q, const int64_t* lens, float* const* o, int n, const char* k,
+                              const char* v, int64_t pos_bytes, float scale, float* scratch);
+
 // A block-of-queries attention kernel for one head_dim and cache dtype; fn null: the generic per-row loop.
 struct AttendKernel {
   AttendFn fn;
   int rows;  // queries per block
+  AttendManyFn many = nullptr;  // null: blocks of `rows` through fn
 };
 
 struct KernelTable {

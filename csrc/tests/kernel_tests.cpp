@@ -320,6 +320,31 @@ void check_decode_kernels(Checks& c, const lf::KernelTable& t, const lf::KernelT
                      what + ": query " + std::to_string(i) + " alone differs from its block");
           }
         }
+        if (block.many) {  // all nb queries, twice (two query heads of one KV head), in one call: the block's bits
+          const int n = 2 * nb;
+          std::vector<float> q2(n * D), o2(n * D, 7.f), scratch(n * (Tmax + 1)), one_scores(Tmax);
+          std::vector<const float*> qs(n);
+          std::vector<float*> os(n);
+          std::vector<int64_t> lens(n);
+          for (int i = 0; i < n; ++i) {
+            const int row = i / 2;  // head 0 = the block's queries, head 1 = the same rows' queries reversed
+            const int src = i % 2 ? nb - 1 - row : row;
+            std::copy(q.begin() + src * D, q.begin() + (src + 1) * D, q2.begin() + i * D);
+            qs[i] = &q2[i * D], os[i] = &o2[i * D], lens[i] = T0 + row;
+          }
+          block.many(qs.data(), lens.data(), os.data(), n, reinterpret_cast<const char*>(kc.data()),
+                     reinterpret_cast<const char*>(vc.data()), D * elem, scale, scratch.data());
+          for (int i = 0; i < n; ++i) {
+            std::vector<float> alone(D);
+            block.fn(qs[i], D, 1, reinterpret_cast<const char*>(kc.data()), reinterpret_cast<const char*>(vc.data()),
+                     D * elem, lens[i], scale, one_scores.data(), alone.data(), D);
+            c.expect(same_bits(alone, std::vector<float>(o2.begin() + i * D, o2.begin() + (i + 1) * D)),
+                     what + ": query " + std::to_string(i) + " of the many-query kernel differs from attend_block's");
+          }
+          std::vector<float> head0(nb * D);
+          for (int i = 0; i < nb; ++i) std::copy(o2.begin() + 2 * i * D, o2.begin() + (2 * i + 1) * D, head0.begin() + i * D);
+          c.expect(close(head0, ref, 1e-5f).empty(), what + " (many-query kernel): " + close(head0, ref, 1e-5f));
+        }
       }
     }
   }
