@@ -212,6 +212,40 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// four[j] = q . k_j * scale for 4 keys held in registers (head_dim 16 * ND), each sum by reduce4's tree: the same
+// bits whatever else the caller computes.
+template <int ND>
+inline void score4(const float* qi, const __m512 (&kv)[4][ND], float scale, float* four) {
+  __m512 acc[4];
+  #pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) acc[j] = _mm512_mul_ps(_mm512_loadu_ps(qi), kv[j][0]);
+  #pragma GCC unroll 8
+  for (int c = 1; c < ND; ++c) {
+    const __m512 qc = _mm512_loadu_ps(qi + 16 * c);
+    #pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[j] = _mm512_fmadd_ps(qc, kv[j][c], acc[j]);
+  }
+  _mm_store_ps(four, _mm_mul_ps(reduce4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale)));
+}
+
+// Softmax of one query's T scores in place, unnormalized (e^(s - max)); returns 1 / their sum.
+inline float softmax_row(float* si, int64_t T) {
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  int64_t t = 0;
+  for (; t + 16 <= T; t += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(si + t));
+  float m = _mm512_reduce_max_ps(top);
+  for (; t < T; ++t) m = std::max(m, si[t]);
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 total = _mm512_setzero_ps();
+  for (t = 0; t < T; t += 16) {
+    const __mmask16 mk = tail_mask(T - t);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, si + t), mv));
+    _mm512_mask_storeu_ps(si + t, mk, e);
+    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(mk, e));
+  }
+  return 1.f / _mm512_reduce_add_ps(total);
+}
+
 // Attention of one head for nb <= QB consecutive positions T0 - 1 .. T0 + nb - 2 of one cache row (a block of
 // a prompt's rows; a decode row is a block of one), head_dim = 16 * ND. Keys are read in groups of 4, each
 // group's 4 dot products per query summed by one shuffle tree, and each key (and value) is loaded once for the
@@ -231,40 +265,13 @@ void attend_block(const float* q, int64_t q_stride, int nb, const char* k, const
       for (int c = 0; c < ND; ++c) kv[j][c] = valid ? load16(k + (t + j) * pos_bytes, BF16, 16 * c, 0xffff) : _mm512_setzero_ps();
     }
     for (int i = 0; i < nb; ++i) {
-      const float* qi = q + i * q_stride;
-      __m512 acc[4];
-      #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) acc[j] = _mm512_mul_ps(_mm512_loadu_ps(qi), kv[j][0]);
-      #pragma GCC unroll 8
-      for (int c = 1; c < ND; ++c) {
-        const __m512 qc = _mm512_loadu_ps(qi + 16 * c);
-        #pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) acc[j] = _mm512_fmadd_ps(qc, kv[j][c], acc[j]);
-      }
       alignas(16) float four[4];
-      _mm_store_ps(four, _mm_mul_ps(reduce4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale)));
+      score4<ND>(q + i * q_stride, kv, scale, four);
       for (int j = 0; j < 4 && t + j < Tmax; ++j) scores[i * Tmax + t + j] = four[j];
     }
   }
   float inv[QB];
-  for (int i = 0; i < nb; ++i) {  // softmax of query i over its T0 + i keys
-    float* si = scores + i * Tmax;
-    const int64_t T = T0 + i;
-    __m512 top = _mm512_set1_ps(-INFINITY);
-    int64_t t = 0;
-    for (; t + 16 <= T; t += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(si + t));
-    float m = _mm512_reduce_max_ps(top);
-    for (; t < T; ++t) m = std::max(m, si[t]);
-    const __m512 mv = _mm512_set1_ps(m);
-    __m512 total = _mm512_setzero_ps();
-    for (t = 0; t < T; t += 16) {
-      const __mmask16 mk = tail_mask(T - t);
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, si + t), mv));
-      _mm512_mask_storeu_ps(si + t, mk, e);
-      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(mk, e));
-    }
-    inv[i] = 1.f / _mm512_reduce_add_ps(total);
-  }
+  for (int i = 0; i < nb; ++i) inv[i] = softmax_row(scores + i * Tmax, T0 + i);  // query i sees T0 + i keys
   __m512 acc[QB][ND];
   #pragma GCC unroll 4
   for (int i = 0; i < QB; ++i)
@@ -318,39 +325,12 @@ void attend_many(const float* const* q, const int64_t* lens, float* const* o, in
     }
     for (int i = 0; i < n; ++i) {
       if (t >= lens[i]) continue;
-      const float* qi = q[i];
-      __m512 acc[4];
-      #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) acc[j] = _mm512_mul_ps(_mm512_loadu_ps(qi), kv[j][0]);
-      #pragma GCC unroll 8
-      for (int c = 1; c < ND; ++c) {
-        const __m512 qc = _mm512_loadu_ps(qi + 16 * c);
-        #pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) acc[j] = _mm512_fmadd_ps(qc, kv[j][c], acc[j]);
-      }
       alignas(16) float four[4];
-      _mm_store_ps(four, _mm_mul_ps(reduce4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale)));
+      score4<ND>(q[i], kv, scale, four);
       for (int j = 0; j < 4 && t + j < Tmax; ++j) scores[i * Tmax + t + j] = four[j];
     }
   }
-  for (int i = 0; i < n; ++i) {  // softmax of query i over its lens[i] keys, as attend_block
-    float* si = scores + i * Tmax;
-    const int64_t T = lens[i];
-    __m512 top = _mm512_set1_ps(-INFINITY);
-    int64_t t = 0;
-    for (; t + 16 <= T; t += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(si + t));
-    float m = _mm512_reduce_max_ps(top);
-    for (; t < T; ++t) m = std::max(m, si[t]);
-    const __m512 mv = _mm512_set1_ps(m);
-    __m512 total = _mm512_setzero_ps();
-    for (t = 0; t < T; t += 16) {
-      const __mmask16 mk = tail_mask(T - t);
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, si + t), mv));
-      _mm512_mask_storeu_ps(si + t, mk, e);
-      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(mk, e));
-    }
-    inv[i] = 1.f / _mm512_reduce_add_ps(total);
-  }
+  for (int i = 0; i < n; ++i) inv[i] = softmax_row(scores + i * Tmax, lens[i]);
   alignas(64) float tile[kTileKeys * 16 * ND];
   for (int64_t t0 = 0; t0 < Tmax; t0 += kTileKeys) {
     const int64_t t1 = std::min(Tmax, t0 + kTileKeys);
