@@ -110,6 +110,7 @@ class Request:
     top_logprobs: int = 0
     arrival: float = field(default_factory=time.perf_counter)
     cancelled: bool = False  # set from any thread; the scheduler frees the row at its next step
+    stage_seconds: dict = field(default_factory=dict)  # the first token's wait by part (ServeMetrics.stage_clock)
 
     def cancel(self):
         self.cancelled = True
@@ -375,8 +376,11 @@ class Scheduler:
             if out[i] is None:
                 missing.append(i)
         if missing:
+            clock = self.metrics.stage_clock(req, self.model.device)
             pixel_values = self.model.pixel_values([req.images[first_image + i] for i in missing])
+            clock("preprocess")
             computed = self.model.net.image_features(pixel_values)
+            clock("vision")
             for i, features in zip(missing, computed):
                 out[i] = features
                 self.features.put(req.image_keys[first_image + i], features)
@@ -455,14 +459,18 @@ class Scheduler:
                 if row.embeddings is None:
                     features, towered = (self._image_features(req, row.first_image)
                                          if len(req.images) > row.first_image else (None, 0))
+                    clock = self.metrics.stage_clock(req, self.model.device)
                     ids = torch.as_tensor([req.ids[row.start:]], dtype=torch.long, device=self.model.device)
                     row.embeddings = self.model.net.embed(ids, image_features=features)[0]  # (T, C)
+                    clock("vision" if features is not None else "prefill")  # the projector, or embedding rows
                     left -= towered * self.model.num_image_tokens
                     if left <= 0:
                         break
                 n = min(left, len(req.ids) - row.position)
                 x = row.embeddings[row.position - row.start: row.position - row.start + n]
+                clock = self.metrics.stage_clock(req, self.model.device)
                 logits = self.decoder.prefill_embeddings(slot, x, row.position)
+                clock("prefill")
             except Exception:
                 log.exception("prefill failed")
                 self.prefilling.remove(row)
@@ -521,7 +529,7 @@ class Scheduler:
         delta = row.out.push(token)
         now = time.perf_counter()
         if row.last_time is None:
-            self.metrics.time_to_first_token.observe(now - req.arrival)
+            self.metrics.observe_first_token(now - req.arrival, req.stage_seconds)
         else:
             self.metrics.observe_inter_token(now - row.last_time)
         row.last_time = now
