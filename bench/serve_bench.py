@@ -552,7 +552,9 @@ def _run_against(doc, model, requests, warm, max_model_len):
             else:
                 results, wall = _run_clients_sampled(other, requests, clients, s["against_model"], memory)
             figs[engine] = _figures(engine, clients, requests, results, wall)
-            figs[engine] += _memory_figures(engine, clients, memory, weights_bytes(model) if engine == SERVER else None)
+            if any(not isinstance(r, str) for r in results):  # a server that failed every request has no figures
+                figs[engine] += _memory_figures(engine, clients, memory,
+                                                weights_bytes(model) if engine == SERVER else None)
             doc["figures"] += figs[engine]
             tokens[f"{engine} x{clients}"] = sum(r[2] for r in results if not isinstance(r, str))
             failed = [r for r in results if isinstance(r, str)]
