@@ -133,13 +133,20 @@ void tiles(const GemvRows& p, const WeightBlock* wb, const uint16_t* xp, int64_t
   if (MB == 2) _tile_stored(1, c[1], 64);
   if (NB == 2) _tile_stored(2, c[2], 64);
   if (NB == 2 && MB == 2) _tile_stored(3, c[3], 64);
+  // y^T tiles -> y rows: a gather per activation row (column of C), one masked store of 16 outputs.
   const int64_t M = p.a->m;
+  float* y = p.yf ? p.yf : static_cast<float*>(p.a->y);
+  const int64_t y_stride = p.yf ? p.a->n : p.a->y_stride;
+  const __m512i column = _mm512_mullo_epi32(_mm512_set1_epi32(16), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
+                                                                                      10, 11, 12, 13, 14, 15));
   for (int i = 0; i < NB; ++i)
     for (int j = 0; j < MB; ++j) {
       const float* ct = c[i * 2 + j];  // (weight row, activation row)
       const int64_t rows = std::min<int64_t>(16, n1 - n - 16 * i), acts = std::min<int64_t>(16, M - m - 16 * j);
+      const __mmask16 mk = rows >= 16 ? __mmask16(0xffff) : __mmask16((1u << rows) - 1);
       for (int64_t a = 0; a < acts; ++a)
-        for (int64_t r = 0; r < rows; ++r) gemv_store(p, m + 16 * j + a, n + 16 * i + r, ct[r * 16 + a]);
+        _mm512_mask_storeu_ps(y + (m + 16 * j + a) * y_stride + n + 16 * i, mk,
+                              _mm512_i32gather_ps(column, ct + a, 4));
     }
 }
 

@@ -41,6 +41,15 @@ MAX_ROWS = 64
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
+def native_bf16_prefill() -> bool:
+    """Whether a bfloat16 model (bfloat16 projections) prefills through the native step: only with the AMX kernel
+    table (csrc/isa/avx512_amx.cpp), whose tiles run a prompt chunk's GEMMs at about oneDNN's speed (SmolLM2's
+    shapes at 128 rows, one thread: 0.8-1.0x F.linear, bench/gemv_rows.py) with no torch op between them. The
+    VDPBF16PS tile of avx512_vnni reaches ~0.2x F.linear at 64-128 rows, so without AMX oneDNN (with the torch
+    ops around it) prefills. Read at each call: the kernels can be switched at run time."""
+    return gemv.NATIVE and gemv._C.cpu_isa_variant() == "avx512_amx"
+
+
 def enabled() -> bool:
     return os.environ.get("LLAVA_FAST_NATIVE_DECODE", "1") != "0"
 
@@ -128,6 +137,7 @@ class NativeDecodeStep:
         # / 0.86 / 0.80); the GEMM does 2x its multiply-adds per instruction. bfloat16 keeps the torch prefill too
         # (its multi-row kernel is a GEMV: 349 vs 716 tok/s).
         self._prefill_weights = self.dtype == torch.float32 and all(f in (F32, Q4) for f in formats[1:])
+        self._bf16_weights = self.dtype == torch.bfloat16 and all(f == BF16 for f in formats[1:])
         # The addresses of what the module holds now: a module whose tensors were replaced since (load_state_dict
         # with assign, .to()) no longer matches, and for_model() builds a new step.
         self.signature = _signature(net)
@@ -140,7 +150,8 @@ class NativeDecodeStep:
         table forced on a Sapphire Rapids host (2 threads, loaded): native prefill float32 67 tok/s, int4-32 130,
         where the torch path gave 20 and 13 (bench real --isa). NEON: not measured (emulated only), so not here.
         Read at each call: the kernels can be switched at run time."""
-        return self._prefill_weights and gemv._C.cpu_isa() in ("avx512", "avx2")
+        return (self._prefill_weights and gemv._C.cpu_isa() in ("avx512", "avx2")) or (
+            self._bf16_weights and native_bf16_prefill())
 
     def __call__(self, cache, lengths, tokens):
         """tokens (B,) at positions lengths (B,) int32 -> logits (B, V) float32; cache rows 0..B-1 of any
