@@ -1,6 +1,6 @@
 """The CPU decode step in one native call (csrc/decode.cpp), for batches of up to `MAX_ROWS` (64) rows, and
-the prefill of float32 models with float32 or int4 projections (AVX-512 kernels) through the same code (a prompt's
-tokens as rows of one cache row, up to 128 at a time).
+the prefill of float32 models with float32 or int4 projections (AVX-512 kernels), and of bfloat16 models on the AMX
+table, through the same code (a prompt's tokens as rows of one cache row, up to 128 at a time).
 
 In: a LlavaForCausalLM on the CPU in float32 or bfloat16 whose decoder projections are fused (q/k/v and
 gate/up, as load() leaves them) and are GemvLinear layers (any weight format of gemv.py: float32, bfloat16,
@@ -134,8 +134,9 @@ class NativeDecodeStep:
         # tile, it wins only on short prompts (SmolLM2-135M, 2 threads, torch time / native time, medians of 5
         # interleaved rounds: 1.23 / 1.01 / 0.92 / 0.90 at 64 / 130 / 256 / 512 tokens; 7B layer shapes at 128
         # tokens 0.76; a LLaVA prompt carries 576 image tokens). The int4 GEMV tile lost the same way (1.06 / 1.00
-        # / 0.86 / 0.80); the GEMM does 2x its multiply-adds per instruction. bfloat16 keeps the torch prefill too
-        # (its multi-row kernel is a GEMV: 349 vs 716 tok/s).
+        # / 0.86 / 0.80); the GEMM does 2x its multiply-adds per instruction. bfloat16 keeps the torch prefill
+        # where its multi-row kernel is the VDPBF16PS tile (0.2x oneDNN's GEMM at 64-128 rows) and prefills
+        # natively on the AMX table (native_bf16_prefill).
         self._prefill_weights = self.dtype == torch.float32 and all(f in (F32, Q4) for f in formats[1:])
         self._bf16_weights = self.dtype == torch.bfloat16 and all(f == BF16 for f in formats[1:])
         # The addresses of what the module holds now: a module whose tensors were replaced since (load_state_dict
