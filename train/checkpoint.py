@@ -185,9 +185,10 @@ def load_base(model_dir, *, vision_tower=None, projector=None, device="cpu", ima
             hf_config, processor_dir = d, model_dir
         else:
             processor_dir = os.path.dirname(sources[0][0])  # the CLIP checkpoint's directory
-    if cfg.anyres:
-        raise CheckpointError(f"{model_dir}: a LLaVA-NeXT (AnyRes) checkpoint cannot be trained yet: the trainer "
-                              "feeds one 336-px tile per image")
+    if cfg.anyres and cfg.layout != "llava_hf":
+        raise CheckpointError(f"{model_dir}: training a LLaVA-NeXT checkpoint in the original layout is not "
+                              "supported (its config has no llava-hf form to write back); train its llava-hf "
+                              "conversion (LlavaNextForConditionalGeneration)")
     if cfg.projector_type != "mlp2x_gelu":
         raise CheckpointError(f"{model_dir}: a linear projector (LLaVA v1) has no llava-hf layout to write; "
                               "llava-fast trains LLaVA-1.5's mlp2x_gelu projector")
@@ -208,6 +209,9 @@ def load_base(model_dir, *, vision_tower=None, projector=None, device="cpu", ima
     if image_id is not None and image_id < cfg.text.vocab_size:
         cfg.image_token_id = image_id
     elif cfg.image_token_id >= cfg.text.vocab_size:
+        if cfg.anyres:
+            raise CheckpointError(f"{model_dir}: the LLaVA-NeXT checkpoint's tokenizer has no <image> token within "
+                                  f"its {cfg.text.vocab_size}-token vocabulary")
         tokenizer, resized_from = _add_image_token(net, tokenizer)
         hf_config = None
     net.init_rope(device)
@@ -384,7 +388,13 @@ def _write_tokenizer(dst, base):
 def processor_config(base: TrainBase) -> dict:
     """The preprocessor_config.json transformers reads as the run's image preprocessing: LLaVA-1.5's padding
     is transformers' LlavaImageProcessor with do_pad (CLIPImageProcessor has no padding, and ignores the
-    image_aspect_ratio key llava-fast used to write: non-square images then differ by up to 3 levels)."""
+    image_aspect_ratio key llava-fast used to write: non-square images then differ by up to 3 levels).
+    LLaVA-NeXT: the input's LlavaNextImageProcessor config, its pinpoints set to the model's."""
+    if base.cfg.anyres:
+        config = dict(base.processor_config or _clip_processor_config(base.cfg.vision.image_size))
+        config.update(image_processor_type="LlavaNextImageProcessor", do_pad=True,
+                      image_grid_pinpoints=[list(p) for p in base.cfg.image_grid_pinpoints])
+        return config
     config = dict(base.processor_config or _clip_processor_config(base.processor.image_size))
     config.pop("image_aspect_ratio", None)
     pad = base.processor.image_aspect_ratio == "pad"
