@@ -2,6 +2,7 @@
 its signal and the parent goes on; the shape GGUF holds one set of weights, exact in bfloat16 and float16,
 that llava-fast and transformers read alike."""
 
+import os
 import textwrap
 
 import pytest
@@ -90,3 +91,21 @@ def test_llava_fast_and_transformers_read_the_same_shape_weights(small_shape):
         shape_model.gguf(small_shape, 4, "F16")
     with pytest.raises(llava_fast.errors.InputError, match="unknown shape 'big'"):
         shape_model.gguf("big", 2, "F16")
+
+
+def test_the_cpu_last_level_cache_is_read_from_sysfs():
+    """sysfs lists a file ("uevent") beside index0..N on some kernels; it made the size None, and with it every
+    share of the read roofline."""
+    from llava_fast.bench.device import last_level_cache_bytes
+
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    if not os.path.isdir(os.path.join(root, "index0")):
+        pytest.skip("no sysfs cache description on this system")
+    sizes = []
+    for entry in sorted(e for e in os.listdir(root) if e.startswith("index")):
+        with open(os.path.join(root, entry, "level")) as f:
+            level = int(f.read())
+        with open(os.path.join(root, entry, "size")) as f:
+            sizes.append((level, f.read().strip()))
+    level, text = max(sizes)
+    assert last_level_cache_bytes(torch.device("cpu")) == int(text[:-1]) * {"K": 1024, "M": 1 << 20}[text[-1]]
