@@ -20,6 +20,7 @@ import torch
 from llava_fast import ops
 from llava_fast.checkpoints.config import LlavaConfig
 from llava_fast.compiled import CompiledSteps
+from llava_fast.cpu import plan
 from llava_fast.errors import InputError, count
 from llava_fast.generate import (
     Decoder,
@@ -117,6 +118,12 @@ class LlavaModel:
         return [anyres.num_image_tokens(int(h), int(w), cfg.image_grid_pinpoints, cfg.vision.image_size, P,
                                         cfg.num_image_tokens, exact=cfg.exact_unpad)
                 for h, w in image_sizes]
+
+    @property
+    def cpu_plan(self):
+        """Which kernel table, decode and prefill paths and threads run this model on the CPU, and why
+        (llava_fast.cpu.plan.CpuPlan; made at load, again if the kernel table is switched)."""
+        return plan.for_model(self.net)
 
     @property
     def device(self):

@@ -77,6 +77,6 @@ def random_model(name="tiny", *, device=None, dtype=None, seed=0, compile=False,
         net = LlavaForCausalLM(cfg)
     net = random_init_(net.to_empty(device=device).to(dtype), seed)
     net.requires_grad_(False).eval().init_rope(device)
-    net = prepare_for_inference(net.fuse_projections(), quantize, native_gemv=not compile)
+    net = prepare_for_inference(net.fuse_projections(), quantize, compile=compile)
     processor = ImageProcessor.clip(image_size=cfg.vision.image_size, pad=cfg.image_aspect_ratio == "pad")
     return LlavaModel(net, Tokenizer.from_dir(BUNDLED_TOKENIZER), processor, compile=compile)

@@ -59,13 +59,14 @@ def make_hf_model(seed=0, *, feature_layer=-2, strategy="default", image_token_i
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # LLaVA-1.6's, (height, width)
 
 
-def make_hf_next_model(seed=0, *, feature_layer=-2, image_token_id=32000, text_model="llama", text=None, **sizes):
+def make_hf_next_model(seed=0, *, feature_layer=-2, image_token_id=32000, text_model="llama", text=None,
+                       image_size=336, pinpoints=NEXT_PINPOINTS, **sizes):
     """A random transformers LlavaNextForConditionalGeneration (fp32, eval mode) with the real 336-px tiles and
     LLaVA-1.6's pinpoints (a 672x672 image is 2,928 positions, so the context holds 4,096); text_model "llama"
-    (Vicuna) or "mistral"."""
+    (Vicuna) or "mistral". image_size / pinpoints: smaller tiles for fast tests (28 px: 2 x 2 patches)."""
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, MistralConfig
 
-    vision, llama = hf_configs(image_size=336, **{"max_positions": 4096, **sizes}, text=text)
+    vision, llama = hf_configs(image_size=image_size, **{"max_positions": 4096, **sizes}, text=text)
     if text_model == "mistral":
         fields = {k: v for k, v in llama.to_dict().items() if k in (
             "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -75,7 +76,7 @@ def make_hf_next_model(seed=0, *, feature_layer=-2, image_token_id=32000, text_m
         text_cfg = llama
     cfg = LlavaNextConfig(vision_config=vision, text_config=text_cfg, image_token_index=image_token_id,
                           vision_feature_layer=feature_layer, vision_feature_select_strategy="default",
-                          image_grid_pinpoints=NEXT_PINPOINTS, tie_word_embeddings=False)
+                          image_grid_pinpoints=pinpoints, tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(cfg).eval()
     with torch.no_grad():

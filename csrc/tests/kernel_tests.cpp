@@ -312,6 +312,13 @@ void check_decode_kernels(Checks& c, const lf::KernelTable& t, const lf::KernelT
                      D * elem, T0 + i, scale, scores.data(), &o[i * D], D);
           }
           c.expect(close(o, ref, 1e-5f).empty(), what + " (block kernel): " + close(o, ref, 1e-5f));
+          for (int i = 0; i < nb; ++i) {  // block invariance: a query alone (a decode row) gets its bits in the block
+            std::vector<float> alone(D);
+            block.fn(&q[i * D], D, 1, reinterpret_cast<const char*>(kc.data()), reinterpret_cast<const char*>(vc.data()),
+                     D * elem, T0 + i, scale, scores.data(), alone.data(), D);
+            c.expect(same_bits(alone, std::vector<float>(o.begin() + i * D, o.begin() + (i + 1) * D)),
+                     what + ": query " + std::to_string(i) + " alone differs from its block");
+          }
         }
       }
     }

@@ -101,8 +101,9 @@ class LlavaConfig:
     @property
     def exact_unpad(self) -> bool:
         """How AnyRes unpadding rounds (image/anyres.py unpadded_window): as transformers (llava-hf checkpoints)
-        or truncating, as the original code the original-layout checkpoints were trained with."""
-        return self.layout != "original"
+        or truncating, as the original code the original-layout checkpoints were trained with (and the GGUF
+        files llama.cpp converts from them)."""
+        return self.layout not in ("original", "gguf")
 
     @property
     def num_vision_layers_run(self) -> int:
@@ -307,7 +308,7 @@ def llava_hf_config(d, source="config.json") -> LlavaConfig:
 _NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
-def _grid_pinpoints(value, source, tile_size, width_first=False):
+def parse_grid_pinpoints(value, source, tile_size, width_first=False):
     """image_grid_pinpoints as (height, width) pairs, each a multiple of the tile; width_first: the original
     repo's (width, height) pairs. The original also allows a string (a Python literal) and a range
     "(1x1),...,(3x3)", which LLaVA-1.6's checkpoints do not use."""
@@ -333,8 +334,8 @@ def llava_next_config(d, source="config.json") -> LlavaConfig:
         raise CheckpointError(f"{source}: LLaVA-NeXT with vision_feature_select_strategy "
                               f"{d.get('vision_feature_select_strategy')!r} is not supported (only 'default': the "
                               "tiles' CLS features cannot be arranged on the patch grid)")
-    cfg.image_grid_pinpoints = _grid_pinpoints(d.get("image_grid_pinpoints", _NEXT_PINPOINTS), source,
-                                               cfg.vision.image_size)
+    cfg.image_grid_pinpoints = parse_grid_pinpoints(d.get("image_grid_pinpoints", _NEXT_PINPOINTS), source,
+                                                    cfg.vision.image_size)
     return cfg
 
 
@@ -372,7 +373,7 @@ def original_llava_config(d, vision_dict, source="config.json") -> LlavaConfig:
                                   "tiles' CLS features cannot be arranged on the patch grid)")
         if d.get("image_grid_pinpoints") is None:
             raise CheckpointError(f"{source}: image_aspect_ratio anyres needs image_grid_pinpoints")
-        pinpoints = _grid_pinpoints(d["image_grid_pinpoints"], source, vision.image_size, width_first=True)
+        pinpoints = parse_grid_pinpoints(d["image_grid_pinpoints"], source, vision.image_size, width_first=True)
     if d.get("mm_hidden_size") not in (None, vision.hidden_size):
         raise CheckpointError(f"{source}: mm_hidden_size={d['mm_hidden_size']} but the vision tower's "
                               f"hidden_size is {vision.hidden_size}")
