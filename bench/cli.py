@@ -161,7 +161,16 @@ def build_parser():
                        "each weight format beside llama.cpp and transformers; perplexity and top-1 agreement")
     from llava_fast.bench.real_bench import FORMATS
 
-    r.add_argument("--formats", type=_names(FORMATS), default=list(FORMATS), help=f"subset of {', '.join(FORMATS)}")
+    r.add_argument("--formats", type=_names(FORMATS), default=None, help=f"subset of {', '.join(FORMATS)} (default: "
+                   "all; with --shape: bfloat16,int8wo,int4wo-32)")
+    r.add_argument("--shape", choices=("llava-1.5-7b",), help="random weights at this model's language-model shapes "
+                   "instead of SmolLM2 (one F16 GGUF for every engine; llama.cpp quantizes its own Q8_0/Q4_0)")
+    r.add_argument("--layers", type=_positive_int, default=8, help="--shape: decoder layers kept (default 8 of 32: "
+                   "the weights still stream from memory)")
+    r.add_argument("--llama-cpp-build", type=lambda s: [x for x in s.split(",") if x], default=None,
+                   help="llama.cpp builds installed outside this environment, LABEL=DIR (DIR holds the llama_cpp "
+                   "package, e.g. pip install --target DIR), comma-separated; each is an engine "
+                   "llama.cpp[LABEL], compared with llava-fast[LABEL] (e.g. avx2=/opt/llama-avx2 with --isa avx2)")
     r.add_argument("--new-tokens", type=_positive_int, default=128, help="greedy tokens per run (default 128)")
     r.add_argument("--repeats", type=_positive_int, default=3, help="interleaved rounds (median reported)")
     r.add_argument("--warmup", type=int, default=1, help="untimed runs per engine before timing (default 1)")
@@ -396,7 +405,22 @@ def cmd_real(args, argv) -> int:
         if args.warmup < 0 or args.quality_tokens < 0:
             raise InputError("--warmup and --quality-tokens must be >= 0")
         settings.update(new_tokens=args.new_tokens, warmup=args.warmup, quality_tokens=args.quality_tokens,
-                        llama_cpp=not args.no_llama_cpp, transformers=not args.no_transformers, isa=args.isa)
+                        llama_cpp=not args.no_llama_cpp, transformers=not args.no_transformers, isa=args.isa,
+                        llama_cpp_builds=_llama_cpp_builds(args.llama_cpp_build))
+        if args.shape:
+            from llava_fast.bench.shape_model import shape_of
+
+            total = shape_of(args.shape)["layers"]
+            if args.layers > total:
+                raise InputError(f"--layers {args.layers}: {args.shape} has {total} decoder layers")
+            bad = [f for f in (args.formats or []) if f not in real_bench.SHAPE_FORMATS]
+            if bad:
+                raise InputError(f"--formats {','.join(bad)} is not run at --shape (the formats there: "
+                                 f"{', '.join(real_bench.SHAPE_FORMATS)})")
+            settings.update(shape=args.shape, layers=args.layers, model_name=args.shape, quality_tokens=0,
+                            formats=args.formats or list(real_bench.SHAPE_FORMATS),
+                            model=f"{args.shape} language model, random weights, {args.layers} of {total} layers")
+    settings["formats"] = settings["formats"] or list(bench.FORMATS)
     started = time.perf_counter()
     doc = bench.run(settings, argv)
     settings["wall_s"] = round(time.perf_counter() - started, 1)
@@ -409,6 +433,21 @@ def cmd_real(args, argv) -> int:
     print(bench.markdown(doc))
     print(f"\nresults: {path}")
     return 0
+
+
+def _llama_cpp_builds(specs):
+    """--llama-cpp-build LABEL=DIR,...: {label: dir}, each DIR checked to hold a llama_cpp package."""
+    if not specs:
+        return None
+    builds = {}
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not sep or not label or not path:
+            raise InputError(f"--llama-cpp-build {spec!r}: expected LABEL=DIR")
+        if not os.path.isfile(os.path.join(path, "llama_cpp", "__init__.py")):
+            raise InputError(f"--llama-cpp-build {spec!r}: {path} holds no llama_cpp package")
+        builds[label] = os.path.abspath(path)
+    return builds
 
 
 def cmd_compare(args) -> int:
