@@ -115,26 +115,43 @@ def build_llava_fast(source, stage, lora, dtype, settings):
     """The trainer's step on a copy of `source` (float32): frozen weights and the model in `dtype`, float32
     masters of the trained ones (the parameters themselves in float32), AdamW over the masters."""
     from llava_fast.train.lora import add_lora
-    from llava_fast.train.trainer import MasterWeights, make_optimizer, trainable_parameters
+    from llava_fast.train.trainer import (
+        MasterWeights,
+        OptimizerInBackward,
+        clip_or_norm,
+        fuse_frozen_projections,
+        make_optimizer,
+        trainable_parameters,
+    )
 
     net = copy.deepcopy(source)
     if lora:
         add_lora(net, settings["lora_r"], settings["lora_alpha"], 0.0, seed=0)
     llm, projector = trainable_parameters(net, stage, lora)
+    fuse_frozen_projections(net, stage)
     for p in net.parameters():
         if not p.requires_grad:
             p.data = p.data.to(dtype)
     masters = MasterWeights(llm + projector, dtype)
-    optimizer = make_optimizer([{"params": masters.masters, "lr": settings["lr"]}], 0.0, source.lm_head.weight.device)
+    device = source.lm_head.weight.device
+    optimizer = make_optimizer([{"params": masters.masters, "lr": settings["lr"]}], 0.0, device)
+    masters.fold_grads_in_backward()
+    max_norm = settings.get("max_grad_norm", 1.0)
+    in_backward = OptimizerInBackward(optimizer, masters) if max_norm == 0 else None  # the trainer's path then
     net.train()
     ids, labels, pixels = settings["batch"]
     pixels = pixels.to(dtype)
 
     def step():
+        if in_backward:
+            in_backward.arm(device)
         loss = net.loss(ids, labels, pixels)
         loss.backward()
+        if in_backward:
+            in_backward.disarm()
+            return loss.detach()
         masters.accumulate_grads()
-        torch.nn.utils.clip_grad_norm_(masters.masters, 1.0)
+        clip_or_norm(masters.masters, max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         masters.copy_to_model()
@@ -192,12 +209,14 @@ def build_transformers(source, stage, lora, dtype, settings):
     ids, labels, pixels = settings["batch"]
     device = ids.device
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    max_norm = settings.get("max_grad_norm", 1.0)
 
     def step():
         with autocast:
             loss = hf(input_ids=ids, pixel_values=pixels, labels=labels).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
