@@ -2,11 +2,13 @@
 otherwise write, one table.
 
 The alternative is a plain transformers loop: `LlavaForConditionalGeneration` (its default SDPA attention), the
-loss from `labels`, `loss.backward()`, gradient clipping at 1.0, `torch.optim.AdamW`; LoRA through `peft`
-(adapters on the decoder's q/k/v/o/gate/up/down, as LLaVA-1.5's recipe, plus the full projector); bfloat16 as
-torch.autocast(bfloat16) over float32 weights, the mixed precision the transformers docs teach. llava-fast runs
-its trainer's step (`trainable_parameters`, `MasterWeights`, `LlavaForCausalLM.loss`, AdamW): in bfloat16 the
-model holds bf16 weights and the optimizer float32 masters.
+loss from `labels`, `loss.backward()`, gradient clipping at 1.0 (`--max-grad-norm`), `torch.optim.AdamW`; LoRA
+through `peft` (adapters on the decoder's q/k/v/o/gate/up/down, as LLaVA-1.5's recipe, plus the full projector);
+bfloat16 as torch.autocast(bfloat16) over float32 weights, the mixed precision the transformers docs teach.
+llava-fast runs its trainer's step (`trainable_parameters`, `MasterWeights`, `LlavaForCausalLM.loss`, AdamW):
+in bfloat16 the model holds bf16 weights and the optimizer float32 masters, the bf16 gradients folded into the
+masters' as backward finishes each. With `--max-grad-norm 0` neither engine clips and llava-fast steps each
+parameter inside backward (`train --step-in-backward`), which clipping rules out.
 
 Same for both: the weights (transformers' model gets llava-fast's random weights, and peft's lora_A the same
 draw, so the first-step losses agree to float tolerance; the table shows both), the batch (B rows of BOS +
@@ -343,7 +345,8 @@ def markdown(doc):
     figs = doc["figures"]
     lines = [f"## llava-fast bench train --against transformers: {s['model_name']} on {doc['device']['name']}, "
              f"batch {s['batch_sizes'][0]} x {s['seq_len']} tokens, LoRA r={s['lora_r']} alpha={s['lora_alpha']:g}, "
-             f"gradient checkpointing off, AdamW", ""]
+             f"gradient checkpointing off, AdamW, " + (f"clipping at {clip:g}" if (clip := s.get("max_grad_norm", 1.0))
+                                                          else "no clipping (llava-fast steps in backward)"), ""]
     lines += [f"- {x}" for x in header_lines(doc)] + [""]
     names = {"1": "stage 1 (projector)", "2": "stage 2 full", "2-lora": "stage 2 LoRA"}
     rows = []
