@@ -93,8 +93,8 @@ def _positive_int(text):
 
 
 def _model_args(p):
-    p.add_argument("--preset", help="random-weight preset: tiny, llava-1.5-7b, llava-1.5-13b, llava-v1-7b "
-                   "(default: tiny on CPU, llava-1.5-7b on CUDA)")
+    p.add_argument("--preset", help="random-weight preset: tiny, llava-1.5-7b, llava-1.5-13b, llava-v1-7b, and "
+                   "LLaVA-NeXT's tiny-next, llava-v1.6-mistral-7b (default: tiny on CPU, llava-1.5-7b on CUDA)")
     p.add_argument("--model", help="checkpoint directory instead of a preset")
     p.add_argument("--vision-tower", help="CLIP directory of an original-LLaVA checkpoint")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -209,7 +209,11 @@ def build_parser():
                    "instead of one-by-one generate(); default client counts 1,4,8,16")
     s.add_argument("--against-model", metavar="NAME", help="the model id requests to --against name (default: the "
                    "first of its /v1/models)")
-    s.add_argument("--text-only", action="store_true", help="no image requests (for text models)")
+    s.add_argument("--text-only", action="store_true", help="no image requests (for text models); the same as "
+                   "--images none")
+    s.add_argument("--images", choices=("mixed", "new", "none"), help="image requests: mixed (default: about "
+                   "half the requests, half of those repeating an earlier image), new (every request a new image), "
+                   "none")
     s.add_argument("--max-batched-tokens", type=_positive_int, help="the server's token budget per iteration "
                    "(llava-fast serve --max-batched-tokens)")
     s.add_argument("--kv-cache-memory", help="the server's KV-cache budget (llava-fast serve --kv-cache-memory)")
@@ -293,7 +297,7 @@ def cmd_measure(args, argv) -> int:
     if args.subcommand == "generate":
         from llava_fast.bench import generate_bench as bench
 
-        defaults = bench.DEFAULTS[device.type]
+        defaults = bench.defaults_for(device.type, args.preset)
         settings = _common_settings(args, str(device), defaults)
         settings.update(contexts=args.contexts or defaults["contexts"], contexts_explicit=args.contexts is not None,
                         new_tokens=args.new_tokens or defaults["new_tokens"],
@@ -317,10 +321,12 @@ def cmd_measure(args, argv) -> int:
             raise InputError("--against-model needs --against URL")
         if args.against and not args.against.startswith(("http://", "https://")):
             raise InputError(f"--against must be an http:// or https:// URL, got {args.against!r}")
+        if args.text_only and args.images not in (None, "none"):
+            raise InputError(f"--text-only sends no images: drop it or --images {args.images}")
         clients = args.clients or (bench.AGAINST_CLIENTS if args.against else defaults["clients"])
         settings.update(clients=clients, requests=args.requests or defaults["requests"],
                         max_batch=args.max_batch or defaults["max_batch"], seed=args.seed, against=args.against,
-                        against_model=args.against_model, text_only=args.text_only,
+                        against_model=args.against_model, text_only=args.text_only, images=args.images,
                         max_batched_tokens=args.max_batched_tokens,
                         kv_cache_memory=args.kv_cache_memory and _bytes(args.kv_cache_memory))
     else:

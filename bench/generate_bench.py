@@ -4,9 +4,11 @@ Engines, all on the same weights in one process: `llava-fast/triton` and `llava-
 model with `llava_fast.ops` switched between backends), with `--compile` also `llava-fast/<backend>+compile`
 (the same model with its decode step and prefill torch.compile'd: llava_fast/compiled.py; the compile
 happens in the warm-up runs and is reported as compile_time), and `transformers` (LlavaForConditionalGeneration
-built with the model's exact shapes; its parameters are llava-fast's own tensors, assigned, not copied).
-Every engine gets the same expanded ids (chat template, bundled example image's 576/256 image tokens),
-greedy, the same number of new tokens with EOS disabled.
+built with the model's exact shapes; its parameters are llava-fast's own tensors, assigned, not copied;
+LlavaNextForConditionalGeneration for a LLaVA-NeXT model). Every engine gets the same expanded ids (chat
+template, bundled example image's 576/256 image tokens; LLaVA-NeXT: the image resized to 672x672, 5 tiles of
+336 px, 2,928 image tokens, all tiles through the tower as one batch), greedy, the same number of new tokens
+with EOS disabled.
 
 One run of an engine (what is timed):
     ids (as the engine takes them) + pixel_values on the device, synchronised  -> t0
@@ -51,6 +53,23 @@ DEFAULTS = {
     "cuda": dict(preset="llava-1.5-7b", backends=["triton", "torch"], batch_sizes=[1, 8, 32, 64],
                  contexts=["prompt", 1024, 2048, 3072], new_tokens=128, repeats=10, warmup=1, vision_batch=32),
 }
+# LLaVA-NeXT presets: one 672x672 image is already ~2,900 positions, so the prompt as is, fewer rows.
+ANYRES_DEFAULTS = {"cpu": dict(batch_sizes=[1], contexts=["prompt"]),
+                   "cuda": dict(batch_sizes=[1, 8], contexts=["prompt"])}
+ANYRES_IMAGE_SIZE = (672, 672)  # (height, width): LLaVA-1.6's largest square pinpoint, 2 x 2 tiles + the base
+
+
+def defaults_for(device_type: str, preset: str | None) -> dict:
+    """DEFAULTS for the device, with ANYRES_DEFAULTS over them for a LLaVA-NeXT preset."""
+    from llava_fast.presets import PRESETS
+
+    defaults = DEFAULTS[device_type]
+    if preset in PRESETS and PRESETS[preset].anyres:
+        defaults = {**defaults, **ANYRES_DEFAULTS[device_type], "preset": preset}
+    return defaults
+
+
+TTFT_SPLIT = ("ttft_image_preprocess", "ttft_vision", "ttft_prefill", "ttft_image_request")
 
 
 class BaselineUnavailable(Exception):
@@ -73,14 +92,29 @@ def load_model(preset, model_dir, device, dtype, vision_tower=None):
     return random_model(preset, device=device, dtype=dtype, seed=0), preset
 
 
-def prompt_ids(model, context: int, seed: int = 0) -> list[int]:
+def bench_image(model):
+    """(pixel_values of one image, image_sizes or None): the bundled image; resized to ANYRES_IMAGE_SIZE for a
+    LLaVA-NeXT model (its 5 tiles, (5, 3, S, S), and sizes (1, 2)). Preprocessing is not timed."""
+    from llava_fast.presets import BUNDLED_IMAGE
+
+    if not model.config.anyres:
+        return model.pixel_values([BUNDLED_IMAGE]), None
+    import PIL.Image
+
+    with PIL.Image.open(BUNDLED_IMAGE) as im:
+        image = im.convert("RGB").resize(ANYRES_IMAGE_SIZE[::-1], PIL.Image.BICUBIC)
+    return model.image_inputs([image])
+
+
+def prompt_ids(model, context: int, seed: int = 0, image_sizes=None) -> list[int]:
     """The chat-templated question about one image, image tokens expanded, lengthened to `context` tokens
     by random text tokens placed after the image (a document pasted before the question)."""
-    ids = model.encode_prompt(PROMPT, 1)
+    ids = model.encode_prompt(PROMPT, 1, image_sizes=None if image_sizes is None else image_sizes.tolist())
     extra = context - len(ids)
     if extra < 0:
+        images = sum(t == model.image_token_id for t in ids)
         raise InputError(f"context {context} is shorter than the prompt itself ({len(ids)} tokens: "
-                         f"{model.num_image_tokens} image tokens + text)")
+                         f"{images} image tokens + text)")
     if extra:
         g = torch.Generator().manual_seed(seed)
         text_vocab = min(model.config.text.vocab_size, 32000)
@@ -97,6 +131,9 @@ def resolve_contexts(requested, natural: int, limit: int, new_tokens: int, expli
     out, notes = [], []
     for c in requested:
         c = natural if c == "prompt" else int(c)
+        if c < natural and not explicit:
+            notes.append(f"context {c} skipped: shorter than the prompt ({natural} tokens, image included)")
+            continue
         if c < natural:
             raise InputError(f"--contexts: {c} is shorter than the prompt ({natural} tokens, image included)")
         if positions_needed(c, new_tokens) > limit:
@@ -136,14 +173,16 @@ class LlavaFastEngine:
             # llava_fast.kernels is first imported (ops.use_backend imports it lazily).
             os.environ.setdefault("TRITON_INTERPRET", "1")
 
-    def run(self, rows, pixel_values, new_tokens, clock: Clock) -> Run:
+    def run(self, rows, pixel_values, new_tokens, clock: Clock, image_sizes=None) -> Run:
         """model.generate_ids: the engine's own loop (its read-back policy, CUDA graphs on the Triton path).
         Its last_stats give the decode time (first token on the host -> last token on the host); the
-        first token's wait is the rest of the call, setup included, as transformers' is."""
+        first token's wait is the rest of the call, setup included, as transformers' is. LLaVA-NeXT:
+        pixel_values (B, tiles, 3, S, S) and image_sizes (B, 2), as transformers' processor gives them."""
         ops.use_backend(self.backend)
         self.model.compiled = self.compiled
         t0 = clock.now()
-        tokens = self.model.generate_ids(rows, pixel_values, max_new_tokens=new_tokens, eos_token_id=None)
+        tokens = self.model.generate_ids(rows, pixel_values, max_new_tokens=new_tokens, eos_token_id=None,
+                                         image_sizes=image_sizes)
         total = clock.now() - t0
         stats = self.model.last_stats
         steps = stats["steps"]
@@ -186,7 +225,7 @@ class TransformersEngine:
         self.hf = build_transformers_model(model)
         self.pad = model.config.text.pad_token_id if model.config.text.pad_token_id is not None else 0
 
-    def run(self, rows, pixel_values, new_tokens, clock: Clock) -> Run:
+    def run(self, rows, pixel_values, new_tokens, clock: Clock, image_sizes=None) -> Run:
         from transformers import GenerationConfig
 
         ids = torch.tensor(rows, dtype=torch.long, device=self.model.device)
@@ -197,8 +236,9 @@ class TransformersEngine:
         t0 = clock.now()
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            images = {} if image_sizes is None else {"image_sizes": image_sizes}
             out = self.hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixel_values,
-                                   generation_config=gen, streamer=stamps)
+                                   generation_config=gen, streamer=stamps, **images)
         if len(stamps.times) != new_tokens or out.shape[1] != ids.shape[1] + new_tokens:
             raise RuntimeError(f"transformers generated {out.shape[1] - ids.shape[1]} tokens "
                                f"({len(stamps.times)} streamed), expected {new_tokens}")
@@ -214,20 +254,31 @@ class TransformersEngine:
     def release(self):
         pass
 
-    def last_logits(self, ids, pixel_values):
+    def last_logits(self, ids, pixel_values, image_sizes=None):
+        images = {} if image_sizes is None else {"image_sizes": image_sizes}
         with torch.inference_mode():
-            out = self.hf(input_ids=torch.tensor([ids], device=self.model.device), pixel_values=pixel_values)
+            out = self.hf(input_ids=torch.tensor([ids], device=self.model.device), pixel_values=pixel_values,
+                          **images)
         return out.logits[:, -1].float()
 
 
 def build_transformers_model(model):
-    """transformers' LlavaForConditionalGeneration with `model`'s shapes, holding llava-fast's own parameter
-    tensors (load_state_dict(assign=True): no second copy of the weights). Parameters llava-fast never
-    builds (CLIP layers after the feature layer, post_layernorm) keep transformers' initialisation: they do
-    not change the output, but transformers computes them, as it does for a real checkpoint."""
+    """transformers' LlavaForConditionalGeneration (LLaVA-NeXT: LlavaNextForConditionalGeneration) with `model`'s
+    shapes, holding llava-fast's own parameter tensors (load_state_dict(assign=True): no second copy of the
+    weights). Parameters llava-fast never builds (CLIP layers after the feature layer, post_layernorm) keep
+    transformers' initialisation: they do not change the output, but transformers computes them, as it does
+    for a real checkpoint. The decoder is a LlamaConfig (a MistralConfig where a sliding window is set)."""
     try:
         import transformers
-        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+        from transformers import (
+            CLIPVisionConfig,
+            LlamaConfig,
+            LlavaConfig,
+            LlavaForConditionalGeneration,
+            LlavaNextConfig,
+            LlavaNextForConditionalGeneration,
+            MistralConfig,
+        )
     except ImportError:
         raise BaselineUnavailable("transformers is not installed (pip install transformers)") from None
     from llava_fast.checkpoints.layouts import LLAVA_HF_RULES, rename_key
@@ -241,17 +292,26 @@ def build_transformers_model(model):
                           num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads, image_size=v.image_size,
                           patch_size=v.patch_size, num_channels=v.num_channels, hidden_act=v.hidden_act,
                           layer_norm_eps=v.layer_norm_eps)
-    ht = LlamaConfig(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
-                     num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim,
-                     vocab_size=t.vocab_size, max_position_embeddings=t.max_position_embeddings,
-                     rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta, tie_word_embeddings=False,
-                     bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id, pad_token_id=t.pad_token_id)
-    hc = LlavaConfig(vision_config=hv, text_config=ht, image_token_index=cfg.image_token_id,
-                     vision_feature_layer=cfg.vision_feature_layer,
-                     vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-                     projector_hidden_act="gelu", image_seq_length=cfg.num_image_tokens, tie_word_embeddings=False)
+    text_fields = dict(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                       num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+                       num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim, vocab_size=t.vocab_size,
+                       max_position_embeddings=t.max_position_embeddings, rms_norm_eps=t.rms_norm_eps,
+                       rope_theta=t.rope_theta, tie_word_embeddings=False, bos_token_id=t.bos_token_id,
+                       eos_token_id=t.eos_token_id, pad_token_id=t.pad_token_id)
+    ht = MistralConfig(**text_fields, sliding_window=t.sliding_window) if t.sliding_window else LlamaConfig(
+        **text_fields)
+    common = dict(vision_config=hv, text_config=ht, image_token_index=cfg.image_token_id,
+                  vision_feature_layer=cfg.vision_feature_layer,
+                  vision_feature_select_strategy=cfg.vision_feature_select_strategy, projector_hidden_act="gelu",
+                  tie_word_embeddings=False)
+    if cfg.anyres:
+        hc = LlavaNextConfig(**common, image_grid_pinpoints=[list(p) for p in cfg.image_grid_pinpoints])
+        hf_class = LlavaNextForConditionalGeneration
+    else:
+        hc = LlavaConfig(**common, image_seq_length=cfg.num_image_tokens)
+        hf_class = LlavaForConditionalGeneration
     with torch.device(model.device):
-        hf = LlavaForConditionalGeneration._from_config(hc, dtype=model.dtype)
+        hf = hf_class._from_config(hc, dtype=model.dtype)
     ours = model.net.state_dict()
     state = {}
     for key, tensor in hf.state_dict().items():
@@ -283,7 +343,7 @@ def _is_oom(e):
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def measure_scenario(engines, rows, pixel_values, new_tokens, repeats, warmup, device, notes):
+def measure_scenario(engines, rows, pixel_values, new_tokens, repeats, warmup, device, notes, image_sizes=None):
     """{engine name: {"runs": [Run], "peak_memory": bytes or None}} for the engines that completed.
 
     CUDA first runs each engine alone for its memory footprint: every engine's kept workspaces freed, the
@@ -317,7 +377,7 @@ def measure_scenario(engines, rows, pixel_values, new_tokens, repeats, warmup, d
             e.release()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        engine.run(rows, pixel_values, new_tokens, clock)
+        engine.run(rows, pixel_values, new_tokens, clock, image_sizes)
         results[engine.name]["peak_memory"] = torch.cuda.max_memory_allocated(device)
 
     if cuda:
@@ -325,11 +385,12 @@ def measure_scenario(engines, rows, pixel_values, new_tokens, repeats, warmup, d
             attempt(engine, lambda engine=engine: footprint(engine))
     for _ in range(warmup):
         for engine in list(active):
-            attempt(engine, lambda engine=engine: engine.run(rows, pixel_values, new_tokens, clock))
+            attempt(engine, lambda engine=engine: engine.run(rows, pixel_values, new_tokens, clock, image_sizes))
     for r in range(repeats):
         for engine in active[r % len(active):] + active[: r % len(active)] if active else []:
             if engine in active:
-                run = attempt(engine, lambda engine=engine: engine.run(rows, pixel_values, new_tokens, clock))
+                run = attempt(engine, lambda engine=engine: engine.run(rows, pixel_values, new_tokens, clock,
+                                                                       image_sizes))
                 if run is not None:
                     results[engine.name]["runs"].append(run)
     return results
@@ -363,7 +424,6 @@ def run(settings: dict, argv) -> dict:
     """Run the benchmark; returns the result document (see bench/SCHEMA.md)."""
     from llava_fast.bench.device import command_line
     from llava_fast.checkpoints.load import resolve_device_dtype
-    from llava_fast.presets import BUNDLED_IMAGE
 
     device, dtype = resolve_device_dtype(settings["device"], settings["dtype"])
     previous_backend = ops.BACKEND
@@ -374,7 +434,8 @@ def run(settings: dict, argv) -> dict:
     settings.update(device=str(device), dtype=str(dtype).replace("torch.", ""), model_name=name)
     if settings["model"]:
         settings["preset"] = None
-    natural = len(model.encode_prompt(PROMPT, 1))
+    pixels_one, sizes_one = bench_image(model)  # preprocessing is not timed
+    natural = len(model.encode_prompt(PROMPT, 1, image_sizes=None if sizes_one is None else sizes_one.tolist()))
     contexts, context_notes = resolve_contexts(settings["contexts"], natural, model.context_length,
                                                settings["new_tokens"], settings.pop("contexts_explicit"))
     notes += context_notes
@@ -406,20 +467,27 @@ def run(settings: dict, argv) -> dict:
         doc["ceilings"] = measure_ceilings(device)
         cache_bytes = doc["device"]["last_level_cache_bytes"]
         doc["ceilings"]["read_bandwidth"] = measure_read_bandwidth(device, cache_bytes)
-        pixels_one = model.pixel_values([BUNDLED_IMAGE])  # (1, 3, S, S): preprocessing is not timed
-        doc["checks"]["transformers_parity"] = _parity(engines, model, pixels_one, natural, notes)
+        doc["checks"]["transformers_parity"] = _parity(engines, model, pixels_one, sizes_one, natural, notes)
         outputs = {}
         for b, c in scenarios(settings["batch_sizes"], contexts):
-            rows = [prompt_ids(model, c)] * b
-            pv = pixels_one.expand(b, -1, -1, -1).contiguous()
+            rows = [prompt_ids(model, c, image_sizes=sizes_one)] * b
+            # (B, 3, S, S); LLaVA-NeXT (B, tiles, 3, S, S) and sizes (B, 2), as transformers' processor gives them
+            pv = pixels_one.unsqueeze(0) if sizes_one is not None else pixels_one
+            pv = pv.expand(b, *pv.shape[1:]).contiguous()
+            sizes = None if sizes_one is None else sizes_one.expand(b, 2).contiguous()
             results = measure_scenario(engines, rows, pv, settings["new_tokens"], settings["repeats"],
-                                       settings["warmup"], device, notes)
+                                       settings["warmup"], device, notes, image_sizes=sizes)
             doc["figures"] += scenario_figures(results, model.net, b, c, settings["new_tokens"], doc["ceilings"],
                                                cache_bytes, notes)
             outputs[(b, c)] = {n: r["runs"][-1].tokens for n, r in results.items() if r["runs"]}
         doc["checks"]["greedy_agreement"] = _agreement(outputs, engines)
-        doc["figures"] += vision_figures(engines, pixels_one, settings["vision_batch"], settings["repeats"], device,
-                                         notes)
+        if sizes_one is None:
+            doc["figures"] += vision_figures(engines, pixels_one, settings["vision_batch"], settings["repeats"],
+                                             device, notes)
+            doc["figures"] += ttft_split_figures(engines, model, natural, settings["repeats"])
+        else:
+            notes.append("vision_throughput and the TTFT split not measured for AnyRes: time to first token "
+                         f"includes the tower on the image's {len(pixels_one)} tiles, one batch")
     finally:
         telemetry.stop()
         ops.use_backend(previous_backend)
@@ -441,7 +509,7 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _parity(engines, model, pixels_one, natural, notes):
+def _parity(engines, model, pixels_one, sizes_one, natural, notes):
     """Last-position logits of the natural prompt, llava-fast (first backend) vs transformers: the
     comparison is only meaningful if both compute the same function of the same weights."""
     hf = next((e for e in engines if e.name == TRANSFORMERS), None)
@@ -449,11 +517,11 @@ def _parity(engines, model, pixels_one, natural, notes):
         return None
     from llava_fast.generate import Decoder
 
-    ids = prompt_ids(model, natural)
+    ids = prompt_ids(model, natural, image_sizes=sizes_one)
     ops.use_backend(engines[0].backend)
-    ours = Decoder(model.net, 1, len(ids) + 1).prefill([ids], pixels_one)
+    ours = Decoder(model.net, 1, len(ids) + 1).prefill([ids], pixels_one, image_sizes=sizes_one)
     try:
-        theirs = hf.last_logits(ids, pixels_one)
+        theirs = hf.last_logits(ids, pixels_one if sizes_one is None else pixels_one.unsqueeze(0), sizes_one)
     except Exception as e:
         notes.append(f"transformers parity check failed: {type(e).__name__}: {e}")
         return None
@@ -538,6 +606,36 @@ def vision_figures(engines, pixels_one, n_images, repeats, device, notes):
     return figs
 
 
+def ttft_split_figures(engines, model, context, repeats):
+    """The first token of one image request (the bundled JPEG and PROMPT through `stream()`, batch 1), split
+    into image preprocessing (file -> pixel_values), vision tower + projector, and prefill, from the call's
+    last_stats; `ttft_image_request` is preprocessing + time_to_first_token_s. llava-fast engines, rounds
+    interleaved as the scenarios are; the first round of each is a warm-up."""
+    from llava_fast.presets import BUNDLED_IMAGE
+
+    ours = [e for e in engines if isinstance(e, LlavaFastEngine)]
+    if not ours or not model.num_image_tokens:
+        return []
+    parts = {e.name: {k: [] for k in ("ttft_image_preprocess", "ttft_vision", "ttft_prefill", "ttft_image_request")}
+             for e in ours}
+    for i in range(repeats + 1):
+        for engine in ours[i % len(ours):] + ours[: i % len(ours)]:
+            ops.use_backend(engine.backend)
+            model.compiled = engine.compiled
+            for _ in model.stream(PROMPT, BUNDLED_IMAGE, max_new_tokens=1, ignore_eos=True):
+                pass
+            st = model.last_stats
+            if i == 0:
+                continue
+            got = parts[engine.name]
+            got["ttft_image_preprocess"].append(1e3 * st["image_preprocess_s"])
+            got["ttft_vision"].append(1e3 * st["vision_s"])
+            got["ttft_prefill"].append(1e3 * st["prefill_s"])
+            got["ttft_image_request"].append(1e3 * (st["image_preprocess_s"] + st["time_to_first_token_s"]))
+    return [figure(name, "ms", higher_is_better=False, samples=samples, engine=engine, batch=1, context=context)
+            for engine, by_name in parts.items() for name, samples in by_name.items()]
+
+
 def ratio_figures(figs, engine_names):
     """Speed-ups of each engine over each engine listed after it (triton over torch, both over
     transformers): decode and vision throughput ratios, and baseline TTFT / engine TTFT (> 1 = faster).
@@ -609,6 +707,12 @@ def markdown(doc: dict) -> str:
             row.append(fmt(r["value"], "x") if r else "")
         rows.append(row)
     lines.append(md_table(headers, rows))
+    split = [[e] + [fmt(find_one(figs, name, engine=e)["value"]) for name in TTFT_SPLIT] for e in engines
+             if find_one(figs, "ttft_image_request", engine=e)]
+    if split:
+        lines += ["", "first token of one image request (batch 1, the prompt), ms: preprocessing (file -> "
+                      "pixel_values), vision tower + projector, prefill; the total also holds tokenization and setup",
+                  "", md_table(["engine", "preprocess", "tower + projector", "prefill", "total"], split)]
     ceilings = doc.get("ceilings")
     if ceilings and "read_bandwidth" in ceilings and s.get("decode_weight_bytes") and any(
             f["name"] == "decode_bandwidth_pct" for f in figs):

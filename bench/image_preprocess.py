@@ -1,6 +1,12 @@
 """Image preprocessing throughput: native (llava_fast._C) vs transformers' CLIPImageProcessor vs our Python path.
 
     python -m llava_fast.bench.image_preprocess [--batch 32] [--size 640x480] [--image-size 336] [--repeats 7]
+    python -m llava_fast.bench.image_preprocess --anyres [--batch 1] [--size 672x672] [--repeats 15]
+
+--anyres: LLaVA-NeXT's AnyRes tiles (the base tile plus the grid, LLaVA-1.6's pinpoints) instead of CLIP's one
+crop: our native path, our Python path and transformers' LlavaNextImageProcessor, timed in interleaved rounds
+(each round runs every path once, in turn, so load changes hit all of them alike); the table shows each path's
+median and the median over rounds of its per-round ratio to the processor's time.
 
 Input: `batch` decoded photos of random content as PIL RGB images (what a server holds after decoding),
 the same objects for every path. Each path runs the whole batch `repeats` times after one warm-up run;
@@ -55,14 +61,73 @@ def clip_processors(image_size: int):
     return found
 
 
+def next_processors(image_size: int, pinpoints):
+    """transformers' LlavaNextImageProcessor as a user gets it by default, and the PIL one if that differs."""
+    try:
+        import transformers
+    except ImportError:
+        return []
+    settings = dict(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                    image_grid_pinpoints=[list(p) for p in pinpoints])
+    found = []
+    try:  # 5.x's default is the torchvision backend, which needs torchvision installed
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            default = transformers.LlavaNextImageProcessor(**settings)
+        found.append((f"LlavaNextImageProcessor ({getattr(default, 'backend', 'pil')})", default))
+    except ImportError:
+        default = None
+    pil_class = getattr(transformers, "LlavaNextImageProcessorPil", None)
+    if pil_class is not None and not isinstance(default, pil_class):
+        found.append(("LlavaNextImageProcessorPil", pil_class(**settings)))
+    return found
+
+
+def anyres_main(args, width: int, height: int) -> None:
+    from llava_fast.image import AnyResProcessor
+
+    rng = np.random.default_rng(0)
+    photos = [PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(args.batch)]
+    python = AnyResProcessor.clip(args.image_size, backend="python")
+    native = AnyResProcessor.clip(args.image_size)
+    reference, _ = python(photos)
+    paths = []  # (name, fn)
+    for name, processor in next_processors(args.image_size, python.grid_pinpoints):
+        got = processor(photos, return_tensors="pt")["pixel_values"].flatten(0, 1)[: len(reference)]
+        agree = (got - reference).abs().max().item() if got.shape == reference.shape else float("inf")
+        paths.append((f"{name}  [max diff vs ours {agree:.1e}]",
+                      lambda processor=processor: processor(photos, return_tensors="pt")))
+    paths.append(("llava-fast Python path", lambda: python(photos)))
+    if native.active_backend == "native":
+        assert torch.equal(native(photos)[0], reference), "native output differs from the Python path"
+        paths.append((f"llava-fast native, {torch.get_num_threads()} threads", lambda: native(photos)))
+    for _, fn in paths:
+        fn()  # warm-up: first-use probes, allocator, caches
+    samples = [[] for _ in paths]
+    for _ in range(args.repeats):
+        for i, (_, fn) in enumerate(paths):
+            start = time.perf_counter()
+            fn()
+            samples[i].append(time.perf_counter() - start)
+    print(f"AnyRes: {args.batch} image(s) {width}x{height} -> {len(reference)} tiles of {args.image_size} px, "
+          f"{args.repeats} interleaved rounds; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(f"{'path':<72} {'ms/batch':>9} {'vs first':>9}")
+    for (name, _), times in zip(paths, samples):
+        ratio = statistics.median(first / t for first, t in zip(samples[0], times))
+        print(f"{name:<72} {statistics.median(times) * 1e3:9.1f} {ratio:8.2f}x")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", default="640x480", help="WIDTHxHEIGHT of the input photos")
     parser.add_argument("--image-size", type=int, default=336, help="CLIP input resolution (336 or 224)")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--anyres", action="store_true", help="LLaVA-NeXT AnyRes tiles, paths in interleaved rounds")
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
+    if args.anyres:
+        return anyres_main(args, width, height)
 
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(args.batch)]

@@ -218,6 +218,11 @@ def _measure(doc, settings):
             engines[engine] = llava_engine(model, new_tokens, isa)
             weight_bytes[engine] = weight_bytes_per_token(model.net)
             ours[engine] = name
+            if isa is not None:
+                from llava_fast import _C
+
+                _C.use_cpu_isa(isa)  # as the engine does before each run: the plan is made for that table
+            doc["notes"].append(f"{engine} runs: {model.cpu_plan}")
     settings["context"] = len(ids)
     if settings["llama_cpp"]:
         try:

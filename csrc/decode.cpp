@@ -13,7 +13,7 @@
 // stores as bfloat16 (residual sums, norm outputs, GEMV outputs, RoPE products, attention output, SwiGLU,
 // logits) is rounded to bfloat16 at the same point, so the two agree to bfloat16 rounding, not bit for bit
 // (summation orders differ). Attention: softmax(q k^T / sqrt(D)) v over positions 0..length (the new token
-// included) in float32, as PyTorch's CPU SDPA accumulates.
+// included; with a sliding window W, the last W of them) in float32, as PyTorch's CPU SDPA accumulates.
 #include "decode.h"
 
 #include <algorithm>
@@ -160,6 +160,7 @@ const char* decode_model_check(const DecodeModel& m) {
     return "decode: empty dimension";
   if (m.head_dim % 2) return "decode: RoPE needs an even head_dim";
   if (m.heads % m.kv_heads) return "decode: heads must be a multiple of kv_heads";
+  if (m.sliding_window < 0) return "decode: sliding_window must be 0 (none) or positive";
   if (m.dtype != kComputeF32 && m.dtype != kComputeBF16) return "decode: compute dtype must be float32 or bfloat16";
   if (!m.embed || !m.final_norm || !m.cos || !m.sin || m.layers.empty()) return "decode: missing tensor";
   const int64_t qkv = (m.heads + 2 * m.kv_heads) * m.head_dim, C = m.hidden;
@@ -203,8 +204,11 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
 
   const KernelTable& kt = kernels();
   const float scale = 1.f / std::sqrt(float(D));
+  // The first key position a row at position p sees: 0, or p - W + 1 with a sliding window of W.
+  const int64_t window = m.sliding_window;
+  auto first_key = [window](int64_t p) { return window > 0 && p >= window ? p - window + 1 : int64_t(0); };
   int64_t attended = 0;  // multiply-adds of q . k over the chunk, per head dim
-  for (int64_t r = 0; r < rows; ++r) attended += positions[r] + 1;
+  for (int64_t r = 0; r < rows; ++r) attended += positions[r] + 1 - first_key(positions[r]);
   // Split attention over the pool only when it outweighs a wake-up (~1-2 us): ~64k multiply-adds per layer.
   const int attn_threads = H * attended * D >= (1 << 16) ? threads : 1;
   const int64_t kv_elem = st.bf16 ? 2 : 4;
@@ -231,11 +235,15 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
     float* attn_rows = attn.data();
     const AttendKernel attend = kt.attend_kernel(D, st.bf16);
     if (attend.fn) {  // blocks of consecutive positions of one cache row (a prompt's rows), else single rows
+      // The block kernel's rows share their first key (its causal mask trims only their ends), so a row past
+      // the start of a sliding window, whose first key is its own, goes alone, its keys from that first key.
       thread_local std::vector<int64_t> block_start;
       block_start.clear();
       for (int64_t r = 0; r < rows;) {
         int64_t n = 1;
-        while (n < attend.rows && r + n < rows && slots[r + n] == slots[r] && positions[r + n] == positions[r] + n) ++n;
+        while (n < attend.rows && r + n < rows && slots[r + n] == slots[r] && positions[r + n] == positions[r] + n &&
+               first_key(positions[r + n]) == 0)
+          ++n;
         block_start.push_back(r);
         r += n;
       }
@@ -245,7 +253,8 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
       parallel_for(attn_threads, int(blocks * H), [&](int task) {
         const int64_t b = task / H, h = task % H, g = h / group, r = starts[b];
         const int nb = int(starts[b + 1] - r);
-        const int64_t T0 = positions[r] + 1, base = slots[r] * cache.row_stride + g * cache.head_stride;
+        const int64_t lo = first_key(positions[r]), T0 = positions[r] + 1 - lo;
+        const int64_t base = slots[r] * cache.row_stride + g * cache.head_stride + lo * cache.pos_stride;
         thread_local std::vector<float> scores;
         scores.resize(nb * (T0 + nb - 1));
         float* o = attn_rows + (r * H + h) * D;
@@ -256,9 +265,10 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
             for (int64_t d = 0; d < D; ++d) o[i * H * D + d] = round_to_bf16(o[i * H * D + d]);
       });
     } else parallel_for(attn_threads, int(rows * H), [&](int task) {
-      const int64_t r = task / H, h = task % H, g = h / group, T = positions[r] + 1;
+      const int64_t r = task / H, h = task % H, g = h / group, lo = first_key(positions[r]);
+      const int64_t T = positions[r] + 1 - lo;  // keys lo..position
       const float* q = qkv_rows + r * qkv_n + h * D;
-      const int64_t base = slots[r] * cache.row_stride + g * cache.head_stride;
+      const int64_t base = slots[r] * cache.row_stride + g * cache.head_stride + lo * cache.pos_stride;
       thread_local std::vector<float> scores;
       scores.resize(T);
       float top = -INFINITY;

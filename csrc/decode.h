@@ -35,6 +35,7 @@ struct DecodeModel {
   int64_t embed_rows = 0;      // rows of the embedding table (token ids must be below it)
   int64_t rope_positions = 0;  // rows of the cos/sin tables
   float eps = 1e-6f;
+  int64_t sliding_window = 0;  // > 0: a row at position p attends to positions (p - window, p] only (Mistral)
   int dtype = kComputeF32;     // of the embedding, norms, biases, the KV cache and the rounding of activations
   const void* embed = nullptr;       // (embed_rows, hidden)
   const void* final_norm = nullptr;  // (hidden,)
@@ -55,7 +56,7 @@ struct DecodeCache {
 };
 
 // What one call computes: `rows` tokens, each at its own (cache row, position), attending to positions
-// 0..position of its cache row. Every row's K/V of a layer is written before any row of that layer attends, so
+// 0..position of its cache row (with a sliding window, the last sliding_window of them). Every row's K/V of a layer is written before any row of that layer attends, so
 // rows of one cache row at consecutive positions are a causal prefill (a chunk of a prompt), and rows of
 // different cache rows are a batched decode step; a call may mix both.
 struct DecodeRows {

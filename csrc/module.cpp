@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 #include <string>
 #include <thread>
 #include <vector>
@@ -119,6 +120,27 @@ llava_fast::ImageView image_view(const py::buffer_info& info, size_t index, int 
   return {static_cast<const uint8_t*>(info.ptr), int(info.shape[0]), int(info.shape[1]), 3};
 }
 
+// Each image as a view: a PIL image's Arrow export or a uint8 (H, W, 3) buffer, whose buffer_info goes to `held`.
+std::vector<llava_fast::ImageView> image_views(const py::list& images, int shortest_edge,
+                                               std::vector<py::buffer_info>& held) {
+  std::vector<llava_fast::ImageView> views;
+  held.reserve(py::len(images));
+  for (size_t i = 0; i < py::len(images); ++i) {
+    py::handle item = images[i];
+    if (py::isinstance<py::tuple>(item) && py::len(item) == 4) {
+      views.push_back(arrow_view(py::reinterpret_borrow<py::tuple>(item), i, shortest_edge));
+      continue;
+    }
+    if (!PyObject_CheckBuffer(item.ptr()))
+      throw py::value_error("image " + std::to_string(i) + ": expected a uint8 (H, W, 3) array or a PIL image's "
+                            "(arrow_schema, arrow_array, height, width), got " +
+                            std::string(py::str(py::type::handle_of(item).attr("__name__"))));
+    held.push_back(py::reinterpret_borrow<py::buffer>(item).request());
+    views.push_back(image_view(held.back(), i, shortest_edge));
+  }
+  return views;
+}
+
 void preprocess_into(const py::list& images, const py::buffer& out, const py::buffer& lut, int shortest_edge,
                      py::object pad_fill, int pass_order, int threads) {
   py::buffer_info out_info = out.request(/*writable=*/true);
@@ -157,23 +179,55 @@ void preprocess_into(const py::list& images, const py::buffer& out, const py::bu
   }
 
   std::vector<py::buffer_info> held;  // keeps every image buffer alive and unmoved while the GIL is released
-  std::vector<llava_fast::ImageView> views;
-  held.reserve(py::len(images));
-  for (size_t i = 0; i < py::len(images); ++i) {
-    py::handle item = images[i];
-    if (py::isinstance<py::tuple>(item) && py::len(item) == 4) {
-      views.push_back(arrow_view(py::reinterpret_borrow<py::tuple>(item), i, shortest_edge));
-      continue;
-    }
-    if (!PyObject_CheckBuffer(item.ptr()))
-      throw py::value_error("image " + std::to_string(i) + ": expected a uint8 (H, W, 3) array or a PIL image's "
-                            "(arrow_schema, arrow_array, height, width), got " +
-                            std::string(py::str(py::type::handle_of(item).attr("__name__"))));
-    held.push_back(py::reinterpret_borrow<py::buffer>(item).request());
-    views.push_back(image_view(held.back(), i, shortest_edge));
-  }
+  const std::vector<llava_fast::ImageView> views = image_views(images, shortest_edge, held);
   py::gil_scoped_release no_gil;
   llava_fast::preprocess_batch(views, out_info.ptr, params, threads < 1 ? 1 : threads);
+}
+
+// AnyRes and other tiled layouts: `placements` is a list of (image, resized_height, resized_width, top, left,
+// window_height, window_width, tile_height, tile_width, out_offset) tuples (preprocess.h's Placement), each
+// checked to fit in `out` (any C-contiguous buffer of 2- or 4-byte elements) before the GIL is released.
+void preprocess_tiles_into(const py::list& images, const py::list& placements, const py::buffer& out,
+                           const py::buffer& lut, int pass_order, int threads) {
+  py::buffer_info out_info = out.request(/*writable=*/true);
+  py::buffer_info lut_info = lut.request();
+  if (out_info.itemsize != 2 && out_info.itemsize != 4)
+    throw py::value_error("out: expected 2- or 4-byte elements, got " + std::to_string(out_info.itemsize));
+  if (!is_c_contiguous(out_info)) throw py::value_error("out: must be C-contiguous");
+  if (lut_info.itemsize != out_info.itemsize || lut_info.ndim != 2 || lut_info.shape[0] != 3 ||
+      lut_info.shape[1] != 256 || !is_c_contiguous(lut_info))
+    throw py::value_error("lut: expected a contiguous (3, 256) table with out's element size");
+  if (pass_order != llava_fast::kPassOrderHorizontalFirst && pass_order != llava_fast::kPassOrderPillow13)
+    throw py::value_error("pass_order must be 0 (horizontal first, Pillow <= 12) or 1 (Pillow >= 13)");
+
+  std::vector<py::buffer_info> held;  // keeps every image buffer alive and unmoved while the GIL is released
+  const std::vector<llava_fast::ImageView> views = image_views(images, 0, held);
+
+  const int64_t out_elements = out_info.size;
+  std::vector<llava_fast::Placement> laid;
+  for (size_t i = 0; i < py::len(placements); ++i) {
+    const auto v = placements[i].cast<std::vector<int64_t>>();
+    const std::string where = "placement " + std::to_string(i) + ": ";
+    if (v.size() != 10) throw py::value_error(where + "expected 10 integers");
+    const int64_t image = v[0], rh = v[1], rw = v[2], top = v[3], left = v[4], wh = v[5], ww = v[6], th = v[7],
+                  tw = v[8], offset = v[9];
+    if (image < 0 || image >= int64_t(views.size())) throw py::value_error(where + "image index out of range");
+    if (rh <= 0 || rw <= 0 || rh > INT_MAX / 4 || rw > INT_MAX / 4 || rh * rw > (int64_t(1) << 40))
+      throw py::value_error(where + "resized size out of range");
+    if (std::abs(top) > INT_MAX / 4 || std::abs(left) > INT_MAX / 4) throw py::value_error(where + "offset out of range");
+    if (th <= 0 || tw <= 0 || wh <= 0 || ww <= 0 || wh > INT_MAX / 4 || ww > INT_MAX / 4 || wh % th || ww % tw)
+      throw py::value_error(where + "the window must be a positive whole number of tiles");
+    if (offset < 0 || offset > out_elements || 3 * wh * ww > out_elements - offset)
+      throw py::value_error(where + "the window does not fit in out");
+    laid.push_back({int(image), int(rh), int(rw), int(top), int(left), int(wh), int(ww), int(th), int(tw),
+                    size_t(offset)});
+  }
+  llava_fast::PreprocessParams params{};
+  params.pass_order = pass_order;
+  params.lut = lut_info.ptr;
+  params.lut_element_size = int(lut_info.itemsize);
+  py::gil_scoped_release no_gil;
+  llava_fast::preprocess_placements(views, laid, out_info.ptr, params, threads < 1 ? 1 : threads);
 }
 
 std::string compiler() {
@@ -258,6 +312,9 @@ llava_fast::DecodeLinear decode_linear(const py::tuple& t) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "llava-fast native code: image preprocessing (csrc/preprocess.cpp), CPU GEMV (csrc/gemv.cpp), the CPU decode step (csrc/decode.cpp).";
+  m.def("preprocess_tiles_into", &preprocess_tiles_into, py::arg("images"), py::arg("placements"), py::arg("out"),
+        py::arg("lut"), py::arg("pass_order"), py::arg("threads"),
+        "Each image resized and placed in a tiled window of out (AnyRes); see Placement in csrc/preprocess.h.");
   m.def("preprocess_into", &preprocess_into, py::arg("images"), py::arg("out"), py::arg("lut"),
         py::arg("shortest_edge"), py::arg("pad_fill") = py::none(),
         py::arg("pass_order") = llava_fast::kPassOrderPillow13,
@@ -355,6 +412,8 @@ PYBIND11_MODULE(_C, m) {
         d.layers.push_back({ptr(input_norm), ptr(post_norm), decode_linear(qkv), decode_linear(o),
                             decode_linear(gate_up), decode_linear(down)});
       })
+      .def_readwrite("sliding_window", &llava_fast::DecodeModel::sliding_window,
+                     "> 0: each position attends to its last sliding_window positions (Mistral); 0: to all")
       .def("check", [](const llava_fast::DecodeModel& d) {
         const std::string problem = llava_fast::decode_model_check(d);
         if (!problem.empty()) throw py::value_error(problem);

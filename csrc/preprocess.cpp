@@ -24,7 +24,9 @@
 //     (x - mean) / std, torch's cast), so native values equal the Python path's exactly. No float64 image.
 //   - AVX2 kernels (runtime dispatch; see "Kernels" below).
 //
-// Work is split into (image, block of <= 128 output columns) items pulled by std::threads from an atomic
+// Each image's output is a Placement (preprocess.h): the resized image at an offset in a window written as
+// tiles, which covers CLIP's center crop (one tile, the crop window) and AnyRes's padded canvas (336-px tiles)
+// with one code path. Work is split into (placement, block of <= 128 window columns within one tile) items pulled by std::threads from an atomic
 // counter, so one large image also uses every core. Per item: horizontal pass over the rows the block's
 // vertical taps read into a (rows, block) RGBX buffer (480 x 112 x 4 = 210 KiB for a 640x480 photo,
 // L2-sized), then the vertical pass and the table lookup straight into the NCHW output.
@@ -377,18 +379,27 @@ class Source {
 };
 
 struct WorkItem {
-  int image;
-  int column_begin;  // in output-window coordinates
+  int placement;
+  int column_begin;  // in window coordinates, within one tile column
   int column_end;
 };
 
+// Element (c, wy, wx) of a placement's window in its tiled output layout.
 template <typename T>
-void fill_window_columns(T* planes, const T* lut, const PreprocessParams& p, int column_begin, int column_end) {
-  const size_t plane = size_t(p.out_height) * p.out_width;
+T* window_pixel(T* out, const Placement& p, int c, int wy, int wx) {
+  const size_t tile_plane = size_t(p.tile_height) * p.tile_width;
+  const size_t tile = size_t(wy / p.tile_height) * (p.window_width / p.tile_width) + wx / p.tile_width;
+  return out + p.out_offset + (tile * 3 + c) * tile_plane + size_t(wy % p.tile_height) * p.tile_width +
+         wx % p.tile_width;
+}
+
+template <typename T>
+void fill_window_columns(T* out, const T* lut, const Placement& p, int column_begin, int column_end) {
   for (int c = 0; c < 3; ++c)
-    for (int y = 0; y < p.out_height; ++y)
-      std::fill(planes + c * plane + size_t(y) * p.out_width + column_begin,
-                planes + c * plane + size_t(y) * p.out_width + column_end, lut[c * 256]);
+    for (int y = 0; y < p.window_height; ++y) {
+      T* row = window_pixel(out, p, c, y, column_begin);
+      std::fill(row, row + (column_end - column_begin), lut[c * 256]);
+    }
 }
 
 // Pillow 13's rule for running the vertical pass first (see the top of this file). A padded (square)
@@ -398,28 +409,23 @@ bool vertical_pass_first(int pass_order, int in_h, int in_w, int out_h, int out_
 }
 
 template <typename T>
-void run_item(const ImageView& image, const WorkItem& item, const PreprocessParams& p, T* out, const T* lut,
-              Scratch& scratch) {
+void run_item(const ImageView& image, const Placement& placement, const WorkItem& item, const PreprocessParams& p,
+              T* out, const T* lut, Scratch& scratch) {
   const Kernels& kernel = kernels();
   const HorizontalKernel horizontal_kernel = image.pixel_bytes == 4 ? kernel.horizontal_rgbx : kernel.horizontal_rgb;
-  const size_t plane = size_t(p.out_height) * p.out_width;
-  T* planes = out + size_t(item.image) * 3 * plane;
   int source_h = image.height, source_w = image.width;
   if (p.pad_to_square) source_h = source_w = std::max(image.height, image.width);
-  int resized_h = source_h, resized_w = source_w;
-  if (p.shortest_edge > 0) resized_size(source_h, source_w, p.shortest_edge, &resized_h, &resized_w);
+  const int resized_h = placement.resized_height, resized_w = placement.resized_width;
 
-  // The window in resized coordinates: top/left are floor((resized - out) / 2), negative when the window
-  // is larger than the image (then the uncovered part is zero, transformers' pad-then-crop).
-  const auto floor_half = [](int v) { return v >= 0 ? v / 2 : -((-v + 1) / 2); };
-  const int top = floor_half(resized_h - p.out_height);
-  const int left = floor_half(resized_w - p.out_width);
-  const int y_begin = std::max(top, 0), y_end = std::min(top + p.out_height, resized_h);
+  // The window in resized coordinates starts at (-top, -left); the part of it the resized image does not
+  // cover is level 0 (transformers' pad-then-crop, AnyRes's black padding).
+  const int top = -placement.top, left = -placement.left;
+  const int y_begin = std::max(top, 0), y_end = std::min(top + placement.window_height, resized_h);
   const int x_begin = std::max(left + item.column_begin, 0);
   const int x_end = std::min(left + item.column_end, resized_w);
-  const bool window_covered = y_begin == top && y_end == top + p.out_height && x_begin == left + item.column_begin &&
-                              x_end == left + item.column_end;
-  if (!window_covered) fill_window_columns(planes, lut, p, item.column_begin, item.column_end);
+  const bool window_covered = y_begin == top && y_end == top + placement.window_height &&
+                              x_begin == left + item.column_begin && x_end == left + item.column_end;
+  if (!window_covered) fill_window_columns(out, lut, placement, item.column_begin, item.column_end);
   if (y_begin >= y_end || x_begin >= x_end) return;
 
   const FilterBank vertical = bicubic_bank(source_h, resized_h, y_begin, y_end);
@@ -433,11 +439,10 @@ void run_item(const ImageView& image, const WorkItem& item, const PreprocessPara
   grow(scratch.tap_rows, size_t(vertical.taps));
   uint8_t* levels = scratch.levels.data();
   const uint8_t** tap_rows = scratch.tap_rows.data();
-  const int out_x0 = x_begin - left;  // first output column this item writes
+  const int out_x0 = x_begin - left;  // first window column this item writes
   auto emit_row = [&](int y) {        // table lookup of `levels` into the three planes
-    const size_t out_row = size_t(y - top) * p.out_width + out_x0;
     for (int c = 0; c < 3; ++c) {
-      T* dst = planes + c * plane + out_row;
+      T* dst = window_pixel(out, placement, c, y - top, out_x0);
       const T* table = lut + c * 256;
       for (int x = 0; x < columns; ++x) dst[x] = table[levels[size_t(x) * 4 + c]];
     }
@@ -476,14 +481,18 @@ void run_item(const ImageView& image, const WorkItem& item, const PreprocessPara
 }
 
 template <typename T>
-void run_batch(const std::vector<ImageView>& images, T* out, const PreprocessParams& p, int threads) {
+void run_placements(const std::vector<ImageView>& images, const std::vector<Placement>& placements, T* out,
+                    const PreprocessParams& p, int threads) {
   const T* lut = static_cast<const T*>(p.lut);
-  const int blocks = (p.out_width + kTargetBlockColumns - 1) / kTargetBlockColumns;
-  const int block_columns = (p.out_width + blocks - 1) / blocks;
-  std::vector<WorkItem> items;
-  for (int i = 0; i < int(images.size()); ++i)
-    for (int c = 0; c < p.out_width; c += block_columns)
-      items.push_back({i, c, std::min(c + block_columns, p.out_width)});
+  std::vector<WorkItem> items;  // blocks of <= kTargetBlockColumns columns, none across a tile's edge
+  for (int i = 0; i < int(placements.size()); ++i) {
+    const int tile_w = placements[i].tile_width;
+    const int blocks = (tile_w + kTargetBlockColumns - 1) / kTargetBlockColumns;
+    const int block_columns = (tile_w + blocks - 1) / blocks;
+    for (int tile_x = 0; tile_x < placements[i].window_width; tile_x += tile_w)
+      for (int c = 0; c < tile_w; c += block_columns)
+        items.push_back({i, tile_x + c, tile_x + std::min(c + block_columns, tile_w)});
+  }
 
   std::atomic<size_t> next{0};
   std::exception_ptr failure;
@@ -491,8 +500,10 @@ void run_batch(const std::vector<ImageView>& images, T* out, const PreprocessPar
   auto worker = [&] {
     try {
       Scratch scratch;
-      for (size_t i = next++; i < items.size(); i = next++)
-        run_item(images[items[i].image], items[i], p, out, lut, scratch);
+      for (size_t i = next++; i < items.size(); i = next++) {
+        const Placement& placement = placements[items[i].placement];
+        run_item(images[placement.image], placement, items[i], p, out, lut, scratch);
+      }
     } catch (...) {  // bad_alloc on a huge image: hand it to the caller instead of std::terminate
       std::lock_guard<std::mutex> guard(failure_lock);
       if (!failure) failure = std::current_exception();
@@ -535,12 +546,30 @@ bool use_kernels(const std::string& name) {
   return false;
 }
 
+void preprocess_placements(const std::vector<ImageView>& images, const std::vector<Placement>& placements, void* out,
+                           const PreprocessParams& params, int threads) {
+  if (params.lut_element_size == 4)
+    run_placements(images, placements, static_cast<uint32_t*>(out), params, threads);
+  else
+    run_placements(images, placements, static_cast<uint16_t*>(out), params, threads);
+}
+
 void preprocess_batch(const std::vector<ImageView>& images, void* out, const PreprocessParams& params,
                       int threads) {
-  if (params.lut_element_size == 4)
-    run_batch(images, static_cast<uint32_t*>(out), params, threads);
-  else
-    run_batch(images, static_cast<uint16_t*>(out), params, threads);
+  // Each image: (padded,) resized by its shortest edge, the (out_height, out_width) window centred on it at
+  // floor((resized - out) / 2), which is negative when the window is larger (transformers pads by the ceil).
+  const auto floor_half = [](int v) { return v >= 0 ? v / 2 : -((-v + 1) / 2); };
+  std::vector<Placement> placements;
+  for (int i = 0; i < int(images.size()); ++i) {
+    int source_h = images[i].height, source_w = images[i].width;
+    if (params.pad_to_square) source_h = source_w = std::max(source_h, source_w);
+    int resized_h = source_h, resized_w = source_w;
+    if (params.shortest_edge > 0) resized_size(source_h, source_w, params.shortest_edge, &resized_h, &resized_w);
+    placements.push_back({i, resized_h, resized_w, -floor_half(resized_h - params.out_height),
+                          -floor_half(resized_w - params.out_width), params.out_height, params.out_width,
+                          params.out_height, params.out_width, size_t(i) * 3 * params.out_height * params.out_width});
+  }
+  preprocess_placements(images, placements, out, params, threads);
 }
 
 }  // namespace llava_fast

@@ -1,4 +1,4 @@
-// LLaVA image preprocessing in C++: a batch of decoded (H, W, 3) uint8 images -> (N, 3, OH, OW) pixels.
+// LLaVA image preprocessing in C++: a batch of decoded (H, W, 3) uint8 images -> (N, 3, OH, OW) pixels, or tiles.
 // See preprocess.cpp for the arithmetic; llava_fast/image/ holds the Python reference it must match.
 #pragma once
 
@@ -31,6 +31,25 @@ struct PreprocessParams {
   int lut_element_size;    //   normalised and cast to the output dtype (2 or 4 bytes) by the caller
 };
 
+// Where one image's resized copy goes: the image (padded to a square first when params.pad_to_square) is
+// resized to (resized_height, resized_width); its pixel (0, 0) lands at (top, left) of a (window_height,
+// window_width) window (negative: cropped off; window pixels it does not cover get level 0, lut[c][0]); the
+// window is cut into tiles of (tile_height, tile_width), written row-major from element out_offset of the
+// output, each tile as (3, tile_height, tile_width) planes. One tile the size of the window is the plain
+// (3, H, W) layout; LLaVA-NeXT's AnyRes writes its padded canvas as 336 x 336 tiles (llava_fast/image/anyres.py).
+struct Placement {
+  int image;  // index into the images
+  int resized_height;
+  int resized_width;
+  int top;
+  int left;
+  int window_height;  // multiples of the tile's
+  int window_width;
+  int tile_height;
+  int tile_width;
+  size_t out_offset;  // in elements
+};
+
 // (height, width) after the shortest-edge resize, truncating the long side as transformers does.
 void resized_size(int height, int width, int shortest_edge, int* out_height, int* out_width);
 
@@ -44,5 +63,10 @@ bool use_kernels(const std::string& name);
 // touches no Python state, so the caller can release the GIL around it.
 void preprocess_batch(const std::vector<ImageView>& images, void* out, const PreprocessParams& params,
                       int threads);
+
+// Writes each placement's window (see Placement; the caller has checked that every one fits in `out`).
+// Uses params' pad_to_square, fill, pass_order and lut; not its out size or shortest_edge.
+void preprocess_placements(const std::vector<ImageView>& images, const std::vector<Placement>& placements, void* out,
+                           const PreprocessParams& params, int threads);
 
 }  // namespace llava_fast

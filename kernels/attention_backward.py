@@ -323,8 +323,18 @@ class FlashAttentionFunction(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------------
 
 
-def rotary_causal_attention(q, k, v, cos, sin):
-    """See llava_fast.ops.rotary_causal_attention (differentiable in q, k, v)."""
+def rotary_causal_attention(q, k, v, cos, sin, window=0):
+    """See llava_fast.ops.rotary_causal_attention (differentiable in q, k, v; with a sliding window, forward
+    only: the backward kernels have no window)."""
+    if window and q.shape[1] > window:
+        if any(x.requires_grad for x in (q, k, v)):
+            raise NotImplementedError(f"sliding_window={window}: the Triton attention backward has no sliding "
+                                      "window; train this model with the torch kernels (LLAVA_FAST_KERNELS=torch)")
+        k_attn = torch.empty(k.shape[0], k.shape[2], k.shape[1], k.shape[3], device=k.device, dtype=k.dtype)
+        q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+        write_rotary_kv(k, None, cos, sin, k_attn, None)  # (B, Hkv, T, D)
+        return flash_forward(q, k_attn, True, v, False, cos, sin, None, None, True, True, store_lse=False,
+                             window=window)
     return FlashAttentionFunction.apply(q, k, v, cos, sin, True, True)
 
 

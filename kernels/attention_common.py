@@ -95,13 +95,14 @@ def row_span(start_pos_ptr, seq_lens_ptr, b, T, HAS_LENS: tl.constexpr):
 
 @triton.jit
 def attend_kv_block(acc, m_i, l_i, q1, q2, k_base, v_base, stride_kt, stride_vt, n0, key_end, query_pos,
-                    qk_scale, HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
+                    window, qk_scale, HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
     """One step of the online softmax: fold keys [n0, n0 + BLOCK_N) into (acc, m_i, l_i).
 
-    MASKED blocks drop keys >= key_end and, if CAUSAL, keys after each row's position; unmasked blocks
-    (the bulk of a long prefix) skip both compares and the -inf guards."""
+    MASKED blocks drop keys >= key_end and, if CAUSAL, keys after each row's position and (window > 0, a
+    sliding window) keys at or before position - window; unmasked blocks (the bulk of a long prefix) skip
+    the compares and the -inf guards."""
     HALF: tl.constexpr = HEAD_DIM // 2
     keys = n0 + tl.arange(0, BLOCK_N)
     d_half = tl.arange(0, HALF_PAD)
@@ -122,6 +123,7 @@ def attend_kv_block(acc, m_i, l_i, q1, q2, k_base, v_base, stride_kt, stride_vt,
         visible = key_in[None, :]
         if CAUSAL:
             visible = visible & (keys[None, :] <= query_pos[:, None])
+            visible = visible & ((window == 0) | (keys[None, :] > query_pos[:, None] - window))
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASKED:  # a row with no visible key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN

@@ -33,15 +33,16 @@ def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, partial_out_ptr, partial_lse_ptr, cos_ptr, sin_ptr,
     start_pos_ptr, seq_lens_ptr,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_cos,
-    num_heads, num_kv_heads, qk_scale,
+    num_heads, num_kv_heads, qk_scale, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Grid (B, Hkv, NUM_SPLITS). All G query heads of the group against split `split` of row b's keys.
 
-    The row's key count L = start_pos[b] + 1 (0 if seq_lens[b] = 0) is read here, on the device; the split
-    covers [split * S, (split + 1) * S) with S = cdiv(L, NUM_SPLITS) rounded up to BLOCK_N, so the work is
-    even for any L while the grid stays fixed. Writes normalised partial outputs and their base-2 lse."""
+    The row's keys [lo, L) are read here, on the device: L = start_pos[b] + 1 (0 if seq_lens[b] = 0), lo = 0,
+    or with a sliding window (window > 0) lo = max(L - window, 0). The split covers [lo + split * S,
+    lo + (split + 1) * S) with S = cdiv(L - lo, NUM_SPLITS) rounded up to BLOCK_N, so the work is even for any
+    L while the grid stays fixed. Writes normalised partial outputs and their base-2 lse."""
     HALF: tl.constexpr = HEAD_DIM // 2
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -60,15 +61,16 @@ def _decode_split_kernel(
     k_base = k_cache_ptr + b * stride_kb + kv_head * stride_kh
     v_base = v_cache_ptr + b * stride_vb + kv_head * stride_vh
 
-    split_len = tl.cdiv(tl.cdiv(key_count, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * split_len
+    first_key = tl.where(window > 0, tl.maximum(key_count - window, 0), 0)
+    split_len = tl.cdiv(tl.cdiv(key_count - first_key, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = first_key + split * split_len
     hi = tl.minimum(lo + split_len, key_count)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D_PAD], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):  # every key < key_count is at or before the query: no causal mask
+    for n0 in range(lo, hi, BLOCK_N):  # every key in [first_key, key_count) is visible: no causal mask
         acc, m_i, l_i = attend_kv_block(acc, m_i, l_i, q1, q2, k_base, v_base, stride_kt, stride_vt, n0,
-                                        hi, query_pos, qk_scale, HEAD_DIM, HALF_PAD, D_PAD,
+                                        hi, query_pos, window, qk_scale, HEAD_DIM, HALF_PAD, D_PAD,
                                         True, False, BLOCK_N, DOT_PRECISION)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -133,9 +135,10 @@ def decode_num_splits(batch, num_kv_heads, cache_len, device):
     return max(1, min(waves, triton.cdiv(cache_len, 256), 64))
 
 
-def decode_attention(q, cos, sin, k_cache, v_cache, start_pos, seq_lens, num_splits=None):
+def decode_attention(q, cos, sin, k_cache, v_cache, start_pos, seq_lens, num_splits=None, window=0):
     """One new token per row (q (B, 1, H, D), not yet rotated) against a cache that already holds it.
-    Row b attends to cache positions [0, start_pos[b]]; rows with seq_lens[b] = 0 return 0.
+    Row b attends to cache positions [0, start_pos[b]] (window > 0: the last `window` of them); rows with
+    seq_lens[b] = 0 return 0.
 
     Launch shapes depend only on (B, H, Hkv, D, Tmax): capturable in a CUDA graph."""
     B, _, H, D = q.shape
@@ -150,7 +153,7 @@ def decode_attention(q, cos, sin, k_cache, v_cache, start_pos, seq_lens, num_spl
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, partial_out, partial_lse, cos, sin, start_pos, seq_lens,
         q.stride(0), q.stride(2), *bth_strides(k_cache, True), *bth_strides(v_cache, True), cos.stride(0),
-        H, Hkv, LOG2_E / math.sqrt(D),
+        H, Hkv, LOG2_E / math.sqrt(D), window,
         GROUP=group, HEAD_DIM=D, HALF_PAD=half_pad, D_PAD=d_pad, NUM_SPLITS=num_splits, BLOCK_G=block_g,
         BLOCK_N=block_n, DOT_PRECISION=dot_precision(k_cache.dtype), num_warps=num_warps, num_stages=num_stages,
     )

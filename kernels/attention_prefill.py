@@ -4,8 +4,10 @@ backward needs) and the CLIP encoder's non-causal attention. Math, layouts and p
   _attention_fwd_kernel   causal (prefill, training) or not (vision); per-row start_pos / seq_lens read from
                           device memory (a right-padded, variable-length batch). Causal key blocks are split
                           into an unmasked stage (all keys visible to every row of the tile) and a masked
-                          diagonal stage. FLOPs (causal, S cached tokens): 4 * B*H*D * (T*S + T^2/2); prefill
-                          from zero: 4*B*H*T^2*D/2; vision: 4*N*H*T^2*D.
+                          diagonal stage; with a sliding window, a masked stage before them holds the
+                          window's lower edge and the keys before it are skipped. FLOPs (causal, S cached
+                          tokens): 4 * B*H*D * (T*S + T^2/2); prefill from zero: 4*B*H*T^2*D/2; vision:
+                          4*N*H*T^2*D.
 
 The op `rotary_cached_attention` (torch reference: `llava_fast.ops.rotary_cached_attention`) writes the new
 K/V into the cache, then runs this kernel for a prompt (T > 1) or attention_decode.py's split-KV kernels for
@@ -43,15 +45,16 @@ def _attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cos_ptr, sin_ptr, start_pos_ptr, seq_lens_ptr,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh, stride_cos,
-    T, num_kv_heads, qk_scale,
+    T, num_kv_heads, qk_scale, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
     CAUSAL: tl.constexpr, ROPE: tl.constexpr, HAS_LENS: tl.constexpr, STORE_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(T * G, BLOCK_M), B * Hkv). Query tile = BLOCK_M packed (token, head) rows of one KV head.
 
-    Row b's new token t sits at position start_pos[b] + t and sees keys [0, start_pos[b] + t] (causal) or
-    [0, start_pos[b] + seq_lens[b]) (not causal); rows t >= seq_lens[b] are padding and store 0."""
+    Row b's new token t sits at position start_pos[b] + t and sees keys [0, start_pos[b] + t] (causal; with
+    window > 0 only (start_pos[b] + t - window, start_pos[b] + t]) or [0, start_pos[b] + seq_lens[b]) (not
+    causal); rows t >= seq_lens[b] are padding and store 0."""
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -71,29 +74,41 @@ def _attention_fwd_kernel(
     k_base = k_ptr + b * stride_kb + kv_head * stride_kh
     v_base = v_ptr + b * stride_vb + kv_head * stride_vh
 
-    # Key range of the tile. Keys [0, full_end) are visible to every row (no masks); [full_end, key_end)
-    # is the causal diagonal / sequence tail, masked. An all-padding tile attends to nothing.
+    # Key range of the tile. Keys [full_lo, full_end) are visible to every row (no masks); [full_end,
+    # key_end) is the causal diagonal / sequence tail, masked; [key_lo, full_lo) the sliding window's lower
+    # edge, masked (empty without a window), and keys before key_lo are outside every row's window. An
+    # all-padding tile attends to nothing.
     tok_lo = (pid_m * BLOCK_M) // GROUP
     tile_has_rows = tok_lo < n_new
     if CAUSAL:
         tok_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, n_new - 1)
         full_end = tl.where(tile_has_rows, ((start + tok_lo + 1) // BLOCK_N) * BLOCK_N, 0)
         key_end = tl.where(tile_has_rows, start + tok_hi + 1, 0)
+        windowed = tile_has_rows & (window > 0)
+        key_lo = tl.where(windowed, (tl.maximum(start + tok_lo - window + 1, 0) // BLOCK_N) * BLOCK_N, 0)
+        full_lo = tl.where(windowed, tl.cdiv(tl.maximum(start + tok_hi - window + 1, 0), BLOCK_N) * BLOCK_N, 0)
+        full_lo = tl.minimum(full_lo, full_end)
     else:
         kv_len = start + n_new
         full_end = tl.where(tile_has_rows, (kv_len // BLOCK_N) * BLOCK_N, 0)
         key_end = tl.where(tile_has_rows, kv_len, 0)
+        key_lo = 0
+        full_lo = 0
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    for n0 in range(0, full_end, BLOCK_N):
+    for n0 in range(key_lo, full_lo, BLOCK_N):
         acc, m_i, l_i = attend_kv_block(acc, m_i, l_i, q1, q2, k_base, v_base, stride_kt, stride_vt, n0,
-                                        key_end, query_pos, qk_scale, HEAD_DIM, HALF_PAD, D_PAD,
+                                        key_end, query_pos, window, qk_scale, HEAD_DIM, HALF_PAD, D_PAD,
+                                        True, CAUSAL, BLOCK_N, DOT_PRECISION)
+    for n0 in range(full_lo, full_end, BLOCK_N):
+        acc, m_i, l_i = attend_kv_block(acc, m_i, l_i, q1, q2, k_base, v_base, stride_kt, stride_vt, n0,
+                                        key_end, query_pos, window, qk_scale, HEAD_DIM, HALF_PAD, D_PAD,
                                         False, CAUSAL, BLOCK_N, DOT_PRECISION)
     for n0 in range(full_end, key_end, BLOCK_N):
         acc, m_i, l_i = attend_kv_block(acc, m_i, l_i, q1, q2, k_base, v_base, stride_kt, stride_vt, n0,
-                                        key_end, query_pos, qk_scale, HEAD_DIM, HALF_PAD, D_PAD,
+                                        key_end, query_pos, window, qk_scale, HEAD_DIM, HALF_PAD, D_PAD,
                                         True, CAUSAL, BLOCK_N, DOT_PRECISION)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -128,8 +143,9 @@ def forward_tiles(device, d_pad, dtype):
 
 
 def flash_forward(q, k, k_heads_first, v, v_heads_first, cos, sin, start_pos, seq_lens, causal, rope,
-                  store_lse):
+                  store_lse, window=0):
     """Launch the forward kernel. q (B, T, H, D); k, v (B, Tk, Hkv, D), or (B, Hkv, Tk, D) where *_heads_first.
+    window > 0 (causal only): each position sees its last `window` keys (Mistral's sliding window).
     Returns out (B, T, H, D) and, if store_lse, lse (B, Hkv, T, G) fp32 in base 2."""
     B, T, H, D = q.shape
     Hkv = v.shape[1] if v_heads_first else v.shape[2]
@@ -144,7 +160,7 @@ def flash_forward(q, k, k_heads_first, v, v_heads_first, cos, sin, start_pos, se
         start_pos if has_lens else q, seq_lens if has_lens else q,
         *bth_strides(q, False), *bth_strides(k, k_heads_first), *bth_strides(v, v_heads_first),
         *bth_strides(out, False), cos.stride(0) if rope else 0,
-        T, Hkv, LOG2_E / math.sqrt(D),
+        T, Hkv, LOG2_E / math.sqrt(D), window,
         GROUP=group, HEAD_DIM=D, HALF_PAD=half_pad, D_PAD=d_pad, CAUSAL=causal, ROPE=rope, HAS_LENS=has_lens,
         STORE_LSE=store_lse, DOT_PRECISION=dot_precision(k.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=num_warps, num_stages=num_stages,
@@ -157,7 +173,7 @@ def flash_forward(q, k, k_heads_first, v, v_heads_first, cos, sin, start_pos, se
 # ------------------------------------------------------------------------------------------------------
 
 
-def rotary_cached_attention(q, k, v, cos, sin, k_cache, v_cache, start_pos, seq_lens):
+def rotary_cached_attention(q, k, v, cos, sin, k_cache, v_cache, start_pos, seq_lens, window=0):
     """See llava_fast.ops.rotary_cached_attention. Two launches for prefill (RoPE + cache write, then the
     attention reading K/V from the cache), three for decode (cache write, split-KV, merge); none syncs."""
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
@@ -165,9 +181,9 @@ def rotary_cached_attention(q, k, v, cos, sin, k_cache, v_cache, start_pos, seq_
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     write_rotary_kv(k, v, cos, sin, k_cache, v_cache, start_pos, seq_lens)
     if q.shape[1] == 1:
-        return decode_attention(q, cos, sin, k_cache, v_cache, start_pos, seq_lens)
+        return decode_attention(q, cos, sin, k_cache, v_cache, start_pos, seq_lens, window=window)
     return flash_forward(q, k_cache, True, v_cache, True, cos, sin, start_pos, seq_lens,
-                         causal=True, rope=True, store_lse=False)
+                         causal=True, rope=True, store_lse=False, window=window)
 
 
 TRITON_OPS = {"rotary_cached_attention": rotary_cached_attention}

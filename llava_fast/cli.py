@@ -294,7 +294,8 @@ def _add_serve_args(s):
     s.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
     s.add_argument("--image-cache-mb", type=float, default=256.0,
                    help="memory for cached image features, and as much again for kept image-prefix K/V")
-    s.add_argument("--max-images-per-request", type=int, default=4)
+    s.add_argument("--max-images-per-request", type=int, default=4,
+                   help="image_url parts one request may hold (default 4; more is answered 400)")
     s.add_argument("--allowed-local-media-path", help="directory whose image files requests may name by path or "
                    "file:// URL (default: none; only data: URLs)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")

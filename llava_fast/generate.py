@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 from dataclasses import dataclass
 
 import torch
 
 from llava_fast.cpu import native_decode
+from llava_fast.cpu import plan as cpu_plan
 from llava_fast.cpu.gemv import decode_threads
 from llava_fast.errors import InputError
 from llava_fast.model import KVCache, LlavaForCausalLM
@@ -149,8 +151,10 @@ class Decoder:
         self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=self.device)  # tokens cached per row
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self.compiled = compiled
-        # CPU, eager: the decode step of <= native_decode.MAX_ROWS rows as one native call (csrc/decode.cpp)
-        self.native = native_decode.for_model(net) if compiled is None else None
+        # Which path decodes and prefills, on how many threads: the model's plan (cpu/plan.py). Native (CPU,
+        # eager): the decode step of <= native_decode.MAX_ROWS rows as one native call (csrc/decode.cpp).
+        self.plan = cpu_plan.for_model(net)
+        self.native = native_decode.for_model(net) if compiled is None and self.plan.decode == "native" else None
         self.graph = None
         self.static_tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.static_logits = None
@@ -175,10 +179,16 @@ class Decoder:
             self.lengths.zero_()
         else:
             self.lengths.copy_(torch.as_tensor(start_pos, dtype=torch.int32))
+        start = time.perf_counter()
         x = self.net.embed(ids, pixel_values, image_sizes=image_sizes)
-        if self.native is not None and self.native.prefills:  # CPU float32: each row natively (rows are independent)
-            logits = torch.cat([self.native.prefill(self.cache, b, int(self.lengths[b]), x[b, :len(r)])
-                                for b, r in enumerate(rows)])
+        if pixel_values is not None and x.is_cuda:
+            torch.cuda.synchronize(x.device)  # the tower's time, not its launch (one sync per image prefill)
+        # Where the first token's wait goes: embed_end - start is the vision tower + projector (+ the token
+        # embedding rows, ~0.1% of it), the rest of the wait is the prefill.
+        self.embed_start, self.embed_end = start, time.perf_counter()
+        if self.native is not None and self.plan.prefill == "native":  # each row natively (rows are independent)
+            logits = torch.cat([self.native.prefill(self.cache, b, int(self.lengths[b]), x[b, :len(r)],
+                                                    self.plan.threads) for b, r in enumerate(rows)])
             self.lengths += torch.tensor([len(r) for r in rows], dtype=torch.int32)
             return logits
         # What the host knows picks the attention path: no padding and an empty cache need no masks or syncs.
@@ -212,8 +222,8 @@ class Decoder:
         chunks (the server's chunked prefill) is this call on consecutive slices of its embeddings, each after
         the positions the previous slices filled. Returns the logits of the last position, (1, V)."""
         T = x.shape[0]
-        if self.native is not None and self.native.prefills:
-            logits = self.native.prefill(self.cache, slot, start_pos, x)  # raises before writing anything
+        if self.native is not None and self.plan.prefill == "native":
+            logits = self.native.prefill(self.cache, slot, start_pos, x, self.plan.threads)  # raises before writing
             self.lengths[slot] = start_pos + T
             return logits
         start = torch.tensor([start_pos], dtype=torch.int32, device=self.device)
@@ -249,9 +259,9 @@ class Decoder:
         cache, lengths = ((self.cache, self.lengths) if n == self.batch_size
                           else (self.cache.rows(0, n), self.lengths[:n]))
         if self.native is not None and n <= native_decode.MAX_ROWS:
-            return self.native(cache, lengths, tokens)  # no torch op inside: torch's thread count stays as is
+            return self.native(cache, lengths, tokens, self.plan.threads)  # no torch op inside
         step = decode_step if self.compiled is None else self.compiled.decode
-        with decode_threads(self.device):  # CPU: torch ops on one thread, the GEMVs on all (gemv.py)
+        with decode_threads(self.plan):  # CPU: torch ops on one thread, the GEMVs on the plan's (gemv.py)
             return step(self.net, cache, lengths, tokens)
 
     def _capture(self):

@@ -142,6 +142,7 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(C, self.Hkv * self.D, bias=bias)
         self.o_proj = nn.Linear(self.H * self.D, C, bias=bias)
         self.qkv_proj = None  # q/k/v as one weight, after fuse_projections()
+        self.window = cfg.sliding_window or 0  # Mistral: each position sees the last `window` keys; 0: all
 
     def forward(self, x, rope, cache, start_pos, seq_lens, rows=None):
         """rows: (M,) flat indices into the B*T positions: o_proj runs on those rows only -> (M, C)."""
@@ -152,9 +153,9 @@ class LlamaAttention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q, k, v = q.view(B, T, self.H, self.D), k.view(B, T, self.Hkv, self.D), v.view(B, T, self.Hkv, self.D)
         if cache is None:  # training / full-sequence logits: positions 0..T-1, causal
-            out = ops.rotary_causal_attention(q, k, v, *rope)
+            out = ops.rotary_causal_attention(q, k, v, *rope, self.window)
         else:  # inference: K/V written into the static cache in place
-            out = ops.rotary_cached_attention(q, k, v, *rope, cache[0], cache[1], start_pos, seq_lens)
+            out = ops.rotary_cached_attention(q, k, v, *rope, cache[0], cache[1], start_pos, seq_lens, self.window)
         out = out.reshape(B, T, self.H * self.D)
         return self.o_proj(out if rows is None else ops.select_rows(out.view(B * T, -1), rows))
 
@@ -308,17 +309,19 @@ class LlavaForCausalLM(nn.Module):
         hidden = self.vision_tower(pixel_values.to(dtype))
         return hidden[:, 1:] if self.cfg.vision_feature_select_strategy == "default" else hidden
 
-    def anyres_image_embeddings(self, pixel_values, image_sizes):
+    def anyres_image_embeddings(self, pixel_values, image_sizes, image_features=None):
         """LLaVA-NeXT: the tiles of N images (sum of tiles, 3, S, S), image i's base tile then its grid
         row-major, and image_sizes (N, 2) (height, width) -> (sum of image tokens, C) decoder input rows.
+        image_features (sum of tiles, P * P, Cv), the tiles' image_features() computed earlier (the trainer's
+        cache of a frozen tower), replaces pixel_values and skips the tower.
 
         Per image (mm_patch_merge_type spatial_unpad): the base tile's P x P features first; then the grid's
         tiles put back in place as one (rows * P, cols * P) feature map, cut to the window that saw the image
         (not the padding around it), with image_newline after each of its rows."""
         cfg = self.cfg
         S, P = cfg.vision.image_size, cfg.vision.image_size // cfg.vision.patch_size
-        projected = ops.project_image_features(self.image_features(pixel_values),
-                                               *self.multi_modal_projector.weights())  # (tiles, P * P, C)
+        features = self.image_features(pixel_values) if image_features is None else image_features
+        projected = ops.project_image_features(features, *self.multi_modal_projector.weights())  # (tiles, P * P, C)
         C = projected.shape[-1]
         sizes = image_sizes.tolist()
         counts = [anyres.num_tiles(h, w, cfg.image_grid_pinpoints, S) for h, w in sizes]
@@ -340,16 +343,17 @@ class LlavaForCausalLM(nn.Module):
         computed earlier (the server's image cache), which skips the vision tower.
 
         LLaVA-NeXT: pixel_values are the images' tiles (sum of tiles, 3, S, S) and image_sizes (N, 2) their
-        sizes, as anyres_image_embeddings takes them."""
+        sizes, as anyres_image_embeddings takes them; image_features are then the tiles' features."""
         if self.cfg.anyres and self.vision_tower is not None:
-            if image_features is not None:
-                raise NotImplementedError("precomputed image features of AnyRes images")
             x = ops.splice_image_embeddings(input_ids, self.language_model.embed_tokens.weight, None,
                                             self.cfg.image_token_id, None, None)  # (B, T, C), images not yet in
-            if pixel_values is None:
+            if pixel_values is None and image_features is None:
                 return x
+            if image_sizes is None:
+                raise ValueError("LLaVA-NeXT images need their image_sizes")
             is_image = (input_ids == self.cfg.image_token_id).unsqueeze(-1)  # (B, T, 1)
-            return x.masked_scatter(is_image, self.anyres_image_embeddings(pixel_values, image_sizes).to(x.dtype))
+            images = self.anyres_image_embeddings(pixel_values, image_sizes, image_features)
+            return x.masked_scatter(is_image, images.to(x.dtype))
         features = image_features if pixel_values is None else self.image_features(pixel_values)
         projector = self.multi_modal_projector.weights() if features is not None else (None, None)
         return ops.splice_image_embeddings(input_ids, self.language_model.embed_tokens.weight, features,
@@ -377,17 +381,18 @@ class LlavaForCausalLM(nn.Module):
         """Full-sequence logits (B, T, V), no cache (parity tests)."""
         return self.lm_head(self.decode_hidden(self.embed(input_ids, pixel_values, image_sizes=image_sizes)))
 
-    def loss(self, input_ids, labels, pixel_values=None, ignore_index=-100, image_features=None):
+    def loss(self, input_ids, labels, pixel_values=None, ignore_index=-100, image_features=None, image_sizes=None):
         """Training loss: mean next-token cross-entropy over labels != ignore_index. input_ids/labels (B, T),
         unshifted (labels[t] is the target at position t, as transformers takes them); the (B*T, V) logits are
         never materialised (fused linear + cross-entropy). The images as pixel_values or, for a frozen
-        tower, as the image_features it gave before (see embed)."""
+        tower, as the image_features it gave before; LLaVA-NeXT: their tiles and image_sizes (see embed)."""
         # Position t predicts labels[t + 1]; only positions with a target reach the loss. In a LLaVA batch most
         # positions are the image's and the prompt's (stage 1 on the tiny preset: 63 target rows of 320), so
         # the last decoder layer's o_proj, MLP and the final norm run on the target rows only (as lm_head does
-        # inside linear_cross_entropy): the same loss and gradients, ~17% fewer decoder FLOPs there.
+        # inside linear_cross_entropy): the same loss and gradients.
         shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)  # (B, T)
         rows = (shifted.reshape(-1) != ignore_index).nonzero().squeeze(1)  # (M,) flat positions with a target
-        hidden = self.decode_hidden(self.embed(input_ids, pixel_values, image_features), rows=rows)  # (M, C)
+        x = self.embed(input_ids, pixel_values, image_features, image_sizes)  # (B, T, C)
+        hidden = self.decode_hidden(x, rows=rows)  # (M, C)
         return ops.linear_cross_entropy(hidden, self.lm_head.weight, shifted.reshape(-1).index_select(0, rows),
                                         ignore_index)

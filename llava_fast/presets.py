@@ -20,6 +20,11 @@ BUNDLED_IMAGE = os.path.join(ASSETS, "extreme_ironing.jpg")
 _CLIP_L_336 = VisionConfig()  # ViT-L/14 at 336 px: 24 layers, 1024 wide, 576 patches
 _CLIP_L_224 = VisionConfig(image_size=224)  # 256 patches (LLaVA v1)
 _VICUNA_7B = TextConfig(vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5)
+# Mistral-7B-Instruct-v0.2, LLaVA-1.6's Mistral backbone (llava-v1.6-mistral-7b-hf's text_config): GQA 32/8, a
+# 14,336-wide MLP, RoPE theta 1e6, no sliding window.
+_MISTRAL_7B = TextConfig(vocab_size=32064, intermediate_size=14336, num_kv_heads=8, max_position_embeddings=32768,
+                         rms_norm_eps=1e-5, rope_theta=1e6)
+_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))  # LLaVA-1.6's, (height, width)
 _VICUNA_13B = TextConfig(vocab_size=32064, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40,
                          num_kv_heads=40, max_position_embeddings=4096, rms_norm_eps=1e-5)
 
@@ -34,6 +39,17 @@ PRESETS = {
         text=TextConfig(vocab_size=32064, hidden_size=512, intermediate_size=1376, num_layers=6, num_heads=8,
                         num_kv_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5),
         vision_feature_layer=-1,
+    ),
+    # LLaVA-NeXT (AnyRes): a 672x672 image is 5 tiles of 336 px, 2,928 image positions.
+    "llava-v1.6-mistral-7b": LlavaConfig(vision=_CLIP_L_336, text=_MISTRAL_7B, image_grid_pinpoints=_NEXT_PINPOINTS,
+                                         template="mistral_instruct"),
+    # The CPU NeXT preset: tiny's decoder and tower, the tower at LLaVA-1.6's 336-px tiles and pinpoints (so the
+    # same 5 tiles and 2,928 positions for a 672x672 image), 4,096 positions.
+    "tiny-next": LlavaConfig(
+        vision=VisionConfig(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4, image_size=336),
+        text=TextConfig(vocab_size=32064, hidden_size=512, intermediate_size=1376, num_layers=6, num_heads=8,
+                        num_kv_heads=4, max_position_embeddings=4096, rms_norm_eps=1e-5),
+        vision_feature_layer=-1, image_grid_pinpoints=_NEXT_PINPOINTS, template="mistral_instruct",
     ),
 }
 
@@ -63,9 +79,8 @@ def random_model(name="tiny", *, device=None, dtype=None, seed=0, compile=False,
     """A LlavaModel with the preset's shapes, random weights, the bundled tokenizer and CLIP preprocessing
     (q/k/v and gate/up fused for inference, as load() does; compile and quantize as in load())."""
     from llava_fast.api import LlavaModel
-    from llava_fast.checkpoints.load import resolve_device_dtype
+    from llava_fast.checkpoints.load import checkpoint_image_processor, resolve_device_dtype
     from llava_fast.cpu.quantize import parse_scheme, prepare_for_inference
-    from llava_fast.image import ImageProcessor
     from llava_fast.model import LlavaForCausalLM
     from llava_fast.prompts.tokenizer import Tokenizer
 
@@ -77,6 +92,6 @@ def random_model(name="tiny", *, device=None, dtype=None, seed=0, compile=False,
         net = LlavaForCausalLM(cfg)
     net = random_init_(net.to_empty(device=device).to(dtype), seed)
     net.requires_grad_(False).eval().init_rope(device)
-    net = prepare_for_inference(net.fuse_projections(), quantize, native_gemv=not compile)
-    processor = ImageProcessor.clip(image_size=cfg.vision.image_size, pad=cfg.image_aspect_ratio == "pad")
+    net = prepare_for_inference(net.fuse_projections(), quantize, compile=compile)
+    processor = checkpoint_image_processor(None, cfg)  # CLIP's defaults; AnyRes tiles on the pinpoints
     return LlavaModel(net, Tokenizer.from_dir(BUNDLED_TOKENIZER), processor, compile=compile)

@@ -35,11 +35,26 @@ def hf_configs(*, gqa=True, image_size=28, text_layers=2, vision_layers=3, max_p
     return vision, LlamaConfig(**{**fields, **(text or {})})
 
 
-def make_hf_model(seed=0, *, feature_layer=-2, strategy="default", image_token_id=32000, **sizes):
-    """A random transformers LlavaForConditionalGeneration (fp32, eval mode)."""
+def mistral_config(llama, text=None):
+    """transformers' MistralConfig of hf_configs' LlamaConfig sizes; `text` overrides its fields (sliding_window:
+    None unless given)."""
+    from transformers import MistralConfig
+
+    fields = {k: v for k, v in llama.to_dict().items() if k in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "vocab_size", "max_position_embeddings", "rms_norm_eps", "bos_token_id", "eos_token_id", "pad_token_id")}
+    return MistralConfig(**{**fields, "sliding_window": None, **(text or {})})
+
+
+def make_hf_model(seed=0, *, feature_layer=-2, strategy="default", image_token_id=32000, text_model="llama",
+                  mistral=None, **sizes):
+    """A random transformers LlavaForConditionalGeneration (fp32, eval mode); text_model "llama" or "mistral"
+    (MistralConfig fields overridden by `mistral`, e.g. a sliding_window)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     vision, text = hf_configs(**sizes)
+    if text_model == "mistral":
+        text = mistral_config(text, mistral)
     patches = (vision.image_size // vision.patch_size) ** 2
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
                       vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
@@ -59,23 +74,18 @@ def make_hf_model(seed=0, *, feature_layer=-2, strategy="default", image_token_i
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # LLaVA-1.6's, (height, width)
 
 
-def make_hf_next_model(seed=0, *, feature_layer=-2, image_token_id=32000, text_model="llama", text=None, **sizes):
+def make_hf_next_model(seed=0, *, feature_layer=-2, image_token_id=32000, text_model="llama", text=None,
+                       image_size=336, pinpoints=NEXT_PINPOINTS, **sizes):
     """A random transformers LlavaNextForConditionalGeneration (fp32, eval mode) with the real 336-px tiles and
     LLaVA-1.6's pinpoints (a 672x672 image is 2,928 positions, so the context holds 4,096); text_model "llama"
-    (Vicuna) or "mistral"."""
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, MistralConfig
+    (Vicuna) or "mistral". image_size / pinpoints: smaller tiles for fast tests (28 px: 2 x 2 patches)."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    vision, llama = hf_configs(image_size=336, **{"max_positions": 4096, **sizes}, text=text)
-    if text_model == "mistral":
-        fields = {k: v for k, v in llama.to_dict().items() if k in (
-            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "vocab_size", "max_position_embeddings", "rms_norm_eps", "bos_token_id", "eos_token_id", "pad_token_id")}
-        text_cfg = MistralConfig(**{**fields, "sliding_window": None, **(text or {})})
-    else:
-        text_cfg = llama
+    vision, llama = hf_configs(image_size=image_size, **{"max_positions": 4096, **sizes}, text=text)
+    text_cfg = mistral_config(llama, text) if text_model == "mistral" else llama
     cfg = LlavaNextConfig(vision_config=vision, text_config=text_cfg, image_token_index=image_token_id,
                           vision_feature_layer=feature_layer, vision_feature_select_strategy="default",
-                          image_grid_pinpoints=NEXT_PINPOINTS, tie_word_embeddings=False)
+                          image_grid_pinpoints=pinpoints, tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(cfg).eval()
     with torch.no_grad():

@@ -125,3 +125,45 @@ def round_to_fp16(model):
         for p in model.parameters():
             p.copy_(p.half().float())
     return model
+
+
+def convert_next(model, root):
+    """LLaVA-1.6's recipe (docs/multimodal/llava.md) on a transformers LlavaNextForConditionalGeneration ->
+    (text GGUF, mmproj GGUF), both F32 but the mmproj's patch conv (always F16):
+
+    - llava_surgery_v2.py on the original-layout checkpoint -> llava.projector (model.mm_projector.* and
+      model.image_newline);
+    - convert_image_encoder_to_gguf.py on a CLIP directory whose vision config carries the original's AnyRes
+      settings (image_grid_pinpoints as the original config lists them, mm_patch_merge_type spatial_unpad,
+      image_aspect_ratio anyres: the recipe's config_vit.json), plus that projector;
+    - the language model converted as the LLaMA it is: convert_hf_to_gguf.py on its LlamaForCausalLM
+      save_pretrained directory (the recipe's legacy converter writes the same LLaMA GGUF from the original
+      checkpoint; this converter has no LlavaNext entry).
+    Returns (text path, mmproj path, original-layout directory)."""
+    import checkpoints as ck
+    from transformers import LlamaForCausalLM
+
+    original_dir = ck.write_checkpoint(model, os.path.join(root, "original"), "original", shards=1)
+    _run("tools/mtmd/legacy-models/llava_surgery_v2.py", "-m", original_dir)
+    clip_dir = os.path.join(root, "clip-full")
+    write_clip_model(model, clip_dir)
+    with open(os.path.join(clip_dir, "config.json")) as f:
+        config = json.load(f)
+    config["vision_config"].update(image_grid_pinpoints=model.config.image_grid_pinpoints,
+                                   mm_patch_merge_type="spatial_unpad", image_aspect_ratio="anyres")
+    with open(os.path.join(clip_dir, "config.json"), "w") as f:
+        json.dump(config, f)
+    mmproj_dir = os.path.join(root, "mmproj")
+    _run("tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py", "-m", clip_dir, "--llava-projector",
+         os.path.join(original_dir, "llava.projector"), "--output-dir", mmproj_dir, "--use-f32")
+
+    llama = LlamaForCausalLM(model.config.text_config)
+    state = {k.split("language_model.", 1)[1]: v for k, v in model.state_dict().items() if "language_model." in k}
+    llama.model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        llama.lm_head.weight.copy_(model.lm_head.weight)
+    llama_dir = os.path.join(root, "llama")
+    llama.save_pretrained(llama_dir)
+    ck.copy_tokenizer(llama_dir)
+    text = convert_text(llama_dir, "f32", os.path.join(root, "text-f32.gguf"))
+    return text, os.path.join(mmproj_dir, "mmproj-model-f32.gguf"), original_dir

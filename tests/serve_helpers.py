@@ -66,6 +66,13 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(60)
 
+    def metric(self, name) -> float:
+        """The value of an unlabelled metric on /metrics."""
+        import httpx
+
+        text = httpx.get(self.url + "/metrics", timeout=30).text
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
     def client(self, **kwargs):
         import openai
 

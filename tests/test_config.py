@@ -108,9 +108,9 @@ def test_llava_next_mistral_hub_config():
     assert (t.num_kv_heads, t.intermediate_size, t.max_position_embeddings) == (8, 14336, 131072)
 
 
-@pytest.mark.parametrize("window,context,refused", [(4096, 32768, True), (None, 32768, False), (32768, 32768, False),
-                                                    ("missing", 32768, True)])
-def test_mistral_sliding_window_smaller_than_the_context_is_refused(window, context, refused):
+@pytest.mark.parametrize("window,context,kept", [(4096, 32768, 4096), (None, 32768, None), (32768, 32768, None),
+                                                 ("missing", 32768, 4096), (7, 512, 7), (600, 512, None)])
+def test_mistral_sliding_window_is_kept_when_shorter_than_the_context(window, context, kept):
     from llava_fast.checkpoints.config import llava_next_config
 
     text = {**NEXT_MISTRAL_HUB["text_config"], "max_position_embeddings": context}
@@ -118,12 +118,18 @@ def test_mistral_sliding_window_smaller_than_the_context_is_refused(window, cont
         del text["sliding_window"]
     else:
         text["sliding_window"] = window
-    d = {**NEXT_MISTRAL_HUB, "text_config": text}
-    if refused:
-        with pytest.raises(CheckpointError, match="sliding_window=4096 is smaller than the context"):
-            llava_next_config(d)
-    else:
-        assert llava_next_config(d).text.max_position_embeddings == context
+    cfg = llava_next_config({**NEXT_MISTRAL_HUB, "text_config": text})
+    assert (cfg.text.sliding_window, cfg.text.max_position_embeddings) == (kept, context)
+    assert LlavaConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("window", [0, -3, "4096", 7.5, True])
+def test_a_sliding_window_that_is_not_a_positive_count_is_refused(window):
+    from llava_fast.checkpoints.config import llava_next_config
+
+    text = {**NEXT_MISTRAL_HUB["text_config"], "sliding_window": window}
+    with pytest.raises(CheckpointError, match="sliding_window=.* must be a positive number of tokens or null"):
+        llava_next_config({**NEXT_MISTRAL_HUB, "text_config": text})
 
 
 @pytest.mark.parametrize("change,message", [
@@ -149,3 +155,26 @@ def test_original_llava_16_config(reference_dir):
     mistral = original_llava_config({**d, "architectures": ["LlavaMistralForCausalLM"], "model_type": "llava_mistral",
                                      "sliding_window": None}, CLIP_L_336)
     assert mistral.template == "mistral_instruct" and mistral.text.num_kv_heads == 32  # the file's, not Mistral's 8
+
+
+@pytest.mark.parametrize("source,name_or_path,template", [
+    ("/models/llava-v1.6-34b/config.json", None, "chatml_direct"),
+    ("/models/LLaVA-v1.6-34B/config.json", None, "chatml_direct"),
+    ("/runs/llava-v1.6-34b-task/checkpoint-500/config.json", None, "chatml_direct"),
+    ("/models/my-llava/config.json", "NousResearch/Nous-Hermes-2-Yi-34B", "chatml_direct"),
+    ("/models/my-llava/config.json", "01-ai/Yi-34B", "chatml_direct"),
+    ("/models/llava-v1.6-vicuna-13b/config.json", "lmsys/vicuna-13b-v1.5", "llava_v1"),
+    ("/models/yield-llava-v1.6-7b/config.json", "./checkpoints/yielding", "llava_v1"),  # "yi" inside a word
+    ("config.json", None, "llava_v1"),
+])
+def test_original_llava_16_34b_takes_chatml_direct(reference_dir, source, name_or_path, template):
+    """The original's CLI picks chatml_direct for LLaVA-1.6 34B (model name holding "v1.6-34b", a trainer's
+    checkpoint-N taking its run's name); a config naming its Yi base says the same."""
+    d = {**_read(reference_dir, "llava-v1.5-7b-original"), "image_aspect_ratio": "anyres",
+         "mm_patch_merge_type": "spatial_unpad", "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672]]}
+    if name_or_path:
+        d["_name_or_path"] = name_or_path
+    assert original_llava_config(d, CLIP_L_336, source).template == template
+    mistral = {**d, "architectures": ["LlavaMistralForCausalLM"], "model_type": "llava_mistral", "sliding_window": None}
+    assert original_llava_config(mistral, CLIP_L_336, "/models/llava-v1.6-34b/config.json").template == (
+        "mistral_instruct")  # the original tests "mistral" before "v1.6-34b"

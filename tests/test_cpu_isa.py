@@ -80,15 +80,16 @@ def test_without_a_simd_table_the_torch_path_decodes(monkeypatch):
     """A CPU whose best table is scalar (no SIMD table) leaves decoding to the torch path, which is faster there;
     scalar forced on a CPU with a SIMD table still runs the native step (it is the reference the others match)."""
     import llava_fast
-    from llava_fast.cpu import isa, native_decode
+    from llava_fast.cpu import isa, plan
 
     net = llava_fast.random_model("tiny").net
     assert isa.best_for_this_cpu() == _C.cpu_isa_tables()[0]["family"] or not _C.cpu_isa_tables()[0]["usable"]
     monkeypatch.setattr(isa, "best_for_this_cpu", lambda: "scalar")
-    assert "scalar only" in native_decode.why_not(net)
+    made = plan.make(net)
+    assert (made.decode, made.prefill) == ("torch", "torch") and "best table is scalar" in made.decode_why
     monkeypatch.undo()
     assert _C.gemv_use_kernels("scalar")
     try:
-        assert native_decode.why_not(net) is None or isa.best_for_this_cpu() == "scalar"
+        assert plan.for_model(net).decode == "native" or isa.best_for_this_cpu() == "scalar"
     finally:
         _C.gemv_use_kernels("best")

@@ -30,7 +30,7 @@ def net():
         for p in net.parameters():  # RMSNorm weights too: not all ones
             p.copy_(torch.randn_like(p) * 0.3)
     assert net.lm_head.weight is net.language_model.embed_tokens.weight
-    return prepare_for_inference(net.fuse_projections(), None, native_gemv=True)
+    return prepare_for_inference(net.fuse_projections(), None)
 
 
 def full_logits(net, seq):

@@ -2,18 +2,20 @@
 decode step (generate.decode_step): logits, the K/V it writes, lengths; every weight format, biases, GQA, tied
 embeddings, llama3 RoPE, ragged rows in a view of some cache rows, and its errors."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from llava_fast.checkpoints.config import LlavaConfig, TextConfig
-from llava_fast.cpu import gemv, native_decode
+from llava_fast.cpu import gemv, native_decode, plan
 from llava_fast.cpu.quantize import prepare_for_inference
 from llava_fast.generate import Decoder, decode_step
 from llava_fast.model import LlavaForCausalLM
 from llava_fast.presets import random_init_
 
 pytestmark = pytest.mark.skipif(not gemv.NATIVE, reason="llava_fast._C not built")
-# The Decoder prefills natively only with the AVX-512 or AVX2 kernel tables (NativeDecodeStep.prefills)
+# The Decoder prefills natively only with the AVX-512 or AVX2 kernel tables (cpu/plan.py)
 needs_native_prefill = pytest.mark.skipif(not gemv.NATIVE or gemv._C.cpu_isa() not in ("avx512", "avx2"),
                                   reason="no native prefill with this CPU's kernel table (scalar or neon)")
 
@@ -133,8 +135,9 @@ def test_decoder_uses_it_and_generate_is_unchanged(monkeypatch):
     net = text_net(tie_word_embeddings=True)
     assert Decoder(net, 1, 16).native is not None
     assert Decoder(net, native_decode.MAX_ROWS + 1, 16).native is not None  # used for steps of <= MAX_ROWS rows
-    monkeypatch.setenv("LLAVA_FAST_NATIVE_DECODE", "0")
-    assert Decoder(net, 1, 16).native is None
+    monkeypatch.setenv("LLAVA_FAST_NATIVE_DECODE", "0")  # read when a model is prepared (its plan)
+    assert Decoder(net, 1, 16).native is not None
+    assert Decoder(text_net(tie_word_embeddings=True), 1, 16).native is None
 
     def greedy(native):
         dec = Decoder(net, 2, 30)
@@ -244,7 +247,7 @@ def test_swiglu_of_gates_far_from_zero_equals_torch(dtype):
 def _twin_decoders(net, batch, capacity):
     """Two decoders with the same stale cache contents: one prefills natively, the other through torch."""
     native, torch_path = Decoder(net, batch, capacity), Decoder(net, batch, capacity)
-    assert native.native is not None and native.native.prefills
+    assert native.native is not None and native.plan.prefill == "native"
     torch_path.native = None
     native.cache.k.normal_(), native.cache.v.normal_()
     torch_path.cache.k.copy_(native.cache.k), torch_path.cache.v.copy_(native.cache.v)
@@ -285,6 +288,34 @@ def test_native_prefill_equals_torch_prefill(text):
 
 
 @needs_native_prefill
+@pytest.mark.parametrize("text", [{"sliding_window": 7},  # head_dim 24: the generic per-row loop
+                                  {"sliding_window": 1, "num_heads": 2, "num_kv_heads": 1, "hidden_size": 128},  # 64
+                                  {"sliding_window": 37, "num_heads": 2, "num_kv_heads": 1, "hidden_size": 192},  # 96
+                                  {"sliding_window": 130, "num_heads": 4, "num_kv_heads": 2, "hidden_size": 128}])
+def test_sliding_window_prefill_and_steps_equal_torch(text):
+    """Mistral's sliding window natively: prompts of 1, 6, 64, 129 and 150 tokens, fresh and after cached prefixes,
+    ragged in one batch (a 150-token prompt is two chunks; rows before and past the window's edge in one attention
+    block of 4 or 2 rows), then decode steps from there, against the torch path (whose window test_sliding_window.py
+    checks against transformers). The window must change the logits: without it the comparison proves nothing."""
+    net = text_net(max_position_embeddings=300, **text)
+    assert net.language_model.layers[0].self_attn.window == text["sliding_window"]
+    native, ref = _twin_decoders(net, 5, 240)
+    g = torch.Generator().manual_seed(6)
+    rows = [torch.randint(0, 301, (n,), generator=g).tolist() for n in (1, 6, 64, 129, 150)]
+    for start in (None, [0, 9, 5, 17, 80]):
+        got, want = native.prefill(rows, start_pos=start), ref.prefill(rows, start_pos=start)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        _assert_same_state(native, ref)
+    for _ in range(3):
+        tokens = torch.randint(0, 301, (5,), generator=g)
+        torch.testing.assert_close(native.step(tokens), ref.step(tokens), atol=1e-4, rtol=1e-4)
+    for layer in ref.net.language_model.layers:  # the same model without its window: other logits
+        layer.self_attn.window = 0
+    ref.reset()
+    assert (ref.prefill(rows) - native.prefill(rows)).abs().max() > 1e-3
+
+
+@needs_native_prefill
 def test_native_prefill_with_image_features():
     from llava_fast.presets import random_model
 
@@ -311,11 +342,11 @@ def model_image():
 
 
 @needs_native_prefill
-def test_native_prefill_only_for_float32_and_int4_weights_and_errors_write_nothing():
-    assert native_decode.for_model(text_net(dtype=torch.bfloat16)).prefills is False
-    assert native_decode.for_model(text_net(quantize="int8wo")).prefills is False
-    assert native_decode.for_model(text_net(quantize="int4wo-32", hidden_size=96,
-                                            intermediate_size=160)).prefills is True
+def test_native_prefill_only_for_float32_int4_and_amx_bfloat16_weights_and_errors_write_nothing():
+    bf16 = "native" if native_decode.native_bf16_prefill() else "torch"
+    assert plan.for_model(text_net(dtype=torch.bfloat16)).prefill == bf16
+    assert plan.for_model(text_net(quantize="int8wo")).prefill == "torch"
+    assert plan.for_model(text_net(quantize="int4wo-32", hidden_size=96, intermediate_size=160)).prefill == "native"
     net = text_net()
     dec = Decoder(net, 2, 20)
     dec.prefill_slot(0, [1, 2, 3])
@@ -336,14 +367,14 @@ def test_no_native_prefill_on_the_scalar_gemv():
     assert gemv._C.gemv_use_kernels("scalar")
     try:
         dec, ref = Decoder(net, 1, 48), Decoder(net, 1, 48)
-        assert dec.native is not None and not dec.native.prefills
+        assert dec.native is not None and dec.plan.prefill == "torch"
         ref.native = None
         assert torch.equal(dec.prefill([ids]), ref.prefill([ids]))
         assert torch.equal(dec.prefill_slot(0, ids[:20]), ref.prefill_slot(0, ids[:20]))
         assert torch.equal(dec.cache.k, ref.cache.k) and torch.equal(dec.lengths, ref.lengths)
     finally:
         assert gemv._C.gemv_use_kernels("best")
-    assert native_decode.for_model(net).prefills is (gemv._C.cpu_isa() in ("avx512", "avx2"))
+    assert (plan.for_model(net).prefill == "native") is (gemv._C.cpu_isa() in ("avx512", "avx2"))
 
 
 @needs_native_prefill
@@ -358,7 +389,7 @@ def test_native_prefill_bits_do_not_depend_on_how_the_prompt_is_split(text):
     net = text_net(max_position_embeddings=300, **text)
     ids = torch.randint(0, 301, (150,), generator=torch.Generator().manual_seed(5)).tolist()
     whole = Decoder(net, 1, 160)
-    assert whole.native.prefills
+    assert whole.plan.prefill == "native"
     want = whole.prefill_slot(0, ids)
     for split in (1, 37, 64, 66, 149):
         part = Decoder(net, 1, 160)
@@ -369,24 +400,25 @@ def test_native_prefill_bits_do_not_depend_on_how_the_prompt_is_split(text):
         tokens = torch.tensor([7])
         assert torch.equal(part.step(tokens), whole.step(tokens)), split  # and a decode step from there
         whole.lengths.fill_(150)
-    threads = gemv.THREADS
+    planned = plan.for_model(net)
     try:  # nor on the thread count (the pool's row ranges move; vocab 301: the lm_head's do not split evenly)
-        for gemv.THREADS in (1, 3):
-            assert torch.equal(Decoder(net, 1, 160).prefill_slot(0, ids), want), gemv.THREADS
+        for threads in (1, 3):
+            plan.use(net, dataclasses.replace(planned, threads=threads))
+            assert torch.equal(Decoder(net, 1, 160).prefill_slot(0, ids), want), threads
     finally:
-        gemv.THREADS = threads
+        plan.use(net, planned)
 
 
 @needs_native_prefill
 def test_int8_native_prefill_is_its_decode_steps_bit_for_bit():
     """NativeDecodeStep.prefill on int8 weights (gemv.cpp's multi-row tiles: 64 rows, then 7) gives the bits of
     the native decode step fed the tokens one at a time (one row per GEMV): logits and every K/V written. (The
-    Decoder prefills int8 models through torch, see NativeDecodeStep.prefills; the server's batched decode
+    Decoder prefills int8 models through torch, see cpu/plan.py; the server's batched decode
     steps rely on these tiles' row-count invariance.)"""
     net = text_net(quantize="int8wo", hidden_size=96, num_heads=4, num_kv_heads=2, intermediate_size=160)
     ids = torch.randint(0, 301, (71,), generator=torch.Generator().manual_seed(6)).tolist()
     whole, steps = Decoder(net, 1, 80), Decoder(net, 1, 80)
-    assert whole.native is not None and not whole.native.prefills
+    assert whole.native is not None and whole.plan.prefill == "torch"
     embeds = net.embed(torch.tensor([ids]))[0]
     want = whole.native.prefill(whole.cache, 0, 0, embeds)
     steps.native.prefill(steps.cache, 0, 0, embeds[:1])  # the first token natively too, then decode steps
@@ -412,7 +444,7 @@ def test_int4_native_prefill_agrees_with_its_decode_steps_and_the_torch_prefill(
     net = text_net(quantize="int4wo-32", hidden_size=96, num_heads=4, num_kv_heads=2, intermediate_size=160)
     ids = torch.randint(0, 301, (71,), generator=torch.Generator().manual_seed(6)).tolist()
     whole, steps, ref = Decoder(net, 1, 80), Decoder(net, 1, 80), Decoder(net, 1, 80)
-    assert whole.native.prefills
+    assert whole.plan.prefill == "native"
     ref.native = None
     want = whole.prefill([ids])
     steps.native.prefill(steps.cache, 0, 0, net.embed(torch.tensor([ids[:1]]))[0])
@@ -439,3 +471,59 @@ def test_an_inf_in_the_weights_gives_nan_as_torch_does(hidden_size):
     got, want = both_steps(net, [5, 8], steps=1)[0][0]
     assert want.isnan().all(-1).any()
     assert torch.equal(got.isnan(), want.isnan())
+
+
+BF16_TABLES = [t["name"] for t in gemv._C.cpu_isa_tables() if t["usable"] and t["name"] in ("avx512_amx",
+                                                                                             "avx512_vnni")] \
+    if gemv.NATIVE else []
+
+
+@pytest.mark.skipif(not BF16_TABLES, reason="no AVX512_BF16 or AMX kernel table on this CPU")
+@pytest.mark.parametrize("table", BF16_TABLES)
+def test_bfloat16_batched_step_rows_equal_each_row_alone(table):
+    """The server's guarantee for bfloat16 weights: a row of a decode step of 7 or 16 rows (the multi-row VDPBF16PS
+    tile, or AMX tiles of 16 activation rows) gets the bits it gets alone, whatever the other rows hold."""
+    net = text_net(dtype=torch.bfloat16, hidden_size=128, num_heads=4, num_kv_heads=2, intermediate_size=160)
+    assert gemv._C.gemv_use_kernels(table)
+    try:
+        g = torch.Generator().manual_seed(8)
+        for B in (7, 16):
+            rows = [torch.randint(0, 301, (n,), generator=g).tolist() for n in torch.randint(1, 30, (B,), generator=g)]
+            batch = Decoder(net, B, 40)
+            assert batch.native is not None
+            for b, ids in enumerate(rows):
+                batch.prefill_slot(b, ids)
+            tokens = torch.randint(0, 301, (2, B), generator=g)
+            got = [batch.step(tokens[0]), batch.step(tokens[1])]
+            assert got[1].std() > 1e-2
+            for r in (0, B // 2, B - 1):
+                alone = Decoder(net, 1, 40)
+                alone.prefill_slot(0, rows[r])
+                for i in range(2):
+                    assert torch.equal(alone.step(tokens[i, r:r + 1]), got[i][r:r + 1]), (table, B, r, i)
+    finally:
+        assert gemv._C.gemv_use_kernels("best")
+
+
+@pytest.mark.skipif(not gemv.NATIVE or "avx512_amx" not in BF16_TABLES, reason="no AMX kernel table on this CPU")
+def test_bfloat16_native_prefill_on_amx():
+    """On the AMX table a bfloat16 model prefills natively: close to the torch prefill (bfloat16 rounding), and the
+    same bits however the prompt is split into calls (the tiles' sums depend on K alone)."""
+    net = text_net(dtype=torch.bfloat16, max_position_embeddings=300, hidden_size=128, num_heads=4, num_kv_heads=2,
+                   intermediate_size=160)
+    assert gemv._C.gemv_use_kernels("avx512_amx")
+    try:
+        ids = torch.randint(0, 301, (150,), generator=torch.Generator().manual_seed(9)).tolist()
+        whole, ref = Decoder(net, 1, 160), Decoder(net, 1, 160)
+        assert whole.plan.prefill == "native"
+        ref.native = None
+        want, torch_logits = whole.prefill_slot(0, ids), ref.prefill_slot(0, ids)
+        scale = torch_logits.abs().max()
+        assert torch_logits.std() > 1e-2 and (want - torch_logits).abs().max() <= 0.03 * scale
+        for split in (1, 17, 66, 149):
+            part = Decoder(net, 1, 160)
+            part.prefill_slot(0, ids[:split])
+            assert torch.equal(part.prefill_slot(0, ids[split:], start_pos=split), want), split
+            assert torch.equal(part.cache.k[:, :, :, :150], whole.cache.k[:, :, :, :150]), split
+    finally:
+        assert gemv._C.gemv_use_kernels("best")

@@ -149,17 +149,6 @@ def test_greedy_text_matches_transformers(hf_model, model):
     assert got == [model.tokenizer.decode(e) for e in expected]
 
 
-def test_server_and_trainer_refuse_what_they_cannot_run_yet(model, checkpoint_dirs):
-    from llava_fast.errors import CheckpointError
-    from llava_fast.serve.app import create_app
-    from llava_fast.train.checkpoint import load_base
-
-    with pytest.raises(InputError, match="cannot be served yet"):
-        create_app(model)
-    with pytest.raises(CheckpointError, match="cannot be trained yet"):
-        load_base(checkpoint_dirs["hub"])
-
-
 # 100x100: a tie the pinpoints' order breaks (the original's (width, height) reading tiles it 2 x 1, llava-hf's
 # 1 x 2); 55x176: where the original's truncating unpad keeps 14 rows and transformers' rounding one 16.
 ORIGINAL_SIZES = [(100, 100), (55, 176), (300, 1000), (337, 511)]

@@ -38,11 +38,6 @@ def live(model):
     server.stop()
 
 
-def _metric(live, name):
-    text = httpx.get(live.url + "/metrics", timeout=30).text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
-
-
 def _stream(live, messages, max_tokens, first_chunk=None, ignore_eos=False):
     """(text, time sent, times of the content chunks) of one streamed greedy request; `first_chunk` (an Event) is
     set when its first text arrives."""
@@ -70,7 +65,7 @@ def test_image_prompt_enters_in_slices_while_others_decode(live, model):
     prompt_tokens = len(model.encode_prompt([("user", "<image>\n" + "What is in this image? " * 3)], 1,
                                             system="Answer."))
     assert prompt_tokens > 6 * BUDGET  # the image prompt needs many slices
-    chunks_before = _metric(live, "llava_fast_prefill_chunks_total")
+    chunks_before = live.metric("llava_fast_prefill_chunks_total")
     # The text rows run long enough (200 tokens, EOS ignored) to still be decoding through every slice of the
     # image prompt, which is sent once each of them has its first text: on a quiet machine the tiny preset
     # decodes 60 tokens of 3 rows in ~0.3 s, so a fixed wait could see them finished before the image arrived.
@@ -86,7 +81,7 @@ def test_image_prompt_enters_in_slices_while_others_decode(live, model):
     for messages, (text, _, _) in zip(texts, rows):
         assert text == model.generate(messages, max_new_tokens=TEXT_TOKENS, ignore_eos=True)
     # The image prompt went in as several slices, and the text rows kept receiving tokens meanwhile.
-    slices = _metric(live, "llava_fast_prefill_chunks_total") - chunks_before
+    slices = live.metric("llava_fast_prefill_chunks_total") - chunks_before
     assert slices >= 3 + prompt_tokens // BUDGET
     during = [sum(image_sent < t < image_times[0] for t in times) for _, _, times in rows]
     assert max(during) >= 3, during

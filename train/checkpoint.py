@@ -10,7 +10,9 @@ A vocabulary without an "<image>" token (Vicuna, original LLaVA) gets "<image>" 
 padded to a multiple of 64 with rows equal to the mean embedding, as llava-hf's conversion does, so that the
 result is a valid llava-hf checkpoint.
 
-What a run writes (`save_llava_hf`): the llava-hf hub layout (language_model.model.*, language_model.lm_head,
+What a run writes (`save_checkpoint`): LLaVA-NeXT in the original layout is written back in that layout
+(`save_original`: the input's names, config and tokenizer; see `writes_original` for why); everything else in
+the llava-hf hub layout (`save_llava_hf`: language_model.model.*, language_model.lm_head,
 vision_tower.vision_model.*, multi_modal_projector.*; sharded safetensors + index, config.json, tokenizer,
 preprocessor config). A tensor the run did not change is copied byte for byte from the input checkpoint
 (dtype included, and the vision layers after the feature layer that llava-fast never builds); changed tensors
@@ -185,9 +187,6 @@ def load_base(model_dir, *, vision_tower=None, projector=None, device="cpu", ima
             hf_config, processor_dir = d, model_dir
         else:
             processor_dir = os.path.dirname(sources[0][0])  # the CLIP checkpoint's directory
-    if cfg.anyres:
-        raise CheckpointError(f"{model_dir}: a LLaVA-NeXT (AnyRes) checkpoint cannot be trained yet: the trainer "
-                              "feeds one 336-px tile per image")
     if cfg.projector_type != "mlp2x_gelu":
         raise CheckpointError(f"{model_dir}: a linear projector (LLaVA v1) has no llava-hf layout to write; "
                               "llava-fast trains LLaVA-1.5's mlp2x_gelu projector")
@@ -205,9 +204,14 @@ def load_base(model_dir, *, vision_tower=None, projector=None, device="cpu", ima
 
     resized_from = None
     image_id = tokenizer.token_to_id("<image>")
-    if image_id is not None and image_id < cfg.text.vocab_size:
+    if writes_original(cfg):
+        pass  # image positions keep the id outside the vocabulary they have when the written checkpoint loads
+    elif image_id is not None and image_id < cfg.text.vocab_size:
         cfg.image_token_id = image_id
     elif cfg.image_token_id >= cfg.text.vocab_size:
+        if cfg.anyres:
+            raise CheckpointError(f"{model_dir}: the LLaVA-NeXT checkpoint's tokenizer has no <image> token within "
+                                  f"its {cfg.text.vocab_size}-token vocabulary")
         tokenizer, resized_from = _add_image_token(net, tokenizer)
         hf_config = None
     net.init_rope(device)
@@ -299,29 +303,9 @@ def llava_hf_config(cfg: LlavaConfig, dtype: torch.dtype) -> dict:
 def save_llava_hf(dst, base: TrainBase, changed: dict, *, max_shard_bytes=5 * 2**30):
     """Write the llava-hf checkpoint to `dst`: `changed` maps parameter names (ours) to the tensors this run
     produced; every other tensor is copied from the input checkpoint. Returns the written file names."""
-    os.makedirs(dst, exist_ok=True)
-    for stale in ("config.json", "model.safetensors.index.json"):  # the old checkpoint stops looking complete
-        if os.path.exists(os.path.join(dst, stale)):
-            os.remove(os.path.join(dst, stale))
     expected = set(expected_weights(base.net))  # tied embeddings: no lm_head tensor, as transformers saves them
-    out, dtypes, shards, size = {}, {}, [], 0
+    shards, dtypes = _ShardWriter(dst, max_shard_bytes), {}
     llm_dtype = None
-
-    def flush():
-        nonlocal out, size
-        if out:
-            name = f"model-{len(shards) + 1:05d}.safetensors"
-            save_tensors(os.path.join(dst, name), out)
-            shards.append((name, list(out)))
-            out, size = {}, 0
-
-    def add(name, tensor):
-        nonlocal size
-        if size and size + tensor.numel() * tensor.element_size() > max_shard_bytes:
-            flush()
-        out[hub_name(name)] = tensor
-        size += tensor.numel() * tensor.element_size()
-
     for path, rules in base.sources:
         for key, tensor in iter_tensors(path):
             name = rename_key(key, rules)
@@ -335,28 +319,103 @@ def save_llava_hf(dst, base: TrainBase, changed: dict, *, max_shard_bytes=5 * 2*
                 # the old rows byte for byte, then the new rows as _add_image_token made them: the mean row
                 mean = tensor.float().mean(0, keepdim=True).to(tensor.dtype)
                 tensor = torch.cat([tensor, mean.expand(base.cfg.text.vocab_size - tensor.shape[0], -1)])
-            add(name, tensor)
+            shards.add(hub_name(name), tensor)
     for name in sorted(n for n in changed if n in expected):
-        add(name, changed[name].detach().to("cpu", dtypes.get(name, llm_dtype or torch.float32)))
-    flush()
-
-    total = len(shards)
-    weight_map, names = {}, []
-    for index, (name, keys) in enumerate(shards):  # model-00001.safetensors -> model-00001-of-00003.safetensors
-        final = f"model-{index + 1:05d}-of-{total:05d}.safetensors"
-        os.replace(os.path.join(dst, name), os.path.join(dst, final))
-        weight_map.update({k: final for k in keys})
-        names.append(final)
-    for f in os.listdir(dst):  # shards of an older checkpoint in the same directory
-        if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", f) and f not in names:
-            os.remove(os.path.join(dst, f))
-    write_json(os.path.join(dst, "model.safetensors.index.json"), {"metadata": {}, "weight_map": weight_map})
+        shards.add(hub_name(name), changed[name].detach().to("cpu", dtypes.get(name, llm_dtype or torch.float32)))
+    names = shards.finish()
     _write_tokenizer(dst, base)
     write_json(os.path.join(dst, "preprocessor_config.json"), processor_config(base))
     if base.hf_config is not None:
         config = dict(base.hf_config)
     else:
         config = llava_hf_config(base.cfg, llm_dtype or torch.float32)
+    write_json(os.path.join(dst, "config.json"), config)  # last: its presence marks a complete checkpoint
+    return names + ["model.safetensors.index.json", "config.json"]
+
+
+class _ShardWriter:
+    """Tensors into model-0000i-of-0000n.safetensors shards of at most max_shard_bytes, and their index."""
+
+    def __init__(self, dst, max_shard_bytes):
+        os.makedirs(dst, exist_ok=True)
+        for stale in ("config.json", "model.safetensors.index.json"):  # the old checkpoint stops looking complete
+            if os.path.exists(os.path.join(dst, stale)):
+                os.remove(os.path.join(dst, stale))
+        self.dst, self.max_shard_bytes = dst, max_shard_bytes
+        self.out, self.size, self.shards = {}, 0, []
+
+    def add(self, key, tensor):
+        if self.size and self.size + tensor.numel() * tensor.element_size() > self.max_shard_bytes:
+            self._flush()
+        self.out[key] = tensor
+        self.size += tensor.numel() * tensor.element_size()
+
+    def _flush(self):
+        if self.out:
+            name = f"model-{len(self.shards) + 1:05d}.safetensors"
+            save_tensors(os.path.join(self.dst, name), self.out)
+            self.shards.append((name, list(self.out)))
+            self.out, self.size = {}, 0
+
+    def finish(self) -> list[str]:
+        """Rename the shards to their final names, remove an older checkpoint's, write the index."""
+        self._flush()
+        total = len(self.shards)
+        weight_map, names = {}, []
+        for index, (name, keys) in enumerate(self.shards):  # model-00001.safetensors -> model-00001-of-00003...
+            final = f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+            os.replace(os.path.join(self.dst, name), os.path.join(self.dst, final))
+            weight_map.update({k: final for k in keys})
+            names.append(final)
+        for f in os.listdir(self.dst):  # shards of an older checkpoint in the same directory
+            if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", f) and f not in names:
+                os.remove(os.path.join(self.dst, f))
+        write_json(os.path.join(self.dst, "model.safetensors.index.json"), {"metadata": {}, "weight_map": weight_map})
+        return names
+
+
+def writes_original(cfg: LlavaConfig) -> bool:
+    """Whether a run on this model writes the original layout back rather than llava-hf's: LLaVA-NeXT in the
+    original layout (LlavaLlamaForCausalLM / LlavaMistralForCausalLM, image_aspect_ratio anyres). Its llava-hf
+    form would not be the same model: transformers rounds when unpadding where the original truncates (a 176x55
+    image gets 16 feature rows, not 14), so the trained weights keep the layout, and the semantics, they had."""
+    return cfg.anyres and cfg.layout == "original"
+
+
+def save_checkpoint(dst, base: TrainBase, changed: dict) -> str:
+    """Write the trained model to `dst` in the layout it is written back in; returns that layout's name."""
+    if writes_original(base.cfg):
+        save_original(dst, base, changed)
+        return "original"
+    save_llava_hf(dst, base, changed)
+    return "llava-hf"
+
+
+def save_original(dst, base: TrainBase, changed: dict, *, max_shard_bytes=5 * 2**30):
+    """Write an original-layout checkpoint to `dst`: the input's own tensors under their own names (changed ones
+    replaced, in the dtype the input had them), its config.json and tokenizer; the CLIP tower stays where the
+    config points (vision_tower=), as the input's did. Images stay placeholders outside the vocabulary, as in the
+    original code, so the vocabulary is the input's."""
+    tower_changed = sorted(n for n in changed if n.startswith("vision_tower."))
+    if tower_changed:
+        raise CheckpointError(f"the original layout keeps the CLIP tower apart; this run changed {tower_changed[0]}")
+    shards, written = _ShardWriter(dst, max_shard_bytes), set()
+    own = os.path.abspath(base.tokenizer_dir)
+    for path, rules in base.sources:
+        if os.path.dirname(os.path.abspath(path)) != own:  # the separate CLIP tower's files
+            continue
+        for key, tensor in iter_tensors(path):
+            name = rename_key(key, rules)
+            if name in changed:
+                tensor = changed[name].detach().to("cpu", tensor.dtype)
+                written.add(name)
+            shards.add(key, tensor)
+    missing = sorted(set(changed) - written)
+    if missing:
+        raise CheckpointError(f"{base.tokenizer_dir}: the input has no tensor for {missing[0]} to write back")
+    names = shards.finish()
+    _write_tokenizer(dst, base)
+    config = read_json(os.path.join(base.tokenizer_dir, "config.json"))
     write_json(os.path.join(dst, "config.json"), config)  # last: its presence marks a complete checkpoint
     return names + ["model.safetensors.index.json", "config.json"]
 
@@ -384,7 +443,13 @@ def _write_tokenizer(dst, base):
 def processor_config(base: TrainBase) -> dict:
     """The preprocessor_config.json transformers reads as the run's image preprocessing: LLaVA-1.5's padding
     is transformers' LlavaImageProcessor with do_pad (CLIPImageProcessor has no padding, and ignores the
-    image_aspect_ratio key llava-fast used to write: non-square images then differ by up to 3 levels)."""
+    image_aspect_ratio key llava-fast used to write: non-square images then differ by up to 3 levels).
+    LLaVA-NeXT: the input's LlavaNextImageProcessor config, its pinpoints set to the model's."""
+    if base.cfg.anyres:
+        config = dict(base.processor_config or _clip_processor_config(base.cfg.vision.image_size))
+        config.update(image_processor_type="LlavaNextImageProcessor", do_pad=True,
+                      image_grid_pinpoints=[list(p) for p in base.cfg.image_grid_pinpoints])
+        return config
     config = dict(base.processor_config or _clip_processor_config(base.processor.image_size))
     config.pop("image_aspect_ratio", None)
     pad = base.processor.image_aspect_ratio == "pad"

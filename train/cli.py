@@ -65,7 +65,8 @@ def build_parser():
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (FSDP2) "
                    "across the torchrun processes instead of replicating them (DDP)")
     p.add_argument("--image-aspect-ratio", choices=("pad", "square"),
-                   help="pad images to square first (default: stage 1 square, stage 2 pad, as LLaVA-1.5)")
+                   help="pad images to square first (default: stage 1 square, stage 2 pad, as LLaVA-1.5; "
+                   "LLaVA-NeXT checkpoints tile every image with AnyRes instead)")
     p.add_argument("--max-image-pixels", type=int, help="largest image file, width x height, read (default "
                    "67108864 = 8192 x 8192; a larger one is a bad record)")
     p.add_argument("--workers", type=int, help="data loader processes (default 0 on CPU, up to 8 per GPU)")
@@ -200,6 +201,6 @@ def merge_lora_main(argv=None):
             params[name].copy_(tensor)
     changed = {n: base.net.get_parameter(n) for n in merge_lora(base.net)}
     changed.update({n: adapter[n] for n in adapter if n.startswith("multi_modal_projector.")})
-    ckpt.save_llava_hf(args.output, base, changed)
+    ckpt.save_checkpoint(args.output, base, changed)
     print(f"llava-fast merge-lora: wrote {args.output}")
     return 0

@@ -39,6 +39,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
+import PIL.Image
 import torch
 
 from llava_fast.checkpoints.config import read_json
@@ -173,16 +174,17 @@ def encode_conversation(conversations, tokenizer, template, *, image_token_id=No
 
 
 def expand_and_truncate(ids, labels, image_token_id, num_image_tokens, max_length):
-    """Each image token -> num_image_tokens positions, then truncation to max_length that never cuts an
-    image's run: a run that would be cut is dropped whole, with everything after it. Returns
-    (ids, labels, number of images kept)."""
+    """Each image token -> num_image_tokens positions (an int, or one count per image in order: LLaVA-NeXT's
+    depend on each image's size), then truncation to max_length that never cuts an image's run: a run that
+    would be cut is dropped whole, with everything after it. Returns (ids, labels, number of images kept)."""
     out_ids, out_labels, images = [], [], 0
     for token_id, label in zip(ids, labels):
         if token_id == image_token_id:
-            if len(out_ids) + num_image_tokens > max_length:
+            n = num_image_tokens if isinstance(num_image_tokens, int) else num_image_tokens[images]
+            if len(out_ids) + n > max_length:
                 break
-            out_ids.extend([image_token_id] * num_image_tokens)
-            out_labels.extend([IGNORE_INDEX] * num_image_tokens)
+            out_ids.extend([image_token_id] * n)
+            out_labels.extend([IGNORE_INDEX] * n)
             images += 1
         else:
             if len(out_ids) >= max_length:
@@ -208,6 +210,9 @@ class EncodingSpec:
     max_length: int
     image_folder: str
     system: str | None = None
+    # LLaVA-NeXT: (height, width) -> that image's positions (AnyRes tiles, unpadded, newlines); None: every
+    # image fills num_image_tokens.
+    image_token_count: object = None
 
 
 def read_records(path):
@@ -240,11 +245,25 @@ def encode_record(record, spec: EncodingSpec):
         raise InputError("<image> count does not match the images")
     ids, labels = encode_conversation(record["conversations"], spec.tokenizer, spec.template,
                                       image_token_id=spec.image_token_id, system=spec.system)
-    ids, labels, kept = expand_and_truncate(ids, labels, spec.image_token_id, spec.num_image_tokens,
-                                            spec.max_length)
+    counts = spec.num_image_tokens
+    if spec.image_token_count is not None:
+        counts = [spec.image_token_count(*image_file_size(path)) for path in images]
+    ids, labels, kept = expand_and_truncate(ids, labels, spec.image_token_id, counts, spec.max_length)
     if not any(label != IGNORE_INDEX for label in labels[1:]):  # labels[0] is never a target
         raise InputError("no reply tokens within --max-length")
     return ids, labels, images[:kept]
+
+
+def image_file_size(path) -> tuple[int, int]:
+    """(height, width) of an image file from its header (no decoding); InputError if it is missing or
+    unreadable."""
+    if not os.path.isfile(path):
+        raise InputError("missing image file")
+    try:
+        with PIL.Image.open(path) as image:
+            return image.height, image.width
+    except (OSError, SyntaxError, ValueError):  # UnidentifiedImageError is an OSError
+        raise InputError("unreadable image") from None
 
 
 @dataclass
@@ -276,7 +295,8 @@ def check_records(records, spec: EncodingSpec, *, indices=None, text_only_ok=Tru
 
 
 class LlavaDataset(torch.utils.data.Dataset):
-    """examples[i] -> a dict with "input_ids", "labels" (1-D long tensors) and "pixel_values" ((K, 3, S, S)
+    """examples[i] -> a dict with "input_ids", "labels" (1-D long tensors) and "pixel_values" ((K, 3, S, S);
+    LLaVA-NeXT: the K images' AnyRes tiles, with "image_sizes" (K, 2))
     or None), or {"skipped": reason} for a record whose image cannot be decoded (strict: ImageError)."""
 
     def __init__(self, records, examples, spec: EncodingSpec, processor, strict=False):
@@ -289,15 +309,18 @@ class LlavaDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         record = self.records[self.examples[i].index]
         ids, labels, images = encode_record(record, self.spec)
+        sizes = None
         try:
             pixels = self.processor(images) if images else None  # (K, 3, S, S) float32
+            if isinstance(pixels, tuple):  # LLaVA-NeXT: (tiles of the K images, (K, 2) image sizes)
+                pixels, sizes = pixels
         except ImageError as e:
             if self.strict:
                 raise ImageError(f"record {record.get('id', self.examples[i].index)!r}: {e}") from None
             return {"skipped": "unreadable image", "id": record.get("id")}
-        keys = [(self.examples[i].index, k) for k in range(len(pixels))] if pixels is not None else []
+        keys = [(self.examples[i].index, k) for k in range(len(images))]
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels,
-                "image_keys": keys}
+                "image_sizes": sizes, "image_keys": keys}
 
 
 @dataclass
@@ -307,24 +330,27 @@ class Batch:
 
     input_ids: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T)
-    pixel_values: torch.Tensor | None  # (K, 3, S, S), K images in row order
+    pixel_values: torch.Tensor | None  # (K, 3, S, S), K images in row order; LLaVA-NeXT: their tiles
     num_samples: int
     num_tokens: int
     num_targets: int
     lengths: list  # tokens per row
     skipped: list  # reasons of the samples dropped from this batch
-    image_keys: list = field(default_factory=list)  # (record index, image number) of each pixel_values image
+    image_keys: list = field(default_factory=list)  # (record index, image number) of each image
+    # LLaVA-NeXT: (K, 2) (height, width) of the K images, whose tiles pixel_values holds, image after image
+    image_sizes: torch.Tensor | None = None
 
     def pin_memory(self):  # DataLoader(pin_memory=True) calls this on batch types it does not know
         pv = None if self.pixel_values is None else self.pixel_values.pin_memory()
         return Batch(self.input_ids.pin_memory(), self.labels.pin_memory(), pv, self.num_samples, self.num_tokens,
-                     self.num_targets, self.lengths, self.skipped, self.image_keys)
+                     self.num_targets, self.lengths, self.skipped, self.image_keys, self.image_sizes)
 
     def to(self, device):
         nb = device.type == "cuda"
         pv = None if self.pixel_values is None else self.pixel_values.to(device, non_blocking=nb)
         return Batch(self.input_ids.to(device, non_blocking=nb), self.labels.to(device, non_blocking=nb), pv,
-                     self.num_samples, self.num_tokens, self.num_targets, self.lengths, self.skipped, self.image_keys)
+                     self.num_samples, self.num_tokens, self.num_targets, self.lengths, self.skipped, self.image_keys,
+                     self.image_sizes)
 
 
 class Collate:
@@ -344,9 +370,10 @@ class Collate:
             labels[row, : len(s["labels"])] = s["labels"]
         pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
         lengths = [len(s["input_ids"]) for s in samples]
+        sizes = [s["image_sizes"] for s in samples if s.get("image_sizes") is not None]
         return Batch(ids, labels, torch.cat(pixels) if pixels else None, len(samples), sum(lengths),
                      int((labels[:, 1:] != IGNORE_INDEX).sum()), lengths, skipped,
-                     [k for s in samples for k in s.get("image_keys", [])])
+                     [k for s in samples for k in s.get("image_keys", [])], torch.cat(sizes) if sizes else None)
 
 
 # ------------------------------------------------------------------------------------------------------

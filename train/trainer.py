@@ -20,6 +20,7 @@ cross-entropy, RMSNorm/SwiGLU backward) and on the CPU the torch references.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -34,6 +35,7 @@ import torch.nn as nn
 
 from llava_fast.errors import InputError
 from llava_fast.generate import is_integer
+from llava_fast.image import anyres
 from llava_fast.prompts.templates import get_template
 from llava_fast.train import checkpoint as ckpt
 from llava_fast.train.data import (
@@ -170,12 +172,14 @@ class TrainingLoss(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, input_ids, labels, pixel_values, scale, image_features=None):
-        loss = self.net.loss(input_ids, labels, pixel_values, image_features=image_features) * scale
+    def forward(self, input_ids, labels, pixel_values, scale, image_features=None, image_sizes=None):
+        loss = self.net.loss(input_ids, labels, pixel_values, image_features=image_features,
+                             image_sizes=image_sizes) * scale
         if pixel_values is None and image_features is None:
             # No image: the projector is not in the graph. A zero-weighted term gives its trainable weights a
             # zero gradient, so every process reduces the same gradients (DDP and FSDP require it).
-            loss = loss + 0.0 * sum(p.sum() for p in self.net.multi_modal_projector.parameters() if p.requires_grad)
+            image_only = list(self.net.multi_modal_projector.parameters()) + [self.net.image_newline]
+            loss = loss + 0.0 * sum(p.sum() for p in image_only if p is not None and p.requires_grad)
         return loss
 
 
@@ -298,21 +302,33 @@ class ImageFeatureCache:
     reused by later epochs: from epoch 2 on a step skips the tower's forward. Exact: the tower is frozen and
     has no dropout, and an image's preprocessing is deterministic. Held in host memory, in the tower's dtype:
     num_image_tokens x vision width x bytes per image (tiny preset 256 KiB; LLaVA-1.5-7B bf16 1.1 MiB, so
-    665K images need ~750 GB: meant for datasets that fit, trained for several epochs)."""
+    665K images need ~750 GB: meant for datasets that fit, trained for several epochs).
+
+    LLaVA-NeXT: an entry is the whole image, the features of all its AnyRes tiles (base + grid, 3 to 5 with
+    LLaVA-1.6's pinpoints, so 3-5x the bytes), and a repeat of the image skips the tower for every tile."""
 
     def __init__(self, net):
         self.net, self.store, self.bytes = net, {}, 0
 
-    def features(self, pixel_values, keys):
-        """(K, 3, S, S) pixels of the images `keys` -> (K, num_image_tokens, Cv) features on their device."""
+    def features(self, pixel_values, keys, image_sizes=None):
+        """(K, 3, S, S) pixels of the images `keys` -> (K, num_image_tokens, Cv) features on their device.
+        With image_sizes (K, 2) (LLaVA-NeXT): pixel_values are the K images' tiles, image after image, and
+        the result their tiles' features (sum of tiles, P * P, Cv)."""
+        if image_sizes is None:
+            tiles = [1] * len(keys)
+        else:
+            cfg = self.net.cfg
+            tiles = [anyres.num_tiles(h, w, cfg.image_grid_pinpoints, cfg.vision.image_size)
+                     for h, w in image_sizes.tolist()]
+        per_image = pixel_values.split(tiles)
         missing = [i for i, key in enumerate(keys) if key not in self.store]
         if missing:
             with torch.no_grad():
-                new = self.net.image_features(pixel_values[missing])  # (m, R, Cv)
-            for i, f in zip(missing, new):
+                new = self.net.image_features(torch.cat([per_image[i] for i in missing]))  # (m tiles, R, Cv)
+            for i, f in zip(missing, new.split([tiles[i] for i in missing])):
                 self.store[keys[i]] = f.to("cpu", copy=True)
                 self.bytes += f.numel() * f.element_size()
-        return torch.stack([self.store[key] for key in keys]).to(pixel_values.device, non_blocking=True)
+        return torch.cat([self.store[key] for key in keys]).to(pixel_values.device, non_blocking=True)
 
 
 def cosine_lr(step, total, warmup, peak):
@@ -331,8 +347,11 @@ def trainable_parameters(net, stage, lora):
     elif lora:
         llm = [(n, p) for n, p in net.named_parameters() if n.endswith((".lora_A", ".lora_B"))]
     else:
-        # named_parameters lists a shared tensor once: tied embeddings are one parameter, trained as one
-        llm = [(n, p) for n, p in net.named_parameters() if n.startswith(("language_model.", "lm_head."))]
+        # named_parameters lists a shared tensor once: tied embeddings are one parameter, trained as one.
+        # LLaVA-NeXT's image_newline trains with the LLM, as the original's full fine-tune trains it (its LoRA
+        # runs and stage 1 leave it frozen).
+        llm = [(n, p) for n, p in net.named_parameters()
+               if n.startswith(("language_model.", "lm_head.")) or n == "image_newline"]
     for _, p in projector + llm:
         p.requires_grad_(True)
     return llm, projector
@@ -571,7 +590,7 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
 
     records = read_records(a.data)
     spec = EncodingSpec(base.tokenizer, get_template(a.template), cfg.image_token_id, cfg.num_image_tokens,
-                        a.max_length, a.image_folder, a.system)
+                        a.max_length, a.image_folder, a.system, image_token_count=_image_token_count(cfg))
     t0 = time.perf_counter()
     examples, skipped = _check_records(records, spec, a, dist, rank, world, log)
     global_batch = a.batch_size * a.grad_accum * world
@@ -617,6 +636,17 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
         prefetch_factor=4 if workers else None,
         generator=torch.Generator().manual_seed(a.seed))  # not the global RNG: resuming must not shift it
     return run
+
+
+def _image_token_count(cfg):
+    """LLaVA-NeXT: (height, width) -> the image's prompt positions, as the model's forward arranges them
+    (image/anyres.py num_image_tokens); None for LLaVA v1 / 1.5 (num_image_tokens each)."""
+    if not cfg.anyres:
+        return None
+    return functools.partial(anyres.num_image_tokens, pinpoints=cfg.image_grid_pinpoints,
+                             tile_size=cfg.vision.image_size,
+                             patches_per_side=cfg.vision.image_size // cfg.vision.patch_size,
+                             base_tokens=cfg.num_image_tokens, exact=cfg.exact_unpad)
 
 
 class _RunLog:
@@ -759,14 +789,14 @@ class _Stepper:
                 num_images += 0 if pixels is None else int(pixels.shape[0])
             else:  # every sample of this micro-batch dropped: a zero-weighted row keeps the collectives in step
                 (ids, labels), pixels, scale = self.dummy, None, 0.0
-            features = None
+            features, sizes = None, b.image_sizes
             if self.image_cache is not None and pixels is not None:
-                features, pixels = self.image_cache.features(pixels, b.image_keys), None
+                features, pixels = self.image_cache.features(pixels, b.image_keys, sizes), None
             last = k == len(micro) - 1
             if last and self.in_backward:
                 self.in_backward.arm(self.device)
             with self.model.no_sync() if self.defer_sync and not last else contextlib.nullcontext():
-                loss = self.model(ids, labels, pixels, scale, features)
+                loss = self.model(ids, labels, pixels, scale, features, sizes)
                 loss.backward()
             self.masters.accumulate_grads()
             ce_sum += loss.detach().double() * targets / self.world
@@ -823,8 +853,8 @@ def _write_outputs(a, base, model, masters, lora, llm_params, projector_params, 
                 "image_aspect_ratio": a.image_aspect_ratio})
             outputs += ["adapter_model.safetensors", "adapter_config.json"]
         else:
-            ckpt.save_llava_hf(a.output, base, state)
-            outputs.append("llava-hf checkpoint (config.json, model-*.safetensors)")
+            layout = ckpt.save_checkpoint(a.output, base, state)
+            outputs.append(f"{layout} checkpoint (config.json, model-*.safetensors)")
         if a.stage == 1:
             ckpt.save_tensors(os.path.join(a.output, "mm_projector.safetensors"), projector)
             outputs.append("mm_projector.safetensors")

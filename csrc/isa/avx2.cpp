@@ -15,7 +15,9 @@
 //   int4      per two 32-blocks: 32 bytes, low nibbles and high nibbles against x_q reordered to match (once per
 //             call), lanes 0-3 / 4-7 one block's partial sums each, scaled by fp16 scale x x_s per lane; the
 //             mins' sum_g min_g * xmin_g added after the reduction, in group order.
+//             M > 1: 2 weight rows x 2 x rows per tile (each output's operations unchanged).
 // int4 GEMM panel and dequantization: bit for bit the scalar reference (fixed operations per output/weight).
+// Attention: register-blocked for head_dim 32/64/96/128 (attend_block), blocks of up to 4 queries.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -234,54 +236,97 @@ void prepare(const GemvRows& p, void* scratch) {
 // 64 weights per step: 32 packed bytes, AND / SHIFT+AND give two blocks' low and high nibbles, two u8 x s8 dot
 // products against x_q in the layout above; lanes 0-3 hold block b's partial sums, 4-7 block b + 1's, scaled by
 // (weight scale x x_s) per lane (before: one 32-block per step, 16 bytes, ~12 instructions: 1.4 GB/s where the
-// AVX-512 table read 3.0 on the same loaded host).
-void gemv_q4(const GemvRows& p, int64_t n0, int64_t n1) {
+// AVX-512 table read 3.0 on the same loaded host). Two accumulators per output, chunks alternating between them.
+//
+// R weight rows x MT x rows at a time (M > 1: 2 x 2; M = 1: 1 x 1, the decode stream): each unpacked weight
+// vector and its scales serve MT x rows, each x_q load R weight rows (before, one weight row at a time: its
+// unpacking and scales redone for every x row, and all of x re-read from L2 per weight row). 2 x 2 needs 8
+// accumulators + 4 nibble vectors of the 16 ymm registers. Every output's arithmetic is the same whatever R and
+// MT: the same bits at any M, any thread split.
+template <int R, int MT>
+void tile_q4(const GemvRows& p, int64_t n, int64_t m0) {
   const GemvArgs& a = *p.a;
   const Q4Layout& x = *static_cast<const Q4Layout*>(p.layout);
   const int64_t K = a.k, B = p.blocks, G = K / a.group, per_group = a.group / 32, chunks = (B + 1) / 2;
   const __m256i low4 = _mm256_set1_epi8(15);
   const __m256i halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* w = static_cast<const uint8_t*>(a.w) + n * (K / 2);
-    const uint16_t* sc = static_cast<const uint16_t*>(a.scales) + n * G;
-    const uint16_t* mn = static_cast<const uint16_t*>(a.mins) + n * G;
-    for (int64_t m = 0; m < a.m; ++m) {
-      const int8_t* xq = x.xq + m * p.kp;
-      const float* xs = x.xs + m * (p.kp / 64) * 8;
-      __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // alternating by chunk: two FMA chains
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t b = 2 * c;
-        if (m == 0 && (c & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + b * 16) + 1024, _MM_HINT_T0);
-        const __m256i v = b + 1 < B ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 16))
-                                    : _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 16)));
-        const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-        const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c * 64));
-        const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c * 64 + 32));
-#if LLAVA_FAST_AVX2_VNNI
-        const __m256i d = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, xlo), hi, xhi);
-#else  // pair sums <= 2 x 15 x 127 each, their sum < 2^15: one VPMADDWD for both halves
-        const __m256i d = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi)),
-                                            _mm256_set1_epi16(1));
-#endif
-        // The two blocks' weight scales, one per 4 lanes: adjacent float16s when group = 32 (an odd B's last
-        // chunk: block b's alone, the other lanes multiply zeros), else one group's.
-        __m128i h2;
-        if (per_group == 1) {
-          int32_t two = sc[b];
-          if (b + 1 < B) std::memcpy(&two, sc + b, 4);
-          h2 = _mm_cvtsi32_si128(two);
-        } else {
-          h2 = _mm_set1_epi16(short(sc[b / per_group]));
-        }
-        const __m256 ws = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(h2)), halves);
-        acc[c & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(ws, _mm256_loadu_ps(xs + c * 8)), acc[c & 1]);
+  const uint8_t* w = static_cast<const uint8_t*>(a.w) + n * (K / 2);
+  const uint16_t* sc = static_cast<const uint16_t*>(a.scales) + n * G;
+  const uint16_t* mn = static_cast<const uint16_t*>(a.mins) + n * G;
+  __m256 acc[R][MT][2];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < MT; ++j) acc[r][j][0] = acc[r][j][1] = _mm256_setzero_ps();
+  // One chunk (two 32-blocks) into accumulator `e` of every output of the tile.
+  auto step = [&](int64_t c, int e) {
+    const int64_t b = 2 * c;
+    __m256i lo[R], hi[R];
+    __m256 ws[R];
+    #pragma GCC unroll 2
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wr = w + r * (K / 2) + b * 16;
+      if (m0 == 0 && (c & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(wr) + 1024, _MM_HINT_T0);
+      const __m256i v = b + 1 < B ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr))
+                                  : _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr)));
+      lo[r] = _mm256_and_si256(v, low4), hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      // The two blocks' weight scales, one per 4 lanes: adjacent float16s when group = 32 (an odd B's last
+      // chunk: block b's alone, the other lanes multiply zeros), else one group's.
+      const uint16_t* scr = sc + r * G;
+      __m128i h2;
+      if (per_group == 1) {
+        int32_t two = scr[b];
+        if (b + 1 < B) std::memcpy(&two, scr + b, 4);
+        h2 = _mm_cvtsi32_si128(two);
+      } else {
+        h2 = _mm_set1_epi16(short(scr[b / per_group]));
       }
-      float sum = hsum8(_mm256_add_ps(acc[0], acc[1]));
-      const float* xmin = p.xmin + m * G;
-      for (int64_t g = 0; g < G; ++g) sum += _cvtsh_ss(mn[g]) * xmin[g];
-      gemv_store(p, m, n, sum);
+      ws[r] = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(h2)), halves);
     }
+    #pragma GCC unroll 2
+    for (int j = 0; j < MT; ++j) {
+      const int8_t* xq = x.xq + (m0 + j) * p.kp + c * 64;
+      const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+      const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32));
+      const __m256 xs = _mm256_loadu_ps(x.xs + (m0 + j) * (p.kp / 64) * 8 + c * 8);
+      #pragma GCC unroll 2
+      for (int r = 0; r < R; ++r) {
+#if LLAVA_FAST_AVX2_VNNI
+        const __m256i d = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo[r], xlo), hi[r], xhi);
+#else  // pair sums <= 2 x 15 x 127 each, their sum < 2^15: one VPMADDWD for both halves
+        const __m256i d = _mm256_madd_epi16(
+            _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], xlo), _mm256_maddubs_epi16(hi[r], xhi)), _mm256_set1_epi16(1));
+#endif
+        acc[r][j][e] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(ws[r], xs), acc[r][j][e]);
+      }
+    }
+  };
+  int64_t c = 0;
+  for (; c + 2 <= chunks; c += 2) step(c, 0), step(c + 1, 1);
+  if (c < chunks) step(c, 0);
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < MT; ++j) {
+      float sum = hsum8(_mm256_add_ps(acc[r][j][0], acc[r][j][1]));
+      const float* xmin = p.xmin + (m0 + j) * G;
+      for (int64_t g = 0; g < G; ++g) sum += _cvtsh_ss(mn[r * G + g]) * xmin[g];
+      gemv_store(p, m0 + j, n + r, sum);
+    }
+}
+
+template <int R>
+void tiles_q4(const GemvRows& p, int64_t n) {
+  const int64_t M = p.a->m;
+  int64_t m = 0;
+  for (; m + 2 <= M; m += 2) tile_q4<R, 2>(p, n, m);
+  if (m < M) tile_q4<R, 1>(p, n, m);
+}
+
+void gemv_q4(const GemvRows& p, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  if (p.a->m == 1) {
+    for (; n < n1; ++n) tile_q4<1, 1>(p, n, 0);
+    return;
   }
+  for (; n + 2 <= n1; n += 2) tiles_q4<2>(p, n);
+  if (n < n1) tiles_q4<1>(p, n);
 }
 
 // ---- activation quantization (the scalar reference's bytes: exact max, one IEEE division each, ties to even) --
@@ -597,6 +642,114 @@ void attn_axpy(float* out, float p, const void* v, bool bf16, int64_t D) {
   for (int64_t d = 0; d < D; d += 8) storef(out + d, _mm256_fmadd_ps(pv, load8(v, bf16, d, D - d), loadf(out + d, D - d)), D - d);
 }
 
+// Attention of one head for nb <= QB consecutive positions T0 - 1 .. T0 + nb - 2 of one cache row (a block of a
+// prompt's rows; a decode row is a block of one), head_dim D = 8 * ND: avx512.cpp's attend_block within 16 ymm
+// registers. Scores: keys in groups of 4, queries in pairs, 8 accumulators; each key chunk is loaded (and
+// widened, bfloat16) once per pair, and a pair's 8 dot products are summed by one fixed HADD tree (before: one
+// q . k at a time with a full horizontal sum each, and the whole cache re-read per query). Values: 16 of the D
+// dimensions at a time, QB x 2 accumulators, each value loaded once for the block. Every query's arithmetic is the
+// same whatever block it is in: a row's result does not depend on how its prompt was split or batched.
+inline __m256 load_keys8(const char* row, bool bf16, int64_t d) {  // 8 values of a cached row from dimension d
+  if (bf16) return widen_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * d)));
+  return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + d);
+}
+
+inline __m128 sum4x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {  // (sum a0, sum a1, sum a2, sum a3), fixed tree
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+template <int ND, bool BF16, int QB>
+void attend_block(const float* q, int64_t q_stride, int nb, const char* k, const char* v, int64_t pos_bytes,
+                  int64_t T0, float scale, float* scores, float* o, int64_t o_stride) {
+  static_assert(ND % 2 == 0, "values go 16 dimensions at a time");
+  alignas(32) static const float zeros[8 * ND] = {};  // the keys past the block's last one (never read from k)
+  const int64_t Tmax = T0 + nb - 1;
+  const __m128 scale4 = _mm_set1_ps(scale);
+  for (int64_t t = 0; t < Tmax; t += 4) {  // scores[i * Tmax + t] = q_i . k_t * scale
+    const char* kr[4];
+    for (int j = 0; j < 4; ++j)
+      kr[j] = t + j < Tmax ? k + (t + j) * pos_bytes : reinterpret_cast<const char*>(zeros);
+    for (int i = 0; i < nb; i += 2) {
+      const float* q0 = q + i * q_stride;
+      const float* q1 = i + 1 < nb ? q0 + q_stride : q0;  // an odd block's last query: computed twice, kept once
+      __m256 acc[2][4];
+      #pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) acc[0][j] = acc[1][j] = _mm256_setzero_ps();
+      #pragma GCC unroll 16
+      for (int c = 0; c < ND; ++c) {
+        const __m256 x0 = _mm256_loadu_ps(q0 + 8 * c), x1 = _mm256_loadu_ps(q1 + 8 * c);
+        #pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const __m256 kc = load_keys8(kr[j], BF16, 8 * c);  // zeros read as bfloat16 are zeros too
+          acc[0][j] = _mm256_fmadd_ps(x0, kc, acc[0][j]);
+          acc[1][j] = _mm256_fmadd_ps(x1, kc, acc[1][j]);
+        }
+      }
+      alignas(16) float four[2][4];
+      _mm_store_ps(four[0], _mm_mul_ps(sum4x8(acc[0][0], acc[0][1], acc[0][2], acc[0][3]), scale4));
+      _mm_store_ps(four[1], _mm_mul_ps(sum4x8(acc[1][0], acc[1][1], acc[1][2], acc[1][3]), scale4));
+      for (int u = 0; u < 2 && i + u < nb; ++u)
+        for (int j = 0; j < 4 && t + j < Tmax; ++j) scores[(i + u) * Tmax + t + j] = four[u][j];
+    }
+  }
+  float inv[QB];
+  for (int i = 0; i < nb; ++i) {  // softmax of query i over its T0 + i keys
+    float* si = scores + i * Tmax;
+    const int64_t T = T0 + i;
+    __m256 top = _mm256_set1_ps(-INFINITY);
+    int64_t t = 0;
+    for (; t + 8 <= T; t += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(si + t));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, top);
+    float m = lanes[0];
+    for (int l = 1; l < 8; ++l) m = std::max(m, lanes[l]);
+    for (; t < T; ++t) m = std::max(m, si[t]);
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 total = _mm256_setzero_ps();
+    for (t = 0; t < T; t += 8) {
+      const __m256i mk = tail_mask8(T - t);
+      const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_maskload_ps(si + t, mk), mv)), _mm256_castsi256_ps(mk));
+      _mm256_maskstore_ps(si + t, mk, e);
+      total = _mm256_add_ps(total, e);
+    }
+    inv[i] = 1.f / hsum8(total);
+  }
+  for (int c = 0; c < ND; c += 2) {  // out_i += p_i[t] v_t, t in order, for the queries that see key t
+    __m256 acc[QB][2];
+    #pragma GCC unroll 4
+    for (int i = 0; i < QB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < Tmax; ++t) {
+      const char* vr = v + t * pos_bytes;
+      const __m256 v0 = load_keys8(vr, BF16, 8 * c), v1 = load_keys8(vr, BF16, 8 * c + 8);
+      #pragma GCC unroll 4
+      for (int i = 0; i < QB; ++i) {
+        if (i >= nb || t >= T0 + i) continue;
+        const __m256 pt = _mm256_set1_ps(scores[i * Tmax + t]);
+        acc[i][0] = _mm256_fmadd_ps(pt, v0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(pt, v1, acc[i][1]);
+      }
+    }
+    #pragma GCC unroll 4
+    for (int i = 0; i < QB; ++i) {
+      if (i >= nb) continue;
+      const __m256 s = _mm256_set1_ps(inv[i]);
+      _mm256_storeu_ps(o + i * o_stride + 8 * c, _mm256_mul_ps(acc[i][0], s));
+      _mm256_storeu_ps(o + i * o_stride + 8 * c + 8, _mm256_mul_ps(acc[i][1], s));
+    }
+  }
+}
+
+AttendKernel attend_kernel(int64_t D, bool bf16) {
+  switch (D) {
+    case 32: return {bf16 ? attend_block<4, true, 4> : attend_block<4, false, 4>, 4};
+    case 64: return {bf16 ? attend_block<8, true, 4> : attend_block<8, false, 4>, 4};
+    case 96: return {bf16 ? attend_block<12, true, 4> : attend_block<12, false, 4>, 4};
+    case 128: return {bf16 ? attend_block<16, true, 4> : attend_block<16, false, 4>, 4};
+    default: return {nullptr, 1};
+  }
+}
+
 }  // namespace
 
 #if LLAVA_FAST_AVX2_VNNI
@@ -611,7 +764,7 @@ const KernelTable* avx2_kernels() {
       gemm_q4_panel,
       dequantize_rows,
       add_rms_norm_row, rope, store_row, swiglu_row, attn_dot, attn_axpy,
-      attend_kernel_none};  // no register-blocked attention: 16 ymm registers hold too few keys x head_dim
+      attend_kernel};
   return &table;
 }
 

@@ -16,7 +16,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from llava_fast.errors import CheckpointError
-from llava_fast.prompts.templates import default_template_for
+from llava_fast.prompts.templates import checkpoint_name, default_template_for
 
 
 @dataclass
@@ -65,6 +65,9 @@ class TextConfig:
     attention_bias: bool = False  # q/k/v/o projections with biases
     mlp_bias: bool = False  # gate/up/down projections with biases
     tie_word_embeddings: bool = False  # lm_head shares embed_tokens' tensor (small LMs, e.g. SmolLM2)
+    # Mistral's sliding-window attention: a token at position p attends to keys in (p - window, p]. None: every
+    # earlier key (a window at least as long as the context changes nothing and is stored as None).
+    sliding_window: int | None = None
 
     def __post_init__(self):
         if not self.head_dim:
@@ -101,8 +104,9 @@ class LlavaConfig:
     @property
     def exact_unpad(self) -> bool:
         """How AnyRes unpadding rounds (image/anyres.py unpadded_window): as transformers (llava-hf checkpoints)
-        or truncating, as the original code the original-layout checkpoints were trained with."""
-        return self.layout != "original"
+        or truncating, as the original code the original-layout checkpoints were trained with (and the GGUF
+        files llama.cpp converts from them)."""
+        return self.layout not in ("original", "gguf")
 
     @property
     def num_vision_layers_run(self) -> int:
@@ -202,12 +206,10 @@ def text_config_from_dict(d, source="config.json", outer=None) -> TextConfig:
     t = TextConfig(intermediate_size=14336, num_kv_heads=8, max_position_embeddings=131072) if mistral else TextConfig()
     max_positions = d.get("max_position_embeddings", t.max_position_embeddings)
     window = d.get("sliding_window", 4096 if mistral else None)
-    if window is not None and window < max_positions:
-        # Each attention path (CPU native, torch, Triton) attends to every cached position; a window smaller
-        # than the context would change the results past it, so such checkpoints are refused, not run wrong.
-        raise CheckpointError(f"{source}: sliding_window={window} is smaller than the context "
-                              f"(max_position_embeddings={max_positions}); sliding-window attention is not "
-                              "supported (Mistral-7B-Instruct-v0.2, LLaVA-1.6's backbone, has none)")
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise CheckpointError(f"{source}: sliding_window={window!r} must be a positive number of tokens or null")
+    if window is not None and window >= max_positions:
+        window = None  # no position can see past it
     heads = d.get("num_attention_heads", t.num_heads)
     if "num_key_value_heads" not in d:
         kv_heads = t.num_kv_heads if mistral else heads
@@ -237,6 +239,7 @@ def text_config_from_dict(d, source="config.json", outer=None) -> TextConfig:
         attention_bias=not mistral and bool(d.get("attention_bias", False)),  # MistralConfig has neither
         mlp_bias=not mistral and bool(d.get("mlp_bias", False)),
         tie_word_embeddings=_tied(d, outer),
+        sliding_window=window,
     )
 
 
@@ -307,7 +310,7 @@ def llava_hf_config(d, source="config.json") -> LlavaConfig:
 _NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
-def _grid_pinpoints(value, source, tile_size, width_first=False):
+def parse_grid_pinpoints(value, source, tile_size, width_first=False):
     """image_grid_pinpoints as (height, width) pairs, each a multiple of the tile; width_first: the original
     repo's (width, height) pairs. The original also allows a string (a Python literal) and a range
     "(1x1),...,(3x3)", which LLaVA-1.6's checkpoints do not use."""
@@ -333,8 +336,8 @@ def llava_next_config(d, source="config.json") -> LlavaConfig:
         raise CheckpointError(f"{source}: LLaVA-NeXT with vision_feature_select_strategy "
                               f"{d.get('vision_feature_select_strategy')!r} is not supported (only 'default': the "
                               "tiles' CLS features cannot be arranged on the patch grid)")
-    cfg.image_grid_pinpoints = _grid_pinpoints(d.get("image_grid_pinpoints", _NEXT_PINPOINTS), source,
-                                               cfg.vision.image_size)
+    cfg.image_grid_pinpoints = parse_grid_pinpoints(d.get("image_grid_pinpoints", _NEXT_PINPOINTS), source,
+                                                    cfg.vision.image_size)
     return cfg
 
 
@@ -372,7 +375,7 @@ def original_llava_config(d, vision_dict, source="config.json") -> LlavaConfig:
                                   "tiles' CLS features cannot be arranged on the patch grid)")
         if d.get("image_grid_pinpoints") is None:
             raise CheckpointError(f"{source}: image_aspect_ratio anyres needs image_grid_pinpoints")
-        pinpoints = _grid_pinpoints(d["image_grid_pinpoints"], source, vision.image_size, width_first=True)
+        pinpoints = parse_grid_pinpoints(d["image_grid_pinpoints"], source, vision.image_size, width_first=True)
     if d.get("mm_hidden_size") not in (None, vision.hidden_size):
         raise CheckpointError(f"{source}: mm_hidden_size={d['mm_hidden_size']} but the vision tower's "
                               f"hidden_size is {vision.hidden_size}")
@@ -388,7 +391,7 @@ def original_llava_config(d, vision_dict, source="config.json") -> LlavaConfig:
         image_aspect_ratio="pad" if aspect == "pad" else None,
         image_grid_pinpoints=pinpoints,
         layout="original",
-        template=default_template_for(d),
+        template=default_template_for(d, checkpoint_name(source)),
     )
 
 

@@ -7,8 +7,11 @@ In:  text-model.gguf (general.architecture "llama": llama.* hyper-parameters, to
      BF16, Q4_0 ... Q8_0, the K-quants, the IQ types), and optionally mmproj.gguf (general.architecture
      "clip" with clip.has_llava_projector, as llama.cpp's LLaVA image-encoder converter
      tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py writes it: v.* tower, mm.* projector).
+     LLaVA-1.6 (NeXT) mmproj files, from llava_surgery_v2.py's projector and a vision config carrying the
+     original's AnyRes settings, add clip.vision.image_grid_pinpoints (the original's pairs flattened),
+     clip.vision.mm_patch_merge_type "spatial_unpad" and the tensor model.image_newline.
 Out: `read_gguf(...)` -> (LlavaForCausalLM with every weight dequantized to the target dtype, Tokenizer
-     with the file's chat template (tokenizer.chat_template), ImageProcessor or None).
+     with the file's chat template (tokenizer.chat_template), ImageProcessor, AnyResProcessor or None).
      `llava_fast.load("x.gguf", mmproj=...)` calls it.
 
 What llama.cpp's converters change, and how it is undone here:
@@ -22,6 +25,10 @@ What llama.cpp's converters change, and how it is undone here:
 - The mmproj keeps only the CLIP layers LLaVA reads: clip.vision.block_count layers, and the feature taken
   is the last one's output (hidden state block_count; clip.vision.feature_layer, when present, says the
   same). LLaVA drops the CLS token (llama.cpp's "mlp" projector does) and pads images to square (LLaVA-1.5).
+- LLaVA-1.6: the pinpoints are the original config's list flattened, [w0, h0, w1, h1, ...]; llama.cpp reads
+  each pair as (width, height) (clip.cpp: image_res_candidates of clip_image_size {width, height}), as the
+  original does, and the weights come from an original-layout checkpoint, so tiles are arranged and unpadded
+  as for that layout (config.py's original reader; LlavaConfig.exact_unpad).
 
 A text-only GGUF loads as a model without vision tower or projector (config.vision is None); passing it an
 image raises InputError. Weights are read from the memory-mapped file and dequantized a few MiB of rows at a
@@ -37,10 +44,10 @@ import os
 import numpy as np
 import torch
 
-from llava_fast.checkpoints.config import LlavaConfig, TextConfig, VisionConfig
+from llava_fast.checkpoints.config import LlavaConfig, TextConfig, VisionConfig, parse_grid_pinpoints
 from llava_fast.checkpoints.layouts import assign_weights, expected_weights
 from llava_fast.errors import CheckpointError
-from llava_fast.image import ImageProcessor
+from llava_fast.image import AnyResProcessor, ImageProcessor
 from llava_fast.model import LlavaForCausalLM
 
 # GGUF llama tensor names -> this engine's (model.py); blk.N.* are per decoder layer.
@@ -63,7 +70,8 @@ _VISION_NAMES = {"v.class_embd": "vision_tower.embeddings.class_embedding",
                  "mm.2.weight": "multi_modal_projector.linear_2.weight",
                  "mm.2.bias": "multi_modal_projector.linear_2.bias",
                  "mm.weight": "multi_modal_projector.linear_1.weight",  # LLaVA v1's linear projector
-                 "mm.bias": "multi_modal_projector.linear_1.bias"}
+                 "mm.bias": "multi_modal_projector.linear_1.bias",
+                 "model.image_newline": "image_newline"}  # LLaVA-1.6 (llama.cpp's TN_IMAGE_NEWLINE)
 _VISION_LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                        "attn_out": "self_attn.out_proj", "ln1": "layer_norm1", "ln2": "layer_norm2"}
 _VISION_SKIPPED = ("v.post_ln.",)  # feeds only CLIP's pooled output, which LLaVA never reads
@@ -172,8 +180,9 @@ def text_config(f: GGUFFile) -> TextConfig:
     )
 
 
-def vision_config(f: GGUFFile) -> tuple[VisionConfig, int, str]:
-    """(VisionConfig, vision_feature_layer as a hidden-state index, projector type) of an mmproj file."""
+def vision_config(f: GGUFFile) -> tuple[VisionConfig, int, str, tuple | None]:
+    """(VisionConfig, vision_feature_layer as a hidden-state index, projector type, LLaVA-1.6's image grid
+    pinpoints as (height, width) pairs or None) of an mmproj file."""
     if f.get("general.architecture") != "clip" or not f.get("clip.has_vision_encoder", False):
         raise CheckpointError(f"{f.path}: not an mmproj file (a 'clip' GGUF with a vision encoder); "
                               f"its architecture is {f.get('general.architecture')!r}")
@@ -183,8 +192,6 @@ def vision_config(f: GGUFFile) -> tuple[VisionConfig, int, str]:
     if projector != "mlp":
         raise CheckpointError(f"{f.path}: projector type {projector!r} is not supported (LLaVA's 'mlp': "
                               "Linear-GELU-Linear, or one Linear)")
-    if f.get("clip.vision.image_grid_pinpoints") is not None or f.get("clip.vision.mm_patch_merge_type"):
-        raise CheckpointError(f"{f.path}: LLaVA-NeXT / 1.6 image tiling (anyres) is not supported")
     layers = int(f.require("clip.vision.block_count"))
     feature = f.get("clip.vision.feature_layer")
     if feature is not None and len(feature) != 1:
@@ -200,7 +207,37 @@ def vision_config(f: GGUFFile) -> tuple[VisionConfig, int, str]:
         layer_norm_eps=float(f.get("clip.vision.attention.layer_norm_epsilon", 1e-5)),
         hidden_act="gelu" if f.get("clip.use_gelu", False) else "quick_gelu",
     )
-    return vision, layers, "mlp2x_gelu" if "mm.2.weight" in f.tensors else "linear"
+    return vision, layers, "mlp2x_gelu" if "mm.2.weight" in f.tensors else "linear", anyres_pinpoints(f, vision)
+
+
+_PINPOINTS_KEY, _MERGE_KEY, _NEWLINE = ("clip.vision.image_grid_pinpoints", "clip.vision.mm_patch_merge_type",
+                                        "model.image_newline")
+
+
+def anyres_pinpoints(f: GGUFFile, vision: VisionConfig):
+    """LLaVA-1.6's (height, width) pinpoints from an mmproj, or None for a LLaVA-1.5 one (no pinpoints, merge
+    type absent or "flat", no newline). Any of the three without the others is an error naming what is
+    missing: llava-fast arranges tiles only as spatial_unpad does, which needs all three."""
+    pinpoints, merge = f.get(_PINPOINTS_KEY), f.get(_MERGE_KEY)
+    has_newline = _NEWLINE in f.tensors
+    if pinpoints is None and merge in (None, "flat") and not has_newline:
+        return None
+    if merge != "spatial_unpad":
+        found = f"is {merge!r}" if merge is not None else "is missing"
+        raise CheckpointError(f"{f.path}: metadata key {_MERGE_KEY!r} {found}; LLaVA-1.6 image tiling (an mmproj "
+                              f"with {_PINPOINTS_KEY} or {_NEWLINE}) is supported with 'spatial_unpad' only")
+    if pinpoints is None:
+        raise CheckpointError(f"{f.path}: metadata key {_PINPOINTS_KEY!r} is missing (mm_patch_merge_type "
+                              "'spatial_unpad' tiles images at those resolutions)")
+    if not has_newline:
+        raise CheckpointError(f"{f.path}: tensor {_NEWLINE!r} is missing (mm_patch_merge_type 'spatial_unpad' "
+                              "appends it after each row of an image's features)")
+    values = list(pinpoints) if isinstance(pinpoints, (list, tuple)) else None
+    if not values or len(values) % 2 or not all(isinstance(v, int) for v in values):
+        raise CheckpointError(f"{f.path}: {_PINPOINTS_KEY} must be a flat list of width, height integers, got "
+                              f"{pinpoints!r:.120}")
+    pairs = [values[i : i + 2] for i in range(0, len(values), 2)]
+    return parse_grid_pinpoints(pairs, f.path, vision.image_size, width_first=True)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -339,7 +376,7 @@ def read_gguf(path, mmproj=None, *, device, dtype):
     if vision_file is None:
         cfg = LlavaConfig(vision=None, text=text, image_token_id=text.vocab_size, layout="gguf", template="vicuna_v1")
     else:
-        vision, feature_layer, projector = vision_config(vision_file)
+        vision, feature_layer, projector, pinpoints = vision_config(vision_file)
         projector_w = vision_file.tensors.get("mm.2.weight") or vision_file.tensors.get("mm.weight")
         if projector_w is not None and int(projector_w.shape[1]) != text.hidden_size:
             raise CheckpointError(f"{vision_file.path}: the projector outputs {int(projector_w.shape[1])}-wide "
@@ -349,7 +386,8 @@ def read_gguf(path, mmproj=None, *, device, dtype):
         # by the projected features before any embedding lookup (as for original-LLaVA checkpoints).
         cfg = LlavaConfig(vision=vision, text=text, projector_type=projector, vision_feature_layer=feature_layer,
                           vision_feature_select_strategy="default", image_token_id=text.vocab_size,
-                          image_aspect_ratio="pad", layout="gguf", template="vicuna_v1")
+                          image_aspect_ratio=None if pinpoints else "pad", image_grid_pinpoints=pinpoints,
+                          layout="gguf", template="vicuna_v1")
 
     with torch.device("meta"):
         net = LlavaForCausalLM(cfg)
@@ -383,5 +421,9 @@ def read_gguf(path, mmproj=None, *, device, dtype):
         mean = vision_file.get("clip.vision.image_mean")
         std = vision_file.get("clip.vision.image_std")
         overrides = {} if mean is None or std is None else dict(image_mean=tuple(mean), image_std=tuple(std))
-        processor = ImageProcessor.clip(image_size=cfg.vision.image_size, pad=True, **overrides)
+        if cfg.anyres:
+            tile = ImageProcessor.clip(image_size=cfg.vision.image_size, backend="python", **overrides)
+            processor = AnyResProcessor(tile, cfg.image_grid_pinpoints)
+        else:
+            processor = ImageProcessor.clip(image_size=cfg.vision.image_size, pad=True, **overrides)
     return net.eval(), tokenizer, processor

@@ -88,7 +88,7 @@ def load(path, *, device=None, dtype=None, vision_tower=None, mmproj=None, compi
             raise InputError("vision_tower= is for original-LLaVA checkpoints; a GGUF's CLIP tower comes in mmproj=")
         device, dtype = resolve_device_dtype(device, dtype)
         net, tokenizer, processor = read_gguf(path, mmproj, device=device, dtype=dtype)
-        net = prepare_for_inference(net.fuse_projections(), quantize, native_gemv=not compile)
+        net = prepare_for_inference(net.fuse_projections(), quantize, compile=compile)
         return LlavaModel(net, tokenizer, processor, compile=compile)
     if mmproj is not None:
         raise InputError(f"mmproj= goes with a GGUF text model (a .gguf path), not {path}")
@@ -97,7 +97,7 @@ def load(path, *, device=None, dtype=None, vision_tower=None, mmproj=None, compi
     cfg, sources = read_config(path, None if vision_tower is None else os.fspath(vision_tower))
     tokenizer = Tokenizer.from_dir(path)  # before the weights: a missing tokenizer fails fast
     net = prepare_for_inference(load_weights(cfg, sources, device, dtype).fuse_projections(), quantize,
-                                native_gemv=not compile)
+                                compile=compile)
     processor_dir = path if os.path.isfile(os.path.join(path, "preprocessor_config.json")) else (
         os.path.dirname(sources[0][0]) if cfg.layout == "original" else None)
     return LlavaModel(net, tokenizer, checkpoint_image_processor(processor_dir, cfg), compile=compile)

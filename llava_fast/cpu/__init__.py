@@ -7,6 +7,7 @@ reference kept beside its wrapper.
 
     gemv.py           `GemvLinear`: packed weights (float32, bfloat16, int8, int4), the few-row GEMV, its reference
     native_decode.py  the decode step and prefill as one native call (csrc/decode.cpp), and when it may run
+    plan.py           `CpuPlan`: per loaded model, the table, the decode and prefill paths, the threads, and why
     isa.py            which kernel table runs (`llava_fast.cpu_isa()`), LLAVA_FAST_CPU_ISA's check
     quantize.py       weight-only int8 / int4 quantization (torchao's parameters) onto GemvLinear
 """

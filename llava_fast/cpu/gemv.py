@@ -3,7 +3,8 @@
 In: a weight (N, K) in float32 / bfloat16, or quantized by torchao (quantize.py) to int8 rows or int4 groups.
 Out: `GemvLinear`, an nn.Module with nn.Linear's contract (x (..., K) -> (..., N), x's dtype) whose forward
 runs `llava_fast._C.gemv` when x is on the CPU with at most `MAX_GEMV_ROWS` rows, and otherwise F.linear on
-the (dequantized) weight. `reference(x, packed)` is that F.linear path in float32: the oracle of the tests.
+the (dequantized) weight; threads and paths as its model's plan says (plan.py). `reference(x, packed)` is that
+F.linear path in float32: the oracle of the tests.
 
 Formats (csrc/gemv.h): F32 and BF16 hold the weight itself; Q8 uint8 (N, K) holding the int8 weight
 offset-binary (q + 128) + float32 scale (N,): W = (u - 128) * scale; Q4 uint8 (N, K/2) with the two nibbles of
@@ -27,10 +28,9 @@ import torch.nn.functional as F
 # Above this many rows (prefill), oneDNN's blocked GEMM on the dequantized weight is faster than re-running
 # the GEMV per row: the GEMV reads W once per call but does only 1 FMA per weight per row.
 MAX_GEMV_ROWS = 8
-# Quantized layers' prefill GEMM in bfloat16 where oneDNN has AVX512_BF16 (see GemvLinear.forward)
+# Whether oneDNN has AVX512_BF16, for the quantized layers' prefill GEMM (plan.py, GemvLinear.forward)
 PREFILL_BF16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
 _PREFILL_SCRATCH = threading.local()  # .weight: the dense bfloat16 weight of the last quantized prefill GEMM
-THREADS = 0  # GEMV threads; 0: torch.get_num_threads() at each call (see decode_threads)
 
 try:
     from llava_fast import _C
@@ -82,6 +82,8 @@ def unpack_q4(packed):
 class GemvLinear(nn.Module):
     """A bias-free linear layer over a packed weight (see the module docstring). Inference only."""
 
+    plan = None  # its model's CpuPlan (plan.use sets it); None, a layer of no model: torch's threads, every path
+
     def __init__(self, fmt, weight, scale=None, minimum=None, group=None, out_dtype=torch.float32):
         super().__init__()
         self.format, self.group = fmt, group
@@ -107,6 +109,11 @@ class GemvLinear(nn.Module):
         return cls(fmt, weight, out_dtype=weight.dtype)
 
     @property
+    def threads(self):
+        """The native kernels' threads: the plan's (a torch decode step runs torch's own ops on one thread)."""
+        return torch.get_num_threads() if self.plan is None else self.plan.threads
+
+    @property
     def nbytes(self):
         """Bytes one call reads from memory: the packed weight and its scales."""
         return sum(t.numel() * t.element_size() for t in (self.weight, self.scale, self.minimum) if t is not None)
@@ -128,7 +135,7 @@ class GemvLinear(nn.Module):
             s, m = self.scale, self.minimum
             _C.dequantize(w.data_ptr(), self.format, self.out_features, self.in_features, self.group or 0,
                           s.data_ptr(), 0 if m is None else m.data_ptr(), out.data_ptr(), _ACT_DTYPES[dtype],
-                          THREADS or torch.get_num_threads())
+                          self.threads)
             return out
         if self.format == Q8:
             return ((w.float() - 128) * self.scale.view(-1, 1)).to(dtype)
@@ -138,10 +145,11 @@ class GemvLinear(nn.Module):
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1] if x.dim() else 0
-        if (NATIVE and x.device.type == "cpu" and 0 < rows <= MAX_GEMV_ROWS and x.dtype in _ACT_DTYPES
+        native, prefill_bf16 = (NATIVE, PREFILL_BF16) if self.plan is None else (self.plan.gemv, self.plan.prefill_bf16)
+        if (native and x.device.type == "cpu" and 0 < rows <= MAX_GEMV_ROWS and x.dtype in _ACT_DTYPES
                 and x.shape[-1] == self.in_features and not torch.compiler.is_compiling()):
             return gemv(x, self)
-        if self.format in (Q8, Q4) and x.device.type == "cpu" and PREFILL_BF16 and not torch.compiler.is_compiling():
+        if self.format in (Q8, Q4) and x.device.type == "cpu" and prefill_bf16 and not torch.compiler.is_compiling():
             # Prefill (a GEMM) of a quantized layer: on AVX512_BF16 oneDNN's bfloat16 GEMM runs at 2-2.5x its
             # float32 rate, and the weight is a rounding of 4-8-bit values anyway; x is rounded to bfloat16.
             # The dense weight goes into a buffer kept per thread: a fresh (N, K) tensor each call costs ~1 ms
@@ -159,26 +167,22 @@ class GemvLinear(nn.Module):
 
 
 @contextlib.contextmanager
-def decode_threads(device):
-    """Around a CPU decode step: torch's own ops run on one thread and the GEMV on torch's thread count.
+def decode_threads(plan):
+    """Around a torch decode step on the CPU: torch's own ops run on one thread, the GEMVs on the plan's threads.
 
     At batch 1 the torch ops between GEMVs (norms, RoPE, attention over one query) are microseconds long; on
     several threads their OpenMP workers spin against the GEMV pool's for the same cores. SmolLM2-135M int4,
     2 threads, busy 2-core host: 0.9 tok/s with both pools, 4-5 tok/s with torch on one thread (same run).
     """
     threads = torch.get_num_threads()
-    if device.type != "cpu" or not NATIVE or threads == 1:
+    if plan is None or not plan.gemv or threads == 1:
         yield
         return
-    global THREADS
-    saved = THREADS
-    THREADS = saved or threads
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
-        THREADS = saved
 
 
 def gemv(x, layer: GemvLinear, threads=None):
@@ -191,7 +195,7 @@ def gemv(x, layer: GemvLinear, threads=None):
     s, m = layer.scale, layer.minimum
     _C.gemv(x2.data_ptr(), _ACT_DTYPES[x.dtype], M, x2.stride(0), layer.weight.data_ptr(), layer.format, N,
             layer.in_features, layer.group or 0, 0 if s is None else s.data_ptr(), 0 if m is None else m.data_ptr(),
-            y.data_ptr(), N, threads or THREADS or torch.get_num_threads())
+            y.data_ptr(), N, threads or layer.threads)
     return y.view(*x.shape[:-1], N)
 
 
@@ -209,7 +213,7 @@ def gemm_q4(x, layer: GemvLinear, threads=None):
     y = torch.empty(M, N, dtype=torch.float32)
     _C.gemm_q4(x.data_ptr(), M, x.stride(0), layer.weight.data_ptr(), N, layer.in_features, layer.group,
                layer.scale.data_ptr(), layer.minimum.data_ptr(), y.data_ptr(), N,
-               threads or THREADS or torch.get_num_threads())
+               threads or layer.threads)
     return y
 
 

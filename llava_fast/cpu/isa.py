@@ -21,6 +21,11 @@ def cpu_isa() -> str | None:
     return None if _C is None else _C.cpu_isa()
 
 
+def variant() -> str | None:
+    """The exact table in use (e.g. "avx2_vnni", "avx512_vnni"), or None when the native extension is not built."""
+    return None if _C is None else _C.cpu_isa_variant()
+
+
 def best_for_this_cpu() -> str | None:
     """The family of the best table this CPU can run, whatever is forced (None without the extension)."""
     if _C is None:

@@ -1,6 +1,6 @@
 """The CPU decode step in one native call (csrc/decode.cpp), for batches of up to `MAX_ROWS` (64) rows, and
-the prefill of float32 models with float32 or int4 projections (AVX-512 kernels) through the same code (a prompt's
-tokens as rows of one cache row, up to 128 at a time).
+the prefill of float32 models with float32 or int4 projections (AVX-512 kernels), and of bfloat16 models on the AMX
+table, through the same code (a prompt's tokens as rows of one cache row, up to 128 at a time).
 
 In: a LlavaForCausalLM on the CPU in float32 or bfloat16 whose decoder projections are fused (q/k/v and
 gate/up, as load() leaves them) and are GemvLinear layers (any weight format of gemv.py: float32, bfloat16,
@@ -19,9 +19,9 @@ and the glue (SwiGLU, RMSNorm, RoPE, K/V writes) on AVX-512 took tiny's 274 toke
 generate.decode_step (the torch path),
 which tests/test_native_decode.py compares it with: float32 within 1e-4, bfloat16 to bfloat16 rounding.
 
-`for_model(net)` returns None, with the reason in `why_not(net)`, where the native step does not apply (no
-native extension, not on the CPU, a dtype or layer kind it does not know); the Decoder then runs the torch
-path. LLAVA_FAST_NATIVE_DECODE=0 in the environment turns it off (for comparisons).
+`for_model(net)` returns None, with the reason in `why_not(net)`, where the native step cannot run the model (no
+native extension, not on the CPU, a dtype or layer kind it does not know). Whether the Decoder runs it, and its
+prefill, is the model's plan's choice (plan.py); LLAVA_FAST_NATIVE_DECODE=0 at load turns it off (comparisons).
 """
 
 from __future__ import annotations
@@ -31,14 +31,23 @@ import os
 import torch
 import torch.nn as nn
 
-from llava_fast.cpu import gemv, isa
-from llava_fast.cpu.gemv import BF16, F32, Q4, GemvLinear
+from llava_fast.cpu import gemv
+from llava_fast.cpu.gemv import BF16, F32, GemvLinear
 
 # Rows per native step. The GEMVs read each weight once for all rows and do one multiply-add per weight per
 # row; tiny preset, 2 cores, ms per step native vs the torch step: 4 rows 9.3 vs 21.8, 16 rows 29.4 vs 75.3,
 # 64 rows 79 vs 118 (float32); int8/int4 at 64 rows 44 vs 100-103. Above this the torch step runs.
 MAX_ROWS = 64
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def native_bf16_prefill() -> bool:
+    """Whether a bfloat16 model (bfloat16 projections) prefills through the native step: only with the AMX kernel
+    table (csrc/isa/avx512_amx.cpp), whose tiles run a prompt chunk's GEMMs at about oneDNN's speed (SmolLM2's
+    shapes at 128 rows, one thread: 0.8-1.0x F.linear, bench/gemv_rows.py) with no torch op between them. The
+    VDPBF16PS tile of avx512_vnni reaches ~0.2x F.linear at 64-128 rows, so without AMX oneDNN (with the torch
+    ops around it) prefills. Read at each call: the kernels can be switched at run time."""
+    return gemv.NATIVE and gemv._C.cpu_isa_variant() == "avx512_amx"
 
 
 def enabled() -> bool:
@@ -67,10 +76,6 @@ def why_not(net) -> str | None:
     """Why the native step cannot run this model (None: it can)."""
     if not gemv.NATIVE or not hasattr(gemv._C, "DecodeModel"):
         return "the native extension llava_fast._C is not built"
-    if isa.best_for_this_cpu() == "scalar":
-        # Without a SIMD table the native step is the slower path (SmolLM2 float32: 17.0 tok/s against the torch
-        # path's 18.4, whose matmuls are oneDNN's). Scalar forced on a SIMD CPU still runs it: it is the reference.
-        return "this CPU has no SIMD kernel table (scalar only): the torch path decodes faster"
     emb = net.language_model.embed_tokens.weight
     if emb.device.type != "cpu":
         return f"the model is on {emb.device.type}, not the CPU"
@@ -105,64 +110,43 @@ class NativeDecodeStep:
             t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim, t.intermediate_size, self.vocab,
             emb.shape[0], cos.shape[0], float(t.rms_norm_eps), _DTYPES[self.dtype], emb.data_ptr(),
             net.language_model.norm.weight.data_ptr(), cos.data_ptr(), sin.data_ptr(), lm_head)
-        formats = [lm_head[1]]
+        self.model.sliding_window = t.sliding_window or 0
         for layer in net.language_model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears = []
             for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
                 desc, keep = _linear(lin, self.dtype)
                 linears.append(desc)
-                formats.append(desc[1])
                 self._keep += keep
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             self._keep += norms
             self.model.add_layer(norms[0].data_ptr(), norms[1].data_ptr(), *linears)
         self.model.check()
-        # Prefill runs natively too where every decoder projection is float32 or int4 (lm_head: any format, it
-        # sees one row): float32 on the 4 x 6 tile kernel (gemv.cpp), int4 on the prefill GEMM (gemm_q4.cpp), with
-        # no dispatch between them, beat the torch path's oneDNN GEMMs plus ~25 ops a layer (see prefill()).
-        # int8 keeps the torch prefill (dequantize, then oneDNN's bfloat16 GEMM): natively, on the GEMV's int8
-        # tile, it wins only on short prompts (SmolLM2-135M, 2 threads, torch time / native time, medians of 5
-        # interleaved rounds: 1.23 / 1.01 / 0.92 / 0.90 at 64 / 130 / 256 / 512 tokens; 7B layer shapes at 128
-        # tokens 0.76; a LLaVA prompt carries 576 image tokens). The int4 GEMV tile lost the same way (1.06 / 1.00
-        # / 0.86 / 0.80); the GEMM does 2x its multiply-adds per instruction. bfloat16 keeps the torch prefill too
-        # (its multi-row kernel is a GEMV: 349 vs 716 tok/s).
-        self._prefill_weights = self.dtype == torch.float32 and all(f in (F32, Q4) for f in formats[1:])
         # The addresses of what the module holds now: a module whose tensors were replaced since (load_state_dict
         # with assign, .to()) no longer matches, and for_model() builds a new step.
         self.signature = _signature(net)
 
-    @property
-    def prefills(self):
-        """Whether Decoder prefills run here: a float32 model with float32 or int4 projections, and the AVX-512 or
-        AVX2 kernel table in use (csrc/isa/). The scalar table has no tiles: SmolLM2-135M float32, 130 tokens, at
-        11 tok/s against the torch prefill's 289 (EPYC, one thread each, gemv_use_kernels("scalar")). The AVX2
-        table forced on a Sapphire Rapids host (2 threads, loaded): native prefill float32 67 tok/s, int4-32 130,
-        where the torch path gave 20 and 13 (bench real --isa). NEON: not measured (emulated only), so not here.
-        Read at each call: the kernels can be switched at run time."""
-        return self._prefill_weights and gemv._C.cpu_isa() in ("avx512", "avx2")
-
-    def __call__(self, cache, lengths, tokens):
+    def __call__(self, cache, lengths, tokens, threads=None):
         """tokens (B,) at positions lengths (B,) int32 -> logits (B, V) float32; cache rows 0..B-1 of any
-        KVCache view, lengths advanced in place."""
+        KVCache view, lengths advanced in place. threads: the plan's (None: torch's thread count)."""
         B = tokens.shape[0]
         tokens = tokens.reshape(B).to(torch.int64).contiguous()
         assert lengths.dtype == torch.int32 and lengths.is_contiguous() and cache.k.dtype == self.dtype
         k, v = cache.k, cache.v
         assert k.stride() == v.stride() and k.shape[1] >= B
         logits = torch.empty(B, self.vocab, dtype=torch.float32)
-        threads = gemv.THREADS or torch.get_num_threads()
+        threads = threads or torch.get_num_threads()
         self.model.step(tokens.data_ptr(), lengths.data_ptr(), B, k.data_ptr(), v.data_ptr(), k.stride(0),
                         k.stride(1), k.stride(2), k.stride(3), k.shape[3], logits.data_ptr(), threads)
         return logits
 
-    def prefill(self, cache, slot, start, embeds):
+    def prefill(self, cache, slot, start, embeds, threads=None):
         """One prompt's rows: embeds (T, C) in the compute dtype (image features spliced in) at positions
         start..start+T-1 of cache row `slot` -> the last token's logits (1, V) float32; K/V written, causal
         (csrc/decode.h DecodeRows). The reference is the torch prefill (generate.Decoder.prefill_slot's
         decode_hidden), which tests/test_native_decode.py compares it with. int4 projections run the prefill GEMM
         (csrc/gemm_q4.cpp): the same bits however the prompt is split, close to (not the bits of) the decode step
-        fed one token at a time. It also runs int8 weights (the Decoder does not use it for them: see `prefills`):
+        fed one token at a time. It also runs int8 weights (the Decoder does not use it for them: see plan.py):
         then the bits of the native decode step fed one token at a time (the GEMVs' sums do not depend on the
         row count), which the tests check."""
         T = embeds.shape[0]
@@ -173,7 +157,7 @@ class NativeDecodeStep:
         positions = torch.arange(start, start + T, dtype=torch.int32)
         last = torch.tensor([T - 1], dtype=torch.int64)
         logits = torch.empty(1, self.vocab, dtype=torch.float32)
-        threads = gemv.THREADS or torch.get_num_threads()
+        threads = threads or torch.get_num_threads()
         self.model.forward(T, 0, embeds.data_ptr(), slots.data_ptr(), positions.data_ptr(), last.data_ptr(), 1,
                            k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), k.stride(2), k.stride(3), k.shape[3],
                            k.shape[1], logits.data_ptr(), threads, prompt=True)
@@ -189,8 +173,8 @@ def _signature(net):
 
 
 def for_model(net):
-    """The model's NativeDecodeStep (built once and kept on the module), or None where it does not apply."""
-    if not enabled() or why_not(net) is not None:
+    """The model's NativeDecodeStep (built once and kept on the module), or None where it cannot run the model."""
+    if why_not(net) is not None:
         return None
     step = net.__dict__.get("_native_decode_step")
     if step is None or step.signature != _signature(net):

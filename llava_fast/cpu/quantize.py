@@ -39,7 +39,8 @@ import re
 import torch
 import torch.nn as nn
 
-from llava_fast.cpu.gemv import BF16, F32, NATIVE, Q4, Q8, GemvLinear, pack_q4, pack_q8
+from llava_fast.cpu import plan as cpu_plan
+from llava_fast.cpu.gemv import BF16, F32, Q4, Q8, GemvLinear, pack_q4, pack_q8
 from llava_fast.errors import InputError
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -140,14 +141,17 @@ def use_native_gemv(net):
     return net
 
 
-def prepare_for_inference(net, quantize=None, native_gemv=True):
-    """What load() does after reading the weights: quantize (a scheme name) or, on the CPU, route the float
-    linear layers through the native GEMV (not with compile=True: torch.compile traces F.linear instead; a
-    quantized layer there runs F.linear on its dequantized weight). Returns net."""
+def prepare_for_inference(net, quantize=None, compile=False):
+    """What load() does after reading the weights: quantize (a scheme name) or, where the model's CPU plan runs
+    the native GEMV, route the float linear layers through it (not with compile=True: torch.compile traces
+    F.linear instead; a quantized layer there runs F.linear on its dequantized weight); then keep the plan on
+    the model (plan.py). Returns net."""
     if quantize is not None:
-        return quantize_language_model(net, quantize)
-    if native_gemv and net.language_model.embed_tokens.weight.device.type == "cpu" and NATIVE:
-        use_native_gemv(net)
+        quantize_language_model(net, quantize)
+    plan = cpu_plan.make(net, compile=compile)
+    if quantize is None and plan.gemv and not compile:
+        use_native_gemv(net)  # the native step takes float nn.Linear layers too: the plan holds as made
+    cpu_plan.use(net, plan)
     return net
 
 

@@ -16,12 +16,17 @@ after each remaining row. `num_image_tokens` counts the result, so prompts get o
 
 Image sizes are (height, width) throughout, as transformers has them; the original's are (width, height),
 and its pinpoints too, which its config reader swaps (checkpoints/config.py).
+
+`AnyResProcessor(backend=...)` picks the path as `ImageProcessor` does: "python" is `image_tiles` below (Pillow +
+numpy), the reference; "native" (and "auto" where the extension is built) makes one call to llava_fast._C per
+batch: per image, the base tile's resize and the canvas's resize, placed, padded and normalised straight into
+the tiles (native.py). Both give the same bits.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +35,8 @@ import torch
 
 from llava_fast.checkpoints.config import read_json
 from llava_fast.errors import CheckpointError, ImageError
-from llava_fast.image.clip import ImageProcessor, _settings_from_config
+from llava_fast.image import native
+from llava_fast.image.clip import _BACKENDS, BICUBIC, ImageProcessor, _settings_from_config
 from llava_fast.image.loading import load_image
 
 # transformers' LlavaNextImageProcessor names; their preprocessing is this file's.
@@ -117,10 +123,12 @@ def num_image_tokens(height: int, width: int, pinpoints, tile_size: int, patches
 class AnyResProcessor:
     """LlavaNextImageProcessor: `processor(images)` -> (pixel_values (sum of tiles, 3, S, S), image_sizes (N, 2)
     long (height, width)); image i's tiles are its base tile then its grid, row-major, and come before image
-    i + 1's. `tile` holds CLIP's per-tile settings (S = its crop size)."""
+    i + 1's. `tile` holds CLIP's per-tile settings (S = its crop size); `backend` as ImageProcessor's (the
+    tile's own is not used)."""
 
     tile: ImageProcessor
     grid_pinpoints: tuple[tuple[int, int], ...] = LLAVA_NEXT_PINPOINTS
+    backend: str = field(default="auto", compare=False)
 
     def __post_init__(self):
         pinpoints = tuple(tuple(int(v) for v in p) for p in self.grid_pinpoints)
@@ -129,10 +137,12 @@ class AnyResProcessor:
             raise ValueError(f"image_grid_pinpoints must be (height, width) pairs, multiples of the {size}-px tile, "
                              f"got {self.grid_pinpoints}")
         object.__setattr__(self, "grid_pinpoints", pinpoints)
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
 
     @classmethod
-    def clip(cls, image_size: int = 336, grid_pinpoints=LLAVA_NEXT_PINPOINTS) -> AnyResProcessor:
-        return cls(ImageProcessor.clip(image_size=image_size, backend="python"), grid_pinpoints)
+    def clip(cls, image_size: int = 336, grid_pinpoints=LLAVA_NEXT_PINPOINTS, backend: str = "auto") -> AnyResProcessor:
+        return cls(ImageProcessor.clip(image_size=image_size, backend="python"), grid_pinpoints, backend)
 
     @classmethod
     def from_pretrained(cls, path, grid_pinpoints=None) -> AnyResProcessor:
@@ -157,17 +167,49 @@ class AnyResProcessor:
     def tile_size(self) -> int:
         return self.tile.crop_size[0] if self.tile.do_center_crop else self.tile.shortest_edge
 
+    def with_backend(self, backend: str) -> AnyResProcessor:
+        return AnyResProcessor(self.tile, self.grid_pinpoints, backend)
+
+    @property
+    def active_backend(self) -> str:
+        """"native" or "python": the path __call__ takes with these settings on this install."""
+        return "native" if self._use_native() else "python"
+
+    def _native_unsupported_reason(self) -> str | None:
+        """The native path resizes with bicubic only, and writes S x S tiles as they are: the per-tile resize
+        and crop must be no-ops (shortest_edge = S, a square S crop), as in every LLaVA-NeXT config."""
+        tile, size = self.tile, self.tile_size
+        if tile.resample != BICUBIC:
+            return f"resample={tile.resample} (the native path implements bicubic, 3, only)"
+        if tile.shortest_edge != size or (tile.do_center_crop and tile.crop_size != (size, size)):
+            return (f"shortest_edge={tile.shortest_edge} with crop_size={tile.crop_size} (the native AnyRes path "
+                    "needs both equal to the tile size)")
+        return None
+
+    def _use_native(self) -> bool:
+        if self.backend == "python":
+            return False
+        reason = self._native_unsupported_reason()
+        if reason is not None:
+            if self.backend == "native":
+                raise RuntimeError(f"backend='native' asked for, but {reason}")
+            return False
+        return self.tile.with_backend(self.backend)._use_native()  # the extension itself, LLAVA_FAST_NATIVE
+
     def __call__(self, images, *, dtype: torch.dtype = torch.float32, device=None):
         if not isinstance(images, (list, tuple)):
             images = [images]
         if len(images) == 0:
             raise ImageError("no images given")
-        tiles, sizes = [], []
-        for image in images:
-            rgb = np.asarray(load_image(image))  # (H, W, 3) uint8
-            tiles.append(self.image_tiles(rgb))
-            sizes.append(rgb.shape[:2])
-        pixel_values = torch.cat(tiles).to(dtype)
+        if self._use_native():
+            pixel_values, sizes = self._native_tiles(images, dtype, device)
+        else:
+            tiles, sizes = [], []
+            for image in images:
+                rgb = np.asarray(load_image(image))  # (H, W, 3) uint8
+                tiles.append(self.image_tiles(rgb))
+                sizes.append(rgb.shape[:2])
+            pixel_values = torch.cat(tiles).to(dtype)
         image_sizes = torch.tensor(sizes, dtype=torch.long)
         if device is not None:
             pixel_values, image_sizes = pixel_values.to(device), image_sizes.to(device)
@@ -186,6 +228,24 @@ class AnyResProcessor:
         edge = self.tile.shortest_edge
         base = _resize(rgb, edge, edge, self.tile.resample)
         return torch.stack([self.tile.preprocess_python(t) for t in [base] + grid])
+
+    def _native_tiles(self, images, dtype: torch.dtype, device):
+        """image_tiles' result for every image in one native call: per image two placements, the base tile
+        (the image resized to S x S) and the canvas (resized to fit, centred, written as its S x S tiles)."""
+        arrays = [native.native_input(image) for image in images]
+        S = self.tile_size
+        tile_elements = 3 * S * S
+        placements, sizes, tiles = [], [], 0
+        for i, array in enumerate(arrays):
+            height, width = native.input_size(array)
+            best_h, best_w = select_best_resolution(height, width, self.grid_pinpoints)
+            new_h, new_w = fitted_size(height, width, best_h, best_w)
+            placements.append((i, S, S, 0, 0, S, S, S, S, tiles * tile_elements))
+            placements.append((i, new_h, new_w, (best_h - new_h) // 2, (best_w - new_w) // 2, best_h, best_w, S, S,
+                               (tiles + 1) * tile_elements))
+            tiles += 1 + (best_h // S) * (best_w // S)
+            sizes.append((height, width))
+        return native.preprocess_tiles(self.tile, arrays, placements, (tiles, 3, S, S), dtype, device), sizes
 
 
 def _resize(rgb: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:

@@ -2,7 +2,8 @@
 threads, bit for bit (the bicubic filter, Pillow's pass order, the rescale-and-normalise table).
 
 In: an `ImageProcessor` (clip.py) and a list of images. Out: the (N, 3, H, W) pixels, written into a
-preallocated tensor where one is given."""
+preallocated tensor where one is given. `preprocess_tiles` is the general form AnyRes (anyres.py) uses: each
+image resized and placed in a window written as tiles (csrc/preprocess.h's Placement)."""
 
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def unsupported_reason(processor) -> str | None:
     return None
 
 
-def _native_input(image):
+def native_input(image):
     """Any supported image -> what llava_fast._C reads: a PIL RGB image's own memory through the Arrow C
     data interface (Pillow >= 11.2; no copy, where np.asarray(image) costs 0.5 ms for 640x480 in the
     calling thread), else a C-contiguous (H, W, 3) uint8 array."""
@@ -98,7 +99,7 @@ def _native_input(image):
     return np.asarray(load_image(image))
 
 
-def _input_size(item) -> tuple[int, int]:
+def input_size(item) -> tuple[int, int]:
     return (item[2], item[3]) if isinstance(item, tuple) else item.shape[:2]
 
 
@@ -121,10 +122,10 @@ def check_out(out: torch.Tensor, shape, dtype: torch.dtype) -> None:
 
 def preprocess(processor, images, dtype: torch.dtype, out, device) -> torch.Tensor:
     native = _native_module()
-    arrays = [_native_input(image) for image in images]
+    arrays = [native_input(image) for image in images]
     sizes = []
     for array in arrays:
-        height, width = _input_size(array)
+        height, width = input_size(array)
         if processor.image_aspect_ratio == "pad":
             height = width = max(height, width)
         if processor.do_resize:
@@ -137,20 +138,8 @@ def preprocess(processor, images, dtype: torch.dtype, out, device) -> torch.Tens
     else:
         raise ImageError(f"without center crop the images resize to different sizes {sorted(set(sizes))}; "
                          "they cannot form one batch")
-    compute_dtype = dtype if dtype in _OUTPUT_BITS else torch.float32
     shape = (len(arrays), 3, out_height, out_width)
-    writes_into_out = (
-        out is not None and out.device.type == "cpu" and out.dtype == compute_dtype and out.is_contiguous()
-    )
-    if writes_into_out:
-        check_out(out, shape, dtype)
-        pixels = out
-    elif device is not None and torch.device(device).type == "cuda":
-        pixels = torch.empty(shape, dtype=compute_dtype, pin_memory=True)  # so the copy can overlap
-    else:
-        pixels = _empty_cpu(shape, compute_dtype)
-    levels = torch.arange(256, dtype=torch.uint8).expand(3, 256)  # (3, 256): every uint8 level per channel
-    table = processor.rescale_and_normalize(levels).to(compute_dtype).contiguous()
+    pixels, table, compute_dtype = _output_and_table(processor, shape, dtype, out, device)
     bits = _OUTPUT_BITS[compute_dtype]
     try:
         native.preprocess_into(
@@ -165,6 +154,39 @@ def preprocess(processor, images, dtype: torch.dtype, out, device) -> torch.Tens
     except ValueError as err:  # arrays are checked above, so this means a bug or an exotic buffer
         raise ImageError(f"native preprocessing rejected the input: {err}") from err
     return pixels if compute_dtype == dtype else pixels.to(dtype)
+
+
+def preprocess_tiles(processor, arrays, placements, shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """arrays: native_input() of each image; placements: (image, resized_height, resized_width, top, left,
+    window_height, window_width, tile_height, tile_width, out_offset) tuples, offsets in elements of the
+    `shape` output, bicubic resizes (no pad-to-square); `processor` gives the rescale and normalisation."""
+    pixels, table, compute_dtype = _output_and_table(processor, shape, dtype, None, device)
+    bits = _OUTPUT_BITS[compute_dtype]
+    try:
+        _native_module().preprocess_tiles_into(arrays, placements, pixels.view(bits).numpy(), table.view(bits).numpy(),
+                                               _native_state["pass_order"], torch.get_num_threads())
+    except ValueError as err:  # the geometry is computed by the caller, so this means a bug or an exotic buffer
+        raise ImageError(f"native preprocessing rejected the input: {err}") from err
+    return pixels if compute_dtype == dtype else pixels.to(dtype)
+
+
+def _output_and_table(processor, shape, dtype: torch.dtype, out, device):
+    """The tensor to write (out itself where it can be) and the (3, 256) table of every uint8 level's output
+    value, both in the dtype the extension writes (float32, float16 or bfloat16; others are cast after)."""
+    compute_dtype = dtype if dtype in _OUTPUT_BITS else torch.float32
+    writes_into_out = (
+        out is not None and out.device.type == "cpu" and out.dtype == compute_dtype and out.is_contiguous()
+    )
+    if writes_into_out:
+        check_out(out, shape, dtype)
+        pixels = out
+    elif device is not None and torch.device(device).type == "cuda":
+        pixels = torch.empty(shape, dtype=compute_dtype, pin_memory=True)  # so the copy can overlap
+    else:
+        pixels = _empty_cpu(shape, compute_dtype)
+    levels = torch.arange(256, dtype=torch.uint8).expand(3, 256)  # (3, 256): every uint8 level per channel
+    table = processor.rescale_and_normalize(levels).to(compute_dtype).contiguous()
+    return pixels, table, compute_dtype
 
 
 _warned: set = set()

@@ -27,6 +27,8 @@ EOS.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 
 from llava_fast.errors import InputError, count
@@ -197,7 +199,21 @@ def format_user_turn(text: str, num_images: int) -> str:
     return text
 
 
-def default_template_for(config: dict) -> str:
+def checkpoint_name(config_path: str) -> str:
+    """A checkpoint's name as the original LLaVA code takes it (get_model_name_from_path): its directory's name,
+    or "<run>_checkpoint-N" for a trainer's intermediate checkpoint directory."""
+    parts = os.path.dirname(os.path.abspath(config_path)).rstrip("/").split("/")
+    return f"{parts[-2]}_{parts[-1]}" if parts[-1].startswith("checkpoint-") and len(parts) > 1 else parts[-1]
+
+
+def _is_yi_34b(config: dict, name: str) -> bool:
+    """LLaVA-1.6 34B: the original's CLI picks chatml_direct when the model name holds "v1.6-34b"; its base,
+    Nous-Hermes-2-Yi-34B, may also be named by the config's _name_or_path."""
+    names = f"{name} {config.get('_name_or_path') or ''}".lower()
+    return "v1.6-34b" in names or re.search(r"(?<![a-z])yi(?![a-z])", names) is not None
+
+
+def default_template_for(config: dict, name: str = "") -> str:
     """The chat template a checkpoint's config.json implies:
 
     - llava-hf (LlavaForConditionalGeneration: model_type "llava" with text_config/vision_config) -> llava_hf
@@ -206,7 +222,9 @@ def default_template_for(config: dict) -> str:
       checkpoints ship their own chat template, which is used first)
     - original LLaVA (LlavaLlamaForCausalLM with mm_* fields) and an MLP projector (mm_projector_type
       "mlp2x_gelu": LLaVA-1.5, trained with conv "v1") -> vicuna_v1
-    - original LLaVA-1.6 (image_aspect_ratio "anyres") -> mistral_instruct (LlavaMistralForCausalLM) or llava_v1
+    - original LLaVA-1.6 (image_aspect_ratio "anyres") -> mistral_instruct (LlavaMistralForCausalLM), chatml_direct
+      for the 34B on Nous-Hermes-2-Yi-34B (the checkpoint `name` holds "v1.6-34b", or its config names Yi), as
+      the original's CLI picks them, else llava_v1
     - original LLaVA with a linear projector (LLaVA v0) -> llava_v0. LLaVA-v1 "Lightning" and LLaMA-2 based
       checkpoints also have a linear projector but were trained with llava_v1 / llava_llama_2: name the
       template explicitly for them; a config does not say which.
@@ -222,7 +240,9 @@ def default_template_for(config: dict) -> str:
             a.startswith("Llava") and a.endswith("ForCausalLM") for a in architectures):
         if config.get("image_aspect_ratio") == "anyres":  # LLaVA-1.6, as for llava-hf's above
             mistral = config.get("model_type") == "llava_mistral" or "LlavaMistralForCausalLM" in architectures
-            return "mistral_instruct" if mistral else "llava_v1"
+            if mistral:
+                return "mistral_instruct"
+            return "chatml_direct" if _is_yi_34b(config, name) else "llava_v1"
         projector = config.get("mm_projector_type", "linear")
         return "vicuna_v1" if projector.startswith("mlp") else "llava_v0"
     raise InputError(f"cannot tell the chat template of a config with model_type {config.get('model_type')!r} "

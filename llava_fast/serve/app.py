@@ -168,8 +168,6 @@ def _validation_message(err: RequestValidationError):
 def create_app(model, config: ServeConfig | None = None, scheduler: Scheduler | None = None) -> FastAPI:
     """The FastAPI app serving `model` (a LlavaModel). The scheduler starts and stops with the app."""
     config = config or ServeConfig()
-    if model.config.anyres:  # the scheduler's image cache and admission count one tile per image
-        raise InputError("LLaVA-NeXT (AnyRes) checkpoints cannot be served yet; use generate/stream/chat")
     scheduler = scheduler or Scheduler(model, max_batch=config.max_batch, max_model_len=config.max_model_len,
                                        max_waiting=config.max_waiting,
                                        image_cache_bytes=int(config.image_cache_mb * (1 << 20)),
@@ -246,13 +244,15 @@ def create_app(model, config: ServeConfig | None = None, scheduler: Scheduler | 
             raise InputError(f"the model {config.model_name!r} is text-only: it takes no images, but the request "
                              f"has {count(len(urls), 'image_url part')}; send text parts only")
         if len(urls) > config.max_images_per_request:
-            raise InputError(f"the request has {count(len(urls), 'image')}; at most {config.max_images_per_request} "
-                             "are allowed per request")
+            limit = config.max_images_per_request
+            raise InputError(f"the request has {count(len(urls), 'image')}; at most {limit} "
+                             f"{'is' if limit == 1 else 'are'} allowed per request")
         images = [load_image_url(u, allowed_local_media_path=config.allowed_local_media_path,
                                  max_pixels=config.max_image_pixels) for u in urls]
         keys = [hashlib.blake2b(np.asarray(im).tobytes(), digest_size=16, key=str(im.size).encode()).hexdigest()
                 for im in images]
-        ids = model.encode_prompt(turns, len(images), system=system)
+        sizes = [(im.height, im.width) for im in images]  # LLaVA-NeXT: an image's positions follow from its size
+        ids = model.encode_prompt(turns, len(images), system=system, image_sizes=sizes)
         room = scheduler.max_model_len - len(ids)
         requested = body.max_completion_tokens or body.max_tokens
         max_tokens = requested or min(config.default_max_tokens, room)
@@ -263,7 +263,8 @@ def create_app(model, config: ServeConfig | None = None, scheduler: Scheduler | 
             raise InputError("top_logprobs needs logprobs: true")
         if body.min_tokens > max_tokens:
             raise InputError(f"min_tokens ({body.min_tokens}) must be at most max_tokens ({max_tokens})")
-        return dict(ids=ids, images=images, image_keys=keys, max_tokens=max_tokens,
+        return dict(ids=ids, images=images, image_keys=keys, image_tokens=model.image_token_counts(sizes),
+                    max_tokens=max_tokens,
                     sampling=Sampling(body.temperature, body.top_p, body.top_k, body.seed,
                                       min_tokens=body.min_tokens, ignore_eos=body.ignore_eos),
                     stop=model._stop_strings(body.stop, None), logprobs=body.logprobs,

@@ -26,7 +26,7 @@ class TextPart(BaseModel):
 
 class ImageURL(BaseModel):
     url: StrictStr
-    detail: StrictStr | None = None  # accepted and ignored: LLaVA-1.5 sees every image at one resolution
+    detail: StrictStr | None = None  # accepted and ignored: the checkpoint's preprocessing sets the resolution
 
 
 class ImagePart(BaseModel):

@@ -1,7 +1,10 @@
 """The continuous-batching engine behind `llava-fast serve`: one thread owns the model and its KV cache.
 
-In:  `Request`s (prompt ids with image tokens expanded, decoded images keyed by a pixel hash, sampling
-     settings, a thread-safe `emit` callback) through `Scheduler.submit()` from any thread.
+In:  `Request`s (prompt ids with image tokens expanded, decoded images keyed by a pixel hash with the number
+     of positions each fills, sampling settings, a thread-safe `emit` callback) through `Scheduler.submit()`
+     from any thread. An image fills a fixed number of positions (LLaVA v1 / 1.5: 576) or, LLaVA-NeXT, a
+     number that depends on its size (its base tile, the unpadded AnyRes grid and one newline per grid row:
+     image/anyres.py); every count below (admission, the token budget, the caches) uses each image's own.
 Out: `Event`s through each request's `emit`: "token" (a text delta and, when asked, that token's logprobs),
      then exactly one "done" (finish_reason "stop"/"length", token counts) or "error".
 
@@ -10,12 +13,13 @@ The loop (after vLLM's and Orca's iteration-level scheduling, Yu et al. 2022), o
      tokens) and the longest cached prefix of its prompt (below); it is then a prefilling row.
   2. chunked prefill: the iteration's token budget (max_batched_tokens, vLLM's max_num_batched_tokens) goes to
      the decoding rows first, one token each; what is left goes to the prefilling rows in admission order: a
-     row's images the feature cache lacks go through the vision tower (counted as num_image_tokens tokens
-     each), then its prompt enters its slot in slices of the budget (`Decoder.prefill_embeddings`), the other
+     row's images the feature cache lacks go through the vision tower (counted as the positions each
+     fills), then its prompt enters its slot in slices of the budget (`Decoder.prefill_embeddings`), the other
      rows keeping their K/V. When its last slice is in, its first token is sampled and it decodes. A new
      image's 576 tokens thus no longer stall every decoding row for the whole prefill: each step waits for at
      most one budget's worth of prefill. The vision tower is not split (one image's tower is one piece of work):
-     it runs in an iteration with no other prefill slice.
+     it runs in an iteration with no other prefill slice; a request's missing images, all their tiles, go
+     through it as one batch.
   3. step: one decode step for rows [0, highest decoding slot] together; each row samples its own next token.
   4. a row that ends (EOS, stop string, max_tokens) or is cancelled (client gone) frees its slot at once.
 Rows never pad each other: each row attends only to its own positions (see generate.py), so a row's greedy
@@ -23,9 +27,10 @@ output equals `generate()` of the same request alone, whatever else shares the b
 was sliced (tests/test_serve_chunked.py).
 
 Two caches save work for repeated images:
-  - image features: CLIP features (before the projector, which is cheap; Cv = 1024 wide instead of the
-    decoder's 4096, so 4x more images per MiB on llava-1.5-7b) in an LRU keyed by the hash of the decoded
-    pixels and bounded in bytes: a repeated image skips preprocessing and the vision tower.
+  - image features: CLIP features of all of an image's tiles (before the projector, which is cheap, and before
+    LLaVA-NeXT's unpadding; Cv = 1024 wide instead of the decoder's 4096, so 4x more images per MiB on
+    llava-1.5-7b) in an LRU keyed by the hash of the decoded pixels and their size, bounded in bytes: a
+    repeated image skips preprocessing and the vision tower.
   - prefix reuse: a freed slot keeps the K/V of its prompt (and reply), and a running row's prompt K/V stays
     as it is while the row decodes; a new request takes the longest prefix of its own that any row holds
     (image positions compared by image hash), in place when it is a free row's whole cache, else copied into
@@ -61,6 +66,7 @@ from llava_fast.generate import (
     sample_next_token,
     suppress_eos,
 )
+from llava_fast.image import anyres
 from llava_fast.serve.kv_memory import KVMemory, default_kv_cache_memory
 
 log = logging.getLogger("llava_fast.serve")
@@ -97,11 +103,13 @@ class Event:
 @dataclass
 class Request:
     """One generation. ids: the prompt with image tokens expanded; images: decoded PIL RGB images, in the
-    order of their token runs; image_keys: a hash of each image's pixels (the feature-cache key)."""
+    order of their token runs; image_keys: a hash of each image's pixels and size (the feature-cache key);
+    image_tokens: the positions each image's run fills in ids."""
 
     ids: list[int]
     images: list
     image_keys: list[str]
+    image_tokens: list[int]
     max_tokens: int
     sampling: Sampling
     stop: list[str]
@@ -110,13 +118,14 @@ class Request:
     top_logprobs: int = 0
     arrival: float = field(default_factory=time.perf_counter)
     cancelled: bool = False  # set from any thread; the scheduler frees the row at its next step
+    stage_seconds: dict = field(default_factory=dict)  # the first token's wait by part (ServeMetrics.stage_clock)
 
     def cancel(self):
         self.cancelled = True
 
 
 class FeatureCache:
-    """LRU of CLIP image features keyed by pixel hash, bounded by the bytes its tensors hold."""
+    """LRU of CLIP image features (tiles, L, Cv) keyed by pixel hash, bounded by the bytes its tensors hold."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes, self.bytes = max_bytes, 0
@@ -346,41 +355,57 @@ class Scheduler:
 
     def _prompt_keys(self, req):
         """The prompt as cache keys: token ids, with each image position as (image hash, index in image)."""
-        image_id, n = self.model.image_token_id, self.model.num_image_tokens
-        keys, seen = [], 0
+        image_id = self.model.image_token_id
+        keys, image, index = [], 0, 0
         for t in req.ids:
             if t == image_id:
-                keys.append((req.image_keys[seen // n], seen % n))
-                seen += 1
+                keys.append((req.image_keys[image], index))
+                index += 1
+                if index == req.image_tokens[image]:
+                    image, index = image + 1, 0
             else:
                 keys.append(t)
         return keys
 
     def _prefill_cost(self, req):
         """A request's admission work in prompt tokens: those after the longest prefix any row's cache holds,
-        plus num_image_tokens for each image the feature cache lacks (the vision tower's work is of that
-        order: 0.7 s for one image against 2.1 s to prefill 328 tokens, tiny preset on the 2-core CPU)."""
+        plus the positions of each image the feature cache lacks (the vision tower's work is of that order:
+        0.7 s for one 576-position image against 2.1 s to prefill 328 tokens, tiny preset on the 2-core CPU;
+        a LLaVA-NeXT image's tiles and positions grow together, 577 tower tokens per tile)."""
         keys = self._prompt_keys(req)
         cached = max([common_prefix(keys, held) for held in self.slot_keys] + [self._kept_prefix(keys)[1]])
-        missing = sum(self.features.entries.get(k) is None for k in req.image_keys)
-        return len(keys) - cached + missing * self.model.num_image_tokens
+        missing = sum(n for k, n in zip(req.image_keys, req.image_tokens) if self.features.entries.get(k) is None)
+        return len(keys) - cached + missing
 
     def _image_features(self, req, first_image):
-        """(CLIP features (K, num_image_tokens, Cv) of the request's images from first_image on, how many of
-        them went through the vision tower)."""
-        out, missing = [None] * (len(req.images) - first_image), []
-        for i, key in enumerate(req.image_keys[first_image:]):
-            out[i] = self.features.get(key)
-            (self.metrics.image_cache_hits if out[i] is not None else self.metrics.image_cache_misses).inc()
-            if out[i] is None:
-                missing.append(i)
+        """(CLIP features (tiles, L, Cv) of the request's images from first_image on, their tiles concatenated
+        in order; (N, 2) image sizes for LLaVA-NeXT, else None; the positions of the images that went through
+        the vision tower)."""
+        images, keys = req.images[first_image:], req.image_keys[first_image:]
+        out = [self.features.get(key) for key in keys]
+        missing = {}  # key -> index of its first occurrence: an image repeated within the request runs once
+        for i, features in enumerate(out):
+            if features is None:
+                missing.setdefault(keys[i], i)
+        self.metrics.image_cache_hits.inc(len(out) - len(missing))
+        self.metrics.image_cache_misses.inc(len(missing))
         if missing:
-            pixel_values = self.model.pixel_values([req.images[first_image + i] for i in missing])
-            computed = self.model.net.image_features(pixel_values)
-            for i, features in zip(missing, computed):
-                out[i] = features
-                self.features.put(req.image_keys[first_image + i], features)
-        return (torch.stack(out) if out else None), len(missing)
+            clock = self.metrics.stage_clock(req, self.model.device)
+            pixel_values, sizes = self.model.image_inputs([images[i] for i in missing.values()])  # all tiles
+            clock("preprocess")
+            computed = self.model.net.image_features(pixel_values)  # (tiles, L, Cv), one batch
+            clock("vision")
+            cfg = self.model.config
+            tiles = [1] * len(missing) if sizes is None else [
+                anyres.num_tiles(h, w, cfg.image_grid_pinpoints, cfg.vision.image_size) for h, w in sizes.tolist()]
+            fresh = dict(zip(missing, computed.split(tiles)))
+            for key, features in fresh.items():
+                self.features.put(key, features)
+            out = [fresh[k] if f is None else f for k, f in zip(keys, out)]
+        sizes = (torch.tensor([(im.height, im.width) for im in images], dtype=torch.long)
+                 if self.model.config.anyres else None)
+        towered = sum(req.image_tokens[first_image + i] for i in missing.values())
+        return (torch.cat(out) if out else None), sizes, towered
 
     def _admit(self, req):
         """Give req a slot and start its prefill; False (nothing changed) when the KV-cache budget cannot hold
@@ -393,11 +418,9 @@ class Scheduler:
         keys = self._prompt_keys(req)
         slot, common = self._choose_slot(keys)
         common = min(common, len(keys) - 1)  # at least one new token gives the next-token logits
-        n_img = self.model.num_image_tokens
         while common > 0 and not isinstance(keys[common], int) and keys[common][1] != 0:
             common -= 1  # never start mid-image: the splice takes whole images
-        # images inside the reused prefix (a text-only model has n_img 0 and no image keys)
-        first_image = sum(1 for k in keys[:common] if not isinstance(k, int)) // n_img if n_img else 0
+        first_image = sum(1 for k in keys[:common] if not isinstance(k, int) and k[1] == 0)  # images in the prefix
         self.metrics.image_cache_hits.inc(first_image)  # images inside the reused prefix skip the tower too
         if self.kv is not None:
             self._make_room(slot, need)
@@ -453,16 +476,20 @@ class Scheduler:
                 if self.fault is not None:
                     self.fault()
                 if row.embeddings is None:
-                    features, towered = (self._image_features(req, row.first_image)
-                                         if len(req.images) > row.first_image else (None, 0))
+                    features, sizes, towered = (self._image_features(req, row.first_image)
+                                                if len(req.images) > row.first_image else (None, None, 0))
+                    clock = self.metrics.stage_clock(req, self.model.device)
                     ids = torch.as_tensor([req.ids[row.start:]], dtype=torch.long, device=self.model.device)
-                    row.embeddings = self.model.net.embed(ids, image_features=features)[0]  # (T, C)
-                    left -= towered * self.model.num_image_tokens
+                    row.embeddings = self.model.net.embed(ids, image_features=features, image_sizes=sizes)[0]  # (T, C)
+                    clock("vision" if features is not None else "prefill")  # the projector, or embedding rows
+                    left -= towered
                     if left <= 0:
                         break
                 n = min(left, len(req.ids) - row.position)
                 x = row.embeddings[row.position - row.start: row.position - row.start + n]
+                clock = self.metrics.stage_clock(req, self.model.device)
                 logits = self.decoder.prefill_embeddings(slot, x, row.position)
+                clock("prefill")
             except Exception:
                 log.exception("prefill failed")
                 self.prefilling.remove(row)
@@ -521,7 +548,7 @@ class Scheduler:
         delta = row.out.push(token)
         now = time.perf_counter()
         if row.last_time is None:
-            self.metrics.time_to_first_token.observe(now - req.arrival)
+            self.metrics.observe_first_token(now - req.arrival, req.stage_seconds)
         else:
             self.metrics.observe_inter_token(now - row.last_time)
         row.last_time = now

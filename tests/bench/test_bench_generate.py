@@ -98,6 +98,22 @@ def test_figures_agree_with_their_definitions(result):
         assert f["value"] == pytest.approx(100 * bw["value"] / measured)
 
 
+def test_first_token_of_an_image_request_in_three_parts(result):
+    """Preprocessing, tower + projector and prefill: each measured (2 rounds), positive, and round by round their
+    sum at most the whole first-token time they split; the markdown shows them."""
+    figs, natural = result["figures"], result["settings"]["contexts"][0]
+    parts = [report.find_one(figs, name, engine="llava-fast/torch", batch=1, context=natural)
+             for name in generate_bench.TTFT_SPLIT]
+    assert all(p is not None and len(p["samples"]) == 2 and p["value"] > 0 for p in parts)
+    *split, total = parts
+    for i in range(2):
+        assert sum(p["samples"][i] for p in split) <= total["samples"][i]
+    assert not report.find(figs, "ttft_vision", engine="transformers")
+    text = generate_bench.markdown(result)
+    assert "| engine | preprocess | tower + projector | prefill | total |" in text
+    assert f"| llava-fast/torch | {report.fmt(split[0]['value'])} |" in text
+
+
 def test_transformers_baseline_computes_the_same_model(result):
     parity = result["checks"]["transformers_parity"]
     assert parity["same_argmax"] and parity["max_abs_logit_diff"] < 1e-4
@@ -195,3 +211,60 @@ def test_token_agreement_counts_up_to_first_difference():
 
 def test_unusable_context_is_an_input_error():
     assert main(["bench", "--device", "cpu", "--contexts", "10", "--no-transformers", "--repeats", "1"]) == 2
+
+
+def test_next_presets_and_their_defaults():
+    """llava-v1.6-mistral-7b: Mistral-7B-Instruct-v0.2's decoder, CLIP ViT-L/14-336 and LLaVA-1.6's pinpoints, so the
+    bench's 672x672 image is 5 tiles and 2,928 positions (as transformers' LlavaNextProcessor counts them, see
+    test_anyres.py); tiny-next has the same tiles. Their bench defaults: the prompt as is, batch 1 on a CPU."""
+    from llava_fast.image import anyres
+    from llava_fast.presets import preset_config
+
+    for name in ("llava-v1.6-mistral-7b", "tiny-next"):
+        cfg = preset_config(name)
+        assert cfg.anyres and cfg.vision.image_size == 336 and cfg.template == "mistral_instruct"
+        P = cfg.vision.image_size // cfg.vision.patch_size
+        assert anyres.num_tiles(672, 672, cfg.image_grid_pinpoints, 336) == 5
+        assert anyres.num_image_tokens(672, 672, cfg.image_grid_pinpoints, 336, P, cfg.num_image_tokens) == 2928
+        assert generate_bench.defaults_for("cpu", name)["batch_sizes"] == [1]
+        assert generate_bench.defaults_for("cpu", name)["contexts"] == ["prompt"]
+    t = preset_config("llava-v1.6-mistral-7b").text
+    assert (t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads, t.intermediate_size) == (4096, 32, 32, 8, 14336)
+    assert (t.rope_theta, t.max_position_embeddings, t.sliding_window) == (1e6, 32768, None)
+    assert generate_bench.defaults_for("cpu", "tiny") == generate_bench.DEFAULTS["cpu"]
+
+
+def test_next_bench_runs_beside_transformers_next(tmp_path, monkeypatch):
+    """The LLaVA-NeXT path of the bench end to end, on a preset small enough for a test (28-px tiles, the
+    pinpoints scaled to them): transformers' LlavaNextForConditionalGeneration on the same tensors computes the
+    same logits, both engines get the tiles and image_sizes and generate the same tokens, the image is 5 tiles."""
+    from llava_fast import presets
+    from llava_fast.checkpoints.config import LlavaConfig, TextConfig, VisionConfig
+
+    micro = LlavaConfig(
+        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, image_size=28),
+        text=TextConfig(vocab_size=32064, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                        num_kv_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5),
+        vision_feature_layer=-1, image_grid_pinpoints=((28, 56), (56, 28), (56, 56), (84, 28), (28, 84)),
+        template="mistral_instruct")
+    monkeypatch.setitem(presets.PRESETS, "micro-next", micro)
+    path = str(tmp_path / "next.json")
+    assert main(["bench", "generate", "--preset", "micro-next", "--device", "cpu", "--new-tokens", "3",
+                 "--repeats", "2", "--json", path]) == 0
+    with open(path) as f:
+        doc = json.load(f)
+    s = doc["settings"]
+    model = presets.random_model("micro-next")
+    pixels, sizes = generate_bench.bench_image(model)
+    assert pixels.shape == (5, 3, 28, 28) and sizes.tolist() == [[672, 672]]
+    prompt = model.encode_prompt(generate_bench.PROMPT, 1, image_sizes=sizes.tolist())
+    assert sum(t == model.image_token_id for t in prompt) == model.image_token_counts([[672, 672]])[0]
+    assert s["batch_sizes"] == [1] and s["contexts"] == [len(prompt)]
+    assert s["engines"] == ["llava-fast/torch", "transformers"]
+    parity = doc["checks"]["transformers_parity"]
+    assert parity["same_argmax"] and parity["max_abs_logit_diff"] < 1e-4
+    assert [a["agreement"] for a in doc["checks"]["greedy_agreement"]] == [1.0]
+    for name in ("time_to_first_token", "decode_throughput"):
+        for engine in s["engines"]:
+            assert len(report.find_one(doc["figures"], name, engine=engine)["samples"]) == 2
+    assert report.find_one(doc["figures"], "ttft_speedup", engine="llava-fast/torch", baseline="transformers")

@@ -52,15 +52,18 @@ def make_cached_inputs(B, T, H, Hkv, D, cache_len, dtype):
     return q, k, v, k_cache, v_cache, cos, sin
 
 
-def check_cached_attention(q, k, v, k_cache, v_cache, cos, sin, start_pos, seq_lens):
-    """Run kernel, same-dtype reference and fp32 reference on copies of the cache; compare outputs and caches."""
+def check_cached_attention(q, k, v, k_cache, v_cache, cos, sin, start_pos, seq_lens, window=0):
+    """Run kernel, same-dtype reference and fp32 reference on copies of the cache; compare outputs and caches.
+    window > 0: Mistral's sliding window, each position sees its last `window` keys."""
     start_pos = torch.tensor(start_pos, device=DEVICE)
     seq_lens = torch.tensor(seq_lens, device=DEVICE)
     caches = {name: (k_cache.clone(), v_cache.clone()) for name in ("kernel", "torch")}
     caches["fp32"] = (k_cache.float(), v_cache.float())
-    out = attention_prefill.rotary_cached_attention(q, k, v, cos, sin, *caches["kernel"], start_pos, seq_lens)
-    same_dtype = reference_cached(q, k, v, cos, sin, *caches["torch"], start_pos, seq_lens)
-    fp32 = reference_cached(q.float(), k.float(), v.float(), cos, sin, *caches["fp32"], start_pos, seq_lens)
+    out = attention_prefill.rotary_cached_attention(q, k, v, cos, sin, *caches["kernel"], start_pos, seq_lens,
+                                                    window)
+    same_dtype = reference_cached(q, k, v, cos, sin, *caches["torch"], start_pos, seq_lens, window)
+    fp32 = reference_cached(q.float(), k.float(), v.float(), cos, sin, *caches["fp32"], start_pos, seq_lens,
+                            window)
     assert_close_to_reference("out", out, same_dtype, fp32)
     # Whole caches: written slots hold the rotated K / V; the prefix and the slots past each row's new
     # tokens (padding never reaches the cache) must be untouched.
@@ -107,6 +110,94 @@ def test_decode_matches_reference(dtype, case):
     torch.manual_seed(0)
     B, H, Hkv, D, cache_len, start_pos, seq_lens = DECODE_CASES[case]
     check_cached_attention(*make_cached_inputs(B, 1, H, Hkv, D, cache_len, dtype), start_pos, seq_lens)
+
+
+# (B, T, H, Hkv, D, start_pos, seq_lens, window): windows shorter than, across and longer than a 16-key block
+# (the interpreter's BLOCK_N) and than the 32-row tiles; rows whose window starts before, at and after key 0;
+# a padded row; a cached prefix longer than the window (multi-turn).
+WINDOW_PREFILL_CASES = {
+    "w7_fresh_odd_g4_d64": (2, 45, 4, 1, 64, [0, 0], [45, 30], 7),
+    "w1_g2_d80": (1, 19, 4, 2, 80, [0], [19], 1),
+    "w20_multi_turn_g1_d64": (3, 33, 2, 2, 64, [40, 3, 0], [33, 17, 0], 20),
+    "w37_long_g8_d128": (1, 129, 8, 1, 128, [11], [129], 37),
+    "w_longer_than_context": (2, 9, 4, 1, 64, [5, 0], [9, 9], 500),
+}
+
+
+@pytest.mark.parametrize("case", WINDOW_PREFILL_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefill_sliding_window_matches_reference(dtype, case):
+    torch.manual_seed(0)
+    B, T, H, Hkv, D, start_pos, seq_lens, window = WINDOW_PREFILL_CASES[case]
+    cache_len = max(start_pos) + T + 9
+    check_cached_attention(*make_cached_inputs(B, T, H, Hkv, D, cache_len, dtype), start_pos, seq_lens, window)
+
+
+# (B, H, Hkv, D, cache_len, start_pos, seq_lens, window): rows inside and past the window, a window of 1 (the
+# token alone), one not a multiple of the 16-key block, split across the 4 interpreter splits, a padding row.
+WINDOW_DECODE_CASES = {
+    "w7_g4_d64": (3, 8, 2, 64, 100, [0, 6, 99], [1, 1, 1], 7),
+    "w1_g1_d80": (2, 2, 2, 80, 40, [0, 31], [1, 1], 1),
+    "w53_g8_d128_padding_row": (3, 8, 1, 128, 130, [120, 52, 77], [1, 1, 0], 53),
+}
+
+
+@pytest.mark.parametrize("case", WINDOW_DECODE_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_sliding_window_matches_reference(dtype, case):
+    torch.manual_seed(0)
+    B, H, Hkv, D, cache_len, start_pos, seq_lens, window = WINDOW_DECODE_CASES[case]
+    check_cached_attention(*make_cached_inputs(B, 1, H, Hkv, D, cache_len, dtype), start_pos, seq_lens, window)
+
+
+def test_reference_sliding_window_is_the_band_of_keys():
+    """The torch reference (the oracle above) against attention written out per query position: softmax over
+    keys (pos - window, pos] only. Prefill from empty (T > window), a padded batch continuing a cache, and
+    decode, all through the reference's three paths."""
+    torch.manual_seed(0)
+    B, H, Hkv, D, window, Tmax = 2, 4, 2, 16, 5, 40
+    cos, sin = ops.rope_tables(D, Tmax, ROPE_THETA)
+
+    def explicit(q, k_cache, v_cache, positions):  # q (B, T, H, D) rotated; cache holds rotated K
+        out = torch.zeros_like(q)
+        for b in range(B):
+            for t, pos in enumerate(positions[b]):
+                keys = range(max(0, pos - window + 1), pos + 1)
+                for h in range(H):
+                    kk, vv = k_cache[b, h // (H // Hkv), list(keys)], v_cache[b, h // (H // Hkv), list(keys)]
+                    p = torch.softmax(kk @ q[b, t, h] / D ** 0.5, 0)
+                    out[b, t, h] = p @ vv
+        return out
+
+    k_cache, v_cache = torch.randn(B, Hkv, Tmax, D), torch.randn(B, Hkv, Tmax, D)
+    for start, T, lens in ((None, 13, None), ([13, 13], 6, [6, 4]), ([19, 17], 1, None)):
+        q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
+        start_t = None if start is None else torch.tensor(start)
+        lens_t = None if lens is None else torch.tensor(lens)
+        out = reference_cached(q, k, v, cos, sin, k_cache, v_cache, start_t, lens_t, window)
+        positions = [[(0 if start is None else start[b]) + t for t in range(T)] for b in range(B)]
+        pos_t = torch.tensor(positions)
+        expected = explicit(ops.apply_rope(q, cos, sin, pos_t), k_cache, v_cache, positions)
+        valid = torch.arange(T)[None] < torch.tensor(lens or [T] * B)[:, None]  # (B, T)
+        torch.testing.assert_close(out[valid], expected[valid], atol=1e-5, rtol=1e-5)
+        causal = reference_cached(q, k, v, cos, sin, k_cache.clone(), v_cache.clone(), start_t, lens_t)
+        assert (causal[valid] - out[valid]).abs().max() > 1e-2  # the window changes the result
+
+
+def test_training_attention_sliding_window_forward():
+    """The training op's forward with a window matches the reference; with gradients wanted it is refused by
+    name (the backward kernels have no window)."""
+    torch.manual_seed(0)
+    B, T, H, Hkv, D, window = 2, 45, 4, 2, 64, 9
+    cos, sin = ops.rope_tables(D, T, ROPE_THETA, device=DEVICE)
+    q, k, v = randn(B, T, H, D, dtype=torch.float32), randn(B, T, Hkv, D, dtype=torch.float32), randn(
+        B, T, Hkv, D, dtype=torch.float32)
+    expected = reference_causal(q, k, v, cos, sin, window)
+    assert_close_to_reference("out", attention_backward.rotary_causal_attention(q, k, v, cos, sin, window),
+                              expected, expected)
+    assert (reference_causal(q, k, v, cos, sin) - expected).abs().max() > 1e-2
+    with pytest.raises(NotImplementedError, match="sliding_window=9.*LLAVA_FAST_KERNELS=torch"):
+        attention_backward.rotary_causal_attention(q.requires_grad_(), k, v, cos, sin, window)
 
 
 @pytest.mark.parametrize("num_splits", [1, 3, 16])
