@@ -17,6 +17,7 @@ bench-results/<kind>-<model>-<device>-<time>.json). Bad arguments raise InputErr
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -154,6 +155,9 @@ def build_parser():
                    "stage 2 LoRA x --precisions (default batch 4, LoRA r 16)")
     t.add_argument("--precisions", type=_names(("float32", "bfloat16")),
                    help="--against: the precisions of its rows (default float32,bfloat16)")
+    t.add_argument("--max-grad-norm", type=float, default=1.0, help="--against: both engines clip gradients to "
+                   "this global norm (default 1.0); 0: neither clips, and llava-fast steps each parameter during "
+                   "backward (train --step-in-backward)")
     t.add_argument("--transformers", action="store_true", help="CUDA: also the peak memory of one forward + "
                    "backward of transformers' LLaVA on the same batch, beside ours")
 
@@ -357,6 +361,11 @@ def cmd_measure(args, argv) -> int:
                         backends=args.backends or defaults["backends"],
                         gradient_checkpointing=(not args.no_gradient_checkpointing) and defaults["checkpointing"],
                         lora_r=args.lora_r, lora_alpha=args.lora_alpha, transformers=args.transformers)
+        if args.max_grad_norm != 1.0 and not args.against:
+            raise InputError("--max-grad-norm applies to --against")
+        if not (args.max_grad_norm >= 0 and math.isfinite(args.max_grad_norm)):
+            raise InputError(f"--max-grad-norm must be a finite number >= 0, got {args.max_grad_norm}")
+        settings["max_grad_norm"] = args.max_grad_norm
     plot = getattr(args, "plot", None)
     started = time.perf_counter()
 
