@@ -17,6 +17,7 @@ bench-results/<kind>-<model>-<device>-<time>.json). Bad arguments raise InputErr
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -154,6 +155,9 @@ def build_parser():
                    "stage 2 LoRA x --precisions (default batch 4, LoRA r 16)")
     t.add_argument("--precisions", type=_names(("float32", "bfloat16")),
                    help="--against: the precisions of its rows (default float32,bfloat16)")
+    t.add_argument("--max-grad-norm", type=float, default=1.0, help="--against: both engines clip gradients to "
+                   "this global norm (default 1.0); 0: neither clips, and llava-fast steps each parameter during "
+                   "backward (train --step-in-backward)")
     t.add_argument("--transformers", action="store_true", help="CUDA: also the peak memory of one forward + "
                    "backward of transformers' LLaVA on the same batch, beside ours")
 
@@ -161,7 +165,16 @@ def build_parser():
                        "each weight format beside llama.cpp and transformers; perplexity and top-1 agreement")
     from llava_fast.bench.real_bench import FORMATS
 
-    r.add_argument("--formats", type=_names(FORMATS), default=list(FORMATS), help=f"subset of {', '.join(FORMATS)}")
+    r.add_argument("--formats", type=_names(FORMATS), default=None, help=f"subset of {', '.join(FORMATS)} (default: "
+                   "all; with --shape: bfloat16,int8wo,int4wo-32)")
+    r.add_argument("--shape", choices=("llava-1.5-7b",), help="random weights at this model's language-model shapes "
+                   "instead of SmolLM2 (one F16 GGUF for every engine; llama.cpp quantizes its own Q8_0/Q4_0)")
+    r.add_argument("--layers", type=_positive_int, default=8, help="--shape: decoder layers kept (default 8 of 32: "
+                   "the weights still stream from memory)")
+    r.add_argument("--llama-cpp-build", type=lambda s: [x for x in s.split(",") if x], default=None,
+                   help="llama.cpp builds installed outside this environment, LABEL=DIR (DIR holds the llama_cpp "
+                   "package, e.g. pip install --target DIR), comma-separated; each is an engine "
+                   "llama.cpp[LABEL], compared with llava-fast[LABEL] (e.g. avx2=/opt/llama-avx2 with --isa avx2)")
     r.add_argument("--new-tokens", type=_positive_int, default=128, help="greedy tokens per run (default 128)")
     r.add_argument("--repeats", type=_positive_int, default=3, help="interleaved rounds (median reported)")
     r.add_argument("--warmup", type=int, default=1, help="untimed runs per engine before timing (default 1)")
@@ -205,7 +218,11 @@ def build_parser():
                    "instead of one-by-one generate(); default client counts 1,4,8,16")
     s.add_argument("--against-model", metavar="NAME", help="the model id requests to --against name (default: the "
                    "first of its /v1/models)")
-    s.add_argument("--text-only", action="store_true", help="no image requests (for text models)")
+    s.add_argument("--text-only", action="store_true", help="no image requests (for text models); the same as "
+                   "--images none")
+    s.add_argument("--images", choices=("mixed", "new", "none"), help="image requests: mixed (default: about "
+                   "half the requests, half of those repeating an earlier image), new (every request a new image), "
+                   "none")
     s.add_argument("--max-batched-tokens", type=_positive_int, help="the server's token budget per iteration "
                    "(llava-fast serve --max-batched-tokens)")
     s.add_argument("--kv-cache-memory", help="the server's KV-cache budget (llava-fast serve --kv-cache-memory)")
@@ -313,10 +330,12 @@ def cmd_measure(args, argv) -> int:
             raise InputError("--against-model needs --against URL")
         if args.against and not args.against.startswith(("http://", "https://")):
             raise InputError(f"--against must be an http:// or https:// URL, got {args.against!r}")
+        if args.text_only and args.images not in (None, "none"):
+            raise InputError(f"--text-only sends no images: drop it or --images {args.images}")
         clients = args.clients or (bench.AGAINST_CLIENTS if args.against else defaults["clients"])
         settings.update(clients=clients, requests=args.requests or defaults["requests"],
                         max_batch=args.max_batch or defaults["max_batch"], seed=args.seed, against=args.against,
-                        against_model=args.against_model, text_only=args.text_only,
+                        against_model=args.against_model, text_only=args.text_only, images=args.images,
                         max_batched_tokens=args.max_batched_tokens,
                         kv_cache_memory=args.kv_cache_memory and _bytes(args.kv_cache_memory))
     else:
@@ -342,6 +361,11 @@ def cmd_measure(args, argv) -> int:
                         backends=args.backends or defaults["backends"],
                         gradient_checkpointing=(not args.no_gradient_checkpointing) and defaults["checkpointing"],
                         lora_r=args.lora_r, lora_alpha=args.lora_alpha, transformers=args.transformers)
+        if args.max_grad_norm != 1.0 and not args.against:
+            raise InputError("--max-grad-norm applies to --against")
+        if not (args.max_grad_norm >= 0 and math.isfinite(args.max_grad_norm)):
+            raise InputError(f"--max-grad-norm must be a finite number >= 0, got {args.max_grad_norm}")
+        settings["max_grad_norm"] = args.max_grad_norm
     plot = getattr(args, "plot", None)
     started = time.perf_counter()
 
@@ -390,7 +414,22 @@ def cmd_real(args, argv) -> int:
         if args.warmup < 0 or args.quality_tokens < 0:
             raise InputError("--warmup and --quality-tokens must be >= 0")
         settings.update(new_tokens=args.new_tokens, warmup=args.warmup, quality_tokens=args.quality_tokens,
-                        llama_cpp=not args.no_llama_cpp, transformers=not args.no_transformers, isa=args.isa)
+                        llama_cpp=not args.no_llama_cpp, transformers=not args.no_transformers, isa=args.isa,
+                        llama_cpp_builds=_llama_cpp_builds(args.llama_cpp_build))
+        if args.shape:
+            from llava_fast.bench.shape_model import shape_of
+
+            total = shape_of(args.shape)["layers"]
+            if args.layers > total:
+                raise InputError(f"--layers {args.layers}: {args.shape} has {total} decoder layers")
+            bad = [f for f in (args.formats or []) if f not in real_bench.SHAPE_FORMATS]
+            if bad:
+                raise InputError(f"--formats {','.join(bad)} is not run at --shape (the formats there: "
+                                 f"{', '.join(real_bench.SHAPE_FORMATS)})")
+            settings.update(shape=args.shape, layers=args.layers, model_name=args.shape, quality_tokens=0,
+                            formats=args.formats or list(real_bench.SHAPE_FORMATS),
+                            model=f"{args.shape} language model, random weights, {args.layers} of {total} layers")
+    settings["formats"] = settings["formats"] or list(bench.FORMATS)
     started = time.perf_counter()
     doc = bench.run(settings, argv)
     settings["wall_s"] = round(time.perf_counter() - started, 1)
@@ -403,6 +442,21 @@ def cmd_real(args, argv) -> int:
     print(bench.markdown(doc))
     print(f"\nresults: {path}")
     return 0
+
+
+def _llama_cpp_builds(specs):
+    """--llama-cpp-build LABEL=DIR,...: {label: dir}, each DIR checked to hold a llama_cpp package."""
+    if not specs:
+        return None
+    builds = {}
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not sep or not label or not path:
+            raise InputError(f"--llama-cpp-build {spec!r}: expected LABEL=DIR")
+        if not os.path.isfile(os.path.join(path, "llama_cpp", "__init__.py")):
+            raise InputError(f"--llama-cpp-build {spec!r}: {path} holds no llama_cpp package")
+        builds[label] = os.path.abspath(path)
+    return builds
 
 
 def cmd_compare(args) -> int:

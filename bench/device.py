@@ -204,6 +204,8 @@ def last_level_cache_bytes(device: torch.device) -> int | None:
     root = "/sys/devices/system/cpu/cpu0/cache"
     try:
         for entry in os.listdir(root):
+            if not entry.startswith("index"):  # "uevent" sits beside index0..N on some kernels
+                continue
             with open(os.path.join(root, entry, "level")) as f:
                 level = int(f.read())
             with open(os.path.join(root, entry, "size")) as f:

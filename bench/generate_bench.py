@@ -69,6 +69,9 @@ def defaults_for(device_type: str, preset: str | None) -> dict:
     return defaults
 
 
+TTFT_SPLIT = ("ttft_image_preprocess", "ttft_vision", "ttft_prefill", "ttft_image_request")
+
+
 class BaselineUnavailable(Exception):
     """transformers cannot run this model here (not installed, no linear projector, ...)."""
 
@@ -481,9 +484,10 @@ def run(settings: dict, argv) -> dict:
         if sizes_one is None:
             doc["figures"] += vision_figures(engines, pixels_one, settings["vision_batch"], settings["repeats"],
                                              device, notes)
+            doc["figures"] += ttft_split_figures(engines, model, natural, settings["repeats"])
         else:
-            notes.append("vision_throughput not measured for AnyRes: time to first token includes the tower on the "
-                         f"image's {len(pixels_one)} tiles, one batch")
+            notes.append("vision_throughput and the TTFT split not measured for AnyRes: time to first token "
+                         f"includes the tower on the image's {len(pixels_one)} tiles, one batch")
     finally:
         telemetry.stop()
         ops.use_backend(previous_backend)
@@ -602,6 +606,36 @@ def vision_figures(engines, pixels_one, n_images, repeats, device, notes):
     return figs
 
 
+def ttft_split_figures(engines, model, context, repeats):
+    """The first token of one image request (the bundled JPEG and PROMPT through `stream()`, batch 1), split
+    into image preprocessing (file -> pixel_values), vision tower + projector, and prefill, from the call's
+    last_stats; `ttft_image_request` is preprocessing + time_to_first_token_s. llava-fast engines, rounds
+    interleaved as the scenarios are; the first round of each is a warm-up."""
+    from llava_fast.presets import BUNDLED_IMAGE
+
+    ours = [e for e in engines if isinstance(e, LlavaFastEngine)]
+    if not ours or not model.num_image_tokens:
+        return []
+    parts = {e.name: {k: [] for k in ("ttft_image_preprocess", "ttft_vision", "ttft_prefill", "ttft_image_request")}
+             for e in ours}
+    for i in range(repeats + 1):
+        for engine in ours[i % len(ours):] + ours[: i % len(ours)]:
+            ops.use_backend(engine.backend)
+            model.compiled = engine.compiled
+            for _ in model.stream(PROMPT, BUNDLED_IMAGE, max_new_tokens=1, ignore_eos=True):
+                pass
+            st = model.last_stats
+            if i == 0:
+                continue
+            got = parts[engine.name]
+            got["ttft_image_preprocess"].append(1e3 * st["image_preprocess_s"])
+            got["ttft_vision"].append(1e3 * st["vision_s"])
+            got["ttft_prefill"].append(1e3 * st["prefill_s"])
+            got["ttft_image_request"].append(1e3 * (st["image_preprocess_s"] + st["time_to_first_token_s"]))
+    return [figure(name, "ms", higher_is_better=False, samples=samples, engine=engine, batch=1, context=context)
+            for engine, by_name in parts.items() for name, samples in by_name.items()]
+
+
 def ratio_figures(figs, engine_names):
     """Speed-ups of each engine over each engine listed after it (triton over torch, both over
     transformers): decode and vision throughput ratios, and baseline TTFT / engine TTFT (> 1 = faster).
@@ -673,6 +707,12 @@ def markdown(doc: dict) -> str:
             row.append(fmt(r["value"], "x") if r else "")
         rows.append(row)
     lines.append(md_table(headers, rows))
+    split = [[e] + [fmt(find_one(figs, name, engine=e)["value"]) for name in TTFT_SPLIT] for e in engines
+             if find_one(figs, "ttft_image_request", engine=e)]
+    if split:
+        lines += ["", "first token of one image request (batch 1, the prompt), ms: preprocessing (file -> "
+                      "pixel_values), vision tower + projector, prefill; the total also holds tokenization and setup",
+                  "", md_table(["engine", "preprocess", "tower + projector", "prefill", "total"], split)]
     ceilings = doc.get("ceilings")
     if ceilings and "read_bandwidth" in ceilings and s.get("decode_weight_bytes") and any(
             f["name"] == "decode_bandwidth_pct" for f in figs):

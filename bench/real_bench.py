@@ -17,16 +17,28 @@ Quality (labels engine[, baseline]): perplexity of each llava-fast format on the
 tokens of bench/data/gpl-3.0.txt (the GPL v3 text, see bench/data/README.md), and top1_agreement: the share
 of those positions where the format's greedy next token equals float32's.
 llama.cpp and transformers are optional: a missing one is skipped with a note.
+
+Peers run in child processes (peer_process.py): a peer that dies is a row saying "crashed (signal N)"; the
+other engines go on. `llama_cpp_builds` (`--llama-cpp-build
+avx2=DIR`) adds llama.cpp builds installed elsewhere (e.g. one built for AVX2 only), each its own engine
+`llama.cpp[label]/<type>`, paired with `llava-fast[label]`.
+
+`shape` (`--shape llava-1.5-7b --layers 8`): random weights at that model's language-model shapes instead of
+SmolLM2 (bench/shape_model.py): one F16 GGUF read by llava-fast (bfloat16, and quantized by its own
+quantizer for int8wo / int4wo-32), by transformers (bfloat16) and by llama.cpp (F16, and its own Q8_0 / Q4_0
+of that file). No quality figures there (random weights).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 
 import torch
 
 from llava_fast.bench.device import Telemetry, device_info, measure_ceilings, measure_read_bandwidth
+from llava_fast.bench.peer_process import ChildEngine, PeerCrashed, PeerFailed
 from llava_fast.bench.report import figure, find_one, fmt, header_lines, md_table, new_document
 from llava_fast.errors import InputError
 
@@ -53,13 +65,31 @@ def prompt_ids(model):
     return model.tokenizer.encode(text)
 
 
-def load_llava(fmt_name, threads):
+SHAPE_FORMATS = ("bfloat16", "int8wo", "int4wo-32")  # float32 at 7B shapes: 6.4 GB for 8 layers, left out
+
+
+def load_llava(fmt_name, threads, shape=None, layers=None):
     import llava_fast
     from llava_fast.bench.real_model import llava_dir
 
     dtype = "bfloat16" if fmt_name == "bfloat16" else "float32"
     quantize = None if fmt_name in ("float32", "bfloat16") else fmt_name
+    if shape is not None:
+        from llava_fast.bench import shape_model
+
+        return llava_fast.load(shape_model.gguf(shape, layers, "F16"), device="cpu", dtype=dtype, quantize=quantize)
     return llava_fast.load(llava_dir(), device="cpu", dtype=dtype, quantize=quantize)
+
+
+def peer_gguf(settings, ggml_type, import_path=None):
+    """The GGUF llama.cpp reads for `ggml_type`: SmolLM2's, or the shape's (import_path: see shape_model)."""
+    if settings.get("shape"):
+        from llava_fast.bench import shape_model
+
+        return shape_model.gguf(settings["shape"], settings["layers"], ggml_type, import_path)
+    from llava_fast.bench.real_model import gguf
+
+    return gguf(ggml_type, import_path)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -88,28 +118,6 @@ def llava_engine(model, new_tokens, isa=None):
     return run
 
 
-def llama_cpp_engine(path, threads, new_tokens, context):
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=context + new_tokens + 8,
-                          n_batch=512, verbose=False)
-
-    def run(ids):
-        # reset(): generate() alone keeps the KV cache of the longest common prefix with the last call (even
-        # with reset=True), so every round after the first would prefill one token and report ~10x the rate.
-        llm.reset()
-        t0 = time.perf_counter()
-        tokens, t1 = [], None
-        for tok in llm.generate(ids, top_k=1, temp=0.0, reset=True):
-            tokens.append(tok)
-            if t1 is None:
-                t1 = time.perf_counter()
-            if len(tokens) == new_tokens:
-                break
-        return t1 - t0, time.perf_counter() - t1, tokens
-    return run, llm
-
-
 def llama_cpp_weight_bytes(path):
     """Bytes of the GGUF's tensors a decode step reads: all but the token embedding (one row is read), which
     is counted once more as the output matrix when the model ties them (no output.weight)."""
@@ -120,14 +128,21 @@ def llama_cpp_weight_bytes(path):
     return total if "output.weight" not in tensors else total - tensors.get("token_embd.weight", 0)
 
 
-def transformers_engine(dtype, new_tokens):
+def transformers_engine(dtype, new_tokens, threads, source=None):
+    """source: None (SmolLM2's lm_dir) or a GGUF path: LlamaForCausalLM built from its tensors with llava-fast's
+    reader (a few MiB of rows at a time into `dtype`; transformers' own gguf_file= loading holds every tensor in
+    float32 first, 6.4 GB at 8 layers of 7B shapes)."""
     import transformers
     from transformers.generation.streamers import BaseStreamer
 
-    from llava_fast.bench.real_model import lm_dir
-
     transformers.logging.set_verbosity_error()
-    lm = transformers.AutoModelForCausalLM.from_pretrained(lm_dir(), dtype=getattr(torch, dtype)).eval()
+    torch.set_num_threads(threads)
+    if source is None:
+        from llava_fast.bench.real_model import lm_dir
+
+        lm = transformers.AutoModelForCausalLM.from_pretrained(lm_dir(), dtype=getattr(torch, dtype)).eval()
+    else:
+        lm = _transformers_from_gguf(transformers, source, getattr(torch, dtype))
 
     class Stamps(BaseStreamer):
         def __init__(self):
@@ -147,7 +162,38 @@ def transformers_engine(dtype, new_tokens):
                           do_sample=False, streamer=stamps, pad_token_id=0)
         first = stamps.times[1]  # times[0]: the prompt, handed to the streamer before prefill's token
         return first - t0, stamps.times[-1] - first, out[0, len(ids):].tolist()
-    return run, lm
+    return run, transformers_weight_bytes(lm)
+
+
+def transformers_weight_bytes(lm):
+    """Bytes of weights one transformers decode step reads: all parameters but the embedding, plus lm_head."""
+    return sum(p.numel() * p.element_size() for n, p in lm.named_parameters() if "embed_tokens" not in n) + (
+        0 if lm.lm_head.weight is not lm.model.embed_tokens.weight else
+        lm.lm_head.weight.numel() * lm.lm_head.weight.element_size())
+
+
+def _transformers_from_gguf(transformers, path, dtype):
+    from llava_fast.checkpoints.gguf import GGUFFile, _text_name, text_config, unpermute_rotary_rows
+
+    f = GGUFFile(path)
+    t = text_config(f)
+    cfg = transformers.LlamaConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+                                   intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
+                                   num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+                                   rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta,
+                                   max_position_embeddings=t.max_position_embeddings, tie_word_embeddings=False)
+    with torch.device("meta"):
+        lm = transformers.LlamaForCausalLM(cfg)
+    state = {}
+    for name in f.tensors:
+        ours = _text_name(name)  # language_model.layers.N.self_attn.q_proj.weight, lm_head.weight, ...
+        w = f.tensor(name, dtype)
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
+            w = unpermute_rotary_rows(w, t.num_heads if "attn_q" in name else t.num_kv_heads)
+        state[ours.replace("language_model.", "model.")] = w
+    lm.load_state_dict(state, assign=True, strict=True)
+    lm.model.rotary_emb = type(lm.model.rotary_emb)(config=cfg)  # its inv_freq buffer, built off the meta device
+    return lm.to(dtype).eval()
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -197,21 +243,21 @@ def run(settings, argv, kind="real", measure=None):
 
 
 def _measure(doc, settings):
+    from llava_fast.bench.generate_bench import roofline_applies
     from llava_fast.cpu.quantize import weight_bytes_per_token
 
     threads = settings["threads"]
-    from llava_fast.bench.generate_bench import roofline_applies
-
     bandwidth = doc["ceilings"]["read_bandwidth"]["measured"]
     cache_bytes = doc["device"]["last_level_cache_bytes"]
     new_tokens = settings["new_tokens"]
+    shape = settings.get("shape")
 
-    engines, weight_bytes, pairs, outputs = {}, {}, {}, {}
+    engines, weight_bytes, pairs, outputs, crashed = {}, {}, {}, {}, {}
     ids = None
     isas = settings.get("isa") or [None]  # --isa: CPU kernel tables side by side (else the one in use)
     ours = {}  # engine name -> format
     for name in settings["formats"]:
-        model = load_llava(name, threads)
+        model = load_llava(name, threads, shape, settings.get("layers"))
         ids = ids or prompt_ids(model)
         for isa in isas:
             engine = f"llava-fast/{name}" if isa is None else f"llava-fast[{isa}]/{name}"
@@ -224,46 +270,85 @@ def _measure(doc, settings):
                 _C.use_cpu_isa(isa)  # as the engine does before each run: the plan is made for that table
             doc["notes"].append(f"{engine} runs: {model.cpu_plan}")
     settings["context"] = len(ids)
-    if settings["llama_cpp"]:
+
+    def start_peer(engine, factory, args, import_path=None):
         try:
-            import llama_cpp  # noqa: F401
+            engines[engine] = ChildEngine(factory, args, threads, import_path)
+            return engines[engine]
+        except PeerCrashed as e:
+            crashed[engine] = f"{e} while loading"
+        except PeerFailed as e:
+            doc["notes"].append(f"{engine} skipped: {e}")
 
-            from llava_fast.bench.real_model import gguf
-
-            for engine, name in ours.items():
-                pairs[engine] = f"llama.cpp/{LLAMA_CPP_FOR[name]}"
-            for ggml_type in [LLAMA_CPP_FOR[n] for n in settings["formats"]] + list(EXTRA_LLAMA_CPP):
-                path = gguf(ggml_type)
-                engines[f"llama.cpp/{ggml_type}"], _ = llama_cpp_engine(path, threads, new_tokens, len(ids))
-                weight_bytes[f"llama.cpp/{ggml_type}"] = llama_cpp_weight_bytes(path)
-        except ImportError as e:
-            doc["notes"].append(f"llama.cpp skipped: llama_cpp is not importable ({e}); pip install llama-cpp-python")
+    builds = settings.get("llama_cpp_builds") or {None: None}  # label -> import path (None: the importable one)
+    if settings["llama_cpp"] and None in builds and importlib.util.find_spec("llama_cpp") is None:
+        doc["notes"].append("llama.cpp skipped: llama_cpp is not importable; pip install llama-cpp-python")
+    elif settings["llama_cpp"]:
+        types = [LLAMA_CPP_FOR[n] for n in settings["formats"]] + ([] if shape else list(EXTRA_LLAMA_CPP))
+        for ggml_type in types:
+            path = peer_gguf(settings, ggml_type, next(iter(builds.values())))
+            for label, import_path in builds.items():
+                engine = f"llama.cpp/{ggml_type}" if label is None else f"llama.cpp[{label}]/{ggml_type}"
+                start_peer(engine, ":llama_cpp_engine", (path, threads, new_tokens, len(ids)), import_path)
+                weight_bytes[engine] = llama_cpp_weight_bytes(path)
+        for engine, name in ours.items():  # llava-fast[avx2] against llama.cpp[avx2] where that build is given
+            isa = engine[engine.index("[") + 1:engine.index("]")] if "[" in engine else None
+            label = isa if isa in builds else next(iter(builds))
+            theirs = ("llama.cpp" if label is None else f"llama.cpp[{label}]") + f"/{LLAMA_CPP_FOR[name]}"
+            if theirs in engines or theirs in crashed:
+                pairs[engine] = [theirs]
     if settings["transformers"]:
-        try:
-            for dtype in ("float32", "bfloat16"):
-                engines[f"transformers/{dtype}"], lm = transformers_engine(dtype, new_tokens)
-                weight_bytes[f"transformers/{dtype}"] = sum(
-                    p.numel() * p.element_size() for n, p in lm.named_parameters() if "embed_tokens" not in n) + (
-                    lm.lm_head.weight.numel() * lm.lm_head.weight.element_size())
-        except ImportError as e:
-            doc["notes"].append(f"transformers skipped: not importable ({e})")
+        for dtype in ("bfloat16",) if shape else ("float32", "bfloat16"):
+            engine = f"transformers/{dtype}"
+            source = peer_gguf(settings, "F16") if shape else None
+            peer = start_peer(engine, f"{__name__}:transformers_engine", (dtype, new_tokens, threads, source))
+            if peer is not None:
+                weight_bytes[engine] = peer.weight_bytes
+        for engine, name in ours.items():  # transformers has no int8/int4 CPU path: those face its float32
+            pairs.setdefault(engine, []).append(
+                "transformers/bfloat16" if shape or name == "bfloat16" else "transformers/float32")
 
-    names = list(engines)
+    names = [n for n in engines]
     samples = {n: {"ttft": [], "decode": []} for n in names}
-    for n in names:
-        for _ in range(settings["warmup"]):
-            outputs[n] = engines[n](ids)[2]
-    for r in range(settings["repeats"]):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for n in order:
-            # An idle gap first: the engine before may leave worker threads spinning for a while after its
-            # last token (ggml's threadpool polls, OpenMP spins), which took a core from the next engine's
-            # prefill (llava-fast float32 prefill 274-382 tok/s in rotation against ~430 alone, 2 cores).
-            time.sleep(IDLE_BETWEEN_RUNS_S)
-            ttft, decode_s, tokens = engines[n](ids)
-            outputs[n] = tokens
-            samples[n]["ttft"].append(ttft)
-            samples[n]["decode"].append(decode_s)
+
+    def run_engine(n):
+        try:
+            return engines[n](ids)
+        except PeerCrashed as e:
+            crashed[n] = str(e)
+            engines.pop(n).close()
+            names.remove(n)
+            return None
+
+    try:
+        for n in list(names):
+            for _ in range(settings["warmup"]):
+                if (result := run_engine(n)) is None:
+                    break
+                outputs[n] = result[2]
+        for r in range(settings["repeats"]):
+            order = names[r % len(names):] + names[: r % len(names)] if names else []
+            for n in order:
+                # An idle gap first: the engine before may leave worker threads spinning for a while after its
+                # last token (ggml's threadpool polls, OpenMP spins), which took a core from the next engine's
+                # prefill (llava-fast float32 prefill 274-382 tok/s in rotation against ~430 alone, 2 cores).
+                time.sleep(IDLE_BETWEEN_RUNS_S)
+                if n not in engines or (result := run_engine(n)) is None:
+                    continue
+                ttft, decode_s, tokens = result
+                outputs[n] = tokens
+                samples[n]["ttft"].append(ttft)
+                samples[n]["decode"].append(decode_s)
+    finally:
+        for engine in engines.values():
+            if isinstance(engine, ChildEngine):
+                engine.close()
+    for n in list(names):
+        if len(samples[n]["decode"]) < settings["repeats"]:  # crashed after some rounds: its medians would mislead
+            names.remove(n)
+    if crashed:
+        doc["checks"]["crashed_engines"] = crashed
+        doc["notes"] += [f"{n}: {why}" for n, why in crashed.items()]
     labels = dict(batch=1, context=len(ids))
     for n in names:
         s = samples[n]
@@ -284,7 +369,9 @@ def _measure(doc, settings):
             figure("decode_bandwidth_pct", "%", higher_is_better=True,
                    value=100 * weight_bytes[n] * f_dec["value"] / 1e9 / bandwidth, engine=n, peak="measured", **labels),
         ])
-    for mine, theirs in pairs.items():
+    for mine, theirs in ((m, t) for m, ts in pairs.items() for t in ts):
+        if mine not in names or theirs not in names:
+            continue
         ratios = [b / a for a, b in zip(samples[mine]["decode"], samples[theirs]["decode"])]
         doc["figures"].append(figure("decode_speedup", "x", higher_is_better=True, samples=ratios, engine=mine,
                                      baseline=theirs, **labels))
@@ -311,13 +398,23 @@ def markdown(doc) -> str:
             f = find_one(figs, name, engine=e, **kw)
             return f["value"] if f else None
         dec = find_one(figs, "decode_throughput", engine=e)
-        speed = [f for f in figs if f["name"] == "decode_speedup" and f["labels"]["engine"] == e]
+
+        def against(peer, e=e):
+            d = [f for f in figs if f["name"] == "decode_speedup" and f["labels"]["engine"] == e
+                 and f["labels"]["baseline"].startswith(peer)]
+            if not d:
+                return ""
+            p = find_one(figs, "ttft_speedup", engine=e, baseline=d[0]["labels"]["baseline"])
+            return f"{d[0]['value']:.2f}x / {p['value']:.2f}x vs {d[0]['labels']['baseline']}"
         rows.append([e, fmt(dec["value"]) + f" ({fmt(dec['stats']['q1'])}-{fmt(dec['stats']['q3'])})",
                      fmt(v("prefill_throughput")),
                      fmt(v("decode_bandwidth_pct")) + " %" if v("decode_bandwidth_pct") else "- (in cache)",
-                     (f"{speed[0]['value']:.2f}x vs {speed[0]['labels']['baseline']}" if speed else ""),
+                     against("llama.cpp"), against("transformers"),
                      fmt(v("perplexity")) if v("perplexity") else "", fmt(v("top1_agreement")) + " %"
                      if v("top1_agreement") else ""])
-    table = md_table(["engine", "decode tok/s (IQR)", "prefill tok/s", "% of read roofline", "decode vs llama.cpp",
-                      "perplexity", "top-1 agreement"], rows)
+    for e, why in doc["checks"].get("crashed_engines", {}).items():
+        rows.append([e, why, "", "", "", "", "", ""])
+    table = md_table(["engine", "decode tok/s (IQR)", "prefill tok/s", "% of read roofline",
+                      "decode / prefill vs llama.cpp", "decode / prefill vs transformers", "perplexity",
+                      "top-1 agreement"], rows)
     return "\n".join(header_lines(doc) + ["", table] + [f"- {n}" for n in doc["notes"]])

@@ -11,7 +11,8 @@ Out (all cached there):
 - `lm_dir()`: the same language model alone (LlamaForCausalLM), the input of llama.cpp's converter.
 - `gguf(fmt)`: F32 / F16 / Q8_0 by llama.cpp's own convert_hf_to_gguf.py (from the llama-cpp-python sdist,
   fetched with `pip download --no-binary`, or $LLAVA_FAST_LLAMA_CPP_SDIST), Q4_0 by llama.cpp's quantizer
-  (llama_cpp.llama_model_quantize) from the F32 file, Q4_1 the original download. Same weights in every format.
+  (llama_cpp.llama_model_quantize, in a child process) from the F32 file, Q4_1 the original download. Same
+  weights in every format.
 transformers, gguf and llama-cpp-python are bench-side dependencies only (never imported by llava_fast).
 """
 
@@ -136,8 +137,9 @@ def _llama_cpp_sources() -> str:
     return root
 
 
-def gguf(fmt: str) -> str:
-    """The GGUF of SmolLM2 in llama.cpp's format `fmt`: F32, F16, Q8_0, Q4_0 or Q4_1."""
+def gguf(fmt: str, import_path: str | None = None) -> str:
+    """The GGUF of SmolLM2 in llama.cpp's format `fmt`: F32, F16, Q8_0, Q4_0 or Q4_1 (import_path: where
+    llama_cpp is, for the Q4_0 quantizer, when it is not importable here)."""
     if fmt == "Q4_1":
         return original_gguf()
     path = os.path.join(cache_dir(), f"SmolLM2-135M-Instruct.{fmt}.gguf")
@@ -151,12 +153,9 @@ def gguf(fmt: str) -> str:
         if done.returncode != 0:
             raise InputError(f"llama.cpp's convert_hf_to_gguf.py failed: {done.stderr.strip()[-500:]}")
     elif fmt == "Q4_0":
-        import llama_cpp
+        from llava_fast.bench.shape_model import llama_cpp_quantize
 
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
-        if llama_cpp.llama_model_quantize(gguf("F32").encode(), (path + ".part").encode(), params) != 0:
-            raise InputError("llama.cpp's quantizer failed to write Q4_0")
+        llama_cpp_quantize(gguf("F32"), path + ".part", "Q4_0", import_path)
     else:
         raise InputError(f"unknown GGUF format {fmt!r}: expected F32, F16, Q8_0, Q4_0 or Q4_1")
     os.replace(path + ".part", path)

@@ -29,6 +29,10 @@ FIGURES = {
     "ttft_speedup": ("x", True, ("engine", "baseline", "batch", "context")),
     "vision_speedup": ("x", True, ("engine", "baseline", "batch")),
     "host_peak_rss": ("bytes", False, ("scope",)),
+    "ttft_image_preprocess": ("ms", False, ("engine", "batch", "context")),
+    "ttft_vision": ("ms", False, ("engine", "batch", "context")),
+    "ttft_prefill": ("ms", False, ("engine", "batch", "context")),
+    "ttft_image_request": ("ms", False, ("engine", "batch", "context")),
     # real (also uses the generate figures above)
     "perplexity": ("1", False, ("engine", "tokens")),
     "top1_agreement": ("%", True, ("engine", "baseline", "tokens")),
@@ -54,6 +58,12 @@ FIGURES = {
     "serve_itl_p99": ("ms", False, ("engine", "clients")),
     "serve_speedup": ("x", True, ("engine", "baseline", "clients")),
     "serve_ttft_repeated_over_new": ("x", False, ("engine", "clients")),
+    "serve_rss_idle": ("bytes", False, ("engine", "clients")),
+    "serve_rss_peak": ("bytes", False, ("engine", "clients")),
+    "serve_weights": ("bytes", False, ("engine", "clients")),
+    "serve_kv_live_at_peak": ("bytes", False, ("engine", "clients")),
+    "serve_rss_overhead": ("bytes", False, ("engine", "clients")),
+    "serve_rss_idle_overhead": ("bytes", False, ("engine", "clients")),
     # --against: llava-fast's figure over the other server's, at the same client count
     "serve_ratio_output_throughput": ("x", True, ("engine", "baseline", "clients")),
     "serve_ratio_ttft_p50": ("x", False, ("engine", "baseline", "clients")),

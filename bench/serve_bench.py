@@ -3,8 +3,10 @@
 Workload (seeded, the same for every run): `requests` chat requests; prompt lengths drawn uniformly from
 8..128 words, max_tokens uniformly from 16..96 (a chat reply), sent with `ignore_eos` (vLLM's extension) so
 every engine produces exactly max_tokens tokens; half carry an image drawn from a pool half their number, so
-about half of the image requests repeat an image an earlier request sent (PNG data: URLs of random pixels;
-`--text-only` drops them, for text models). Greedy, the same system prompt for all (the template's).
+about half of the image requests repeat an image an earlier request sent (PNG data: URLs of random pixels).
+`--images new`: every request carries an image no earlier request sent (the vision tower runs for each);
+`--images none` (or `--text-only`) drops them, for text models. Greedy, the same system prompt for all (the
+template's).
 
 Engines, on the same weights in one process:
   - `generate-one-by-one`: `LlavaModel.stream()` of each request in turn (what a program without a server does).
@@ -23,6 +25,14 @@ inter-token latency p50/p99 (gaps between a stream's consecutive content chunks)
 tokens/s over one-by-one's; `serve_ttft_repeated_over_new` = TTFT p50 of repeated over new images; with
 --against, `serve_ratio_*` = llava-fast's figure over the other server's (output tokens/s: higher is better;
 TTFT and ITL: lower is better).
+Memory (needs psutil): each server's resident set, sampled every 0.1 s on a thread of this process: idle
+(started and warmed up, before the first request) and peak over the run, `serve_rss_idle` / `serve_rss_peak`.
+llava-fast's server is this process (its only child is the clients' process, not counted); another server
+on this machine is the process listening on its port plus all its children (vLLM's engine core), summed. For
+llava-fast the peak sample is split, from its /metrics scraped at the same moment, into the weights (parameter
+bytes), the live tokens' K/V (`llava_fast_kv_cache_live_tokens` x bytes per token) and the rest
+(`serve_rss_overhead`): what the server holds besides weights and K/V (the runtime, allocator, prefix and
+image caches, the cache's partly filled pages), to compare with the idle rest (`serve_rss_idle_overhead`).
 The clients run in a child process, as a load generator does (vLLM's benchmark_serving, or any real client):
 in this process their SSE reading and JSON parsing held the GIL that the scheduler thread needs between its
 native steps (1.5 CPU-s of a 11.5-s run of 64 requests from 16 clients, tiny preset, 2-core CPU).
@@ -52,15 +62,23 @@ WORDS = ("image", "picture", "colour", "person", "left", "right", "unusual", "de
          "the", "a", "of", "in", "is", "this", "that", "detail", "background", "object", "scene", "light")
 
 
-def workload(n, seed, images=True):
-    """n requests: (messages, max_tokens, image kind), image kind new/repeated/none in send order. images=False:
-    the same prompts and lengths, none with an image."""
+IMAGE_MIXES = ("mixed", "new", "none")
+
+
+def workload(n, seed, images="mixed"):
+    """n requests: (messages, max_tokens, image kind), image kind new/repeated/none in send order. images:
+    "mixed" (about half with an image, half of those repeated), "new" (every request a new image) or "none"
+    (no images); True / False are "mixed" / "none"."""
     import base64
     import io
 
+    images = {True: "mixed", False: "none"}.get(images, images)
+    if images not in IMAGE_MIXES:
+        raise InputError(f"images: expected one of {', '.join(IMAGE_MIXES)}, got {images!r}")
     rng = np.random.default_rng(seed)
-    with_image = (rng.random(n) < 0.5) & images
-    pool = max(1, int(with_image.sum()) // 2)
+    draws = rng.random(n)
+    with_image = np.ones(n, bool) if images == "new" else (draws < 0.5) & (images == "mixed")
+    pool = n if images == "new" else max(1, int(with_image.sum()) // 2)
     urls = []
     for _ in range(pool):
         buf = io.BytesIO()
@@ -72,7 +90,7 @@ def workload(n, seed, images=True):
         text = " ".join(rng.choice(WORDS, int(rng.integers(8, 129)))) + "?"
         max_tokens = int(rng.integers(16, 97))
         if with_image[i]:
-            k = int(rng.integers(pool))
+            k = i if images == "new" else int(rng.integers(pool))
             kind = "repeated" if k in seen else "new"
             seen.add(k)
             content = [{"type": "image_url", "image_url": {"url": urls[k]}}, {"type": "text", "text": text}]
@@ -168,6 +186,20 @@ def _client_main(job):
         pickle.dump(out, f)
 
 
+def _run_clients_sampled(url, requests, clients, model, memory):
+    """_run_clients (failures kept) with the resident memory of the server at url in `memory`, when it runs on
+    this machine (else memory stays empty)."""
+    processes = listening_processes(url)
+    if processes is None:
+        return _run_clients(url, requests, clients, model, failures_ok=True)
+    sampler = MemorySampler(processes)
+    sampler.idle()
+    with sampler:
+        out = _run_clients(url, requests, clients, model, failures_ok=True)
+    memory.update(sampler.result())
+    return out
+
+
 def _run_clients(url, requests, clients, model=None, failures_ok=False):
     """(results, wall seconds) of `clients` concurrent clients in a child process (see the module docstring).
     A failed request's result is its error message; unless failures_ok, the first one raises RuntimeError.
@@ -197,9 +229,134 @@ def _run_clients(url, requests, clients, model=None, failures_ok=False):
         os.unlink(job)
 
 
-def run_server(model, requests, clients, max_batch, max_model_len, failures_ok=False, **serve_settings):
+class MemorySampler:
+    """Resident memory of a server's processes while a workload runs (see the module docstring).
+
+    processes: () -> the psutil.Process list to sum (re-read at each sample: a server may start children).
+    metrics_url: llava-fast's /metrics, scraped beside each sample for the live tokens' K/V.
+    Use: `idle()` before the clients start, then `with sampler:` around the run; `result()` after."""
+
+    def __init__(self, processes, metrics_url=None, kv_bytes_per_token=0, interval=0.1):
+        self.processes, self.metrics_url, self.kv_bytes_per_token = processes, metrics_url, kv_bytes_per_token
+        self.interval, self.samples, self.idle_rss = interval, [], None  # samples: (rss, live K/V bytes or None)
+        self._stop = threading.Event()
+
+    def sample(self):
+        import psutil
+
+        rss = 0
+        for proc in self.processes():
+            try:
+                rss += proc.memory_info().rss
+            except psutil.Error:  # a child that ended between listing and reading
+                pass
+        return rss, self._live_kv_bytes()
+
+    def _live_kv_bytes(self):
+        if self.metrics_url is None:
+            return None
+        import httpx
+
+        try:
+            text = httpx.get(self.metrics_url, timeout=5).text
+        except httpx.HTTPError:
+            return None
+        for line in text.splitlines():
+            if line.startswith("llava_fast_kv_cache_live_tokens "):
+                return int(float(line.split()[1])) * self.kv_bytes_per_token
+        return None
+
+    def idle(self, n=5):
+        """The idle resident size: the median of n samples 0.05 s apart."""
+        rss = []
+        for _ in range(n):
+            rss.append(self.sample()[0])
+            time.sleep(0.05)
+        self.idle_rss = int(np.median(rss))
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.samples.append(self.sample())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(self.sample())
+
+    def result(self):
+        """{"idle", "peak", "kv_live_at_peak", "kv_live_max", "samples"} in bytes (K/V entries None without
+        metrics_url)."""
+        peak, kv_at_peak = max(self.samples, key=lambda x: x[0])
+        kv = [k for _, k in self.samples if k is not None]
+        return dict(idle=self.idle_rss, peak=peak, kv_live_at_peak=kv_at_peak, kv_live_max=max(kv) if kv else None,
+                    samples=len(self.samples))
+
+
+def _psutil_or_none():
+    try:
+        import psutil
+
+        return psutil
+    except ImportError:
+        return None
+
+
+def listening_processes(url):
+    """() -> [the process listening on url's port on this machine, and all its children], or None when the
+    server is not local or cannot be found (another user's process, no psutil)."""
+    from urllib.parse import urlsplit
+
+    psutil, parts = _psutil_or_none(), urlsplit(url)
+    if psutil is None or parts.hostname not in ("127.0.0.1", "localhost", "::1", "0.0.0.0"):
+        return None
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        pids = {c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN
+                and c.laddr and c.laddr.port == port and c.pid}
+    except psutil.Error:
+        return None
+    if len(pids) != 1:
+        return None
+    server = psutil.Process(pids.pop())
+
+    def processes():
+        try:
+            return [server, *server.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    return processes
+
+
+def kv_bytes_per_token(model):
+    """Bytes of K and V one position holds across the decoder's layers."""
+    t = model.net.cfg.text
+    element = model.net.language_model.embed_tokens.weight.element_size()
+    return 2 * t.num_layers * t.num_kv_heads * t.head_dim * element
+
+
+def weights_bytes(model):
+    """Bytes of the model's parameters and buffers, each storage counted once (tied embeddings share one)."""
+    seen, total = set(), 0
+    for t in [*model.net.parameters(), *model.net.buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += key[1]
+    return total
+
+
+def run_server(model, requests, clients, max_batch, max_model_len, failures_ok=False, memory=None,
+               **serve_settings):
     """(results, wall seconds) of the workload from `clients` clients against a fresh llava-fast server in this
-    process; serve_settings: further ServeConfig fields (max_batched_tokens, kv_cache_memory)."""
+    process; serve_settings: further ServeConfig fields (max_batched_tokens, kv_cache_memory). memory: a dict
+    to fill with MemorySampler.result() of this process (needs psutil)."""
     import uvicorn
 
     from llava_fast.serve.app import ServeConfig, create_app
@@ -218,7 +375,16 @@ def run_server(model, requests, clients, max_batch, max_model_len, failures_ok=F
     url = f"http://127.0.0.1:{port}"
 
     try:
-        return _run_clients(url, requests, clients, failures_ok=failures_ok)
+        psutil = _psutil_or_none() if memory is not None else None
+        if psutil is None:
+            return _run_clients(url, requests, clients, failures_ok=failures_ok)
+        this = psutil.Process()
+        sampler = MemorySampler(lambda: [this], url + "/metrics", kv_bytes_per_token(model))
+        sampler.idle()
+        with sampler:
+            out = _run_clients(url, requests, clients, failures_ok=failures_ok)
+        memory.update(sampler.result())
+        return out
     finally:
         server.should_exit = True
         thread.join(60)
@@ -253,6 +419,25 @@ def _figures(engine, clients, requests, results, wall):
     return figs
 
 
+def _memory_figures(engine, clients, memory, weights=None):
+    """serve_rss_* figures from a MemorySampler.result(); with weights (bytes) and the live K/V at the peak
+    sample, the peak's split into weights + live K/V + overhead."""
+    if not memory:
+        return []
+    labels = dict(engine=engine, clients=clients)
+    figs = [figure("serve_rss_idle", "bytes", higher_is_better=False, value=memory["idle"], **labels),
+            figure("serve_rss_peak", "bytes", higher_is_better=False, value=memory["peak"], **labels)]
+    if weights is not None and memory.get("kv_live_at_peak") is not None:
+        kv = memory["kv_live_at_peak"]
+        figs += [figure("serve_weights", "bytes", higher_is_better=False, value=weights, **labels),
+                 figure("serve_kv_live_at_peak", "bytes", higher_is_better=False, value=kv, **labels),
+                 figure("serve_rss_overhead", "bytes", higher_is_better=False,
+                        value=max(0, memory["peak"] - weights - kv), **labels),
+                 figure("serve_rss_idle_overhead", "bytes", higher_is_better=False,
+                        value=max(0, memory["idle"] - weights), **labels)]
+    return figs
+
+
 def run(settings: dict, argv) -> dict:
     import torch
 
@@ -274,7 +459,7 @@ def run(settings: dict, argv) -> dict:
                     model_name=settings["model"] or settings["preset"])
     if max(settings["clients"]) > settings["requests"]:
         raise InputError(f"--requests {settings['requests']} is fewer than the largest client count")
-    images = not settings.get("text_only")
+    images = "none" if settings.get("text_only") else settings.get("images") or "mixed"
     requests = workload(settings["requests"], settings["seed"], images)
     from llava_fast.prompts.messages import split_openai_messages
 
@@ -286,6 +471,8 @@ def run(settings: dict, argv) -> dict:
     max_model_len = min(model.context_length, max(prompt_tokens(m) + t for m, t, _ in requests))
     settings.update(max_model_len=max_model_len, kinds={k: sum(q[2] == k for q in requests)
                                                         for k in ("new", "repeated", "none")})
+    if _psutil_or_none() is None:
+        doc["notes"].append("psutil is not installed: no resident-memory figures (pip install psutil)")
     telemetry = Telemetry(device).start()
     try:
         doc["ceilings"] = measure_ceilings(device)
@@ -313,9 +500,11 @@ def _run_beside_one_by_one(doc, model, requests, warm, max_model_len):
     for clients in settings["clients"]:
         run_server(model, warm, 1, settings["max_batch"], max_model_len, **_serve_settings(settings))
         print(f"bench serve: {len(requests)} requests from {clients} clients ...", file=sys.stderr, flush=True)
-        results, wall = run_server(model, requests, clients, settings["max_batch"], max_model_len,
+        memory = {}
+        results, wall = run_server(model, requests, clients, settings["max_batch"], max_model_len, memory=memory,
                                    **_serve_settings(settings))
         figs = _figures(SERVER, clients, requests, results, wall)
+        figs += _memory_figures(SERVER, clients, memory, weights_bytes(model))
         tput = find_one(figs, "serve_output_throughput")["value"]
         figs.append(figure("serve_speedup", "x", higher_is_better=True, value=tput / base_tput, engine=SERVER,
                            baseline=ONE_BY_ONE, clients=clients))
@@ -345,7 +534,8 @@ def _first_model_id(url):
 def _run_against(doc, model, requests, warm, max_model_len):
     """llava-fast's server, then the other server, at each client count: the same requests, one engine at a time."""
     s = doc["settings"]
-    other = s["against"] = s["against"].rstrip("/")
+    other = s["against"].rstrip("/")
+    other = s["against"] = other[:-3] if other.endswith("/v1") else other  # an OpenAI base_url names /v1 too
     s["against_model"] = s.get("against_model") or _first_model_id(other)
     run_server(model, warm, 1, s["max_batch"], max_model_len, failures_ok=True, **_serve_settings(s))
     _run_clients(other, warm, 1, s["against_model"], failures_ok=True)  # its warm-up (e.g. compiling) too
@@ -355,12 +545,16 @@ def _run_against(doc, model, requests, warm, max_model_len):
         for engine in (SERVER, other):
             print(f"bench serve: {len(requests)} requests from {clients} clients to {engine} ...", file=sys.stderr,
                   flush=True)
+            memory = {}
             if engine == SERVER:
                 results, wall = run_server(model, requests, clients, s["max_batch"], max_model_len, failures_ok=True,
-                                           **_serve_settings(s))
+                                           memory=memory, **_serve_settings(s))
             else:
-                results, wall = _run_clients(other, requests, clients, s["against_model"], failures_ok=True)
+                results, wall = _run_clients_sampled(other, requests, clients, s["against_model"], memory)
             figs[engine] = _figures(engine, clients, requests, results, wall)
+            if any(not isinstance(r, str) for r in results):  # a server that failed every request has no figures
+                figs[engine] += _memory_figures(engine, clients, memory,
+                                                weights_bytes(model) if engine == SERVER else None)
             doc["figures"] += figs[engine]
             tokens[f"{engine} x{clients}"] = sum(r[2] for r in results if not isinstance(r, str))
             failed = [r for r in results if isinstance(r, str)]
@@ -401,6 +595,7 @@ def _against_markdown(doc):
             failure = doc["checks"].get("failures", {}).get(f"{engine} x{clients}")
             rows.append([clients, engine, get("serve_output_throughput"), get("serve_ttft", image="all"),
                          get("serve_ttft_p99", image="all"), get("serve_itl_p50"), get("serve_itl_p99"),
+                         _mib(figs, "serve_rss_idle", engine, clients), _mib(figs, "serve_rss_peak", engine, clients),
                          f"FAILED: {failure}" if failure else "all ok"])
 
         def ratio(name, clients=clients):
@@ -409,11 +604,32 @@ def _against_markdown(doc):
 
         rows.append([clients, "llava-fast / other", ratio("serve_ratio_output_throughput"),
                      ratio("serve_ratio_ttft_p50"), ratio("serve_ratio_ttft_p99"), ratio("serve_ratio_itl_p50"),
-                     ratio("serve_ratio_itl_p99"), ""])
+                     ratio("serve_ratio_itl_p99"), "", "", ""])
     lines.append(md_table(["clients", "engine", "out tok/s", "TTFT p50 ms", "TTFT p99", "ITL p50 ms", "ITL p99",
-                           "requests"], rows))
+                           "RSS idle MiB", "RSS peak MiB", "requests"], rows))
+    lines += _memory_lines(figs, s["clients"])
     lines += [f"note: {n}" for n in doc["notes"]]
     return "\n".join(lines)
+
+
+def _mib(figs, name, engine, clients):
+    hit = find_one(figs, name, engine=engine, clients=clients)
+    return fmt(hit["value"] / 2**20) if hit else "-"
+
+
+def _memory_lines(figs, clients_list):
+    """llava-fast's peak resident memory split into weights + live K/V + overhead, per client count."""
+    rows = []
+    for clients in clients_list:
+        parts = [_mib(figs, name, SERVER, clients) for name in ("serve_rss_peak", "serve_weights",
+                                                                  "serve_kv_live_at_peak", "serve_rss_overhead",
+                                                                  "serve_rss_idle", "serve_rss_idle_overhead")]
+        if parts[1] != "-":
+            rows.append([clients, *parts])
+    if not rows:
+        return []
+    return ["", f"{SERVER} resident memory, MiB: the peak = weights + the live tokens' K/V at that moment + overhead",
+            "", md_table(["clients", "peak RSS", "weights", "live K/V", "overhead", "idle RSS", "idle overhead"], rows)]
 
 
 def markdown(doc: dict) -> str:
@@ -436,8 +652,11 @@ def markdown(doc: dict) -> str:
                      fmt(speed["value"], "x") if speed and lab["engine"] == SERVER else "-",
                      get("serve_ttft", image="all"), get("serve_ttft_p99", image="all"),
                      get("serve_ttft", image="new"), get("serve_ttft", image="repeated"),
-                     get("serve_itl_p50"), get("serve_itl_p99")])
+                     get("serve_itl_p50"), get("serve_itl_p99"), _mib(figs, "serve_rss_idle", **lab),
+                     _mib(figs, "serve_rss_peak", **lab)])
     lines.append(md_table(["engine", "clients", "req/s", "out tok/s", "vs one-by-one", "TTFT p50 ms", "TTFT p99",
-                           "TTFT new img", "TTFT repeated img", "ITL p50 ms", "ITL p99"], rows))
+                           "TTFT new img", "TTFT repeated img", "ITL p50 ms", "ITL p99", "RSS idle MiB",
+                           "RSS peak MiB"], rows))
+    lines += _memory_lines(figs, s["clients"])
     lines += [f"note: {n}" for n in doc["notes"]]
     return "\n".join(lines)

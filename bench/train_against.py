@@ -2,11 +2,13 @@
 otherwise write, one table.
 
 The alternative is a plain transformers loop: `LlavaForConditionalGeneration` (its default SDPA attention), the
-loss from `labels`, `loss.backward()`, gradient clipping at 1.0, `torch.optim.AdamW`; LoRA through `peft`
-(adapters on the decoder's q/k/v/o/gate/up/down, as LLaVA-1.5's recipe, plus the full projector); bfloat16 as
-torch.autocast(bfloat16) over float32 weights, the mixed precision the transformers docs teach. llava-fast runs
-its trainer's step (`trainable_parameters`, `MasterWeights`, `LlavaForCausalLM.loss`, AdamW): in bfloat16 the
-model holds bf16 weights and the optimizer float32 masters.
+loss from `labels`, `loss.backward()`, gradient clipping at 1.0 (`--max-grad-norm`), `torch.optim.AdamW`; LoRA
+through `peft` (adapters on the decoder's q/k/v/o/gate/up/down, as LLaVA-1.5's recipe, plus the full projector);
+bfloat16 as torch.autocast(bfloat16) over float32 weights, the mixed precision the transformers docs teach.
+llava-fast runs its trainer's step (`trainable_parameters`, `MasterWeights`, `LlavaForCausalLM.loss`, AdamW):
+in bfloat16 the model holds bf16 weights and the optimizer float32 masters, the bf16 gradients folded into the
+masters' as backward finishes each. With `--max-grad-norm 0` neither engine clips and llava-fast steps each
+parameter inside backward (`train --step-in-backward`), which clipping rules out.
 
 Same for both: the weights (transformers' model gets llava-fast's random weights, and peft's lora_A the same
 draw, so the first-step losses agree to float tolerance; the table shows both), the batch (B rows of BOS +
@@ -115,26 +117,43 @@ def build_llava_fast(source, stage, lora, dtype, settings):
     """The trainer's step on a copy of `source` (float32): frozen weights and the model in `dtype`, float32
     masters of the trained ones (the parameters themselves in float32), AdamW over the masters."""
     from llava_fast.train.lora import add_lora
-    from llava_fast.train.trainer import MasterWeights, make_optimizer, trainable_parameters
+    from llava_fast.train.trainer import (
+        MasterWeights,
+        OptimizerInBackward,
+        clip_or_norm,
+        fuse_frozen_projections,
+        make_optimizer,
+        trainable_parameters,
+    )
 
     net = copy.deepcopy(source)
     if lora:
         add_lora(net, settings["lora_r"], settings["lora_alpha"], 0.0, seed=0)
     llm, projector = trainable_parameters(net, stage, lora)
+    fuse_frozen_projections(net, stage)
     for p in net.parameters():
         if not p.requires_grad:
             p.data = p.data.to(dtype)
     masters = MasterWeights(llm + projector, dtype)
-    optimizer = make_optimizer([{"params": masters.masters, "lr": settings["lr"]}], 0.0, source.lm_head.weight.device)
+    device = source.lm_head.weight.device
+    optimizer = make_optimizer([{"params": masters.masters, "lr": settings["lr"]}], 0.0, device)
+    masters.fold_grads_in_backward()
+    max_norm = settings.get("max_grad_norm", 1.0)
+    in_backward = OptimizerInBackward(optimizer, masters) if max_norm == 0 else None  # the trainer's path then
     net.train()
     ids, labels, pixels = settings["batch"]
     pixels = pixels.to(dtype)
 
     def step():
+        if in_backward:
+            in_backward.arm(device)
         loss = net.loss(ids, labels, pixels)
         loss.backward()
+        if in_backward:
+            in_backward.disarm()
+            return loss.detach()
         masters.accumulate_grads()
-        torch.nn.utils.clip_grad_norm_(masters.masters, 1.0)
+        clip_or_norm(masters.masters, max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         masters.copy_to_model()
@@ -192,12 +211,14 @@ def build_transformers(source, stage, lora, dtype, settings):
     ids, labels, pixels = settings["batch"]
     device = ids.device
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    max_norm = settings.get("max_grad_norm", 1.0)
 
     def step():
         with autocast:
             loss = hf(input_ids=ids, pixel_values=pixels, labels=labels).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
@@ -324,7 +345,8 @@ def markdown(doc):
     figs = doc["figures"]
     lines = [f"## llava-fast bench train --against transformers: {s['model_name']} on {doc['device']['name']}, "
              f"batch {s['batch_sizes'][0]} x {s['seq_len']} tokens, LoRA r={s['lora_r']} alpha={s['lora_alpha']:g}, "
-             f"gradient checkpointing off, AdamW", ""]
+             f"gradient checkpointing off, AdamW, " + (f"clipping at {clip:g}" if (clip := s.get("max_grad_norm", 1.0))
+                                                          else "no clipping (llava-fast steps in backward)"), ""]
     lines += [f"- {x}" for x in header_lines(doc)] + [""]
     names = {"1": "stage 1 (projector)", "2": "stage 2 full", "2-lora": "stage 2 LoRA"}
     rows = []

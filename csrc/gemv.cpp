@@ -325,6 +325,7 @@ void gemv(const GemvArgs& a, int threads) {
   thread_local std::vector<uint16_t> xb_buf;
   thread_local std::vector<float> xbf_buf;
   thread_local QuantizedX xq_buf;
+  thread_local std::vector<uint64_t> bf16_layout;
   const KernelTable& t = kernels();
   GemvRows p{};
   p.a = &a;
@@ -339,9 +340,15 @@ void gemv(const GemvArgs& a, int threads) {
                                                     : f32_to_bf16(static_cast<const float*>(a.x)[m * a.x_stride + k]);
       p.xb = xb_buf.data();
     }
-    xbf_buf.resize(M * K);  // the same values widened, for tables without a bfloat16 dot product
-    for (int64_t i = 0; i < M * K; ++i) xbf_buf[i] = bf16_to_f32(p.xb[i]);
-    p.xbf = xbf_buf.data();
+    if (t.gemv_bf16_prepare) {  // the table's own layout of x (AMX: B tiles)
+      bf16_layout.resize((t.gemv_bf16_layout_bytes(p) + 7) / 8);
+      t.gemv_bf16_prepare(p, bf16_layout.data());
+      p.layout = bf16_layout.data();
+    } else {
+      xbf_buf.resize(M * K);  // the same values widened, for tables without a bfloat16 dot product
+      for (int64_t i = 0; i < M * K; ++i) xbf_buf[i] = bf16_to_f32(p.xb[i]);
+      p.xbf = xbf_buf.data();
+    }
   } else if (a.x_dtype == kActF32 && a.x_stride == K) {
     p.xf = static_cast<const float*>(a.x);
   } else {

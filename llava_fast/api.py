@@ -322,7 +322,8 @@ class LlavaModel:
         return decoder
 
     def _stream_rows(self, rows, pixel_values, *, max_new_tokens, sampling, stop, eos_token_id, decoder=None,
-                     start_pos=None, new_rows=None, sync_every=None, decode=True, image_sizes=None):
+                     start_pos=None, new_rows=None, sync_every=None, decode=True, image_sizes=None,
+                     preprocess_s=0.0):
         """Generate for all rows; yield per step a list of text deltas (one per row; all "" with decode=False).
         Returns through StopIteration.value the generated ids per row (EOS included when it ended the row).
 
@@ -360,6 +361,11 @@ class LlavaModel:
         self.last_stats = {
             "prompt_tokens": sum(map(len, new_rows or rows)), "new_tokens": sum(len(o.ids) for o in outputs),
             "steps": n, "time_to_first_token_s": first - start,
+            # The first token's wait split: images -> pixel_values before it (generate(), stream(); 0 when the
+            # caller passed pixel_values), then inside it the vision tower + projector and the prefill (its
+            # layers, the first token's sampling and read-back).
+            "image_preprocess_s": preprocess_s, "vision_s": decoder.embed_end - decoder.embed_start,
+            "prefill_s": first - decoder.embed_end,
             "decode_tokens_per_s": (n - 1) * len(rows) / (end - first) if n > 1 else 0.0,
             "compile_s": (self.compiled.compile_s if self.compiled else 0.0) - compile_before,
         }
@@ -442,10 +448,12 @@ class LlavaModel:
     def _run_text(self, rows, flat_images, settings, sync_every=None):
         max_new_tokens, sampling, stop = settings
         self._check_rows(rows, len(flat_images), max_new_tokens, image_sizes=_sizes(flat_images))
+        start = time.perf_counter()
         pixel_values, image_sizes = self.image_inputs(flat_images)
         return self._stream_rows(rows, pixel_values, max_new_tokens=max_new_tokens,
                                  sampling=sampling, stop=stop, eos_token_id=self.tokenizer.eos_token_ids,
-                                 sync_every=sync_every, image_sizes=image_sizes)
+                                 sync_every=sync_every, image_sizes=image_sizes,
+                                 preprocess_s=time.perf_counter() - start if flat_images else 0.0)
 
     def stream(self, prompt, image=None, *, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, stop=None,
                seed=None, template=None, system=None, min_tokens=0, ignore_eos=False) -> Iterator:

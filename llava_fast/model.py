@@ -144,7 +144,8 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = None  # q/k/v as one weight, after fuse_projections()
         self.window = cfg.sliding_window or 0  # Mistral: each position sees the last `window` keys; 0: all
 
-    def forward(self, x, rope, cache, start_pos, seq_lens):
+    def forward(self, x, rope, cache, start_pos, seq_lens, rows=None):
+        """rows: (M,) flat indices into the B*T positions: o_proj runs on those rows only -> (M, C)."""
         B, T, _ = x.shape
         if self.qkv_proj is not None:  # one GEMM reads the three weights in one pass
             q, k, v = self.qkv_proj(x).split((self.H * self.D, self.Hkv * self.D, self.Hkv * self.D), dim=-1)
@@ -155,7 +156,8 @@ class LlamaAttention(nn.Module):
             out = ops.rotary_causal_attention(q, k, v, *rope, self.window)
         else:  # inference: K/V written into the static cache in place
             out = ops.rotary_cached_attention(q, k, v, *rope, cache[0], cache[1], start_pos, seq_lens, self.window)
-        return self.o_proj(out.reshape(B, T, self.H * self.D))
+        out = out.reshape(B, T, self.H * self.D)
+        return self.o_proj(out if rows is None else ops.select_rows(out.view(B * T, -1), rows))
 
 
 class LlamaMLP(nn.Module):
@@ -209,10 +211,14 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x, residual, rope, cache, start_pos, seq_lens):
+    def forward(self, x, residual, rope, cache, start_pos, seq_lens, rows=None):
         # The residual add is fused into each RMSNorm: x is the last block's output, residual the stream.
+        # rows (M,): every position is attended to, but the block's output is wanted at these rows only
+        # (flat indices into B*T), so o_proj, the second norm and the MLP run on (M, C) rows.
         h, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(h, rope, cache, start_pos, seq_lens)
+        x = self.self_attn(h, rope, cache, start_pos, seq_lens, rows)
+        if rows is not None:
+            residual = ops.select_rows(residual.reshape(-1, residual.shape[-1]), rows)  # (M, C)
         h, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(h), residual
 
@@ -353,18 +359,22 @@ class LlavaForCausalLM(nn.Module):
         return ops.splice_image_embeddings(input_ids, self.language_model.embed_tokens.weight, features,
                                            self.cfg.image_token_id, *projector)
 
-    def decode_hidden(self, x, cache=None, start_pos=None, seq_lens=None):
-        """Run the decoder stack on embeddings (B, T, C) -> final-normed hidden states (B, T, C)."""
+    def decode_hidden(self, x, cache=None, start_pos=None, seq_lens=None, rows=None):
+        """Run the decoder stack on embeddings (B, T, C) -> final-normed hidden states (B, T, C), or (M, C) at
+        rows (M,) (flat indices into B*T; no cache): the last layer's attention output, MLP and the final norm
+        then run on those rows only, which is all the loss reads."""
         if self.rope is None or self.rope[0].device != x.device:
             self.init_rope(x.device)
         residual = None
+        last = len(self.language_model.layers) - 1
         for i, layer in enumerate(self.language_model.layers):
+            layer_rows = rows if i == last else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x, residual = torch.utils.checkpoint.checkpoint(layer, x, residual, self.rope, None, None, None,
-                                                                use_reentrant=False)
+                                                                layer_rows, use_reentrant=False)
             else:
                 x, residual = layer(x, residual, self.rope, None if cache is None else cache.layer(i), start_pos,
-                                    seq_lens)
+                                    seq_lens, layer_rows)
         return self.language_model.norm(x, residual)[0]
 
     def forward(self, input_ids, pixel_values=None, image_sizes=None):
@@ -376,7 +386,13 @@ class LlavaForCausalLM(nn.Module):
         unshifted (labels[t] is the target at position t, as transformers takes them); the (B*T, V) logits are
         never materialised (fused linear + cross-entropy). The images as pixel_values or, for a frozen
         tower, as the image_features it gave before; LLaVA-NeXT: their tiles and image_sizes (see embed)."""
-        hidden = self.decode_hidden(self.embed(input_ids, pixel_values, image_features, image_sizes))  # (B, T, C)
-        C = hidden.shape[-1]
-        return ops.linear_cross_entropy(hidden[:, :-1].reshape(-1, C), self.lm_head.weight,
-                                        labels[:, 1:].reshape(-1), ignore_index)
+        # Position t predicts labels[t + 1]; only positions with a target reach the loss. In a LLaVA batch most
+        # positions are the image's and the prompt's (stage 1 on the tiny preset: 63 target rows of 320), so
+        # the last decoder layer's o_proj, MLP and the final norm run on the target rows only (as lm_head does
+        # inside linear_cross_entropy): the same loss and gradients.
+        shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)  # (B, T)
+        rows = (shifted.reshape(-1) != ignore_index).nonzero().squeeze(1)  # (M,) flat positions with a target
+        x = self.embed(input_ids, pixel_values, image_features, image_sizes)  # (B, T, C)
+        hidden = self.decode_hidden(x, rows=rows)  # (M, C)
+        return ops.linear_cross_entropy(hidden, self.lm_head.weight, shifted.reshape(-1).index_select(0, rows),
+                                        ignore_index)

@@ -40,6 +40,46 @@ def rms_norm_reference(x, weight, eps, residual=None):
     return weight * normed.to(hidden.dtype), hidden
 
 
+class _RMSNormSavingStatistics(torch.autograd.Function):
+    """rms_norm_reference for eager training with a hand-written backward. Autograd through the reference
+    records ~8 ops per norm (add, cast, pow, mean, add, rsqrt, mul, cast, mul) and replays ~12 in backward,
+    each a pass over the (B, T, C) rows, and keeps the normed rows alive until backward. This saves the
+    residual stream `hidden` and rstd (B, T, 1) only, and backward is
+
+        dn = dout * weight                      dweight = sum over rows of dout * n   (only when trained)
+        dhidden = rstd * dn - hidden * rstd^3 * mean(dn * hidden)   (+ the residual stream's own gradient)
+
+    in float32, cast once to hidden's dtype as the reference's autograd rounds it: five passes instead of ~12.
+    The forward runs the reference's very ops, so the outputs are bitwise the reference's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, residual):
+        hidden = x if residual is None else x + residual
+        h32 = hidden.float()
+        rstd = torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        normed = (h32 * rstd).to(hidden.dtype)
+        ctx.save_for_backward(hidden, rstd, weight)
+        ctx.has_residual = residual is not None
+        out = weight * normed
+        return (out, hidden) if ctx.has_residual else out  # without a residual the stream is x itself
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_hidden=None):
+        hidden, rstd, weight = ctx.saved_tensors
+        h32 = hidden.float()
+        dweight = dhidden = None
+        if grad_out is not None:
+            dn32 = (grad_out * weight).float()  # (..., C), as the reference's mul backward, then its cast
+            if ctx.needs_input_grad[1]:
+                normed = (h32 * rstd).to(hidden.dtype)
+                dweight = (grad_out * normed).sum_to_size(weight.shape)
+            coef = (dn32 * h32).sum(-1, keepdim=True).mul_(rstd.pow(3) / hidden.shape[-1])  # (..., 1)
+            dhidden = torch.addcmul(dn32 * rstd, h32, coef, value=-1).to(hidden.dtype)
+        if grad_hidden is not None:
+            dhidden = grad_hidden if dhidden is None else dhidden.add_(grad_hidden)
+        return dhidden, dweight, None, dhidden if ctx.has_residual else None
+
+
 def layer_norm_reference(x, weight, bias, eps):
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
@@ -349,6 +389,26 @@ class _TargetRowsLinearCrossEntropy(torch.autograd.Function):
                 None if grad_weight is None else grad_weight.mul_(grad_loss), None, None, None)
 
 
+class _SelectRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, rows):
+        ctx.save_for_backward(rows)
+        ctx.shape = x.shape
+        return x.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.shape).index_copy_(0, rows, grad), None
+
+
+def select_rows(x, rows):
+    """x (N, ...) -> x[rows] (M, ...) for distinct rows (M,). Its backward writes the rows' gradients into zeros
+    (index_copy_) where index_select's own backward adds them (index_add_, a scatter-add over every element's
+    index): 0.08 s against 0.4-0.9 s for 252 of 1280 rows x 512 float32 on the loaded Xeon VM."""
+    return _SelectRows.apply(x, rows) if torch.is_grad_enabled() and x.requires_grad else x.index_select(0, rows)
+
+
 def linear_cross_entropy_target_rows(hidden, lm_head_weight, labels, ignore_index=-100,
                                      max_chunk_bytes=MAX_CHUNK_LOGITS_BYTES_CPU):
     """linear_cross_entropy_reference's loss and gradients from the target rows' logits only, in chunks."""
@@ -648,6 +708,10 @@ def _inline_reference():
 
 def rms_norm(x, weight, eps, residual=None):
     """LLaMA RMSNorm with the residual add fused in front: (normed, hidden). See rms_norm_reference."""
+    if BACKEND == "torch" and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if residual is None:
+            return _RMSNormSavingStatistics.apply(x, weight, eps, None), x
+        return _RMSNormSavingStatistics.apply(x, weight, eps, residual)
     if _inline_reference():
         return rms_norm_reference(x, weight, eps, residual)
     if residual is None:

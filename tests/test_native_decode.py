@@ -342,8 +342,9 @@ def model_image():
 
 
 @needs_native_prefill
-def test_native_prefill_only_for_float32_and_int4_weights_and_errors_write_nothing():
-    assert plan.for_model(text_net(dtype=torch.bfloat16)).prefill == "torch"
+def test_native_prefill_only_for_float32_int4_and_amx_bfloat16_weights_and_errors_write_nothing():
+    bf16 = "native" if native_decode.native_bf16_prefill() else "torch"
+    assert plan.for_model(text_net(dtype=torch.bfloat16)).prefill == bf16
     assert plan.for_model(text_net(quantize="int8wo")).prefill == "torch"
     assert plan.for_model(text_net(quantize="int4wo-32", hidden_size=96, intermediate_size=160)).prefill == "native"
     net = text_net()
@@ -470,3 +471,59 @@ def test_an_inf_in_the_weights_gives_nan_as_torch_does(hidden_size):
     got, want = both_steps(net, [5, 8], steps=1)[0][0]
     assert want.isnan().all(-1).any()
     assert torch.equal(got.isnan(), want.isnan())
+
+
+BF16_TABLES = [t["name"] for t in gemv._C.cpu_isa_tables() if t["usable"] and t["name"] in ("avx512_amx",
+                                                                                             "avx512_vnni")] \
+    if gemv.NATIVE else []
+
+
+@pytest.mark.skipif(not BF16_TABLES, reason="no AVX512_BF16 or AMX kernel table on this CPU")
+@pytest.mark.parametrize("table", BF16_TABLES)
+def test_bfloat16_batched_step_rows_equal_each_row_alone(table):
+    """The server's guarantee for bfloat16 weights: a row of a decode step of 7 or 16 rows (the multi-row VDPBF16PS
+    tile, or AMX tiles of 16 activation rows) gets the bits it gets alone, whatever the other rows hold."""
+    net = text_net(dtype=torch.bfloat16, hidden_size=128, num_heads=4, num_kv_heads=2, intermediate_size=160)
+    assert gemv._C.gemv_use_kernels(table)
+    try:
+        g = torch.Generator().manual_seed(8)
+        for B in (7, 16):
+            rows = [torch.randint(0, 301, (n,), generator=g).tolist() for n in torch.randint(1, 30, (B,), generator=g)]
+            batch = Decoder(net, B, 40)
+            assert batch.native is not None
+            for b, ids in enumerate(rows):
+                batch.prefill_slot(b, ids)
+            tokens = torch.randint(0, 301, (2, B), generator=g)
+            got = [batch.step(tokens[0]), batch.step(tokens[1])]
+            assert got[1].std() > 1e-2
+            for r in (0, B // 2, B - 1):
+                alone = Decoder(net, 1, 40)
+                alone.prefill_slot(0, rows[r])
+                for i in range(2):
+                    assert torch.equal(alone.step(tokens[i, r:r + 1]), got[i][r:r + 1]), (table, B, r, i)
+    finally:
+        assert gemv._C.gemv_use_kernels("best")
+
+
+@pytest.mark.skipif(not gemv.NATIVE or "avx512_amx" not in BF16_TABLES, reason="no AMX kernel table on this CPU")
+def test_bfloat16_native_prefill_on_amx():
+    """On the AMX table a bfloat16 model prefills natively: close to the torch prefill (bfloat16 rounding), and the
+    same bits however the prompt is split into calls (the tiles' sums depend on K alone)."""
+    net = text_net(dtype=torch.bfloat16, max_position_embeddings=300, hidden_size=128, num_heads=4, num_kv_heads=2,
+                   intermediate_size=160)
+    assert gemv._C.gemv_use_kernels("avx512_amx")
+    try:
+        ids = torch.randint(0, 301, (150,), generator=torch.Generator().manual_seed(9)).tolist()
+        whole, ref = Decoder(net, 1, 160), Decoder(net, 1, 160)
+        assert whole.plan.prefill == "native"
+        ref.native = None
+        want, torch_logits = whole.prefill_slot(0, ids), ref.prefill_slot(0, ids)
+        scale = torch_logits.abs().max()
+        assert torch_logits.std() > 1e-2 and (want - torch_logits).abs().max() <= 0.03 * scale
+        for split in (1, 17, 66, 149):
+            part = Decoder(net, 1, 160)
+            part.prefill_slot(0, ids[:split])
+            assert torch.equal(part.prefill_slot(0, ids[split:], start_pos=split), want), split
+            assert torch.equal(part.cache.k[:, :, :, :150], whole.cache.k[:, :, :, :150]), split
+    finally:
+        assert gemv._C.gemv_use_kernels("best")

@@ -54,7 +54,11 @@ def build_parser():
     p.add_argument("--strict", action="store_true", help="stop on the first bad record instead of skipping it")
     p.add_argument("--warmup-ratio", type=float, default=0.03)
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients to this global norm (0: no "
+                   "clipping; default 1.0)")
+    p.add_argument("--step-in-backward", action="store_true", help="update each parameter during backward as soon "
+                   "as its gradient is final, so all gradients never exist at once (less memory, same losses; needs "
+                   "--max-grad-norm 0 and one process)")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     p.add_argument("--precision", choices=("bf16", "fp32"),
                    help="bf16: bf16 weights, float32 master weights (the GPU default); fp32 (the CPU default)")

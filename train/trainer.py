@@ -28,6 +28,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -88,6 +89,7 @@ class TrainArgs:
     log_every: int = 10
     device: str | None = None
     cache_image_features: bool = False  # keep the frozen tower's features per image for later epochs
+    step_in_backward: bool = False  # the optimizer steps each parameter during backward (no clipping)
 
     def resolved(self):
         """A copy with the stage defaults filled in."""
@@ -112,7 +114,12 @@ class TrainArgs:
                 raise InputError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value!r}")
         for name in ("lr", "projector_lr", "weight_decay", "lora_alpha"):
             _check_number(getattr(a, name), f"--{name.replace('_', '-')}", positive=name == "lora_alpha")
-        _check_number(a.max_grad_norm, "--max-grad-norm", positive=True)
+        _check_number(a.max_grad_norm, "--max-grad-norm")  # 0: no clipping
+        if a.step_in_backward and a.max_grad_norm > 0:
+            raise InputError("--step-in-backward updates each parameter during backward, before the global "
+                             "gradient norm that clipping needs is known: give it with --max-grad-norm 0")
+        if a.step_in_backward and a.fsdp:
+            raise InputError("--step-in-backward runs in one process: FSDP reduces gradients after backward")
         _check_number(a.lora_dropout, "--lora-dropout", below_one=True)
         _check_number(a.warmup_ratio, "--warmup-ratio")
         if a.warmup_ratio > 1:
@@ -192,6 +199,15 @@ class MasterWeights:
         for p in self.params:
             p.data = p.data.to(dtype)
 
+    def fold_grads_in_backward(self):
+        """Add each bf16 gradient into its float32 master gradient as soon as backward has finished it (a
+        post-accumulate-grad hook per parameter) and free it, so the bf16 gradient set (2 bytes a trained
+        parameter) never exists whole; the same sums as accumulate_grads. Not under DDP, whose reducer reads
+        p.grad after these hooks."""
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                p.register_post_accumulate_grad_hook(partial(_fold_grad, m))
+
     def accumulate_grads(self):
         for p, m in zip(self.params, self.masters):
             if m is not p and p.grad is not None:
@@ -212,6 +228,64 @@ class MasterWeights:
             for n, m in zip(self.names, self.masters):
                 m.copy_(state[n])
         self.copy_to_model()
+
+
+def _fold_grad(master, p):
+    master.grad = p.grad.float() if master.grad is None else master.grad.add_(p.grad)
+    p.grad = None
+
+
+class OptimizerInBackward:
+    """The optimizer's step for each trained parameter inside the last micro-batch's backward, as soon as its
+    gradient is final (a post-accumulate-grad hook, after the bf16 fold), the gradient freed at once: the
+    whole gradient set (float32, 4 bytes a trained parameter) never exists. Each update is the fused AdamW
+    kernel on one tensor with the run's optimizer's own state (a shared dict: checkpoints save and resume it as
+    before), the per-element arithmetic of one step over all tensors, so losses are bit-equal to the plain
+    step's. Gradient clipping scales every gradient by the global norm, known only once backward ends, so this
+    path runs without clipping (the trainer refuses it with --max-grad-norm > 0); the global norm is still
+    summed as the gradients go by, for the log."""
+
+    def __init__(self, optimizer, masters):
+        self.armed, self.squares = False, None
+        self.single = {}  # master -> (one-tensor AdamW sharing the state, the run optimizer's group)
+        self.param_of = dict(zip(masters.masters, masters.params))
+        for group in optimizer.param_groups:
+            for m in group["params"]:
+                one = type(optimizer)([m], lr=group["lr"])
+                one.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
+                self.single[m] = (one, group)
+        self.optimizer = optimizer
+        for p, m in zip(masters.params, masters.masters):  # registered after the fold: runs after it
+            p.register_post_accumulate_grad_hook(partial(self._step, m))
+
+    def arm(self, device):
+        """The next backward steps every parameter (call before the last micro-batch's backward, with the
+        step's learning rates already in the run optimizer's groups)."""
+        self.armed, self.squares = True, torch.zeros((), dtype=torch.float32, device=device)
+
+    def disarm(self):
+        """-> the global gradient norm of the step. Steps any parameter the last backward did not reach."""
+        for m in self.single:
+            if m.grad is not None:
+                self._step(m, self.param_of[m])
+        self.armed = False
+        return self.squares.sqrt()
+
+    def _step(self, master, p):
+        if not self.armed:
+            return
+        self._update(master)
+        if master is not p:
+            with torch.no_grad():
+                p.copy_(master)
+
+    def _update(self, master):
+        one, group = self.single[master]
+        self.squares += torch.linalg.vector_norm(master.grad, dtype=torch.float32).square()
+        one.state = self.optimizer.state  # looked up each time: load_state_dict replaces the dict
+        one.param_groups[0]["lr"] = group["lr"]
+        one.step()
+        master.grad = None
 
 
 def make_optimizer(groups, weight_decay, device, sharded=False):
@@ -281,6 +355,16 @@ def trainable_parameters(net, stage, lora):
     for _, p in projector + llm:
         p.requires_grad_(True)
     return llm, projector
+
+
+def fuse_frozen_projections(net, stage):
+    """Stage 1 trains the projector only, so the decoder is frozen: its q/k/v and gate/up projections are fused
+    into one weight each (LlavaForCausalLM.fuse_projections, as inference runs them), 4 GEMMs per layer instead
+    of 7 in forward and in the input-gradient backward, and no sum of the q/k/v (and gate/up) input gradients.
+    state_dict() keeps the split names, so the written checkpoint is unchanged. Stage 2 trains these weights
+    under their own names (masters, LoRA targets, checkpoints) and keeps them apart."""
+    if stage == 1:
+        net.fuse_projections()
 
 
 _PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12,
@@ -495,6 +579,7 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
     if lora:
         add_lora(net, a.lora_r, a.lora_alpha, a.lora_dropout, seed=a.seed)
     llm_params, projector_params = trainable_parameters(net, a.stage, lora)
+    fuse_frozen_projections(net, a.stage)
     dtype = torch.bfloat16 if a.precision == "bf16" and not a.fsdp else torch.float32  # FSDP gathers in bf16
     for p in net.parameters():
         if not p.requires_grad:
@@ -674,6 +759,13 @@ class _Stepper:
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
         self.dummy = (torch.tensor([[bos, bos]], device=device), torch.tensor([[-100, bos]], device=device))
         self.image_cache = None
+        self.in_backward = None
+        if dist is None:  # DDP's reducer reads p.grad after the per-parameter hooks
+            masters.fold_grads_in_backward()
+        if a.step_in_backward:
+            if dist is not None:
+                raise InputError("--step-in-backward runs in one process: DDP reduces gradients after backward")
+            self.in_backward = OptimizerInBackward(optimizer, masters)
 
     def step(self, step, micro, start):
         """Returns the step's metrics, or None when the global batch has no target (every sample dropped).
@@ -687,6 +779,8 @@ class _Stepper:
             return None
         ce_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         row_lengths, num_images = [], 0
+        for g in self.optimizer.param_groups:
+            g["lr"] = cosine_lr(step, self.total, self.warmup, g["peak_lr"])
         for k, b in enumerate(micro):
             if b.num_samples:
                 b = b.to(self.device)
@@ -699,18 +793,20 @@ class _Stepper:
             if self.image_cache is not None and pixels is not None:
                 features, pixels = self.image_cache.features(pixels, b.image_keys, sizes), None
             last = k == len(micro) - 1
+            if last and self.in_backward:
+                self.in_backward.arm(self.device)
             with self.model.no_sync() if self.defer_sync and not last else contextlib.nullcontext():
                 loss = self.model(ids, labels, pixels, scale, features, sizes)
                 loss.backward()
             self.masters.accumulate_grads()
             ce_sum += loss.detach().double() * targets / self.world
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.masters.masters, self.a.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        for g in self.optimizer.param_groups:
-            g["lr"] = cosine_lr(step, self.total, self.warmup, g["peak_lr"])
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.masters.copy_to_model()
+        if self.in_backward:  # every parameter already stepped
+            grad_norm = self.in_backward.disarm()
+        else:
+            grad_norm = clip_or_norm(self.masters.masters, self.a.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.masters.copy_to_model()
         if self.dist:
             self.dist.all_reduce(ce_sum)
         loss = float(ce_sum) / targets  # the step's one host sync
@@ -719,6 +815,15 @@ class _Stepper:
                 "grad_norm": float(grad_norm), "tokens": tokens, "samples": samples, "tokens_per_s": tokens / elapsed,
                 "samples_per_s": samples / elapsed, "step_time_s": elapsed, "row_lengths": row_lengths,
                 "num_images": num_images}
+
+
+def clip_or_norm(params, max_norm):
+    """Clip the gradients to a global norm of max_norm (0: no clipping); -> the norm before clipping."""
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def _full_trained_state(model, masters, fsdp):

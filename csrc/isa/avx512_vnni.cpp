@@ -4,8 +4,8 @@
 // both extensions (else the AVX2 table's kernels run beside avx512.cpp's).
 //
 // GEMV (gemv.cpp holds the algorithm and the scalar reference):
-//   bfloat16  32 weights per VDPBF16PS (x rounded to bf16, fp32 sums); one row at a time, the rows of a
-//            thread one sequential stream, prefetched into L2 8 KB ahead.
+//   bfloat16  32 weights per VDPBF16PS (x rounded to bf16, fp32 sums); tiles of 4 weight rows x up to 6
+//            activation rows, one accumulator per output, weights prefetched into L2 8 KB ahead.
 //   int8     64 weights per VPDPBUSD: the weight stored offset-binary (w + 128) is the unsigned operand, x
 //            quantized to int8 per 32-block the signed one; the accumulator starts at -128 * sum(x_q) (exact),
 //            then one convert + one FMA with the blocks' x scales per 64 weights.
@@ -82,27 +82,72 @@ void prepare(const GemvRows& p, void* scratch) {
   }
 }
 
-inline __m512bh ld(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+inline __m512bh ld_bf16(__mmask32 mk, const uint16_t* p) { return (__m512bh)_mm512_maskz_loadu_epi16(mk, p); }
 
-float dot_bf16(const uint16_t* w, const uint16_t* x, int64_t K) {  // K even (checked)
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t k = 0;
-  for (; k + 128 <= K; k += 128) {
-    prefetch_l2(w + k), prefetch_l2(w + k + 32), prefetch_l2(w + k + 64), prefetch_l2(w + k + 96);
-    a0 = _mm512_dpbf16_ps(a0, ld(w + k), ld(x + k));
-    a1 = _mm512_dpbf16_ps(a1, ld(w + k + 32), ld(x + k + 32));
-    a2 = _mm512_dpbf16_ps(a2, ld(w + k + 64), ld(x + k + 64));
-    a3 = _mm512_dpbf16_ps(a3, ld(w + k + 96), ld(x + k + 96));
+// bfloat16: a tile of NT weight rows x MT activation rows, one VDPBF16PS accumulator per (row, activation)
+// pair, k in order 32 at a time (masked tail; K is even, so a pair never straddles it), each sum reduced by
+// reduce4's tree: every output's order is fixed by K alone, whatever the tile, M or the thread count (the
+// batch invariance of kernels.h; csrc/tests/kernel_tests.cpp checks rows alone against rows in calls of 3, 7,
+// 16 and 65). The 4 x 6 tile does 24 VDPBF16PS per 10 loads, as the float32 tile does with FMAs.
+// Before: one dot product per (row, activation) pair with 4 accumulators, so M rows re-read each weight row
+// M times from L1 and ran M reductions per row (bench/gemv_rows.py has the M = 2..512 table).
+template <int NT, int MT>
+inline void tile_step_bf16(const uint16_t* w, const uint16_t* x, int64_t K, int64_t k, __mmask32 mk, __m512* acc) {
+  __m512bh wv[NT];
+  #pragma GCC unroll 8
+  for (int r = 0; r < NT; ++r) wv[r] = ld_bf16(mk, w + r * K + k);
+  #pragma GCC unroll 8
+  for (int c = 0; c < MT; ++c) {
+    const __m512bh xv = ld_bf16(mk, x + c * K + k);
+    #pragma GCC unroll 8
+    for (int r = 0; r < NT; ++r) acc[r * MT + c] = _mm512_dpbf16_ps(acc[r * MT + c], wv[r], xv);
   }
-  for (; k < K; k += 32) {  // pairs never straddle the tail: K is even
-    const int64_t left = K - k;
-    const __mmask32 mk = left >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << left) - 1);
-    prefetch_l2(w + k);
-    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(mk, w + k), (__m512bh)_mm512_maskz_loadu_epi16(mk, x + k));
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
+template <int NT, int MT>
+void tile_bf16(const GemvRows& p, int64_t n, int64_t m) {
+  const GemvArgs& a = *p.a;
+  const int64_t K = a.k;
+  const uint16_t* w = static_cast<const uint16_t*>(a.w) + n * K;
+  const uint16_t* x = p.xb + m * K;
+  __m512 acc[NT * MT];
+  #pragma GCC unroll 32
+  for (int i = 0; i < NT * MT; ++i) acc[i] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    #pragma GCC unroll 8
+    for (int r = 0; r < NT; ++r) prefetch_l2(w + r * K + k);
+    tile_step_bf16<NT, MT>(w, x, K, k, __mmask32(0xffffffffu), acc);
+  }
+  if (k < K) tile_step_bf16<NT, MT>(w, x, K, k, __mmask32((1u << (K - k)) - 1), acc);
+  #pragma GCC unroll 8  // constant indices keep acc in registers
+  for (int i = 0; i < NT * MT; i += 4) {  // 4 sums per shuffle tree; a short group repeats its last vector
+    const int last = NT * MT - 1;
+    alignas(16) float out[4];
+    _mm_store_ps(out, reduce4(acc[i], acc[std::min(i + 1, last)], acc[std::min(i + 2, last)], acc[std::min(i + 3, last)]));
+    for (int j = 0; j < 4 && i + j <= last; ++j) gemv_store(p, m + (i + j) % MT, n + (i + j) / MT, out[j]);
+  }
+}
+
+// All M activation rows x weight rows n .. n + NT - 1, in tiles of 6 rows (and 5: 55 = 5 x 5 + 5 x 6, not a
+// tile of 1 row, as tiles_f32 splits them).
+template <int NT>
+void tiles_bf16(const GemvRows& p, int64_t n) {
+  constexpr int MB = 6;
+  const int64_t M = p.a->m;
+  int64_t smaller = (MB - M % MB) % MB;
+  if (smaller * (MB - 1) > M) smaller = 0;
+  int64_t m = 0;
+  for (int64_t t = 0; t < smaller; ++t, m += MB - 1) tile_bf16<NT, MB - 1>(p, n, m);
+  for (; m + MB <= M; m += MB) tile_bf16<NT, MB>(p, n, m);
+  switch (M - m) {
+    case 5: tile_bf16<NT, 5>(p, n, m); break;
+    case 4: tile_bf16<NT, 4>(p, n, m); break;
+    case 3: tile_bf16<NT, 3>(p, n, m); break;
+    case 2: tile_bf16<NT, 2>(p, n, m); break;
+    case 1: tile_bf16<NT, 1>(p, n, m); break;
+  }
+}
 
 // R <= 4 sums through reduce4's tree, a short group repeating its last vector as tile_f32 does: a row summed
 // alone (a range's last N % 4 rows) gets the bits it gets in a block of 4, and the ranges' ends move with the
@@ -222,10 +267,10 @@ void tiles_q4(const GemvRows& p, int64_t n, __m512i scale_lanes, int groups_per_
 
 
 void gemv_bf16(const GemvRows& p, int64_t n0, int64_t n1) {
-  const GemvArgs& a = *p.a;
-  for (int64_t n = n0; n < n1; ++n)
-    for (int64_t m = 0; m < a.m; ++m)
-      gemv_store(p, m, n, dot_bf16(static_cast<const uint16_t*>(a.w) + n * a.k, p.xb + m * a.k, a.k));
+  // At M = 1, 4 rows give 4 independent VDPBF16PS chains (one chain alone is bound by its latency, not memory).
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) tiles_bf16<4>(p, n);
+  for (; n < n1; ++n) tiles_bf16<1>(p, n);
 }
 
 void gemv_q8(const GemvRows& p, int64_t n0, int64_t n1) {

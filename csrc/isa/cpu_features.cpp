@@ -5,6 +5,10 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #elif defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>
 #elif defined(__aarch64__) && defined(__APPLE__)
@@ -19,6 +23,19 @@ inline unsigned long long xgetbv0() {
   unsigned eax, edx;
   __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));  // the instruction itself: no -mxsave needed
   return (static_cast<unsigned long long>(edx) << 32) | eax;
+}
+#endif
+
+#if defined(__x86_64__) || defined(_M_X64)
+// Linux gives a process the AMX tile data state (8 KB per thread) only on request; without it the first tile
+// instruction raises SIGILL. Other kernels: no AMX.
+bool amx_permitted() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
 }
 #endif
 
@@ -48,9 +65,12 @@ CpuFeatures probe() {
     f.avx512f = b & (1u << 16), f.avx512dq = b & (1u << 17), f.avx512bw = b & (1u << 30);
     f.avx512vl = b & (1u << 31), f.avx512_vnni = c & (1u << 11);
   }
+  const bool amx_tile = d & (1u << 24), amx_bf16 = d & (1u << 22), amx_int8 = d & (1u << 25);
   __cpuid_count(7, 1, a, b, c, d);
   f.avx_vnni = a & (1u << 4);
   if (os_zmm) f.avx512_bf16 = a & (1u << 5);
+  const bool os_tiles = (xcr0 & 0x60000) == 0x60000;  // XTILECFG + XTILEDATA
+  if (os_zmm && os_tiles && amx_tile && amx_permitted()) f.amx_tile = true, f.amx_bf16 = amx_bf16, f.amx_int8 = amx_int8;
 #elif defined(__aarch64__) && defined(__linux__)
   const unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);
   f.neon = hw & (1ul << 1);       // HWCAP_ASIMD

@@ -18,6 +18,9 @@ const KernelTable* avx2_kernels() { return nullptr; }
 const KernelTable* avx512_base_kernels() { return nullptr; }
 const KernelTable* avx512_vnni_kernels() { return nullptr; }
 #endif
+#if !defined(LLAVA_FAST_HAVE_AMX_TABLE)
+const KernelTable* avx512_amx_kernels() { return nullptr; }
+#endif
 #if !defined(LLAVA_FAST_HAVE_AVX2_VNNI)
 const KernelTable* avx2_vnni_kernels() { return nullptr; }
 #endif
@@ -60,7 +63,7 @@ std::string join(const std::string& a, const std::string& b) { return a.empty() 
 struct Choices {
   Choice list[8];
   int count = 0;
-  KernelTable avx512_vnni, avx512_core;
+  KernelTable avx512_amx, avx512_vnni, avx512_core;
 
   Choices() {
     const CpuFeatures& f = cpu_features();
@@ -76,10 +79,20 @@ struct Choices {
     const KernelTable* a2 = (f.avx_vnni && a2v) ? a2v : avx2_kernels();
     const KernelTable* base = avx512_base_kernels();
     const KernelTable* vnni = avx512_vnni_kernels();
+    const KernelTable* amx = avx512_amx_kernels();
     if (base && vnni) avx512_vnni = combine(*base, *vnni, "avx512_vnni");
     if (base && a2) avx512_core = combine(*base, *a2, "avx512_core");
-    add("avx512_vnni", "avx512", base && vnni ? &avx512_vnni : nullptr,
-        join(avx512, join_missing({{f.avx512_vnni, "avx512_vnni"}, {f.avx512_bf16, "avx512_bf16"}})));
+    if (base && vnni && amx) {  // avx512_vnni with the bfloat16 GEMV on AMX tiles
+      avx512_amx = combine(*base, *vnni, "avx512_amx");
+      avx512_amx.gemv_bf16 = amx->gemv_bf16;
+      avx512_amx.gemv_bf16_layout_bytes = amx->gemv_bf16_layout_bytes, avx512_amx.gemv_bf16_prepare = amx->gemv_bf16_prepare;
+    }
+    const std::string vnni_missing =
+        join(avx512, join_missing({{f.avx512_vnni, "avx512_vnni"}, {f.avx512_bf16, "avx512_bf16"}}));
+    add("avx512_amx", "avx512", base && vnni && amx ? &avx512_amx : nullptr,
+        join(vnni_missing, join_missing({{f.amx_tile, "amx_tile (or the OS's permission for its state)"},
+                                         {f.amx_bf16, "amx_bf16"}})));
+    add("avx512_vnni", "avx512", base && vnni ? &avx512_vnni : nullptr, vnni_missing);
     add("avx512_core", "avx512", base && a2 ? &avx512_core : nullptr, join(avx512, avx2));
     add("avx2_vnni", "avx2", a2v, join(avx2, join_missing({{f.avx_vnni, "avx_vnni"}})));
     add("avx2_maddubs", "avx2", avx2_kernels(), avx2);
@@ -130,7 +143,7 @@ const char* resolve(const char* name, const Choice** out) {
   }
   static const char* families =
 #if defined(__x86_64__) || defined(_M_X64)
-      "avx512, avx2 or scalar (or a variant: avx512_vnni, avx512_core, avx2_vnni, avx2_maddubs)";
+      "avx512, avx2 or scalar (or a variant: avx512_amx, avx512_vnni, avx512_core, avx2_vnni, avx2_maddubs)";
 #elif defined(__aarch64__)
       "neon or scalar (or the variant neon_dotprod)";
 #else

@@ -13,6 +13,8 @@
 //                    glue and attention; int8/int4/bfloat16 come from the AVX2 table ...
 //   avx512_vnni.cpp  ... unless the CPU also has AVX512_VNNI and AVX512_BF16 (Cooper Lake, Sapphire Rapids,
 //                    Zen 4): then VPDPBUSD / VDPBF16PS kernels on zmm
+//   avx512_amx.cpp   + AMX-TILE / AMX-BF16 (Sapphire Rapids and later): the bfloat16 GEMV/GEMM on tiles
+//                    (TDPBF16PS); the rest is avx512_vnni's
 //   neon.cpp         ARMv8.2-A + dotprod (SDOT) for int8/int4, FMLA for float32/bfloat16
 // cpu_features.cpp probes the CPU once (CPUID + XGETBV on x86, HWCAP / sysctl on aarch64) and dispatch.cpp
 // picks the best table it supports; LLAVA_FAST_CPU_ISA forces a lower one.
@@ -122,6 +124,11 @@ struct KernelTable {
   float (*attn_dot)(const float* q, const void* k, bool bf16, int64_t D);
   void (*attn_axpy)(float* out, float p, const void* v, bool bf16, int64_t D);
   AttendKernel (*attend_kernel)(int64_t D, bool bf16);
+
+  // Optional: bytes of the bfloat16 kernel's own layout of x_b for this call, and building it into `scratch`
+  // (p.layout = scratch afterwards; the AMX table's B tiles). Null: gemv_bf16 reads xb in K order.
+  size_t (*gemv_bf16_layout_bytes)(const GemvRows& p);
+  void (*gemv_bf16_prepare)(const GemvRows& p, void* scratch);
 };
 
 // The tables this build holds (null where not compiled for this architecture or compiler). The avx512 one
@@ -131,6 +138,7 @@ const KernelTable* avx2_kernels();
 const KernelTable* avx2_vnni_kernels();
 const KernelTable* avx512_base_kernels();   // avx512.cpp's own entries; the integer/bf16 ones null
 const KernelTable* avx512_vnni_kernels();   // avx512_vnni.cpp's entries: bf16, q8, q4, gemm_q4, dequantize
+const KernelTable* avx512_amx_kernels();    // avx512_amx.cpp's entries: bf16 and its layout
 const KernelTable* neon_kernels();
 
 // ---- Selection (dispatch.cpp) ---------------------------------------------------------------------------

@@ -140,6 +140,8 @@ void check_gemv(Checks& c, const char* table) {
   std::vector<Case> cases;
   for (int64_t k : {1, 33, 100, 1000}) cases.push_back({lf::kWeightF32, 37, k, 0});
   for (int64_t k : {2, 34, 98, 1030}) cases.push_back({lf::kWeightBF16, 21, k, 0});
+  // bfloat16 over several 16-row AMX blocks, with an N tail and K tails (66, 578) and without one (576)
+  for (int64_t k : {66, 576, 578}) cases.push_back({lf::kWeightBF16, 37, k, 0});
   for (int64_t k : {1, 31, 123, 160, 1000}) cases.push_back({lf::kWeightQ8, 45, k, 0});
   for (int64_t g : {32, 64, 128, 256}) {
     cases.push_back({lf::kWeightQ4, 29, g, g});
@@ -148,7 +150,10 @@ void check_gemv(Checks& c, const char* table) {
   }
   for (const Case& cs : cases) {
     const Weight w(cs.format, cs.n, cs.k, cs.group);
-    for (int64_t m : {1, 3, 65}) {
+    // bfloat16 also at 7 and 16 rows (one AMX block of activations, partly and fully used) and 33 (three)
+    const std::vector<int64_t> ms = cs.format == lf::kWeightBF16 ? std::vector<int64_t>{1, 3, 7, 16, 33, 65}
+                                                                  : std::vector<int64_t>{1, 3, 65};
+    for (int64_t m : ms) {
       const std::vector<float> x = randn(m * cs.k);
       for (bool bf16_io : {false, true}) {
         const std::string what = std::string("gemv ") + kFormatNames[cs.format] + " N=" + std::to_string(cs.n) +

@@ -16,7 +16,10 @@ The rules, each measured where it is made:
   thread); neon is not measured (emulated only). int8 prefills through torch: natively, on the GEMV's int8 tile,
   it wins only on short prompts (SmolLM2-135M, 2 threads, torch time / native time, medians of 5 interleaved
   rounds: 1.23 / 1.01 / 0.92 / 0.90 at 64 / 130 / 256 / 512 tokens; 7B layer shapes at 128 tokens 0.76; a LLaVA
-  prompt carries 576 image tokens); bfloat16 too (its multi-row kernel is a GEMV: 349 vs 716 tok/s). The torch
+  prompt carries 576 image tokens). bfloat16 models with bfloat16 projections prefill natively only on the
+  avx512_amx table (its tiles run a 128-row chunk at 0.8-1.0x oneDNN's GEMM with no torch op between the
+  matmuls: SmolLM2, 130 tokens, one thread, 1.53x the torch prefill); elsewhere their multi-row kernel is the
+  VDPBF16PS tile, ~0.2x oneDNN's GEMM at 64-128 rows, so torch prefills. The torch
   prefill's quantized layers dequantize and run oneDNN's GEMM in bfloat16 where the CPU has AVX512_BF16 (2-2.5x
   its float32 rate).
 - linear layers (the torch path's, at <= gemv.MAX_GEMV_ROWS rows): the native GEMV wherever the extension is built,
@@ -84,6 +87,12 @@ def make(net, compile=False) -> CpuPlan:
     unsupported = [p for p in projections if p != "float32" and not p.startswith("int4")]
     if decode != "native":
         prefill, prefill_why = "torch", "the native step does not run"
+    elif emb.dtype == torch.bfloat16 and projections == ["bfloat16"]:
+        if native_decode.native_bf16_prefill():
+            prefill, prefill_why = "native", f"bfloat16 on the tiles of the {table} table"
+        else:
+            prefill, prefill_why = "torch", (f"a bfloat16 model: the {table} table has no AMX tiles, and its "
+                                             "VDPBF16PS tile runs ~0.2x oneDNN's GEMM at 64-128 rows")
     elif emb.dtype != torch.float32 or unsupported:
         what = f"{unsupported[0]} weights" if emb.dtype == torch.float32 else f"a {emb.dtype} model"
         prefill, prefill_why = "torch", f"{what}: the native prefill takes float32 models with float32 or int4 weights"

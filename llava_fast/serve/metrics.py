@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -34,6 +35,16 @@ class ServeMetrics:
         self.time_to_first_token = Histogram("llava_fast_time_to_first_token_seconds",
                                              "request accepted -> first token sampled", registry=r,
                                              buckets=_LATENCY_BUCKETS)
+        # The time to first token of a request, in parts (each summed over the request's slices and images; all
+        # three lie inside its TTFT, which also holds its wait in the queue and the decode steps between slices).
+        self.image_preprocess = Histogram("llava_fast_image_preprocess_seconds", "a request's images the feature "
+                                          "cache lacks -> pixel_values (resize, crop, normalise); requests that "
+                                          "ran the vision tower", registry=r, buckets=_LATENCY_BUCKETS)
+        self.vision_encode = Histogram("llava_fast_vision_encode_seconds", "a request's vision tower + projector; "
+                                       "requests that ran the vision tower", registry=r, buckets=_LATENCY_BUCKETS)
+        self.prefill = Histogram("llava_fast_prefill_seconds", "a request's prompt slices through the decoder "
+                                 "(what a cached prefix left to prefill); every request", registry=r,
+                                 buckets=_LATENCY_BUCKETS)
         self.inter_token_latency = Histogram("llava_fast_inter_token_latency_seconds",
                                              "time between a request's consecutive tokens", registry=r,
                                              buckets=_LATENCY_BUCKETS)
@@ -60,6 +71,31 @@ class ServeMetrics:
         self.image_cache_misses = Counter("llava_fast_image_cache_misses", "images run through the vision tower",
                                           registry=r)
 
+    @staticmethod
+    def stage_clock(req, device):
+        """A stopwatch for req's first-token parts: clock(part) adds the time since the last call (or since this
+        one) to req.stage_seconds[part]. On CUDA it synchronises first, so a part is its kernels' time, not
+        their launch."""
+        sync = torch_cuda_sync if getattr(device, "type", device) == "cuda" else None
+        last = [time.perf_counter()]
+
+        def clock(part):
+            if sync is not None:
+                sync()
+            now = time.perf_counter()
+            req.stage_seconds[part] = req.stage_seconds.get(part, 0.0) + now - last[0]
+            last[0] = now
+
+        return clock
+
+    def observe_first_token(self, seconds: float, stage_seconds: dict):
+        """A request's time to first token and its parts (ServeMetrics.stage_clock)."""
+        self.time_to_first_token.observe(seconds)
+        for part, histogram in (("preprocess", self.image_preprocess), ("vision", self.vision_encode)):
+            if part in stage_seconds:
+                histogram.observe(stage_seconds[part])
+        self.prefill.observe(stage_seconds.get("prefill", 0.0))
+
     def observe_inter_token(self, seconds: float):
         self.inter_token_latency.observe(seconds)
         with self._recent_lock:
@@ -71,3 +107,9 @@ class ServeMetrics:
         for q in ("0.5", "0.99"):
             self.recent_inter_token_latency.labels(q).set(float(np.quantile(gaps, float(q))) if gaps.size else 0.0)
         return generate_latest(self.registry)
+
+
+def torch_cuda_sync():
+    import torch
+
+    torch.cuda.synchronize()

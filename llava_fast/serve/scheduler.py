@@ -118,6 +118,7 @@ class Request:
     top_logprobs: int = 0
     arrival: float = field(default_factory=time.perf_counter)
     cancelled: bool = False  # set from any thread; the scheduler frees the row at its next step
+    stage_seconds: dict = field(default_factory=dict)  # the first token's wait by part (ServeMetrics.stage_clock)
 
     def cancel(self):
         self.cancelled = True
@@ -389,8 +390,11 @@ class Scheduler:
         self.metrics.image_cache_hits.inc(len(out) - len(missing))
         self.metrics.image_cache_misses.inc(len(missing))
         if missing:
+            clock = self.metrics.stage_clock(req, self.model.device)
             pixel_values, sizes = self.model.image_inputs([images[i] for i in missing.values()])  # all tiles
+            clock("preprocess")
             computed = self.model.net.image_features(pixel_values)  # (tiles, L, Cv), one batch
+            clock("vision")
             cfg = self.model.config
             tiles = [1] * len(missing) if sizes is None else [
                 anyres.num_tiles(h, w, cfg.image_grid_pinpoints, cfg.vision.image_size) for h, w in sizes.tolist()]
@@ -474,14 +478,18 @@ class Scheduler:
                 if row.embeddings is None:
                     features, sizes, towered = (self._image_features(req, row.first_image)
                                                 if len(req.images) > row.first_image else (None, None, 0))
+                    clock = self.metrics.stage_clock(req, self.model.device)
                     ids = torch.as_tensor([req.ids[row.start:]], dtype=torch.long, device=self.model.device)
                     row.embeddings = self.model.net.embed(ids, image_features=features, image_sizes=sizes)[0]  # (T, C)
+                    clock("vision" if features is not None else "prefill")  # the projector, or embedding rows
                     left -= towered
                     if left <= 0:
                         break
                 n = min(left, len(req.ids) - row.position)
                 x = row.embeddings[row.position - row.start: row.position - row.start + n]
+                clock = self.metrics.stage_clock(req, self.model.device)
                 logits = self.decoder.prefill_embeddings(slot, x, row.position)
+                clock("prefill")
             except Exception:
                 log.exception("prefill failed")
                 self.prefilling.remove(row)
@@ -540,7 +548,7 @@ class Scheduler:
         delta = row.out.push(token)
         now = time.perf_counter()
         if row.last_time is None:
-            self.metrics.time_to_first_token.observe(now - req.arrival)
+            self.metrics.observe_first_token(now - req.arrival, req.stage_seconds)
         else:
             self.metrics.observe_inter_token(now - row.last_time)
         row.last_time = now

@@ -98,6 +98,22 @@ def test_figures_agree_with_their_definitions(result):
         assert f["value"] == pytest.approx(100 * bw["value"] / measured)
 
 
+def test_first_token_of_an_image_request_in_three_parts(result):
+    """Preprocessing, tower + projector and prefill: each measured (2 rounds), positive, and round by round their
+    sum at most the whole first-token time they split; the markdown shows them."""
+    figs, natural = result["figures"], result["settings"]["contexts"][0]
+    parts = [report.find_one(figs, name, engine="llava-fast/torch", batch=1, context=natural)
+             for name in generate_bench.TTFT_SPLIT]
+    assert all(p is not None and len(p["samples"]) == 2 and p["value"] > 0 for p in parts)
+    *split, total = parts
+    for i in range(2):
+        assert sum(p["samples"][i] for p in split) <= total["samples"][i]
+    assert not report.find(figs, "ttft_vision", engine="transformers")
+    text = generate_bench.markdown(result)
+    assert "| engine | preprocess | tower + projector | prefill | total |" in text
+    assert f"| llava-fast/torch | {report.fmt(split[0]['value'])} |" in text
+
+
 def test_transformers_baseline_computes_the_same_model(result):
     parity = result["checks"]["transformers_parity"]
     assert parity["same_argmax"] and parity["max_abs_logit_diff"] < 1e-4

@@ -26,7 +26,7 @@ def other():
 
 def test_against_another_server_one_table(tmp_path, capsys, other):
     out = tmp_path / "against.json"
-    assert cli.main(["serve", "--requests", "4", "--clients", "1,3", "--against", other.url + "/",
+    assert cli.main(["serve", "--requests", "4", "--clients", "1,3", "--against", other.url + "/v1/",
                      "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert schema.validate(doc) == [] and doc["kind"] == "serve"

@@ -202,7 +202,9 @@ def args(**kw):
     (dict(lora_r=2, lora_alpha=0.0), "--lora-alpha must be a finite number > 0"),
     (dict(lora_dropout=1.0), r"--lora-dropout must be a finite number in \[0, 1\)"),
     (dict(warmup_ratio=1.5), r"--warmup-ratio must be in \[0, 1\]"),
-    (dict(max_grad_norm=0.0), "--max-grad-norm must be a finite number > 0"),
+    (dict(max_grad_norm=-1.0), "--max-grad-norm must be a finite number >= 0"),
+    (dict(step_in_backward=True), "--step-in-backward .* --max-grad-norm 0"),
+    (dict(step_in_backward=True, max_grad_norm=0.0, fsdp=True), "--step-in-backward runs in one process"),
     (dict(log_every=0), "--log-every must be an integer >= 1"),
     (dict(batch_size=2.5), "--batch-size must be an integer >= 1, got 2.5"),
 ])

@@ -2,6 +2,8 @@
 once per image) against the tower every step; eager training through the references against the custom ops'
 recompute formulas; float32 training without master copies; bfloat16 with float32 masters."""
 
+import json
+
 import pytest
 import torch
 from trainutil import make_records, write_data
@@ -97,3 +99,257 @@ def test_float32_masters_are_the_parameters_and_bf16_masters_are_float32_copies(
     v.grad = torch.randn(5, 3).to(torch.bfloat16)
     m.accumulate_grads()
     assert v.grad is None and m.masters[0].grad.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------------------
+# Hand-written backwards of the eager training path, against autograd through the references
+# ------------------------------------------------------------------------------------------------------
+
+
+def _rms_norm_outputs_and_grads(fn, x, weight, residual, grad_out, grad_hidden):
+    out, hidden = fn(x, weight, 1e-5, residual)
+    loss = (out.double() * grad_out.double()).sum() + (hidden.double() * grad_hidden.double()).sum()
+    wanted = [t for t in (x, weight, residual) if t is not None and t.requires_grad]
+    return [out, hidden, *torch.autograd.grad(loss, wanted)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["no-residual", "residual"])
+@pytest.mark.parametrize("weight_trains", [False, True], ids=["frozen-weight", "trained-weight"])
+def test_rms_norm_training_backward_matches_autograd_through_the_reference(dtype, with_residual, weight_trains):
+    """Outputs bitwise the reference's; dx, dresidual and dweight within float32 rounding of autograd through the
+    reference in float32, and in bfloat16 at most 2x the reference's own error against float64."""
+    g = torch.Generator().manual_seed(1)
+    shape = (3, 37, 123)  # odd rows and width
+
+    def rand(*s):
+        return torch.randn(*s, generator=g)
+
+    x32, r32, go32, gh32 = rand(*shape), rand(*shape) * 3, rand(*shape), rand(*shape)
+    w32 = torch.rand(shape[-1], generator=g) + 0.5
+
+    def inputs(dt):
+        x = x32.to(dt).requires_grad_(True)
+        r = r32.to(dt).requires_grad_(True) if with_residual else None
+        return x, w32.to(dt).requires_grad_(weight_trains), r
+
+    ours = _rms_norm_outputs_and_grads(ops.rms_norm, *inputs(dtype), go32.to(dtype), gh32.to(dtype))
+    ref = _rms_norm_outputs_and_grads(ops.rms_norm_reference, *inputs(dtype), go32.to(dtype), gh32.to(dtype))
+    exact = _rms_norm_outputs_and_grads(ops.rms_norm_reference, *inputs(torch.float64), go32.double(),
+                                        gh32.double())
+    assert len(ours) == 2 + 1 + with_residual + weight_trains
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+    for a, b, e in zip(ours[2:], ref[2:], exact[2:]):
+        assert a.dtype == dtype and a.shape == b.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        else:
+            ref_err = (b.double() - e).abs().max().item()
+            assert (a.double() - e).abs().max().item() <= 2 * ref_err + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_merged_lora_linear_matches_the_two_path_form(dtype, bias):
+    """LoraLinear without dropout runs one GEMM on W + s B A; its output and the gradients of x, A and B
+    (and a trained bias) against the two-path form y = x W^T + s (x A^T) B^T, in float32 to rounding and in
+    bfloat16 within 2x the two-path form's own error against float64."""
+    import torch.nn.functional as F
+
+    from llava_fast.train.lora import LoraLinear
+
+    g = torch.Generator().manual_seed(2)
+    n_in, n_out, r = 45, 77, 5
+    weight = torch.randn(n_out, n_in, generator=g) / 7
+    b = torch.randn(n_out, generator=g) if bias else None
+    A, B = torch.randn(r, n_in, generator=g) / 7, torch.randn(n_out, r, generator=g) / 3  # B non-zero: trained
+    x, gy = torch.randn(2, 9, n_in, generator=g), torch.randn(2, 9, n_out, generator=g)
+
+    def run(dt, merged):
+        layer = LoraLinear(torch.nn.Parameter(weight.to(dt), requires_grad=False), r, 2.0 * r, 0.0,
+                           torch.nn.Parameter(b.to(dt)) if bias else None)
+        with torch.no_grad():
+            layer.lora_A.copy_(A)
+            layer.lora_B.copy_(B)
+        layer.to(dt)
+        xi = x.to(dt).requires_grad_(True)
+        if merged:
+            y = layer(xi)
+        else:
+            adapter = F.linear(F.linear(xi, layer.lora_A), layer.lora_B)
+            y = F.linear(xi, layer.weight, layer.bias) + adapter * layer.scaling
+        params = [xi, layer.lora_A, layer.lora_B] + ([layer.bias] if bias else [])
+        return [y, *torch.autograd.grad(y, params, gy.to(dt))]
+
+    ours, two_path, exact = run(dtype, True), run(dtype, False), run(torch.float64, False)
+    for a, t, e in zip(ours, two_path, exact):
+        assert a.dtype == dtype and a.shape == t.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, t, rtol=1e-5, atol=1e-5)
+        else:
+            assert (a.double() - e).abs().max() <= 2 * (t.double() - e).abs().max() + 1e-6
+
+
+def test_loss_on_target_rows_equals_the_full_rows_path(tiny_ckpt):
+    """LlavaForCausalLM.loss runs the last layer's o_proj, MLP and the final norm on the target rows only; its
+    loss and every gradient against the whole sequence through the decoder and the reference cross-entropy,
+    with targets that skip positions inside the text (float32)."""
+    from llava_fast.train import checkpoint as ckpt
+
+    net = ckpt.load_base(tiny_ckpt, device="cpu", seed=0).net.float().train()
+    net.requires_grad_(True)
+    g = torch.Generator().manual_seed(3)
+    cfg = net.cfg
+    R = cfg.num_image_tokens
+    ids = torch.cat([torch.ones(3, 1, dtype=torch.long), torch.full((3, R), cfg.image_token_id),
+                     torch.randint(3, 30000, (3, 13), generator=g)], 1)
+    labels = ids.clone()
+    labels[:, : R + 1] = -100
+    labels[1, R + 4: R + 9] = -100  # a second prompt turn inside the text
+    labels[2, -3:] = -100  # right padding
+    pixels = torch.randn(3, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+    trained = [p for n, p in net.named_parameters() if not n.startswith("vision_tower.")]
+    rows_loss = net.loss(ids, labels, pixels)
+    rows_grads = torch.autograd.grad(rows_loss, trained)
+    hidden = net.decode_hidden(net.embed(ids, pixels))  # (B, T, C) every position
+    full_loss = ops.linear_cross_entropy_reference(hidden[:, :-1].reshape(-1, hidden.shape[-1]), net.lm_head.weight,
+                                                   labels[:, 1:].reshape(-1))
+    full_grads = torch.autograd.grad(full_loss, trained)
+    torch.testing.assert_close(rows_loss, full_loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(rows_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Gradients folded into the masters in backward, and the optimizer's step inside backward
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_step_in_backward_gives_the_plain_steps_losses(tiny_ckpt, image_folder, tmp_path, precision, lora):
+    """Six steps (grad accumulation 2, so the hooks also fold and accumulate across micro-batches) without
+    clipping: every loss and gradient norm of --step-in-backward against the plain step (all gradients, then
+    AdamW over all parameters). float32: bit-equal losses; bfloat16: within 1e-6 relative (the same sums)."""
+    records = make_records(8)
+    extra = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0) if lora else {}
+    common = dict(precision=precision, max_grad_norm=0.0, epochs=3, batch_size=2, grad_accum=2, **extra)
+    plain = run(tiny_ckpt, image_folder, tmp_path, records, "plain", **common)
+    inside = run(tiny_ckpt, image_folder, tmp_path, records, "inside", step_in_backward=True, **common)
+    assert len(plain.losses) == 6 and len({round(v, 4) for _, v in plain.losses}) > 3
+    if precision == "fp32":
+        assert plain.losses == inside.losses
+    else:
+        for (s1, a), (s2, b) in zip(plain.losses, inside.losses):
+            assert s1 == s2 and a == pytest.approx(b, rel=1e-6)
+    log = [json.loads(line) for line in open(tmp_path / "plain" / "train_log.jsonl")]
+    log_in = [json.loads(line) for line in open(tmp_path / "inside" / "train_log.jsonl")]
+    for a, b in zip(log, log_in):
+        assert a["grad_norm"] > 0 and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+def test_step_in_backward_refuses_clipping_and_distributed_runs(tiny_ckpt, image_folder, tmp_path):
+    """Clipping needs the global norm before any parameter steps: --step-in-backward with clipping is an input
+    error naming the fix, as is FSDP (its gradients are reduced after backward)."""
+    from llava_fast.errors import InputError
+
+    records = make_records(4)
+    with pytest.raises(InputError, match="--max-grad-norm 0"):
+        run(tiny_ckpt, image_folder, tmp_path, records, "clip", step_in_backward=True)
+    with pytest.raises(InputError, match="one process"):
+        run(tiny_ckpt, image_folder, tmp_path, records, "fsdp", step_in_backward=True, max_grad_norm=0.0, fsdp=True)
+    assert not (tmp_path / "clip").exists()
+
+
+def test_bf16_grads_fold_into_the_masters_in_backward():
+    """With the fold hooks, a backward leaves no bf16 gradient and adds each into its float32 master gradient,
+    across two backwards (accumulation), equal to accumulate_grads after each backward."""
+    g = torch.Generator().manual_seed(4)
+    w0 = torch.randn(7, 5, generator=g)
+    xs = [torch.randn(3, 5, generator=g).to(torch.bfloat16) for _ in range(2)]
+
+    def grads(fold):
+        w = torch.nn.Parameter(w0.clone())
+        m = MasterWeights([("w", w)], torch.bfloat16)
+        if fold:
+            m.fold_grads_in_backward()
+        for x in xs:
+            (x @ w.t()).square().sum().backward()
+            if fold:
+                assert w.grad is None
+            m.accumulate_grads()
+        return m.masters[0].grad
+
+    folded, plain = grads(True), grads(False)
+    assert folded.dtype == torch.float32 and folded.abs().sum() > 0
+    assert torch.equal(folded, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_optimizer_in_backward_frees_each_gradient_and_equals_the_plain_step(dtype):
+    """Two layers, two steps: when the first layer's gradient is final, the last layer's has already been
+    applied and freed (the whole set never exists); after backward no gradient is left, and the parameters and
+    the gradient norm equal those of backward, then AdamW over all parameters (bitwise)."""
+    from llava_fast.train.trainer import OptimizerInBackward, make_optimizer
+
+    g = torch.Generator().manual_seed(5)
+    w1, w2 = torch.randn(5, 6, generator=g), torch.randn(4, 5, generator=g)
+    xs = [torch.randn(3, 6, generator=g) for _ in range(2)]
+
+    def train(inside):
+        layers = [torch.nn.Parameter(w1.clone()), torch.nn.Parameter(w2.clone())]
+        masters = MasterWeights([("w1", layers[0]), ("w2", layers[1])], dtype)
+        masters.fold_grads_in_backward()
+        optimizer = make_optimizer([{"params": masters.masters, "lr": 1e-2}], 0.0, torch.device("cpu"))
+        seen = []
+        layers[0].register_post_accumulate_grad_hook(lambda p: seen.append(masters.masters[1].grad is None))
+        in_backward = OptimizerInBackward(optimizer, masters) if inside else None
+        norms = []
+        for x in xs:
+            if inside:
+                in_backward.arm(torch.device("cpu"))
+            (torch.tanh(x.to(dtype) @ layers[0].t()) @ layers[1].t()).float().square().sum().backward()
+            if inside:
+                assert all(m.grad is None for m in masters.masters)
+                norms.append(in_backward.disarm())
+            else:
+                norms.append(torch.nn.utils.get_total_norm([m.grad for m in masters.masters]))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                masters.copy_to_model()
+        return [m.detach().clone() for m in masters.masters], [p.detach().clone() for p in layers], norms, seen
+
+    masters_in, params_in, norms_in, seen = train(True)
+    masters_plain, params_plain, norms_plain, _ = train(False)
+    assert seen == [True, True]
+    assert not torch.equal(masters_in[0], w1)  # it trained
+    for a, b in zip(masters_in + params_in, masters_plain + params_plain):
+        assert torch.equal(a, b)
+    for a, b in zip(norms_in, norms_plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+def test_stage1_fused_frozen_projections_give_the_same_losses_and_checkpoint(tiny_ckpt, image_folder, tmp_path,
+                                                                            monkeypatch):
+    """Stage 1 fuses the frozen decoder's q/k/v and gate/up: three steps' losses against the unfused model's,
+    and the written checkpoint has the split names and the same tensors."""
+    from safetensors.torch import load_file
+
+    from llava_fast.train import trainer
+
+    records = make_records(8)
+    fused = run(tiny_ckpt, image_folder, tmp_path, records, "fused", stage=1, epochs=1, batch_size=2, lr=1e-2)
+    assert fused.net.language_model.layers[0].self_attn.qkv_proj is not None
+    monkeypatch.setattr(trainer, "fuse_frozen_projections", lambda net, stage: None)
+    plain = run(tiny_ckpt, image_folder, tmp_path, records, "plain", stage=1, epochs=1, batch_size=2, lr=1e-2)
+    assert plain.net.language_model.layers[0].self_attn.qkv_proj is None
+    assert len(fused.losses) == 3  # 6 image records (stage 1 skips the text-only ones), batch 2
+    for (s1, a), (s2, b) in zip(fused.losses, plain.losses):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-5)
+    ours, theirs = (load_file(tmp_path / n / "mm_projector.safetensors") for n in ("fused", "plain"))
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-6)
+    files = sorted(p.name for p in (tmp_path / "fused").glob("model-*.safetensors"))
+    names = set().union(*(load_file(tmp_path / "fused" / f).keys() for f in files))
+    assert any(n.endswith("self_attn.q_proj.weight") for n in names) and not any("qkv_proj" in n for n in names)
