@@ -88,10 +88,17 @@ def test_stage1_changes_only_the_projector(tiny_ckpt, image_folder, tmp_path):
     assert changed == {k for k in before if k.startswith("multi_modal_projector.")} and len(changed) == 4
     projector = load_file(str(tmp_path / "out" / "mm_projector.safetensors"))
     assert set(projector) == changed and all(torch.equal(projector[k], after[k]) for k in changed)
-    # In memory as well, not only in the file: nothing but the projector moved.
-    for name, p in result.net.named_parameters():
-        if not name.startswith("multi_modal_projector."):
+    # In memory as well, not only in the file: nothing but the projector moved. state_dict() names the frozen
+    # decoder's fused q/k/v and gate/up weights (fused for speed in stage 1) by their split names.
+    in_memory = result.net.state_dict()
+    assert any(name.endswith(".q_proj.weight") for name in in_memory)
+    compared = set()
+    for name, p in in_memory.items():
+        if not name.startswith("multi_modal_projector.") and ckpt.hub_name(name) in before:
             assert torch.equal(p.detach(), before[ckpt.hub_name(name)]), name
+            compared.add(ckpt.hub_name(name))
+    # Every decoder and projector tensor compared (the tower's unused top layers are not kept in memory)
+    assert compared >= {k for k in before if not k.startswith("vision_tower.")} - changed
 
 
 @pytest.mark.parametrize("layout", ["hub", "original"])
