@@ -212,6 +212,8 @@ def build_parser():
     s.add_argument("--clients", type=_int_list, help="concurrent client counts (default 1,4,16,64)")
     s.add_argument("--requests", type=_positive_int, help="requests in the workload (default 64 CPU, 256 CUDA)")
     s.add_argument("--max-batch", type=_positive_int, help="the server's KV-cache rows (default 16 CPU, 64 CUDA)")
+    s.add_argument("--max-tokens", type=_positive_int, help="the longest reply: each request asks for 16..N tokens "
+                   "(default 96, a chat reply)")
     s.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     s.add_argument("--against", metavar="URL", help="also drive this OpenAI-compatible server (vLLM, llama.cpp, "
                    "another llava-fast; e.g. http://127.0.0.1:8011) with the same workload, one engine at a time, "
@@ -334,7 +336,8 @@ def cmd_measure(args, argv) -> int:
             raise InputError(f"--text-only sends no images: drop it or --images {args.images}")
         clients = args.clients or (bench.AGAINST_CLIENTS if args.against else defaults["clients"])
         settings.update(clients=clients, requests=args.requests or defaults["requests"],
-                        max_batch=args.max_batch or defaults["max_batch"], seed=args.seed, against=args.against,
+                        max_batch=args.max_batch or defaults["max_batch"], max_tokens=args.max_tokens or 96,
+                        seed=args.seed, against=args.against,
                         against_model=args.against_model, text_only=args.text_only, images=args.images,
                         max_batched_tokens=args.max_batched_tokens,
                         kv_cache_memory=args.kv_cache_memory and _bytes(args.kv_cache_memory))

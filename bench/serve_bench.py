@@ -1,9 +1,10 @@
 """`llava-fast bench serve`: the HTTP server under N concurrent clients, beside the same requests one by one.
 
 Workload (seeded, the same for every run): `requests` chat requests; prompt lengths drawn uniformly from
-8..128 words, max_tokens uniformly from 16..96 (a chat reply), sent with `ignore_eos` (vLLM's extension) so
-every engine produces exactly max_tokens tokens; half carry an image drawn from a pool half their number, so
-about half of the image requests repeat an image an earlier request sent (PNG data: URLs of random pixels).
+8..128 words, max_tokens uniformly from 16..96 (a chat reply; `--max-tokens N`: 16..N), sent with `ignore_eos`
+(vLLM's extension) so every engine produces exactly max_tokens tokens; half carry an image drawn from a pool half
+their number, so about half of the image requests repeat an image an earlier request sent (PNG data: URLs of
+random pixels).
 `--images new`: every request carries an image no earlier request sent (the vision tower runs for each);
 `--images none` (or `--text-only`) drops them, for text models. Greedy, the same system prompt for all (the
 template's).
@@ -65,10 +66,11 @@ WORDS = ("image", "picture", "colour", "person", "left", "right", "unusual", "de
 IMAGE_MIXES = ("mixed", "new", "none")
 
 
-def workload(n, seed, images="mixed"):
+def workload(n, seed, images="mixed", max_tokens=96):
     """n requests: (messages, max_tokens, image kind), image kind new/repeated/none in send order. images:
     "mixed" (about half with an image, half of those repeated), "new" (every request a new image) or "none"
-    (no images); True / False are "mixed" / "none"."""
+    (no images); True / False are "mixed" / "none". Each request's max_tokens is drawn from 16..max_tokens
+    (1..max_tokens when that is below 16)."""
     import base64
     import io
 
@@ -88,7 +90,9 @@ def workload(n, seed, images="mixed"):
     seen, out = set(), []
     for i in range(n):
         text = " ".join(rng.choice(WORDS, int(rng.integers(8, 129)))) + "?"
-        max_tokens = int(rng.integers(16, 97))
+        draw = int(rng.integers(16, 97))  # drawn as for the default, so every max_tokens keeps the same prompts
+        lo = min(16, max_tokens)
+        reply_tokens = lo + (draw - 16) * (max_tokens - lo + 1) // 81
         if with_image[i]:
             k = i if images == "new" else int(rng.integers(pool))
             kind = "repeated" if k in seen else "new"
@@ -96,7 +100,7 @@ def workload(n, seed, images="mixed"):
             content = [{"type": "image_url", "image_url": {"url": urls[k]}}, {"type": "text", "text": text}]
         else:
             kind, content = "none", text
-        out.append(([{"role": "user", "content": content}], max_tokens, kind))
+        out.append(([{"role": "user", "content": content}], reply_tokens, kind))
     return out
 
 
@@ -460,7 +464,8 @@ def run(settings: dict, argv) -> dict:
     if max(settings["clients"]) > settings["requests"]:
         raise InputError(f"--requests {settings['requests']} is fewer than the largest client count")
     images = "none" if settings.get("text_only") else settings.get("images") or "mixed"
-    requests = workload(settings["requests"], settings["seed"], images)
+    reply_tokens = settings.get("max_tokens") or 96
+    requests = workload(settings["requests"], settings["seed"], images, reply_tokens)
     from llava_fast.prompts.messages import split_openai_messages
 
     def prompt_tokens(messages):
@@ -476,7 +481,7 @@ def run(settings: dict, argv) -> dict:
     telemetry = Telemetry(device).start()
     try:
         doc["ceilings"] = measure_ceilings(device)
-        warm = workload(max(2, settings["warmup"] * 2), settings["seed"] + 1, images)
+        warm = workload(max(2, settings["warmup"] * 2), settings["seed"] + 1, images, reply_tokens)
         if settings.get("against"):
             _run_against(doc, model, requests, warm, max_model_len)
         else:

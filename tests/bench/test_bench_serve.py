@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 def test_bench_serve_writes_a_valid_document(tmp_path, capsys):
     pytest.importorskip("fastapi", reason="the server extra is not installed")
     out = tmp_path / "serve.json"
-    assert cli.main(["serve", "--requests", "3", "--clients", "1,3", "--json", str(out)]) == 0
+    assert cli.main(["serve", "--requests", "3", "--clients", "1,3", "--max-tokens", "12", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert schema.validate(doc) == [] and doc["kind"] == "serve"
     clients = {f["labels"]["clients"] for f in doc["figures"] if f["name"] == "serve_output_throughput"

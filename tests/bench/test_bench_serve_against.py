@@ -26,12 +26,12 @@ def other():
 
 def test_against_another_server_one_table(tmp_path, capsys, other):
     out = tmp_path / "against.json"
-    assert cli.main(["serve", "--requests", "4", "--clients", "1,3", "--against", other.url + "/v1/",
-                     "--json", str(out)]) == 0
+    assert cli.main(["serve", "--requests", "4", "--clients", "1,3", "--max-tokens", "12", "--against",
+                     other.url + "/v1/", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert schema.validate(doc) == [] and doc["kind"] == "serve"
     assert doc["settings"]["against_model"] == "the-other"  # read from its /v1/models
-    expected_tokens = sum(max_tokens for _, max_tokens, _ in serve_bench.workload(4, 0))
+    expected_tokens = sum(max_tokens for _, max_tokens, _ in serve_bench.workload(4, 0, max_tokens=12))
     for engine in ("llava-fast/serve", other.url):
         for clients in (1, 3):
             assert doc["checks"]["completion_tokens"][f"{engine} x{clients}"] == expected_tokens
@@ -55,7 +55,7 @@ def test_a_server_that_fails_requests_is_a_row_that_says_so(tmp_path, capsys, ot
     other.config.api_key = "secret"  # every request to it is now a 401
     try:
         out = tmp_path / "failing.json"
-        assert cli.main(["serve", "--requests", "3", "--clients", "2", "--against", other.url,
+        assert cli.main(["serve", "--requests", "3", "--clients", "2", "--max-tokens", "12", "--against", other.url,
                          "--against-model", "the-other", "--json", str(out)]) == 0
     finally:
         other.config.api_key = None

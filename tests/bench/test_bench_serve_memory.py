@@ -65,7 +65,8 @@ def test_memory_columns_are_present_and_add_up(tmp_path, capsys):
     from llava_fast.presets import random_model
 
     out = tmp_path / "serve.json"
-    assert cli.main(["serve", "--requests", "4", "--clients", "1,3", "--images", "new", "--json", str(out)]) == 0
+    assert cli.main(["serve", "--requests", "4", "--clients", "1,3", "--images", "new", "--max-tokens", "12",
+                     "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert schema.validate(doc) == [] and doc["settings"]["kinds"] == {"new": 4, "repeated": 0, "none": 0}
     net = random_model("tiny").net  # the preset's shapes, counted apart from the benchmark's helper
@@ -96,5 +97,10 @@ def test_the_new_image_workload():
     assert {k for _, _, k in none} == {"none"} and all(isinstance(m[0]["content"], str) for m, _, _ in none)
     with pytest.raises(Exception, match="images: expected one of"):
         serve_bench.workload(3, 0, "some")
+    # --max-tokens N: replies of 16..N tokens, or 1..N below 16; the prompts and images are the same workload.
+    default, short, tiny = (serve_bench.workload(40, 5, "mixed", n) for n in (96, 24, 3))
+    assert {t for _, t, _ in default} <= set(range(16, 97)) and max(t for _, t, _ in default) > 24
+    assert {t for _, t, _ in short} <= set(range(16, 25)) and {t for _, t, _ in tiny} <= {1, 2, 3}
+    assert [m for m, _, _ in short] == [m for m, _, _ in default] == [m for m, _, _ in tiny]
     with pytest.raises(Exception, match="--text-only sends no images"):
         cli.main(["serve", "--text-only", "--images", "new"])

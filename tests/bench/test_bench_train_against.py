@@ -11,6 +11,7 @@ from llava_fast.bench import schema
 from llava_fast.cli import main
 
 SEQ_LEN = 264  # BOS + 256 image tokens + 7 text tokens
+BATCH = 1  # one row: the comparison's check is the losses, and two rows cost twice the time
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def result(tmp_path_factory):
     pytest.importorskip("peft")
     path = str(tmp_path_factory.mktemp("against") / "against.json")
     assert main(["bench", "train", "--device", "cpu", "--against", "transformers", "--layers", "1", "--batch-sizes",
-                 "2", "--seq-len", str(SEQ_LEN), "--repeats", "1", "--warmup", "0", "--lora-r", "4",
+                 str(BATCH), "--seq-len", str(SEQ_LEN), "--repeats", "1", "--warmup", "0", "--lora-r", "4",
                  "--json", path]) == 0
     with open(path) as f:
         return json.load(f)
@@ -41,13 +42,13 @@ def test_table_has_every_row(result, capsys):
     figs = result["figures"]
     for mode in ("1", "2", "2-lora"):
         for precision in ("float32", "bfloat16"):
-            lab = dict(stage=mode, precision=precision, batch=2, seq_len=SEQ_LEN)
+            lab = dict(stage=mode, precision=precision, batch=BATCH, seq_len=SEQ_LEN)
             for engine in ("llava-fast", "transformers"):
                 got = {f["name"]: f for f in figs if f["labels"] == dict(lab, engine=engine)
                        or f["labels"] == dict(lab, engine=engine, peak="measured")}
                 assert set(got) == {"train_step_time", "train_throughput", "train_mfu", "train_peak_memory"}
                 step_s = got["train_step_time"]["value"] / 1e3
-                assert got["train_throughput"]["value"] == pytest.approx(2 * SEQ_LEN / step_s, rel=1e-6)
+                assert got["train_throughput"]["value"] == pytest.approx(BATCH * SEQ_LEN / step_s, rel=1e-6)
                 assert got["train_peak_memory"]["value"] > 0 and got["train_mfu"]["value"] > 0
             speedup = [f for f in figs if f["name"] == "train_speedup" and f["labels"]["stage"] == mode
                        and f["labels"]["precision"] == precision]
@@ -70,8 +71,8 @@ def test_without_clipping_llava_fast_steps_in_backward_with_the_same_losses(tmp_
     pytest.importorskip("peft")
     path = str(tmp_path / "noclip.json")
     assert main(["bench", "train", "--device", "cpu", "--against", "transformers", "--layers", "1", "--batch-sizes",
-                 "2", "--seq-len", str(SEQ_LEN), "--repeats", "1", "--warmup", "0", "--lora-r", "4", "--stages", "2",
-                 "--precisions", "float32", "--max-grad-norm", "0", "--json", path]) == 0
+                 str(BATCH), "--seq-len", str(SEQ_LEN), "--repeats", "1", "--warmup", "0", "--lora-r", "4",
+                 "--stages", "2", "--precisions", "float32", "--max-grad-norm", "0", "--json", path]) == 0
     with open(path) as f:
         losses = json.load(f)["checks"]["first_step_loss"]
     assert sorted(losses) == ["2-lora/float32", "2/float32"]
