@@ -289,6 +289,18 @@ def test_server_errors_speak_to_the_client_not_the_operator():
     assert "--" not in str(err.value) and "data:image/" in str(err.value)
 
 
+def test_a_body_sent_as_another_content_type_is_a_415_naming_it(live):
+    """`curl -d '{...}'` without -H sends application/x-www-form-urlencoded: the JSON is right, the header is
+    not, and the client learns which."""
+    body = json.dumps({"messages": [user("Hi")], "max_tokens": 2})
+    for content_type in ("application/x-www-form-urlencoded", "text/plain"):
+        r = httpx.post(live.url + "/v1/chat/completions", content=body, headers={"content-type": content_type},
+                       timeout=30)
+        assert r.status_code == 415, (content_type, r.text)
+        assert r.json()["error"]["message"] == ("the request body must be JSON sent with Content-Type: "
+                                                f"application/json, got Content-Type: {content_type}")
+
+
 def test_full_queue_is_503_with_retry_after(live):
     saved, live.scheduler.max_waiting = live.scheduler.max_waiting, 0
     try:
