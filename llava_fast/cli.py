@@ -229,8 +229,10 @@ def _check_serve_args(args):
 
         preset_config(args.preset)  # an unknown name lists the known ones
     for flag in ("image_cache_mb", "shutdown_timeout"):
-        if getattr(args, flag) < 0:
-            raise LlavaFastError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+        # `not 0 <= x < inf` is also true for NaN, which every plain comparison lets through: a NaN cache size
+        # failed later with a traceback, and a NaN shutdown timeout hung the shutdown.
+        if not 0 <= getattr(args, flag) < float("inf"):
+            raise LlavaFastError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {getattr(args, flag)}")
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         raise LlavaFastError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
     if not 0 <= args.port <= 65535:

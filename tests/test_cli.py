@@ -111,13 +111,16 @@ def test_serve_and_generate_flags_are_checked_before_the_model_loads(capsys, mon
 
     with socket.create_server(("127.0.0.1", 0)) as busy:  # a port some other program holds
         port = busy.getsockname()[1]
+        # The busy port makes a check that let a bad value through fail by its message, not start a server.
         cases = [
             (["serve", "--max-batch", "0"], "--max-batch must be at least 1, got 0"),
             (["serve", "--max-waiting", "-3"], "--max-waiting must be at least 1, got -3"),
             (["serve", "--port", "99999"], "--port must be in 0..65535, got 99999"),
             (["serve", "--port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
             (["generate", "--no-image", "--image", IMAGE], "--no-image and --image contradict"),
-        ]
+        ] + [(["serve", f"--{flag}", value, "--port", str(port)], f"--{flag} must be a finite number >= 0, got {shown}")
+             for flag in ("image-cache-mb", "shutdown-timeout")
+             for value, shown in (("nan", "nan"), ("inf", "inf"), ("-1", "-1.0"))]
         for args, needle in cases:
             code, line = in_process(capsys, *args, monkeypatch=monkeypatch)
             assert code == 2 and line.startswith("llava-fast: error:") and needle in line, (args, line)
