@@ -95,6 +95,7 @@ def test_every_subcommand_reports_bad_input_in_one_line(ckpt_dir, tmp_path, caps
         (["bench", "real", "--llama-cpp-build", "avx2"], "--llama-cpp-build 'avx2': expected LABEL=DIR"),
         (["bench", "real", "--llama-cpp-build", f"avx2={tmp_path}"], f"{tmp_path} holds no llama_cpp package"),
         (["bench", "compare", str(existing), "/no/such.json"], "not a llava-fast bench result"),
+        (["bench", "kernel"], "unknown benchmark 'kernel': expected one of generate, kernels, gemv, train, real"),
         (["generate", "--model", "/nope", "--no-image"], "/nope: not a checkpoint directory"),
         (["generate", "--model", ckpt_dir, "--no-image", "--top-k", "-1"], "top_k must be an integer >= 0"),
         (["chat", "--model", ckpt_dir, "--max-new-tokens", "600", "--device", DEVICE], "context length of 512"),
