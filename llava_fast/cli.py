@@ -206,7 +206,13 @@ def cmd_chat(args):
             continue
         if text in ("exit", "quit", "/exit"):
             break
-        print(("ASSISTANT: " if interactive else "") + session.ask(text), flush=True)
+        # Streamed as generate streams: a long reply shows as it comes, and Ctrl-C keeps what was printed.
+        sys.stdout.write("ASSISTANT: " if interactive else "")
+        for delta in session.stream(text):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     return 0
 
 

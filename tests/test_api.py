@@ -152,6 +152,23 @@ def test_chat_equals_the_whole_conversation_in_one_prompt(model):
     assert model.generate(history, IMAGES[1], max_new_tokens=8) == a3
 
 
+def test_chat_streams_its_reply_and_an_unfinished_turn_leaves_the_chat_as_it_was(model):
+    first, second = "What is in the picture?", "And what colour is it?"
+    asked = model.chat(IMAGES[1], max_new_tokens=8)
+    replies = [asked.ask(first), asked.ask(second)]
+    streamed = model.chat(IMAGES[1], max_new_tokens=8)
+    pieces = list(streamed.stream(first))
+    assert len(pieces) > 1 and "".join(pieces) == replies[0]
+    # A second turn stopped after one piece (a client gone, Ctrl-C): the chat holds the first turn only, and the
+    # same question asked again gets the reply an uninterrupted chat gave.
+    partial = streamed.stream(second)
+    next(partial)
+    partial.close()
+    assert streamed.messages == [("user", first), ("assistant", replies[0])]
+    assert streamed.ask(second) == replies[1]
+    assert streamed.ask("Thanks.") == asked.ask("Thanks.")
+
+
 def test_chat_rejects_a_second_image(model):
     session = model.chat(IMAGES[0], max_new_tokens=4)
     session.ask("Hi")
