@@ -155,6 +155,8 @@ class LlavaModel:
         if self.config.anyres and num_images and (image_sizes is None or len(image_sizes) != num_images):
             raise InputError(f"a LLaVA-NeXT prompt with {count(num_images, 'image')} needs their sizes "
                              f"(image_sizes, one (height, width) per image), got {image_sizes!r:.80}")
+        if not isinstance(prompt, str):
+            _checked_turns(prompt)  # (role, text) pairs of strings, before the marker count below reads them
         messages = [("user", prompt)] if isinstance(prompt, str) else [tuple(m) for m in prompt]
         if not messages or messages[-1][0] not in ("user", "human"):
             raise InputError("a prompt given as messages must end with a user message")

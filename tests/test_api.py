@@ -214,6 +214,18 @@ def test_image_count_mismatches(model):
         model.generate_ids(rows, model.pixel_values(IMAGES[:2]), max_new_tokens=2)
 
 
+def test_malformed_messages_are_input_errors(model):
+    """A message that is not a (role, text) pair of strings is named; it was an IndexError or AttributeError."""
+    for messages, words in (([("user",)], "message 0 must be a (role, text) pair, got ('user',)"),
+                            ([("user", "a", "b")], "message 0 must be a (role, text) pair"),
+                            ([("user", 5)], "message 0 text must be a string, got int"),
+                            ([("user", "Hi"), ("assistant", None), ("user", "And?")],
+                             "message 1 text must be a string, got NoneType")):
+        with pytest.raises(InputError) as err:
+            model.generate(messages, max_new_tokens=2)
+        assert words in str(err.value), (messages, str(err.value))
+
+
 def test_prompt_too_long_for_the_context(model):
     with pytest.raises(InputError, match="context length of 512"):
         model.generate("Describe.", IMAGES[0], max_new_tokens=500)
