@@ -226,6 +226,10 @@ def _bad_inputs(live):
         ("temperature NaN", json.dumps({"messages": ok, "temperature": float("nan")}).encode(), "temperature",
          "temperature: must be a number from 0 to 2 (0 = greedy), got nan"),
         ("top_p 0", {"messages": ok, "top_p": 0}, "top_p", "above 0 and at most 1, got 0"),
+        ("temperature of a boolean", {"messages": ok, "temperature": True}, "temperature",
+         "temperature: Input should be a valid number, got true"),
+        ("top_p of a string", {"messages": ok, "top_p": "0.5"}, "top_p",
+         'top_p: Input should be a valid number, got "0.5"'),
         ("detail of a number", {"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": JPEG_URL, "detail": 3}}]}]},
          "messages.0.content.0.image_url.detail", "Input should be a valid string, got 3"),
