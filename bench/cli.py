@@ -243,6 +243,10 @@ def build_parser():
 
 def parse(argv):
     argv = list(argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+        # Without this, a misspelt benchmark went to generate as a stray argument ("llava-fast bench generate:
+        # unrecognized arguments: kernel"), which named neither the mistake nor the benchmarks there are.
+        raise InputError(f"unknown benchmark {argv[0]!r}: expected one of {', '.join(SUBCOMMANDS)}")
     if not argv or argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
         argv = ["generate", *argv]  # generate is the default subcommand
     return argv, build_parser().parse_args(argv)

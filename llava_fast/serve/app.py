@@ -198,6 +198,13 @@ def create_app(model, config: ServeConfig | None = None, scheduler: Scheduler | 
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request, err):
+        # FastAPI parses the body as JSON only under a JSON Content-Type (or none); under any other, such as
+        # the application/x-www-form-urlencoded that `curl -d` sends without -H, the body reaches validation
+        # as raw bytes, and the message built from them failed with a 500.
+        if any(isinstance(e.get("input"), (bytes, bytearray)) for e in err.errors()):
+            content_type = request.headers.get("content-type", "")
+            return JSONResponse(error_body(f"the request body must be JSON sent with Content-Type: "
+                                           f"application/json, got Content-Type: {content_type}"), 415)
         message, param = _validation_message(err)
         return JSONResponse(error_body(message, param=param), 400)
 

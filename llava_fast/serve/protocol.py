@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
@@ -87,8 +87,9 @@ class ChatCompletionRequest(BaseModel):
     model: StrictStr | None = None
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
-    temperature: float = 1.0  # 0..2 (_sampling_range)
-    top_p: float = 1.0  # (0, 1]
+    # Strict, as OpenAI's API: a JSON true or "0.7" is refused by name, not read as 1.0 or 0.7 (JSON integers pass).
+    temperature: StrictFloat = 1.0  # 0..2 (_sampling_range)
+    top_p: StrictFloat = 1.0  # (0, 1]
     top_k: StrictInt = Field(default=0, ge=0)  # extension (vLLM's): 0 = no top-k cut
     seed: StrictInt | None = Field(default=None, ge=-2**63, lt=2**64)  # torch.Generator's range
     stop: StrictStr | list[StrictStr] | None = None  # at most 4 (_stop_list)
