@@ -92,17 +92,25 @@ def load_model(preset, model_dir, device, dtype, vision_tower=None):
     return random_model(preset, device=device, dtype=dtype, seed=0), preset
 
 
-def bench_image(model):
-    """(pixel_values of one image, image_sizes or None): the bundled image; resized to ANYRES_IMAGE_SIZE for a
-    LLaVA-NeXT model (its 5 tiles, (5, 3, S, S), and sizes (1, 2)). Preprocessing is not timed."""
+def bench_image_file(model):
+    """The image as a request sends it: the bundled JPEG, or for a LLaVA-NeXT model that image resized to
+    ANYRES_IMAGE_SIZE (so its 5 tiles and 2,928 positions)."""
     from llava_fast.presets import BUNDLED_IMAGE
 
     if not model.config.anyres:
-        return model.pixel_values([BUNDLED_IMAGE]), None
+        return BUNDLED_IMAGE
     import PIL.Image
 
     with PIL.Image.open(BUNDLED_IMAGE) as im:
-        image = im.convert("RGB").resize(ANYRES_IMAGE_SIZE[::-1], PIL.Image.BICUBIC)
+        return im.convert("RGB").resize(ANYRES_IMAGE_SIZE[::-1], PIL.Image.BICUBIC)
+
+
+def bench_image(model):
+    """(pixel_values of one image, image_sizes or None): bench_image_file's image through the model's
+    preprocessing; a LLaVA-NeXT model's 5 tiles, (5, 3, S, S), and sizes (1, 2). Preprocessing is not timed."""
+    image = bench_image_file(model)
+    if not model.config.anyres:
+        return model.pixel_values([image]), None
     return model.image_inputs([image])
 
 
@@ -484,10 +492,10 @@ def run(settings: dict, argv) -> dict:
         if sizes_one is None:
             doc["figures"] += vision_figures(engines, pixels_one, settings["vision_batch"], settings["repeats"],
                                              device, notes)
-            doc["figures"] += ttft_split_figures(engines, model, natural, settings["repeats"])
         else:
-            notes.append("vision_throughput and the TTFT split not measured for AnyRes: time to first token "
-                         f"includes the tower on the image's {len(pixels_one)} tiles, one batch")
+            notes.append("vision_throughput not measured for AnyRes (images of one size per batch): time to first "
+                         f"token and its split hold the tower on the image's {len(pixels_one)} tiles, one batch")
+        doc["figures"] += ttft_split_figures(engines, model, natural, settings["repeats"])
     finally:
         telemetry.stop()
         ops.use_backend(previous_backend)
@@ -607,14 +615,14 @@ def vision_figures(engines, pixels_one, n_images, repeats, device, notes):
 
 
 def ttft_split_figures(engines, model, context, repeats):
-    """The first token of one image request (the bundled JPEG and PROMPT through `stream()`, batch 1), split
-    into image preprocessing (file -> pixel_values), vision tower + projector, and prefill, from the call's
-    last_stats; `ttft_image_request` is preprocessing + time_to_first_token_s. llava-fast engines, rounds
-    interleaved as the scenarios are; the first round of each is a warm-up."""
-    from llava_fast.presets import BUNDLED_IMAGE
-
+    """The first token of one image request (bench_image_file's image and PROMPT through `stream()`, batch 1),
+    split into image preprocessing (file -> pixel_values; LLaVA-NeXT: the image -> its tiles), vision tower +
+    projector (LLaVA-NeXT: all tiles as one batch, then the unpadded grid and its newlines), and prefill, from
+    the call's last_stats; `ttft_image_request` is preprocessing + time_to_first_token_s. llava-fast engines,
+    rounds interleaved as the scenarios are; the first round of each is a warm-up."""
+    image = bench_image_file(model)
     ours = [e for e in engines if isinstance(e, LlavaFastEngine)]
-    if not ours or not model.num_image_tokens:
+    if not ours or model.config.vision is None:
         return []
     parts = {e.name: {k: [] for k in ("ttft_image_preprocess", "ttft_vision", "ttft_prefill", "ttft_image_request")}
              for e in ours}
@@ -622,7 +630,7 @@ def ttft_split_figures(engines, model, context, repeats):
         for engine in ours[i % len(ours):] + ours[: i % len(ours)]:
             ops.use_backend(engine.backend)
             model.compiled = engine.compiled
-            for _ in model.stream(PROMPT, BUNDLED_IMAGE, max_new_tokens=1, ignore_eos=True):
+            for _ in model.stream(PROMPT, image, max_new_tokens=1, ignore_eos=True):
                 pass
             st = model.last_stats
             if i == 0:

@@ -44,11 +44,15 @@ class ClipAttention(nn.Module):
         self.num_heads = cfg.num_heads
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
         self.out_proj = nn.Linear(C, C)
+        self.qkv_proj = None  # q/k/v as one weight, after LlavaForCausalLM.fuse_projections()
 
     def forward(self, x):
         N, T, C = x.shape
-        shape = (N, T, self.num_heads, C // self.num_heads)
-        q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
+        H, D = self.num_heads, C // self.num_heads
+        if self.qkv_proj is not None:  # one GEMM; q, k, v are strided views of its (N, T, 3, H, D) output
+            q, k, v = self.qkv_proj(x).view(N, T, 3, H, D).unbind(2)
+        else:
+            q, k, v = self.q_proj(x).view(N, T, H, D), self.k_proj(x).view(N, T, H, D), self.v_proj(x).view(N, T, H, D)
         return self.out_proj(ops.vision_attention(q, k, v).reshape(N, T, C))
 
 
@@ -74,8 +78,12 @@ class ClipEncoderLayer(nn.Module):
         self.mlp = ClipMLP(cfg)
 
     def forward(self, x):  # pre-norm residual block, (N, T, C) -> (N, T, C)
-        x = x + self.self_attn(ops.layer_norm(x, self.layer_norm1.weight, self.layer_norm1.bias, self.eps))
-        return x + self.mlp(ops.layer_norm(x, self.layer_norm2.weight, self.layer_norm2.bias, self.eps))
+        h = self.self_attn(ops.layer_norm(x, self.layer_norm1.weight, self.layer_norm1.bias, self.eps))
+        # Without autograd the residual sums land in the blocks' fresh outputs (h + x is x + h, bit for bit): two
+        # (N, T, C) tensors fewer per layer to allocate and fault in.
+        x = h.add_(x) if not torch.is_grad_enabled() else x + h
+        h = self.mlp(ops.layer_norm(x, self.layer_norm2.weight, self.layer_norm2.bias, self.eps))
+        return h.add_(x) if not torch.is_grad_enabled() else x + h
 
 
 class ClipEncoder(nn.Module):
@@ -301,6 +309,11 @@ class LlavaForCausalLM(nn.Module):
             if layer.self_attn.qkv_proj is None:
                 fuse_linears(layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
                 fuse_linears(layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj")
+        # The vision tower's q/k/v too: one (3C, C) GEMM per layer instead of three (C, C) ones over every tile's
+        # positions (2,885 rows for a LLaVA-NeXT image's 5 tiles).
+        for layer in self.vision_tower.encoder.layers if self.vision_tower is not None else ():
+            if layer.self_attn.qkv_proj is None:
+                fuse_linears(layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
         return self
 
     def image_features(self, pixel_values):

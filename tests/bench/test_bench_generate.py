@@ -268,3 +268,9 @@ def test_next_bench_runs_beside_transformers_next(tmp_path, monkeypatch):
         for engine in s["engines"]:
             assert len(report.find_one(doc["figures"], name, engine=engine)["samples"]) == 2
     assert report.find_one(doc["figures"], "ttft_speedup", engine="llava-fast/torch", baseline="transformers")
+    # The first token of the 672x672 request split in three, the tower on its 5 tiles: measured, and within the whole.
+    *split, total = [report.find_one(doc["figures"], name, engine="llava-fast/torch", batch=1, context=len(prompt))
+                     for name in generate_bench.TTFT_SPLIT]
+    assert all(p is not None and len(p["samples"]) == 2 and p["value"] > 0 for p in split + [total])
+    assert all(sum(p["samples"][i] for p in split) <= total["samples"][i] for i in range(2))
+    assert "| engine | preprocess | tower + projector | prefill | total |" in generate_bench.markdown(doc)
