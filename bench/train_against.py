@@ -131,6 +131,8 @@ def build_llava_fast(source, stage, lora, dtype, settings):
         add_lora(net, settings["lora_r"], settings["lora_alpha"], 0.0, seed=0)
     llm, projector = trainable_parameters(net, stage, lora)
     fuse_frozen_projections(net, stage)
+    if stage == 2 and not lora:  # train --recompute-mlp: the MLPs' inner activations are recomputed in backward
+        net.recompute_mlp_activations()
     for p in net.parameters():
         if not p.requires_grad:
             p.data = p.data.to(dtype)
