@@ -7,7 +7,8 @@ through `peft` (adapters on the decoder's q/k/v/o/gate/up/down, as LLaVA-1.5's r
 bfloat16 as torch.autocast(bfloat16) over float32 weights, the mixed precision the transformers docs teach.
 llava-fast runs its trainer's step (`trainable_parameters`, `MasterWeights`, `LlavaForCausalLM.loss`, AdamW):
 in bfloat16 the model holds bf16 weights and the optimizer float32 masters, the bf16 gradients folded into the
-masters' as backward finishes each. With `--max-grad-norm 0` neither engine clips and llava-fast steps each
+masters' as backward finishes each; in stage 2 full each decoder MLP keeps only its input for backward
+(`train --recompute-mlp`). With `--max-grad-norm 0` neither engine clips and llava-fast steps each
 parameter inside backward (`train --step-in-backward`), which clipping rules out.
 
 Same for both: the weights (transformers' model gets llava-fast's random weights, and peft's lora_A the same
@@ -131,6 +132,8 @@ def build_llava_fast(source, stage, lora, dtype, settings):
         add_lora(net, settings["lora_r"], settings["lora_alpha"], 0.0, seed=0)
     llm, projector = trainable_parameters(net, stage, lora)
     fuse_frozen_projections(net, stage)
+    if stage == 2 and not lora:  # train --recompute-mlp: the MLPs' inner activations are recomputed in backward
+        net.recompute_mlp_activations()
     for p in net.parameters():
         if not p.requires_grad:
             p.data = p.data.to(dtype)

@@ -175,8 +175,12 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.gate_up_proj = None  # gate/up as one weight, after fuse_projections()
+        self.recompute = False  # training: keep only x, recompute gate/up/SwiGLU in backward (plain linears)
 
     def forward(self, x):
+        if self.recompute and torch.is_grad_enabled():
+            g, u, d = self.gate_proj, self.up_proj, self.down_proj
+            return ops.swiglu_mlp_recomputed(x, g.weight, g.bias, u.weight, u.bias, d.weight, d.bias)
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
@@ -288,6 +292,18 @@ class LlavaForCausalLM(nn.Module):
         self.tie_weights()
         self.rope = None  # (cos, sin) fp32 tables, built by init_rope() once the device is known
         self.gradient_checkpointing = False  # training: recompute each decoder layer in backward
+
+    def recompute_mlp_activations(self, on=True):
+        """Training without gradient checkpointing: each decoder MLP keeps only its input for backward and
+        recomputes gate, up and the SwiGLU there (ops.swiglu_mlp_recomputed), a third of a layer's activations
+        for two more GEMMs. For plain (unfused, non-LoRA) MLP linears."""
+        for layer in self.language_model.layers:
+            mlp = layer.mlp
+            plain = all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))
+            if on and not plain:
+                raise ValueError("MLP recomputation needs plain gate/up/down linears (not fused, not LoRA)")
+            mlp.recompute = on
+        return self
 
     def tie_weights(self):
         """tie_word_embeddings: lm_head reads embed_tokens' tensor (one Parameter, one copy in memory, one

@@ -60,6 +60,9 @@ def build_parser():
                    "as its gradient is final, so all gradients never exist at once (less memory, same losses; needs "
                    "--max-grad-norm 0 and one process)")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    p.add_argument("--recompute-mlp", action="store_true", help="with --no-gradient-checkpointing, stage 2 full: each "
+                   "decoder MLP keeps only its input and recomputes gate, up and SwiGLU in backward (a third of the "
+                   "activations for two more GEMMs per layer; same losses)")
     p.add_argument("--precision", choices=("bf16", "fp32"),
                    help="bf16: bf16 weights, float32 master weights (the GPU default); fp32 (the CPU default)")
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (FSDP2) "

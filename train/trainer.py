@@ -90,6 +90,7 @@ class TrainArgs:
     device: str | None = None
     cache_image_features: bool = False  # keep the frozen tower's features per image for later epochs
     step_in_backward: bool = False  # the optimizer steps each parameter during backward (no clipping)
+    recompute_mlp: bool = False  # without checkpointing: MLPs keep their input only (stage 2 full)
 
     def resolved(self):
         """A copy with the stage defaults filled in."""
@@ -120,6 +121,10 @@ class TrainArgs:
                              "gradient norm that clipping needs is known: give it with --max-grad-norm 0")
         if a.step_in_backward and a.fsdp:
             raise InputError("--step-in-backward runs in one process: FSDP reduces gradients after backward")
+        if a.recompute_mlp and (a.gradient_checkpointing or a.stage != 2 or lora or a.fsdp):
+            raise InputError("--recompute-mlp recomputes the trained MLPs' activations in backward: it needs "
+                             "--stage 2 without LoRA, --no-gradient-checkpointing (which already recomputes whole "
+                             "layers) and no --fsdp")
         _check_number(a.lora_dropout, "--lora-dropout", below_one=True)
         _check_number(a.warmup_ratio, "--warmup-ratio")
         if a.warmup_ratio > 1:
@@ -585,6 +590,8 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
         if not p.requires_grad:
             p.data = p.data.to(dtype)
     net.gradient_checkpointing = a.gradient_checkpointing
+    if a.recompute_mlp:
+        net.recompute_mlp_activations()
     net.train()
     torch.manual_seed(a.seed + rank)  # LoRA dropout draws from here
 

@@ -190,6 +190,72 @@ def test_merged_lora_linear_matches_the_two_path_form(dtype, bias):
             assert (a.double() - e).abs().max() <= 2 * (t.double() - e).abs().max() + 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_recomputed_swiglu_mlp_matches_autograd_through_the_linears(dtype, bias):
+    """ops.swiglu_mlp_recomputed (only x kept; gate, up and the SwiGLU recomputed in backward): its output and
+    the gradients of x, the three weights and biases against autograd through F.linear and swiglu_reference,
+    in float32 to rounding and in bfloat16 within 2x the plain path's own error against float64."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(4)
+    C, inter = 23, 37
+    x, gy = torch.randn(3, 5, C, generator=g), torch.randn(3, 5, C, generator=g)
+    weights = [torch.randn(inter, C, generator=g) / 5, torch.randn(inter, C, generator=g) / 5,
+               torch.randn(C, inter, generator=g) / 6]
+    biases = [torch.randn(w.shape[0], generator=g) for w in weights] if bias else [None] * 3
+
+    def run(dt, recomputed):
+        xi = x.to(dt).requires_grad_(True)
+        ws = [w.to(dt).requires_grad_(True) for w in weights]
+        bs = [b.to(dt).requires_grad_(True) if bias else None for b in biases]
+        if recomputed:
+            y = ops.swiglu_mlp_recomputed(xi, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2])
+        else:
+            y = F.linear(ops.swiglu_reference(F.linear(xi, ws[0], bs[0]), F.linear(xi, ws[1], bs[1])), ws[2], bs[2])
+        inputs = [xi, *ws] + (bs if bias else [])
+        return [y, *torch.autograd.grad(y, inputs, gy.to(dt))]
+
+    ours, plain, exact = run(dtype, True), run(dtype, False), run(torch.float64, False)
+    assert len(ours) == (8 if bias else 5)
+    for a, p, e in zip(ours, plain, exact):
+        assert a.dtype == dtype and a.shape == p.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, p, rtol=1e-5, atol=1e-5)
+        else:
+            assert (a.double() - e).abs().max() <= 2 * (p.double() - e).abs().max() + 1e-6
+
+
+def test_recomputed_mlps_give_the_same_loss_and_gradients(tiny_ckpt):
+    """A stage-2 loss with every decoder MLP recomputed in backward: the loss bitwise, every trained gradient to
+    float32 rounding, against the plain path; fused or LoRA MLP linears are refused."""
+    from llava_fast.train import checkpoint as ckpt
+    from llava_fast.train.lora import add_lora
+
+    net = ckpt.load_base(tiny_ckpt, device="cpu", seed=0).net.float().train()
+    net.requires_grad_(True)
+    g = torch.Generator().manual_seed(5)
+    cfg = net.cfg
+    R = cfg.num_image_tokens
+    ids = torch.cat([torch.ones(2, 1, dtype=torch.long), torch.full((2, R), cfg.image_token_id),
+                     torch.randint(3, 30000, (2, 11), generator=g)], 1)
+    labels = ids.clone()
+    labels[:, : R + 1] = -100
+    pixels = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+    trained = [p for n, p in net.named_parameters() if not n.startswith("vision_tower.")]
+    plain_loss = net.loss(ids, labels, pixels)
+    plain = torch.autograd.grad(plain_loss, trained)
+    ours_loss = net.recompute_mlp_activations().loss(ids, labels, pixels)
+    ours = torch.autograd.grad(ours_loss, trained)
+    assert torch.equal(ours_loss, plain_loss)
+    for a, b in zip(ours, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    net.recompute_mlp_activations(False)
+    add_lora(net, 4, 8.0)
+    with pytest.raises(ValueError, match="plain gate/up/down"):
+        net.recompute_mlp_activations()
+
+
 def test_loss_on_target_rows_equals_the_full_rows_path(tiny_ckpt):
     """LlavaForCausalLM.loss runs the last layer's o_proj, MLP and the final norm on the target rows only; its
     loss and every gradient against the whole sequence through the decoder and the reference cross-entropy,
@@ -259,6 +325,24 @@ def test_step_in_backward_refuses_clipping_and_distributed_runs(tiny_ckpt, image
     with pytest.raises(InputError, match="one process"):
         run(tiny_ckpt, image_folder, tmp_path, records, "fsdp", step_in_backward=True, max_grad_norm=0.0, fsdp=True)
     assert not (tmp_path / "clip").exists()
+
+
+def test_recompute_mlp_training_gives_the_plain_runs_losses(tiny_ckpt, image_folder, tmp_path):
+    """train --recompute-mlp (stage 2 full, no checkpointing): the first loss bitwise, the next within float32
+    rounding of the plain run's; with checkpointing, LoRA or stage 1 it is an input error naming the need."""
+    from llava_fast.errors import InputError
+
+    records = make_records(4)
+    common = dict(epochs=2, batch_size=2)
+    plain = run(tiny_ckpt, image_folder, tmp_path, records, "plain", **common)
+    ours = run(tiny_ckpt, image_folder, tmp_path, records, "recompute", recompute_mlp=True, **common)
+    assert len(plain.losses) == 4 and plain.losses[0] == ours.losses[0]
+    for (s1, a), (s2, b) in zip(plain.losses, ours.losses):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-5)
+    for bad in (dict(gradient_checkpointing=True), dict(lora_r=4, lora_alpha=8), dict(stage=1)):
+        with pytest.raises(InputError, match="--recompute-mlp .*--no-gradient-checkpointing"):
+            run(tiny_ckpt, image_folder, tmp_path, records, "bad", recompute_mlp=True, **bad)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_bf16_grads_fold_into_the_masters_in_backward():
