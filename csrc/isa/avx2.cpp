@@ -25,6 +25,7 @@
 #include <cstring>
 
 #include "kernels.h"
+#include "q8_panel_x86.h"
 #include "reference.h"
 
 #ifndef LLAVA_FAST_AVX2_VNNI
@@ -458,6 +459,81 @@ void gemm_q4_panel(const GemvArgs& a, const QuantizedRows& x, int64_t n0, float*
   }
 }
 
+// ---- int8 prefill GEMM panel (gemm_q8.cpp; layout: kernels.h): bit for bit the scalar panel ----------------
+// With AVX-VNNI the panel holds the stored bytes u (VPDPBUSD's unsigned operand) and each block's integer sums
+// start at -128 x the x row's block sum (exact), as the GEMV does; without, the signed weights u - 128, multiplied
+// as |w| by x_q with w's sign (VPSIGNB, VPMADDUBSW, VPMADDWD: never saturates, see the top). MR x rows against 16
+// outputs (two vectors): 4 x MR accumulators + the weight vectors within the 16 ymm registers.
+constexpr int kQ8MR = LLAVA_FAST_AVX2_VNNI ? 3 : 2;
+
+template <int MR>
+void q8_panel_tile(const uint8_t* w, const float* scales, const QuantizedRows& x, int64_t m0, int h, int64_t n_valid,
+                   float* y, int64_t y_stride) {
+  const int64_t B = x.B, kp = x.kp;
+  __m256 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < B; ++b) {
+    const uint8_t* wb = w + b * 8 * 128 + 64 * h;
+    __m256i d[MR][2];
+    for (int i = 0; i < MR; ++i)
+      d[i][0] = d[i][1] = LLAVA_FAST_AVX2_VNNI ? _mm256_set1_epi32(-128 * x.xsum[(m0 + i) * B + b]) : _mm256_setzero_si256();
+    #pragma GCC unroll 8
+    for (int s = 0; s < 8; ++s) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + s * 128));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + s * 128 + 32));
+#if !LLAVA_FAST_AVX2_VNNI
+      const __m256i a0 = _mm256_abs_epi8(w0), a1 = _mm256_abs_epi8(w1), ones = _mm256_set1_epi16(1);
+#endif
+      #pragma GCC unroll 4
+      for (int i = 0; i < MR; ++i) {
+        int32_t four;
+        std::memcpy(&four, &x.xq[(m0 + i) * kp + b * 32 + 4 * s], 4);
+        const __m256i xv = _mm256_set1_epi32(four);
+#if LLAVA_FAST_AVX2_VNNI
+        d[i][0] = _mm256_dpbusd_avx_epi32(d[i][0], w0, xv);
+        d[i][1] = _mm256_dpbusd_avx_epi32(d[i][1], w1, xv);
+#else
+        d[i][0] = _mm256_add_epi32(d[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(xv, w0)), ones));
+        d[i][1] = _mm256_add_epi32(d[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(xv, w1)), ones));
+#endif
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xs = _mm256_set1_ps(x.xs[(m0 + i) * B + b]);
+      acc[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i][0]), xs, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i][1]), xs, acc[i][1]);
+    }
+  }
+  const int64_t first = 16 * h;
+  const __m256 s0 = _mm256_loadu_ps(scales + first), s1 = _mm256_loadu_ps(scales + first + 8);
+  for (int i = 0; i < MR; ++i) {
+    float* yr = y + (m0 + i) * y_stride + first;
+    const __m256 v0 = _mm256_mul_ps(acc[i][0], s0), v1 = _mm256_mul_ps(acc[i][1], s1);
+    if (n_valid >= first + 16) {
+      _mm256_storeu_ps(yr, v0);
+      _mm256_storeu_ps(yr + 8, v1);
+    } else {
+      _mm256_maskstore_ps(yr, tail_mask8(n_valid - first), v0);
+      _mm256_maskstore_ps(yr + 8, tail_mask8(n_valid - first - 8), v1);
+    }
+  }
+}
+
+void gemm_q8_panel(const GemvArgs& a, const QuantizedRows& x, int64_t n0, float* y, int64_t y_stride, uint8_t* panel) {
+  const int64_t M = a.m, n_valid = std::min<int64_t>(kQ8Panel, a.n - n0);
+  float* scales = reinterpret_cast<float*>(panel + x.B * 8 * 128);
+  pack_q8_panel(a, n0, panel, scales, LLAVA_FAST_AVX2_VNNI ? 0 : 0x80);
+  float* yp = y + n0;
+  for (int h = 0; h < 2 && 16 * h < n_valid; ++h) {
+    int64_t m = 0;
+    for (; m + kQ8MR <= M; m += kQ8MR) q8_panel_tile<kQ8MR>(panel, scales, x, m, h, n_valid, yp, y_stride);
+    switch (M - m) {
+      case 2: q8_panel_tile<2>(panel, scales, x, m, h, n_valid, yp, y_stride); break;
+      case 1: q8_panel_tile<1>(panel, scales, x, m, h, n_valid, yp, y_stride); break;
+    }
+  }
+}
+
 // ---- dequantization (dequantize.cpp; bit for bit its scalar loop) --------------------------------------------
 
 // float32 -> bfloat16 bits, round to nearest even, NaN kept quiet: f32_to_bf16's integer arithmetic, 8 lanes.
@@ -764,7 +840,7 @@ const KernelTable* avx2_kernels() {
       gemm_q4_panel,
       dequantize_rows,
       add_rms_norm_row, rope, store_row, swiglu_row, attn_dot, attn_axpy,
-      attend_kernel};
+      attend_kernel, nullptr, nullptr, gemm_q8_panel};
   return &table;
 }
 
