@@ -393,6 +393,12 @@ void pack_panel(const GemvArgs& a, int64_t n0, uint8_t* w, float* scales, float*
 }
 
 // MR x rows against outputs n0 + 16h .. n0 + 16h + 15 (two vectors): per block 2 x MR integer sums of 8 dot steps.
+// With AVX-VNNI each VPDPBUSD accumulates into its block sum; without, VPMADDUBSW's int16 pair sums are added up
+// over the block's 8 steps (each <= 2 x 15 x 127, eight of them < 2^15: exact) and widened by one VPMADDWD per
+// block. Both give the same integers as before (one VPDPBUSD from zero plus an add per step; VPMADDUBSW + VPMADDWD
+// + an add per step), with a third of the vector integer instructions fewer; MR = 3 fills the 16 ymm registers.
+constexpr int kQ4MR = 3;
+
 template <int MR>
 void panel_tile(const uint8_t* w, const float* scales, const float* mins, const QuantizedRows& x, int64_t m0, int h,
                 int64_t n_valid, float* y, int64_t y_stride) {
@@ -401,7 +407,6 @@ void panel_tile(const uint8_t* w, const float* scales, const float* mins, const 
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < B; ++b) {
     const int64_t g = b / per_group;
-    const __m256 s0 = _mm256_loadu_ps(scales + g * kQ4Panel + 16 * h), s1 = _mm256_loadu_ps(scales + g * kQ4Panel + 16 * h + 8);
     const uint8_t* wb = w + b * 8 * 128 + 64 * h;
     __m256i d[MR][2];
     for (int i = 0; i < MR; ++i) d[i][0] = d[i][1] = _mm256_setzero_si256();
@@ -414,11 +419,21 @@ void panel_tile(const uint8_t* w, const float* scales, const float* mins, const 
         int32_t four;
         std::memcpy(&four, &x.xq[(m0 + i) * kp + b * 32 + (s < 4 ? 4 * s : 16 + 4 * (s - 4))], 4);
         const __m256i xv = _mm256_set1_epi32(four);
-        d[i][0] = _mm256_add_epi32(d[i][0], dot_u8s8(w0, xv));
-        d[i][1] = _mm256_add_epi32(d[i][1], dot_u8s8(w1, xv));
+#if LLAVA_FAST_AVX2_VNNI
+        d[i][0] = _mm256_dpbusd_avx_epi32(d[i][0], w0, xv);
+        d[i][1] = _mm256_dpbusd_avx_epi32(d[i][1], w1, xv);
+#else
+        d[i][0] = _mm256_add_epi16(d[i][0], _mm256_maddubs_epi16(w0, xv));
+        d[i][1] = _mm256_add_epi16(d[i][1], _mm256_maddubs_epi16(w1, xv));
+#endif
       }
     }
+    const __m256 s0 = _mm256_loadu_ps(scales + g * kQ4Panel + 16 * h), s1 = _mm256_loadu_ps(scales + g * kQ4Panel + 16 * h + 8);
     for (int i = 0; i < MR; ++i) {
+#if !LLAVA_FAST_AVX2_VNNI
+      const __m256i ones = _mm256_set1_epi16(1);
+      d[i][0] = _mm256_madd_epi16(d[i][0], ones), d[i][1] = _mm256_madd_epi16(d[i][1], ones);
+#endif
       const __m256 xs = _mm256_set1_ps(x.xs[(m0 + i) * B + b]);
       acc[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i][0]), _mm256_mul_ps(s0, xs), acc[i][0]);
       acc[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i][1]), _mm256_mul_ps(s1, xs), acc[i][1]);
@@ -454,8 +469,11 @@ void gemm_q4_panel(const GemvArgs& a, const QuantizedRows& x, int64_t n0, float*
   float* yp = y + n0;
   for (int h = 0; h < 2 && 16 * h < n_valid; ++h) {
     int64_t m = 0;
-    for (; m + 2 <= M; m += 2) panel_tile<2>(w, scales, mins, x, m, h, n_valid, yp, y_stride);
-    if (m < M) panel_tile<1>(w, scales, mins, x, m, h, n_valid, yp, y_stride);
+    for (; m + kQ4MR <= M; m += kQ4MR) panel_tile<kQ4MR>(w, scales, mins, x, m, h, n_valid, yp, y_stride);
+    switch (M - m) {
+      case 2: panel_tile<2>(w, scales, mins, x, m, h, n_valid, yp, y_stride); break;
+      case 1: panel_tile<1>(w, scales, mins, x, m, h, n_valid, yp, y_stride); break;
+    }
   }
 }
 
