@@ -23,6 +23,7 @@
 
 #include "convert.h"
 #include "gemm_q4.h"
+#include "gemm_q8.h"
 #include "gemv.h"
 #include "isa/kernels.h"
 #include "isa/reference.h"
@@ -124,13 +125,16 @@ namespace {
 // ------------------------------------------------------------------------------------------------------
 
 // y (rows, n) = x (rows, k) @ W^T (+ bias), rounded to the compute dtype.
-// Prompt rows of an int4 projection go through the prefill GEMM (gemm_q4.cpp: 2x the int4 GEMV tile's
-// multiply-adds per instruction); everything else through the GEMV.
+// Prompt rows of an int4 or int8 projection go through the prefill GEMMs (gemm_q4.cpp, gemm_q8.cpp: outer
+// products, 2x (int4) and ~8x (int8) the GEMV tiles' multiply-adds per float instruction); everything else
+// through the GEMV.
 void linear(const DecodeLinear& l, const float* x, int64_t rows, float* y, const Stored& st, int threads,
             bool prompt = false) {
   const GemvArgs a{x, kActF32, rows, l.k, l.w, l.format, l.n, l.k, l.group, l.scales, l.mins, y, l.n};
   if (prompt && l.format == kWeightQ4) {
     gemm_q4(a, threads);
+  } else if (prompt && l.format == kWeightQ8) {
+    gemm_q8(a, threads);
   } else {
     gemv(a, threads);
   }

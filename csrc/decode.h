@@ -67,8 +67,9 @@ struct DecodeRows {
   const int32_t* positions = nullptr;  // (rows,)
   const int64_t* logit_rows = nullptr;  // ascending rows whose logits are wanted; null: all rows
   int64_t logit_count = 0;
-  // Rows of prompts (NativeDecodeStep.prefill): int4 projections run gemm_q4.cpp's GEMM, whose bits do not
-  // depend on the row count but are not the GEMV's; a decode step (false) keeps the GEMV for every row.
+  // Rows of prompts (NativeDecodeStep.prefill): int4 and int8 projections run gemm_q4.cpp's / gemm_q8.cpp's
+  // GEMMs, whose bits do not depend on the row count but are not the GEMV's; a decode step (false) keeps the GEMV
+  // for every row.
   bool prompt = false;
 };
 

@@ -16,6 +16,7 @@
 #include "decode.h"
 #include "dequantize.h"
 #include "gemm_q4.h"
+#include "gemm_q8.h"
 #include "gemv.h"
 #include "isa/cpu_features.h"
 #include "isa/kernels.h"
@@ -295,6 +296,18 @@ void gemm_q4(uintptr_t x, int64_t m, int64_t x_stride, uintptr_t w, int64_t n, i
   llava_fast::gemm_q4(args, threads < 1 ? 1 : threads);
 }
 
+// The int8 prefill GEMM (gemm_q8.cpp), gemv's arguments for an int8 weight; for tests and benchmarks.
+void gemm_q8(uintptr_t x, int64_t m, int64_t x_stride, uintptr_t w, int64_t n, int64_t k, uintptr_t scales,
+             uintptr_t y, int64_t y_stride, int threads) {
+  const llava_fast::GemvArgs args{reinterpret_cast<const void*>(x), llava_fast::kActF32, m, x_stride,
+                                  reinterpret_cast<const void*>(w), llava_fast::kWeightQ8, n, k, 0,
+                                  reinterpret_cast<const void*>(scales), nullptr, reinterpret_cast<void*>(y), y_stride};
+  const std::string problem = llava_fast::gemm_q8_check(args);
+  if (!problem.empty()) throw py::value_error(problem);
+  py::gil_scoped_release no_gil;
+  llava_fast::gemm_q8(args, threads < 1 ? 1 : threads);
+}
+
 const void* ptr(uintptr_t p) { return reinterpret_cast<const void*>(p); }
 
 // A linear layer as Python describes it: (w, format, n, k, group, scales, mins, bias), pointers as integers.
@@ -341,6 +354,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("threads"),
         "y (M, N) float32 = x (M, K) float32 @ W (N, K)^T, W int4 (gemv.h kWeightQ4): the prefill GEMM of "
         "csrc/gemm_q4.cpp. Pointers as integers; for tests and benchmarks.");
+  m.def("gemm_q8", &gemm_q8, py::arg("x"), py::arg("m"), py::arg("x_stride"), py::arg("w"), py::arg("n"),
+        py::arg("k"), py::arg("scales"), py::arg("y"), py::arg("y_stride"), py::arg("threads"),
+        "y (M, N) float32 = x (M, K) float32 @ W (N, K)^T, W int8 (gemv.h kWeightQ8): the prefill GEMM of "
+        "csrc/gemm_q8.cpp. Pointers as integers; for tests and benchmarks.");
   // gemv.h's weight formats and activation dtypes by name: llava_fast/cpu/gemv.py reads the numbers from here.
   py::dict weight_formats, activation_dtypes;
   weight_formats["float32"] = int(llava_fast::kWeightF32);

@@ -25,11 +25,11 @@ def table(request):
 
 
 def expected_prefill(table, family, dtype, quantize):
-    # Independent of plan.py: float32 models with float32 or int4 weights on the AVX-512 and AVX2 tables' tiles;
-    # bfloat16 models with bfloat16 weights on the AMX tiles only
+    # Independent of plan.py: float32 models with float32, int8 or int4 weights on the AVX-512 and AVX2 tables'
+    # tiles and GEMMs; bfloat16 models with bfloat16 weights on the AMX tiles only
     if dtype == torch.bfloat16 and quantize is None:
         return "native" if table == "avx512_amx" else "torch"
-    fits = dtype == torch.float32 and quantize in (None, "int4wo-32")
+    fits = dtype == torch.float32 and quantize in (None, "int8wo", "int4wo-32")
     return "native" if fits and family in ("avx512", "avx2") else "torch"
 
 

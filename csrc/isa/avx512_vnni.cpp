@@ -20,6 +20,7 @@
 
 #include "../convert.h"
 #include "avx512_common.h"
+#include "q8_panel_x86.h"
 #include "kernels.h"
 #include "reference.h"
 
@@ -425,6 +426,68 @@ void gemm_q4_panel(const GemvArgs& a, const QuantizedRows& x, int64_t n0, float*
 }
 
 // ------------------------------------------------------------------------------------------------------
+// The int8 prefill GEMM's panel (gemm_q8.cpp: the algorithm, its numerics and the scalar reference). The panel
+// holds the stored bytes u (VPDPBUSD's unsigned operand); each block's integer sums start at -128 x the x row's
+// block sum (exact), as the GEMV does. kMR x rows against all 32 outputs (two vectors), as the int4 tile.
+// ------------------------------------------------------------------------------------------------------
+
+template <int MR>
+void q8_tile(const uint8_t* w, const float* scales, const QuantizedRows& x, int64_t m0, int64_t n0, int64_t n_valid,
+             float* y, int64_t y_stride) {
+  const int64_t B = x.B, kp = x.kp;
+  __m512 acc[MR][2];
+  #pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < B; ++b) {
+    const uint8_t* wb = w + b * 8 * 128;
+    const int8_t* xb = &x.xq[m0 * kp + b * 32];
+    __m512i d[MR][2];
+    #pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) d[i][0] = d[i][1] = _mm512_set1_epi32(-128 * x.xsum[(m0 + i) * B + b]);
+    #pragma GCC unroll 8
+    for (int s = 0; s < 8; ++s) {
+      const __m512i w0 = _mm512_loadu_si512(wb + s * 128), w1 = _mm512_loadu_si512(wb + s * 128 + 64);
+      #pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        int32_t four;
+        std::memcpy(&four, xb + i * kp + 4 * s, 4);
+        const __m512i xv = _mm512_set1_epi32(four);
+        d[i][0] = _mm512_dpbusd_epi32(d[i][0], w0, xv);
+        d[i][1] = _mm512_dpbusd_epi32(d[i][1], w1, xv);
+      }
+    }
+    #pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512 xs = _mm512_set1_ps(x.xs[(m0 + i) * B + b]);
+      acc[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[i][0]), xs, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[i][1]), xs, acc[i][1]);
+    }
+  }
+  const __m512 s0 = _mm512_loadu_ps(scales), s1 = _mm512_loadu_ps(scales + 16);
+  const __mmask16 k0 = n_valid >= 16 ? __mmask16(0xffff) : __mmask16((1u << n_valid) - 1);
+  const __mmask16 k1 = n_valid >= 32 ? __mmask16(0xffff) : n_valid <= 16 ? __mmask16(0) : __mmask16((1u << (n_valid - 16)) - 1);
+  #pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    _mm512_mask_storeu_ps(y + (m0 + i) * y_stride + n0, k0, _mm512_mul_ps(acc[i][0], s0));
+    _mm512_mask_storeu_ps(y + (m0 + i) * y_stride + n0 + 16, k1, _mm512_mul_ps(acc[i][1], s1));
+  }
+}
+
+void gemm_q8_panel(const GemvArgs& a, const QuantizedRows& x, int64_t n0, float* y, int64_t y_stride,
+                   uint8_t* panel) {
+  float* scales = reinterpret_cast<float*>(panel + x.B * 8 * 128);
+  pack_q8_panel(a, n0, panel, scales, 0);
+  const int64_t M = a.m, n_valid = std::min<int64_t>(kPanel, a.n - n0);
+  int64_t m = 0;
+  for (; m + kMR <= M; m += kMR) q8_tile<kMR>(panel, scales, x, m, n0, n_valid, y, y_stride);
+  switch (M - m) {
+    case 3: q8_tile<3>(panel, scales, x, m, n0, n_valid, y, y_stride); break;
+    case 2: q8_tile<2>(panel, scales, x, m, n0, n_valid, y, y_stride); break;
+    case 1: q8_tile<1>(panel, scales, x, m, n0, n_valid, y, y_stride); break;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------
 // Dequantization (dequantize.cpp): VCVTNEPS2BF16 rounds to nearest even as torch does.
 // ------------------------------------------------------------------------------------------------------
 
@@ -477,7 +540,8 @@ const KernelTable* avx512_vnni_kernels() {
       "avx512", "avx512_vnni",
       nullptr, gemv_bf16, gemv_q8, gemv_q4, layout_bytes, prepare,
       nullptr, gemm_q4_panel, dequantize_rows,
-      nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+      nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+      nullptr, nullptr, gemm_q8_panel};
   return &table;
 }
 

@@ -60,12 +60,13 @@ static inline void gemv_store(const GemvRows& p, int64_t m, int64_t n, float v) 
   }
 }
 
-// x rows quantized once per int4 GEMM call (gemm_q4.cpp), read by every thread.
+// x rows quantized once per int4 / int8 GEMM call (gemm_q4.cpp, gemm_q8.cpp), read by every thread.
 struct QuantizedRows {
-  int64_t M, K, B, G, kp, group;  // kp: row length of xq (a multiple of 64), zeros past K
+  int64_t M, K, B, G, kp, group;  // kp: row length of xq (a multiple of 32; int4: of 64), zeros past K
   const int8_t* xq;               // (M, kp)
   const float* xs;                // (M, B)
-  const float* xmin;              // (M, G)
+  const float* xmin;              // int4: (M, G)
+  const int32_t* xsum = nullptr;  // int8: (M, B) sum of a block's x_q (what the offset-binary weight's 128 multiplies)
 };
 
 // The int4 GEMM's weight panel: 32 rows repacked k-major (gemm_q4.cpp says why). Per 32-block b and step s
@@ -74,7 +75,15 @@ struct QuantizedRows {
 constexpr int kQ4Panel = 32;
 static inline size_t q4_panel_bytes(int64_t K, int64_t G) { return size_t(K / 32) * 8 * 128 + size_t(G) * kQ4Panel * 8; }
 
+// The int8 GEMM's weight panel: 32 rows repacked k-major. Per 32-block b (B = ceil(K / 32)) and step s (0..7:
+// k = 32b + 4s .. + 3), 128 bytes: row j's 4 weights at 4j (zeros past K and past N; which byte encoding, the
+// stored offset-binary u or the signed u - 128, is the table's); then the rows' scales as float (32).
+constexpr int kQ8Panel = 32;
+static inline size_t q8_panel_bytes(int64_t K) { return size_t((K + 31) / 32) * 8 * 128 + kQ8Panel * 4; }
+
 using GemvRowsFn = void (*)(const GemvRows& p, int64_t n0, int64_t n1);
+using GemmPanelFn = void (*)(const GemvArgs& a, const QuantizedRows& x, int64_t n0, float* y, int64_t y_stride,
+                             uint8_t* panel);
 using AttendFn = void (*)(const float* q, int64_t q_stride, int nb, const char* k, const char* v, int64_t pos_bytes,
                           int64_t T0, float scale, float* scores, float* o, int64_t o_stride);
 
@@ -108,8 +117,7 @@ struct KernelTable {
 
   // int4 GEMM: pack rows n0 .. n0 + 31 into `panel` (q4_panel_bytes), then all M rows of x against it into y.
   // Bit for bit the scalar panel's result.
-  void (*gemm_q4_panel)(const GemvArgs& a, const QuantizedRows& x, int64_t n0, float* y, int64_t y_stride,
-                        uint8_t* panel);
+  GemmPanelFn gemm_q4_panel;
 
   // Dense rows n0 .. n1 - 1 of an int8/int4 weight (dequantize.h), float32 or bfloat16: bit for bit scalar's.
   void (*dequantize_rows)(const GemvArgs& a, void* out, int out_dtype, int64_t n0, int64_t n1);
@@ -129,6 +137,10 @@ struct KernelTable {
   // (p.layout = scratch afterwards; the AMX table's B tiles). Null: gemv_bf16 reads xb in K order.
   size_t (*gemv_bf16_layout_bytes)(const GemvRows& p);
   void (*gemv_bf16_prepare)(const GemvRows& p, void* scratch);
+
+  // int8 GEMM (gemm_q8.cpp): pack rows n0 .. n0 + 31 into `panel` (q8_panel_bytes), then all M rows of x
+  // against it into y. Bit for bit the scalar panel's result.
+  GemmPanelFn gemm_q8_panel;
 };
 
 // The tables this build holds (null where not compiled for this architecture or compiler). The avx512 one

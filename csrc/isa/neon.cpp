@@ -315,7 +315,8 @@ const KernelTable* neon_kernels() {
       gemm_q4_panel, dequantize_rows,
       // The decode glue and attention: the scalar loops for now.
       add_rms_norm_row_scalar, rope_scalar, store_row_scalar, swiglu_row_scalar,
-      attn_dot_scalar, attn_axpy_scalar, attend_kernel_none};
+      attn_dot_scalar, attn_axpy_scalar, attend_kernel_none,
+      nullptr, nullptr, gemm_q8_panel_scalar};  // the int8 GEMM: the scalar panel (the plan prefills int8 through torch here)
   return &table;
 }
 

@@ -1,6 +1,6 @@
 // The scalar reference of every kernel of kernels.h. Each lives beside its algorithm (gemv.cpp, gemm_q4.cpp,
-// dequantize.cpp, decode.cpp), compiled without ISA flags; scalar.cpp lists them as the scalar table, and the
-// other tables point at them for what they do not vectorise.
+// gemm_q8.cpp, dequantize.cpp, decode.cpp), compiled without ISA flags; scalar.cpp lists them as the scalar
+// table, and the other tables point at them for what they do not vectorise.
 #pragma once
 
 #include "kernels.h"
@@ -15,6 +15,9 @@ void gemv_q4_scalar(const GemvRows& p, int64_t n0, int64_t n1);
 void quantize_row_q8_scalar(const float* x, int64_t K, int8_t* xq, float* xs);
 // gemm_q4.cpp
 void gemm_q4_panel_scalar(const GemvArgs& a, const QuantizedRows& x, int64_t n0, float* y, int64_t y_stride,
+                          uint8_t* panel);
+// gemm_q8.cpp
+void gemm_q8_panel_scalar(const GemvArgs& a, const QuantizedRows& x, int64_t n0, float* y, int64_t y_stride,
                           uint8_t* panel);
 // dequantize.cpp
 void dequantize_rows_scalar(const GemvArgs& a, void* out, int out_dtype, int64_t n0, int64_t n1);

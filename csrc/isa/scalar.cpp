@@ -13,7 +13,8 @@ const KernelTable* scalar_kernels() {
       gemm_q4_panel_scalar,
       dequantize_rows_scalar,
       add_rms_norm_row_scalar, rope_scalar, store_row_scalar, swiglu_row_scalar,
-      attn_dot_scalar, attn_axpy_scalar, attend_kernel_none};
+      attn_dot_scalar, attn_axpy_scalar, attend_kernel_none,
+      nullptr, nullptr, gemm_q8_panel_scalar};
   return &table;
 }
 

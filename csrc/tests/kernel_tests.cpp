@@ -23,6 +23,7 @@
 #include "convert.h"
 #include "dequantize.h"
 #include "gemm_q4.h"
+#include "gemm_q8.h"
 #include "gemv.h"
 #include "isa/kernels.h"
 
@@ -222,6 +223,36 @@ void check_gemm_q4(Checks& c, const char* table) {
     }
 }
 
+// Every K remainder mod 32 that matters (a partial last block, K % 4 != 0), N % 32 and % 8 tails, and 1, 2, 3,
+// 4 (every micro-tile remainder) and 65 rows; bit for bit scalar's, on 1 and 3 threads, a row alone as in a batch.
+void check_gemm_q8(Checks& c, const char* table) {
+  for (int64_t K : {32, 45, 96, 131, 256})
+    for (int64_t n : {1, 33, 70}) {
+      const Weight w(lf::kWeightQ8, n, K, 0);
+      for (int64_t m : {1, 2, 3, 4, 65}) {
+        const std::vector<float> x = randn(m * K);
+        std::vector<float> ref(m * n), out(m * n), out3(m * n);
+        const std::string what = "gemm_q8 N=" + std::to_string(n) + " K=" + std::to_string(K) + " M=" + std::to_string(m);
+        use("scalar");
+        lf::gemm_q8(w.args(x.data(), lf::kActF32, m, ref.data()), 1);
+        use(table);
+        lf::gemm_q8(w.args(x.data(), lf::kActF32, m, out.data()), 1);
+        lf::gemm_q8(w.args(x.data(), lf::kActF32, m, out3.data()), 3);
+        c.expect(same_bits(out, ref), what + ": not bit for bit scalar's " + close(out, ref, 0.f));
+        c.expect(same_bits(out3, out), what + ": 3 threads changed bits");
+        // and the GEMV's numbers (its own summation order): the same W . x' within float32 rounding
+        std::vector<float> gemv_out(m * n);
+        lf::gemv(w.args(x.data(), lf::kActF32, m, gemv_out.data()), 1);
+        c.expect(close(out, gemv_out, 1e-5f).empty(), what + ": far from the GEMV " + close(out, gemv_out, 1e-5f));
+        if (m > 1) {
+          std::vector<float> alone(n);
+          lf::gemm_q8(w.args(x.data() + (m - 1) * K, lf::kActF32, 1, alone.data()), 1);
+          c.expect(same_bits(alone, std::vector<float>(out.end() - n, out.end())), what + ": last row alone differs");
+        }
+      }
+    }
+}
+
 void check_dequantize(Checks& c, const char* table) {
   struct Case { int format; int64_t n, k, group; };
   for (const Case& cs : {Case{lf::kWeightQ8, 5, 100, 0}, Case{lf::kWeightQ8, 7, 64, 0}, Case{lf::kWeightQ4, 9, 96, 32},
@@ -380,6 +411,7 @@ int main() {
     check_quantize(c, ch.name);
     check_gemv(c, ch.name);
     check_gemm_q4(c, ch.name);
+    check_gemm_q8(c, ch.name);
     check_dequantize(c, ch.name);
     check_decode_kernels(c, *ch.table, *scalar);
     ++tested;

@@ -217,6 +217,24 @@ def gemm_q4(x, layer: GemvLinear, threads=None):
     return y
 
 
+def gemm_q8(x, layer: GemvLinear, threads=None):
+    """x (M, K) float32 on the CPU @ an int8 layer's weight^T -> (M, N) float32 through the prefill GEMM
+    (csrc/gemm_q8.cpp): `reference`'s numbers, in an order of its own (not the GEMV's bits), the same bits for
+    a row whatever the other rows, the thread count or the kernel table. The native prefill runs it; this entry
+    is for tests and benchmarks."""
+    if (not isinstance(x, torch.Tensor) or not isinstance(layer, GemvLinear) or layer.format != Q8
+            or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != layer.in_features
+            or x.shape[0] == 0):
+        raise ValueError("gemm_q8: x must be a float32 CPU tensor (M, K), M >= 1, and the layer an int8 GemvLinear "
+                         "with K input features")
+    x = x.contiguous()
+    M, N = x.shape[0], layer.out_features
+    y = torch.empty(M, N, dtype=torch.float32)
+    _C.gemm_q8(x.data_ptr(), M, x.stride(0), layer.weight.data_ptr(), N, layer.in_features, layer.scale.data_ptr(),
+               y.data_ptr(), N, threads or layer.threads)
+    return y
+
+
 def reference(x, layer: GemvLinear):
     """The torch oracle of the kernel: float32 F.linear on the dequantized weight of x as the kernel reads it:
     rounded to bf16 for a BF16 weight (VDPBF16PS), int8-quantized per 32-block for Q8/Q4 (VPDPBUSD)."""

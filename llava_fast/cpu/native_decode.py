@@ -1,6 +1,6 @@
 """The CPU decode step in one native call (csrc/decode.cpp), for batches of up to `MAX_ROWS` (64) rows, and
-the prefill of float32 models with float32 or int4 projections (AVX-512 kernels), and of bfloat16 models on the AMX
-table, through the same code (a prompt's tokens as rows of one cache row, up to 128 at a time).
+the prefill of float32 models with float32, int8 or int4 projections (AVX-512 and AVX2 kernels), and of bfloat16
+models on the AMX table, through the same code (a prompt's tokens as rows of one cache row, up to 128 at a time).
 
 In: a LlavaForCausalLM on the CPU in float32 or bfloat16 whose decoder projections are fused (q/k/v and
 gate/up, as load() leaves them) and are GemvLinear layers (any weight format of gemv.py: float32, bfloat16,
@@ -10,14 +10,14 @@ lengths (B,) int32 -> next-token logits (B, V) float32, K/V written into `cache`
 
 Why: the torch decode step pays Python and ATen dispatch for ~25 small ops per layer; on SmolLM2-135M float32
 (2-core EPYC) that was 32 of a step's 60 ms, the weight reads (the GEMVs) the other 28. The native step runs
-the same math with no dispatch between the GEMVs. Prefill (float32 or int4 weights): `NativeDecodeStep.prefill`,
-the GEMMs on gemv.cpp's tile kernel (float32) or gemm_q4.cpp (int4), attention in blocks of 4 positions with the
-output in registers; float32: SmolLM2-135M 130-token prompt 449 -> 544 tok/s, tiny 274 tokens 2933 -> 3312,
-1,024 tokens 2807 -> 3075 (interleaved, 2 cores) over the torch prefill with a 4 x 4 tile; then the 4 x 6 tile
-and the glue (SwiGLU, RMSNorm, RoPE, K/V writes) on AVX-512 took tiny's 274 tokens from 78.6 to 62.5 ms
-(medians of 40 interleaved pairs, 2 cores); int4-32: SmolLM2 746 -> 1133. Its reference is
-generate.decode_step (the torch path),
-which tests/test_native_decode.py compares it with: float32 within 1e-4, bfloat16 to bfloat16 rounding.
+the same math with no dispatch between the GEMVs. Prefill (float32, int8 or int4 weights):
+`NativeDecodeStep.prefill`, the GEMMs on gemv.cpp's tile kernel (float32), gemm_q8.cpp (int8) or gemm_q4.cpp
+(int4), attention in blocks of 4 positions with the output in registers; float32: SmolLM2-135M 130-token prompt
+449 -> 544 tok/s, tiny 274 tokens 2933 -> 3312, 1,024 tokens 2807 -> 3075 (interleaved, 2 cores) over the torch
+prefill with a 4 x 4 tile; then the 4 x 6 tile and the glue (SwiGLU, RMSNorm, RoPE, K/V writes) on AVX-512 took
+tiny's 274 tokens from 78.6 to 62.5 ms (medians of 40 interleaved pairs, 2 cores); int4-32: SmolLM2 746 -> 1133;
+int8 (AVX2 forced, 130 tokens): 14.7 tok/s through torch -> 550. Its reference is generate.decode_step (the torch
+path), which tests/test_native_decode.py compares it with: float32 within 1e-4, bfloat16 to bfloat16 rounding.
 
 `for_model(net)` returns None, with the reason in `why_not(net)`, where the native step cannot run the model (no
 native extension, not on the CPU, a dtype or layer kind it does not know). Whether the Decoder runs it, and its
@@ -144,11 +144,9 @@ class NativeDecodeStep:
         """One prompt's rows: embeds (T, C) in the compute dtype (image features spliced in) at positions
         start..start+T-1 of cache row `slot` -> the last token's logits (1, V) float32; K/V written, causal
         (csrc/decode.h DecodeRows). The reference is the torch prefill (generate.Decoder.prefill_slot's
-        decode_hidden), which tests/test_native_decode.py compares it with. int4 projections run the prefill GEMM
-        (csrc/gemm_q4.cpp): the same bits however the prompt is split, close to (not the bits of) the decode step
-        fed one token at a time. It also runs int8 weights (the Decoder does not use it for them: see plan.py):
-        then the bits of the native decode step fed one token at a time (the GEMVs' sums do not depend on the
-        row count), which the tests check."""
+        decode_hidden), which tests/test_native_decode.py compares it with. int4 and int8 projections run the prefill
+        GEMMs (csrc/gemm_q4.cpp, csrc/gemm_q8.cpp): the same bits however the prompt is split, close to (not the
+        bits of) the decode step fed one token at a time."""
         T = embeds.shape[0]
         embeds = embeds.contiguous()
         assert embeds.dtype == self.dtype and embeds.dim() == 2 and cache.k.dtype == self.dtype

@@ -8,15 +8,16 @@ The rules, each measured where it is made:
 - decode: the native step (native_decode.py) wherever it can run the model, except on a CPU whose best table is
   scalar, where the torch path is faster (SmolLM2-135M float32: 17.0 tok/s against 18.4); scalar forced on a SIMD
   CPU still runs it (it is the reference). torch.compile and LLAVA_FAST_NATIVE_DECODE=0 also mean torch.
-- prefill: native for float32 models whose decoder projections are float32 or int4 (lm_head: any format, it sees
-  one row), on the avx512 or avx2 table: the 4 x 6 float32 tile (gemv.cpp) and the int4 GEMM (gemm_q4.cpp) with
-  no dispatch between them beat oneDNN's GEMMs plus ~25 ops a layer (native_decode.py gives the figures; forced
-  to avx2 on a Sapphire Rapids host, loaded: float32 67 tok/s against 20, int4-32 130 against 13). The scalar
-  table has no tiles (SmolLM2-135M float32, 130 tokens: 11 tok/s against the torch prefill's 289, EPYC, one
-  thread); neon is not measured (emulated only). int8 prefills through torch: natively, on the GEMV's int8 tile,
-  it wins only on short prompts (SmolLM2-135M, 2 threads, torch time / native time, medians of 5 interleaved
-  rounds: 1.23 / 1.01 / 0.92 / 0.90 at 64 / 130 / 256 / 512 tokens; 7B layer shapes at 128 tokens 0.76; a LLaVA
-  prompt carries 576 image tokens). bfloat16 models with bfloat16 projections prefill natively only on the
+- prefill: native for float32 models whose decoder projections are float32, int8 or int4 (lm_head: any format,
+  it sees one row), on the avx512 or avx2 table: the 4 x 6 float32 tile (gemv.cpp) and the int8 / int4 GEMMs
+  (gemm_q8.cpp, gemm_q4.cpp) with no dispatch between them beat oneDNN's GEMMs plus ~25 ops a layer
+  (native_decode.py gives the figures; forced to avx2 on a Sapphire Rapids host, loaded: float32 67 tok/s against
+  20, int4-32 130 against 13; int8, SmolLM2-135M, 2 threads, load 3: 356 / 550 / 640 tok/s against the torch
+  prefill's 10.7 / 14.7 / 27.3 at 64 / 130 / 256 tokens). The scalar table has no tiles (SmolLM2-135M float32,
+  130 tokens: 11 tok/s against the torch prefill's 289, EPYC, one thread), and neon's int8 GEMM is the scalar
+  panel; neon is not measured (emulated only). Before gemm_q8.cpp int8 prefilled through torch: natively, on the
+  GEMV's int8 tile, it won only on short prompts (torch time / native time 1.23 / 1.01 / 0.92 / 0.90 at 64 / 130 /
+  256 / 512 tokens). bfloat16 models with bfloat16 projections prefill natively only on the
   avx512_amx table (its tiles run a 128-row chunk at 0.8-1.0x oneDNN's GEMM with no torch op between the
   matmuls: SmolLM2, 130 tokens, one thread, 1.53x the torch prefill); elsewhere their multi-row kernel is the
   VDPBF16PS tile, ~0.2x oneDNN's GEMM at 64-128 rows, so torch prefills. The torch
@@ -84,7 +85,7 @@ def make(net, compile=False) -> CpuPlan:
         decode, decode_why = "torch", "the best table is scalar: the torch path decodes faster"
     else:
         decode, decode_why = "native", f"one native call per step on the {table} table"
-    unsupported = [p for p in projections if p != "float32" and not p.startswith("int4")]
+    unsupported = [p for p in projections if p not in ("float32", "int8") and not p.startswith("int4")]
     if decode != "native":
         prefill, prefill_why = "torch", "the native step does not run"
     elif emb.dtype == torch.bfloat16 and projections == ["bfloat16"]:
@@ -95,11 +96,14 @@ def make(net, compile=False) -> CpuPlan:
                                              "VDPBF16PS tile runs ~0.2x oneDNN's GEMM at 64-128 rows")
     elif emb.dtype != torch.float32 or unsupported:
         what = f"{unsupported[0]} weights" if emb.dtype == torch.float32 else f"a {emb.dtype} model"
-        prefill, prefill_why = "torch", f"{what}: the native prefill takes float32 models with float32 or int4 weights"
+        prefill, prefill_why = "torch", (f"{what}: the native prefill takes float32 models with float32, int8 or "
+                                         "int4 weights")
     elif family not in ("avx512", "avx2"):
         prefill, prefill_why = "torch", f"the {table} table has no tiles: the torch prefill is faster"
     else:
-        prefill, prefill_why = "native", f"tiles of the {table} table"
+        gemm = " and its int8/int4 GEMMs" if any(p.startswith("int") for p in projections) else ""
+        prefill, prefill_why = "native", (f"tiles of the {table} table{gemm}: faster than oneDNN's GEMMs and the "
+                                          "torch ops")
     return CpuPlan(table=table, weights=weights, decode=decode, decode_why=decode_why, prefill=prefill,
                    prefill_why=prefill_why, gemv=gemv.NATIVE and on_cpu,
                    prefill_bf16=gemv.PREFILL_BF16 and on_cpu, threads=torch.get_num_threads(), compile=compile)
