@@ -77,13 +77,21 @@ from llava_fast.serve.kv_memory import KVMemory, default_kv_cache_memory
 log = logging.getLogger("llava_fast.serve")
 
 
-def default_max_batched_tokens(device) -> int:
-    """Tokens per iteration (decode rows + prefill slices) when the server is given none. CPU: 128, so a slice
-    of 112 tokens beside 16 decoding rows costs about two decode steps (tiny preset, 2 busy cores: 132 ms for 112
-    prompt tokens natively, 60 ms per 16-row step). 16 clients, 32 requests, interleaved rounds: 64 / 128 / 256
-    gave ITL p99/p50 2.1 / 2.5-3.2 / 3.9-4.6 and output tokens/s 71 / 84-113 / 78 (64 also doubled TTFT p50).
+def default_max_batched_tokens(device, mixes=False) -> int:
+    """Tokens per iteration (decode rows + prefill slices) when the server is given none.
+    CPU, step and slices in one call (`mixes`): 96. An iteration then costs one pass over the weights plus its
+    rows' arithmetic, so the budget bounds it against a decode step. SmolLM2-135M bfloat16 (AMX), 16 clients,
+    32 requests, 2 quiet cores, two interleaved rounds each, ITL p99/p50 / TTFT p50 ms / output tok/s: 128:
+    3.4x / 179 / 317; 96: 2.9x / 184 / 322; 80: 2.4x / 215 / 323; 64: 2.3x / 317 / 312 (separate calls at 128:
+    4.5x / 177 / 282). Below 96 a ~130-token prompt takes a third slice, and TTFT grows.
+    CPU, separate calls: 128, so a slice of 112 tokens beside 16 decoding rows costs about two decode steps (tiny
+    preset, 2 busy cores: 132 ms for 112 prompt tokens natively, 60 ms per 16-row step). 16 clients, 32
+    requests, interleaved rounds: 64 / 128 / 256 gave ITL p99/p50 2.1 / 2.5-3.2 / 3.9-4.6 and output tokens/s
+    71 / 84-113 / 78 (64 also doubled TTFT p50).
     A GPU runs 2,048 (vLLM's default) in about a decode step's time."""
-    return 128 if torch.device(device).type == "cpu" else 2048
+    if torch.device(device).type != "cpu":
+        return 2048
+    return 96 if mixes else 128
 
 
 class QueueFull(Exception):
@@ -181,15 +189,12 @@ class Scheduler:
 
         self.model = model
         self.max_batch = max_batch
-        # A default leaves the prefill at least as many tokens as max_batch decoding rows take (--max-batch 128).
-        self.max_batched_tokens = max_batched_tokens or max(default_max_batched_tokens(model.device), 2 * max_batch)
-        if self.max_batched_tokens <= max_batch:
-            raise InputError(f"max_batched_tokens ({self.max_batched_tokens}) must be more than max_batch "
+        if max_batched_tokens is not None and max_batched_tokens <= max_batch:
+            raise InputError(f"max_batched_tokens ({max_batched_tokens}) must be more than max_batch "
                              f"({max_batch}): the decoding rows take one token each of it first")
         self.max_model_len = min(max_model_len or model.context_length, model.context_length)
         self.max_waiting = max_waiting
         self.metrics = metrics or ServeMetrics()
-        self.metrics.max_batched_tokens.set(self.max_batched_tokens)
         self.features = FeatureCache(image_cache_bytes)
         self.prefixes = FeatureCache(image_cache_bytes)  # keys tuple -> K and V stacked, (2, L, Hkv, P, D)
         self.kv = None  # CPU: K/V resident only where written, under a budget (kv_memory.py); GPU: dense
@@ -203,6 +208,10 @@ class Scheduler:
             log.info(self.kv.describe())
         self.decoder = Decoder(model.net, max_batch, self.max_model_len, cuda_graph=model._use_cuda_graphs(),
                                cache=None if self.kv is None else self.kv.cache)
+        # A default leaves the prefill at least as many tokens as max_batch decoding rows take (--max-batch 128).
+        self.max_batched_tokens = max_batched_tokens or max(
+            default_max_batched_tokens(model.device, self.decoder.mixes), 2 * max_batch)
+        self.metrics.max_batched_tokens.set(self.max_batched_tokens)
         self.eos = model.tokenizer.eos_token_ids  # any of them ends a row (as generate() ends it)
         self.rows: list[_Row | None] = [None] * max_batch
         self.slot_keys: list[list] = [[] for _ in range(max_batch)]  # the tokens whose K/V each slot holds
