@@ -36,7 +36,10 @@ class CMakeBuild(build_ext):
         if os.environ.get("LLAVA_FAST_BUILD_NATIVE", "1") == "0":
             print("llava-fast: LLAVA_FAST_BUILD_NATIVE=0, not building llava_fast._C")
             return
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        # A fixed folder in the checkout rather than setuptools' temporary one: the README's second install
+        # (`pip install -e ".[test]"`) then rebuilds only what changed (the bindings, whose pybind11 path moves
+        # with pip's isolated build environment) instead of all 13 kernel files again, ~3 min on 2 cores.
+        build_dir = ROOT / "build" / f"native-{sys.implementation.cache_tag}"
         try:
             self._cmake_build(build_dir)
         except (OSError, ImportError, subprocess.CalledProcessError) as err:
@@ -102,9 +105,11 @@ setup(
         # accelerate: transformers' GGUF loading (the oracle); sentencepiece: llama.cpp's convert_hf_to_gguf.py
         # imports it; openai: the pipelines' and server's test client (openai 3.x brings httpx2, the tests use
         # httpx); selenium: the chat page's browser test; torchao: the quantization tests; peft: the LoRA
-        # baseline of `bench train --against transformers` and its test; ruff: the linter CI runs first
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.45", "accelerate", "sentencepiece", "openai>=1.40",
-                 "httpx>=0.27", "selenium>=4.20", "torchao>=0.12", "peft>=0.13", "ruff>=0.6", *SERVE],
+        # baseline of `bench train --against transformers` and its test; ruff: the linter CI runs first;
+        # pytest-xdist: the README's `-n auto --dist loadfile` (a worker per core; a file's tests stay on one worker,
+        # so a module fixture, some of which build and train models, runs once)
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "transformers>=4.45", "accelerate", "sentencepiece",
+                 "openai>=1.40", "httpx>=0.27", "selenium>=4.20", "torchao>=0.12", "peft>=0.13", "ruff>=0.6", *SERVE],
         "quant": ["torchao>=0.12"],
         "bench": ["pytest-benchmark", "nvidia-ml-py", "matplotlib"],
         "hub": ["huggingface_hub"],

@@ -7,6 +7,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (the README's `-n auto`: one worker per core) each worker computes on one thread, and so do
+# the processes it starts (CLI runs, servers, peers), which read OMP_NUM_THREADS: two workers of two threads each
+# on a 2-core machine made every step wait on a preempted thread. A test about threads sets its own count.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 import pytest  # noqa: E402
 
 # Real data this project did not write (tokenizer, LLaVA's images, configs, LLaVA-Bench, the paper's prompts);
