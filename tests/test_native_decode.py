@@ -506,3 +506,63 @@ def test_bfloat16_native_prefill_on_amx():
             assert torch.equal(part.cache.k[:, :, :, :150], whole.cache.k[:, :, :, :150]), split
     finally:
         assert gemv._C.gemv_use_kernels("best")
+
+
+MIXED_DTYPES = [torch.float32] + ([torch.bfloat16] if "avx512_amx" in BF16_TABLES else [])
+
+
+@needs_native_prefill
+@pytest.mark.parametrize("dtype", MIXED_DTYPES)
+def test_mixed_step_rows_get_their_bits_alone(dtype):
+    """The server's iteration as one call (Decoder.mixed_step): 3 decoding rows and 2 prompt slices (one of 130
+    positions after 11 cached ones, so 135 rows split into two chunks mid-slice; one of 5 fresh ones) give each
+    row the bits of its decode step alone and each slice the bits of its prefill alone: logits, K/V and lengths.
+    The row not named keeps its K/V and length. bfloat16 runs on the AMX tiles only (plan.py)."""
+    net = text_net(dtype=dtype, max_position_embeddings=300, hidden_size=128, num_heads=4, num_kv_heads=2,
+                   intermediate_size=160)
+    g = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(0, 301, (n,), generator=g).tolist() for n in (9, 11, 23, 1, 17, 4)]
+    prompts[3] = []  # slot 3 starts empty: its slice is a whole prompt
+    mixed = Decoder(net, 6, 160)
+    assert mixed.mixes
+    mixed.cache.k.normal_(), mixed.cache.v.normal_()  # stale content must never be read
+    for slot, ids in enumerate(prompts):
+        if ids:
+            mixed.prefill_slot(slot, ids)
+    before_k, before_v = mixed.cache.k[:, 5].clone(), mixed.cache.v[:, 5].clone()
+    lengths = mixed.lengths.clone()
+    decoding, tokens = [0, 2, 4], [5, 300, 77]
+    slices = [(slot, torch.randint(0, 301, (n,), generator=g).tolist()) for slot, n in ((1, 130), (3, 5))]
+    embed = net.language_model.embed_tokens.weight
+    step_logits, slice_logits = mixed.mixed_step(decoding, tokens, [
+        (slot, embed[torch.tensor(ids)], int(lengths[slot])) for slot, ids in slices])
+    assert step_logits.shape == (3, 301) and slice_logits.shape == (2, 301) and step_logits.std() > 1e-2
+    for i, slot in enumerate(decoding):
+        alone = Decoder(net, 1, 160)
+        alone.prefill_slot(0, prompts[slot])
+        assert torch.equal(alone.step(torch.tensor([tokens[i]]))[0], step_logits[i]), slot
+        n = len(prompts[slot]) + 1
+        assert torch.equal(alone.cache.k[:, 0, :, :n], mixed.cache.k[:, slot, :, :n]), slot
+        assert int(mixed.lengths[slot]) == n
+    for i, (slot, ids) in enumerate(slices):
+        alone = Decoder(net, 1, 160)
+        if prompts[slot]:
+            alone.prefill_slot(0, prompts[slot])
+        assert torch.equal(alone.prefill_slot(0, ids, start_pos=len(prompts[slot]))[0], slice_logits[i]), slot
+        n = len(prompts[slot]) + len(ids)
+        assert torch.equal(alone.cache.v[:, 0, :, :n], mixed.cache.v[:, slot, :, :n]), slot
+        assert int(mixed.lengths[slot]) == n
+    assert int(mixed.lengths[5]) == int(lengths[5])
+    assert torch.equal(mixed.cache.k[:, 5], before_k) and torch.equal(mixed.cache.v[:, 5], before_v)
+
+
+@needs_native_prefill
+def test_no_mixed_step_with_int4_projections():
+    """int4 projections prefill through their own GEMM (not the GEMV's bits): the decoder does not mix, and the
+    native call refuses rather than give a decode row a prompt row's bits."""
+    net = text_net(hidden_size=128, num_heads=2, num_kv_heads=1, intermediate_size=160, quantize="int4wo-32")
+    dec = Decoder(net, 2, 40)
+    assert dec.plan.prefill == "native" and not dec.mixes
+    with pytest.raises(ValueError, match="int4"):
+        dec.mixed_step([0], [3], [])
+    assert Decoder(text_net(), 2, 40).mixes

@@ -4,6 +4,7 @@ budget, between the decode steps of the rows already running, and every row's gr
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import json
 import threading
@@ -107,8 +108,45 @@ def test_many_clients_with_odd_prompts_match_generate(live, model):
         assert text == model.generate(messages, max_new_tokens=max_tokens)
 
 
+def test_an_iteration_is_one_call_of_the_decoding_rows_and_slices_within_the_budget(live, model):
+    """Where the decoder mixes (the native CPU step), each iteration is one call: the decoding rows, each once,
+    then prompt slices of rows that are not decoding, each continuing where its last slice ended, all within
+    the token budget; and the replies still equal generate() alone."""
+    decoder = live.scheduler.decoder
+    if not decoder.mixes:
+        pytest.skip(f"this decoder does not mix steps and slices ({decoder.plan})")
+    calls, inner = [], decoder.mixed_step
+
+    def record(slots, tokens, slices):
+        rows = live.scheduler.rows  # a slot's row: a request that ends early frees its slot for another
+        calls.append((list(slots), [(id(rows[slot]), x.shape[0], start) for slot, x, start in slices]))
+        return inner(slots, tokens, slices)
+
+    requests = [([user(" ".join(["wave"] * (5 + 31 * i)) + "?")], 6 + 5 * i) for i in range(4)]
+    decoder.mixed_step = record
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda r: _stream(live, *r)[0], requests))
+    finally:
+        del decoder.mixed_step
+    for (messages, max_tokens), text in zip(requests, got):
+        assert text == model.generate(messages, max_new_tokens=max_tokens)
+    ends, count = {}, collections.Counter()  # request's row -> where its last slice ended, and its slices
+    for slots, slices in calls:
+        assert len(set(slots)) == len(slots) and len(slots) + sum(n for _, n, _ in slices) <= BUDGET
+        assert len({row for row, _, _ in slices}) == len(slices)
+        for row, n, start in slices:
+            assert start == ends.get(row, start), (row, start, ends)  # the first starts after a reused prefix
+            ends[row] = start + n
+            count[row] += 1
+    assert len(ends) == 4 and max(count.values()) >= 3  # the longest prompt took several slices
+    assert any(slots and slices for slots, slices in calls)  # slices did ride along with decode steps
+    assert sum(len(slots) for slots, _ in calls) >= sum(t for _, t in requests) - len(requests)
+
+
 def test_budget_must_exceed_the_rows(model):
     with pytest.raises(InputError, match="max_batched_tokens"):
         Scheduler(model, max_batch=8, max_model_len=64, max_batched_tokens=8)
-    assert Scheduler(model, max_batch=8, max_model_len=64).max_batched_tokens == 128  # the CPU default
+    scheduler = Scheduler(model, max_batch=8, max_model_len=64)
+    assert scheduler.max_batched_tokens == (96 if scheduler.decoder.mixes else 128)  # the CPU defaults
     assert Scheduler(model, max_batch=100, max_model_len=64).max_batched_tokens == 200  # room beside 100 rows

@@ -20,7 +20,12 @@ The loop (after vLLM's and Orca's iteration-level scheduling, Yu et al. 2022), o
      most one budget's worth of prefill. The vision tower is not split (one image's tower is one piece of work):
      it runs in an iteration with no other prefill slice; a request's missing images, all their tiles, go
      through it as one batch.
-  3. step: one decode step for rows [0, highest decoding slot] together; each row samples its own next token.
+  3. step: one decode step of the decoding rows; each row samples its own next token. With the native CPU step
+     (Decoder.mixes) the step and the slices of 2. are one call over all their rows, reading the weights once:
+     a slice then costs the decoding rows its own arithmetic, not a second pass over the weights (SmolLM2-135M
+     bfloat16, 2 cores, 16 clients: output tokens/s ~65 -> ~110, ITL p99/p50 3.8-5.9x -> 2.3-2.6x, loaded
+     host), and a row whose last slice went in samples its first token from that call and decodes from the next.
+     Elsewhere the slices are prefilled first, then rows [0, highest decoding slot] are stepped together.
   4. a row that ends (EOS, stop string, max_tokens) or is cancelled (client gone) frees its slot at once.
 Rows never pad each other: each row attends only to its own positions (see generate.py), so a row's greedy
 output equals `generate()` of the same request alone, whatever else shares the batch and however its prompt
@@ -41,9 +46,9 @@ Two caches save work for repeated images:
     leave no spare rows to keep prefixes in): it is copied into the new row like a row's prefix.
 Each admission batch is queued for prefill cheapest first (tokens left after the reused prefix, plus the vision
 tower's work for images the feature cache lacks), so a repeated image does not wait behind a new one.
-Rows inside the stepped range that are not decoding (free, or prefilling) are parked: their length is reset
-after each step to the end of what their slot holds, so the step's write lands on a position no cached prefix
-holds (a prefilling row's next slice overwrites it).
+Without mixing, rows inside the stepped range that are not decoding (free, or prefilling) are parked: their
+length is reset after each step to the end of what their slot holds, so the step's write lands on a position no
+cached prefix holds (a prefilling row's next slice overwrites it).
 """
 
 from __future__ import annotations
@@ -72,13 +77,21 @@ from llava_fast.serve.kv_memory import KVMemory, default_kv_cache_memory
 log = logging.getLogger("llava_fast.serve")
 
 
-def default_max_batched_tokens(device) -> int:
-    """Tokens per iteration (decode rows + prefill slices) when the server is given none. CPU: 128, so a slice
-    of 112 tokens beside 16 decoding rows costs about two decode steps (tiny preset, 2 busy cores: 132 ms for 112
-    prompt tokens natively, 60 ms per 16-row step). 16 clients, 32 requests, interleaved rounds: 64 / 128 / 256
-    gave ITL p99/p50 2.1 / 2.5-3.2 / 3.9-4.6 and output tokens/s 71 / 84-113 / 78 (64 also doubled TTFT p50).
+def default_max_batched_tokens(device, mixes=False) -> int:
+    """Tokens per iteration (decode rows + prefill slices) when the server is given none.
+    CPU, step and slices in one call (`mixes`): 96. An iteration then costs one pass over the weights plus its
+    rows' arithmetic, so the budget bounds it against a decode step. SmolLM2-135M bfloat16 (AMX), 16 clients,
+    32 requests, 2 quiet cores, two interleaved rounds each, ITL p99/p50 / TTFT p50 ms / output tok/s: 128:
+    3.4x / 179 / 317; 96: 2.9x / 184 / 322; 80: 2.4x / 215 / 323; 64: 2.3x / 317 / 312 (separate calls at 128:
+    4.5x / 177 / 282). Below 96 a ~130-token prompt takes a third slice, and TTFT grows.
+    CPU, separate calls: 128, so a slice of 112 tokens beside 16 decoding rows costs about two decode steps (tiny
+    preset, 2 busy cores: 132 ms for 112 prompt tokens natively, 60 ms per 16-row step). 16 clients, 32
+    requests, interleaved rounds: 64 / 128 / 256 gave ITL p99/p50 2.1 / 2.5-3.2 / 3.9-4.6 and output tokens/s
+    71 / 84-113 / 78 (64 also doubled TTFT p50).
     A GPU runs 2,048 (vLLM's default) in about a decode step's time."""
-    return 128 if torch.device(device).type == "cpu" else 2048
+    if torch.device(device).type != "cpu":
+        return 2048
+    return 96 if mixes else 128
 
 
 class QueueFull(Exception):
@@ -176,15 +189,12 @@ class Scheduler:
 
         self.model = model
         self.max_batch = max_batch
-        # A default leaves the prefill at least as many tokens as max_batch decoding rows take (--max-batch 128).
-        self.max_batched_tokens = max_batched_tokens or max(default_max_batched_tokens(model.device), 2 * max_batch)
-        if self.max_batched_tokens <= max_batch:
-            raise InputError(f"max_batched_tokens ({self.max_batched_tokens}) must be more than max_batch "
+        if max_batched_tokens is not None and max_batched_tokens <= max_batch:
+            raise InputError(f"max_batched_tokens ({max_batched_tokens}) must be more than max_batch "
                              f"({max_batch}): the decoding rows take one token each of it first")
         self.max_model_len = min(max_model_len or model.context_length, model.context_length)
         self.max_waiting = max_waiting
         self.metrics = metrics or ServeMetrics()
-        self.metrics.max_batched_tokens.set(self.max_batched_tokens)
         self.features = FeatureCache(image_cache_bytes)
         self.prefixes = FeatureCache(image_cache_bytes)  # keys tuple -> K and V stacked, (2, L, Hkv, P, D)
         self.kv = None  # CPU: K/V resident only where written, under a budget (kv_memory.py); GPU: dense
@@ -198,6 +208,10 @@ class Scheduler:
             log.info(self.kv.describe())
         self.decoder = Decoder(model.net, max_batch, self.max_model_len, cuda_graph=model._use_cuda_graphs(),
                                cache=None if self.kv is None else self.kv.cache)
+        # A default leaves the prefill at least as many tokens as max_batch decoding rows take (--max-batch 128).
+        self.max_batched_tokens = max_batched_tokens or max(
+            default_max_batched_tokens(model.device, self.decoder.mixes), 2 * max_batch)
+        self.metrics.max_batched_tokens.set(self.max_batched_tokens)
         self.eos = model.tokenizer.eos_token_ids  # any of them ends a row (as generate() ends it)
         self.rows: list[_Row | None] = [None] * max_batch
         self.slot_keys: list[list] = [[] for _ in range(max_batch)]  # the tokens whose K/V each slot holds
@@ -282,9 +296,7 @@ class Scheduler:
                             break
                         admitted.add(id(req))
                     self._drop_cancelled()
-                    self._prefill_chunks()
-                    if any(row is not None and row.decoding for row in self.rows):
-                        self._step()
+                    self._iterate()
                 except Exception:  # a bug outside the model calls: fail the rows in flight, keep serving
                     log.exception("scheduler iteration failed")
                     in_rows = {id(row.req) for row in self.rows if row is not None}
@@ -460,15 +472,31 @@ class Scheduler:
         m.kv_cache_live_tokens.set(sum(len(r.keys) + len(r.generated) - 1 if r.decoding else r.position
                                        for r in self.rows if r is not None))
 
-    def _prefill_chunks(self):
-        """Spend what the decoding rows leave of this iteration's token budget on the prefilling rows, in
-        admission order; a row whose whole prompt is in samples its first token and starts decoding."""
+    def _iterate(self):
+        """One iteration's model work: the prefill slices the token budget leaves room for, and one decode step
+        of the decoding rows. Where the decoder mixes them (the native CPU step), both go in one call, so the
+        weights are read once: a slice then delays the decoding rows by its own arithmetic only, not by a
+        second pass over the weights (SmolLM2-135M bfloat16, 2 cores: a pass ~60 ms at any row count)."""
+        slices = self._plan_slices()
+        if self.decoder.mixes:
+            self._mixed(slices)
+            return
+        for row, n in slices:
+            self._prefill_slice(row, n)
+        if any(row is not None and row.decoding for row in self.rows):
+            self._step()
+
+    def _plan_slices(self):
+        """[(row, tokens)]: what the decoding rows leave of this iteration's token budget, given to the
+        prefilling rows in admission order. A row's images go through the vision tower (and its prompt through
+        the embedding) here, before its first slice; a row whose embedding fails ends with an error."""
         decoding = sum(1 for row in self.rows if row is not None and row.decoding)
         left = full = self.max_batched_tokens - decoding
+        slices = []
         for row in list(self.prefilling):
             if left <= 0:
                 break
-            req, slot = row.req, row.slot
+            req = row.req
             if row.embeddings is None and left < full and any(
                     self.features.entries.get(k) is None for k in req.image_keys[row.first_image:]):
                 continue  # the vision tower is not split: it runs in an iteration with no other slice
@@ -485,32 +513,78 @@ class Scheduler:
                     left -= towered
                     if left <= 0:
                         break
-                n = min(left, len(req.ids) - row.position)
-                x = row.embeddings[row.position - row.start: row.position - row.start + n]
-                clock = self.metrics.stage_clock(req, self.model.device)
-                logits = self.decoder.prefill_embeddings(slot, x, row.position)
-                clock("prefill")
             except Exception:
                 log.exception("prefill failed")
-                self.prefilling.remove(row)
-                self.parked[slot] = self.decoder.lengths[slot] = 0
-                self._end(row, error="internal error")
+                self._fail_prefill(row)
                 continue
+            n = min(left, len(req.ids) - row.position)
+            slices.append((row, n))
             left -= n
-            row.position += n
-            self.parked[slot] = row.position
-            # The positions in so far are final: a request with the same system prompt + image arriving now
-            # copies them from here instead of prefilling them again.
-            self.slot_keys[slot] = row.keys[:row.position]
-            self.metrics.prefill_chunks.inc()
-            if row.position < len(req.ids):
-                continue
-            self.prefilling.remove(row)
-            row.embeddings, row.decoding = None, True
-            self.slot_keys[slot] = row.keys
-            self._keep_prefix(slot, row.keys)
-            self.active[slot] = True
-            self._push(row, logits[0])
+        return slices
+
+    def _slice_embeddings(self, row, n):
+        return row.embeddings[row.position - row.start: row.position - row.start + n]  # (n, C)
+
+    def _fail_prefill(self, row):
+        self.prefilling.remove(row)
+        self.parked[row.slot] = self.decoder.lengths[row.slot] = 0
+        self._end(row, error="internal error")
+
+    def _prefill_slice(self, row, n):
+        """Prefill row's next n prompt positions on their own (the decoder does not mix them into the step)."""
+        try:
+            clock = self.metrics.stage_clock(row.req, self.model.device)
+            logits = self.decoder.prefill_embeddings(row.slot, self._slice_embeddings(row, n), row.position)
+            clock("prefill")
+        except Exception:
+            log.exception("prefill failed")
+            self._fail_prefill(row)
+            return
+        self._slice_done(row, n, logits[0])
+
+    def _slice_done(self, row, n, logits):
+        """Row's next n prompt positions are in its slot; logits (V,): its last position's. A row whose whole
+        prompt is in samples its first token and decodes from now on."""
+        req, slot = row.req, row.slot
+        row.position += n
+        self.parked[slot] = row.position
+        # The positions in so far are final: a request with the same system prompt + image arriving now
+        # copies them from here instead of prefilling them again.
+        self.slot_keys[slot] = row.keys[:row.position]
+        self.metrics.prefill_chunks.inc()
+        if row.position < len(req.ids):
+            return
+        self.prefilling.remove(row)
+        row.embeddings, row.decoding = None, True
+        self.slot_keys[slot] = row.keys
+        self._keep_prefix(slot, row.keys)
+        self.active[slot] = True
+        self._push(row, logits)
+
+    def _mixed(self, slices):
+        """The decode step of every decoding row and this iteration's prompt slices in one native call
+        (Decoder.mixed_step): only the decoding rows are stepped (no parked rows). A row whose slice completes
+        its prompt samples its first token from this call and joins the next step."""
+        decoding = [r for r in self.rows if r is not None and r.decoding]
+        if not decoding and not slices:
+            return
+        work = [(row.slot, self._slice_embeddings(row, n), row.position) for row, n in slices]
+        try:
+            started = time.perf_counter()
+            step_logits, slice_logits = self.decoder.mixed_step([r.slot for r in decoding],
+                                                                [r.generated[-1] for r in decoding], work)
+            spent = time.perf_counter() - started
+        except Exception:
+            log.exception("decode step failed")
+            for r in decoding + [row for row, _ in slices]:
+                self._end(r, error="internal error", keep_cache=False)
+            return
+        for (row, n), logits in zip(slices, slice_logits):
+            row.req.stage_seconds["prefill"] = row.req.stage_seconds.get("prefill", 0.0) + spent
+            self._slice_done(row, n, logits)
+        greedy = step_logits.argmax(dim=-1).tolist()
+        for i, r in enumerate(decoding):
+            self._push(r, step_logits[i], greedy[i])
 
     def _step(self):
         hi = max(s for s, r in enumerate(self.rows) if r is not None and r.decoding) + 1
