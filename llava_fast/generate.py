@@ -234,7 +234,7 @@ class Decoder:
 
     @property
     def mixes(self) -> bool:
-        """Whether `mixed_step` runs: the native step prefills too, and no int4 projection needs its own GEMM."""
+        """Whether `mixed_step` runs: the native step prefills too, and no int4 or int8 projection has its own GEMM."""
         return self.native is not None and self.plan.prefill == "native" and not self.native.prompt_gemm
 
     @torch.inference_mode()

@@ -111,8 +111,9 @@ class NativeDecodeStep:
             emb.shape[0], cos.shape[0], float(t.rms_norm_eps), _DTYPES[self.dtype], emb.data_ptr(),
             net.language_model.norm.weight.data_ptr(), cos.data_ptr(), sin.data_ptr(), lm_head)
         self.model.sliding_window = t.sliding_window or 0
-        # int4 projections run a prompt's rows through their own GEMM (gemm_q4.cpp), whose bits are not the
-        # GEMV's: then a call cannot carry a decode step's rows and a prompt's rows together (`mixed`).
+        # int4 and int8 projections run a prompt's rows through their own GEMMs (gemm_q4.cpp, gemm_q8.cpp), whose
+        # bits are not the GEMV's: then a call cannot carry a decode step's rows and a prompt's rows together
+        # (`mixed`).
         self.prompt_gemm = False
         for layer in net.language_model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -120,7 +121,7 @@ class NativeDecodeStep:
             for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
                 desc, keep = _linear(lin, self.dtype)
                 linears.append(desc)
-                self.prompt_gemm = self.prompt_gemm or desc[1] == gemv.Q4
+                self.prompt_gemm = self.prompt_gemm or desc[1] in (gemv.Q4, gemv.Q8)
                 self._keep += keep
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             self._keep += norms
@@ -174,9 +175,10 @@ class NativeDecodeStep:
         once for both instead of once per call (SmolLM2-135M bfloat16, AMX, 2 loaded cores: 15 decode rows + a
         32-token slice 89-118 ms, against 131-184 ms as a step and a prefill). A row's bits are those of the same row in
         `__call__` or `prefill` (the GEMVs' and the AMX tiles' sums per row do not depend on the other rows, and
-        attention runs per query: csrc/decode.h), except with int4 projections (`prompt_gemm`), which refuse."""
+        attention runs per query: csrc/decode.h), except with int4 or int8 projections (`prompt_gemm`), which
+        refuse."""
         if self.prompt_gemm:
-            raise ValueError("int4 projections run a prompt's rows through their own GEMM: no mixed calls")
+            raise ValueError("int4 and int8 projections run a prompt's rows through their own GEMMs: no mixed calls")
         if logit_rows.shape[0] < 1:  # the native call reads an empty list (a null pointer) as every row
             raise ValueError("mixed: logit_rows is empty; name at least one row")
         R = embeds.shape[0]
