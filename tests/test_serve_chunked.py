@@ -4,7 +4,6 @@ budget, between the decode steps of the rows already running, and every row's gr
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import json
 import threading
@@ -131,15 +130,17 @@ def test_an_iteration_is_one_call_of_the_decoding_rows_and_slices_within_the_bud
         del decoder.mixed_step
     for (messages, max_tokens), text in zip(requests, got):
         assert text == model.generate(messages, max_new_tokens=max_tokens)
-    ends, count = {}, collections.Counter()  # request's row -> where its last slice ended, and its slices
+    ends = {}  # request's row -> where its last slice ended
     for slots, slices in calls:
         assert len(set(slots)) == len(slots) and len(slots) + sum(n for _, n, _ in slices) <= BUDGET
         assert len({row for row, _, _ in slices}) == len(slices)
         for row, n, start in slices:
             assert start == ends.get(row, start), (row, start, ends)  # the first starts after a reused prefix
             ends[row] = start + n
-            count[row] += 1
-    assert len(ends) == 4 and max(count.values()) >= 3  # the longest prompt took several slices
+    # Every request prefilled through the mixed call. How many slices each took depends on the prefix it reused
+    # (the prompts share their first words) and so on which request the threads' timing admitted first; a prompt
+    # entering in several slices is test_image_prompt_enters_in_slices_while_others_decode's check.
+    assert len(ends) == 4
     assert any(slots and slices for slots, slices in calls)  # slices did ride along with decode steps
     assert sum(len(slots) for slots, _ in calls) >= sum(t for _, t in requests) - len(requests)
 
