@@ -199,18 +199,22 @@ def gemv(x, layer: GemvLinear, threads=None):
     return y.view(*x.shape[:-1], N)
 
 
+def _prefill_gemm_operands(name, x, layer, fmt, fmt_name):
+    """The checks both prefill GEMM entries make -> (x contiguous, an empty (M, N) float32 output)."""
+    if (not isinstance(x, torch.Tensor) or not isinstance(layer, GemvLinear) or layer.format != fmt
+            or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != layer.in_features
+            or x.shape[0] == 0):
+        raise ValueError(f"{name}: x must be a float32 CPU tensor (M, K), M >= 1, and the layer an {fmt_name} "
+                         "GemvLinear with K input features")
+    return x.contiguous(), torch.empty(x.shape[0], layer.out_features, dtype=torch.float32)
+
+
 def gemm_q4(x, layer: GemvLinear, threads=None):
     """x (M, K) float32 on the CPU @ an int4 layer's weight^T -> (M, N) float32 through the prefill GEMM
     (csrc/gemm_q4.cpp): `reference`'s numbers, in an order of its own (not the GEMV's bits), the same bits for
     a row whatever the other rows. The native prefill runs it; this entry is for tests and benchmarks."""
-    if (not isinstance(x, torch.Tensor) or not isinstance(layer, GemvLinear) or layer.format != Q4
-            or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != layer.in_features
-            or x.shape[0] == 0):
-        raise ValueError("gemm_q4: x must be a float32 CPU tensor (M, K), M >= 1, and the layer an int4 GemvLinear "
-                         "with K input features")
-    x = x.contiguous()
-    M, N = x.shape[0], layer.out_features
-    y = torch.empty(M, N, dtype=torch.float32)
+    x, y = _prefill_gemm_operands("gemm_q4", x, layer, Q4, "int4")
+    M, N = y.shape
     _C.gemm_q4(x.data_ptr(), M, x.stride(0), layer.weight.data_ptr(), N, layer.in_features, layer.group,
                layer.scale.data_ptr(), layer.minimum.data_ptr(), y.data_ptr(), N,
                threads or layer.threads)
@@ -222,14 +226,8 @@ def gemm_q8(x, layer: GemvLinear, threads=None):
     (csrc/gemm_q8.cpp): `reference`'s numbers, in an order of its own (not the GEMV's bits), the same bits for
     a row whatever the other rows, the thread count or the kernel table. The native prefill runs it; this entry
     is for tests and benchmarks."""
-    if (not isinstance(x, torch.Tensor) or not isinstance(layer, GemvLinear) or layer.format != Q8
-            or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != layer.in_features
-            or x.shape[0] == 0):
-        raise ValueError("gemm_q8: x must be a float32 CPU tensor (M, K), M >= 1, and the layer an int8 GemvLinear "
-                         "with K input features")
-    x = x.contiguous()
-    M, N = x.shape[0], layer.out_features
-    y = torch.empty(M, N, dtype=torch.float32)
+    x, y = _prefill_gemm_operands("gemm_q8", x, layer, Q8, "int8")
+    M, N = y.shape
     _C.gemm_q8(x.data_ptr(), M, x.stride(0), layer.weight.data_ptr(), N, layer.in_features, layer.scale.data_ptr(),
                y.data_ptr(), N, threads or layer.threads)
     return y
