@@ -211,6 +211,10 @@ def _bad_inputs(live):
     ok = [user("Hi")]
     return [
         ("malformed JSON", b'{"messages": [', None, "not valid JSON"),
+        ("not UTF-8", b'{"messages": [{"role": "user", "content": "\xff"}]}', None, "not valid JSON: it is not UTF-8"),
+        ("nested too deeply", b'{"messages": ' + b"[" * 100000 + b"]" * 100000 + b"}", None, "nests too deeply"),
+        ("unpaired surrogate", b'{"messages": [{"role": "user", "content": "\\ud800 hi"}]}', None,
+         "lone UTF-16 surrogate U+D800"),
         ("missing messages", {"model": "tiny"}, "messages", "messages"),
         ("wrong content type", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content",
          "must be a string or a non-empty array of content parts"),

@@ -91,6 +91,17 @@ def test_encode_pinned_ids(tok):
     assert tok.encode("a</s>USER", add_bos=False) == [263, 2, 11889]
 
 
+def test_text_that_is_not_valid_unicode_is_an_input_error(tok):
+    """A byte that is not UTF-8 on the command line or stdin reaches Python as a lone surrogate (surrogateescape),
+    as does JSON's unpaired "\\ud800"; tokenizers raised a bare TypeError on both (a traceback, an HTTP 500)."""
+    for encode in (lambda t: tok.encode(t), lambda t: tok.encode_with_images(t, 32000)):
+        with pytest.raises(InputError, match=r"not valid UTF-8: byte 0xff after 'Describe ' \(as read from"):
+            encode("Describe \udcff the image")
+        with pytest.raises(InputError, match="lone UTF-16 surrogate U[+]D800 at the start"):
+            encode("\ud800<image> x")
+    assert tok.encode("é\U0001F600", add_bos=False) == [904, 243, 162, 155, 131]  # a valid pair (😀) still encodes
+
+
 def test_encode_and_decode_match_transformers(tok, hf_tok, corpus):
     for text in corpus:
         ids = tok.encode(text)

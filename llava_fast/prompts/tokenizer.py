@@ -175,7 +175,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text`. Added tokens written in the text ("</s>", llava-hf's "<image>") become their ids."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        ids = self.backend.encode(_unicode_text(text), add_special_tokens=False).ids
         return [self.bos_token_id] + ids if add_bos and self.add_bos_token else ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
@@ -194,7 +194,7 @@ class Tokenizer:
         `tokenizer_image_token` builds them: each chunk between markers is tokenized on its own (so each gets
         the dummy-prefix "▁"), BOS only at the start. Works whether or not "<image>" is in the vocabulary."""
         ids = [self.bos_token_id] if add_bos and self.add_bos_token else []
-        for index, chunk in enumerate(text.split(IMAGE_MARKER)):
+        for index, chunk in enumerate(_unicode_text(text).split(IMAGE_MARKER)):
             if index > 0:
                 ids.append(image_token_id)
             if chunk:
@@ -294,6 +294,27 @@ class StreamDecoder:
 # -------------------------------------------------------------------------------------------------------
 # Checkpoint files
 # -------------------------------------------------------------------------------------------------------
+
+
+def _unicode_text(text: str) -> str:
+    """`text` if it is valid Unicode, else InputError naming the first bad character. A lone UTF-16 surrogate
+    cannot be tokenized (tokenizers raised a bare TypeError): Python puts one in a str for each byte that is not
+    UTF-8 in a command-line argument or piped stdin (U+DC80..U+DCFF, its surrogateescape), and JSON's "\\ud800"
+    escape without its pair decodes to one."""
+    if text.isascii():  # the common case, without the encode below
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        # Where: the characters before it (an offset would count the chat template's text too).
+        where = f"after {text[max(0, e.start - 24):e.start]!r}" if e.start else "at the start"
+        if 0xDC80 <= code <= 0xDCFF:
+            raise InputError(f"the text is not valid UTF-8: byte 0x{code - 0xDC00:02x} {where} (as read from the "
+                             "command line, a file or stdin); give UTF-8 text") from None
+        raise InputError(f"the text holds a lone UTF-16 surrogate U+{code:04X} {where} (half of a pair, e.g. a "
+                         "JSON \\u escape without its partner); give valid Unicode text") from None
+    return text
 
 
 def _read_json_if_present(path):

@@ -218,7 +218,12 @@ def create_app(model, config: ServeConfig | None = None, scheduler: Scheduler | 
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, err):
-        return JSONResponse(error_body(str(err.detail), "not_found_error" if err.status_code == 404 else
+        message = str(err.detail)
+        if err.status_code == 400 and message == "There was an error parsing the body":
+            # FastAPI's words when the JSON decoder fails with something other than a syntax error: bytes that
+            # are not UTF-8 (UnicodeDecodeError) or nesting past Python's recursion limit (RecursionError).
+            message = "the request body is not valid JSON: it is not UTF-8 text, or it nests too deeply"
+        return JSONResponse(error_body(message, "not_found_error" if err.status_code == 404 else
                                        "invalid_request_error"), err.status_code)
 
     @app.exception_handler(Exception)
