@@ -229,6 +229,7 @@ class LlavaModel:
                    else type(pixel_values).__name__)
             raise InputError(f"pixel_values must be a float tensor of shape (N, 3, {size}, {size}) (see "
                              f"model.pixel_values), got {got}")
+        _check_finite_pixels(pixel_values)
         return int(pixel_values.shape[0])
 
     def _anyres_inputs(self, pixel_values, image_sizes):
@@ -254,6 +255,7 @@ class LlavaModel:
                    else type(pixel_values).__name__)
             raise InputError(f"pixel_values must be a float tensor of shape (N, tiles, 3, {size}, {size}) or "
                              f"(tiles, 3, {size}, {size}), got {got}")
+        _check_finite_pixels(pixel_values)
         if pixel_values.dim() == 5:
             if len(pixel_values) != len(sizes) or pixel_values.shape[1] < max(counts):
                 raise InputError(f"pixel_values {tuple(pixel_values.shape)} do not hold {len(sizes)} images of "
@@ -394,7 +396,7 @@ class LlavaModel:
             if isinstance(images, (str, os.PathLike)) or len(images) != len(prompt_list):
                 raise InputError(f"{len(prompt_list)} prompts need a list of {len(prompt_list)} image entries "
                                  "(each None, one image, or a list of images)")
-            image_lists = [_as_image_list(x) for x in images]
+            image_lists = [_as_image_list(x, f"images[{i}]") for i, x in enumerate(images)]
         if self.config.anyres:  # each image's token count depends on its size: decode them now, once
             image_lists = [[load_image(im) for im in ims] for ims in image_lists]
         rows = [self.encode_prompt(p, len(ims), template=template, system=system, image_sizes=_sizes(ims))
@@ -613,6 +615,16 @@ class ChatSession:
         self.messages = messages + [("assistant", reply)]
 
 
+def _check_finite_pixels(pixel_values):
+    """A NaN or inf pixel spreads through the tower's attention to every image feature and then to every logit:
+    the model answered with NaN logits (token 0 over and over) and no word of why. Images read from files are
+    always finite; tensors a caller builds may not be."""
+    bad = int((~torch.isfinite(pixel_values)).sum())
+    if bad:
+        raise InputError(f"pixel_values hold {count(bad, 'non-finite value')} (NaN or inf) of "
+                         f"{pixel_values.numel():,}: pass finite numbers (model.pixel_values(images) gives them)")
+
+
 def _sizes(images):
     """(height, width) of decoded images (LlavaModel._prepare decodes LLaVA-NeXT's), else None."""
     if images and all(hasattr(im, "height") and hasattr(im, "width") for im in images):
@@ -620,9 +632,15 @@ def _sizes(images):
     return None
 
 
-def _as_image_list(images):
+def _as_image_list(images, name="images"):
+    """One prompt's images (None, an image, or a flat list of them) -> a list. A list inside the list is refused
+    by name: counted as one image, `generate("<image> and <image>", [[a, b]])` said "1 image was given"."""
     if images is None:
         return []
     if isinstance(images, (list, tuple)):
+        nested = next((i for i, im in enumerate(images) if isinstance(im, (list, tuple))), None)
+        if nested is not None:
+            raise InputError(f"{name}[{nested}] is a list of {len(images[nested])}: one prompt's images are None, "
+                             f"an image or a flat list of images; one list per prompt goes with a list of prompts")
         return list(images)
     return [images]

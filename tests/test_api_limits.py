@@ -9,6 +9,7 @@ checkpoints with a 64-position context so a whole-context forward takes millisec
 import math
 
 import checkpoints as ck
+import PIL.Image
 import pytest
 import torch
 from checkpoints import DEVICE
@@ -220,6 +221,29 @@ def test_bad_prompts_rows_and_pixels(hf_and_model):
     with pytest.raises(InputError, match="eos_token_id must be"):
         model.generate_ids([[1, 2]], max_new_tokens=2, eos_token_id="eos")
     assert model.logits(torch.tensor([1, 15043])).shape == (1, 2, 32064)  # one row as a 1-D tensor
+
+
+def test_non_finite_pixels_and_nested_image_lists_are_refused(hf_and_model):
+    """NaN pixels gave NaN logits (token 0 over and over) without a word; a list inside one prompt's image list
+    was counted as one image ("1 image was given")."""
+    _, model = hf_and_model
+    size = model.config.vision.image_size
+    ids = [1] + [model.image_token_id] * model.num_image_tokens + [15043]
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(model.logits([ids, ids], pixels)).all()  # finite pixels: the same call runs
+    for value in (math.nan, math.inf, -math.inf):
+        bad = pixels.clone()
+        bad[1, 2, size - 1, 0] = value
+        with pytest.raises(InputError, match=r"pixel_values hold 1 non-finite value \(NaN or inf\) of "):
+            model.logits([ids, ids], bad)
+        with pytest.raises(InputError, match="non-finite"):
+            model.generate_ids([ids, ids], bad, max_new_tokens=2)
+    image = PIL.Image.new("RGB", (20, 30), (200, 10, 90))
+    with pytest.raises(InputError, match=r"images\[0\] is a list of 2: one prompt's images are None, an image or a "
+                       "flat list"):
+        model.generate("<image> and <image>", [[image, image]], max_new_tokens=2)
+    with pytest.raises(InputError, match=r"images\[1\]\[0\] is a list of 3"):
+        model.generate(["Hi", "<image> <image> <image>"], [None, [(image, image, image)]], max_new_tokens=2)
 
 
 def test_bad_load_arguments(tmp_path):
