@@ -299,7 +299,8 @@ def _add_serve_args(s):
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint's directory name)")
     s.add_argument("--max-batch", type=int, default=16, help="KV-cache rows: requests decoding together")
-    s.add_argument("--max-model-len", type=int, help="tokens per row, prompt + reply (default: the context length)")
+    s.add_argument("--max-model-len", type=int, help="tokens per row, prompt + reply (default and most: the model's "
+                   "context length)")
     s.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
     s.add_argument("--image-cache-mb", type=float, default=256.0,
                    help="memory for cached image features, and as much again for kept image-prefix K/V")

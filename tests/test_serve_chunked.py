@@ -145,6 +145,15 @@ def test_an_iteration_is_one_call_of_the_decoding_rows_and_slices_within_the_bud
     assert sum(len(slots) for slots, _ in calls) >= sum(t for _, t in requests) - len(requests)
 
 
+def test_max_model_len_past_the_context_is_refused(model):
+    """It was capped to the context length without a word (the operator believed in a longer context)."""
+    for bad in (model.context_length + 1, 0, -5):
+        with pytest.raises(InputError, match=f"from 1 to the model's context length of 2048 tokens, got {bad}$"):
+            Scheduler(model, max_batch=2, max_model_len=bad)
+    assert Scheduler(model, max_batch=2, max_model_len=model.context_length).max_model_len == 2048
+    assert Scheduler(model, max_batch=2).max_model_len == 2048
+
+
 def test_budget_must_exceed_the_rows(model):
     with pytest.raises(InputError, match="max_batched_tokens"):
         Scheduler(model, max_batch=8, max_model_len=64, max_batched_tokens=8)

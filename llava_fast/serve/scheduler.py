@@ -192,7 +192,12 @@ class Scheduler:
         if max_batched_tokens is not None and max_batched_tokens <= max_batch:
             raise InputError(f"max_batched_tokens ({max_batched_tokens}) must be more than max_batch "
                              f"({max_batch}): the decoding rows take one token each of it first")
-        self.max_model_len = min(max_model_len or model.context_length, model.context_length)
+        if max_model_len is not None and not 1 <= max_model_len <= model.context_length:
+            # Refused, as vLLM refuses it, rather than capped without a word: the operator asked for a context the
+            # model was not trained for (its positions end at max_position_embeddings).
+            raise InputError(f"max_model_len (--max-model-len) must be from 1 to the model's context length of "
+                             f"{model.context_length} tokens, got {max_model_len}")
+        self.max_model_len = max_model_len or model.context_length
         self.max_waiting = max_waiting
         self.metrics = metrics or ServeMetrics()
         self.features = FeatureCache(image_cache_bytes)
