@@ -82,6 +82,27 @@ def _names(choices):
     return parse
 
 
+def _isa_tables(text):
+    """Comma-separated CPU kernel tables, each switched to and back here: an unknown name, or one this CPU or build
+    cannot run, is one line before any model loads (it was a traceback when the benchmark reached it)."""
+    try:
+        from llava_fast import _C
+    except ImportError:
+        raise argparse.ArgumentTypeError("needs the native extension llava_fast._C, which is not built") from None
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected kernel table names, got {text!r}")
+    in_use = _C.cpu_isa_variant()
+    try:
+        for name in names:
+            _C.use_cpu_isa(name)
+    except ValueError as err:  # the extension's message names the table and the ones there are
+        raise argparse.ArgumentTypeError(str(err)) from None
+    finally:
+        _C.use_cpu_isa(in_use)
+    return names
+
+
 def _positive_int(text):
     try:
         v = int(text)
@@ -184,7 +205,7 @@ def build_parser():
     r.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp (skipped anyway when "
                    "llama_cpp is not importable)")
     r.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
-    r.add_argument("--isa", type=lambda s: [x for x in s.split(",") if x], default=None,
+    r.add_argument("--isa", type=_isa_tables, default=None,
                    help="CPU kernel tables to run side by side, comma-separated (avx512, avx2, scalar, or a variant "
                    "such as avx2_maddubs), each an engine of its own; default: the one in use")
     r.add_argument("--json", help="result file (default: bench-results/real-<model>-<device>-<time>.json)")
@@ -200,7 +221,7 @@ def build_parser():
                     "GEMV serves M <= 8)")
     gv.add_argument("--repeats", type=_positive_int, default=5, help="interleaved rounds (median reported)")
     gv.add_argument("--threads", type=_positive_int, default=2, help="threads of both implementations (default 2)")
-    gv.add_argument("--isa", type=lambda s: [x for x in s.split(",") if x], default=None,
+    gv.add_argument("--isa", type=_isa_tables, default=None,
                     help="CPU kernel tables to run side by side, comma-separated (avx512, avx2, scalar, or a variant "
                     "such as avx2_maddubs; default: the one in use)")
     gv.add_argument("--json", help="result file (default: bench-results/gemv-<model>-<device>-<time>.json)")

@@ -102,10 +102,14 @@ def _context_length(args):
     return None  # a hub id: its config comes with the download
 
 
-def _check_gguf_vision(args, image):
+def _check_vision_flags(args, image):
     """--mmproj belongs to a GGUF text model, and a GGUF text model without one takes no image: both known from
-    the command line alone, before the load."""
+    the command line alone, before the load. --vision-tower belongs to a checkpoint (the preset was built without
+    reading it)."""
     path = _model_path(args)
+    if args.vision_tower is not None and not path:
+        raise LlavaFastError(f"--vision-tower goes with an original-LLaVA --model checkpoint, not the built-in "
+                             f"preset {args.preset!r}")
     gguf = bool(path) and path.endswith(".gguf")
     if args.mmproj is not None:
         if not gguf:
@@ -132,7 +136,7 @@ def _check_before_loading(args, image):
     _apply_image_limit(args)
     if args.max_new_tokens < 1:
         raise LlavaFastError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    _check_gguf_vision(args, image)
+    _check_vision_flags(args, image)
     Sampling(args.temperature, args.top_p, args.top_k, args.seed)
     if args.template is not None:
         get_template(args.template)
@@ -195,6 +199,7 @@ def cmd_chat(args):
     model = _load(args)
     session = model.chat(image, **_sampling(args))
     interactive = sys.stdin.isatty()
+    refused = False
     while True:
         if interactive:
             sys.stdout.write("USER: ")
@@ -207,14 +212,22 @@ def cmd_chat(args):
             continue
         if text in ("exit", "quit", "/exit"):
             break
+        try:  # a turn is checked when its stream starts, before anything is printed
+            reply = session.stream(text)
+        except LlavaFastError as e:
+            # That turn is refused and the conversation goes on as it was: ending the chat here lost every turn
+            # before it. The exit code still says a turn was refused.
+            print(f"llava-fast: error: {' '.join(str(e).split())}", file=sys.stderr)
+            refused = True
+            continue
         # Streamed as generate streams: a long reply shows as it comes, and Ctrl-C keeps what was printed.
         sys.stdout.write("ASSISTANT: " if interactive else "")
-        for delta in session.stream(text):
+        for delta in reply:
             sys.stdout.write(delta)
             sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
-    return 0
+    return 2 if refused else 0
 
 
 def _check_serve_args(args):
@@ -225,6 +238,7 @@ def _check_serve_args(args):
         if value is not None and value < 1:
             raise LlavaFastError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     _apply_image_limit(args)
+    _check_vision_flags(args, None)
     from llava_fast.checkpoints.load import resolve_device_dtype
     from llava_fast.cpu.quantize import parse_scheme
 

@@ -45,6 +45,24 @@ def test_chat_reads_one_turn_per_line(ckpt_dir):
     assert len(r.stdout.strip("\n").split("\n")) >= 2
 
 
+def test_a_refused_chat_turn_keeps_the_conversation(ckpt_dir, capsys, monkeypatch):
+    """A bad turn (here an image in a later turn) ended the whole chat, losing every turn before it: it is one
+    error line, the chat goes on as if that turn was never sent, and the exit code still says 2."""
+    import io
+
+    import llava_fast
+    from llava_fast.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n<image> and this one?\nWhat now?\n"))
+    code = main(["chat", "--model", ckpt_dir, "--image", IMAGE, "--max-new-tokens", "5", "--device", DEVICE])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert err.splitlines() == ["llava-fast: error: images belong to the first turn of a chat; start a new chat for "
+                                "another image"]
+    chat = llava_fast.load(ckpt_dir, device=DEVICE).chat(IMAGE, max_new_tokens=5)
+    assert out == chat.ask("Hello") + "\n" + chat.ask("What now?") + "\n"
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--image", "/no/such/image.jpg"], "/no/such/image.jpg"),
     (["--template", "bogus"], "bogus"),
@@ -100,10 +118,18 @@ def test_every_subcommand_reports_bad_input_in_one_line(ckpt_dir, tmp_path, caps
         (["generate", "--model", ckpt_dir, "--no-image", "--top-k", "-1"], "top_k must be an integer >= 0"),
         (["chat", "--model", ckpt_dir, "--max-new-tokens", "600", "--device", DEVICE], "context length of 512"),
         (["merge-lora", "--adapter", str(tmp_path), "--output", str(tmp_path / "o")], "adapter_config.json"),
+        # a byte that is not UTF-8 reaches argv as a lone surrogate; it was a TypeError traceback
+        (["generate", "--model", ckpt_dir, "--no-image", "--prompt", "caf\udcff"], "not valid UTF-8: byte 0xff after"),
+        (["bench", "gemv", "--isa", "bogus"], "argument --isa: CPU kernels 'bogus' are unknown; use avx512, avx2 or"),
+        (["bench", "real", "--isa", "scalar,avx9"], "argument --isa: CPU kernels 'avx9' are unknown"),
     ]
+    from llava_fast import _C
+
+    in_use = _C.cpu_isa_variant()
     for args, needle in cases:
         code, line = in_process(capsys, *args, stdin="Hello there\n", monkeypatch=monkeypatch)
         assert code == 2 and line.startswith("llava-fast: error:") and needle in line, (args, line)
+    assert _C.cpu_isa_variant() == in_use  # --isa's check switched back to the table in use
 
 
 def test_serve_and_generate_flags_are_checked_before_the_model_loads(capsys, monkeypatch):
@@ -185,6 +211,9 @@ def test_arguments_and_files_are_checked_before_the_model_loads(ckpt_dir, tmp_pa
         (["serve", "--quantize", "int3"], "int3"),
         (["serve", "--preset", "huge"], "unknown preset 'huge'"),
         (["serve", "--dtype", "float7"], "float7"),
+        (["generate", "--vision-tower", "/clip"], "--vision-tower goes with an original-LLaVA --model checkpoint, not "
+         "the built-in preset 'tiny'"),  # it was ignored
+        (["serve", "--vision-tower", "/clip"], "not the built-in preset 'tiny'"),
         (["train", "--stage", "1", "--model", ckpt_dir, "--data", "d.json", "--output", str(tmp_path / "run"),
           "--max-image-pixels", "0"], "--max-image-pixels must be at least 1, got 0"),
     ]
