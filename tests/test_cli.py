@@ -175,6 +175,18 @@ def test_preset_help_names_every_preset():
         assert [name for name in PRESETS if name not in text] == [], command
 
 
+def test_model_help_names_every_kind_of_model():
+    """The README's --model takes a directory, a .gguf file or smollm2; the help left out the .gguf file."""
+    import argparse
+
+    from llava_fast.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for command in ("generate", "chat", "serve"):
+        text = next(a.help for a in commands[command]._actions if "--model" in a.option_strings)
+        assert "checkpoint directory" in text and ".gguf" in text and "--mmproj" in text and "smollm2" in text
+
+
 def test_arguments_and_files_are_checked_before_the_model_loads(ckpt_dir, tmp_path, capsys, monkeypatch):
     """Everything a command can check without the weights fails before they load: the load itself is made to fail
     here, so a check that came after it would report that instead."""

@@ -152,6 +152,11 @@ def read_config(directory, vision_tower=None):
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: not a checkpoint directory")
     cfg_path = os.path.join(directory, "config.json")
+    if not os.path.exists(cfg_path) and os.path.isfile(os.path.join(directory, "adapter_config.json")):
+        # What `train --lora-r` writes: "config.json: file not found" did not say what the directory is.
+        raise CheckpointError(f"{directory}: a LoRA adapter (adapter_config.json), not a whole checkpoint: fold it "
+                              f"into its base model with `llava-fast merge-lora --adapter {directory} --output DIR` "
+                              "and load DIR")
     d = read_json(cfg_path)
     if is_original_llava(d):
         vdir = find_vision_tower_dir(d, directory, vision_tower)
