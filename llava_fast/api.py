@@ -433,7 +433,8 @@ class LlavaModel:
         per prompt. An image is a path, a PIL image or a uint8 array. A prompt without an `<image>` marker
         and exactly one image gets the marker prepended; any other mismatch raises InputError.
         max_new_tokens: a positive int; prompt + max_new_tokens may be the context length + 1 (the last new
-        token is never fed back). temperature 0 is greedy; top_k 0 means no cut; all checked up front.
+        token is never fed back). temperature 0 (or under 1e-5, as in vLLM) is greedy; top_k 0 means no cut; all
+        checked up front.
         min_tokens: EOS cannot end a reply shorter than this (its logits are -inf until then); ignore_eos: EOS
         does not end a reply at all (it runs to max_new_tokens or a stop string), as vLLM's extensions do.
 

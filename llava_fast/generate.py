@@ -21,6 +21,10 @@ from llava_fast.cpu.gemv import decode_threads
 from llava_fast.errors import InputError
 from llava_fast.model import KVCache, LlavaForCausalLM
 
+# Temperatures below this are greedy, as in vLLM (its _SAMPLING_EPS): 1e-300 became a float32 0 in the division
+# of the logits, every token's probability NaN, and each draw id 0 whatever the logits.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 @dataclass
 class Sampling:
@@ -50,6 +54,8 @@ class Sampling:
             raise InputError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         if not isinstance(self.ignore_eos, bool):
             raise InputError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if self.temperature < GREEDY_BELOW_TEMPERATURE:
+            self.temperature = 0.0
 
     def eos_for_row(self, eos_token_ids):
         """The ids that end a row under these settings: none with ignore_eos."""
@@ -104,6 +110,9 @@ def sample_next_token(logits, sampling: Sampling, generator):
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= sampling.top_p  # keeps the smallest set reaching top_p
+        # The most likely token always stays: a top_p under float32's smallest number (1e-300) compared as 0 and
+        # dropped every token, and the draw from all -inf was id 0.
+        drop[:, 0] = False
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     # argmax(p / E), E ~ Exp(1), draws from p (the exponential race) with no multinomial host sync.

@@ -108,6 +108,20 @@ def test_sampler_matches_the_filtered_softmax():
     assert (freq - expected).abs().max() < 0.015
 
 
+def test_tiny_temperature_and_top_p_sample_the_top_token_not_id_0():
+    """temperature 1e-300 divided the logits by a float32 0, and top_p 1e-300 (a float32 0) dropped every token:
+    each drew id 0 whatever the logits. Below 1e-5 the temperature is greedy; top_p keeps the top token."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1)) * 3
+    greedy = logits.argmax(-1)
+    assert (greedy != 0).all()
+    for kw in (dict(temperature=1e-300), dict(temperature=9e-6), dict(temperature=1.0, top_p=1e-300),
+               dict(temperature=0.5, top_p=1e-9)):
+        sampling = Sampling(seed=0, **kw)
+        draws = sample_next_token(logits.repeat(20, 1), sampling, sampling.generator(torch.device("cpu")))
+        assert torch.equal(draws, greedy.repeat(20)), kw
+    assert Sampling(temperature=1e-300).temperature == 0 and Sampling(temperature=1e-5).temperature == 1e-5
+
+
 def test_bad_sampling_settings_are_input_errors(model):
     for kw in (dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2)):
         with pytest.raises(InputError):
