@@ -260,8 +260,10 @@ def parse(argv):
 
 
 def main(argv=None) -> int:
-    restartable = argv is None  # started for this command: --emulate-cpu may restart it with its variables
     argv = sys.argv[1:] if argv is None else list(argv)
+    # Started for this command (`llava-fast bench ...` passes the command line's tail): --emulate-cpu may restart
+    # the process with its variables; an in-process caller's main(argv) is refused instead.
+    restartable = bool(argv) and sys.argv[-len(argv):] == argv
     argv, args = parse(argv)
     if getattr(args, "emulate_cpu", None):
         from llava_fast.bench import emulate
