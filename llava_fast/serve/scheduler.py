@@ -527,7 +527,8 @@ class Scheduler:
                     clock("vision" if features is not None else "prefill")  # the projector, or embedding rows
                     if towered and self.cost is not None:  # preprocessing, tower and projector, measured
                         self.cost.add_tower(towered, time.perf_counter() - started)
-                        towered = self.cost.tower_tokens(towered) or towered
+                        measured = self.cost.tower_tokens(towered)
+                        towered = towered if measured is None else measured
                     left -= towered
                     if left <= 0:
                         break
@@ -546,9 +547,8 @@ class Scheduler:
         feature cache holds them all."""
         positions = sum(n for k, n in zip(req.image_keys[first_image:], req.image_tokens[first_image:])
                         if self.features.entries.get(k) is None)
-        if not positions or self.cost is None:
-            return positions
-        return self.cost.tower_tokens(positions) or positions
+        measured = self.cost.tower_tokens(positions) if positions and self.cost is not None else None
+        return positions if measured is None else measured
 
     def _retune(self):
         """Set the budget from the fit of the recent mixed calls: the decoding rows plus the prompt tokens
