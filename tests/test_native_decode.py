@@ -388,7 +388,8 @@ def test_no_native_prefill_on_the_scalar_gemv():
 def test_native_prefill_bits_do_not_depend_on_how_the_prompt_is_split(text):
     """The server prefills only what follows a reused prefix (scheduler.py), generate() the whole prompt: the
     K/V and logits must be the same bits, wherever the split falls (attention blocks of 4 rows, 75-row chunks,
-    the int4 and int8 GEMMs' micro-tiles of 2-4 rows)."""
+    the int4 and int8 GEMMs' micro-tiles of 2-4 rows; float32 on the AVX-512 tables: the whole prompt and a
+    149-row part through the prompt GEMM, the other parts through the GEMV tiles)."""
     net = text_net(max_position_embeddings=300, **text)
     ids = torch.randint(0, 301, (150,), generator=torch.Generator().manual_seed(5)).tolist()
     whole = Decoder(net, 1, 160)
