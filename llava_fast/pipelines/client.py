@@ -11,7 +11,7 @@ out the call raises EndpointError (an InputError: the CLI exits 2 with one line;
 have first). The openai client's own retries are turned off so that this one policy applies.
 
 Configuration: endpoint = --endpoint, else OPENAI_BASE_URL, else https://api.openai.com/v1; key = --api-key,
-else OPENAI_API_KEY, else "none" (local servers ignore it).
+else OPENAI_API_KEY, else "none" (local servers ignore it; OpenAI's endpoint without a key is an InputError).
 """
 
 from __future__ import annotations
@@ -54,8 +54,15 @@ class ChatClient:
         self.model = model
         self.endpoint = endpoint or os.environ.get("OPENAI_BASE_URL") or DEFAULT_ENDPOINT
         self.retries, self.backoff = retries, backoff
-        self.client = openai.OpenAI(base_url=self.endpoint, api_key=api_key or os.environ.get("OPENAI_API_KEY")
-                                    or "none", timeout=timeout, max_retries=0)
+        api_key = api_key or os.environ.get("OPENAI_API_KEY")
+        if not api_key and self.endpoint.rstrip("/") == DEFAULT_ENDPOINT:
+            # OpenAI answers a request without a key with 401; offline, the run retried for a minute and then
+            # said only that the endpoint cannot be reached.
+            raise InputError(f"no API key for {DEFAULT_ENDPOINT}: set OPENAI_API_KEY or pass --api-key, or point "
+                             "--endpoint at another OpenAI-compatible server (e.g. llava-fast serve's "
+                             "http://127.0.0.1:8000/v1)")
+        self.client = openai.OpenAI(base_url=self.endpoint, api_key=api_key or "none", timeout=timeout,
+                                    max_retries=0)
 
     def _retry_after(self, error) -> float:
         response = getattr(error, "response", None)

@@ -13,6 +13,7 @@ import PIL.Image
 import pytest
 from openai_stub import OpenAIStub
 
+from llava_fast.errors import InputError
 from llava_fast.pipelines import instruct
 from llava_fast.pipelines.client import ChatClient, EndpointError
 
@@ -217,6 +218,17 @@ def test_429_5xx_and_time_outs_are_retried_with_backoff():
         with pytest.raises(EndpointError, match="HTTP 404"):
             client.chat([{"role": "user", "content": "hi"}])
         assert len(stub.requests) == 1
+
+
+def test_openai_without_a_key_is_refused_before_any_request(monkeypatch):
+    """Offline, the default endpoint without a key was retried for a minute, then "cannot be reached"."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(InputError, match="no API key for https://api.openai.com/v1: set OPENAI_API_KEY or pass "
+                       "--api-key, or point --endpoint at another"):
+        ChatClient("gpt-4-0314")
+    assert ChatClient("gpt-4-0314", api_key="sk-test").endpoint == "https://api.openai.com/v1"
+    assert ChatClient("m", "http://127.0.0.1:8000/v1").endpoint == "http://127.0.0.1:8000/v1"  # a local server
 
 
 def test_resume_skips_done_records_and_keeps_them_unchanged(caps_boxes, caps_rows, tmp_path, cli):
