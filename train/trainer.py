@@ -24,7 +24,9 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -574,27 +576,32 @@ def _train(a: TrainArgs, dist, rank, world, device):
     runtime_skipped = Counter(run.state.get("skipped_in_batches", {}))
     batches = iter(run.loader)
     run_start, run_tokens, run_samples = time.perf_counter(), 0, 0
-    for step in range(run.start, run.total):
-        data_start = time.perf_counter()
-        micro = [next(batches) for _ in range(a.grad_accum)]
-        for b in micro:
-            runtime_skipped.update(b.skipped)
-        step_start = time.perf_counter()  # the step's time is compute; data loading is logged beside it
-        m = stepper.step(step, micro, step_start)
-        if m is None:
-            log(f"warning: step {step + 1}: every sample of the global batch was dropped; step skipped")
-            continue
-        m["data_s"] = step_start - data_start
-        row_lengths, num_images = m.pop("row_lengths"), m.pop("num_images")
-        m["epoch"] = round((step + 1) / run.steps_per_epoch, 4)
-        if peak:
-            flops = step_flops(run.cfg, row_lengths, num_images, a.stage == 2 and not run.lora, True) * world
-            m["mfu"] = flops / m["step_time_s"] / (peak * world)
-        run_tokens, run_samples = run_tokens + m["tokens"], run_samples + m["samples"]
-        result.losses.append((step + 1, m["loss"]))
-        run_log.step(m, (time.perf_counter() - run_start) / (step + 1 - run.start) * (run.total - step - 1))
-        if a.save_every and (step + 1) % a.save_every == 0 and step + 1 < run.total:
-            run_log.save_checkpoint(step + 1, runtime_skipped)
+    saved_at = run.start  # the step of the newest checkpoint in --output (run.start: none, or the resumed one)
+    with _Interrupt(main) as interrupt:
+        for step in range(run.start, run.total):
+            if interrupt.agreed(dist, device):  # every process, after the same step
+                _stop_interrupted(run_log, step, saved_at, run.total, runtime_skipped, log)
+            data_start = time.perf_counter()
+            micro = [next(batches) for _ in range(a.grad_accum)]
+            for b in micro:
+                runtime_skipped.update(b.skipped)
+            step_start = time.perf_counter()  # the step's time is compute; data loading is logged beside it
+            m = stepper.step(step, micro, step_start)
+            if m is None:
+                log(f"warning: step {step + 1}: every sample of the global batch was dropped; step skipped")
+                continue
+            m["data_s"] = step_start - data_start
+            row_lengths, num_images = m.pop("row_lengths"), m.pop("num_images")
+            m["epoch"] = round((step + 1) / run.steps_per_epoch, 4)
+            if peak:
+                flops = step_flops(run.cfg, row_lengths, num_images, a.stage == 2 and not run.lora, True) * world
+                m["mfu"] = flops / m["step_time_s"] / (peak * world)
+            run_tokens, run_samples = run_tokens + m["tokens"], run_samples + m["samples"]
+            result.losses.append((step + 1, m["loss"]))
+            run_log.step(m, (time.perf_counter() - run_start) / (step + 1 - run.start) * (run.total - step - 1))
+            if a.save_every and (step + 1) % a.save_every == 0 and step + 1 < run.total:
+                run_log.save_checkpoint(step + 1, runtime_skipped)
+                saved_at = step + 1
     run_log.close()
     run_time = time.perf_counter() - run_start
 
@@ -609,6 +616,67 @@ def _train(a: TrainArgs, dist, rank, world, device):
         log("skipped records: " + ", ".join(f"{n} x {r}" for r, n in result.skipped.most_common()))
     log("wrote " + ", ".join(result.outputs))
     return result
+
+
+class _Interrupt:
+    """Ctrl-C (SIGINT) while the steps run. The first asks for a checkpoint after the current step and a stop
+    there, not at once: mid-step the weights can be half-updated (--step-in-backward steps each parameter during
+    backward), and the optimizer's state ahead of them. The second raises KeyboardInterrupt at once. Under
+    torchrun each process gets its signal on its own, possibly during different steps, so before each step the
+    processes all-reduce their requests (one number) and all stop after the same step. Installed in the main
+    thread over Python's default handler only: a run started with SIGINT ignored, or inside a program with its
+    own handler, keeps that."""
+
+    def __init__(self, main):
+        self.main, self.requested, self.installed = main, False, False
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self._handle)
+            self.installed = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        return False
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the second: KeyboardInterrupt at once
+        if self.main:  # os.write: print() here could re-enter a stderr write the signal interrupted
+            os.write(2, b"\n" * sys.stderr.isatty() + b"llava-fast train: interrupted: saving a checkpoint after "
+                        b"this step (Ctrl-C again to quit without it)\n")
+
+    def agreed(self, dist, device):
+        """Whether any process was interrupted (collective under torch.distributed)."""
+        if dist is None:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+
+def _stop_interrupted(run_log, done, saved_at, total, runtime_skipped, log):
+    """After an interrupt: a resumable checkpoint of the `done` steps (unless one exists), one line, and
+    KeyboardInterrupt (the CLI's exit code 130)."""
+    output = run_log.a.output
+    if done > saved_at:
+        path = run_log.save_checkpoint(done, runtime_skipped)
+        log(f"interrupted: saved step {done} of {total} in {path}; continue with --resume")
+    elif done > 0:
+        log(f"interrupted: step {done} of {total} is already in {os.path.join(output, f'checkpoint-{done}')}; "
+            "continue with --resume")
+    else:
+        log("interrupted before the first step finished: nothing to save")
+    run_log.close()
+    raise KeyboardInterrupt
+
+
+def _ignore_sigint(worker_id):
+    """The data loader's workers leave Ctrl-C to the main process, which finishes its step first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @dataclass
@@ -708,7 +776,7 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
         LlavaDataset(records, examples, spec, base.processor, strict=a.strict),
         batch_sampler=StepSampler(examples, a.batch_size, a.grad_accum, world, rank, a.seed, run.start, total),
         collate_fn=Collate(base.tokenizer.pad_token_id), num_workers=workers, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=4 if workers else None, worker_init_fn=_ignore_sigint if workers else None,
         generator=torch.Generator().manual_seed(a.seed))  # not the global RNG: resuming must not shift it
     return run
 
@@ -749,8 +817,9 @@ class _RunLog:
             self.progress.update(metrics, eta_s)
 
     def save_checkpoint(self, step, runtime_skipped):
+        """-> the checkpoint's directory."""
         r = self.run
-        ckpt.save_state(self.a.output, step, r.model, r.optimizer, None if self.a.fsdp else r.masters,
+        return ckpt.save_state(self.a.output, step, r.model, r.optimizer, None if self.a.fsdp else r.masters,
                         {"step": step, "run": r.this_run, "world_size": self.world,
                          "skipped_in_batches": dict(runtime_skipped)}, keep=self.a.keep_checkpoints)
 
