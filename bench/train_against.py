@@ -8,9 +8,9 @@ bfloat16 as torch.autocast(bfloat16) over float32 weights, the mixed precision t
 llava-fast runs its trainer's step (`trainable_parameters`, `MasterWeights`, `LlavaForCausalLM.loss`, AdamW):
 in bfloat16 the model holds bf16 weights and the optimizer float32 masters, the bf16 gradients kept until the
 step, which makes each tensor's float32 gradient just before its update (`StepFromModelGrads`); in stage 2 full
-each decoder MLP keeps only its input for backward (`train --recompute-mlp`); on the CPU the freed heap goes back
-to the OS after backward and after the step (`return_freed_heap`: glibc's malloc_trim, no allocator setting, so
-the transformers loop in the same process keeps glibc's defaults). With `--max-grad-norm 0` neither engine clips
+each decoder MLP keeps only its input for backward (`train --recompute-mlp`) and, on the CPU, the freed heap goes
+back to the OS four times a step (`return_freed_heap`: glibc's malloc_trim, no allocator setting, so the
+transformers loop in the same process keeps glibc's defaults). With `--max-grad-norm 0` neither engine clips
 and llava-fast steps each parameter inside backward (`train --step-in-backward`), which clipping rules out.
 
 Same for both: the weights (transformers' model gets llava-fast's random weights, and peft's lora_A the same
@@ -128,6 +128,7 @@ def build_llava_fast(source, stage, lora, dtype, settings):
         fuse_frozen_projections,
         make_optimizer,
         return_freed_heap,
+        return_freed_heap_after_decoder_backward,
         trainable_parameters,
     )
 
@@ -153,14 +154,18 @@ def build_llava_fast(source, stage, lora, dtype, settings):
     net.train()
     ids, labels, pixels = settings["batch"]
     pixels = pixels.to(dtype)
-    cpu = device.type == "cpu"
+    trim = device.type == "cpu" and stage == 2 and not lora  # the trainer's rule (trims_heap)
+    if trim:
+        return_freed_heap_after_decoder_backward(net)
 
     def step():
         if in_backward:
             in_backward.arm(device)
         loss = net.loss(ids, labels, pixels)
+        if trim:  # the trainer's: freed heap back to the OS after forward, backward and the step
+            return_freed_heap()
         loss.backward()
-        if cpu:  # the trainer's: the activations' freed heap goes back before the optimizer allocates
+        if trim:
             return_freed_heap()
         if from_model_grads:
             from_model_grads.step(max_norm)
@@ -172,7 +177,7 @@ def build_llava_fast(source, stage, lora, dtype, settings):
             masters.copy_to_model()
         if in_backward:
             in_backward.disarm()
-        if cpu:
+        if trim:
             return_freed_heap()
         return loss.detach()
 
