@@ -9,9 +9,10 @@ llava-fast runs its trainer's step (`trainable_parameters`, `MasterWeights`, `Ll
 in bfloat16 the model holds bf16 weights and the optimizer float32 masters, the bf16 gradients kept until the
 step, which makes each tensor's float32 gradient just before its update (`StepFromModelGrads`); in stage 2 full
 each decoder MLP keeps only its input for backward (`train --recompute-mlp`) and, on the CPU, the freed heap goes
-back to the OS four times a step (`return_freed_heap`: glibc's malloc_trim, no allocator setting, so the
-transformers loop in the same process keeps glibc's defaults). With `--max-grad-norm 0` neither engine clips
-and llava-fast steps each parameter inside backward (`train --step-in-backward`), which clipping rules out.
+back to the OS two (bfloat16) or four (float32) times a step (`return_freed_heap`: glibc's malloc_trim, no
+allocator setting, so the transformers loop in the same process keeps glibc's defaults). With
+`--max-grad-norm 0` neither engine clips and llava-fast steps each parameter inside backward
+(`train --step-in-backward`), which clipping rules out.
 
 Same for both: the weights (transformers' model gets llava-fast's random weights, and peft's lora_A the same
 draw, so the first-step losses agree to float tolerance; the table shows both), the batch (B rows of BOS +
@@ -155,14 +156,15 @@ def build_llava_fast(source, stage, lora, dtype, settings):
     ids, labels, pixels = settings["batch"]
     pixels = pixels.to(dtype)
     trim = device.type == "cpu" and stage == 2 and not lora  # the trainer's rule (trims_heap)
-    if trim:
+    trim_in_backward = trim and dtype == torch.float32
+    if trim_in_backward:
         return_freed_heap_after_decoder_backward(net)
 
     def step():
         if in_backward:
             in_backward.arm(device)
         loss = net.loss(ids, labels, pixels)
-        if trim:  # the trainer's: freed heap back to the OS after forward, backward and the step
+        if trim_in_backward:  # the trainer's: freed heap back to the OS (return_freed_heap)
             return_freed_heap()
         loss.backward()
         if trim:

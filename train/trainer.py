@@ -342,19 +342,23 @@ def return_freed_heap():
     glibc keeps freed chunks below its mmap threshold, which it raises to the size of each large block freed
     (up to 32 MiB), for reuse in its heap; the blocks a step frees (forward temporaries, activations freed in
     backward) are mostly not reused by what it allocates next, of other sizes, so the resident set climbs far
-    above the live tensors. Stage 2 full on the CPU (`trims_heap`) calls this after forward, once the decoder's
-    backward is done (before the embedding's (V, C) gradient is allocated), after backward and after the step:
-    on the tiny preset the peak resident set falls 1088 -> ~950 MiB in float32 (837 MiB live) and 1070 -> ~950
-    MiB in bfloat16, for ~1 ms a call and +0-4% step time (the pages are faulted in again). LoRA and stage 1,
-    whose peaks are half the alternative's already, skip it: there the same calls cost 3-8% of a step. It
-    changes no allocator setting, so other code in the process keeps glibc's defaults."""
+    above the live tensors. Stage 2 full on the CPU (`trims_heap`) calls this after backward and after the step,
+    and in float32, whose peak is the end of backward, also after forward and once the decoder's backward is
+    done (before the embedding's (V, C) gradient is allocated). On the tiny preset that takes the peak resident
+    set from 1088 to ~950 MiB in float32 (837 MiB live) and from ~1030 to ~935 MiB in bfloat16 (902 live), at
+    ~1 ms a call plus faulting the pages in again: +0-4% of a float32 step; in bfloat16, whose peak is in forward,
+    the two extra calls would cost ~10% of its shorter step for nothing. LoRA and stage 1, whose peaks are half
+    the alternative's already, skip it (3-8% of their step). It changes no allocator setting, so other code in
+    the process keeps glibc's defaults."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
 
 def trims_heap(args, device):
-    """Whether the step returns its freed heap to the OS (see return_freed_heap): stage 2 full on the CPU."""
-    return device.type == "cpu" and args.stage == 2 and args.lora_r is None
+    """(after backward and the step, also after forward and the decoder's backward): where the step returns its
+    freed heap to the OS (see return_freed_heap): stage 2 full on the CPU; the second in float32 only."""
+    step = device.type == "cpu" and args.stage == 2 and args.lora_r is None
+    return step, step and (args.precision == "fp32" or args.fsdp)
 
 
 def return_freed_heap_after_decoder_backward(net):
@@ -590,7 +594,7 @@ def _train(a: TrainArgs, dist, rank, world, device):
                        math.ceil(a.warmup_ratio * run.total))
     if a.cache_image_features:
         stepper.image_cache = ImageFeatureCache(run.net)
-    if stepper.trim:
+    if stepper.trim_in_backward:
         return_freed_heap_after_decoder_backward(run.net)
     peak = peak_flops(device) if a.precision == "bf16" else None
     result = TrainResult(run.net, skipped=run.skipped)
@@ -925,7 +929,7 @@ class _Stepper:
         self.dummy = (torch.tensor([[bos, bos]], device=device), torch.tensor([[-100, bos]], device=device))
         self.image_cache = None
         self.in_backward = self.from_model_grads = None
-        self.trim = trims_heap(a, device)
+        self.trim, self.trim_in_backward = trims_heap(a, device)
         bf16_masters = masters.masters is not masters.params
         if dist is None and bf16_masters and a.grad_accum == 1 and not a.step_in_backward:
             self.from_model_grads = StepFromModelGrads(optimizer, masters)  # nothing to accumulate
@@ -966,7 +970,7 @@ class _Stepper:
                 self.in_backward.arm(self.device)
             with self.model.no_sync() if self.defer_sync and not last else contextlib.nullcontext():
                 loss = self.model(ids, labels, pixels, scale, features, sizes)
-                if self.trim:  # the forward's freed temporaries, before backward allocates the gradients
+                if self.trim_in_backward:  # the forward's freed temporaries, before backward allocates
                     return_freed_heap()
                 loss.backward()
             if not self.from_model_grads:
