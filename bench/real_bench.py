@@ -162,7 +162,9 @@ def transformers_engine(dtype, new_tokens, threads, source=None):
                           do_sample=False, streamer=stamps, pad_token_id=0)
         first = stamps.times[1]  # times[0]: the prompt, handed to the streamer before prefill's token
         return first - t0, stamps.times[-1] - first, out[0, len(ids):].tolist()
-    return run, transformers_weight_bytes(lm)
+    from llava_fast.bench.emulate import ran_on
+
+    return run, transformers_weight_bytes(lm), ran_on()
 
 
 def transformers_weight_bytes(lm):
@@ -230,6 +232,10 @@ def run(settings, argv, kind="real", measure=None):
     torch.set_num_threads(settings["threads"])
     doc = new_document(kind, "llava-fast bench " + " ".join(argv), settings)
     doc["device"] = device_info(torch.device("cpu"))
+    from llava_fast.bench.emulate import ran_on
+
+    emulated = f" (--emulate-cpu {settings['emulated_cpu']})" if settings.get("emulated_cpu") else ""
+    doc["notes"].append(f"torch (llava-fast's torch ops, F.linear) runs on {ran_on()}{emulated}")
     doc["ceilings"] = measure_ceilings(torch.device("cpu"))
     doc["ceilings"]["read_bandwidth"] = measure_read_bandwidth(torch.device("cpu"),
                                                                doc["device"]["last_level_cache_bytes"])
@@ -274,6 +280,8 @@ def _measure(doc, settings):
     def start_peer(engine, factory, args, import_path=None):
         try:
             engines[engine] = ChildEngine(factory, args, threads, import_path)
+            if engines[engine].ran_on:
+                doc["notes"].append(f"{engine} runs on {engines[engine].ran_on}")
             return engines[engine]
         except PeerCrashed as e:
             crashed[engine] = f"{e} while loading"

@@ -77,7 +77,8 @@ struct DecodeRows {
 const char* decode_model_check(const DecodeModel& m);
 
 // logits (logit_count or rows, vocab) float32 of the wanted rows; writes every row's K/V at its position.
-// Rows go through the layers up to 128 at a time (a prompt's later chunks attend to the K/V its earlier ones wrote).
+// Rows go through the layers up to 128 at a time, a float32 prompt on the AVX-512 tables up to 512 (a prompt's
+// later chunks attend to the K/V its earlier ones wrote).
 // Returns "" or what is wrong (then nothing was written).
 const char* decode_rows(const DecodeModel& m, const DecodeRows& in, const DecodeCache& cache, float* logits,
                         int threads);

@@ -8,6 +8,7 @@
 // int8 and int4 models ran slower than float32. The kernels (csrc/isa/, one table per instruction set)
 // stream each weight once; with AVX-512 (avx512.cpp, avx512_vnni.cpp):
 //   float32  16 weights per FMA; above M = 1 a tile of 4 weight rows x 6 x rows (24 FMAs per 10 loads);
+//            from 128 rows the same sums as outer products on lane-major copies of x and W (avx512.cpp);
 //   bfloat16  32 weights per VDPBF16PS (x rounded to bf16, fp32 sums); one row at a time, the rows of a
 //            thread one sequential stream, prefetched into L2 8 KB ahead.
 //   int8     64 weights per VPDPBUSD (AVX512_VNNI, u8 x s8 -> int32): the weight stored offset-binary (w + 128)
@@ -360,6 +361,17 @@ void gemv(const GemvArgs& a, int threads) {
     p.xf = xf_buf.data();
   }
   if (a.format == kWeightQ8 || a.format == kWeightQ4) xq_buf.build(p, t);
+  thread_local std::vector<uint64_t> f32_layout;
+  int64_t align = 1;  // row ranges start at multiples of this
+  if (a.format == kWeightF32 && t.gemv_f32_prepare) {  // the table's prompt GEMM (0 bytes: not at this M)
+    const size_t bytes = t.gemv_f32_layout_bytes(p);
+    if (bytes) {
+      f32_layout.resize((bytes + 7) / 8);
+      t.gemv_f32_prepare(p, f32_layout.data());
+      p.layout = f32_layout.data();
+      align = t.gemv_f32_cols;
+    }
+  }
   if (a.x_dtype == kActBF16) {
     y_buf.resize(M * a.n);
     p.yf = y_buf.data();
@@ -368,9 +380,12 @@ void gemv(const GemvArgs& a, int threads) {
   // thread whose core is taken by other work leaves its share to the others), each at least 16 rows.
   const GemvRowsFn rows = a.format == kWeightF32 ? t.gemv_f32 : a.format == kWeightBF16 ? t.gemv_bf16
                          : a.format == kWeightQ8 ? t.gemv_q8 : t.gemv_q4;
-  const int parts = int(std::max<int64_t>(1, std::min<int64_t>(int64_t(threads) * 4, a.n / 16)));
+  // With a panel width (align > 1): ranges of whole panels, the last one holding N's remainder.
+  const int64_t units = (a.n + align - 1) / align;
+  const int parts = int(std::max<int64_t>(1, std::min<int64_t>(int64_t(threads) * 4, align > 1 ? units : a.n / 16)));
   pool().run(threads, parts, [&](int i) {
-    const int64_t n0 = a.n * i / parts, n1 = a.n * (i + 1) / parts;
+    const int64_t n0 = align > 1 ? units * i / parts * align : a.n * i / parts;
+    const int64_t n1 = align > 1 ? std::min(a.n, units * (i + 1) / parts * align) : a.n * (i + 1) / parts;
     rows(p, n0, n1);
     if (p.yf) {  // bfloat16 output: each thread rounds its own range
       for (int64_t m = 0; m < M; ++m)

@@ -312,8 +312,9 @@ def _add_serve_args(s):
     s.add_argument("--default-max-tokens", type=int, default=256, help="reply length when a request sets none")
     s.add_argument("--max-batched-tokens", type=int, help="tokens per scheduler iteration, as vLLM's "
                    "max_num_batched_tokens: one per decoding row first, the rest for slices of new prompts "
-                   "(chunked prefill; default 96 on CPU, where the native step runs the decoding rows and the "
-                   "slices in one call, else 128; 2048 on GPU; at least twice --max-batch)")
+                   "(chunked prefill; default on CPU, where the native step runs the decoding rows and the "
+                   "slices in one call: measured while serving, from 96 up to the prompt tokens that cost 4/3 of a "
+                   "full batch's decode step; else 128; 2048 on GPU; at least twice --max-batch)")
     s.add_argument("--kv-cache-memory", help="KV-cache memory the server may hold, e.g. 2GiB, 512MiB (a bare "
                    "number is GiB; default 4GiB, or a quarter of RAM when less); memory is used only as tokens are "
                    "cached, and requests wait in the queue while it is full")

@@ -26,9 +26,9 @@ def table(request):
 
 def expected_prefill(table, family, dtype, quantize):
     # Independent of plan.py: float32 models with float32, int8 or int4 weights on the AVX-512 and AVX2 tables'
-    # tiles and GEMMs; bfloat16 models with bfloat16 weights on the AMX tiles only
+    # tiles and GEMMs; bfloat16 models with bfloat16 weights on those tables' multi-row bfloat16 kernels
     if dtype == torch.bfloat16 and quantize is None:
-        return "native" if table == "avx512_amx" else "torch"
+        return "native" if family in ("avx512", "avx2") else "torch"
     fits = dtype == torch.float32 and quantize in (None, "int8wo", "int4wo-32")
     return "native" if fits and family in ("avx512", "avx2") else "torch"
 

@@ -342,7 +342,7 @@ def model_image():
 
 
 @needs_native_prefill
-def test_native_prefill_only_for_float32_int8_int4_and_amx_bfloat16_weights_and_errors_write_nothing():
+def test_native_prefill_only_for_float32_int8_int4_and_bfloat16_weights_and_errors_write_nothing():
     bf16 = "native" if native_decode.native_bf16_prefill() else "torch"
     assert plan.for_model(text_net(dtype=torch.bfloat16)).prefill == bf16
     assert plan.for_model(text_net(quantize="int8wo")).prefill == "native"
@@ -388,7 +388,8 @@ def test_no_native_prefill_on_the_scalar_gemv():
 def test_native_prefill_bits_do_not_depend_on_how_the_prompt_is_split(text):
     """The server prefills only what follows a reused prefix (scheduler.py), generate() the whole prompt: the
     K/V and logits must be the same bits, wherever the split falls (attention blocks of 4 rows, 75-row chunks,
-    the int4 and int8 GEMMs' micro-tiles of 2-4 rows)."""
+    the int4 and int8 GEMMs' micro-tiles of 2-4 rows; float32 on the AVX-512 tables: the whole prompt and a
+    149-row part through the prompt GEMM, the other parts through the GEMV tiles)."""
     net = text_net(max_position_embeddings=300, **text)
     ids = torch.randint(0, 301, (150,), generator=torch.Generator().manual_seed(5)).tolist()
     whole = Decoder(net, 1, 160)
@@ -452,16 +453,16 @@ def test_an_inf_in_the_weights_gives_nan_as_torch_does(hidden_size):
     assert torch.equal(got.isnan(), want.isnan())
 
 
-BF16_TABLES = [t["name"] for t in gemv._C.cpu_isa_tables() if t["usable"] and t["name"] in ("avx512_amx",
-                                                                                             "avx512_vnni")] \
+# Every table with a multi-row bfloat16 kernel: AMX tiles, the VDPBF16PS tile, AVX2's widening FMA tile.
+BF16_TABLES = [t["name"] for t in gemv._C.cpu_isa_tables() if t["usable"] and t["family"] in ("avx512", "avx2")] \
     if gemv.NATIVE else []
 
 
-@pytest.mark.skipif(not BF16_TABLES, reason="no AVX512_BF16 or AMX kernel table on this CPU")
+@pytest.mark.skipif(not BF16_TABLES, reason="no AVX-512 or AVX2 kernel table on this CPU")
 @pytest.mark.parametrize("table", BF16_TABLES)
 def test_bfloat16_batched_step_rows_equal_each_row_alone(table):
-    """The server's guarantee for bfloat16 weights: a row of a decode step of 7 or 16 rows (the multi-row VDPBF16PS
-    tile, or AMX tiles of 16 activation rows) gets the bits it gets alone, whatever the other rows hold."""
+    """The server's guarantee for bfloat16 weights: a row of a decode step of 7 or 16 rows (AMX tiles of 16
+    activation rows, the VDPBF16PS or the AVX2 tile) gets the bits it gets alone, whatever the other rows hold."""
     net = text_net(dtype=torch.bfloat16, hidden_size=128, num_heads=4, num_kv_heads=2, intermediate_size=160)
     assert gemv._C.gemv_use_kernels(table)
     try:
@@ -484,13 +485,14 @@ def test_bfloat16_batched_step_rows_equal_each_row_alone(table):
         assert gemv._C.gemv_use_kernels("best")
 
 
-@pytest.mark.skipif(not gemv.NATIVE or "avx512_amx" not in BF16_TABLES, reason="no AMX kernel table on this CPU")
-def test_bfloat16_native_prefill_on_amx():
-    """On the AMX table a bfloat16 model prefills natively: close to the torch prefill (bfloat16 rounding), and the
-    same bits however the prompt is split into calls (the tiles' sums depend on K alone)."""
+@pytest.mark.skipif(not BF16_TABLES, reason="no AVX-512 or AVX2 kernel table on this CPU")
+@pytest.mark.parametrize("table", BF16_TABLES)
+def test_bfloat16_native_prefill(table):
+    """On the AVX-512 and AVX2 tables a bfloat16 model prefills natively: close to the torch prefill (bfloat16
+    rounding), and the same bits however the prompt is split into calls (the kernels' sums depend on K alone)."""
     net = text_net(dtype=torch.bfloat16, max_position_embeddings=300, hidden_size=128, num_heads=4, num_kv_heads=2,
                    intermediate_size=160)
-    assert gemv._C.gemv_use_kernels("avx512_amx")
+    assert gemv._C.gemv_use_kernels(table)
     try:
         ids = torch.randint(0, 301, (150,), generator=torch.Generator().manual_seed(9)).tolist()
         whole, ref = Decoder(net, 1, 160), Decoder(net, 1, 160)
@@ -508,8 +510,8 @@ def test_bfloat16_native_prefill_on_amx():
         assert gemv._C.gemv_use_kernels("best")
 
 
-# bfloat16 prefills natively (and so mixes) only while the AMX table is the active one: not under
-# LLAVA_FAST_CPU_ISA=avx512_vnni or lower, which .ci/run forces for this file.
+# bfloat16 prefills natively (and so mixes) only while an AVX-512 or AVX2 table is the active one: not under
+# LLAVA_FAST_CPU_ISA=scalar, which .ci/run forces for this file among others.
 MIXED_DTYPES = [torch.float32] + ([torch.bfloat16] if native_decode.native_bf16_prefill() else [])
 
 
@@ -519,7 +521,7 @@ def test_mixed_step_rows_get_their_bits_alone(dtype):
     """The server's iteration as one call (Decoder.mixed_step): 3 decoding rows and 2 prompt slices (one of 130
     positions after 11 cached ones, so 135 rows split into two chunks mid-slice; one of 5 fresh ones) give each
     row the bits of its decode step alone and each slice the bits of its prefill alone: logits, K/V and lengths.
-    The row not named keeps its K/V and length. bfloat16 runs on the AMX tiles only (plan.py)."""
+    The row not named keeps its K/V and length. bfloat16 runs on the AVX-512 and AVX2 tables (plan.py)."""
     net = text_net(dtype=dtype, max_position_embeddings=300, hidden_size=128, num_heads=4, num_kv_heads=2,
                    intermediate_size=160)
     g = torch.Generator().manual_seed(12)

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 #include "avx512_common.h"
 #include "kernels.h"
@@ -130,7 +131,192 @@ void tiles_f32(const GemvRows& p, int64_t n, int64_t n1) {
   }
 }
 
+// ------------------------------------------------------------------------------------------------------
+// float32 prompt GEMM: the tiles' sums as outer products. A tile's output is, per lane l of 16, an FMA chain over
+// k = l, l + 16, ... from zero (masked k past K add 0 x 0), then reduce4's tree over the 16 lanes:
+//   c_q = (L[4q] + L[4q+2]) + (L[4q+1] + L[4q+3]),  y = (c_0 + c_2) + (c_1 + c_3).
+// Those chains are independent, so they can run with the vector across 16 outputs instead of across the lanes:
+// x and W repacked lane-major (lane l's k in order, zeros past K), one FMA per (weight vector of 16 outputs,
+// broadcast x value), the 16 chains of a tile kept apart and added in the tree's order at the end. Every sum is
+// then the tile's, operation for operation, so a row's bits are the GEMV's (at any M, thread count or split; the
+// kernel driver compares them). Why: the tiles' dot products load both operands per FMA (24 FMAs per 10
+// loads, 4 x 6 tile) and sweep every x row past each 4-row weight block, so above ~128 rows x leaves L2 and they
+// slow down (512 rows: 85-200 GFLOP/s), which kept a long prompt in 128-row chunks that each re-read every weight
+// from memory (tiny-next, 2,945 positions: 24 x 70 MB). Here a 12 x 32 tile does 24 FMAs per 2 vector loads and 12
+// broadcasts, W's panel (32 rows x K) is packed once per call and stays in L2 while every x row passes, and x's
+// lane-major copy is built once per call: 175-240 GFLOP/s at 512 rows, flat in M. It stays below MKL's sgemm
+// (0.64-0.95x at 256-512 rows, a loaded host) by what the contract costs: 16 chains per output, each K / 16 long,
+// added at the end (at K = 512 that is 72 extra loads/stores/adds per 768 FMAs), and the packing.
+// ------------------------------------------------------------------------------------------------------
+constexpr int kPanelCols = 32;      // weight rows per panel: 2 vectors of outputs
+constexpr int kPanelRows = 12;      // x rows per tile: 24 accumulators + 2 weight vectors + 1 broadcast
+// From 128 rows (a long prompt's chunks, decode.cpp): below, the tiles are as fast or faster (hot weights, 2 threads,
+// new / tiles at tiny-next's and SmolLM2's shapes, medians of 3 interleaved rounds: M = 32 0.77-0.83, 64
+// 0.90-0.98, 96 0.89-0.97, 256 0.80-1.21, 512 0.95-2.29), and a server's decode batches and prefill slices stay
+// on them.
+constexpr int64_t kGemmMinRows = 128;
+
+// The 16 x 16 transpose of v (row r -> column r), by unpacks and 128-bit shuffles.
+inline void transpose16(__m512 (&v)[16]) {
+  __m512 t[16];
+  #pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  __m512 r[16];  // r[4i + q], 128-bit chunk c: column 4c + q of rows 4i .. 4i + 3
+  #pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const __m512d t0 = _mm512_castps_pd(t[4 * i]), t1 = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d t2 = _mm512_castps_pd(t[4 * i + 2]), t3 = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+  #pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q) {
+    const __m512 u0 = _mm512_shuffle_f32x4(r[q], r[4 + q], 0x44), u1 = _mm512_shuffle_f32x4(r[q], r[4 + q], 0xee);
+    const __m512 u2 = _mm512_shuffle_f32x4(r[8 + q], r[12 + q], 0x44), u3 = _mm512_shuffle_f32x4(r[8 + q], r[12 + q], 0xee);
+    v[q] = _mm512_shuffle_f32x4(u0, u2, 0x88);
+    v[4 + q] = _mm512_shuffle_f32x4(u0, u2, 0xdd);
+    v[8 + q] = _mm512_shuffle_f32x4(u1, u3, 0x88);
+    v[12 + q] = _mm512_shuffle_f32x4(u1, u3, 0xdd);
+  }
+}
+
+// `rows` (<= 16) rows of a (., K) matrix, row r at src + r * stride, lane-major: dst[(l * J + j) * ld + r] =
+// src_r[16 j + l] (0 past K), J = ceil(K / 16); `width` (>= rows) values stored per (l, j), zeros past rows.
+void pack_lanes(const float* src, int64_t stride, int rows, int64_t K, float* dst, int64_t ld, int width) {
+  const int64_t J = (K + 15) / 16;
+  const __mmask16 keep = tail16(width);
+  for (int64_t j = 0; j < J; ++j) {
+    const __mmask16 mk = tail16(K - 16 * j);
+    __m512 v[16];
+    #pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) v[r] = r < rows ? _mm512_maskz_loadu_ps(mk, src + r * stride + 16 * j) : _mm512_setzero_ps();
+    transpose16(v);
+    #pragma GCC unroll 16
+    for (int l = 0; l < 16; ++l) _mm512_mask_storeu_ps(dst + (l * J + j) * ld, keep, v[l]);
+  }
+}
+
+// The x rows split into ceil(M / 12) tiles as even as can be (123 rows: 9 x 11 + 2 x 12, not 10 x 12 + 3: a 3-row
+// tile's 6 accumulator chains leave the FMA units waiting on their 4-cycle latency). Tile t: rows
+// tile_start(t) .. tile_start(t + 1) - 1.
+inline int64_t tile_count(int64_t M) { return (M + kPanelRows - 1) / kPanelRows; }
+inline int64_t tile_start(int64_t M, int64_t t) { return M * t / tile_count(M); }
+
+// x's layout: tile t at tile_start(t) * 16J floats, lane-major with ld = its rows.
+size_t gemm_f32_layout_bytes(const GemvRows& p) {
+  return p.a->m < kGemmMinRows ? 0 : size_t(p.a->m) * size_t((p.a->k + 15) / 16 * 16) * sizeof(float);
+}
+
+void gemm_f32_prepare(const GemvRows& p, void* scratch) {
+  const int64_t M = p.a->m, K = p.a->k, Kp = (K + 15) / 16 * 16;
+  for (int64_t t = 0; t < tile_count(M); ++t) {
+    const int64_t m = tile_start(M, t);
+    const int rows = int(tile_start(M, t + 1) - m);
+    pack_lanes(p.xf + m * K, K, rows, K, static_cast<float*>(scratch) + m * Kp, rows, rows);
+  }
+}
+
+// One tile: MR x rows (xp: lane-major, ld MR) times a panel (wp: lane-major, ld 32) into y rows (row stride ys),
+// `cols` (<= 32) of the panel's outputs stored. buf: 4 x 2MR vectors of partial sums.
+// next, lines: where this tile prefetches into L2 (the next panel's weight rows), `lines` 64-byte lines per lane.
+template <int MR>
+void gemm_f32_tile(const float* xp, const float* wp, int64_t J, float* y, int64_t ys, int cols, __m512* buf,
+                   const char* next, int64_t lines) {
+  // The lanes in the order the tree adds them: each quad (4q, 4q + 2, 4q + 1, 4q + 3), quads 0, 2, 1, 3.
+  static constexpr int kOrder[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+  __m512* pair02 = buf;               // L[4q] + L[4q + 2]
+  __m512* lane1 = buf + 2 * MR;       // L[4q + 1]
+  __m512* quads02 = buf + 4 * MR;     // c_0 (+ c_2)
+  __m512* quad1 = buf + 6 * MR;       // c_1
+  const __mmask16 m0 = tail16(cols), m1 = cols > 16 ? tail16(cols - 16) : __mmask16(0);
+  for (int s = 0; s < 16; ++s) {
+    const int l = kOrder[s];
+    const float* xl = xp + l * J * MR;
+    const float* wl = wp + l * J * kPanelCols;
+    for (int64_t i = 0; i < lines; ++i) _mm_prefetch(next + (s * lines + i) * 64, _MM_HINT_T1);
+    __m512 acc[MR][2];
+    #pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < J; ++j) {
+      const __m512 w0 = _mm512_load_ps(wl + j * kPanelCols), w1 = _mm512_load_ps(wl + j * kPanelCols + 16);
+      #pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+        const __m512 xb = _mm512_set1_ps(xl[j * MR + r]);
+        acc[r][0] = _mm512_fmadd_ps(w0, xb, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(w1, xb, acc[r][1]);
+      }
+    }
+    const int q = s % 4, quad = s / 4;  // position in the quad, and which of the quads 0, 2, 1, 3
+    #pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+      #pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const int i = 2 * r + h;
+        if (q == 0) { pair02[i] = acc[r][h]; continue; }
+        if (q == 1) { pair02[i] = _mm512_add_ps(pair02[i], acc[r][h]); continue; }
+        if (q == 2) { lane1[i] = acc[r][h]; continue; }
+        const __m512 c = _mm512_add_ps(pair02[i], _mm512_add_ps(lane1[i], acc[r][h]));
+        if (quad == 0) {
+          quads02[i] = c;
+        } else if (quad == 1) {
+          quads02[i] = _mm512_add_ps(quads02[i], c);
+        } else if (quad == 2) {
+          quad1[i] = c;
+        } else {
+          _mm512_mask_storeu_ps(y + r * ys + 16 * h, h ? m1 : m0, _mm512_add_ps(quads02[i], _mm512_add_ps(quad1[i], c)));
+        }
+      }
+  }
+}
+
+void gemm_f32(const GemvRows& p, int64_t n0, int64_t n1) {
+  const GemvArgs& a = *p.a;
+  const int64_t M = a.m, K = a.k, J = (K + 15) / 16, Kp = 16 * J;
+  float* y = p.yf ? p.yf : static_cast<float*>(a.y);
+  const int64_t ys = p.yf ? a.n : a.y_stride;
+  // This thread's panel, grown once (the pool's threads live as long as the process).
+  thread_local float* panel = nullptr;
+  thread_local size_t panel_floats = 0;
+  if (panel_floats < size_t(Kp) * kPanelCols) {
+    std::free(panel);
+    panel_floats = size_t(Kp) * kPanelCols;
+    panel = static_cast<float*>(std::aligned_alloc(64, panel_floats * sizeof(float)));
+  }
+  alignas(64) __m512 buf[8 * kPanelRows];
+  const float* xp = static_cast<const float*>(p.layout);
+  const float* w = static_cast<const float*>(a.w);
+  static constexpr void (*kTiles[kPanelRows + 1])(const float*, const float*, int64_t, float*, int64_t, int, __m512*,
+                                                   const char*, int64_t) = {
+      nullptr, gemm_f32_tile<1>, gemm_f32_tile<2>, gemm_f32_tile<3>, gemm_f32_tile<4>, gemm_f32_tile<5>,
+      gemm_f32_tile<6>, gemm_f32_tile<7>, gemm_f32_tile<8>, gemm_f32_tile<9>, gemm_f32_tile<10>,
+      gemm_f32_tile<11>, gemm_f32_tile<12>};
+  const int64_t tiles = tile_count(M);
+  for (int64_t n = n0; n < n1; n += kPanelCols) {
+    const int cols = int(std::min<int64_t>(kPanelCols, n1 - n));
+    pack_lanes(w + n * K, K, std::min(cols, 16), K, panel, kPanelCols, 16);
+    pack_lanes(cols > 16 ? w + (n + 16) * K : w, K, std::max(cols - 16, 0), K, panel + 16, kPanelCols, 16);
+    // The next panel's rows (contiguous in W) into L2 while this one computes, spread over its tiles' lanes: the
+    // packing then reads L2, not memory (it was a quarter of the GEMM's time, perf, tiny-next's prefill).
+    const int64_t next_rows = std::min<int64_t>(kPanelCols, n1 - n - cols);
+    const int64_t next_lines = next_rows > 0 ? (next_rows * K * 4 + 63) / 64 : 0;
+    const int64_t per_lane = (next_lines + tiles * 16 - 1) / (tiles * 16);
+    const char* next = reinterpret_cast<const char*>(w + (n + cols) * K);
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t m = tile_start(M, t);
+      const int64_t lines = std::max<int64_t>(0, std::min(per_lane, (next_lines - t * 16 * per_lane + 15) / 16));
+      kTiles[tile_start(M, t + 1) - m](xp + m * Kp, panel, J, y + m * ys + n, ys, cols, buf,
+                                       next + t * 16 * per_lane * 64, lines);
+    }
+  }
+}
+
 void gemv_f32(const GemvRows& p, int64_t n0, int64_t n1) {
+  if (p.layout) return gemm_f32(p, n0, n1);  // a prompt's rows (gemm_f32_layout_bytes)
   int64_t n = n0;
   if (p.a->m > 1)  // one row at a time at M = 1: one sequential stream for the prefetcher (see above)
     for (; n + kTileRows <= n1; n += kTileRows) tiles_f32<kTileRows>(p, n, n1);
@@ -476,7 +662,9 @@ const KernelTable* avx512_base_kernels() {
       quantize_row_avx512,
       nullptr, nullptr,
       add_rms_norm_row_avx512, rope_avx512, store_row_avx512, swiglu_row_avx512,
-      dot_avx512, axpy_avx512, attend_kernel};
+      dot_avx512, axpy_avx512, attend_kernel,
+      nullptr, nullptr, nullptr,
+      gemm_f32_layout_bytes, gemm_f32_prepare, kPanelCols};
   return &table;
 }
 

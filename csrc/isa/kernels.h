@@ -141,6 +141,14 @@ struct KernelTable {
   // int8 GEMM (gemm_q8.cpp): pack rows n0 .. n0 + 31 into `panel` (q8_panel_bytes), then all M rows of x
   // against it into y. Bit for bit the scalar panel's result.
   GemmPanelFn gemm_q8_panel;
+
+  // Optional: the float32 GEMV's own layout of x for this call (0 bytes: none, the row kernels read xf) and
+  // building it into `scratch` (p.layout = scratch afterwards): the AVX-512 prompt GEMM's lane-major x. With a
+  // layout, gemv.cpp starts every thread's range of weight rows at a multiple of gemv_f32_cols (the GEMM's
+  // panel width). The bits of every output stay the row kernels'.
+  size_t (*gemv_f32_layout_bytes)(const GemvRows& p);
+  void (*gemv_f32_prepare)(const GemvRows& p, void* scratch);
+  int gemv_f32_cols;
 };
 
 // The tables this build holds (null where not compiled for this architecture or compiler). The avx512 one

@@ -1,6 +1,6 @@
 """The CPU decode step in one native call (csrc/decode.cpp), for batches of up to `MAX_ROWS` (64) rows, and
-the prefill of float32 models with float32, int8 or int4 projections (AVX-512 and AVX2 kernels), and of bfloat16
-models on the AMX table, through the same code (a prompt's tokens as rows of one cache row, up to 128 at a time).
+the prefill of float32 models with float32, int8 or int4 projections and of bfloat16 models (AVX-512 and AVX2
+kernels), through the same code (a prompt's tokens as rows of one cache row, up to 128 at a time).
 
 In: a LlavaForCausalLM on the CPU in float32 or bfloat16 whose decoder projections are fused (q/k/v and
 gate/up, as load() leaves them) and are GemvLinear layers (any weight format of gemv.py: float32, bfloat16,
@@ -42,12 +42,13 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def native_bf16_prefill() -> bool:
-    """Whether a bfloat16 model (bfloat16 projections) prefills through the native step: only with the AMX kernel
-    table (csrc/isa/avx512_amx.cpp), whose tiles run a prompt chunk's GEMMs at about oneDNN's speed (SmolLM2's
-    shapes at 128 rows, one thread: 0.8-1.0x F.linear, bench/gemv_rows.py) with no torch op between them. The
-    VDPBF16PS tile of avx512_vnni reaches ~0.2x F.linear at 64-128 rows, so without AMX oneDNN (with the torch
-    ops around it) prefills. Read at each call: the kernels can be switched at run time."""
-    return gemv.NATIVE and gemv._C.cpu_isa_variant() == "avx512_amx"
+    """Whether a bfloat16 model (bfloat16 projections) prefills through the native step: on the AVX-512 and AVX2
+    tables, whose multi-row bfloat16 kernels (AMX tiles, the VDPBF16PS tile, AVX2's widening FMA tile) run a prompt
+    chunk's GEMMs at or above oneDNN's speed on the same CPU with no torch op between them. SmolLM2's gate_up and
+    down at 128 rows, 2 threads, Sapphire Rapids with oneDNN capped at the same instructions (bench/gemv_rows.py):
+    AVX2 tile 4.5x / 3.4x F.linear, VDPBF16PS tile 0.93x / 1.00x, AMX 0.8-1.0x. Not on neon (its kernel widens one
+    output at a time; unmeasured) or scalar. Read at each call: the kernels can be switched at run time."""
+    return gemv.NATIVE and gemv._C.cpu_isa() in ("avx512", "avx2")
 
 
 def enabled() -> bool:

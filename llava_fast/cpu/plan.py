@@ -17,10 +17,10 @@ The rules, each measured where it is made:
   130 tokens: 11 tok/s against the torch prefill's 289, EPYC, one thread), and neon's int8 GEMM is the scalar
   panel; neon is not measured (emulated only). Before gemm_q8.cpp int8 prefilled through torch: natively, on the
   GEMV's int8 tile, it won only on short prompts (torch time / native time 1.23 / 1.01 / 0.92 / 0.90 at 64 / 130 /
-  256 / 512 tokens). bfloat16 models with bfloat16 projections prefill natively only on the
-  avx512_amx table (its tiles run a 128-row chunk at 0.8-1.0x oneDNN's GEMM with no torch op between the
-  matmuls: SmolLM2, 130 tokens, one thread, 1.53x the torch prefill); elsewhere their multi-row kernel is the
-  VDPBF16PS tile, ~0.2x oneDNN's GEMM at 64-128 rows, so torch prefills. The torch
+  256 / 512 tokens). bfloat16 models with bfloat16 projections prefill natively on the avx512
+  and avx2 tables: AMX tiles (SmolLM2, 130 tokens, one thread: 1.53x the torch prefill), the VDPBF16PS tile and
+  AVX2's widening FMA tile, at or above oneDNN's GEMM on the same instructions with no torch op between the matmuls
+  (native_decode.native_bf16_prefill gives the figures). The torch
   prefill's quantized layers dequantize and run oneDNN's GEMM in bfloat16 where the CPU has AVX512_BF16 (2-2.5x
   its float32 rate).
 - linear layers (the torch path's, at <= gemv.MAX_GEMV_ROWS rows): the native GEMV wherever the extension is built,
@@ -90,10 +90,9 @@ def make(net, compile=False) -> CpuPlan:
         prefill, prefill_why = "torch", "the native step does not run"
     elif emb.dtype == torch.bfloat16 and projections == ["bfloat16"]:
         if native_decode.native_bf16_prefill():
-            prefill, prefill_why = "native", f"bfloat16 on the tiles of the {table} table"
+            prefill, prefill_why = "native", f"bfloat16 on the multi-row kernels of the {table} table"
         else:
-            prefill, prefill_why = "torch", (f"a bfloat16 model: the {table} table has no AMX tiles, and its "
-                                             "VDPBF16PS tile runs ~0.2x oneDNN's GEMM at 64-128 rows")
+            prefill, prefill_why = "torch", f"a bfloat16 model: the {table} table has no multi-row bfloat16 kernel"
     elif emb.dtype != torch.float32 or unsupported:
         what = f"{unsupported[0]} weights" if emb.dtype == torch.float32 else f"a {emb.dtype} model"
         prefill, prefill_why = "torch", (f"{what}: the native prefill takes float32 models with float32, int8 or "

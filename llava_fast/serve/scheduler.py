@@ -18,8 +18,10 @@ The loop (after vLLM's and Orca's iteration-level scheduling, Yu et al. 2022), o
      rows keeping their K/V. When its last slice is in, its first token is sampled and it decodes. A new
      image's 576 tokens thus no longer stall every decoding row for the whole prefill: each step waits for at
      most one budget's worth of prefill. The vision tower is not split (one image's tower is one piece of work):
-     it runs in an iteration with no other prefill slice; a request's missing images, all their tiles, go
-     through it as one batch.
+     a request's missing images, all their tiles, go through it as one batch, charged to the budget at their
+     positions or, where the budget is measured (CPU, none given: serve/budget.py), at the tower's measured
+     cost in prompt tokens, so it shares its iteration with other slices, its own first one included, when
+     the budget has room for it.
   3. step: one decode step of the decoding rows; each row samples its own next token. With the native CPU step
      (Decoder.mixes) the step and the slices of 2. are one call over all their rows, reading the weights once:
      a slice then costs the decoding rows its own arithmetic, not a second pass over the weights (SmolLM2-135M
@@ -72,9 +74,14 @@ from llava_fast.generate import (
     suppress_eos,
 )
 from llava_fast.image import anyres
+from llava_fast.serve.budget import IterationCost
 from llava_fast.serve.kv_memory import KVMemory, default_kv_cache_memory
 
 log = logging.getLogger("llava_fast.serve")
+
+
+RETUNE_CALLS = 16  # mixed calls between refits of the measured budget (a fit of 256 calls takes ~0.1 ms)
+MAX_MEASURED_BUDGET = 2048  # the GPU default: beyond it a prompt is one slice anyway on the models served here
 
 
 def default_max_batched_tokens(device, mixes=False) -> int:
@@ -88,7 +95,9 @@ def default_max_batched_tokens(device, mixes=False) -> int:
     preset, 2 busy cores: 132 ms for 112 prompt tokens natively, 60 ms per 16-row step). 16 clients, 32
     requests, interleaved rounds: 64 / 128 / 256 gave ITL p99/p50 2.1 / 2.5-3.2 / 3.9-4.6 and output tokens/s
     71 / 84-113 / 78 (64 also doubled TTFT p50).
-    A GPU runs 2,048 (vLLM's default) in about a decode step's time."""
+    A GPU runs 2,048 (vLLM's default) in about a decode step's time.
+    With `mixes` and no budget given, the scheduler replaces this start value by one measured on the model
+    (serve/budget.py)."""
     if torch.device(device).type != "cpu":
         return 2048
     return 96 if mixes else 128
@@ -211,6 +220,12 @@ class Scheduler:
         # A default leaves the prefill at least as many tokens as max_batch decoding rows take (--max-batch 128).
         self.max_batched_tokens = max_batched_tokens or max(
             default_max_batched_tokens(model.device, self.decoder.mixes), 2 * max_batch)
+        # Without a budget given, the mixed CPU call's measured costs raise it (serve/budget.py): it starts at the
+        # default above and follows the fit every RETUNE_CALLS calls, never below that default. Below it, the
+        # default's own tuning on SmolLM2 (where the fit gives 80-96) showed each 16 tokens less costing more
+        # TTFT (184 -> 215 -> 317 ms) than it saved in ITL p99.
+        self.cost = IterationCost(max_batch) if max_batched_tokens is None and self.decoder.mixes else None
+        self.min_budget = self.max_batched_tokens
         self.metrics.max_batched_tokens.set(self.max_batched_tokens)
         self.eos = model.tokenizer.eos_token_ids  # any of them ends a row (as generate() ends it)
         self.rows: list[_Row | None] = [None] * max_batch
@@ -497,19 +512,23 @@ class Scheduler:
             if left <= 0:
                 break
             req = row.req
-            if row.embeddings is None and left < full and any(
-                    self.features.entries.get(k) is None for k in req.image_keys[row.first_image:]):
-                continue  # the vision tower is not split: it runs in an iteration with no other slice
+            if row.embeddings is None and left < full and self._tower_charge(req, row.first_image) > left:
+                continue  # the vision tower is not split: it waits for an iteration with room for it
             try:
                 if self.fault is not None:
                     self.fault()
                 if row.embeddings is None:
+                    started = time.perf_counter()
                     features, sizes, towered = (self._image_features(req, row.first_image)
                                                 if len(req.images) > row.first_image else (None, None, 0))
                     clock = self.metrics.stage_clock(req, self.model.device)
                     ids = torch.as_tensor([req.ids[row.start:]], dtype=torch.long, device=self.model.device)
                     row.embeddings = self.model.net.embed(ids, image_features=features, image_sizes=sizes)[0]  # (T, C)
                     clock("vision" if features is not None else "prefill")  # the projector, or embedding rows
+                    if towered and self.cost is not None:  # preprocessing, tower and projector, measured
+                        self.cost.add_tower(towered, time.perf_counter() - started)
+                        measured = self.cost.tower_tokens(towered)
+                        towered = towered if measured is None else measured
                     left -= towered
                     if left <= 0:
                         break
@@ -521,6 +540,24 @@ class Scheduler:
             slices.append((row, n))
             left -= n
         return slices
+
+    def _tower_charge(self, req, first_image):
+        """What the vision tower run for req's images from first_image on takes of the budget: its measured
+        cost in prompt tokens where the budget is measured, else one token per image position; 0 when the
+        feature cache holds them all."""
+        positions = sum(n for k, n in zip(req.image_keys[first_image:], req.image_tokens[first_image:])
+                        if self.features.entries.get(k) is None)
+        measured = self.cost.tower_tokens(positions) if positions and self.cost is not None else None
+        return positions if measured is None else measured
+
+    def _retune(self):
+        """Set the budget from the fit of the recent mixed calls: the decoding rows plus the prompt tokens
+        that cost SLICE_STEPS full-batch decode steps (serve/budget.py), at least the default."""
+        if self.cost.fit() is None:
+            return
+        tokens = self.max_batch + self.cost.slice_tokens()
+        self.max_batched_tokens = min(max(tokens, self.min_budget), MAX_MEASURED_BUDGET)
+        self.metrics.max_batched_tokens.set(self.max_batched_tokens)
 
     def _slice_embeddings(self, row, n):
         return row.embeddings[row.position - row.start: row.position - row.start + n]  # (n, C)
@@ -579,6 +616,10 @@ class Scheduler:
             for r in decoding + [row for row, _ in slices]:
                 self._end(r, error="internal error", keep_cache=False)
             return
+        if self.cost is not None:
+            self.cost.add(len(decoding), sum(n for _, n in slices), spent)
+            if self.cost.added % RETUNE_CALLS == 0:
+                self._retune()
         for (row, n), logits in zip(slices, slice_logits):
             row.req.stage_seconds["prefill"] = row.req.stage_seconds.get("prefill", 0.0) + spent
             self._slice_done(row, n, logits)

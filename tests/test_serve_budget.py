@@ -1,0 +1,158 @@
+"""The CPU scheduler's measured token budget (serve/budget.py): the least-squares fit of the mixed calls' costs,
+the budget it sets, the vision tower charged at its measured cost (so a new image's tower and its first prompt
+slice share an iteration), and replies that still equal `generate()` alone."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
+
+from serve_helpers import LiveServer, png_data_url, random_image, user  # noqa: E402
+
+from llava_fast.generate import Sampling  # noqa: E402
+from llava_fast.presets import random_model  # noqa: E402
+from llava_fast.serve import budget  # noqa: E402
+from llava_fast.serve.app import ServeConfig  # noqa: E402
+from llava_fast.serve.scheduler import MAX_MEASURED_BUDGET, Request, Scheduler  # noqa: E402
+
+
+def _calls(cost, a, b, c, n=200, seed=0, noise=0.01):
+    """n synthetic calls: rows 1..max_batch, a third decode-only, the rest with 1..300 prompt tokens, each
+    call's seconds a + b rows + c tokens times (1 +- noise)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        rows = int(rng.integers(1, cost.max_batch + 1))
+        tokens = 0 if rng.random() < 1 / 3 else int(rng.integers(1, 301))
+        cost.add(rows, tokens, (a + b * rows + c * tokens) * (1 + noise * rng.uniform(-1, 1)))
+
+
+def test_the_fit_recovers_the_costs_and_sets_slice_and_tower_tokens():
+    cost = budget.IterationCost(max_batch=13)
+    a, b, c = 0.0173, 0.00091, 0.000137
+    _calls(cost, a, b, c)
+    fa, fb, fc = cost.fit()
+    assert fa == pytest.approx(a, rel=0.05) and fb == pytest.approx(b, rel=0.1) and fc == pytest.approx(c, rel=0.03)
+    assert cost.slice_tokens() == int(budget.SLICE_STEPS * (fa + fb * 13) / fc)
+    assert cost.slice_tokens() == pytest.approx(budget.SLICE_STEPS * (a + 13 * b) / c, rel=0.05)
+    assert cost.tower_tokens(257) is None  # no tower run seen yet
+    cost.add_tower(257, 0.0219)
+    cost.add_tower(514, 0.0401)
+    assert cost.tower_tokens(257) == math.ceil(257 * (0.0219 + 0.0401) / 771 / fc)
+
+
+def test_the_fit_waits_for_calls_that_tell_the_costs_apart():
+    cost = budget.IterationCost(max_batch=8)
+    _calls(cost, 0.01, 0.001, 0.0001, n=budget.MIN_CALLS - 1)
+    assert cost.fit() is None and cost.slice_tokens() is None  # too few calls
+    only_decode = budget.IterationCost(max_batch=8)
+    for i in range(100):
+        only_decode.add(1 + i % 8, 0, 0.01 + 0.001 * (1 + i % 8))
+    assert only_decode.fit() is None  # a prompt token's cost is unknown
+    one_row_count = budget.IterationCost(max_batch=8)
+    for i in range(100):
+        one_row_count.add(5, 7 * (i % 9), 0.01 + 0.0001 * 7 * (i % 9))
+    assert one_row_count.fit() is None  # the pass and a row's cost cannot be told apart
+    cost = budget.IterationCost(max_batch=8)
+    _calls(cost, 0.01, 0.001, 0.0001)
+    kept = cost.fit()
+    for i in range(budget.WINDOW):  # prompt tokens that make calls cheaper: not a cost, the last fit stays
+        cost.add(1 + i % 8, 10 * (i % 5), 0.05 - 0.001 * (i % 5))
+    assert cost.fit() is None and cost.coef == kept
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model("tiny")
+
+
+def _scheduler(model, **kwargs):
+    scheduler = Scheduler(model, max_batch=4, max_model_len=1024, **kwargs)
+    if scheduler.cost is None:
+        pytest.skip(f"this decoder does not mix steps and slices ({scheduler.decoder.plan})")
+    return scheduler
+
+
+def test_the_measured_budget_is_bounded_by_the_default_and_the_cap(model):
+    assert Scheduler(model, max_batch=4, max_model_len=64, max_batched_tokens=40).cost is None  # given: kept
+    scheduler = _scheduler(model)
+    assert scheduler.max_batched_tokens == scheduler.min_budget == 96
+    _calls(scheduler.cost, 0.0173, 0.00091, 0.000137)
+    scheduler._retune()
+    expected = 4 + scheduler.cost.slice_tokens()
+    assert 96 < expected < MAX_MEASURED_BUDGET and scheduler.max_batched_tokens == expected
+    assert scheduler.metrics.max_batched_tokens._value.get() == expected
+    cheap_steps = _scheduler(model)  # a prompt token worth a whole step: the default stays
+    _calls(cheap_steps.cost, 0.001, 0.0001, 0.001)
+    cheap_steps._retune()
+    assert cheap_steps.max_batched_tokens == 96
+    cheap_tokens = _scheduler(model)
+    _calls(cheap_tokens.cost, 0.5, 0.01, 1e-6)
+    cheap_tokens._retune()
+    assert cheap_tokens.max_batched_tokens == MAX_MEASURED_BUDGET
+
+
+def test_a_new_images_tower_and_its_first_slice_share_an_iteration(model):
+    """With the tower charged at its measured cost (here well under the budget), the iteration that runs a new
+    image's tower also prefills the start of its prompt; charged one token per image position (256 > the
+    budget), the tower took an iteration of its own. The reply still equals generate() alone."""
+    scheduler = _scheduler(model)
+    _calls(scheduler.cost, 2.0, 0.1, 0.016)  # a prompt token costs 1/150 of a 4-row step: budget 4 + ~200
+    scheduler._retune()
+    assert 96 < scheduler.max_batched_tokens == 4 + scheduler.cost.slice_tokens() < 256  # the image's positions
+    image = random_image(5, 71, 53)
+    messages = [user("What is in this picture, in a few words?", png_data_url(image))]
+    ids = model.encode_prompt([("user", "<image>\nWhat is in this picture, in a few words?")], 1)
+    events = []
+    req = Request(ids=ids, images=[image], image_keys=["k5"], image_tokens=model.image_token_counts([(53, 71)]),
+                  max_tokens=7, sampling=Sampling(), stop=[], emit=events.append)
+    with torch.inference_mode():
+        assert scheduler._admit(req)
+        slices = scheduler._plan_slices()
+        assert len(scheduler.cost.tower) == 1  # the tower ran in this iteration ...
+        assert [(row.req, n > 0) for row, n in slices] == [(req, True)]  # ... and so did the prompt's first slice
+        scheduler._mixed(slices)
+        for _ in range(40):
+            if events and events[-1].kind != "token":
+                break
+            scheduler._iterate()
+    assert events[-1].kind == "done"
+    assert "".join(e.text for e in events) == model.generate(messages, max_new_tokens=7)
+
+
+def test_replies_under_the_measured_budget_match_generate(model):
+    """A server with no budget given: after enough calls the fit sets the budget (reported on /metrics), and
+    every reply, text or image, equals generate() of that request alone."""
+    live = LiveServer(model, ServeConfig(model_name="tiny", max_batch=4, max_model_len=1024)).start()
+    try:
+        if live.scheduler.cost is None:
+            pytest.skip("this decoder does not mix steps and slices")
+        images = [png_data_url(random_image(60 + i, 40 + 9 * i, 30 + 11 * i)) for i in range(3)]
+        requests = []
+        for i in range(12):
+            text = " ".join(["sea"] * (2 + 13 * i)) + f" {i}?"
+            requests.append(([user(text, images[i % 3])] if i % 2 else [user(text)], 4 + (5 * i) % 13))
+        client = live.client()
+
+        def ask(request):
+            messages, max_tokens = request
+            reply = client.chat.completions.create(model="tiny", messages=messages, temperature=0,
+                                                   max_tokens=max_tokens)
+            return reply.choices[0].message.content
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(ask, requests))
+        for (messages, max_tokens), text in zip(requests, got):
+            assert text == model.generate(messages, max_new_tokens=max_tokens)
+        cost = live.scheduler.cost
+        assert cost.added >= budget.MIN_CALLS
+        if cost.coef is not None:  # the calls told the costs apart: the budget follows the fit
+            assert live.scheduler.max_batched_tokens >= 96
+            assert live.metric("llava_fast_max_batched_tokens") == live.scheduler.max_batched_tokens
+    finally:
+        live.stop()
