@@ -6,10 +6,13 @@ loss from `labels`, `loss.backward()`, gradient clipping at 1.0 (`--max-grad-nor
 through `peft` (adapters on the decoder's q/k/v/o/gate/up/down, as LLaVA-1.5's recipe, plus the full projector);
 bfloat16 as torch.autocast(bfloat16) over float32 weights, the mixed precision the transformers docs teach.
 llava-fast runs its trainer's step (`trainable_parameters`, `MasterWeights`, `LlavaForCausalLM.loss`, AdamW):
-in bfloat16 the model holds bf16 weights and the optimizer float32 masters, the bf16 gradients folded into the
-masters' as backward finishes each; in stage 2 full each decoder MLP keeps only its input for backward
-(`train --recompute-mlp`). With `--max-grad-norm 0` neither engine clips and llava-fast steps each
-parameter inside backward (`train --step-in-backward`), which clipping rules out.
+in bfloat16 the model holds bf16 weights and the optimizer float32 masters, the bf16 gradients kept until the
+step, which makes each tensor's float32 gradient just before its update (`StepFromModelGrads`); in stage 2 full
+each decoder MLP keeps only its input for backward (`train --recompute-mlp`) and, on the CPU, the freed heap goes
+back to the OS two (bfloat16) or four (float32) times a step (`return_freed_heap`: glibc's malloc_trim, no
+allocator setting, so the transformers loop in the same process keeps glibc's defaults). With
+`--max-grad-norm 0` neither engine clips and llava-fast steps each parameter inside backward
+(`train --step-in-backward`), which clipping rules out.
 
 Same for both: the weights (transformers' model gets llava-fast's random weights, and peft's lora_A the same
 draw, so the first-step losses agree to float tolerance; the table shows both), the batch (B rows of BOS +
@@ -121,9 +124,12 @@ def build_llava_fast(source, stage, lora, dtype, settings):
     from llava_fast.train.trainer import (
         MasterWeights,
         OptimizerInBackward,
+        StepFromModelGrads,
         clip_or_norm,
         fuse_frozen_projections,
         make_optimizer,
+        return_freed_heap,
+        return_freed_heap_after_decoder_backward,
         trainable_parameters,
     )
 
@@ -140,26 +146,41 @@ def build_llava_fast(source, stage, lora, dtype, settings):
     masters = MasterWeights(llm + projector, dtype)
     device = source.lm_head.weight.device
     optimizer = make_optimizer([{"params": masters.masters, "lr": settings["lr"]}], 0.0, device)
-    masters.fold_grads_in_backward()
     max_norm = settings.get("max_grad_norm", 1.0)
-    in_backward = OptimizerInBackward(optimizer, masters) if max_norm == 0 else None  # the trainer's path then
+    # the trainer's paths for one micro-batch a step in one process
+    from_model_grads = StepFromModelGrads(optimizer, masters) if dtype != torch.float32 and max_norm > 0 else None
+    if not from_model_grads:
+        masters.fold_grads_in_backward()
+    in_backward = OptimizerInBackward(optimizer, masters) if max_norm == 0 else None
     net.train()
     ids, labels, pixels = settings["batch"]
     pixels = pixels.to(dtype)
+    trim = device.type == "cpu" and stage == 2 and not lora  # the trainer's rule (trims_heap)
+    trim_in_backward = trim and dtype == torch.float32
+    if trim_in_backward:
+        return_freed_heap_after_decoder_backward(net)
 
     def step():
         if in_backward:
             in_backward.arm(device)
         loss = net.loss(ids, labels, pixels)
+        if trim_in_backward:  # the trainer's: freed heap back to the OS (return_freed_heap)
+            return_freed_heap()
         loss.backward()
+        if trim:
+            return_freed_heap()
+        if from_model_grads:
+            from_model_grads.step(max_norm)
+        elif not in_backward:
+            masters.accumulate_grads()
+            clip_or_norm(masters.masters, max_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            masters.copy_to_model()
         if in_backward:
             in_backward.disarm()
-            return loss.detach()
-        masters.accumulate_grads()
-        clip_or_norm(masters.masters, max_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        masters.copy_to_model()
+        if trim:
+            return_freed_heap()
         return loss.detach()
 
     return Engine("llava-fast", step, (net, masters, optimizer))

@@ -24,7 +24,9 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -240,18 +242,14 @@ def _fold_grad(master, p):
     p.grad = None
 
 
-class OptimizerInBackward:
-    """The optimizer's step for each trained parameter inside the last micro-batch's backward, as soon as its
-    gradient is final (a post-accumulate-grad hook, after the bf16 fold), the gradient freed at once: the
-    whole gradient set (float32, 4 bytes a trained parameter) never exists. Each update is the fused AdamW
-    kernel on one tensor with the run's optimizer's own state (a shared dict: checkpoints save and resume it as
-    before), the per-element arithmetic of one step over all tensors, so losses are bit-equal to the plain
-    step's. Gradient clipping scales every gradient by the global norm, known only once backward ends, so this
-    path runs without clipping (the trainer refuses it with --max-grad-norm > 0); the global norm is still
-    summed as the gradients go by, for the log."""
+class PerTensorUpdate:
+    """The run optimizer's update one trained tensor at a time: a one-tensor AdamW per master sharing the run
+    optimizer's state dict (checkpoints save and resume it as before) and its group's settings, the fused
+    kernel's per-element arithmetic of one step over all tensors, so the parameters are bit-equal to the plain
+    step's. update(master) steps a master whose gradient is set, frees that gradient and rounds the master into
+    the model's parameter."""
 
     def __init__(self, optimizer, masters):
-        self.armed, self.squares = False, None
         self.single = {}  # master -> (one-tensor AdamW sharing the state, the run optimizer's group)
         self.param_of = dict(zip(masters.masters, masters.params))
         for group in optimizer.param_groups:
@@ -260,6 +258,30 @@ class OptimizerInBackward:
                 one.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
                 self.single[m] = (one, group)
         self.optimizer = optimizer
+
+    def update(self, master):
+        one, group = self.single[master]
+        one.state = self.optimizer.state  # looked up each time: load_state_dict replaces the dict
+        one.param_groups[0]["lr"] = group["lr"]
+        one.step()
+        master.grad = None
+        p = self.param_of[master]
+        if master is not p:
+            with torch.no_grad():
+                p.copy_(master)
+
+
+class OptimizerInBackward:
+    """The optimizer's step for each trained parameter inside the last micro-batch's backward, as soon as its
+    gradient is final (a post-accumulate-grad hook, after the bf16 fold), the gradient freed at once: the
+    whole gradient set (float32, 4 bytes a trained parameter) never exists. Each update is a `PerTensorUpdate`,
+    so losses are bit-equal to the plain step's. Gradient clipping scales every gradient by the global norm,
+    known only once backward ends, so this path runs without clipping (the trainer refuses it with
+    --max-grad-norm > 0); the global norm is still summed as the gradients go by, for the log."""
+
+    def __init__(self, optimizer, masters):
+        self.armed, self.squares = False, None
+        self.per_tensor = PerTensorUpdate(optimizer, masters)
         for p, m in zip(masters.params, masters.masters):  # registered after the fold: runs after it
             p.register_post_accumulate_grad_hook(partial(self._step, m))
 
@@ -270,27 +292,98 @@ class OptimizerInBackward:
 
     def disarm(self):
         """-> the global gradient norm of the step. Steps any parameter the last backward did not reach."""
-        for m in self.single:
+        for m in self.per_tensor.single:
             if m.grad is not None:
-                self._step(m, self.param_of[m])
+                self._step(m, self.per_tensor.param_of[m])
         self.armed = False
         return self.squares.sqrt()
 
     def _step(self, master, p):
         if not self.armed:
             return
-        self._update(master)
-        if master is not p:
-            with torch.no_grad():
-                p.copy_(master)
-
-    def _update(self, master):
-        one, group = self.single[master]
         self.squares += torch.linalg.vector_norm(master.grad, dtype=torch.float32).square()
-        one.state = self.optimizer.state  # looked up each time: load_state_dict replaces the dict
-        one.param_groups[0]["lr"] = group["lr"]
-        one.step()
-        master.grad = None
+        self.per_tensor.update(master)
+
+
+class StepFromModelGrads:
+    """The optimizer step of a bf16 model trained one micro-batch a step (no accumulation, one process): the
+    bf16 gradients stay in the model's parameters until the step, which takes the global norm from them (in
+    float32: `_foreach_norm(dtype=float32)` equals the norm of their float32 copies bit for bit), then for each
+    tensor forms the float32 gradient (exact: a bf16 value is a float32 value), clips it, steps it
+    (`PerTensorUpdate`) and frees it. The float32 gradient set (4 bytes a trained parameter) never exists, the
+    bf16 one (2 bytes) does: 96 MiB less at the end of backward, the step's peak, on the tiny preset's stage 2
+    (50M trained parameters); same bits as folding in backward, then clip_grad_norm_ and the plain step."""
+
+    def __init__(self, optimizer, masters):
+        self.masters = masters
+        self.per_tensor = PerTensorUpdate(optimizer, masters)
+
+    def step(self, max_norm):
+        """-> the global gradient norm before clipping (max_norm 0: no clipping)."""
+        pairs = [(p, m) for p, m in zip(self.masters.params, self.masters.masters) if p.grad is not None]
+        if not pairs:
+            return torch.zeros(())
+        norms = torch._foreach_norm([p.grad for p, _ in pairs], 2, dtype=torch.float32)
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0) if max_norm > 0 else None  # clip_grad_norm_'s
+        # smallest first: when the (V, C) embedding's and lm_head's float32 gradients are formed (63 MiB each on
+        # the tiny preset) the other bf16 gradients are already freed
+        for p, m in sorted(pairs, key=lambda pm: pm[0].numel()):
+            m.grad, p.grad = p.grad.float(), None
+            if scale is not None:
+                m.grad.mul_(scale)
+            self.per_tensor.update(m)
+        return total
+
+
+def return_freed_heap():
+    """Hand the heap memory freed so far back to the OS (glibc's malloc_trim; nothing elsewhere).
+
+    glibc keeps freed chunks below its mmap threshold, which it raises to the size of each large block freed
+    (up to 32 MiB), for reuse in its heap; the blocks a step frees (forward temporaries, activations freed in
+    backward) are mostly not reused by what it allocates next, of other sizes, so the resident set climbs far
+    above the live tensors. Stage 2 full on the CPU (`trims_heap`) calls this after backward and after the step,
+    and in float32, whose peak is the end of backward, also after forward and once the decoder's backward is
+    done (before the embedding's (V, C) gradient is allocated). On the tiny preset that takes the peak resident
+    set from 1088 to ~950 MiB in float32 (837 MiB live) and from ~1030 to ~935 MiB in bfloat16 (902 live), at
+    ~1 ms a call plus faulting the pages in again: +0-4% of a float32 step; in bfloat16, whose peak is in forward,
+    the two extra calls would cost ~10% of its shorter step for nothing. LoRA and stage 1, whose peaks are half
+    the alternative's already, skip it (3-8% of their step). It changes no allocator setting, so other code in
+    the process keeps glibc's defaults."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def trims_heap(args, device):
+    """(after backward and the step, also after forward and the decoder's backward): where the step returns its
+    freed heap to the OS (see return_freed_heap): stage 2 full on the CPU; the second in float32 only."""
+    step = device.type == "cpu" and args.stage == 2 and args.lora_r is None
+    return step, step and (args.precision == "fp32" or args.fsdp)
+
+
+def return_freed_heap_after_decoder_backward(net):
+    """return_freed_heap when backward reaches the decoder's input, that is once the decoder's backward is
+    done and before the embedding's gradient is allocated."""
+    def hook(module, args):
+        x = args[0]
+        if torch.is_grad_enabled() and x.requires_grad:
+            x.register_hook(lambda grad: return_freed_heap())
+
+    return net.language_model.layers[0].register_forward_pre_hook(hook)
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc() if sys.platform.startswith("linux") else None
 
 
 def make_optimizer(groups, weight_decay, device, sharded=False):
@@ -501,32 +594,39 @@ def _train(a: TrainArgs, dist, rank, world, device):
                        math.ceil(a.warmup_ratio * run.total))
     if a.cache_image_features:
         stepper.image_cache = ImageFeatureCache(run.net)
+    if stepper.trim_in_backward:
+        return_freed_heap_after_decoder_backward(run.net)
     peak = peak_flops(device) if a.precision == "bf16" else None
     result = TrainResult(run.net, skipped=run.skipped)
     runtime_skipped = Counter(run.state.get("skipped_in_batches", {}))
     batches = iter(run.loader)
     run_start, run_tokens, run_samples = time.perf_counter(), 0, 0
-    for step in range(run.start, run.total):
-        data_start = time.perf_counter()
-        micro = [next(batches) for _ in range(a.grad_accum)]
-        for b in micro:
-            runtime_skipped.update(b.skipped)
-        step_start = time.perf_counter()  # the step's time is compute; data loading is logged beside it
-        m = stepper.step(step, micro, step_start)
-        if m is None:
-            log(f"warning: step {step + 1}: every sample of the global batch was dropped; step skipped")
-            continue
-        m["data_s"] = step_start - data_start
-        row_lengths, num_images = m.pop("row_lengths"), m.pop("num_images")
-        m["epoch"] = round((step + 1) / run.steps_per_epoch, 4)
-        if peak:
-            flops = step_flops(run.cfg, row_lengths, num_images, a.stage == 2 and not run.lora, True) * world
-            m["mfu"] = flops / m["step_time_s"] / (peak * world)
-        run_tokens, run_samples = run_tokens + m["tokens"], run_samples + m["samples"]
-        result.losses.append((step + 1, m["loss"]))
-        run_log.step(m, (time.perf_counter() - run_start) / (step + 1 - run.start) * (run.total - step - 1))
-        if a.save_every and (step + 1) % a.save_every == 0 and step + 1 < run.total:
-            run_log.save_checkpoint(step + 1, runtime_skipped)
+    saved_at = run.start  # the step of the newest checkpoint in --output (run.start: none, or the resumed one)
+    with _Interrupt(main) as interrupt:
+        for step in range(run.start, run.total):
+            if interrupt.agreed(dist, device):  # every process, after the same step
+                _stop_interrupted(run_log, step, saved_at, run.total, runtime_skipped, log)
+            data_start = time.perf_counter()
+            micro = [next(batches) for _ in range(a.grad_accum)]
+            for b in micro:
+                runtime_skipped.update(b.skipped)
+            step_start = time.perf_counter()  # the step's time is compute; data loading is logged beside it
+            m = stepper.step(step, micro, step_start)
+            if m is None:
+                log(f"warning: step {step + 1}: every sample of the global batch was dropped; step skipped")
+                continue
+            m["data_s"] = step_start - data_start
+            row_lengths, num_images = m.pop("row_lengths"), m.pop("num_images")
+            m["epoch"] = round((step + 1) / run.steps_per_epoch, 4)
+            if peak:
+                flops = step_flops(run.cfg, row_lengths, num_images, a.stage == 2 and not run.lora, True) * world
+                m["mfu"] = flops / m["step_time_s"] / (peak * world)
+            run_tokens, run_samples = run_tokens + m["tokens"], run_samples + m["samples"]
+            result.losses.append((step + 1, m["loss"]))
+            run_log.step(m, (time.perf_counter() - run_start) / (step + 1 - run.start) * (run.total - step - 1))
+            if a.save_every and (step + 1) % a.save_every == 0 and step + 1 < run.total:
+                run_log.save_checkpoint(step + 1, runtime_skipped)
+                saved_at = step + 1
     run_log.close()
     run_time = time.perf_counter() - run_start
 
@@ -541,6 +641,67 @@ def _train(a: TrainArgs, dist, rank, world, device):
         log("skipped records: " + ", ".join(f"{n} x {r}" for r, n in result.skipped.most_common()))
     log("wrote " + ", ".join(result.outputs))
     return result
+
+
+class _Interrupt:
+    """Ctrl-C (SIGINT) while the steps run. The first asks for a checkpoint after the current step and a stop
+    there, not at once: mid-step the weights can be half-updated (--step-in-backward steps each parameter during
+    backward), and the optimizer's state ahead of them. The second raises KeyboardInterrupt at once. Under
+    torchrun each process gets its signal on its own, possibly during different steps, so before each step the
+    processes all-reduce their requests (one number) and all stop after the same step. Installed in the main
+    thread over Python's default handler only: a run started with SIGINT ignored, or inside a program with its
+    own handler, keeps that."""
+
+    def __init__(self, main):
+        self.main, self.requested, self.installed = main, False, False
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self._handle)
+            self.installed = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        return False
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the second: KeyboardInterrupt at once
+        if self.main:  # os.write: print() here could re-enter a stderr write the signal interrupted
+            os.write(2, b"\n" * sys.stderr.isatty() + b"llava-fast train: interrupted: saving a checkpoint after "
+                        b"this step (Ctrl-C again to quit without it)\n")
+
+    def agreed(self, dist, device):
+        """Whether any process was interrupted (collective under torch.distributed)."""
+        if dist is None:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+
+def _stop_interrupted(run_log, done, saved_at, total, runtime_skipped, log):
+    """After an interrupt: a resumable checkpoint of the `done` steps (unless one exists), one line, and
+    KeyboardInterrupt (the CLI's exit code 130)."""
+    output = run_log.a.output
+    if done > saved_at:
+        path = run_log.save_checkpoint(done, runtime_skipped)
+        log(f"interrupted: saved step {done} of {total} in {path}; continue with --resume")
+    elif done > 0:
+        log(f"interrupted: step {done} of {total} is already in {os.path.join(output, f'checkpoint-{done}')}; "
+            "continue with --resume")
+    else:
+        log("interrupted before the first step finished: nothing to save")
+    run_log.close()
+    raise KeyboardInterrupt
+
+
+def _ignore_sigint(worker_id):
+    """The data loader's workers leave Ctrl-C to the main process, which finishes its step first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @dataclass
@@ -640,7 +801,7 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
         LlavaDataset(records, examples, spec, base.processor, strict=a.strict),
         batch_sampler=StepSampler(examples, a.batch_size, a.grad_accum, world, rank, a.seed, run.start, total),
         collate_fn=Collate(base.tokenizer.pad_token_id), num_workers=workers, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=4 if workers else None, worker_init_fn=_ignore_sigint if workers else None,
         generator=torch.Generator().manual_seed(a.seed))  # not the global RNG: resuming must not shift it
     return run
 
@@ -681,8 +842,9 @@ class _RunLog:
             self.progress.update(metrics, eta_s)
 
     def save_checkpoint(self, step, runtime_skipped):
+        """-> the checkpoint's directory."""
         r = self.run
-        ckpt.save_state(self.a.output, step, r.model, r.optimizer, None if self.a.fsdp else r.masters,
+        return ckpt.save_state(self.a.output, step, r.model, r.optimizer, None if self.a.fsdp else r.masters,
                         {"step": step, "run": r.this_run, "world_size": self.world,
                          "skipped_in_batches": dict(runtime_skipped)}, keep=self.a.keep_checkpoints)
 
@@ -766,8 +928,12 @@ class _Stepper:
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
         self.dummy = (torch.tensor([[bos, bos]], device=device), torch.tensor([[-100, bos]], device=device))
         self.image_cache = None
-        self.in_backward = None
-        if dist is None:  # DDP's reducer reads p.grad after the per-parameter hooks
+        self.in_backward = self.from_model_grads = None
+        self.trim, self.trim_in_backward = trims_heap(a, device)
+        bf16_masters = masters.masters is not masters.params
+        if dist is None and bf16_masters and a.grad_accum == 1 and not a.step_in_backward:
+            self.from_model_grads = StepFromModelGrads(optimizer, masters)  # nothing to accumulate
+        elif dist is None:  # DDP's reducer reads p.grad after the per-parameter hooks
             masters.fold_grads_in_backward()
         if a.step_in_backward:
             if dist is not None:
@@ -804,16 +970,25 @@ class _Stepper:
                 self.in_backward.arm(self.device)
             with self.model.no_sync() if self.defer_sync and not last else contextlib.nullcontext():
                 loss = self.model(ids, labels, pixels, scale, features, sizes)
+                if self.trim_in_backward:  # the forward's freed temporaries, before backward allocates
+                    return_freed_heap()
                 loss.backward()
-            self.masters.accumulate_grads()
+            if not self.from_model_grads:
+                self.masters.accumulate_grads()
             ce_sum += loss.detach().double() * targets / self.world
+        if self.trim:  # the activations' freed heap, before the optimizer allocates
+            return_freed_heap()
         if self.in_backward:  # every parameter already stepped
             grad_norm = self.in_backward.disarm()
+        elif self.from_model_grads:
+            grad_norm = self.from_model_grads.step(self.a.max_grad_norm)
         else:
             grad_norm = clip_or_norm(self.masters.masters, self.a.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.masters.copy_to_model()
+        if self.trim:
+            return_freed_heap()
         if self.dist:
             self.dist.all_reduce(ce_sum)
         loss = float(ce_sum) / targets  # the step's one host sync

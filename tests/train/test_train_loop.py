@@ -6,6 +6,9 @@ import glob
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import checkpoints as ck
 import pytest
@@ -217,6 +220,66 @@ def test_stage1_from_llama_and_clip_then_stage2_from_its_projector(reference_dir
     base = ckpt.load_base(llama_dir, vision_tower=clip_dir, projector=os.path.join(out, "mm_projector.safetensors"))
     for name, p in base.net.multi_modal_projector.named_parameters(prefix="multi_modal_projector"):
         assert torch.equal(p, after[name])
+
+
+def test_ctrl_c_saves_after_the_current_step_then_resume_continues_the_run(tiny_ckpt, image_folder, tmp_path):
+    """`llava-fast train` (a subprocess, stepping inside backward, so that mid-step the weights would be
+    half-updated) sent SIGINT once its first step is logged: it finishes that step, writes checkpoint-N, says
+    where in one line and exits 130. The checkpoint holds N whole steps (log, trainer state, every parameter's
+    AdamW step count), and resuming from it gives the uninterrupted run's losses from step N + 1."""
+    records = make_records(8)
+    common = dict(batch_size=2, max_steps=60, lr=1e-3, max_grad_norm=0.0, step_in_backward=True)
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "llava_fast", "train", "--stage", "2", "--model", tiny_ckpt,
+           "--data", write_data(tmp_path / "data.json", records), "--image-folder", image_folder,
+           "--output", str(out), "--batch-size", "2", "--max-steps", "60", "--lr", "1e-3", "--max-grad-norm", "0",
+           "--step-in-backward", "--no-gradient-checkpointing", "--log-every", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # the in-process runs' one thread (this folder's conftest)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in proc.stderr:
+            if line.startswith("step 1/60"):
+                proc.send_signal(signal.SIGINT)
+                break
+        err = proc.stderr.read()
+        code = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    said = [x for x in err.splitlines() if "interrupted" in x]
+    assert code == 130 and "Traceback" not in err, err
+    assert len(said) == 2 and said[0].endswith("(Ctrl-C again to quit without it)"), err
+    steps = ckpt.list_checkpoints(str(out))
+    assert len(steps) == 1 and 1 <= steps[0] < 60, err
+    n = steps[0]
+    assert said[1] == (f"llava-fast train: interrupted: saved step {n} of 60 in {out}/checkpoint-{n}; "
+                       "continue with --resume")
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == n
+    assert ckpt.read_json(str(out / f"checkpoint-{n}" / "trainer_state.json"))["step"] == n
+    optim = torch.load(out / f"checkpoint-{n}" / "state.pt")["optim"]["state"]
+    assert optim and all(int(s["step"]) == n for s in optim.values())
+
+    full = run(tiny_ckpt, image_folder, tmp_path, records, "full", **common)
+    resumed = run(tiny_ckpt, image_folder, tmp_path, records, "interrupted", resume=True, **common)
+    assert resumed.losses == full.losses[n:]
+
+
+def test_the_second_ctrl_c_interrupts_at_once_and_the_handler_is_restored():
+    from llava_fast.train.trainer import _Interrupt
+
+    with _Interrupt(main=False) as interrupt:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupt.requested and interrupt.agreed(None, None)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            signal.sigtimedwait([], 0.1)  # a bytecode boundary at which the handler runs
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _Interrupt(main=False) as interrupt:  # a run started with Ctrl-C ignored keeps ignoring it
+            os.kill(os.getpid(), signal.SIGINT)
+        assert not interrupt.requested and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_crash_while_saving_leaves_no_complete_looking_checkpoint(tiny_ckpt, tmp_path, monkeypatch):

@@ -314,6 +314,17 @@ def test_step_in_backward_gives_the_plain_steps_losses(tiny_ckpt, image_folder, 
         assert a["grad_norm"] > 0 and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
 
 
+def test_bf16_one_micro_batch_steps_from_the_model_grads_as_in_backward(tiny_ckpt, image_folder, tmp_path):
+    """bfloat16, one micro-batch a step, no clipping: the plain run keeps the bf16 gradients in the model until
+    the step (StepFromModelGrads) and --step-in-backward updates inside backward; both make the same float32
+    gradients and per-tensor AdamW updates, so four steps' losses are equal bit for bit."""
+    common = dict(precision="bf16", max_grad_norm=0.0, epochs=2, batch_size=4)
+    plain = run(tiny_ckpt, image_folder, tmp_path, make_records(8), "plain", **common)
+    inside = run(tiny_ckpt, image_folder, tmp_path, make_records(8), "inside", step_in_backward=True, **common)
+    assert len(plain.losses) == 4 and len({round(v, 4) for _, v in plain.losses}) > 2
+    assert plain.losses == inside.losses
+
+
 def test_step_in_backward_refuses_clipping_and_distributed_runs(tiny_ckpt, image_folder, tmp_path):
     """Clipping needs the global norm before any parameter steps: --step-in-backward with clipping is an input
     error naming the fix, as is FSDP (its gradients are reduced after backward)."""
@@ -411,6 +422,52 @@ def test_optimizer_in_backward_frees_each_gradient_and_equals_the_plain_step(dty
         assert torch.equal(a, b)
     for a, b in zip(norms_in, norms_plain):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 0.0], ids=["clipped", "unclipped"])
+def test_step_from_model_grads_equals_folding_then_the_plain_step(max_norm):
+    """bf16 model, float32 masters, three layers (one 97 x 61), three steps: the bf16 gradients stay in the model
+    until the step (no float32 gradient after backward), then the norm, the clipped update and the rounded
+    parameters equal the fold in backward + clip_grad_norm_ + AdamW over all tensors bit for bit."""
+    from llava_fast.train.trainer import StepFromModelGrads, clip_or_norm, make_optimizer
+
+    g = torch.Generator().manual_seed(6)
+    shapes = [(61, 7), (97, 61), (5, 97)]
+    weights = [torch.randn(*s, generator=g) / s[1] ** 0.5 for s in shapes]
+    xs = [torch.randn(9, 7, generator=g) for _ in range(3)]
+
+    def train(from_model):
+        layers = [torch.nn.Parameter(w.clone()) for w in weights]
+        masters = MasterWeights([(f"w{i}", p) for i, p in enumerate(layers)], torch.bfloat16)
+        optimizer = make_optimizer([{"params": masters.masters, "lr": 1e-2}], 0.01, torch.device("cpu"))
+        stepper = StepFromModelGrads(optimizer, masters) if from_model else masters.fold_grads_in_backward()
+        norms = []
+        for x in xs:
+            h = x.to(torch.bfloat16)
+            for p in layers:
+                h = torch.tanh(h @ p.t())
+            h.float().square().sum().backward()
+            if from_model:
+                assert all(m.grad is None for m in masters.masters)
+                assert all(p.grad.dtype == torch.bfloat16 for p in layers)
+                norms.append(stepper.step(max_norm))
+                assert all(p.grad is None and m.grad is None for p, m in zip(layers, masters.masters))
+            else:
+                norms.append(clip_or_norm(masters.masters, max_norm))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                masters.copy_to_model()
+        return masters.masters + layers, norms, optimizer.state_dict()
+
+    ours, ours_norms, ours_state = train(True)
+    plain, plain_norms, plain_state = train(False)
+    assert not torch.equal(ours[1], weights[1])  # it trained
+    if max_norm:
+        assert min(plain_norms) > 2 * max_norm  # the clipping applied on every step
+    for a, b in zip(ours + ours_norms, plain + plain_norms):
+        assert torch.equal(a, b)
+    for k, state in plain_state["state"].items():  # the moments and step counts a checkpoint saves
+        assert all(torch.equal(v, ours_state["state"][k][n]) for n, v in state.items())
 
 
 def test_stage1_fused_frozen_projections_give_the_same_losses_and_checkpoint(tiny_ckpt, image_folder, tmp_path,
