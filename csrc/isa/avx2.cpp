@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "../convert.h"
@@ -112,7 +113,152 @@ void tiles_f32(const GemvRows& p, int64_t n) {
   }
 }
 
+// ---- float32 prompt GEMM: the tile's sums as outer products --------------------------------------------------
+// tile_f32's output is, per lane l of 8, an FMA chain over k = l, l + 8, ... from zero (masked k past K add 0 x 0),
+// then hsum8's tree: y = ((L0 + L4) + (L2 + L6)) + ((L1 + L5) + (L3 + L7)). As the AVX-512 table's prompt GEMM
+// (avx512.cpp), the chains run with the vector across 8 outputs instead: x and W repacked lane-major (lane l's k in
+// order, zeros past K), one FMA per (weight vector of 8 outputs, broadcast x value), the 8 chains of a tile kept
+// apart and added in the tree's order at the end, so every output is the tile's operation for operation (the kernel
+// driver compares rows against M = 1, splits and thread counts). A 6 x 16 tile: 12 accumulators, 2 weight vectors,
+// 1 broadcast (15 of 16 ymm registers); W's panel (16 rows x K) is packed once per call and stays in L1/L2 while
+// every x tile passes, and each x tile's lane-major rows (6 x K) stay in L1.
+constexpr int kPanelCols = 16;  // weight rows per panel: 2 vectors of outputs
+constexpr int kPanelRows = 6;   // x rows per tile
+// From 64 rows: a short prompt (SmolLM2's 127-token bench prompt) gets it; decode batches (server: <= 64 rows
+// minus one) keep the tiles.
+constexpr int64_t kGemmMinRows = 64;
+
+inline int64_t tile_count(int64_t M) { return (M + kPanelRows - 1) / kPanelRows; }
+inline int64_t tile_start(int64_t M, int64_t t) { return M * t / tile_count(M); }
+
+// 8 x 8 transpose: v[i] lane l -> v[l] lane i.
+inline void transpose8(__m256 (&v)[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {  // rows 4h .. 4h + 3
+    u[4 * h + 0] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0x44);
+    u[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0xEE);
+    u[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
+    u[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xEE);
+  }
+  for (int q = 0; q < 4; ++q) {
+    v[q] = _mm256_permute2f128_ps(u[q], u[4 + q], 0x20);
+    v[4 + q] = _mm256_permute2f128_ps(u[q], u[4 + q], 0x31);
+  }
+}
+
+// `rows` (<= width) rows of src (row stride ld, K floats each) lane-major into dst: dst[(l * J + j) * width + r] =
+// src[r][8j + l], zeros past K and for r in [rows, width). width: 6 (an x tile) or 16 (a panel).
+void pack_lanes8(const float* src, int64_t ld, int rows, int64_t K, float* dst, int width) {
+  const int64_t J = (K + 7) / 8;
+  for (int r0 = 0; r0 < width; r0 += 8) {
+    const int span = std::min(8, width - r0);  // dst columns this group writes
+    const __m256i keep = tail_mask8(span);
+    for (int64_t j = 0; j < J; ++j) {
+      const __m256i mk = tail_mask8(K - 8 * j);
+      __m256 v[8];
+      for (int i = 0; i < 8; ++i)
+        v[i] = r0 + i < rows ? _mm256_maskload_ps(src + (r0 + i) * ld + 8 * j, mk) : _mm256_setzero_ps();
+      transpose8(v);
+      for (int l = 0; l < 8; ++l) _mm256_maskstore_ps(dst + (l * J + j) * width + r0, keep, v[l]);
+    }
+  }
+}
+
+size_t gemm_f32_layout_bytes(const GemvRows& p) {
+  return p.a->m < kGemmMinRows ? 0 : size_t(p.a->m) * size_t((p.a->k + 7) / 8 * 8) * sizeof(float);
+}
+
+void gemm_f32_prepare(const GemvRows& p, void* scratch) {  // tile t at tile_start(t) * Kp floats, ld its rows
+  const int64_t M = p.a->m, K = p.a->k, Kp = (K + 7) / 8 * 8;
+  for (int64_t t = 0; t < tile_count(M); ++t) {
+    const int64_t m = tile_start(M, t);
+    const int rows = int(tile_start(M, t + 1) - m);
+    pack_lanes8(p.xf + m * K, K, rows, K, static_cast<float*>(scratch) + m * Kp, rows);
+  }
+}
+
+// MR x rows (xp: lane-major, ld MR) times a panel (wp: lane-major, ld 16) into y rows (stride ys), `cols` (<= 16)
+// of the panel's outputs stored. buf: 3 x 2MR vectors of partial sums.
+template <int MR>
+void gemm_f32_tile(const float* xp, const float* wp, int64_t J, float* y, int64_t ys, int cols, __m256* buf) {
+  static constexpr int kOrder[8] = {0, 4, 2, 6, 1, 5, 3, 7};  // the order hsum8's tree adds the lanes
+  __m256* a = buf;           // L0 + L4, then (L0 + L4) + (L2 + L6)
+  __m256* b = buf + 2 * MR;  // L2, then L3
+  __m256* c = buf + 4 * MR;  // L1 + L5
+  const __m256i m0 = tail_mask8(cols), m1 = tail_mask8(cols - 8);
+  for (int s = 0; s < 8; ++s) {
+    const int l = kOrder[s];
+    const float* xl = xp + l * J * MR;
+    const float* wl = wp + l * J * kPanelCols;
+    __m256 acc[MR][2];
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < J; ++j) {
+      const __m256 w0 = _mm256_loadu_ps(wl + j * kPanelCols), w1 = _mm256_loadu_ps(wl + j * kPanelCols + 8);
+      #pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const __m256 xb = _mm256_broadcast_ss(xl + j * MR + r);
+        acc[r][0] = _mm256_fmadd_ps(w0, xb, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(w1, xb, acc[r][1]);
+      }
+    }
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+      #pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const int i = 2 * r + h;
+        const __m256 v = acc[r][h];
+        switch (s) {
+          case 0: a[i] = v; break;
+          case 1: a[i] = _mm256_add_ps(a[i], v); break;
+          case 2: b[i] = v; break;
+          case 3: a[i] = _mm256_add_ps(a[i], _mm256_add_ps(b[i], v)); break;
+          case 4: c[i] = v; break;
+          case 5: c[i] = _mm256_add_ps(c[i], v); break;
+          case 6: b[i] = v; break;
+          default:
+            if (8 * h < cols)
+              _mm256_maskstore_ps(y + r * ys + 8 * h, h ? m1 : m0,
+                                  _mm256_add_ps(a[i], _mm256_add_ps(c[i], _mm256_add_ps(b[i], v))));
+        }
+      }
+  }
+}
+
+void gemm_f32(const GemvRows& p, int64_t n0, int64_t n1) {
+  const GemvArgs& a = *p.a;
+  const int64_t M = a.m, K = a.k, J = (K + 7) / 8, Kp = 8 * J;
+  float* y = p.yf ? p.yf : static_cast<float*>(a.y);
+  const int64_t ys = p.yf ? a.n : a.y_stride;
+  thread_local float* panel = nullptr;  // this thread's panel, grown once (the pool's threads live as long as the process)
+  thread_local size_t panel_floats = 0;
+  if (panel_floats < size_t(Kp) * kPanelCols) {
+    std::free(panel);
+    panel_floats = size_t(Kp) * kPanelCols;
+    panel = static_cast<float*>(std::aligned_alloc(64, panel_floats * sizeof(float)));
+  }
+  alignas(32) __m256 buf[6 * kPanelRows];
+  const float* xp = static_cast<const float*>(p.layout);
+  const float* w = static_cast<const float*>(a.w);
+  static constexpr void (*kTiles[kPanelRows + 1])(const float*, const float*, int64_t, float*, int64_t, int, __m256*) = {
+      nullptr, gemm_f32_tile<1>, gemm_f32_tile<2>, gemm_f32_tile<3>, gemm_f32_tile<4>, gemm_f32_tile<5>,
+      gemm_f32_tile<6>};
+  for (int64_t n = n0; n < n1; n += kPanelCols) {
+    const int cols = int(std::min<int64_t>(kPanelCols, n1 - n));
+    pack_lanes8(w + n * K, K, cols, K, panel, kPanelCols);
+    for (int64_t t = 0; t < tile_count(M); ++t) {
+      const int64_t m = tile_start(M, t);
+      kTiles[tile_start(M, t + 1) - m](xp + m * Kp, panel, J, y + m * ys + n, ys, cols, buf);
+    }
+  }
+}
+
 void gemv_f32(const GemvRows& p, int64_t n0, int64_t n1) {
+  if (p.layout) return gemm_f32(p, n0, n1);  // a prompt's rows (gemm_f32_layout_bytes)
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) tiles_f32<4>(p, n);
   switch (n1 - n) {
@@ -952,7 +1098,8 @@ const KernelTable* avx2_kernels() {
       gemm_q4_panel,
       dequantize_rows,
       add_rms_norm_row, rope, store_row, swiglu_row, attn_dot, attn_axpy,
-      attend_kernel, bf16_layout_bytes, bf16_prepare, gemm_q8_panel};
+      attend_kernel, bf16_layout_bytes, bf16_prepare, gemm_q8_panel,
+      gemm_f32_layout_bytes, gemm_f32_prepare, kPanelCols};
   return &table;
 }
 
