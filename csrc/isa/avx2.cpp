@@ -124,9 +124,11 @@ void tiles_f32(const GemvRows& p, int64_t n) {
 // every x tile passes, and each x tile's lane-major rows (6 x K) stay in L1.
 constexpr int kPanelCols = 16;  // weight rows per panel: 2 vectors of outputs
 constexpr int kPanelRows = 6;   // x rows per tile
-// From 64 rows: a short prompt (SmolLM2's 127-token bench prompt) gets it; decode batches (server: <= 64 rows
-// minus one) keep the tiles.
-constexpr int64_t kGemmMinRows = 64;
+// From 128 rows (a long prompt's chunks, decode.cpp: float32 prompts then go in 512-row chunks), as the AVX-512
+// table. SmolLM2-135M float32 native prefill, avx2 table, Sapphire Rapids 2 cores, load ~1.5-2, 2-3 alternating
+// processes: 600 tokens 555-566 -> 576-592 tok/s (+4%); 127 tokens from 64 rows gained nothing (old 565-625, GEMM
+// 551-619 tok/s), so short prompts and decode batches keep the tiles.
+constexpr int64_t kGemmMinRows = 128;
 
 inline int64_t tile_count(int64_t M) { return (M + kPanelRows - 1) / kPanelRows; }
 inline int64_t tile_start(int64_t M, int64_t t) { return M * t / tile_count(M); }
