@@ -150,11 +150,14 @@ void tiles_f32(const GemvRows& p, int64_t n, int64_t n1) {
 // ------------------------------------------------------------------------------------------------------
 constexpr int kPanelCols = 32;      // weight rows per panel: 2 vectors of outputs
 constexpr int kPanelRows = 12;      // x rows per tile: 24 accumulators + 2 weight vectors + 1 broadcast
-// From 128 rows (a long prompt's chunks, decode.cpp): below, the tiles are as fast or faster (hot weights, 2 threads,
+// From 96 rows (a prompt's chunks, decode.cpp): below, the tiles are as fast or faster (hot weights, 2 threads,
 // new / tiles at tiny-next's and SmolLM2's shapes, medians of 3 interleaved rounds: M = 32 0.77-0.83, 64
 // 0.90-0.98, 96 0.89-0.97, 256 0.80-1.21, 512 0.95-2.29), and a server's decode batches and prefill slices stay
-// on them.
-constexpr int64_t kGemmMinRows = 128;
+// on them. In the model the tiles' weights come from memory, not cache, and the GEMM wins from fewer rows:
+// SmolLM2-135M float32 native prefill of the 127-token bench prompt, avx512_core table, Sapphire Rapids 2 cores,
+// load ~1.1-1.5, 3 alternating processes, from 128 / 96 rows: 667-729 / 775-936 tok/s back to back, 628-665 /
+// 682-765 after a 0.5 s idle gap. From 96, so server decode batches (<= 64 rows) keep the tiles.
+constexpr int64_t kGemmMinRows = 96;
 
 // The 16 x 16 transpose of v (row r -> column r), by unpacks and 128-bit shuffles.
 inline void transpose16(__m512 (&v)[16]) {
