@@ -401,10 +401,11 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// four[j] = q . k_j * scale for 4 keys held in registers (head_dim 16 * ND), each sum by reduce4's tree: the same
-// bits whatever else the caller computes.
+// out[j] = q . k_j * scale for 4 keys held in registers (head_dim 16 * ND), each sum by reduce4's tree: the same
+// bits whatever else the caller computes. Only the first `left` (< 4 at a row's end) are stored: the next
+// query's scores follow.
 template <int ND>
-inline void score4(const float* qi, const __m512 (&kv)[4][ND], float scale, float* four) {
+inline void score4(const float* qi, const __m512 (&kv)[4][ND], float scale, float* out, int64_t left) {
   __m512 acc[4];
   #pragma GCC unroll 4
   for (int j = 0; j < 4; ++j) acc[j] = _mm512_mul_ps(_mm512_loadu_ps(qi), kv[j][0]);
@@ -414,7 +415,8 @@ inline void score4(const float* qi, const __m512 (&kv)[4][ND], float scale, floa
     #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) acc[j] = _mm512_fmadd_ps(qc, kv[j][c], acc[j]);
   }
-  _mm_store_ps(four, _mm_mul_ps(reduce4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale)));
+  const __m128 four = _mm_mul_ps(reduce4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale));
+  _mm_mask_storeu_ps(out, left >= 4 ? __mmask8(0xf) : __mmask8((1u << left) - 1), four);
 }
 
 // Softmax of one query's T scores in place, unnormalized (e^(s - max)); returns 1 / their sum.
@@ -454,9 +456,7 @@ void attend_block(const float* q, int64_t q_stride, int nb, const char* k, const
       for (int c = 0; c < ND; ++c) kv[j][c] = valid ? load16(k + (t + j) * pos_bytes, BF16, 16 * c, 0xffff) : _mm512_setzero_ps();
     }
     for (int i = 0; i < nb; ++i) {
-      alignas(16) float four[4];
-      score4<ND>(q + i * q_stride, kv, scale, four);
-      for (int j = 0; j < 4 && t + j < Tmax; ++j) scores[i * Tmax + t + j] = four[j];
+      score4<ND>(q + i * q_stride, kv, scale, scores + i * Tmax + t, Tmax - t);
     }
   }
   float inv[QB];
@@ -514,9 +514,7 @@ void attend_many(const float* const* q, const int64_t* lens, float* const* o, in
     }
     for (int i = 0; i < n; ++i) {
       if (t >= lens[i]) continue;
-      alignas(16) float four[4];
-      score4<ND>(q[i], kv, scale, four);
-      for (int j = 0; j < 4 && t + j < Tmax; ++j) scores[i * Tmax + t + j] = four[j];
+      score4<ND>(q[i], kv, scale, scores + i * Tmax + t, Tmax - t);
     }
   }
   for (int i = 0; i < n; ++i) inv[i] = softmax_row(scores + i * Tmax, lens[i]);

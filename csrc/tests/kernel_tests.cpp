@@ -348,7 +348,9 @@ void check_decode_kernels(Checks& c, const lf::KernelTable& t, const lf::KernelT
     }
     // Attention of one head over T keys: the table's dot/axpy loop and its block kernel, against scalar's loop.
     for (int64_t D : {32, 64, 96, 128, 40}) {
-      for (int64_t T0 : {1, 7, 70}) {
+      // Tmax = 3, 6, 9, 72 keys: every remainder of the kernels' 4-key groups (their last group's stores must stop
+      // at a query's last score: the next query's scores follow).
+      for (int64_t T0 : {1, 4, 7, 70}) {
         const int nb = 3;  // queries at positions T0 - 1 .. T0 + 1
         const int64_t Tmax = T0 + nb - 1, elem = bf16 ? 2 : 4;
         const std::vector<float> q = randn(nb * D), kf = rounded(randn(Tmax * D)), vf = rounded(randn(Tmax * D));
