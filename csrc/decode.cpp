@@ -40,7 +40,8 @@ namespace {
 constexpr int64_t kChunk = 128;
 
 // A float32 model's prompt on a table with a float32 prompt GEMM (gemv_f32_prepare: its cost does not grow
-// with the rows, csrc/isa/avx512.cpp) goes in chunks of up to 512 rows, so the weights are read 4x less often.
+// with the rows, csrc/isa/avx512.cpp and avx2.cpp) goes in chunks of up to 512 rows, so the weights are read 4x
+// less often.
 // tiny-next, 2,945 positions, native prefill, medians of 4 interleaved rounds, the GEMV tiles in 128-row chunks
 // against the GEMM in chunks of 128 / 256 / 512 / 1,024: 1.12x / 1.23x / 1.26x / 1.21x faster, the same logits.
 // Attention is unchanged: its calls take ~1 MB of scores' worth of rows whatever the chunk.
