@@ -8,7 +8,7 @@
 // int8 and int4 models ran slower than float32. The kernels (csrc/isa/, one table per instruction set)
 // stream each weight once; with AVX-512 (avx512.cpp, avx512_vnni.cpp):
 //   float32  16 weights per FMA; above M = 1 a tile of 4 weight rows x 6 x rows (24 FMAs per 10 loads);
-//            from 128 rows the same sums as outer products on lane-major copies of x and W (avx512.cpp);
+//            from 96 rows the same sums as outer products on lane-major copies of x and W (avx512.cpp);
 //   bfloat16  32 weights per VDPBF16PS (x rounded to bf16, fp32 sums); one row at a time, the rows of a
 //            thread one sequential stream, prefetched into L2 8 KB ahead.
 //   int8     64 weights per VPDPBUSD (AVX512_VNNI, u8 x s8 -> int32): the weight stored offset-binary (w + 128)

@@ -101,6 +101,8 @@ def make(net, compile=False) -> CpuPlan:
         prefill, prefill_why = "torch", f"the {table} table has no tiles: the torch prefill is faster"
     else:
         gemm = " and its int8/int4 GEMMs" if any(p.startswith("int") for p in projections) else ""
+        if "float32" in projections:  # csrc/decode.cpp: the float32 prompt GEMM from 96 (AVX-512) / 128 (AVX2) rows
+            gemm += f" and its float32 prompt GEMM from {96 if family == 'avx512' else 128} rows"
         prefill, prefill_why = "native", (f"tiles of the {table} table{gemm}: faster than oneDNN's GEMMs and the "
                                           "torch ops")
     return CpuPlan(table=table, weights=weights, decode=decode, decode_why=decode_why, prefill=prefill,
