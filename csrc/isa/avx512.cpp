@@ -282,14 +282,7 @@ void gemm_f32(const GemvRows& p, int64_t n0, int64_t n1) {
   const int64_t M = a.m, K = a.k, J = (K + 15) / 16, Kp = 16 * J;
   float* y = p.yf ? p.yf : static_cast<float*>(a.y);
   const int64_t ys = p.yf ? a.n : a.y_stride;
-  // This thread's panel, grown once (the pool's threads live as long as the process).
-  thread_local float* panel = nullptr;
-  thread_local size_t panel_floats = 0;
-  if (panel_floats < size_t(Kp) * kPanelCols) {
-    std::free(panel);
-    panel_floats = size_t(Kp) * kPanelCols;
-    panel = static_cast<float*>(std::aligned_alloc(64, panel_floats * sizeof(float)));
-  }
+  float* panel = thread_panel_f32(size_t(Kp) * kPanelCols);  // this thread's, kept between calls
   alignas(64) __m512 buf[8 * kPanelRows];
   const float* xp = static_cast<const float*>(p.layout);
   const float* w = static_cast<const float*>(a.w);

@@ -207,4 +207,15 @@ const char* use_kernels_named(const char* name) {
   return "";
 }
 
+float* thread_panel_f32(size_t floats) {
+  thread_local float* panel = nullptr;
+  thread_local size_t panel_floats = 0;
+  if (panel_floats < floats) {
+    std::free(panel);
+    panel_floats = (floats + 15) / 16 * 16;  // aligned_alloc takes a size that is a multiple of the alignment
+    panel = static_cast<float*>(std::aligned_alloc(64, panel_floats * sizeof(float)));
+  }
+  return panel;
+}
+
 }  // namespace llava_fast

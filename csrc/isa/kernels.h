@@ -161,6 +161,11 @@ const KernelTable* avx512_vnni_kernels();   // avx512_vnni.cpp's entries: bf16, 
 const KernelTable* avx512_amx_kernels();    // avx512_amx.cpp's entries: bf16 and its layout
 const KernelTable* neon_kernels();
 
+// This thread's float scratch of at least `floats`, 64-byte aligned, grown when a call needs more and kept (the
+// pool's threads live as long as the process): the float32 prompt GEMMs' weight panels (avx2.cpp, avx512.cpp).
+// Defined in dispatch.cpp, which is compiled without ISA flags, so no table's code is shared through it.
+float* thread_panel_f32(size_t floats);
+
 // ---- Selection (dispatch.cpp) ---------------------------------------------------------------------------
 
 // The active table: the best the CPU supports, or what LLAVA_FAST_CPU_ISA names (read at first use; an
