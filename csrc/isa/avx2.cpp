@@ -876,7 +876,7 @@ inline __m256 round_bf16_8(__m256 v) {
 
 inline __m256 rnd8(__m256 v, bool bf16) { return bf16 ? round_bf16_8(v) : v; }
 
-// e^x, 8 lanes: avx512.cpp's exp16 (Cephes' polynomial, within 2 ulp of std::exp); 2^n as two exponent-field
+// e^x, 8 lanes: avx512_common.h's exp16 (Cephes' polynomial, within 2 ulp of std::exp); 2^n as two exponent-field
 // factors so n up to 145 (x <= 100) overflows to inf as VSCALEFPS does.
 inline __m256 exp8(__m256 x) {
   x = _mm256_max_ps(_mm256_set1_ps(-87.3f), _mm256_min_ps(_mm256_set1_ps(100.f), x));  // NaN stays NaN (x second)

@@ -373,27 +373,6 @@ void axpy_avx512(float* out, float p, const void* v, bool bf16, int64_t D) {
   }
 }
 
-// e^x, 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' expf polynomial, times 2^n (VSCALEFPS). Within
-// 2 ulp of std::exp; a scalar exp per score was ~40 cycles, the largest piece of a prefill's attention (tiny
-// preset, 274 tokens: 1.8M of them), and SwiGLU's 75k per 55-row chunk and layer took 6 of a prefill's 70 ms.
-inline __m512 exp16(__m512 x) {
-  // e^-87.3 ~ 1e-38: no denormals; above 88.7 the result is inf (2^n overflows; 100 keeps r accurate). x second:
-  // VMAXPS / VMINPS return their second operand when either is NaN, so a NaN (an inf in q or K) stays NaN, as
-  // in torch's softmax, instead of becoming a weight of ~0.
-  x = _mm512_max_ps(_mm512_set1_ps(-87.3f), _mm512_min_ps(_mm512_set1_ps(100.f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-
 // out[j] = q . k_j * scale for 4 keys held in registers (head_dim 16 * ND), each sum by reduce4's tree: the same
 // bits whatever else the caller computes. Only the first `left` (< 4 at a row's end) are stored: the next
 // query's scores follow.

@@ -20,9 +20,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
+#include "avx512_common.h"
 #include "kernels.h"
 
 namespace llava_fast {
@@ -178,6 +180,293 @@ void gemv_bf16_amx(const GemvRows& p, int64_t n0, int64_t n1) {
   _tile_release();
 }
 
+// ---- Attention on tiles (kernels.h AttendKernel, bfloat16 K/V caches) ------------------------------------
+//
+// Both products of attention as TDPBF16PS, for the many queries of one KV head in a call (a prompt chunk's rows
+// times the query heads of their GQA group; a decode row is a call of `group` queries). avx512_vnni's
+// attend_many runs them as float32 FMAs on K/V widened per load, with a shuffle tree per 4 keys that costs as
+// much as the products; a tile does 16 x 16 x 32 multiply-adds per instruction.
+//   q . k   A = the queries, rounded to bfloat16 (a bfloat16 model's q already is), 16 rows x 32 head dims, as
+//           packed once per call; B = 16 keys in pairs of head dims (the VNNI layout: row k holds each key's
+//           dims 2k, 2k + 1), built per block of 32 keys by a 16 x 16 transpose of 32-bit pairs, once for all
+//           the call's queries; C = scores, 16 queries x 16 keys, stored as rows. (K as the A tile straight from
+//           the cache would leave C = scores^T, a transpose per query block and key block instead of per key
+//           block: 6x more at 88 queries per call.)
+//   softmax float32 per query over its own keys (exp16, lanes by key mod 16 from key 0), e rounded to bfloat16
+//           as p, written over the query's own scores row; keys past the query's length get p = 0.
+//   p . v   A = p, 16 queries x 32 keys; B = 32 keys x 16 dims as pairs of consecutive keys (two rows of V
+//           interleaved, once per call); C = out, 16 queries x 16 dims, accumulated over the key blocks in order
+//           and times 1 / sum on the way out.
+// Bits: every score is one C element over the head dims in order and every output one C element over the key
+// blocks 0, 32, 64, ... in order (blocks at absolute key positions from key 0, so how a prompt is split into
+// calls cannot move their edges); the softmax reads only the query's scores. A key block past a query's
+// length (run because another query of its tile needs it) adds p = 0 times a finite value: no change. So a
+// query's output depends on its own q, keys and values only, not on which queries share its tile or call, the
+// thread count, the chunking or the GQA grouping: a row alone gives the bits it gets among 7, 16 or 65 (the
+// driver checks). Keys and values past the last query's length (the cache's unwritten positions) are never
+// read; their places in the tiles are zeros. The bits differ from avx512_vnni's (q and p are rounded to
+// bfloat16, as the products of a bfloat16 model's SDPA are): within 5e-3 of the output's scale of the scalar
+// reference (kernel_tests.cpp; measured up to 5e-4 at 3-102 keys).
+
+// Tiles for attention (all 16 rows x 64 bytes, as configure_tiles): 0-3 C (2 query blocks x 2 key or dims
+// blocks), 4, 5 A (query blocks), 6, 7 B (key or dims blocks).
+
+// 16 x 16 32-bit elements transposed in registers: r[i] holds row i on entry, column i on return.
+inline void transpose16(__m512i (&r)[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // b[4i + c], 128-bit lane L: column 4L + c of rows 4i .. 4i + 3
+    b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // column 4L + c: lane L of b[c], b[4 + c], b[8 + c], b[12 + c]
+    const __m512i x0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), x1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xee);
+    const __m512i y0 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44), y1 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xee);
+    r[c] = _mm512_shuffle_i32x4(x0, y0, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(x0, y0, 0xdd);
+    r[8 + c] = _mm512_shuffle_i32x4(x1, y1, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(x1, y1, 0xdd);
+  }
+}
+
+// A 64-byte aligned buffer kept per thread (PadBuffer's reason for not being a std::vector).
+struct AlignedBuffer {
+  void* data = nullptr;
+  size_t size = 0;
+  template <typename T>
+  T* get(size_t count) {
+    const size_t bytes = (count * sizeof(T) + 63) / 64 * 64;
+    if (bytes > size) {
+      std::free(data);
+      data = std::aligned_alloc(64, bytes);
+      size = bytes;
+    }
+    return static_cast<T*>(data);
+  }
+  ~AlignedBuffer() { std::free(data); }
+};
+
+constexpr int kKeyBlock = 32;  // keys per p . v step (A's 32 bfloat16 columns) and per built K block (2 B tiles)
+
+// C tiles of queries qb .. qb + QB - 1 (blocks of 16) x keys t0 .. t0 + 31 of the scores, over the S head-dim steps.
+template <int QB>
+inline void score_tiles(const uint16_t* qp, int64_t D, const uint16_t* kpanel, int64_t S, float* scores,
+                        int64_t Tpad, int64_t qb, int64_t t0) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if (QB == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    _tile_loadd(4, qp + 16 * qb * D + 32 * s, D * 2);
+    if (QB == 2) _tile_loadd(5, qp + 16 * (qb + 1) * D + 32 * s, D * 2);
+    _tile_loadd(6, kpanel + s * 512, 64);
+    _tile_loadd(7, kpanel + (S + s) * 512, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (QB == 2) {
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  float* c = scores + 16 * qb * Tpad + t0;
+  _tile_stored(0, c, Tpad * 4);
+  _tile_stored(1, c + 16, Tpad * 4);
+  if (QB == 2) {
+    _tile_stored(2, c + 16 * Tpad, Tpad * 4);
+    _tile_stored(3, c + 16 * Tpad + 16, Tpad * 4);
+  }
+}
+
+// out of queries qb .. (blocks of 16) x dims 16 j .. 16 j + 31, over key blocks 0 .. blocks - 1 in order.
+template <int QB>
+inline void output_tiles(const uint16_t* p, int64_t p_stride, const uint16_t* vpanel, int64_t J, int64_t qb, int64_t j,
+                         int64_t blocks, int n, float* const* o, const float* inv) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if (QB == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    _tile_loadd(4, p + 16 * qb * p_stride + b * kKeyBlock, p_stride * 2);
+    if (QB == 2) _tile_loadd(5, p + 16 * (qb + 1) * p_stride + b * kKeyBlock, p_stride * 2);
+    _tile_loadd(6, vpanel + (b * J + j) * 512, 64);
+    _tile_loadd(7, vpanel + (b * J + j + 1) * 512, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (QB == 2) {
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  alignas(64) float c[4][256];
+  _tile_stored(0, c[0], 64);
+  _tile_stored(1, c[1], 64);
+  if (QB == 2) {
+    _tile_stored(2, c[2], 64);
+    _tile_stored(3, c[3], 64);
+  }
+  for (int a = 0; a < QB; ++a)
+    for (int r = 0; r < 16 && 16 * (qb + a) + r < n; ++r) {
+      const int64_t i = 16 * (qb + a) + r;
+      const __m512 s = _mm512_set1_ps(inv[i]);
+      _mm512_storeu_ps(o[i] + 16 * j, _mm512_mul_ps(_mm512_load_ps(c[2 * a] + 16 * r), s));
+      _mm512_storeu_ps(o[i] + 16 * j + 16, _mm512_mul_ps(_mm512_load_ps(c[2 * a + 1] + 16 * r), s));
+    }
+}
+
+// The keys of block kb (32 from key 32 kb) as 2 x S B tiles (kernels' key halves h, head-dim steps s at
+// (h S + s) x 512): row i of a tile = head dims 32 s + 2i, + 1 of its 16 keys. Keys from Tmax on are zeros.
+template <int D>
+inline void build_keys(const char* k, int64_t pos_bytes, int64_t Tmax, int64_t kb, uint16_t* kpanel) {
+  constexpr int S = D / 32;
+  for (int h = 0; h < 2; ++h)
+    for (int s = 0; s < S; ++s) {
+      __m512i r[16];
+      for (int j = 0; j < 16; ++j) {
+        const int64_t t = kKeyBlock * kb + 16 * h + j;
+        r[j] = t < Tmax ? _mm512_loadu_si512(k + t * pos_bytes + 64 * s) : _mm512_setzero_si512();
+      }
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_store_si512(kpanel + (h * S + s) * 512 + 32 * i, r[i]);
+    }
+}
+
+// The values of every key block as B tiles (block b, dims block j at (b J + j) x 512, J = D / 16): row r of a
+// tile = (v[32 b + 2r][16 j + c], v[32 b + 2r + 1][16 j + c]) for c = 0 .. 15. Values from Tmax on are zeros.
+template <int D>
+void build_values(const char* v, int64_t pos_bytes, int64_t Tmax, int64_t blocks, uint16_t* vpanel) {
+  constexpr int J = D / 16;
+  alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static constexpr uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                   24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int r = 0; r < 16; ++r) {
+      const int64_t t = kKeyBlock * b + 2 * r;
+      const char* v0 = v + t * pos_bytes;
+      for (int c = 0; c < D / 32; ++c) {
+        const __m512i a = t < Tmax ? _mm512_loadu_si512(v0 + 64 * c) : _mm512_setzero_si512();
+        const __m512i e = t + 1 < Tmax ? _mm512_loadu_si512(v0 + pos_bytes + 64 * c) : _mm512_setzero_si512();
+        _mm512_store_si512(vpanel + (b * J + 2 * c) * 512 + 32 * r, _mm512_permutex2var_epi16(a, lo, e));
+        _mm512_store_si512(vpanel + (b * J + 2 * c + 1) * 512 + 32 * r, _mm512_permutex2var_epi16(a, hi, e));
+      }
+    }
+}
+
+// Softmax of one query's L scores (times `scale`), e = e^(s - max) rounded to bfloat16 as p over the row's own
+// first 2 Tpad bytes (p[t] is written after s[2t .. 2t + 31] are read), zeros from L to Tpad; returns 1 / sum e.
+inline float softmax_to_p(float* row, int64_t L, int64_t Tpad, float scale) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  for (int64_t t = 0; t < L; t += 16) {
+    const __mmask16 mk = tail16(L - t);
+    top = _mm512_mask_max_ps(top, mk, top, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, row + t), sc));
+  }
+  const __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+  __m512 total = _mm512_setzero_ps();
+  uint16_t* p = reinterpret_cast<uint16_t*>(row);
+  for (int64_t t = 0; t < Tpad; t += kKeyBlock) {
+    __m512 e[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int h = 0; h < 2; ++h) {
+      const int64_t at = t + 16 * h;
+      if (at >= L) break;
+      const __mmask16 mk = tail16(L - at);
+      e[h] = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, row + at), sc), mv)));
+      total = _mm512_add_ps(total, e[h]);
+    }
+    _mm512_storeu_si512(p + t, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e[1], e[0])));
+  }
+  return 1.f / _mm512_reduce_add_ps(total);
+}
+
+// Attention for many queries of one KV head on tiles (kernels.h AttendManyFn; the section's header says how).
+template <int D>
+void attend_many_amx(const float* const* q, const int64_t* lens, float* const* o, int n, const char* k,
+                     const char* v, int64_t pos_bytes, float scale, float*) {
+  constexpr int S = D / 32, J = D / 16;
+  int64_t Tmax = 0;
+  for (int i = 0; i < n; ++i) Tmax = std::max(Tmax, lens[i]);
+  const int64_t Tpad = (Tmax + kKeyBlock - 1) / kKeyBlock * kKeyBlock, blocks = Tpad / kKeyBlock;
+  const int NQ = (n + 15) / 16;
+  thread_local AlignedBuffer qbuf, sbuf, vbuf, mbuf;
+  uint16_t* qp = qbuf.get<uint16_t>(size_t(NQ) * 16 * D);     // (NQ x 16, D) queries in bfloat16, zeros past n
+  float* scores = sbuf.get<float>(size_t(NQ) * 16 * Tpad);     // (NQ x 16, Tpad); later p over each row
+  uint16_t* vpanel = vbuf.get<uint16_t>(size_t(blocks) * J * 512);
+  int64_t* block_len = mbuf.get<int64_t>(size_t(NQ) + n);      // keys a query block needs, then 1 / sum e as float
+  float* inv = reinterpret_cast<float*>(block_len + NQ);
+  for (int i = 0; i < NQ * 16; ++i)
+    for (int c = 0; c < S; ++c) {
+      const __m512i row = i < n ? reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(q[i] + 32 * c + 16),
+                                                                               _mm512_loadu_ps(q[i] + 32 * c)))
+                                : _mm512_setzero_si512();
+      _mm512_store_si512(qp + i * D + 32 * c, row);
+    }
+  for (int b = 0; b < NQ; ++b) {
+    block_len[b] = 0;
+    for (int i = 16 * b; i < std::min(n, 16 * b + 16); ++i) block_len[b] = std::max(block_len[b], lens[i]);
+  }
+  configure_tiles();
+  alignas(64) uint16_t kpanel[2 * S * 512];
+  for (int64_t kb = 0; kb < blocks; ++kb) {  // scores, key block by key block, for the query blocks that see it
+    const int64_t t0 = kKeyBlock * kb;
+    build_keys<D>(k, pos_bytes, Tmax, kb, kpanel);
+    for (int b = 0; b < NQ; b += 2) {
+      const bool first = block_len[b] > t0, second = b + 1 < NQ && block_len[b + 1] > t0;
+      if (first && second) {
+        score_tiles<2>(qp, D, kpanel, S, scores, Tpad, b, t0);
+      } else if (first || second) {
+        score_tiles<1>(qp, D, kpanel, S, scores, Tpad, first ? b : b + 1, t0);
+      }
+    }
+  }
+  for (int i = 0; i < n; ++i) inv[i] = softmax_to_p(scores + i * Tpad, lens[i], Tpad, scale);
+  build_values<D>(v, pos_bytes, Tmax, blocks, vpanel);
+  const uint16_t* p = reinterpret_cast<const uint16_t*>(scores);
+  for (int b = 0; b < NQ; b += 2) {
+    const bool two = b + 1 < NQ;
+    const int64_t need = (std::max(block_len[b], two ? block_len[b + 1] : 0) + kKeyBlock - 1) / kKeyBlock;
+    for (int j = 0; j < J; j += 2) {
+      if (two) {
+        output_tiles<2>(p, 2 * Tpad, vpanel, J, b, j, need, n, o, inv);
+      } else {
+        output_tiles<1>(p, 2 * Tpad, vpanel, J, b, j, need, n, o, inv);
+      }
+    }
+  }
+  _tile_release();
+}
+
+// A block of nb <= 16 consecutive positions of one cache row (kernels.h AttendFn), as attend_many_amx's queries.
+template <int D>
+void attend_block_amx(const float* q, int64_t q_stride, int nb, const char* k, const char* v, int64_t pos_bytes,
+                      int64_t T0, float scale, float* scores, float* o, int64_t o_stride) {
+  const float* qs[16];
+  float* os[16];
+  int64_t lens[16];
+  for (int i = 0; i < nb; ++i) qs[i] = q + i * q_stride, os[i] = o + i * o_stride, lens[i] = T0 + i;
+  attend_many_amx<D>(qs, lens, os, nb, k, v, pos_bytes, scale, scores);
+}
+
+AttendKernel attend_kernel_amx(int64_t D, bool bf16) {
+  if (!bf16) return {nullptr, 1};  // float32 caches: avx512's kernels (dispatch.cpp)
+  switch (D) {
+    case 32: return {attend_block_amx<32>, 16, attend_many_amx<32>, true};
+    case 64: return {attend_block_amx<64>, 16, attend_many_amx<64>, true};
+    case 96: return {attend_block_amx<96>, 16, attend_many_amx<96>, true};
+    case 128: return {attend_block_amx<128>, 16, attend_many_amx<128>, true};
+    default: return {nullptr, 1};
+  }
+}
+
 }  // namespace
 
 const KernelTable* avx512_amx_kernels() {
@@ -186,6 +475,7 @@ const KernelTable* avx512_amx_kernels() {
     t.name = "avx512", t.variant = "avx512_amx";
     t.gemv_bf16 = gemv_bf16_amx;
     t.gemv_bf16_layout_bytes = bf16_layout_bytes, t.gemv_bf16_prepare = bf16_prepare;
+    t.attend_kernel = attend_kernel_amx;
     return t;
   }();
   return &table;

@@ -30,6 +30,13 @@ const KernelTable* neon_kernels() { return nullptr; }
 
 namespace {
 
+// The AMX table's attention: its tile kernels for bfloat16 K/V caches at head_dim 32, 64, 96, 128; else
+// avx512.cpp's (float32 caches and other head dims).
+AttendKernel attend_kernel_amx_or_avx512(int64_t D, bool bf16) {
+  const AttendKernel tiles = avx512_amx_kernels()->attend_kernel(D, bf16);
+  return tiles.many ? tiles : avx512_base_kernels()->attend_kernel(D, bf16);
+}
+
 // The AVX-512 table: avx512.cpp's entries, with the int8/int4/bfloat16 ones from avx512_vnni.cpp where the CPU
 // has AVX512_VNNI + AVX512_BF16, else from the AVX2 table (Skylake-SP and Cascade Lake: AVX-512 F/BW/VL/DQ
 // without BF16; AVX2 and FMA are on every AVX-512 CPU).
@@ -84,10 +91,11 @@ struct Choices {
     const KernelTable* amx = avx512_amx_kernels();
     if (base && vnni) avx512_vnni = combine(*base, *vnni, "avx512_vnni");
     if (base && a2) avx512_core = combine(*base, *a2, "avx512_core");
-    if (base && vnni && amx) {  // avx512_vnni with the bfloat16 GEMV on AMX tiles
+    if (base && vnni && amx) {  // avx512_vnni with the bfloat16 GEMV and attention on AMX tiles
       avx512_amx = combine(*base, *vnni, "avx512_amx");
       avx512_amx.gemv_bf16 = amx->gemv_bf16;
       avx512_amx.gemv_bf16_layout_bytes = amx->gemv_bf16_layout_bytes, avx512_amx.gemv_bf16_prepare = amx->gemv_bf16_prepare;
+      avx512_amx.attend_kernel = attend_kernel_amx_or_avx512;
     }
     const std::string vnni_missing =
         join(avx512, join_missing({{f.avx512_vnni, "avx512_vnni"}, {f.avx512_bf16, "avx512_bf16"}}));

@@ -13,8 +13,8 @@
 //                    glue and attention; int8/int4/bfloat16 come from the AVX2 table ...
 //   avx512_vnni.cpp  ... unless the CPU also has AVX512_VNNI and AVX512_BF16 (Cooper Lake, Sapphire Rapids,
 //                    Zen 4): then VPDPBUSD / VDPBF16PS kernels on zmm
-//   avx512_amx.cpp   + AMX-TILE / AMX-BF16 (Sapphire Rapids and later): the bfloat16 GEMV/GEMM on tiles
-//                    (TDPBF16PS); the rest is avx512_vnni's
+//   avx512_amx.cpp   + AMX-TILE / AMX-BF16 (Sapphire Rapids and later): the bfloat16 GEMV/GEMM and the
+//                    attention over bfloat16 K/V caches on tiles (TDPBF16PS); the rest is avx512_vnni's
 //   neon.cpp         ARMv8.2-A + dotprod (SDOT) for int8/int4, FMLA for float32/bfloat16
 // cpu_features.cpp probes the CPU once (CPUID + XGETBV on x86, HWCAP / sysctl on aarch64) and dispatch.cpp
 // picks the best table it supports; LLAVA_FAST_CPU_ISA forces a lower one.
@@ -99,6 +99,9 @@ struct AttendKernel {
   AttendFn fn;
   int rows;  // queries per block
   AttendManyFn many = nullptr;  // null: blocks of `rows` through fn
+  // q and p rounded to bfloat16 for bfloat16 products (the AMX table): within 5e-3 of the output's scale of the
+  // scalar loop, where the float32 kernels are within 1e-5 (csrc/tests/kernel_tests.cpp).
+  bool bf16_products = false;
 };
 
 struct KernelTable {

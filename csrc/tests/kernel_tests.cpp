@@ -12,12 +12,14 @@
 //             and 1 and 3 threads give the same bits.
 // Shapes are odd on purpose: K not a multiple of any block (1, 33, 100, 1000), N with every remainder mod 4 and
 // mod 32, 1 and 65 rows. Exits 0 only when every check of every table holds; prints one line per table.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "convert.h"
@@ -353,7 +355,8 @@ void check_decode_kernels(Checks& c, const lf::KernelTable& t, const lf::KernelT
       for (int64_t T0 : {1, 4, 7, 70}) {
         const int nb = 3;  // queries at positions T0 - 1 .. T0 + 1
         const int64_t Tmax = T0 + nb - 1, elem = bf16 ? 2 : 4;
-        const std::vector<float> q = randn(nb * D), kf = rounded(randn(Tmax * D)), vf = rounded(randn(Tmax * D));
+        // q rounded as a bfloat16 model stores it (the AMX kernel's products take bfloat16 q).
+        const std::vector<float> q = rounded(randn(nb * D)), kf = rounded(randn(Tmax * D)), vf = rounded(randn(Tmax * D));
         std::vector<uint8_t> kc(Tmax * D * elem), vc(Tmax * D * elem);
         for (int64_t t = 0; t < Tmax; ++t) {
           s.store_row(kc.data() + t * D * elem, kf.data() + t * D, D, bf16);
@@ -377,6 +380,7 @@ void check_decode_kernels(Checks& c, const lf::KernelTable& t, const lf::KernelT
         const std::string what = "attention D=" + std::to_string(D) + " T0=" + std::to_string(T0) + dt;
         c.expect(close(attend_rows(t), ref, 1e-5f).empty(), what + " (rows): " + close(attend_rows(t), ref, 1e-5f));
         const lf::AttendKernel block = t.attend_kernel(D, bf16);
+        const float tol = block.bf16_products ? 5e-3f : 1e-5f;  // p rounded to bfloat16 (kernels.h)
         if (block.fn) {
           std::vector<float> o(nb * D), scores(nb * Tmax);
           for (int i = 0; i < nb; i += block.rows) {
@@ -384,7 +388,7 @@ void check_decode_kernels(Checks& c, const lf::KernelTable& t, const lf::KernelT
             block.fn(&q[i * D], D, n, reinterpret_cast<const char*>(kc.data()), reinterpret_cast<const char*>(vc.data()),
                      D * elem, T0 + i, scale, scores.data(), &o[i * D], D);
           }
-          c.expect(close(o, ref, 1e-5f).empty(), what + " (block kernel): " + close(o, ref, 1e-5f));
+          c.expect(close(o, ref, tol).empty(), what + " (block kernel): " + close(o, ref, tol));
           for (int i = 0; i < nb; ++i) {  // block invariance: a query alone (a decode row) gets its bits in the block
             std::vector<float> alone(D);
             block.fn(&q[i * D], D, 1, reinterpret_cast<const char*>(kc.data()), reinterpret_cast<const char*>(vc.data()),
@@ -416,11 +420,89 @@ void check_decode_kernels(Checks& c, const lf::KernelTable& t, const lf::KernelT
           }
           std::vector<float> head0(nb * D);
           for (int i = 0; i < nb; ++i) std::copy(o2.begin() + 2 * i * D, o2.begin() + (2 * i + 1) * D, head0.begin() + i * D);
-          c.expect(close(head0, ref, 1e-5f).empty(), what + " (many-query kernel): " + close(head0, ref, 1e-5f));
+          c.expect(close(head0, ref, tol).empty(), what + " (many-query kernel): " + close(head0, ref, tol));
         }
       }
     }
   }
+}
+
+// The many-query attention kernel's invariance (kernels.h AttendManyFn): a query's output depends on its own q,
+// keys and values only. A prompt's rows at positions P0 .. P0 + 64 times the 3 query heads of one KV head (GQA)
+// go through the kernel alone (one query a call, as a decode row), all in one call, in chunks of 7, 16 and 42
+// rows, one head's rows only, and in reverse order: every output must be the bits of its query alone. The cache
+// past the last row's position holds NaN (never read: zero times NaN would reach every output). The outputs are
+// also within the table's tolerance of the scalar loop.
+void check_attend_invariance(Checks& c, const lf::KernelTable& t, const lf::KernelTable& s) {
+  for (bool bf16 : {false, true})
+    for (int64_t D : {32, 64, 128}) {
+      const lf::AttendKernel kern = t.attend_kernel(D, bf16);
+      if (!kern.many) continue;
+      const int64_t P0 = 37, R = 65, G = 3, T = P0 + R, cap = T + 40, elem = bf16 ? 2 : 4;
+      const std::string what = "attention invariance D=" + std::to_string(D) + (bf16 ? " bf16" : " f32");
+      auto rounded = [&](std::vector<float> v) {
+        if (bf16)
+          for (auto& x : v) x = lf::round_to_bf16(x);
+        return v;
+      };
+      std::vector<float> kf = rounded(randn(cap * D)), vf = rounded(randn(cap * D));
+      for (int64_t i = T * D; i < cap * D; ++i) kf[i] = vf[i] = NAN;
+      std::vector<uint8_t> kc(cap * D * elem), vc(cap * D * elem);
+      for (int64_t p = 0; p < cap; ++p) {
+        s.store_row(kc.data() + p * D * elem, kf.data() + p * D, D, bf16);
+        s.store_row(vc.data() + p * D * elem, vf.data() + p * D, D, bf16);
+      }
+      const std::vector<float> q = rounded(randn(R * G * D));  // query r * G + h: row r, head h
+      const float scale = 1.f / std::sqrt(float(D));
+      auto len = [&](int64_t qi) { return P0 + qi / G + 1; };
+      // Outputs of the listed queries through one call, each D floats, in the list's order.
+      auto run = [&](const std::vector<int64_t>& which) {
+        const int n = int(which.size());
+        std::vector<float> o(n * D, 7.f), scratch(n * (T + 1));
+        std::vector<const float*> qs(n);
+        std::vector<float*> os(n);
+        std::vector<int64_t> lens(n);
+        for (int i = 0; i < n; ++i) qs[i] = &q[which[i] * D], os[i] = &o[i * D], lens[i] = len(which[i]);
+        kern.many(qs.data(), lens.data(), os.data(), n, reinterpret_cast<const char*>(kc.data()),
+                  reinterpret_cast<const char*>(vc.data()), D * elem, scale, scratch.data());
+        return o;
+      };
+      std::vector<float> alone(R * G * D);
+      for (int64_t qi = 0; qi < R * G; ++qi) {
+        const std::vector<float> o = run({qi});
+        std::copy(o.begin(), o.end(), alone.begin() + qi * D);
+      }
+      auto expect_alone = [&](const std::vector<int64_t>& which, const std::string& how) {
+        const std::vector<float> o = run(which);
+        bool same = true;
+        for (size_t i = 0; i < which.size(); ++i)
+          same = same && std::memcmp(&o[i * D], &alone[which[i] * D], D * sizeof(float)) == 0;
+        c.expect(same, what + ": " + how + " differs from each query alone");
+      };
+      std::vector<int64_t> all, reversed, one_head;
+      for (int64_t qi = 0; qi < R * G; ++qi) all.push_back(qi), reversed.insert(reversed.begin(), qi);
+      for (int64_t r = 0; r < R; ++r) one_head.push_back(r * G + 1);
+      expect_alone(all, "65 rows x 3 heads in one call");
+      expect_alone(reversed, "the same in reverse order");
+      expect_alone(one_head, "one head's 65 rows");
+      for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, 7}, {7, 23}, {23, 65}}) {
+        std::vector<int64_t> chunk;
+        for (int64_t qi = r0 * G; qi < r1 * G; ++qi) chunk.push_back(qi);
+        expect_alone(chunk, "rows " + std::to_string(r0) + " .. " + std::to_string(r1 - 1) + " as a chunk");
+      }
+      std::vector<float> ref(R * G * D, 0.f);  // the scalar loop
+      for (int64_t qi = 0; qi < R * G; ++qi) {
+        const int64_t L = len(qi);
+        std::vector<float> sc(L);
+        float top = -INFINITY, total = 0.f;
+        for (int64_t p = 0; p < L; ++p) top = std::max(top, sc[p] = s.attn_dot(&q[qi * D], kc.data() + p * D * elem, bf16, D) * scale);
+        for (int64_t p = 0; p < L; ++p) total += (sc[p] = std::exp(sc[p] - top));
+        for (int64_t p = 0; p < L; ++p) s.attn_axpy(&ref[qi * D], sc[p], vc.data() + p * D * elem, bf16, D);
+        for (int64_t d = 0; d < D; ++d) ref[qi * D + d] /= total;
+      }
+      const float tol = kern.bf16_products ? 5e-3f : 1e-5f;
+      c.expect(close(alone, ref, tol).empty(), what + ": against the scalar loop: " + close(alone, ref, tol));
+    }
 }
 
 }  // namespace
@@ -451,6 +533,7 @@ int main() {
     check_gemm_q8(c, ch.name);
     check_dequantize(c, ch.name);
     check_decode_kernels(c, *ch.table, *scalar);
+    check_attend_invariance(c, *ch.table, *scalar);
     check_gemm_f32(c, ch.name);
     ++tested;
     if (c.failed) ++failed_tables;
