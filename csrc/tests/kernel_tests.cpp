@@ -308,6 +308,20 @@ void check_dequantize(Checks& c, const char* table) {
   }
 }
 
+// Attention of one query over keys 0 .. T - 1 of a cache (position stride D) by a table's dot / axpy: the generic
+// per-row loop of decode.cpp.
+std::vector<float> attend_loop(const lf::KernelTable& k, const float* q, const uint8_t* kc, const uint8_t* vc, int64_t T,
+                               int64_t D, bool bf16, float scale) {
+  const int64_t elem = bf16 ? 2 : 4;
+  std::vector<float> o(D, 0.f), sc(T);
+  float top = -INFINITY, total = 0.f;
+  for (int64_t t = 0; t < T; ++t) top = std::max(top, sc[t] = k.attn_dot(q, kc + t * D * elem, bf16, D) * scale);
+  for (int64_t t = 0; t < T; ++t) total += (sc[t] = std::exp(sc[t] - top));
+  for (int64_t t = 0; t < T; ++t) k.attn_axpy(o.data(), sc[t], vc + t * D * elem, bf16, D);
+  for (int64_t d = 0; d < D; ++d) o[d] /= total;
+  return o;
+}
+
 // The decode glue and attention, table entry against scalar entry.
 void check_decode_kernels(Checks& c, const lf::KernelTable& t, const lf::KernelTable& s) {
   for (bool bf16 : {false, true}) {
@@ -363,16 +377,11 @@ void check_decode_kernels(Checks& c, const lf::KernelTable& t, const lf::KernelT
           s.store_row(vc.data() + t * D * elem, vf.data() + t * D, D, bf16);
         }
         const float scale = 1.f / std::sqrt(float(D));
-        auto attend_rows = [&](const lf::KernelTable& k) {  // the generic per-row loop of decode.cpp
-          std::vector<float> o(nb * D, 0.f);
+        auto attend_rows = [&](const lf::KernelTable& k) {
+          std::vector<float> o(nb * D);
           for (int i = 0; i < nb; ++i) {
-            const int64_t T = T0 + i;
-            std::vector<float> sc(T);
-            float top = -INFINITY, total = 0.f;
-            for (int64_t t = 0; t < T; ++t) top = std::max(top, sc[t] = k.attn_dot(&q[i * D], kc.data() + t * D * elem, bf16, D) * scale);
-            for (int64_t t = 0; t < T; ++t) total += (sc[t] = std::exp(sc[t] - top));
-            for (int64_t t = 0; t < T; ++t) k.attn_axpy(&o[i * D], sc[t], vc.data() + t * D * elem, bf16, D);
-            for (int64_t d = 0; d < D; ++d) o[i * D + d] /= total;
+            const std::vector<float> oi = attend_loop(k, &q[i * D], kc.data(), vc.data(), T0 + i, D, bf16, scale);
+            std::copy(oi.begin(), oi.end(), o.begin() + i * D);
           }
           return o;
         };
@@ -490,15 +499,10 @@ void check_attend_invariance(Checks& c, const lf::KernelTable& t, const lf::Kern
         for (int64_t qi = r0 * G; qi < r1 * G; ++qi) chunk.push_back(qi);
         expect_alone(chunk, "rows " + std::to_string(r0) + " .. " + std::to_string(r1 - 1) + " as a chunk");
       }
-      std::vector<float> ref(R * G * D, 0.f);  // the scalar loop
+      std::vector<float> ref(R * G * D);  // the scalar loop
       for (int64_t qi = 0; qi < R * G; ++qi) {
-        const int64_t L = len(qi);
-        std::vector<float> sc(L);
-        float top = -INFINITY, total = 0.f;
-        for (int64_t p = 0; p < L; ++p) top = std::max(top, sc[p] = s.attn_dot(&q[qi * D], kc.data() + p * D * elem, bf16, D) * scale);
-        for (int64_t p = 0; p < L; ++p) total += (sc[p] = std::exp(sc[p] - top));
-        for (int64_t p = 0; p < L; ++p) s.attn_axpy(&ref[qi * D], sc[p], vc.data() + p * D * elem, bf16, D);
-        for (int64_t d = 0; d < D; ++d) ref[qi * D + d] /= total;
+        const std::vector<float> oi = attend_loop(s, &q[qi * D], kc.data(), vc.data(), len(qi), D, bf16, scale);
+        std::copy(oi.begin(), oi.end(), ref.begin() + qi * D);
       }
       const float tol = kern.bf16_products ? 5e-3f : 1e-5f;
       c.expect(close(alone, ref, tol).empty(), what + ": against the scalar loop: " + close(alone, ref, tol));
