@@ -255,7 +255,9 @@ def _copy_lora_a(peft_model, settings):
     (lora_B starts at zero in both)."""
     from llava_fast.train.lora import LoraLinear, add_lora
 
-    probe = copy.deepcopy(settings["source"])
+    source = settings["source"]
+    # the modules copied, the weights shared: at 7B shapes a full copy here would be GBs inside the peak span
+    probe = copy.deepcopy(source, memo={id(p): p for p in source.parameters()})
     add_lora(probe, settings["lora_r"], settings["lora_alpha"], 0.0, seed=0)
     ours = {n: m.lora_A for n, m in probe.named_modules() if isinstance(m, LoraLinear)}
     copied = 0
