@@ -206,9 +206,14 @@ def transformers_model(source):
         hf = LlavaForConditionalGeneration(config)
     state = {hf_name(n): t for n, t in source.state_dict().items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
-    # CLIP's post_layernorm is not on LLaVA's feature path (the features are a hidden state before it)
+    # CLIP's post_layernorm is not on LLaVA's feature path (the features are a hidden state before it), nor are
+    # the layers after vision_feature_layer (LLaVA-1.5's -2: layer 24 of 24), which llava-fast does not build;
+    # transformers keeps (and runs) them with its own initialisation, which the features do not depend on
+    unused = tuple(f".encoder.layers.{i}." for i in range(source.cfg.num_vision_layers_run,
+                                                          source.cfg.vision.num_layers))
     missing = [n for n in missing if not (n == "lm_head.weight" and config.tie_word_embeddings)
-               and ".post_layernorm." not in n]
+               and ".post_layernorm." not in n
+               and not (n.startswith("model.vision_tower.") and any(u in n for u in unused))]
     if missing or unexpected:
         raise RuntimeError(f"weight names do not map: missing {missing[:4]}, unexpected {unexpected[:4]}")
     return hf
