@@ -45,8 +45,11 @@ class LoraLinear(nn.Module):
         no_dropout = isinstance(self.dropout, nn.Identity) or not self.training
         if no_dropout and self.weight.numel() <= MERGED_MAX_WEIGHT:  # one GEMM on W + s B A
             return _MergedLoraLinear.apply(x, self.weight, self.bias, A, B, self.scaling)
-        adapter = F.linear(F.linear(self.dropout(x), A), B)
-        return F.linear(x, self.weight, self.bias) + adapter * self.scaling
+        # the adapter's output added by the GEMM itself (addmm's beta), its scale folded into the (out, r) B: at
+        # 7B shapes a separate scale and sum are two passes over (tokens, out) forward and one more backward
+        h = F.linear(self.dropout(x), A)  # (..., r)
+        y = F.linear(x, self.weight, self.bias)  # (..., out)
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), (B * self.scaling).t()).view(y.shape)
 
     def merged_weight(self) -> torch.Tensor:
         """W + (alpha / r) B A in float32."""

@@ -192,7 +192,8 @@ def test_merged_lora_linear_matches_the_two_path_form(dtype, bias):
 
 def test_lora_linear_over_512_by_512_takes_the_two_path_form():
     """A weight over MERGED_MAX_WEIGHT (here 513 x 511) runs x W^T + s (x A^T) B^T, whose backward has no full
-    weight-gradient GEMM: its output and gradients equal that form's bit for bit; 512 x 512 stays merged."""
+    weight-gradient GEMM (the adapter added by addmm, its scale folded into B): its output and gradients equal
+    that form's to float32 rounding; 512 x 512 stays merged."""
     import torch.nn.functional as F
 
     from llava_fast.train.lora import MERGED_MAX_WEIGHT, LoraLinear
@@ -211,7 +212,7 @@ def test_lora_linear_over_512_by_512_takes_the_two_path_form():
             gy = torch.randn(7, n_out, generator=g)
             params = [x, layer.lora_A, layer.lora_B]
             for a, b in zip([y, *torch.autograd.grad(y, params, gy)], [ref, *torch.autograd.grad(ref, params, gy)]):
-                assert torch.equal(a, b)
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
