@@ -99,6 +99,7 @@ class PeakMemory:
             self.end = torch.cuda.memory_allocated(self.device) - self.base
         else:
             self.bytes = _status_kib("VmHWM") * 1024 - self.base
+            _trim_heap()  # what the span leaves live: heap it freed and kept would count again in the next span
             self.end = _status_kib("VmRSS") * 1024 - self.base
         return False
 
