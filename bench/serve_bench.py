@@ -55,6 +55,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 
 import numpy as np
 import PIL.Image
@@ -591,9 +592,14 @@ def _run_against(doc, held, requests, warm, max_model_len):
     if start:
         for clients in s["clients"]:
             measure(SERVER, clients)
+        alive = weakref.ref(model)
         held.clear()
         del model
+        _clear_web_framework_caches()
         gc.collect()
+        if alive() is not None:
+            raise InputError("--against-start: llava-fast's model is still referenced after its runs, so the other "
+                             "server would start beside a second copy of the weights; not started")
         psutil = _psutil_or_none()
         if psutil is not None:
             doc["notes"].append(f"llava-fast's model released before --against-start: this process then held "
@@ -626,6 +632,19 @@ def _run_against(doc, held, requests, warm, max_model_len):
     if any(len(v) > 1 for v in per_clients.values()):
         doc["notes"].append(f"the engines produced different token counts (ignore_eos not honoured, or failed "
                             f"requests): {tokens}")
+
+
+def _clear_web_framework_caches():
+    """Empty FastAPI's and Starlette's functools caches: FastAPI memoizes facts about each endpoint function
+    (fastapi.dependencies.models._is_async_gen_callable_cached in FastAPI 0.165), which keeps the last
+    apps' endpoint closures, and through them their scheduler and model, alive after the server stopped. The
+    caches only save recomputing those facts."""
+    import functools
+
+    for obj in gc.get_objects():
+        if isinstance(obj, functools._lru_cache_wrapper) and getattr(obj, "__module__", "").startswith(
+                ("fastapi", "starlette")):
+            obj.cache_clear()
 
 
 def start_server(command, url, timeout=None):
