@@ -250,6 +250,9 @@ def build_parser():
                    "instead of one-by-one generate(); default client counts 1,4,8,16")
     s.add_argument("--against-model", metavar="NAME", help="the model id requests to --against name (default: the "
                    "first of its /v1/models)")
+    s.add_argument("--against-start", metavar="CMD", help="a shell command that starts the --against server: run "
+                   "after llava-fast's runs, with llava-fast's model released (for a model the host holds one copy "
+                   "of, not two), and stopped at the end")
     s.add_argument("--text-only", action="store_true", help="no image requests (for text models); the same as "
                    "--images none")
     s.add_argument("--images", choices=("mixed", "new", "none"), help="image requests: mixed (default: about "
@@ -371,6 +374,8 @@ def cmd_measure(args, argv) -> int:
         del settings["batch_sizes"]
         if args.against_model and not args.against:
             raise InputError("--against-model needs --against URL")
+        if args.against_start and not args.against:
+            raise InputError("--against-start needs --against URL (where the started server listens)")
         if args.against and not args.against.startswith(("http://", "https://")):
             raise InputError(f"--against must be an http:// or https:// URL, got {args.against!r}")
         if args.text_only and args.images not in (None, "none"):
@@ -379,7 +384,8 @@ def cmd_measure(args, argv) -> int:
         settings.update(clients=clients, requests=args.requests or defaults["requests"],
                         max_batch=args.max_batch or defaults["max_batch"], max_tokens=args.max_tokens or 96,
                         seed=args.seed, against=args.against,
-                        against_model=args.against_model, text_only=args.text_only, images=args.images,
+                        against_model=args.against_model, against_start=args.against_start,
+                        text_only=args.text_only, images=args.images,
                         max_batched_tokens=args.max_batched_tokens,
                         kv_cache_memory=args.kv_cache_memory and _bytes(args.kv_cache_memory))
     else:
