@@ -177,6 +177,8 @@ def build_parser():
                    "stage 2 LoRA x --precisions (default batch 4, LoRA r 16)")
     t.add_argument("--precisions", type=_names(("float32", "bfloat16")),
                    help="--against: the precisions of its rows (default float32,bfloat16)")
+    t.add_argument("--rows", type=_names(("1", "2", "2-lora")), help="--against: these rows only (1: stage 1, "
+                   "2: stage 2 full, 2-lora: stage 2 LoRA; default: every row of --stages)")
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="--against: both engines clip gradients to "
                    "this global norm (default 1.0); 0: neither clips, and llava-fast steps each parameter during "
                    "backward (train --step-in-backward)")
@@ -248,6 +250,9 @@ def build_parser():
                    "instead of one-by-one generate(); default client counts 1,4,8,16")
     s.add_argument("--against-model", metavar="NAME", help="the model id requests to --against name (default: the "
                    "first of its /v1/models)")
+    s.add_argument("--against-start", metavar="CMD", help="a shell command that starts the --against server: run "
+                   "after llava-fast's runs, with llava-fast's model released (for a model the host holds one copy "
+                   "of, not two), and stopped at the end")
     s.add_argument("--text-only", action="store_true", help="no image requests (for text models); the same as "
                    "--images none")
     s.add_argument("--images", choices=("mixed", "new", "none"), help="image requests: mixed (default: about "
@@ -369,6 +374,8 @@ def cmd_measure(args, argv) -> int:
         del settings["batch_sizes"]
         if args.against_model and not args.against:
             raise InputError("--against-model needs --against URL")
+        if args.against_start and not args.against:
+            raise InputError("--against-start needs --against URL (where the started server listens)")
         if args.against and not args.against.startswith(("http://", "https://")):
             raise InputError(f"--against must be an http:// or https:// URL, got {args.against!r}")
         if args.text_only and args.images not in (None, "none"):
@@ -377,7 +384,8 @@ def cmd_measure(args, argv) -> int:
         settings.update(clients=clients, requests=args.requests or defaults["requests"],
                         max_batch=args.max_batch or defaults["max_batch"], max_tokens=args.max_tokens or 96,
                         seed=args.seed, against=args.against,
-                        against_model=args.against_model, text_only=args.text_only, images=args.images,
+                        against_model=args.against_model, against_start=args.against_start,
+                        text_only=args.text_only, images=args.images,
                         max_batched_tokens=args.max_batched_tokens,
                         kv_cache_memory=args.kv_cache_memory and _bytes(args.kv_cache_memory))
     else:
@@ -394,15 +402,16 @@ def cmd_measure(args, argv) -> int:
                 raise InputError(f"--against runs float32 or bfloat16, got --dtype {args.dtype}")
             if args.lora_r is None:
                 args.lora_r = 16
-        elif args.precisions:
-            raise InputError("--precisions applies to --against")
+        elif args.precisions or args.rows:
+            raise InputError(f"{'--precisions' if args.precisions else '--rows'} applies to --against")
         settings = _common_settings(args, str(device), defaults)
         settings.update(against=args.against,
                         precisions=args.precisions or ([args.dtype] if args.dtype else ["float32", "bfloat16"]))
         settings.update(stages=[int(s) for s in args.stages], seq_len=args.seq_len, layers=args.layers,
                         backends=args.backends or defaults["backends"],
                         gradient_checkpointing=(not args.no_gradient_checkpointing) and defaults["checkpointing"],
-                        lora_r=args.lora_r, lora_alpha=args.lora_alpha, transformers=args.transformers)
+                        lora_r=args.lora_r, lora_alpha=args.lora_alpha, transformers=args.transformers,
+                        rows=args.rows)
         if args.max_grad_norm != 1.0 and not args.against:
             raise InputError("--max-grad-norm applies to --against")
         if not (args.max_grad_norm >= 0 and math.isfinite(args.max_grad_norm)):

@@ -19,6 +19,11 @@ Engines, on the same weights in one process:
     a time (llava-fast first, then the other, at each client count; default counts 1, 4, 8, 16). Requests name
     `--against-model` (default: the first id of the server's /v1/models). A request the server fails (an HTTP
     error, an error event) is counted and its first message kept: that engine's row says so.
+    `--against-start CMD`: for a model of which the host holds one copy, not two (a 7B's 14 GB of bfloat16 weights
+    on a 23 GiB host): llava-fast runs every client count first and its model is released; then CMD (a shell
+    command that starts the other server at URL) is started in a session of its own, the workload waits for URL's
+    /v1/models (start-up budget START_TIMEOUT_S), runs every client count there, and the command's process group
+    is stopped (SIGTERM, then SIGKILL after 30 s). What this process still held is kept in the notes.
 Figures per engine and client count: requests/s and output tokens/s over the wall time of the whole
 workload; TTFT (request sent -> first content chunk received; for generate(): call -> first text delta)
 p50 (the figure's value, samples kept) and p99, split by image kind (`new`, `repeated`, `none`, `all`);
@@ -42,9 +47,15 @@ native steps (1.5 CPU-s of a 11.5-s run of 64 requests from 16 clients, tiny pre
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
+import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
+import weakref
 
 import numpy as np
 import PIL.Image
@@ -59,6 +70,9 @@ DEFAULTS = {
     "cuda": dict(preset="llava-1.5-7b", clients=[1, 4, 16, 64], requests=256, max_batch=64, repeats=1, warmup=1),
 }
 AGAINST_CLIENTS = [1, 4, 8, 16]
+# --against-start: how long the other server may take to answer /v1/models. vLLM CPU's start at 7B shapes reads
+# 14 GB of weights and compiles its graphs (60-100 s at the tiny shapes, 2-core VM).
+START_TIMEOUT_S = 1500
 WORDS = ("image", "picture", "colour", "person", "left", "right", "unusual", "describe", "what", "where", "why",
          "the", "a", "of", "in", "is", "this", "that", "detail", "background", "object", "scene", "light")
 
@@ -483,7 +497,9 @@ def run(settings: dict, argv) -> dict:
         doc["ceilings"] = measure_ceilings(device)
         warm = workload(max(2, settings["warmup"] * 2), settings["seed"] + 1, images, reply_tokens)
         if settings.get("against"):
-            _run_against(doc, model, requests, warm, max_model_len)
+            held = [model]
+            del model  # --against-start releases the model before the other server starts: held is then the only
+            _run_against(doc, held, requests, warm, max_model_len)
         else:
             _run_beside_one_by_one(doc, model, requests, warm, max_model_len)
     finally:
@@ -536,41 +552,76 @@ def _first_model_id(url):
                          f"{err}); name it with --against-model") from None
 
 
-def _run_against(doc, model, requests, warm, max_model_len):
-    """llava-fast's server, then the other server, at each client count: the same requests, one engine at a time."""
+def _run_against(doc, held, requests, warm, max_model_len):
+    """llava-fast's server, then the other server, at each client count: the same requests, one engine at a time
+    (held: [the model]; with --against-start, every client count of llava-fast first, then held is emptied and the
+    other server started)."""
     s = doc["settings"]
     other = s["against"].rstrip("/")
     other = s["against"] = other[:-3] if other.endswith("/v1") else other  # an OpenAI base_url names /v1 too
-    s["against_model"] = s.get("against_model") or _first_model_id(other)
+    start = s.get("against_start")
+    if not start:
+        s["against_model"] = s.get("against_model") or _first_model_id(other)
+    model = held[0]
+    weights = weights_bytes(model)
     run_server(model, warm, 1, s["max_batch"], max_model_len, failures_ok=True, **_serve_settings(s))
-    _run_clients(other, warm, 1, s["against_model"], failures_ok=True)  # its warm-up (e.g. compiling) too
+    if not start:
+        _run_clients(other, warm, 1, s["against_model"], failures_ok=True)  # its warm-up (e.g. compiling) too
     tokens, failures = doc["checks"].setdefault("completion_tokens", {}), doc["checks"].setdefault("failures", {})
+    figs = {}
+
+    def measure(engine, clients):
+        print(f"bench serve: {len(requests)} requests from {clients} clients to {engine} ...", file=sys.stderr,
+              flush=True)
+        memory = {}
+        if engine == SERVER:
+            results, wall = run_server(model, requests, clients, s["max_batch"], max_model_len, failures_ok=True,
+                                       memory=memory, **_serve_settings(s))
+        else:
+            results, wall = _run_clients_sampled(other, requests, clients, s["against_model"], memory)
+        got = figs[engine, clients] = _figures(engine, clients, requests, results, wall)
+        if any(not isinstance(r, str) for r in results):  # a server that failed every request has no figures
+            got += _memory_figures(engine, clients, memory, weights if engine == SERVER else None)
+        doc["figures"] += got
+        tokens[f"{engine} x{clients}"] = sum(r[2] for r in results if not isinstance(r, str))
+        failed = [r for r in results if isinstance(r, str)]
+        doc["checks"].setdefault("failed_requests", {})[f"{engine} x{clients}"] = len(failed)
+        if failed:
+            failures[f"{engine} x{clients}"] = f"{len(failed)} of {len(results)} failed; the first: {failed[0]}"
+
+    if start:
+        for clients in s["clients"]:
+            measure(SERVER, clients)
+        alive = weakref.ref(model)
+        held.clear()
+        del model
+        _clear_web_framework_caches()
+        gc.collect()
+        if alive() is not None:
+            raise InputError("--against-start: llava-fast's model is still referenced after its runs, so the other "
+                             "server would start beside a second copy of the weights; not started")
+        psutil = _psutil_or_none()
+        if psutil is not None:
+            doc["notes"].append(f"llava-fast's model released before --against-start: this process then held "
+                                f"{psutil.Process().memory_info().rss / 2**30:.2f} GiB resident")
+        peer = start_server(start, other)
+        try:
+            s["against_model"] = s.get("against_model") or _first_model_id(other)
+            _run_clients(other, warm, 1, s["against_model"], failures_ok=True)
+            for clients in s["clients"]:
+                measure(other, clients)
+        finally:
+            stop_server(peer)
+    else:
+        for clients in s["clients"]:
+            for engine in (SERVER, other):
+                measure(engine, clients)
     for clients in s["clients"]:
-        figs = {}
-        for engine in (SERVER, other):
-            print(f"bench serve: {len(requests)} requests from {clients} clients to {engine} ...", file=sys.stderr,
-                  flush=True)
-            memory = {}
-            if engine == SERVER:
-                results, wall = run_server(model, requests, clients, s["max_batch"], max_model_len, failures_ok=True,
-                                           memory=memory, **_serve_settings(s))
-            else:
-                results, wall = _run_clients_sampled(other, requests, clients, s["against_model"], memory)
-            figs[engine] = _figures(engine, clients, requests, results, wall)
-            if any(not isinstance(r, str) for r in results):  # a server that failed every request has no figures
-                figs[engine] += _memory_figures(engine, clients, memory,
-                                                weights_bytes(model) if engine == SERVER else None)
-            doc["figures"] += figs[engine]
-            tokens[f"{engine} x{clients}"] = sum(r[2] for r in results if not isinstance(r, str))
-            failed = [r for r in results if isinstance(r, str)]
-            doc["checks"].setdefault("failed_requests", {})[f"{engine} x{clients}"] = len(failed)
-            if failed:
-                failures[f"{engine} x{clients}"] = f"{len(failed)} of {len(results)} failed; the first: {failed[0]}"
         for name, ratio in (("serve_output_throughput", "serve_ratio_output_throughput"),
                             ("serve_ttft", "serve_ratio_ttft_p50"), ("serve_ttft_p99", "serve_ratio_ttft_p99"),
                             ("serve_itl_p50", "serve_ratio_itl_p50"), ("serve_itl_p99", "serve_ratio_itl_p99")):
             extra = {"image": "all"} if name.startswith("serve_ttft") else {}
-            ours, theirs = (find_one(figs[e], name, **extra) for e in (SERVER, other))
+            ours, theirs = (find_one(figs[e, clients], name, **extra) for e in (SERVER, other))
             if ours and theirs and theirs["value"] > 0:
                 doc["figures"].append(figure(ratio, "x", higher_is_better=name == "serve_output_throughput",
                                              value=ours["value"] / theirs["value"], engine=SERVER, baseline=other,
@@ -581,6 +632,65 @@ def _run_against(doc, model, requests, warm, max_model_len):
     if any(len(v) > 1 for v in per_clients.values()):
         doc["notes"].append(f"the engines produced different token counts (ignore_eos not honoured, or failed "
                             f"requests): {tokens}")
+
+
+def _clear_web_framework_caches():
+    """Empty FastAPI's and Starlette's functools caches: FastAPI memoizes facts about each endpoint function
+    (fastapi.dependencies.models._is_async_gen_callable_cached in FastAPI 0.165), which keeps the last
+    apps' endpoint closures, and through them their scheduler and model, alive after the server stopped. The
+    caches only save recomputing those facts."""
+    import functools
+
+    for obj in gc.get_objects():
+        if isinstance(obj, functools._lru_cache_wrapper) and getattr(obj, "__module__", "").startswith(
+                ("fastapi", "starlette")):
+            obj.cache_clear()
+
+
+def start_server(command, url, timeout=None):
+    """Start `command` (a shell command line) in a session of its own and wait until url/v1/models answers 200.
+    Returns the Popen; its output goes to a temporary file, whose last lines an error shows. A command that exits
+    first, or a server that does not answer within `timeout` seconds (START_TIMEOUT_S), is an error (the
+    process group stopped)."""
+    import httpx
+
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(command, shell=True, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    print(f"bench serve: started {command!r} (pid {proc.pid}); waiting for {url}/v1/models ...", file=sys.stderr,
+          flush=True)
+    proc.log = log
+    deadline = time.monotonic() + (timeout or START_TIMEOUT_S)
+    while True:
+        try:
+            if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        code = proc.poll()
+        if code is not None or time.monotonic() > deadline:
+            log.seek(0)
+            tail = log.read().decode(errors="replace").strip().splitlines()[-5:]
+            stop_server(proc)
+            what = (f"exited with status {code}" if code is not None
+                    else f"did not answer within {timeout or START_TIMEOUT_S} s")
+            raise InputError(f"--against-start {command!r} {what}; its last lines: {' | '.join(tail) or '(none)'}")
+        time.sleep(1)
+
+
+def stop_server(proc):
+    """SIGTERM to the process group start_server made (the server and its children: vLLM's engine core), SIGKILL
+    to what is left after 30 s."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        deadline = time.monotonic() + wait
+        try:
+            os.killpg(proc.pid, sig)
+            while time.monotonic() < deadline:
+                proc.poll()  # reaps the group's leader, else it stays a member as a zombie
+                os.killpg(proc.pid, 0)
+                time.sleep(0.2)
+        except ProcessLookupError:  # the group is gone
+            break
+    proc.log.close()
 
 
 def _against_markdown(doc):

@@ -75,3 +75,46 @@ def test_against_needs_a_url():
         cli.main(["serve", "--against", "localhost:8000"])
     with pytest.raises(InputError, match="--against-model needs --against"):
         cli.main(["serve", "--against-model", "x"])
+    with pytest.raises(InputError, match="--against-start needs --against"):
+        cli.main(["serve", "--against-start", "true"])
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_against_start_runs_the_other_server_after_ours_and_stops_it(tmp_path):
+    """The started server (a second llava-fast process on the tiny preset) runs after llava-fast's client counts,
+    with this process's model released, and its process group is gone when the benchmark returns."""
+    import sys
+
+    import httpx
+
+    port, out = _free_port(), tmp_path / "started.json"
+    url = f"http://127.0.0.1:{port}"
+    command = f"{sys.executable} -m llava_fast serve --port {port} --max-batch 2 --served-model-name the-started"
+    assert cli.main(["serve", "--requests", "3", "--clients", "1,2", "--max-tokens", "6", "--against", url,
+                     "--against-start", command, "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert schema.validate(doc) == [] and doc["settings"]["against_model"] == "the-started"
+    expected_tokens = sum(max_tokens for _, max_tokens, _ in serve_bench.workload(3, 0, max_tokens=6))
+    assert doc["checks"]["completion_tokens"] == {f"{e} x{c}": expected_tokens for c in (1, 2)
+                                                  for e in ("llava-fast/serve", url)}
+    assert not doc["checks"]["failures"]
+    assert len([f for f in doc["figures"] if f["name"].startswith("serve_ratio_")]) == 10
+    assert any("model released before --against-start" in note for note in doc["notes"])
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/v1/models", timeout=5)
+
+
+def test_against_start_that_exits_is_one_clear_error():
+    from llava_fast.errors import InputError
+
+    url = f"http://127.0.0.1:{_free_port()}"
+    with pytest.raises(InputError, match=r"exited with status 3; its last lines: no such model"):
+        cli.main(["serve", "--requests", "1", "--clients", "1", "--max-tokens", "2", "--against", url,
+                  "--against-start", "echo no such model; exit 3"])
