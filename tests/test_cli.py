@@ -125,7 +125,6 @@ def test_every_subcommand_reports_bad_input_in_one_line(ckpt_dir, tmp_path, caps
         (["bench", "real", "--isa", "scalar,avx9"], "argument --isa: CPU kernels 'avx9' are unknown"),
     ]
     from llava_fast import _C
-
     from llava_fast.bench import cli as bench_cli
 
     monkeypatch.setattr(bench_cli, "available_memory_bytes", lambda: 8_000_000_000)
