@@ -191,7 +191,8 @@ def build_parser():
     from llava_fast.bench.real_bench import FORMATS
 
     r.add_argument("--formats", type=_names(FORMATS), default=None, help=f"subset of {', '.join(FORMATS)} (default: "
-                   "all; with --shape: bfloat16,int8wo,int4wo-32)")
+                   "all; with --shape: bfloat16,int8wo,int4wo-32, float32 only when asked for and where its copies fit "
+                   "in memory)")
     r.add_argument("--shape", choices=("llava-1.5-7b",), help="random weights at this model's language-model shapes "
                    "instead of SmolLM2 (one F16 GGUF for every engine; llama.cpp quantizes its own Q8_0/Q4_0)")
     r.add_argument("--layers", type=_positive_int, default=8, help="--shape: decoder layers kept (default 8 of 32: "
@@ -474,10 +475,8 @@ def cmd_real(args, argv) -> int:
             total = shape_of(args.shape)["layers"]
             if args.layers > total:
                 raise InputError(f"--layers {args.layers}: {args.shape} has {total} decoder layers")
-            bad = [f for f in (args.formats or []) if f not in real_bench.SHAPE_FORMATS]
-            if bad:
-                raise InputError(f"--formats {','.join(bad)} is not run at --shape (the formats there: "
-                                 f"{', '.join(real_bench.SHAPE_FORMATS)})")
+            if "float32" in (args.formats or []):
+                _check_shape_float32_fits(args.shape, args.layers, real_bench.shape_float32_copies(settings))
             settings.update(shape=args.shape, layers=args.layers, model_name=args.shape, quality_tokens=0,
                             formats=args.formats or list(real_bench.SHAPE_FORMATS),
                             model=f"{args.shape} language model, random weights, {args.layers} of {total} layers")
@@ -494,6 +493,30 @@ def cmd_real(args, argv) -> int:
     print(bench.markdown(doc))
     print(f"\nresults: {path}")
     return 0
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _check_shape_float32_fits(shape: str, layers: int, copies: int):
+    """float32 at 7B shapes is 0.81 GB a layer plus 1.05 GB of embedding and output matrix, held once per engine
+    that reads float32 weights: refused before anything loads where those copies exceed the memory available."""
+    from llava_fast.bench.shape_model import shape_of
+
+    s = shape_of(shape)
+    params = layers * (2 * s["hidden"] * s["hidden"] * (1 + s["kv_heads"] / s["heads"]) + 3 * s["hidden"] * s["ffn"])
+    need = copies * 4 * (params + 2 * s["vocab"] * s["hidden"])
+    available = available_memory_bytes()
+    if available is not None and need > available:
+        raise InputError(f"--formats float32 at --shape {shape} --layers {layers} holds {copies} float32 copies of "
+                         f"the weights, {need / 1e9:.1f} GB, more than the {available / 1e9:.1f} GB of memory "
+                         f"available; pass fewer --layers, --no-transformers or --no-llama-cpp")
 
 
 def _llama_cpp_builds(specs):

@@ -65,7 +65,13 @@ def prompt_ids(model):
     return model.tokenizer.encode(text)
 
 
-SHAPE_FORMATS = ("bfloat16", "int8wo", "int4wo-32")  # float32 at 7B shapes: 6.4 GB for 8 layers, left out
+SHAPE_FORMATS = ("bfloat16", "int8wo", "int4wo-32")  # the default at --shape; float32 only when asked for (below)
+
+
+def shape_float32_copies(settings) -> int:
+    """How many float32 copies of the weights a --shape run holds at once when float32 is among its formats: ours,
+    llama.cpp's F32 file (one page cache for every build) and transformers' float32."""
+    return 1 + bool(settings["llama_cpp"]) + bool(settings["transformers"])
 
 
 def load_llava(fmt_name, threads, shape=None, layers=None):
@@ -306,15 +312,17 @@ def _measure(doc, settings):
             if theirs in engines or theirs in crashed:
                 pairs[engine] = [theirs]
     if settings["transformers"]:
-        for dtype in ("bfloat16",) if shape else ("float32", "bfloat16"):
+        shape_dtypes = ("bfloat16", "float32") if "float32" in settings["formats"] else ("bfloat16",)
+        for dtype in shape_dtypes if shape else ("float32", "bfloat16"):
             engine = f"transformers/{dtype}"
             source = peer_gguf(settings, "F16") if shape else None
             peer = start_peer(engine, f"{__name__}:transformers_engine", (dtype, new_tokens, threads, source))
             if peer is not None:
                 weight_bytes[engine] = peer.weight_bytes
         for engine, name in ours.items():  # transformers has no int8/int4 CPU path: those face its float32
-            pairs.setdefault(engine, []).append(
-                "transformers/bfloat16" if shape or name == "bfloat16" else "transformers/float32")
+            pairs.setdefault(engine, []).append(  # (at --shape its bfloat16: half the memory of 7B-wide weights)
+                "transformers/bfloat16" if name == "bfloat16" or shape and name != "float32" else
+                "transformers/float32")
 
     names = [n for n in engines]
     samples = {n: {"ttft": [], "decode": []} for n in names}

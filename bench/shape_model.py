@@ -9,7 +9,7 @@ tokenizer.json) cached in ~/.cache/llava-fast/shapes (or $LLAVA_FAST_CACHE/shape
 - F16: written here with the `gguf` package. Weights are N(0, 0.02) rounded to bfloat16 (values below 2^-17,
   0.03% of them, set to 0), so they are exact in float16 as well: llava-fast loading the file as bfloat16 or
   float32 and llama.cpp reading it as F16 hold the same numbers. Norms are 1.
-- Q8_0 / Q4_0: llama.cpp's own quantizer (llama_cpp.llama_model_quantize, default parameters, so the output
+- F32 / Q8_0 / Q4_0: llama.cpp's own quantizer (llama_cpp.llama_model_quantize, default parameters, so the output
   matrix is Q6_K in the Q4_0 file as llama.cpp ships it) run on the F16 file, in a child process.
 llava-fast reads the F16 file (llava_fast.load(path.gguf), quantized by its own quantizer for int8wo/int4wo),
 transformers reads it with `gguf_file=`: every engine starts from the same weights.
@@ -120,13 +120,13 @@ import sys
 sys.path[:0] = sys.argv[4:]
 import llama_cpp
 params = llama_cpp.llama_model_quantize_default_params()
-params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + sys.argv[3])
+params.ftype = getattr(llama_cpp, ("LLAMA_FTYPE_ALL_" if sys.argv[3] == "F32" else "LLAMA_FTYPE_MOSTLY_") + sys.argv[3])
 sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params))
 """
 
 
 def llama_cpp_quantize(src: str, dst: str, fmt: str, import_path: str | None = None):
-    """llama.cpp's quantizer (default parameters) from src to dst at `fmt` (Q8_0, Q4_0), in a child process:
+    """llama.cpp's quantizer (default parameters) from src to dst at `fmt` (F32, Q8_0, Q4_0), in a child process:
     llama.cpp's library stays out of the benchmark's own process (see real_bench.py). import_path: a directory
     holding the llama_cpp package when it is not importable here."""
     done = subprocess.run([sys.executable, "-c", _QUANTIZE, src, dst, fmt, *([import_path] if import_path else [])],
@@ -137,7 +137,7 @@ def llama_cpp_quantize(src: str, dst: str, fmt: str, import_path: str | None = N
 
 
 def gguf(name: str, layers: int, fmt: str, import_path: str | None = None) -> str:
-    """The GGUF of `layers` layers at shape `name` in llama.cpp's format `fmt` (F16, Q8_0 or Q4_0), cached.
+    """The GGUF of `layers` layers at shape `name` in llama.cpp's format `fmt` (F16, F32, Q8_0 or Q4_0), cached.
     import_path: where llama_cpp is, for the quantizer (see llama_cpp_quantize)."""
     shape = shape_of(name)
     if not 1 <= layers <= shape["layers"]:
@@ -147,9 +147,9 @@ def gguf(name: str, layers: int, fmt: str, import_path: str | None = None) -> st
         return path
     if fmt == "F16":
         write_f16(path + ".part", shape, layers)
-    elif fmt in ("Q8_0", "Q4_0"):
+    elif fmt in ("F32", "Q8_0", "Q4_0"):  # F32: the F16 numbers widened, exactly
         llama_cpp_quantize(gguf(name, layers, "F16"), path + ".part", fmt, import_path)
     else:
-        raise InputError(f"unknown GGUF format {fmt!r} at a shape: expected F16, Q8_0 or Q4_0")
+        raise InputError(f"unknown GGUF format {fmt!r} at a shape: expected F16, F32, Q8_0 or Q4_0")
     os.replace(path + ".part", path)
     return path
