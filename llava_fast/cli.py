@@ -382,17 +382,32 @@ def main(argv=None):
         import importlib
 
         module_name, function = DELEGATED[argv[0]].split(":")
-        module = importlib.import_module(module_name)
-        return _run(lambda: getattr(module, function)(argv[1:]))
+        # imported inside _run, after torch (see _import_torch)
+        return _run(lambda: getattr(importlib.import_module(module_name), function)(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 with one usage line on bad flags
     return _run(lambda: args.func(args))
+
+
+def _import_torch():
+    """Import torch (1.5-2 s) with Ctrl-C meaning exit 130 at once. Python's own KeyboardInterrupt is not enough
+    here: raised inside numpy's extension init (which torch imports) it comes back as "ImportError: cannot load
+    module more than once per process", and inside torch._C's init it is lost and the command runs on. Nothing
+    has been done yet that an immediate exit could lose."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+    try:
+        import torch  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _run(command):
     """Run a subcommand: a user-fixable problem (our errors; a file the system cannot read or write, which
     names the path) is one line on stderr and exit code 2, never a traceback."""
     try:
+        _import_torch()
         return command()
     except (LlavaFastError, OSError) as e:
         message = " ".join(str(e).split())  # one line, even for a multi-line message

@@ -162,6 +162,40 @@ def test_help_lists_every_subcommand_and_bench_help_renders():
     assert r.returncode == 0 and "kernels" in r.stdout, r.stderr
 
 
+CTRL_C_WHILE_IMPORTING = """
+import os, signal, sys
+
+
+class CtrlC:  # Ctrl-C as torch's import reaches numpy (the first ~1.5 s of every command)
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy":
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+sys.meta_path.insert(0, CtrlC())
+from llava_fast.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("args", [["generate", "--max-new-tokens", "2"], ["merge-lora", "--help"]])
+def test_ctrl_c_while_torch_imports_exits_130_quietly(args):
+    """Ctrl-C in a command's first seconds printed a 30-line traceback from torch's import (or, raised inside
+    numpy's extension init, "ImportError: cannot load module more than once per process"), or was lost and the
+    command ran on."""
+    r = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_IMPORTING, *args], capture_output=True, text=True,
+                       timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (130, "", "")
+
+
+def test_importing_the_command_line_does_not_import_torch():
+    """`llava-fast --help` and a bad command line answer without waiting for torch (1.5-2 s)."""
+    r = subprocess.run([sys.executable, "-c", "import sys, llava_fast.cli; print('torch' in sys.modules)"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout == "False\n", r.stderr
+
+
 def test_preset_help_names_every_preset():
     """The help is written out (building the presets imports torch): this keeps it from missing one."""
     import argparse
