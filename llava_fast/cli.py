@@ -250,6 +250,10 @@ def _check_serve_args(args):
         from llava_fast.presets import preset_config
 
         preset_config(args.preset)  # an unknown name lists the known ones
+    context = _context_length(args) if args.max_model_len is not None else None
+    if context is not None and args.max_model_len > context:  # the scheduler's own check, from the config alone
+        raise LlavaFastError(f"--max-model-len must be from 1 to the model's context length of {context} tokens, "
+                             f"got {args.max_model_len}")
     for flag in ("image_cache_mb", "shutdown_timeout"):
         # `not 0 <= x < inf` is also true for NaN, which every plain comparison lets through: a NaN cache size
         # failed later with a traceback, and a NaN shutdown timeout hung the shutdown.

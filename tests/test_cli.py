@@ -153,6 +153,23 @@ def test_serve_and_generate_flags_are_checked_before_the_model_loads(capsys, mon
             assert code == 2 and line.startswith("llava-fast: error:") and needle in line, (args, line)
 
 
+def test_serve_max_model_len_above_the_context_is_refused_before_the_load(ckpt_dir, capsys, monkeypatch):
+    """The context length is in the config: a 7B checkpoint's minute-long load came first, then the refusal."""
+    import json
+
+    import llava_fast.cli
+    from llava_fast.presets import preset_config
+
+    monkeypatch.setattr(llava_fast.cli, "_load", lambda args: pytest.fail("the model loaded"))
+    with open(os.path.join(ckpt_dir, "config.json")) as f:
+        context = json.load(f)["text_config"]["max_position_embeddings"]
+    tiny_next = preset_config("tiny-next").text.max_position_embeddings
+    for args, limit in ((["--model", ckpt_dir], context), (["--preset", "tiny-next"], tiny_next)):
+        code, line = in_process(capsys, "serve", *args, "--max-model-len", str(limit + 1), "--port", "0")
+        assert (code, line) == (2, f"llava-fast: error: --max-model-len must be from 1 to the model's context "
+                                   f"length of {limit} tokens, got {limit + 1}"), args
+
+
 def test_help_lists_every_subcommand_and_bench_help_renders():
     r = run("--help")
     assert r.returncode == 0
