@@ -177,6 +177,8 @@ def build_parser():
                    "stage 2 LoRA x --precisions (default batch 4, LoRA r 16)")
     t.add_argument("--precisions", type=_names(("float32", "bfloat16")),
                    help="--against: the precisions of its rows (default float32,bfloat16)")
+    t.add_argument("--rows", type=_names(("1", "2", "2-lora")), help="--against: these rows only (1: stage 1, "
+                   "2: stage 2 full, 2-lora: stage 2 LoRA; default: every row of --stages)")
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="--against: both engines clip gradients to "
                    "this global norm (default 1.0); 0: neither clips, and llava-fast steps each parameter during "
                    "backward (train --step-in-backward)")
@@ -394,15 +396,16 @@ def cmd_measure(args, argv) -> int:
                 raise InputError(f"--against runs float32 or bfloat16, got --dtype {args.dtype}")
             if args.lora_r is None:
                 args.lora_r = 16
-        elif args.precisions:
-            raise InputError("--precisions applies to --against")
+        elif args.precisions or args.rows:
+            raise InputError(f"{'--precisions' if args.precisions else '--rows'} applies to --against")
         settings = _common_settings(args, str(device), defaults)
         settings.update(against=args.against,
                         precisions=args.precisions or ([args.dtype] if args.dtype else ["float32", "bfloat16"]))
         settings.update(stages=[int(s) for s in args.stages], seq_len=args.seq_len, layers=args.layers,
                         backends=args.backends or defaults["backends"],
                         gradient_checkpointing=(not args.no_gradient_checkpointing) and defaults["checkpointing"],
-                        lora_r=args.lora_r, lora_alpha=args.lora_alpha, transformers=args.transformers)
+                        lora_r=args.lora_r, lora_alpha=args.lora_alpha, transformers=args.transformers,
+                        rows=args.rows)
         if args.max_grad_norm != 1.0 and not args.against:
             raise InputError("--max-grad-norm applies to --against")
         if not (args.max_grad_norm >= 0 and math.isfinite(args.max_grad_norm)):

@@ -25,10 +25,11 @@ image tokens + random text, random pixels), the optimizer's settings, the traine
 Timing: the rows' two engines alternate step by step, the order rotating per round (a shared host's noise
 hits both alike); the median step is reported. tokens/s counts every position, image tokens included.
 
-Peak memory: on the CPU the growth of the resident set (VmHWM, reset through /proc/self/clear_refs) from
-just before the engine's model is built to the end of its first steps (weights, gradients, optimizer state,
-activations), with freed heap returned to the OS (malloc_trim) first, so that one engine's freed memory does
-not hide the other's; on CUDA torch.cuda.max_memory_allocated over the same span.
+Peak memory: on the CPU the growth of the resident set (VmHWM, reset through /proc/self/clear_refs) over the
+engine's build, and over its first steps on top of what the build left (weights, gradients, optimizer state,
+activations), with freed heap returned to the OS (malloc_trim) before each span, so that one engine's freed
+memory does not hide the other's; on CUDA torch.cuda.max_memory_allocated over the same spans. Both engines
+are built before either steps, so that the run's last row can free the source weights both were copied from.
 
 MFU: the trainer's model FLOPs (`step_flops`, every position's logits counted, LoRA's adapters not) / step
 time / the measured matmul peak of the row's dtype on this device.
@@ -77,7 +78,7 @@ class PeakMemory:
     """Bytes of peak growth over a span: `with PeakMemory(device) as m: ...; m.bytes`."""
 
     def __init__(self, device):
-        self.device, self.bytes = device, None
+        self.device, self.bytes, self.end = device, None, None
 
     def __enter__(self):
         if self.device.type == "cuda":
@@ -95,8 +96,11 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.bytes = torch.cuda.max_memory_allocated(self.device) - self.base
+            self.end = torch.cuda.memory_allocated(self.device) - self.base
         else:
             self.bytes = _status_kib("VmHWM") * 1024 - self.base
+            _trim_heap()  # what the span leaves live: heap it freed and kept would count again in the next span
+            self.end = _status_kib("VmRSS") * 1024 - self.base
         return False
 
 
@@ -206,9 +210,14 @@ def transformers_model(source):
         hf = LlavaForConditionalGeneration(config)
     state = {hf_name(n): t for n, t in source.state_dict().items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
-    # CLIP's post_layernorm is not on LLaVA's feature path (the features are a hidden state before it)
+    # CLIP's post_layernorm is not on LLaVA's feature path (the features are a hidden state before it), nor are
+    # the layers after vision_feature_layer (LLaVA-1.5's -2: layer 24 of 24), which llava-fast does not build;
+    # transformers keeps (and runs) them with its own initialisation, which the features do not depend on
+    unused = tuple(f".encoder.layers.{i}." for i in range(source.cfg.num_vision_layers_run,
+                                                          source.cfg.vision.num_layers))
     missing = [n for n in missing if not (n == "lm_head.weight" and config.tie_word_embeddings)
-               and ".post_layernorm." not in n]
+               and ".post_layernorm." not in n
+               and not (n.startswith("model.vision_tower.") and any(u in n for u in unused))]
     if missing or unexpected:
         raise RuntimeError(f"weight names do not map: missing {missing[:4]}, unexpected {unexpected[:4]}")
     return hf
@@ -255,7 +264,9 @@ def _copy_lora_a(peft_model, settings):
     (lora_B starts at zero in both)."""
     from llava_fast.train.lora import LoraLinear, add_lora
 
-    probe = copy.deepcopy(settings["source"])
+    source = settings["source"]
+    # the modules copied, the weights shared: at 7B shapes a full copy here would be GBs inside the peak span
+    probe = copy.deepcopy(source, memo={id(p): p for p in source.parameters()})
     add_lora(probe, settings["lora_r"], settings["lora_alpha"], 0.0, seed=0)
     ours = {n: m.lora_A for n, m in probe.named_modules() if isinstance(m, LoraLinear)}
     copied = 0
@@ -287,21 +298,30 @@ def matmul_peak_tflops(device, dtype):
     return 2 * n**3 / min(times) / 1e12
 
 
-def measure_row(source, mode, stage, lora, precision, settings, device, peak_tflops):
-    """Build both engines (peak memory of each from before its build through its first steps), then their
-    steps interleaved. Returns the row's figures and each engine's losses of steps 1 and 2."""
+def measure_row(source, mode, stage, lora, precision, settings, device, peak_tflops, release_source=False):
+    """Build both engines, then their first steps, then their steps interleaved. Each engine's peak memory is
+    that of its build, or what its build left plus the peak of its first steps, whichever is more. With
+    release_source (the run's last row) the source's weights are freed once both engines are built, before
+    any step (at 7B shapes a third copy of the weights decides what fits). Returns the row's figures and each
+    engine's losses of steps 1 and 2."""
     from llava_fast.bench.train_bench import step_flops
 
     dtype = getattr(torch, precision)
     batch, seq_len = settings["batch"][0].shape
     warmup = max(2, settings["warmup"])  # steps 1 and 2: their losses are the comparison's check
-    engines, memory = {}, {}
+    engines, built, memory = {}, {}, {}
+    for name in ENGINES:
+        with PeakMemory(device) as built[name]:
+            engines[name] = BUILDERS[name](source, stage, lora, dtype, settings)
+    if release_source:
+        with torch.no_grad():
+            for t in [*source.parameters(), *source.buffers()]:
+                t.data = torch.empty(0, dtype=t.dtype, device=t.device)
     for name in ENGINES:  # step 1 (the loss compared) and the warm-up steps, inside the memory span
         with PeakMemory(device) as m:
-            engine = BUILDERS[name](source, stage, lora, dtype, settings)
             for _ in range(warmup):
-                engine.step()
-        engines[name], memory[name] = engine, m.bytes
+                engines[name].step()
+        memory[name] = max(built[name].bytes, built[name].end + m.bytes)
     clock, times = Clock(device), {name: [] for name in ENGINES}
     for r in range(settings["repeats"]):
         order = ENGINES[r % 2:] + ENGINES[: r % 2]
@@ -350,16 +370,17 @@ def run_against(doc, net, settings, device):
     settings["source"] = source
     settings.setdefault("lr", 1e-5)
     checks = doc["checks"].setdefault("first_step_loss", {})
+    modes = [m for m in MODES if (m[0] in settings["rows"] if settings.get("rows") else m[1] in settings["stages"])]
+    rows = [(precision, *m) for precision in settings["precisions"] for m in modes]
     try:
-        for precision in settings["precisions"]:
-            peak = matmul_peak_tflops(device, getattr(torch, precision))
-            doc["checks"].setdefault("matmul_tflops", {})[precision] = peak
-            for mode, stage, lora in MODES:
-                if stage not in settings["stages"]:
-                    continue
-                figs, losses = measure_row(source, mode, stage, lora, precision, settings, device, peak)
-                doc["figures"] += figs
-                checks[f"{mode}/{precision}"] = losses
+        for i, (precision, mode, stage, lora) in enumerate(rows):
+            if precision not in doc["checks"].setdefault("matmul_tflops", {}):
+                doc["checks"]["matmul_tflops"][precision] = matmul_peak_tflops(device, getattr(torch, precision))
+            peak = doc["checks"]["matmul_tflops"][precision]
+            figs, losses = measure_row(source, mode, stage, lora, precision, settings, device, peak,
+                                       release_source=i == len(rows) - 1)
+            doc["figures"] += figs
+            checks[f"{mode}/{precision}"] = losses
     finally:
         del settings["batch"], settings["source"]
 

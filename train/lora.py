@@ -18,6 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The merged form (_MergedLoraLinear: one GEMM on W + s B A) only on weights up to 512 x 512. Its backward forms
+# dW' = dy^T x, a full weight-gradient GEMM that the two-path form does without (it has rank-r GEMMs there).
+# Forward + backward of one layer at r 16, merged / two-path time, float32 (bfloat16), 2 Sapphire Rapids cores:
+# 1280 rows x 512x512 0.83x (0.88x), 512x256 1.15x (0.78x), 512x1376 1.22x (1.02x); 640 rows x 4096x4096
+# 1.98x (2.73x), 4096x11008 1.84x (2.83x), and 4096x4096 at r 128 1.97x (2.49x).
+MERGED_MAX_WEIGHT = 512 * 512
 
 
 class LoraLinear(nn.Module):
@@ -36,10 +42,14 @@ class LoraLinear(nn.Module):
 
     def forward(self, x):  # (..., in) -> (..., out)
         A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        if isinstance(self.dropout, nn.Identity) or not self.training:  # no dropout: one GEMM on W + s B A
+        no_dropout = isinstance(self.dropout, nn.Identity) or not self.training
+        if no_dropout and self.weight.numel() <= MERGED_MAX_WEIGHT:  # one GEMM on W + s B A
             return _MergedLoraLinear.apply(x, self.weight, self.bias, A, B, self.scaling)
-        adapter = F.linear(F.linear(self.dropout(x), A), B)
-        return F.linear(x, self.weight, self.bias) + adapter * self.scaling
+        # the adapter's output added by the GEMM itself (addmm's beta), its scale folded into the (out, r) B: at
+        # 7B shapes a separate scale and sum are two passes over (tokens, out) forward and one more backward
+        h = F.linear(self.dropout(x), A)  # (..., r)
+        y = F.linear(x, self.weight, self.bias)  # (..., out)
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), (B * self.scaling).t()).view(y.shape)
 
     def merged_weight(self) -> torch.Tensor:
         """W + (alpha / r) B A in float32."""
@@ -53,10 +63,11 @@ class _MergedLoraLinear(torch.autograd.Function):
 
     The adapter's path alone is four skinny GEMMs (x A^T, (.) B^T and their two gradients each) of rank r
     beside the base GEMM; on the CPU in bfloat16 a (1280, 512) x (512, 16) GEMM costs about as much as the
-    (1280, 512) x (512, 512) one, so forward + backward of one tiny-preset layer is 1.3x faster merged (1.0-1.5x
-    in float32): two full GEMMs and three rank-r ones. The merged weight (out x in) is recomputed in backward
-    rather than kept. Exact in real arithmetic; in floating point the roundings differ from the two-path form
-    (the merged weight is rounded to the weight's dtype)."""
+    (1280, 512) x (512, 512) one, so a 512 x 512 layer is faster merged. Larger weights are not
+    (MERGED_MAX_WEIGHT): forward + backward is three full GEMMs merged, two in the two-path form (no dW').
+    The merged weight (out x in) is recomputed in backward rather than kept. Exact in real arithmetic; in
+    floating point the roundings differ from the two-path form (the merged weight is rounded to the weight's
+    dtype)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scaling):

@@ -58,6 +58,8 @@ def test_table_has_every_row(result, capsys):
 def test_bad_against_arguments_are_input_errors():
     assert main(["bench", "train", "--device", "cpu", "--against", "transformers", "--dtype", "float16"]) == 2
     assert main(["bench", "train", "--device", "cpu", "--precisions", "float32"]) == 2
+    assert main(["bench", "train", "--device", "cpu", "--rows", "2"]) == 2  # --against only
+    assert main(["bench", "train", "--device", "cpu", "--against", "transformers", "--rows", "3"]) == 2
     assert main(["bench", "train", "--device", "cpu", "--against", "transformers", "--batch-sizes", "1,2"]) == 2
     assert main(["bench", "train", "--device", "cpu", "--max-grad-norm", "0"]) == 2  # --against only
     assert main(["bench", "train", "--device", "cpu", "--against", "transformers", "--max-grad-norm", "-1"]) == 2
@@ -67,12 +69,13 @@ def test_bad_against_arguments_are_input_errors():
 
 def test_without_clipping_llava_fast_steps_in_backward_with_the_same_losses(tmp_path, capsys):
     """--max-grad-norm 0: neither engine clips and llava-fast steps inside backward; the step-1 and step-2 losses
-    (the second after one AdamW step each) still agree, and the table says so."""
+    (the second after one AdamW step each) still agree, and the table says so. --rows picks stage 2's two rows;
+    the last (LoRA) frees the source weights once both engines are built, before their first steps."""
     pytest.importorskip("peft")
     path = str(tmp_path / "noclip.json")
     assert main(["bench", "train", "--device", "cpu", "--against", "transformers", "--layers", "1", "--batch-sizes",
                  str(BATCH), "--seq-len", str(SEQ_LEN), "--repeats", "1", "--warmup", "0", "--lora-r", "4",
-                 "--stages", "2", "--precisions", "float32", "--max-grad-norm", "0", "--json", path]) == 0
+                 "--rows", "2-lora,2", "--precisions", "float32", "--max-grad-norm", "0", "--json", path]) == 0
     with open(path) as f:
         losses = json.load(f)["checks"]["first_step_loss"]
     assert sorted(losses) == ["2-lora/float32", "2/float32"]

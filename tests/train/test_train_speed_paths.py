@@ -190,6 +190,31 @@ def test_merged_lora_linear_matches_the_two_path_form(dtype, bias):
             assert (a.double() - e).abs().max() <= 2 * (t.double() - e).abs().max() + 1e-6
 
 
+def test_lora_linear_over_512_by_512_takes_the_two_path_form():
+    """A weight over MERGED_MAX_WEIGHT (here 513 x 511) runs x W^T + s (x A^T) B^T, whose backward has no full
+    weight-gradient GEMM (the adapter added by addmm, its scale folded into B): its output and gradients equal
+    that form's to float32 rounding; 512 x 512 stays merged."""
+    import torch.nn.functional as F
+
+    from llava_fast.train.lora import MERGED_MAX_WEIGHT, LoraLinear
+
+    g = torch.Generator().manual_seed(3)
+    for n_out, n_in in ((513, 511), (512, 512)):
+        layer = LoraLinear(torch.nn.Parameter(torch.randn(n_out, n_in, generator=g) / 20, requires_grad=False),
+                           3, 6.0, 0.0)
+        with torch.no_grad():
+            layer.lora_B.copy_(torch.randn(n_out, 3, generator=g))
+        x = torch.randn(7, n_in, generator=g, requires_grad=True)
+        y = layer(x)
+        assert (type(y.grad_fn).__name__ == "_MergedLoraLinearBackward") == (n_out * n_in <= MERGED_MAX_WEIGHT)
+        if n_out * n_in > MERGED_MAX_WEIGHT:
+            ref = F.linear(x, layer.weight) + F.linear(F.linear(x, layer.lora_A), layer.lora_B) * layer.scaling
+            gy = torch.randn(7, n_out, generator=g)
+            params = [x, layer.lora_A, layer.lora_B]
+            for a, b in zip([y, *torch.autograd.grad(y, params, gy)], [ref, *torch.autograd.grad(ref, params, gy)]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 def test_recomputed_swiglu_mlp_matches_autograd_through_the_linears(dtype, bias):
