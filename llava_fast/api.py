@@ -115,9 +115,9 @@ class LlavaModel:
         if not cfg.anyres:
             return [cfg.num_image_tokens] * len(image_sizes)
         P = cfg.vision.image_size // cfg.vision.patch_size
-        return [anyres.num_image_tokens(int(h), int(w), cfg.image_grid_pinpoints, cfg.vision.image_size, P,
+        return [anyres.num_image_tokens(h, w, cfg.image_grid_pinpoints, cfg.vision.image_size, P,
                                         cfg.num_image_tokens, exact=cfg.exact_unpad)
-                for h, w in image_sizes]
+                for h, w in _image_sizes(image_sizes).tolist()]
 
     @property
     def cpu_plan(self):
@@ -152,7 +152,8 @@ class LlavaModel:
         each image's count, from image_sizes, its images' (height, width)). The template is the checkpoint's
         own (chat_template.jinja etc.) unless `template` names one of llava_fast.prompts.templates's."""
         self._check_takes_images(num_images)
-        if self.config.anyres and num_images and (image_sizes is None or len(image_sizes) != num_images):
+        if self.config.anyres and num_images and (not hasattr(image_sizes, "__len__")
+                                                  or len(image_sizes) != num_images):
             raise InputError(f"a LLaVA-NeXT prompt with {count(num_images, 'image')} needs their sizes "
                              f"(image_sizes, one (height, width) per image), got {image_sizes!r:.80}")
         if not isinstance(prompt, str):
@@ -241,12 +242,7 @@ class LlavaModel:
                 raise InputError("image_sizes given without pixel_values")
             return None, None
         cfg, size = self.config, self.config.vision.image_size
-        try:
-            sizes = torch.as_tensor(image_sizes).long().reshape(-1, 2).cpu()
-        except (TypeError, ValueError, RuntimeError):
-            sizes = None
-        if image_sizes is None or sizes is None or len(sizes) == 0 or bool((sizes < 1).any()):
-            raise InputError(f"image_sizes must be one positive (height, width) per image, got {image_sizes!r:.80}")
+        sizes = _image_sizes(image_sizes)
         self._check_takes_images(len(sizes))
         counts = [anyres.num_tiles(h, w, cfg.image_grid_pinpoints, size) for h, w in sizes.tolist()]
         if (not isinstance(pixel_values, torch.Tensor) or not pixel_values.dtype.is_floating_point
@@ -624,6 +620,19 @@ def _check_finite_pixels(pixel_values):
     if bad:
         raise InputError(f"pixel_values hold {count(bad, 'non-finite value')} (NaN or inf) of "
                          f"{pixel_values.numel():,}: pass finite numbers (model.pixel_values(images) gives them)")
+
+
+def _image_sizes(image_sizes) -> torch.Tensor:
+    """LLaVA-NeXT's image_sizes, one (height, width) per image -> (N, 2) long on the CPU. Anything else is an
+    InputError naming what was given: a 0 side divided by zero in the tile geometry, and a negative one matched
+    no resolution (a TypeError from deep in image/anyres.py)."""
+    try:
+        sizes = torch.as_tensor(image_sizes).long().reshape(-1, 2).cpu()
+    except (TypeError, ValueError, RuntimeError):
+        sizes = None
+    if image_sizes is None or sizes is None or len(sizes) == 0 or bool((sizes < 1).any()):
+        raise InputError(f"image_sizes must be one positive (height, width) per image, got {image_sizes!r:.80}")
+    return sizes
 
 
 def _sizes(images):

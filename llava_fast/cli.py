@@ -250,6 +250,10 @@ def _check_serve_args(args):
         from llava_fast.presets import preset_config
 
         preset_config(args.preset)  # an unknown name lists the known ones
+    context = _context_length(args) if args.max_model_len is not None else None
+    if context is not None and args.max_model_len > context:  # the scheduler's own check, from the config alone
+        raise LlavaFastError(f"--max-model-len must be from 1 to the model's context length of {context} tokens, "
+                             f"got {args.max_model_len}")
     for flag in ("image_cache_mb", "shutdown_timeout"):
         # `not 0 <= x < inf` is also true for NaN, which every plain comparison lets through: a NaN cache size
         # failed later with a traceback, and a NaN shutdown timeout hung the shutdown.
@@ -382,17 +386,32 @@ def main(argv=None):
         import importlib
 
         module_name, function = DELEGATED[argv[0]].split(":")
-        module = importlib.import_module(module_name)
-        return _run(lambda: getattr(module, function)(argv[1:]))
+        # imported inside _run, after torch (see _import_torch)
+        return _run(lambda: getattr(importlib.import_module(module_name), function)(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 with one usage line on bad flags
     return _run(lambda: args.func(args))
+
+
+def _import_torch():
+    """Import torch (1.5-2 s) with Ctrl-C meaning exit 130 at once. Python's own KeyboardInterrupt is not enough
+    here: raised inside numpy's extension init (which torch imports) it comes back as "ImportError: cannot load
+    module more than once per process", and inside torch._C's init it is lost and the command runs on. Nothing
+    has been done yet that an immediate exit could lose."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+    try:
+        import torch  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _run(command):
     """Run a subcommand: a user-fixable problem (our errors; a file the system cannot read or write, which
     names the path) is one line on stderr and exit code 2, never a traceback."""
     try:
+        _import_torch()
         return command()
     except (LlavaFastError, OSError) as e:
         message = " ".join(str(e).split())  # one line, even for a multi-line message

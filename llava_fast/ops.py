@@ -9,7 +9,7 @@ file (`ops.<op>`), so switching the backend never touches the model code.
 
 Backend: `LLAVA_FAST_KERNELS=triton|torch`, read once at import. Default: triton when CUDA is available,
 torch otherwise. `triton` on a CPU runs the same kernels through Triton's interpreter (TRITON_INTERPRET=1
-must be set before triton is imported; `llava_fast/__init__.py` does that when asked for triton on a CPU).
+must be set before triton is imported; the end of this file does that when asked for triton on a CPU).
 
 Shapes use B batch, T tokens, H query heads, Hkv key/value heads, D head dim, C channels.
 """
@@ -828,3 +828,11 @@ def linear_cross_entropy(hidden, lm_head_weight, labels, ignore_index=-100):
     grad = torch.is_grad_enabled()
     return _linear_cross_entropy_op(hidden, lm_head_weight, labels, ignore_index,
                                     grad and hidden.requires_grad, grad and lm_head_weight.requires_grad)[0]
+
+
+# Kernel backend: chosen once, at this module's import, before any Triton kernel is defined (every model path
+# imports this module first). Triton on a CPU means the interpreter, which triton.jit only honours if
+# TRITON_INTERPRET is set before the kernels are decorated.
+if default_backend() == "triton" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+use_backend(default_backend())

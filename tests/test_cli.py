@@ -156,6 +156,23 @@ def test_serve_and_generate_flags_are_checked_before_the_model_loads(capsys, mon
             assert code == 2 and line.startswith("llava-fast: error:") and needle in line, (args, line)
 
 
+def test_serve_max_model_len_above_the_context_is_refused_before_the_load(ckpt_dir, capsys, monkeypatch):
+    """The context length is in the config: a 7B checkpoint's minute-long load came first, then the refusal."""
+    import json
+
+    import llava_fast.cli
+    from llava_fast.presets import preset_config
+
+    monkeypatch.setattr(llava_fast.cli, "_load", lambda args: pytest.fail("the model loaded"))
+    with open(os.path.join(ckpt_dir, "config.json")) as f:
+        context = json.load(f)["text_config"]["max_position_embeddings"]
+    tiny_next = preset_config("tiny-next").text.max_position_embeddings
+    for args, limit in ((["--model", ckpt_dir], context), (["--preset", "tiny-next"], tiny_next)):
+        code, line = in_process(capsys, "serve", *args, "--max-model-len", str(limit + 1), "--port", "0")
+        assert (code, line) == (2, f"llava-fast: error: --max-model-len must be from 1 to the model's context "
+                                   f"length of {limit} tokens, got {limit + 1}"), args
+
+
 def test_help_lists_every_subcommand_and_bench_help_renders():
     r = run("--help")
     assert r.returncode == 0
@@ -163,6 +180,40 @@ def test_help_lists_every_subcommand_and_bench_help_renders():
         assert name in r.stdout, name
     r = run("bench", "--help")  # a '%' in a subcommand's help once broke argparse's formatting
     assert r.returncode == 0 and "kernels" in r.stdout, r.stderr
+
+
+CTRL_C_WHILE_IMPORTING = """
+import os, signal, sys
+
+
+class CtrlC:  # Ctrl-C as torch's import reaches numpy (the first ~1.5 s of every command)
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy":
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+sys.meta_path.insert(0, CtrlC())
+from llava_fast.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("args", [["generate", "--max-new-tokens", "2"], ["merge-lora", "--help"]])
+def test_ctrl_c_while_torch_imports_exits_130_quietly(args):
+    """Ctrl-C in a command's first seconds printed a 30-line traceback from torch's import (or, raised inside
+    numpy's extension init, "ImportError: cannot load module more than once per process"), or was lost and the
+    command ran on."""
+    r = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_IMPORTING, *args], capture_output=True, text=True,
+                       timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (130, "", "")
+
+
+def test_importing_the_command_line_does_not_import_torch():
+    """`llava-fast --help` and a bad command line answer without waiting for torch (1.5-2 s)."""
+    r = subprocess.run([sys.executable, "-c", "import sys, llava_fast.cli; print('torch' in sys.modules)"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout == "False\n", r.stderr
 
 
 def test_preset_help_names_every_preset():

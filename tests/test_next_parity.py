@@ -116,6 +116,14 @@ def test_bad_image_inputs_are_refused(model):
         model.logits([row[:-1]], batch["pixel_values"], batch["image_sizes"])
     with pytest.raises(InputError, match="image_token_counts"):
         model.num_image_tokens  # noqa: B018 (a property)
+    # A 0 side divided by zero in the tile geometry and a negative one raised a TypeError from deep inside it.
+    for sizes in ([[0, 50]], [[40, -50]], [[float("nan"), 50]], [["40", "fifty"]]):
+        with pytest.raises(InputError, match=r"image_sizes must be one positive \(height, width\) per image"):
+            model.image_token_counts(sizes)
+        with pytest.raises(InputError, match=r"image_sizes must be one positive \(height, width\) per image"):
+            model.encode_prompt("<image> What is it?", 1, image_sizes=sizes)
+    with pytest.raises(InputError, match="needs their sizes"):  # len() of an int was a TypeError
+        model.encode_prompt("<image> What is it?", 1, image_sizes=40)
 
 
 def _hf_greedy(hf_model, ids, images):

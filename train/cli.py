@@ -113,12 +113,21 @@ def _check_inputs(run):
 
     if not os.path.isfile(run.data):
         raise InputError(f"--data {run.data}: file not found")
+    _check_output_is_not_an_input(run.output, (run.model, "--model"), (run.vision_tower, "--vision-tower"))
     if not os.path.isdir(run.image_folder):
         raise InputError(f"--image-folder {run.image_folder}: not a directory")
     if run.template is not None:
         get_template(run.template)
     if run.device is not None:
         resolve_device_dtype(run.device)
+
+
+def _check_output_is_not_an_input(output, *inputs):
+    """--output names no directory the command reads, by any path to it (a symlink, `dir/.`): with --overwrite,
+    a train run with --output the --model directory cleared and then replaced the checkpoint it started from."""
+    for path, what in inputs:
+        if path and os.path.realpath(output) == os.path.realpath(path):
+            raise InputError(f"--output {output} is {what} directory: choose another --output")
 
 
 def check_new_output(path, overwrite, training=False):
@@ -178,9 +187,7 @@ def merge_lora_main(argv=None):
     if not os.path.isdir(model_dir):
         raise InputError(f"the base model {model_dir} ({'--model' if args.model else 'from ' + config_path}) is "
                          "not a directory; pass --model BASE_DIR")
-    for other, what in ((model_dir, "the base model"), (args.adapter, "--adapter")):
-        if os.path.abspath(args.output) == os.path.abspath(other):
-            raise InputError(f"--output {args.output} is {what} directory: choose another --output")
+    _check_output_is_not_an_input(args.output, (model_dir, "the base model"), (args.adapter, "--adapter"))
     check_new_output(args.output, args.overwrite)
     base = ckpt.load_base(model_dir, vision_tower=args.vision_tower or config.get("vision_tower"),
                           device=device, image_aspect_ratio=config.get("image_aspect_ratio"))

@@ -180,6 +180,32 @@ def test_train_refuses_an_existing_output_unless_overwrite(runs, tiny_ckpt, imag
     assert cli_here(*args, "--overwrite").returncode == 0 and (out / "train_log.jsonl").exists()
 
 
+def test_output_is_never_a_directory_the_command_reads(tiny_ckpt, image_folder, tmp_path, cli_here):
+    """With --overwrite, train --output the --model directory cleared it and replaced the checkpoint the run started
+    from; merge-lora compared paths as written, so a symlink to its base model (or adapter) got through."""
+    import shutil
+
+    base = str(tmp_path / "base")
+    shutil.copytree(tiny_ckpt, base)
+    os.symlink(base, tmp_path / "link")
+    before = sorted(os.listdir(base))
+    data = write_data(tmp_path / "d.json", make_records(2, text_only_every=0))
+    for out in (base, str(tmp_path / "link"), base + "/."):
+        r = cli_here("train", "--stage", "2", "--model", base, "--data", data, "--image-folder", image_folder,
+                     "--output", out, "--max-steps", "1", "--batch-size", "2", "--overwrite")
+        assert_one_line_error(r, f"--output {out} is --model directory")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    json.dump({"r": 2, "alpha": 4, "base_model": base}, open(adapter / "adapter_config.json", "w"))
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    os.symlink(adapter, tmp_path / "adapter-link")
+    for out, what in ((tmp_path / "link", "the base model"), (tmp_path / "adapter-link", "--adapter")):
+        r = cli_here("merge-lora", "--adapter", str(adapter), "--output", str(out), "--overwrite")
+        assert_one_line_error(r, f"--output {out} is {what} directory")
+    assert sorted(os.listdir(base)) == before and sorted(os.listdir(adapter)) == ["adapter_config.json",
+                                                                                 "adapter_model.safetensors"]
+
+
 # ------------------------------------------------------------------------------------------------------
 # 6. Zero is not "unset"
 # ------------------------------------------------------------------------------------------------------
