@@ -13,6 +13,8 @@ import shutil
 
 import torch
 
+from llava_fast.bench.random_checkpoint import LLAVA_15_CHAT_TEMPLATE
+
 REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")  # tests/data/README.md: sources
 TOKENIZER_DIR = os.path.join(REFERENCE, "tokenizer")
 IMAGE_DIR = os.path.join(REFERENCE, "images")
@@ -109,15 +111,9 @@ CHATML_SMOLLM2 = (
     "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>'"
     " + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt"
     " %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-# llava-hf/llava-1.5-7b-hf's chat_template.json (the processor's template: content parts, images first).
-LLAVA_15_HF = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
-    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}{% for content in"
-    " message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}"
-    "{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}"
-    "{{ 'ASSISTANT:' }}{% endif %}")
+# llava-hf/llava-1.5-7b-hf's chat_template.json (the processor's template: content parts, images first): the one
+# the random llava-hf checkpoints of the benchmarks ship.
+LLAVA_15_HF = LLAVA_15_CHAT_TEMPLATE
 BPE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2, as in SmolLM2's vocabulary
 
 
