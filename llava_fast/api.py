@@ -117,7 +117,7 @@ class LlavaModel:
         P = cfg.vision.image_size // cfg.vision.patch_size
         return [anyres.num_image_tokens(h, w, cfg.image_grid_pinpoints, cfg.vision.image_size, P,
                                         cfg.num_image_tokens, exact=cfg.exact_unpad)
-                for h, w in _image_sizes(image_sizes).tolist()]
+                for h, w in _image_sizes(image_sizes, allow_empty=True).tolist()]
 
     @property
     def cpu_plan(self):
@@ -622,15 +622,16 @@ def _check_finite_pixels(pixel_values):
                          f"{pixel_values.numel():,}: pass finite numbers (model.pixel_values(images) gives them)")
 
 
-def _image_sizes(image_sizes) -> torch.Tensor:
-    """LLaVA-NeXT's image_sizes, one (height, width) per image -> (N, 2) long on the CPU. Anything else is an
-    InputError naming what was given: a 0 side divided by zero in the tile geometry, and a negative one matched
-    no resolution (a TypeError from deep in image/anyres.py)."""
+def _image_sizes(image_sizes, allow_empty=False) -> torch.Tensor:
+    """LLaVA-NeXT's image_sizes, one (height, width) per image -> (N, 2) long on the CPU; none (N = 0) only where
+    `allow_empty` (a text-only prompt's counts). Anything else is an InputError naming what was given: a 0 side
+    divided by zero in the tile geometry, and a negative one matched no resolution (a TypeError from deep in
+    image/anyres.py)."""
     try:
         sizes = torch.as_tensor(image_sizes).long().reshape(-1, 2).cpu()
     except (TypeError, ValueError, RuntimeError):
         sizes = None
-    if image_sizes is None or sizes is None or len(sizes) == 0 or bool((sizes < 1).any()):
+    if image_sizes is None or sizes is None or (len(sizes) == 0 and not allow_empty) or bool((sizes < 1).any()):
         raise InputError(f"image_sizes must be one positive (height, width) per image, got {image_sizes!r:.80}")
     return sizes
 
