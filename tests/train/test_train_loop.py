@@ -222,6 +222,13 @@ def test_stage1_from_llama_and_clip_then_stage2_from_its_projector(reference_dir
         assert torch.equal(p, after[name])
 
 
+def _ctrl_c_as_from_a_shell():
+    """A child's Ctrl-C at its default disposition and unblocked, as a shell starts a command: both are inherited
+    across exec, and the test runner's process may have changed its own."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 def test_ctrl_c_saves_after_the_current_step_then_resume_continues_the_run(tiny_ckpt, image_folder, tmp_path):
     """`llava-fast train` (a subprocess, stepping inside backward, so that mid-step the weights would be
     half-updated) sent SIGINT once its first step is logged: it finishes that step, writes checkpoint-N, says
@@ -235,7 +242,7 @@ def test_ctrl_c_saves_after_the_current_step_then_resume_continues_the_run(tiny_
            "--output", str(out), "--batch-size", "2", "--max-steps", "60", "--lr", "1e-3", "--max-grad-norm", "0",
            "--step-in-backward", "--no-gradient-checkpointing", "--log-every", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")  # the in-process runs' one thread (this folder's conftest)
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_ctrl_c_as_from_a_shell)
     try:
         for line in proc.stderr:
             if line.startswith("step 1/60"):
@@ -263,23 +270,33 @@ def test_ctrl_c_saves_after_the_current_step_then_resume_continues_the_run(tiny_
     assert resumed.losses == full.losses[n:]
 
 
-def test_the_second_ctrl_c_interrupts_at_once_and_the_handler_is_restored():
-    from llava_fast.train.trainer import _Interrupt
-
-    with _Interrupt(main=False) as interrupt:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert interrupt.requested and interrupt.agreed(None, None)
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            signal.sigtimedwait([], 0.1)  # a bytecode boundary at which the handler runs
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+# Run in a process of its own: signals reach the main thread of a process whose Ctrl-C is at its default, which a
+# test runner's own process (a pytest-xdist worker) need not be.
+SECOND_CTRL_C = """
+import os, signal
+from llava_fast.train.trainer import _Interrupt
+with _Interrupt(main=False) as interrupt:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert interrupt.requested and interrupt.agreed(None, None), "the first Ctrl-C was not taken as a request"
     try:
-        with _Interrupt(main=False) as interrupt:  # a run started with Ctrl-C ignored keeps ignoring it
-            os.kill(os.getpid(), signal.SIGINT)
-        assert not interrupt.requested and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        os.kill(os.getpid(), signal.SIGINT)
+        signal.sigtimedwait([], 0.1)  # a bytecode boundary at which the handler runs
+        raise AssertionError("the second Ctrl-C did not interrupt at once")
+    except KeyboardInterrupt:
+        pass
+assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handler was not restored"
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+with _Interrupt(main=False) as interrupt:  # a run started with Ctrl-C ignored keeps ignoring it
+    os.kill(os.getpid(), signal.SIGINT)
+assert not interrupt.requested and signal.getsignal(signal.SIGINT) is signal.SIG_IGN, "an ignored Ctrl-C was taken"
+print("ok")
+"""
+
+
+def test_the_second_ctrl_c_interrupts_at_once_and_the_handler_is_restored():
+    r = subprocess.run([sys.executable, "-c", SECOND_CTRL_C], capture_output=True, text=True, timeout=120,
+                       preexec_fn=_ctrl_c_as_from_a_shell)
+    assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
 
 
 def test_a_crash_while_saving_leaves_no_complete_looking_checkpoint(tiny_ckpt, tmp_path, monkeypatch):
