@@ -98,11 +98,11 @@ def _from_scratch_config(llama, clip_dir):
                        layout="original", template="vicuna_v1")
 
 
-def _load_tensors(net, sources, device, allow_missing=()):
-    """Assign every tensor of `sources` (fp32) to the meta-built `net`; names starting with one of
-    `allow_missing` may be absent (they keep a fresh initialisation)."""
+def _load_tensors(net, sources, device, allow_missing=(), dtype=torch.float32):
+    """Assign every tensor of `sources` (`dtype`: a dtype or a function of the name) to the meta-built `net`;
+    names starting with one of `allow_missing` may be absent (they keep a fresh float32 initialisation)."""
     expected = expected_weights(net)
-    loaded = read_weights(net, sources, device, torch.float32, allow_missing)
+    loaded = read_weights(net, sources, device, dtype, allow_missing)
     for module_name in sorted({n.rsplit(".", 1)[0] for n in expected if n not in loaded}):
         module = net.get_submodule(module_name)  # fresh: built on the device with nn.Linear's own initialisation
         module.to_empty(device=device, recurse=False)
@@ -163,8 +163,13 @@ def _add_image_token(net, tokenizer):
 
 
 def load_base(model_dir, *, vision_tower=None, projector=None, device="cpu", image_aspect_ratio=None,
-              seed=0) -> TrainBase:
-    """The model a run starts from, all parameters float32 on `device`, frozen (the trainer unfreezes).
+              seed=0, frozen_dtype=torch.float32, trains=None) -> TrainBase:
+    """The model a run starts from on `device`, frozen (the trainer unfreezes): float32, except that with
+    `trains` (a function of a parameter's name: True where the run trains it) the weights it does not train are
+    read straight into `frozen_dtype`, one tensor at a time, as the trainer stores them. A LoRA or stage 1 run
+    in bfloat16 then never holds its frozen weights in float32: a 7B's would be a 28 GB transient beside the
+    14 GB it keeps. The bits are the float32-then-cast ones (one rounding either way). The embedding and output
+    rows stay float32 while a missing <image> token is added, whose new rows are the float32 mean of the old.
 
     image_aspect_ratio: "pad" or "square" (None: the checkpoint's setting)."""
     if not os.path.isdir(model_dir):
@@ -193,9 +198,17 @@ def load_base(model_dir, *, vision_tower=None, projector=None, device="cpu", ima
     tokenizer = Tokenizer.from_dir(model_dir)
     with torch.device("meta"):
         net = LlavaForCausalLM(cfg)
+    image_id = tokenizer.token_to_id("<image>")
+    adds_image_token = not writes_original(cfg) and not (image_id is not None and image_id < cfg.text.vocab_size) \
+        and cfg.image_token_id >= cfg.text.vocab_size
+    resized = ("language_model.embed_tokens.weight", "lm_head.weight") if adds_image_token else ()
+
+    def dtype_of(name):
+        return torch.float32 if trains is None or trains(name) or name in resized else frozen_dtype
+
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)  # a fresh projector is the same in every process
-        _load_tensors(net, sources, device, allow_missing)
+        _load_tensors(net, sources, device, allow_missing, dtype_of)
     if projector:
         with torch.no_grad():
             for name, tensor in read_projector(projector, net).items():
@@ -203,7 +216,6 @@ def load_base(model_dir, *, vision_tower=None, projector=None, device="cpu", ima
     net.requires_grad_(False)
 
     resized_from = None
-    image_id = tokenizer.token_to_id("<image>")
     if writes_original(cfg):
         pass  # image positions keep the id outside the vocabulary they have when the written checkpoint loads
     elif image_id is not None and image_id < cfg.text.vocab_size:

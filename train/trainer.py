@@ -436,20 +436,23 @@ def cosine_lr(step, total, warmup, peak):
     return peak * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def trains_llm_weight(name, stage, lora):
+    """Whether the run trains the language-model side's parameter `name` (the projector is always trained).
+    LLaVA-NeXT's image_newline trains with the LLM, as the original's full fine-tune trains it (its LoRA runs and
+    stage 1 leave it frozen). LoRA trains its adapters, which the checkpoint does not hold."""
+    if stage == 1:
+        return False
+    if lora:
+        return name.endswith((".lora_A", ".lora_B"))
+    return name.startswith(("language_model.", "lm_head.")) or name == "image_newline"
+
+
 def trainable_parameters(net, stage, lora):
     """Unfreeze what the stage trains; returns (llm params, projector params) as (name, param) lists."""
     net.requires_grad_(False)
     projector = list(net.multi_modal_projector.named_parameters(prefix="multi_modal_projector"))
-    if stage == 1:
-        llm = []
-    elif lora:
-        llm = [(n, p) for n, p in net.named_parameters() if n.endswith((".lora_A", ".lora_B"))]
-    else:
-        # named_parameters lists a shared tensor once: tied embeddings are one parameter, trained as one.
-        # LLaVA-NeXT's image_newline trains with the LLM, as the original's full fine-tune trains it (its LoRA
-        # runs and stage 1 leave it frozen).
-        llm = [(n, p) for n, p in net.named_parameters()
-               if n.startswith(("language_model.", "lm_head.")) or n == "image_newline"]
+    # named_parameters lists a shared tensor once: tied embeddings are one parameter, trained as one.
+    llm = [(n, p) for n, p in net.named_parameters() if trains_llm_weight(n, stage, lora)]
     for _, p in projector + llm:
         p.requires_grad_(True)
     return llm, projector
@@ -732,8 +735,13 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
     """Load and freeze the model, check the records, build the optimizer (resuming its state) and the loader."""
     lora, main = a.lora_r is not None, rank == 0
     existing = _check_output(a, main)
+    dtype = torch.bfloat16 if a.precision == "bf16" and not a.fsdp else torch.float32  # FSDP gathers in bf16
+
+    def trains(name):
+        return name.startswith("multi_modal_projector.") or trains_llm_weight(name, a.stage, lora)
+
     base = ckpt.load_base(a.model, vision_tower=a.vision_tower, projector=a.projector, device=device,
-                          image_aspect_ratio=a.image_aspect_ratio, seed=a.seed)
+                          image_aspect_ratio=a.image_aspect_ratio, seed=a.seed, frozen_dtype=dtype, trains=trains)
     net, cfg = base.net, base.cfg
     if a.max_length is None:
         a.max_length = min(2048, cfg.text.max_position_embeddings)
@@ -746,7 +754,6 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
         add_lora(net, a.lora_r, a.lora_alpha, a.lora_dropout, seed=a.seed)
     llm_params, projector_params = trainable_parameters(net, a.stage, lora)
     fuse_frozen_projections(net, a.stage)
-    dtype = torch.bfloat16 if a.precision == "bf16" and not a.fsdp else torch.float32  # FSDP gathers in bf16
     for p in net.parameters():
         if not p.requires_grad:
             p.data = p.data.to(dtype)

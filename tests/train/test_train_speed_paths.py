@@ -519,3 +519,25 @@ def test_stage1_fused_frozen_projections_give_the_same_losses_and_checkpoint(tin
     files = sorted(p.name for p in (tmp_path / "fused").glob("model-*.safetensors"))
     names = set().union(*(load_file(tmp_path / "fused" / f).keys() for f in files))
     assert any(n.endswith("self_attn.q_proj.weight") for n in names) and not any("qkv_proj" in n for n in names)
+
+
+@pytest.mark.parametrize("stage,lora", [(1, False), (2, True), (2, False)])
+def test_frozen_weights_load_straight_into_bfloat16_with_the_cast_bits(tiny_ckpt, stage, lora):
+    """A bfloat16 run reads each weight it does not train straight into bfloat16 (a 7B LoRA run never holds
+    its frozen weights in float32), with the bits the float32 load then the trainer's cast gave; the trained
+    ones stay float32."""
+    from llava_fast.train import checkpoint as ckpt
+    from llava_fast.train.trainer import trains_llm_weight
+
+    def trains(name):
+        return name.startswith("multi_modal_projector.") or trains_llm_weight(name, stage, lora)
+
+    reference = dict(ckpt.load_base(tiny_ckpt, seed=0).net.named_parameters())
+    direct = dict(ckpt.load_base(tiny_ckpt, seed=0, frozen_dtype=torch.bfloat16, trains=trains).net.named_parameters())
+    assert direct.keys() == reference.keys()
+    frozen = [n for n in direct if not trains(n)]
+    assert frozen and any(n.startswith("language_model.layers.") for n in frozen) == (stage == 1 or lora)
+    for name, p in direct.items():
+        want = reference[name] if trains(name) else reference[name].to(torch.bfloat16)
+        assert p.dtype == want.dtype, name
+        assert torch.equal(p, want), name
