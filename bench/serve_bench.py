@@ -21,9 +21,10 @@ Engines, on the same weights in one process:
     error, an error event) is counted and its first message kept: that engine's row says so.
     `--against-start CMD`: for a model of which the host holds one copy, not two (a 7B's 14 GB of bfloat16 weights
     on a 23 GiB host): llava-fast runs every client count first and its model is released; then CMD (a shell
-    command that starts the other server at URL) is started in a session of its own, the workload waits for URL's
-    /v1/models (start-up budget START_TIMEOUT_S), runs every client count there, and the command's process group
-    is stopped (SIGTERM, then SIGKILL after 30 s). What this process still held is kept in the notes.
+    command that starts the other server at URL) is started in its own process group (setsid), the workload
+    waits for URL's /v1/models (start-up budget START_TIMEOUT_S), runs every client count there, and the
+    command's process group is stopped (SIGTERM, then SIGKILL after 30 s). What this process still held is kept
+    in the notes.
 Figures per engine and client count: requests/s and output tokens/s over the wall time of the whole
 workload; TTFT (request sent -> first content chunk received; for generate(): call -> first text delta)
 p50 (the figure's value, samples kept) and p99, split by image kind (`new`, `repeated`, `none`, `all`);
@@ -648,7 +649,8 @@ def _clear_web_framework_caches():
 
 
 def start_server(command, url, timeout=None):
-    """Start `command` (a shell command line) in a session of its own and wait until url/v1/models answers 200.
+    """Start `command` (a shell command line) in its own process group (setsid) and wait until url/v1/models
+    answers 200.
     Returns the Popen; its output goes to a temporary file, whose last lines an error shows. A command that exits
     first, or a server that does not answer within `timeout` seconds (START_TIMEOUT_S), is an error (the
     process group stopped)."""
