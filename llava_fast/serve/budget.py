@@ -23,7 +23,7 @@ LLaVA's 256 positions, 100 prompt tokens' worth) is charged at that, not at one 
 What the budget bounds is the iteration's time, a + b rows + c tokens, at most that of a full batch's step plus
 SLICE_STEPS of it. With fewer rows decoding, the rows not there leave their time to the prompt
 (`spare_row_tokens`): on the tiny LLaVA a row is worth b / c = 7.4 prompt tokens, so beside 7 decoding rows (8
-clients) a slice may take ~66 tokens more, while the slowest iteration (the ITL p99 at a full batch) stays as it
+clients) a slice may take ~58 tokens more, while the slowest iteration (the ITL p99 at a full batch) stays as it
 was. With no row decoding, nothing waits on the slices: the scheduler then prefills whole prompts (its idle cap).
 """
 
