@@ -207,6 +207,17 @@ void gemv_bf16_amx(const GemvRows& p, int64_t n0, int64_t n1) {
 // read; their places in the tiles are zeros. The bits differ from avx512_vnni's (q and p are rounded to
 // bfloat16, as the products of a bfloat16 model's SDPA are): within 5e-3 of the output's scale of the scalar
 // reference (kernel_tests.cpp; measured up to 5e-4 at 3-102 keys).
+// Few queries (n <= kFewQueries: a decode row's GQA group) take q . k with the roles swapped: A = 16 keys x 32
+// head dims loaded straight from the cache (row stride pos_bytes), B = the call's queries as columns in pairs of
+// head dims, C = scores^T (16 keys x queries), read back per query by a gather. This drops the per-block
+// transpose of K (2/5 of an n = 1 call at 400 keys, D = 64: 1.9 of 4.6 us on Sapphire Rapids), which only pays
+// off when many queries share it. Each score is still one C element over the same head-dim pairs in the same
+// order, and TDPBF16PS gives the same bits with A and B swapped (its products are exact; checked bit for bit
+// over 54M random elements with exponents over the whole range, zeros and denormals: only NaN payloads
+// differ), so a query's bits do not depend on which path its call took (the driver checks n = 1 .. 4 against
+// 21 .. 195). p . v stays as above: its C elements' operands do not change with n. (A float32 AVX-512 loop
+// can not stand in for p . v: TDPBF16PS's sum of 32 products plus C is not a sequence of IEEE float32 adds in
+// any order tried, 10-50% of random elements differ in the last bit.)
 
 // Tiles for attention (all 16 rows x 64 bytes, as configure_tiles): 0-3 C (2 query blocks x 2 key or dims
 // blocks), 4, 5 A (query blocks), 6, 7 B (key or dims blocks).
@@ -252,6 +263,9 @@ struct AlignedBuffer {
 };
 
 constexpr int kKeyBlock = 32;  // keys per p . v step (A's 32 bfloat16 columns) and per built K block (2 B tiles)
+// Calls of at most this many queries take the swapped q . k: its gather per query and 16 keys (16 loads) costs
+// less than the K transpose the other path shares among the call's queries up to about 4 of them.
+constexpr int kFewQueries = 4;
 
 // C tiles of queries qb .. qb + QB - 1 (blocks of 16) x keys t0 .. t0 + 31 of the scores, over the S head-dim steps.
 template <int QB>
@@ -388,6 +402,54 @@ inline float softmax_to_p(float* row, int64_t L, int64_t Tpad, float scale) {
   return 1.f / _mm512_reduce_add_ps(total);
 }
 
+// Scores of n <= 16 queries (rows of `scores`, stride Tpad) over keys 0 .. Tmax - 1 with K as the A tile
+// (the section's header): qb = S B tiles, step s row i column j = head dims 32 s + 2i, + 1 of query j. Keys come
+// straight from the cache 16 at a time; the last partial 16 are copied into zeroed rows first (no tile reads
+// past Tmax). Scores from Tmax to the next 16 are those zero keys' (softmax never reads them).
+template <int D>
+inline void swapped_scores(const uint16_t* qb, int n, const char* k, int64_t pos_bytes, int64_t Tmax, float* scores,
+                           int64_t Tpad) {
+  constexpr int S = D / 32;
+  alignas(64) uint16_t tail[16 * D];
+  alignas(64) float c[2][256];
+  const __m512i col = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(16));
+  auto keys = [&](int64_t t0, int64_t& stride) -> const char* {
+    if (t0 + 16 <= Tmax) return stride = pos_bytes, k + t0 * pos_bytes;
+    std::memset(tail, 0, sizeof tail);
+    for (int64_t t = t0; t < Tmax; ++t) std::memcpy(tail + (t - t0) * D, k + t * pos_bytes, D * 2);
+    return stride = D * 2, reinterpret_cast<const char*>(tail);
+  };
+  for (int64_t t0 = 0; t0 < Tmax; t0 += 32) {
+    const bool two = t0 + 16 < Tmax;
+    int64_t st0 = 0, st1 = 0;
+    const char* k0 = keys(t0, st0);
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int s = 0; s < S; ++s) {
+      _tile_loadd(6, qb + s * 512, 64);
+      _tile_loadd(4, k0 + 64 * s, st0);
+      _tile_dpbf16ps(0, 4, 6);
+    }
+    if (two) {
+      const char* k1 = keys(t0 + 16, st1);
+      for (int s = 0; s < S; ++s) {
+        _tile_loadd(6, qb + s * 512, 64);
+        _tile_loadd(5, k1 + 64 * s, st1);
+        _tile_dpbf16ps(1, 5, 6);
+      }
+    }
+    _tile_stored(0, c[0], 64);
+    if (two) _tile_stored(1, c[1], 64);
+    for (int j = 0; j < n; ++j) {
+      const __m512i at = _mm512_add_epi32(col, _mm512_set1_epi32(j));
+      float* row = scores + j * Tpad + t0;
+      _mm512_storeu_ps(row, _mm512_i32gather_ps(at, c[0], 4));
+      _mm512_storeu_ps(row + 16, two ? _mm512_i32gather_ps(at, c[1], 4) : _mm512_setzero_ps());
+    }
+  }
+}
+
 // Attention for many queries of one KV head on tiles (kernels.h AttendManyFn; the section's header says how).
 template <int D>
 void attend_many_amx(const float* const* q, const int64_t* lens, float* const* o, int n, const char* k,
@@ -416,7 +478,18 @@ void attend_many_amx(const float* const* q, const int64_t* lens, float* const* o
   }
   configure_tiles();
   alignas(64) uint16_t kpanel[2 * S * 512];
-  for (int64_t kb = 0; kb < blocks; ++kb) {  // scores, key block by key block, for the query blocks that see it
+  if (n <= kFewQueries) {  // the queries as B tiles (kpanel's room), columns j < n; then scores with K as A
+    std::memset(kpanel, 0, S * 1024);
+    uint32_t* qb = reinterpret_cast<uint32_t*>(kpanel);
+    for (int j = 0; j < n; ++j)
+      for (int s = 0; s < S; ++s) {
+        alignas(64) uint32_t pairs[16];
+        _mm512_store_si512(pairs, _mm512_load_si512(qp + j * D + 32 * s));
+        for (int i = 0; i < 16; ++i) qb[s * 256 + 16 * i + j] = pairs[i];
+      }
+    swapped_scores<D>(kpanel, n, k, pos_bytes, Tmax, scores, Tpad);
+  }
+  for (int64_t kb = 0; kb < blocks && n > kFewQueries; ++kb) {  // scores per key block, for the query blocks that see it
     const int64_t t0 = kKeyBlock * kb;
     build_keys<D>(k, pos_bytes, Tmax, kb, kpanel);
     for (int b = 0; b < NQ; b += 2) {
