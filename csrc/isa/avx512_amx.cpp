@@ -537,7 +537,7 @@ void attend_many_amx(const float* const* q, const int64_t* lens, float* const* o
       }
     swapped_scores<D>(kpanel, n, k, pos_bytes, Tmax, scores, Tpad);
   }
-  for (int64_t kb = 0; kb < blocks && n > kFewQueries; ++kb) {  // scores per key block, for the query blocks that see it
+  for (int64_t kb = 0; kb < blocks && n > kFewQueries; ++kb) {  // scores per key block, for the query blocks seeing it
     const int64_t t0 = kKeyBlock * kb;
     build_keys<D>(k, pos_bytes, Tmax, kb, kpanel);
     for (int b = 0; b < NQ; b += 2) {
