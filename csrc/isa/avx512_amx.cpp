@@ -207,19 +207,20 @@ void gemv_bf16_amx(const GemvRows& p, int64_t n0, int64_t n1) {
 // read; their places in the tiles are zeros. The bits differ from avx512_vnni's (q and p are rounded to
 // bfloat16, as the products of a bfloat16 model's SDPA are): within 5e-3 of the output's scale of the scalar
 // reference (kernel_tests.cpp; measured up to 5e-4 at 3-102 keys).
-// Few queries (n <= kFewQueries: a decode row's GQA group) take q . k with the roles swapped: A = 16 keys x 32
+// Calls of at most 16 queries (one query block: a decode row's GQA group, a short prompt slice) take q . k with
+// the roles swapped: A = 16 keys x 32
 // head dims loaded straight from the cache (row stride pos_bytes), B = the call's queries as columns in pairs of
 // head dims, C = scores^T (16 keys x queries), read back per query by a gather. This drops the per-block
 // transpose of K (2/5 of an n = 1 call at 400 keys, D = 64: 1.9 of 4.6 us on Sapphire Rapids), which only pays
 // off when many queries share it. Each score is still one C element over the same head-dim pairs in the same
 // order, and TDPBF16PS gives the same bits with A and B swapped (its products are exact; checked bit for bit
 // over 54M random elements with exponents over the whole range, zeros and denormals: only NaN payloads
-// differ), so a query's bits do not depend on which path its call took (the driver checks n = 1 .. 4 against
+// differ), so a query's bits do not depend on which path its call took (the driver checks n = 1 .. 16 against
 // 21 .. 195). p . v keeps its tiles (a C element's operands do not change with n) but builds each key block's
 // B tiles just before use in L1 (few_output) instead of the whole V panel first. n = 1, 400 keys, D = 64 on
-// Sapphire Rapids: 4.5 -> 2.0 us per call with K/V in cache. (A float32 AVX-512 loop can not stand in for
-// p . v: TDPBF16PS's sum of 32 products plus C is not a sequence of IEEE float32 adds in any order tried;
-// 10-50% of random elements differ in the last bit.)
+// Sapphire Rapids, K/V in cache: 4.7 -> 2.1 us per call; n = 16: 7.4 -> 5.9 us. (A float32 AVX-512 loop can
+// not stand in for p . v: TDPBF16PS's sum of 32 products plus C is not a sequence of IEEE float32 adds in any
+// order tried; 10-50% of random elements differ in the last bit.)
 
 // Tiles for attention (all 16 rows x 64 bytes, as configure_tiles): 0-3 C (2 query blocks x 2 key or dims
 // blocks), 4, 5 A (query blocks), 6, 7 B (key or dims blocks).
@@ -265,9 +266,10 @@ struct AlignedBuffer {
 };
 
 constexpr int kKeyBlock = 32;  // keys per p . v step (A's 32 bfloat16 columns) and per built K block (2 B tiles)
-// Calls of at most this many queries take the swapped q . k: its gather per query and 16 keys (16 loads) costs
-// less than the K transpose the other path shares among the call's queries up to about 4 of them.
-constexpr int kFewQueries = 4;
+// Calls of at most this many queries take the few-query path (swapped q . k, few_output): one query block, so
+// every query is a column of one B tile. Faster than the other path at every n up to it (400 keys, D = 64 on
+// Sapphire Rapids: n = 5 3.6 against 5.3 us, n = 16 5.9 against 7.4 us); past it the K transpose is shared.
+constexpr int kFewQueries = 16;
 
 // C tiles of queries qb .. qb + QB - 1 (blocks of 16) x keys t0 .. t0 + 31 of the scores, over the S head-dim steps.
 template <int QB>

@@ -516,10 +516,13 @@ void check_attend_invariance(Checks& c, const lf::KernelTable& t, const lf::Kern
         for (int64_t qi = r0 * G; qi < r1 * G; ++qi) chunk.push_back(qi);
         expect_alone(chunk, "rows " + std::to_string(r0) + " .. " + std::to_string(r1 - 1) + " as a chunk");
       }
-      // A decode row's GQA group and other calls of 2 .. 4 queries (the few-query path of a table that has one).
+      // A decode row's GQA group and other calls of 2 .. 16 queries (the few-query path of a table that has one).
       expect_alone({50 * G, 50 * G + 1}, "a group of 2");
       expect_alone({64 * G + 2, 3, 40 * G}, "3 queries of different lengths");
       expect_alone({R * G - 1, 0, 33 * G + 1, 17 * G}, "4 queries of different lengths");
+      std::vector<int64_t> sixteen;
+      for (int64_t i = 0; i < 16; ++i) sixteen.push_back((i * 37) % (R * G));
+      expect_alone(sixteen, "16 queries of different lengths");
       if (wide) continue;
       std::vector<float> ref(R * G * D);  // the scalar loop
       for (int64_t qi = 0; qi < R * G; ++qi) {
