@@ -131,9 +131,12 @@ def build_llava_fast(source, stage, lora, dtype, settings):
         StepFromModelGrads,
         clip_or_norm,
         fuse_frozen_projections,
+        keep_embedding_grad_sparse,
         make_optimizer,
         return_freed_heap,
         return_freed_heap_after_decoder_backward,
+        sparse_embedding_grad,
+        step_row_sparse,
         trainable_parameters,
     )
 
@@ -156,6 +159,8 @@ def build_llava_fast(source, stage, lora, dtype, settings):
     if not from_model_grads:
         masters.fold_grads_in_backward()
     in_backward = OptimizerInBackward(optimizer, masters) if max_norm == 0 else None
+    if sparse_embedding_grad(net, stage, lora, dtype, in_backward is not None):
+        keep_embedding_grad_sparse(net)
     net.train()
     ids, labels, pixels = settings["batch"]
     pixels = pixels.to(dtype)
@@ -178,6 +183,7 @@ def build_llava_fast(source, stage, lora, dtype, settings):
         elif not in_backward:
             masters.accumulate_grads()
             clip_or_norm(masters.masters, max_norm)
+            step_row_sparse(optimizer)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             masters.copy_to_model()

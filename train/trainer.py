@@ -758,6 +758,8 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
         if not p.requires_grad:
             p.data = p.data.to(dtype)
     net.gradient_checkpointing = a.gradient_checkpointing
+    if sparse_embedding_grad(net, a.stage, lora, dtype, a.step_in_backward, dist is not None or a.fsdp):
+        keep_embedding_grad_sparse(net)
     if a.recompute_mlp:
         net.recompute_mlp_activations()
     net.train()
@@ -991,6 +993,7 @@ class _Stepper:
             grad_norm = self.from_model_grads.step(self.a.max_grad_norm)
         else:
             grad_norm = clip_or_norm(self.masters.masters, self.a.max_grad_norm)
+            step_row_sparse(self.optimizer)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.masters.copy_to_model()
@@ -1007,12 +1010,99 @@ class _Stepper:
 
 
 def clip_or_norm(params, max_norm):
-    """Clip the gradients to a global norm of max_norm (0: no clipping); -> the norm before clipping."""
-    if max_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    """Clip the gradients to a global norm of max_norm (0: no clipping); -> the norm before clipping.
+
+    A sparse gradient (the embedding table's rows, `sparse_embedding_grad`) has its rows summed and counts by its
+    stored values: its zeros add nothing to the norm, and clipping scales the values as clip_grad_norm_ scales a dense
+    gradient (same bits in every row). Its norm is summed in another order than the dense tensor's, so the
+    global norm can differ from clip_grad_norm_'s in the last bits (relative 1e-7)."""
+    for p in params:
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = sum_sparse_rows(p.grad)
+    grads = [p.grad._values() if p.grad.is_sparse else p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if max_norm > 0 and grads:  # clip_grad_norm_'s arithmetic (clip_grads_with_norm_ reads p.grad, not values)
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def sparse_embedding_grad(net, stage, lora, dtype, step_in_backward=False, distributed=False):
+    """Whether the run keeps the embedding table's gradient as the batch's rows (a sparse COO tensor) rather than
+    a dense (V, C) one, which is zero in every row no token of the batch looks up: 32000 x 4096 float32 is 512 MiB
+    at LLaVA-1.5-7B, held from backward to the step beside everything else. Float32 stage 2 full in one process,
+    stepping after backward (bf16 forms each float32 gradient at the step, smallest first, after the others are
+    freed; DDP and FSDP reduce dense gradients; --step-in-backward steps each gradient as backward makes it); not
+    with tied embeddings, whose gradient lm_head fills densely anyway."""
+    embed = net.language_model.embed_tokens.weight
+    return (stage == 2 and not lora and dtype == torch.float32 and not distributed and not step_in_backward
+            and net.lm_head.weight is not embed)
+
+
+def keep_embedding_grad_sparse(net):
+    """The embedding table's gradient as the looked-up rows (see sparse_embedding_grad). Each backward's rows are
+    summed (sum_sparse_rows) before they accumulate into .grad, so that accumulated micro-batches add as dense
+    gradients do, each micro-batch's sum first: the same bits."""
+    embed = net.language_model.embed_tokens
+    embed.sparse = True
+    embed.weight.register_hook(lambda grad: sum_sparse_rows(grad) if grad.is_sparse else grad)
+
+
+def sum_sparse_rows(grad):
+    """A sparse COO (V, C) gradient with repeated rows -> one entry per row, each the sum of its entries in the
+    order they come, from zero: the order and so the bits of the dense embedding backward (which adds each
+    token's row into a zeroed (V, C) table in token order) and of dense accumulation (earlier entries first).
+    Not Tensor.coalesce(), whose sums of repeated rows differ from the dense backward's in the last bits."""
+    rows, inverse = torch.unique(grad._indices()[0], sorted=True, return_inverse=True)
+    values = grad._values()
+    summed = values.new_zeros((len(rows), *values.shape[1:])).index_add_(0, inverse, values)
+    return torch.sparse_coo_tensor(rows[None], summed, grad.shape, is_coalesced=True, check_invariants=False)
+
+
+def step_row_sparse(optimizer, rows_per_chunk=1024):
+    """The optimizer's AdamW step of each parameter whose gradient is sparse (then freed), so that
+    optimizer.step() steps the rest. AdamW updates every row, touched or not (the moments decay and the
+    parameter moves while they are non-zero), exactly as on the dense gradient: the same fused update runs on
+    row chunks of the parameter and its moments, each with its chunk of the gradient made dense (16 MiB at 1024 x
+    4096 float32, not 512 MiB). The fused update is elementwise and the CPU kernel splits a tensor into 64-byte
+    units (16 float32), vectorized, with a scalar tail at the tensor's end only; a chunk of a multiple of 16 rows
+    is a whole number of units whatever the width, so every element takes the path it takes in the whole tensor
+    and the results are equal bit for bit (test_row_sparse_adamw_equals_torch_adamw_on_the_dense_gradient; a
+    5-row chunk of a 23-wide table moves some second moments by an ulp: scalar tails inside the tensor)."""
+    if rows_per_chunk % 16:
+        raise ValueError(f"rows_per_chunk must be a multiple of 16, got {rows_per_chunk}")
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None and p.grad.is_sparse:
+                _adamw_by_row_chunks(optimizer, group, p, rows_per_chunk)
+                p.grad = None
+
+
+def _adamw_by_row_chunks(optimizer, group, p, rows_per_chunk):
+    from torch.optim.adamw import adamw  # the functional AdamW that AdamW.step calls
+
+    if not (isinstance(optimizer, torch.optim.AdamW) and group["fused"]) or group["amsgrad"] or group["capturable"]:
+        raise ValueError("a sparse gradient is stepped by fused AdamW without amsgrad only")
+    state = optimizer.state[p]
+    if not state:  # Adam._init_group's for a fused group
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    grad = sum_sparse_rows(p.grad)
+    rows, values = grad._indices()[0], grad._values()  # rows ascending, unique
+    bounds = torch.arange(0, p.shape[0] + rows_per_chunk, rows_per_chunk, device=rows.device).clamp_(max=p.shape[0])
+    starts = torch.searchsorted(rows, bounds).tolist()
+    step_before = state["step"].clone()
+    beta1, beta2 = group["betas"]
+    for k in range(len(bounds) - 1):
+        lo, hi = int(bounds[k]), int(bounds[k + 1])
+        g = torch.zeros((hi - lo, *p.shape[1:]), dtype=p.dtype, device=p.device)
+        g.index_copy_(0, rows[starts[k]:starts[k + 1]] - lo, values[starts[k]:starts[k + 1]])
+        step = step_before.clone()  # each chunk takes the step from its count before this step, as the whole does
+        with torch.no_grad():
+            adamw([p.detach()[lo:hi]], [g], [state["exp_avg"][lo:hi]], [state["exp_avg_sq"][lo:hi]], [], [step],
+                  fused=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                  weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+    state["step"].add_(1)  # the count the whole tensor's step leaves
 
 
 def _full_trained_state(model, masters, fsdp):
