@@ -92,6 +92,7 @@ class TrainArgs:
     device: str | None = None
     cache_image_features: bool = False  # keep the frozen tower's features per image for later epochs
     step_in_backward: bool = False  # the optimizer steps each parameter during backward (no clipping)
+    two_pass_clipping: bool = False  # a norm-only backward, then the clipped step inside a second backward
     recompute_mlp: bool = False  # without checkpointing: MLPs keep their input only (stage 2 full)
 
     def resolved(self):
@@ -123,6 +124,12 @@ class TrainArgs:
                              "gradient norm that clipping needs is known: give it with --max-grad-norm 0")
         if a.step_in_backward and a.fsdp:
             raise InputError("--step-in-backward runs in one process: FSDP reduces gradients after backward")
+        if a.two_pass_clipping and (a.max_grad_norm == 0 or a.step_in_backward or a.grad_accum != 1 or a.fsdp
+                                    or (lora and a.lora_dropout > 0)):
+            raise InputError("--two-pass-clipping runs each step's one micro-batch twice, the same way (the first "
+                             "backward only takes the gradient norm): it needs clipping (--max-grad-norm > 0), "
+                             "--grad-accum 1, no --step-in-backward, one process (no --fsdp) and, with LoRA, "
+                             "--lora-dropout 0")
         if a.recompute_mlp and (a.gradient_checkpointing or a.stage != 2 or lora or a.fsdp):
             raise InputError("--recompute-mlp recomputes the trained MLPs' activations in backward: it needs "
                              "--stage 2 without LoRA, --no-gradient-checkpointing (which already recomputes whole "
@@ -276,8 +283,11 @@ class OptimizerInBackward:
     gradient is final (a post-accumulate-grad hook, after the bf16 fold), the gradient freed at once: the
     whole gradient set (float32, 4 bytes a trained parameter) never exists. Each update is a `PerTensorUpdate`,
     so losses are bit-equal to the plain step's. Gradient clipping scales every gradient by the global norm,
-    known only once backward ends, so this path runs without clipping (the trainer refuses it with
-    --max-grad-norm > 0); the global norm is still summed as the gradients go by, for the log."""
+    known only once backward ends, so --step-in-backward runs without clipping (the trainer refuses it with
+    --max-grad-norm > 0); the global norm is still summed as the gradients go by, for the log.
+    --two-pass-clipping gets the norm first from a backward that only sums squares (norm_only), then runs the
+    forward and backward again and steps each gradient times the clip factor: the gradient set never exists
+    (4 bytes a trained parameter: 28 GB at LLaVA-1.5-7B's stage 2 full) for a second forward and backward."""
 
     def __init__(self, optimizer, masters):
         self.armed, self.squares = False, None
@@ -285,10 +295,13 @@ class OptimizerInBackward:
         for p, m in zip(masters.params, masters.masters):  # registered after the fold: runs after it
             p.register_post_accumulate_grad_hook(partial(self._step, m))
 
-    def arm(self, device):
+    def arm(self, device, scale=None, norm_only=False):
         """The next backward steps every parameter (call before the last micro-batch's backward, with the
-        step's learning rates already in the run optimizer's groups)."""
+        step's learning rates already in the run optimizer's groups), its gradient first multiplied by `scale`
+        (a 0-dim tensor: the clip factor) when given; norm_only: it only sums the squares and frees each
+        gradient (the first pass of --two-pass-clipping)."""
         self.armed, self.squares = True, torch.zeros((), dtype=torch.float32, device=device)
+        self.scale, self.norm_only = scale, norm_only
 
     def disarm(self):
         """-> the global gradient norm of the step. Steps any parameter the last backward did not reach."""
@@ -302,7 +315,17 @@ class OptimizerInBackward:
         if not self.armed:
             return
         self.squares += torch.linalg.vector_norm(master.grad, dtype=torch.float32).square()
+        if self.norm_only:
+            master.grad = None
+            return
+        if self.scale is not None:
+            master.grad.mul_(self.scale)
         self.per_tensor.update(master)
+
+
+def clip_factor(norm, max_norm):
+    """clip_grad_norm_'s factor: max_norm / (norm + 1e-6), at most 1."""
+    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
 
 
 class StepFromModelGrads:
@@ -325,7 +348,7 @@ class StepFromModelGrads:
             return torch.zeros(())
         norms = torch._foreach_norm([p.grad for p, _ in pairs], 2, dtype=torch.float32)
         total = torch.linalg.vector_norm(torch.stack(norms))
-        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0) if max_norm > 0 else None  # clip_grad_norm_'s
+        scale = clip_factor(total, max_norm) if max_norm > 0 else None
         # smallest first: when the (V, C) embedding's and lm_head's float32 gradients are formed (63 MiB each on
         # the tiny preset) the other bf16 gradients are already freed
         for p, m in sorted(pairs, key=lambda pm: pm[0].numel()):
@@ -758,7 +781,8 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
         if not p.requires_grad:
             p.data = p.data.to(dtype)
     net.gradient_checkpointing = a.gradient_checkpointing
-    if sparse_embedding_grad(net, a.stage, lora, dtype, a.step_in_backward, dist is not None or a.fsdp):
+    if sparse_embedding_grad(net, a.stage, lora, dtype, a.step_in_backward or a.two_pass_clipping,
+                             dist is not None or a.fsdp):
         keep_embedding_grad_sparse(net)
     if a.recompute_mlp:
         net.recompute_mlp_activations()
@@ -940,13 +964,15 @@ class _Stepper:
         self.in_backward = self.from_model_grads = None
         self.trim, self.trim_in_backward = trims_heap(a, device)
         bf16_masters = masters.masters is not masters.params
-        if dist is None and bf16_masters and a.grad_accum == 1 and not a.step_in_backward:
+        in_backward = a.step_in_backward or a.two_pass_clipping
+        if dist is None and bf16_masters and a.grad_accum == 1 and not in_backward:
             self.from_model_grads = StepFromModelGrads(optimizer, masters)  # nothing to accumulate
         elif dist is None:  # DDP's reducer reads p.grad after the per-parameter hooks
             masters.fold_grads_in_backward()
-        if a.step_in_backward:
+        if in_backward:
             if dist is not None:
-                raise InputError("--step-in-backward runs in one process: DDP reduces gradients after backward")
+                flag = "--step-in-backward" if a.step_in_backward else "--two-pass-clipping"
+                raise InputError(f"{flag} runs in one process: DDP reduces gradients after backward")
             self.in_backward = OptimizerInBackward(optimizer, masters)
 
     def step(self, step, micro, start):
@@ -975,7 +1001,16 @@ class _Stepper:
             if self.image_cache is not None and pixels is not None:
                 features, pixels = self.image_cache.features(pixels, b.image_keys, sizes), None
             last = k == len(micro) - 1
-            if last and self.in_backward:
+            if last and self.in_backward and self.a.two_pass_clipping:
+                # first pass: the gradient norm only, each gradient freed as backward makes it; the forward
+                # and backward run again below, the same way (no dropout), and step each clipped gradient
+                self.in_backward.arm(self.device, norm_only=True)
+                self.model(ids, labels, pixels, scale, features, sizes).backward()
+                if self.trim:
+                    return_freed_heap()
+                norm = self.in_backward.disarm()
+                self.in_backward.arm(self.device, scale=clip_factor(norm, self.a.max_grad_norm))
+            elif last and self.in_backward:
                 self.in_backward.arm(self.device)
             with self.model.no_sync() if self.defer_sync and not last else contextlib.nullcontext():
                 loss = self.model(ids, labels, pixels, scale, features, sizes)
@@ -1022,7 +1057,7 @@ def clip_or_norm(params, max_norm):
     grads = [p.grad._values() if p.grad.is_sparse else p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads)
     if max_norm > 0 and grads:  # clip_grad_norm_'s arithmetic (clip_grads_with_norm_ reads p.grad, not values)
-        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        torch._foreach_mul_(grads, clip_factor(norm, max_norm))
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 

@@ -641,3 +641,37 @@ def test_sparse_embedding_gradient_rule():
     assert not sparse_embedding_grad(net, 1, False, torch.float32)
     assert not sparse_embedding_grad(net, 2, False, torch.float32, step_in_backward=True)
     assert not sparse_embedding_grad(net, 2, False, torch.float32, distributed=True)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_two_pass_clipping_gives_the_clipped_steps_losses(tiny_ckpt, image_folder, tmp_path, precision):
+    """--two-pass-clipping (a norm-only backward, then each clipped gradient stepped inside a second backward)
+    against the plain step (every gradient, clip_grad_norm_, AdamW), four steps clipped at 0.5 (below every
+    step's norm): the first loss bit for bit, the next, the logged norms and the trained weights within float32
+    rounding (the norm's squares are summed in another order)."""
+    common = dict(precision=precision, max_grad_norm=0.5, epochs=2, batch_size=4)
+    plain = run(tiny_ckpt, image_folder, tmp_path, make_records(8), "plain", **common)
+    ours = run(tiny_ckpt, image_folder, tmp_path, make_records(8), "two-pass", two_pass_clipping=True, **common)
+    assert len(plain.losses) == 4 and len({round(v, 4) for _, v in plain.losses}) > 2
+    assert ours.losses[0] == plain.losses[0]
+    for (s1, a), (s2, b) in zip(plain.losses, ours.losses):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-6)
+    logs = [[json.loads(line) for line in open(tmp_path / n / "train_log.jsonl")] for n in ("plain", "two-pass")]
+    for a, b in zip(*logs):
+        assert a["grad_norm"] > 1.0 and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    tol = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=1e-2, atol=1e-3)  # bf16: an ulp at most
+    for (n, a), (_, b) in zip(plain.net.state_dict().items(), ours.net.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=n, **tol)
+
+
+def test_two_pass_clipping_refuses_what_would_change_its_second_pass(tiny_ckpt, image_folder, tmp_path):
+    """Without clipping, with accumulation, beside --step-in-backward or with LoRA dropout: an input error
+    naming the needs, before --output is made."""
+    from llava_fast.errors import InputError
+
+    records = make_records(4)
+    for bad in (dict(max_grad_norm=0.0), dict(grad_accum=2), dict(step_in_backward=True, max_grad_norm=0.0),
+                dict(lora_r=4, lora_alpha=8, lora_dropout=0.05)):
+        with pytest.raises(InputError, match="--two-pass-clipping .*--grad-accum 1"):
+            run(tiny_ckpt, image_folder, tmp_path, records, "bad", two_pass_clipping=True, **bad)
+    assert not (tmp_path / "bad").exists()
