@@ -674,12 +674,18 @@ class _Interrupt:
     there, not at once: mid-step the weights can be half-updated (--step-in-backward steps each parameter during
     backward), and the optimizer's state ahead of them. The second raises KeyboardInterrupt at once. Under
     torchrun each process gets its signal on its own, possibly during different steps, so before each step the
-    processes all-reduce their requests (one number) and all stop after the same step. Installed in the main
-    thread over Python's default handler only: a run started with SIGINT ignored, or inside a program with its
-    own handler, keeps that."""
+    processes all-reduce their requests (one number) and all stop after the same step. A terminal's Ctrl-C
+    reaches torchrun's agent and its workers together, and the agent then sends each worker a SIGINT of its own
+    (and a SIGKILL 30 s later if it has not exited): under torchrun a second SIGINT within FORWARDED_S of the first
+    is that copy, not a second Ctrl-C. Installed in the main thread over Python's default handler only: a run
+    started with SIGINT ignored, or inside a program with its own handler, keeps that."""
+
+    FORWARDED_S = 2.0  # the agent forwards within milliseconds; a person's second Ctrl-C takes longer
 
     def __init__(self, main):
         self.main, self.requested, self.installed = main, False, False
+        self.first_at = None
+        self.under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread() and \
@@ -694,8 +700,14 @@ class _Interrupt:
         return False
 
     def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # the second: KeyboardInterrupt at once
+        if self.requested:  # under torchrun: the agent's copy of the first, or a second Ctrl-C
+            if time.monotonic() - self.first_at < self.FORWARDED_S:
+                return
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested, self.first_at = True, time.monotonic()
+        if not self.under_torchrun:  # the second: KeyboardInterrupt at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         if self.main:  # os.write: print() here could re-enter a stderr write the signal interrupted
             os.write(2, b"\n" * sys.stderr.isatty() + b"llava-fast train: interrupted: saving a checkpoint after "
                         b"this step (Ctrl-C again to quit without it)\n")
