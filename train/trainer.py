@@ -901,19 +901,26 @@ def _check_output(a, main):
 
 def _check_records(records, spec, a, dist, rank, world, log):
     """check_records, each process taking every world-th record; everyone gets the whole result."""
+    first_bad = {}
     examples, skipped = check_records(records, spec, indices=range(rank, len(records), world),
-                                      text_only_ok=a.stage == 2)
+                                      text_only_ok=a.stage == 2, first_bad=first_bad)
     if dist:
         gathered = [None] * world
-        dist.all_gather_object(gathered, (examples, skipped))
-        examples = sorted((e for part, _ in gathered for e in part), key=lambda e: e.index)
-        skipped = sum((c for _, c in gathered), Counter())
+        dist.all_gather_object(gathered, (examples, skipped, first_bad))
+        examples = sorted((e for part, _, _ in gathered for e in part), key=lambda e: e.index)
+        skipped = sum((c for _, c, _ in gathered), Counter())
+        first_bad = {r: min(f[r] for _, _, f in gathered if r in f) for r in skipped}
+
+    def where(reason):  # the first record skipped for it: its position in the file, and its id when it has one
+        index = first_bad[reason]
+        record_id = records[index].get("id") if isinstance(records[index], dict) else None
+        return f"records[{index}]" + (f", id {record_id!r}" if record_id is not None else "")
+
+    reasons = ", ".join(f"{n} x {r} (first: {where(r)})" for r, n in skipped.most_common())
     if skipped and a.strict:
-        raise InputError(f"--strict: {sum(skipped.values())} bad records in {a.data}: " +
-                         ", ".join(f"{n} x {r}" for r, n in skipped.most_common()))
+        raise InputError(f"--strict: {sum(skipped.values())} bad records in {a.data}: {reasons}")
     if skipped:
-        log(f"warning: skipping {sum(skipped.values())} of {len(records)} records: " +
-            ", ".join(f"{n} x {r}" for r, n in skipped.most_common()))
+        log(f"warning: skipping {sum(skipped.values())} of {len(records)} records: {reasons}")
     return examples, skipped
 
 

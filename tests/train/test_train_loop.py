@@ -352,6 +352,26 @@ def test_resume_with_other_settings_is_refused_before_the_load(tiny_ckpt, image_
     assert "--max-steps was 2, now 4, --lr was 2e-05, now 0.5" in err[0] and "give those it started with" in err[0]
 
 
+def test_skipped_records_are_pointed_at(tiny_ckpt, image_folder, tmp_path, capsys):
+    """"2 x missing image file" in a file of 665k records left the user to hunt for them: each reason names the
+    first record skipped for it, by position and id, in the warning and in --strict's refusal."""
+    q, a = {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}
+    records = make_records(4) + [{"id": "gone", "image": "nope.png", "conversations": [q, a]}, "not a record",
+                                 {"image": "nope2.png", "conversations": [q, a]}]
+    data = write_data(tmp_path / "d.json", records)
+    argv = ["train", "--stage", "2", "--model", tiny_ckpt, "--data", data, "--image-folder", image_folder,
+            "--batch-size", "2", "--max-steps", "1", "--log-every", "1000"]
+    assert cli_main(argv + ["--output", str(tmp_path / "out")]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warning == ["llava-fast train: warning: skipping 3 of 7 records: 2 x missing image file (first: "
+                       "records[4], id 'gone'), 1 x not a record with 'conversations' (first: records[5])"]
+    assert cli_main(argv + ["--output", str(tmp_path / "strict"), "--strict"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("3 bad records in " + data + ": 2 x missing image file (first: "
+                                             "records[4], id 'gone'), 1 x not a record with 'conversations' "
+                                             "(first: records[5])"), err
+
+
 def test_a_step_does_not_depend_on_how_its_batch_is_cut(tiny_ckpt, image_folder, tmp_path):
     """The loss is the mean over the global batch's target tokens: 8 x 1, 4 x 2 and 1 x 8 (batch x accumulation)
     give the same loss and gradient norm; a mean of micro-batch means would not."""
