@@ -461,6 +461,15 @@ def test_prefix_of_a_running_row_is_reused(live, model):
 
 def test_models_health_api_key(live):
     assert [m.id for m in live.client().models.list()] == ["tiny"]
+    # OpenAI's retrieve (GET /v1/models/ID) was a bare 404 "Not Found" for the served model too.
+    assert live.client().models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError, match="unknown model 'gpt-4o'"):
+        live.client().models.retrieve("gpt-4o")
+    r = httpx.post(live.url + "/v1/completions", json={"prompt": "hi"})
+    assert r.status_code == 404 and "no route POST /v1/completions" in r.json()["error"]["message"]
+    assert "POST /v1/chat/completions" in r.json()["error"]["message"]
+    r = httpx.get(live.url + "/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["message"] == "method GET is not allowed on /v1/chat/completions"
     assert _health(live)["status"] == "ok"
     live.config.api_key = "sekret"
     try:
