@@ -30,6 +30,13 @@ def model(ckpt_dir):
     return llava_fast.load(ckpt_dir, device=DEVICE, dtype="float32")
 
 
+def test_the_package_offers_its_public_names_only():
+    """dir(llava_fast) (tab completion, help()) listed `importlib`, an implementation detail, as a public name."""
+    public = [name for name in dir(llava_fast) if not name.startswith("_")]
+    assert public == sorted(llava_fast.__all__) and "load" in public and "importlib" not in public
+    assert all(getattr(llava_fast, name) is not None for name in public)
+
+
 def test_load_exposes_model_facts(model):
     assert model.image_token_id == 32000
     assert model.num_image_tokens == 4  # (28 / 14)^2 patches, CLS dropped
