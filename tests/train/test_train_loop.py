@@ -299,6 +299,34 @@ def test_the_second_ctrl_c_interrupts_at_once_and_the_handler_is_restored():
     assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
 
 
+FORWARDED_CTRL_C = """
+import os, signal
+os.environ["TORCHELASTIC_RUN_ID"] = "run"  # as torchrun starts its workers
+from llava_fast.train.trainer import _Interrupt
+with _Interrupt(main=False) as interrupt:
+    os.kill(os.getpid(), signal.SIGINT)  # the terminal's Ctrl-C
+    os.kill(os.getpid(), signal.SIGINT)  # torchrun's agent forwarding it
+    signal.sigtimedwait([], 0.1)
+    assert interrupt.requested, "the Ctrl-C was not taken as a request"
+    interrupt.first_at -= interrupt.FORWARDED_S  # later: a second Ctrl-C of the person
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        signal.sigtimedwait([], 0.1)
+        raise AssertionError("the second Ctrl-C did not interrupt at once")
+    except KeyboardInterrupt:
+        pass
+print("ok")
+"""
+
+
+def test_under_torchrun_the_agents_copy_of_a_ctrl_c_is_not_a_second_one():
+    """torchrun's agent sends each worker a SIGINT of its own right after the terminal's: within FORWARDED_S it
+    is the same request (the step finishes and the checkpoint is written); later, a second Ctrl-C quits at once."""
+    r = subprocess.run([sys.executable, "-c", FORWARDED_CTRL_C], capture_output=True, text=True, timeout=120,
+                       preexec_fn=_ctrl_c_as_from_a_shell)
+    assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
+
+
 def test_a_crash_while_saving_leaves_no_complete_looking_checkpoint(tiny_ckpt, tmp_path, monkeypatch):
     base = ckpt.load_base(tiny_ckpt)
     dst = str(tmp_path / "model")
