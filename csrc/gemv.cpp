@@ -372,7 +372,7 @@ void gemv(const GemvArgs& a, int threads) {
       align = t.gemv_f32_cols;
     }
   }
-  if (a.x_dtype == kActBF16) {
+  if (a.x_dtype == kActBF16 && !(a.format == kWeightBF16 && t.gemv_bf16_writes_y)) {
     y_buf.resize(M * a.n);
     p.yf = y_buf.data();
   }
