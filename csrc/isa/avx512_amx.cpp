@@ -82,17 +82,38 @@ inline void transpose16(__m512i (&r)[16]) {
   }
 }
 
+// float32 bits -> bfloat16 bits, exactly convert.h's f32_to_bf16 (round to nearest even, NaN kept quiet), 16 at
+// a time, so y holds what gemv.cpp's rounding of a float32 y would hold.
+inline __m256i round_bf16(__m512i u) {
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
+}
+
 void bf16_prepare(const GemvRows& p, void* scratch) {
   const int64_t M = p.a->m, K = p.a->k, S = k_steps(K), blocks = (M + 15) / 16, pairs = K / 2;  // K even
   __m512i* out = reinterpret_cast<__m512i*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t(63));
-  const uint32_t* x = reinterpret_cast<const uint32_t*>(p.xb);  // (M, K / 2) pairs
+  const uint32_t* x = reinterpret_cast<const uint32_t*>(p.xb);  // (M, K / 2) pairs; or float32 p.xf (M, K)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t rows = std::min<int64_t>(16, M - 16 * b);
     for (int64_t s = 0; s < S; ++s) {
       const __mmask16 mk = tail16(pairs - 16 * s);
       __m512i r[16];
-      for (int i = 0; i < 16; ++i)
-        r[i] = i < rows ? _mm512_maskz_loadu_epi32(mk, x + (16 * b + i) * pairs + 16 * s) : _mm512_setzero_si512();
+      for (int i = 0; i < 16; ++i) {
+        if (i >= rows) {
+          r[i] = _mm512_setzero_si512();
+        } else if (x) {
+          r[i] = _mm512_maskz_loadu_epi32(mk, x + (16 * b + i) * pairs + 16 * s);
+        } else {  // 32 floats -> 16 pairs of bfloat16
+          const float* xf = p.xf + (16 * b + i) * K + 32 * s;
+          const __m256i lo = round_bf16(_mm512_castps_si512(_mm512_maskz_loadu_ps(tail16(K - 32 * s), xf)));
+          const __m256i hi = round_bf16(_mm512_castps_si512(_mm512_maskz_loadu_ps(tail16(std::max<int64_t>(0, K - 32 * s - 16)), xf + 16)));
+          r[i] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        }
+      }
       transpose16(r);
       for (int i = 0; i < 16; ++i) _mm512_store_si512(out + (b * S + s) * 16 + i, r[i]);
     }
@@ -143,17 +164,6 @@ WeightBlock weight_block(const uint16_t* w, int64_t K, int64_t rows, uint16_t* p
   return {w, K, left ? tail : nullptr, kTileK};
 }
 
-// float32 bits -> bfloat16 bits, exactly convert.h's f32_to_bf16 (round to nearest even, NaN kept quiet), 16 at
-// a time, so y holds what gemv.cpp's rounding of a float32 y would hold.
-inline __m256i round_bf16(__m512i u) {
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                _mm512_set1_epi32(0x7f800000));
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  return _mm512_cvtepi32_epi16(r);
-}
-
 // One C tile waiting to be written: 16 weight rows x 16 activation rows (y^T), row-major float32 at c.
 struct PendingTile {
   const float* c;
@@ -172,6 +182,9 @@ inline void write_tile(const GemvArgs& a, const PendingTile& t) {
     const int64_t at = (t.row + i) * a.y_stride + t.col;
     if (a.x_dtype == kActBF16) {
       _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.y) + at, t.cols, round_bf16(r[i]));
+    } else if (a.round_y_bf16) {
+      _mm512_mask_storeu_epi32(static_cast<float*>(a.y) + at, t.cols,
+                               _mm512_slli_epi32(_mm512_cvtepu16_epi32(round_bf16(r[i])), 16));
     } else {
       _mm512_mask_storeu_ps(static_cast<float*>(a.y) + at, t.cols, _mm512_castsi512_ps(r[i]));
     }

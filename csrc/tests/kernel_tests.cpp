@@ -253,6 +253,14 @@ void check_gemm_bf16(Checks& c, const char* table) {
         }
         if (!bf16_io) {
           f32_out = out;
+          // round_y_bf16 (a bfloat16 model's float32 y): exactly f32_to_bf16 of each output
+          std::vector<float> rounded(m * cs.n);
+          lf::GemvArgs ra = w.args(x.data(), lf::kActF32, m, rounded.data());
+          ra.round_y_bf16 = true;
+          lf::gemv(ra, 2);
+          for (float& v : f32_out) v = lf::round_to_bf16(v);
+          c.expect(same_bits(rounded, f32_out), what + ": round_y_bf16 is not f32_to_bf16 of y");
+          f32_out = out;
         } else {  // x is rounded to bfloat16 either way: the bfloat16 y must be the float32 y, rounded
           std::vector<float> rounded(f32_out.size());
           for (size_t i = 0; i < rounded.size(); ++i) rounded[i] = lf::round_to_bf16(f32_out[i]);
