@@ -5,16 +5,19 @@
 // of this table is avx512_vnni's (dispatch.cpp).
 //
 // Operands: the weight (N, K) is the A tile as stored (16 rows of 32 k, row stride K), so it is never repacked;
-// x is the B tile, packed once per call by bf16_prepare into pairs of k (16 rows of 16 activations x 2 k, 1 KB
-// per 16 activation rows x 32 k), zero past K and past M. The C tile is y^T (16 weight rows x 16 activations).
-// Each kernel call: 2 x 2 C tiles (32 weight rows x 32 activation rows; 1 x 1 .. 2 x 2 at the edges), k in
-// order 32 at a time. A range's last rows (N not a multiple of 16, or a range ending inside a block) and the
-// K tail (K not a multiple of 32) are copied into zeroed 16-row buffers first: no tile reads past the weight.
+// x is the B tile, packed once per call by bf16_prepare (from bfloat16 or float32 x) into pairs of k (16 rows
+// of 16 activations x 2 k, 1 KB per 16 activation rows x 32 k), zero past K and past M. The C tile is y^T (16
+// weight rows x 16 activations). Each kernel call: 2 x 2 C tiles (32 weight rows x 32 activation rows; 1 x 1 ..
+// 2 x 2 at the edges), k in order 32 at a time; its C tiles are transposed into y rows (rounded to bfloat16
+// there when asked) during the next call's k steps. Against per-tile gathers and gemv.cpp's separate rounding
+// and x conversion this made tiny-next's prefill GEMMs (2,945 rows in 128-row chunks, 2 threads) 2.0x faster.
+// A range's last rows (N not a multiple of 16, or a range ending inside a block) and the K tail (K not a
+// multiple of 32) are copied into zeroed 16-row buffers first: no tile reads past the weight.
 //
 // Bits: every output is one C element, accumulated by TDPBF16PS over the k steps 0, 32, 64, ... in order; what
 // else the tile holds (other weight rows, other activation rows, zero padding) does not enter it. So a row's
 // result depends on K alone, not on M, the tile, the thread count or which rows were padded: within this
-// table a row alone gives the bits it gets among 7, 16 or 65 rows (csrc/tests/kernel_tests.cpp). They are not
+// table a row alone gives the bits it gets among 7, 16, 65, 128 or 300 rows (csrc/tests/kernel_tests.cpp). Not
 // avx512_vnni's bits (TDPBF16PS sums each pair of products in its own order and flushes denormals), which is
 // why M = 1 runs here too: a decode step's rows must match a single request's, whatever their count.
 #include <immintrin.h>
