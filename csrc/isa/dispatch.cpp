@@ -95,6 +95,7 @@ struct Choices {
       avx512_amx = combine(*base, *vnni, "avx512_amx");
       avx512_amx.gemv_bf16 = amx->gemv_bf16;
       avx512_amx.gemv_bf16_layout_bytes = amx->gemv_bf16_layout_bytes, avx512_amx.gemv_bf16_prepare = amx->gemv_bf16_prepare;
+      avx512_amx.gemv_bf16_writes_y = amx->gemv_bf16_writes_y;
       avx512_amx.attend_kernel = attend_kernel_amx_or_avx512;
     }
     const std::string vnni_missing =

@@ -152,6 +152,13 @@ struct KernelTable {
   size_t (*gemv_f32_layout_bytes)(const GemvRows& p);
   void (*gemv_f32_prepare)(const GemvRows& p, void* scratch);
   int gemv_f32_cols;
+
+  // gemv_bf16 writes a bfloat16 y itself (rounded as f32_to_bf16, convert.h), so gemv.cpp gives it no float32
+  // y buffer (p.yf stays null) and rounds nothing afterwards, and it does GemvArgs::round_y_bf16 itself; its
+  // prepare also reads a float32 x (p.xf, row stride K; p.xb null), rounding as f32_to_bf16. The AMX table,
+  // whose y store transposes a tile anyway: a separate rounding pass re-read M x N floats (25-35% of its
+  // 128-row calls at SmolLM2's shapes), and gemv.cpp's conversion of x ran on one thread.
+  bool gemv_bf16_writes_y;
 };
 
 // The tables this build holds (null where not compiled for this architecture or compiler). The avx512 one
