@@ -18,6 +18,7 @@ from serve_helpers import LiveServer, png_data_url, random_image, user  # noqa: 
 from llava_fast.generate import Sampling  # noqa: E402
 from llava_fast.presets import random_model  # noqa: E402
 from llava_fast.serve import budget  # noqa: E402
+from llava_fast.serve import scheduler as scheduler_module  # noqa: E402
 from llava_fast.serve.app import ServeConfig  # noqa: E402
 from llava_fast.serve.scheduler import MAX_MEASURED_BUDGET, Request, Scheduler  # noqa: E402
 
@@ -99,8 +100,8 @@ def test_the_measured_budget_is_bounded_by_the_default_and_the_cap(model):
 
 def test_a_new_images_tower_and_its_first_slice_share_an_iteration(model):
     """With the tower charged at its measured cost (here well under the budget), the iteration that runs a new
-    image's tower also prefills the start of its prompt; charged one token per image position (256 > the
-    budget), the tower took an iteration of its own. The reply still equals generate() alone."""
+    image's tower also prefills the start of its prompt beside a decoding row; charged one token per image
+    position (256 > the budget), the tower took an iteration of its own. Replies still equal generate() alone."""
     scheduler = _scheduler(model)
     _calls(scheduler.cost, 2.0, 0.1, 0.016)  # a prompt token costs 1/150 of a 4-row step: budget 4 + ~200
     scheduler._retune()
@@ -111,18 +112,20 @@ def test_a_new_images_tower_and_its_first_slice_share_an_iteration(model):
     events = []
     req = Request(ids=ids, images=[image], image_keys=["k5"], image_tokens=model.image_token_counts([(53, 71)]),
                   max_tokens=7, sampling=Sampling(), stop=[], emit=events.append)
+    text_req, text_messages, text_events = _request(model, "Name three colours.", max_tokens=30)
     with torch.inference_mode():
+        assert scheduler._admit(text_req)
+        scheduler._mixed(scheduler._plan_slices())  # its whole prompt: it decodes from now on
+        assert scheduler._prompt_budget(1) < 256  # one token per image position would not fit beside it
         assert scheduler._admit(req)
         slices = scheduler._plan_slices()
         assert len(scheduler.cost.tower) == 1  # the tower ran in this iteration ...
         assert [(row.req, n > 0) for row, n in slices] == [(req, True)]  # ... and so did the prompt's first slice
         scheduler._mixed(slices)
-        for _ in range(40):
-            if events and events[-1].kind != "token":
-                break
-            scheduler._iterate()
+        _run_to_the_end(scheduler, [events, text_events])
     assert events[-1].kind == "done"
     assert "".join(e.text for e in events) == model.generate(messages, max_new_tokens=7)
+    assert "".join(e.text for e in text_events) == model.generate(text_messages, max_new_tokens=30)
 
 
 def test_replies_under_the_measured_budget_match_generate(model):
@@ -156,3 +159,84 @@ def test_replies_under_the_measured_budget_match_generate(model):
             assert live.metric("llava_fast_max_batched_tokens") == live.scheduler.max_batched_tokens
     finally:
         live.stop()
+
+
+def _request(model, text, image=None, key=None, max_tokens=5):
+    """(Request, its messages, its events) for a greedy chat turn, with one image or none."""
+    events = []
+    if image is None:
+        ids, images, keys, counts = model.encode_prompt([("user", text)], 0), [], [], []
+        messages = [user(text)]
+    else:
+        ids = model.encode_prompt([("user", "<image>\n" + text)], 1)
+        images, keys, counts = [image], [key], model.image_token_counts([(image.height, image.width)])
+        messages = [user(text, png_data_url(image))]
+    req = Request(ids=ids, images=images, image_keys=keys, image_tokens=counts, max_tokens=max_tokens,
+                  sampling=Sampling(), stop=[], emit=events.append)
+    return req, messages, events
+
+
+def _run_to_the_end(scheduler, events, calls=200):
+    for _ in range(calls):
+        if all(e and e[-1].kind != "token" for e in events):
+            return
+        scheduler._iterate()
+    raise AssertionError("the requests did not finish")
+
+
+def test_while_no_row_decodes_whole_prompts_go_in_one_call_up_to_the_cap(model, monkeypatch):
+    """No row decodes: the measured budget's first iteration takes whole prompts, in admission order, up to
+    IDLE_PREFILL_TOKENS (here lowered so the third prompt is cut), not the 96-token start value; once rows
+    decode, the third prompt's next slice is back within the budget. Replies equal generate() alone."""
+    scheduler = _scheduler(model)
+    assert scheduler.cost.coef is None and scheduler.max_batched_tokens == 96  # no fit yet: the start value
+    image = random_image(9, 83, 61)
+    asked = [_request(model, "Say what you see here, " + "and why " * 23, image, "k9"),
+             _request(model, "Tell me a story about the sea " + "and the waves " * 31),
+             _request(model, "Count the stars: " + "one star, " * 57, max_tokens=6)]
+    lengths = [len(req.ids) for req, _, _ in asked]
+    assert min(lengths) > 96
+    towered = asked[0][0].image_tokens[0]  # before a fit the tower is charged one token per position
+    cap = towered + lengths[0] + lengths[1] + 41
+    monkeypatch.setattr(scheduler_module, "IDLE_PREFILL_TOKENS", cap)
+    with torch.inference_mode():
+        for req, _, _ in asked:
+            assert scheduler._admit(req)
+        slices = scheduler._plan_slices()
+        assert [(row.req, n) for row, n in slices] == [(asked[0][0], lengths[0]), (asked[1][0], lengths[1]),
+                                                         (asked[2][0], 41)]
+        scheduler._mixed(slices)
+        assert [bool(e) for _, _, e in asked] == [True, True, False]  # the two whole prompts have their first token
+        slices = scheduler._plan_slices()  # two rows decode now: the budget again
+        assert [(row.req, n) for row, n in slices] == [(asked[2][0], 96 - 2)]
+        scheduler._mixed(slices)
+        _run_to_the_end(scheduler, [e for _, _, e in asked])
+    for req, messages, events in asked:
+        assert events[-1].kind == "done"
+        assert "".join(e.text for e in events) == model.generate(messages, max_new_tokens=req.max_tokens)
+
+
+def test_rows_not_decoding_leave_their_time_to_the_prompt(model):
+    """Measured budget: beside k < max_batch decoding rows, a slice may take the prompt tokens that cost what
+    the max_batch - k missing rows would have, so the iteration is no slower than a full batch's with its
+    slice (the ITL's worst case) and no faster; at a full batch the budget is unchanged, and where a row costs
+    less than a prompt token nothing is added. A budget given stays a hard cap, idle or not."""
+    scheduler = _scheduler(model)
+    _calls(scheduler.cost, 0.012, 0.001, 0.0001)  # a row is worth 10 prompt tokens
+    scheduler._retune()
+    budget_tokens = scheduler.max_batched_tokens
+    assert budget_tokens > 96
+    a, b, c = scheduler.cost.coef
+    worst = a + 4 * b + c * (budget_tokens - 4)  # a full batch and its slice
+    for k in (1, 2, 3):
+        left = scheduler._prompt_budget(k)
+        assert left > budget_tokens - k + 8 * (4 - k)
+        assert worst - c * 2 < a + b * k + c * left <= worst
+    assert scheduler._prompt_budget(4) == budget_tokens - 4
+    assert scheduler._prompt_budget(0) == scheduler_module.IDLE_PREFILL_TOKENS
+    cheap_rows = _scheduler(model)
+    _calls(cheap_rows.cost, 0.012, 0.0001, 0.0002)
+    cheap_rows._retune()
+    assert [cheap_rows._prompt_budget(k) for k in (1, 3)] == [cheap_rows.max_batched_tokens - k for k in (1, 3)]
+    given = Scheduler(model, max_batch=4, max_model_len=64, max_batched_tokens=40)
+    assert [given._prompt_budget(k) for k in (0, 1, 4)] == [40, 39, 36]

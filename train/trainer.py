@@ -576,6 +576,24 @@ def run_config(a: TrainArgs, world):
     return d
 
 
+def _check_resume_settings(a, world, existing) -> str:
+    """The latest checkpoint in --output, after checking that this run's settings equal the run's it resumes:
+    the learning-rate schedule, the data order and each step's batch follow them, and a resumed run reproduces
+    the uninterrupted one. A setting still None (resolved from the checkpoint later) is not compared yet."""
+    path = os.path.join(a.output, f"checkpoint-{existing[-1]}")
+    saved = ckpt.read_json(os.path.join(path, "trainer_state.json"))["run"]
+    differs = {k: (saved.get(k), v) for k, v in run_config(a, world).items()
+               if saved.get(k) != v and (v is not None or k not in ("max_length", "template"))}
+    if differs:
+        flag = {"world_size": "processes"}
+        raise InputError(f"--resume: settings differ from the run in {path}: " +
+                         ", ".join(f"{flag.get(k, '--' + k.replace('_', '-'))} was {old!r}, now {new!r}"
+                                   for k, (old, new) in differs.items()) +
+                         "; a resumed run keeps its settings (the learning-rate schedule and the data order follow "
+                         "them): give those it started with, or start a new run in another --output")
+    return path
+
+
 def train(args: TrainArgs) -> TrainResult:
     a = args.resolved()
     dist, rank, world, device = _setup_distributed(a.device)
@@ -735,6 +753,8 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
     """Load and freeze the model, check the records, build the optimizer (resuming its state) and the loader."""
     lora, main = a.lora_r is not None, rank == 0
     existing = _check_output(a, main)
+    if a.resume:  # before the load (a minute at 7B) and the records; the flags resolved by the load are None here
+        _check_resume_settings(a, world, existing)
     dtype = torch.bfloat16 if a.precision == "bf16" and not a.fsdp else torch.float32  # FSDP gathers in bf16
 
     def trains(name):
@@ -790,12 +810,7 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
     run.optimizer = make_optimizer(groups, a.weight_decay, device, sharded=a.fsdp)
     run.this_run = run_config(a, world)
     if a.resume:
-        path = os.path.join(a.output, f"checkpoint-{existing[-1]}")
-        saved = ckpt.read_json(os.path.join(path, "trainer_state.json"))["run"]
-        differs = {k: (saved.get(k), v) for k, v in run.this_run.items() if saved.get(k) != v}
-        if differs:
-            raise InputError(f"--resume: settings differ from the run in {path}: " +
-                             ", ".join(f"{k} was {old!r}, now {new!r}" for k, (old, new) in differs.items()))
+        path = _check_resume_settings(a, world, existing)  # again: --max-length and --template are now resolved
         run.state = ckpt.load_state(path, run.model, run.optimizer, None if a.fsdp else run.masters)
         run.start = run.state["step"]
         log(f"resuming from {path} (step {run.start} of {total})")
@@ -886,19 +901,26 @@ def _check_output(a, main):
 
 def _check_records(records, spec, a, dist, rank, world, log):
     """check_records, each process taking every world-th record; everyone gets the whole result."""
+    first_bad = {}
     examples, skipped = check_records(records, spec, indices=range(rank, len(records), world),
-                                      text_only_ok=a.stage == 2)
+                                      text_only_ok=a.stage == 2, first_bad=first_bad)
     if dist:
         gathered = [None] * world
-        dist.all_gather_object(gathered, (examples, skipped))
-        examples = sorted((e for part, _ in gathered for e in part), key=lambda e: e.index)
-        skipped = sum((c for _, c in gathered), Counter())
+        dist.all_gather_object(gathered, (examples, skipped, first_bad))
+        examples = sorted((e for part, _, _ in gathered for e in part), key=lambda e: e.index)
+        skipped = sum((c for _, c, _ in gathered), Counter())
+        first_bad = {r: min(f[r] for _, _, f in gathered if r in f) for r in skipped}
+
+    def where(reason):  # the first record skipped for it: its position in the file, and its id when it has one
+        index = first_bad[reason]
+        record_id = records[index].get("id") if isinstance(records[index], dict) else None
+        return f"records[{index}]" + (f", id {record_id!r}" if record_id is not None else "")
+
+    reasons = ", ".join(f"{n} x {r} (first: {where(r)})" for r, n in skipped.most_common())
     if skipped and a.strict:
-        raise InputError(f"--strict: {sum(skipped.values())} bad records in {a.data}: " +
-                         ", ".join(f"{n} x {r}" for r, n in skipped.most_common()))
+        raise InputError(f"--strict: {sum(skipped.values())} bad records in {a.data}: {reasons}")
     if skipped:
-        log(f"warning: skipping {sum(skipped.values())} of {len(records)} records: " +
-            ", ".join(f"{n} x {r}" for r, n in skipped.most_common()))
+        log(f"warning: skipping {sum(skipped.values())} of {len(records)} records: {reasons}")
     return examples, skipped
 
 

@@ -19,6 +19,12 @@ instead of 884-963 at 16, with ITL p99/p50 2.0-2.1x at 16 clients. SLICE_STEPS =
 
 The vision tower's cost is measured the same way: one image's tower + preprocessing (13 ms for the tiny
 LLaVA's 256 positions, 100 prompt tokens' worth) is charged at that, not at one budget token per position.
+
+What the budget bounds is the iteration's time, a + b rows + c tokens, at most that of a full batch's step plus
+SLICE_STEPS of it. With fewer rows decoding, the rows not there leave their time to the prompt
+(`spare_row_tokens`): on the tiny LLaVA a row is worth b / c = 7.4 prompt tokens, so beside 7 decoding rows (8
+clients) a slice may take ~58 tokens more, while the slowest iteration (the ITL p99 at a full batch) stays as it
+was. With no row decoding, nothing waits on the slices: the scheduler then prefills whole prompts (its idle cap).
 """
 
 from __future__ import annotations
@@ -73,6 +79,15 @@ class IterationCost:
             return None
         a, b, c = self.coef
         return int(SLICE_STEPS * (a + b * self.max_batch) / c)
+
+    def spare_row_tokens(self, idle_rows: int) -> int:
+        """The prompt tokens, beyond one token each, whose cost equals `idle_rows` decoding rows': what rows
+        that are not decoding leave to the prompt slices without making the iteration slower than a full
+        batch's. 0 before a fit, and where a row costs no more than a prompt token."""
+        if self.coef is None or idle_rows <= 0:
+            return 0
+        _, b, c = self.coef
+        return int(idle_rows * max(b / c - 1, 0.0))
 
     def tower_tokens(self, positions: int) -> int | None:
         """A tower run over `positions` image positions, in prompt tokens (the recent runs' seconds per

@@ -21,7 +21,9 @@ The loop (after vLLM's and Orca's iteration-level scheduling, Yu et al. 2022), o
      a request's missing images, all their tiles, go through it as one batch, charged to the budget at their
      positions or, where the budget is measured (CPU, none given: serve/budget.py), at the tower's measured
      cost in prompt tokens, so it shares its iteration with other slices, its own first one included, when
-     the budget has room for it.
+     the budget has room for it. Where the budget is measured, it bounds the iteration's time: fewer decoding
+     rows leave their time to the slices, and while no row decodes, whole prompts go in (up to a cap that
+     bounds memory), since no decoding row waits on them.
   3. step: one decode step of the decoding rows; each row samples its own next token. With the native CPU step
      (Decoder.mixes) the step and the slices of 2. are one call over all their rows, reading the weights once:
      a slice then costs the decoding rows its own arithmetic, not a second pass over the weights (SmolLM2-135M
@@ -82,6 +84,12 @@ log = logging.getLogger("llava_fast.serve")
 
 RETUNE_CALLS = 16  # mixed calls between refits of the measured budget (a fit of 256 calls takes ~0.1 ms)
 MAX_MEASURED_BUDGET = 2048  # the GPU default: beyond it a prompt is one slice anyway on the models served here
+# Prompt tokens of an iteration in which no row decodes (measured budget only): nothing waits on the slices then,
+# so whole prompts go in, until this cap. Four ~700-token image prompts at 7B shapes went in as 96-token slices
+# (the budget's start value), one call each, each re-reading the 14 GB of weights; one call runs them in chunks
+# of 128 rows (csrc/decode.cpp) with the activations of 128 rows and ~1 MB of attention scores at any T; what the
+# cap bounds is the call's input and the prompts' embeddings, T x C (2048 x 4096 floats, 32 MiB, at 7B shapes).
+IDLE_PREFILL_TOKENS = MAX_MEASURED_BUDGET
 
 
 def default_max_batched_tokens(device, mixes=False) -> int:
@@ -511,7 +519,7 @@ class Scheduler:
         prefilling rows in admission order. A row's images go through the vision tower (and its prompt through
         the embedding) here, before its first slice; a row whose embedding fails ends with an error."""
         decoding = sum(1 for row in self.rows if row is not None and row.decoding)
-        left = full = self.max_batched_tokens - decoding
+        left = full = self._prompt_budget(decoding)
         slices = []
         for row in list(self.prefilling):
             if left <= 0:
@@ -545,6 +553,18 @@ class Scheduler:
             slices.append((row, n))
             left -= n
         return slices
+
+    def _prompt_budget(self, decoding):
+        """The prompt tokens this iteration may take beside `decoding` rows. A budget given (or a decoder that
+        does not mix) is a hard cap, as vLLM's max_num_batched_tokens: what the rows leave of it. A measured one
+        bounds the iteration's time instead (serve/budget.py): rows that are not decoding leave their cost to
+        the prompt, and with no row decoding whole prompts go in, up to IDLE_PREFILL_TOKENS."""
+        left = self.max_batched_tokens - decoding
+        if self.cost is None:
+            return left
+        if decoding == 0:
+            return max(left, IDLE_PREFILL_TOKENS)
+        return min(left + self.cost.spare_row_tokens(self.max_batch - decoding), MAX_MEASURED_BUDGET)
 
     def _tower_charge(self, req, first_image):
         """What the vision tower run for req's images from first_image on takes of the budget: its measured
