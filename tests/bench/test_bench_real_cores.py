@@ -1,7 +1,7 @@
 """`bench real`'s record of the cores behind each of our prefills: this process's, and other processes' (a
 prefill slowed by other work on the host is told apart from a slower kernel)."""
 
-import os
+import math
 import sys
 import types
 
@@ -29,5 +29,5 @@ def test_each_prefill_records_the_cores_it_ran_on():
         ttft, decode_s, tokens = run(ids)
         assert ttft > 0 and decode_s > 0 and len(tokens) == 3
         assert len(run.prefill_cores) == rounds
-    for ours, others in run.prefill_cores:
-        assert 0 < ours <= os.cpu_count() + 0.5 and 0 <= others <= os.cpu_count() + 0.5
+    for ours, others in run.prefill_cores:  # no upper bound: over a ~ms prefill the per-thread CPU clocks are coarse
+        assert ours > 0 and others >= 0 and math.isfinite(ours + others)
