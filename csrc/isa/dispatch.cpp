@@ -47,7 +47,7 @@ KernelTable combine(const KernelTable& base, const KernelTable& integer, const c
   t.gemv_layout_bytes = integer.gemv_layout_bytes, t.gemv_prepare = integer.gemv_prepare;
   t.gemv_bf16_layout_bytes = integer.gemv_bf16_layout_bytes, t.gemv_bf16_prepare = integer.gemv_bf16_prepare;
   t.gemm_q4_panel = integer.gemm_q4_panel, t.dequantize_rows = integer.dequantize_rows;
-  t.gemm_q8_panel = integer.gemm_q8_panel;
+  t.gemm_q8_panel = integer.gemm_q8_panel, t.gemm_q8_x16 = integer.gemm_q8_x16;
   return t;
 }
 
