@@ -182,6 +182,9 @@ def build_parser():
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="--against: both engines clip gradients to "
                    "this global norm (default 1.0); 0: neither clips, and llava-fast steps each parameter during "
                    "backward (train --step-in-backward)")
+    t.add_argument("--two-pass-clipping", action="store_true", help="--against: llava-fast takes the clipping "
+                   "norm from a first backward and steps inside a second (train --two-pass-clipping: no gradient "
+                   "set); transformers clips as before")
     t.add_argument("--transformers", action="store_true", help="CUDA: also the peak memory of one forward + "
                    "backward of transformers' LLaVA on the same batch, beside ours")
 
@@ -418,6 +421,9 @@ def cmd_measure(args, argv) -> int:
         if not (args.max_grad_norm >= 0 and math.isfinite(args.max_grad_norm)):
             raise InputError(f"--max-grad-norm must be a finite number >= 0, got {args.max_grad_norm}")
         settings["max_grad_norm"] = args.max_grad_norm
+        if args.two_pass_clipping and not (args.against and args.max_grad_norm > 0):
+            raise InputError("--two-pass-clipping applies to --against with clipping (--max-grad-norm > 0)")
+        settings["two_pass_clipping"] = args.two_pass_clipping
     plot = getattr(args, "plot", None)
     started = time.perf_counter()
 

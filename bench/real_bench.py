@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import statistics
 import time
 
 import torch
@@ -103,8 +104,21 @@ def peer_gguf(settings, ggml_type, import_path=None):
 # ------------------------------------------------------------------------------------------------------
 
 
+def host_busy_seconds():
+    """CPU seconds the whole host has spent busy (all cores, every process; /proc/stat), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        return None
+    return (sum(fields[:3]) + sum(fields[5:8])) / os.sysconf("SC_CLK_TCK")
+
+
 def llava_engine(model, new_tokens, isa=None):
-    """isa: the CPU kernel table to switch to before each run (`bench real --isa`), or None: the one in use."""
+    """isa: the CPU kernel table to switch to before each run (`bench real --isa`), or None: the one in use.
+    run.prefill_cores: per run, (cores this process used, cores other processes used) over its prefill: a
+    prefill slowed by other work on the host shows here rather than as a slower kernel (the avx2 float32
+    prefill in an 18-engine rotation once read 0.63x llama.cpp's and 1.29x in the next runs, kernels unchanged)."""
     from llava_fast.generate import Decoder
 
     def run(ids):
@@ -112,15 +126,20 @@ def llava_engine(model, new_tokens, isa=None):
             from llava_fast import _C
 
             _C.use_cpu_isa(isa)
+        busy0, cpu0 = host_busy_seconds(), time.process_time()
         t0 = time.perf_counter()
         decoder = Decoder(model.net, 1, len(ids) + new_tokens)
         tok = decoder.prefill([ids]).argmax(-1)
         tokens = [int(tok)]
         t1 = time.perf_counter()
+        if busy0 is not None:
+            ours = time.process_time() - cpu0
+            run.prefill_cores.append((ours / (t1 - t0), max(0.0, host_busy_seconds() - busy0 - ours) / (t1 - t0)))
         for _ in range(new_tokens - 1):
             tok = decoder.step(tok).argmax(-1)
             tokens.append(int(tok))
         return t1 - t0, time.perf_counter() - t1, tokens
+    run.prefill_cores = []
     return run
 
 
@@ -359,6 +378,12 @@ def _measure(doc, settings):
         for engine in engines.values():
             if isinstance(engine, ChildEngine):
                 engine.close()
+    for n in names:
+        cores = getattr(engines.get(n), "prefill_cores", None)
+        if cores:
+            doc["notes"].append(f"{n} prefill: its process ran on {statistics.median(c[0] for c in cores):.2f} cores, "
+                                f"other processes on {statistics.median(c[1] for c in cores):.2f} (medians of "
+                                f"{len(cores)} runs; the host has {os.cpu_count()})")
     for n in list(names):
         if len(samples[n]["decode"]) < settings["repeats"]:  # crashed after some rounds: its medians would mislead
             names.remove(n)

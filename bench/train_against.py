@@ -12,7 +12,8 @@ each decoder MLP keeps only its input for backward (`train --recompute-mlp`) and
 back to the OS two (bfloat16) or four (float32) times a step (`return_freed_heap`: glibc's malloc_trim, no
 allocator setting, so the transformers loop in the same process keeps glibc's defaults). With
 `--max-grad-norm 0` neither engine clips and llava-fast steps each parameter inside backward
-(`train --step-in-backward`), which clipping rules out.
+(`train --step-in-backward`), which clipping rules out; `--two-pass-clipping` clips with llava-fast's norm from a
+first, norm-only backward and steps inside a second (`train --two-pass-clipping`).
 
 Same for both: the weights (transformers' model gets llava-fast's random weights, and peft's lora_A the same
 draw, so the first-step losses agree to float tolerance; the table shows both), the batch (B rows of BOS +
@@ -129,15 +130,26 @@ def build_llava_fast(source, stage, lora, dtype, settings):
         MasterWeights,
         OptimizerInBackward,
         StepFromModelGrads,
+        clip_factor,
         clip_or_norm,
         fuse_frozen_projections,
+        keep_embedding_grad_sparse,
         make_optimizer,
         return_freed_heap,
         return_freed_heap_after_decoder_backward,
+        sparse_embedding_grad,
+        step_row_sparse,
         trainable_parameters,
+        trains_llm_weight,
     )
 
-    net = copy.deepcopy(source)
+    # the frozen weights copied straight into `dtype`, as train loads them (load_base's frozen_dtype): no float32
+    # copy of the whole model first (3.6 GiB at 7B shapes with 2 layers, which a bfloat16 run's peak then measured)
+    frozen = {} if dtype == torch.float32 else {
+        id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False) for n, p in source.named_parameters()
+        if not (n.startswith("multi_modal_projector.") or trains_llm_weight(n, stage, lora))}
+    net = copy.deepcopy(source, memo=frozen)
+    del frozen
     if lora:
         add_lora(net, settings["lora_r"], settings["lora_alpha"], 0.0, seed=0)
     llm, projector = trainable_parameters(net, stage, lora)
@@ -152,10 +164,14 @@ def build_llava_fast(source, stage, lora, dtype, settings):
     optimizer = make_optimizer([{"params": masters.masters, "lr": settings["lr"]}], 0.0, device)
     max_norm = settings.get("max_grad_norm", 1.0)
     # the trainer's paths for one micro-batch a step in one process
-    from_model_grads = StepFromModelGrads(optimizer, masters) if dtype != torch.float32 and max_norm > 0 else None
+    two_pass = settings.get("two_pass_clipping", False)  # train --two-pass-clipping
+    from_model_grads = (StepFromModelGrads(optimizer, masters) if dtype != torch.float32 and max_norm > 0
+                        and not two_pass else None)
     if not from_model_grads:
         masters.fold_grads_in_backward()
-    in_backward = OptimizerInBackward(optimizer, masters) if max_norm == 0 else None
+    in_backward = OptimizerInBackward(optimizer, masters) if max_norm == 0 or two_pass else None
+    if sparse_embedding_grad(net, stage, lora, dtype, in_backward is not None):
+        keep_embedding_grad_sparse(net)
     net.train()
     ids, labels, pixels = settings["batch"]
     pixels = pixels.to(dtype)
@@ -165,7 +181,13 @@ def build_llava_fast(source, stage, lora, dtype, settings):
         return_freed_heap_after_decoder_backward(net)
 
     def step():
-        if in_backward:
+        if two_pass:  # the first pass only takes the norm (the trainer's _Stepper.step)
+            in_backward.arm(device, norm_only=True)
+            net.loss(ids, labels, pixels).backward()
+            if trim:
+                return_freed_heap()
+            in_backward.arm(device, scale=clip_factor(in_backward.disarm(), max_norm))
+        elif in_backward:
             in_backward.arm(device)
         loss = net.loss(ids, labels, pixels)
         if trim_in_backward:  # the trainer's: freed heap back to the OS (return_freed_heap)
@@ -178,6 +200,7 @@ def build_llava_fast(source, stage, lora, dtype, settings):
         elif not in_backward:
             masters.accumulate_grads()
             clip_or_norm(masters.masters, max_norm)
+            step_row_sparse(optimizer)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             masters.copy_to_model()
@@ -391,7 +414,8 @@ def markdown(doc):
     lines = [f"## llava-fast bench train --against transformers: {s['model_name']} on {doc['device']['name']}, "
              f"batch {s['batch_sizes'][0]} x {s['seq_len']} tokens, LoRA r={s['lora_r']} alpha={s['lora_alpha']:g}, "
              f"gradient checkpointing off, AdamW, " + (f"clipping at {clip:g}" if (clip := s.get("max_grad_norm", 1.0))
-                                                          else "no clipping (llava-fast steps in backward)"), ""]
+                                                          else "no clipping (llava-fast steps in backward)")
+             + (" (llava-fast: --two-pass-clipping)" if s.get("two_pass_clipping") else ""), ""]
     lines += [f"- {x}" for x in header_lines(doc)] + [""]
     names = {"1": "stage 1 (projector)", "2": "stage 2 full", "2-lora": "stage 2 LoRA"}
     rows = []

@@ -40,18 +40,24 @@
 namespace llava_fast {
 namespace {
 
-// x quantized once per call, read by every thread.
+// x quantized once per call, read by every thread. Rows are quantized on the pool's threads (each row on its own:
+// the same bytes however they are split), as gemm_q8.cpp's.
 struct QuantizedBuffers {
   std::vector<int8_t> xq;
   std::vector<float> xs, xmin;
 
-  QuantizedRows build(const float* x, int64_t x_stride, int64_t M, int64_t K, int64_t group) {
+  QuantizedRows build(const float* x, int64_t x_stride, int64_t M, int64_t K, int64_t group, int threads) {
     QuantizedRows r{M, K, K / 32, K / group, (K + 63) / 64 * 64, group, nullptr, nullptr, nullptr};
-    xq.assign(M * r.kp, 0), xs.assign(M * r.B, 0.f), xmin.assign(M * r.G, 0.f);
-    for (int64_t m = 0; m < M; ++m) {
-      quantize_activations_q8(x + m * x_stride, K, &xq[m * r.kp], &xs[m * r.B]);
-      activation_group_sums(&xq[m * r.kp], &xs[m * r.B], K, group, &xmin[m * r.G]);
-    }
+    xq.resize(M * r.kp), xs.resize(M * r.B), xmin.resize(M * r.G);
+    const int parts = int(std::min<int64_t>(M, int64_t(threads) * 4));
+    parallel_for(threads, parts, [&](int i) {
+      for (int64_t m = M * i / parts; m < M * (i + 1) / parts; ++m) {
+        std::fill(&xq[m * r.kp + K], &xq[m * r.kp] + r.kp, int8_t(0));  // zeros past K
+        std::fill(&xmin[m * r.G], &xmin[m * r.G] + r.G, 0.f);
+        quantize_activations_q8(x + m * x_stride, K, &xq[m * r.kp], &xs[m * r.B]);
+        activation_group_sums(&xq[m * r.kp], &xs[m * r.B], K, group, &xmin[m * r.G]);
+      }
+    });
     r.xq = xq.data(), r.xs = xs.data(), r.xmin = xmin.data();
     return r;
   }
@@ -97,7 +103,7 @@ const char* gemm_q4_check(const GemvArgs& a) {
 
 void gemm_q4(const GemvArgs& a, int threads) {
   thread_local QuantizedBuffers buffers;
-  const QuantizedRows x = buffers.build(static_cast<const float*>(a.x), a.x_stride, a.m, a.k, a.group);
+  const QuantizedRows x = buffers.build(static_cast<const float*>(a.x), a.x_stride, a.m, a.k, a.group, threads);
   float* y = static_cast<float*>(a.y);
   const auto panel = kernels().gemm_q4_panel;
   const size_t bytes = q4_panel_bytes(a.k, a.k / a.group);

@@ -330,9 +330,12 @@ void gemv(const GemvArgs& a, int threads) {
   const KernelTable& t = kernels();
   GemvRows p{};
   p.a = &a;
+  const bool bf16_writes_y = a.format == kWeightBF16 && t.gemv_bf16_writes_y;
   if (a.format == kWeightBF16) {
     if (a.x_dtype == kActBF16 && a.x_stride == K) {
       p.xb = static_cast<const uint16_t*>(a.x);
+    } else if (bf16_writes_y && a.x_dtype == kActF32 && a.x_stride == K) {
+      p.xf = static_cast<const float*>(a.x);  // rounded to bfloat16 by the table's prepare, as it packs x
     } else {
       xb_buf.resize(M * K);
       for (int64_t m = 0; m < M; ++m)
@@ -372,7 +375,7 @@ void gemv(const GemvArgs& a, int threads) {
       align = t.gemv_f32_cols;
     }
   }
-  if (a.x_dtype == kActBF16) {
+  if (a.x_dtype == kActBF16 && !bf16_writes_y) {
     y_buf.resize(M * a.n);
     p.yf = y_buf.data();
   }
@@ -391,6 +394,12 @@ void gemv(const GemvArgs& a, int threads) {
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = n0; n < n1; ++n)
           static_cast<uint16_t*>(a.y)[m * a.y_stride + n] = f32_to_bf16(p.yf[m * a.n + n]);
+    } else if (a.round_y_bf16 && a.x_dtype == kActF32 && !bf16_writes_y) {
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n0; n < n1; ++n) {
+          float& v = static_cast<float*>(a.y)[m * a.y_stride + n];
+          v = round_to_bf16(v);
+        }
     }
   });
 }

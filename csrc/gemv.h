@@ -34,6 +34,9 @@ struct GemvArgs {
   const void* mins;       // Q4: float16 (N, K / group)
   void* y;                // (M, N) output, row stride y_stride elements, dtype x_dtype
   int64_t y_stride;
+  // float32 y only: each output rounded to bfloat16's nearest value (f32_to_bf16), as a bfloat16 model stores
+  // it; done inside the threads' ranges (by the kernel where the table can), not in a pass afterwards.
+  bool round_y_bf16 = false;
 };
 
 // Empty when the arguments are usable, else what is wrong (the caller raises it).

@@ -41,5 +41,5 @@ def __getattr__(name):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
 
 
-def __dir__():
-    return sorted(set(globals()) | set(_PUBLIC))
+def __dir__():  # the public names and the dunders; not `importlib`, which tab completion offered as one of ours
+    return sorted({name for name in globals() if name.startswith("__")} | set(_PUBLIC))

@@ -271,18 +271,20 @@ class LlavaModel:
             raise InputError("no prompts given")
         vocab = self.config.text.vocab_size
         for i, row in enumerate(rows):
+            # "row 0" only where there are rows to tell apart: a chat turn or a single prompt is "the prompt".
+            label = f"row {i}" if len(rows) > 1 else "the prompt"
             if not row:
-                raise InputError(f"row {i} is empty")
+                raise InputError(f"{label} is empty")
             bad = [t for t in row if not (0 <= t < vocab or t == self.image_token_id)]
             if bad:
-                raise InputError(f"row {i} has token ids outside the vocabulary (size {vocab}): {bad[:5]}")
+                raise InputError(f"{label} has token ids outside the vocabulary (size {vocab}): {bad[:5]}")
             if max_new_tokens is None and len(row) > self.context_length:
-                raise InputError(f"row {i}: {len(row)} tokens exceed the context length of {self.context_length} "
+                raise InputError(f"{label}'s {len(row)} tokens exceed the context length of {self.context_length} "
                                  "tokens")
             if max_new_tokens is not None and positions_needed(len(row), max_new_tokens) > self.context_length:
-                raise InputError(f"row {i}: prompt of {len(row)} tokens plus max_new_tokens={max_new_tokens} "
-                                 f"needs {positions_needed(len(row), max_new_tokens)} positions, more than the "
-                                 f"context length of {self.context_length} tokens")
+                raise InputError(f"{label} has {len(row)} tokens; with max_new_tokens={max_new_tokens} it needs "
+                                 f"{positions_needed(len(row), max_new_tokens)} positions, more than the context "
+                                 f"length of {self.context_length} tokens")
         image_positions = sum(row.count(self.image_token_id) for row in rows)
         if self.config.anyres:
             counts = self.image_token_counts([] if image_sizes is None else image_sizes)

@@ -103,7 +103,7 @@ def _context_length(args):
     return None  # a hub id: its config comes with the download
 
 
-def _check_vision_flags(args, image):
+def _check_vision_flags(args, images):
     """--mmproj belongs to a GGUF text model, and a GGUF text model without one takes no image: both known from
     the command line alone, before the load. --vision-tower belongs to a checkpoint (the preset was built without
     reading it)."""
@@ -118,16 +118,17 @@ def _check_vision_flags(args, image):
                                  f"{args.model or 'the built-in preset'}")
         if not os.path.isfile(args.mmproj):
             raise LlavaFastError(f"--mmproj {args.mmproj}: file not found")
-    elif gguf and image is not None:
+    elif gguf and images:
         raise LlavaFastError(f"--image given, but --model {args.model} is a GGUF text model with no vision tower: "
                              "pass its llama.cpp mmproj file with --mmproj FILE, or drop --image")
 
 
-def _check_before_loading(args, image):
+def _check_before_loading(args, images):
     """Every generate/chat argument that can be checked without the weights, checked before they load (7B: a
     minute; SmolLM2: 8 s): the limits, sampling, template, device and dtype, quantization, the image file
     (decoded here, under the pixel limit) and --max-new-tokens against the context length from the config.
-    Returns the decoded image (or None); the prompt's own length is checked once the tokenizer is loaded."""
+    Returns the decoded images (a list, in --image order); the prompt's own length is checked once the tokenizer
+    is loaded."""
     from llava_fast.checkpoints.load import resolve_device_dtype
     from llava_fast.cpu.quantize import parse_scheme
     from llava_fast.generate import Sampling, positions_needed
@@ -137,19 +138,19 @@ def _check_before_loading(args, image):
     _apply_image_limit(args)
     if args.max_new_tokens < 1:
         raise LlavaFastError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    _check_vision_flags(args, image)
+    _check_vision_flags(args, images)
     Sampling(args.temperature, args.top_p, args.top_k, args.seed)
     if args.template is not None:
         get_template(args.template)
     resolve_device_dtype(args.device, args.dtype)
     if args.quantize is not None:
         parse_scheme(args.quantize)
-    image = None if image is None else load_image(image)
+    images = [load_image(image) for image in images]
     context = _context_length(args)
     if context is not None and positions_needed(1, args.max_new_tokens) > context:
         raise LlavaFastError(f"--max-new-tokens {args.max_new_tokens} does not fit the context length of {context} "
                              "tokens, even after a one-token prompt")
-    return image
+    return images
 
 
 def _load(args):
@@ -175,15 +176,15 @@ def _sampling(args):
 def cmd_generate(args):
     import llava_fast
     from llava_fast.presets import BUNDLED_IMAGE
+    from llava_fast.prompts.templates import format_user_turn
 
-    if args.no_image and args.image is not None:
+    if args.no_image and args.image:
         raise LlavaFastError("--no-image and --image contradict each other: give one")
-    image = args.image if args.image is not None else (None if args.model else BUNDLED_IMAGE)
-    if args.no_image:
-        image = None
-    image = _check_before_loading(args, image)
+    images = args.image or ([] if args.model or args.no_image else [BUNDLED_IMAGE])
+    images = _check_before_loading(args, images)
+    format_user_turn(args.prompt, len(images))  # the markers against the images, before the load
     model = _load(args)
-    for delta in model.stream(args.prompt, image, **_sampling(args)):
+    for delta in model.stream(args.prompt, images or None, **_sampling(args)):
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -196,9 +197,9 @@ def cmd_generate(args):
 
 
 def cmd_chat(args):
-    image = _check_before_loading(args, args.image)  # even when stdin then gives no turn at all
+    images = _check_before_loading(args, args.image or [])  # even when stdin then gives no turn at all
     model = _load(args)
-    session = model.chat(image, **_sampling(args))
+    session = model.chat(images or None, **_sampling(args))
     interactive = sys.stdin.isatty()
     refused = False
     while True:
@@ -347,14 +348,16 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, parser_class=SubcommandParser)
     g = sub.add_parser("generate", help="answer one prompt about an image, streaming to stdout")
     _add_model_args(g)
-    g.add_argument("--image", help="image file (default with no --model: a bundled example image)")
+    g.add_argument("--image", action="append", help="image file (default with no --model: a bundled example "
+                   "image); repeat it for several images, placed in order at the prompt's <image> markers")
     g.add_argument("--no-image", action="store_true", help="text-only prompt")
     g.add_argument("--prompt", default="What is unusual about this image?")
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("chat", help="interactive multi-turn chat about an image (one line per turn)")
     _add_model_args(c)
-    c.add_argument("--image", help="image file")
+    c.add_argument("--image", action="append", help="image file; repeat it for several images, placed in order "
+                   "at the first turn's <image> markers")
     _add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching) with a chat page at /")

@@ -375,7 +375,8 @@ class LlavaForCausalLM(nn.Module):
         sizes, as anyres_image_embeddings takes them; image_features are then the tiles' features."""
         if self.cfg.anyres and self.vision_tower is not None:
             x = ops.splice_image_embeddings(input_ids, self.language_model.embed_tokens.weight, None,
-                                            self.cfg.image_token_id, None, None)  # (B, T, C), images not yet in
+                                            self.cfg.image_token_id, None, None,
+                                            sparse_grad=self.language_model.embed_tokens.sparse)  # (B, T, C)
             if pixel_values is None and image_features is None:
                 return x
             if image_sizes is None:
@@ -385,8 +386,10 @@ class LlavaForCausalLM(nn.Module):
             return x.masked_scatter(is_image, images.to(x.dtype))
         features = image_features if pixel_values is None else self.image_features(pixel_values)
         projector = self.multi_modal_projector.weights() if features is not None else (None, None)
+        # embed_tokens.sparse (nn.Embedding's flag; the trainer sets it): the table's gradient is its looked-up rows
         return ops.splice_image_embeddings(input_ids, self.language_model.embed_tokens.weight, features,
-                                           self.cfg.image_token_id, *projector)
+                                           self.cfg.image_token_id, *projector,
+                                           sparse_grad=self.language_model.embed_tokens.sparse)
 
     def decode_hidden(self, x, cache=None, start_pos=None, seq_lens=None, rows=None):
         """Run the decoder stack on embeddings (B, T, C) -> final-normed hidden states (B, T, C), or (M, C) at

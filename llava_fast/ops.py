@@ -179,15 +179,17 @@ def project_image_features(features, w1, b1, w2=None, b2=None):
 
 
 def splice_image_embeddings_reference(input_ids, embed_weight, image_features, image_token_id, w1, b1, w2=None,
-                                      b2=None):
+                                      b2=None, sparse_grad=False):
     """The decoder's input embeddings: text rows gathered from the table, image rows projected.
 
     input_ids (B, T); embed_weight (V, C); image_features (K, Nimg, Cv): K images in the order their
     token runs appear in input_ids (row-major), each filling Nimg consecutive image-token positions.
     Returns (B, T, C). The caller checks that the number of image positions equals K * Nimg.
+    sparse_grad: embed_weight's gradient is a sparse COO tensor of the B * T looked-up rows (nn.Embedding's
+    sparse=True) instead of a dense (V, C) one.
     """
     is_image = input_ids == image_token_id
-    embeds = F.embedding(input_ids.masked_fill(is_image, 0), embed_weight)
+    embeds = F.embedding(input_ids.masked_fill(is_image, 0), embed_weight, sparse=sparse_grad)
     if image_features is None or image_features.shape[0] == 0:
         return embeds
     projected = project_image_features(image_features, w1, b1, w2, b2).to(embeds.dtype)
@@ -796,10 +798,14 @@ def patch_embed(pixel_values, patch_weight, class_embedding, position_embedding,
     return f(pixel_values, patch_weight, class_embedding, position_embedding, ln_weight, ln_bias, eps)
 
 
-def splice_image_embeddings(input_ids, embed_weight, image_features, image_token_id, w1, b1, w2=None, b2=None):
-    """The decoder's input embeddings. See splice_image_embeddings_reference."""
-    f = splice_image_embeddings_reference if _inline_reference() else _splice_op
-    return f(input_ids, embed_weight, image_features, image_token_id, w1, b1, w2, b2)
+def splice_image_embeddings(input_ids, embed_weight, image_features, image_token_id, w1, b1, w2=None, b2=None,
+                            sparse_grad=False):
+    """The decoder's input embeddings. See splice_image_embeddings_reference; sparse_grad is honoured by the
+    torch backend's training path (the custom op's and the Triton kernel's gradients are dense)."""
+    if _inline_reference():
+        return splice_image_embeddings_reference(input_ids, embed_weight, image_features, image_token_id, w1, b1,
+                                                 w2, b2, sparse_grad)
+    return _splice_op(input_ids, embed_weight, image_features, image_token_id, w1, b1, w2, b2)
 
 
 def rotary_cached_attention(q, k, v, cos, sin, k_cache, v_cache, start_pos=None, seq_lens=None, window=0):

@@ -30,6 +30,13 @@ def model(ckpt_dir):
     return llava_fast.load(ckpt_dir, device=DEVICE, dtype="float32")
 
 
+def test_the_package_offers_its_public_names_only():
+    """dir(llava_fast) (tab completion, help()) listed `importlib`, an implementation detail, as a public name."""
+    public = [name for name in dir(llava_fast) if not name.startswith("_")]
+    assert public == sorted(llava_fast.__all__) and "load" in public and "importlib" not in public
+    assert all(getattr(llava_fast, name) is not None for name in public)
+
+
 def test_load_exposes_model_facts(model):
     assert model.image_token_id == 32000
     assert model.num_image_tokens == 4  # (28 / 14)^2 patches, CLS dropped
@@ -243,6 +250,15 @@ def test_malformed_messages_are_input_errors(model):
 def test_prompt_too_long_for_the_context(model):
     with pytest.raises(InputError, match="context length of 512"):
         model.generate("Describe.", IMAGES[0], max_new_tokens=500)
+    # "row 0: prompt of ..." named a batch row no one had written (a single prompt, a chat turn); a batch
+    # still names its row.
+    n = len(model.encode_prompt("Describe.", 1))
+    with pytest.raises(InputError) as err:
+        model.generate("Describe.", IMAGES[0], max_new_tokens=500)
+    assert str(err.value) == (f"the prompt has {n} tokens; with max_new_tokens=500 it needs {n + 499} positions, "
+                              "more than the context length of 512 tokens")
+    with pytest.raises(InputError, match="^row 1 has"):
+        model.generate(["Hi.", "Describe. " * 100], [None, None], max_new_tokens=300)
     with pytest.raises(InputError, match="max_new_tokens"):
         model.generate("Describe.", max_new_tokens=0)
     with pytest.raises(InputError, match="outside the vocabulary"):

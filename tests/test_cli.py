@@ -38,6 +38,31 @@ def test_generate_default_runs_the_builtin_random_model():
     assert "RANDOM weights" in r.stderr and "tokens/s" in r.stderr
 
 
+def test_several_images_go_to_their_markers_in_order(ckpt_dir, capsys, monkeypatch):
+    """--image twice kept only the last one: a prompt without markers silently answered about one image, and one
+    with two markers was refused as "1 image was given". Each --image now joins the list, in order."""
+    import llava_fast
+    from llava_fast.cli import main
+
+    other = os.path.join(ck.IMAGE_DIR, "extreme_ironing.jpg")
+    prompt = "<image> First. <image> Second: which is brighter?"
+    model = llava_fast.load(ckpt_dir, device=DEVICE)
+    for images in ([IMAGE, other], [other, IMAGE]):
+        argv = ["generate", "--model", ckpt_dir, "--prompt", prompt, "--max-new-tokens", "6", "--device", DEVICE]
+        code = main(argv + [arg for image in images for arg in ("--image", image)])
+        out = capsys.readouterr().out
+        assert code == 0 and out == model.generate(prompt, images=images, max_new_tokens=6) + "\n"
+        assert model.last_stats["prompt_tokens"] > 2 * model.config.num_image_tokens
+    # A marker count that does not match is refused before the weights load, naming both counts.
+    monkeypatch.setattr("llava_fast.cli._load", lambda args: pytest.fail("the weights loaded first"))
+    code, line = in_process(capsys, "generate", "--model", ckpt_dir, "--image", IMAGE, "--image", other,
+                            "--prompt", "Which is brighter?")
+    assert code == 2 and line == "llava-fast: error: the message has 0 <image> markers but 2 images were given"
+    r = run("chat", "--model", ckpt_dir, "--image", IMAGE, "--image", other, "--max-new-tokens", "3", "--device",
+            DEVICE, stdin=f"{prompt}\nAnd now?\n")
+    assert r.returncode == 0 and r.stdout.count("\n") == 2, r.stderr
+
+
 def test_chat_reads_one_turn_per_line(ckpt_dir):
     r = run("chat", "--model", ckpt_dir, "--image", IMAGE, "--max-new-tokens", "5", "--device", DEVICE,
             stdin="Hello\nWhat now?\n")

@@ -287,6 +287,52 @@ def test_every_bad_input_is_a_400_naming_it(live, model):
         assert r.choices[0].message.content == alone(model, [user("What?", JPEG_URL)], 3)
 
 
+def test_fields_the_server_cannot_honour_are_refused_by_name(live, model):
+    """A JSON schema, a tool call, a penalty or a logit bias that were ignored gave free text as if it obeyed them;
+    each is a 400 naming the field, and its neutral value is accepted and answers as without it."""
+    ok = [user("Hi")]
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    refused = [
+        ({"response_format": {"type": "json_object"}}, "response_format", "json_object"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {}}}}, "response_format",
+         "json_schema"),
+        ({"tools": [tool]}, "tools", "1 tool and no tool_choice"),
+        ({"tools": [tool, tool], "tool_choice": "auto"}, "tools", '2 tools and tool_choice "auto"'),
+        ({"tools": [tool], "tool_choice": "required"}, "tool_choice", '"required"'),
+        ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice", "get_weather"),
+        ({"functions": [tool["function"]]}, "functions", "1 tool"),
+        ({"presence_penalty": 0.5}, "presence_penalty", "got 0.5"),
+        ({"frequency_penalty": -1}, "frequency_penalty", "got -1"),
+        ({"logit_bias": {"42": 100}}, "logit_bias", '{"42": 100}'),
+    ]
+    with httpx.Client(timeout=60) as http:
+        for fields, param, words in refused:
+            r = http.post(live.url + "/v1/chat/completions", json={"messages": ok, "max_tokens": 2, **fields})
+            assert r.status_code == 400, (fields, r.text)
+            error = r.json()["error"]
+            assert error["param"] == param and words in error["message"], (fields, error)
+    expected = alone(model, ok, 3)
+    neutral = dict(response_format={"type": "text"}, tools=[tool], tool_choice="none", presence_penalty=0,
+                   frequency_penalty=0.0, logit_bias={})
+    r = live.client().chat.completions.create(model="tiny", messages=ok, max_tokens=3, temperature=0, **neutral)
+    assert r.choices[0].message.content == expected
+
+
+def test_developer_role_is_a_system_message(live, model):
+    """OpenAI's newer clients send `developer` where older ones sent `system`; both set the system prompt."""
+    as_system = [{"role": "system", "content": "Answer in French."}, user("What is shown?", JPEG_URL)]
+    as_developer = [{"role": "developer", "content": "Answer in French."}, user("What is shown?", JPEG_URL)]
+    assert split_openai_messages(as_developer) == split_openai_messages(as_system)
+    expected = alone(model, as_system, 5)
+    assert expected != alone(model, [user("What is shown?", JPEG_URL)], 5)  # the system prompt changes the reply
+    assert alone(model, as_developer, 5) == expected
+    r = live.client().chat.completions.create(model="tiny", messages=as_developer, max_tokens=5, temperature=0)
+    assert r.choices[0].message.content == expected
+    with pytest.raises(InputError, match="user messages, not developer messages"):
+        split_openai_messages([{"role": "developer", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                               user("Hi")])
+
+
 def test_server_errors_speak_to_the_client_not_the_operator():
     """A client cannot pass the server's command-line flags: its errors say what the request can change."""
     from llava_fast.errors import ImageError
@@ -415,6 +461,15 @@ def test_prefix_of_a_running_row_is_reused(live, model):
 
 def test_models_health_api_key(live):
     assert [m.id for m in live.client().models.list()] == ["tiny"]
+    # OpenAI's retrieve (GET /v1/models/ID) was a bare 404 "Not Found" for the served model too.
+    assert live.client().models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError, match="unknown model 'gpt-4o'"):
+        live.client().models.retrieve("gpt-4o")
+    r = httpx.post(live.url + "/v1/completions", json={"prompt": "hi"})
+    assert r.status_code == 404 and "no route POST /v1/completions" in r.json()["error"]["message"]
+    assert "POST /v1/chat/completions" in r.json()["error"]["message"]
+    r = httpx.get(live.url + "/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["message"] == "method GET is not allowed on /v1/chat/completions"
     assert _health(live)["status"] == "ok"
     live.config.api_key = "sekret"
     try:

@@ -184,3 +184,28 @@ def test_budget_must_exceed_the_rows(model):
     scheduler = Scheduler(model, max_batch=8, max_model_len=64)
     assert scheduler.max_batched_tokens == (96 if scheduler.decoder.mixes else 128)  # the CPU defaults
     assert Scheduler(model, max_batch=100, max_model_len=64).max_batched_tokens == 200  # room beside 100 rows
+
+
+def test_bfloat16_replies_under_the_measured_budget_match_generate():
+    """A bfloat16 model on the CPU's native step (the matrix-unit GEMMs and attention where the CPU has them),
+    with the budget measured rather than given: prompts go in whole while no row decodes and in slices beside
+    decoding rows, and every greedy reply still equals generate() of that request alone."""
+    import torch
+
+    model = random_model("tiny", dtype=torch.bfloat16, seed=3)
+    config = ServeConfig(model_name="tiny", max_batch=4, max_model_len=1024)
+    server = LiveServer(model, config).start()
+    try:
+        images = [png_data_url(random_image(60 + i, 45 + 11 * i, 70 - 9 * i)) for i in range(2)]
+        requests = []
+        for i in range(7):
+            content = " ".join(["tile"] * (2 + 23 * i)) + f" case {i}?"
+            messages = [user(content, images[i % 2])] if i % 3 else [user(content)]
+            requests.append((messages, 4 + (5 * i) % 9))
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            got = list(pool.map(lambda r: _stream(server, *r)[0], requests))
+    finally:
+        server.stop()
+    assert any(got)
+    for (messages, max_tokens), text in zip(requests, got):
+        assert text == model.generate(messages, max_new_tokens=max_tokens)

@@ -59,6 +59,10 @@ def build_parser():
     p.add_argument("--step-in-backward", action="store_true", help="update each parameter during backward as soon "
                    "as its gradient is final, so all gradients never exist at once (less memory, same losses; needs "
                    "--max-grad-norm 0 and one process)")
+    p.add_argument("--two-pass-clipping", action="store_true", help="with clipping: a first forward + backward "
+                   "only takes the gradient norm, a second steps each parameter during backward with its clipped "
+                   "gradient, so all gradients never exist at once (4 bytes a trained parameter less, for a second "
+                   "forward + backward; same losses to float32 rounding; one process, --grad-accum 1)")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     p.add_argument("--recompute-mlp", action="store_true", help="with --no-gradient-checkpointing, stage 2 full: each "
                    "decoder MLP keeps only its input and recomputes gate, up and SwiGLU in backward (a third of the "

@@ -275,9 +275,11 @@ class Example:
     has_image: bool
 
 
-def check_records(records, spec: EncodingSpec, *, indices=None, text_only_ok=True):
+def check_records(records, spec: EncodingSpec, *, indices=None, text_only_ok=True, first_bad=None):
     """Encode every record once (the row lengths group batches), and check its image files exist.
-    Returns (examples, Counter of skip reasons). Images are decoded later, when a batch needs them."""
+    Returns (examples, Counter of skip reasons). Images are decoded later, when a batch needs them.
+    first_bad (a dict, filled when given): reason -> the index of the first record skipped for it, so a message
+    can point at one in a file of 665k records."""
     examples, skipped = [], Counter()
     for index in (range(len(records)) if indices is None else indices):
         try:
@@ -289,6 +291,8 @@ def check_records(records, spec: EncodingSpec, *, indices=None, text_only_ok=Tru
                     raise InputError("missing image file")
         except InputError as e:
             skipped[str(e)] += 1
+            if first_bad is not None:
+                first_bad.setdefault(str(e), index)
             continue
         examples.append(Example(index, len(ids), bool(images)))
     return examples, skipped

@@ -92,6 +92,7 @@ class TrainArgs:
     device: str | None = None
     cache_image_features: bool = False  # keep the frozen tower's features per image for later epochs
     step_in_backward: bool = False  # the optimizer steps each parameter during backward (no clipping)
+    two_pass_clipping: bool = False  # a norm-only backward, then the clipped step inside a second backward
     recompute_mlp: bool = False  # without checkpointing: MLPs keep their input only (stage 2 full)
 
     def resolved(self):
@@ -123,6 +124,12 @@ class TrainArgs:
                              "gradient norm that clipping needs is known: give it with --max-grad-norm 0")
         if a.step_in_backward and a.fsdp:
             raise InputError("--step-in-backward runs in one process: FSDP reduces gradients after backward")
+        if a.two_pass_clipping and (a.max_grad_norm == 0 or a.step_in_backward or a.grad_accum != 1 or a.fsdp
+                                    or (lora and a.lora_dropout > 0)):
+            raise InputError("--two-pass-clipping runs each step's one micro-batch twice, the same way (the first "
+                             "backward only takes the gradient norm): it needs clipping (--max-grad-norm > 0), "
+                             "--grad-accum 1, no --step-in-backward, one process (no --fsdp) and, with LoRA, "
+                             "--lora-dropout 0")
         if a.recompute_mlp and (a.gradient_checkpointing or a.stage != 2 or lora or a.fsdp):
             raise InputError("--recompute-mlp recomputes the trained MLPs' activations in backward: it needs "
                              "--stage 2 without LoRA, --no-gradient-checkpointing (which already recomputes whole "
@@ -276,8 +283,11 @@ class OptimizerInBackward:
     gradient is final (a post-accumulate-grad hook, after the bf16 fold), the gradient freed at once: the
     whole gradient set (float32, 4 bytes a trained parameter) never exists. Each update is a `PerTensorUpdate`,
     so losses are bit-equal to the plain step's. Gradient clipping scales every gradient by the global norm,
-    known only once backward ends, so this path runs without clipping (the trainer refuses it with
-    --max-grad-norm > 0); the global norm is still summed as the gradients go by, for the log."""
+    known only once backward ends, so --step-in-backward runs without clipping (the trainer refuses it with
+    --max-grad-norm > 0); the global norm is still summed as the gradients go by, for the log.
+    --two-pass-clipping gets the norm first from a backward that only sums squares (norm_only), then runs the
+    forward and backward again and steps each gradient times the clip factor: the gradient set never exists
+    (4 bytes a trained parameter: 28 GB at LLaVA-1.5-7B's stage 2 full) for a second forward and backward."""
 
     def __init__(self, optimizer, masters):
         self.armed, self.squares = False, None
@@ -285,10 +295,13 @@ class OptimizerInBackward:
         for p, m in zip(masters.params, masters.masters):  # registered after the fold: runs after it
             p.register_post_accumulate_grad_hook(partial(self._step, m))
 
-    def arm(self, device):
+    def arm(self, device, scale=None, norm_only=False):
         """The next backward steps every parameter (call before the last micro-batch's backward, with the
-        step's learning rates already in the run optimizer's groups)."""
+        step's learning rates already in the run optimizer's groups), its gradient first multiplied by `scale`
+        (a 0-dim tensor: the clip factor) when given; norm_only: it only sums the squares and frees each
+        gradient (the first pass of --two-pass-clipping)."""
         self.armed, self.squares = True, torch.zeros((), dtype=torch.float32, device=device)
+        self.scale, self.norm_only = scale, norm_only
 
     def disarm(self):
         """-> the global gradient norm of the step. Steps any parameter the last backward did not reach."""
@@ -302,7 +315,17 @@ class OptimizerInBackward:
         if not self.armed:
             return
         self.squares += torch.linalg.vector_norm(master.grad, dtype=torch.float32).square()
+        if self.norm_only:
+            master.grad = None
+            return
+        if self.scale is not None:
+            master.grad.mul_(self.scale)
         self.per_tensor.update(master)
+
+
+def clip_factor(norm, max_norm):
+    """clip_grad_norm_'s factor: max_norm / (norm + 1e-6), at most 1."""
+    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
 
 
 class StepFromModelGrads:
@@ -325,7 +348,7 @@ class StepFromModelGrads:
             return torch.zeros(())
         norms = torch._foreach_norm([p.grad for p, _ in pairs], 2, dtype=torch.float32)
         total = torch.linalg.vector_norm(torch.stack(norms))
-        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0) if max_norm > 0 else None  # clip_grad_norm_'s
+        scale = clip_factor(total, max_norm) if max_norm > 0 else None
         # smallest first: when the (V, C) embedding's and lm_head's float32 gradients are formed (63 MiB each on
         # the tiny preset) the other bf16 gradients are already freed
         for p, m in sorted(pairs, key=lambda pm: pm[0].numel()):
@@ -576,6 +599,24 @@ def run_config(a: TrainArgs, world):
     return d
 
 
+def _check_resume_settings(a, world, existing) -> str:
+    """The latest checkpoint in --output, after checking that this run's settings equal the run's it resumes:
+    the learning-rate schedule, the data order and each step's batch follow them, and a resumed run reproduces
+    the uninterrupted one. A setting still None (resolved from the checkpoint later) is not compared yet."""
+    path = os.path.join(a.output, f"checkpoint-{existing[-1]}")
+    saved = ckpt.read_json(os.path.join(path, "trainer_state.json"))["run"]
+    differs = {k: (saved.get(k), v) for k, v in run_config(a, world).items()
+               if saved.get(k) != v and (v is not None or k not in ("max_length", "template"))}
+    if differs:
+        flag = {"world_size": "processes"}
+        raise InputError(f"--resume: settings differ from the run in {path}: " +
+                         ", ".join(f"{flag.get(k, '--' + k.replace('_', '-'))} was {old!r}, now {new!r}"
+                                   for k, (old, new) in differs.items()) +
+                         "; a resumed run keeps its settings (the learning-rate schedule and the data order follow "
+                         "them): give those it started with, or start a new run in another --output")
+    return path
+
+
 def train(args: TrainArgs) -> TrainResult:
     a = args.resolved()
     dist, rank, world, device = _setup_distributed(a.device)
@@ -651,12 +692,18 @@ class _Interrupt:
     there, not at once: mid-step the weights can be half-updated (--step-in-backward steps each parameter during
     backward), and the optimizer's state ahead of them. The second raises KeyboardInterrupt at once. Under
     torchrun each process gets its signal on its own, possibly during different steps, so before each step the
-    processes all-reduce their requests (one number) and all stop after the same step. Installed in the main
-    thread over Python's default handler only: a run started with SIGINT ignored, or inside a program with its
-    own handler, keeps that."""
+    processes all-reduce their requests (one number) and all stop after the same step. A terminal's Ctrl-C
+    reaches torchrun's agent and its workers together, and the agent then sends each worker a SIGINT of its own
+    (and a SIGKILL 30 s later if it has not exited): under torchrun a second SIGINT within FORWARDED_S of the first
+    is that copy, not a second Ctrl-C. Installed in the main thread over Python's default handler only: a run
+    started with SIGINT ignored, or inside a program with its own handler, keeps that."""
+
+    FORWARDED_S = 2.0  # the agent forwards within milliseconds; a person's second Ctrl-C takes longer
 
     def __init__(self, main):
         self.main, self.requested, self.installed = main, False, False
+        self.first_at = None
+        self.under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread() and \
@@ -671,8 +718,14 @@ class _Interrupt:
         return False
 
     def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # the second: KeyboardInterrupt at once
+        if self.requested:  # under torchrun: the agent's copy of the first, or a second Ctrl-C
+            if time.monotonic() - self.first_at < self.FORWARDED_S:
+                return
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested, self.first_at = True, time.monotonic()
+        if not self.under_torchrun:  # the second: KeyboardInterrupt at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         if self.main:  # os.write: print() here could re-enter a stderr write the signal interrupted
             os.write(2, b"\n" * sys.stderr.isatty() + b"llava-fast train: interrupted: saving a checkpoint after "
                         b"this step (Ctrl-C again to quit without it)\n")
@@ -735,6 +788,8 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
     """Load and freeze the model, check the records, build the optimizer (resuming its state) and the loader."""
     lora, main = a.lora_r is not None, rank == 0
     existing = _check_output(a, main)
+    if a.resume:  # before the load (a minute at 7B) and the records; the flags resolved by the load are None here
+        _check_resume_settings(a, world, existing)
     dtype = torch.bfloat16 if a.precision == "bf16" and not a.fsdp else torch.float32  # FSDP gathers in bf16
 
     def trains(name):
@@ -758,6 +813,9 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
         if not p.requires_grad:
             p.data = p.data.to(dtype)
     net.gradient_checkpointing = a.gradient_checkpointing
+    if sparse_embedding_grad(net, a.stage, lora, dtype, a.step_in_backward or a.two_pass_clipping,
+                             dist is not None or a.fsdp):
+        keep_embedding_grad_sparse(net)
     if a.recompute_mlp:
         net.recompute_mlp_activations()
     net.train()
@@ -790,12 +848,7 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
     run.optimizer = make_optimizer(groups, a.weight_decay, device, sharded=a.fsdp)
     run.this_run = run_config(a, world)
     if a.resume:
-        path = os.path.join(a.output, f"checkpoint-{existing[-1]}")
-        saved = ckpt.read_json(os.path.join(path, "trainer_state.json"))["run"]
-        differs = {k: (saved.get(k), v) for k, v in run.this_run.items() if saved.get(k) != v}
-        if differs:
-            raise InputError(f"--resume: settings differ from the run in {path}: " +
-                             ", ".join(f"{k} was {old!r}, now {new!r}" for k, (old, new) in differs.items()))
+        path = _check_resume_settings(a, world, existing)  # again: --max-length and --template are now resolved
         run.state = ckpt.load_state(path, run.model, run.optimizer, None if a.fsdp else run.masters)
         run.start = run.state["step"]
         log(f"resuming from {path} (step {run.start} of {total})")
@@ -886,19 +939,26 @@ def _check_output(a, main):
 
 def _check_records(records, spec, a, dist, rank, world, log):
     """check_records, each process taking every world-th record; everyone gets the whole result."""
+    first_bad = {}
     examples, skipped = check_records(records, spec, indices=range(rank, len(records), world),
-                                      text_only_ok=a.stage == 2)
+                                      text_only_ok=a.stage == 2, first_bad=first_bad)
     if dist:
         gathered = [None] * world
-        dist.all_gather_object(gathered, (examples, skipped))
-        examples = sorted((e for part, _ in gathered for e in part), key=lambda e: e.index)
-        skipped = sum((c for _, c in gathered), Counter())
+        dist.all_gather_object(gathered, (examples, skipped, first_bad))
+        examples = sorted((e for part, _, _ in gathered for e in part), key=lambda e: e.index)
+        skipped = sum((c for _, c, _ in gathered), Counter())
+        first_bad = {r: min(f[r] for _, _, f in gathered if r in f) for r in skipped}
+
+    def where(reason):  # the first record skipped for it: its position in the file, and its id when it has one
+        index = first_bad[reason]
+        record_id = records[index].get("id") if isinstance(records[index], dict) else None
+        return f"records[{index}]" + (f", id {record_id!r}" if record_id is not None else "")
+
+    reasons = ", ".join(f"{n} x {r} (first: {where(r)})" for r, n in skipped.most_common())
     if skipped and a.strict:
-        raise InputError(f"--strict: {sum(skipped.values())} bad records in {a.data}: " +
-                         ", ".join(f"{n} x {r}" for r, n in skipped.most_common()))
+        raise InputError(f"--strict: {sum(skipped.values())} bad records in {a.data}: {reasons}")
     if skipped:
-        log(f"warning: skipping {sum(skipped.values())} of {len(records)} records: " +
-            ", ".join(f"{n} x {r}" for r, n in skipped.most_common()))
+        log(f"warning: skipping {sum(skipped.values())} of {len(records)} records: {reasons}")
     return examples, skipped
 
 
@@ -938,13 +998,15 @@ class _Stepper:
         self.in_backward = self.from_model_grads = None
         self.trim, self.trim_in_backward = trims_heap(a, device)
         bf16_masters = masters.masters is not masters.params
-        if dist is None and bf16_masters and a.grad_accum == 1 and not a.step_in_backward:
+        in_backward = a.step_in_backward or a.two_pass_clipping
+        if dist is None and bf16_masters and a.grad_accum == 1 and not in_backward:
             self.from_model_grads = StepFromModelGrads(optimizer, masters)  # nothing to accumulate
         elif dist is None:  # DDP's reducer reads p.grad after the per-parameter hooks
             masters.fold_grads_in_backward()
-        if a.step_in_backward:
+        if in_backward:
             if dist is not None:
-                raise InputError("--step-in-backward runs in one process: DDP reduces gradients after backward")
+                flag = "--step-in-backward" if a.step_in_backward else "--two-pass-clipping"
+                raise InputError(f"{flag} runs in one process: DDP reduces gradients after backward")
             self.in_backward = OptimizerInBackward(optimizer, masters)
 
     def step(self, step, micro, start):
@@ -973,7 +1035,16 @@ class _Stepper:
             if self.image_cache is not None and pixels is not None:
                 features, pixels = self.image_cache.features(pixels, b.image_keys, sizes), None
             last = k == len(micro) - 1
-            if last and self.in_backward:
+            if last and self.in_backward and self.a.two_pass_clipping:
+                # first pass: the gradient norm only, each gradient freed as backward makes it; the forward
+                # and backward run again below, the same way (no dropout), and step each clipped gradient
+                self.in_backward.arm(self.device, norm_only=True)
+                self.model(ids, labels, pixels, scale, features, sizes).backward()
+                if self.trim:
+                    return_freed_heap()
+                norm = self.in_backward.disarm()
+                self.in_backward.arm(self.device, scale=clip_factor(norm, self.a.max_grad_norm))
+            elif last and self.in_backward:
                 self.in_backward.arm(self.device)
             with self.model.no_sync() if self.defer_sync and not last else contextlib.nullcontext():
                 loss = self.model(ids, labels, pixels, scale, features, sizes)
@@ -991,6 +1062,7 @@ class _Stepper:
             grad_norm = self.from_model_grads.step(self.a.max_grad_norm)
         else:
             grad_norm = clip_or_norm(self.masters.masters, self.a.max_grad_norm)
+            step_row_sparse(self.optimizer)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.masters.copy_to_model()
@@ -1007,12 +1079,99 @@ class _Stepper:
 
 
 def clip_or_norm(params, max_norm):
-    """Clip the gradients to a global norm of max_norm (0: no clipping); -> the norm before clipping."""
-    if max_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    """Clip the gradients to a global norm of max_norm (0: no clipping); -> the norm before clipping.
+
+    A sparse gradient (the embedding table's rows, `sparse_embedding_grad`) has its rows summed and counts by its
+    stored values: its zeros add nothing to the norm, and clipping scales the values as clip_grad_norm_ scales a dense
+    gradient (same bits in every row). Its norm is summed in another order than the dense tensor's, so the
+    global norm can differ from clip_grad_norm_'s in the last bits (relative 1e-7)."""
+    for p in params:
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = sum_sparse_rows(p.grad)
+    grads = [p.grad._values() if p.grad.is_sparse else p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if max_norm > 0 and grads:  # clip_grad_norm_'s arithmetic (clip_grads_with_norm_ reads p.grad, not values)
+        torch._foreach_mul_(grads, clip_factor(norm, max_norm))
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def sparse_embedding_grad(net, stage, lora, dtype, step_in_backward=False, distributed=False):
+    """Whether the run keeps the embedding table's gradient as the batch's rows (a sparse COO tensor) rather than
+    a dense (V, C) one, which is zero in every row no token of the batch looks up: 32000 x 4096 float32 is 512 MiB
+    at LLaVA-1.5-7B, held from backward to the step beside everything else. Float32 stage 2 full in one process,
+    stepping after backward (bf16 forms each float32 gradient at the step, smallest first, after the others are
+    freed; DDP and FSDP reduce dense gradients; --step-in-backward steps each gradient as backward makes it); not
+    with tied embeddings, whose gradient lm_head fills densely anyway."""
+    embed = net.language_model.embed_tokens.weight
+    return (stage == 2 and not lora and dtype == torch.float32 and not distributed and not step_in_backward
+            and net.lm_head.weight is not embed)
+
+
+def keep_embedding_grad_sparse(net):
+    """The embedding table's gradient as the looked-up rows (see sparse_embedding_grad). Each backward's rows are
+    summed (sum_sparse_rows) before they accumulate into .grad, so that accumulated micro-batches add as dense
+    gradients do, each micro-batch's sum first: the same bits."""
+    embed = net.language_model.embed_tokens
+    embed.sparse = True
+    embed.weight.register_hook(lambda grad: sum_sparse_rows(grad) if grad.is_sparse else grad)
+
+
+def sum_sparse_rows(grad):
+    """A sparse COO (V, C) gradient with repeated rows -> one entry per row, each the sum of its entries in the
+    order they come, from zero: the order and so the bits of the dense embedding backward (which adds each
+    token's row into a zeroed (V, C) table in token order) and of dense accumulation (earlier entries first).
+    Not Tensor.coalesce(), whose sums of repeated rows differ from the dense backward's in the last bits."""
+    rows, inverse = torch.unique(grad._indices()[0], sorted=True, return_inverse=True)
+    values = grad._values()
+    summed = values.new_zeros((len(rows), *values.shape[1:])).index_add_(0, inverse, values)
+    return torch.sparse_coo_tensor(rows[None], summed, grad.shape, is_coalesced=True, check_invariants=False)
+
+
+def step_row_sparse(optimizer, rows_per_chunk=1024):
+    """The optimizer's AdamW step of each parameter whose gradient is sparse (then freed), so that
+    optimizer.step() steps the rest. AdamW updates every row, touched or not (the moments decay and the
+    parameter moves while they are non-zero), exactly as on the dense gradient: the same fused update runs on
+    row chunks of the parameter and its moments, each with its chunk of the gradient made dense (16 MiB at 1024 x
+    4096 float32, not 512 MiB). The fused update is elementwise and the CPU kernel splits a tensor into 64-byte
+    units (16 float32), vectorized, with a scalar tail at the tensor's end only; a chunk of a multiple of 16 rows
+    is a whole number of units whatever the width, so every element takes the path it takes in the whole tensor
+    and the results are equal bit for bit (test_row_sparse_adamw_equals_torch_adamw_on_the_dense_gradient; a
+    5-row chunk of a 23-wide table moves some second moments by an ulp: scalar tails inside the tensor)."""
+    if rows_per_chunk % 16:
+        raise ValueError(f"rows_per_chunk must be a multiple of 16, got {rows_per_chunk}")
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None and p.grad.is_sparse:
+                _adamw_by_row_chunks(optimizer, group, p, rows_per_chunk)
+                p.grad = None
+
+
+def _adamw_by_row_chunks(optimizer, group, p, rows_per_chunk):
+    from torch.optim.adamw import adamw  # the functional AdamW that AdamW.step calls
+
+    if not (isinstance(optimizer, torch.optim.AdamW) and group["fused"]) or group["amsgrad"] or group["capturable"]:
+        raise ValueError("a sparse gradient is stepped by fused AdamW without amsgrad only")
+    state = optimizer.state[p]
+    if not state:  # Adam._init_group's for a fused group
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    grad = sum_sparse_rows(p.grad)
+    rows, values = grad._indices()[0], grad._values()  # rows ascending, unique
+    bounds = torch.arange(0, p.shape[0] + rows_per_chunk, rows_per_chunk, device=rows.device).clamp_(max=p.shape[0])
+    starts = torch.searchsorted(rows, bounds).tolist()
+    step_before = state["step"].clone()
+    beta1, beta2 = group["betas"]
+    for k in range(len(bounds) - 1):
+        lo, hi = int(bounds[k]), int(bounds[k + 1])
+        g = torch.zeros((hi - lo, *p.shape[1:]), dtype=p.dtype, device=p.device)
+        g.index_copy_(0, rows[starts[k]:starts[k + 1]] - lo, values[starts[k]:starts[k + 1]])
+        step = step_before.clone()  # each chunk takes the step from its count before this step, as the whole does
+        with torch.no_grad():
+            adamw([p.detach()[lo:hi]], [g], [state["exp_avg"][lo:hi]], [state["exp_avg_sq"][lo:hi]], [], [step],
+                  fused=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                  weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+    state["step"].add_(1)  # the count the whole tensor's step leaves
 
 
 def _full_trained_state(model, masters, fsdp):

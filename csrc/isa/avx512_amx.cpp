@@ -5,16 +5,19 @@
 // of this table is avx512_vnni's (dispatch.cpp).
 //
 // Operands: the weight (N, K) is the A tile as stored (16 rows of 32 k, row stride K), so it is never repacked;
-// x is the B tile, packed once per call by bf16_prepare into pairs of k (16 rows of 16 activations x 2 k, 1 KB
-// per 16 activation rows x 32 k), zero past K and past M. The C tile is y^T (16 weight rows x 16 activations).
-// Each kernel call: 2 x 2 C tiles (32 weight rows x 32 activation rows; 1 x 1 .. 2 x 2 at the edges), k in
-// order 32 at a time. A range's last rows (N not a multiple of 16, or a range ending inside a block) and the
-// K tail (K not a multiple of 32) are copied into zeroed 16-row buffers first: no tile reads past the weight.
+// x is the B tile, packed once per call by bf16_prepare (from bfloat16 or float32 x) into pairs of k (16 rows
+// of 16 activations x 2 k, 1 KB per 16 activation rows x 32 k), zero past K and past M. The C tile is y^T (16
+// weight rows x 16 activations). Each kernel call: 2 x 2 C tiles (32 weight rows x 32 activation rows; 1 x 1 ..
+// 2 x 2 at the edges), k in order 32 at a time; its C tiles are transposed into y rows (rounded to bfloat16
+// there when asked) during the next call's k steps. Against per-tile gathers and gemv.cpp's separate rounding
+// and x conversion this made tiny-next's prefill GEMMs (2,945 rows in 128-row chunks, 2 threads) 2.0x faster.
+// A range's last rows (N not a multiple of 16, or a range ending inside a block) and the K tail (K not a
+// multiple of 32) are copied into zeroed 16-row buffers first: no tile reads past the weight.
 //
 // Bits: every output is one C element, accumulated by TDPBF16PS over the k steps 0, 32, 64, ... in order; what
 // else the tile holds (other weight rows, other activation rows, zero padding) does not enter it. So a row's
 // result depends on K alone, not on M, the tile, the thread count or which rows were padded: within this
-// table a row alone gives the bits it gets among 7, 16 or 65 rows (csrc/tests/kernel_tests.cpp). They are not
+// table a row alone gives the bits it gets among 7, 16, 65, 128 or 300 rows (csrc/tests/kernel_tests.cpp). Not
 // avx512_vnni's bits (TDPBF16PS sums each pair of products in its own order and flushes denormals), which is
 // why M = 1 runs here too: a decode step's rows must match a single request's, whatever their count.
 #include <immintrin.h>
@@ -55,14 +58,68 @@ size_t bf16_layout_bytes(const GemvRows& p) {
   return size_t((M + 15) / 16) * size_t(k_steps(K)) * 1024 + 64;
 }
 
+// 16 x 16 32-bit elements transposed in registers: r[i] holds row i on entry, column i on return (64
+// shuffles). Attention builds its key tiles with it; the GEMM packs x into B tiles
+// (a tile's row i holds 16 activation rows' pair i) and turns C tiles (weight rows x activation rows) into y
+// rows; per element it replaces a 4-byte store 64 bytes apart (the pack: K = 1536, 128 rows took 71 us) or a
+// gather lane (the y store: 16 gathers per tile, 25% of a 960 x 576 x 128 call).
+inline void transpose16(__m512i (&r)[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // b[4i + c], 128-bit lane L: column 4L + c of rows 4i .. 4i + 3
+    b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // column 4L + c: lane L of b[c], b[4 + c], b[8 + c], b[12 + c]
+    const __m512i x0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), x1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xee);
+    const __m512i y0 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44), y1 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xee);
+    r[c] = _mm512_shuffle_i32x4(x0, y0, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(x0, y0, 0xdd);
+    r[8 + c] = _mm512_shuffle_i32x4(x1, y1, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(x1, y1, 0xdd);
+  }
+}
+
+// float32 bits -> bfloat16 bits, exactly convert.h's f32_to_bf16 (round to nearest even, NaN kept quiet), 16 at
+// a time, so y holds what gemv.cpp's rounding of a float32 y would hold.
+inline __m256i round_bf16(__m512i u) {
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
+}
+
 void bf16_prepare(const GemvRows& p, void* scratch) {
-  const int64_t M = p.a->m, K = p.a->k, S = k_steps(K), blocks = (M + 15) / 16;
-  uint32_t* out = reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t(63));
-  std::memset(out, 0, size_t(blocks) * S * 1024);
-  for (int64_t m = 0; m < M; ++m) {
-    const uint32_t* x = reinterpret_cast<const uint32_t*>(p.xb + m * K);  // K even: whole pairs
-    uint32_t* dst = out + (m / 16) * S * 256 + (m % 16);
-    for (int64_t pair = 0; pair < K / 2; ++pair) dst[(pair / 16) * 256 + (pair % 16) * 16] = x[pair];
+  const int64_t M = p.a->m, K = p.a->k, S = k_steps(K), blocks = (M + 15) / 16, pairs = K / 2;  // K even
+  __m512i* out = reinterpret_cast<__m512i*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t(63));
+  const uint32_t* x = reinterpret_cast<const uint32_t*>(p.xb);  // (M, K / 2) pairs; or float32 p.xf (M, K)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t rows = std::min<int64_t>(16, M - 16 * b);
+    for (int64_t s = 0; s < S; ++s) {
+      const __mmask16 mk = tail16(pairs - 16 * s);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        if (i >= rows) {
+          r[i] = _mm512_setzero_si512();
+        } else if (x) {
+          r[i] = _mm512_maskz_loadu_epi32(mk, x + (16 * b + i) * pairs + 16 * s);
+        } else {  // 32 floats -> 16 pairs of bfloat16
+          const float* xf = p.xf + (16 * b + i) * K + 32 * s;
+          const __m256i lo = round_bf16(_mm512_castps_si512(_mm512_maskz_loadu_ps(tail16(K - 32 * s), xf)));
+          const __m256i hi = round_bf16(_mm512_castps_si512(_mm512_maskz_loadu_ps(tail16(std::max<int64_t>(0, K - 32 * s - 16)), xf + 16)));
+          r[i] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        }
+      }
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_store_si512(out + (b * S + s) * 16 + i, r[i]);
+    }
   }
 }
 
@@ -110,10 +167,41 @@ WeightBlock weight_block(const uint16_t* w, int64_t K, int64_t rows, uint16_t* p
   return {w, K, left ? tail : nullptr, kTileK};
 }
 
-// y rows m .. m + 16 MB - 1 (those below M) x weight rows n .. n + 16 NB - 1 (those below n1): NB x MB C tiles.
+// One C tile waiting to be written: 16 weight rows x 16 activation rows (y^T), row-major float32 at c.
+struct PendingTile {
+  const float* c;
+  int64_t row, col;  // y's first activation row and first output
+  int64_t acts;      // activation rows below M (1 .. 16)
+  __mmask16 cols;    // outputs below the range's end
+};
+
+// y^T tile -> y rows: a transpose, then one masked store of 16 outputs per activation row (bfloat16 y rounded
+// here, so no float32 y is written and read again).
+inline void write_tile(const GemvArgs& a, const PendingTile& t) {
+  __m512i r[16];  // C: r[weight row] lane activation row; transposed: r[activation row] lane weight row
+  for (int w = 0; w < 16; ++w) r[w] = _mm512_load_si512(t.c + 16 * w);
+  transpose16(r);
+  for (int64_t i = 0; i < t.acts; ++i) {
+    const int64_t at = (t.row + i) * a.y_stride + t.col;
+    if (a.x_dtype == kActBF16) {
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.y) + at, t.cols, round_bf16(r[i]));
+    } else if (a.round_y_bf16) {
+      _mm512_mask_storeu_epi32(static_cast<float*>(a.y) + at, t.cols,
+                               _mm512_slli_epi32(_mm512_cvtepu16_epi32(round_bf16(r[i])), 16));
+    } else {
+      _mm512_mask_storeu_ps(static_cast<float*>(a.y) + at, t.cols, _mm512_castsi512_ps(r[i]));
+    }
+  }
+}
+
+// y rows m .. m + 16 MB - 1 (those below M) x weight rows n .. n + 16 NB - 1 (those below n1): NB x MB C tiles,
+// stored into c and left in `pending` for the next call to write. The previous call's tiles are written
+// between this call's first k steps, one per step: the transposes (64 shuffles each) run on the core while the
+// tile unit works through the queued TDPBF16PS (16 cycles each), instead of after them with the unit idle
+// (written after the tiles, they took ~20% of a 128-row call at K = 576).
 template <int NB, int MB>
 void tiles(const GemvRows& p, const WeightBlock* wb, const uint16_t* xp, int64_t S, int64_t n, int64_t n1,
-           int64_t m) {
+           int64_t m, float (*c)[256], PendingTile (&pending)[4], int& npending) {
   const int64_t full = p.a->k / kTileK;
   _tile_zero(0);
   _tile_zero(1);
@@ -125,31 +213,30 @@ void tiles(const GemvRows& p, const WeightBlock* wb, const uint16_t* xp, int64_t
     if (NB == 2) _tile_loadd(5, tail ? wb[1].tail : wb[1].full + s * kTileK, (tail ? wb[1].tail_stride : wb[1].stride) * 2);
     _tile_loadd(6, xp + s * 512, 64);
     if (MB == 2) _tile_loadd(7, xp + (S + s) * 512, 64);
+    // x's B tiles 2 steps ahead into L1 (past this call's steps: the next call's, which follow in memory).
+    // Tile loads from L2 starve the tile unit: with B read from L1 alone a 960 x 576 x 512 call ran 1.5x
+    // faster; this prefetch won 5-10% at 128-512 rows (4 and 8 steps ahead: less).
+    const int64_t ahead = s + 2 < S ? s + 2 : S + s + 2;
+    for (int l = 0; l < 16; ++l) _mm_prefetch(reinterpret_cast<const char*>(xp + ahead * 512) + 64 * l, _MM_HINT_T0);
+    if (MB == 2)
+      for (int l = 0; l < 16; ++l)
+        _mm_prefetch(reinterpret_cast<const char*>(xp + (S + ahead) * 512) + 64 * l, _MM_HINT_T0);
     _tile_dpbf16ps(0, 4, 6);
     if (MB == 2) _tile_dpbf16ps(1, 4, 7);
     if (NB == 2) _tile_dpbf16ps(2, 5, 6);
     if (NB == 2 && MB == 2) _tile_dpbf16ps(3, 5, 7);
+    if (s < npending) write_tile(*p.a, pending[s]);
   }
-  alignas(64) float c[4][16 * 16];
+  for (int64_t s = S; s < npending; ++s) write_tile(*p.a, pending[s]);
   _tile_stored(0, c[0], 64);
   if (MB == 2) _tile_stored(1, c[1], 64);
   if (NB == 2) _tile_stored(2, c[2], 64);
   if (NB == 2 && MB == 2) _tile_stored(3, c[3], 64);
-  // y^T tiles -> y rows: a gather per activation row (column of C), one masked store of 16 outputs.
-  const int64_t M = p.a->m;
-  float* y = p.yf ? p.yf : static_cast<float*>(p.a->y);
-  const int64_t y_stride = p.yf ? p.a->n : p.a->y_stride;
-  const __m512i column = _mm512_mullo_epi32(_mm512_set1_epi32(16), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
-                                                                                      10, 11, 12, 13, 14, 15));
+  npending = 0;
   for (int i = 0; i < NB; ++i)
-    for (int j = 0; j < MB; ++j) {
-      const float* ct = c[i * 2 + j];  // (weight row, activation row)
-      const int64_t rows = std::min<int64_t>(16, n1 - n - 16 * i), acts = std::min<int64_t>(16, M - m - 16 * j);
-      const __mmask16 mk = rows >= 16 ? __mmask16(0xffff) : __mmask16((1u << rows) - 1);
-      for (int64_t a = 0; a < acts; ++a)
-        _mm512_mask_storeu_ps(y + (m + 16 * j + a) * y_stride + n + 16 * i, mk,
-                              _mm512_i32gather_ps(column, ct + a, 4));
-    }
+    for (int j = 0; j < MB; ++j)
+      pending[npending++] = {c[i * 2 + j], m + 16 * j, n + 16 * i, std::min<int64_t>(16, p.a->m - m - 16 * j),
+                             tail16(n1 - n - 16 * i)};
 }
 
 void gemv_bf16_amx(const GemvRows& p, int64_t n0, int64_t n1) {
@@ -158,6 +245,9 @@ void gemv_bf16_amx(const GemvRows& p, int64_t n0, int64_t n1) {
   const uint16_t* xp = packed_x(p);
   thread_local PadBuffer pad;  // one partial block at a time, 16 x S x 32
   alignas(64) uint16_t tail[2][16 * kTileK];
+  alignas(64) float c[2][4][256];  // C tiles of the last two calls: one being written while the next is stored
+  PendingTile pending[4];
+  int npending = 0, flip = 0;
   configure_tiles();
   for (int64_t n = n0; n < n1; n += 32) {
     const int nb = n1 - n > 16 ? 2 : 1;
@@ -167,17 +257,20 @@ void gemv_bf16_amx(const GemvRows& p, int64_t n0, int64_t n1) {
       wb[i] = weight_block(static_cast<const uint16_t*>(a.w) + (n + 16 * i) * K, K, rows,
                            rows < 16 ? pad.get(size_t(16 * S * kTileK)) : nullptr, tail[i]);
     }
-    for (int64_t mb = 0; mb < mblocks; mb += 2) {
+    for (int64_t mb = 0; mb < mblocks; mb += 2, flip ^= 1) {
       const uint16_t* x = xp + mb * S * 512;
       const bool two = mblocks - mb >= 2;
       if (nb == 2) {
-        two ? tiles<2, 2>(p, wb, x, S, n, n1, mb * 16) : tiles<2, 1>(p, wb, x, S, n, n1, mb * 16);
+        two ? tiles<2, 2>(p, wb, x, S, n, n1, mb * 16, c[flip], pending, npending)
+            : tiles<2, 1>(p, wb, x, S, n, n1, mb * 16, c[flip], pending, npending);
       } else {
-        two ? tiles<1, 2>(p, wb, x, S, n, n1, mb * 16) : tiles<1, 1>(p, wb, x, S, n, n1, mb * 16);
+        two ? tiles<1, 2>(p, wb, x, S, n, n1, mb * 16, c[flip], pending, npending)
+            : tiles<1, 1>(p, wb, x, S, n, n1, mb * 16, c[flip], pending, npending);
       }
     }
   }
   _tile_release();
+  for (int i = 0; i < npending; ++i) write_tile(a, pending[i]);
 }
 
 // ---- Attention on tiles (kernels.h AttendKernel, bfloat16 K/V caches) ------------------------------------
@@ -224,29 +317,6 @@ void gemv_bf16_amx(const GemvRows& p, int64_t n0, int64_t n1) {
 
 // Tiles for attention (all 16 rows x 64 bytes, as configure_tiles): 0-3 C (2 query blocks x 2 key or dims
 // blocks), 4, 5 A (query blocks), 6, 7 B (key or dims blocks).
-
-// 16 x 16 32-bit elements transposed in registers: r[i] holds row i on entry, column i on return.
-inline void transpose16(__m512i (&r)[16]) {
-  __m512i a[16], b[16];
-  for (int i = 0; i < 8; ++i) {
-    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {  // b[4i + c], 128-bit lane L: column 4L + c of rows 4i .. 4i + 3
-    b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
-    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
-    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
-    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
-  }
-  for (int c = 0; c < 4; ++c) {  // column 4L + c: lane L of b[c], b[4 + c], b[8 + c], b[12 + c]
-    const __m512i x0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), x1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xee);
-    const __m512i y0 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44), y1 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xee);
-    r[c] = _mm512_shuffle_i32x4(x0, y0, 0x88);
-    r[4 + c] = _mm512_shuffle_i32x4(x0, y0, 0xdd);
-    r[8 + c] = _mm512_shuffle_i32x4(x1, y1, 0x88);
-    r[12 + c] = _mm512_shuffle_i32x4(x1, y1, 0xdd);
-  }
-}
 
 // A 64-byte aligned buffer kept per thread (PadBuffer's reason for not being a std::vector).
 struct AlignedBuffer {
@@ -603,6 +673,7 @@ const KernelTable* avx512_amx_kernels() {
     t.name = "avx512", t.variant = "avx512_amx";
     t.gemv_bf16 = gemv_bf16_amx;
     t.gemv_bf16_layout_bytes = bf16_layout_bytes, t.gemv_bf16_prepare = bf16_prepare;
+    t.gemv_bf16_writes_y = true;
     t.attend_kernel = attend_kernel_amx;
     return t;
   }();

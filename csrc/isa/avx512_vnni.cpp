@@ -475,7 +475,7 @@ void q8_tile(const uint8_t* w, const float* scales, const QuantizedRows& x, int6
 
 void gemm_q8_panel(const GemvArgs& a, const QuantizedRows& x, int64_t n0, float* y, int64_t y_stride,
                    uint8_t* panel) {
-  float* scales = reinterpret_cast<float*>(panel + x.B * 8 * 128);
+  float* scales = reinterpret_cast<float*>(panel + q8_panel_scales_offset(x.B));
   pack_q8_panel(a, n0, panel, scales, 0);
   const int64_t M = a.m, n_valid = std::min<int64_t>(kPanel, a.n - n0);
   int64_t m = 0;

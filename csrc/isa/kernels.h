@@ -67,6 +67,7 @@ struct QuantizedRows {
   const float* xs;                // (M, B)
   const float* xmin;              // int4: (M, G)
   const int32_t* xsum = nullptr;  // int8: (M, B) sum of a block's x_q (what the offset-binary weight's 128 multiplies)
+  const int16_t* xq16 = nullptr;  // int8, tables with gemm_q8_x16: xq widened to int16, (M, kp)
 };
 
 // The int4 GEMM's weight panel: 32 rows repacked k-major (gemm_q4.cpp says why). Per 32-block b and step s
@@ -77,9 +78,11 @@ static inline size_t q4_panel_bytes(int64_t K, int64_t G) { return size_t(K / 32
 
 // The int8 GEMM's weight panel: 32 rows repacked k-major. Per 32-block b (B = ceil(K / 32)) and step s (0..7:
 // k = 32b + 4s .. + 3), 128 bytes: row j's 4 weights at 4j (zeros past K and past N; which byte encoding, the
-// stored offset-binary u or the signed u - 128, is the table's); then the rows' scales as float (32).
+// stored offset-binary u or the signed u - 128, is the table's). Then room for the same weights as int16 (the AVX2
+// table without VNNI: per block, 16 steps of 2 k, row j's pair at 4j), then the rows' scales as float (32).
 constexpr int kQ8Panel = 32;
-static inline size_t q8_panel_bytes(int64_t K) { return size_t((K + 31) / 32) * 8 * 128 + kQ8Panel * 4; }
+static inline size_t q8_panel_scales_offset(int64_t B) { return size_t(B) * 8 * 128 * 3; }
+static inline size_t q8_panel_bytes(int64_t K) { return q8_panel_scales_offset((K + 31) / 32) + kQ8Panel * 4; }
 
 using GemvRowsFn = void (*)(const GemvRows& p, int64_t n0, int64_t n1);
 using GemmPanelFn = void (*)(const GemvArgs& a, const QuantizedRows& x, int64_t n0, float* y, int64_t y_stride,
@@ -152,6 +155,16 @@ struct KernelTable {
   size_t (*gemv_f32_layout_bytes)(const GemvRows& p);
   void (*gemv_f32_prepare)(const GemvRows& p, void* scratch);
   int gemv_f32_cols;
+
+  // gemv_bf16 writes a bfloat16 y itself (rounded as f32_to_bf16, convert.h), so gemv.cpp gives it no float32
+  // y buffer (p.yf stays null) and rounds nothing afterwards, and it does GemvArgs::round_y_bf16 itself; its
+  // prepare also reads a float32 x (p.xf, row stride K; p.xb null), rounding as f32_to_bf16. The AMX table,
+  // whose y store transposes a tile anyway: a separate rounding pass re-read M x N floats (25-35% of its
+  // 128-row calls at SmolLM2's shapes), and gemv.cpp's conversion of x ran on one thread.
+  bool gemv_bf16_writes_y;
+
+  // The int8 GEMM's panel reads QuantizedRows::xq16 (gemm_q8.cpp builds it only for such a table).
+  bool gemm_q8_x16 = false;
 };
 
 // The tables this build holds (null where not compiled for this architecture or compiler). The avx512 one

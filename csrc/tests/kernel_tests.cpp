@@ -218,6 +218,59 @@ void check_gemm_f32(Checks& c, const char* table) {
   rng = saved;
 }
 
+// bfloat16 at decode and prompt row counts (the AMX table's GEMM: 2 x 2 tiles of 16 weight rows x 16 x rows,
+// each call's C tiles written to y during the next call's k steps; bfloat16 y rounded by the kernel itself):
+// N and K with and without tails, 1-19 pairs of x-row blocks. Within bfloat16's rounding of scalar; each row's
+// bits those of the row alone (a decode step), of the call split in two (a prompt in chunks) and of 3 threads;
+// a bfloat16 y is exactly the float32 y rounded by f32_to_bf16. Its own random stream, like check_gemm_f32.
+void check_gemm_bf16(Checks& c, const char* table) {
+  const std::mt19937 saved = rng;
+  struct Case { int64_t n, k; };
+  for (const Case& cs : {Case{70, 578}, Case{33, 64}, Case{5, 98}, Case{48, 1030}})
+    for (int64_t m : {2, 17, 128, 300}) {
+      const Weight w(lf::kWeightBF16, cs.n, cs.k, 0);
+      const std::vector<float> x = randn(m * cs.k);
+      std::vector<float> f32_out;
+      for (bool bf16_io : {false, true}) {
+        const std::string what = "gemm bf16 N=" + std::to_string(cs.n) + " K=" + std::to_string(cs.k) + " M=" +
+                                 std::to_string(m) + (bf16_io ? " bf16 x/y" : " f32 x/y");
+        use("scalar");
+        const std::vector<float> ref = run_gemv(w, x, m, bf16_io, 1);
+        use(table);
+        const std::vector<float> out = run_gemv(w, x, m, bf16_io, 1);
+        const std::string diff = close(out, ref, bf16_io ? 1.f / 128 : 1e-5f, 1e-6f);
+        c.expect(diff.empty(), what + ": vs scalar " + diff);
+        c.expect(same_bits(run_gemv(w, x, m, bf16_io, 3), out), what + ": 3 threads changed bits");
+        const int64_t half = m / 2;
+        std::vector<float> split = run_gemv(w, std::vector<float>(x.begin(), x.begin() + half * cs.k), half, bf16_io, 1);
+        const std::vector<float> rest = run_gemv(w, std::vector<float>(x.begin() + half * cs.k, x.end()), m - half, bf16_io, 1);
+        split.insert(split.end(), rest.begin(), rest.end());
+        c.expect(same_bits(split, out), what + ": the call split in two changed bits");
+        for (int64_t r : {int64_t(0), std::min<int64_t>(13, m - 1), m / 2, m - 1}) {
+          const std::vector<float> xr(x.begin() + r * cs.k, x.begin() + (r + 1) * cs.k);
+          c.expect(same_bits(run_gemv(w, xr, 1, bf16_io, 1), std::vector<float>(out.begin() + r * cs.n, out.begin() + (r + 1) * cs.n)),
+                   what + ": row " + std::to_string(r) + " alone differs from the batch");
+        }
+        if (!bf16_io) {
+          f32_out = out;
+          // round_y_bf16 (a bfloat16 model's float32 y): exactly f32_to_bf16 of each output
+          std::vector<float> rounded(m * cs.n);
+          lf::GemvArgs ra = w.args(x.data(), lf::kActF32, m, rounded.data());
+          ra.round_y_bf16 = true;
+          lf::gemv(ra, 2);
+          for (float& v : f32_out) v = lf::round_to_bf16(v);
+          c.expect(same_bits(rounded, f32_out), what + ": round_y_bf16 is not f32_to_bf16 of y");
+          f32_out = out;
+        } else {  // x is rounded to bfloat16 either way: the bfloat16 y must be the float32 y, rounded
+          std::vector<float> rounded(f32_out.size());
+          for (size_t i = 0; i < rounded.size(); ++i) rounded[i] = lf::round_to_bf16(f32_out[i]);
+          c.expect(same_bits(rounded, out), what + ": y is not the float32 y rounded to bfloat16");
+        }
+      }
+    }
+  rng = saved;
+}
+
 void check_quantize(Checks& c, const char* table) {
   for (int64_t K : {1, 31, 32, 33, 95, 100, 576, 1000}) {
     std::vector<float> x = randn(K);
@@ -564,6 +617,7 @@ int main() {
     check_decode_kernels(c, *ch.table, *scalar);
     check_attend_invariance(c, *ch.table, *scalar);
     check_gemm_f32(c, ch.name);
+    check_gemm_bf16(c, ch.name);
     ++tested;
     if (c.failed) ++failed_tables;
     std::printf("  %-14s %s: %d checks, %d failed\n", ch.name, c.failed ? "FAIL" : "ok", c.run, c.failed);

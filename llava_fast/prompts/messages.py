@@ -1,10 +1,11 @@
 """OpenAI-style chat messages -> the (role, text) messages and image list that `encode_prompt` takes.
 
-In:  [{"role": "system" | "user" | "assistant", "content": str | [part, ...]}], a part being
+In:  [{"role": "system" | "developer" | "user" | "assistant", "content": str | [part, ...]}], a part being
      {"type": "text", "text": str} or {"type": "image_url", "image_url": {"url": str} | str}.
 Out: (messages, images, system): messages a list of (role, text) with one "<image>" marker where each image
      part was (parts joined by "\\n", so [image, text] renders "<image>\\nquestion" as LLaVA's own prompts
-     do), images the URLs in order, system the system messages' text (None without one).
+     do), images the URLs in order, system the system and developer messages' text (None without one); `developer`
+     is OpenAI's newer name for `system`, which its newer clients send in its place.
 
 One request format then works in-process (`model.generate(messages)`) and over HTTP (`llava-fast serve`).
 Image URLs are resolved by `load_image_url`: data: URLs (base64) and local files; http(s) is refused,
@@ -26,7 +27,7 @@ from llava_fast.image import load_image
 from llava_fast.image.loading import open_image
 from llava_fast.prompts.templates import IMAGE_MARKER
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant")
 
 
 def is_openai_messages(prompt) -> bool:
@@ -73,7 +74,7 @@ def split_openai_messages(messages) -> tuple[list[tuple[str, str]], list, str | 
         else:
             raise InputError(f"messages[{index}].content must be a string or a non-empty list of parts")
         text = "\n".join(pieces)
-        if role == "system":
+        if role in ("system", "developer"):
             system.append(text)
         else:
             turns.append((role, text))

@@ -3,8 +3,8 @@
 In:  HTTP requests. POST /v1/chat/completions bodies are checked (protocol.py), their messages split and
      images decoded, hashed and bounded (messages.py) and their prompt tokenized on a worker thread, so bad
      input never reaches the model; the request then goes to the Scheduler, whose events come back here.
-Out: OpenAI chat.completion objects or SSE chunks ending with `data: [DONE]`; GET /v1/models, /health,
-     /metrics (Prometheus text), / (the chat page). Errors are OpenAI's error JSON: 400 for bad input, 401
+Out: OpenAI chat.completion objects or SSE chunks ending with `data: [DONE]`; GET /v1/models (and /v1/models/ID),
+     /health, /metrics (Prometheus text), / (the chat page). Errors are OpenAI's error JSON: 400 for bad input, 401
      without the API key, 404/405, 413 for an oversized body, 503 + Retry-After when the queue is full, 500
      (generic message, traceback in the log) for anything unexpected; the scheduler keeps serving.
 """
@@ -223,6 +223,11 @@ def create_app(model, config: ServeConfig | None = None, scheduler: Scheduler | 
             # FastAPI's words when the JSON decoder fails with something other than a syntax error: bytes that
             # are not UTF-8 (UnicodeDecodeError) or nesting past Python's recursion limit (RecursionError).
             message = "the request body is not valid JSON: it is not UTF-8 text, or it nests too deeply"
+        if err.status_code == 404:  # Starlette's bare "Not Found": say what is served instead
+            message = (f"no route {request.method} {request.url.path}: this server answers POST "
+                       "/v1/chat/completions, GET /v1/models, /health, /metrics and /")
+        elif err.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
         return JSONResponse(error_body(message, "not_found_error" if err.status_code == 404 else
                                        "invalid_request_error"), err.status_code)
 
@@ -239,10 +244,20 @@ def create_app(model, config: ServeConfig | None = None, scheduler: Scheduler | 
     async def prometheus():
         return Response(metrics.render(), media_type=metrics.content_type)
 
+    def model_object():
+        return {"id": config.model_name, "object": "model", "created": 0, "owned_by": "llava-fast",
+                "max_model_len": scheduler.max_model_len}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
-                                            "owned_by": "llava-fast", "max_model_len": scheduler.max_model_len}]}
+        return {"object": "list", "data": [model_object()]}
+
+    @app.get("/v1/models/{name:path}")  # OpenAI's retrieve (client.models.retrieve); :path keeps "org/name" ids
+    async def retrieve_model(name: str):
+        if name != config.model_name:
+            return JSONResponse(error_body(f"unknown model {name!r}: this server serves {config.model_name!r}",
+                                           "not_found_error", "model", "model_not_found"), 404)
+        return model_object()
 
     @app.get("/", response_class=HTMLResponse)
     async def page():

@@ -4,7 +4,10 @@ In:  the JSON body of POST /v1/chat/completions -> `ChatCompletionRequest` (type
      failure becomes HTTP 400 naming the field). Range checks that OpenAI also makes are validators here.
 Out: dicts shaped as OpenAI's `chat.completion` / `chat.completion.chunk` objects and its error body
      `{"error": {"message", "type", "param", "code"}}`.
-Unknown fields are ignored, as OpenAI's own server does for fields it does not use.
+Unknown fields are ignored, as OpenAI's own server does for fields it does not use. Known fields that would shape
+the reply in a way this server does not (a JSON schema, tool calls, penalties, logit biases) are refused by name
+unless they hold their neutral value: a client that asked for JSON or a tool call must not get free text as if it
+were one. The `developer` role (OpenAI's newer name for `system`) is a system message.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import uuid
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+
+from llava_fast.errors import count
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
@@ -44,7 +49,7 @@ def json_excerpt(value, limit=80) -> str:
 
 
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: StrictStr | list[TextPart | ImagePart]
     name: StrictStr | None = None
 
@@ -101,6 +106,55 @@ class ChatCompletionRequest(BaseModel):
     # vLLM's sampling extensions (benchmarks send them so every engine produces the same token count):
     ignore_eos: StrictBool = False  # EOS does not end the reply (max_tokens or a stop string does)
     min_tokens: StrictInt = Field(default=0, ge=0)  # EOS cannot end a reply shorter than this
+    # OpenAI fields this server does not implement, accepted only at their neutral value (_unsupported_*).
+    response_format: dict | None = None
+    tool_choice: StrictStr | dict | None = None  # before tools: tools' validator reads it
+    tools: list | None = None
+    function_call: StrictStr | dict | None = None  # the deprecated form of tool_choice / tools
+    functions: list | None = None
+    presence_penalty: StrictFloat = 0.0
+    frequency_penalty: StrictFloat = 0.0
+    logit_bias: dict | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _unsupported_response_format(cls, value):
+        if value is not None and value.get("type", "text") != "text":
+            raise ValueError(f"only {{\"type\": \"text\"}} is supported: this server does not constrain its output "
+                             f"to JSON or a schema, got {json_excerpt(value)}")
+        return value
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _unsupported_tools(cls, value, info):
+        choice = info.data.get("tool_choice" if info.field_name == "tools" else "function_call")
+        if value and choice != "none":
+            given = "no tool_choice" if choice is None else f"tool_choice {json_excerpt(choice)}"
+            raise ValueError(f"tool calls are not supported (this server never returns tool_calls): tools can only "
+                             f"be sent with tool_choice \"none\", got {count(len(value), 'tool')} and {given}")
+        return value
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _unsupported_tool_choice(cls, value):
+        if value not in (None, "none", "auto"):
+            raise ValueError(f"tool calls are not supported: this server never returns tool_calls, got "
+                             f"{json_excerpt(value)}")
+        return value
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _unsupported_penalty(cls, value):
+        if value != 0:
+            raise ValueError(f"not supported by this server: only 0 (no penalty), got {value}")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _unsupported_logit_bias(cls, value):
+        if value:
+            raise ValueError(f"not supported by this server: only {{}} (no bias), got {json_excerpt(value)}")
+        return value
 
     @field_validator("temperature", "top_p")
     @classmethod

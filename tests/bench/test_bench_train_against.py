@@ -84,3 +84,26 @@ def test_without_clipping_llava_fast_steps_in_backward_with_the_same_losses(tmp_
         assert ours[0] > 5 and ours[0] == pytest.approx(theirs[0], rel=1e-4)
         assert ours[1] != ours[0] and ours[1] == pytest.approx(theirs[1], rel=1e-3)
     assert "no clipping (llava-fast steps in backward)" in capsys.readouterr().out
+
+
+def test_two_pass_clipping_row_keeps_the_losses(tmp_path, capsys):
+    """--two-pass-clipping: llava-fast clips with the norm of a first, norm-only backward and steps inside a
+    second; its step-1 and step-2 losses agree with transformers' (which clips after one backward), and the table
+    says which llava-fast ran. Without --against or without clipping it is an input error."""
+    pytest.importorskip("peft")
+    path = str(tmp_path / "two-pass.json")
+    assert main(["bench", "train", "--device", "cpu", "--against", "transformers", "--layers", "1", "--batch-sizes",
+                 str(BATCH), "--seq-len", str(SEQ_LEN), "--repeats", "1", "--warmup", "0", "--rows", "2",
+                 "--two-pass-clipping", "--json", path]) == 0
+    with open(path) as f:
+        losses = json.load(f)["checks"]["first_step_loss"]
+    assert sorted(losses) == ["2/bfloat16", "2/float32"]
+    for row, pair in losses.items():
+        ours, theirs = pair["llava-fast"], pair["transformers"]
+        rel = 1e-4 if row.endswith("float32") else 2e-2
+        assert ours[0] > 5 and ours[0] == pytest.approx(theirs[0], rel=rel)
+        assert ours[1] != ours[0] and ours[1] == pytest.approx(theirs[1], rel=10 * rel)
+    assert "(llava-fast: --two-pass-clipping)" in capsys.readouterr().out
+    assert main(["bench", "train", "--device", "cpu", "--two-pass-clipping"]) == 2
+    assert main(["bench", "train", "--device", "cpu", "--against", "transformers", "--two-pass-clipping",
+                 "--max-grad-norm", "0"]) == 2

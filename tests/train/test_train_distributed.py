@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 from trainutil import make_records, write_data
 
 from llava_fast.train import TrainArgs, train
+from llava_fast.train import checkpoint as ckpt
 
 
 def _weights(directory):
@@ -59,3 +61,43 @@ def test_two_processes_match_one(tiny_ckpt, image_folder, tmp_path, sharding):
         with open(resumed / "train_log.jsonl") as f:
             again = [json.loads(line) for line in f]
         assert [(m["step"], m["loss"]) for m in again] == [(m["step"], m["loss"]) for m in two]
+
+
+def test_ctrl_c_under_torchrun_stops_both_processes_after_the_same_step(tiny_ckpt, image_folder, tmp_path):
+    """Ctrl-C in a terminal reaches torchrun and both of its workers (one process group) at once, and the agent
+    then sends each worker a SIGINT of its own: each worker finishes its step, the two agree on where to stop, and
+    rank 0 writes checkpoint-N holding N whole steps (log lines, trainer state, every AdamW step count) before
+    the agent's 30 s grace ends. torchrun itself exits non-zero, with its own traceback."""
+    data = write_data(tmp_path / "data.json", make_records(8))
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "llava_fast.train", "--stage", "2", "--model", tiny_ckpt, "--data", data, "--image-folder",
+           image_folder, "--output", str(out), "--batch-size", "2", "--max-steps", "60", "--lr", "1e-3",
+           "--no-gradient-checkpointing", "--log-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def as_from_a_shell():  # a new process group (the terminal's), Ctrl-C at its default and unblocked
+        os.setsid()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=as_from_a_shell)
+    try:
+        for line in proc.stderr:
+            if line.startswith("step 1/60"):
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        err = proc.stderr.read()
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    steps = ckpt.list_checkpoints(str(out))
+    assert len(steps) == 1 and 1 <= steps[0] < 60, err[-3000:]
+    n = steps[0]
+    assert f"interrupted: saved step {n} of 60" in err, err[-3000:]
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == n
+    assert ckpt.read_json(str(out / f"checkpoint-{n}" / "trainer_state.json"))["step"] == n
+    optim = torch.load(out / f"checkpoint-{n}" / "state.pt")["optim"]["state"]
+    assert optim and all(int(s["step"]) == n for s in optim.values())
+    assert code != 0

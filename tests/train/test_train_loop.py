@@ -152,7 +152,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_ckpt, image_folder, tmp_pa
     (crashed / "train_log.jsonl").write_text("\n".join(lines[:4]) + "\n")
     assert ckpt.list_checkpoints(str(crashed)) == [3]
 
-    with pytest.raises(ValueError, match="settings differ.*lr was 0.001, now 0.002"):
+    with pytest.raises(ValueError, match="settings differ.*--lr was 0.001, now 0.002"):
         run(tiny_ckpt, image_folder, tmp_path, records, "crashed", resume=True, **{**common, "lr": 2e-3})
     resumed = run(tiny_ckpt, image_folder, tmp_path, records, "crashed", resume=True, **common)
     assert resumed.losses == full.losses[3:]
@@ -299,6 +299,34 @@ def test_the_second_ctrl_c_interrupts_at_once_and_the_handler_is_restored():
     assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
 
 
+FORWARDED_CTRL_C = """
+import os, signal
+os.environ["TORCHELASTIC_RUN_ID"] = "run"  # as torchrun starts its workers
+from llava_fast.train.trainer import _Interrupt
+with _Interrupt(main=False) as interrupt:
+    os.kill(os.getpid(), signal.SIGINT)  # the terminal's Ctrl-C
+    os.kill(os.getpid(), signal.SIGINT)  # torchrun's agent forwarding it
+    signal.sigtimedwait([], 0.1)
+    assert interrupt.requested, "the Ctrl-C was not taken as a request"
+    interrupt.first_at -= interrupt.FORWARDED_S  # later: a second Ctrl-C of the person
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        signal.sigtimedwait([], 0.1)
+        raise AssertionError("the second Ctrl-C did not interrupt at once")
+    except KeyboardInterrupt:
+        pass
+print("ok")
+"""
+
+
+def test_under_torchrun_the_agents_copy_of_a_ctrl_c_is_not_a_second_one():
+    """torchrun's agent sends each worker a SIGINT of its own right after the terminal's: within FORWARDED_S it
+    is the same request (the step finishes and the checkpoint is written); later, a second Ctrl-C quits at once."""
+    r = subprocess.run([sys.executable, "-c", FORWARDED_CTRL_C], capture_output=True, text=True, timeout=120,
+                       preexec_fn=_ctrl_c_as_from_a_shell)
+    assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
+
+
 def test_a_crash_while_saving_leaves_no_complete_looking_checkpoint(tiny_ckpt, tmp_path, monkeypatch):
     base = ckpt.load_base(tiny_ckpt)
     dst = str(tmp_path / "model")
@@ -332,6 +360,44 @@ def test_cli_user_errors_exit_2_with_one_line(tiny_ckpt, tmp_path, capsys):
     assert "no complete checkpoint" in capsys.readouterr().err
     assert cli_main(["merge-lora", "--adapter", str(tmp_path), "--output", out]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
+
+
+def test_resume_with_other_settings_is_refused_before_the_load(tiny_ckpt, image_folder, tmp_path, capsys,
+                                                               monkeypatch):
+    """A changed --max-steps (say, to train longer) was refused only after the checkpoint and the records loaded
+    (a minute at 7B), naming the setting as max_steps and giving no way on. Now: before the load, the flag's own
+    name, and what to do."""
+    data = write_data(tmp_path / "d.json", make_records(4))
+    out = str(tmp_path / "out")
+    argv = ["train", "--stage", "2", "--model", tiny_ckpt, "--data", data, "--image-folder", image_folder,
+            "--output", out, "--batch-size", "2", "--save-every", "1", "--log-every", "1000"]
+    assert cli_main(argv + ["--max-steps", "2"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(ckpt, "load_base", lambda *a, **k: pytest.fail("the checkpoint loaded before the check"))
+    assert cli_main(argv + ["--max-steps", "4", "--lr", "0.5", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("llava-fast: error: --resume: settings differ from the run in ")
+    assert "--max-steps was 2, now 4, --lr was 2e-05, now 0.5" in err[0] and "give those it started with" in err[0]
+
+
+def test_skipped_records_are_pointed_at(tiny_ckpt, image_folder, tmp_path, capsys):
+    """"2 x missing image file" in a file of 665k records left the user to hunt for them: each reason names the
+    first record skipped for it, by position and id, in the warning and in --strict's refusal."""
+    q, a = {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}
+    records = make_records(4) + [{"id": "gone", "image": "nope.png", "conversations": [q, a]}, "not a record",
+                                 {"image": "nope2.png", "conversations": [q, a]}]
+    data = write_data(tmp_path / "d.json", records)
+    argv = ["train", "--stage", "2", "--model", tiny_ckpt, "--data", data, "--image-folder", image_folder,
+            "--batch-size", "2", "--max-steps", "1", "--log-every", "1000"]
+    assert cli_main(argv + ["--output", str(tmp_path / "out")]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warning == ["llava-fast train: warning: skipping 3 of 7 records: 2 x missing image file (first: "
+                       "records[4], id 'gone'), 1 x not a record with 'conversations' (first: records[5])"]
+    assert cli_main(argv + ["--output", str(tmp_path / "strict"), "--strict"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("3 bad records in " + data + ": 2 x missing image file (first: "
+                                             "records[4], id 'gone'), 1 x not a record with 'conversations' "
+                                             "(first: records[5])"), err
 
 
 def test_a_step_does_not_depend_on_how_its_batch_is_cut(tiny_ckpt, image_folder, tmp_path):

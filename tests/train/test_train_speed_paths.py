@@ -3,6 +3,7 @@ once per image) against the tower every step; eager training through the referen
 recompute formulas; float32 training without master copies; bfloat16 with float32 masters."""
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -541,3 +542,136 @@ def test_frozen_weights_load_straight_into_bfloat16_with_the_cast_bits(tiny_ckpt
         want = reference[name] if trains(name) else reference[name].to(torch.bfloat16)
         assert p.dtype == want.dtype, name
         assert torch.equal(p, want), name
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 0.0], ids=["clipped", "unclipped"])
+def test_row_sparse_adamw_equals_torch_adamw_on_the_dense_gradient(max_norm):
+    """A 37 x 23 table (odd rows and width) beside a dense 5 x 23 weight, four steps, weight decay, row chunks
+    of 16 (16, 16 and 5 rows): each step looks up a few rows (some twice, some rows never), so untouched rows move
+    only by their decaying moments. The embedding's sparse gradient, stepped by row chunks, leaves the table, its
+    moments and step count equal bit for bit to the dense gradient's fused AdamW; the global norm is equal within
+    float32 rounding (its squares are summed in another order), so with clipping (clip_grad_norm_ on the dense
+    side) everything is equal within 1e-5 relative."""
+    from llava_fast.train.trainer import clip_or_norm, make_optimizer, step_row_sparse
+
+    g = torch.Generator().manual_seed(7)
+    table0, w0 = torch.randn(37, 23, generator=g), torch.randn(5, 23, generator=g)
+    batches = [torch.randint(0, 37, (2, 6), generator=g) for _ in range(4)]
+    batches[1][0, :3] = 36  # the last row, in the last (short) chunk, three times
+    targets = [torch.randn(2, 6, 5, generator=g) for _ in range(4)]
+
+    def train(sparse):
+        table, w = torch.nn.Parameter(table0.clone()), torch.nn.Parameter(w0.clone())
+        optimizer = make_optimizer([{"params": [table, w], "lr": 3e-2}], 0.01, torch.device("cpu"))
+        norms = []
+        for ids, y in zip(batches, targets):
+            out = torch.nn.functional.embedding(ids, table, sparse=sparse) @ w.t()
+            (out - y).square().sum().backward()
+            assert table.grad.is_sparse == sparse
+            if sparse:
+                norms.append(clip_or_norm([table, w], max_norm))
+            elif max_norm:
+                norms.append(torch.nn.utils.clip_grad_norm_([table, w], max_norm))
+            else:
+                norms.append(torch.nn.utils.get_total_norm([table.grad, w.grad]))
+            step_row_sparse(optimizer, rows_per_chunk=16)
+            assert table.grad is None or not sparse
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return table.detach(), w.detach(), norms, optimizer.state_dict()
+
+    ours, ours_w, ours_norms, ours_state = train(True)
+    plain, plain_w, plain_norms, plain_state = train(False)
+    untouched = sorted(set(range(37)) - set(torch.cat([b.flatten() for b in batches]).tolist()))
+    assert untouched and not torch.equal(ours[untouched[0]], table0[untouched[0]])  # moved by its moments
+    if max_norm:
+        assert min(plain_norms) > 2 * max_norm  # the clipping applied on every step
+    for a, b in zip(ours_norms, plain_norms):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    # unclipped: bit for bit; clipped: the clip factor comes from the norm, equal within float32 rounding
+    same = torch.equal if not max_norm else partial(torch.testing.assert_close, rtol=1e-5, atol=1e-6)
+    for a, b in [(ours, plain), (ours_w, plain_w)] + [
+            (v, ours_state["state"][k][n]) for k, state in plain_state["state"].items() for n, v in state.items()]:
+        assert same(a, b) in (True, None)  # the moments and step counts a checkpoint saves too
+    with pytest.raises(ValueError, match="multiple of 16"):
+        step_row_sparse(torch.optim.AdamW([torch.nn.Parameter(table0.clone())]), rows_per_chunk=5)
+
+
+def test_float32_stage2_keeps_the_embedding_gradient_sparse_with_the_dense_runs_losses(tiny_ckpt, image_folder,
+                                                                                      tmp_path, monkeypatch):
+    """Float32 stage 2 full keeps the embedding table's gradient as its rows (sparse); bfloat16 and LoRA do not.
+    Four clipped steps give the dense gradient's first loss bit for bit and the next ones within float32
+    rounding (the global norm's sum order), and so do the trained weights."""
+    from llava_fast.train import trainer
+
+    records = make_records(8)
+    common = dict(epochs=2, batch_size=4, max_grad_norm=0.5)
+    ours = run(tiny_ckpt, image_folder, tmp_path, records, "sparse", **common)
+    assert ours.net.language_model.embed_tokens.sparse
+    monkeypatch.setattr(trainer, "sparse_embedding_grad", lambda *args: False)
+    plain = run(tiny_ckpt, image_folder, tmp_path, records, "dense", **common)
+    assert not plain.net.language_model.embed_tokens.sparse
+    assert len(ours.losses) == 4 and ours.losses[0] == plain.losses[0]
+    for (s1, a), (s2, b) in zip(ours.losses, plain.losses):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-6)
+    log = [json.loads(line) for line in open(tmp_path / "sparse" / "train_log.jsonl")]
+    assert all(m["grad_norm"] > 0.5 for m in log)  # clipped on every step
+    for (n, a), (_, b) in zip(ours.net.state_dict().items(), plain.net.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_sparse_embedding_gradient_rule():
+    """Only float32 stage 2 full in one process, stepping after backward, with untied embeddings."""
+    from llava_fast.train.trainer import sparse_embedding_grad
+
+    class Net(torch.nn.Module):
+        def __init__(self, tied):
+            super().__init__()
+            self.language_model = torch.nn.Module()
+            self.language_model.embed_tokens = torch.nn.Embedding(11, 4)
+            self.lm_head = torch.nn.Linear(4, 11, bias=False)
+            if tied:
+                self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    net, tied = Net(False), Net(True)
+    assert sparse_embedding_grad(net, 2, False, torch.float32)
+    assert not sparse_embedding_grad(tied, 2, False, torch.float32)
+    assert not sparse_embedding_grad(net, 2, False, torch.bfloat16)
+    assert not sparse_embedding_grad(net, 2, True, torch.float32)
+    assert not sparse_embedding_grad(net, 1, False, torch.float32)
+    assert not sparse_embedding_grad(net, 2, False, torch.float32, step_in_backward=True)
+    assert not sparse_embedding_grad(net, 2, False, torch.float32, distributed=True)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_two_pass_clipping_gives_the_clipped_steps_losses(tiny_ckpt, image_folder, tmp_path, precision):
+    """--two-pass-clipping (a norm-only backward, then each clipped gradient stepped inside a second backward)
+    against the plain step (every gradient, clip_grad_norm_, AdamW), four steps clipped at 0.5 (below every
+    step's norm): the first loss bit for bit, the next, the logged norms and the trained weights within float32
+    rounding (the norm's squares are summed in another order)."""
+    common = dict(precision=precision, max_grad_norm=0.5, epochs=2, batch_size=4)
+    plain = run(tiny_ckpt, image_folder, tmp_path, make_records(8), "plain", **common)
+    ours = run(tiny_ckpt, image_folder, tmp_path, make_records(8), "two-pass", two_pass_clipping=True, **common)
+    assert len(plain.losses) == 4 and len({round(v, 4) for _, v in plain.losses}) > 2
+    assert ours.losses[0] == plain.losses[0]
+    for (s1, a), (s2, b) in zip(plain.losses, ours.losses):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-6)
+    logs = [[json.loads(line) for line in open(tmp_path / n / "train_log.jsonl")] for n in ("plain", "two-pass")]
+    for a, b in zip(*logs):
+        assert a["grad_norm"] > 1.0 and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    tol = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=1e-2, atol=1e-3)  # bf16: an ulp at most
+    for (n, a), (_, b) in zip(plain.net.state_dict().items(), ours.net.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=n, **tol)
+
+
+def test_two_pass_clipping_refuses_what_would_change_its_second_pass(tiny_ckpt, image_folder, tmp_path):
+    """Without clipping, with accumulation, beside --step-in-backward or with LoRA dropout: an input error
+    naming the needs, before --output is made."""
+    from llava_fast.errors import InputError
+
+    records = make_records(4)
+    for bad in (dict(max_grad_norm=0.0), dict(grad_accum=2), dict(step_in_backward=True, max_grad_norm=0.0),
+                dict(lora_r=4, lora_alpha=8, lora_dropout=0.05)):
+        with pytest.raises(InputError, match="--two-pass-clipping .*--grad-accum 1"):
+            run(tiny_ckpt, image_folder, tmp_path, records, "bad", two_pass_clipping=True, **bad)
+    assert not (tmp_path / "bad").exists()
