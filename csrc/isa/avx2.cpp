@@ -1146,15 +1146,21 @@ const KernelTable* avx2_vnni_kernels() {
 #else
 const KernelTable* avx2_kernels() {
 #endif
-  static const KernelTable table{
-      "avx2", LLAVA_FAST_AVX2_VNNI ? "avx2_vnni" : "avx2_maddubs",
-      gemv_f32, gemv_bf16, gemv_q8, gemv_q4, layout_bytes, prepare,
-      quantize_row_q8,
-      gemm_q4_panel,
-      dequantize_rows,
-      add_rms_norm_row, rope, store_row, swiglu_row, attn_dot, attn_axpy,
-      attend_kernel, bf16_layout_bytes, bf16_prepare, gemm_q8_panel,
-      gemm_f32_layout_bytes, gemm_f32_prepare, kPanelCols, !LLAVA_FAST_AVX2_VNNI};
+  // The optional flags after the positional entries are set by name: a flag added to KernelTable before them
+  // must not take another's value.
+  static const KernelTable table = [] {
+    KernelTable t{
+        "avx2", LLAVA_FAST_AVX2_VNNI ? "avx2_vnni" : "avx2_maddubs",
+        gemv_f32, gemv_bf16, gemv_q8, gemv_q4, layout_bytes, prepare,
+        quantize_row_q8,
+        gemm_q4_panel,
+        dequantize_rows,
+        add_rms_norm_row, rope, store_row, swiglu_row, attn_dot, attn_axpy,
+        attend_kernel, bf16_layout_bytes, bf16_prepare, gemm_q8_panel,
+        gemm_f32_layout_bytes, gemm_f32_prepare, kPanelCols};
+    t.gemm_q8_x16 = !LLAVA_FAST_AVX2_VNNI;
+    return t;
+  }();
   return &table;
 }
 

@@ -161,7 +161,7 @@ struct KernelTable {
   // prepare also reads a float32 x (p.xf, row stride K; p.xb null), rounding as f32_to_bf16. The AMX table,
   // whose y store transposes a tile anyway: a separate rounding pass re-read M x N floats (25-35% of its
   // 128-row calls at SmolLM2's shapes), and gemv.cpp's conversion of x ran on one thread.
-  bool gemv_bf16_writes_y;
+  bool gemv_bf16_writes_y = false;
 
   // The int8 GEMM's panel reads QuantizedRows::xq16 (gemm_q8.cpp builds it only for such a table).
   bool gemm_q8_x16 = false;
