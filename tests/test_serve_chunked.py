@@ -107,30 +107,6 @@ def test_many_clients_with_odd_prompts_match_generate(live, model):
         assert text == model.generate(messages, max_new_tokens=max_tokens)
 
 
-@pytest.fixture(scope="module")
-def model_bf16():
-    import torch
-
-    return random_model("tiny", dtype=torch.bfloat16)
-
-
-def test_bfloat16_clients_match_generate(model_bf16):
-    """bfloat16 K/V caches: on AMX CPUs a decode row's attention (2 queries per KV head) takes the few-query
-    tile path and a prompt slice's the many-query one; a row's bits must not depend on which."""
-    config = ServeConfig(model_name="tiny", max_batch=4, max_model_len=1024, max_batched_tokens=BUDGET)
-    server = LiveServer(model_bf16, config).start()
-    try:
-        image = png_data_url(random_image(43, 70, 50))
-        texts = [" ".join(["word"] * (2 + 11 * i)) + f" number {i}?" for i in range(5)]
-        requests = [([user(t, image) if i % 2 else user(t)], 4 + 5 * i) for i, t in enumerate(texts)]
-        with concurrent.futures.ThreadPoolExecutor(5) as pool:
-            got = list(pool.map(lambda r: _stream(server, *r)[0], requests))
-    finally:
-        server.stop()
-    for (messages, max_tokens), text in zip(requests, got):
-        assert text == model_bf16.generate(messages, max_new_tokens=max_tokens)
-
-
 def test_an_iteration_is_one_call_of_the_decoding_rows_and_slices_within_the_budget(live, model):
     """Where the decoder mixes (the native CPU step), each iteration is one call: the decoding rows, each once,
     then prompt slices of rows that are not decoding, each continuing where its last slice ended, all within
