@@ -300,6 +300,20 @@ void gemv_bf16_amx(const GemvRows& p, int64_t n0, int64_t n1) {
 // read; their places in the tiles are zeros. The bits differ from avx512_vnni's (q and p are rounded to
 // bfloat16, as the products of a bfloat16 model's SDPA are): within 5e-3 of the output's scale of the scalar
 // reference (kernel_tests.cpp; measured up to 5e-4 at 3-102 keys).
+// Calls of at most 16 queries (one query block: a decode row's GQA group, a short prompt slice) take q . k with
+// the roles swapped: A = 16 keys x 32
+// head dims loaded straight from the cache (row stride pos_bytes), B = the call's queries as columns in pairs of
+// head dims, C = scores^T (16 keys x queries), read back per query by a gather. This drops the per-block
+// transpose of K (2/5 of an n = 1 call at 400 keys, D = 64: 1.9 of 4.6 us on Sapphire Rapids), which only pays
+// off when many queries share it. Each score is still one C element over the same head-dim pairs in the same
+// order, and TDPBF16PS gives the same bits with A and B swapped (its products are exact; checked bit for bit
+// over 54M random elements with exponents over the whole range, zeros and denormals: only NaN payloads
+// differ), so a query's bits do not depend on which path its call took (the driver checks n = 1 .. 16 against
+// 21 .. 195). p . v keeps its tiles (a C element's operands do not change with n) but builds each key block's
+// B tiles just before use in L1 (few_output) instead of the whole V panel first. n = 1, 400 keys, D = 64 on
+// Sapphire Rapids, K/V in cache: 4.7 -> 2.1 us per call; n = 16: 7.4 -> 5.9 us. (A float32 AVX-512 loop can
+// not stand in for p . v: TDPBF16PS's sum of 32 products plus C is not a sequence of IEEE float32 adds in any
+// order tried; 10-50% of random elements differ in the last bit.)
 
 // Tiles for attention (all 16 rows x 64 bytes, as configure_tiles): 0-3 C (2 query blocks x 2 key or dims
 // blocks), 4, 5 A (query blocks), 6, 7 B (key or dims blocks).
@@ -322,6 +336,10 @@ struct AlignedBuffer {
 };
 
 constexpr int kKeyBlock = 32;  // keys per p . v step (A's 32 bfloat16 columns) and per built K block (2 B tiles)
+// Calls of at most this many queries take the few-query path (swapped q . k, few_output): one query block, so
+// every query is a column of one B tile. Faster than the other path at every n up to it (400 keys, D = 64 on
+// Sapphire Rapids: n = 5 3.6 against 5.3 us, n = 16 5.9 against 7.4 us); past it the K transpose is shared.
+constexpr int kFewQueries = 16;
 
 // C tiles of queries qb .. qb + QB - 1 (blocks of 16) x keys t0 .. t0 + 31 of the scores, over the S head-dim steps.
 template <int QB>
@@ -458,6 +476,100 @@ inline float softmax_to_p(float* row, int64_t L, int64_t Tpad, float scale) {
   return 1.f / _mm512_reduce_add_ps(total);
 }
 
+// Scores of n <= 16 queries (rows of `scores`, stride Tpad) over keys 0 .. Tmax - 1 with K as the A tile
+// (the section's header): qb = S B tiles, step s row i column j = head dims 32 s + 2i, + 1 of query j. Keys come
+// straight from the cache 16 at a time; the last partial 16 are copied into zeroed rows first (no tile reads
+// past Tmax). Scores from Tmax to the next 16 are those zero keys' (softmax never reads them).
+template <int D>
+inline void swapped_scores(const uint16_t* qb, int n, const char* k, int64_t pos_bytes, int64_t Tmax, float* scores,
+                           int64_t Tpad) {
+  constexpr int S = D / 32;
+  alignas(64) uint16_t tail[16 * D];
+  alignas(64) float c[2][256];
+  const __m512i col = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(16));
+  auto keys = [&](int64_t t0, int64_t& stride) -> const char* {
+    if (t0 + 16 <= Tmax) return stride = pos_bytes, k + t0 * pos_bytes;
+    std::memset(tail, 0, sizeof tail);
+    for (int64_t t = t0; t < Tmax; ++t) std::memcpy(tail + (t - t0) * D, k + t * pos_bytes, D * 2);
+    return stride = D * 2, reinterpret_cast<const char*>(tail);
+  };
+  for (int64_t t0 = 0; t0 < Tmax; t0 += 32) {
+    const bool two = t0 + 16 < Tmax;
+    int64_t st0 = 0, st1 = 0;
+    const char* k0 = keys(t0, st0);
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int s = 0; s < S; ++s) {
+      _tile_loadd(6, qb + s * 512, 64);
+      _tile_loadd(4, k0 + 64 * s, st0);
+      _tile_dpbf16ps(0, 4, 6);
+    }
+    if (two) {
+      const char* k1 = keys(t0 + 16, st1);
+      for (int s = 0; s < S; ++s) {
+        _tile_loadd(6, qb + s * 512, 64);
+        _tile_loadd(5, k1 + 64 * s, st1);
+        _tile_dpbf16ps(1, 5, 6);
+      }
+    }
+    _tile_stored(0, c[0], 64);
+    if (two) _tile_stored(1, c[1], 64);
+    for (int j = 0; j < n; ++j) {
+      const __m512i at = _mm512_add_epi32(col, _mm512_set1_epi32(j));
+      float* row = scores + j * Tpad + t0;
+      _mm512_storeu_ps(row, _mm512_i32gather_ps(at, c[0], 4));
+      _mm512_storeu_ps(row + 16, two ? _mm512_i32gather_ps(at, c[1], 4) : _mm512_setzero_ps());
+    }
+  }
+}
+
+// p . v of a call's first query block (n <= 16), each 32 dims over the key blocks in order, as output_tiles does;
+// the B tiles of a key block are built just before they are used, into a 2 x 2 KB ring that stays in L1 (the
+// whole of build_values' panel is 52 KB at 400 keys and D = 64: written to L2 and read back, 1/3 of an n = 1
+// call). Rows are interleaved by VPUNPCKL/HWD (in-lane: tile 0 holds dims {0-3, 8-11, 16-19, 24-27} of the 32,
+// tile 1 the others), put back in order on the way out. Each C element sees the same p row, the same pairs of
+// V and the same key blocks in the same order as output_tiles', so the same bits.
+template <int D>
+inline void few_output(const uint16_t* p, int64_t p_stride, const char* v, int64_t pos_bytes, int64_t Tmax,
+                       int64_t blocks, int n, float* const* o, const float* inv) {
+  alignas(64) uint16_t ring[2][2][512];
+  alignas(64) float c[2][256];
+  const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23),
+                hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+  for (int d0 = 0; d0 < D; d0 += 32) {
+    auto build = [&](int64_t b) {
+      uint16_t(&t)[2][512] = ring[b & 1];
+      for (int r = 0; r < 16; ++r) {
+        const int64_t at = kKeyBlock * b + 2 * r;
+        const char* v0 = v + at * pos_bytes + 2 * d0;
+        const __m512i x = at < Tmax ? _mm512_loadu_si512(v0) : _mm512_setzero_si512();
+        const __m512i y = at + 1 < Tmax ? _mm512_loadu_si512(v0 + pos_bytes) : _mm512_setzero_si512();
+        _mm512_store_si512(t[0] + 32 * r, _mm512_unpacklo_epi16(x, y));
+        _mm512_store_si512(t[1] + 32 * r, _mm512_unpackhi_epi16(x, y));
+      }
+    };
+    _tile_zero(0);
+    _tile_zero(1);
+    build(0);
+    for (int64_t b = 0; b < blocks; ++b) {
+      _tile_loadd(4, p + b * kKeyBlock, p_stride * 2);
+      _tile_loadd(6, ring[b & 1][0], 64);
+      _tile_loadd(7, ring[b & 1][1], 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if (b + 1 < blocks) build(b + 1);
+    }
+    _tile_stored(0, c[0], 64);
+    _tile_stored(1, c[1], 64);
+    for (int i = 0; i < n; ++i) {
+      const __m512 s = _mm512_set1_ps(inv[i]), x = _mm512_load_ps(c[0] + 16 * i), y = _mm512_load_ps(c[1] + 16 * i);
+      _mm512_storeu_ps(o[i] + d0, _mm512_mul_ps(_mm512_permutex2var_ps(x, lo, y), s));
+      _mm512_storeu_ps(o[i] + d0 + 16, _mm512_mul_ps(_mm512_permutex2var_ps(x, hi, y), s));
+    }
+  }
+}
+
 // Attention for many queries of one KV head on tiles (kernels.h AttendManyFn; the section's header says how).
 template <int D>
 void attend_many_amx(const float* const* q, const int64_t* lens, float* const* o, int n, const char* k,
@@ -470,7 +582,7 @@ void attend_many_amx(const float* const* q, const int64_t* lens, float* const* o
   thread_local AlignedBuffer qbuf, sbuf, vbuf, mbuf;
   uint16_t* qp = qbuf.get<uint16_t>(size_t(NQ) * 16 * D);     // (NQ x 16, D) queries in bfloat16, zeros past n
   float* scores = sbuf.get<float>(size_t(NQ) * 16 * Tpad);     // (NQ x 16, Tpad); later p over each row
-  uint16_t* vpanel = vbuf.get<uint16_t>(size_t(blocks) * J * 512);
+  uint16_t* vpanel = n <= kFewQueries ? nullptr : vbuf.get<uint16_t>(size_t(blocks) * J * 512);
   int64_t* block_len = mbuf.get<int64_t>(size_t(NQ) + n);      // keys a query block needs, then 1 / sum e as float
   float* inv = reinterpret_cast<float*>(block_len + NQ);
   for (int i = 0; i < NQ * 16; ++i)
@@ -486,7 +598,18 @@ void attend_many_amx(const float* const* q, const int64_t* lens, float* const* o
   }
   configure_tiles();
   alignas(64) uint16_t kpanel[2 * S * 512];
-  for (int64_t kb = 0; kb < blocks; ++kb) {  // scores, key block by key block, for the query blocks that see it
+  if (n <= kFewQueries) {  // the queries as B tiles (kpanel's room), columns j < n; then scores with K as A
+    std::memset(kpanel, 0, S * 1024);
+    uint32_t* qb = reinterpret_cast<uint32_t*>(kpanel);
+    for (int j = 0; j < n; ++j)
+      for (int s = 0; s < S; ++s) {
+        alignas(64) uint32_t pairs[16];
+        _mm512_store_si512(pairs, _mm512_load_si512(qp + j * D + 32 * s));
+        for (int i = 0; i < 16; ++i) qb[s * 256 + 16 * i + j] = pairs[i];
+      }
+    swapped_scores<D>(kpanel, n, k, pos_bytes, Tmax, scores, Tpad);
+  }
+  for (int64_t kb = 0; kb < blocks && n > kFewQueries; ++kb) {  // scores per key block, for the query blocks seeing it
     const int64_t t0 = kKeyBlock * kb;
     build_keys<D>(k, pos_bytes, Tmax, kb, kpanel);
     for (int b = 0; b < NQ; b += 2) {
@@ -499,6 +622,11 @@ void attend_many_amx(const float* const* q, const int64_t* lens, float* const* o
     }
   }
   for (int i = 0; i < n; ++i) inv[i] = softmax_to_p(scores + i * Tpad, lens[i], Tpad, scale);
+  if (n <= kFewQueries) {
+    few_output<D>(reinterpret_cast<const uint16_t*>(scores), 2 * Tpad, v, pos_bytes, Tmax, blocks, n, o, inv);
+    _tile_release();
+    return;
+  }
   build_values<D>(v, pos_bytes, Tmax, blocks, vpanel);
   const uint16_t* p = reinterpret_cast<const uint16_t*>(scores);
   for (int b = 0; b < NQ; b += 2) {

@@ -495,26 +495,43 @@ void check_decode_kernels(Checks& c, const lf::KernelTable& t, const lf::KernelT
 // rows, one head's rows only, and in reverse order: every output must be the bits of its query alone. The cache
 // past the last row's position holds NaN (never read: zero times NaN would reach every output). The outputs are
 // also within the table's tolerance of the scalar loop.
+// randn times 2^e, e uniform in [-span, span], every 16th a zero and every 16th times 2^-130 (a float32 denormal,
+// or a bfloat16 one once rounded): the exponent range, zeros and denormals a plain randn never reaches.
+std::vector<float> wide_randn(size_t n, int span) {
+  std::vector<float> v = randn(n);
+  std::uniform_int_distribution<int> e(-span, span), pick(0, 15);
+  for (auto& x : v) {
+    const int p = pick(rng);
+    x = p == 0 ? 0.f : std::ldexp(x, p == 1 ? -130 : e(rng));
+  }
+  return v;
+}
+
+// wide: K, V and q over wide exponents (wide_randn; scores up to ~2^40, still finite), checked for invariance
+// only (the scalar loop's tolerance is relative to the output's scale, which one huge value sets).
 void check_attend_invariance(Checks& c, const lf::KernelTable& t, const lf::KernelTable& s) {
+  for (bool wide : {false, true})
   for (bool bf16 : {false, true})
     for (int64_t D : {32, 64, 128}) {
       const lf::AttendKernel kern = t.attend_kernel(D, bf16);
       if (!kern.many) continue;
       const int64_t P0 = 37, R = 65, G = 3, T = P0 + R, cap = T + 40, elem = bf16 ? 2 : 4;
-      const std::string what = "attention invariance D=" + std::to_string(D) + (bf16 ? " bf16" : " f32");
+      const std::string what =
+          "attention invariance D=" + std::to_string(D) + (bf16 ? " bf16" : " f32") + (wide ? " wide" : "");
       auto rounded = [&](std::vector<float> v) {
         if (bf16)
           for (auto& x : v) x = lf::round_to_bf16(x);
         return v;
       };
-      std::vector<float> kf = rounded(randn(cap * D)), vf = rounded(randn(cap * D));
+      auto draw = [&](size_t n, int span) { return rounded(wide ? wide_randn(n, span) : randn(n)); };
+      std::vector<float> kf = draw(cap * D, 16), vf = draw(cap * D, 30);
       for (int64_t i = T * D; i < cap * D; ++i) kf[i] = vf[i] = NAN;
       std::vector<uint8_t> kc(cap * D * elem), vc(cap * D * elem);
       for (int64_t p = 0; p < cap; ++p) {
         s.store_row(kc.data() + p * D * elem, kf.data() + p * D, D, bf16);
         s.store_row(vc.data() + p * D * elem, vf.data() + p * D, D, bf16);
       }
-      const std::vector<float> q = rounded(randn(R * G * D));  // query r * G + h: row r, head h
+      const std::vector<float> q = draw(R * G * D, 8);  // query r * G + h: row r, head h
       const float scale = 1.f / std::sqrt(float(D));
       auto len = [&](int64_t qi) { return P0 + qi / G + 1; };
       // Outputs of the listed queries through one call, each D floats, in the list's order.
@@ -552,6 +569,14 @@ void check_attend_invariance(Checks& c, const lf::KernelTable& t, const lf::Kern
         for (int64_t qi = r0 * G; qi < r1 * G; ++qi) chunk.push_back(qi);
         expect_alone(chunk, "rows " + std::to_string(r0) + " .. " + std::to_string(r1 - 1) + " as a chunk");
       }
+      // A decode row's GQA group and other calls of 2 .. 16 queries (the few-query path of a table that has one).
+      expect_alone({50 * G, 50 * G + 1}, "a group of 2");
+      expect_alone({64 * G + 2, 3, 40 * G}, "3 queries of different lengths");
+      expect_alone({R * G - 1, 0, 33 * G + 1, 17 * G}, "4 queries of different lengths");
+      std::vector<int64_t> sixteen;
+      for (int64_t i = 0; i < 16; ++i) sixteen.push_back((i * 37) % (R * G));
+      expect_alone(sixteen, "16 queries of different lengths");
+      if (wide) continue;
       std::vector<float> ref(R * G * D);  // the scalar loop
       for (int64_t qi = 0; qi < R * G; ++qi) {
         const std::vector<float> oi = attend_loop(s, &q[qi * D], kc.data(), vc.data(), len(qi), D, bf16, scale);
