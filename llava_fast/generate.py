@@ -8,6 +8,7 @@ tokens it would see alone, so greedy output per row equals running the row by it
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import time
@@ -17,7 +18,7 @@ import torch
 
 from llava_fast.cpu import native_decode
 from llava_fast.cpu import plan as cpu_plan
-from llava_fast.cpu.gemv import decode_threads
+from llava_fast.cpu.gemv import decode_threads, torch_one_thread
 from llava_fast.errors import InputError
 from llava_fast.model import KVCache, LlavaForCausalLM
 
@@ -246,12 +247,21 @@ class Decoder:
         """Whether `mixed_step` runs: the native step prefills too, and no int4 or int8 projection has its own GEMM."""
         return self.native is not None and self.plan.prefill == "native" and not self.native.prompt_gemm
 
+    def host_threads(self):
+        """Around the host's work between native steps (sampling the logits): torch on one thread, so no OpenMP
+        worker of torch's spins through the next native step against its pool (cpu/gemv.py torch_one_thread)."""
+        return torch_one_thread() if self.native is not None else contextlib.nullcontext()
+
     @torch.inference_mode()
     def mixed_step(self, slots, tokens, slices):
         """One decode step of the rows `slots` (their next tokens `tokens`) and prompt slices, in one native call
         (NativeDecodeStep.mixed): slices [(slot, x (T, C), start_pos)] each append x to its row as
         prefill_embeddings does. Rows not named keep their K/V and lengths. Returns (logits (len(slots), V) of
         the decoding rows, logits (len(slices), V) of each slice's last position)."""
+        with self.host_threads():  # the embedding rows' gather would start an OpenMP region
+            return self._mixed_step(slots, tokens, slices)
+
+    def _mixed_step(self, slots, tokens, slices):
         embed = self.net.language_model.embed_tokens.weight  # the native step's own gather of a token's row
         parts, slot_ids = [embed[torch.as_tensor(tokens, dtype=torch.long)]], list(slots)
         positions = [int(self.lengths[s]) for s in slots]
@@ -296,7 +306,8 @@ class Decoder:
         cache, lengths = ((self.cache, self.lengths) if n == self.batch_size
                           else (self.cache.rows(0, n), self.lengths[:n]))
         if self.native is not None and n <= native_decode.MAX_ROWS:
-            return self.native(cache, lengths, tokens, self.plan.threads)  # no torch op inside
+            with self.host_threads():
+                return self.native(cache, lengths, tokens, self.plan.threads)  # no torch op inside
         step = decode_step if self.compiled is None else self.compiled.decode
         with decode_threads(self.plan):  # CPU: torch ops on one thread, the GEMVs on the plan's (gemv.py)
             return step(self.net, cache, lengths, tokens)
@@ -334,7 +345,8 @@ def generate_token_steps(decoder: Decoder, first_logits, max_new_tokens, samplin
     for i in range(max_new_tokens):
         yield tokens
         if i + 1 < max_new_tokens:
-            tokens = pick(decoder.step(tokens), i + 1)
+            with decoder.host_threads():  # the sampler's ops too, or their OpenMP workers spin through the step
+                tokens = pick(decoder.step(tokens), i + 1)
 
 
 def batch_bucket(batch_size):

@@ -574,3 +574,42 @@ def test_no_mixed_step_with_int4_or_int8_projections(quantize):
     with pytest.raises(ValueError, match="int4 and int8"):
         dec.mixed_step([0], [3], [])
     assert Decoder(text_net(), 2, 40).mixes
+
+
+@needs_native_prefill
+def test_native_steps_keep_torch_on_one_thread_and_give_its_count_back():
+    """Between and inside native steps torch runs on one thread (gemv.torch_one_thread): an OpenMP region there
+    leaves torch's workers spinning through the native step against its pool. The caller's thread count comes
+    back after each call, also when the call raises."""
+    net = text_net(hidden_size=128, num_heads=2, num_kv_heads=1, intermediate_size=160)
+    dec = Decoder(net, 2, 40)
+    assert dec.native is not None
+    native, seen = dec.native, []
+
+    class Spy:
+        def __call__(self, *args):
+            seen.append(("step", torch.get_num_threads()))
+            return native(*args)
+
+        def mixed(self, *args):
+            seen.append(("mixed", torch.get_num_threads()))
+            if len(seen) == 3:
+                raise RuntimeError("refused")
+            return native.mixed(*args)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        dec.prefill_slot(0, [3, 4]), dec.prefill_slot(1, [5])
+        dec.native = Spy()
+        assert dec.step(torch.tensor([7, 8])).shape == (2, 301) and torch.get_num_threads() == 3
+        assert dec.mixed_step([0, 1], [1, 2], [])[0].shape == (2, 301) and torch.get_num_threads() == 3
+        with pytest.raises(RuntimeError, match="refused"):
+            dec.mixed_step([0], [1], [])
+        assert torch.get_num_threads() == 3
+        with dec.host_threads():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [("step", 1), ("mixed", 1), ("mixed", 1)]

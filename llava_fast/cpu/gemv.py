@@ -167,15 +167,17 @@ class GemvLinear(nn.Module):
 
 
 @contextlib.contextmanager
-def decode_threads(plan):
-    """Around a torch decode step on the CPU: torch's own ops run on one thread, the GEMVs on the plan's threads.
+def torch_one_thread():
+    """torch's ops on the calling thread alone, for the block: no OpenMP region starts, so torch's OpenMP workers,
+    which spin for milliseconds after each region, do not take the cores from the native pools (gemv.cpp's).
 
-    At batch 1 the torch ops between GEMVs (norms, RoPE, attention over one query) are microseconds long; on
-    several threads their OpenMP workers spin against the GEMV pool's for the same cores. SmolLM2-135M int4,
-    2 threads, busy 2-core host: 0.9 tok/s with both pools, 4-5 tok/s with torch on one thread (same run).
+    A native decode step of 16 rows (tiny, bfloat16, AMX, 2 threads, Sapphire Rapids) ran 4.0 ms at 8 keys per
+    row and 6.4 ms at 400 after one 2-thread torch op per step (the embedding rows' gather; a sampler's argmax
+    does the same), against 2.7 and 4.6 ms with torch on one thread: the idle worker's spin took a quarter of
+    the 2 cores' samples, for as long as the step ran.
     """
     threads = torch.get_num_threads()
-    if plan is None or not plan.gemv or threads == 1:
+    if threads == 1:
         yield
         return
     torch.set_num_threads(1)
@@ -183,6 +185,21 @@ def decode_threads(plan):
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def decode_threads(plan):
+    """Around a torch decode step on the CPU: torch's own ops run on one thread, the GEMVs on the plan's threads.
+
+    At batch 1 the torch ops between GEMVs (norms, RoPE, attention over one query) are microseconds long; on
+    several threads their OpenMP workers spin against the GEMV pool's for the same cores. SmolLM2-135M int4,
+    2 threads, busy 2-core host: 0.9 tok/s with both pools, 4-5 tok/s with torch on one thread (same run).
+    """
+    if plan is None or not plan.gemv:
+        yield
+        return
+    with torch_one_thread():
+        yield
 
 
 def gemv(x, layer: GemvLinear, threads=None):

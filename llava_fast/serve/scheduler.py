@@ -507,12 +507,14 @@ class Scheduler:
         second pass over the weights (SmolLM2-135M bfloat16, 2 cores: a pass ~60 ms at any row count)."""
         slices = self._plan_slices()
         if self.decoder.mixes:
-            self._mixed(slices)
+            with self.decoder.host_threads():  # sampling too (Decoder.host_threads); the vision tower is above
+                self._mixed(slices)
             return
         for row, n in slices:
             self._prefill_slice(row, n)
         if any(row is not None and row.decoding for row in self.rows):
-            self._step()
+            with self.decoder.host_threads():
+                self._step()
 
     def _plan_slices(self):
         """[(row, tokens)]: what the decoding rows leave of this iteration's token budget, given to the
