@@ -345,8 +345,9 @@ def generate_token_steps(decoder: Decoder, first_logits, max_new_tokens, samplin
     for i in range(max_new_tokens):
         yield tokens
         if i + 1 < max_new_tokens:
-            with decoder.host_threads():  # the sampler's ops too, or their OpenMP workers spin through the step
-                tokens = pick(decoder.step(tokens), i + 1)
+            logits = decoder.step(tokens)  # a native step keeps torch on one thread itself; a torch step must not
+            with decoder.host_threads():  # the sampler's ops, or their OpenMP workers spin through the next step
+                tokens = pick(logits, i + 1)
 
 
 def batch_bucket(batch_size):

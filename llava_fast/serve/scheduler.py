@@ -513,8 +513,7 @@ class Scheduler:
         for row, n in slices:
             self._prefill_slice(row, n)
         if any(row is not None and row.decoding for row in self.rows):
-            with self.decoder.host_threads():
-                self._step()
+            self._step()  # Decoder.step keeps torch on one thread around a native step, not around a torch one
 
     def _plan_slices(self):
         """[(row, tokens)]: what the decoding rows leave of this iteration's token budget, given to the
