@@ -292,6 +292,9 @@ class LlavaForCausalLM(nn.Module):
         self.tie_weights()
         self.rope = None  # (cos, sin) fp32 tables, built by init_rope() once the device is known
         self.gradient_checkpointing = False  # training: recompute each decoder layer in backward
+        # training: None, or a callable(lo, hi, grad) that takes lm_head's weight gradient in vocabulary row chunks
+        # inside backward instead of .grad (ops.linear_cross_entropy; the trainer's in-backward step)
+        self.lm_head_grad_sink = None
 
     def recompute_mlp_activations(self, on=True):
         """Training without gradient checkpointing: each decoder MLP keeps only its input for backward and
@@ -427,4 +430,4 @@ class LlavaForCausalLM(nn.Module):
         x = self.embed(input_ids, pixel_values, image_features, image_sizes)  # (B, T, C)
         hidden = self.decode_hidden(x, rows=rows)  # (M, C)
         return ops.linear_cross_entropy(hidden, self.lm_head.weight, shifted.reshape(-1).index_select(0, rows),
-                                        ignore_index)
+                                        ignore_index, self.lm_head_grad_sink)
