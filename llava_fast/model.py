@@ -176,11 +176,13 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.gate_up_proj = None  # gate/up as one weight, after fuse_projections()
         self.recompute = False  # training: keep only x, recompute gate/up/SwiGLU in backward (plain linears)
+        self.weight_grad_sink = None  # with recompute: see ops.swiglu_mlp_recomputed
 
     def forward(self, x):
         if self.recompute and torch.is_grad_enabled():
             g, u, d = self.gate_proj, self.up_proj, self.down_proj
-            return ops.swiglu_mlp_recomputed(x, g.weight, g.bias, u.weight, u.bias, d.weight, d.bias)
+            return ops.swiglu_mlp_recomputed(x, g.weight, g.bias, u.weight, u.bias, d.weight, d.bias,
+                                             self.weight_grad_sink)
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:

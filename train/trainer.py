@@ -300,12 +300,16 @@ class OptimizerInBackward:
         self.per_tensor = PerTensorUpdate(optimizer, masters)
         for p, m in zip(masters.params, masters.masters):  # registered after the fold: runs after it
             p.register_post_accumulate_grad_hook(partial(self._step, m))
-        self.net = None
+        self.net, self.mlps = None, []
         if net is not None:
+            own = {id(m) for m in self.per_tensor.single} & {id(p) for p in masters.params}  # float32: their own
             head = net.lm_head.weight
-            if head is not net.language_model.embed_tokens.weight and any(head is m for m in self.per_tensor.single) \
-                    and any(head is p for p in masters.params):
+            if head is not net.language_model.embed_tokens.weight and id(head) in own:
                 self.net = net
+            # recomputed MLPs hand their three weight gradients over one at a time (ops.swiglu_mlp_recomputed)
+            mlps = [layer.mlp for layer in getattr(net.language_model, "layers", ())]
+            self.mlps = [mlp for mlp in mlps if mlp.recompute and all(
+                id(lin.weight) in own for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))]
 
     def arm(self, device, scale=None, norm_only=False):
         """The next backward steps every parameter (call before the last micro-batch's backward, with the
@@ -316,6 +320,8 @@ class OptimizerInBackward:
         self.scale, self.norm_only = scale, norm_only
         if self.net is not None:
             self.net.lm_head_grad_sink = partial(self._step_rows, self.net.lm_head.weight)
+        for mlp in self.mlps:
+            mlp.weight_grad_sink = self._take
 
     def disarm(self):
         """-> the global gradient norm of the step. Steps any parameter the last backward did not reach."""
@@ -325,7 +331,18 @@ class OptimizerInBackward:
         self.armed = False
         if self.net is not None:
             self.net.lm_head_grad_sink = None
+        for mlp in self.mlps:
+            mlp.weight_grad_sink = None
         return self.squares.sqrt()
+
+    def _take(self, p, grad):
+        """A float32 parameter's gradient handed over by its op in backward: accumulated into .grad as autograd
+        would, then stepped (and freed) at once."""
+        if p.grad is None:
+            p.grad = grad
+        else:
+            p.grad += grad
+        self._step(p, p)
 
     def _step(self, master, p):
         if not self.armed or master.grad is None:  # None: lm_head's gradient went to _step_rows

@@ -386,6 +386,26 @@ def test_recompute_mlp_training_gives_the_plain_runs_losses(tiny_ckpt, image_fol
     assert not (tmp_path / "bad").exists()
 
 
+def test_recomputed_mlps_hand_their_weight_gradients_to_the_step_in_backward(tiny_ckpt, image_folder, tmp_path,
+                                                                             monkeypatch):
+    """float32 --recompute-mlp with --step-in-backward (grad accumulation 2, so the last micro-batch's gradients
+    add to the first's): each MLP weight's gradient goes from the op's backward to its step one at a time (every
+    layer's three, every step), and the losses equal the plain step's bit for bit."""
+    from llava_fast.train import trainer
+
+    taken, take = [], trainer.OptimizerInBackward._take
+    monkeypatch.setattr(trainer.OptimizerInBackward, "_take", lambda self, p, g: (taken.append(p), take(self, p, g)))
+    records = make_records(8)
+    common = dict(epochs=3, batch_size=2, grad_accum=2, max_grad_norm=0.0, recompute_mlp=True)
+    plain = run(tiny_ckpt, image_folder, tmp_path, records, "plain", **common)
+    assert not taken
+    ours = run(tiny_ckpt, image_folder, tmp_path, records, "inside", step_in_backward=True, **common)
+    layers = ours.net.language_model.layers
+    assert len(taken) == 6 * 3 * len(layers) and {id(p) for p in taken} == {
+        id(lin.weight) for layer in layers for lin in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)}
+    assert len(plain.losses) == 6 and plain.losses == ours.losses
+
+
 def test_bf16_grads_fold_into_the_masters_in_backward():
     """With the fold hooks, a backward leaves no bf16 gradient and adds each into its float32 master gradient,
     across two backwards (accumulation), equal to accumulate_grads after each backward."""
