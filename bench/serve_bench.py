@@ -311,7 +311,13 @@ class MemorySampler:
     def result(self):
         """{"idle", "peak", "kv_live_at_peak", "kv_live_max", "samples"} in bytes (K/V entries None without
         metrics_url)."""
-        peak, kv_at_peak = max(self.samples, key=lambda x: x[0])
+        # The live K/V of the peak is the most that was live up to the peak sample, not at it: the K/V blocks
+        # and the allocator's pages stay resident once touched, so RSS peaks as the run ends (the last sample,
+        # every row done: 0 live tokens) and the peak sample's own count split the peak into 0 K/V + overhead.
+        first_peak = max(range(len(self.samples)), key=lambda i: self.samples[i][0])
+        peak = self.samples[first_peak][0]
+        upto = [k for _, k in self.samples[: first_peak + 1] if k is not None]
+        kv_at_peak = max(upto) if upto else None
         kv = [k for _, k in self.samples if k is not None]
         return dict(idle=self.idle_rss, peak=peak, kv_live_at_peak=kv_at_peak, kv_live_max=max(kv) if kv else None,
                     samples=len(self.samples))

@@ -53,6 +53,20 @@ def test_a_local_server_is_its_listening_process_plus_children():
         server.wait()
 
 
+def test_the_peaks_live_kv_is_the_most_live_up_to_the_peak_sample():
+    """Resident memory stays at its peak once the rows end (their K/V pages stay touched), so the peak sample
+    is often the last, with no live token: its K/V share is the most that was live up to it."""
+    sampler = serve_bench.MemorySampler(lambda: [])
+    sampler.samples = [(100, 0), (180, 40), (260, 90), (300, 30), (300, 0), (290, 0)]
+    got = sampler.result()
+    assert (got["peak"], got["kv_live_at_peak"], got["kv_live_max"]) == (300, 90, 90)
+    sampler.samples = [(100, 70), (300, 10), (310, 0)]  # the most live after the peak does not count
+    sampler.samples.append((200, 120))
+    assert sampler.result()["kv_live_at_peak"] == 70
+    sampler.samples = [(100, None), (120, None)]
+    assert sampler.result()["kv_live_at_peak"] is None
+
+
 def _get(doc, name, **labels):
     hits = [f["value"] for f in doc["figures"] if f["name"] == name
             and all(f["labels"].get(k) == v for k, v in labels.items())]
