@@ -169,8 +169,8 @@ def build_llava_fast(source, stage, lora, dtype, settings):
                         and not two_pass else None)
     if not from_model_grads:
         masters.fold_grads_in_backward()
-    in_backward = OptimizerInBackward(optimizer, masters) if max_norm == 0 or two_pass else None
-    if sparse_embedding_grad(net, stage, lora, dtype, in_backward is not None):
+    in_backward = OptimizerInBackward(optimizer, masters, net) if max_norm == 0 or two_pass else None
+    if sparse_embedding_grad(net, stage, lora, dtype):
         keep_embedding_grad_sparse(net)
     net.train()
     ids, labels, pixels = settings["batch"]

@@ -176,11 +176,13 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.gate_up_proj = None  # gate/up as one weight, after fuse_projections()
         self.recompute = False  # training: keep only x, recompute gate/up/SwiGLU in backward (plain linears)
+        self.weight_grad_sink = None  # with recompute: see ops.swiglu_mlp_recomputed
 
     def forward(self, x):
         if self.recompute and torch.is_grad_enabled():
             g, u, d = self.gate_proj, self.up_proj, self.down_proj
-            return ops.swiglu_mlp_recomputed(x, g.weight, g.bias, u.weight, u.bias, d.weight, d.bias)
+            return ops.swiglu_mlp_recomputed(x, g.weight, g.bias, u.weight, u.bias, d.weight, d.bias,
+                                             self.weight_grad_sink)
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
@@ -292,6 +294,9 @@ class LlavaForCausalLM(nn.Module):
         self.tie_weights()
         self.rope = None  # (cos, sin) fp32 tables, built by init_rope() once the device is known
         self.gradient_checkpointing = False  # training: recompute each decoder layer in backward
+        # training: None, or a callable(lo, hi, grad) that takes lm_head's weight gradient in vocabulary row chunks
+        # inside backward instead of .grad (ops.linear_cross_entropy; the trainer's in-backward step)
+        self.lm_head_grad_sink = None
 
     def recompute_mlp_activations(self, on=True):
         """Training without gradient checkpointing: each decoder MLP keeps only its input for backward and
@@ -427,4 +432,4 @@ class LlavaForCausalLM(nn.Module):
         x = self.embed(input_ids, pixel_values, image_features, image_sizes)  # (B, T, C)
         hidden = self.decode_hidden(x, rows=rows)  # (M, C)
         return ops.linear_cross_entropy(hidden, self.lm_head.weight, shifted.reshape(-1).index_select(0, rows),
-                                        ignore_index)
+                                        ignore_index, self.lm_head_grad_sink)

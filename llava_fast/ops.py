@@ -118,33 +118,48 @@ class _SwiGLUMLPRecomputed(torch.autograd.Function):
     dx sums the gate and up paths in one accumulating GEMM."""
 
     @staticmethod
-    def forward(ctx, x, w_gate, b_gate, w_up, b_up, w_down, b_down):
+    def forward(ctx, x, w_gate, b_gate, w_up, b_up, w_down, b_down, weight_grad_sink=None):
         ctx.save_for_backward(x, w_gate, b_gate, w_up, b_up, w_down, b_down)
+        ctx.sink, ctx.weights = weight_grad_sink, (w_gate, w_up, w_down)
         return F.linear(F.silu(F.linear(x, w_gate, b_gate)) * F.linear(x, w_up, b_up), w_down, b_down)
 
     @staticmethod
     def backward(ctx, grad):
         x, w_gate, b_gate, w_up, b_up, w_down, b_down = ctx.saved_tensors
         want = ctx.needs_input_grad
+
+        def out(k, weight, make):  # a weight's gradient, to the sink (then None) where there is one
+            if not want[k]:
+                return None
+            g = make()
+            if ctx.sink is None:
+                return g
+            ctx.sink(weight, g)
+            return None
+
         x2, dy = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])  # (N, C), (N, C_out)
         gate, up = F.linear(x2, w_gate, b_gate), F.linear(x2, w_up, b_up)  # (N, I) each
         silu = F.silu(gate)
-        d_w_down = dy.t() @ (silu * up) if want[5] else None  # (C_out, I)
-        d_h = dy @ w_down  # (N, I)
+        d_h = dy @ w_down  # (N, I); before the sink may step w_down
+        d_w_down = out(5, ctx.weights[2], lambda s=silu, u=up: dy.t() @ (s * u))  # (C_out, I)
         d_up = d_h * silu
         d_gate = torch.ops.aten.silu_backward(d_h * up, gate)
         del gate, up, silu, d_h
         dx = None
         if want[0]:
             dx = torch.mm(d_gate, w_gate).addmm_(d_up, w_up).view(x.shape)
-        return (dx, d_gate.t() @ x2 if want[1] else None, d_gate.sum(0) if want[2] else None,
-                d_up.t() @ x2 if want[3] else None, d_up.sum(0) if want[4] else None,
-                d_w_down, dy.sum(0) if want[6] else None)
+        d_w_gate = out(1, ctx.weights[0], lambda: d_gate.t() @ x2)  # after dx: the sink may step w_gate, w_up
+        d_w_up = out(3, ctx.weights[1], lambda: d_up.t() @ x2)
+        return (dx, d_w_gate, d_gate.sum(0) if want[2] else None, d_w_up, d_up.sum(0) if want[4] else None,
+                d_w_down, dy.sum(0) if want[6] else None, None)
 
 
-def swiglu_mlp_recomputed(x, w_gate, b_gate, w_up, b_up, w_down, b_down):
-    """down(silu(gate(x)) * up(x)) for training, saving only x for backward (see _SwiGLUMLPRecomputed)."""
-    return _SwiGLUMLPRecomputed.apply(x, w_gate, b_gate, w_up, b_up, w_down, b_down)
+def swiglu_mlp_recomputed(x, w_gate, b_gate, w_up, b_up, w_down, b_down, weight_grad_sink=None):
+    """down(silu(gate(x)) * up(x)) for training, saving only x for backward (see _SwiGLUMLPRecomputed).
+    weight_grad_sink(weight, grad): takes each of the three weights' gradients as soon as backward forms it (the
+    trainer steps it and frees it: one (I, C) gradient alive at a time, not three, 172 MiB each at LLaVA-1.5-7B
+    float32) instead of returning them to autograd together."""
+    return _SwiGLUMLPRecomputed.apply(x, w_gate, b_gate, w_up, b_up, w_down, b_down, weight_grad_sink)
 
 
 def quick_gelu_reference(x):
@@ -380,11 +395,19 @@ def linear_cross_entropy_reference(hidden, lm_head_weight, labels, ignore_index=
 # - dz is formed once, in place, in forward; backward only scales the finished gradients (no recomputation
 #   of the logits GEMM, which the reference's autograd would need in full).
 MAX_CHUNK_LOGITS_BYTES_CPU = 64 * 2**20
+# weight_grad_sink: the weight's gradient handed over in vocabulary row chunks (rows lo:hi, already times the
+# incoming gradient) inside backward, instead of one (V, C) tensor returned to autograd; forward then keeps each
+# row chunk's dz (m, V) and target rows (m, C) and backward forms each chunk's gradient from them, while the
+# chunks' sum of products is the same one. (M, V + C) held instead of (V, C): at LLaVA-1.5-7B's 32064 x 4096
+# float32 that is 640 target rows' 94 MiB instead of 501 MiB (the trainer steps each chunk at once, see
+# OptimizerInBackward); from M >= V * C / (V + C) rows (3632 there) forward keeps the whole gradient as before and
+# backward hands over its row slices. 1024 rows: a multiple of 16, the fused AdamW's unit (step_row_sparse).
+VOCAB_ROWS_PER_GRAD_CHUNK = 1024
 
 
 class _TargetRowsLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, max_chunk_bytes):
+    def forward(ctx, hidden, weight, labels, ignore_index, max_chunk_bytes, weight_grad_sink=None):
         keep = (labels != ignore_index).nonzero().squeeze(1)  # (M,) the rows with a target
         M, V = keep.numel(), weight.shape[0]
         want_hidden, want_weight = ctx.needs_input_grad[:2]
@@ -392,6 +415,10 @@ class _TargetRowsLinearCrossEntropy(torch.autograd.Function):
         grad_weight = None
         chunk = max(1, max_chunk_bytes // (4 * V))
         accumulate_fp32 = want_weight and M > chunk and weight.dtype != torch.float32  # one rounding at the end
+        # (dz, h) of each row chunk, for a sink, while they are smaller than the (V, C) gradient
+        smaller = M * (V + weight.shape[1]) < V * weight.shape[1]
+        ctx.parts = [] if want_weight and weight_grad_sink is not None and smaller else None
+        ctx.sink, ctx.accumulate_fp32 = weight_grad_sink if want_weight else None, accumulate_fp32
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, M, chunk):
             rows = keep[start:start + chunk]
@@ -409,14 +436,17 @@ class _TargetRowsLinearCrossEntropy(torch.autograd.Function):
             dz = dz.div_(M).to(hidden.dtype)  # (m, V) dloss/dlogits, as the reference's autograd rounds it
             if want_hidden:
                 grad_hidden.index_copy_(0, rows, dz @ weight)  # (m, C)
-            if want_weight:
+            if ctx.parts is not None:
+                ctx.parts.append((dz, h))
+            elif want_weight:
                 part = dz.t() @ h  # (V, C)
                 if grad_weight is None:
                     grad_weight = part.float() if accumulate_fp32 else part
                 else:
                     grad_weight += part
-        if want_weight and grad_weight is None:  # no target row: a zero gradient
+        if want_weight and grad_weight is None and ctx.parts is None:  # no target row: a zero gradient
             grad_weight = torch.zeros_like(weight)
+        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
         ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
         return total / M  # M = 0: nan, as the reference's mean over no targets
 
@@ -428,8 +458,33 @@ class _TargetRowsLinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("linear_cross_entropy: backward twice through the same loss is not supported")
         ctx.used = True
         grad_hidden, grad_weight = ctx.saved_tensors
+        if ctx.sink is not None:
+            _hand_weight_grad_to_sink(ctx, grad_weight, grad_loss)
+            grad_weight = None
         return (None if grad_hidden is None else grad_hidden.mul_(grad_loss),
-                None if grad_weight is None else grad_weight.mul_(grad_loss), None, None, None)
+                None if grad_weight is None else grad_weight.mul_(grad_loss), None, None, None, None)
+
+
+def _hand_weight_grad_to_sink(ctx, grad_weight, grad_loss):
+    """The weight's gradient times grad_loss to ctx.sink(lo, hi, rows' gradient), VOCAB_ROWS_PER_GRAD_CHUNK rows at
+    a time: slices of the whole gradient, or each chunk's sum over the row chunks' dz^T h in forward's order."""
+    V, C = ctx.weight_shape
+    parts, ctx.parts = ctx.parts, None
+    for lo in range(0, V, VOCAB_ROWS_PER_GRAD_CHUNK):
+        hi = min(V, lo + VOCAB_ROWS_PER_GRAD_CHUNK)
+        if parts is None:
+            g = grad_weight[lo:hi]
+        else:
+            g = None
+            for dz, h in parts:
+                part = dz[:, lo:hi].t() @ h  # (hi - lo, C)
+                if g is None:
+                    g = part.float() if ctx.accumulate_fp32 else part
+                else:
+                    g += part
+            g = torch.zeros((hi - lo, C), dtype=ctx.weight_dtype, device=grad_loss.device) if g is None \
+                else g.to(ctx.weight_dtype)
+        ctx.sink(lo, hi, g.mul_(grad_loss))
 
 
 class _SelectRows(torch.autograd.Function):
@@ -453,9 +508,11 @@ def select_rows(x, rows):
 
 
 def linear_cross_entropy_target_rows(hidden, lm_head_weight, labels, ignore_index=-100,
-                                     max_chunk_bytes=MAX_CHUNK_LOGITS_BYTES_CPU):
-    """linear_cross_entropy_reference's loss and gradients from the target rows' logits only, in chunks."""
-    return _TargetRowsLinearCrossEntropy.apply(hidden, lm_head_weight, labels, ignore_index, max_chunk_bytes)
+                                     max_chunk_bytes=MAX_CHUNK_LOGITS_BYTES_CPU, weight_grad_sink=None):
+    """linear_cross_entropy_reference's loss and gradients from the target rows' logits only, in chunks.
+    weight_grad_sink: see VOCAB_ROWS_PER_GRAD_CHUNK."""
+    return _TargetRowsLinearCrossEntropy.apply(hidden, lm_head_weight, labels, ignore_index, max_chunk_bytes,
+                                               weight_grad_sink)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -825,12 +882,15 @@ def vision_attention(q, k, v):
     return vision_attention_reference(q, k, v) if _inline_reference() else _vision_attention_op(q, k, v)
 
 
-def linear_cross_entropy(hidden, lm_head_weight, labels, ignore_index=-100):
-    """Mean cross-entropy of lm_head(hidden) over labels != ignore_index. See linear_cross_entropy_reference."""
+def linear_cross_entropy(hidden, lm_head_weight, labels, ignore_index=-100, weight_grad_sink=None):
+    """Mean cross-entropy of lm_head(hidden) over labels != ignore_index. See linear_cross_entropy_reference.
+    weight_grad_sink(lo, hi, grad): takes lm_head's weight gradient in vocabulary row chunks inside backward
+    (VOCAB_ROWS_PER_GRAD_CHUNK) on the eager torch backend; elsewhere the gradient reaches .grad as usual."""
     if BACKEND == "torch" and torch.compiler.is_compiling():
         return linear_cross_entropy_reference(hidden, lm_head_weight, labels, ignore_index)
     if BACKEND == "torch":
-        return linear_cross_entropy_target_rows(hidden, lm_head_weight, labels, ignore_index)
+        return linear_cross_entropy_target_rows(hidden, lm_head_weight, labels, ignore_index,
+                                                weight_grad_sink=weight_grad_sink)
     grad = torch.is_grad_enabled()
     return _linear_cross_entropy_op(hidden, lm_head_weight, labels, ignore_index,
                                     grad and hidden.requires_grad, grad and lm_head_weight.requires_grad)[0]

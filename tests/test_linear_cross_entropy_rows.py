@@ -91,3 +91,35 @@ def test_training_rope_equals_apply_rope():
     mask = torch.ones(11, 11, dtype=torch.bool).tril()
     want = ops._sdpa_gqa(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n,c,v,chunk_bytes,held", [(37, 40, 301, 64 * 2**20, "parts"),
+                                                     (61, 64, 301, 4 * 301 * 7, "parts"),
+                                                     (29, 4, 73, 4 * 73 * 7, "whole")])
+def test_weight_grad_sink_takes_the_whole_gradient_in_vocabulary_chunks(monkeypatch, n, c, v, chunk_bytes, held):
+    """With a sink, lm_head's weight gradient goes to it in row chunks (16 rows here: 16, ..., and a short last
+    one), covering the vocabulary once in order, none reaching .grad; the chunks equal the whole gradient's rows
+    (float32 rounding at most) and the loss and dhidden are the same bits. `held`: forward keeps the row chunks' dz
+    and h while they are smaller than the (V, C) gradient (c = 4: from 4 target rows it keeps the whole one)."""
+    monkeypatch.setattr(ops, "VOCAB_ROWS_PER_GRAD_CHUNK", 16)
+    hidden, weight, labels = _case(n, c, v, torch.float32, 0.3, n + v)
+    got, spans = torch.full((v, c), float("nan"), dtype=torch.float64), []
+
+    def sink(lo, hi, grad):
+        spans.append((lo, hi))
+        got[lo:hi] = grad.double()
+
+    def run(with_sink):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = ops.linear_cross_entropy_target_rows(h, w, labels, -100, chunk_bytes, sink if with_sink else None)
+        (loss * 1.7).backward()
+        return loss.detach(), h.grad, w.grad
+
+    loss, dh, dw_none = run(True)
+    want_loss, want_dh, want_dw = run(False)
+    keep = int((labels != -100).sum())
+    assert (keep * (v + c) < v * c) == (held == "parts")
+    assert dw_none is None and want_dw.abs().sum() > 0
+    assert spans == [(lo, min(v, lo + 16)) for lo in range(0, v, 16)]
+    assert torch.equal(loss, want_loss) and torch.equal(dh, want_dh)
+    torch.testing.assert_close(got, want_dw.double(), rtol=1e-6, atol=1e-7)

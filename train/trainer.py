@@ -268,9 +268,12 @@ class PerTensorUpdate:
 
     def update(self, master):
         one, group = self.single[master]
-        one.state = self.optimizer.state  # looked up each time: load_state_dict replaces the dict
-        one.param_groups[0]["lr"] = group["lr"]
-        one.step()
+        if master.grad.is_sparse:  # the embedding's rows (sparse_embedding_grad): the same update by row chunks
+            _adamw_by_row_chunks(self.optimizer, group, master)
+        else:
+            one.state = self.optimizer.state  # looked up each time: load_state_dict replaces the dict
+            one.param_groups[0]["lr"] = group["lr"]
+            one.step()
         master.grad = None
         p = self.param_of[master]
         if master is not p:
@@ -287,13 +290,26 @@ class OptimizerInBackward:
     --max-grad-norm > 0); the global norm is still summed as the gradients go by, for the log.
     --two-pass-clipping gets the norm first from a backward that only sums squares (norm_only), then runs the
     forward and backward again and steps each gradient times the clip factor: the gradient set never exists
-    (4 bytes a trained parameter: 28 GB at LLaVA-1.5-7B's stage 2 full) for a second forward and backward."""
+    (4 bytes a trained parameter: 28 GB at LLaVA-1.5-7B's stage 2 full) for a second forward and backward.
+    With `net` given and lm_head's weight trained in float32 (its own master, untied), its gradient never exists
+    whole either: the loss hands it over in vocabulary row chunks (net.lm_head_grad_sink, set while armed), each
+    summed into the norm and stepped at once (`_step_rows`); 501 MiB fewer at LLaVA-1.5-7B's 32064 x 4096."""
 
-    def __init__(self, optimizer, masters):
+    def __init__(self, optimizer, masters, net=None):
         self.armed, self.squares = False, None
         self.per_tensor = PerTensorUpdate(optimizer, masters)
         for p, m in zip(masters.params, masters.masters):  # registered after the fold: runs after it
             p.register_post_accumulate_grad_hook(partial(self._step, m))
+        self.net, self.mlps = None, []
+        if net is not None:
+            own = {id(m) for m in self.per_tensor.single} & {id(p) for p in masters.params}  # float32: their own
+            head = net.lm_head.weight
+            if head is not net.language_model.embed_tokens.weight and id(head) in own:
+                self.net = net
+            # recomputed MLPs hand their three weight gradients over one at a time (ops.swiglu_mlp_recomputed)
+            mlps = [layer.mlp for layer in getattr(net.language_model, "layers", ())]
+            self.mlps = [mlp for mlp in mlps if mlp.recompute and all(
+                id(lin.weight) in own for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))]
 
     def arm(self, device, scale=None, norm_only=False):
         """The next backward steps every parameter (call before the last micro-batch's backward, with the
@@ -302,6 +318,10 @@ class OptimizerInBackward:
         gradient (the first pass of --two-pass-clipping)."""
         self.armed, self.squares = True, torch.zeros((), dtype=torch.float32, device=device)
         self.scale, self.norm_only = scale, norm_only
+        if self.net is not None:
+            self.net.lm_head_grad_sink = partial(self._step_rows, self.net.lm_head.weight)
+        for mlp in self.mlps:
+            mlp.weight_grad_sink = self._take
 
     def disarm(self):
         """-> the global gradient norm of the step. Steps any parameter the last backward did not reach."""
@@ -309,18 +329,55 @@ class OptimizerInBackward:
             if m.grad is not None:
                 self._step(m, self.per_tensor.param_of[m])
         self.armed = False
+        if self.net is not None:
+            self.net.lm_head_grad_sink = None
+        for mlp in self.mlps:
+            mlp.weight_grad_sink = None
         return self.squares.sqrt()
 
+    def _take(self, p, grad):
+        """A float32 parameter's gradient handed over by its op in backward: accumulated into .grad as autograd
+        would, then stepped (and freed) at once."""
+        if p.grad is None:
+            p.grad = grad
+        else:
+            p.grad += grad
+        self._step(p, p)
+
     def _step(self, master, p):
-        if not self.armed:
+        if not self.armed or master.grad is None:  # None: lm_head's gradient went to _step_rows
             return
-        self.squares += torch.linalg.vector_norm(master.grad, dtype=torch.float32).square()
+        if master.grad.is_sparse:  # the embedding's rows: one entry each (micro-batches accumulate by concatenation)
+            master.grad = sum_sparse_rows(master.grad)
+        grad = master.grad._values() if master.grad.is_sparse else master.grad
+        self.squares += torch.linalg.vector_norm(grad, dtype=torch.float32).square()
         if self.norm_only:
             master.grad = None
             return
         if self.scale is not None:
-            master.grad.mul_(self.scale)
+            grad.mul_(self.scale)
         self.per_tensor.update(master)
+
+    def _step_rows(self, master, lo, hi, grad):
+        """Rows lo:hi of `master`'s gradient (lm_head's, from the loss in vocabulary order): into the norm, then,
+        clipped, the fused AdamW on those rows of the weight and its moments; the step count moves after the last
+        rows. Bit-equal to the whole tensor's update for a multiple of 16 rows (see step_row_sparse). Earlier
+        micro-batches' gradient, accumulated in .grad, is added first (as autograd would) and freed after the last
+        rows."""
+        if master.grad is not None:
+            grad += master.grad[lo:hi]
+            if hi == master.shape[0]:
+                master.grad = None
+        self.squares += torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+        if self.norm_only:
+            return
+        if self.scale is not None:
+            grad.mul_(self.scale)
+        group = self.per_tensor.single[master][1]
+        state = _adamw_state(self.per_tensor.optimizer, group, master)
+        _adamw_rows(group, master, lo, hi, grad, state, state["step"].clone())
+        if hi == master.shape[0]:
+            state["step"].add_(1)
 
 
 def clip_factor(norm, max_norm):
@@ -813,8 +870,7 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
         if not p.requires_grad:
             p.data = p.data.to(dtype)
     net.gradient_checkpointing = a.gradient_checkpointing
-    if sparse_embedding_grad(net, a.stage, lora, dtype, a.step_in_backward or a.two_pass_clipping,
-                             dist is not None or a.fsdp):
+    if sparse_embedding_grad(net, a.stage, lora, dtype, dist is not None or a.fsdp):
         keep_embedding_grad_sparse(net)
     if a.recompute_mlp:
         net.recompute_mlp_activations()
@@ -1007,7 +1063,7 @@ class _Stepper:
             if dist is not None:
                 flag = "--step-in-backward" if a.step_in_backward else "--two-pass-clipping"
                 raise InputError(f"{flag} runs in one process: DDP reduces gradients after backward")
-            self.in_backward = OptimizerInBackward(optimizer, masters)
+            self.in_backward = OptimizerInBackward(optimizer, masters, model.net)  # one process: unwrapped
 
     def step(self, step, micro, start):
         """Returns the step's metrics, or None when the global batch has no target (every sample dropped).
@@ -1095,15 +1151,15 @@ def clip_or_norm(params, max_norm):
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def sparse_embedding_grad(net, stage, lora, dtype, step_in_backward=False, distributed=False):
+def sparse_embedding_grad(net, stage, lora, dtype, distributed=False):
     """Whether the run keeps the embedding table's gradient as the batch's rows (a sparse COO tensor) rather than
     a dense (V, C) one, which is zero in every row no token of the batch looks up: 32000 x 4096 float32 is 512 MiB
-    at LLaVA-1.5-7B, held from backward to the step beside everything else. Float32 stage 2 full in one process,
-    stepping after backward (bf16 forms each float32 gradient at the step, smallest first, after the others are
-    freed; DDP and FSDP reduce dense gradients; --step-in-backward steps each gradient as backward makes it); not
-    with tied embeddings, whose gradient lm_head fills densely anyway."""
+    at LLaVA-1.5-7B, held from backward to the step (or, stepping in backward, at backward's end) beside everything
+    else. Float32 stage 2 full in one process (bf16 forms each float32 gradient at the step, smallest first, after
+    the others are freed; DDP and FSDP reduce dense gradients); not with tied embeddings, whose gradient lm_head
+    fills densely anyway."""
     embed = net.language_model.embed_tokens.weight
-    return (stage == 2 and not lora and dtype == torch.float32 and not distributed and not step_in_backward
+    return (stage == 2 and not lora and dtype == torch.float32 and not distributed
             and net.lm_head.weight is not embed)
 
 
@@ -1146,31 +1202,43 @@ def step_row_sparse(optimizer, rows_per_chunk=1024):
                 p.grad = None
 
 
-def _adamw_by_row_chunks(optimizer, group, p, rows_per_chunk):
-    from torch.optim.adamw import adamw  # the functional AdamW that AdamW.step calls
-
+def _adamw_state(optimizer, group, p):
+    """p's AdamW state in `optimizer` (made as Adam._init_group makes a fused group's), for a step of its rows."""
     if not (isinstance(optimizer, torch.optim.AdamW) and group["fused"]) or group["amsgrad"] or group["capturable"]:
-        raise ValueError("a sparse gradient is stepped by fused AdamW without amsgrad only")
+        raise ValueError("a gradient by rows is stepped by fused AdamW without amsgrad only")
     state = optimizer.state[p]
-    if not state:  # Adam._init_group's for a fused group
+    if not state:
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return state
+
+
+def _adamw_rows(group, p, lo, hi, grad, state, step):
+    """The fused AdamW update of rows lo:hi of p and its moments with their gradient `grad` (hi - lo, ...); `step`
+    (a copy of the count before this step) is advanced, the state's count is not."""
+    from torch.optim.adamw import adamw  # the functional AdamW that AdamW.step calls
+
+    beta1, beta2 = group["betas"]
+    with torch.no_grad():
+        adamw([p.detach()[lo:hi]], [grad], [state["exp_avg"][lo:hi]], [state["exp_avg_sq"][lo:hi]], [], [step],
+              fused=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+              weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+
+
+def _adamw_by_row_chunks(optimizer, group, p, rows_per_chunk=1024):
+    state = _adamw_state(optimizer, group, p)
     grad = sum_sparse_rows(p.grad)
     rows, values = grad._indices()[0], grad._values()  # rows ascending, unique
     bounds = torch.arange(0, p.shape[0] + rows_per_chunk, rows_per_chunk, device=rows.device).clamp_(max=p.shape[0])
     starts = torch.searchsorted(rows, bounds).tolist()
     step_before = state["step"].clone()
-    beta1, beta2 = group["betas"]
     for k in range(len(bounds) - 1):
         lo, hi = int(bounds[k]), int(bounds[k + 1])
         g = torch.zeros((hi - lo, *p.shape[1:]), dtype=p.dtype, device=p.device)
         g.index_copy_(0, rows[starts[k]:starts[k + 1]] - lo, values[starts[k]:starts[k + 1]])
-        step = step_before.clone()  # each chunk takes the step from its count before this step, as the whole does
-        with torch.no_grad():
-            adamw([p.detach()[lo:hi]], [g], [state["exp_avg"][lo:hi]], [state["exp_avg_sq"][lo:hi]], [], [step],
-                  fused=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-                  weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+        # each chunk takes the step from its count before this step, as the whole does
+        _adamw_rows(group, p, lo, hi, g, state, step_before.clone())
     state["step"].add_(1)  # the count the whole tensor's step leaves
 
 
