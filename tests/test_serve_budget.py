@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -103,7 +104,7 @@ def test_a_new_images_tower_and_its_first_slice_share_an_iteration(model):
     image's tower also prefills the start of its prompt beside a decoding row; charged one token per image
     position (256 > the budget), the tower took an iteration of its own. Replies still equal generate() alone."""
     scheduler = _scheduler(model)
-    _calls(scheduler.cost, 2.0, 0.1, 0.016)  # a prompt token costs 1/150 of a 4-row step: budget 4 + ~200
+    _calls(scheduler.cost, 0.8, 0.1, 0.016)  # a prompt token costs 1/75 of a 4-row step: budget 4 + ~100
     scheduler._retune()
     assert 96 < scheduler.max_batched_tokens == 4 + scheduler.cost.slice_tokens() < 256  # the image's positions
     image = random_image(5, 71, 53)
@@ -218,25 +219,87 @@ def test_while_no_row_decodes_whole_prompts_go_in_one_call_up_to_the_cap(model, 
 
 def test_rows_not_decoding_leave_their_time_to_the_prompt(model):
     """Measured budget: beside k < max_batch decoding rows, a slice may take the prompt tokens that cost what
-    the max_batch - k missing rows would have, so the iteration is no slower than a full batch's with its
-    slice (the ITL's worst case) and no faster; at a full batch the budget is unchanged, and where a row costs
-    less than a prompt token nothing is added. A budget given stays a hard cap, idle or not."""
+    the max_batch - k missing rows would have, plus the full batch's slice allowance spread over the k + 1 rows
+    that wait on it: the slice's time beyond a full batch's step, times the rows waiting, is what a full batch
+    gives its slice (max_batch rows); beside max_batch - 1 rows the iteration is a full batch's with its slice
+    (the ITL's worst case), at a full batch the budget is unchanged, and where a row costs less than a prompt
+    token only the spread allowance is added. A budget given stays a hard cap, idle or not."""
     scheduler = _scheduler(model)
     _calls(scheduler.cost, 0.012, 0.001, 0.0001)  # a row is worth 10 prompt tokens
     scheduler._retune()
     budget_tokens = scheduler.max_batched_tokens
     assert budget_tokens > 96
     a, b, c = scheduler.cost.coef
-    worst = a + 4 * b + c * (budget_tokens - 4)  # a full batch and its slice
+    full_slice = c * (budget_tokens - 4)  # what a full batch's slice adds to its step, seconds
+    worst = a + 4 * b + full_slice
     for k in (1, 2, 3):
         left = scheduler._prompt_budget(k)
-        assert left > budget_tokens - k + 8 * (4 - k)
-        assert worst - c * 2 < a + b * k + c * left <= worst
+        assert left > budget_tokens - k + 8 * (4 - k) + (budget_tokens - 4) * (4 / (k + 1) - 1) - 2
+        beyond_step = a + b * k + c * left - (a + b * 4)
+        assert (k + 1) * beyond_step - 1e-12 <= 4 * full_slice < (k + 1) * (beyond_step + c * 2)  # whole tokens
+    assert worst - c * 2 < a + b * 3 + c * scheduler._prompt_budget(3) <= worst
     assert scheduler._prompt_budget(4) == budget_tokens - 4
     assert scheduler._prompt_budget(0) == scheduler_module.IDLE_PREFILL_TOKENS
     cheap_rows = _scheduler(model)
     _calls(cheap_rows.cost, 0.012, 0.0001, 0.0002)
     cheap_rows._retune()
-    assert [cheap_rows._prompt_budget(k) for k in (1, 3)] == [cheap_rows.max_batched_tokens - k for k in (1, 3)]
+    spread = cheap_rows.max_batched_tokens - 4
+    assert [cheap_rows._prompt_budget(k) for k in (1, 3)] == [
+        cheap_rows.max_batched_tokens - 1 + spread, cheap_rows.max_batched_tokens - 3]
     given = Scheduler(model, max_batch=4, max_model_len=64, max_batched_tokens=40)
     assert [given._prompt_budget(k) for k in (0, 1, 4)] == [40, 39, 36]
+
+
+def test_start_measures_the_budget_before_the_first_request(model):
+    """start() times a few mixed calls on scratch rows and the vision tower, so the first requests get a
+    measured budget (and tower charge), not the 96-token start value; the scratch rows' K/V is given back and
+    their lengths reset, and a reply after it equals generate() alone."""
+    scheduler = _scheduler(model)
+    assert scheduler.cost.coef is None and scheduler.max_batched_tokens == 96
+    scheduler.start()
+    try:
+        assert scheduler.cost.coef is not None
+        assert len(scheduler.cost.calls) == 4 * scheduler_module.CALIBRATION_ROUNDS
+        assert sorted({(rows, tokens > 0) for rows, tokens, _ in scheduler.cost.calls}) == [
+            (0, True), (1, False), (3, False), (3, True)]
+        expected = min(max(4 + scheduler.cost.slice_tokens(), 96), MAX_MEASURED_BUDGET)
+        assert scheduler.max_batched_tokens == expected
+        assert scheduler.cost.tower_tokens(model.num_image_tokens) is not None
+        assert scheduler.kv.held == [0] * 4 and scheduler.decoder.lengths.tolist() == [0] * 4
+        assert scheduler.slot_keys == [[]] * 4
+        req, messages, events = _request(model, "Which colour is the sky at dusk?", random_image(3, 45, 37),
+                                         "k3", max_tokens=9)
+        scheduler.submit(req)
+        for _ in range(600):
+            if events and events[-1].kind != "token":
+                break
+            threading.Event().wait(0.05)
+    finally:
+        scheduler.stop(timeout=10)
+    assert events[-1].kind == "done"
+    assert "".join(e.text for e in events) == model.generate(messages, max_new_tokens=9)
+
+
+def test_prompts_arriving_together_finish_one_call_apart(model):
+    """No row decodes and the costs are measured: a prompt joins the call beside the ones already in it only
+    when (prompts in it) x its work costs less than a call's fixed cost a; otherwise the prompts go in one
+    call each, in admission order, so the first gets its first token after its own work, not after all of
+    theirs. With a large a they join as before. Replies equal generate() alone."""
+    for a, joined in ((0.002, False), (0.5, True)):
+        scheduler = _scheduler(model)
+        _calls(scheduler.cost, a, 0.0002, 0.0001)
+        scheduler._retune()
+        asked = [_request(model, "Describe the harbour " + "and its boats " * (5 + 3 * i), max_tokens=4 + i)
+                 for i in range(3)]
+        with torch.inference_mode():
+            for req, _, _ in asked:
+                assert scheduler._admit(req)
+            slices = scheduler._plan_slices()
+            whole = [(req, len(req.ids)) for req, _, _ in asked]
+            assert [(row.req, n) for row, n in slices] == (whole if joined else whole[:1])
+            scheduler._mixed(slices)
+            assert [bool(e) for _, _, e in asked] == ([True] * 3 if joined else [True, False, False])
+            _run_to_the_end(scheduler, [e for _, _, e in asked])
+        for req, messages, events in asked:
+            assert events[-1].kind == "done"
+            assert "".join(e.text for e in events) == model.generate(messages, max_new_tokens=req.max_tokens)

@@ -56,10 +56,10 @@ class IterationCost:
     def add_tower(self, positions: int, seconds: float):
         self.tower.append((positions, seconds))
 
-    def fit(self):
-        """(a, b, c) in seconds, or None (the last fit stays) while the calls cannot tell them apart (too few,
-        under 4 with a slice, one row count) or the fit is not physical (a negative cost)."""
-        if len(self.calls) < MIN_CALLS:
+    def fit(self, min_calls: int = MIN_CALLS):
+        """(a, b, c) in seconds, or None (the last fit stays) while the calls cannot tell them apart (fewer than
+        min_calls, under 4 with a slice, one row count) or the fit is not physical (a negative cost)."""
+        if len(self.calls) < min_calls:
             return None
         x = np.array(self.calls, dtype=np.float64)  # (N, 3)
         rows, tokens, seconds = x[:, 0], x[:, 1], x[:, 2]
