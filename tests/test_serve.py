@@ -287,8 +287,9 @@ def test_every_bad_input_is_a_400_naming_it(live, model):
 
 
 def test_fields_the_server_cannot_honour_are_refused_by_name(live, model):
-    """A JSON schema, a tool call, a penalty or a logit bias that were ignored gave free text as if it obeyed them;
-    each is a 400 naming the field, and its neutral value is accepted and answers as without it."""
+    """A JSON schema, a tool call, a penalty, a logit bias, an audio reply or a web search that were ignored gave
+    free text as if it obeyed them; each is a 400 naming the field, and its neutral value is accepted and answers
+    as without it."""
     ok = [user("Hi")]
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
     refused = [
@@ -303,6 +304,10 @@ def test_fields_the_server_cannot_honour_are_refused_by_name(live, model):
         ({"presence_penalty": 0.5}, "presence_penalty", "got 0.5"),
         ({"frequency_penalty": -1}, "frequency_penalty", "got -1"),
         ({"logit_bias": {"42": 100}}, "logit_bias", '{"42": 100}'),
+        ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "modalities",
+         '["text", "audio"]'),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "no audio"),
+        ({"web_search_options": {}}, "web_search_options", "searches nothing"),
     ]
     with httpx.Client(timeout=60) as http:
         for fields, param, words in refused:
@@ -312,7 +317,7 @@ def test_fields_the_server_cannot_honour_are_refused_by_name(live, model):
             assert error["param"] == param and words in error["message"], (fields, error)
     expected = alone(model, ok, 3)
     neutral = dict(response_format={"type": "text"}, tools=[tool], tool_choice="none", presence_penalty=0,
-                   frequency_penalty=0.0, logit_bias={})
+                   frequency_penalty=0.0, logit_bias={}, modalities=["text"])
     r = live.client().chat.completions.create(model="tiny", messages=ok, max_tokens=3, temperature=0, **neutral)
     assert r.choices[0].message.content == expected
 
