@@ -57,7 +57,8 @@ def test_several_images_go_to_their_markers_in_order(ckpt_dir, capsys, monkeypat
     monkeypatch.setattr("llava_fast.cli._load", lambda args: pytest.fail("the weights loaded first"))
     code, line = in_process(capsys, "generate", "--model", ckpt_dir, "--image", IMAGE, "--image", other,
                             "--prompt", "Which is brighter?")
-    assert code == 2 and line == "llava-fast: error: the message has 0 <image> markers but 2 images were given"
+    assert code == 2 and line == ("llava-fast: error: the message has 0 <image> markers but 2 images were given; "
+                                  "write one <image> in the message where each image goes")
     r = run("chat", "--model", ckpt_dir, "--image", IMAGE, "--image", other, "--max-new-tokens", "3", "--device",
             DEVICE, stdin=f"{prompt}\nAnd now?\n")
     assert r.returncode == 0 and r.stdout.count("\n") == 2, r.stderr

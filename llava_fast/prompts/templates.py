@@ -204,8 +204,9 @@ def format_user_turn(text: str, num_images: int) -> str:
     if markers == 0 and num_images == 1:
         return IMAGE_MARKER + "\n" + text
     if markers != num_images:
+        hint = "; write one <image> in the message where each image goes" if num_images > markers else ""
         raise InputError(f"the message has {count(markers, IMAGE_MARKER + ' marker')} but {count(num_images, 'image')} "
-                         f"{'was' if num_images == 1 else 'were'} given")
+                         f"{'was' if num_images == 1 else 'were'} given{hint}")
     return text
 
 
