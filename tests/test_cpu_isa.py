@@ -76,6 +76,21 @@ def test_the_public_name_and_a_forced_table_the_cpu_lacks_fail_before_any_work()
     assert _in_child(code, other).startswith(f"InputError LLAVA_FAST_CPU_ISA={other}: ")
 
 
+def test_naming_the_table_under_a_name_it_cannot_run_is_the_same_error():
+    """llava_fast.cpu_isa() answered the probe's table ("avx512") under LLAVA_FAST_CPU_ISA=avx2x or a table the CPU
+    lacks, as if the variable had taken effect; it raises what loading a model raises."""
+    other = "neon" if _C.cpu_isa() != "neon" else "avx2"
+    code = ("import llava_fast\nfrom llava_fast.cpu import isa\nfor f in (llava_fast.cpu_isa, isa.variant):\n"
+            "    try:\n        print('answered', f())\n"
+            "    except llava_fast.InputError as e:\n        print('InputError', e)")
+    for name, why in (("avx2x", "CPU kernels 'avx2x' are unknown"), (other, f"CPU kernels '{other}' are not built"),
+                      ("AVX2", "CPU kernels 'AVX2' are unknown")):
+        lines = _in_child(code, name).splitlines()
+        want = f"InputError LLAVA_FAST_CPU_ISA={name}: {why}"
+        assert len(lines) == 2 and all(line.startswith(want) for line in lines), (name, lines)
+    assert _in_child("import llava_fast; print(llava_fast.cpu_isa())", "scalar") == "scalar"
+
+
 def test_without_a_simd_table_the_torch_path_decodes(monkeypatch):
     """A CPU whose best table is scalar (no SIMD table) leaves decoding to the torch path, which is faster there;
     scalar forced on a CPU with a SIMD table still runs the native step (it is the reference the others match)."""
