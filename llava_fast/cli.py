@@ -262,6 +262,11 @@ def _check_serve_args(args):
             raise LlavaFastError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {getattr(args, flag)}")
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         raise LlavaFastError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
+    if args.api_key is not None and (not args.api_key.strip() or args.api_key != args.api_key.strip()):
+        # An empty key (--api-key "$KEY" with KEY unset) served every client with no key at all, saying nothing;
+        # a key with spaces around it is one no client can send (HTTP drops them from the header).
+        raise LlavaFastError("--api-key is empty or has spaces around it: give the key clients must send, or leave "
+                             "--api-key out to require none")
     if not 0 <= args.port <= 65535:
         raise LlavaFastError(f"--port must be in 0..65535, got {args.port}")
     if args.kv_cache_memory is not None:

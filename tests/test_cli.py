@@ -177,6 +177,8 @@ def test_serve_and_generate_flags_are_checked_before_the_model_loads(capsys, mon
         ] + [(["serve", f"--{flag}", value, "--port", str(port)], f"--{flag} must be a finite number >= 0, got {shown}")
              for flag in ("image-cache-mb", "shutdown-timeout")
              for value, shown in (("nan", "nan"), ("inf", "inf"), ("-1", "-1.0"))]
+        cases += [(["serve", "--api-key", key, "--port", str(port)], "--api-key is empty or has spaces around it")
+                  for key in ("", "  ", " key")]
         for args, needle in cases:
             code, line = in_process(capsys, *args, monkeypatch=monkeypatch)
             assert code == 2 and line.startswith("llava-fast: error:") and needle in line, (args, line)
