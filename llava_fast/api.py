@@ -574,7 +574,10 @@ class ChatSession:
             raise InputError("images belong to the first turn of a chat; start a new chat for another image")
         messages = self.messages + [("user", text)]
         sizes = _sizes(self.images)
-        ids = m.encode_prompt(messages, len(self.images), template=self.template, system=self.system,
+        # A reply is text: "<image>" the model wrote places no image (the next turns counted it as a marker with
+        # no image and failed, every one of them).
+        prompt = [(role, escape_image_text(said) if role == "assistant" else said) for role, said in messages]
+        ids = m.encode_prompt(prompt, len(self.images), template=self.template, system=self.system,
                               image_sizes=sizes)
         max_new = self.generation["max_new_tokens"]
         m._check_rows([ids], len(self.images), max_new, image_sizes=sizes)
