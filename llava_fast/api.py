@@ -159,6 +159,8 @@ class LlavaModel:
         if not isinstance(prompt, str):
             _checked_turns(prompt)  # (role, text) pairs of strings, before the marker count below reads them
         messages = [("user", prompt)] if isinstance(prompt, str) else [tuple(m) for m in prompt]
+        if self.net.vision_tower is None:  # a text-only model places no image: "<image>" in its prompts is text
+            messages = [(role, escape_image_text(text)) for role, text in messages]
         if isinstance(system, str):  # a system prompt places no image: its "<image>" is text
             system = escape_image_text(system)
         if not messages or messages[-1][0] not in ("user", "human"):
