@@ -298,6 +298,8 @@ def main(argv=None) -> int:
     if getattr(args, "emulate_cpu", None):
         from llava_fast.bench import emulate
 
+        if getattr(args, "isa", None):  # before the restart: the same answer there, a second sooner
+            emulate.check_tables(args.emulate_cpu, args.isa)
         emulate.become(args.emulate_cpu, restartable)
     if args.subcommand == "compare":
         return cmd_compare(args)
