@@ -149,6 +149,7 @@ def test_every_subcommand_reports_bad_input_in_one_line(ckpt_dir, tmp_path, caps
         (["generate", "--model", ckpt_dir, "--no-image", "--prompt", "caf\udcff"], "not valid UTF-8: byte 0xff after"),
         (["bench", "gemv", "--isa", "bogus"], "argument --isa: CPU kernels 'bogus' are unknown; use avx512, avx2 or"),
         (["bench", "real", "--isa", "scalar,avx9"], "argument --isa: CPU kernels 'avx9' are unknown"),
+        (["bench", "gemv", "--isa", "scalar,avx2,scalar"], "argument --isa: names scalar more than once"),
     ]
     from llava_fast import _C
     from llava_fast.bench import cli as bench_cli
