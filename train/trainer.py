@@ -711,7 +711,7 @@ def _train(a: TrainArgs, dist, rank, world, device):
     finished = _finished_steps(a, world) if a.resume else None
     if finished is not None:  # before any load; nothing in --output changes
         log(f"the run in {a.output} is finished: its {finished} steps ran and its outputs are written; nothing "
-            "to resume (to train further, start a new run from its checkpoint in another --output)")
+            "to resume (to train further, start a new run from what it wrote, in another --output)")
         return TrainResult(None)
     run = _setup(a, dist, rank, world, device, log)
     run_log = _RunLog(a, run, main, world)

@@ -421,7 +421,7 @@ def test_resume_of_a_finished_run_says_so_and_changes_nothing(tiny_ckpt, image_f
     assert cli_main(argv + ["--resume"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"llava-fast train: the run in {out} is finished: its 3 steps ran and its outputs are written; "
-                   "nothing to resume (to train further, start a new run from its checkpoint in another --output)"]
+                   "nothing to resume (to train further, start a new run from what it wrote, in another --output)"]
     assert files() == before
     assert cli_main([a if a != "3" else "5" for a in argv] + ["--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
