@@ -91,6 +91,19 @@ def test_naming_the_table_under_a_name_it_cannot_run_is_the_same_error():
     assert _in_child("import llava_fast; print(llava_fast.cpu_isa())", "scalar") == "scalar"
 
 
+def test_train_without_device_refuses_a_table_the_cpu_lacks_before_the_load(tmp_path):
+    """train checked LLAVA_FAST_CPU_ISA only with --device given: without it a run went on on the probe's table."""
+    data = tmp_path / "d.json"
+    data.write_text("[]")
+    env = dict(os.environ, LLAVA_FAST_CPU_ISA="avx2x", CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, "-m", "llava_fast", "train", "--stage", "2", "--model", str(tmp_path / "m"),
+                          "--data", str(data), "--output", str(tmp_path / "out")], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith("llava-fast: error: LLAVA_FAST_CPU_ISA=avx2x: CPU kernels 'avx2x' are unknown")
+    assert not (tmp_path / "out").exists()
+
+
 def test_without_a_simd_table_the_torch_path_decodes(monkeypatch):
     """A CPU whose best table is scalar (no SIMD table) leaves decoding to the torch path, which is faster there;
     scalar forced on a CPU with a SIMD table still runs the native step (it is the reference the others match)."""

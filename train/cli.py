@@ -124,8 +124,9 @@ def _check_inputs(run):
         raise InputError(f"--image-folder {run.image_folder}: not a directory")
     if run.template is not None:
         get_template(run.template)
-    if run.device is not None:
-        resolve_device_dtype(run.device)
+    # Also without --device: on the CPU it checks LLAVA_FAST_CPU_ISA, which a run with no --device ignored when
+    # it named a table that is unknown or that the CPU lacks (every other command refuses it).
+    resolve_device_dtype(run.device)
 
 
 def _check_output_is_not_an_input(output, *inputs):
