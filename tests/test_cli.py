@@ -185,6 +185,36 @@ def test_serve_and_generate_flags_are_checked_before_the_model_loads(capsys, mon
             assert code == 2 and line.startswith("llava-fast: error:") and needle in line, (args, line)
 
 
+def test_serve_kv_cache_memory_under_one_block_is_refused_before_the_load(capsys, monkeypatch):
+    """--kv-cache-memory 1KiB was refused after the load (a minute at 7B), as "kv_cache_memory (1024 bytes) holds no
+    block", the keyword's name, not the flag's; the block's size is known from the config."""
+    import socket
+
+    import torch
+
+    import llava_fast.cli
+    from llava_fast.presets import preset_config
+    from llava_fast.serve.kv_memory import KVMemory
+
+    monkeypatch.setattr(llava_fast.cli, "_load", lambda args: pytest.fail("the model loaded"))
+    with socket.create_server(("127.0.0.1", 0)) as busy:  # a budget that passes reaches the port's check
+        port = str(busy.getsockname()[1])
+        for preset in ("tiny", "tiny-next"):
+            text = preset_config(preset).text
+            blocks = {dtype: KVMemory(text, 1, 32, dtype, 1 << 30).block_bytes for dtype in (torch.float32,
+                                                                                             torch.bfloat16)}
+            block = min(blocks.values())
+            assert block % 1024 == 0  # whole pages
+            under = block - 1024
+            code, line = in_process(capsys, "serve", "--preset", preset, "--kv-cache-memory", f"{under // 1024}KiB",
+                                    "--port", port)
+            assert (code, line) == (2, f"llava-fast: error: --kv-cache-memory {under:,} bytes is less than one "
+                                       f"block of this model's K/V cache ({block:,} bytes): give at least that")
+            code, line = in_process(capsys, "serve", "--preset", preset, "--kv-cache-memory", f"{block // 1024}KiB",
+                                    "--dtype", "bfloat16", "--port", port)
+            assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in line, line
+
+
 def test_serve_max_model_len_above_the_context_is_refused_before_the_load(ckpt_dir, capsys, monkeypatch):
     """The context length is in the config: a 7B checkpoint's minute-long load came first, then the refusal."""
     import json
