@@ -159,8 +159,11 @@ class LlavaModel:
         if not isinstance(prompt, str):
             _checked_turns(prompt)  # (role, text) pairs of strings, before the marker count below reads them
         messages = [("user", prompt)] if isinstance(prompt, str) else [tuple(m) for m in prompt]
-        if self.net.vision_tower is None:  # a text-only model places no image: "<image>" in its prompts is text
-            messages = [(role, escape_image_text(text)) for role, text in messages]
+        # Only user turns place images (as OpenAI's API has it): "<image>" in a reply is text, as is every "<image>"
+        # of a text-only model, which places no image.
+        text_only = self.net.vision_tower is None
+        messages = [(role, escape_image_text(text) if text_only or str(role).lower() in ("assistant", "gpt") else text)
+                    for role, text in messages]
         if isinstance(system, str):  # a system prompt places no image: its "<image>" is text
             system = escape_image_text(system)
         if not messages or messages[-1][0] not in ("user", "human"):
@@ -576,10 +579,9 @@ class ChatSession:
             raise InputError("images belong to the first turn of a chat; start a new chat for another image")
         messages = self.messages + [("user", text)]
         sizes = _sizes(self.images)
-        # A reply is text: "<image>" the model wrote places no image (the next turns counted it as a marker with
-        # no image and failed, every one of them).
-        prompt = [(role, escape_image_text(said) if role == "assistant" else said) for role, said in messages]
-        ids = m.encode_prompt(prompt, len(self.images), template=self.template, system=self.system,
+        # encode_prompt reads a reply's "<image>" as text: the chat's next turns counted one the model wrote as a
+        # marker with no image and failed, every one of them.
+        ids = m.encode_prompt(messages, len(self.images), template=self.template, system=self.system,
                               image_sizes=sizes)
         max_new = self.generation["max_new_tokens"]
         m._check_rows([ids], len(self.images), max_new, image_sizes=sizes)

@@ -233,6 +233,8 @@ def test_a_reply_that_writes_image_is_text_in_the_next_turns(image_text_model):
     assert prompt.index(model.image_token_id) < prompt.index(13566)  # before the first "ASSISTANT" ("ANT")
     assert session.cached_ids[:len(prompt)] == prompt  # the second turn's prompt, as the cache holds it
     assert second == model.generate(as_messages, max_new_tokens=6)
+    as_pairs = [("user", "Hi"), ("assistant", first), ("user", "What did you mean?")]
+    assert model.encode_prompt(as_pairs, 1) == prompt  # (role, text) pairs: a reply's "<image>" is text there too
 
 
 def test_chat_rejects_a_second_image(model):
