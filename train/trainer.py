@@ -585,9 +585,12 @@ def step_flops(cfg, row_lengths, num_images, llm_weight_grads, projector_trains)
 class Progress:
     """One status line on stderr: rewritten in place on a terminal, printed every `every` steps otherwise."""
 
-    def __init__(self, total, every, stream=sys.stderr):
-        self.total, self.every, self.stream = total, max(1, every), stream
-        self.tty = stream.isatty()
+    def __init__(self, total, every, stream=None):
+        # stderr as it is now, not as it was when this module was imported: a program (or a test's capture) that
+        # replaced it since got "I/O operation on closed file" from the first run's progress line on.
+        self.stream = sys.stderr if stream is None else stream
+        self.total, self.every = total, max(1, every)
+        self.tty = self.stream.isatty()
 
     def update(self, m, eta_s):
         line = (f"step {m['step']}/{self.total} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "

@@ -433,6 +433,20 @@ def test_resume_of_a_finished_run_says_so_and_changes_nothing(tiny_ckpt, image_f
         before["checkpoint-2/trainer_state.json"][1]
 
 
+def test_progress_writes_to_stderr_as_it_is_when_the_run_starts(monkeypatch):
+    """Progress's stream was sys.stderr as it was when the trainer was imported: a run after stderr was replaced
+    (and the old one closed, as a test's capture does) failed with "I/O operation on closed file"."""
+    import io
+
+    from llava_fast.train.trainer import Progress
+
+    now = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", now)
+    progress = Progress(2, 1)
+    progress.update({"step": 2, "loss": 1.25, "lr": 1e-5, "tokens_per_s": 1234.0, "samples_per_s": 2.5}, 0)
+    assert now.getvalue() == "step 2/2 | loss 1.2500 | lr 1.00e-05 | 1,234 tok/s | 2.5 samples/s | ETA 0:00:00\n"
+
+
 def test_strict_refuses_bad_records_before_the_weights_load(tiny_ckpt, image_folder, tmp_path, capsys,
                                                              monkeypatch):
     """--strict found a bad record only after the base model loaded (a minute at 7B); the data is checked with
