@@ -93,6 +93,9 @@ def _isa_tables(text):
     names = [x.strip() for x in text.split(",") if x.strip()]
     if not names:
         raise argparse.ArgumentTypeError(f"expected kernel table names, got {text!r}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # one engine per name: the second was measured as the first and reported again
+        raise argparse.ArgumentTypeError(f"names {', '.join(twice)} more than once")
     in_use = _C.cpu_isa_variant()
     try:
         for name in names:
@@ -298,6 +301,8 @@ def main(argv=None) -> int:
     if getattr(args, "emulate_cpu", None):
         from llava_fast.bench import emulate
 
+        if getattr(args, "isa", None):  # before the restart: the same answer there, a second sooner
+            emulate.check_tables(args.emulate_cpu, args.isa)
         emulate.become(args.emulate_cpu, restartable)
     if args.subcommand == "compare":
         return cmd_compare(args)

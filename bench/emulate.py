@@ -34,6 +34,15 @@ EMULATED_CPUS = {
     "avx512_core": ("avx512_core", "AVX512_CORE", "AVX512", "avx512"),
     "avx512_vnni": ("avx512_vnni", "AVX512_CORE_BF16", "AVX512", "avx512"),
 }
+# The kernel tables each emulated CPU runs: its own and those below it that need nothing it lacks (AVX-VNNI, the
+# VEX form, is on Alder Lake and Sapphire Rapids but not on Skylake-SP, Cooper Lake or Zen 4: avx2_vnni is not below
+# the avx512 tables).
+EMULATED_TABLES = {
+    "avx2": ("avx2_maddubs", "scalar"),
+    "avx2_vnni": ("avx2_vnni", "avx2_maddubs", "scalar"),
+    "avx512_core": ("avx512_core", "avx2_maddubs", "scalar"),
+    "avx512_vnni": ("avx512_vnni", "avx512_core", "avx2_maddubs", "scalar"),
+}
 MARKER = "LLAVA_FAST_EMULATED_CPU"  # set in the restarted process: it is the emulation, not a request for one
 
 
@@ -61,6 +70,26 @@ def become(name: str, restartable: bool) -> None:
     os.environ.update(env)
     sys.stdout.flush(), sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def check_tables(name: str, tables) -> None:
+    """InputError unless each of `tables` (--isa names) runs the emulated CPU `name` has. A family picks its best
+    variant on this CPU, which may be one the emulated CPU lacks: `--isa avx2` on a Sapphire Rapids host ran
+    avx2_vnni beside peers capped at AVX2 (no VNNI), `--isa avx512` its AMX table."""
+    from llava_fast import _C
+
+    runs = EMULATED_TABLES[name]
+    in_use = _C.cpu_isa_variant()
+    try:
+        for table in tables:
+            _C.use_cpu_isa(table)
+            variant = _C.cpu_isa_variant()
+            if variant not in runs:
+                picked = "" if variant == table else f" picks {variant} on this CPU, which"
+                raise InputError(f"--isa {table}{picked} is not a table of the CPU --emulate-cpu {name} stands for: "
+                                 f"name some of {', '.join(runs)}")
+    finally:
+        _C.use_cpu_isa(in_use)
 
 
 def ran_on() -> str:

@@ -35,7 +35,7 @@ from llava_fast.generate import (
 from llava_fast.image import AnyResProcessor, ImageProcessor, anyres, load_image
 from llava_fast.model import LlavaForCausalLM
 from llava_fast.prompts.messages import is_openai_messages, load_image_url, split_openai_messages
-from llava_fast.prompts.templates import _checked_turns, format_user_turn, get_template
+from llava_fast.prompts.templates import _checked_turns, escape_image_text, format_user_turn, get_template
 from llava_fast.prompts.tokenizer import Tokenizer
 
 # ------------------------------------------------------------------------------------------------------
@@ -159,6 +159,13 @@ class LlavaModel:
         if not isinstance(prompt, str):
             _checked_turns(prompt)  # (role, text) pairs of strings, before the marker count below reads them
         messages = [("user", prompt)] if isinstance(prompt, str) else [tuple(m) for m in prompt]
+        # Only user turns place images (as OpenAI's API has it): "<image>" in a reply is text, as is every "<image>"
+        # of a text-only model, which places no image.
+        text_only = self.net.vision_tower is None
+        messages = [(role, escape_image_text(text) if text_only or str(role).lower() in ("assistant", "gpt") else text)
+                    for role, text in messages]
+        if isinstance(system, str):  # a system prompt places no image: its "<image>" is text
+            system = escape_image_text(system)
         if not messages or messages[-1][0] not in ("user", "human"):
             raise InputError("a prompt given as messages must end with a user message")
         first = next(i for i, m in enumerate(messages) if m[0] in ("user", "human"))
@@ -572,6 +579,8 @@ class ChatSession:
             raise InputError("images belong to the first turn of a chat; start a new chat for another image")
         messages = self.messages + [("user", text)]
         sizes = _sizes(self.images)
+        # encode_prompt reads a reply's "<image>" as text: the chat's next turns counted one the model wrote as a
+        # marker with no image and failed, every one of them.
         ids = m.encode_prompt(messages, len(self.images), template=self.template, system=self.system,
                               image_sizes=sizes)
         max_new = self.generation["max_new_tokens"]

@@ -85,22 +85,29 @@ def _model_path(args):
     return getattr(args, "model_path", None) or args.model
 
 
-def _context_length(args):
-    """The model's context length from its config alone (no weights), or None where that needs the load."""
+def _text_config(args):
+    """The language model's config from the checkpoint's config alone (no weights), or None where that needs the
+    load."""
     path = _model_path(args)
     if path is None:
         from llava_fast.presets import preset_config
 
-        return preset_config(args.preset).text.max_position_embeddings
+        return preset_config(args.preset).text
     if path.endswith(".gguf") and os.path.isfile(path):
         from llava_fast.checkpoints.gguf import GGUFFile, text_config
 
-        return text_config(GGUFFile(path)).max_position_embeddings
+        return text_config(GGUFFile(path))
     if os.path.isdir(path):
         from llava_fast.checkpoints.layouts import read_config
 
-        return read_config(path, args.vision_tower)[0].text.max_position_embeddings
+        return read_config(path, args.vision_tower)[0].text
     return None  # a hub id: its config comes with the download
+
+
+def _context_length(args):
+    """The model's context length from its config alone (no weights), or None where that needs the load."""
+    text = _text_config(args)
+    return None if text is None else text.max_position_embeddings
 
 
 def _check_vision_flags(args, images):
@@ -262,10 +269,23 @@ def _check_serve_args(args):
             raise LlavaFastError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {getattr(args, flag)}")
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         raise LlavaFastError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
+    if args.api_key is not None and (not args.api_key.strip() or args.api_key != args.api_key.strip()):
+        # An empty key (--api-key "$KEY" with KEY unset) served every client with no key at all, saying nothing;
+        # a key with spaces around it is one no client can send (HTTP drops them from the header).
+        raise LlavaFastError("--api-key is empty or has spaces around it: give the key clients must send, or leave "
+                             "--api-key out to require none")
     if not 0 <= args.port <= 65535:
         raise LlavaFastError(f"--port must be in 0..65535, got {args.port}")
     if args.kv_cache_memory is not None:
         args.kv_cache_memory = parse_bytes(args.kv_cache_memory, "--kv-cache-memory")
+        text = _text_config(args) if resolve_device_dtype(args.device, args.dtype)[0].type == "cpu" else None
+        if text is not None:  # the CPU's K/V comes in blocks (serve/kv_memory.py): less than one held none
+            from llava_fast.serve.kv_memory import smallest_block_bytes
+
+            block = smallest_block_bytes(text)
+            if args.kv_cache_memory < block:
+                raise LlavaFastError(f"--kv-cache-memory {args.kv_cache_memory:,} bytes is less than one block of "
+                                     f"this model's K/V cache ({block:,} bytes): give at least that")
     if args.max_batched_tokens is not None and args.max_batched_tokens <= args.max_batch:
         raise LlavaFastError(f"--max-batched-tokens ({args.max_batched_tokens}) must be more than --max-batch "
                              f"({args.max_batch}): each decoding row takes one token of it first")

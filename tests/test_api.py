@@ -190,6 +190,53 @@ def test_chat_streams_its_reply_and_an_unfinished_turn_leaves_the_chat_as_it_was
     assert streamed.ask("Thanks.") == asked.ask("Thanks.")
 
 
+@pytest.fixture(scope="module")
+def image_text_model(tmp_path_factory):
+    """A checkpoint whose greedy next token depends on the current token alone (every attention and MLP output
+    is zero, so the last hidden state is the token's embedding) and whose lm_head spells " <image>" then EOS
+    after "ASSISTANT:"'s ":": its replies hold the text "<image>"."""
+    hf = ck.make_hf_model(seed=12, gqa=True)
+    lm = hf.model.language_model
+    with torch.no_grad():
+        for layer in lm.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        hf.lm_head.weight.zero_()
+        for current, following in ((29901, 529), (529, 3027), (3027, 29958), (29958, 2)):  # ":" "▁<" "image" ">"
+            x = lm.embed_tokens.weight[current]
+            final = x * torch.rsqrt(x.pow(2).mean() + hf.config.text_config.rms_norm_eps) * lm.norm.weight
+            hf.lm_head.weight[following] = 10 * final / final.norm()
+    path = ck.write_checkpoint(hf, str(tmp_path_factory.mktemp("image-text")), "hub")
+    return llava_fast.load(path, device=DEVICE, dtype="float32")
+
+
+def test_a_reply_that_writes_image_is_text_in_the_next_turns(image_text_model):
+    """A reply holding the text "<image>" counted as an image marker in every later turn of the chat: without an
+    image each of them failed ("1 <image> marker but 0 images"), the chat was over; with one, the image moved
+    from the first user turn into that reply."""
+    from llava_fast.prompts.messages import split_openai_messages
+
+    model = image_text_model
+    text_only = model.chat(None, max_new_tokens=6)
+    assert text_only.ask("Hi").strip() == "<image>"
+    assert text_only.ask("What did you mean?").strip() == "<image>"
+    session = model.chat(IMAGES[1], max_new_tokens=6)
+    first = session.ask("Hi")
+    assert first.strip() == "<image>"
+    second = session.ask("What did you mean?")
+    assert session.messages == [("user", "Hi"), ("assistant", first), ("user", "What did you mean?"),
+                                ("assistant", second)]
+    as_messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": IMAGES[1]}},
+                                                {"type": "text", "text": "Hi"}]},
+                   {"role": "assistant", "content": first}, {"role": "user", "content": "What did you mean?"}]
+    prompt = model.encode_prompt(split_openai_messages(as_messages)[0], 1)
+    assert prompt.index(model.image_token_id) < prompt.index(13566)  # before the first "ASSISTANT" ("ANT")
+    assert session.cached_ids[:len(prompt)] == prompt  # the second turn's prompt, as the cache holds it
+    assert second == model.generate(as_messages, max_new_tokens=6)
+    as_pairs = [("user", "Hi"), ("assistant", first), ("user", "What did you mean?")]
+    assert model.encode_prompt(as_pairs, 1) == prompt  # (role, text) pairs: a reply's "<image>" is text there too
+
+
 def test_chat_rejects_a_second_image(model):
     session = model.chat(IMAGES[0], max_new_tokens=4)
     session.ask("Hi")

@@ -57,7 +57,8 @@ def test_several_images_go_to_their_markers_in_order(ckpt_dir, capsys, monkeypat
     monkeypatch.setattr("llava_fast.cli._load", lambda args: pytest.fail("the weights loaded first"))
     code, line = in_process(capsys, "generate", "--model", ckpt_dir, "--image", IMAGE, "--image", other,
                             "--prompt", "Which is brighter?")
-    assert code == 2 and line == "llava-fast: error: the message has 0 <image> markers but 2 images were given"
+    assert code == 2 and line == ("llava-fast: error: the message has 0 <image> markers but 2 images were given; "
+                                  "write one <image> in the message where each image goes")
     r = run("chat", "--model", ckpt_dir, "--image", IMAGE, "--image", other, "--max-new-tokens", "3", "--device",
             DEVICE, stdin=f"{prompt}\nAnd now?\n")
     assert r.returncode == 0 and r.stdout.count("\n") == 2, r.stderr
@@ -148,6 +149,7 @@ def test_every_subcommand_reports_bad_input_in_one_line(ckpt_dir, tmp_path, caps
         (["generate", "--model", ckpt_dir, "--no-image", "--prompt", "caf\udcff"], "not valid UTF-8: byte 0xff after"),
         (["bench", "gemv", "--isa", "bogus"], "argument --isa: CPU kernels 'bogus' are unknown; use avx512, avx2 or"),
         (["bench", "real", "--isa", "scalar,avx9"], "argument --isa: CPU kernels 'avx9' are unknown"),
+        (["bench", "gemv", "--isa", "scalar,avx2,scalar"], "argument --isa: names scalar more than once"),
     ]
     from llava_fast import _C
     from llava_fast.bench import cli as bench_cli
@@ -176,9 +178,41 @@ def test_serve_and_generate_flags_are_checked_before_the_model_loads(capsys, mon
         ] + [(["serve", f"--{flag}", value, "--port", str(port)], f"--{flag} must be a finite number >= 0, got {shown}")
              for flag in ("image-cache-mb", "shutdown-timeout")
              for value, shown in (("nan", "nan"), ("inf", "inf"), ("-1", "-1.0"))]
+        cases += [(["serve", "--api-key", key, "--port", str(port)], "--api-key is empty or has spaces around it")
+                  for key in ("", "  ", " key")]
         for args, needle in cases:
             code, line = in_process(capsys, *args, monkeypatch=monkeypatch)
             assert code == 2 and line.startswith("llava-fast: error:") and needle in line, (args, line)
+
+
+def test_serve_kv_cache_memory_under_one_block_is_refused_before_the_load(capsys, monkeypatch):
+    """--kv-cache-memory 1KiB was refused after the load (a minute at 7B), as "kv_cache_memory (1024 bytes) holds no
+    block", the keyword's name, not the flag's; the block's size is known from the config."""
+    import socket
+
+    import torch
+
+    import llava_fast.cli
+    from llava_fast.presets import preset_config
+    from llava_fast.serve.kv_memory import KVMemory
+
+    monkeypatch.setattr(llava_fast.cli, "_load", lambda args: pytest.fail("the model loaded"))
+    with socket.create_server(("127.0.0.1", 0)) as busy:  # a budget that passes reaches the port's check
+        port = str(busy.getsockname()[1])
+        for preset in ("tiny", "tiny-next"):
+            text = preset_config(preset).text
+            blocks = {dtype: KVMemory(text, 1, 32, dtype, 1 << 30).block_bytes for dtype in (torch.float32,
+                                                                                             torch.bfloat16)}
+            block = min(blocks.values())
+            assert block % 1024 == 0  # whole pages
+            under = block - 1024
+            code, line = in_process(capsys, "serve", "--preset", preset, "--kv-cache-memory", f"{under // 1024}KiB",
+                                    "--port", port)
+            assert (code, line) == (2, f"llava-fast: error: --kv-cache-memory {under:,} bytes is less than one "
+                                       f"block of this model's K/V cache ({block:,} bytes): give at least that")
+            code, line = in_process(capsys, "serve", "--preset", preset, "--kv-cache-memory", f"{block // 1024}KiB",
+                                    "--dtype", "bfloat16", "--port", port)
+            assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in line, line
 
 
 def test_serve_max_model_len_above_the_context_is_refused_before_the_load(ckpt_dir, capsys, monkeypatch):

@@ -76,6 +76,34 @@ def test_the_public_name_and_a_forced_table_the_cpu_lacks_fail_before_any_work()
     assert _in_child(code, other).startswith(f"InputError LLAVA_FAST_CPU_ISA={other}: ")
 
 
+def test_naming_the_table_under_a_name_it_cannot_run_is_the_same_error():
+    """llava_fast.cpu_isa() answered the probe's table ("avx512") under LLAVA_FAST_CPU_ISA=avx2x or a table the CPU
+    lacks, as if the variable had taken effect; it raises what loading a model raises."""
+    other = "neon" if _C.cpu_isa() != "neon" else "avx2"
+    code = ("import llava_fast\nfrom llava_fast.cpu import isa\nfor f in (llava_fast.cpu_isa, isa.variant):\n"
+            "    try:\n        print('answered', f())\n"
+            "    except llava_fast.InputError as e:\n        print('InputError', e)")
+    for name, why in (("avx2x", "CPU kernels 'avx2x' are unknown"), (other, f"CPU kernels '{other}' are not built"),
+                      ("AVX2", "CPU kernels 'AVX2' are unknown")):
+        lines = _in_child(code, name).splitlines()
+        want = f"InputError LLAVA_FAST_CPU_ISA={name}: {why}"
+        assert len(lines) == 2 and all(line.startswith(want) for line in lines), (name, lines)
+    assert _in_child("import llava_fast; print(llava_fast.cpu_isa())", "scalar") == "scalar"
+
+
+def test_train_without_device_refuses_a_table_the_cpu_lacks_before_the_load(tmp_path):
+    """train checked LLAVA_FAST_CPU_ISA only with --device given: without it a run went on on the probe's table."""
+    data = tmp_path / "d.json"
+    data.write_text("[]")
+    env = dict(os.environ, LLAVA_FAST_CPU_ISA="avx2x", CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, "-m", "llava_fast", "train", "--stage", "2", "--model", str(tmp_path / "m"),
+                          "--data", str(data), "--output", str(tmp_path / "out")], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith("llava-fast: error: LLAVA_FAST_CPU_ISA=avx2x: CPU kernels 'avx2x' are unknown")
+    assert not (tmp_path / "out").exists()
+
+
 def test_without_a_simd_table_the_torch_path_decodes(monkeypatch):
     """A CPU whose best table is scalar (no SIMD table) leaves decoding to the torch path, which is faster there;
     scalar forced on a CPU with a SIMD table still runs the native step (it is the reference the others match)."""

@@ -118,6 +118,13 @@ def test_text_only_gguf_has_no_vision_tower(converted, load_converted):
                        .to(torch.uint8).permute(1, 2, 0).numpy(), max_new_tokens=2)
     with pytest.raises(InputError, match="text-only"):
         model.generate_ids([ids], torch.zeros(1, 3, 28, 28), max_new_tokens=2)
+    # "<image>" in a text-only model's prompt is text (it was a marker with no image: an InputError), tokenized as
+    # the tokenizer reads it with special tokens split.
+    question = "What does <image> mean in <image> tags?"
+    row = model.encode_prompt(question)
+    assert model.image_token_id not in row and question in model.tokenizer.decode(row)
+    assert model.generate(question, max_new_tokens=3) == model.tokenizer.decode(
+        model.generate_ids([row], max_new_tokens=3)[0])
 
 
 def test_sentencepiece_tokenizer_from_metadata_matches_tokenizer_json(converted, load_converted):

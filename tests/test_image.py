@@ -241,6 +241,10 @@ def test_bad_files_raise_image_error_naming_the_path(reference_dir, tmp_path):
         load_image(tmp_path / "missing.jpg")
     with pytest.raises(ImageError, match="not a file"):
         load_image(tmp_path)
+    with pytest.raises(ImageError, match="^the image path is empty$"):
+        load_image("")
+    with pytest.raises(ImageError, match="^image HTTPS://example.com/a.jpg is a URL: llava-fast reads image files"):
+        load_image("HTTPS://example.com/a.jpg")
     garbage = tmp_path / "garbage.jpg"
     garbage.write_bytes(np.random.default_rng(8).integers(0, 256, 5000, dtype=np.uint8).tobytes())
     with pytest.raises(ImageError, match="garbage.jpg"):

@@ -256,7 +256,6 @@ def _bad_inputs(live):
         ("symlink escape", {"messages": [user("x", f"file://{live.media / 'link.jpg'}")]}, None, "outside"),
         ("top_logprobs > 20", {"messages": ok, "logprobs": True, "top_logprobs": 30}, "top_logprobs", "20"),
         ("temperature < 0", {"messages": ok, "temperature": -1}, "temperature", "temperature"),
-        ("marker without image", {"messages": [user("<image> what?")]}, None, "marker"),
         ("image in assistant turn", {"messages": [{"role": "assistant", "content": [
             {"type": "image_url", "image_url": {"url": JPEG_URL}}]}, user("x")]}, None, "user messages"),
     ]
@@ -288,8 +287,9 @@ def test_every_bad_input_is_a_400_naming_it(live, model):
 
 
 def test_fields_the_server_cannot_honour_are_refused_by_name(live, model):
-    """A JSON schema, a tool call, a penalty or a logit bias that were ignored gave free text as if it obeyed them;
-    each is a 400 naming the field, and its neutral value is accepted and answers as without it."""
+    """A JSON schema, a tool call, a penalty, a logit bias, an audio reply or a web search that were ignored gave
+    free text as if it obeyed them; each is a 400 naming the field, and its neutral value is accepted and answers
+    as without it."""
     ok = [user("Hi")]
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
     refused = [
@@ -304,6 +304,10 @@ def test_fields_the_server_cannot_honour_are_refused_by_name(live, model):
         ({"presence_penalty": 0.5}, "presence_penalty", "got 0.5"),
         ({"frequency_penalty": -1}, "frequency_penalty", "got -1"),
         ({"logit_bias": {"42": 100}}, "logit_bias", '{"42": 100}'),
+        ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "modalities",
+         '["text", "audio"]'),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "no audio"),
+        ({"web_search_options": {}}, "web_search_options", "searches nothing"),
     ]
     with httpx.Client(timeout=60) as http:
         for fields, param, words in refused:
@@ -313,7 +317,7 @@ def test_fields_the_server_cannot_honour_are_refused_by_name(live, model):
             assert error["param"] == param and words in error["message"], (fields, error)
     expected = alone(model, ok, 3)
     neutral = dict(response_format={"type": "text"}, tools=[tool], tool_choice="none", presence_penalty=0,
-                   frequency_penalty=0.0, logit_bias={})
+                   frequency_penalty=0.0, logit_bias={}, modalities=["text"])
     r = live.client().chat.completions.create(model="tiny", messages=ok, max_tokens=3, temperature=0, **neutral)
     assert r.choices[0].message.content == expected
 
@@ -331,6 +335,54 @@ def test_developer_role_is_a_system_message(live, model):
     with pytest.raises(InputError, match="user messages, not developer messages"):
         split_openai_messages([{"role": "developer", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
                                user("Hi")])
+
+
+def test_consecutive_messages_of_one_role_are_one_turn(live, model):
+    """OpenAI's clients send an image and its question as two user messages (OpenAI's API takes them); they are one
+    user turn, their texts joined by "\\n" as a message's parts are, in-process and over HTTP."""
+    split = [user("", JPEG_URL), {"role": "system", "content": "Be brief."}, user("What is shown?"),
+             {"role": "assistant", "content": "An iron."}, {"role": "assistant", "content": "On a taxi."},
+             user("Why?"), user("Say more.")]
+    assert split_openai_messages(split) == ([("user", "<image>\n\nWhat is shown?"),
+                                             ("assistant", "An iron.\nOn a taxi."), ("user", "Why?\nSay more.")],
+                                            [JPEG_URL], "Be brief.")
+    joined = [{"role": "system", "content": "Be brief."},
+              {"role": "user", "content": [{"type": "image_url", "image_url": {"url": JPEG_URL}},
+                                           {"type": "text", "text": ""}, {"type": "text", "text": "What is shown?"}]},
+              {"role": "assistant", "content": [{"type": "text", "text": "An iron."},
+                                                {"type": "text", "text": "On a taxi."}]},
+              {"role": "user", "content": [{"type": "text", "text": "Why?"}, {"type": "text", "text": "Say more."}]}]
+    expected = alone(model, joined, 5)
+    assert alone(model, split, 5) == expected
+    r = live.client().chat.completions.create(model="tiny", messages=split, max_tokens=5, temperature=0)
+    assert r.choices[0].message.content == expected
+    with httpx.Client(timeout=60) as http:
+        r = http.post(live.url + "/v1/chat/completions", json={"messages": [
+            {"role": "assistant", "content": "Hello."}, user("Hi")], "max_tokens": 2})
+    assert r.status_code == 400 and "first message" in r.json()["error"]["message"], r.text
+
+
+def test_image_written_as_text_is_text(live, model):
+    """"<image>" typed in a message is text: only image_url parts place images, so it neither counts as a
+    missing image nor moves the real one."""
+    question = "Is <image> an HTML tag?"
+    messages = [{"role": "system", "content": "Never write <image>."},
+                {"role": "user", "content": [{"type": "text", "text": question},
+                                             {"type": "image_url", "image_url": {"url": JPEG_URL}}]}]
+    turns, urls, system = split_openai_messages(messages)
+    ids = model.encode_prompt(turns, len(urls), system=system)
+    image_at = [i for i, t in enumerate(ids) if t == model.image_token_id]
+    assert len(image_at) == model.num_image_tokens and image_at[-1] - image_at[0] == len(image_at) - 1
+    before, after = model.tokenizer.decode(ids[:image_at[0]]), model.tokenizer.decode(ids[image_at[-1] + 1:])
+    assert before.endswith(question + "\n") and after.strip() == "ASSISTANT:"  # the image where its part was
+    assert before.startswith("Never write <image>. USER:")
+    expected = alone(model, messages, 4)
+    r = live.client().chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0)
+    assert r.choices[0].message.content == expected
+    text_only = [user("What does <image> do in LLaVA's prompts?")]
+    r = live.client().chat.completions.create(model="tiny", messages=text_only, max_tokens=4, temperature=0)
+    assert r.choices[0].message.content == alone(model, text_only, 4)
+    assert model.encode_prompt(split_openai_messages(text_only)[0]).count(model.image_token_id) == 0
 
 
 def test_server_errors_speak_to_the_client_not_the_operator():

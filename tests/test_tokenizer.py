@@ -174,6 +174,24 @@ def test_llava_hf_processor_tokenizes_the_whole_prompt(tok, hf_tok, reference_di
     assert chunked == ours[:5 + 576] + [29871] + ours[5 + 576:]  # exactly one extra "▁" after the image
 
 
+def test_escaped_image_text_is_tokenized_as_the_text_not_the_image(tok, hf_tok):
+    """"<image>" a person wrote (escape_image_text) becomes the ids of the text "<image>", as transformers
+    tokenizes it with special tokens split, and only a real marker becomes the image id, in both layouts."""
+    from llava_fast.prompts.templates import escape_image_text
+
+    question = " What does <image> mean in Jinja's <image>?"
+    literal = hf_tok(question, split_special_tokens=True, add_special_tokens=False).input_ids
+    assert 32000 not in literal and len(literal) > 8
+    head = "USER: <image>"
+    text = head + escape_image_text(question)
+    assert tok.encode(text, add_bos=False) == tok.encode(head, add_bos=False) + literal
+    assert tok.encode_with_images(text, -200, add_bos=False) == tok.encode_with_images(head, -200, add_bos=False) \
+        + literal
+    assert tok.encode(escape_image_text("<image>"), add_bos=False) == [529, 3027, 29958]  # "<", "image", ">"
+    assert tok.encode(text) == tok.encode(text)  # the copy of the backend is built once and kept
+    assert tok.encode(VICUNA_PROMPT).count(32000) == 1  # text without the escape: the marker is the image id
+
+
 def test_expand_image_tokens():
     assert Tokenizer.expand_image_tokens([1, 5, -200, 7, -200], -200, 3) == [1, 5] + [-200] * 3 + [7] + [-200] * 3
     assert Tokenizer.expand_image_tokens([1, 2], -200, 3) == [1, 2]

@@ -131,19 +131,29 @@ def read_projector(path, net):
     return got
 
 
-def _add_image_token(net, tokenizer):
-    """Add "<image>" and "<pad>" to a vocabulary that lacks them, pad it to a multiple of 64, and give the
-    new rows of embed_tokens and lm_head the mean of the old ones (llava-hf's conversion). Returns the new
-    tokenizer and the old vocabulary size."""
+def _tokenizer_with_image_token(tokenizer, vocab_size):
+    """A tokenizer with "<image>" and "<pad>" added (ids vocab_size and vocab_size + 1), as llava-hf's conversion
+    adds them to a vocabulary that lacks them."""
     from tokenizers import AddedToken
 
-    old = net.cfg.text.vocab_size
     backend = tokenizer.backend
-    if backend.get_vocab_size(with_added_tokens=True) != old:
+    if backend.get_vocab_size(with_added_tokens=True) != vocab_size:
         raise CheckpointError(f"the tokenizer has {backend.get_vocab_size(with_added_tokens=True)} tokens but the "
-                              f"model's vocabulary has {old}; cannot add an <image> token")
+                              f"model's vocabulary has {vocab_size}; cannot add an <image> token")
     backend.add_special_tokens([AddedToken("<image>", special=True, normalized=False),
                                 AddedToken("<pad>", special=True, normalized=False)])
+    return Tokenizer(backend, bos_token_id=tokenizer.bos_token_id, eos_token_ids=tokenizer.eos_token_ids,
+                     pad_token_id=vocab_size + 1, unk_token_id=tokenizer.unk_token_id,
+                     add_bos_token=tokenizer.add_bos_token,
+                     chat_template=tokenizer.chat_template and tokenizer.chat_template.text,
+                     chat_template_origin=tokenizer.chat_template and tokenizer.chat_template.origin,
+                     source=tokenizer.source)
+
+
+def _add_image_token_rows(net):
+    """Pad the vocabulary by "<image>" and "<pad>" to a multiple of 64, and give the new rows of embed_tokens
+    and lm_head the mean of the old ones (llava-hf's conversion). Returns the old vocabulary size."""
+    old = net.cfg.text.vocab_size
     new = -(-(old + 2) // 64) * 64
     tied = net.cfg.text.tie_word_embeddings
     for module in (net.language_model.embed_tokens,) + (() if tied else (net.lm_head,)):
@@ -154,27 +164,29 @@ def _add_image_token(net, tokenizer):
     net.cfg.text.vocab_size = new
     net.cfg.image_token_id = old
     net.cfg.text.pad_token_id = old + 1
-    tok = Tokenizer(backend, bos_token_id=tokenizer.bos_token_id, eos_token_ids=tokenizer.eos_token_ids,
-                    pad_token_id=old + 1, unk_token_id=tokenizer.unk_token_id, add_bos_token=tokenizer.add_bos_token,
-                    chat_template=tokenizer.chat_template and tokenizer.chat_template.text,
-                    chat_template_origin=tokenizer.chat_template and tokenizer.chat_template.origin,
-                    source=tokenizer.source)
-    return tok, old
+    return old
 
 
-def load_base(model_dir, *, vision_tower=None, projector=None, device="cpu", image_aspect_ratio=None,
-              seed=0, frozen_dtype=torch.float32, trains=None) -> TrainBase:
-    """The model a run starts from on `device`, frozen (the trainer unfreezes): float32, except that with
-    `trains` (a function of a parameter's name: True where the run trains it) the weights it does not train are
-    read straight into `frozen_dtype`, one tensor at a time, as the trainer stores them. A LoRA or stage 1 run
-    in bfloat16 then never holds its frozen weights in float32: a 7B's would be a 28 GB transient beside the
-    14 GB it keeps. The bits are the float32-then-cast ones (one rounding either way). The embedding and output
-    rows stay float32 while a missing <image> token is added, whose new rows are the float32 mean of the old.
+@dataclass
+class BaseFiles:
+    """What a run's base checkpoint says before its weights load (read_base): enough to tokenize and check the
+    data (a 7B's weights take a minute to load, its config and tokenizer milliseconds)."""
 
-    image_aspect_ratio: "pad" or "square" (None: the checkpoint's setting)."""
+    model_dir: str
+    cfg: LlavaConfig  # as read: the loaded model's image token id and vocabulary follow `image_token_id` below
+    sources: list  # [(weight file, key rules)]
+    allow_missing: tuple
+    processor_dir: str
+    hf_config: dict | None
+    tokenizer: Tokenizer  # with "<image>" and "<pad>" already added where the load adds their rows
+    adds_image_token: bool
+    image_token_id: int  # the id of an image position in the loaded model
+
+
+def read_base(model_dir, *, vision_tower=None) -> BaseFiles:
+    """The config, weight files and tokenizer of the checkpoint a run starts from; no weight is read."""
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"--model {model_dir}: not a checkpoint directory")
-    device = torch.device(device)
     d = read_json(os.path.join(model_dir, "config.json"))
     allow_missing, hf_config = (), None
     if _is_llama(d):
@@ -196,42 +208,61 @@ def load_base(model_dir, *, vision_tower=None, projector=None, device="cpu", ima
         raise CheckpointError(f"{model_dir}: a linear projector (LLaVA v1) has no llava-hf layout to write; "
                               "llava-fast trains LLaVA-1.5's mlp2x_gelu projector")
     tokenizer = Tokenizer.from_dir(model_dir)
+    image_id = tokenizer.token_to_id("<image>")
+    adds_image_token, image_token_id = False, cfg.image_token_id
+    if writes_original(cfg):
+        pass  # image positions keep the id outside the vocabulary they have when the written checkpoint loads
+    elif image_id is not None and image_id < cfg.text.vocab_size:
+        image_token_id = image_id
+    elif cfg.image_token_id >= cfg.text.vocab_size:
+        if cfg.anyres:
+            raise CheckpointError(f"{model_dir}: the LLaVA-NeXT checkpoint's tokenizer has no <image> token within "
+                                  f"its {cfg.text.vocab_size}-token vocabulary")
+        tokenizer, adds_image_token = _tokenizer_with_image_token(tokenizer, cfg.text.vocab_size), True
+        image_token_id, hf_config = cfg.text.vocab_size, None
+    return BaseFiles(model_dir, cfg, sources, allow_missing, processor_dir, hf_config, tokenizer, adds_image_token,
+                     image_token_id)
+
+
+def load_base(model_dir, *, vision_tower=None, projector=None, device="cpu", image_aspect_ratio=None,
+              seed=0, frozen_dtype=torch.float32, trains=None, files: BaseFiles | None = None) -> TrainBase:
+    """The model a run starts from on `device`, frozen (the trainer unfreezes): float32, except that with
+    `trains` (a function of a parameter's name: True where the run trains it) the weights it does not train are
+    read straight into `frozen_dtype`, one tensor at a time, as the trainer stores them. A LoRA or stage 1 run
+    in bfloat16 then never holds its frozen weights in float32: a 7B's would be a 28 GB transient beside the
+    14 GB it keeps. The bits are the float32-then-cast ones (one rounding either way). The embedding and output
+    rows stay float32 while a missing <image> token is added, whose new rows are the float32 mean of the old.
+
+    image_aspect_ratio: "pad" or "square" (None: the checkpoint's setting). files: read_base's reading of
+    model_dir, when the caller already has it."""
+    files = files or read_base(model_dir, vision_tower=vision_tower)
+    device = torch.device(device)
+    cfg = files.cfg
     with torch.device("meta"):
         net = LlavaForCausalLM(cfg)
-    image_id = tokenizer.token_to_id("<image>")
-    adds_image_token = not writes_original(cfg) and not (image_id is not None and image_id < cfg.text.vocab_size) \
-        and cfg.image_token_id >= cfg.text.vocab_size
-    resized = ("language_model.embed_tokens.weight", "lm_head.weight") if adds_image_token else ()
+    resized = ("language_model.embed_tokens.weight", "lm_head.weight") if files.adds_image_token else ()
 
     def dtype_of(name):
         return torch.float32 if trains is None or trains(name) or name in resized else frozen_dtype
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)  # a fresh projector is the same in every process
-        _load_tensors(net, sources, device, allow_missing, dtype_of)
+        _load_tensors(net, files.sources, device, files.allow_missing, dtype_of)
     if projector:
         with torch.no_grad():
             for name, tensor in read_projector(projector, net).items():
                 net.get_parameter(name).copy_(tensor)
     net.requires_grad_(False)
 
-    resized_from = None
-    if writes_original(cfg):
-        pass  # image positions keep the id outside the vocabulary they have when the written checkpoint loads
-    elif image_id is not None and image_id < cfg.text.vocab_size:
-        cfg.image_token_id = image_id
-    elif cfg.image_token_id >= cfg.text.vocab_size:
-        if cfg.anyres:
-            raise CheckpointError(f"{model_dir}: the LLaVA-NeXT checkpoint's tokenizer has no <image> token within "
-                                  f"its {cfg.text.vocab_size}-token vocabulary")
-        tokenizer, resized_from = _add_image_token(net, tokenizer)
-        hf_config = None
+    resized_from = _add_image_token_rows(net) if files.adds_image_token else None
+    cfg.image_token_id = files.image_token_id
     net.init_rope(device)
 
-    processor_file = os.path.join(processor_dir, "preprocessor_config.json")
+    processor_file = os.path.join(files.processor_dir, "preprocessor_config.json")
     processor_config = read_json(processor_file) if os.path.isfile(processor_file) else None
-    processor = checkpoint_image_processor(processor_dir, cfg, image_aspect_ratio)
-    return TrainBase(net, tokenizer, processor, sources, hf_config, model_dir, processor_config, resized_from)
+    processor = checkpoint_image_processor(files.processor_dir, cfg, image_aspect_ratio)
+    return TrainBase(net, files.tokenizer, processor, files.sources, files.hf_config, model_dir, processor_config,
+                     resized_from)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -328,7 +359,7 @@ def save_llava_hf(dst, base: TrainBase, changed: dict, *, max_shard_bytes=5 * 2*
             if name in changed or not (name in expected or extra_vision):
                 continue
             if name in ("language_model.embed_tokens.weight", "lm_head.weight") and base.resized_from:
-                # the old rows byte for byte, then the new rows as _add_image_token made them: the mean row
+                # the old rows byte for byte, then the new rows as _add_image_token_rows made them: the mean row
                 mean = tensor.float().mean(0, keepdim=True).to(tensor.dtype)
                 tensor = torch.cat([tensor, mean.expand(base.cfg.text.vocab_size - tensor.shape[0], -1)])
             shards.add(hub_name(name), tensor)

@@ -117,13 +117,16 @@ def _check_inputs(run):
 
     if not os.path.isfile(run.data):
         raise InputError(f"--data {run.data}: file not found")
+    if run.projector and not os.path.isfile(run.projector):
+        raise InputError(f"--projector {run.projector}: file not found")
     _check_output_is_not_an_input(run.output, (run.model, "--model"), (run.vision_tower, "--vision-tower"))
     if not os.path.isdir(run.image_folder):
         raise InputError(f"--image-folder {run.image_folder}: not a directory")
     if run.template is not None:
         get_template(run.template)
-    if run.device is not None:
-        resolve_device_dtype(run.device)
+    # Also without --device: on the CPU it checks LLAVA_FAST_CPU_ISA, which a run with no --device ignored when
+    # it named a table that is unknown or that the CPU lacks (every other command refuses it).
+    resolve_device_dtype(run.device)
 
 
 def _check_output_is_not_an_input(output, *inputs):
@@ -155,8 +158,11 @@ def check_new_output(path, overwrite, training=False):
     for name in os.listdir(path):
         if re.fullmatch(r"checkpoint-\d+(\.tmp)?", name):
             shutil.rmtree(os.path.join(path, name))
-    if os.path.exists(os.path.join(path, "train_log.jsonl")):
-        os.remove(os.path.join(path, "train_log.jsonl"))
+    from llava_fast.train.trainer import FINISHED
+
+    for name in ("train_log.jsonl", FINISHED):
+        if os.path.exists(os.path.join(path, name)):
+            os.remove(os.path.join(path, name))
 
 
 def merge_lora_main(argv=None):

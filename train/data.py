@@ -69,8 +69,10 @@ def conversation_messages(conversations) -> list[tuple[str, str]]:
             role, text = turn
         else:
             raise InputError(f"a conversation turn must be {{'from', 'value'}}, got {turn!r:.80}")
-        if _ROLES.get(str(role).lower()) is None or not isinstance(text, str):
-            raise InputError(f"a conversation turn has role {role!r} (expected human/gpt) or a non-string value")
+        if _ROLES.get(str(role).lower()) is None:
+            raise InputError(f"a conversation turn has role {role!r} (expected human/gpt)")
+        if not isinstance(text, str):  # the type, not the value: the reason is counted over every record
+            raise InputError(f"a {role} turn's 'value' is {type(text).__name__}, not a string")
         messages.append((_ROLES[str(role).lower()], text))
     if messages[0][0] != "user":
         messages = messages[1:]

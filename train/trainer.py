@@ -35,7 +35,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from llava_fast.errors import InputError
+from llava_fast.errors import InputError, count
 from llava_fast.generate import is_integer
 from llava_fast.image import anyres
 from llava_fast.prompts.templates import get_template
@@ -585,9 +585,12 @@ def step_flops(cfg, row_lengths, num_images, llm_weight_grads, projector_trains)
 class Progress:
     """One status line on stderr: rewritten in place on a terminal, printed every `every` steps otherwise."""
 
-    def __init__(self, total, every, stream=sys.stderr):
-        self.total, self.every, self.stream = total, max(1, every), stream
-        self.tty = stream.isatty()
+    def __init__(self, total, every, stream=None):
+        # stderr as it is now, not as it was when this module was imported: a program (or a test's capture) that
+        # replaced it since got "I/O operation on closed file" from the first run's progress line on.
+        self.stream = sys.stderr if stream is None else stream
+        self.total, self.every = total, max(1, every)
+        self.tty = self.stream.isatty()
 
     def update(self, m, eta_s):
         line = (f"step {m['step']}/{self.total} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
@@ -657,21 +660,40 @@ def run_config(a: TrainArgs, world):
 
 
 def _check_resume_settings(a, world, existing) -> str:
-    """The latest checkpoint in --output, after checking that this run's settings equal the run's it resumes:
-    the learning-rate schedule, the data order and each step's batch follow them, and a resumed run reproduces
-    the uninterrupted one. A setting still None (resolved from the checkpoint later) is not compared yet."""
+    """The latest checkpoint in --output, after checking that this run's settings equal the run's it resumes."""
     path = os.path.join(a.output, f"checkpoint-{existing[-1]}")
-    saved = ckpt.read_json(os.path.join(path, "trainer_state.json"))["run"]
+    _check_same_run(a, world, ckpt.read_json(os.path.join(path, "trainer_state.json"))["run"], path)
+    return path
+
+
+FINISHED = "train_finished.json"  # in --output, written once the outputs are: {"steps": total, "run": settings}
+
+
+def _finished_steps(a, world) -> int | None:
+    """The steps of the finished run in --output (its outputs written), None if it holds none. A --resume of it
+    ran its steps after the newest checkpoint again and rewrote its outputs, saying nothing; with other settings
+    (more steps, another data file) it is the usual refusal."""
+    path = os.path.join(a.output, FINISHED)
+    if not os.path.isfile(path):
+        return None
+    finished = ckpt.read_json(path)
+    _check_same_run(a, world, finished["run"], path)
+    return finished["steps"]
+
+
+def _check_same_run(a, world, saved, where):
+    """This run's settings equal those of the run `saved` (from the file `where`): the learning-rate schedule,
+    the data order and each step's batch follow them, and a resumed run reproduces the uninterrupted one. A
+    setting still None (resolved from the checkpoint later) is not compared yet."""
     differs = {k: (saved.get(k), v) for k, v in run_config(a, world).items()
                if saved.get(k) != v and (v is not None or k not in ("max_length", "template"))}
     if differs:
         flag = {"world_size": "processes"}
-        raise InputError(f"--resume: settings differ from the run in {path}: " +
+        raise InputError(f"--resume: settings differ from the run in {where}: " +
                          ", ".join(f"{flag.get(k, '--' + k.replace('_', '-'))} was {old!r}, now {new!r}"
                                    for k, (old, new) in differs.items()) +
                          "; a resumed run keeps its settings (the learning-rate schedule and the data order follow "
                          "them): give those it started with, or start a new run in another --output")
-    return path
 
 
 def train(args: TrainArgs) -> TrainResult:
@@ -689,6 +711,11 @@ def _train(a: TrainArgs, dist, rank, world, device):
         a.precision = "bf16" if device.type == "cuda" else "fp32"
     main = rank == 0
     log = (lambda *m: print("llava-fast train:", *m, file=sys.stderr, flush=True)) if main else (lambda *m: None)
+    finished = _finished_steps(a, world) if a.resume else None
+    if finished is not None:  # before any load; nothing in --output changes
+        log(f"the run in {a.output} is finished: its {finished} steps ran and its outputs are written; nothing "
+            "to resume (to train further, start a new run from what it wrote, in another --output)")
+        return TrainResult(None)
     run = _setup(a, dist, rank, world, device, log)
     run_log = _RunLog(a, run, main, world)
     stepper = _Stepper(a, run.model, run.optimizer, run.masters, run.base.tokenizer, dist, world, device, run.total,
@@ -733,6 +760,8 @@ def _train(a: TrainArgs, dist, rank, world, device):
 
     result.outputs = _write_outputs(a, run.base, run.model, run.masters, run.lora, run.llm_params,
                                     run.projector_params, dist, main)
+    if main:
+        ckpt.write_json(os.path.join(a.output, FINISHED), {"steps": run.total, "run": run.this_run})
     result.skipped = run.skipped + runtime_skipped
     log(f"done: {run.total - run.start} steps in {_hms(run_time)} ({run_samples} samples, {run_tokens:,} tokens, "
         f"{run_tokens / max(run_time, 1e-9):,.0f} tokens/s, data loading included)" +
@@ -852,9 +881,10 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
     def trains(name):
         return name.startswith("multi_modal_projector.") or trains_llm_weight(name, a.stage, lora)
 
-    base = ckpt.load_base(a.model, vision_tower=a.vision_tower, projector=a.projector, device=device,
-                          image_aspect_ratio=a.image_aspect_ratio, seed=a.seed, frozen_dtype=dtype, trains=trains)
-    net, cfg = base.net, base.cfg
+    # The records are checked before the weights load (a minute at 7B): a --strict run with a bad record, a data
+    # file that is not LLaVA's JSON, or a --max-length past the context stop in seconds. Config and tokenizer suffice.
+    files = ckpt.read_base(a.model, vision_tower=a.vision_tower)
+    cfg = files.cfg
     if a.max_length is None:
         a.max_length = min(2048, cfg.text.max_position_embeddings)
     if a.max_length > cfg.text.max_position_embeddings:
@@ -862,6 +892,19 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
                          f"{cfg.text.max_position_embeddings} tokens")
     if a.template is None:
         a.template = "vicuna_v1" if cfg.template == "llava_hf" else cfg.template
+    records = read_records(a.data)
+    spec = EncodingSpec(files.tokenizer, get_template(a.template), files.image_token_id, cfg.num_image_tokens,
+                        a.max_length, a.image_folder, a.system, image_token_count=_image_token_count(cfg))
+    t0 = time.perf_counter()
+    examples, skipped = _check_records(records, spec, a, dist, rank, world, log)
+    checked_s = time.perf_counter() - t0
+    global_batch = a.batch_size * a.grad_accum * world
+    total, steps_per_epoch = total_steps(len(examples), global_batch, a.epochs, a.max_steps)
+
+    base = ckpt.load_base(a.model, vision_tower=a.vision_tower, projector=a.projector, device=device,
+                          image_aspect_ratio=a.image_aspect_ratio, seed=a.seed, frozen_dtype=dtype, trains=trains,
+                          files=files)
+    net = base.net
     if lora:
         add_lora(net, a.lora_r, a.lora_alpha, a.lora_dropout, seed=a.seed)
     llm_params, projector_params = trainable_parameters(net, a.stage, lora)
@@ -877,15 +920,8 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
     net.train()
     torch.manual_seed(a.seed + rank)  # LoRA dropout draws from here
 
-    records = read_records(a.data)
-    spec = EncodingSpec(base.tokenizer, get_template(a.template), cfg.image_token_id, cfg.num_image_tokens,
-                        a.max_length, a.image_folder, a.system, image_token_count=_image_token_count(cfg))
-    t0 = time.perf_counter()
-    examples, skipped = _check_records(records, spec, a, dist, rank, world, log)
-    global_batch = a.batch_size * a.grad_accum * world
-    total, steps_per_epoch = total_steps(len(examples), global_batch, a.epochs, a.max_steps)
     log(f"{len(examples)} records ({sum(e.has_image for e in examples)} with images) checked in "
-        f"{time.perf_counter() - t0:.1f}s; stage {a.stage}{' LoRA' if lora else ''}, template {a.template}; "
+        f"{checked_s:.1f}s; stage {a.stage}{' LoRA' if lora else ''}, template {a.template}; "
         f"global batch {global_batch} = {a.batch_size} x {a.grad_accum} accumulation x {world} processes; "
         f"{total} steps ({steps_per_epoch} per epoch, {len(examples) - steps_per_epoch * global_batch} records left "
         f"out of each epoch's last incomplete batch); {a.precision} on {device}")
@@ -983,7 +1019,8 @@ def _check_output(a, main):
     if os.path.abspath(a.output) == os.path.abspath(a.model):
         raise InputError("--output must not be the --model directory")
     existing = ckpt.list_checkpoints(a.output)
-    if not a.resume and (existing or os.path.exists(os.path.join(a.output, "train_log.jsonl"))):
+    if not a.resume and (existing or any(os.path.exists(os.path.join(a.output, f))
+                                         for f in ("train_log.jsonl", FINISHED))):
         raise InputError(f"--output {a.output} already holds a run; pass --resume to continue it, or choose "
                          "another --output")
     if a.resume and not existing:
@@ -1012,7 +1049,7 @@ def _check_records(records, spec, a, dist, rank, world, log):
 
     reasons = ", ".join(f"{n} x {r} (first: {where(r)})" for r, n in skipped.most_common())
     if skipped and a.strict:
-        raise InputError(f"--strict: {sum(skipped.values())} bad records in {a.data}: {reasons}")
+        raise InputError(f"--strict: {count(sum(skipped.values()), 'bad record')} in {a.data}: {reasons}")
     if skipped:
         log(f"warning: skipping {sum(skipped.values())} of {len(records)} records: {reasons}")
     return examples, skipped

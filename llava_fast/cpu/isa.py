@@ -17,12 +17,17 @@ except ImportError:  # built without a C++ toolchain: the torch paths run
 
 def cpu_isa() -> str | None:
     """The family of the CPU kernel table in use ("avx512", "avx2", "neon", "scalar"), or None when the native
-    extension is not built. `llava_fast._C.cpu_isa_variant()` gives the exact table (e.g. "avx2_vnni")."""
+    extension is not built. `llava_fast._C.cpu_isa_variant()` gives the exact table (e.g. "avx2_vnni").
+    InputError (check()) when LLAVA_FAST_CPU_ISA names a table that is unknown or this CPU cannot run: the probe's
+    table stands in until then, and naming it answered "avx512" to LLAVA_FAST_CPU_ISA=avx2x as if it were set."""
+    check()
     return None if _C is None else _C.cpu_isa()
 
 
 def variant() -> str | None:
-    """The exact table in use (e.g. "avx2_vnni", "avx512_vnni"), or None when the native extension is not built."""
+    """The exact table in use (e.g. "avx2_vnni", "avx512_vnni"), or None when the native extension is not built;
+    InputError as cpu_isa()."""
+    check()
     return None if _C is None else _C.cpu_isa_variant()
 
 

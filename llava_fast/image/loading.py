@@ -92,6 +92,14 @@ def load_image(image, max_pixels: int | None = None) -> PIL.Image.Image:
     from their header; a PIL image or array handed over is decoded already.
     """
     if isinstance(image, (str, os.PathLike)):
+        name = os.fspath(image)
+        # Path() made "" the current directory ("image path is not a file: .") and "http://host/a.jpg" a missing
+        # file "http:/host/a.jpg".
+        if isinstance(name, str) and name.lower().startswith(("http://", "https://")):
+            raise ImageError(f"image {name[:100]} is a URL: llava-fast reads image files and fetches nothing from the "
+                             "network; download it and give the file")
+        if not name:
+            raise ImageError("the image path is empty")
         return _to_rgb(_open_image_file(Path(image), max_pixels))
     if isinstance(image, PIL.Image.Image):
         _check_nonempty(image.width, image.height, "PIL image")

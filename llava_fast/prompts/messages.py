@@ -4,8 +4,10 @@ In:  [{"role": "system" | "developer" | "user" | "assistant", "content": str | [
      {"type": "text", "text": str} or {"type": "image_url", "image_url": {"url": str} | str}.
 Out: (messages, images, system): messages a list of (role, text) with one "<image>" marker where each image
      part was (parts joined by "\\n", so [image, text] renders "<image>\\nquestion" as LLaVA's own prompts
-     do), images the URLs in order, system the system and developer messages' text (None without one); `developer`
-     is OpenAI's newer name for `system`, which its newer clients send in its place.
+     do; consecutive messages of one role joined by "\\n" into one, as a user's parts are; "<image>" written
+     in a text part stays text: escape_image_text), images the URLs in order, system the system and developer
+     messages' text (None without one); `developer` is OpenAI's newer name for `system`, which its newer
+     clients send in its place.
 
 One request format then works in-process (`model.generate(messages)`) and over HTTP (`llava-fast serve`).
 Image URLs are resolved by `load_image_url`: data: URLs (base64) and local files; http(s) is refused,
@@ -25,7 +27,7 @@ import PIL.Image
 from llava_fast.errors import ImageError, InputError, count
 from llava_fast.image import load_image
 from llava_fast.image.loading import open_image
-from llava_fast.prompts.templates import IMAGE_MARKER
+from llava_fast.prompts.templates import IMAGE_MARKER, escape_image_text
 
 ROLES = ("system", "developer", "user", "assistant")
 
@@ -38,8 +40,11 @@ def is_openai_messages(prompt) -> bool:
 def split_openai_messages(messages) -> tuple[list[tuple[str, str]], list, str | None]:
     """OpenAI chat messages -> ((role, text) messages, image URLs in order, system text or None).
 
-    Raises InputError naming the message (its index) for an unknown role, a missing or wrongly typed
-    content, an unknown part type, or a conversation that does not end with a user message.
+    Consecutive user (or assistant) messages become one, their texts joined by "\\n": OpenAI's clients send
+    them (a question after an image in a message of its own), and LLaVA's templates alternate user and
+    assistant turns. System messages between them are taken out first, as everywhere. Raises InputError naming
+    the message (its index) for an unknown role, a missing or wrongly typed content, an unknown part type, a
+    conversation that starts with an assistant message or does not end with a user message.
     """
     if not is_openai_messages(messages):
         raise InputError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
@@ -50,14 +55,14 @@ def split_openai_messages(messages) -> tuple[list[tuple[str, str]], list, str | 
             raise InputError(f"messages[{index}].role must be one of {', '.join(ROLES)}, got {role!r}")
         content = message.get("content")
         if isinstance(content, str):
-            pieces = [content]
+            pieces = [escape_image_text(content)]
         elif isinstance(content, (list, tuple)) and content:
             pieces = []
             for p_index, part in enumerate(content):
                 where = f"messages[{index}].content[{p_index}]"
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text" and isinstance(part.get("text"), str):
-                    pieces.append(part["text"])
+                    pieces.append(escape_image_text(part["text"]))
                 elif kind == "image_url":
                     if role != "user":
                         raise InputError(f"{where}: images belong in user messages, not {role} messages")
@@ -76,10 +81,15 @@ def split_openai_messages(messages) -> tuple[list[tuple[str, str]], list, str | 
         text = "\n".join(pieces)
         if role in ("system", "developer"):
             system.append(text)
+        elif turns and turns[-1][0] == role:
+            turns[-1] = (role, turns[-1][1] + "\n" + text)
         else:
             turns.append((role, text))
     if not turns or turns[-1][0] != "user":
         raise InputError("messages must end with a user message")
+    if turns[0][0] != "user":
+        raise InputError("the first message after any system messages must be a user message (LLaVA's chat "
+                         "templates start with the user), got an assistant message")
     return turns, images, ("\n".join(system) if system else None)
 
 

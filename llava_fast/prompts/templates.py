@@ -34,6 +34,11 @@ from dataclasses import dataclass
 from llava_fast.errors import InputError, count
 
 IMAGE_MARKER = "<image>"
+# The text "<image>" where a person or the model wrote it (an OpenAI text part, a chat reply), not where an image
+# goes: escaped to these two private-use characters around "image", so that nothing between the messages and the
+# tokenizer (the marker count, a chat template, the split at markers) takes it for an image's position, and
+# tokenized as the text "<image>" (Tokenizer.encode). Only image parts and images= / --image make image positions.
+ESCAPED_IMAGE_TEXT = "\ue000image\ue001"
 USER, ASSISTANT = "user", "assistant"
 # LLaVA's training data says "human"/"gpt"; chat APIs say "user"/"assistant".
 _ROLE_ALIASES = {"user": USER, "human": USER, "assistant": ASSISTANT, "gpt": ASSISTANT}
@@ -186,6 +191,11 @@ def get_template(name: str) -> Template:
     return template
 
 
+def escape_image_text(text: str) -> str:
+    """`text` with every "<image>" in it kept as text, never an image's position (ESCAPED_IMAGE_TEXT)."""
+    return text.replace(IMAGE_MARKER, ESCAPED_IMAGE_TEXT)
+
+
 def format_user_turn(text: str, num_images: int) -> str:
     """The first user message with its image markers checked: as LLaVA's CLI does, one image and no marker
     puts "<image>\\n" in front (llava-hf's template also puts images first, each followed by "\\n"); otherwise
@@ -194,8 +204,9 @@ def format_user_turn(text: str, num_images: int) -> str:
     if markers == 0 and num_images == 1:
         return IMAGE_MARKER + "\n" + text
     if markers != num_images:
+        hint = "; write one <image> in the message where each image goes" if num_images > markers else ""
         raise InputError(f"the message has {count(markers, IMAGE_MARKER + ' marker')} but {count(num_images, 'image')} "
-                         f"{'was' if num_images == 1 else 'were'} given")
+                         f"{'was' if num_images == 1 else 'were'} given{hint}")
     return text
 
 

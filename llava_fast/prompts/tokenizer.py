@@ -45,8 +45,11 @@ from tokenizers.models import BPE
 from llava_fast.checkpoints.config import read_json
 from llava_fast.errors import CheckpointError, InputError
 from llava_fast.prompts.chat_template import ChatTemplate, read_chat_template
+from llava_fast.prompts.templates import ESCAPED_IMAGE_TEXT, IMAGE_MARKER
 
-IMAGE_MARKER = "<image>"
+# Where "<image>" is an added token (llava-hf), text holding both image markers and the text "<image>" is
+# tokenized by a copy of the backend whose added token reads this instead (_literal_image_backend).
+_IMAGE_STAND_IN = "\ue002image\ue003"
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback pieces, as ByteFallback reads them
 
 
@@ -87,6 +90,7 @@ class Tokenizer:
         added = backend.get_added_tokens_decoder()
         self.special_token_ids = frozenset(i for i, token in added.items() if token.special)
         self._fallback_byte_ids = None  # built on the first stream_decoder() call: a scan of the whole vocabulary
+        self._literal_image = None  # built on the first text holding the text "<image>": a copy of the backend
         self.chat_template = None if chat_template is None else ChatTemplate(
             chat_template, chat_template_origin or source, {
                 name: None if i is None else backend.id_to_token(i) for name, i in (
@@ -175,8 +179,35 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text`. Added tokens written in the text ("</s>", llava-hf's "<image>") become their ids."""
-        ids = self.backend.encode(_unicode_text(text), add_special_tokens=False).ids
+        ids = self._encode_text(_unicode_text(text))
         return [self.bos_token_id] + ids if add_bos and self.add_bos_token else ids
+
+    def _encode_text(self, text: str) -> list[int]:
+        """The backend's ids of `text`, where ESCAPED_IMAGE_TEXT is the text "<image>" (as tokenized without
+        an added "<image>" token) and "<image>" itself the added token, if the vocabulary has one."""
+        if ESCAPED_IMAGE_TEXT not in text:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        backend = self._literal_image_backend()
+        if backend is not self.backend:
+            text = text.replace(IMAGE_MARKER, _IMAGE_STAND_IN)
+        return backend.encode(text.replace(ESCAPED_IMAGE_TEXT, IMAGE_MARKER), add_special_tokens=False).ids
+
+    def _literal_image_backend(self) -> tokenizers.Tokenizer:
+        """The backend if "<image>" is not one of its added tokens; else a copy whose added token of that id
+        reads _IMAGE_STAND_IN, so that "<image>" in the text is tokenized as text, and the stand-in as the id."""
+        if self._literal_image is None:
+            image_id = self.backend.token_to_id(IMAGE_MARKER)
+            self._literal_image = self.backend
+            if image_id is not None and image_id in self.backend.get_added_tokens_decoder():
+                data = json.loads(self.backend.to_str())
+                for token in data["added_tokens"]:
+                    if token["content"] == IMAGE_MARKER:
+                        token["content"] = _IMAGE_STAND_IN
+                vocab = data["model"].get("vocab")
+                if isinstance(vocab, dict) and vocab.pop(IMAGE_MARKER, None) is not None:
+                    vocab[_IMAGE_STAND_IN] = image_id
+                self._literal_image = tokenizers.Tokenizer.from_str(json.dumps(data))
+        return self._literal_image
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         """Text of `ids`. An id past the tokenizer's vocabulary decodes to nothing, as in transformers and
@@ -198,7 +229,7 @@ class Tokenizer:
             if index > 0:
                 ids.append(image_token_id)
             if chunk:
-                ids.extend(self.backend.encode(chunk, add_special_tokens=False).ids)
+                ids.extend(self._encode_text(chunk))
         return ids
 
     @staticmethod

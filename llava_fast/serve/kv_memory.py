@@ -53,6 +53,14 @@ def default_kv_cache_memory() -> int:
     return min(4 << 30, total // 4)
 
 
+def smallest_block_bytes(text_cfg) -> int:
+    """The bytes of a K/V block (KVMemory.block_bytes) for a 2-byte dtype, the smallest a float32 or 4-byte
+    model's block can be: 2 L Hkv lcm(page, D x element), and lcm(page, 2D) divides lcm(page, 4D). Known from the
+    config alone, so the server refuses a budget under it before the weights load."""
+    row = text_cfg.head_dim * 2
+    return 2 * text_cfg.num_layers * text_cfg.num_kv_heads * (mmap.PAGESIZE * row // math.gcd(mmap.PAGESIZE, row))
+
+
 class KVMemory:
     def __init__(self, text_cfg, rows: int, max_tokens: int, dtype, budget_bytes: int):
         L, Hkv, D = text_cfg.num_layers, text_cfg.num_kv_heads, text_cfg.head_dim

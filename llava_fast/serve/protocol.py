@@ -5,9 +5,10 @@ In:  the JSON body of POST /v1/chat/completions -> `ChatCompletionRequest` (type
 Out: dicts shaped as OpenAI's `chat.completion` / `chat.completion.chunk` objects and its error body
      `{"error": {"message", "type", "param", "code"}}`.
 Unknown fields are ignored, as OpenAI's own server does for fields it does not use. Known fields that would shape
-the reply in a way this server does not (a JSON schema, tool calls, penalties, logit biases) are refused by name
-unless they hold their neutral value: a client that asked for JSON or a tool call must not get free text as if it
-were one. The `developer` role (OpenAI's newer name for `system`) is a system message.
+the reply in a way this server does not (a JSON schema, tool calls, penalties, logit biases, an audio reply, a
+web search) are refused by name unless they hold their neutral value: a client that asked for JSON, a tool call
+or audio must not get free text as if it were one. The `developer` role (OpenAI's newer name for `system`) is a
+system message.
 """
 
 from __future__ import annotations
@@ -115,6 +116,9 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: StrictFloat = 0.0
     frequency_penalty: StrictFloat = 0.0
     logit_bias: dict | None = None
+    modalities: list[StrictStr] | None = None  # ["text"] (or ["text", "audio"] for an audio reply)
+    audio: dict | None = None  # the voice and format of an audio reply
+    web_search_options: dict | None = None  # a search before the reply (OpenAI's search models)
 
     @field_validator("response_format")
     @classmethod
@@ -154,6 +158,22 @@ class ChatCompletionRequest(BaseModel):
     def _unsupported_logit_bias(cls, value):
         if value:
             raise ValueError(f"not supported by this server: only {{}} (no bias), got {json_excerpt(value)}")
+        return value
+
+    @field_validator("modalities")
+    @classmethod
+    def _unsupported_modalities(cls, value):
+        if value is not None and set(value) - {"text"}:
+            raise ValueError(f"only [\"text\"] is supported: this server replies in text only, got "
+                             f"{json_excerpt(value)}")
+        return value
+
+    @field_validator("audio", "web_search_options")
+    @classmethod
+    def _unsupported_audio_or_search(cls, value, info):
+        if value is not None:
+            what = "replies in text only (no audio)" if info.field_name == "audio" else "searches nothing"
+            raise ValueError(f"not supported: this server {what}, got {json_excerpt(value)}")
         return value
 
     @field_validator("temperature", "top_p")

@@ -60,3 +60,24 @@ def test_avx512_vnni_caps_onednn_below_amx():
     assert "aten AVX512" in out
     isa = [line for line in out.splitlines() if line.startswith("onednn_verbose") and ",isa:" in line]
     assert isa and "bfloat16" in isa[0] and "AMX" not in isa[0], isa
+
+
+@pytest.mark.skipif(not gemv.NATIVE, reason="needs the native extension")
+def test_isa_tables_the_emulated_cpu_lacks_are_refused_before_the_run():
+    """`--emulate-cpu avx2 --isa avx2` ran our avx2_vnni table (the avx2 family's best here) beside peers capped at
+    AVX2 without VNNI, and `--isa avx512` the AMX table: a table the emulated CPU lacks is refused, by name."""
+    lacks = {"avx2": {"avx2_vnni", "avx512_core", "avx512_vnni", "avx512_amx"},
+             "avx2_vnni": {"avx512_core", "avx512_vnni", "avx512_amx"},
+             "avx512_core": {"avx2_vnni", "avx512_vnni", "avx512_amx"},
+             "avx512_vnni": {"avx2_vnni", "avx512_amx"}}
+    for name in emulate.EMULATED_CPUS:
+        for table in sorted(USABLE):
+            if table in lacks[name]:
+                with pytest.raises(InputError, match=f"^--isa {table} is not a table of the CPU --emulate-cpu {name} "):
+                    emulate.check_tables(name, ["scalar", table])
+            else:
+                emulate.check_tables(name, [table])
+    if "avx2_vnni" in USABLE:
+        with pytest.raises(InputError, match="^--isa avx2 picks avx2_vnni on this CPU, which is not a table of the "
+                                             "CPU --emulate-cpu avx2 stands for: name some of avx2_maddubs, scalar$"):
+            bench_main(["real", "--emulate-cpu", "avx2", "--isa", "avx2", "--no-llama-cpp"])

@@ -39,12 +39,16 @@ def test_bad_records_are_counted_and_never_trained_on(spec):
         {"id": "two-markers", "image": "img0.png", "conversations": [{"from": "human", "value": "<image><image>"}, a]},
         {"id": "corrupt", "image": "corrupt.jpg", "conversations": [q, a]},  # exists: found when decoded
         "not a record",
+        {"id": "number-reply", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": 5}]},
+        {"id": "system-turn", "conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"}, a]},
     ]
     records = good + bad
     examples, skipped = check_records(records, spec)
-    assert [e.index for e in examples] == [0, 1, 2, len(records) - 2]
+    assert [e.index for e in examples] == [0, 1, 2, len(records) - 4]
     assert skipped == Counter({"missing image file": 1, "no assistant turn": 1, "not a record with 'conversations'": 1,
-                               "<image> count does not match the images": 3})
+                               "<image> count does not match the images": 3,
+                               "a gpt turn's 'value' is int, not a string": 1,
+                               "a conversation turn has role 'system' (expected human/gpt)": 1})
     stage1_examples, stage1_skipped = check_records(good, spec, text_only_ok=False)
     assert len(stage1_examples) == 2 and sum(stage1_skipped.values()) == 1
 

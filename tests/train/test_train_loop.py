@@ -400,6 +400,70 @@ def test_skipped_records_are_pointed_at(tiny_ckpt, image_folder, tmp_path, capsy
                                              "(first: records[5])"), err
 
 
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(tiny_ckpt, image_folder, tmp_path, capsys,
+                                                               monkeypatch):
+    """--resume of a run that had finished ran its steps after the newest checkpoint again and rewrote its
+    outputs, saying nothing. Now one line says it is finished (exit 0), before any load, and no file changes;
+    asking for more steps is the usual refusal (exit 2)."""
+    data = write_data(tmp_path / "d.json", make_records(6))
+    out = tmp_path / "out"
+    argv = ["train", "--stage", "2", "--model", tiny_ckpt, "--data", data, "--image-folder", image_folder,
+            "--output", str(out), "--batch-size", "2", "--max-steps", "3", "--save-every", "2", "--log-every", "1000"]
+    assert cli_main(argv) == 0
+    capsys.readouterr()
+
+    def files():
+        return {str(p.relative_to(out)): (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+
+    before = files()
+    assert "checkpoint-2/trainer_state.json" in before and len(before) > 6
+    monkeypatch.setattr(ckpt, "load_base", lambda *a, **k: pytest.fail("the checkpoint loaded"))
+    assert cli_main(argv + ["--resume"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"llava-fast train: the run in {out} is finished: its 3 steps ran and its outputs are written; "
+                   "nothing to resume (to train further, start a new run from what it wrote, in another --output)"]
+    assert files() == before
+    assert cli_main([a if a != "3" else "5" for a in argv] + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--max-steps was 3, now 5" in err[0], err
+    assert files() == before
+    monkeypatch.undo()
+    assert cli_main(argv + ["--overwrite"]) == 0  # a replaced run is not finished until it finishes
+    assert not (out / "checkpoint-2").exists() or files()["checkpoint-2/trainer_state.json"][1] != \
+        before["checkpoint-2/trainer_state.json"][1]
+
+
+def test_progress_writes_to_stderr_as_it_is_when_the_run_starts(monkeypatch):
+    """Progress's stream was sys.stderr as it was when the trainer was imported: a run after stderr was replaced
+    (and the old one closed, as a test's capture does) failed with "I/O operation on closed file"."""
+    import io
+
+    from llava_fast.train.trainer import Progress
+
+    now = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", now)
+    progress = Progress(2, 1)
+    progress.update({"step": 2, "loss": 1.25, "lr": 1e-5, "tokens_per_s": 1234.0, "samples_per_s": 2.5}, 0)
+    assert now.getvalue() == "step 2/2 | loss 1.2500 | lr 1.00e-05 | 1,234 tok/s | 2.5 samples/s | ETA 0:00:00\n"
+
+
+def test_strict_refuses_bad_records_before_the_weights_load(tiny_ckpt, image_folder, tmp_path, capsys,
+                                                             monkeypatch):
+    """--strict found a bad record only after the base model loaded (a minute at 7B); the data is checked with
+    the checkpoint's config and tokenizer alone, and so is a record past --max-length without --strict."""
+    q, a = {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}
+    data = write_data(tmp_path / "d.json", make_records(3) + [{"id": "x", "image": "nope.png",
+                                                                "conversations": [q, a]}])
+    monkeypatch.setattr(ckpt, "load_base", lambda *a, **k: pytest.fail("the checkpoint loaded before the check"))
+    argv = ["train", "--stage", "2", "--model", tiny_ckpt, "--data", data, "--image-folder", image_folder,
+            "--output", str(tmp_path / "out"), "--batch-size", "2", "--max-steps", "1"]
+    assert cli_main(argv + ["--strict"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("llava-fast: error: --strict: 1 bad record in ") and \
+        "1 x missing image file (first: records[3], id 'x')" in err[0], err
+    assert not os.path.exists(tmp_path / "out" / "train_log.jsonl")
+
+
 def test_a_step_does_not_depend_on_how_its_batch_is_cut(tiny_ckpt, image_folder, tmp_path):
     """The loss is the mean over the global batch's target tokens: 8 x 1, 4 x 2 and 1 x 8 (batch x accumulation)
     give the same loss and gradient norm; a mean of micro-batch means would not."""
