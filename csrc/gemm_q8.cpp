@@ -58,10 +58,10 @@ const char* gemm_q8_check(const GemvArgs& a) {
 
 namespace {
 
-// x quantized once per call, read by every thread; xsum: what the offset-binary weight's 128 multiplies; xq16:
-// xq widened for a table whose panel multiplies int16 (kernels.h gemm_q8_x16). Rows are quantized on the pool's
-// threads (each row on its own: the same bytes however they are split): on one thread this took ~12 of the
-// ~60 ms SmolLM2-135M's projections take at 127 rows on the AVX-VNNI table (Xeon, 2 threads).
+// x quantized once per call, read by every thread; xsum: what the offset-binary weight's 128 multiplies; xq16
+// instead of xsum: xq widened for a table whose panel multiplies signed int16 (kernels.h gemm_q8_x16). Rows are
+// quantized on the pool's threads (each row on its own: the same bytes however they are split): on one thread this
+// took ~12 of the ~60 ms SmolLM2-135M's projections take at 127 rows on the AVX-VNNI table (Xeon, 2 threads).
 struct QuantizedBuffers {
   std::vector<int8_t> xq;
   std::vector<float> xs;
@@ -71,8 +71,12 @@ struct QuantizedBuffers {
   QuantizedRows build(const float* x, int64_t x_stride, int64_t M, int64_t K, bool wide, int threads) {
     const int64_t B = (K + 31) / 32;
     QuantizedRows r{M, K, B, 0, B * 32, 32, nullptr, nullptr, nullptr, nullptr};
-    xq.resize(M * r.kp), xs.resize(M * B), xsum.resize(M * B);
-    if (wide) xq16.resize(M * r.kp);
+    xq.resize(M * r.kp), xs.resize(M * B);
+    if (wide) {
+      xq16.resize(M * r.kp);
+    } else {
+      xsum.resize(M * B);
+    }
     const int64_t kp = r.kp;
     const int parts = int(std::min<int64_t>(M, int64_t(threads) * 4));
     parallel_for(threads, parts, [&](int i) {
@@ -80,16 +84,20 @@ struct QuantizedBuffers {
         int8_t* q = &xq[m * kp];
         std::fill(q + K, q + kp, int8_t(0));  // zeros past K
         quantize_activations_q8(x + m * x_stride, K, q, &xs[m * B]);
+        if (wide) {  // the int16 panel's weights are signed: no offset to correct, no xsum
+          int16_t* q16 = &xq16[m * kp];
+          for (int64_t k = 0; k < kp; ++k) q16[k] = q[k];
+          continue;
+        }
         for (int64_t b = 0; b < B; ++b) {
           int32_t sum = 0;
           for (int j = 0; j < 32; ++j) sum += q[b * 32 + j];
           xsum[m * B + b] = sum;
         }
-        if (wide)
-          for (int64_t k = 0; k < kp; ++k) xq16[m * kp + k] = q[k];
       }
     });
-    r.xq = xq.data(), r.xs = xs.data(), r.xsum = xsum.data(), r.xq16 = wide ? xq16.data() : nullptr;
+    r.xq = xq.data(), r.xs = xs.data();
+    r.xsum = wide ? nullptr : xsum.data(), r.xq16 = wide ? xq16.data() : nullptr;
     return r;
   }
 };

@@ -717,7 +717,7 @@ void gemm_q4_panel(const GemvArgs& a, const QuantizedRows& x, int64_t n0, float*
 // MR x rows against 16 outputs (two vectors): 4 x MR accumulators + the weight vectors within the 16 ymm registers.
 // With AVX-VNNI the panel holds the stored bytes u (VPDPBUSD's unsigned operand) and each block's integer sums
 // start at -128 x the x row's block sum (exact), as the GEMV does: one instruction per 32 products.
-// Without, the byte panel's signed weights u - 128 are widened once per panel to int16 pairs (kernels.h), and x_q
+// Without, the signed weights u - 128 are repacked as int16 pairs (pack_q8_panel_x16; kernels.h), and x_q
 // comes as int16 pairs too (QuantizedRows::xq16): one VPMADDWD (16 products, exact int32 pair sums) and one add per
 // 16 products. The GEMV's way, |w| times x_q with w's sign (VPSIGNB, VPMADDUBSW, VPMADDWD, add: 3 of its 4
 // instructions on the two multiply ports of Intel cores) did 32 products in 3 port-0/1 cycles (1.5 per 16) against
@@ -777,19 +777,37 @@ void q8_panel_tile(const uint8_t* w, const float* scales, const QuantizedRows& x
   q8_store(acc, scales, m0, h, n_valid, y, y_stride);
 }
 #else
-// The byte panel's block b (8 steps of 4 k, 32 rows x 4 signed bytes) -> 16 steps of 2 k, 32 rows x 2 int16 each
-// (row j's pair at 4j): per 32-bit word (w0 w1 w2 w3), the pairs (w0, w1) and (w2, w3) sign-extended.
-inline void widen_q8_block(const uint8_t* bytes, int16_t* out) {
-  for (int s = 0; s < 8; ++s)
-    for (int v = 0; v < 4; ++v) {
-      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + s * 128 + 32 * v));
-      const __m256i even = _mm256_srai_epi16(_mm256_slli_epi16(q, 8), 8);  // w0, w2 as int16
-      const __m256i odd = _mm256_srai_epi16(q, 8);                         // w1, w3
-      const __m256i first = _mm256_blend_epi16(even, _mm256_slli_epi32(odd, 16), 0xAA);   // (w0, w1)
-      const __m256i second = _mm256_blend_epi16(_mm256_srli_epi32(even, 16), odd, 0xAA);  // (w2, w3)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (2 * s) * 64 + 16 * v), first);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (2 * s + 1) * 64 + 16 * v), second);
+// Rows n0 .. n0 + 31 straight into the int16 panel (kernels.h: per block, 16 steps of 2 k, row j's pair at 4j) and
+// their scales. Per block and 8 rows: the signed bytes u ^ 0x80 sign-extended in place (even bytes: shift left and
+// back, odd: shift right), interleaved to int16 pairs (one 32-bit word per 2 k: words 0-3 | 8-11 and 4-7 | 12-15
+// per 128-bit lane), and two 8 x 8 word transposes. Before, the byte panel was written, read back and widened:
+// 8 + 16 stores and 8 + 8 loads per 8 rows and block here 16 and 8; SmolLM2-135M's four projections at 127 rows,
+// 30 layers, the repack 9% of the int8 prefill's samples on this table (perf, Xeon, 2 threads).
+void pack_q8_panel_x16(const GemvArgs& a, int64_t n0, int16_t* w, float* scales) {
+  const int64_t K = a.k, B = (K + 31) / 32, rows = std::min<int64_t>(kQ8Panel, a.n - n0);
+  const uint8_t* src = static_cast<const uint8_t*>(a.w) + n0 * K;
+  for (int64_t b = 0; b < B; ++b)
+    for (int g = 0; g < kQ8Panel / 8; ++g) {
+      __m256i lo[8], hi[8], out[8];
+      for (int i = 0; i < 8; ++i) {
+        const __m256i q = load_q8_block(src, K, B, b, 8 * g + i, rows, 0x80);
+        const __m256i even = _mm256_srai_epi16(_mm256_slli_epi16(q, 8), 8), odd = _mm256_srai_epi16(q, 8);
+        lo[i] = _mm256_unpacklo_epi16(even, odd);  // pairs (k/2) 0-3 | 8-11
+        hi[i] = _mm256_unpackhi_epi16(even, odd);  // pairs 4-7 | 12-15
+      }
+      int16_t* wb = w + b * 16 * 64 + g * 16;
+      transpose_8x8_epi32(lo, out);
+      for (int s = 0; s < 4; ++s) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(wb + s * 64), out[s]);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(wb + (s + 8) * 64), out[s + 4]);
+      }
+      transpose_8x8_epi32(hi, out);
+      for (int s = 0; s < 4; ++s) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(wb + (s + 4) * 64), out[s]);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(wb + (s + 12) * 64), out[s + 4]);
+      }
     }
+  pack_q8_scales(a, n0, scales);
 }
 
 template <int MR>
@@ -832,9 +850,8 @@ void gemm_q8_panel(const GemvArgs& a, const QuantizedRows& x, int64_t n0, float*
   pack_q8_panel(a, n0, panel, scales, 0);
   const uint8_t* w = panel;
 #else
-  pack_q8_panel(a, n0, panel, scales, 0x80);
-  int16_t* w = reinterpret_cast<int16_t*>(panel + x.B * 8 * 128);
-  for (int64_t b = 0; b < x.B; ++b) widen_q8_block(panel + b * 8 * 128, w + b * 16 * 64);
+  int16_t* w = reinterpret_cast<int16_t*>(panel);
+  pack_q8_panel_x16(a, n0, w, scales);
 #endif
   float* yp = y + n0;
   for (int h = 0; h < 2 && 16 * h < n_valid; ++h) {

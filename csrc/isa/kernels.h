@@ -78,10 +78,11 @@ static inline size_t q4_panel_bytes(int64_t K, int64_t G) { return size_t(K / 32
 
 // The int8 GEMM's weight panel: 32 rows repacked k-major. Per 32-block b (B = ceil(K / 32)) and step s (0..7:
 // k = 32b + 4s .. + 3), 128 bytes: row j's 4 weights at 4j (zeros past K and past N; which byte encoding, the
-// stored offset-binary u or the signed u - 128, is the table's). Then room for the same weights as int16 (the AVX2
-// table without VNNI: per block, 16 steps of 2 k, row j's pair at 4j), then the rows' scales as float (32).
+// stored offset-binary u or the signed u - 128, is the table's). A table with gemm_q8_x16 holds the signed weights
+// as int16 instead: per block, 16 steps of 2 k, row j's pair at 4j (256 bytes a step). Then the rows' scales as
+// float (32).
 constexpr int kQ8Panel = 32;
-static inline size_t q8_panel_scales_offset(int64_t B) { return size_t(B) * 8 * 128 * 3; }
+static inline size_t q8_panel_scales_offset(int64_t B) { return size_t(B) * 16 * 128; }  // room for the int16 one
 static inline size_t q8_panel_bytes(int64_t K) { return q8_panel_scales_offset((K + 31) / 32) + kQ8Panel * 4; }
 
 using GemvRowsFn = void (*)(const GemvRows& p, int64_t n0, int64_t n1);
