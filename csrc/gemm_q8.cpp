@@ -109,7 +109,8 @@ void gemm_q8(const GemvArgs& a, int threads) {
   const KernelTable& t = kernels();
   const QuantizedRows x = buffers.build(static_cast<const float*>(a.x), a.x_stride, a.m, a.k, t.gemm_q8_x16, threads);
   float* y = static_cast<float*>(a.y);
-  const auto panel = t.gemm_q8_panel;
+  const bool tiles = t.gemm_q8_tiles && a.m >= t.gemm_q8_tiles_min_rows && a.k >= t.gemm_q8_tiles_min_k;
+  const auto panel = tiles ? t.gemm_q8_tiles : t.gemm_q8_panel;
   const size_t bytes = q8_panel_bytes(a.k);
   const int panels = int((a.n + kQ8Panel - 1) / kQ8Panel);
   parallel_for(threads, panels, [&](int i) {

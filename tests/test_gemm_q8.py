@@ -23,7 +23,8 @@ def _int8_layer(N, K, seed=0):
     return quantize_weight(torch.randn(N, K, generator=g) * 0.05 + 0.01, 8, None)
 
 
-@pytest.mark.parametrize("N,K", [(29, 96), (67, 45), (16, 256), (45, 131), (70, 576)])
+# (37, 1091): the AMX table runs its tiles from 16 rows and K = 1024 (70 rows: 4 full 16-row tiles and 6 left).
+@pytest.mark.parametrize("N,K", [(29, 96), (67, 45), (16, 256), (45, 131), (70, 576), (37, 1091)])
 def test_gemm_q8_matches_the_reference_the_gemv_and_its_scalar_loop(N, K):
     layer = _int8_layer(N, K, seed=N)
     gen = torch.Generator().manual_seed(K)
@@ -45,9 +46,10 @@ def test_gemm_q8_matches_the_reference_the_gemv_and_its_scalar_loop(N, K):
             G._C.gemv_use_kernels("best")
 
 
-def test_a_row_gives_the_same_bits_whatever_else_is_in_the_call():
-    layer = _int8_layer(53, 449, seed=3)
-    x = torch.randn(67, 449, generator=torch.Generator().manual_seed(4))
+@pytest.mark.parametrize("K", [449, 1091])
+def test_a_row_gives_the_same_bits_whatever_else_is_in_the_call(K):
+    layer = _int8_layer(53, K, seed=3)
+    x = torch.randn(67, K, generator=torch.Generator().manual_seed(4))
     whole = G.gemm_q8(x, layer, 2)
     for start, stop in [(0, 1), (5, 6), (0, 4), (3, 10), (10, 67), (66, 67)]:
         assert torch.equal(G.gemm_q8(x[start:stop], layer, 2), whole[start:stop]), (start, stop)

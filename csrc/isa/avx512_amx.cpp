@@ -1,8 +1,9 @@
 // The AMX part of the AVX-512 table (kernels.h): the bfloat16 GEMV/GEMM on AMX tiles (TDPBF16PS: a 16 x 32
 // bfloat16 tile times a 32 x 16 one into 16 x 16 float32 sums, 512 multiply-adds per cycle of one core against
 // VDPBF16PS's 2 x 32). Sapphire Rapids and later; compiled with AVX-512 + AMX-TILE/AMX-BF16 flags and used
-// only where the probe found the tile state enabled and Linux granted it (cpu_features.cpp). Every other entry
-// of this table is avx512_vnni's (dispatch.cpp).
+// only where the probe found the tile state enabled and Linux granted it (cpu_features.cpp). With AMX-INT8 also
+// the int8 prefill GEMM's panel on tiles (TDPBSSD, its own section below). Every other entry of this table is
+// avx512_vnni's (dispatch.cpp).
 //
 // Operands: the weight (N, K) is the A tile as stored (16 rows of 32 k, row stride K), so it is never repacked;
 // x is the B tile, packed once per call by bf16_prepare (from bfloat16 or float32 x) into pairs of k (16 rows
@@ -29,6 +30,7 @@
 
 #include "avx512_common.h"
 #include "kernels.h"
+#include "q8_panel_x86.h"
 
 namespace llava_fast {
 namespace {
@@ -713,6 +715,120 @@ AttendKernel attend_kernel_amx(int64_t D, bool bf16) {
   }
 }
 
+
+// ---- The int8 prefill GEMM on tiles (gemm_q8.cpp: the algorithm, its numerics and the scalar reference) -------
+//
+// TDPBSSD: a 16 x 32 int8 tile times a 32 x 16 one into 16 x 16 int32 sums, one 32-k block's exact integer sums
+// for 16 x rows x 16 weight rows per instruction (256 outputs x 32 k, where VPDPBUSD does 16 x 4). Operands:
+//   A  16 x rows as stored in QuantizedRows::xq (row stride kp, zeros past K), so x is never repacked;
+//   B  16 weight rows of the panel (kernels.h's layout is TDPBSSD's B layout: step s's 4 k of row j at 4j;
+//      8 rows of 64 bytes at a stride of 128), packed with the signed weight u - 128, so no -128 * sum(x_q)
+//      correction is needed (the VNNI panel's) and the tile's sums are d_b itself;
+//   C  y's 16 x rows x 16 outputs, d_b for one block: stored and, row by row, acc = fma(float(d_b), x_s, acc),
+//      the scalar panel's operations in its order; y = acc * scale at the end.
+// 32 k per step (not the 64 a tile row holds): one block per product, because each block has its own x_s. A
+// TDPBSSD takes as long at 32 k as at 64 (~4.4 ns measured here), so this runs at half the unit's rate; the C
+// store and the float epilogue (16 loads, converts and FMAs per block) bound it anyway: on a 2-core Sapphire
+// Rapids VM one 16 x 16 x 32 step took ~19 ns in a loop over L1 data (products alone 8.3, epilogue alone 11.2:
+// they share the load and store ports and barely overlap), where the VNNI panel's 128 VPDPBUSD for the same
+// work take ~33. With the panel's other costs (the pack, y's stores, x from L2) the whole GEMM gained
+// 1.06-1.22x over the VNNI panel at K = 1536, 4096 and 11008 and 16-512 rows (2 threads), but only 0.88-1.00x
+// at K = 576 below 512 rows (1.09-1.12x at 512): gemm_q8.cpp runs it from 16 rows and K = 1024 up.
+// Bits: every output is the scalar panel's (tested); rows past M (a last block of fewer than 16 rows runs with
+// a tile configuration of that many rows) and outputs past N are neither read nor stored.
+
+constexpr int kQ8Tile = 16;  // x rows per C tile, and weight rows per half panel
+
+// Tiles 0, 1: C; 2, 3: A (x rows: `rows` x 32 bytes); 4, 5: B (weights: 8 x 64 bytes); block b in C, A, B b % 2,
+// so the loads of one block do not wait for the previous block's product.
+void configure_q8_tiles(int rows) {
+  TileConfig cfg;
+  for (int t = 0; t < 2; ++t) {
+    cfg.colsb[t] = 64, cfg.rows[t] = uint8_t(rows);
+    cfg.colsb[2 + t] = 32, cfg.rows[2 + t] = uint8_t(rows);
+    cfg.colsb[4 + t] = 64, cfg.rows[4 + t] = 8;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// Blocks whose products are stored before their sums are converted, one chunk ahead (2 and 8: no better at
+// 128 x 960 x 576, one thread).
+constexpr int kQ8Chunk = 4;
+
+// acc[i] = fma(float(d[i]), x_s of row i, acc[i]) for the 16 rows of one stored C tile.
+inline void q8_accumulate(__m512 (&acc)[kQ8Tile], const int32_t* d, const float* xs) {
+  #pragma GCC unroll 16
+  for (int i = 0; i < kQ8Tile; ++i)
+    acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(d + 16 * i)), _mm512_set1_ps(xs[i]), acc[i]);
+}
+
+// Blocks b0 .. b1 - 1 (at most kQ8Chunk) into d: products and C stores only.
+inline void q8_products(const int8_t* xa, int64_t kp, const uint8_t* w, int64_t b0, int64_t b1, int32_t (*d)[256]) {
+  for (int64_t b = b0; b < b1; ++b) {
+    if (b % 2 == 0) {
+      for (int r = 0; r < kQ8Tile; ++r) _mm_prefetch(reinterpret_cast<const char*>(xa + r * kp + 32 * b + 256), _MM_HINT_T0);
+      _tile_loadd(2, xa + 32 * b, kp);
+      _tile_loadd(4, w + b * 8 * 128, 128);
+      _tile_zero(0);
+      _tile_dpbssd(0, 2, 4);
+      _tile_stored(0, d[b - b0], 64);
+    } else {
+      _tile_loadd(3, xa + 32 * b, kp);
+      _tile_loadd(5, w + b * 8 * 128, 128);
+      _tile_zero(1);
+      _tile_dpbssd(1, 3, 5);
+      _tile_stored(1, d[b - b0], 64);
+    }
+  }
+}
+
+// x rows m0 .. m0 + rows - 1 (rows <= 16, tiles configured for that many) against one half panel (16 weight
+// rows of w, scales at sc), n_valid of them below N, into y.
+void q8_tile_amx(const uint8_t* w, const float* sc, const QuantizedRows& x, const float* xs, int64_t m0,
+                 int64_t rows, int64_t n0, int64_t n_valid, float* y, int64_t y_stride) {
+  const int64_t B = x.B, kp = x.kp;
+  const int8_t* xa = x.xq + m0 * kp;
+  alignas(64) int32_t d[2][kQ8Chunk][256];
+  __m512 acc[kQ8Tile];
+  for (int i = 0; i < kQ8Tile; ++i) acc[i] = _mm512_setzero_ps();
+  q8_products(xa, kp, w, 0, std::min<int64_t>(B, kQ8Chunk), d[0]);
+  for (int64_t c = 0; c < B; c += kQ8Chunk) {
+    const int64_t next = c + kQ8Chunk;
+    if (next < B) q8_products(xa, kp, w, next, std::min<int64_t>(B, next + kQ8Chunk), d[(c / kQ8Chunk + 1) % 2]);
+    for (int64_t b = c; b < std::min<int64_t>(B, next); ++b) q8_accumulate(acc, d[(c / kQ8Chunk) % 2][b - c], xs + 16 * b);
+  }
+  const __m512 s = _mm512_loadu_ps(sc);
+  const __mmask16 cols = tail16(n_valid);
+  for (int64_t i = 0; i < rows; ++i)
+    _mm512_mask_storeu_ps(y + (m0 + i) * y_stride + n0, cols, _mm512_mul_ps(acc[i], s));
+}
+
+void gemm_q8_panel_amx(const GemvArgs& a, const QuantizedRows& x, int64_t n0, float* y, int64_t y_stride,
+                       uint8_t* panel) {
+  float* scales = reinterpret_cast<float*>(panel + q8_panel_scales_offset(x.B));
+  pack_q8_panel(a, n0, panel, scales, 0x80);
+  const int64_t M = a.m, n_valid = std::min<int64_t>(kQ8Panel, a.n - n0);
+  thread_local PadBuffer xs_buffer;  // x_s of 16 rows, block-major: (B, 16), zeros past M
+  float* xs = reinterpret_cast<float*>(xs_buffer.get(size_t(x.B) * kQ8Tile * 2));
+  int configured = 0;
+  for (int64_t m = 0; m < M; m += kQ8Tile) {
+    const int64_t rows = std::min<int64_t>(kQ8Tile, M - m);
+    if (rows != configured) configure_q8_tiles(int(rows)), configured = int(rows);
+    for (int64_t b = 0; b < x.B; b += 16) {  // 16 rows x 16 blocks, transposed in registers
+      const __mmask16 blocks = tail16(x.B - b);
+      __m512i r[16];
+      for (int i = 0; i < kQ8Tile; ++i)
+        r[i] = i < rows ? _mm512_maskz_loadu_epi32(blocks, x.xs + (m + i) * x.B + b) : _mm512_setzero_si512();
+      transpose16(r);
+      for (int j = 0; j < 16 && b + j < x.B; ++j) _mm512_storeu_si512(xs + (b + j) * kQ8Tile, r[j]);
+    }
+    for (int h = 0; h * kQ8Tile < n_valid; ++h)
+      q8_tile_amx(panel + h * 64, scales + h * kQ8Tile, x, xs, m, rows, n0 + h * kQ8Tile, n_valid - h * kQ8Tile, y,
+                  y_stride);
+  }
+  _tile_release();
+}
+
 }  // namespace
 
 const KernelTable* avx512_amx_kernels() {
@@ -723,6 +839,7 @@ const KernelTable* avx512_amx_kernels() {
     t.gemv_bf16_layout_bytes = bf16_layout_bytes, t.gemv_bf16_prepare = bf16_prepare;
     t.gemv_bf16_writes_y = true;
     t.attend_kernel = attend_kernel_amx;
+    t.gemm_q8_tiles = gemm_q8_panel_amx, t.gemm_q8_tiles_min_rows = kQ8Tile, t.gemm_q8_tiles_min_k = 1024;
     return t;
   }();
   return &table;

@@ -14,7 +14,8 @@
 //   avx512_vnni.cpp  ... unless the CPU also has AVX512_VNNI and AVX512_BF16 (Cooper Lake, Sapphire Rapids,
 //                    Zen 4): then VPDPBUSD / VDPBF16PS kernels on zmm
 //   avx512_amx.cpp   + AMX-TILE / AMX-BF16 (Sapphire Rapids and later): the bfloat16 GEMV/GEMM and the
-//                    attention over bfloat16 K/V caches on tiles (TDPBF16PS); the rest is avx512_vnni's
+//                    attention over bfloat16 K/V caches on tiles (TDPBF16PS), and with AMX-INT8 the int8
+//                    prefill GEMM's larger calls (TDPBSSD); the rest is avx512_vnni's
 //   neon.cpp         ARMv8.2-A + dotprod (SDOT) for int8/int4, FMLA for float32/bfloat16
 // cpu_features.cpp probes the CPU once (CPUID + XGETBV on x86, HWCAP / sysctl on aarch64) and dispatch.cpp
 // picks the best table it supports; LLAVA_FAST_CPU_ISA forces a lower one.
@@ -166,6 +167,12 @@ struct KernelTable {
 
   // The int8 GEMM's panel reads QuantizedRows::xq16 (gemm_q8.cpp builds it only for such a table).
   bool gemm_q8_x16 = false;
+
+  // Optional: a second int8 GEMM panel (gemm_q8_panel's contract) that gemm_q8.cpp runs instead for calls of at
+  // least gemm_q8_tiles_min_rows rows and K >= gemm_q8_tiles_min_k: the AMX table's tiles, which lose to its
+  // VNNI panel below either (avx512_amx.cpp gives the figures).
+  GemmPanelFn gemm_q8_tiles = nullptr;
+  int64_t gemm_q8_tiles_min_rows = 0, gemm_q8_tiles_min_k = 0;
 };
 
 // The tables this build holds (null where not compiled for this architecture or compiler). The avx512 one

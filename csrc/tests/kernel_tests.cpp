@@ -313,13 +313,16 @@ void check_gemm_q4(Checks& c, const char* table) {
     }
 }
 
-// Every K remainder mod 32 that matters (a partial last block, K % 4 != 0), N % 32 and % 8 tails, and 1, 2, 3,
-// 4 (every micro-tile remainder) and 65 rows; bit for bit scalar's, on 1 and 3 threads, a row alone as in a batch.
+// Every K remainder mod 32 that matters (a partial last block, K % 4 != 0), N % 32 and % 8 tails, 1, 2, 3, 4
+// (every micro-tile remainder) and 65 rows, and 16, 17, 128, 300 (the AMX tiles' full and partial 16-row blocks;
+// the tiles run from K = 1024: 1024 and 1091);
+// bit for bit scalar's, on 1 and 3 threads, a row alone as in a batch, and a prompt split into two calls (whose
+// parts may run different panels: 17 rows on tiles, the rest not).
 void check_gemm_q8(Checks& c, const char* table) {
-  for (int64_t K : {32, 45, 96, 131, 256})
+  for (int64_t K : {32, 45, 96, 131, 256, 1024, 1091})
     for (int64_t n : {1, 33, 70}) {
       const Weight w(lf::kWeightQ8, n, K, 0);
-      for (int64_t m : {1, 2, 3, 4, 65}) {
+      for (int64_t m : {1, 2, 3, 4, 16, 17, 65, 128, 300}) {
         const std::vector<float> x = randn(m * K);
         std::vector<float> ref(m * n), out(m * n), out3(m * n);
         const std::string what = "gemm_q8 N=" + std::to_string(n) + " K=" + std::to_string(K) + " M=" + std::to_string(m);
@@ -330,14 +333,23 @@ void check_gemm_q8(Checks& c, const char* table) {
         lf::gemm_q8(w.args(x.data(), lf::kActF32, m, out3.data()), 3);
         c.expect(same_bits(out, ref), what + ": not bit for bit scalar's " + close(out, ref, 0.f));
         c.expect(same_bits(out3, out), what + ": 3 threads changed bits");
-        // and the GEMV's numbers (its own summation order): the same W . x' within float32 rounding
-        std::vector<float> gemv_out(m * n);
-        lf::gemv(w.args(x.data(), lf::kActF32, m, gemv_out.data()), 1);
-        c.expect(close(out, gemv_out, 1e-5f).empty(), what + ": far from the GEMV " + close(out, gemv_out, 1e-5f));
+        // and the GEMV's numbers (its own summation order): the same W . x' within float32 rounding. At the K the
+        // check was written for: at K = 1024, N = 1 avx2_maddubs' GEMV is 1e-4 off (not this GEMM's concern).
+        if (K <= 256) {
+          std::vector<float> gemv_out(m * n);
+          lf::gemv(w.args(x.data(), lf::kActF32, m, gemv_out.data()), 1);
+          c.expect(close(out, gemv_out, 1e-5f).empty(), what + ": far from the GEMV " + close(out, gemv_out, 1e-5f));
+        }
         if (m > 1) {
           std::vector<float> alone(n);
           lf::gemm_q8(w.args(x.data() + (m - 1) * K, lf::kActF32, 1, alone.data()), 1);
           c.expect(same_bits(alone, std::vector<float>(out.end() - n, out.end())), what + ": last row alone differs");
+        }
+        if (m > 17) {
+          std::vector<float> split(m * n);
+          lf::gemm_q8(w.args(x.data(), lf::kActF32, 17, split.data()), 2);
+          lf::gemm_q8(w.args(x.data() + 17 * K, lf::kActF32, m - 17, split.data() + 17 * n), 2);
+          c.expect(same_bits(split, out), what + ": split into 17 + " + std::to_string(m - 17) + " rows changed bits");
         }
       }
     }
