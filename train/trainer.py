@@ -36,6 +36,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+from llava_fast import ops
 from llava_fast.errors import InputError
 from llava_fast.generate import is_integer
 from llava_fast.image import anyres
@@ -207,7 +208,7 @@ class MasterWeights:
     def __init__(self, named_params, dtype, cast_on_use_in=None):
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
-        self.made = None
+        self.made = self.made_grad_sink = None
         if dtype == torch.float32:
             self.masters = self.params
             return
@@ -235,7 +236,7 @@ class MasterWeights:
             module = net.get_submodule(owner)
             if p.dtype != torch.float32:
                 p.data = p.data.float()
-            parametrize.register_parametrization(module, attr, _MasterRounded(dtype, self.made), unsafe=True)
+            parametrize.register_parametrization(module, attr, _MasterRounded(dtype, self), unsafe=True)
         self.masters = self.params  # the model's parameters are the float32 masters now
 
     def casting(self):
@@ -321,15 +322,34 @@ class _MasterRounded(nn.Module):
     """The parametrization of MasterWeights' cast on use: the float32 master -> the weight in `dtype`, recorded
     (by storage address) for casting()'s hooks."""
 
-    def __init__(self, dtype, made):
+    def __init__(self, dtype, masters):
         super().__init__()
-        self.dtype, self.made = dtype, made
+        self.dtype, self.masters = dtype, masters
 
     def forward(self, master):
-        w = master.to(self.dtype)
+        w = _RoundedMaster.apply(master, self.dtype, self.masters)
         if torch.is_grad_enabled():
-            self.made[w.untyped_storage().data_ptr()] = (weakref.ref(w), master)
+            self.masters.made[w.untyped_storage().data_ptr()] = (weakref.ref(w), master)
         return w
+
+
+class _RoundedMaster(torch.autograd.Function):
+    """master.to(dtype), whose backward makes the gradient float32 (as to()'s does), or, while stepping in backward
+    (masters.made_grad_sink set) with nothing accumulated in the master yet, hands the whole `dtype` gradient of a
+    matrix to that sink, which makes it float32 by row chunks (OptimizerInBackward._step_made)."""
+
+    @staticmethod
+    def forward(ctx, master, dtype, masters):
+        ctx.master, ctx.masters = master, masters
+        return master.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        sink, master = ctx.masters.made_grad_sink, ctx.master
+        if sink is None or master.grad is not None or grad.dim() < 2 or grad.layout != torch.strided:
+            return grad.to(torch.float32), None, None
+        sink(master, grad)
+        return None, None, None
 
 
 def casts_weights_on_use(net, dtype, a, lora, dist):
@@ -393,7 +413,7 @@ class OptimizerInBackward:
     16-43 MiB chunk alive at a time instead of a 64-172 MiB gradient at LLaVA-1.5-7B."""
 
     def __init__(self, optimizer, masters, net=None):
-        self.armed, self.squares = False, None
+        self.armed, self.squares, self.masters = False, None, masters
         self.per_tensor = PerTensorUpdate(optimizer, masters)
         for p, m in zip(masters.params, masters.masters):  # registered after the fold: runs after it
             p.register_post_accumulate_grad_hook(partial(self._step, m))
@@ -419,6 +439,7 @@ class OptimizerInBackward:
             self.net.lm_head_grad_sink = partial(self._step_rows, self.net.lm_head.weight)
         for module in self.sinking:
             module.weight_grad_sink = self._step_rows
+        self.masters.made_grad_sink = self._step_made  # cast on use (else unused)
 
     def disarm(self):
         """-> the global gradient norm of the step. Steps any parameter the last backward did not reach."""
@@ -430,6 +451,7 @@ class OptimizerInBackward:
             self.net.lm_head_grad_sink = None
         for module in self.sinking:
             module.weight_grad_sink = None
+        self.masters.made_grad_sink = None
         return self.squares.sqrt()
 
     def _step(self, master, p):
@@ -458,8 +480,25 @@ class OptimizerInBackward:
             if hi == master.shape[0]:
                 master.grad = None
         self.squares += torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+        if not self.norm_only:
+            self._update_rows(master, lo, hi, grad)
+
+    def _step_made(self, master, grad):
+        """A master's whole gradient in the model's dtype (MasterWeights' cast on use, nothing accumulated before it):
+        into the norm (in float32: the norm of its float32 copy bit for bit), then made float32 and stepped by row
+        chunks (VOCAB_ROWS_PER_GRAD_CHUNK, 1024): the float32 gradient never exists whole (501 MiB for LLaVA-1.5-7B's
+        lm_head or embedding table, beside their 251 MiB bf16 one)."""
+        self.squares += torch.linalg.vector_norm(grad, dtype=torch.float32).square()
         if self.norm_only:
             return
+        rows = ops.VOCAB_ROWS_PER_GRAD_CHUNK
+        for lo in range(0, master.shape[0], rows):
+            hi = min(master.shape[0], lo + rows)
+            self._update_rows(master, lo, hi, grad[lo:hi].to(torch.float32, memory_format=torch.contiguous_format))
+
+    def _update_rows(self, master, lo, hi, grad):
+        """The clipped fused AdamW on rows lo:hi of `master` and its moments; the step count moves after the last
+        rows."""
         if self.scale is not None:
             grad.mul_(self.scale)
         group = self.per_tensor.single[master][1]

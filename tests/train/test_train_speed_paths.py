@@ -832,17 +832,27 @@ def test_bf16_weights_made_on_use_give_the_copys_losses_and_weights(tiny_ckpt, i
     """bfloat16 stage 2 full stepping in backward (--two-pass-clipping clipped at 0.5; --step-in-backward with grad
     accumulation 2): the model keeps no bf16 copy of a trained weight (its parameters are the float32 masters, each
     read rounded to bf16, saved for backward as a recipe and made again there), and every loss, logged gradient norm
-    and trained weight equals the copy path's bit for bit (MasterWeights with bf16 parameters, folded gradients)."""
+    and trained weight equals the copy path's bit for bit (MasterWeights with bf16 parameters, folded gradients).
+    With one micro-batch a step each matrix's bf16 gradient goes to the step whole, made float32 by row chunks."""
     from llava_fast.train import trainer
 
     common = dict(precision="bf16", epochs=2, batch_size=4, two_pass_clipping=True, max_grad_norm=0.5) \
         if mode == "two-pass" else dict(precision="bf16", epochs=3, batch_size=2, grad_accum=2, max_grad_norm=0.0,
                                         step_in_backward=True)
-    made, init = [], trainer.MasterWeights._cast_on_use
+    made, init, stepped, step_made = [], trainer.MasterWeights._cast_on_use, [], trainer.OptimizerInBackward._step_made
     monkeypatch.setattr(trainer.MasterWeights, "_cast_on_use", lambda self, net, dtype: (
         made.append(self), init(self, net, dtype)))
+    monkeypatch.setattr(trainer.OptimizerInBackward, "_step_made", lambda self, m, g: (
+        stepped.append((m, g.dtype)), step_made(self, m, g)))
+    monkeypatch.setattr(ops, "VOCAB_ROWS_PER_GRAD_CHUNK", 16)  # the float32 gradient made and stepped by 16 rows
     ours = run(tiny_ckpt, image_folder, tmp_path, make_records(8), "made", **common)
     assert len(made) == 1 and made[0].made is None  # the parametrizations removed after the run
+    matrices = {id(m) for m in made[0].masters if m.dim() == 2}
+    if mode == "two-pass":  # every matrix's bf16 gradient to the row chunks' step, both passes of every step
+        assert {id(m) for m, _ in stepped} == matrices and len(stepped) == 2 * 4 * len(matrices)
+        assert {dtype for _, dtype in stepped} == {torch.bfloat16}
+    else:  # accumulated: the last micro-batch's gradient adds to the first's in float32, as the copy path's
+        assert not stepped
     assert all(p.dtype == torch.bfloat16 for n, p in ours.net.named_parameters() if not n.startswith("vision_tower."))
     monkeypatch.setattr(trainer, "casts_weights_on_use", lambda *args: False)
     copy = run(tiny_ckpt, image_folder, tmp_path, make_records(8), "copy", **common)
