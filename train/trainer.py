@@ -10,11 +10,12 @@ not depend on how the batch is cut into micro-batches or processes: each micro-b
 sum(CE) / (targets in the global batch), and the target count is all-reduced before the backward passes.
 
 Precision (bf16, the GPU default): the model holds every weight in bf16 and the optimizer updates float32
-master copies of the trained ones (`MasterWeights`); under FSDP the float32 shards are the masters and are
-gathered in bf16. Not autocast: autocast casts torch ops, not the Triton kernels behind `llava_fast.ops`, which
-would then meet bf16 activations and float32 weights (the splice kernel rejects that). The forward and
-backward go through `llava_fast.ops`, so on CUDA they run the Triton kernels (attention, splice, fused linear
-cross-entropy, RMSNorm/SwiGLU backward) and on the CPU the torch references.
+master copies of the trained ones (`MasterWeights`; stage 2 full stepping in backward in one process keeps no bf16
+copy: each trained weight is made from its master where an op reads it); under FSDP the float32 shards are the
+masters and are gathered in bf16. Not autocast: autocast casts torch ops, not the Triton kernels behind
+`llava_fast.ops`, which would then meet bf16 activations and float32 weights (the splice kernel rejects that). The
+forward and backward go through `llava_fast.ops`, so on CUDA they run the Triton kernels (attention, splice, fused
+linear cross-entropy, RMSNorm/SwiGLU backward) and on the CPU the torch references.
 """
 
 from __future__ import annotations
