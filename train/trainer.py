@@ -481,25 +481,8 @@ class OptimizerInBackward:
             if hi == master.shape[0]:
                 master.grad = None
         self.squares += torch.linalg.vector_norm(grad, dtype=torch.float32).square()
-        if not self.norm_only:
-            self._update_rows(master, lo, hi, grad)
-
-    def _step_made(self, master, grad):
-        """A master's whole gradient in the model's dtype (MasterWeights' cast on use, nothing accumulated before it):
-        into the norm (in float32: the norm of its float32 copy bit for bit), then made float32 and stepped by row
-        chunks (VOCAB_ROWS_PER_GRAD_CHUNK, 1024): the float32 gradient never exists whole (501 MiB for LLaVA-1.5-7B's
-        lm_head or embedding table, beside their 251 MiB bf16 one)."""
-        self.squares += torch.linalg.vector_norm(grad, dtype=torch.float32).square()
         if self.norm_only:
             return
-        rows = ops.VOCAB_ROWS_PER_GRAD_CHUNK
-        for lo in range(0, master.shape[0], rows):
-            hi = min(master.shape[0], lo + rows)
-            self._update_rows(master, lo, hi, grad[lo:hi].to(torch.float32, memory_format=torch.contiguous_format))
-
-    def _update_rows(self, master, lo, hi, grad):
-        """The clipped fused AdamW on rows lo:hi of `master` and its moments; the step count moves after the last
-        rows."""
         if self.scale is not None:
             grad.mul_(self.scale)
         group = self.per_tensor.single[master][1]
@@ -507,6 +490,17 @@ class OptimizerInBackward:
         _adamw_rows(group, master, lo, hi, grad, state, state["step"].clone())
         if hi == master.shape[0]:
             state["step"].add_(1)
+
+    def _step_made(self, master, grad):
+        """A master's whole gradient in the model's dtype (MasterWeights' cast on use, nothing accumulated before it),
+        made float32 and stepped by row chunks (VOCAB_ROWS_PER_GRAD_CHUNK, 1024) with _step_rows: the float32 gradient
+        never exists whole (501 MiB for LLaVA-1.5-7B's lm_head or embedding table, beside their 251 MiB bf16 one).
+        The norm's squares are summed by chunks too: torch's norm of the whole bf16 tensor in float32 makes that
+        501 MiB copy; the chunks' sum differs from it in the last bits, as lm_head's does in float32."""
+        rows = ops.VOCAB_ROWS_PER_GRAD_CHUNK
+        for lo in range(0, master.shape[0], rows):
+            hi = min(master.shape[0], lo + rows)
+            self._step_rows(master, lo, hi, grad[lo:hi].to(torch.float32, memory_format=torch.contiguous_format))
 
 
 def _plain_linears_trained_in_float32(module, own):
