@@ -135,7 +135,8 @@ class _LinearWeightGradToSink(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, sink):
         ctx.save_for_backward(x, weight)
-        ctx.sink, ctx.has_bias = sink, bias is not None
+        # the parameter itself for the sink (the step's key), not what unpacking the saved tensor gives
+        ctx.sink, ctx.has_bias, ctx.weight = sink, bias is not None, weight
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -144,7 +145,7 @@ class _LinearWeightGradToSink(torch.autograd.Function):
         dy = grad.reshape(-1, grad.shape[-1])  # (N, out)
         dx = torch.mm(dy, weight).view(x.shape) if ctx.needs_input_grad[0] else None
         if ctx.needs_input_grad[1]:
-            weight_grad_rows_to_sink(ctx.sink, weight, dy, x.reshape(-1, x.shape[-1]))
+            weight_grad_rows_to_sink(ctx.sink, ctx.weight, dy, x.reshape(-1, x.shape[-1]))
         return dx, None, dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None, None
 
 
@@ -168,15 +169,18 @@ class _SwiGLUMLPRecomputed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_gate, b_gate, w_up, b_up, w_down, b_down, weight_grad_sink=None):
         ctx.save_for_backward(x, w_gate, b_gate, w_up, b_up, w_down, b_down)
-        ctx.sink = weight_grad_sink
+        # the parameters themselves, for the sink (the step's keys, not what unpacking the saved tensors gives); only
+        # with one: a weight made for this op (the trainer's bf16 cast on use) must not be kept from forward
+        ctx.sink, ctx.weights = weight_grad_sink, None if weight_grad_sink is None else (w_gate, w_up, w_down)
         return F.linear(F.silu(F.linear(x, w_gate, b_gate)) * F.linear(x, w_up, b_up), w_down, b_down)
 
     @staticmethod
     def backward(ctx, grad):
         x, w_gate, b_gate, w_up, b_up, w_down, b_down = ctx.saved_tensors
         want = ctx.needs_input_grad
+        p_gate, p_up, p_down = ctx.weights or (None, None, None)
 
-        def out(k, weight, dy, x):  # a weight's gradient dy^T x, or to the sink by rows (then None)
+        def out(weight, dy, x):  # a weight's gradient dy^T x, or to the sink by rows (then None)
             if ctx.sink is None:
                 return dy.t() @ x
             weight_grad_rows_to_sink(ctx.sink, weight, dy, x)
@@ -186,15 +190,15 @@ class _SwiGLUMLPRecomputed(torch.autograd.Function):
         gate, up = F.linear(x2, w_gate, b_gate), F.linear(x2, w_up, b_up)  # (N, I) each
         silu = F.silu(gate)
         d_h = dy @ w_down  # (N, I); before the sink may step w_down
-        d_w_down = out(5, w_down, dy, silu * up) if want[5] else None  # (C_out, I)
+        d_w_down = out(p_down, dy, silu * up) if want[5] else None  # (C_out, I)
         d_up = d_h * silu
         d_gate = torch.ops.aten.silu_backward(d_h * up, gate)
         del gate, up, silu, d_h
         dx = None
         if want[0]:
             dx = torch.mm(d_gate, w_gate).addmm_(d_up, w_up).view(x.shape)
-        d_w_gate = out(1, w_gate, d_gate, x2) if want[1] else None  # after dx: the sink may step w_gate, w_up
-        d_w_up = out(3, w_up, d_up, x2) if want[3] else None
+        d_w_gate = out(p_gate, d_gate, x2) if want[1] else None  # after dx: the sink may step them
+        d_w_up = out(p_up, d_up, x2) if want[3] else None
         return (dx, d_w_gate, d_gate.sum(0) if want[2] else None, d_w_up, d_up.sum(0) if want[4] else None,
                 d_w_down, dy.sum(0) if want[6] else None, None)
 

@@ -889,9 +889,10 @@ def test_bf16_weights_made_on_use_give_the_copys_losses_and_weights(tiny_ckpt, i
 
 
 def test_bf16_weights_made_on_use_are_not_kept_for_backward():
-    """MasterWeights' cast on use: a linear's bf16 weight read in forward is saved for backward as its recipe (no
-    bf16 tensor of the weight alive between forward and backward), made again in backward from the master, and the
-    master's gradient is the bf16 gradient made float32, as with a bf16 parameter whose gradient is folded."""
+    """MasterWeights' cast on use: a linear's bf16 weight read in forward, and the recomputed MLP's three, are saved
+    for backward as their recipes (no bf16 tensor of a weight alive between forward and backward), made again in
+    backward from the master, and the master's gradient is the bf16 gradient made float32, as with a bf16 parameter
+    whose gradient is folded."""
     from llava_fast.train.trainer import MasterWeights
 
     g = torch.Generator().manual_seed(5)
@@ -906,14 +907,20 @@ def test_bf16_weights_made_on_use_are_not_kept_for_backward():
     ours = MasterWeights([("0.weight", net[0].weight)], torch.bfloat16, net)
     assert ours.masters[0] is ours.params[0] and ours.masters[0].dtype == torch.float32
     assert net[0].weight.dtype == torch.bfloat16 and torch.equal(net[0].weight, w0.to(torch.bfloat16))
-    with ours.casting():
+    mlp = torch.nn.ModuleList(torch.nn.Linear(23, 29, bias=False) for _ in range(2))
+    mlp.append(torch.nn.Linear(29, 23, bias=False))
+    mlp_masters = MasterWeights([(f"{i}.weight", lin.weight) for i, lin in enumerate(mlp)], torch.bfloat16, mlp)
+    with ours.casting(), mlp_masters.casting():
         y = net(x)
+        z = ops.swiglu_mlp_recomputed(x, mlp[0].weight, None, mlp[1].weight, None, mlp[2].weight, None)
     gc.collect()
     with warnings.catch_warnings():  # gc's list holds deprecated module attributes that warn when looked at
         warnings.simplefilter("ignore")
         alive = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.dtype == torch.bfloat16
-                 and o.shape in ((37, 23), (23, 37))]
-    assert not alive  # neither the weight nor its transpose is kept for backward
+                 and o.shape in ((37, 23), (23, 37), (29, 23), (23, 29))]
+    assert not alive  # neither a weight nor its transpose is kept for backward
+    z.sum().backward()
+    assert all(m.grad is not None and m.grad.dtype == torch.float32 for m in mlp_masters.masters)
     y.backward(gy)
 
     copy_net = torch.nn.Sequential(torch.nn.Linear(23, 37, bias=False))
