@@ -13,7 +13,8 @@ back to the OS two (bfloat16) or four (float32) times a step (`return_freed_heap
 allocator setting, so the transformers loop in the same process keeps glibc's defaults). With
 `--max-grad-norm 0` neither engine clips and llava-fast steps each parameter inside backward
 (`train --step-in-backward`), which clipping rules out; `--two-pass-clipping` clips with llava-fast's norm from a
-first, norm-only backward and steps inside a second (`train --two-pass-clipping`).
+first, norm-only backward and steps inside a second (`train --two-pass-clipping`). Stepping in backward, bfloat16
+stage 2 full keeps no bf16 copy of the trained weights (the trainer's `casts_weights_on_use`).
 
 Same for both: the weights (transformers' model gets llava-fast's random weights, and peft's lora_A the same
 draw, so the first-step losses agree to float tolerance; the table shows both), the batch (B rows of BOS +
