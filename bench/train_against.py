@@ -13,7 +13,8 @@ back to the OS two (bfloat16) or four (float32) times a step (`return_freed_heap
 allocator setting, so the transformers loop in the same process keeps glibc's defaults). With
 `--max-grad-norm 0` neither engine clips and llava-fast steps each parameter inside backward
 (`train --step-in-backward`), which clipping rules out; `--two-pass-clipping` clips with llava-fast's norm from a
-first, norm-only backward and steps inside a second (`train --two-pass-clipping`).
+first, norm-only backward and steps inside a second (`train --two-pass-clipping`). Stepping in backward, bfloat16
+stage 2 full keeps no bf16 copy of the trained weights (the trainer's `casts_weights_on_use`).
 
 Same for both: the weights (transformers' model gets llava-fast's random weights, and peft's lora_A the same
 draw, so the first-step losses agree to float tolerance; the table shows both), the batch (B rows of BOS +
@@ -159,12 +160,14 @@ def build_llava_fast(source, stage, lora, dtype, settings):
     for p in net.parameters():
         if not p.requires_grad:
             p.data = p.data.to(dtype)
-    masters = MasterWeights(llm + projector, dtype)
-    device = source.lm_head.weight.device
-    optimizer = make_optimizer([{"params": masters.masters, "lr": settings["lr"]}], 0.0, device)
     max_norm = settings.get("max_grad_norm", 1.0)
     # the trainer's paths for one micro-batch a step in one process
     two_pass = settings.get("two_pass_clipping", False)  # train --two-pass-clipping
+    # bfloat16 stepping in backward: no bf16 copy of the trained weights (the trainer's casts_weights_on_use)
+    cast_on_use = dtype != torch.float32 and (two_pass or max_norm == 0) and not lora
+    masters = MasterWeights(llm + projector, dtype, net if cast_on_use else None)
+    device = source.lm_head.weight.device
+    optimizer = make_optimizer([{"params": masters.masters, "lr": settings["lr"]}], 0.0, device)
     from_model_grads = (StepFromModelGrads(optimizer, masters) if dtype != torch.float32 and max_norm > 0
                         and not two_pass else None)
     if not from_model_grads:
@@ -183,13 +186,19 @@ def build_llava_fast(source, stage, lora, dtype, settings):
     def step():
         if two_pass:  # the first pass only takes the norm (the trainer's _Stepper.step)
             in_backward.arm(device, norm_only=True)
-            net.loss(ids, labels, pixels).backward()
+            with masters.casting():
+                first = net.loss(ids, labels, pixels)
+            if trim_in_backward:
+                return_freed_heap()
+            first.backward()
+            del first
             if trim:
                 return_freed_heap()
             in_backward.arm(device, scale=clip_factor(in_backward.disarm(), max_norm))
         elif in_backward:
             in_backward.arm(device)
-        loss = net.loss(ids, labels, pixels)
+        with masters.casting():
+            loss = net.loss(ids, labels, pixels)
         if trim_in_backward:  # the trainer's: freed heap back to the OS (return_freed_heap)
             return_freed_heap()
         loss.backward()

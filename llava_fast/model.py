@@ -151,21 +151,24 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.H * self.D, C, bias=bias)
         self.qkv_proj = None  # q/k/v as one weight, after fuse_projections()
         self.window = cfg.sliding_window or 0  # Mistral: each position sees the last `window` keys; 0: all
+        self.weight_grad_sink = None  # training: see ops.linear_weight_grad_to_sink (plain linears)
 
     def forward(self, x, rope, cache, start_pos, seq_lens, rows=None):
         """rows: (M,) flat indices into the B*T positions: o_proj runs on those rows only -> (M, C)."""
         B, T, _ = x.shape
+        sink = self.weight_grad_sink
         if self.qkv_proj is not None:  # one GEMM reads the three weights in one pass
             q, k, v = self.qkv_proj(x).split((self.H * self.D, self.Hkv * self.D, self.Hkv * self.D), dim=-1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = (ops.linear_weight_grad_to_sink(x, lin, sink) for lin in (self.q_proj, self.k_proj, self.v_proj))
         q, k, v = q.view(B, T, self.H, self.D), k.view(B, T, self.Hkv, self.D), v.view(B, T, self.Hkv, self.D)
         if cache is None:  # training / full-sequence logits: positions 0..T-1, causal
             out = ops.rotary_causal_attention(q, k, v, *rope, self.window)
         else:  # inference: K/V written into the static cache in place
             out = ops.rotary_cached_attention(q, k, v, *rope, cache[0], cache[1], start_pos, seq_lens, self.window)
         out = out.reshape(B, T, self.H * self.D)
-        return self.o_proj(out if rows is None else ops.select_rows(out.view(B * T, -1), rows))
+        out = out if rows is None else ops.select_rows(out.view(B * T, -1), rows)
+        return ops.linear_weight_grad_to_sink(out, self.o_proj, sink)
 
 
 class LlamaMLP(nn.Module):
@@ -176,18 +179,19 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.gate_up_proj = None  # gate/up as one weight, after fuse_projections()
         self.recompute = False  # training: keep only x, recompute gate/up/SwiGLU in backward (plain linears)
-        self.weight_grad_sink = None  # with recompute: see ops.swiglu_mlp_recomputed
+        self.weight_grad_sink = None  # training: see ops.swiglu_mlp_recomputed, ops.linear_weight_grad_to_sink
 
     def forward(self, x):
         if self.recompute and torch.is_grad_enabled():
             g, u, d = self.gate_proj, self.up_proj, self.down_proj
             return ops.swiglu_mlp_recomputed(x, g.weight, g.bias, u.weight, u.bias, d.weight, d.bias,
                                              self.weight_grad_sink)
+        sink = self.weight_grad_sink
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(ops.swiglu(gate, up))
+            gate, up = (ops.linear_weight_grad_to_sink(x, lin, sink) for lin in (self.gate_proj, self.up_proj))
+        return ops.linear_weight_grad_to_sink(ops.swiglu(gate, up), self.down_proj, sink)
 
 
 def fuse_linears(module, names, fused_name):

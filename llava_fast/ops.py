@@ -108,6 +108,55 @@ class _SwiGLUSavingInputs(torch.autograd.Function):
         return d_gate, d_up
 
 
+# Training with the optimizer's step inside backward (the trainer's OptimizerInBackward): a float32 weight's
+# gradient goes to weight_grad_sink(weight, lo, hi, rows' gradient) WEIGHT_GRAD_ROWS_PER_CHUNK output rows at a
+# time, each formed after the last op that reads the weight and stepped at once, instead of one whole gradient
+# returned to autograd: 16 MiB alive instead of 64 MiB for a 4096 x 4096 projection and 43 instead of 172 MiB for
+# an 11008-wide MLP weight at LLaVA-1.5-7B, float32. A row chunk's GEMM dy[:, lo:hi]^T x gives the whole GEMM's
+# rows bit for bit where the BLAS sums each element over the tokens in one order, as MKL does for 1024-row chunks
+# at 640 and 2048 tokens (7B shapes, 2 threads; 256-row chunks of 512 x 512 at 2048 tokens split the token sum
+# across threads and differ in the last bits). 1024: a multiple of 16 rows, the fused AdamW's unit, so the rows'
+# updates are the whole tensor's (step_row_sparse in the trainer).
+WEIGHT_GRAD_ROWS_PER_CHUNK = 1024
+
+
+def weight_grad_rows_to_sink(sink, weight, dy, x):
+    """The gradient dy^T x of `weight` (out, in) to sink(weight, lo, hi, rows lo:hi) by WEIGHT_GRAD_ROWS_PER_CHUNK
+    output rows; dy (N, out), x (N, in)."""
+    for lo in range(0, weight.shape[0], WEIGHT_GRAD_ROWS_PER_CHUNK):
+        hi = min(weight.shape[0], lo + WEIGHT_GRAD_ROWS_PER_CHUNK)
+        sink(weight, lo, hi, dy[:, lo:hi].t() @ x)
+
+
+class _LinearWeightGradToSink(torch.autograd.Function):
+    """F.linear whose weight gradient goes to a sink by row chunks (weight_grad_rows_to_sink) after dx = dy W is
+    formed (the sink steps W). dx and the bias gradient are autograd's own ops for F.linear, so they are its bits."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, sink):
+        ctx.save_for_backward(x, weight)
+        # the parameter itself for the sink (the step's key), not what unpacking the saved tensor gives
+        ctx.sink, ctx.has_bias, ctx.weight = sink, bias is not None, weight
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        dy = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        dx = torch.mm(dy, weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        if ctx.needs_input_grad[1]:
+            weight_grad_rows_to_sink(ctx.sink, ctx.weight, dy, x.reshape(-1, x.shape[-1]))
+        return dx, None, dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None, None
+
+
+def linear_weight_grad_to_sink(x, linear, sink=None):
+    """linear(x) for an nn.Linear; with a sink (and grad enabled) its weight's gradient goes to
+    sink(weight, lo, hi, rows) inside backward (see WEIGHT_GRAD_ROWS_PER_CHUNK) instead of .grad."""
+    if sink is None or not torch.is_grad_enabled():
+        return linear(x)
+    return _LinearWeightGradToSink.apply(x, linear.weight, linear.bias, sink)
+
+
 class _SwiGLUMLPRecomputed(torch.autograd.Function):
     """The LLaMA MLP, down(silu(gate(x)) * up(x)), keeping only its input x for backward, which recomputes gate
     and up (one more pair of GEMMs) and the SwiGLU. Autograd through the three linears keeps gate, up and the
@@ -120,45 +169,45 @@ class _SwiGLUMLPRecomputed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_gate, b_gate, w_up, b_up, w_down, b_down, weight_grad_sink=None):
         ctx.save_for_backward(x, w_gate, b_gate, w_up, b_up, w_down, b_down)
-        ctx.sink, ctx.weights = weight_grad_sink, (w_gate, w_up, w_down)
+        # the parameters themselves, for the sink (the step's keys, not what unpacking the saved tensors gives); only
+        # with one: a weight made for this op (the trainer's bf16 cast on use) must not be kept from forward
+        ctx.sink, ctx.weights = weight_grad_sink, None if weight_grad_sink is None else (w_gate, w_up, w_down)
         return F.linear(F.silu(F.linear(x, w_gate, b_gate)) * F.linear(x, w_up, b_up), w_down, b_down)
 
     @staticmethod
     def backward(ctx, grad):
         x, w_gate, b_gate, w_up, b_up, w_down, b_down = ctx.saved_tensors
         want = ctx.needs_input_grad
+        p_gate, p_up, p_down = ctx.weights or (None, None, None)
 
-        def out(k, weight, make):  # a weight's gradient, to the sink (then None) where there is one
-            if not want[k]:
-                return None
-            g = make()
+        def out(weight, dy, x):  # a weight's gradient dy^T x, or to the sink by rows (then None)
             if ctx.sink is None:
-                return g
-            ctx.sink(weight, g)
+                return dy.t() @ x
+            weight_grad_rows_to_sink(ctx.sink, weight, dy, x)
             return None
 
         x2, dy = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])  # (N, C), (N, C_out)
         gate, up = F.linear(x2, w_gate, b_gate), F.linear(x2, w_up, b_up)  # (N, I) each
         silu = F.silu(gate)
         d_h = dy @ w_down  # (N, I); before the sink may step w_down
-        d_w_down = out(5, ctx.weights[2], lambda s=silu, u=up: dy.t() @ (s * u))  # (C_out, I)
+        d_w_down = out(p_down, dy, silu * up) if want[5] else None  # (C_out, I)
         d_up = d_h * silu
         d_gate = torch.ops.aten.silu_backward(d_h * up, gate)
         del gate, up, silu, d_h
         dx = None
         if want[0]:
             dx = torch.mm(d_gate, w_gate).addmm_(d_up, w_up).view(x.shape)
-        d_w_gate = out(1, ctx.weights[0], lambda: d_gate.t() @ x2)  # after dx: the sink may step w_gate, w_up
-        d_w_up = out(3, ctx.weights[1], lambda: d_up.t() @ x2)
+        d_w_gate = out(p_gate, d_gate, x2) if want[1] else None  # after dx: the sink may step them
+        d_w_up = out(p_up, d_up, x2) if want[3] else None
         return (dx, d_w_gate, d_gate.sum(0) if want[2] else None, d_w_up, d_up.sum(0) if want[4] else None,
                 d_w_down, dy.sum(0) if want[6] else None, None)
 
 
 def swiglu_mlp_recomputed(x, w_gate, b_gate, w_up, b_up, w_down, b_down, weight_grad_sink=None):
     """down(silu(gate(x)) * up(x)) for training, saving only x for backward (see _SwiGLUMLPRecomputed).
-    weight_grad_sink(weight, grad): takes each of the three weights' gradients as soon as backward forms it (the
-    trainer steps it and frees it: one (I, C) gradient alive at a time, not three, 172 MiB each at LLaVA-1.5-7B
-    float32) instead of returning them to autograd together."""
+    weight_grad_sink(weight, lo, hi, rows): takes the three weights' gradients by row chunks as backward forms them
+    (see WEIGHT_GRAD_ROWS_PER_CHUNK) instead of returning them to autograd together (3 x 172 MiB at LLaVA-1.5-7B
+    float32)."""
     return _SwiGLUMLPRecomputed.apply(x, w_gate, b_gate, w_up, b_up, w_down, b_down, weight_grad_sink)
 
 

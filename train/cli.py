@@ -58,11 +58,13 @@ def build_parser():
                    "clipping; default 1.0)")
     p.add_argument("--step-in-backward", action="store_true", help="update each parameter during backward as soon "
                    "as its gradient is final, so all gradients never exist at once (less memory, same losses; needs "
-                   "--max-grad-norm 0 and one process)")
+                   "--max-grad-norm 0 and one process; bf16 stage 2 full also keeps no bf16 copy of the trained "
+                   "weights, each made from its float32 master where an op reads it)")
     p.add_argument("--two-pass-clipping", action="store_true", help="with clipping: a first forward + backward "
                    "only takes the gradient norm, a second steps each parameter during backward with its clipped "
                    "gradient, so all gradients never exist at once (4 bytes a trained parameter less, for a second "
-                   "forward + backward; same losses to float32 rounding; one process, --grad-accum 1)")
+                   "forward + backward; same losses to float32 rounding; one process, --grad-accum 1; bf16 stage 2 "
+                   "full: no bf16 copy of the trained weights either, as --step-in-backward)")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     p.add_argument("--recompute-mlp", action="store_true", help="with --no-gradient-checkpointing, stage 2 full: each "
                    "decoder MLP keeps only its input and recomputes gate, up and SwiGLU in backward (a third of the "

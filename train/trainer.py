@@ -10,11 +10,12 @@ not depend on how the batch is cut into micro-batches or processes: each micro-b
 sum(CE) / (targets in the global batch), and the target count is all-reduced before the backward passes.
 
 Precision (bf16, the GPU default): the model holds every weight in bf16 and the optimizer updates float32
-master copies of the trained ones (`MasterWeights`); under FSDP the float32 shards are the masters and are
-gathered in bf16. Not autocast: autocast casts torch ops, not the Triton kernels behind `llava_fast.ops`, which
-would then meet bf16 activations and float32 weights (the splice kernel rejects that). The forward and
-backward go through `llava_fast.ops`, so on CUDA they run the Triton kernels (attention, splice, fused linear
-cross-entropy, RMSNorm/SwiGLU backward) and on the CPU the torch references.
+master copies of the trained ones (`MasterWeights`; stage 2 full stepping in backward in one process keeps no bf16
+copy: each trained weight is made from its master where an op reads it); under FSDP the float32 shards are the
+masters and are gathered in bf16. Not autocast: autocast casts torch ops, not the Triton kernels behind
+`llava_fast.ops`, which would then meet bf16 activations and float32 weights (the splice kernel rejects that). The
+forward and backward go through `llava_fast.ops`, so on CUDA they run the Triton kernels (attention, splice, fused
+linear cross-entropy, RMSNorm/SwiGLU backward) and on the CPU the torch references.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -35,6 +37,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+from llava_fast import ops
 from llava_fast.errors import InputError, count
 from llava_fast.generate import is_integer
 from llava_fast.image import anyres
@@ -203,15 +206,72 @@ class MasterWeights:
     added into float32 master gradients (accumulation stays float32); after each step the masters are rounded
     into the model. With float32 parameters (CPU, FSDP's shards) the masters are the parameters themselves."""
 
-    def __init__(self, named_params, dtype):
+    def __init__(self, named_params, dtype, cast_on_use_in=None):
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
+        self.made = self.made_grad_sink = None
         if dtype == torch.float32:
             self.masters = self.params
+            return
+        if cast_on_use_in is not None:
+            self._cast_on_use(cast_on_use_in, dtype)
             return
         self.masters = [p.detach().float().clone().requires_grad_(True) for p in self.params]
         for p in self.params:
             p.data = p.data.to(dtype)
+
+    def _cast_on_use(self, net, dtype):
+        """Keep no `dtype` copy of a trained weight (2 bytes a parameter, 0.9 GiB at LLaVA-1.5-7B's one-layer stage 2
+        full): the model's parameter becomes its float32 master, and reading it (module.weight) gives the master
+        rounded to `dtype` (a parametrization, differentiable: the gradient comes back as the `dtype` gradient made
+        float32, as the fold makes it), made where an op reads it and freed with the op's output; what backward
+        needs of it is made again there (casting()'s saved-tensor hooks), not kept from forward. The rounded master
+        is the weight the copy path holds after each step (copy_to_model rounds the same way), so the same ops see
+        the same bits: losses and updates equal the copy path's. For stepping in backward (the masters step from
+        their own post-accumulate-grad hooks) in one process; not for tied weights (one parameter, two modules)."""
+        from torch.nn.utils import parametrize
+
+        self.made, self.net = {}, net  # made: storage address -> (weakref to a weight made from a master, that master)
+        for name, p in zip(self.names, self.params):
+            owner, _, attr = name.rpartition(".")
+            module = net.get_submodule(owner)
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+            parametrize.register_parametrization(module, attr, _MasterRounded(dtype, self), unsafe=True)
+        self.masters = self.params  # the model's parameters are the float32 masters now
+
+    def casting(self):
+        """Around a forward (cast on use only; else nothing): each saved weight made from a master is kept as the
+        recipe to make it again, not as the tensor."""
+        if self.made is None:
+            return contextlib.nullcontext()
+        made = self.made
+
+        def pack(t):
+            entry = made.get(t.untyped_storage().data_ptr()) if t.layout == torch.strided else None
+            if entry is None:
+                return t
+            made_t, master = entry[0](), entry[1]
+            if made_t is None or made_t.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+                return t  # the address of a freed weight, now another tensor's
+            return master, t.dtype, t.shape, t.stride(), t.storage_offset()
+
+        def unpack(x):
+            if isinstance(x, torch.Tensor):
+                return x
+            master, dtype, shape, stride, offset = x
+            return master.detach().to(dtype).as_strided(shape, stride, offset)
+
+        @contextlib.contextmanager
+        def context():
+            made.clear()
+            try:
+                with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                    yield
+            finally:
+                made.clear()  # packed entries hold their master, not the made weight
+
+        return context()
 
     def fold_grads_in_backward(self):
         """Add each bf16 gradient into its float32 master gradient as soon as backward has finished it (a
@@ -234,6 +294,21 @@ class MasterWeights:
                 if m is not p:
                     p.copy_(m)
 
+    def keep_rounded_weights(self):
+        """After the run, cast on use: each model parameter becomes its master rounded to the compute dtype, as the
+        copy path leaves it (the parametrizations removed; the masters are no longer the model's)."""
+        if self.made is None:
+            return
+        from torch.nn.utils import parametrize
+
+        for name, p in zip(self.names, self.params):
+            owner, _, attr = name.rpartition(".")
+            module = self.net.get_submodule(owner)
+            dtype = getattr(module.parametrizations, attr)[0].dtype
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+            setattr(module, attr, nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad))
+        self.made = None
+
     def state_dict(self):
         return {n: m.detach() for n, m in zip(self.names, self.masters)}
 
@@ -242,6 +317,47 @@ class MasterWeights:
             for n, m in zip(self.names, self.masters):
                 m.copy_(state[n])
         self.copy_to_model()
+
+
+class _MasterRounded(nn.Module):
+    """The parametrization of MasterWeights' cast on use: the float32 master -> the weight in `dtype`, recorded
+    (by storage address) for casting()'s hooks."""
+
+    def __init__(self, dtype, masters):
+        super().__init__()
+        self.dtype, self.masters = dtype, masters
+
+    def forward(self, master):
+        w = _RoundedMaster.apply(master, self.dtype, self.masters)
+        if torch.is_grad_enabled():
+            self.masters.made[w.untyped_storage().data_ptr()] = (weakref.ref(w), master)
+        return w
+
+
+class _RoundedMaster(torch.autograd.Function):
+    """master.to(dtype), whose backward makes the gradient float32 (as to()'s does), or, while stepping in backward
+    (masters.made_grad_sink set) with nothing accumulated in the master yet, hands the whole `dtype` gradient of a
+    matrix to that sink, which makes it float32 by row chunks (OptimizerInBackward._step_made)."""
+
+    @staticmethod
+    def forward(ctx, master, dtype, masters):
+        ctx.master, ctx.masters = master, masters
+        return master.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        sink, master = ctx.masters.made_grad_sink, ctx.master
+        if sink is None or master.grad is not None or grad.dim() < 2 or grad.layout != torch.strided:
+            return grad.to(torch.float32), None, None
+        sink(master, grad)
+        return None, None, None
+
+
+def casts_weights_on_use(net, dtype, a, lora, dist):
+    """Whether a run's bfloat16 model keeps no copy of its trained weights (MasterWeights' cast on use): stepping in
+    backward (--step-in-backward, --two-pass-clipping), stage 2 full, one process, untied embeddings."""
+    return (dtype != torch.float32 and (a.step_in_backward or a.two_pass_clipping) and not lora and dist is None
+            and not a.fsdp and net.lm_head.weight is not net.language_model.embed_tokens.weight)
 
 
 def _fold_grad(master, p):
@@ -293,23 +409,25 @@ class OptimizerInBackward:
     (4 bytes a trained parameter: 28 GB at LLaVA-1.5-7B's stage 2 full) for a second forward and backward.
     With `net` given and lm_head's weight trained in float32 (its own master, untied), its gradient never exists
     whole either: the loss hands it over in vocabulary row chunks (net.lm_head_grad_sink, set while armed), each
-    summed into the norm and stepped at once (`_step_rows`); 501 MiB fewer at LLaVA-1.5-7B's 32064 x 4096."""
+    summed into the norm and stepped at once (`_step_rows`); 501 MiB fewer at LLaVA-1.5-7B's 32064 x 4096. So do the
+    decoder's float32 attention projections and MLP weights, from their ops by row chunks (`weight_grad_sink`): one
+    16-43 MiB chunk alive at a time instead of a 64-172 MiB gradient at LLaVA-1.5-7B."""
 
     def __init__(self, optimizer, masters, net=None):
-        self.armed, self.squares = False, None
+        self.armed, self.squares, self.masters = False, None, masters
         self.per_tensor = PerTensorUpdate(optimizer, masters)
         for p, m in zip(masters.params, masters.masters):  # registered after the fold: runs after it
             p.register_post_accumulate_grad_hook(partial(self._step, m))
-        self.net, self.mlps = None, []
+        self.net, self.sinking = None, []
         if net is not None:
             own = {id(m) for m in self.per_tensor.single} & {id(p) for p in masters.params}  # float32: their own
             head = net.lm_head.weight
             if head is not net.language_model.embed_tokens.weight and id(head) in own:
                 self.net = net
-            # recomputed MLPs hand their three weight gradients over one at a time (ops.swiglu_mlp_recomputed)
-            mlps = [layer.mlp for layer in getattr(net.language_model, "layers", ())]
-            self.mlps = [mlp for mlp in mlps if mlp.recompute and all(
-                id(lin.weight) in own for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))]
+            # the decoder's attention projections and MLPs hand their weights' gradients over by row chunks
+            # (ops.linear_weight_grad_to_sink, ops.swiglu_mlp_recomputed)
+            blocks = [b for layer in getattr(net.language_model, "layers", ()) for b in (layer.self_attn, layer.mlp)]
+            self.sinking = [b for b in blocks if _plain_linears_trained_in_float32(b, own)]
 
     def arm(self, device, scale=None, norm_only=False):
         """The next backward steps every parameter (call before the last micro-batch's backward, with the
@@ -320,8 +438,9 @@ class OptimizerInBackward:
         self.scale, self.norm_only = scale, norm_only
         if self.net is not None:
             self.net.lm_head_grad_sink = partial(self._step_rows, self.net.lm_head.weight)
-        for mlp in self.mlps:
-            mlp.weight_grad_sink = self._take
+        for module in self.sinking:
+            module.weight_grad_sink = self._step_rows
+        self.masters.made_grad_sink = self._step_made  # cast on use (else unused)
 
     def disarm(self):
         """-> the global gradient norm of the step. Steps any parameter the last backward did not reach."""
@@ -331,18 +450,10 @@ class OptimizerInBackward:
         self.armed = False
         if self.net is not None:
             self.net.lm_head_grad_sink = None
-        for mlp in self.mlps:
-            mlp.weight_grad_sink = None
+        for module in self.sinking:
+            module.weight_grad_sink = None
+        self.masters.made_grad_sink = None
         return self.squares.sqrt()
-
-    def _take(self, p, grad):
-        """A float32 parameter's gradient handed over by its op in backward: accumulated into .grad as autograd
-        would, then stepped (and freed) at once."""
-        if p.grad is None:
-            p.grad = grad
-        else:
-            p.grad += grad
-        self._step(p, p)
 
     def _step(self, master, p):
         if not self.armed or master.grad is None:  # None: lm_head's gradient went to _step_rows
@@ -359,7 +470,8 @@ class OptimizerInBackward:
         self.per_tensor.update(master)
 
     def _step_rows(self, master, lo, hi, grad):
-        """Rows lo:hi of `master`'s gradient (lm_head's, from the loss in vocabulary order): into the norm, then,
+        """Rows lo:hi of `master`'s gradient (lm_head's from the loss, a decoder weight's from its op, in row order,
+        each row once): into the norm, then,
         clipped, the fused AdamW on those rows of the weight and its moments; the step count moves after the last
         rows. Bit-equal to the whole tensor's update for a multiple of 16 rows (see step_row_sparse). Earlier
         micro-batches' gradient, accumulated in .grad, is added first (as autograd would) and freed after the last
@@ -378,6 +490,25 @@ class OptimizerInBackward:
         _adamw_rows(group, master, lo, hi, grad, state, state["step"].clone())
         if hi == master.shape[0]:
             state["step"].add_(1)
+
+    def _step_made(self, master, grad):
+        """A master's whole gradient in the model's dtype (MasterWeights' cast on use, nothing accumulated before it),
+        made float32 and stepped by row chunks (VOCAB_ROWS_PER_GRAD_CHUNK, 1024) with _step_rows: the float32 gradient
+        never exists whole (501 MiB for LLaVA-1.5-7B's lm_head or embedding table, beside their 251 MiB bf16 one).
+        The norm's squares are summed by chunks too: torch's norm of the whole bf16 tensor in float32 makes that
+        501 MiB copy; the chunks' sum differs from it in the last bits, as lm_head's does in float32."""
+        rows = ops.VOCAB_ROWS_PER_GRAD_CHUNK
+        for lo in range(0, master.shape[0], rows):
+            hi = min(master.shape[0], lo + rows)
+            self._step_rows(master, lo, hi, grad[lo:hi].to(torch.float32, memory_format=torch.contiguous_format))
+
+
+def _plain_linears_trained_in_float32(module, own):
+    """Whether an attention block's q/k/v/o or an MLP's gate/up/down are all plain nn.Linear (not fused, not LoRA)
+    whose weights are float32 masters of their own (ids in `own`)."""
+    names = ("q_proj", "k_proj", "v_proj", "o_proj") if hasattr(module, "o_proj") else ("gate_proj", "up_proj",
+                                                                                         "down_proj")
+    return all(type(getattr(module, n, None)) is nn.Linear and id(getattr(module, n).weight) in own for n in names)
 
 
 def clip_factor(norm, max_norm):
@@ -758,6 +889,7 @@ def _train(a: TrainArgs, dist, rank, world, device):
     run_log.close()
     run_time = time.perf_counter() - run_start
 
+    run.masters.keep_rounded_weights()  # the model's own names again (the masters stay float32 for the output)
     result.outputs = _write_outputs(a, run.base, run.model, run.masters, run.lora, run.llm_params,
                                     run.projector_params, dist, main)
     if main:
@@ -930,7 +1062,8 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
     module = TrainingLoss(net)
     trained = [n for n, _ in llm_params + projector_params]
     if not a.fsdp:  # DDP must see the final (bf16) parameters
-        run.masters = MasterWeights([(n, net.get_parameter(n)) for n in trained], dtype)
+        cast_on_use = casts_weights_on_use(net, dtype, a, lora, dist)
+        run.masters = MasterWeights([(n, net.get_parameter(n)) for n in trained], dtype, net if cast_on_use else None)
     run.model = _wrap(module, net, a, dist, device)
     if a.fsdp:  # FSDP replaced the parameters by float32 shards
         run.masters = MasterWeights([(n, module.get_parameter(f"net.{n}")) for n in trained], torch.float32)
@@ -1132,7 +1265,12 @@ class _Stepper:
                 # first pass: the gradient norm only, each gradient freed as backward makes it; the forward
                 # and backward run again below, the same way (no dropout), and step each clipped gradient
                 self.in_backward.arm(self.device, norm_only=True)
-                self.model(ids, labels, pixels, scale, features, sizes).backward()
+                with self.masters.casting():
+                    first = self.model(ids, labels, pixels, scale, features, sizes)
+                if self.trim_in_backward:  # as in the second pass
+                    return_freed_heap()
+                first.backward()
+                del first
                 if self.trim:
                     return_freed_heap()
                 norm = self.in_backward.disarm()
@@ -1140,7 +1278,8 @@ class _Stepper:
             elif last and self.in_backward:
                 self.in_backward.arm(self.device)
             with self.model.no_sync() if self.defer_sync and not last else contextlib.nullcontext():
-                loss = self.model(ids, labels, pixels, scale, features, sizes)
+                with self.masters.casting():
+                    loss = self.model(ids, labels, pixels, scale, features, sizes)
                 if self.trim_in_backward:  # the forward's freed temporaries, before backward allocates
                     return_freed_heap()
                 loss.backward()
