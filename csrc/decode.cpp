@@ -281,12 +281,16 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
     float* attn_rows = attn.data();
     const AttendKernel attend = kt.attend_kernel(D, st.bf16);
     if (attend.many) {  // runs of rows sharing a cache row and first key, times the query heads of a KV head
-      // Rows per call: as many as keep the scores (rows x group x keys floats) within ~1 MB of L2 (2,945 keys,
-      // 4 heads per KV head: 21 rows), at least 4 (attend_block's blocks), at most the chunk. A row past the start
-      // of a sliding window has its own first key and goes alone, as in the block path below.
+      // Rows per call: the chunk where the kernel bounds its own scores (AttendKernel::bounds_scores: it builds
+      // the K/V tiles once per call, so once per chunk and KV head); else as many as keep the scores (rows x
+      // group x keys floats) within ~1 MB of L2 (2,945 keys, 4 heads per KV head: 21 rows), at least 4
+      // (attend_block's blocks), at most the chunk. A row past the start of a sliding window has its own first
+      // key and goes alone, as in the block path below.
       int64_t keys_max = 1;
       for (int64_t r = 0; r < rows; ++r) keys_max = std::max<int64_t>(keys_max, positions[r] + 1);
-      const int64_t per_call = std::max<int64_t>(4, std::min<int64_t>(kChunk, (int64_t(1) << 18) / (group * keys_max)));
+      const int64_t per_call = attend.bounds_scores
+                                   ? kChunk
+                                   : std::max<int64_t>(4, std::min<int64_t>(kChunk, (int64_t(1) << 18) / (group * keys_max)));
       thread_local std::vector<int64_t> run_start;
       run_start.clear();
       for (int64_t r = 0; r < rows;) {
@@ -318,7 +322,7 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
             lens[at] = positions[r + i] + 1 - lo;
             Tmax = std::max(Tmax, lens[at]);
           }
-        scratch.resize(n * (Tmax + 1));
+        if (!attend.bounds_scores) scratch.resize(n * (Tmax + 1));  // a kernel that bounds its scores keeps its own
         const int64_t base = slots[r] * cache.row_stride + g * cache.head_stride + lo * cache.pos_stride;
         attend.many(qs.data(), lens.data(), os.data(), n, k_layer + base * kv_elem, v_layer + base * kv_elem,
                     cache.pos_stride * kv_elem, scale, scratch.data());

@@ -105,6 +105,10 @@ struct AttendKernel {
   // q and p rounded to bfloat16 for bfloat16 products (the AMX table): within 5e-3 of the output's scale of the
   // scalar loop, where the float32 kernels are within 1e-5 (csrc/tests/kernel_tests.cpp).
   bool bf16_products = false;
+  // `many` keeps its own scores within L2 however many queries a call has (the AMX table: groups of queries
+  // over K/V panels built once per call), so a caller passes a prompt chunk's queries of a KV head in one call;
+  // false: the caller bounds a call's queries x keys (decode.cpp).
+  bool bounds_scores = false;
 };
 
 struct KernelTable {
