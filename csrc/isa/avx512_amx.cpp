@@ -96,11 +96,12 @@ inline __m256i round_bf16(__m512i u) {
   return _mm512_cvtepi32_epi16(r);
 }
 
-void bf16_prepare(const GemvRows& p, void* scratch) {
-  const int64_t M = p.a->m, K = p.a->k, S = k_steps(K), blocks = (M + 15) / 16, pairs = K / 2;  // K even
+// Rows m0 .. m1 - 1 (m0 a multiple of 16: whole blocks) of x into their B tiles.
+void bf16_prepare(const GemvRows& p, void* scratch, int64_t m0, int64_t m1) {
+  const int64_t M = p.a->m, K = p.a->k, S = k_steps(K), pairs = K / 2;  // K even
   __m512i* out = reinterpret_cast<__m512i*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t(63));
   const uint32_t* x = reinterpret_cast<const uint32_t*>(p.xb);  // (M, K / 2) pairs; or float32 p.xf (M, K)
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t b = m0 / 16; b < (std::min(M, m1) + 15) / 16; ++b) {
     const int64_t rows = std::min<int64_t>(16, M - 16 * b);
     for (int64_t s = 0; s < S; ++s) {
       const __mmask16 mk = tail16(pairs - 16 * s);
@@ -738,6 +739,7 @@ const KernelTable* avx512_amx_kernels() {
     t.name = "avx512", t.variant = "avx512_amx";
     t.gemv_bf16 = gemv_bf16_amx;
     t.gemv_bf16_layout_bytes = bf16_layout_bytes, t.gemv_bf16_prepare = bf16_prepare;
+    t.gemv_bf16_prepare_rows = 16;
     t.gemv_bf16_writes_y = true;
     t.attend_kernel = attend_kernel_amx;
     return t;

@@ -145,8 +145,10 @@ struct KernelTable {
 
   // Optional: bytes of the bfloat16 kernel's own layout of x_b for this call, and building it into `scratch`
   // (p.layout = scratch afterwards; the AMX table's B tiles). Null: gemv_bf16 reads xb in K order.
+  // The prepare builds x rows m0 .. m1 - 1 into their place in the layout (m0 a multiple of
+  // gemv_bf16_prepare_rows, m1 too or M), so a caller may split a prompt's rows over threads.
   size_t (*gemv_bf16_layout_bytes)(const GemvRows& p);
-  void (*gemv_bf16_prepare)(const GemvRows& p, void* scratch);
+  void (*gemv_bf16_prepare)(const GemvRows& p, void* scratch, int64_t m0, int64_t m1);
 
   // int8 GEMM (gemm_q8.cpp): pack rows n0 .. n0 + 31 into `panel` (q8_panel_bytes), then all M rows of x
   // against it into y. Bit for bit the scalar panel's result.
@@ -169,6 +171,9 @@ struct KernelTable {
 
   // The int8 GEMM's panel reads QuantizedRows::xq16 (gemm_q8.cpp builds it only for such a table).
   bool gemm_q8_x16 = false;
+
+  // Rows per unit of gemv_bf16_prepare's layout (the AMX table's B tiles hold 16 x rows each).
+  int gemv_bf16_prepare_rows = 1;
 };
 
 // The tables this build holds (null where not compiled for this architecture or compiler). The avx512 one
