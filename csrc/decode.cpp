@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include "convert.h"
@@ -168,12 +169,25 @@ void linear(const DecodeLinear& l, const float* x, int64_t rows, float* y, const
   }
 }
 
+// f(r0, r1) over rows [0, rows) in contiguous ranges, on the pool when `threads` > 1: the row-wise glue between a
+// prompt chunk's GEMMs (norms, RoPE and the K/V stores, SwiGLU). On the calling thread alone, with the other
+// threads spinning, it was ~1/5 of a tiny-next bfloat16 prefill's wall time (perf, 2 threads, 123-row chunks).
+// Each row's arithmetic is the same wherever it runs: the same bits.
+void for_rows(int threads, int64_t rows, const std::function<void(int64_t, int64_t)>& f) {
+  const int parts = int(std::min<int64_t>(int64_t(threads) * 4, (rows + 7) / 8));
+  if (threads <= 1 || parts <= 1) return f(0, rows);
+  parallel_for(threads, parts, [&](int i) { f(rows * i / parts, rows * (i + 1) / parts); });
+}
+
 // residual += x (skipped when x is null: the first layer's stream is the embedding itself), then
 // out = weight * (residual / rms(residual)), row by row.
 void add_rms_norm(const float* x, float* residual, const void* weight, float eps, int64_t rows, int64_t C,
-                  float* out, const Stored& st) {
+                  float* out, const Stored& st, int threads = 1) {
   const auto row = kernels().add_rms_norm_row;
-  for (int64_t r = 0; r < rows; ++r) row(x ? x + r * C : nullptr, residual + r * C, weight, eps, C, out + r * C, st.bf16);
+  for_rows(threads, rows, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      row(x ? x + r * C : nullptr, residual + r * C, weight, eps, C, out + r * C, st.bf16);
+  });
 }
 
 
@@ -213,9 +227,9 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
   const int64_t C = m.hidden, H = m.heads, Hkv = m.kv_heads, D = m.head_dim, I = m.intermediate;
   const int64_t group = H / Hkv, qkv_n = (H + 2 * Hkv) * D;
   const Stored st{m.dtype == kComputeBF16};
-  thread_local std::vector<float> residual, normed, qkv, attn, out, gate_up;
+  thread_local std::vector<float> residual, normed, qkv, attn, out, gate_up, act;
   residual.resize(rows * C), normed.resize(rows * C), out.resize(rows * C);
-  qkv.resize(rows * qkv_n), attn.resize(rows * H * D), gate_up.resize(rows * 2 * I);
+  qkv.resize(rows * qkv_n), attn.resize(rows * H * D), gate_up.resize(rows * 2 * I), act.resize(rows * I);
   thread_local std::vector<int32_t> position_buf;
   thread_local std::vector<int64_t> slot_buf;
   position_buf.assign(in.positions + r0, in.positions + r0 + rows);
@@ -226,11 +240,19 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
   const int64_t* slots = slot_buf.data();
   bool compacted = false;  // the last layer kept the wanted rows only, at the front (below)
 
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < C; ++i)
-      residual[r * C + i] = in.tokens ? st.get(m.embed, in.tokens[r0 + r] * C + i) : st.get(in.embeds, (r0 + r) * C + i);
-
   const KernelTable& kt = kernels();
+  const int64_t kv_elem = st.bf16 ? 2 : 4;
+  // The row-wise glue on the pool for a prompt chunk's rows; a decode step's few rows stay on the calling thread
+  // (a wake-up, ~1-2 us, is more than a 16-row norm at C = 576).
+  const int glue_threads = rows >= 32 ? threads : 1;
+  float* residual_rows = residual.data();
+  for_rows(glue_threads, rows, [&](int64_t ra, int64_t rb) {
+    for (int64_t r = ra; r < rb; ++r)
+      for (int64_t i = 0; i < C; ++i)
+        residual_rows[r * C + i] =
+            in.tokens ? st.get(m.embed, in.tokens[r0 + r] * C + i) : st.get(in.embeds, (r0 + r) * C + i);
+  });
+
   const float scale = 1.f / std::sqrt(float(D));
   // The first key position a row at position p sees: 0, or p - W + 1 with a sliding window of W.
   const int64_t window = m.sliding_window;
@@ -239,25 +261,28 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
   for (int64_t r = 0; r < rows; ++r) attended += positions[r] + 1 - first_key(positions[r]);
   // Split attention over the pool only when it outweighs a wake-up (~1-2 us): ~64k multiply-adds per layer.
   const int attn_threads = H * attended * D >= (1 << 16) ? threads : 1;
-  const int64_t kv_elem = st.bf16 ? 2 : 4;
 
   for (size_t li = 0; li < m.layers.size(); ++li) {
     const DecodeLayer& L = m.layers[li];
-    add_rms_norm(li ? out.data() : nullptr, residual.data(), L.input_norm, m.eps, rows, C, normed.data(), st);
+    add_rms_norm(li ? out.data() : nullptr, residual.data(), L.input_norm, m.eps, rows, C, normed.data(), st,
+                 glue_threads);
     linear(L.qkv, normed.data(), rows, qkv.data(), st, threads, in.prompt);
 
     char* k_layer = static_cast<char*>(cache.k) + int64_t(li) * cache.layer_stride * kv_elem;
     char* v_layer = static_cast<char*>(cache.v) + int64_t(li) * cache.layer_stride * kv_elem;
-    for (int64_t r = 0; r < rows; ++r) {  // RoPE, then K/V into the cache at the row's position
-      const int64_t pos = positions[r];
-      float* q = qkv.data() + r * qkv_n;
-      kt.rope(q, H + Hkv, D, m.cos + pos * (D / 2), m.sin + pos * (D / 2), st.bf16);  // q heads, then k heads
-      for (int64_t g = 0; g < Hkv; ++g) {
-        const int64_t at = (slots[r] * cache.row_stride + g * cache.head_stride + pos * cache.pos_stride) * kv_elem;
-        kt.store_row(k_layer + at, q + (H + g) * D, D, st.bf16);
-        kt.store_row(v_layer + at, q + (H + Hkv + g) * D, D, st.bf16);
+    float* qkv_all = qkv.data();  // by address, for the pool's workers
+    for_rows(glue_threads, rows, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {  // RoPE, then K/V into the cache at the row's position
+        const int64_t pos = positions[r];
+        float* q = qkv_all + r * qkv_n;
+        kt.rope(q, H + Hkv, D, m.cos + pos * (D / 2), m.sin + pos * (D / 2), st.bf16);  // q heads, then k heads
+        for (int64_t g = 0; g < Hkv; ++g) {
+          const int64_t at = (slots[r] * cache.row_stride + g * cache.head_stride + pos * cache.pos_stride) * kv_elem;
+          kt.store_row(k_layer + at, q + (H + g) * D, D, st.bf16);
+          kt.store_row(v_layer + at, q + (H + Hkv + g) * D, D, st.bf16);
+        }
       }
-    }
+    });
     if (li + 1 == m.layers.size() && in.logit_rows) {
       // The last layer's K/V are written; past this point a row's values feed only its own logits. So only the
       // wanted rows (a prompt's last token) go on through attention, o_proj and the MLP, moved to the front: the
@@ -281,12 +306,16 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
     float* attn_rows = attn.data();
     const AttendKernel attend = kt.attend_kernel(D, st.bf16);
     if (attend.many) {  // runs of rows sharing a cache row and first key, times the query heads of a KV head
-      // Rows per call: as many as keep the scores (rows x group x keys floats) within ~1 MB of L2 (2,945 keys,
-      // 4 heads per KV head: 21 rows), at least 4 (attend_block's blocks), at most the chunk. A row past the start
-      // of a sliding window has its own first key and goes alone, as in the block path below.
+      // Rows per call: the chunk where the kernel bounds its own scores (AttendKernel::bounds_scores: it builds
+      // the K/V tiles once per call, so once per chunk and KV head); else as many as keep the scores (rows x
+      // group x keys floats) within ~1 MB of L2 (2,945 keys, 4 heads per KV head: 21 rows), at least 4
+      // (attend_block's blocks), at most the chunk. A row past the start of a sliding window has its own first
+      // key and goes alone, as in the block path below.
       int64_t keys_max = 1;
       for (int64_t r = 0; r < rows; ++r) keys_max = std::max<int64_t>(keys_max, positions[r] + 1);
-      const int64_t per_call = std::max<int64_t>(4, std::min<int64_t>(kChunk, (int64_t(1) << 18) / (group * keys_max)));
+      const int64_t per_call = attend.bounds_scores
+                                   ? kChunk
+                                   : std::max<int64_t>(4, std::min<int64_t>(kChunk, (int64_t(1) << 18) / (group * keys_max)));
       thread_local std::vector<int64_t> run_start;
       run_start.clear();
       for (int64_t r = 0; r < rows;) {
@@ -318,7 +347,7 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
             lens[at] = positions[r + i] + 1 - lo;
             Tmax = std::max(Tmax, lens[at]);
           }
-        scratch.resize(n * (Tmax + 1));
+        if (!attend.bounds_scores) scratch.resize(n * (Tmax + 1));  // a kernel that bounds its scores keeps its own
         const int64_t base = slots[r] * cache.row_stride + g * cache.head_stride + lo * cache.pos_stride;
         attend.many(qs.data(), lens.data(), os.data(), n, k_layer + base * kv_elem, v_layer + base * kv_elem,
                     cache.pos_stride * kv_elem, scale, scratch.data());
@@ -382,14 +411,17 @@ void forward_chunk(const DecodeModel& m, const DecodeRows& in, int64_t r0, int64
     });
     linear(L.o, attn.data(), rows, out.data(), st, threads, in.prompt);
 
-    add_rms_norm(out.data(), residual.data(), L.post_norm, m.eps, rows, C, normed.data(), st);
+    add_rms_norm(out.data(), residual.data(), L.post_norm, m.eps, rows, C, normed.data(), st, glue_threads);
     linear(L.gate_up, normed.data(), rows, gate_up.data(), st, threads, in.prompt);
-    for (int64_t r = 0; r < rows; ++r) {  // SwiGLU: silu(gate) * up, into the first half of the row
-      float* gu = gate_up.data() + r * 2 * I;
-      kt.swiglu_row(gu, gu + I, gu, I, st.bf16);
-      if (r) std::memmove(gate_up.data() + r * I, gu, I * sizeof(float));  // rows of I for the GEMV
-    }
-    linear(L.down, gate_up.data(), rows, out.data(), st, threads, in.prompt);
+    const float* gate_up_rows = gate_up.data();
+    float* act_rows = act.data();
+    for_rows(glue_threads, rows, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {  // SwiGLU: silu(gate) * up, rows of I for the down GEMM
+        const float* gu = gate_up_rows + r * 2 * I;
+        kt.swiglu_row(gu, gu + I, act_rows + r * I, I, st.bf16);
+      }
+    });
+    linear(L.down, act.data(), rows, out.data(), st, threads, in.prompt);
   }
   // The final norm and lm_head on the wanted rows only (a prompt's last token), gathered to the front.
   int64_t wanted = compacted ? rows : 0;

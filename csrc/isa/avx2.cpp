@@ -281,11 +281,11 @@ inline int64_t bf16_row_length(int64_t K) { return (K + 15) / 16 * 16; }
 
 size_t bf16_layout_bytes(const GemvRows& p) { return size_t(p.a->m * bf16_row_length(p.a->k)) * sizeof(float); }
 
-void bf16_prepare(const GemvRows& p, void* scratch) {
+void bf16_prepare(const GemvRows& p, void* scratch, int64_t m0, int64_t m1) {
   static constexpr int kOrder[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
-  const int64_t M = p.a->m, K = p.a->k, Kp = bf16_row_length(K);
+  const int64_t K = p.a->k, Kp = bf16_row_length(K);
   float* out = static_cast<float*>(scratch);
-  for (int64_t m = 0; m < M; ++m)
+  for (int64_t m = m0; m < m1; ++m)
     for (int64_t k = 0; k < Kp; k += 16)
       for (int i = 0; i < 16; ++i) {
         const int64_t kk = k + kOrder[i];

@@ -98,11 +98,12 @@ inline __m256i round_bf16(__m512i u) {
   return _mm512_cvtepi32_epi16(r);
 }
 
-void bf16_prepare(const GemvRows& p, void* scratch) {
-  const int64_t M = p.a->m, K = p.a->k, S = k_steps(K), blocks = (M + 15) / 16, pairs = K / 2;  // K even
+// Rows m0 .. m1 - 1 (m0 a multiple of 16: whole blocks) of x into their B tiles.
+void bf16_prepare(const GemvRows& p, void* scratch, int64_t m0, int64_t m1) {
+  const int64_t M = p.a->m, K = p.a->k, S = k_steps(K), pairs = K / 2;  // K even
   __m512i* out = reinterpret_cast<__m512i*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t(63));
   const uint32_t* x = reinterpret_cast<const uint32_t*>(p.xb);  // (M, K / 2) pairs; or float32 p.xf (M, K)
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t b = m0 / 16; b < (std::min(M, m1) + 15) / 16; ++b) {
     const int64_t rows = std::min<int64_t>(16, M - 16 * b);
     for (int64_t s = 0; s < S; ++s) {
       const __mmask16 mk = tail16(pairs - 16 * s);
@@ -343,6 +344,9 @@ constexpr int kKeyBlock = 32;  // keys per p . v step (A's 32 bfloat16 columns) 
 // every query is a column of one B tile. Faster than the other path at every n up to it (400 keys, D = 64 on
 // Sapphire Rapids: n = 5 3.6 against 5.3 us, n = 16 5.9 against 7.4 us); past it the K transpose is shared.
 constexpr int kFewQueries = 16;
+// Scores (float32) of one group of a many-query call: 1 MB, within Sapphire Rapids' 2 MB L2 beside the call's K
+// and V panels (2 x 377 KB at 2,945 keys, D = 64).
+constexpr int64_t kScoreFloats = int64_t(1) << 18;
 
 // C tiles of queries qb .. qb + QB - 1 (blocks of 16) x keys t0 .. t0 + 31 of the scores, over the S head-dim steps.
 template <int QB>
@@ -618,10 +622,11 @@ void attend_many_amx(const float* const* q, const int64_t* lens, float* const* o
   for (int i = 0; i < n; ++i) Tmax = std::max(Tmax, lens[i]);
   const int64_t Tpad = (Tmax + kKeyBlock - 1) / kKeyBlock * kKeyBlock, blocks = Tpad / kKeyBlock;
   const int NQ = (n + 15) / 16;
-  thread_local AlignedBuffer qbuf, sbuf, vbuf, mbuf, tbuf;
+  // A group of many queries' scores: at most kScoreFloats, and at least 2 query blocks (a pair of C tiles).
+  const int group_blocks = int(std::max<int64_t>(2, kScoreFloats / (16 * Tpad) / 2 * 2));
+  thread_local AlignedBuffer qbuf, sbuf, vbuf, kbuf, mbuf, tbuf;
   uint16_t* qp = qbuf.get<uint16_t>(size_t(NQ) * 16 * D);     // (NQ x 16, D) queries in bfloat16, zeros past n
-  float* scores = sbuf.get<float>(size_t(NQ) * 16 * Tpad);     // (NQ x 16, Tpad); later p over each row
-  uint16_t* vpanel = n <= kFewQueries ? nullptr : vbuf.get<uint16_t>(size_t(blocks) * J * 512);
+  float* scores = sbuf.get<float>(size_t(std::min(NQ, group_blocks)) * 16 * Tpad);  // a group's (x 16, Tpad); later p
   int64_t* block_len = mbuf.get<int64_t>(size_t(NQ) + n);      // keys a query block needs, then 1 / sum e as float
   float* inv = reinterpret_cast<float*>(block_len + NQ);
   for (int i = 0; i < NQ * 16; ++i)
@@ -636,8 +641,8 @@ void attend_many_amx(const float* const* q, const int64_t* lens, float* const* o
     for (int i = 16 * b; i < std::min(n, 16 * b + 16); ++i) block_len[b] = std::max(block_len[b], lens[i]);
   }
   configure_tiles();
-  alignas(64) uint16_t kpanel[2 * S * 512];
-  if (n <= kFewQueries) {  // the queries as B tiles (kpanel's room), columns j < n; then scores with K as A
+  if (n <= kFewQueries) {  // the queries as B tiles, columns j < n; then scores with K as A
+    alignas(64) uint16_t kpanel[S * 512];
     std::memset(kpanel, 0, S * 1024);
     uint32_t* qb = reinterpret_cast<uint32_t*>(kpanel);
     for (int j = 0; j < n; ++j)
@@ -647,46 +652,59 @@ void attend_many_amx(const float* const* q, const int64_t* lens, float* const* o
         for (int i = 0; i < 16; ++i) qb[s * 256 + 16 * i + j] = pairs[i];
       }
     swapped_scores<D>(kpanel, n, k, pos_bytes, Tmax, scores, Tpad);
-  }
-  // Scores per key block, for the query blocks seeing it; each query's running max taken from the block's rows
-  // just stored (in L1) rather than in a later pass over its whole row (from L2: 1 MB of scores at 88 queries x
-  // 2,945 keys).
-  float* running_max = n > kFewQueries ? tbuf.get<float>(size_t(n) * 16) : nullptr;
-  for (int i = 0; i < n && running_max; ++i) _mm512_store_ps(running_max + 16 * i, _mm512_set1_ps(-INFINITY));
-  const __m512 sc = _mm512_set1_ps(scale);
-  for (int64_t kb = 0; kb < blocks && n > kFewQueries; ++kb) {
-    const int64_t t0 = kKeyBlock * kb;
-    build_keys<D>(k, pos_bytes, Tmax, kb, kpanel);
-    for (int b = 0; b < NQ; b += 2) {
-      const bool first = block_len[b] > t0, second = b + 1 < NQ && block_len[b + 1] > t0;
-      if (first && second) {
-        score_tiles<2>(qp, D, kpanel, S, scores, Tpad, b, t0);
-      } else if (first || second) {
-        score_tiles<1>(qp, D, kpanel, S, scores, Tpad, first ? b : b + 1, t0);
-      }
-      for (int i = 16 * b; i < std::min(n, 16 * b + 32); ++i)
-        for (int64_t t = t0; t < std::min(lens[i], t0 + kKeyBlock); t += 16)
-          _mm512_store_ps(running_max + 16 * i,
-                          max_step(_mm512_load_ps(running_max + 16 * i), scores + i * Tpad, t, lens[i], sc));
-    }
-  }
-  for (int i = 0; i < n; ++i)
-    inv[i] = softmax_to_p(scores + i * Tpad, lens[i], Tpad, scale, running_max ? running_max + 16 * i : nullptr);
-  if (n <= kFewQueries) {
+    for (int i = 0; i < n; ++i) inv[i] = softmax_to_p(scores + i * Tpad, lens[i], Tpad, scale, nullptr);
     few_output<D>(reinterpret_cast<const uint16_t*>(scores), 2 * Tpad, v, pos_bytes, Tmax, blocks, n, o, inv);
     _tile_release();
     return;
   }
+  // Many queries: every key block's B tiles (K transposed, V interleaved) built once per call, then the queries
+  // in groups whose scores stay within kScoreFloats (L2), each group's tiles reading the panels. A prompt chunk's
+  // queries of one KV head come as one call (decode.cpp; AttendKernel::bounds_scores), so each panel is built
+  // once per chunk and KV head rather than once per ~1 MB of scores (3 times per 128-row chunk at 2,945 keys).
+  uint16_t* kall = kbuf.get<uint16_t>(size_t(blocks) * 2 * S * 512);
+  uint16_t* vpanel = vbuf.get<uint16_t>(size_t(blocks) * J * 512);
+  for (int64_t kb = 0; kb < blocks; ++kb) build_keys<D>(k, pos_bytes, Tmax, kb, kall + kb * 2 * S * 512);
   build_values<D>(v, pos_bytes, Tmax, blocks, vpanel);
-  const uint16_t* p = reinterpret_cast<const uint16_t*>(scores);
-  for (int b = 0; b < NQ; b += 2) {
-    const bool two = b + 1 < NQ;
-    const int64_t need = (std::max(block_len[b], two ? block_len[b + 1] : 0) + kKeyBlock - 1) / kKeyBlock;
-    for (int j = 0; j < J; j += 2) {
-      if (two) {
-        output_tiles<2>(p, 2 * Tpad, vpanel, J, b, j, need, n, o, inv);
-      } else {
-        output_tiles<1>(p, 2 * Tpad, vpanel, J, b, j, need, n, o, inv);
+  float* running_max = tbuf.get<float>(size_t(group_blocks) * 16 * 16);
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int g0 = 0; g0 < NQ; g0 += group_blocks) {
+    // The group's blocks counted from 0: its queries i0 .. i0 + ng - 1 are rows 0 .. ng - 1 of
+    // scores, gq, glen (by block), o + i0 and inv + i0.
+    const int nb = std::min(NQ, g0 + group_blocks) - g0, i0 = 16 * g0, ng = std::min(n, 16 * (g0 + nb)) - i0;
+    const uint16_t* gq = qp + int64_t(i0) * D;
+    const int64_t* glen = block_len + g0;
+    for (int i = 0; i < ng; ++i) _mm512_store_ps(running_max + 16 * i, _mm512_set1_ps(-INFINITY));
+    // Scores per key block, for the query blocks seeing it; each query's running max taken from the block's
+    // rows just stored (in L1) rather than in a later pass over its whole row (from L2: 1 MB of scores at 88
+    // queries x 2,945 keys).
+    for (int64_t kb = 0; kb < blocks; ++kb) {
+      const int64_t t0 = kKeyBlock * kb;
+      const uint16_t* kpanel_b = kall + kb * 2 * S * 512;
+      for (int b = 0; b < nb; b += 2) {
+        const bool first = glen[b] > t0, second = b + 1 < nb && glen[b + 1] > t0;
+        if (first && second) {
+          score_tiles<2>(gq, D, kpanel_b, S, scores, Tpad, b, t0);
+        } else if (first || second) {
+          score_tiles<1>(gq, D, kpanel_b, S, scores, Tpad, first ? b : b + 1, t0);
+        }
+        for (int i = 16 * b; i < std::min(ng, 16 * b + 32); ++i)
+          for (int64_t t = t0; t < std::min(lens[i0 + i], t0 + kKeyBlock); t += 16)
+            _mm512_store_ps(running_max + 16 * i,
+                            max_step(_mm512_load_ps(running_max + 16 * i), scores + i * Tpad, t, lens[i0 + i], sc));
+      }
+    }
+    for (int i = 0; i < ng; ++i)
+      inv[i0 + i] = softmax_to_p(scores + i * Tpad, lens[i0 + i], Tpad, scale, running_max + 16 * i);
+    const uint16_t* p = reinterpret_cast<const uint16_t*>(scores);
+    for (int b = 0; b < nb; b += 2) {
+      const bool two = b + 1 < nb;
+      const int64_t need = (std::max(glen[b], two ? glen[b + 1] : 0) + kKeyBlock - 1) / kKeyBlock;
+      for (int j = 0; j < J; j += 2) {
+        if (two) {
+          output_tiles<2>(p, 2 * Tpad, vpanel, J, b, j, need, ng, o + i0, inv + i0);
+        } else {
+          output_tiles<1>(p, 2 * Tpad, vpanel, J, b, j, need, ng, o + i0, inv + i0);
+        }
       }
     }
   }
@@ -707,10 +725,10 @@ void attend_block_amx(const float* q, int64_t q_stride, int nb, const char* k, c
 AttendKernel attend_kernel_amx(int64_t D, bool bf16) {
   if (!bf16) return {nullptr, 1};  // float32 caches: avx512's kernels (dispatch.cpp)
   switch (D) {
-    case 32: return {attend_block_amx<32>, 16, attend_many_amx<32>, true};
-    case 64: return {attend_block_amx<64>, 16, attend_many_amx<64>, true};
-    case 96: return {attend_block_amx<96>, 16, attend_many_amx<96>, true};
-    case 128: return {attend_block_amx<128>, 16, attend_many_amx<128>, true};
+    case 32: return {.fn = attend_block_amx<32>, .rows = 16, .many = attend_many_amx<32>, .bf16_products = true, .bounds_scores = true};
+    case 64: return {.fn = attend_block_amx<64>, .rows = 16, .many = attend_many_amx<64>, .bf16_products = true, .bounds_scores = true};
+    case 96: return {.fn = attend_block_amx<96>, .rows = 16, .many = attend_many_amx<96>, .bf16_products = true, .bounds_scores = true};
+    case 128: return {.fn = attend_block_amx<128>, .rows = 16, .many = attend_many_amx<128>, .bf16_products = true, .bounds_scores = true};
     default: return {nullptr, 1};
   }
 }
@@ -837,6 +855,7 @@ const KernelTable* avx512_amx_kernels() {
     t.name = "avx512", t.variant = "avx512_amx";
     t.gemv_bf16 = gemv_bf16_amx;
     t.gemv_bf16_layout_bytes = bf16_layout_bytes, t.gemv_bf16_prepare = bf16_prepare;
+    t.gemv_bf16_prepare_rows = 16;
     t.gemv_bf16_writes_y = true;
     t.attend_kernel = attend_kernel_amx;
     t.gemm_q8_tiles = gemm_q8_panel_amx, t.gemm_q8_tiles_min_rows = kQ8Tile, t.gemm_q8_tiles_min_k = 1024;

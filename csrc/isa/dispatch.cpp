@@ -46,6 +46,7 @@ KernelTable combine(const KernelTable& base, const KernelTable& integer, const c
   t.gemv_bf16 = integer.gemv_bf16, t.gemv_q8 = integer.gemv_q8, t.gemv_q4 = integer.gemv_q4;
   t.gemv_layout_bytes = integer.gemv_layout_bytes, t.gemv_prepare = integer.gemv_prepare;
   t.gemv_bf16_layout_bytes = integer.gemv_bf16_layout_bytes, t.gemv_bf16_prepare = integer.gemv_bf16_prepare;
+  t.gemv_bf16_prepare_rows = integer.gemv_bf16_prepare_rows;
   t.gemm_q4_panel = integer.gemm_q4_panel, t.dequantize_rows = integer.dequantize_rows;
   t.gemm_q8_panel = integer.gemm_q8_panel, t.gemm_q8_x16 = integer.gemm_q8_x16;
   return t;
@@ -95,6 +96,7 @@ struct Choices {
       avx512_amx = combine(*base, *vnni, "avx512_amx");
       avx512_amx.gemv_bf16 = amx->gemv_bf16;
       avx512_amx.gemv_bf16_layout_bytes = amx->gemv_bf16_layout_bytes, avx512_amx.gemv_bf16_prepare = amx->gemv_bf16_prepare;
+      avx512_amx.gemv_bf16_prepare_rows = amx->gemv_bf16_prepare_rows;
       avx512_amx.gemv_bf16_writes_y = amx->gemv_bf16_writes_y;
       avx512_amx.attend_kernel = attend_kernel_amx_or_avx512;
       if (f.amx_int8) {  // the int8 GEMM's TDPBSSD tiles (the AMX-BF16 kernels above need only AMX-BF16)

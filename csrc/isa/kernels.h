@@ -107,6 +107,10 @@ struct AttendKernel {
   // q and p rounded to bfloat16 for bfloat16 products (the AMX table): within 5e-3 of the output's scale of the
   // scalar loop, where the float32 kernels are within 1e-5 (csrc/tests/kernel_tests.cpp).
   bool bf16_products = false;
+  // `many` keeps its own scores within L2 however many queries a call has (the AMX table: groups of queries
+  // over K/V panels built once per call), so a caller passes a prompt chunk's queries of a KV head in one call;
+  // false: the caller bounds a call's queries x keys (decode.cpp).
+  bool bounds_scores = false;
 };
 
 struct KernelTable {
@@ -143,8 +147,10 @@ struct KernelTable {
 
   // Optional: bytes of the bfloat16 kernel's own layout of x_b for this call, and building it into `scratch`
   // (p.layout = scratch afterwards; the AMX table's B tiles). Null: gemv_bf16 reads xb in K order.
+  // The prepare builds x rows m0 .. m1 - 1 into their place in the layout (m0 a multiple of
+  // gemv_bf16_prepare_rows, m1 too or M), so a caller may split a prompt's rows over threads.
   size_t (*gemv_bf16_layout_bytes)(const GemvRows& p);
-  void (*gemv_bf16_prepare)(const GemvRows& p, void* scratch);
+  void (*gemv_bf16_prepare)(const GemvRows& p, void* scratch, int64_t m0, int64_t m1);
 
   // int8 GEMM (gemm_q8.cpp): pack rows n0 .. n0 + 31 into `panel` (q8_panel_bytes), then all M rows of x
   // against it into y. Bit for bit the scalar panel's result.
@@ -173,6 +179,9 @@ struct KernelTable {
   // VNNI panel below either (avx512_amx.cpp gives the figures).
   GemmPanelFn gemm_q8_tiles = nullptr;
   int64_t gemm_q8_tiles_min_rows = 0, gemm_q8_tiles_min_k = 0;
+
+  // Rows per unit of gemv_bf16_prepare's layout (the AMX table's B tiles hold 16 x rows each).
+  int gemv_bf16_prepare_rows = 1;
 };
 
 // The tables this build holds (null where not compiled for this architecture or compiler). The avx512 one
