@@ -263,26 +263,23 @@ class Decoder:
         (NativeDecodeStep.mixed): slices [(slot, x (T, C), start_pos)] each append x to its row as
         prefill_embeddings does. Rows not named keep their K/V and lengths. Returns (logits (len(slots), V) of
         the decoding rows, logits (len(slices), V) of each slice's last position)."""
-        with self.host_threads():  # the embedding rows' gather would start an OpenMP region
-            return self._mixed_step(slots, tokens, slices)
-
-    def _mixed_step(self, slots, tokens, slices):
-        embed = self.net.language_model.embed_tokens.weight  # the native step's own gather of a token's row
-        parts, slot_ids = [embed[torch.as_tensor(tokens, dtype=torch.long)]], list(slots)
-        positions = [int(self.lengths[s]) for s in slots]
-        for slot, x, start in slices:
-            parts.append(x)
-            slot_ids += [slot] * x.shape[0]
-            positions += range(start, start + x.shape[0])
-        last = torch.tensor([x.shape[0] for _, x, _ in slices], dtype=torch.int64).cumsum(0) + len(slots) - 1
-        logit_rows = torch.cat([torch.arange(len(slots), dtype=torch.int64), last])  # never empty: a call has rows
-        logits = self.native.mixed(self.cache, torch.cat(parts), torch.tensor(slot_ids, dtype=torch.int64),
-                                   torch.tensor(positions, dtype=torch.int32), logit_rows, self.plan.threads)
-        if slots:
-            self.lengths[torch.as_tensor(slots, dtype=torch.long)] += 1
-        for slot, x, start in slices:
-            self.lengths[slot] = start + x.shape[0]
-        return logits[:len(slots)], logits[len(slots):]
+        with self.host_threads():  # torch ops on one thread up to the native call: the gather, the cat
+            embed = self.net.language_model.embed_tokens.weight  # the native step's own gather of a token's row
+            parts, slot_ids = [embed[torch.as_tensor(tokens, dtype=torch.long)]], list(slots)
+            positions = [int(self.lengths[s]) for s in slots]
+            for slot, x, start in slices:
+                parts.append(x)
+                slot_ids += [slot] * x.shape[0]
+                positions += range(start, start + x.shape[0])
+            last = torch.tensor([x.shape[0] for _, x, _ in slices], dtype=torch.int64).cumsum(0) + len(slots) - 1
+            logit_rows = torch.cat([torch.arange(len(slots), dtype=torch.int64), last])  # never empty: a call has rows
+            logits = self.native.mixed(self.cache, torch.cat(parts), torch.tensor(slot_ids, dtype=torch.int64),
+                                       torch.tensor(positions, dtype=torch.int32), logit_rows, self.plan.threads)
+            if slots:
+                self.lengths[torch.as_tensor(slots, dtype=torch.long)] += 1
+            for slot, x, start in slices:
+                self.lengths[slot] = start + x.shape[0]
+            return logits[:len(slots)], logits[len(slots):]
 
     @torch.inference_mode()
     def copy_prefix(self, src, dst, n):
