@@ -62,8 +62,13 @@ class ServeConfig:
     kv_cache_memory: int | None = None  # bytes of K/V the server may hold (CPU); None: 4 GiB or RAM / 4
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(StarletteHTTPException):
+    """A body past max_body_bytes, found while it is read (chunked, no Content-Length). An HTTP exception,
+    since FastAPI's body parsing passes those through and turns any other into its own 400 ("There was an
+    error parsing the body"), which the client read as a body that is not UTF-8 or nests too deeply."""
+
+    def __init__(self):
+        super().__init__(413)
 
 
 class _EventHandoff:
