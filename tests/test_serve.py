@@ -291,6 +291,28 @@ def test_every_bad_input_is_a_400_naming_it(live, model):
         assert r.choices[0].message.content == alone(model, [user("What?", JPEG_URL)], 3)
 
 
+def test_null_optional_fields_mean_their_defaults(live, model):
+    """OpenAI's API types temperature, top_p, n, stream, logprobs and the penalties as "... or null": a client
+    built on its schema sends null for a field it leaves unset. Each null was a 400 ("Input should be a valid
+    number, got null"); it now means the field's default, as leaving the field out does."""
+    messages = [user("Name three colours.")]
+    nulls = dict.fromkeys(("top_p", "top_k", "n", "stream", "logprobs", "presence_penalty", "frequency_penalty",
+                           "seed", "stop", "max_tokens", "top_logprobs"))
+    with httpx.Client(timeout=120) as http:
+        def reply(**fields):
+            r = http.post(live.url + "/v1/chat/completions", json={"messages": messages, **fields})
+            assert r.status_code == 200, (fields, r.text)
+            body = r.json()
+            assert body["object"] == "chat.completion" and body["choices"][0]["logprobs"] is None, body
+            return body["choices"][0]["message"]["content"]
+
+        assert reply(temperature=0, max_completion_tokens=5, **nulls) == alone(model, messages, 5)
+        # temperature null is 1.0, its default: the same seeded draws as 1.0 given, and as generate() at 1.0
+        sampled = reply(temperature=None, seed=11, max_tokens=6)
+        assert sampled == reply(temperature=1.0, seed=11, max_tokens=6)
+        assert sampled == alone(model, messages, 6, temperature=1.0, seed=11)
+
+
 def test_fields_the_server_cannot_honour_are_refused_by_name(live, model):
     """A JSON schema, a tool call, a penalty, a logit bias, an audio reply or a web search that were ignored gave
     free text as if it obeyed them; each is a 400 naming the field, and its neutral value is accepted and answers
