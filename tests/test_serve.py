@@ -560,6 +560,44 @@ def test_models_health_api_key(live):
         live.config.api_key = None
 
 
+def test_a_reply_past_the_shutdown_timeout_ends_with_an_error_event():
+    """A stream still running when --shutdown-timeout runs out gets the scheduler's error ("the server shut down
+    before this request finished"), then [DONE]: uvicorn's own cut-off at the same time closed its connection
+    mid-stream, with neither."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llava_fast.cli", "serve", "--preset", "tiny", "--port", str(port),
+                             "--max-model-len", "2048", "--max-batch", "2", "--shutdown-timeout", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=120, json={
+                "messages": [user("Go on.")], "max_tokens": 2000, "ignore_eos": True, "stream": True}) as r:
+            lines = r.iter_lines()
+            while "content" not in next(lines):
+                pass
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]", rest[-3:]
+        error = json.loads(rest[-2][len("data: "):])["error"]
+        assert "shut down before this request finished" in error["message"], error
+        assert sum('"content"' in line for line in rest) < 1500  # cut short, not run to its end
+        output = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 0, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_sigterm_drains_running_requests_and_exits_0(tmp_path):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "llava_fast.cli", "serve", "--preset", "tiny", "--port", str(port),
