@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -560,14 +561,13 @@ def test_models_health_api_key(live):
         live.config.api_key = None
 
 
-def test_a_reply_past_the_shutdown_timeout_ends_with_an_error_event():
-    """A stream still running when --shutdown-timeout runs out gets the scheduler's error ("the server shut down
-    before this request finished"), then [DONE]: uvicorn's own cut-off at the same time closed its connection
-    mid-stream, with neither."""
+@contextlib.contextmanager
+def _cli_server(*flags):
+    """`llava-fast serve --preset tiny FLAGS` in a subprocess on a free port, from when /health answers:
+    (process, url). Killed at the end if still running."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "llava_fast.cli", "serve", "--preset", "tiny", "--port", str(port),
-                             "--max-model-len", "2048", "--max-batch", "2", "--shutdown-timeout", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -579,48 +579,42 @@ def test_a_reply_past_the_shutdown_timeout_ends_with_an_error_event():
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
             time.sleep(0.2)
-        with httpx.stream("POST", url + "/v1/chat/completions", timeout=120, json={
-                "messages": [user("Go on.")], "max_tokens": 2000, "ignore_eos": True, "stream": True}) as r:
-            lines = r.iter_lines()
-            while "content" not in next(lines):
-                pass
-            proc.send_signal(signal.SIGTERM)
-            rest = [line for line in lines if line]
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _sigterm_mid_stream(proc, url, **body):
+    """A streamed reply to "Go on." with `body`'s fields; SIGTERM to the server at its first text. Returns the
+    stream's remaining non-empty lines."""
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=120,
+                      json={"messages": [user("Go on.")], "stream": True, **body}) as r:
+        lines = r.iter_lines()
+        while "content" not in next(lines):
+            pass
+        proc.send_signal(signal.SIGTERM)
+        return [line for line in lines if line]
+
+
+def test_a_reply_past_the_shutdown_timeout_ends_with_an_error_event():
+    """A stream still running when --shutdown-timeout runs out gets the scheduler's error ("the server shut down
+    before this request finished"), then [DONE]: uvicorn's own cut-off at the same time closed its connection
+    mid-stream, with neither."""
+    with _cli_server("--max-model-len", "2048", "--max-batch", "2", "--shutdown-timeout", "1") as (proc, url):
+        rest = _sigterm_mid_stream(proc, url, max_tokens=2000, ignore_eos=True)
         assert rest[-1] == "data: [DONE]", rest[-3:]
         error = json.loads(rest[-2][len("data: "):])["error"]
         assert "shut down before this request finished" in error["message"], error
         assert sum('"content"' in line for line in rest) < 1500  # cut short, not run to its end
         output = proc.communicate(timeout=60)[0]
         assert proc.returncode == 0, output
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
-def test_sigterm_drains_running_requests_and_exits_0(tmp_path):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llava_fast.cli", "serve", "--preset", "tiny", "--port", str(port),
-                             "--max-model-len", "512", "--max-batch", "2", "--shutdown-timeout", "60"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
-        with httpx.stream("POST", url + "/v1/chat/completions", timeout=120,
-                          json={"messages": [user("Go on.")], "max_tokens": 24, "stream": True}) as r:
-            lines = r.iter_lines()
-            while "content" not in next(lines):
-                pass
-            proc.send_signal(signal.SIGTERM)
-            rest = [line for line in lines if line]
+def test_sigterm_drains_running_requests_and_exits_0():
+    with _cli_server("--max-model-len", "512", "--max-batch", "2", "--shutdown-timeout", "60") as (proc, url):
+        rest = _sigterm_mid_stream(proc, url, max_tokens=24)
         assert '"finish_reason": "length"' in "".join(rest) and rest[-1] == "data: [DONE]"
         output = proc.communicate(timeout=60)[0]
         assert proc.returncode == 0, output
@@ -629,10 +623,6 @@ def test_sigterm_drains_running_requests_and_exits_0(tmp_path):
         assert "llava-fast serve: stopped after" in output.rstrip().splitlines()[-1], output[-2000:]
         with pytest.raises(httpx.TransportError):
             httpx.get(url + "/health", timeout=5)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 def _chromium():
