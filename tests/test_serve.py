@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -278,12 +279,39 @@ def test_every_bad_input_is_a_400_naming_it(live, model):
         r = http.post(live.url + "/v1/chat/completions", content=b"x" * (3 << 20),
                       headers={"content-type": "application/json"})
         assert r.status_code == 413 and "body" in r.json()["error"]["message"]
+        # The same body in chunks (no Content-Length: the limit counts it as it comes) was a 400 saying the body
+        # "is not UTF-8 text, or it nests too deeply": FastAPI's body parsing wrapped the count's stop in its own.
+        r = http.post(live.url + "/v1/chat/completions", content=iter([b"x" * (1 << 20)] * 3),
+                      headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "request body over" in r.json()["error"]["message"], r.text
         assert http.get(live.url + "/v1/nothing").status_code == 404
     # Good requests right after, one of them naming an image inside the allowed directory.
     for url in (str(live.media / "ironing.jpg"), f"file://{live.media / 'ironing.jpg'}"):
         r = live.client().chat.completions.create(model="tiny", messages=[user("What?", url)], max_tokens=3,
                                                   temperature=0)
         assert r.choices[0].message.content == alone(model, [user("What?", JPEG_URL)], 3)
+
+
+def test_null_optional_fields_mean_their_defaults(live, model):
+    """OpenAI's API types temperature, top_p, n, stream, logprobs and the penalties as "... or null": a client
+    built on its schema sends null for a field it leaves unset. Each null was a 400 ("Input should be a valid
+    number, got null"); it now means the field's default, as leaving the field out does."""
+    messages = [user("Name three colours.")]
+    nulls = dict.fromkeys(("top_p", "top_k", "n", "stream", "logprobs", "presence_penalty", "frequency_penalty",
+                           "seed", "stop", "max_tokens", "top_logprobs"))
+    with httpx.Client(timeout=120) as http:
+        def reply(**fields):
+            r = http.post(live.url + "/v1/chat/completions", json={"messages": messages, **fields})
+            assert r.status_code == 200, (fields, r.text)
+            body = r.json()
+            assert body["object"] == "chat.completion" and body["choices"][0]["logprobs"] is None, body
+            return body["choices"][0]["message"]["content"]
+
+        assert reply(temperature=0, max_completion_tokens=5, **nulls) == alone(model, messages, 5)
+        # temperature null is 1.0, its default: the same seeded draws as 1.0 given, and as generate() at 1.0
+        sampled = reply(temperature=None, seed=11, max_tokens=6)
+        assert sampled == reply(temperature=1.0, seed=11, max_tokens=6)
+        assert sampled == alone(model, messages, 6, temperature=1.0, seed=11)
 
 
 def test_fields_the_server_cannot_honour_are_refused_by_name(live, model):
@@ -533,11 +561,13 @@ def test_models_health_api_key(live):
         live.config.api_key = None
 
 
-def test_sigterm_drains_running_requests_and_exits_0(tmp_path):
+@contextlib.contextmanager
+def _cli_server(*flags):
+    """`llava-fast serve --preset tiny FLAGS` in a subprocess on a free port, from when /health answers:
+    (process, url). Killed at the end if still running."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "llava_fast.cli", "serve", "--preset", "tiny", "--port", str(port),
-                             "--max-model-len", "512", "--max-batch", "2", "--shutdown-timeout", "60"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -549,13 +579,42 @@ def test_sigterm_drains_running_requests_and_exits_0(tmp_path):
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
             time.sleep(0.2)
-        with httpx.stream("POST", url + "/v1/chat/completions", timeout=120,
-                          json={"messages": [user("Go on.")], "max_tokens": 24, "stream": True}) as r:
-            lines = r.iter_lines()
-            while "content" not in next(lines):
-                pass
-            proc.send_signal(signal.SIGTERM)
-            rest = [line for line in lines if line]
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _sigterm_mid_stream(proc, url, **body):
+    """A streamed reply to "Go on." with `body`'s fields; SIGTERM to the server at its first text. Returns the
+    stream's remaining non-empty lines."""
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=120,
+                      json={"messages": [user("Go on.")], "stream": True, **body}) as r:
+        lines = r.iter_lines()
+        while "content" not in next(lines):
+            pass
+        proc.send_signal(signal.SIGTERM)
+        return [line for line in lines if line]
+
+
+def test_a_reply_past_the_shutdown_timeout_ends_with_an_error_event():
+    """A stream still running when --shutdown-timeout runs out gets the scheduler's error ("the server shut down
+    before this request finished"), then [DONE]: uvicorn's own cut-off at the same time closed its connection
+    mid-stream, with neither."""
+    with _cli_server("--max-model-len", "2048", "--max-batch", "2", "--shutdown-timeout", "1") as (proc, url):
+        rest = _sigterm_mid_stream(proc, url, max_tokens=2000, ignore_eos=True)
+        assert rest[-1] == "data: [DONE]", rest[-3:]
+        error = json.loads(rest[-2][len("data: "):])["error"]
+        assert "shut down before this request finished" in error["message"], error
+        assert sum('"content"' in line for line in rest) < 1500  # cut short, not run to its end
+        output = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 0, output
+
+
+def test_sigterm_drains_running_requests_and_exits_0():
+    with _cli_server("--max-model-len", "512", "--max-batch", "2", "--shutdown-timeout", "60") as (proc, url):
+        rest = _sigterm_mid_stream(proc, url, max_tokens=24)
         assert '"finish_reason": "length"' in "".join(rest) and rest[-1] == "data: [DONE]"
         output = proc.communicate(timeout=60)[0]
         assert proc.returncode == 0, output
@@ -564,10 +623,6 @@ def test_sigterm_drains_running_requests_and_exits_0(tmp_path):
         assert "llava-fast serve: stopped after" in output.rstrip().splitlines()[-1], output[-2000:]
         with pytest.raises(httpx.TransportError):
             httpx.get(url + "/health", timeout=5)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 def _chromium():

@@ -179,7 +179,8 @@ def eval_main(argv=None):
 
 
 def _model_loader(args):
-    from llava_fast.cli import _load
+    from llava_fast.cli import _check_model_choice, _load
     from llava_fast.pipelines.answering import model_id_of
 
+    _check_model_choice(args)
     return (lambda: _load(args)), model_id_of(args)

@@ -32,6 +32,7 @@ double space or "<image> describe" does. (sentencepiece is not installed here to
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -51,6 +52,16 @@ from llava_fast.prompts.templates import ESCAPED_IMAGE_TEXT, IMAGE_MARKER
 # tokenized by a copy of the backend whose added token reads this instead (_literal_image_backend).
 _IMAGE_STAND_IN = "\ue002image\ue003"
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback pieces, as ByteFallback reads them
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet inverted: the character a byte-level BPE vocabulary writes each byte as -> the
+    byte. The 188 printable Latin-1 bytes stand for themselves; the other 68 (controls, space, NBSP, soft hyphen)
+    take U+0100 onwards in byte order, so a space is "Ġ" (U+0120) and a newline "Ċ" (U+010A)."""
+    kept = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    moved = [b for b in range(256) if b not in kept]
+    return {chr(b): b for b in kept} | {chr(0x100 + i): b for i, b in enumerate(moved)}
 
 
 class Tokenizer:
@@ -89,6 +100,7 @@ class Tokenizer:
         self.add_bos_token = bool(add_bos_token) and bos_token_id is not None
         added = backend.get_added_tokens_decoder()
         self.special_token_ids = frozenset(i for i, token in added.items() if token.special)
+        self._added_ids = frozenset(added)
         self._fallback_byte_ids = None  # built on the first stream_decoder() call: a scan of the whole vocabulary
         self._literal_image = None  # built on the first text holding the text "<image>": a copy of the backend
         self.chat_template = None if chat_template is None else ChatTemplate(
@@ -177,6 +189,33 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes `token_id` adds to decoded text (OpenAI's logprobs `bytes`; their join over a reply's
+        tokens is its UTF-8 even where a character spans several tokens): an added token's text, a
+        SentencePiece byte-fallback piece ("<0xE4>") as its byte, a byte-level BPE token through GPT-2's byte
+        alphabet ("Ġis" is b" is", not the 4 UTF-8 bytes of "Ġis"), another piece with "▁" as a space. b"" for an
+        id past the vocabulary (a padded lm_head row), as decode() gives it no text."""
+        piece = self.backend.id_to_token(token_id) if 0 <= token_id < self.vocab_size else None
+        if piece is None:
+            return b""
+        if token_id in self._added_ids:
+            return piece.encode()
+        if self._byte_level:
+            alphabet = _byte_level_alphabet()
+            return bytes(alphabet[c] for c in piece) if all(c in alphabet for c in piece) else piece.encode()
+        if _BYTE_TOKEN.fullmatch(piece):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
+
+    def _decoder_spec(self) -> str:
+        """The backend's decoder as JSON text ("" without one): which decoding steps it runs."""
+        return self.backend.decoder.__getstate__().decode() if self.backend.decoder else ""
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        """Whether the decoder reads tokens in GPT-2's byte alphabet (byte-level BPE: LLaMA-3, SmolLM2)."""
+        return "ByteLevel" in self._decoder_spec()
+
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text`. Added tokens written in the text ("</s>", llava-hf's "<image>") become their ids."""
         ids = self._encode_text(_unicode_text(text))
@@ -259,9 +298,8 @@ class Tokenizer:
         """Ids of SentencePiece byte-fallback pieces ("<0xE4>") when the decoder joins them (ByteFallback),
         else empty. Computed once per tokenizer."""
         if self._fallback_byte_ids is None:
-            decoder_spec = self.backend.decoder.__getstate__().decode() if self.backend.decoder else ""
             byte_ids = ()
-            if "ByteFallback" in decoder_spec:
+            if "ByteFallback" in self._decoder_spec():
                 byte_ids = (i for token, i in self.backend.get_vocab(with_added_tokens=False).items()
                             if _BYTE_TOKEN.fullmatch(token))
             self._fallback_byte_ids = frozenset(byte_ids)

@@ -62,8 +62,13 @@ class ServeConfig:
     kv_cache_memory: int | None = None  # bytes of K/V the server may hold (CPU); None: 4 GiB or RAM / 4
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(StarletteHTTPException):
+    """A body past max_body_bytes, found while it is read (chunked, no Content-Length). An HTTP exception,
+    since FastAPI's body parsing passes those through and turns any other into its own 400 ("There was an
+    error parsing the body"), which the client read as a body that is not UTF-8 or nests too deeply."""
+
+    def __init__(self):
+        super().__init__(413)
 
 
 class _EventHandoff:
@@ -372,18 +377,42 @@ async def _stream(req, events, completion: Completion, include_usage):
         req.cancel()  # the client went away (Starlette cancels this generator), or a no-op after the end
 
 
+# Seconds past --shutdown-timeout before uvicorn cancels what still runs: the scheduler's error events for the
+# replies it ended reach their clients first (an iteration and one event-loop pass; tiny CPU preset: ~10 ms).
+SHUTDOWN_GRACE = 5.0
+
+
 def serve(model, config: ServeConfig, host="127.0.0.1", port=8000, log_level="info") -> int:
     """Run the server until SIGTERM/SIGINT; then stop accepting, let running requests finish within
     config.shutdown_timeout seconds, and return 0."""
     import uvicorn
 
     app = create_app(model, config)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                           timeout_graceful_shutdown=config.shutdown_timeout))
+    scheduler = app.state.scheduler
+
+    class Server(uvicorn.Server):
+        """At the first SIGTERM/SIGINT, a timer gives the running requests shutdown_timeout seconds, then stops the
+        scheduler, which ends each reply still running with an error event: a stream sends it and [DONE], a
+        plain request gets its error body. uvicorn's own cut-off, SHUTDOWN_GRACE seconds later, only backs it up:
+        at the same moment it closed streams mid-body, with no error and no [DONE]."""
+
+        timer = None
+
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:  # daemon, and cancelled below: a drain that ends sooner does not wait for it
+                self.timer = threading.Timer(config.shutdown_timeout, scheduler.stop, args=(0,))
+                self.timer.daemon = True
+                self.timer.start()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                   timeout_graceful_shutdown=config.shutdown_timeout + SHUTDOWN_GRACE))
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler makes that a clean exit.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     started = time.monotonic()
     server.run()
+    if server.timer is not None:
+        server.timer.cancel()
     log.info("llava-fast serve: stopped after %.0f s", time.monotonic() - started)
     return 0

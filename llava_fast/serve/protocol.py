@@ -120,6 +120,14 @@ class ChatCompletionRequest(BaseModel):
     audio: dict | None = None  # the voice and format of an audio reply
     web_search_options: dict | None = None  # a search before the reply (OpenAI's search models)
 
+    @field_validator("temperature", "top_p", "top_k", "n", "stream", "logprobs", "presence_penalty",
+                     "frequency_penalty", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, value, info):
+        # OpenAI's API types these "number (or integer, boolean) or null", and clients built on its schema send
+        # null for a field left unset: it means the default, as leaving the field out does (vLLM reads it so too).
+        return cls.model_fields[info.field_name].default if value is None else value
+
     @field_validator("response_format")
     @classmethod
     def _unsupported_response_format(cls, value):

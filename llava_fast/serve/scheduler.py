@@ -797,11 +797,7 @@ class Scheduler:
         return [entry]
 
     def _token_entry(self, token, logprob):
-        piece = self.model.tokenizer.id_to_token(token) or ""
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
-            raw = bytes([int(piece[3:5], 16)])
-        else:
-            raw = piece.replace("\u2581", " ").encode()
+        raw = self.model.tokenizer.token_bytes(token)  # " is" for byte-level BPE's "Ġis", a byte for "<0xE4>"
         return {"token": raw.decode(errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
     @staticmethod
