@@ -135,3 +135,7 @@ def test_widen_scratch_reuses_a_buffer_only_when_nothing_holds_it():
     d = scratch.widen(small)  # both free: the first large enough, reused
     assert d.untyped_storage().data_ptr() == scratch.buffers[0].untyped_storage().data_ptr()
     assert len(scratch.buffers) == 2 and torch.equal(d, small.float())
+    larger = torch.randn(41, 29, generator=g).half()
+    e = scratch.widen(larger)  # none large enough: a new buffer, the free small one dropped, the held one kept
+    assert [b.numel() for b in scratch.buffers] == [37 * 23, 41 * 29] and torch.equal(e, larger.float())
+    assert torch.equal(d, small.float())
