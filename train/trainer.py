@@ -21,7 +21,7 @@ Precision fp32 (the CPU default): float32 arithmetic throughout. The frozen matr
 linears, the whole decoder in stage 1) that the checkpoint stores in float16 or bfloat16, as LLaVA's checkpoints
 are, stay in that dtype and are widened to float32 where an op reads them (`MasterWeights.widen_frozen_on_use`):
 widening is exact, so the ops see the float32 values a float32 copy would hold, bit for bit, at 2 bytes a parameter
-instead of 4, for ~10% of a LoRA step at LLaVA-1.5-7B shapes (the widening's memory traffic). A float32 checkpoint
+instead of 4, for ~6% of a LoRA step at LLaVA-1.5-7B shapes (the widening's memory traffic). A float32 checkpoint
 is held as it is, and so are DDP's and FSDP's frozen weights (float32).
 """
 
