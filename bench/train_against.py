@@ -16,9 +16,12 @@ allocator setting, so the transformers loop in the same process keeps glibc's de
 first, norm-only backward and steps inside a second (`train --two-pass-clipping`). Stepping in backward, bfloat16
 stage 2 full keeps no bf16 copy of the trained weights (the trainer's `casts_weights_on_use`).
 
-Same for both: the weights (transformers' model gets llava-fast's random weights, and peft's lora_A the same
-draw, so the first-step losses agree to float tolerance; the table shows both), the batch (B rows of BOS +
-image tokens + random text, random pixels), the optimizer's settings, the trained parameters per row:
+Same for both: the weights (llava-fast's random weights rounded to float16, the dtype LLaVA-1.5's checkpoints
+store, and loaded from that float16 copy by both: transformers into float32 parameters, llava-fast as train holds a
+half-precision checkpoint, in float32 runs its frozen matrices kept float16 and widened where an op reads them;
+peft's lora_A is llava-fast's draw, so the first-step losses agree to float tolerance; the table shows both), the
+batch (B rows of BOS + image tokens + random text, random pixels), the optimizer's settings, the trained parameters
+per row:
 
     stage 1        the projector (vision tower and LLM frozen)
     stage 2 full   projector + LLM (vision tower frozen)
@@ -54,6 +57,7 @@ LORA_TARGETS_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_pro
 MODES = (("1", 1, False), ("2", 2, False), ("2-lora", 2, True))  # (row label, stage, LoRA)
 PRECISIONS = ("float32", "bfloat16")
 ENGINES = ("llava-fast", "transformers")
+CHECKPOINT_DTYPE = torch.float16  # the weights' dtype in LLaVA-1.5's checkpoints
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -124,8 +128,10 @@ class Engine:
 
 
 def build_llava_fast(source, stage, lora, dtype, settings):
-    """The trainer's step on a copy of `source` (float32): frozen weights and the model in `dtype`, float32
-    masters of the trained ones (the parameters themselves in float32), AdamW over the masters."""
+    """The trainer's step on a copy of `source` (float16 weights, as the checkpoint holds them): frozen weights
+    and the model in `dtype`, float32 masters of the trained ones (the parameters themselves in float32), AdamW
+    over the masters; in float32 the frozen matrices stay float16, widened where an op reads them, as train
+    holds a half-precision checkpoint's (`widened_on_use`)."""
     from llava_fast.train.lora import add_lora
     from llava_fast.train.trainer import (
         MasterWeights,
@@ -142,15 +148,21 @@ def build_llava_fast(source, stage, lora, dtype, settings):
         step_row_sparse,
         trainable_parameters,
         trains_llm_weight,
+        widened_on_use,
     )
 
-    # the frozen weights copied straight into `dtype`, as train loads them (load_base's frozen_dtype): no float32
-    # copy of the whole model first (3.6 GiB at 7B shapes with 2 layers, which a bfloat16 run's peak then measured)
-    frozen = {} if dtype == torch.float32 else {
-        id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False) for n, p in source.named_parameters()
-        if not (n.startswith("multi_modal_projector.") or trains_llm_weight(n, stage, lora))}
-    net = copy.deepcopy(source, memo=frozen)
-    del frozen
+    def held(name, p):  # as train loads the checkpoint (load_base's frozen_dtype and keeps_stored)
+        if name.startswith("multi_modal_projector.") or trains_llm_weight(name, stage, lora):
+            return p.detach().to(torch.float32, copy=True)
+        if dtype == torch.float32 and widened_on_use(name, p):
+            return p.detach().clone()
+        return p.detach().to(dtype, copy=True)
+
+    # each weight copied straight into the form train holds it in: no float32 copy of the whole model first (3.6
+    # GiB at 7B shapes with 2 layers, which a bfloat16 run's peak then measured)
+    weights = {id(p): torch.nn.Parameter(held(n, p), requires_grad=False) for n, p in source.named_parameters()}
+    net = copy.deepcopy(source, memo=weights)
+    del weights
     if lora:
         add_lora(net, settings["lora_r"], settings["lora_alpha"], 0.0, seed=0)
     llm, projector = trainable_parameters(net, stage, lora)
@@ -158,7 +170,7 @@ def build_llava_fast(source, stage, lora, dtype, settings):
     if stage == 2 and not lora:  # train --recompute-mlp: the MLPs' inner activations are recomputed in backward
         net.recompute_mlp_activations()
     for p in net.parameters():
-        if not p.requires_grad:
+        if not p.requires_grad and not (dtype == torch.float32 and p.dtype == CHECKPOINT_DTYPE):
             p.data = p.data.to(dtype)
     max_norm = settings.get("max_grad_norm", 1.0)
     # the trainer's paths for one micro-batch a step in one process
@@ -166,6 +178,7 @@ def build_llava_fast(source, stage, lora, dtype, settings):
     # bfloat16 stepping in backward: no bf16 copy of the trained weights (the trainer's casts_weights_on_use)
     cast_on_use = dtype != torch.float32 and (two_pass or max_norm == 0) and not lora
     masters = MasterWeights(llm + projector, dtype, net if cast_on_use else None)
+    masters.widen_frozen_on_use(net)  # float32: the float16 matrices widened where an op reads them
     device = source.lm_head.weight.device
     optimizer = make_optimizer([{"params": masters.masters, "lr": settings["lr"]}], 0.0, device)
     from_model_grads = (StepFromModelGrads(optimizer, masters) if dtype != torch.float32 and max_norm > 0
@@ -395,8 +408,12 @@ def run_against(doc, net, settings, device):
     absent = [m for m in ("transformers", "peft") if importlib.util.find_spec(m) is None]
     if absent:
         raise InputError(f"--against transformers needs {' and '.join(absent)} (pip install {' '.join(absent)})")
+    # the checkpoint both engines load: the random weights rounded to float16, as LLaVA-1.5's checkpoints (the
+    # original's and llava-hf's) store them; transformers reads them into float32 (exact)
     source = net.float()
     source.requires_grad_(False)
+    for p in source.parameters():
+        p.data = p.data.to(CHECKPOINT_DTYPE)
     batch = settings["batch_sizes"][0]
     settings["batch"] = make_batch(source.cfg, batch, settings["seq_len"], device, torch.float32)
     settings["source"] = source
@@ -424,7 +441,8 @@ def markdown(doc):
              f"batch {s['batch_sizes'][0]} x {s['seq_len']} tokens, LoRA r={s['lora_r']} alpha={s['lora_alpha']:g}, "
              f"gradient checkpointing off, AdamW, " + (f"clipping at {clip:g}" if (clip := s.get("max_grad_norm", 1.0))
                                                           else "no clipping (llava-fast steps in backward)")
-             + (" (llava-fast: --two-pass-clipping)" if s.get("two_pass_clipping") else ""), ""]
+             + (" (llava-fast: --two-pass-clipping)" if s.get("two_pass_clipping") else "")
+             + "; both load the random weights rounded to float16, as LLaVA-1.5's checkpoints store them", ""]
     lines += [f"- {x}" for x in header_lines(doc)] + [""]
     names = {"1": "stage 1 (projector)", "2": "stage 2 full", "2-lora": "stage 2 LoRA"}
     rows = []

@@ -99,8 +99,9 @@ def _from_scratch_config(llama, clip_dir):
 
 
 def _load_tensors(net, sources, device, allow_missing=(), dtype=torch.float32):
-    """Assign every tensor of `sources` (`dtype`: a dtype or a function of the name) to the meta-built `net`;
-    names starting with one of `allow_missing` may be absent (they keep a fresh float32 initialisation)."""
+    """Assign every tensor of `sources` (`dtype`: a dtype or a function of the name and the stored tensor) to the
+    meta-built `net`; names starting with one of `allow_missing` may be absent (they keep a fresh float32
+    initialisation)."""
     expected = expected_weights(net)
     loaded = read_weights(net, sources, device, dtype, allow_missing)
     for module_name in sorted({n.rsplit(".", 1)[0] for n in expected if n not in loaded}):
@@ -225,13 +226,17 @@ def read_base(model_dir, *, vision_tower=None) -> BaseFiles:
 
 
 def load_base(model_dir, *, vision_tower=None, projector=None, device="cpu", image_aspect_ratio=None,
-              seed=0, frozen_dtype=torch.float32, trains=None, files: BaseFiles | None = None) -> TrainBase:
+              seed=0, frozen_dtype=torch.float32, trains=None, files: BaseFiles | None = None,
+              keeps_stored=None) -> TrainBase:
     """The model a run starts from on `device`, frozen (the trainer unfreezes): float32, except that with
     `trains` (a function of a parameter's name: True where the run trains it) the weights it does not train are
     read straight into `frozen_dtype`, one tensor at a time, as the trainer stores them. A LoRA or stage 1 run
     in bfloat16 then never holds its frozen weights in float32: a 7B's would be a 28 GB transient beside the
     14 GB it keeps. The bits are the float32-then-cast ones (one rounding either way). The embedding and output
     rows stay float32 while a missing <image> token is added, whose new rows are the float32 mean of the old.
+    keeps_stored (a function of a frozen weight's name and its stored tensor): True where that frozen weight is kept
+    in the dtype the checkpoint stores it in (the trainer's float32 runs widen it where an op reads it,
+    `MasterWeights.widen_frozen_on_use`).
 
     image_aspect_ratio: "pad" or "square" (None: the checkpoint's setting). files: read_base's reading of
     model_dir, when the caller already has it."""
@@ -242,8 +247,10 @@ def load_base(model_dir, *, vision_tower=None, projector=None, device="cpu", ima
         net = LlavaForCausalLM(cfg)
     resized = ("language_model.embed_tokens.weight", "lm_head.weight") if files.adds_image_token else ()
 
-    def dtype_of(name):
-        return torch.float32 if trains is None or trains(name) or name in resized else frozen_dtype
+    def dtype_of(name, stored):
+        if trains is None or trains(name) or name in resized:
+            return torch.float32
+        return stored.dtype if keeps_stored is not None and keeps_stored(name, stored) else frozen_dtype
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)  # a fresh projector is the same in every process

@@ -70,7 +70,10 @@ def build_parser():
                    "decoder MLP keeps only its input and recomputes gate, up and SwiGLU in backward (a third of the "
                    "activations for two more GEMMs per layer; same losses)")
     p.add_argument("--precision", choices=("bf16", "fp32"),
-                   help="bf16: bf16 weights, float32 master weights (the GPU default); fp32 (the CPU default)")
+                   help="bf16: bf16 weights, float32 master weights (the GPU default); fp32 (the CPU default): "
+                   "float32 arithmetic, the frozen matrices that the checkpoint stores in float16/bfloat16 (LLaVA's "
+                   "are) held so and widened to float32 where an op reads them in one process (exact: half the "
+                   "bytes, the same bits); a float32 checkpoint, or DDP and FSDP, hold float32 as before")
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (FSDP2) "
                    "across the torchrun processes instead of replicating them (DDP)")
     p.add_argument("--image-aspect-ratio", choices=("pad", "square"),

@@ -32,6 +32,7 @@ class LoraLinear(nn.Module):
     def __init__(self, weight: nn.Parameter, r: int, alpha: float, dropout: float, bias: nn.Parameter | None = None):
         super().__init__()
         out_features, in_features = weight.shape
+        self.in_features, self.out_features = in_features, out_features
         self.weight = weight  # the base layer's own parameters, frozen
         self.bias = bias
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=weight.device, dtype=torch.float32))
@@ -43,7 +44,9 @@ class LoraLinear(nn.Module):
     def forward(self, x):  # (..., in) -> (..., out)
         A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         no_dropout = isinstance(self.dropout, nn.Identity) or not self.training
-        if no_dropout and self.weight.numel() <= MERGED_MAX_WEIGHT:  # one GEMM on W + s B A
+        # the shape from the layer, not from self.weight: a weight widened on use (the trainer's float32 runs of a
+        # half-precision checkpoint) is made each time it is read
+        if no_dropout and self.in_features * self.out_features <= MERGED_MAX_WEIGHT:  # one GEMM on W + s B A
             return _MergedLoraLinear.apply(x, self.weight, self.bias, A, B, self.scaling)
         # the adapter's output added by the GEMM itself (addmm's beta), its scale folded into the (out, r) B: at
         # 7B shapes a separate scale and sum are two passes over (tokens, out) forward and one more backward

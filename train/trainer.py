@@ -16,6 +16,13 @@ masters and are gathered in bf16. Not autocast: autocast casts torch ops, not th
 `llava_fast.ops`, which would then meet bf16 activations and float32 weights (the splice kernel rejects that). The
 forward and backward go through `llava_fast.ops`, so on CUDA they run the Triton kernels (attention, splice, fused
 linear cross-entropy, RMSNorm/SwiGLU backward) and on the CPU the torch references.
+
+Precision fp32 (the CPU default): float32 arithmetic throughout. The frozen matrices (the vision tower's, LoRA's base
+linears, the whole decoder in stage 1) that the checkpoint stores in float16 or bfloat16, as LLaVA's checkpoints
+are, stay in that dtype and are widened to float32 where an op reads them (`MasterWeights.widen_frozen_on_use`):
+widening is exact, so the ops see the float32 values a float32 copy would hold, bit for bit, at 2 bytes a parameter
+instead of 4, for ~6% of a LoRA step at LLaVA-1.5-7B shapes (the widening's memory traffic). A float32 checkpoint
+is held as it is, and so are DDP's and FSDP's frozen weights (float32).
 """
 
 from __future__ import annotations
@@ -209,7 +216,9 @@ class MasterWeights:
     def __init__(self, named_params, dtype, cast_on_use_in=None):
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
-        self.made = self.made_grad_sink = None
+        self.dtype, self.net = dtype, None
+        self.made = self.made_grad_sink = self.scratch = None
+        self.widened = []  # (module, attribute) of each frozen matrix widened on use (widen_frozen_on_use)
         if dtype == torch.float32:
             self.masters = self.params
             return
@@ -231,7 +240,8 @@ class MasterWeights:
         their own post-accumulate-grad hooks) in one process; not for tied weights (one parameter, two modules)."""
         from torch.nn.utils import parametrize
 
-        self.made, self.net = {}, net  # made: storage address -> (weakref to a weight made from a master, that master)
+        # made: storage address -> (weakref to a weight made from a master, that master)
+        self.made, self.net = {}, net
         for name, p in zip(self.names, self.params):
             owner, _, attr = name.rpartition(".")
             module = net.get_submodule(owner)
@@ -240,9 +250,37 @@ class MasterWeights:
             parametrize.register_parametrization(module, attr, _MasterRounded(dtype, self), unsafe=True)
         self.masters = self.params  # the model's parameters are the float32 masters now
 
+    def widen_frozen_on_use(self, net):
+        """Float32 models: each frozen parameter held in float16/bfloat16 (the checkpoint's dtype, which load_base
+        keeps for the matrices `widened_on_use` names) reads as its float32 widening, made where an op reads it
+        (the cast on use's parametrization, to float32) and freed with the op's output; what backward needs of it
+        (the input gradient's dy W) is widened again there (casting()'s hooks), not kept from forward. Widening
+        is exact, so every op sees the bits a float32 copy holds: 2 bytes a frozen parameter instead of 4 (the
+        vision tower, 0.3 B parameters, and LoRA's base linears, 0.2 B a decoder layer at LLaVA-1.5-7B). A
+        `dtype` other than float32 holds every frozen weight in `dtype` already: nothing to do."""
+        from torch.nn.utils import parametrize
+
+        if self.dtype != torch.float32:
+            return
+        for name, p in list(net.named_parameters()):
+            if p.requires_grad or p.dtype not in HALF_DTYPES:
+                continue
+            owner, _, attr = name.rpartition(".")
+            module = net.get_submodule(owner)
+            if self.made is None:
+                self.made, self.scratch = {}, WidenScratch()
+            parametrize.register_parametrization(module, attr, _MasterRounded(torch.float32, self), unsafe=True)
+            self.widened.append((module, attr))
+
+    def make(self, source, dtype):
+        """source.to(dtype): a frozen weight's widening into a reused buffer (WidenScratch), else a new tensor."""
+        if self.scratch is not None and dtype == torch.float32 and source.dtype in HALF_DTYPES:
+            return self.scratch.widen(source)
+        return source.to(dtype)
+
     def casting(self):
-        """Around a forward (cast on use only; else nothing): each saved weight made from a master is kept as the
-        recipe to make it again, not as the tensor."""
+        """Around a forward (cast on use, widening on use; else nothing): each saved weight made from a master or
+        widened from a frozen weight is kept as the recipe to make it again, not as the tensor."""
         if self.made is None:
             return contextlib.nullcontext()
         made = self.made
@@ -260,7 +298,7 @@ class MasterWeights:
             if isinstance(x, torch.Tensor):
                 return x
             master, dtype, shape, stride, offset = x
-            return master.detach().to(dtype).as_strided(shape, stride, offset)
+            return self.make(master.detach(), dtype).as_strided(shape, stride, offset)
 
         @contextlib.contextmanager
         def context():
@@ -296,18 +334,25 @@ class MasterWeights:
 
     def keep_rounded_weights(self):
         """After the run, cast on use: each model parameter becomes its master rounded to the compute dtype, as the
-        copy path leaves it (the parametrizations removed; the masters are no longer the model's)."""
-        if self.made is None:
-            return
+        copy path leaves it (the parametrizations removed; the masters are no longer the model's). Widening on use:
+        each frozen matrix becomes the float32 parameter the model would have held without it, one at a time."""
         from torch.nn.utils import parametrize
 
+        for module, attr in self.widened:
+            held = getattr(module.parametrizations, attr).original
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+            setattr(module, attr, nn.Parameter(held.detach().float(), requires_grad=False))
+        self.widened = []
+        if self.net is None:
+            self.made = None
+            return
         for name, p in zip(self.names, self.params):
             owner, _, attr = name.rpartition(".")
             module = self.net.get_submodule(owner)
             dtype = getattr(module.parametrizations, attr)[0].dtype
             parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
             setattr(module, attr, nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad))
-        self.made = None
+        self.made = self.net = None
 
     def state_dict(self):
         return {n: m.detach() for n, m in zip(self.names, self.masters)}
@@ -319,9 +364,52 @@ class MasterWeights:
         self.copy_to_model()
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def widened_on_use(name, stored):
+    """Whether a float32 run holds the frozen weight `name`, stored in the checkpoint as `stored`, in the
+    checkpoint's float16/bfloat16 and widens it where an op reads it (MasterWeights.widen_frozen_on_use): the
+    matrices (linear, patch and position-embedding weights); not the embedding table nor lm_head, which their ops
+    read whole (the splice's row gather, the fused linear cross-entropy's chunks of rows): widened there, each
+    would be a (V, C) float32 transient, 501 MiB at LLaVA-1.5-7B, at the step's peak. Vectors (norms, biases,
+    0.1% of the weights) stay float32."""
+    return (stored.dtype in HALF_DTYPES and stored.dim() >= 2
+            and name not in ("language_model.embed_tokens.weight", "lm_head.weight"))
+
+
+class WidenScratch:
+    """Float32 buffers, reused, that frozen float16/bfloat16 weights are widened into where an op reads them. A
+    new (out, in) float32 tensor per read is faulted in page by page (glibc maps each block above 32 MiB afresh):
+    widening an 11008 x 4096 float16 matrix took ~50 ms into a new tensor against ~27 ms into a reused one, beside a
+    ~235 ms float32 GEMM at 640 rows (2 Sapphire Rapids cores, loaded host). A buffer is reused only while no tensor
+    but its own holds its storage (the storage's use count: the buffer and the count's probe), so a widened weight
+    still alive (an op reading two at once, a view autograd kept outside casting()) gets a buffer of its own. A
+    weight that no free buffer holds gets a new one and the free ones, all too small, are dropped: the buffers
+    number the most widened weights alive at once (one or two), the first as large as the largest weight (172 MiB
+    at LLaVA-1.5-7B's 11008 x 4096), not one buffer per size met on the way up (110 MiB more at 7B shapes)."""
+
+    def __init__(self):
+        self.buffers = []
+
+    @staticmethod
+    def _free(buf):
+        return torch._C._storage_Use_Count(buf.untyped_storage()._cdata) == 2  # buf and this probe only
+
+    def widen(self, source):
+        n = source.numel()
+        for buf in self.buffers:
+            if buf.numel() >= n and self._free(buf):
+                return buf[:n].view(source.shape).copy_(source)
+        self.buffers = [buf for buf in self.buffers if not self._free(buf)]
+        buf = torch.empty(n, dtype=torch.float32, device=source.device)
+        self.buffers.append(buf)
+        return buf.view(source.shape).copy_(source)
+
+
 class _MasterRounded(nn.Module):
     """The parametrization of MasterWeights' cast on use: the float32 master -> the weight in `dtype`, recorded
-    (by storage address) for casting()'s hooks."""
+    (by storage address) for casting()'s hooks. Also widening on use: a frozen float16/bfloat16 weight -> float32."""
 
     def __init__(self, dtype, masters):
         super().__init__()
@@ -342,7 +430,7 @@ class _RoundedMaster(torch.autograd.Function):
     @staticmethod
     def forward(ctx, master, dtype, masters):
         ctx.master, ctx.masters = master, masters
-        return master.to(dtype)
+        return masters.make(master, dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -1033,16 +1121,19 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
     global_batch = a.batch_size * a.grad_accum * world
     total, steps_per_epoch = total_steps(len(examples), global_batch, a.epochs, a.max_steps)
 
+    # float32 in one process: frozen matrices stored in half precision stay so, widened on use (DDP and FSDP
+    # replicate or shard the parameters as they find them)
+    widen = dtype == torch.float32 and dist is None and not a.fsdp
     base = ckpt.load_base(a.model, vision_tower=a.vision_tower, projector=a.projector, device=device,
                           image_aspect_ratio=a.image_aspect_ratio, seed=a.seed, frozen_dtype=dtype, trains=trains,
-                          files=files)
+                          files=files, keeps_stored=widened_on_use if widen else None)
     net = base.net
     if lora:
         add_lora(net, a.lora_r, a.lora_alpha, a.lora_dropout, seed=a.seed)
     llm_params, projector_params = trainable_parameters(net, a.stage, lora)
     fuse_frozen_projections(net, a.stage)
     for p in net.parameters():
-        if not p.requires_grad:
+        if not p.requires_grad and not (widen and p.dtype in HALF_DTYPES):
             p.data = p.data.to(dtype)
     net.gradient_checkpointing = a.gradient_checkpointing
     if sparse_embedding_grad(net, a.stage, lora, dtype, dist is not None or a.fsdp):
@@ -1064,6 +1155,8 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
     if not a.fsdp:  # DDP must see the final (bf16) parameters
         cast_on_use = casts_weights_on_use(net, dtype, a, lora, dist)
         run.masters = MasterWeights([(n, net.get_parameter(n)) for n in trained], dtype, net if cast_on_use else None)
+        if widen:
+            run.masters.widen_frozen_on_use(net)
     run.model = _wrap(module, net, a, dist, device)
     if a.fsdp:  # FSDP replaced the parameters by float32 shards
         run.masters = MasterWeights([(n, module.get_parameter(f"net.{n}")) for n in trained], torch.float32)

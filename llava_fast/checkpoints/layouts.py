@@ -203,9 +203,9 @@ def assign_weights(net: LlavaForCausalLM, loaded: dict):
 def read_weights(net: LlavaForCausalLM, sources, device, dtype, allow_missing=()) -> dict:
     """Name -> tensor of every weight of the meta-built `net`, read from `sources` ((file, rename rules)
     pairs): renamed, checked against the shapes the config implies, floating tensors cast to `dtype` (or
-    `dtype(name)` when it is a function) on `device`, one at a time. Names starting with one of `allow_missing`
-    may be absent (the caller initialises them); any other missing weight, or one the model does not have, is a
-    CheckpointError naming it."""
+    `dtype(name, stored tensor)` when it is a function) on `device`, one at a time. Names starting with one of
+    `allow_missing` may be absent (the caller initialises them); any other missing weight, or one the model does not
+    have, is a CheckpointError naming it."""
     expected = expected_weights(net)
     tied_head = "lm_head.weight" if net.cfg.text.tie_word_embeddings else None  # transformers ties any it finds
     loaded, unexpected = {}, []
@@ -220,7 +220,9 @@ def read_weights(net: LlavaForCausalLM, sources, device, dtype, allow_missing=()
             want = tuple(expected[name].shape)
             if tuple(tensor.shape) != want:
                 raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, but the config implies {want}")
-            target_dtype = (dtype(name) if callable(dtype) else dtype) if tensor.is_floating_point() else tensor.dtype
+            target_dtype = tensor.dtype
+            if tensor.is_floating_point():
+                target_dtype = dtype(name, tensor) if callable(dtype) else dtype
             loaded[name] = tensor.to(device=device, dtype=target_dtype, copy=True)
             del tensor
     missing = sorted(n for n in set(expected) - set(loaded) if not n.startswith(tuple(allow_missing)))
