@@ -368,12 +368,12 @@ def test_the_start_up_measurement_is_one_round_where_calls_are_costly(model, mon
 
 
 def test_a_slice_beside_a_nearly_full_batch_costs_at_most_its_step(model):
-    """The measured budget at SmolLM2-135M bfloat16's costs (2-core VM; a = 12.9 ms, a row 0.62 ms, a prompt
-    token 0.25 ms): beside 15 of 16 decoding rows a slice's arithmetic is at most one full-batch step, so the
-    iteration costs at most ~2x a plain step (a 4/3-step slice made it 2.3x: the ITL p99 at 16 clients), and
-    beside 14 rows the spread adds ~7% of a step; beside 7 rows (8 clients) the slice keeps the room the 9
-    missing rows and the 4/3-step allowance spread over the 8 rows waiting give it, more than a full batch's
-    4/3-step slice."""
+    """The measured budget at SmolLM2-135M bfloat16's costs as a traced 16-client run on the 2-core VM had them
+    (a 1-row call 13.5 ms, a 16-row one 22.8 ms, an ~86-token slice beside it +21.7 ms): beside 15 of 16
+    decoding rows a slice's arithmetic is at most one full-batch step, so the iteration costs at most ~2x a
+    plain step (a 4/3-step slice made it 2.3x: the ITL p99 at 16 clients), and beside 14 rows the spread adds
+    ~7% of a step; beside 7 rows (8 clients) the slice keeps the room the 9 missing rows and the 4/3-step
+    allowance spread over the 8 rows waiting give it, more than a full batch's 4/3-step slice."""
     scheduler = Scheduler(model, max_batch=16, max_model_len=1024)
     if scheduler.cost is None:
         pytest.skip(f"this decoder does not mix steps and slices ({scheduler.decoder.plan})")

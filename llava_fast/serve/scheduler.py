@@ -257,7 +257,8 @@ class Scheduler:
         self.cost = IterationCost(max_batch) if max_batched_tokens is None and self.decoder.mixes else None
         # The measured budget's floor: the default's own tuning above was of a budget that held at every row
         # count; the measured one's slice grows as rows go missing (_prompt_budget), so beside a full batch the
-        # fit decides (SmolLM2: ~82 at one step of slice, under the default 96).
+        # fit decides (SmolLM2 bfloat16, 2-core VM: 85-110 tokens at one step of slice, around the default 96, which
+        # would otherwise hold the full batch's slice at 80 as often as not).
         self.min_budget = max_batch + MIN_SLICE_TOKENS
         self.metrics.max_batched_tokens.set(self.max_batched_tokens)
         self.eos = model.tokenizer.eos_token_ids  # any of them ends a row (as generate() ends it)
