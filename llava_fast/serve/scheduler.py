@@ -63,6 +63,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from llava_fast.errors import InputError
@@ -76,7 +77,7 @@ from llava_fast.generate import (
     suppress_eos,
 )
 from llava_fast.image import anyres
-from llava_fast.serve.budget import MIN_CALLS, IterationCost
+from llava_fast.serve.budget import MIN_CALLS, SPREAD_STEPS, IterationCost
 from llava_fast.serve.kv_memory import KVMemory, default_kv_cache_memory
 
 log = logging.getLogger("llava_fast.serve")
@@ -90,10 +91,22 @@ MAX_MEASURED_BUDGET = 2048  # the GPU default: beyond it a prompt is one slice a
 # of 128 rows (csrc/decode.cpp) with the activations of 128 rows and ~1 MB of attention scores at any T; what the
 # cap bounds is the call's input and the prompts' embeddings, T x C (2048 x 4096 floats, 32 MiB, at 7B shapes).
 IDLE_PREFILL_TOKENS = MAX_MEASURED_BUDGET
-# The start-up calls' prompt slice, at positions T..2T-1: ~10 ms of a tiny LLaVA's 2-core call beside its ~6 ms
-# step. At positions 0..63 the fit's c came out at 0.025-0.036 ms per token against the served calls' 0.071-0.079.
-CALIBRATION_TOKENS = 128
-CALIBRATION_ROUNDS = 2
+# The start-up calls' prompt slice: CALIBRATION_TOKENS tokens at positions CALIBRATION_START.., attending to ~192
+# earlier positions on average as a 128-token slice at 128..255 did (at positions 0..63 the fit's c came out at
+# 0.025-0.036 ms per token against the served calls' 0.071-0.079, tiny LLaVA-1.5). 64 tokens, not 128: at
+# LLaVA-1.5-7B shapes a prompt token costs ~9 ms on 2 cores, so the slice call's excess over a step halves (~1.2
+# -> ~0.6 s) while 64 tokens' cost still stands out of a call's noise (a step ~0.6 s there; tiny: 8 ms beside ~6).
+CALIBRATION_TOKENS = 64
+CALIBRATION_START = 160
+# The start-up measurement (Scheduler._calibrate): one round of calls where it takes CALIBRATION_SECONDS or more
+# (LLaVA-1.5-7B shapes: each call re-reads 13 GB of weights, ~0.6 s on 2 cores, and the slice adds ~0.6 s), else a
+# warm-up round (the first calls' allocations) and timed rounds until CALIBRATION_SECONDS are spent, each call's
+# median over them fitted (the host's other work lands on a few calls: tiny LLaVA-1.5's fits from two rounds of
+# single calls set budgets of 140-289 tokens, one run to the next, on a loaded 2-core host).
+CALIBRATION_SECONDS = 0.5
+# The measured budget's least slice beside a full batch: a prompt then needs at most ~5 iterations' slices
+# (bench prompts: 20-170 tokens) however costly a token is beside a step.
+MIN_SLICE_TOKENS = 32
 
 
 def default_max_batched_tokens(device, mixes=False) -> int:
@@ -242,7 +255,11 @@ class Scheduler:
         # default's own tuning on SmolLM2 (where the fit gives 80-96) showed each 16 tokens less costing more
         # TTFT (184 -> 215 -> 317 ms) than it saved in ITL p99.
         self.cost = IterationCost(max_batch) if max_batched_tokens is None and self.decoder.mixes else None
-        self.min_budget = self.max_batched_tokens
+        # The measured budget's floor: the default's own tuning above was of a budget that held at every row
+        # count; the measured one's slice grows as rows go missing (_prompt_budget), so beside a full batch the
+        # fit decides (SmolLM2 bfloat16, 2-core VM: 85-110 tokens at one step of slice, around the default 96, which
+        # would otherwise hold the full batch's slice at 80 as often as not).
+        self.min_budget = max_batch + MIN_SLICE_TOKENS
         self.metrics.max_batched_tokens.set(self.max_batched_tokens)
         self.eos = model.tokenizer.eos_token_ids  # any of them ends a row (as generate() ends it)
         self.rows: list[_Row | None] = [None] * max_batch
@@ -587,7 +604,10 @@ class Scheduler:
         so beside k decoding rows the slice takes max_batch / (k + 1) times the full batch's slice tokens. Beside
         max_batch - 1 rows nothing changes (the 16-client ITL p99); beside 7 of 16 (8 clients) a slice has
         twice the room, and a tiny LLaVA-1.5 image prompt (~330 tokens after its tower) goes in 2 slices
-        instead of 3 (2-core VM: slice calls per 32 requests 73-90 -> 49, server-side TTFT p50 ~20% lower)."""
+        instead of 3 (2-core VM: slice calls per 32 requests 73-90 -> 49, server-side TTFT p50 ~20% lower).
+        The allowance spread is SPREAD_STEPS steps', the full batch's own slice one step's (serve/budget.py): the
+        iterations of 14-15 decoding rows, the ITL's tail at 16 clients, lose the excess; beside fewer rows the
+        slice keeps the room the missing rows and the spread leave."""
         left = self.max_batched_tokens - decoding
         if self.cost is None:
             return left
@@ -596,7 +616,7 @@ class Scheduler:
         shared = 0  # the slice's allowance beyond a full batch's, spread over the rows that wait on it (below)
         if self.cost.coef is not None:
             spread = max(self.max_batch / (decoding + 1) - 1, 0.0)  # 0 at a full batch: no row left to prefill
-            shared = int((self.max_batched_tokens - self.max_batch) * spread)
+            shared = int(min(self.cost.slice_tokens(SPREAD_STEPS), MAX_MEASURED_BUDGET) * spread)
         return min(left + self.cost.spare_row_tokens(self.max_batch - decoding) + shared, MAX_MEASURED_BUDGET)
 
     def _tower_charge(self, req, first_image):
@@ -608,62 +628,81 @@ class Scheduler:
         measured = self.cost.tower_tokens(positions) if positions and self.cost is not None else None
         return positions if measured is None else measured
 
-    def _retune(self, min_calls=MIN_CALLS):
+    def _retune(self, min_calls=MIN_CALLS, min_sliced=4):
         """Set the budget from the fit of the recent mixed calls: the decoding rows plus the prompt tokens
-        that cost SLICE_STEPS full-batch decode steps (serve/budget.py), at least the default."""
-        if self.cost.fit(min_calls) is None:
+        that cost SLICE_STEPS full-batch decode steps (serve/budget.py), at least min_budget."""
+        if self.cost.fit(min_calls, min_sliced) is None:
             return
         tokens = self.max_batch + self.cost.slice_tokens()
         self.max_batched_tokens = min(max(tokens, self.min_budget), MAX_MEASURED_BUDGET)
         self.metrics.max_batched_tokens.set(self.max_batched_tokens)
 
     def _calibrate(self):
-        """Measure the budget before the first request (start(), before the server answers): CALIBRATION_ROUNDS
-        rounds of four mixed calls on scratch rows (max_batch - 1 decoding rows, 1 row, each with and without a
-        CALIBRATION_TOKENS-token slice, and the slice alone) and, for a model with images, one timed tower run,
-        fitted at once. The served calls' fit takes over from MIN_CALLS calls on. Without this, a fresh server
-        ran its first MIN_CALLS calls at the start value (96 tokens: tiny LLaVA-1.5 image prompts of ~330
-        tokens went in as 4-5 slices, and 8 requests arriving together waited 90-640 ms for their first token,
-        all above the run's median) and charged the first towers at one token per position (256, ~2.5x their
-        measured cost). Tiny LLaVA-1.5, 2 cores: ~0.1 s; the rows' K/V is given back afterwards."""
+        """Measure the budget before the first request (start(), before the server answers): rounds of three
+        mixed calls on scratch rows (max_batch - 1 decoding rows, 1 row, and max_batch - 1 rows beside a
+        CALIBRATION_TOKENS-token slice), which determine a, b and c, fitted at once; the vision tower's cost
+        until its first run is measured is its FLOPs' worth of prompt tokens (IterationCost.set_tower_prior).
+        The served calls' fit takes over from MIN_CALLS calls on. Without this, a fresh server ran its first
+        MIN_CALLS calls at the start value (96 tokens: tiny LLaVA-1.5 image prompts of ~330 tokens went in as 4-5
+        slices, and 8 requests arriving together waited 90-640 ms for their first token, all above the run's
+        median) and charged the first towers at one token per position (256, ~2.5x their measured cost).
+        A round that takes CALIBRATION_SECONDS or more is the only one: at LLaVA-1.5-7B shapes each call re-reads
+        13 GB of weights, and two rounds of four calls (a 128-token slice), a warm-up call and two tower runs took
+        11.0-11.8 s beside a 16 s load. A cheaper round was a warm-up: timed rounds follow for CALIBRATION_SECONDS,
+        and each call's median over them is fitted. Where the fit is not physical (a call slowed by the host's other
+        work: 1 of 6 single rounds at 7B shapes on a loaded 2-core host), rounds are added, up to three, whose
+        median drops one slowed call. The rows' K/V is given back afterwards."""
         B, T = self.max_batch, min(CALIBRATION_TOKENS, self.max_model_len // 2)
         if B < 2 or T < 1:
             return
-        start = T  # the slice attends to T earlier positions (zeros), as a prompt's later slices do
+        start = min(CALIBRATION_START, self.max_model_len - T)  # earlier positions (zeros), as a later slice's
         embed = self.model.net.language_model.embed_tokens.weight
         generator = torch.Generator(device=embed.device).manual_seed(0)
         x = embed[torch.randint(embed.shape[0], (T,), generator=generator, device=embed.device)]  # (T, C)
         slot = B - 1  # the slice's row; rows 0..B-2 decode
-        shapes = [(B - 1, False), (1, False), (0, True), (B - 1, True)]
+        shapes = [(B - 1, False), (1, False), (B - 1, True)]
+
+        def timed_round():
+            seconds = []
+            for rows, sliced in shapes:
+                self.decoder.lengths.zero_()
+                started = time.perf_counter()
+                self.decoder.mixed_step(list(range(rows)), [0] * rows, [(slot, x, start)] if sliced else [])
+                seconds.append(time.perf_counter() - started)
+            return seconds
+
+        def fitted():
+            self.cost.calls.clear()
+            for (rows, sliced), seconds in zip(shapes, zip(*rounds)):
+                self.cost.add(rows, T if sliced else 0, float(np.median(seconds)))
+            return self.cost.fit(len(shapes), min_sliced=1) is not None
+
         with torch.inference_mode(), self.decoder.host_threads():
-            self.decoder.mixed_step([0], [0], [])  # warm-up: first-call allocations
-            for _ in range(CALIBRATION_ROUNDS):
-                for rows, sliced in shapes:
-                    self.decoder.lengths.zero_()
-                    started = time.perf_counter()
-                    self.decoder.mixed_step(list(range(rows)), [0] * rows, [(slot, x, start)] if sliced else [])
-                    self.cost.add(rows, T if sliced else 0, time.perf_counter() - started)
-        with torch.inference_mode():
-            if self.model.net.vision_tower is not None:
-                self._calibrate_tower()
+            rounds = [timed_round()]
+            if sum(rounds[0]) < CALIBRATION_SECONDS:  # a warm-up: time rounds until CALIBRATION_SECONDS are spent
+                rounds = [timed_round()]
+                while sum(map(sum, rounds)) < CALIBRATION_SECONDS:
+                    rounds.append(timed_round())
+            while not fitted() and len(rounds) < 3:  # other work slowed a call enough to make the fit unphysical
+                rounds.append(timed_round())
+        if self.model.net.vision_tower is not None:
+            self.cost.set_tower_prior(*self._tower_flops())
         self.decoder.lengths.zero_()
         for s in range(B):
             self.kv.release(s, 0)
-        self._retune(min_calls=len(self.cost.calls))
+        self._retune(min_calls=len(shapes), min_sliced=1)
 
-    def _calibrate_tower(self):
-        """One timed run of preprocessing and the vision tower on a blank image (after one untimed run)."""
-        import PIL.Image
-
-        side = self.model.config.vision.image_size
-        image = PIL.Image.new("RGB", (side, side))
-        for timed in (False, True):
-            started = time.perf_counter()
-            pixel_values, _ = self.model.image_inputs([image])
-            self.model.net.image_features(pixel_values)
-            if timed:
-                positions = self.model.image_token_counts([(side, side)])[0]
-                self.cost.add_tower(positions, time.perf_counter() - started)
+    def _tower_flops(self):
+        """(FLOPs per image position of the vision tower's encoder layers run and the projector, FLOPs per
+        prompt token of the decoder's layers): their weights' multiply-adds x 2. Attention's share is left out
+        (ViT-L/14-336: ~9% of its layer's FLOPs over 577 positions; a decoder token at position ~200: ~3%)."""
+        cfg = self.model.config
+        v, t = cfg.vision, cfg.text
+        tower = cfg.num_vision_layers_run * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
+        tower += v.hidden_size * t.hidden_size + (t.hidden_size ** 2 if cfg.projector_type == "mlp2x_gelu" else 0)
+        qkvo = t.hidden_size * (2 * t.num_heads + 2 * t.num_kv_heads) * t.head_dim
+        token = t.num_layers * (qkvo + 3 * t.hidden_size * t.intermediate_size)
+        return 2 * tower, 2 * token
 
     def _slice_embeddings(self, row, n):
         return row.embeddings[row.position - row.start: row.position - row.start + n]  # (n, C)
