@@ -578,8 +578,8 @@ class ChatSession:
         messages = self.messages + [("user", text)]
         sizes = _sizes(self.images)
         # encode_prompt reads a reply's "<image>" as text: the chat's next turns counted one the model wrote as a
-        # marker with no image and failed, every one of them. A later turn's "<image>" is text too: the images
-        # go to the first turn's markers, and a typed "<image>" was refused there, as nowhere else.
+        # marker with no image and failed, every one of them. A later turn's "<image>" is text too, as in a
+        # server's text part: the chat's images go to the first turn's markers.
         rendered = messages[:1] + [(role, escape_image_text(said)) for role, said in messages[1:]]
         ids = m.encode_prompt(rendered, len(self.images), template=self.template, system=self.system,
                               image_sizes=sizes)

@@ -346,7 +346,7 @@ def create_app(model, config: ServeConfig | None = None, scheduler: Scheduler | 
                     return completion.response("".join(text), ev.finish_reason,
                                                usage(ev.prompt_tokens, ev.completion_tokens),
                                                logprobs if body.logprobs else None)
-                else:  # a shutdown is no fault of the server's: 503, as for a request it no longer takes
+                else:  # cut by the shutdown, nothing failed: 503, as a request the stopping server no longer takes
                     return JSONResponse(error_body(ev.error, ev.error_type),
                                         503 if ev.error_type == "server_shutdown" else 500)
         finally:
