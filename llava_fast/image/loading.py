@@ -63,14 +63,8 @@ def open_image(source, what: str, limit: int | None = None, hint: bool = True) -
         warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
         try:
             opened = PIL.Image.open(source)
-        except PIL.Image.DecompressionBombError as err:
+        except PIL.Image.DecompressionBombError:
             pillow = 2 * PIL.Image.MAX_IMAGE_PIXELS
-            size = _bomb_size(err)
-            if size is not None:  # the message every other image over the limit gets: its width x height
-                try:
-                    check_image_pixels(*size, what, min(limit, pillow), hint)
-                except ImageError as ours:
-                    raise ours from None
             raise ImageError(f"{what} has more than {pillow:,} pixels, more than the limit of "
                              f"{min(limit, pillow):,} pixels{_hint(hint)}") from None
     try:
@@ -80,19 +74,6 @@ def open_image(source, what: str, limit: int | None = None, hint: bool = True) -
         opened.close()
         raise
     return opened
-
-
-def _bomb_size(err: BaseException) -> tuple[int, int] | None:
-    """The (width, height) Pillow refused in a DecompressionBombError: its message gives only the pixel count
-    ("Image size (196000000 pixels) exceeds limit of 178956970 pixels"), so it is read from the check's own
-    argument, the innermost frame's `size` (Pillow 13's _decompression_bomb_check(size)); None if not there."""
-    tb = err.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    size = tb.tb_frame.f_locals.get("size") if tb is not None else None
-    if isinstance(size, tuple) and len(size) == 2 and all(isinstance(side, int) for side in size):
-        return size
-    return None
 
 
 def load_image(image, max_pixels: int | None = None) -> PIL.Image.Image:
