@@ -575,13 +575,13 @@ class ChatSession:
         m = self.model
         if not isinstance(text, str):
             raise InputError(f"a chat turn must be a string, got {type(text).__name__}")
-        if self.messages and "<image>" in text:
-            raise InputError("images belong to the first turn of a chat; start a new chat for another image")
         messages = self.messages + [("user", text)]
         sizes = _sizes(self.images)
         # encode_prompt reads a reply's "<image>" as text: the chat's next turns counted one the model wrote as a
-        # marker with no image and failed, every one of them.
-        ids = m.encode_prompt(messages, len(self.images), template=self.template, system=self.system,
+        # marker with no image and failed, every one of them. A later turn's "<image>" is text too, as in a
+        # server's text part: the chat's images go to the first turn's markers.
+        rendered = messages[:1] + [(role, escape_image_text(said)) for role, said in messages[1:]]
+        ids = m.encode_prompt(rendered, len(self.images), template=self.template, system=self.system,
                               image_sizes=sizes)
         max_new = self.generation["max_new_tokens"]
         m._check_rows([ids], len(self.images), max_new, image_sizes=sizes)

@@ -284,6 +284,10 @@ def _check_serve_args(args):
         # a key with spaces around it is one no client can send (HTTP drops them from the header).
         raise LlavaFastError("--api-key is empty or has spaces around it: give the key clients must send, or leave "
                              "--api-key out to require none")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        # `--served-model-name "$NAME"` with NAME unset served the default name, saying nothing.
+        raise LlavaFastError("--served-model-name is empty: give the model id clients send, or leave it out for the "
+                             "checkpoint's directory name")
     if not 0 <= args.port <= 65535:
         raise LlavaFastError(f"--port must be in 0..65535, got {args.port}")
     if args.kv_cache_memory is not None:

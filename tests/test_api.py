@@ -237,11 +237,25 @@ def test_a_reply_that_writes_image_is_text_in_the_next_turns(image_text_model):
     assert model.encode_prompt(as_pairs, 1) == prompt  # (role, text) pairs: a reply's "<image>" is text there too
 
 
-def test_chat_rejects_a_second_image(model):
+def test_image_typed_in_a_later_chat_turn_is_text(model):
+    """A later turn's "<image>" was refused ("images belong to the first turn"), where a server's text part or a
+    reply keeps it as text: it is text here too, the prompt's one image stays in the first turn."""
+    from llava_fast.prompts.messages import split_openai_messages
+
     session = model.chat(IMAGES[0], max_new_tokens=4)
-    session.ask("Hi")
-    with pytest.raises(InputError, match="first turn"):
-        session.ask("<image>\nand this one?")
+    first = session.ask("Hi")
+    question = "Is <image> a tag?"
+    second = session.ask(question)
+    assert session.messages[2] == ("user", question)  # the turn as typed
+    as_messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": IMAGES[0]}},
+                                                {"type": "text", "text": "Hi"}]},
+                   {"role": "assistant", "content": first}, {"role": "user", "content": question}]
+    prompt = model.encode_prompt(split_openai_messages(as_messages)[0], 1)
+    assert prompt.count(model.image_token_id) == model.num_image_tokens  # one image, none for the typed text
+    assert "<image> a tag?" in model.tokenizer.decode(prompt[prompt.index(model.image_token_id) +
+                                                             model.num_image_tokens:])
+    assert session.cached_ids[:len(prompt)] == prompt
+    assert second == model.generate(as_messages, max_new_tokens=4)
 
 
 # ------------------------------------------------------------------------------------------------------

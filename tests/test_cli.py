@@ -72,21 +72,24 @@ def test_chat_reads_one_turn_per_line(ckpt_dir):
 
 
 def test_a_refused_chat_turn_keeps_the_conversation(ckpt_dir, capsys, monkeypatch):
-    """A bad turn (here an image in a later turn) ended the whole chat, losing every turn before it: it is one
-    error line, the chat goes on as if that turn was never sent, and the exit code still says 2."""
+    """A bad turn (here one past the context length) ended the whole chat, losing every turn before it: it is one
+    error line, the chat goes on as if that turn was never sent, and the exit code still says 2. A later turn's
+    typed "<image>" is text, as in a server's text part, not a refused image."""
     import io
 
     import llava_fast
     from llava_fast.cli import main
 
-    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n<image> and this one?\nWhat now?\n"))
+    model = llava_fast.load(ckpt_dir, device=DEVICE)
+    too_long = "word " * model.context_length
+    turns = ["Hello", too_long, "Is <image> a tag?", "What now?"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(turn + "\n" for turn in turns)))
     code = main(["chat", "--model", ckpt_dir, "--image", IMAGE, "--max-new-tokens", "5", "--device", DEVICE])
     out, err = capsys.readouterr()
     assert code == 2
-    assert err.splitlines() == ["llava-fast: error: images belong to the first turn of a chat; start a new chat for "
-                                "another image"]
-    chat = llava_fast.load(ckpt_dir, device=DEVICE).chat(IMAGE, max_new_tokens=5)
-    assert out == chat.ask("Hello") + "\n" + chat.ask("What now?") + "\n"
+    assert len(err.splitlines()) == 1 and err.startswith("llava-fast: error:") and "context length" in err, err
+    chat = model.chat(IMAGE, max_new_tokens=5)
+    assert out == "".join(chat.ask(turn) + "\n" for turn in turns if turn != too_long)
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -180,6 +183,8 @@ def test_serve_and_generate_flags_are_checked_before_the_model_loads(capsys, mon
              for value, shown in (("nan", "nan"), ("inf", "inf"), ("-1", "-1.0"))]
         cases += [(["serve", "--api-key", key, "--port", str(port)], "--api-key is empty or has spaces around it")
                   for key in ("", "  ", " key")]
+        cases += [(["serve", "--served-model-name", name, "--port", str(port)], "--served-model-name is empty")
+                  for name in ("", " ")]
         for args, needle in cases:
             code, line = in_process(capsys, *args, monkeypatch=monkeypatch)
             assert code == 2 and line.startswith("llava-fast: error:") and needle in line, (args, line)

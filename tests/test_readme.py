@@ -175,6 +175,24 @@ def test_flags_blocks(block, capsys):
         assert not unknown, f"llava-fast {' '.join(path)}: {unknown} not in its --help"
 
 
+def test_the_training_sections_tiny_checkpoint_command(tmp_path):
+    """The command the Training section gives for a checkpoint to try train / serve --model on, run as written
+    (its --out in a temporary directory): a checkpoint llava_fast.load reads and generates with."""
+    import llava_fast
+
+    section = open(README, encoding="utf-8").read().split("## Training", 1)[1].split("\n## ", 1)[0]
+    found = re.search(r"`(python -m llava_fast\.bench\.random_checkpoint [^`]*)`", section.replace("\n", " "))
+    assert found, "the Training section names no command for a tiny checkpoint"
+    argv = shlex.split(found.group(1))
+    out = argv.index("--out") + 1
+    argv[out] = str(tmp_path / argv[out])
+    r = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    model = llava_fast.load(argv[out])
+    assert model.config.text.num_layers < 8  # tiny: minutes of training on a CPU, not days
+    assert len(model.tokenizer.encode(model.generate("Hello", max_new_tokens=4), add_bos=False)) >= 1
+
+
 def test_bench_results_are_the_cited_ones():
     """bench/results/ holds exactly the reports README.md and bench/RESULTS.md link to."""
     cited = set()

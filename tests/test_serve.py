@@ -601,13 +601,26 @@ def _sigterm_mid_stream(proc, url, **body):
 def test_a_reply_past_the_shutdown_timeout_ends_with_an_error_event():
     """A stream still running when --shutdown-timeout runs out gets the scheduler's error ("the server shut down
     before this request finished"), then [DONE]: uvicorn's own cut-off at the same time closed its connection
-    mid-stream, with neither."""
-    with _cli_server("--max-model-len", "2048", "--max-batch", "2", "--shutdown-timeout", "1") as (proc, url):
-        rest = _sigterm_mid_stream(proc, url, max_tokens=2000, ignore_eos=True)
+    mid-stream, with neither. A plain request running beside it gets that error as a 503: nothing failed in the
+    server, it stopped."""
+    long = dict(max_tokens=2000, ignore_eos=True)
+    with _cli_server("--max-model-len", "2048", "--max-batch", "2", "--shutdown-timeout", "1") as (proc, url), \
+            concurrent.futures.ThreadPoolExecutor(1) as pool:
+        plain = pool.submit(httpx.post, url + "/v1/chat/completions", timeout=120,
+                            json={"messages": [user("Go on.")], **long})
+        while httpx.get(url + "/health", timeout=5).json()["running"] < 1:  # running before the signal
+            assert not plain.done(), plain.result().text
+            time.sleep(0.05)
+        rest = _sigterm_mid_stream(proc, url, **long)
         assert rest[-1] == "data: [DONE]", rest[-3:]
         error = json.loads(rest[-2][len("data: "):])["error"]
         assert "shut down before this request finished" in error["message"], error
+        assert error["type"] == "server_shutdown", error
         assert sum('"content"' in line for line in rest) < 1500  # cut short, not run to its end
+        r = plain.result(timeout=60)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["type"] == "server_shutdown", r.text
+        assert "shut down before this request finished" in r.json()["error"]["message"], r.text
         output = proc.communicate(timeout=60)[0]
         assert proc.returncode == 0, output
 

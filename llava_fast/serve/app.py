@@ -346,8 +346,9 @@ def create_app(model, config: ServeConfig | None = None, scheduler: Scheduler | 
                     return completion.response("".join(text), ev.finish_reason,
                                                usage(ev.prompt_tokens, ev.completion_tokens),
                                                logprobs if body.logprobs else None)
-                else:
-                    return JSONResponse(error_body(ev.error, "internal_error"), 500)
+                else:  # cut by the shutdown, nothing failed: 503, as a request the stopping server no longer takes
+                    return JSONResponse(error_body(ev.error, ev.error_type),
+                                        503 if ev.error_type == "server_shutdown" else 500)
         finally:
             req.cancel()  # a no-op once done; frees the row if this handler was cancelled
 
@@ -370,7 +371,7 @@ async def _stream(req, events, completion: Completion, include_usage):
                     yield sse(completion.usage_chunk(usage(ev.prompt_tokens, ev.completion_tokens)))
                 break
             else:
-                yield sse(error_body(ev.error, "internal_error"))
+                yield sse(error_body(ev.error, ev.error_type))
                 break
         yield "data: [DONE]\n\n"
     finally:

@@ -145,6 +145,9 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    # The error body's type: "internal_error" (HTTP 500) or "server_shutdown" (HTTP 503: the server stopped
+    # before the request finished, nothing the request did wrong).
+    error_type: str = "internal_error"
 
 
 @dataclass
@@ -361,10 +364,12 @@ class Scheduler:
                 self._report_kv()
         for row in self.rows:
             if row is not None:
-                self._end(row, error="the server shut down before this request finished")
+                self._end(row, error="the server shut down before this request finished",
+                          error_type="server_shutdown")
         with self.cond:
             for req in self.waiting:
-                self._emit(req, Event("error", error="the server shut down before this request started"))
+                self._emit(req, Event("error", error="the server shut down before this request started",
+                                      error_type="server_shutdown"))
             self.waiting.clear()
 
     def _choose_slot(self, keys):
@@ -852,7 +857,7 @@ class Scheduler:
             if r is not None and r.req.cancelled:
                 self._end(r, finish_reason="cancelled")
 
-    def _end(self, row, finish_reason=None, error=None, keep_cache=True):
+    def _end(self, row, finish_reason=None, error=None, keep_cache=True, error_type="internal_error"):
         slot, req = row.slot, row.req
         if row in self.prefilling:  # cancelled (or failed) before its prompt was all in
             self.prefilling.remove(row)
@@ -873,6 +878,6 @@ class Scheduler:
         self.decoder.lengths[slot] = len(self.slot_keys[slot])
         usage = dict(prompt_tokens=len(req.ids), completion_tokens=len(row.generated))
         if error is not None:
-            self._emit(req, Event("error", error=error, **usage))
+            self._emit(req, Event("error", error=error, error_type=error_type, **usage))
         else:
             self._emit(req, Event("done", finish_reason=finish_reason, **usage))
