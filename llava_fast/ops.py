@@ -602,7 +602,20 @@ def _quick_gelu_one_buffer(x):
     return torch.mul(x, 1.702).sigmoid_().mul_(x)
 
 
+def _vision_attention_cpu(q, k, v):
+    """vision_attention_reference, or where no autograd graph is recorded and q/k/v are the views of one fused
+    q/k/v projection on the CPU, the native kernel reading them in place (llava_fast/cpu/vision.py)."""
+    if q.device.type == "cpu" and not torch.is_grad_enabled():
+        from llava_fast.cpu import vision
+
+        out = vision.attention(q, k, v)
+        if out is not None:
+            return out
+    return vision_attention_reference(q, k, v)
+
+
 TORCH_OPS["quick_gelu"] = _quick_gelu_one_buffer
+TORCH_OPS["vision_attention"] = _vision_attention_cpu
 BACKENDS = ("torch", "triton")
 BACKEND = "torch"
 _TRITON_OPS = None  # llava_fast.kernels.TRITON_OPS, imported on first use: triton is optional
@@ -896,6 +909,17 @@ def swiglu(gate, up):
 def quick_gelu(x):
     """x * sigmoid(1.702 x). See quick_gelu_reference."""
     return quick_gelu_reference(x) if _inline_reference() else _quick_gelu_op(x)
+
+
+def quick_gelu_(x):
+    """quick_gelu(x) for an x nothing else reads afterwards (a linear's fresh output): on the torch backend on the
+    CPU with no autograd graph, written into x by one native pass (llava_fast/cpu/vision.py), else quick_gelu(x)."""
+    if BACKEND == "torch" and x.device.type == "cpu" and not torch.is_grad_enabled():
+        from llava_fast.cpu import vision
+
+        if vision.quick_gelu_(x):
+            return x
+    return quick_gelu(x)
 
 
 def patch_embed(pixel_values, patch_weight, class_embedding, position_embedding, ln_weight, ln_bias, eps):
