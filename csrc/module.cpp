@@ -410,7 +410,7 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release no_gil;
     llava_fast::dequantize(a, reinterpret_cast<void*>(out), out_dtype, threads < 1 ? 1 : threads);
   }, "The dense (N, K) weight of a packed GEMV weight into out (float32 or bfloat16); see csrc/dequantize.h.");
-  // The CLIP tower's glue and attention (vision.cpp); llava_fast/image/native_tower.py checks the tensors.
+  // The CLIP tower's glue (vision.cpp); llava_fast/image/native_tower.py checks the tensors.
   m.def("vision_quick_gelu", [](uintptr_t x, int64_t n, int dtype, int threads) {
     if (n < 0) throw py::value_error("vision_quick_gelu: negative size " + std::to_string(n));
     if (dtype != llava_fast::kActF32 && dtype != llava_fast::kActBF16)
@@ -418,21 +418,6 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release no_gil;
     llava_fast::vision_quick_gelu(reinterpret_cast<void*>(x), n, dtype == llava_fast::kActBF16, threads < 1 ? 1 : threads);
   }, "x * sigmoid(1.702 x) over n contiguous float32 or bfloat16 values in place; see csrc/vision.h.");
-  m.def("vision_attention_supported", [](int64_t head_dim, int dtype) {
-    return llava_fast::vision_attention_supported(head_dim, dtype == llava_fast::kActBF16);
-  }, "Whether vision_attention runs on the active kernel table for this head_dim and dtype.");
-  m.def("vision_attention", [](uintptr_t qkv, int64_t n, int64_t t, int64_t heads, int64_t head_dim, int dtype,
-                               uintptr_t out, int threads) {
-    if (n < 0 || t < 1 || heads < 1 || head_dim < 1)
-      throw py::value_error("vision_attention: bad shape (" + std::to_string(n) + ", " + std::to_string(t) + ", " +
-                            std::to_string(heads) + ", " + std::to_string(head_dim) + ")");
-    if (dtype != llava_fast::kActF32 && dtype != llava_fast::kActBF16)
-      throw py::value_error("vision_attention: float32 or bfloat16 values only");
-    py::gil_scoped_release no_gil;
-    return llava_fast::vision_attention(ptr(qkv), n, t, heads, head_dim, dtype == llava_fast::kActBF16,
-                                        reinterpret_cast<void*>(out), threads < 1 ? 1 : threads);
-  }, "Non-causal attention: qkv (N, T, 3, H, D) contiguous -> out (N, T, H, D); False where the table has no "
-     "kernel for it (vision_attention_supported). See csrc/vision.h.");
   // The native decode step (decode.cpp). llava_fast/cpu/native_decode.py builds the description from a model and
   // keeps its tensors alive; pointers cross as integers, as for gemv.
   py::class_<llava_fast::DecodeModel>(m, "DecodeModel")

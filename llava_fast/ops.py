@@ -602,20 +602,7 @@ def _quick_gelu_one_buffer(x):
     return torch.mul(x, 1.702).sigmoid_().mul_(x)
 
 
-def _vision_attention_cpu(q, k, v):
-    """vision_attention_reference, or where no autograd graph is recorded and q/k/v are the views of one fused
-    q/k/v projection on the CPU, the native kernel reading them in place (llava_fast/cpu/vision.py)."""
-    if q.device.type == "cpu" and not torch.is_grad_enabled():
-        from llava_fast.cpu import vision
-
-        out = vision.attention(q, k, v)
-        if out is not None:
-            return out
-    return vision_attention_reference(q, k, v)
-
-
 TORCH_OPS["quick_gelu"] = _quick_gelu_one_buffer
-TORCH_OPS["vision_attention"] = _vision_attention_cpu
 BACKENDS = ("torch", "triton")
 BACKEND = "torch"
 _TRITON_OPS = None  # llava_fast.kernels.TRITON_OPS, imported on first use: triton is optional

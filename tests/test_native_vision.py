@@ -1,5 +1,5 @@
 """The CLIP tower's native CPU pieces (csrc/vision.cpp through llava_fast/cpu/vision.py) against ops.py's torch
-references: quick_gelu on every kernel table, attention where the table has a kernel for it, and the whole tower.
+references: quick_gelu on every kernel table, and the whole tower.
 
 Accuracy rule (flash-attention's): against a float32 reference, the native bfloat16 result's largest error is at
 most twice what the torch path makes in bfloat16 on the same inputs, plus a few units of the output's scale in
@@ -59,41 +59,6 @@ def test_quick_gelu_in_place_declines_what_it_cannot_run():
         assert not vision.quick_gelu_(mode.from_tensor(x))  # no memory behind a fake tensor
     with torch.no_grad():  # ops.quick_gelu_ then returns the torch path's new tensor
         assert torch.equal(ops.quick_gelu_(t), ops.quick_gelu_reference(x.t()))
-
-
-def _fused(N, T, H, D, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(N, T, 3, H, D, generator=g) * 1.5).to(dtype)
-
-
-@pytest.mark.skipif(not gemv._C.vision_attention_supported(64, 1), reason="no native vision attention kernel here")
-@pytest.mark.parametrize("N,T,H,D", [(1, 1, 1, 64), (1, 17, 2, 64), (3, 33, 4, 32), (5, 577, 4, 64),
-                                     (2, 129, 3, 128), (1, 300, 1, 96)])
-def test_vision_attention_matches_the_reference(N, T, H, D):
-    qkv = _fused(N, T, H, D, torch.bfloat16, N * T + D)
-    q, k, v = qkv.unbind(2)
-    ref = ops.vision_attention_reference(q.float(), k.float(), v.float())
-    torch_err = _max_err(ops.vision_attention_reference(q, k, v), ref)
-    with torch.no_grad():
-        out = vision.attention(q, k, v)
-        assert out is not None and out.shape == (N, T, H, D) and out.is_contiguous()
-        assert _max_err(out, ref) <= 2 * torch_err + 1e-3 * ref.abs().max().item(), (_max_err(out, ref), torch_err)
-        # Through the op the model calls: the same bits.
-        assert torch.equal(ops.vision_attention(q, k, v), out)
-
-
-def test_vision_attention_declines_what_it_cannot_run():
-    qkv = _fused(2, 9, 2, 64, torch.bfloat16, 0)
-    q, k, v = qkv.unbind(2)
-    with torch.no_grad():
-        assert vision.attention(q.contiguous(), k.contiguous(), v.contiguous()) is None  # not one fused buffer
-        assert vision.attention(k, q, v) is None  # views of it in another order
-        q32, k32, v32 = qkv.float().unbind(2)
-        if not gemv._C.vision_attention_supported(64, 0):
-            assert vision.attention(q32, k32, v32) is None
-            ref = ops.vision_attention_reference(q32, k32, v32)
-            assert torch.equal(ops.vision_attention(q32, k32, v32), ref)  # the op falls back to the reference
-    assert vision.attention(q, k, v) is None  # autograd mode
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
