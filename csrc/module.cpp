@@ -21,6 +21,7 @@
 #include "isa/cpu_features.h"
 #include "isa/kernels.h"
 #include "preprocess.h"
+#include "vision.h"
 
 namespace py = pybind11;
 
@@ -409,6 +410,14 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release no_gil;
     llava_fast::dequantize(a, reinterpret_cast<void*>(out), out_dtype, threads < 1 ? 1 : threads);
   }, "The dense (N, K) weight of a packed GEMV weight into out (float32 or bfloat16); see csrc/dequantize.h.");
+  // The CLIP tower's glue (vision.cpp); llava_fast/image/native_tower.py checks the tensors.
+  m.def("vision_quick_gelu", [](uintptr_t x, int64_t n, int dtype, int threads) {
+    if (n < 0) throw py::value_error("vision_quick_gelu: negative size " + std::to_string(n));
+    if (dtype != llava_fast::kActF32 && dtype != llava_fast::kActBF16)
+      throw py::value_error("vision_quick_gelu: float32 or bfloat16 values only");
+    py::gil_scoped_release no_gil;
+    llava_fast::vision_quick_gelu(reinterpret_cast<void*>(x), n, dtype == llava_fast::kActBF16, threads < 1 ? 1 : threads);
+  }, "x * sigmoid(1.702 x) over n contiguous float32 or bfloat16 values in place; see csrc/vision.h.");
   // The native decode step (decode.cpp). llava_fast/cpu/native_decode.py builds the description from a model and
   // keeps its tensors alive; pointers cross as integers, as for gemv.
   py::class_<llava_fast::DecodeModel>(m, "DecodeModel")

@@ -65,7 +65,7 @@ class ClipMLP(nn.Module):
 
     def forward(self, x):
         h = self.fc1(x)
-        return self.fc2(ops.quick_gelu(h) if self.quick else F.gelu(h))
+        return self.fc2(ops.quick_gelu_(h) if self.quick else F.gelu(h))  # h: fc1's fresh output, read once
 
 
 class ClipEncoderLayer(nn.Module):

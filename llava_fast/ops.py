@@ -898,6 +898,17 @@ def quick_gelu(x):
     return quick_gelu_reference(x) if _inline_reference() else _quick_gelu_op(x)
 
 
+def quick_gelu_(x):
+    """quick_gelu(x) for an x nothing else reads afterwards (a linear's fresh output): on the torch backend on the
+    CPU with no autograd graph, written into x by one native pass (llava_fast/cpu/vision.py), else quick_gelu(x)."""
+    if BACKEND == "torch" and x.device.type == "cpu" and not torch.is_grad_enabled():
+        from llava_fast.cpu import vision
+
+        if vision.quick_gelu_(x):
+            return x
+    return quick_gelu(x)
+
+
 def patch_embed(pixel_values, patch_weight, class_embedding, position_embedding, ln_weight, ln_bias, eps):
     """CLIP's embeddings + pre_layrnorm. See patch_embed_reference."""
     f = patch_embed_reference if _inline_reference() else _patch_embed_op

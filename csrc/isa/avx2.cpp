@@ -1028,6 +1028,22 @@ void store_row(void* dst, const float* src, int64_t n, bool bf16) {  // values a
   }
 }
 
+// The CLIP tower's activation in place (kernels.h quick_gelu_row): x / (1 + e^(-1.702 x)) in float32, rounded once.
+void quick_gelu_row(void* x, int64_t n, bool bf16) {
+  const __m256 one = _mm256_set1_ps(1.f), k = _mm256_set1_ps(-1.702f);
+  for (int64_t i = 0; i < n; i += 8) {
+    const int64_t left = n - i;
+    const __m256 y = rnd8(_mm256_div_ps(load8(x, bf16, i, left), _mm256_add_ps(one, exp8(_mm256_mul_ps(k, load8(x, bf16, i, left))))), bf16);
+    if (!bf16) {
+      storef(static_cast<float*>(x) + i, y, left);
+      continue;
+    }
+    alignas(32) float f[8];
+    _mm256_store_ps(f, y);
+    store_row(static_cast<uint16_t*>(x) + i, f, std::min<int64_t>(left, 8), true);
+  }
+}
+
 void swiglu_row(const float* gate, const float* up, float* out, int64_t I, bool bf16) {
   const __m256 one = _mm256_set1_ps(1.f);
   for (int64_t i = 0; i < I; i += 8) {
@@ -1176,6 +1192,7 @@ const KernelTable* avx2_kernels() {
         attend_kernel, bf16_layout_bytes, bf16_prepare, gemm_q8_panel,
         gemm_f32_layout_bytes, gemm_f32_prepare, kPanelCols};
     t.gemm_q8_x16 = !LLAVA_FAST_AVX2_VNNI;
+    t.quick_gelu_row = quick_gelu_row;
     return t;
   }();
   return &table;

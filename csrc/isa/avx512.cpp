@@ -626,18 +626,33 @@ void swiglu_row_avx512(const float* gate, const float* up, float* out, int64_t I
   }
 }
 
+// The CLIP tower's activation in place (kernels.h quick_gelu_row): x / (1 + e^(-1.702 x)) in float32, rounded once.
+void quick_gelu_row_avx512(void* x, int64_t n, bool bf16) {
+  const __m512 one = _mm512_set1_ps(1.f), k = _mm512_set1_ps(-1.702f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mk = tail_mask(n - i);
+    const __m512 v = load16(x, bf16, i, mk);
+    store16(x, i, rnd16(_mm512_div_ps(v, _mm512_add_ps(one, exp16(_mm512_mul_ps(k, v)))), bf16), bf16, mk);
+  }
+}
+
 }  // namespace
 
 const KernelTable* avx512_base_kernels() {
-  static const KernelTable table{
-      "avx512", "avx512_core",
-      gemv_f32, nullptr, nullptr, nullptr, nullptr, nullptr,  // bf16 / int8 / int4: avx512_vnni.cpp or AVX2
-      quantize_row_avx512,
-      nullptr, nullptr,
-      add_rms_norm_row_avx512, rope_avx512, store_row_avx512, swiglu_row_avx512,
-      dot_avx512, axpy_avx512, attend_kernel,
-      nullptr, nullptr, nullptr,
-      gemm_f32_layout_bytes, gemm_f32_prepare, kPanelCols};
+  // The optional entries after the positional ones are set by name.
+  static const KernelTable table = [] {
+    KernelTable t{
+        "avx512", "avx512_core",
+        gemv_f32, nullptr, nullptr, nullptr, nullptr, nullptr,  // bf16 / int8 / int4: avx512_vnni.cpp or AVX2
+        quantize_row_avx512,
+        nullptr, nullptr,
+        add_rms_norm_row_avx512, rope_avx512, store_row_avx512, swiglu_row_avx512,
+        dot_avx512, axpy_avx512, attend_kernel,
+        nullptr, nullptr, nullptr,
+        gemm_f32_layout_bytes, gemm_f32_prepare, kPanelCols};
+    t.quick_gelu_row = quick_gelu_row_avx512;
+    return t;
+  }();
   return &table;
 }
 

@@ -182,6 +182,10 @@ struct KernelTable {
 
   // Rows per unit of gemv_bf16_prepare's layout (the AMX table's B tiles hold 16 x rows each).
   int gemv_bf16_prepare_rows = 1;
+
+  // Optional (null: the scalar loop): the CLIP tower's activation over n float32 or bfloat16 values in place,
+  // x * sigmoid(1.702 x) in float32 rounded once (vision.cpp).
+  void (*quick_gelu_row)(void* x, int64_t n, bool bf16) = nullptr;
 };
 
 // The tables this build holds (null where not compiled for this architecture or compiler). The avx512 one

@@ -1,5 +1,5 @@
 // The scalar reference of every kernel of kernels.h. Each lives beside its algorithm (gemv.cpp, gemm_q4.cpp,
-// gemm_q8.cpp, dequantize.cpp, decode.cpp), compiled without ISA flags; scalar.cpp lists them as the scalar
+// gemm_q8.cpp, dequantize.cpp, decode.cpp, vision.cpp), compiled without ISA flags; scalar.cpp lists them as the scalar
 // table, and the other tables point at them for what they do not vectorise.
 #pragma once
 
@@ -29,5 +29,7 @@ void swiglu_row_scalar(const float* gate, const float* up, float* out, int64_t I
 float attn_dot_scalar(const float* q, const void* k, bool bf16, int64_t D);
 void attn_axpy_scalar(float* out, float p, const void* v, bool bf16, int64_t D);
 AttendKernel attend_kernel_none(int64_t D, bool bf16);
+// vision.cpp
+void quick_gelu_row_scalar(void* x, int64_t n, bool bf16);
 
 }  // namespace llava_fast

@@ -413,6 +413,24 @@ void check_decode_kernels(Checks& c, const lf::KernelTable& t, const lf::KernelT
       s.swiglu_row(gate.data(), up.data(), g_ref.data(), C, bf16);
       t.swiglu_row(gate.data(), up.data(), g.data(), C, bf16);
       c.expect(close(g, g_ref, 1e-5f + ulp).empty(), "swiglu_row C=" + std::to_string(C) + dt + ": " + close(g, g_ref, 1e-5f + ulp));
+      // The CLIP tower's quick_gelu in place (vision.cpp): one rounding of the float32 result, exp per table
+      std::vector<uint8_t> a_ref(C * 4), a;
+      for (int64_t i = 0; i < C; ++i) {
+        if (bf16) {
+          reinterpret_cast<uint16_t*>(a_ref.data())[i] = lf::f32_to_bf16(3.f * gate[i]);
+        } else {
+          reinterpret_cast<float*>(a_ref.data())[i] = 3.f * gate[i];
+        }
+      }
+      a = a_ref;
+      s.quick_gelu_row(a_ref.data(), C, bf16);
+      (t.quick_gelu_row ? t.quick_gelu_row : s.quick_gelu_row)(a.data(), C, bf16);
+      std::vector<float> af_ref(C), af(C);
+      for (int64_t i = 0; i < C; ++i) {
+        af_ref[i] = bf16 ? lf::bf16_to_f32(reinterpret_cast<uint16_t*>(a_ref.data())[i]) : reinterpret_cast<float*>(a_ref.data())[i];
+        af[i] = bf16 ? lf::bf16_to_f32(reinterpret_cast<uint16_t*>(a.data())[i]) : reinterpret_cast<float*>(a.data())[i];
+      }
+      c.expect(close(af, af_ref, 1e-5f + ulp).empty(), "quick_gelu_row C=" + std::to_string(C) + dt + ": " + close(af, af_ref, 1e-5f + ulp));
       // K/V store: exact
       std::vector<uint8_t> kv_ref(C * 4), kv(C * 4);
       s.store_row(kv_ref.data(), x.data(), C, bf16);

@@ -10,4 +10,5 @@ reference kept beside its wrapper.
     plan.py           `CpuPlan`: per loaded model, the table, the decode and prefill paths, the threads, and why
     isa.py            which kernel table runs (`llava_fast.cpu_isa()`), LLAVA_FAST_CPU_ISA's check
     quantize.py       weight-only int8 / int4 quantization (torchao's parameters) onto GemvLinear
+    vision.py         the CLIP tower's quick_gelu in place on the native kernels (csrc/vision.cpp)
 """
