@@ -368,8 +368,9 @@ def _add_serve_args(s):
     s.add_argument("--max-batched-tokens", type=int, help="tokens per scheduler iteration, as vLLM's "
                    "max_num_batched_tokens: one per decoding row first, the rest for slices of new prompts "
                    "(chunked prefill; default on CPU, where the native step runs the decoding rows and the "
-                   "slices in one call: measured while serving, from 96 up to the prompt tokens that cost 4/3 of a "
-                   "full batch's decode step; else 128; 2048 on GPU; at least twice --max-batch)")
+                   "slices in one call: measured at start and while serving, the prompt tokens that cost one full "
+                   "batch's decode step, more beside fewer decoding rows, at least --max-batch + 32; else 128; "
+                   "2048 on GPU; at least twice --max-batch)")
     s.add_argument("--kv-cache-memory", help="KV-cache memory the server may hold, e.g. 2GiB, 512MiB (a bare "
                    "number is GiB; default 4GiB, or a quarter of RAM when less); memory is used only as tokens are "
                    "cached, and requests wait in the queue while it is full")

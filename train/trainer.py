@@ -93,6 +93,7 @@ class TrainArgs:
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = True
     precision: str | None = None  # "bf16" or "fp32"; default bf16 on CUDA, fp32 on the CPU
+    frozen_float32: bool = False  # fp32: hold half-precision frozen matrices in float32 (no widening on use)
     fsdp: bool = False
     image_aspect_ratio: str | None = None  # "pad" or "square"; default: stage 1 square, stage 2 pad (LLaVA-1.5)
     workers: int | None = None
@@ -162,6 +163,9 @@ class TrainArgs:
             raise InputError(f"--image-aspect-ratio must be pad or square, got {a.image_aspect_ratio!r}")
         if a.precision not in (None, "bf16", "fp32"):
             raise InputError(f"--precision must be bf16 or fp32, got {a.precision!r}")
+        if a.frozen_float32 and a.precision == "bf16":
+            raise InputError("--frozen-float32 applies to --precision fp32, whose frozen matrices it holds in "
+                             "float32; bf16 holds them in bf16")
         return a
 
 
@@ -1123,7 +1127,7 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
 
     # float32 in one process: frozen matrices stored in half precision stay so, widened on use (DDP and FSDP
     # replicate or shard the parameters as they find them)
-    widen = dtype == torch.float32 and dist is None and not a.fsdp
+    widen = dtype == torch.float32 and dist is None and not a.fsdp and not a.frozen_float32
     base = ckpt.load_base(a.model, vision_tower=a.vision_tower, projector=a.projector, device=device,
                           image_aspect_ratio=a.image_aspect_ratio, seed=a.seed, frozen_dtype=dtype, trains=trains,
                           files=files, keeps_stored=widened_on_use if widen else None)

@@ -116,6 +116,22 @@ def test_float32_checkpoint_is_held_as_it_is(tiny_ckpt, image_folder, tmp_path):
     assert all(p.dtype == torch.float32 for p in run.net.parameters())
 
 
+def test_frozen_float32_holds_a_half_checkpoint_in_float32(half_ckpts, image_folder, tmp_path):
+    """--frozen-float32: the half-precision checkpoint's frozen matrices are held in float32 (nothing widened on
+    use); a bf16 run, whose frozen matrices are bf16 anyway, refuses it by name."""
+    from llava_fast.errors import InputError
+
+    data = write_data(tmp_path / "data.json", make_records(3, text_only_every=0))
+    a = settings(half_ckpts["bf16"][0], data, image_folder, str(tmp_path / "o"), "lora")
+    a.frozen_float32 = True
+    run = _setup(a.resolved(), None, 0, 1, torch.device("cpu"), lambda *m: None)
+    assert run.masters.widened == [] and frozen_matrices(run.net) == {}
+    assert all(p.dtype == torch.float32 for p in run.net.parameters())
+    a.precision = "bf16"
+    with pytest.raises(InputError, match="--frozen-float32 applies to --precision fp32"):
+        a.resolved()
+
+
 def test_widen_scratch_reuses_a_buffer_only_when_nothing_holds_it():
     from llava_fast.train.trainer import WidenScratch
 
