@@ -72,6 +72,7 @@ from llava_fast.generate import (
     RowOutput,
     Sampling,
     common_prefix,
+    greedy_tokens,
     positions_needed,
     sample_next_token,
     suppress_eos,
@@ -773,7 +774,7 @@ class Scheduler:
         for (row, n), logits in zip(slices, slice_logits):
             row.req.stage_seconds["prefill"] = row.req.stage_seconds.get("prefill", 0.0) + spent
             self._slice_done(row, n, logits)
-        greedy = step_logits.argmax(dim=-1).tolist()
+        greedy = greedy_tokens(step_logits)
         for i, r in enumerate(decoding):
             self._push(r, step_logits[i], greedy[i])
 
@@ -794,7 +795,7 @@ class Scheduler:
                 if r is not None:
                     self._end(r, error="internal error", keep_cache=False)
             return
-        greedy = logits.argmax(dim=-1).tolist()
+        greedy = greedy_tokens(logits)
         for r in list(self.rows[:n]):
             if r is not None and r.decoding:
                 self._push(r, logits[r.slot], greedy[r.slot])
