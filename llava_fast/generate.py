@@ -99,6 +99,16 @@ def suppress_eos(logits, eos_token_ids):
     return logits
 
 
+def greedy_tokens(logits) -> list[int]:
+    """logits (B, V) -> each row's argmax as a list of ints (the first of equal maxima; a NaN counts as the
+    maximum, as torch.argmax counts it). On the CPU in float32 numpy's argmax does it: a serving step's 16 x
+    49k logits took 1.26 ms in torch.argmax on one thread (the scheduler's host work runs on one) and 0.14 ms
+    in numpy's (Sapphire Rapids), ~10% of the native 16-row step it follows (tiny LLaVA-1.5, bfloat16)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return logits.numpy().argmax(axis=-1).tolist()
+    return logits.argmax(dim=-1).tolist()
+
+
 def sample_next_token(logits, sampling: Sampling, generator):
     """logits (B, V) -> next token ids (B,), on the device, without a host sync."""
     if sampling.temperature == 0:

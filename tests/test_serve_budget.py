@@ -386,3 +386,42 @@ def test_a_slice_beside_a_nearly_full_batch_costs_at_most_its_step(model):
         assert 1.9 * step < iteration <= most * step + b
     old_slice = int(4 / 3 * step / c)  # a full batch's 4/3-step slice, in tokens
     assert scheduler._prompt_budget(7) > old_slice + int(9 * (b / c - 1))
+
+
+@pytest.mark.parametrize("a, b, c, binds", [
+    (0.61, 0.011, 0.0096, True),  # LLaVA-1.5-7B-like, 2 cores: a call re-reads 13 GB, a prompt token ~9.6 ms
+    (0.0039, 0.00096, 0.00013, False),  # tiny LLaVA-1.5-like
+    (0.0129, 0.00062, 0.00025, False),  # SmolLM2-135M-like
+])
+def test_a_slice_beside_fewer_rows_adds_at_most_a_second(model, monkeypatch, a, b, c, binds):
+    """Beside k of 16 decoding rows the slice's room grows with the missing rows and the spread allowance; on a
+    clock that only the calls advance (a + b rows + c tokens each), the iteration's prompt arithmetic beside
+    any k is at most MAX_SLICE_SECONDS (1 s) or the full batch's own slice, whichever is more. At 7B-like costs
+    the uncapped room beside 1-3 rows is 4-8 s of slice (one row's tokens stalled 5-10 s, the ITL p99 of a
+    4-client run), so there the cap binds; at the tiny and SmolLM2 costs it does not change any budget."""
+    scheduler = Scheduler(model, max_batch=16, max_model_len=1024)
+    if scheduler.cost is None:
+        pytest.skip(f"this decoder does not mix steps and slices ({scheduler.decoder.plan})")
+    now = [0.0]
+
+    def mixed_step(slots, tokens, slices):
+        now[0] += a + b * len(slots) + c * sum(x.shape[0] for _, x, _ in slices)
+
+    monkeypatch.setattr(scheduler.decoder, "mixed_step", mixed_step)
+    monkeypatch.setattr(scheduler_module.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(model.net, "image_features", lambda *args: None)
+    scheduler._calibrate()
+    assert scheduler.cost.coef == pytest.approx((a, b, c), rel=1e-6)
+    full = scheduler.max_batched_tokens - 15  # the slice beside 15 rows: a full batch's one-step slice
+    capped = [scheduler._prompt_budget(k) for k in range(1, 16)]
+    monkeypatch.setattr(scheduler_module, "MAX_SLICE_SECONDS", 1e9, raising=False)  # no cap
+    uncapped = [scheduler._prompt_budget(k) for k in range(1, 16)]
+    for k, tokens in enumerate(capped, start=1):
+        assert c * tokens <= max(1.0, c * (full + 15 - k)) + c  # whole tokens
+        assert tokens >= scheduler.max_batched_tokens - k  # never below the full batch's budget
+    if binds:
+        assert c * uncapped[0] > 8.0 and c * uncapped[2] > 4.0  # k = 1, 3: the stalls the cap removes
+        assert [c * t for t in capped[:3]] == pytest.approx([1.0] * 3, abs=c)
+        assert capped[14] == uncapped[14] == full  # beside 15 rows nothing changes
+    else:
+        assert capped == uncapped

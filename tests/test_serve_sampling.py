@@ -132,3 +132,40 @@ def test_bad_values_are_400_naming_the_field(live, field, value, words):
     r = _post(live, max_tokens=16, **{field: value})
     assert r.status_code == 400, r.text
     assert words in r.json()["error"]["message"]
+
+
+def _first_max(row):
+    """The reference argmax of one row (floats): a NaN wins at its first place, else the first of equal maxima."""
+    best = 0
+    for i, v in enumerate(row):
+        if v != v:  # NaN
+            return i
+        if v > row[best]:
+            best = i
+    return best
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_tokens_is_the_first_maximum_of_each_row(dtype):
+    """The scheduler's greedy pick (numpy's argmax on CPU float32, torch's otherwise) against a plain scan: ties
+    planted (the first wins, as in generate()'s torch.argmax), a NaN planted (it wins, as torch counts it), a
+    row of -inf, an odd vocabulary size, and a non-contiguous view (the decoding rows' logits out of a call's)."""
+    import torch
+
+    from llava_fast.generate import greedy_tokens
+
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(9, 4999, generator=g).to(getattr(torch, dtype))
+    logits[1, 17] = logits[1, 4000] = 50.0  # a tie: 17 wins
+    logits[2, 4998] = 60.0  # the last column
+    logits[3, 12] = float("nan")
+    logits[3, 40] = 70.0  # a NaN before the largest number: the NaN wins
+    logits[4] = float("-inf")  # all equal: the first
+    logits[5, 0] = 80.0
+    rows = logits.tolist()
+    want = [_first_max(r) for r in rows]
+    assert want[1:6] == [17, 4998, 12, 0, 0]
+    assert greedy_tokens(logits) == want
+    assert greedy_tokens(logits) == logits.argmax(dim=-1).tolist()  # generate()'s pick
+    assert greedy_tokens(logits[::2]) == want[::2]  # a strided view
+    assert greedy_tokens(logits[:, 1:]) == [_first_max(r[1:]) for r in rows]

@@ -72,6 +72,7 @@ from llava_fast.generate import (
     RowOutput,
     Sampling,
     common_prefix,
+    greedy_tokens,
     positions_needed,
     sample_next_token,
     suppress_eos,
@@ -91,6 +92,13 @@ MAX_MEASURED_BUDGET = 2048  # the GPU default: beyond it a prompt is one slice a
 # of 128 rows (csrc/decode.cpp) with the activations of 128 rows and ~1 MB of attention scores at any T; what the
 # cap bounds is the call's input and the prompts' embeddings, T x C (2048 x 4096 floats, 32 MiB, at 7B shapes).
 IDLE_PREFILL_TOKENS = MAX_MEASURED_BUDGET
+# Seconds of prompt arithmetic a call may add beside decoding rows when fewer rows decode than a full batch (the
+# room the missing rows and the spread allowance give a slice, _prompt_budget): a full batch's own slice is never
+# cut. At LLaVA-1.5-7B shapes (2 cores, c ~9.6 ms per prompt token, a step ~0.6-0.8 s) that room was up to a
+# 700-token prompt beside 1-3 rows, 5-10 s while they waited (ITL p99 9.7 s at 4 clients, p50 0.77 s); 1 s is
+# ~100 tokens there, a call of ~2x a step. On the tiny LLaVA-1.5 (0.13 ms) and SmolLM2-135M (0.25-0.6 ms) 1 s is
+# 1700-7700 tokens, at or past MAX_MEASURED_BUDGET: the cap does not bind.
+MAX_SLICE_SECONDS = 1.0
 # The start-up calls' prompt slice: CALIBRATION_TOKENS tokens at positions CALIBRATION_START.., attending to ~192
 # earlier positions on average as a 128-token slice at 128..255 did (at positions 0..63 the fit's c came out at
 # 0.025-0.036 ms per token against the served calls' 0.071-0.079, tiny LLaVA-1.5). 64 tokens, not 128: at
@@ -612,7 +620,7 @@ class Scheduler:
         instead of 3 (2-core VM: slice calls per 32 requests 73-90 -> 49, server-side TTFT p50 ~20% lower).
         The allowance spread is SPREAD_STEPS steps', the full batch's own slice one step's (serve/budget.py): the
         iterations of 14-15 decoding rows, the ITL's tail at 16 clients, lose the excess; beside fewer rows the
-        slice keeps the room the missing rows and the spread leave."""
+        slice keeps the room the missing rows and the spread leave, up to MAX_SLICE_SECONDS of its arithmetic."""
         left = self.max_batched_tokens - decoding
         if self.cost is None:
             return left
@@ -622,7 +630,10 @@ class Scheduler:
         if self.cost.coef is not None:
             spread = max(self.max_batch / (decoding + 1) - 1, 0.0)  # 0 at a full batch: no row left to prefill
             shared = int(min(self.cost.slice_tokens(SPREAD_STEPS), MAX_MEASURED_BUDGET) * spread)
-        return min(left + self.cost.spare_row_tokens(self.max_batch - decoding) + shared, MAX_MEASURED_BUDGET)
+        tokens = min(left + self.cost.spare_row_tokens(self.max_batch - decoding) + shared, MAX_MEASURED_BUDGET)
+        if self.cost.coef is not None:  # what the growth beyond a full batch's slice may delay a decoding row
+            tokens = min(tokens, max(left, int(MAX_SLICE_SECONDS / self.cost.coef[2])))
+        return tokens
 
     def _tower_charge(self, req, first_image):
         """What the vision tower run for req's images from first_image on takes of the budget: its measured
@@ -773,7 +784,7 @@ class Scheduler:
         for (row, n), logits in zip(slices, slice_logits):
             row.req.stage_seconds["prefill"] = row.req.stage_seconds.get("prefill", 0.0) + spent
             self._slice_done(row, n, logits)
-        greedy = step_logits.argmax(dim=-1).tolist()
+        greedy = greedy_tokens(step_logits)
         for i, r in enumerate(decoding):
             self._push(r, step_logits[i], greedy[i])
 
@@ -794,7 +805,7 @@ class Scheduler:
                 if r is not None:
                     self._end(r, error="internal error", keep_cache=False)
             return
-        greedy = logits.argmax(dim=-1).tolist()
+        greedy = greedy_tokens(logits)
         for r in list(self.rows[:n]):
             if r is not None and r.decoding:
                 self._push(r, logits[r.slot], greedy[r.slot])
