@@ -367,6 +367,29 @@ def test_the_start_up_measurement_is_one_round_where_calls_are_costly(model, mon
     assert scheduler.cost.tower_tokens(257) == math.ceil(0.0213 / c)
 
 
+def test_the_start_up_measurement_tells_the_costs_apart_at_two_rows(model, monkeypatch):
+    """At --max-batch 2 the full batch's one decoding row is also the 1-row call's: three calls of one row
+    cannot tell a row's cost from the call's fixed cost, so the start-up fit failed, three rounds were spent on
+    it and the budget stayed at the start value. The slice alone (no decoding row) tells them apart."""
+    scheduler = Scheduler(model, max_batch=2, max_model_len=1024)
+    if scheduler.cost is None:
+        pytest.skip(f"this decoder does not mix steps and slices ({scheduler.decoder.plan})")
+    a, b, c = 0.0117, 0.00143, 0.000327
+    now = [0.0]
+    made = []
+
+    def mixed_step(slots, tokens, slices):
+        made.append((len(slots), sum(x.shape[0] for _, x, _ in slices)))
+        now[0] += a + b * made[-1][0] + c * made[-1][1]
+
+    monkeypatch.setattr(scheduler.decoder, "mixed_step", mixed_step)
+    monkeypatch.setattr(scheduler_module.time, "perf_counter", lambda: now[0])
+    scheduler._calibrate()
+    assert len({rows for rows, _ in made}) == 2 and {n for _, n in made} == {0, scheduler_module.CALIBRATION_TOKENS}
+    assert scheduler.cost.coef == pytest.approx((a, b, c), rel=1e-6)
+    assert scheduler.max_batched_tokens == max(2 + int((a + 2 * b) / c), scheduler.min_budget)
+
+
 def test_a_slice_beside_a_nearly_full_batch_costs_at_most_its_step(model):
     """The measured budget at SmolLM2-135M bfloat16's costs as a traced 16-client run on the 2-core VM had them
     (a 1-row call 13.5 ms, a 16-row one 22.8 ms, an ~86-token slice beside it +21.7 ms): beside 15 of 16

@@ -19,6 +19,7 @@ if not sys.platform.startswith("linux"):
 
 from serve_helpers import LiveServer, png_data_url, random_image, user  # noqa: E402
 
+from llava_fast.errors import InputError  # noqa: E402
 from llava_fast.generate import positions_needed  # noqa: E402
 from llava_fast.presets import preset_config, random_model  # noqa: E402
 from llava_fast.serve.app import ServeConfig  # noqa: E402
@@ -38,6 +39,14 @@ def resident_bytes(tensor) -> int:
     vec = (ctypes.c_ubyte * pages)()
     assert libc.mincore(ctypes.c_void_p(tensor.data_ptr()), ctypes.c_size_t(length), vec) == 0, ctypes.get_errno()
     return sum(v & 1 for v in vec) * mmap.PAGESIZE
+
+
+def test_a_cache_past_the_address_space_is_refused_naming_the_options():
+    """A --max-batch whose rows x positions no address space holds (10^9 rows of 1008 positions of the tiny
+    preset's K/V: ~24 PB, where x86-64 maps 128 TiB) is refused naming the options, not as a bare errno."""
+    cfg = preset_config("tiny").text
+    with pytest.raises(InputError, match=r"1000000000 rows \(--max-batch\) x 1008 positions .*lower --max-batch"):
+        KVMemory(cfg, rows=10**9, max_tokens=1000, dtype=torch.float32, budget_bytes=64 << 20)
 
 
 def test_pages_follow_the_written_positions_and_go_back():

@@ -35,6 +35,7 @@ import sys
 
 import torch
 
+from llava_fast.errors import InputError
 from llava_fast.model import KVCache
 
 # Linux's MAP_NORESERVE (Python's mmap module does not export it): no swap accounting for the whole map, so a
@@ -78,7 +79,12 @@ class KVMemory:
         shape = (L, rows, Hkv, self.capacity, D)
         nbytes = L * rows * Hkv * self.segment_bytes
         flags = mmap.MAP_PRIVATE | _MAP_NORESERVE
-        self.maps = [mmap.mmap(-1, nbytes, flags=flags) for _ in range(2)]  # K, V; zero-filled by the kernel
+        try:
+            self.maps = [mmap.mmap(-1, nbytes, flags=flags) for _ in range(2)]  # K, V; zero-filled by the kernel
+        except OSError as e:  # beyond the address space (x86-64: 128 TiB) or the overcommit limit: said as options
+            raise InputError(f"a KV cache of {rows} rows (--max-batch) x {self.capacity} positions (--max-model-len) "
+                             f"needs {2 * nbytes:,} bytes of address space, which the system refuses "
+                             f"({e.strerror}): lower --max-batch or --max-model-len") from e
         k, v = (torch.frombuffer(m, dtype=dtype).view(shape) for m in self.maps)
         self.cache = KVCache.__new__(KVCache)
         self.cache.k, self.cache.v = k, v

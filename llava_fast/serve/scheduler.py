@@ -655,9 +655,10 @@ class Scheduler:
 
     def _calibrate(self):
         """Measure the budget before the first request (start(), before the server answers): rounds of three
-        mixed calls on scratch rows (max_batch - 1 decoding rows, 1 row, and max_batch - 1 rows beside a
-        CALIBRATION_TOKENS-token slice), which determine a, b and c, fitted at once; the vision tower's cost
-        until its first run is measured is its FLOPs' worth of prompt tokens (IterationCost.set_tower_prior).
+        mixed calls on scratch rows (max_batch - 1 decoding rows, 1 row (at max_batch 2: the slice alone), and
+        max_batch - 1 rows beside a CALIBRATION_TOKENS-token slice), which determine a, b and c, fitted at once;
+        the vision tower's cost until its first run is measured is its FLOPs' worth of prompt tokens
+        (IterationCost.set_tower_prior).
         The served calls' fit takes over from MIN_CALLS calls on. Without this, a fresh server ran its first
         MIN_CALLS calls at the start value (96 tokens: tiny LLaVA-1.5 image prompts of ~330 tokens went in as 4-5
         slices, and 8 requests arriving together waited 90-640 ms for their first token, all above the run's
@@ -676,7 +677,9 @@ class Scheduler:
         generator = torch.Generator(device=embed.device).manual_seed(0)
         x = embed[torch.randint(embed.shape[0], (T,), generator=generator, device=embed.device)]  # (T, C)
         slot = B - 1  # the slice's row; rows 0..B-2 decode
-        shapes = [(B - 1, False), (1, False), (B - 1, True)]
+        # At --max-batch 2 the full batch's B - 1 rows are the 1-row call's one row, and three calls of one row
+        # cannot tell a from b: there the second call is the slice alone (0 rows), which can.
+        shapes = [(B - 1, False), (1, False) if B > 2 else (0, True), (B - 1, True)]
 
         def timed_round():
             seconds = []
