@@ -5,6 +5,7 @@ slice share an iteration), and replies that still equal `generate()` alone."""
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import math
 import threading
 
@@ -367,7 +368,7 @@ def test_the_start_up_measurement_is_one_round_where_calls_are_costly(model, mon
     assert scheduler.cost.tower_tokens(257) == math.ceil(0.0213 / c)
 
 
-def test_the_start_up_measurement_tells_the_costs_apart_at_two_rows(model, monkeypatch):
+def test_the_start_up_measurement_tells_the_costs_apart_at_two_rows(model, monkeypatch, caplog):
     """At --max-batch 2 the full batch's one decoding row is also the 1-row call's: three calls of one row
     cannot tell a row's cost from the call's fixed cost, so the start-up fit failed, three rounds were spent on
     it and the budget stayed at the start value. The slice alone (no decoding row) tells them apart."""
@@ -384,10 +385,14 @@ def test_the_start_up_measurement_tells_the_costs_apart_at_two_rows(model, monke
 
     monkeypatch.setattr(scheduler.decoder, "mixed_step", mixed_step)
     monkeypatch.setattr(scheduler_module.time, "perf_counter", lambda: now[0])
-    scheduler._calibrate()
+    with caplog.at_level(logging.INFO, logger=scheduler_module.log.name):
+        scheduler._calibrate()
     assert len({rows for rows, _ in made}) == 2 and {n for _, n in made} == {0, scheduler_module.CALIBRATION_TOKENS}
     assert scheduler.cost.coef == pytest.approx((a, b, c), rel=1e-6)
     assert scheduler.max_batched_tokens == max(2 + int((a + 2 * b) / c), scheduler.min_budget)
+    # The operator sees what was measured: the budget and the three costs, as fitted.
+    assert (f"token budget: {scheduler.max_batched_tokens} per call, measured in {now[0]:.1f} s (a call "
+            f"{a * 1e3:.2f} ms + {b * 1e3:.3f} ms a decoding row + {c * 1e3:.3f} ms a prompt token") in caplog.text
 
 
 def test_a_slice_beside_a_nearly_full_batch_costs_at_most_its_step(model):

@@ -696,6 +696,7 @@ class Scheduler:
                 self.cost.add(rows, T if sliced else 0, float(np.median(seconds)))
             return self.cost.fit(len(shapes), min_sliced=1) is not None
 
+        measured_from = time.perf_counter()
         with torch.inference_mode(), self.decoder.host_threads():
             rounds = [timed_round()]
             if sum(rounds[0]) < CALIBRATION_SECONDS:  # a warm-up: time rounds until CALIBRATION_SECONDS are spent
@@ -710,6 +711,17 @@ class Scheduler:
         for s in range(B):
             self.kv.release(s, 0)
         self._retune(min_calls=len(shapes), min_sliced=1)
+        log.info(self.describe_budget(time.perf_counter() - measured_from))
+
+    def describe_budget(self, seconds: float) -> str:
+        """The start-up log line: the prompt-token budget per call and the costs it came from."""
+        if self.cost.coef is None:
+            return (f"token budget: {self.max_batched_tokens} per call (the start value: the measurement's "
+                    f"calls could not tell a row's cost from a prompt token's in {seconds:.1f} s)")
+        a, b, c = self.cost.coef
+        return (f"token budget: {self.max_batched_tokens} per call, measured in {seconds:.1f} s (a call "
+                f"{a * 1e3:.2f} ms + {b * 1e3:.3f} ms a decoding row + {c * 1e3:.3f} ms a prompt token; the "
+                f"budget follows the served calls from here)")
 
     def _tower_flops(self):
         """(FLOPs per image position of the vision tower's encoder layers run and the projector, FLOPs per
