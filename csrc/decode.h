@@ -76,9 +76,13 @@ struct DecodeRows {
 // Empty when the model description is usable, else what is wrong.
 const char* decode_model_check(const DecodeModel& m);
 
+// Rows a prompt of this model goes through the layers at a time, in the active kernel table: 128, a float32
+// prompt on the AVX-512 tables 512, a bfloat16 one the table's gemv_bf16_prompt_rows (the AMX table: 512).
+int64_t decode_prompt_chunk_rows(const DecodeModel& m);
+
 // logits (logit_count or rows, vocab) float32 of the wanted rows; writes every row's K/V at its position.
-// Rows go through the layers up to 128 at a time, a float32 prompt on the AVX-512 tables up to 512 (a prompt's
-// later chunks attend to the K/V its earlier ones wrote).
+// A decode step's rows go through the layers up to 128 at a time, a prompt's up to decode_prompt_chunk_rows (a
+// prompt's later chunks attend to the K/V its earlier ones wrote).
 // Returns "" or what is wrong (then nothing was written).
 const char* decode_rows(const DecodeModel& m, const DecodeRows& in, const DecodeCache& cache, float* logits,
                         int threads);

@@ -440,6 +440,8 @@ PYBIND11_MODULE(_C, m) {
       })
       .def_readwrite("sliding_window", &llava_fast::DecodeModel::sliding_window,
                      "> 0: each position attends to its last sliding_window positions (Mistral); 0: to all")
+      .def("prompt_chunk_rows", [](const llava_fast::DecodeModel& d) { return llava_fast::decode_prompt_chunk_rows(d); },
+           "Rows of a prompt that go through the layers at a time with the active kernel table (decode.h).")
       .def("check", [](const llava_fast::DecodeModel& d) {
         const std::string problem = llava_fast::decode_model_check(d);
         if (!problem.empty()) throw py::value_error(problem);

@@ -510,6 +510,37 @@ def test_bfloat16_native_prefill(table):
         assert gemv._C.gemv_use_kernels("best")
 
 
+@pytest.mark.skipif(not BF16_TABLES, reason="no AVX-512 or AVX2 kernel table on this CPU")
+@pytest.mark.parametrize("table", BF16_TABLES)
+def test_bfloat16_prompt_chunks_follow_the_table_and_keep_the_bits(table):
+    """A bfloat16 prompt goes through the layers in chunks of the table's rows: 512 on the AMX table (its GEMM's
+    cost per row falls up to there), 128 elsewhere and for a model with a non-bfloat16 linear. A 1,100-token
+    prompt (3 chunks of 367 on AMX, 9 of 123 elsewhere) gives the same logits and K/V wherever it is split."""
+    net = text_net(dtype=torch.bfloat16, max_position_embeddings=1200, hidden_size=128, num_heads=4, num_kv_heads=2,
+                   intermediate_size=160)
+    assert gemv._C.gemv_use_kernels(table)
+    try:
+        whole, ref = Decoder(net, 1, 1110), Decoder(net, 1, 1110)
+        assert whole.plan.prefill == "native"
+        assert whole.native.model.prompt_chunk_rows() == (512 if table == "avx512_amx" else 128)
+        ref.native = None
+        ids = torch.randint(0, 301, (1100,), generator=torch.Generator().manual_seed(10)).tolist()
+        want, torch_logits = whole.prefill_slot(0, ids), ref.prefill_slot(0, ids)
+        scale = torch_logits.abs().max()
+        assert torch_logits.std() > 1e-2 and (want - torch_logits).abs().max() <= 0.03 * scale
+        for split in (1, 367, 512, 700, 1099):
+            part = Decoder(net, 1, 1110)
+            part.prefill_slot(0, ids[:split])
+            assert torch.equal(part.prefill_slot(0, ids[split:], start_pos=split), want), split
+            assert torch.equal(part.cache.k[:, :, :, :1100], whole.cache.k[:, :, :, :1100]), split
+            assert torch.equal(part.cache.v[:, :, :, :1100], whole.cache.v[:, :, :, :1100]), split
+    finally:
+        assert gemv._C.gemv_use_kernels("best")
+    int8 = text_net(dtype=torch.bfloat16, quantize="int8wo", hidden_size=128, num_heads=4, num_kv_heads=2,
+                    intermediate_size=160)
+    assert Decoder(int8, 1, 16).native.model.prompt_chunk_rows() == 128
+
+
 # bfloat16 prefills natively (and so mixes) only while an AVX-512 or AVX2 table is the active one: not under
 # LLAVA_FAST_CPU_ISA=scalar, which .ci/run forces for this file among others.
 MIXED_DTYPES = [torch.float32] + ([torch.bfloat16] if native_decode.native_bf16_prefill() else [])

@@ -98,6 +98,7 @@ struct Choices {
       avx512_amx.gemv_bf16_layout_bytes = amx->gemv_bf16_layout_bytes, avx512_amx.gemv_bf16_prepare = amx->gemv_bf16_prepare;
       avx512_amx.gemv_bf16_prepare_rows = amx->gemv_bf16_prepare_rows;
       avx512_amx.gemv_bf16_writes_y = amx->gemv_bf16_writes_y;
+      avx512_amx.gemv_bf16_prompt_rows = amx->gemv_bf16_prompt_rows;
       avx512_amx.attend_kernel = attend_kernel_amx_or_avx512;
       if (f.amx_int8) {  // the int8 GEMM's TDPBSSD tiles (the AMX-BF16 kernels above need only AMX-BF16)
         avx512_amx.gemm_q8_tiles = amx->gemm_q8_tiles;

@@ -183,6 +183,10 @@ struct KernelTable {
   // Rows per unit of gemv_bf16_prepare's layout (the AMX table's B tiles hold 16 x rows each).
   int gemv_bf16_prepare_rows = 1;
 
+  // Optional (0: decode.cpp's 128): rows per prompt chunk for a bfloat16 model whose linears are all bfloat16,
+  // where gemv_bf16's cost per row falls with the rows up to it (the AMX table: 512, avx512_amx.cpp).
+  int64_t gemv_bf16_prompt_rows = 0;
+
   // Optional (null: the scalar loop): the CLIP tower's activation over n float32 or bfloat16 values in place,
   // x * sigmoid(1.702 x) in float32 rounded once (vision.cpp).
   void (*quick_gelu_row)(void* x, int64_t n, bool bf16) = nullptr;
