@@ -766,9 +766,14 @@ def fuse_frozen_projections(net, stage):
     into one weight each (LlavaForCausalLM.fuse_projections, as inference runs them), 4 GEMMs per layer instead
     of 7 in forward and in the input-gradient backward, and no sum of the q/k/v (and gate/up) input gradients.
     state_dict() keeps the split names, so the written checkpoint is unchanged. Stage 2 trains these weights
-    under their own names (masters, LoRA targets, checkpoints) and keeps them apart."""
+    under their own names (masters, LoRA targets, checkpoints) and keeps them apart; its vision tower is frozen
+    as stage 1's, so its q/k/v are fused (fuse_vision_projections): 2 GEMMs per tower layer fewer, at 577 rows
+    by 1024 x 1024 each at LLaVA-1.5-7B, and in a float32 run of a half-precision checkpoint one widening
+    instead of three."""
     if stage == 1:
         net.fuse_projections()
+    else:
+        net.fuse_vision_projections()
 
 
 _PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12,
