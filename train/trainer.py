@@ -407,8 +407,28 @@ class WidenScratch:
                 return buf[:n].view(source.shape).copy_(source)
         self.buffers = [buf for buf in self.buffers if not self._free(buf)]
         buf = torch.empty(n, dtype=torch.float32, device=source.device)
+        _ask_huge_pages(buf)
         self.buffers.append(buf)
         return buf.view(source.shape).copy_(source)
+
+
+def _ask_huge_pages(buf, least_bytes=8 << 20):
+    """Ask Linux for 2 MiB pages (madvise MADV_HUGEPAGE) behind a fresh, untouched CPU tensor of at least
+    `least_bytes`: where transparent huge pages are granted on request ("madvise", as on the Xeon VM), a widening
+    buffer on 4 KiB pages cost its GEMMs a TLB miss every 4 KiB. At LLaVA-1.5-7B's 23 tower layers, widened at 577
+    rows, the widening and the GEMMs that read the buffer took 1.41 s on 4 KiB pages and 1.29 s on 2 MiB pages
+    (held float32 weights: 1.28 s), 2 Sapphire Rapids cores. Nothing changes where the kernel refuses."""
+    nbytes = buf.numel() * buf.element_size()
+    if buf.device.type != "cpu" or nbytes < least_bytes or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    page = 4096
+    start, end = (buf.data_ptr() + page - 1) // page * page, (buf.data_ptr() + nbytes) // page * page
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 14) == 0  # 14: MADV_HUGEPAGE
+    return False
 
 
 class _MasterRounded(nn.Module):
