@@ -354,7 +354,8 @@ class LlavaForCausalLM(nn.Module):
         # so its residual sums land in the blocks' outputs and quick_gelu is one native pass over fc1's output,
         # not three (x * sigmoid(1.702 x) through autograd keeps and allocates each). The output is the same
         # leaf, no gradient either way.
-        frozen = not pixel_values.requires_grad and not any(p.requires_grad for p in self.vision_tower.parameters())
+        frozen = torch.is_grad_enabled() and not pixel_values.requires_grad and not any(
+            p.requires_grad for p in self.vision_tower.parameters())
         with torch.no_grad() if frozen else contextlib.nullcontext():
             hidden = self.vision_tower(pixel_values.to(dtype))
         return hidden[:, 1:] if self.cfg.vision_feature_select_strategy == "default" else hidden
