@@ -782,7 +782,7 @@ def trainable_parameters(net, stage, lora):
     return llm, projector
 
 
-def fuse_frozen_projections(net, stage):
+def fuse_frozen_projections(net, stage, fsdp=False):
     """Stage 1 trains the projector only, so the decoder is frozen: its q/k/v and gate/up projections are fused
     into one weight each (LlavaForCausalLM.fuse_projections, as inference runs them), 4 GEMMs per layer instead
     of 7 in forward and in the input-gradient backward, and no sum of the q/k/v (and gate/up) input gradients.
@@ -790,10 +790,11 @@ def fuse_frozen_projections(net, stage):
     under their own names (masters, LoRA targets, checkpoints) and keeps them apart; its vision tower is frozen
     as stage 1's, so its q/k/v are fused (fuse_vision_projections): 2 GEMMs per tower layer fewer, at 577 rows
     by 1024 x 1024 each at LLaVA-1.5-7B, and in a float32 run of a half-precision checkpoint one widening
-    instead of three."""
+    instead of three. Not under FSDP in stage 2 (its full-state gather of the trained weights reads the tower's
+    split names)."""
     if stage == 1:
         net.fuse_projections()
-    else:
+    elif not fsdp:
         net.fuse_vision_projections()
 
 
@@ -1161,7 +1162,7 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
     if lora:
         add_lora(net, a.lora_r, a.lora_alpha, a.lora_dropout, seed=a.seed)
     llm_params, projector_params = trainable_parameters(net, a.stage, lora)
-    fuse_frozen_projections(net, a.stage)
+    fuse_frozen_projections(net, a.stage, a.fsdp)
     for p in net.parameters():
         if not p.requires_grad and not (widen and p.dtype in HALF_DTYPES):
             p.data = p.data.to(dtype)

@@ -584,7 +584,7 @@ def test_stage1_fused_frozen_projections_give_the_same_losses_and_checkpoint(tin
     records = make_records(8)
     fused = run(tiny_ckpt, image_folder, tmp_path, records, "fused", stage=1, epochs=1, batch_size=2, lr=1e-2)
     assert fused.net.language_model.layers[0].self_attn.qkv_proj is not None
-    monkeypatch.setattr(trainer, "fuse_frozen_projections", lambda net, stage: None)
+    monkeypatch.setattr(trainer, "fuse_frozen_projections", lambda net, stage, fsdp=False: None)
     plain = run(tiny_ckpt, image_folder, tmp_path, records, "plain", stage=1, epochs=1, batch_size=2, lr=1e-2)
     assert plain.net.language_model.layers[0].self_attn.qkv_proj is None
     assert len(fused.losses) == 3  # 6 image records (stage 1 skips the text-only ones), batch 2
@@ -999,7 +999,7 @@ def test_stage2_fuses_the_frozen_towers_projections(tiny_ckpt, image_folder, tmp
     attn = fused.net.vision_tower.encoder.layers[0].self_attn
     assert attn.qkv_proj is not None and not hasattr(attn, "q_proj")
     assert fused.net.language_model.layers[0].self_attn.qkv_proj is None
-    monkeypatch.setattr(trainer, "fuse_frozen_projections", lambda net, stage: None)
+    monkeypatch.setattr(trainer, "fuse_frozen_projections", lambda net, stage, fsdp=False: None)
     plain = run(tiny_ckpt, image_folder, tmp_path, records, "plain", epochs=1, batch_size=2, **extra)
     assert plain.net.vision_tower.encoder.layers[0].self_attn.qkv_proj is None
     assert len(fused.losses) == 4 and len({v for _, v in plain.losses}) > 2
