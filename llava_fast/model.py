@@ -14,6 +14,8 @@ Shapes: B batch, T tokens, C channels, H heads, Hkv key/value heads, D head dim,
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -334,8 +336,12 @@ class LlavaForCausalLM(nn.Module):
             if layer.self_attn.qkv_proj is None:
                 fuse_linears(layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
                 fuse_linears(layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj")
-        # The vision tower's q/k/v too: one (3C, C) GEMM per layer instead of three (C, C) ones over every tile's
-        # positions (2,885 rows for a LLaVA-NeXT image's 5 tiles).
+        return self.fuse_vision_projections()
+
+    def fuse_vision_projections(self):
+        """The vision tower's q/k/v as one weight per layer: one (3C, C) GEMM instead of three (C, C) ones over every
+        tile's positions (2,885 rows for a LLaVA-NeXT image's 5 tiles), one weight to read (and, in a float32 run of a
+        half-precision checkpoint, to widen) instead of three. state_dict() keeps the split names. Idempotent."""
         for layer in self.vision_tower.encoder.layers if self.vision_tower is not None else ():
             if layer.self_attn.qkv_proj is None:
                 fuse_linears(layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
@@ -344,7 +350,14 @@ class LlavaForCausalLM(nn.Module):
     def image_features(self, pixel_values):
         """(N, 3, S, S) -> (N, num_image_tokens, Cv): the CLIP hidden state at vision_feature_layer."""
         dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
-        hidden = self.vision_tower(pixel_values.to(dtype))
+        # A frozen tower (LLaVA trains none) has no gradient to record: run it as inference does, without autograd,
+        # so its residual sums land in the blocks' outputs and quick_gelu is one native pass over fc1's output,
+        # not three (x * sigmoid(1.702 x) through autograd keeps and allocates each). The output is the same
+        # leaf, no gradient either way.
+        frozen = torch.is_grad_enabled() and not pixel_values.requires_grad and not any(
+            p.requires_grad for p in self.vision_tower.parameters())
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            hidden = self.vision_tower(pixel_values.to(dtype))
         return hidden[:, 1:] if self.cfg.vision_feature_select_strategy == "default" else hidden
 
     def anyres_image_embeddings(self, pixel_values, image_sizes, image_features=None):

@@ -407,8 +407,29 @@ class WidenScratch:
                 return buf[:n].view(source.shape).copy_(source)
         self.buffers = [buf for buf in self.buffers if not self._free(buf)]
         buf = torch.empty(n, dtype=torch.float32, device=source.device)
+        _ask_huge_pages(buf)
         self.buffers.append(buf)
         return buf.view(source.shape).copy_(source)
+
+
+def _ask_huge_pages(buf, least_bytes=8 << 20):
+    """Ask Linux for 2 MiB pages (madvise MADV_HUGEPAGE) behind a fresh, untouched CPU tensor of at least
+    `least_bytes`: where transparent huge pages are granted on request ("madvise", as on the Xeon VM), the
+    widening's writes and the GEMM's reads of a buffer on 4 KiB pages walk the page table every 4 KiB. A LoRA step at
+    LLaVA-1.5-7B shapes (2 layers, 640 tokens, 2 Sapphire Rapids cores), widened against the same values held in
+    float32 in one process: 1.094x the held step's time on 4 KiB pages, 1.075x on 2 MiB pages, most of it in the
+    vision tower (1.50 s against 1.43 s held). Nothing changes where the kernel refuses."""
+    nbytes = buf.numel() * buf.element_size()
+    if buf.device.type != "cpu" or nbytes < least_bytes or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    page = 4096
+    start, end = (buf.data_ptr() + page - 1) // page * page, (buf.data_ptr() + nbytes) // page * page
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 14) == 0  # 14: MADV_HUGEPAGE
+    return False
 
 
 class _MasterRounded(nn.Module):
@@ -761,14 +782,20 @@ def trainable_parameters(net, stage, lora):
     return llm, projector
 
 
-def fuse_frozen_projections(net, stage):
+def fuse_frozen_projections(net, stage, fsdp=False):
     """Stage 1 trains the projector only, so the decoder is frozen: its q/k/v and gate/up projections are fused
     into one weight each (LlavaForCausalLM.fuse_projections, as inference runs them), 4 GEMMs per layer instead
     of 7 in forward and in the input-gradient backward, and no sum of the q/k/v (and gate/up) input gradients.
     state_dict() keeps the split names, so the written checkpoint is unchanged. Stage 2 trains these weights
-    under their own names (masters, LoRA targets, checkpoints) and keeps them apart."""
+    under their own names (masters, LoRA targets, checkpoints) and keeps them apart; its vision tower is frozen
+    as stage 1's, so its q/k/v are fused (fuse_vision_projections): 2 GEMMs per tower layer fewer, at 577 rows
+    by 1024 x 1024 each at LLaVA-1.5-7B, and in a float32 run of a half-precision checkpoint one widening
+    instead of three. Not under FSDP in stage 2 (its full-state gather of the trained weights reads the tower's
+    split names)."""
     if stage == 1:
         net.fuse_projections()
+    elif not fsdp:
+        net.fuse_vision_projections()
 
 
 _PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12,
@@ -1135,7 +1162,7 @@ def _setup(a, dist, rank, world, device, log) -> _Run:
     if lora:
         add_lora(net, a.lora_r, a.lora_alpha, a.lora_dropout, seed=a.seed)
     llm_params, projector_params = trainable_parameters(net, a.stage, lora)
-    fuse_frozen_projections(net, a.stage)
+    fuse_frozen_projections(net, a.stage, a.fsdp)
     for p in net.parameters():
         if not p.requires_grad and not (widen and p.dtype in HALF_DTYPES):
             p.data = p.data.to(dtype)

@@ -73,7 +73,8 @@ def test_frozen_matrices_stay_two_bytes_and_autograd_keeps_no_widened_copy(half_
     base = [n for n in held if n.startswith("language_model.layers.")]
     tower = [n for n in held if n.startswith("vision_tower.")]
     cfg = net.cfg
-    assert len(base) == 7 * cfg.text.num_layers and len(tower) == 6 * cfg.num_vision_layers_run + 2
+    # the tower's q/k/v are one fused matrix per layer (fuse_frozen_projections), beside out_proj, fc1 and fc2
+    assert len(base) == 7 * cfg.text.num_layers and len(tower) == 4 * cfg.num_vision_layers_run + 2
     half_bytes = 0
     for name, original in held.items():
         p = net.get_parameter(original)
@@ -155,3 +156,30 @@ def test_widen_scratch_reuses_a_buffer_only_when_nothing_holds_it():
     e = scratch.widen(larger)  # none large enough: a new buffer, the free small one dropped, the held one kept
     assert [b.numel() for b in scratch.buffers] == [37 * 23, 41 * 29] and torch.equal(e, larger.float())
     assert torch.equal(d, small.float())
+
+
+def _vm_flags(address):
+    """The VmFlags of the mapping in /proc/self/smaps that holds `address`."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_widen_scratch_buffers_ask_for_huge_pages():
+    """A widening buffer of 8 MiB or more is madvised for 2 MiB pages (VmFlags hg) before its first write, and
+    still holds the exact widening."""
+    from llava_fast.train.trainer import WidenScratch
+
+    g = torch.Generator().manual_seed(3)
+    source = torch.randn(1537, 2049, generator=g).to(torch.float16)  # 12 MiB widened, odd shape
+    scratch = WidenScratch()
+    w = scratch.widen(source)
+    assert torch.equal(w, source.float())
+    assert "hg" in _vm_flags(w.data_ptr() + w.numel() * 2)  # its middle: the madvised range starts page-aligned

@@ -117,8 +117,8 @@ def test_stage2_checkpoint_loads_in_transformers_and_llava_fast(tiny_hf, tiny_ck
         assert torch.equal(before[k], after[k]) == k.startswith("vision_tower."), k
     ours = llava_fast.load(out, device="cpu", dtype="float32")
     loaded = ours.net.state_dict()  # split names: load() fuses q/k/v and gate/up, state_dict() splits them
-    for name, p in result.net.named_parameters():  # the file holds exactly what training produced
-        assert torch.equal(loaded[name], p.detach()), name
+    for name, p in result.net.state_dict().items():  # the file holds exactly what training produced (split names:
+        assert torch.equal(loaded[name], p.detach()), name  # stage 2 fuses the frozen tower's q/k/v too)
     hf = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.cat([torch.tensor([[1]]), torch.randint(3, 32000, (1, 5), generator=g),

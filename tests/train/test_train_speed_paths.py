@@ -584,7 +584,7 @@ def test_stage1_fused_frozen_projections_give_the_same_losses_and_checkpoint(tin
     records = make_records(8)
     fused = run(tiny_ckpt, image_folder, tmp_path, records, "fused", stage=1, epochs=1, batch_size=2, lr=1e-2)
     assert fused.net.language_model.layers[0].self_attn.qkv_proj is not None
-    monkeypatch.setattr(trainer, "fuse_frozen_projections", lambda net, stage: None)
+    monkeypatch.setattr(trainer, "fuse_frozen_projections", lambda net, stage, fsdp=False: None)
     plain = run(tiny_ckpt, image_folder, tmp_path, records, "plain", stage=1, epochs=1, batch_size=2, lr=1e-2)
     assert plain.net.language_model.layers[0].self_attn.qkv_proj is None
     assert len(fused.losses) == 3  # 6 image records (stage 1 skips the text-only ones), batch 2
@@ -944,3 +944,72 @@ def test_two_pass_clipping_refuses_what_would_change_its_second_pass(tiny_ckpt, 
         with pytest.raises(InputError, match="--two-pass-clipping .*--grad-accum 1"):
             run(tiny_ckpt, image_folder, tmp_path, records, "bad", two_pass_clipping=True, **bad)
     assert not (tmp_path / "bad").exists()
+
+
+def test_frozen_tower_runs_without_autograd_and_a_trained_one_records_its_graph(tiny_ckpt):
+    """A training forward (grad enabled) runs a frozen vision tower as inference does: no autograd inside it, so
+    the native quick_gelu writes fc1's output in place, and the features equal the no-grad call's bit for bit
+    (the loss too). A tower whose weights train still records its graph, and those weights get gradients."""
+    from llava_fast.bench.train_bench import make_batch
+    from llava_fast.cpu import vision
+    from llava_fast.train import checkpoint as ckpt
+
+    net = ckpt.load_base(tiny_ckpt, seed=0).net.train()
+    net.requires_grad_(False)
+    net.multi_modal_projector.requires_grad_(True)
+    ids, labels, pixels = make_batch(net.cfg, 2, net.cfg.num_image_tokens + 9, torch.device("cpu"), torch.float32)
+    seen = []
+    layers = net.vision_tower.encoder.layers
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda m, args: seen.append(torch.is_grad_enabled()))
+    native = []
+    real = vision.quick_gelu_
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vision, "quick_gelu_", lambda x: native.append(real(x)) or native[-1])
+        loss = net.loss(ids, labels, pixels)
+        assert seen == [False] * len(layers)
+        assert native and all(native)  # the one native pass, where the extension is built
+        with torch.no_grad():
+            want_features, want_loss = net.image_features(pixels), net.loss(ids, labels, pixels)
+        assert torch.equal(net.image_features(pixels), want_features) and torch.equal(loss.detach(), want_loss)
+        loss.backward()
+        assert net.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+        assert all(p.grad is None for p in net.vision_tower.parameters())
+
+        seen.clear()
+        fc1 = layers[-1].mlp.fc1.weight
+        fc1.requires_grad_(True)
+        net.loss(ids, labels, pixels).backward()
+        assert seen == [True] * len(layers)
+        assert fc1.grad is not None and fc1.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_stage2_fuses_the_frozen_towers_projections(tiny_ckpt, image_folder, tmp_path, monkeypatch, lora):
+    """Stage 2 fuses the frozen vision tower's q/k/v into one weight per layer, as stage 1 does (its trained decoder
+    stays apart): the losses follow the unfused run's within float32 rounding, and the written outputs equal its,
+    the full checkpoint with the tower's split names and its weights as loaded."""
+    from safetensors.torch import load_file
+
+    from llava_fast.train import trainer
+
+    records = make_records(8)
+    extra = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0) if lora else {}
+    fused = run(tiny_ckpt, image_folder, tmp_path, records, "fused", epochs=1, batch_size=2, **extra)
+    attn = fused.net.vision_tower.encoder.layers[0].self_attn
+    assert attn.qkv_proj is not None and not hasattr(attn, "q_proj")
+    assert fused.net.language_model.layers[0].self_attn.qkv_proj is None
+    monkeypatch.setattr(trainer, "fuse_frozen_projections", lambda net, stage, fsdp=False: None)
+    plain = run(tiny_ckpt, image_folder, tmp_path, records, "plain", epochs=1, batch_size=2, **extra)
+    assert plain.net.vision_tower.encoder.layers[0].self_attn.qkv_proj is None
+    assert len(fused.losses) == 4 and len({v for _, v in plain.losses}) > 2
+    for (s1, a), (s2, b) in zip(fused.losses, plain.losses):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-5)
+    names = ["adapter_model.safetensors"] if lora else sorted(p.name for p in (tmp_path / "plain").glob("model-*"))
+    assert names
+    for name in names:
+        ours, theirs = (load_file(tmp_path / n / name) for n in ("fused", "plain"))
+        assert ours.keys() == theirs.keys() and not any("qkv_proj" in k for k in ours)
+        assert lora or any(k.endswith("self_attn.q_proj.weight") and "vision" in k for k in ours)
+        for k in ours:
+            torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-6)
