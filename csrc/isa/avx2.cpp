@@ -601,6 +601,14 @@ void quantize_row_q8(const float* x, int64_t K, int8_t* xq, float* xs) {
 
 // ---- int4 prefill GEMM panel (gemm_q4.cpp; layout: kernels.h) -------------------------------------------------
 
+// The prefill panels' integer sums stay in registers, one chain per accumulator, in step order: an empty asm that
+// reads and writes them after every step. Without it GCC 12, unrolling the steps, reassociated the integer adds
+// into trees and kept the products on the stack (the int4 tile: 8 steps, ~50 ymm spills per block). Measured one
+// thread, SmolLM2-135M's four projections at 127 rows (Xeon, Sapphire Rapids, avx2_maddubs): int4 62 -> 95
+// GMAC/s; int8 (now unrolled 16x, which spilled without it) 60 -> 66; avx2_vnni int8 142 -> 147, int4 unchanged.
+// The same operations in the same order: the bits do not change.
+inline void keep_in_registers(__m256i& a, __m256i& b) { asm("" : "+x"(a), "+x"(b)); }
+
 void pack_panel(const GemvArgs& a, int64_t n0, uint8_t* w, float* scales, float* mins) {
   const int64_t K = a.k, B = K / 32, G = K / a.group, half = K / 2, rows = std::min<int64_t>(kQ4Panel, a.n - n0);
   const uint8_t* src = static_cast<const uint8_t*>(a.w) + n0 * half;
@@ -662,6 +670,7 @@ void panel_tile(const uint8_t* w, const float* scales, const float* mins, const 
         d[i][0] = _mm256_add_epi16(d[i][0], _mm256_maddubs_epi16(w0, xv));
         d[i][1] = _mm256_add_epi16(d[i][1], _mm256_maddubs_epi16(w1, xv));
 #endif
+        keep_in_registers(d[i][0], d[i][1]);
       }
     }
     const __m256 s0 = _mm256_loadu_ps(scales + g * kQ4Panel + 16 * h), s1 = _mm256_loadu_ps(scales + g * kQ4Panel + 16 * h + 8);
@@ -723,7 +732,8 @@ void gemm_q4_panel(const GemvArgs& a, const QuantizedRows& x, int64_t n0, float*
 // instructions on the two multiply ports of Intel cores) did 32 products in 3 port-0/1 cycles (1.5 per 16) against
 // 1 + an add on any vector port here: SmolLM2-135M's four projections at 127 rows, 30 layers, 2 threads, Xeon
 // (Sapphire Rapids) VM forced to avx2_maddubs, 3 interleaved rounds: 143-151 -> 108-121 ms. The steps' loop is
-// unrolled 4x, not 16x: fully unrolled, GCC 12 kept the products on the stack (183 ms).
+// unrolled 16x with the sums pinned to registers (keep_in_registers; unpinned, GCC 12 kept the products on the
+// stack: 183 ms).
 constexpr int kQ8MR = 3;
 
 template <int MR>
@@ -820,7 +830,7 @@ void q8_panel_tile(const int16_t* w, const float* scales, const QuantizedRows& x
     const int16_t* wb = w + b * 16 * 64 + 32 * h;
     __m256i d[MR][2];
     for (int i = 0; i < MR; ++i) d[i][0] = d[i][1] = _mm256_setzero_si256();
-    #pragma GCC unroll 4
+    #pragma GCC unroll 16
     for (int s = 0; s < 16; ++s) {
       const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + s * 64));
       const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + s * 64 + 16));
@@ -831,6 +841,7 @@ void q8_panel_tile(const int16_t* w, const float* scales, const QuantizedRows& x
         const __m256i xv = _mm256_set1_epi32(pair);
         d[i][0] = _mm256_add_epi32(d[i][0], _mm256_madd_epi16(w0, xv));
         d[i][1] = _mm256_add_epi32(d[i][1], _mm256_madd_epi16(w1, xv));
+        keep_in_registers(d[i][0], d[i][1]);
       }
     }
     for (int i = 0; i < MR; ++i) {
