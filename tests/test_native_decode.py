@@ -172,6 +172,21 @@ def test_why_not():
     assert "float16" in native_decode.why_not(net) and native_decode.for_model(net) is None
 
 
+def test_an_odd_k_bfloat16_model_decodes_in_torch():
+    """The bfloat16 kernels need an even K: a bfloat16 model with an odd MLP width (down_proj's K = 101) is not the
+    native step's (why_not names the layer) and its Decoder runs the torch path instead of raising."""
+    net = text_net(dtype=torch.bfloat16, intermediate_size=101)
+    assert "odd in_features" in native_decode.why_not(net) and "in_features=101" in native_decode.why_not(net)
+    assert native_decode.for_model(net) is None
+    dec = Decoder(net, 1, 40)
+    assert dec.native is None
+    ids = torch.randint(0, 301, (13,), generator=torch.Generator().manual_seed(3)).tolist()
+    logits = dec.prefill_slot(0, ids)
+    want = net.lm_head(net.decode_hidden(net.language_model.embed_tokens.weight[torch.tensor(ids)][None],
+                                         Decoder(net, 1, 40).cache, None, None)[:, -1]).float()
+    assert logits.std() > 1e-2 and torch.equal(logits, want)
+
+
 def test_rebuilt_when_the_weights_move():
     net = text_net()
     first = native_decode.for_model(net)

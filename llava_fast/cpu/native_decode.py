@@ -87,8 +87,12 @@ def why_not(net) -> str | None:
         if attn.qkv_proj is None or mlp.gate_up_proj is None:
             return "the q/k/v and gate/up projections are not fused (net.fuse_projections())"
         for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            if lin.weight.dtype == torch.bfloat16 and lin.in_features % 2:
+                return f"a bfloat16 decoder projection ({lin!r}) has an odd in_features (the kernels need it even)"
             if _linear(lin, emb.dtype) is None:
                 return f"a decoder projection ({lin!r}) is neither a GemvLinear nor a {emb.dtype} nn.Linear"
+    if net.lm_head.weight.dtype == torch.bfloat16 and net.lm_head.in_features % 2:
+        return f"a bfloat16 lm_head ({net.lm_head!r}) has an odd in_features (the kernels need it even)"
     if _linear(net.lm_head, emb.dtype) is None:
         return f"lm_head ({net.lm_head!r}) is neither a GemvLinear nor a {emb.dtype} nn.Linear"
     return None
