@@ -360,33 +360,47 @@ class LlavaForCausalLM(nn.Module):
             hidden = self.vision_tower(pixel_values.to(dtype))
         return hidden[:, 1:] if self.cfg.vision_feature_select_strategy == "default" else hidden
 
-    def anyres_image_embeddings(self, pixel_values, image_sizes, image_features=None):
-        """LLaVA-NeXT: the tiles of N images (sum of tiles, 3, S, S), image i's base tile then its grid
-        row-major, and image_sizes (N, 2) (height, width) -> (sum of image tokens, C) decoder input rows.
+    def splice_anyres_images(self, x, input_ids, pixel_values, image_sizes, image_features=None):
+        """LLaVA-NeXT: write N images' decoder input rows into x (B, T, C), the token embeddings of input_ids
+        (B, T), at their image positions; returns x. The images come as their tiles (sum of tiles, 3, S, S),
+        image i's base tile then its grid row-major, with image_sizes (N, 2) (height, width); or as
         image_features (sum of tiles, P * P, Cv), the tiles' image_features() computed earlier (the trainer's
-        cache of a frozen tower), replaces pixel_values and skips the tower.
+        cache of a frozen tower), which skips the tower. Each image fills one run of consecutive positions.
 
         Per image (mm_patch_merge_type spatial_unpad): the base tile's P x P features first; then the grid's
         tiles put back in place as one (rows * P, cols * P) feature map, cut to the window that saw the image
-        (not the padding around it), with image_newline after each of its rows."""
+        (not the padding around it), with image_newline after each of its rows. anyres.feature_order gives the
+        tile feature row of every position, so one gather writes an image's run straight into x (no arranged,
+        unpadded or concatenated copies of the (tokens, C) rows, no mask scan) and one strided copy its newlines.
+        """
         cfg = self.cfg
         S, P = cfg.vision.image_size, cfg.vision.image_size // cfg.vision.patch_size
+        sizes = image_sizes.tolist()
+        orders = [anyres.feature_order(h, w, cfg.image_grid_pinpoints, S, P, cfg.exact_unpad) for h, w in sizes]
+        positions = (input_ids.reshape(-1) == cfg.image_token_id).nonzero().squeeze(1).tolist()  # flat image positions
+        if len(positions) != sum(len(index) for index, _, _ in orders):
+            raise ValueError(f"input_ids have {len(positions)} image positions where the images' sizes need "
+                             f"{sum(len(index) for index, _, _ in orders)}")
         features = self.image_features(pixel_values) if image_features is None else image_features
         projected = ops.project_image_features(features, *self.multi_modal_projector.weights())  # (tiles, P * P, C)
         C = projected.shape[-1]
-        sizes = image_sizes.tolist()
+        flat = x.view(-1, C)  # (B * T, C)
         counts = [anyres.num_tiles(h, w, cfg.image_grid_pinpoints, S) for h, w in sizes]
-        out = []
-        for tiles, (h, w) in zip(projected.split(counts), sizes):
-            rows, cols = anyres.grid_shape(h, w, cfg.image_grid_pinpoints, S)
-            grid = tiles[1:].view(rows, cols, P, P, C).permute(0, 2, 1, 3, 4)  # (rows, P, cols, P, C)
-            grid = grid.reshape(rows * P, cols * P, C)
-            top, bottom, left, right = anyres.unpadded_window(h, w, rows * P, cols * P, exact=cfg.exact_unpad)
-            grid = grid[top:bottom, left:right]  # (H', W', C)
-            newline = self.image_newline.to(grid.dtype).expand(grid.shape[0], 1, C)
-            grid = torch.cat([grid, newline], dim=1).reshape(-1, C)  # (H' * (W' + 1), C)
-            out.append(torch.cat([tiles[0], grid]))
-        return torch.cat(out)
+        first = 0
+        for i, (tiles, (index, rows, cols)) in enumerate(zip(projected.split(counts), orders)):
+            start, n = positions[first], len(index)
+            if positions[first + n - 1] != start + n - 1:
+                raise ValueError(f"image {i}'s {n} image positions are not consecutive in input_ids")
+            first += n
+            run = flat[start:start + n]  # (n, C), contiguous
+            source, index = tiles.reshape(-1, C), index.to(x.device)  # (tiles * P * P, C)
+            if torch.is_grad_enabled() or source.dtype != x.dtype:
+                run.copy_(source.index_select(0, index))  # differentiable; converts as .to(x.dtype) would
+            else:
+                torch.index_select(source, 0, index, out=run)
+            newline = self.image_newline.to(projected.dtype).expand(rows, C)
+            run[P * P:].view(rows, cols + 1, C)[:, cols].copy_(newline)  # the newline slot ending each grid row
+        return x
 
     def embed(self, input_ids, pixel_values=None, image_features=None, image_sizes=None):
         """(B, T) ids with image tokens already expanded -> (B, T, C) decoder input. The images come as
@@ -394,7 +408,7 @@ class LlavaForCausalLM(nn.Module):
         computed earlier (the server's image cache), which skips the vision tower.
 
         LLaVA-NeXT: pixel_values are the images' tiles (sum of tiles, 3, S, S) and image_sizes (N, 2) their
-        sizes, as anyres_image_embeddings takes them; image_features are then the tiles' features."""
+        sizes, as splice_anyres_images takes them; image_features are then the tiles' features."""
         if self.cfg.anyres and self.vision_tower is not None:
             x = ops.splice_image_embeddings(input_ids, self.language_model.embed_tokens.weight, None,
                                             self.cfg.image_token_id, None, None,
@@ -403,9 +417,7 @@ class LlavaForCausalLM(nn.Module):
                 return x
             if image_sizes is None:
                 raise ValueError("LLaVA-NeXT images need their image_sizes")
-            is_image = (input_ids == self.cfg.image_token_id).unsqueeze(-1)  # (B, T, 1)
-            images = self.anyres_image_embeddings(pixel_values, image_sizes, image_features)
-            return x.masked_scatter(is_image, images.to(x.dtype))
+            return self.splice_anyres_images(x, input_ids, pixel_values, image_sizes, image_features)
         features = image_features if pixel_values is None else self.image_features(pixel_values)
         projector = self.multi_modal_projector.weights() if features is not None else (None, None)
         # embed_tokens.sparse (nn.Embedding's flag; the trainer sets it): the table's gradient is its looked-up rows

@@ -602,7 +602,24 @@ def _quick_gelu_one_buffer(x):
     return torch.mul(x, 1.702).sigmoid_().mul_(x)
 
 
+def _patch_embed_gemm(pixel_values, patch_weight, class_embedding, position_embedding, ln_weight, ln_bias, eps):
+    """patch_embed_reference with its convolution as the GEMM it is (stride = kernel = P, no bias): the (N * L,
+    3 * P * P) patches gathered by one reshape copy, times the (C, 3 * P * P) weight. With oneDNN's conv2d the
+    whole op took 3.0 ms for a LLaVA-NeXT image's 5 tiles at tiny-next's 256 channels, this way 1.6 ms (bfloat16,
+    2 busy cores, Xeon; fastest of 40 rounds)."""
+    N, _, S, _ = pixel_values.shape
+    C, Cin, P, _ = patch_weight.shape
+    G = S // P  # patches per side (conv2d drops a remainder)
+    x = pixel_values[..., : G * P, : G * P].to(patch_weight.dtype).reshape(N, Cin, G, P, G, P)
+    x = x.permute(0, 2, 4, 1, 3, 5).reshape(N * G * G, Cin * P * P)  # (N * L, 3 * P * P), conv2d's patch order
+    patches = torch.mm(x, patch_weight.reshape(C, -1).t()).view(N, G * G, C)  # (N, L, C)
+    cls = class_embedding.expand(N, 1, -1)
+    x = torch.cat([cls, patches], dim=1) + position_embedding
+    return F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
+
+
 TORCH_OPS["quick_gelu"] = _quick_gelu_one_buffer
+TORCH_OPS["patch_embed"] = _patch_embed_gemm
 BACKENDS = ("torch", "triton")
 BACKEND = "torch"
 _TRITON_OPS = None  # llava_fast.kernels.TRITON_OPS, imported on first use: triton is optional

@@ -25,6 +25,7 @@ the tiles (native.py). Both give the same bits.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,32 @@ def num_image_tokens(height: int, width: int, pinpoints, tile_size: int, patches
     top, bottom, left, right = unpadded_window(height, width, rows * patches_per_side, cols * patches_per_side,
                                                exact)
     return base_tokens + (bottom - top) * (right - left + 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _feature_order(height: int, width: int, pinpoints: tuple, tile_size: int, patches_per_side: int,
+                   exact: bool) -> tuple[torch.Tensor, int, int]:
+    P = patches_per_side
+    rows, cols = grid_shape(height, width, pinpoints, tile_size)
+    top, bottom, left, right = unpadded_window(height, width, rows * P, cols * P, exact)
+    r = torch.arange(top, bottom).unsqueeze(1)  # (H', 1) grid rows kept
+    c = torch.arange(left, right).unsqueeze(0)  # (1, W') grid columns kept
+    tile = 1 + (r // P) * cols + c // P  # (H', W'): the grid's tiles follow the base tile, row-major
+    grid = tile * P * P + (r % P) * P + c % P  # (H', W') feature rows
+    grid = torch.cat([grid, grid.new_zeros(grid.shape[0], 1)], dim=1)  # newline slots (filled by the caller)
+    return torch.cat([torch.arange(P * P), grid.reshape(-1)]), bottom - top, right - left
+
+
+def feature_order(height: int, width: int, pinpoints, tile_size: int, patches_per_side: int,
+                  exact: bool = True) -> tuple[torch.Tensor, int, int]:
+    """One image's prompt positions as rows of its (tiles * P * P, C) tile features (mm_patch_merge_type
+    spatial_unpad): (index, H', W'), index (num_image_tokens,) long, the base tile's P * P rows, then the
+    (rows * P, cols * P) grid's unpadded window row by row, each row's W' features followed by a newline slot
+    (index 0 there; the caller writes image_newline into those H' positions). One gather then arranges, unpads
+    and splices the grid instead of a permuted copy, a slice and three concatenations. Cached per geometry; do
+    not modify the tensor."""
+    return _feature_order(int(height), int(width), tuple(tuple(p) for p in pinpoints), tile_size, patches_per_side,
+                          bool(exact))
 
 
 # ------------------------------------------------------------------------------------------------------
