@@ -619,7 +619,15 @@ def _patch_embed_gemm(pixel_values, patch_weight, class_embedding, position_embe
 
 
 TORCH_OPS["quick_gelu"] = _quick_gelu_one_buffer
-TORCH_OPS["patch_embed"] = _patch_embed_gemm
+def _patch_embed_torch(pixel_values, patch_weight, class_embedding, position_embedding, ln_weight, ln_bias, eps):
+    """Half-precision towers take the GEMM; float32 ones keep conv2d, transformers' op: its other summation
+    order over the 588 products of a 14-px patch moved a float32 LLaVA's logits (SmolLM2-135M behind a random
+    tower) by 2.5e-4 against transformers', past the 1e-4 float32 parity bound, for ~1 ms of a 5-tile image."""
+    f = patch_embed_reference if patch_weight.dtype == torch.float32 else _patch_embed_gemm
+    return f(pixel_values, patch_weight, class_embedding, position_embedding, ln_weight, ln_bias, eps)
+
+
+TORCH_OPS["patch_embed"] = _patch_embed_torch
 BACKENDS = ("torch", "triton")
 BACKEND = "torch"
 _TRITON_OPS = None  # llava_fast.kernels.TRITON_OPS, imported on first use: triton is optional

@@ -146,8 +146,11 @@ def test_patch_embed_gemm_equals_conv(dtype):
             torch.randn(C, generator=g).to(dtype), torch.randn(17, C, generator=g).to(dtype),
             torch.randn(C, generator=g).to(dtype), torch.randn(C, generator=g).to(dtype), 1e-5)
     with torch.no_grad():
-        got = ops.TORCH_OPS["patch_embed"](*args)
+        got = ops._patch_embed_gemm(*args)
         want = ops.patch_embed_reference(*args)
+        served = ops.TORCH_OPS["patch_embed"](*args)
     assert got.shape == (3, 17, C) and got.dtype == dtype
     tol = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}[dtype]
     torch.testing.assert_close(got, want, rtol=tol[0], atol=tol[1])
+    # float32 towers run conv2d itself (transformers' op: float32 parity holds to 1e-4 on a LLaVA's logits)
+    assert torch.equal(served, want if dtype == torch.float32 else got)
