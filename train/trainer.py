@@ -48,6 +48,7 @@ from llava_fast import ops
 from llava_fast.errors import InputError, count
 from llava_fast.generate import is_integer
 from llava_fast.image import anyres
+from llava_fast.image.native import empty_cpu
 from llava_fast.prompts.templates import get_template
 from llava_fast.train import checkpoint as ckpt
 from llava_fast.train.data import (
@@ -406,30 +407,13 @@ class WidenScratch:
             if buf.numel() >= n and self._free(buf):
                 return buf[:n].view(source.shape).copy_(source)
         self.buffers = [buf for buf in self.buffers if not self._free(buf)]
-        buf = torch.empty(n, dtype=torch.float32, device=source.device)
-        _ask_huge_pages(buf)
+        # On 2 MiB pages where the kernel grants them on request: the widening's writes and the GEMM's reads of a
+        # buffer on 4 KiB pages walk the page table every 4 KiB (a LoRA step at LLaVA-1.5-7B shapes, 2 layers, 640
+        # tokens, 2 Sapphire Rapids cores: 1.094x the float32-held step's time on 4 KiB pages, 1.075x on 2 MiB).
+        buf = (empty_cpu((n,), torch.float32) if source.device.type == "cpu"
+               else torch.empty(n, dtype=torch.float32, device=source.device))
         self.buffers.append(buf)
         return buf.view(source.shape).copy_(source)
-
-
-def _ask_huge_pages(buf, least_bytes=8 << 20):
-    """Ask Linux for 2 MiB pages (madvise MADV_HUGEPAGE) behind a fresh, untouched CPU tensor of at least
-    `least_bytes`: where transparent huge pages are granted on request ("madvise", as on the Xeon VM), the
-    widening's writes and the GEMM's reads of a buffer on 4 KiB pages walk the page table every 4 KiB. A LoRA step at
-    LLaVA-1.5-7B shapes (2 layers, 640 tokens, 2 Sapphire Rapids cores), widened against the same values held in
-    float32 in one process: 1.094x the held step's time on 4 KiB pages, 1.075x on 2 MiB pages, most of it in the
-    vision tower (1.50 s against 1.43 s held). Nothing changes where the kernel refuses."""
-    nbytes = buf.numel() * buf.element_size()
-    if buf.device.type != "cpu" or nbytes < least_bytes or not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    page = 4096
-    start, end = (buf.data_ptr() + page - 1) // page * page, (buf.data_ptr() + nbytes) // page * page
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 14) == 0  # 14: MADV_HUGEPAGE
-    return False
 
 
 class _MasterRounded(nn.Module):

@@ -103,7 +103,7 @@ def input_size(item) -> tuple[int, int]:
     return (item[2], item[3]) if isinstance(item, tuple) else item.shape[:2]
 
 
-def _empty_cpu(shape, dtype: torch.dtype) -> torch.Tensor:
+def empty_cpu(shape, dtype: torch.dtype) -> torch.Tensor:
     """torch.empty, backed by 2 MiB pages when large: the first write to a fresh 43 MB batch
     (32 x 3 x 336 x 336 float32) page-faults 10,000 4 KiB pages, 10 ms on the 2-core VM, a third of the
     native batch time; transparent huge pages (where the kernel allows them on request) halve that."""
@@ -183,7 +183,7 @@ def _output_and_table(processor, shape, dtype: torch.dtype, out, device):
     elif device is not None and torch.device(device).type == "cuda":
         pixels = torch.empty(shape, dtype=compute_dtype, pin_memory=True)  # so the copy can overlap
     else:
-        pixels = _empty_cpu(shape, compute_dtype)
+        pixels = empty_cpu(shape, compute_dtype)
     levels = torch.arange(256, dtype=torch.uint8).expand(3, 256)  # (3, 256): every uint8 level per channel
     table = processor.rescale_and_normalize(levels).to(compute_dtype).contiguous()
     return pixels, table, compute_dtype
